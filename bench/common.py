@@ -1,0 +1,368 @@
+"""Shared helpers for the tokenmix benchmarks.
+
+Timing (warmup + median of ``time.perf_counter`` samples), fp32 matmul throughput as
+the machine's practical compute ceiling, peak-RSS measurement, and plain-text /
+markdown table formatting. Only the standard library and torch are used.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of one measurement, in milliseconds."""
+
+    samples_ms: list[float]
+    warmup_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.samples_ms)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.samples_ms)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the timed samples; 0 for a single sample."""
+        m = self.median_ms
+        return (self.max_ms - self.min_ms) / m if m > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            median_ms=self.median_ms,
+            min_ms=self.min_ms,
+            max_ms=self.max_ms,
+            repeats=self.repeats,
+        )
+        return d
+
+
+def _timed_call(fn: Callable[[], object], setup: Callable[[], None] | None) -> float:
+    if setup is not None:
+        setup()
+    t0 = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - t0
+    del result
+    return elapsed
+
+
+def choose_repeats(
+    estimate_s: float, budget_s: float, min_repeats: int = 3, max_repeats: int = 50
+) -> int:
+    """Timed calls for a measurement whose single call takes ``estimate_s``.
+
+    Enough calls to fill ``budget_s`` seconds, clamped to ``[min_repeats, max_repeats]``;
+    calls slower than 5 s get 2 samples and calls slower than 20 s a single one, so
+    a dense baseline on a large problem cannot eat the whole run.
+    """
+    if estimate_s > 20.0:
+        return 1
+    if estimate_s > 5.0:
+        return min(2, max_repeats)
+    n = int(budget_s / max(estimate_s, 1e-9))
+    return max(min_repeats, min(max_repeats, n))
+
+
+def time_fn(
+    fn: Callable[[], object],
+    *,
+    setup: Callable[[], None] | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    budget_s: float = 1.5,
+    min_repeats: int = 3,
+    max_repeats: int = 50,
+) -> Timing:
+    """Median-of-N wall-clock timing of ``fn()``.
+
+    ``setup`` runs before every call, outside the timed region (e.g. clearing
+    ``.grad``). ``warmup=None`` runs one warmup call, plus a second one when the
+    first took under a second (the first call often pays for lazy initialisation
+    or compilation); the last warmup call is the per-call estimate used to pick the
+    number of timed calls when ``repeats`` is None (see :func:`choose_repeats`).
+    CPU execution is synchronous, so ``perf_counter`` around the call is exact.
+    """
+    warm: list[float] = []
+    n_warm = warmup if warmup is not None else 1
+    for _ in range(max(n_warm, 0)):
+        warm.append(_timed_call(fn, setup))
+    if warmup is None and warm and warm[-1] < 1.0:
+        warm.append(_timed_call(fn, setup))
+    if repeats is None:
+        estimate = warm[-1] if warm else _timed_call(fn, setup)
+        repeats = choose_repeats(estimate, budget_s, min_repeats, max_repeats)
+    samples = [_timed_call(fn, setup) for _ in range(max(repeats, 1))]
+    return Timing(samples_ms=[s * 1e3 for s in samples], warmup_ms=[w * 1e3 for w in warm])
+
+
+# ---------------------------------------------------------------------------
+# Throughput ceiling
+# ---------------------------------------------------------------------------
+
+
+def measure_matmul_gflops(
+    threads: int,
+    n: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 10,
+) -> float:
+    """Median GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` with ``threads`` threads.
+
+    Counts ``2 * n**3`` FLOPs per product. This is the practical dense-compute
+    ceiling of the machine for the given dtype and thread count; the benchmarks
+    report kernel throughput as a fraction of it. The previous thread count is
+    restored afterwards.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        timing = time_fn(
+            lambda: torch.matmul(a, b, out=out), warmup=2, repeats=repeats, budget_s=0
+        )
+    finally:
+        torch.set_num_threads(previous)
+    return 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+
+_PROC_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_mib() -> float | None:
+    """Resident set size now (Linux ``VmRSS``), or None where unavailable."""
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib / 1024.0
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident set size since start or the last :func:`reset_peak_rss`.
+
+    Linux ``VmHWM`` when readable, else ``getrusage(RUSAGE_SELF).ru_maxrss``
+    (which cannot be reset).
+    """
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib / 1024.0
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark (Linux >= 4.0).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS.
+    Returns False when that is not possible (other OS, restricted ``/proc``).
+    """
+    before = _proc_status_kib("VmHWM")
+    if before is None:
+        return False
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    after = _proc_status_kib("VmHWM")
+    rss = _proc_status_kib("VmRSS")
+    # After a reset the high-water mark equals the current RSS (allow some drift).
+    return after is not None and rss is not None and after <= rss + 4096
+
+
+@dataclass
+class PeakMemory:
+    """Peak RSS growth of a region over the RSS at its start, in MiB."""
+
+    peak_mib: float | None = None
+    method: str = "n/a"
+
+
+class measure_peak_rss:
+    """Context manager measuring how far RSS rises above its value on entry.
+
+    With a resettable high-water mark (Linux) the result is exactly the peak of
+    this region; otherwise it falls back to the ``ru_maxrss`` delta, which is only
+    meaningful when nothing before the region used more memory (the fresh-process
+    case), and says so in ``method``.
+    """
+
+    def __init__(self) -> None:
+        self.result = PeakMemory()
+        self._base: float | None = None
+        self._resettable = False
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        self._resettable = reset_peak_rss()
+        if self._resettable:
+            self._base = current_rss_mib()
+        else:
+            self._base = peak_rss_mib()
+        return self.result
+
+    def __exit__(self, *exc) -> None:
+        peak = peak_rss_mib()
+        if self._base is None or peak is None:
+            return
+        self.result.peak_mib = max(0.0, peak - self._base)
+        self.result.method = "VmHWM reset" if self._resettable else "ru_maxrss delta"
+
+
+def limit_address_space(extra_bytes: int) -> bool:
+    """Cap this process's address space at its current size plus ``extra_bytes``.
+
+    Allocations beyond it then fail with a clean ``RuntimeError`` / ``MemoryError``
+    instead of driving the machine into the OOM killer. Linux only; returns
+    whether the limit was applied.
+    """
+    vm_kib = _proc_status_kib("VmSize")
+    if vm_kib is None:
+        return False
+    limit = vm_kib * 1024 + int(extra_bytes)
+    try:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "std::bad_alloc" in text
+
+
+# ---------------------------------------------------------------------------
+# Machine description
+# ---------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict:
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------
+
+
+def fmt_float(x: float | None, digits: int = 3) -> str:
+    """Compact number: ``digits`` significant digits, no exponent for usual ranges."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(x)))
+    decimals = max(0, digits - 1 - mag)
+    return f"{x:.{decimals}f}"
+
+
+def fmt_sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None
+) -> str:
+    """Fixed-width text table. ``align`` has one ``l``/``r`` per column."""
+    align = align or "l" * len(headers)
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            out.append(cell.rjust(widths[i]) if align[i] == "r" else cell.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def format_markdown(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None
+) -> str:
+    """GitHub-flavoured markdown table (``|`` in cells is escaped)."""
+    align = align or "l" * len(headers)
+
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    marks = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (flushed: the benchmark is a long job)."""
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,25 @@
+// Kernel entry points of each instruction set and the run-time choice.
+#pragma once
+
+#include "tokenmix/attention_problem.h"
+
+namespace tokenmix::cpu {
+
+#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                                \
+  namespace isa {                                                        \
+  void neighborhood_forward_cpu(const NeighborhoodProblem& p);          \
+  void neighborhood_backward_cpu(const NeighborhoodProblem& p);         \
+  }
+TOKENMIX_DECLARE_ISA_KERNELS(generic)
+TOKENMIX_DECLARE_ISA_KERNELS(avx2)
+TOKENMIX_DECLARE_ISA_KERNELS(avx512)
+#undef TOKENMIX_DECLARE_ISA_KERNELS
+
+// "avx512", "avx2" or "generic": the best instruction set this CPU supports,
+// unless TOKENMIX_CPU_ISA in the environment asks for a lower one.
+const char* selected_isa();
+
+void neighborhood_forward(const NeighborhoodProblem& p);
+void neighborhood_backward(const NeighborhoodProblem& p);
+
+}  // namespace tokenmix::cpu

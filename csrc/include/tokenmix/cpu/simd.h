@@ -1,0 +1,251 @@
+// Portable SIMD for the CPU kernels, built on GCC/Clang vector extensions.
+// Each kernel translation unit is compiled once per instruction set with
+// TOKENMIX_VEC_BYTES set to 16 (SSE2 baseline), 32 (AVX2) or 64 (AVX-512), so
+// the same source becomes three register-blocked kernels; the runtime picks
+// one (csrc/runtime.cpp).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef TOKENMIX_VEC_BYTES
+#error "TOKENMIX_VEC_BYTES must be defined by the build"
+#endif
+#ifndef TOKENMIX_ISA
+#error "TOKENMIX_ISA must be defined by the build"
+#endif
+
+#include <cstdlib>
+#include <new>
+
+// Everything compiled with ISA-specific flags lives in its own namespace and
+// uses no out-of-line standard-library templates (std::vector, std::fill...):
+// the linker merges identical template instantiations across translation
+// units, and an AVX-512 copy must never be picked for the baseline kernels.
+namespace tokenmix::cpu::TOKENMIX_ISA {
+
+template <class T>
+inline T min_of(T a, T b) { return a < b ? a : b; }
+template <class T>
+inline T max_of(T a, T b) { return a > b ? a : b; }
+
+template <class T>
+inline void fill(T* begin, T* end, T value) {
+  for (; begin != end; ++begin) *begin = value;
+}
+
+// Owning, 64-byte aligned, uninitialized array of trivially copyable T.
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { std::free(data_); }
+  void assign(size_t n, T value) {
+    if (n > capacity_) {
+      std::free(data_);
+      data_ = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64));
+      if (!data_) throw std::bad_alloc();
+      capacity_ = n;
+    }
+    size_ = n;
+    fill(data_, data_ + n, value);
+  }
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  T* begin() { return data_; }
+  T* end() { return data_ + size_; }
+  T& operator[](size_t i) { return data_[i]; }
+  const T& operator[](size_t i) const { return data_[i]; }
+  size_t size() const { return size_; }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0, capacity_ = 0;
+};
+
+typedef float vfloat __attribute__((vector_size(TOKENMIX_VEC_BYTES)));
+typedef double vdouble __attribute__((vector_size(TOKENMIX_VEC_BYTES)));
+typedef int32_t vint32 __attribute__((vector_size(TOKENMIX_VEC_BYTES)));
+typedef int64_t vint64 __attribute__((vector_size(TOKENMIX_VEC_BYTES)));
+
+template <class T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using V = vfloat;
+  using VI = vint32;
+  using I = int32_t;
+  static constexpr int kWidth = TOKENMIX_VEC_BYTES / 4;
+};
+
+template <>
+struct Simd<double> {
+  using V = vdouble;
+  using VI = vint64;
+  using I = int64_t;
+  static constexpr int kWidth = TOKENMIX_VEC_BYTES / 8;
+};
+
+template <class V>
+inline V vload(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V>
+inline void vstore(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <class V, class T>
+inline V vbroadcast(T x) {
+  return V{} + x;
+}
+
+template <class T>
+inline T hmax(typename Simd<T>::V v) {
+  T m = v[0];
+  for (int i = 1; i < Simd<T>::kWidth; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+template <class T>
+inline T hsum(typename Simd<T>::V v) {
+  T s = 0;
+  for (int i = 0; i < Simd<T>::kWidth; ++i) s += v[i];
+  return s;
+}
+
+// 2^x for float vectors. Inputs below -126 (including -inf) give exactly 0.
+// Range reduction x = n + f, |f| <= 0.5, then a degree-7 Taylor polynomial of
+// e^(f ln 2): relative error below 2e-7 on the whole range.
+inline vfloat vexp2(vfloat x) {
+  const vfloat lo = vbroadcast<vfloat>(-126.0f);
+  const vfloat hi = vbroadcast<vfloat>(127.0f);
+  vfloat xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vfloat half = vbroadcast<vfloat>(0.5f);
+  // round to nearest: floor(x + 0.5)
+  vfloat t = xc + half;
+  vint32 ti = __builtin_convertvector(t, vint32);  // truncates toward zero
+  vfloat tf = __builtin_convertvector(ti, vfloat);
+  ti = tf > t ? ti - 1 : ti;
+  tf = __builtin_convertvector(ti, vfloat);
+  const vfloat f = xc - tf;
+  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f,
+              c6 = 0.00015403530393381606f, c7 = 1.525273380405984e-05f;
+  vfloat p = vbroadcast<vfloat>(c7);
+  p = p * f + c6;
+  p = p * f + c5;
+  p = p * f + c4;
+  p = p * f + c3;
+  p = p * f + c2;
+  p = p * f + c1;
+  p = p * f + 1.0f;
+  const vint32 bits = (ti + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  vfloat r = p * scale;
+  const vfloat zero = vfloat{};
+  return x < lo ? zero : r;
+}
+
+inline vdouble vexp2(vdouble x) {
+  vdouble r;
+  for (int i = 0; i < Simd<double>::kWidth; ++i) r[i] = std::exp2(x[i]);
+  return r;
+}
+
+// ---- storage types -------------------------------------------------------
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float to_float(float x) { return x; }
+inline double to_float(double x) { return x; }
+inline float to_float(BFloat16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_float(Half h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000) << 16;
+  uint32_t exp = (h.bits >> 10) & 0x1f;
+  uint32_t mant = h.bits & 0x3ff;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    u = sign;
+  } else {  // subnormal half: normalize
+    int e = -1;
+    do {
+      ++e;
+      mant <<= 1;
+    } while ((mant & 0x400) == 0);
+    u = sign | uint32_t(112 - e) << 23 | ((mant & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class S>
+inline S from_float(double x);
+template <>
+inline float from_float<float>(double x) {
+  return float(x);
+}
+template <>
+inline double from_float<double>(double x) {
+  return x;
+}
+template <>
+inline BFloat16 from_float<BFloat16>(double xd) {
+  const float x = float(xd);
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{uint16_t((u >> 16) | 0x40)};  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return BFloat16{uint16_t(u >> 16)};
+}
+template <>
+inline Half from_float<Half>(double xd) {
+  const float x = float(xd);
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return Half{uint16_t(sign | 0x7e00)};  // NaN
+  if (a >= 0x477ff000u) return Half{uint16_t(sign | 0x7c00)};  // overflow -> inf
+  if (a < 0x38800000u) {  // subnormal or zero in half
+    if (a < 0x33000000u) return Half{sign};
+    const uint32_t e = a >> 23;
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    const int shift = int(126 - e);  // 14 .. 24
+    uint32_t h = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1);
+    const uint32_t halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (h & 1))) ++h;
+    return Half{uint16_t(sign | h)};
+  }
+  uint32_t h = ((a >> 13) - (112u << 10));
+  const uint32_t rem = a & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+  return Half{uint16_t(sign | h)};
+}
+
+}  // namespace tokenmix::cpu::TOKENMIX_ISA

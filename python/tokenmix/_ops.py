@@ -1,0 +1,36 @@
+"""Loads the compiled library that registers ``torch.ops.tokenmix.*``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+LIBRARY_PATH = os.path.join(_HERE, "_C.so")
+
+load_error: str | None = None
+try:
+    torch.ops.load_library(LIBRARY_PATH)
+except OSError as exc:  # a source checkout without a build, or a broken install
+    load_error = f"{type(exc).__name__}: {exc}"
+
+
+def build_info() -> dict:
+    """Facts recorded by CMake at build time (empty if the package was not built)."""
+    path = os.path.join(_HERE, "_build_info.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def require_library() -> None:
+    if load_error is not None:
+        raise RuntimeError(
+            "tokenmix's compiled kernels could not be loaded "
+            f"({load_error}). Build and install the package with "
+            "`pip install --no-build-isolation .`, or call the pure-PyTorch "
+            "reference in tokenmix.neighborhood.reference."
+        )

@@ -1,0 +1,63 @@
+"""Autograd and fake (meta) registrations of the neighborhood-attention ops.
+
+The ops themselves (``torch.ops.tokenmix.na_forward`` / ``na_backward``) are
+defined and implemented in C++ (csrc/neighborhood/na_ops.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+
+if _ops.load_error is None:
+
+    @torch.library.register_fake("tokenmix::na_forward")
+    def _na_forward_fake(
+        q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
+        is_causal, scale,
+    ):
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse = q.new_empty(q.shape[:-1], dtype=acc)
+        return out, lse
+
+    @torch.library.register_fake("tokenmix::na_backward")
+    def _na_backward_fake(
+        grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size,
+        stride, dilation, is_causal, scale,
+    ):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        drpb = q.new_empty(rpb.shape, dtype=acc) if rpb is not None else q.new_empty((0,), dtype=acc)
+        dek = q.new_empty(additional_keys.shape) if additional_keys is not None else q.new_empty((0,))
+        dev = (
+            q.new_empty(additional_values.shape)
+            if additional_values is not None
+            else q.new_empty((0,))
+        )
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb, dek, dev
+
+    def _setup_context(ctx, inputs, output):
+        (q, k, v, rpb, ek, ev, kernel_size, stride, dilation, is_causal, scale) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, rpb, ek, ev)
+        ctx.window = (kernel_size, stride, dilation, is_causal, scale)
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, rpb, ek, ev = ctx.saved_tensors
+        kernel_size, stride, dilation, is_causal, scale = ctx.window
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, drpb, dek, dev = torch.ops.tokenmix.na_backward(
+            grad_out.contiguous(), q, k, v, out, lse, rpb, ek, ev,
+            kernel_size, stride, dilation, is_causal, scale,
+        )
+        drpb = drpb.to(rpb.dtype) if rpb is not None else None
+        dek = dek if ek is not None else None
+        dev = dev if ev is not None else None
+        return dq, dk, dv, drpb, dek, dev, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "tokenmix::na_forward", _backward, setup_context=_setup_context
+    )

@@ -1,0 +1,240 @@
+"""Pure-PyTorch reference implementation of generalized neighborhood attention.
+
+Semantics match NATTEN 0.21 ``na1d`` / ``na2d`` / ``na3d`` (heads-last layout), with
+per-dimension kernel size, stride, dilation and causal flag, optional relative
+positional bias (rpb), optional additional (global) key/value tokens, and GQA.
+
+The implementation is memory-bounded: it never materializes a tokens x tokens mask.
+Instead, :func:`window_table` builds, per spatial dimension, a ``[L, kernel]`` table of
+key coordinates (plus a validity mask, since causal windows can be shorter than the
+kernel), and queries are processed in chunks; for each chunk the keys/values of every
+query's window are gathered (``[B, chunk, window, H_kv, D]``) and a masked softmax is
+taken jointly over the window and the additional tokens.
+
+It works on any device, is differentiable with autograd with respect to every tensor
+input, and computes in float32 (float64 for float64 inputs). The output has the input
+dtype; the LSE is float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .args import check_tensors, normalize_window_args
+
+__all__ = [
+    "neighborhood_attention_reference",
+    "window_bounds",
+    "window_table",
+]
+
+# Upper bound (in elements) on the per-chunk gathered K/V and logits tensors.
+_CHUNK_BUDGET = 1 << 24
+
+
+def window_bounds(
+    length: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    causal: bool,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The single source of truth for the 1-D window rule.
+
+    Returns ``(start, end)``, int64 tensors of shape ``[length]``: for the query at real
+    coordinate ``i``, the attended keys are the real coordinates
+    ``jg * dilation + i % dilation`` for ``start[i] <= jg < end[i]`` (i.e. ``start`` and
+    ``end`` are in dilation-group coordinates, ``end`` exclusive). Non-causal windows
+    always hold exactly ``kernel`` keys; causal ones hold at most ``kernel``.
+    """
+    i = torch.arange(length, device=device, dtype=torch.int64)
+    group = i % dilation
+    ig = i // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    window_left = kernel // 2
+    window_right = kernel // 2 + kernel % 2 - 1
+    if causal:
+        leader = torch.minimum((ig // stride) * stride + stride - 1, group_len - 1)
+        start = (leader - window_left - window_right).clamp_min(0)
+        end = torch.minimum(ig + 1, group_len)
+    else:
+        leader = torch.minimum((ig // stride) * stride + stride // 2, group_len - 1)
+        shift = torch.where(
+            leader + window_right >= group_len,
+            group_len - window_right - leader - 1,
+            torch.zeros_like(leader),
+        )
+        start = (leader - window_left).clamp_min(0) + shift
+        end = start + kernel
+    return start, end
+
+
+def window_table(
+    length: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    causal: bool,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query window table for one spatial dimension.
+
+    Returns ``(keys, valid, rel)``, each ``[length, kernel]``:
+
+    * ``keys``: int64 real key coordinates; invalid slots point at the query itself
+      (always a legal index) so they can be gathered safely and masked afterwards.
+    * ``valid``: bool, whether the slot is part of the window.
+    * ``rel``: int64 rpb index ``jg - ig + kernel - 1`` (in ``[0, 2*kernel - 2]``);
+      ``kernel - 1`` in invalid slots.
+    """
+    start, end = window_bounds(length, kernel, stride, dilation, causal, device)
+    i = torch.arange(length, device=device, dtype=torch.int64)
+    group = (i % dilation)[:, None]
+    ig = (i // dilation)[:, None]
+    jg = start[:, None] + torch.arange(kernel, device=device, dtype=torch.int64)
+    valid = jg < end[:, None]
+    jg = torch.where(valid, jg, ig)
+    keys = jg * dilation + group
+    rel = jg - ig + kernel - 1
+    return keys, valid, rel
+
+
+def _combine_windows(
+    query_idx: torch.Tensor,
+    spatial_shape: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-dimensional windows for a chunk of flat query indices.
+
+    Returns flat key indices, validity and flat rpb indices, each ``[chunk, window]``
+    with ``window = prod(kernel_size)`` (row-major over the per-dim kernel offsets).
+    """
+    n = query_idx.shape[0]
+    dev = query_idx.device
+    key = torch.zeros(n, 1, dtype=torch.int64, device=dev)
+    rel = torch.zeros(n, 1, dtype=torch.int64, device=dev)
+    valid = torch.ones(n, 1, dtype=torch.bool, device=dev)
+    inner = math.prod(spatial_shape)
+    for length, kern, (keys_m, valid_m, rel_m) in zip(
+        spatial_shape, kernel_size, tables, strict=True
+    ):
+        inner //= length
+        coord = (query_idx // inner) % length
+        key = (key[:, :, None] * length + keys_m[coord][:, None, :]).reshape(n, -1)
+        rel = (rel[:, :, None] * (2 * kern - 1) + rel_m[coord][:, None, :]).reshape(n, -1)
+        valid = (valid[:, :, None] & valid_m[coord][:, None, :]).reshape(n, -1)
+    return key, valid, rel
+
+
+def neighborhood_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    scale: float | None = None,
+    rpb: torch.Tensor | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference neighborhood attention (see module docstring).
+
+    Args:
+        q: ``[B, *spatial, H, D]``.
+        k: ``[B, *spatial, H_kv, D]`` with ``H % H_kv == 0`` (GQA: query head ``h`` uses
+            kv head ``h // (H // H_kv)``).
+        v: ``[B, *spatial, H_kv, Dv]``.
+        kernel_size, stride, dilation, is_causal: per-dimension tuples (as returned by
+            :func:`~tokenmix.neighborhood.args.normalize_window_args`).
+        scale: logit scale; defaults to ``D ** -0.5``.
+        rpb: optional ``[H, 2*k_1 - 1, ...]`` relative positional bias.
+        additional_keys / additional_values: optional ``[B, N_extra, H_kv, D / Dv]``
+            tokens attended by every query (no mask, no bias), in the same softmax.
+        return_lse: also return the natural-log logsumexp of the logits.
+
+    Returns:
+        ``out`` ``[B, *spatial, H, Dv]`` in the input dtype, and if ``return_lse``
+        also ``lse`` ``[B, *spatial, H]`` (float32; float64 for float64 inputs).
+    """
+    rank = q.dim() - 3
+    check_tensors(q, k, v, rank, rpb, additional_keys, additional_values, kernel_size)
+    spatial_shape = tuple(q.shape[1 : rank + 1])
+    kernel_size, stride, dilation, is_causal = normalize_window_args(
+        rank, spatial_shape, kernel_size, stride, dilation, is_causal
+    )
+
+    in_dtype = q.dtype
+    cdtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+    device = q.device
+    batch = q.shape[0]
+    heads, dim = q.shape[-2], q.shape[-1]
+    heads_kv, dim_v = k.shape[-2], v.shape[-1]
+    groups = heads // heads_kv
+    n_tokens = math.prod(spatial_shape)
+    window = math.prod(kernel_size)
+    if scale is None:
+        scale = dim**-0.5
+
+    qf = (q.to(cdtype) * scale).reshape(batch, n_tokens, heads_kv, groups, dim)
+    kf = k.to(cdtype).reshape(batch, n_tokens, heads_kv, dim)
+    vf = v.to(cdtype).reshape(batch, n_tokens, heads_kv, dim_v)
+    rpb_flat = None if rpb is None else rpb.to(cdtype).reshape(heads, -1)
+    extra_k = extra_v = None
+    n_extra = 0
+    if additional_keys is not None:
+        extra_k = additional_keys.to(cdtype)
+        extra_v = additional_values.to(cdtype)
+        n_extra = extra_k.shape[1]
+
+    tables = [
+        window_table(length, kern, s, d, c, device)
+        for length, kern, s, d, c in zip(
+            spatial_shape, kernel_size, stride, dilation, is_causal, strict=True
+        )
+    ]
+
+    per_query = batch * (window * heads_kv * (dim + dim_v) + heads * (window + n_extra))
+    chunk = n_tokens if per_query == 0 else max(1, min(n_tokens, _CHUNK_BUDGET // per_query))
+
+    outs = []
+    lses = []
+    for begin in range(0, n_tokens, chunk):
+        query_idx = torch.arange(
+            begin, min(begin + chunk, n_tokens), device=device, dtype=torch.int64
+        )
+        c = query_idx.shape[0]
+        key_idx, valid, rel_idx = _combine_windows(query_idx, spatial_shape, kernel_size, tables)
+
+        q_c = qf[:, begin : begin + c]  # [B, C, Hkv, G, D]
+        k_w = kf[:, key_idx]  # [B, C, W, Hkv, D]
+        v_w = vf[:, key_idx]  # [B, C, W, Hkv, Dv]
+        logits = torch.einsum("bcmgd,bcwmd->bcmgw", q_c, k_w)
+        if rpb_flat is not None:
+            bias = rpb_flat[:, rel_idx]  # [H, C, W]
+            bias = bias.permute(1, 0, 2).reshape(c, heads_kv, groups, window)
+            logits = logits + bias
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        if extra_k is not None:
+            logits_extra = torch.einsum("bcmgd,bnmd->bcmgn", q_c, extra_k)
+            logits = torch.cat([logits, logits_extra], dim=-1)
+
+        lse = torch.logsumexp(logits, dim=-1)  # [B, C, Hkv, G]
+        probs = torch.exp(logits - lse[..., None])
+        out = torch.einsum("bcmgw,bcwmv->bcmgv", probs[..., :window], v_w)
+        if extra_v is not None:
+            out = out + torch.einsum("bcmgn,bnmv->bcmgv", probs[..., window:], extra_v)
+        outs.append(out.reshape(batch, c, heads, dim_v))
+        lses.append(lse.reshape(batch, c, heads))
+
+    out = torch.cat(outs, dim=1).reshape(batch, *spatial_shape, heads, dim_v).to(in_dtype)
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=1).reshape(batch, *spatial_shape, heads)
+    return out, lse
