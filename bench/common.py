@@ -7,6 +7,7 @@ markdown table formatting. Only the standard library and torch are used.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -149,9 +150,7 @@ def measure_matmul_gflops(
         a = torch.randn(n, n, generator=gen).to(dtype)
         b = torch.randn(n, n, generator=gen).to(dtype)
         out = torch.empty(n, n, dtype=dtype)
-        timing = time_fn(
-            lambda: torch.matmul(a, b, out=out), warmup=2, repeats=repeats, budget_s=0
-        )
+        timing = time_fn(lambda: torch.matmul(a, b, out=out), warmup=2, repeats=repeats, budget_s=0)
     finally:
         torch.set_num_threads(previous)
     return 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
@@ -227,8 +226,10 @@ class PeakMemory:
 class measure_peak_rss:
     """Context manager measuring how far RSS rises above its value on entry.
 
-    With a resettable high-water mark (Linux) the result is exactly the peak of
-    this region; otherwise it falls back to the ``ru_maxrss`` delta, which is only
+    Freed heap memory is first returned to the OS (:func:`release_free_memory`) so
+    that memory the region reuses from earlier calls still counts. With a
+    resettable high-water mark (Linux) the result is then the peak of this region;
+    otherwise it falls back to the ``ru_maxrss`` delta, which is only
     meaningful when nothing before the region used more memory (the fresh-process
     case), and says so in ``method``.
     """
@@ -239,7 +240,7 @@ class measure_peak_rss:
         self._resettable = False
 
     def __enter__(self) -> PeakMemory:
-        gc.collect()
+        release_free_memory()
         self._resettable = reset_peak_rss()
         if self._resettable:
             self._base = current_rss_mib()
@@ -253,6 +254,24 @@ class measure_peak_rss:
             return
         self.result.peak_mib = max(0.0, peak - self._base)
         self.result.method = "VmHWM reset" if self._resettable else "ru_maxrss delta"
+
+
+def release_free_memory() -> bool:
+    """Return freed heap memory to the OS (``gc.collect`` + glibc ``malloc_trim(0)``).
+
+    Without this, memory freed by earlier calls stays resident in the allocator's
+    free lists and a later call that reuses it shows no RSS growth at all.
+    Returns whether ``malloc_trim`` was available.
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def limit_address_space(extra_bytes: int) -> bool:
@@ -278,7 +297,9 @@ def limit_address_space(extra_bytes: int) -> bool:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
-    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "std::bad_alloc" in text
+    return (
+        isinstance(exc, MemoryError) or "can't allocate memory" in text or "std::bad_alloc" in text
+    )
 
 
 # ---------------------------------------------------------------------------

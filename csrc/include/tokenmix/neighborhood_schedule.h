@@ -1,12 +1,12 @@
 // Tile schedule and element mask of generalized neighborhood attention.
 //
-// The attention engines work on query *strips*: up to `strip_len` consecutive
-// queries along the last spatial dimension that share their dilation group and
-// their coordinates in the leading dimensions. All queries of a strip therefore
-// share the same window in the leading dimensions, so the keys a strip visits
-// are a set of key *rows* (one per leading-dimension window position), each a
-// contiguous run along the last dimension: the union of the strip's windows.
-// The element mask inside a visited row is one interval per query.
+// Queries are processed in *tiles*: boxes of up to tile[0] x tile[1] x tile[2]
+// queries of one dilation group (multi-dimensional tiling, as in the GNA
+// paper). Because window ends are monotone in the query coordinate, the keys
+// a tile can see form one box as well: per dimension, the union of the
+// windows of the tile's first and last query. The engines visit that key box
+// and apply the element mask: key (r0, r1, r2) is kept for query (q0, q1, q2)
+// when r_t lies in the window of q_t in every dimension t.
 //
 // Host and device code use this header unchanged (the CPU engine now, the CUDA
 // engine and the planner later).
@@ -18,79 +18,81 @@
 
 namespace tokenmix {
 
-struct StripGeometry {
-  int group[3];       // dilation group in each dimension
-  int group_len[3];   // tokens of that group in each dimension
-  int query[2];       // leading query coordinates (group coordinates)
-  int first;          // first query along the last dimension (group coordinates)
-  int count;          // queries in the strip
-  int row_begin[2];   // key window in the leading dimensions: [begin, end)
-  int row_end[2];
-  int col_begin;      // union of the strip's windows along the last dimension
-  int col_end;
+struct TileGeometry {
+  int group[3];      // dilation group in each dimension
+  int group_len[3];  // tokens of that group in each dimension
+  int first[3];      // first query of the tile (group coordinates)
+  int count[3];      // queries of the tile in each dimension
+  int key_begin[3];  // key box visited by the tile: [begin, end)
+  int key_end[3];
 };
 
 struct NeighborhoodSchedule {
   WindowDim dims[3];
-  int strip_len;
+  int tile[3];
   int max_group_len[3];
-  int strips_per_row;
+  int tiles_per_dim[3];
 
-  TM_HOST_DEVICE void init(const WindowDim* d, int strip) {
+  TM_HOST_DEVICE void init(const WindowDim* d, const int* tile_shape) {
     for (int t = 0; t < 3; ++t) {
       dims[t] = d[t];
+      tile[t] = tile_shape[t];
       max_group_len[t] = dilation_group_length(d[t].length, d[t].dilation, 0);
+      tiles_per_dim[t] = (max_group_len[t] + tile[t] - 1) / tile[t];
     }
-    strip_len = strip;
-    strips_per_row = (max_group_len[2] + strip - 1) / strip;
   }
 
-  // Strips per (batch, head): dilation groups x leading coordinates x strips.
-  // Some indices are empty (groups shorter than the longest one).
-  TM_HOST_DEVICE int64_t strips_per_head() const {
-    return int64_t(dims[0].dilation) * dims[1].dilation * dims[2].dilation * max_group_len[0] *
-           max_group_len[1] * strips_per_row;
+  // Tiles per (batch, head): dilation groups x tiles of the longest group.
+  // Indices past a shorter group's end decode as empty.
+  TM_HOST_DEVICE int64_t tiles_per_head() const {
+    return int64_t(dims[0].dilation) * dims[1].dilation * dims[2].dilation * tiles_per_dim[0] *
+           tiles_per_dim[1] * tiles_per_dim[2];
   }
 
-  // Decodes a strip index; returns false for an empty index.
-  TM_HOST_DEVICE bool decode(int64_t index, StripGeometry* g) const {
-    const int strip = int(index % strips_per_row);
-    index /= strips_per_row;
-    const int q1 = int(index % max_group_len[1]);
-    index /= max_group_len[1];
-    const int q0 = int(index % max_group_len[0]);
-    index /= max_group_len[0];
-    g->group[2] = int(index % dims[2].dilation);
-    index /= dims[2].dilation;
-    g->group[1] = int(index % dims[1].dilation);
-    index /= dims[1].dilation;
-    g->group[0] = int(index);
-    for (int t = 0; t < 3; ++t)
+  TM_HOST_DEVICE bool decode(int64_t index, TileGeometry* g) const {
+    int tix[3];
+    for (int t = 2; t >= 0; --t) {
+      tix[t] = int(index % tiles_per_dim[t]);
+      index /= tiles_per_dim[t];
+    }
+    for (int t = 2; t >= 0; --t) {
+      g->group[t] = int(index % dims[t].dilation);
+      index /= dims[t].dilation;
+    }
+    for (int t = 0; t < 3; ++t) {
       g->group_len[t] = dilation_group_length(dims[t].length, dims[t].dilation, g->group[t]);
-    if (q0 >= g->group_len[0] || q1 >= g->group_len[1]) return false;
-    g->first = strip * strip_len;
-    if (g->first >= g->group_len[2]) return false;
-    g->count = g->group_len[2] - g->first < strip_len ? g->group_len[2] - g->first : strip_len;
-    g->query[0] = q0;
-    g->query[1] = q1;
-    for (int t = 0; t < 2; ++t)
-      window_range(g->query[t], g->group_len[t], dims[t].kernel, dims[t].stride, dims[t].causal,
-                   &g->row_begin[t], &g->row_end[t]);
-    window_union(g->first, g->first + g->count - 1, g->group_len[2], dims[2].kernel,
-                 dims[2].stride, dims[2].causal, &g->col_begin, &g->col_end);
+      g->first[t] = tix[t] * tile[t];
+      if (g->first[t] >= g->group_len[t]) return false;
+      const int left = g->group_len[t] - g->first[t];
+      g->count[t] = left < tile[t] ? left : tile[t];
+      window_union(g->first[t], g->first[t] + g->count[t] - 1, g->group_len[t], dims[t].kernel,
+                   dims[t].stride, dims[t].causal, &g->key_begin[t], &g->key_end[t]);
+    }
     return true;
   }
 
-  // Element mask: query `i` of the strip keeps last-dimension keys [lo, hi).
-  TM_HOST_DEVICE void query_interval(const StripGeometry& g, int i, int* lo, int* hi) const {
-    window_range(g.first + i, g.group_len[2], dims[2].kernel, dims[2].stride, dims[2].causal, lo,
-                 hi);
+  // Window [lo, hi) of query coordinate q (group coordinates) in dimension t.
+  TM_HOST_DEVICE void window(const TileGeometry& g, int t, int q, int* lo, int* hi) const {
+    window_range(q, g.group_len[t], dims[t].kernel, dims[t].stride, dims[t].causal, lo, hi);
   }
 
-  // Real coordinate of group coordinate `c` in dimension t.
-  TM_HOST_DEVICE int real_coord(const StripGeometry& g, int t, int c) const {
+  // Real coordinate of group coordinate c in dimension t.
+  TM_HOST_DEVICE int real_coord(const TileGeometry& g, int t, int c) const {
     return g.group[t] + c * dims[t].dilation;
   }
 };
+
+// Keys visited per query by a tile shape in the interior of a large input:
+// prod_t (kernel_t + tile_t - 1). Used to pick tile shapes.
+TM_HOST_DEVICE int64_t interior_keys_per_tile(const WindowDim* d, const int* tile_shape) {
+  int64_t keys = 1;
+  for (int t = 0; t < 3; ++t) {
+    int span = d[t].kernel + tile_shape[t] - 1;
+    const int glen = dilation_group_length(d[t].length, d[t].dilation, 0);
+    if (span > glen) span = glen;
+    keys *= span;
+  }
+  return keys;
+}
 
 }  // namespace tokenmix

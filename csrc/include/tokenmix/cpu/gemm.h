@@ -1,82 +1,109 @@
 // Register-blocked C (+)= A * B for the small, cache-resident tiles of the
-// attention engine. A is row-major [M x K]; B is row-major [K x N] with N a
-// multiple of the vector width (callers pad their buffers); C is [M x N].
+// attention engine.
+//
+// The operands are addressed through row accessors so the engine multiplies
+// key/value rows where they already are (no packing):
+//   A[i][p] = a.row(i)[p * a_step]   (a_step > 1 reads A transposed)
+//   B[p][j] = b.row(p)[j]            (rows must hold N elements, N % W == 0)
+//   C[i][j] = c.row(i)[j]
 #pragma once
 
 #include "tokenmix/cpu/simd.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
+template <class T>
+struct StridedRows {
+  T* base;
+  int64_t ld;
+  T* row(int64_t i) const { return base + i * ld; }
+};
+
+template <class T>
+struct TableRows {
+  T* const* rows;
+  T* row(int64_t i) const { return rows[i]; }
+};
+
+// Largest row block for NV accumulator vectors per row (register budget).
 #if TOKENMIX_VEC_BYTES >= 64
-constexpr int kGemmRows = 6;  // 6 x 4 accumulators + 4 B vectors + 1 broadcast: 29 of 32 zmm
-constexpr int kGemmVecs = 4;
-#elif TOKENMIX_VEC_BYTES >= 32
-constexpr int kGemmRows = 6;  // 6 x 2 + 2 + 1 = 15 of 16 ymm
-constexpr int kGemmVecs = 2;
+constexpr int kMaxVecs = 4;
+template <int NV>
+constexpr int kBlockRows = NV == 1 ? 12 : (NV == 2 ? 8 : 6);
 #else
-constexpr int kGemmRows = 4;
-constexpr int kGemmVecs = 2;
+constexpr int kMaxVecs = 2;
+template <int NV>
+constexpr int kBlockRows = NV == 1 ? 8 : 6;
 #endif
 
-template <class T, int MR, int NV>
-inline void gemm_tile(int K, const T* __restrict A, int lda, const T* __restrict B, int ldb,
-                      T* __restrict C, int ldc, bool accumulate) {
+template <class T, int MR, int NV, class A, class B, class C>
+inline void gemm_tile(int K, const A& a, int a_step, int64_t i0, const B& b, int j0, const C& c,
+                      bool accumulate) {
   using V = typename Simd<T>::V;
   constexpr int W = Simd<T>::kWidth;
+  const T* ap[MR];
+  for (int r = 0; r < MR; ++r) ap[r] = a.row(i0 + r);
   V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V{};
   for (int p = 0; p < K; ++p) {
-    V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload<V>(B + int64_t(p) * ldb + v * W);
+    const T* brow = b.row(p) + j0;
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload<V>(brow + v * W);
+    const int64_t ao = int64_t(p) * a_step;
     for (int r = 0; r < MR; ++r) {
-      const V a = vbroadcast<V>(A[int64_t(r) * lda + p]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+      const V av = vbroadcast<V>(ap[r][ao]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
   }
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
+    T* crow = c.row(i0 + r) + j0;
     for (int v = 0; v < NV; ++v) {
-      T* c = C + int64_t(r) * ldc + v * W;
-      if (accumulate) acc[r][v] += vload<V>(c);
-      vstore(c, acc[r][v]);
+      V x = acc[r][v];
+      if (accumulate) x += vload<V>(crow + v * W);
+      vstore(crow + v * W, x);
     }
-}
-
-template <class T, int NV>
-inline void gemm_rows(int rows, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
-                      bool accumulate) {
-  int i = 0;
-  for (; i + kGemmRows <= rows; i += kGemmRows)
-    gemm_tile<T, kGemmRows, NV>(K, A + int64_t(i) * lda, lda, B, ldb, C + int64_t(i) * ldc, ldc,
-                                accumulate);
-  const T* a = A + int64_t(i) * lda;
-  T* c = C + int64_t(i) * ldc;
-  switch (rows - i) {
-    case 1: gemm_tile<T, 1, NV>(K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 2: gemm_tile<T, 2, NV>(K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 3: gemm_tile<T, 3, NV>(K, a, lda, B, ldb, c, ldc, accumulate); break;
-#if TOKENMIX_VEC_BYTES >= 32
-    case 4: gemm_tile<T, 4, NV>(K, a, lda, B, ldb, c, ldc, accumulate); break;
-    case 5: gemm_tile<T, 5, NV>(K, a, lda, B, ldb, c, ldc, accumulate); break;
-#endif
-    default: break;
   }
 }
 
-// C[M x N] (+)= A[M x K] * B[K x N]; N % vector width == 0.
-template <class T>
-inline void gemm(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
+template <class T, int NV, class A, class B, class C>
+inline void gemm_rows(int M, int K, const A& a, int a_step, const B& b, int j0, const C& c,
+                      bool accumulate) {
+  constexpr int MR = kBlockRows<NV>;
+  int i = 0;
+  for (; i + MR <= M; i += MR) gemm_tile<T, MR, NV>(K, a, a_step, i, b, j0, c, accumulate);
+  // Tails in power-of-two blocks keep the number of instantiations small.
+  if (M - i >= 4) {
+    gemm_tile<T, 4, NV>(K, a, a_step, i, b, j0, c, accumulate);
+    i += 4;
+  }
+  if (M - i >= 4) {
+    gemm_tile<T, 4, NV>(K, a, a_step, i, b, j0, c, accumulate);
+    i += 4;
+  }
+  if (M - i >= 2) {
+    gemm_tile<T, 2, NV>(K, a, a_step, i, b, j0, c, accumulate);
+    i += 2;
+  }
+  if (M - i >= 1) gemm_tile<T, 1, NV>(K, a, a_step, i, b, j0, c, accumulate);
+}
+
+// C[M x N] (+)= A[M x K] * B[K x N]; N must be a multiple of the vector width.
+template <class T, class A, class B, class C>
+inline void gemm(int M, int N, int K, const A& a, int a_step, const B& b, const C& c,
                  bool accumulate) {
   constexpr int W = Simd<T>::kWidth;
   int j = 0;
-  for (; j + kGemmVecs * W <= N; j += kGemmVecs * W)
-    gemm_rows<T, kGemmVecs>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
-  const int rest = (N - j) / W;
-  if (rest == 1) gemm_rows<T, 1>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + kMaxVecs * W <= N; j += kMaxVecs * W)
+    gemm_rows<T, kMaxVecs>(M, K, a, a_step, b, j, c, accumulate);
+  switch ((N - j) / W) {
+    case 1: gemm_rows<T, 1>(M, K, a, a_step, b, j, c, accumulate); break;
 #if TOKENMIX_VEC_BYTES >= 64
-  if (rest == 2) gemm_rows<T, 2>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
-  if (rest == 3) gemm_rows<T, 3>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    case 2: gemm_rows<T, 2>(M, K, a, a_step, b, j, c, accumulate); break;
+    case 3: gemm_rows<T, 3>(M, K, a, a_step, b, j, c, accumulate); break;
 #endif
+    default: break;
+  }
 }
 
 }  // namespace tokenmix::cpu::TOKENMIX_ISA

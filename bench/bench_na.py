@@ -1,0 +1,1069 @@
+#!/usr/bin/env python
+"""Neighborhood attention on CPU: tokenmix's fused kernel against its peers.
+
+For every case, on the same random inputs, this times
+
+* ``tokenmix.neighborhood_attention`` (the fused CPU kernel),
+* the pure-PyTorch reference ``tokenmix.neighborhood.reference``,
+* ``torch.nn.functional.scaled_dot_product_attention`` with the equivalent dense
+  boolean mask,
+* ``flex_attention`` compiled with ``torch.compile`` and a ``BlockMask`` built from
+  the same rule (forward only: FlexAttention has no CPU backward),
+* NATTEN (``natten.na1d/na2d/na3d``) when it is installed,
+
+in forward and forward+backward mode, and reports the median time, useful GFLOP/s,
+that throughput as a fraction of the machine's fp32 matmul throughput, the peak
+memory of one call, the max abs difference of every output against SDPA, and the
+speedup of tokenmix over each peer. Every (case, backend, mode) runs in a fresh
+subprocess (this script re-invoked with ``--worker``) so that peak-memory numbers
+are not polluted by earlier measurements. See bench/README.md.
+
+    python bench/bench_na.py                       # all cases, both modes
+    python bench/bench_na.py --case 2d-64x64-k7 --forward
+    python bench/bench_na.py --shape 64,64 --kernel 7 --dilation 2 --causal 0,1
+    python bench/bench_na.py --quick --json out.json --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    fmt_float,
+    fmt_sci,
+    format_markdown,
+    format_table,
+    is_out_of_memory,
+    limit_address_space,
+    log,
+    machine_info,
+    measure_matmul_gflops,
+    measure_peak_rss,
+    time_fn,
+)
+
+RESULT_MARK = "@@BENCH_NA_RESULT@@ "
+
+# Forward+backward useful FLOPs as a multiple of forward FLOPs. The forward pass is
+# two matmul-shaped products per attended pair (QK^T and PV); the backward pass is
+# five (recomputed QK^T, dV, dP, dQ, dK), i.e. 2.5x the forward (FlashAttention
+# convention), so forward+backward is 3.5x the forward.
+FWD_BWD_FLOP_FACTOR = 3.5
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# name -> (shape, kernel); stride 1, dilation 1, non-causal.
+CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "2d-64x64-k7": ((64, 64), (7, 7)),
+    "1d-16384-k1024": ((16384,), (1024,)),
+    "3d-16x16x16-k5": ((16, 16, 16), (5, 5, 5)),
+}
+# --quick: the same kinds of problem, scaled down to a smoke test.
+QUICK_CASES: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
+    "2d-64x64-k7": ("2d-32x32-k7", (32, 32), (7, 7)),
+    "1d-16384-k1024": ("1d-2048-k256", (2048,), (256,)),
+    "3d-16x16x16-k5": ("3d-8x8x8-k5", (8, 8, 8), (5, 5, 5)),
+}
+CASE_ALIASES = {name.split("-", 1)[0]: name for name in CASES}
+
+BACKENDS = ("tokenmix", "reference", "sdpa", "flex", "natten")
+LABELS = {
+    "tokenmix": "tokenmix",
+    "reference": "tokenmix reference",
+    "sdpa": "sdpa+mask",
+    "flex": "flex (compiled)",
+    "natten": "natten",
+}
+MODES = ("fwd", "fwd+bwd")
+# Oracles for the correctness check, in order of preference.
+ORACLES = ("sdpa", "reference", "flex")
+# Tolerances of the correctness check: |x - oracle| <= atol + rtol * max|oracle|.
+TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (3e-2, 3e-2), "float16": (1e-2, 1e-2)}
+
+
+# ---------------------------------------------------------------------------
+# Cases and the neighborhood rule
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    causal: tuple[bool, ...]
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 64
+    dtype: str = "float32"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Case:
+        return cls(
+            name=d["name"],
+            shape=tuple(d["shape"]),
+            kernel=tuple(d["kernel"]),
+            stride=tuple(d["stride"]),
+            dilation=tuple(d["dilation"]),
+            causal=tuple(bool(c) for c in d["causal"]),
+            batch=d["batch"],
+            heads=d["heads"],
+            head_dim=d["head_dim"],
+            dtype=d["dtype"],
+        )
+
+    def describe(self) -> str:
+        def x(t):
+            return "x".join(str(int(v)) for v in t)
+
+        causal = "no" if not any(self.causal) else x(self.causal)
+        return (
+            f"shape {x(self.shape)}, kernel {x(self.kernel)}, stride {x(self.stride)}, "
+            f"dilation {x(self.dilation)}, causal {causal}; B={self.batch} H={self.heads} "
+            f"D={self.head_dim} {self.dtype}"
+        )
+
+    def validate(self) -> None:
+        n = self.ndim
+        if not 1 <= n <= 3:
+            raise ValueError(f"{self.name}: 1 to 3 spatial dimensions supported, got {n}")
+        for name in ("kernel", "stride", "dilation", "causal"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{self.name}: {name} needs {n} entries")
+        for L, k, s, d in zip(self.shape, self.kernel, self.stride, self.dilation, strict=True):
+            if k < 1 or d < 1 or not 1 <= s <= k:
+                raise ValueError(f"{self.name}: need kernel>=1, dilation>=1, 1<=stride<=kernel")
+            if k * d > L:
+                raise ValueError(f"{self.name}: kernel*dilation ({k}*{d}) exceeds extent {L}")
+
+
+def window_bounds(
+    length: int, kernel: int, stride: int, dilation: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of one dimension: (dilation group, group coordinate, start, end).
+
+    Query ``i`` attends key ``j`` of this dimension iff both are in the same
+    dilation group and ``start[i] <= jg < end[i]`` for ``jg``, the key's group
+    coordinate. This is NATTEN's rule (tokenmix/window.h), vectorised.
+    """
+    i = torch.arange(length, dtype=torch.int64)
+    group = i % dilation
+    ig = i // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    left = kernel // 2
+    right = kernel // 2 + (kernel % 2) - 1
+    if causal:
+        leader = torch.minimum((ig // stride) * stride + stride - 1, group_len - 1)
+        start = (leader - left - right).clamp(min=0)
+        end = torch.minimum(ig + 1, group_len)
+    else:
+        leader = torch.minimum((ig // stride) * stride + stride // 2, group_len - 1)
+        start = (leader - left).clamp(min=0)
+        start = start + torch.where(
+            leader + right >= group_len, group_len - right - leader - 1, torch.zeros_like(start)
+        )
+        end = start + kernel
+    return group, ig, start, end
+
+
+def dim_mask(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
+    """``[length, length]`` bool: query position (row) attends key position (column)."""
+    group, ig, start, end = window_bounds(length, kernel, stride, dilation, causal)
+    same_group = group[:, None] == group[None, :]
+    return same_group & (start[:, None] <= ig[None, :]) & (ig[None, :] < end[:, None])
+
+
+def dense_mask(case: Case) -> torch.Tensor:
+    """``[tokens, tokens]`` bool mask over row-major flattened tokens.
+
+    The rule is separable: a pair is attended iff it is attended in every
+    dimension, so the dense mask is the Kronecker (AND) product of the per-dimension
+    masks; no tokens x tokens integer temporaries are created.
+    """
+    mask: torch.Tensor | None = None
+    for dim in range(case.ndim):
+        m = dim_mask(
+            case.shape[dim],
+            case.kernel[dim],
+            case.stride[dim],
+            case.dilation[dim],
+            case.causal[dim],
+        )
+        if mask is None:
+            mask = m
+        else:
+            rows, cols = mask.shape
+            mask = (mask[:, None, :, None] & m[None, :, None, :]).reshape(
+                rows * m.shape[0], cols * m.shape[1]
+            )
+    assert mask is not None
+    return mask
+
+
+def attended_pairs(case: Case) -> int:
+    """Exact number of attended (query, key) pairs per batch and head.
+
+    Separable rule: the count is the product over dimensions of the per-dimension
+    pair counts, and per dimension each query sees ``end - start`` keys (windows
+    never leave their dilation group). Equals ``dense_mask(case).sum()``.
+    """
+    total = 1
+    for dim in range(case.ndim):
+        _, _, start, end = window_bounds(
+            case.shape[dim],
+            case.kernel[dim],
+            case.stride[dim],
+            case.dilation[dim],
+            case.causal[dim],
+        )
+        total *= int((end - start).sum())
+    return total
+
+
+def forward_flops(case: Case) -> int:
+    """Useful forward FLOPs: ``4 * B * H * pairs * D`` (QK^T and PV, D == Dv)."""
+    return 4 * case.batch * case.heads * attended_pairs(case) * case.head_dim
+
+
+def flex_tables(case: Case) -> torch.Tensor:
+    """``[ndim, 4, tokens]`` int32 lookup tables (group, group coord, start, end) per token."""
+    flat = torch.arange(case.tokens, dtype=torch.int64)
+    tables = []
+    for dim in range(case.ndim):
+        inner = math.prod(case.shape[dim + 1 :])
+        coord = (flat // inner) % case.shape[dim]
+        bounds = window_bounds(
+            case.shape[dim],
+            case.kernel[dim],
+            case.stride[dim],
+            case.dilation[dim],
+            case.causal[dim],
+        )
+        tables.append(torch.stack([b[coord] for b in bounds]))
+    return torch.stack(tables).to(torch.int32).contiguous()
+
+
+def flex_mask_mod(tables: torch.Tensor) -> Callable:
+    """FlexAttention ``mask_mod`` applying the neighborhood rule through index tables."""
+    ndim = tables.shape[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = None
+        for dim in range(ndim):
+            group, coord, start, end = tables[dim].unbind(0)
+            key = coord[kv_idx]
+            ok = (group[q_idx] == group[kv_idx]) & (start[q_idx] <= key) & (key < end[q_idx])
+            keep = ok if keep is None else keep & ok
+        return keep
+
+    return mask_mod
+
+
+def sdpa_memory_estimate(case: Case, backward: bool) -> int:
+    """Rough bytes SDPA needs beyond the inputs: the bool mask plus the additive float
+    mask PyTorch's CPU kernel derives from it (both tokens x tokens), doubled for the
+    backward, plus a few input-sized buffers."""
+    n = case.tokens
+    elt = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    per_mask = n * n * (1 + 4)
+    act = case.batch * case.heads * n * case.head_dim * elt
+    return per_mask * (2 if backward else 1) + 12 * act
+
+
+# ---------------------------------------------------------------------------
+# Worker side: one backend, one mode, in a fresh process
+# ---------------------------------------------------------------------------
+
+
+def make_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
+    """q, k, v and the output gradient, ``[B, *spatial, H, D]``; identical in every process."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (case.batch, *case.shape, case.heads, case.head_dim)
+    dtype = DTYPES[case.dtype]
+    return {
+        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+        for name in ("q", "k", "v", "dout")
+    }
+
+
+@dataclass
+class BackendRun:
+    call: Callable[[], object]
+    setup: Callable[[], None] | None
+    collect: Callable[[object], dict[str, torch.Tensor]]
+    aux_bytes: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class Unsupported(Exception):
+    """The backend cannot run this configuration (reported, not an error)."""
+
+
+def _to_bhnd(x: torch.Tensor, case: Case) -> torch.Tensor:
+    return (
+        x.reshape(case.batch, case.tokens, case.heads, case.head_dim).transpose(1, 2).contiguous()
+    )
+
+
+def _from_bhnd(x: torch.Tensor, case: Case) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(case.batch, *case.shape, case.heads, case.head_dim)
+
+
+def _autograd_run(
+    fn: Callable,
+    case: Case,
+    inputs: dict[str, torch.Tensor],
+    backward: bool,
+    bhnd: bool = False,
+) -> BackendRun:
+    """Wrap ``fn(q, k, v) -> out`` for timing; ``bhnd`` moves tensors to ``[B, H, N, D]``
+    once, here, outside the timed region."""
+
+    def conv(x):
+        return _to_bhnd(x, case) if bhnd else x
+
+    def back(x):
+        return _from_bhnd(x, case) if bhnd else x
+
+    q, k, v = (conv(inputs[n]).detach().requires_grad_(backward) for n in ("q", "k", "v"))
+    dout = conv(inputs["dout"])
+
+    if backward:
+
+        def call():
+            out = fn(q, k, v)
+            out.backward(dout)
+            return out
+
+        def setup():
+            for t in (q, k, v):
+                t.grad = None
+
+        def collect(out):
+            res = {"out": back(out.detach())}
+            for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
+                res[name] = back(t.grad)
+            return res
+
+        return BackendRun(call, setup, collect)
+
+    return BackendRun(lambda: fn(q, k, v), None, lambda out: {"out": back(out)})
+
+
+def build_tokenmix(case: Case, inputs, backward: bool) -> BackendRun:
+    import tokenmix
+
+    kwargs = dict(
+        kernel_size=case.kernel, stride=case.stride, dilation=case.dilation, is_causal=case.causal
+    )
+
+    def fn(q, k, v):
+        return tokenmix.neighborhood_attention(q, k, v, **kwargs)
+
+    return _autograd_run(fn, case, inputs, backward)
+
+
+def build_reference(case: Case, inputs, backward: bool) -> BackendRun:
+    from tokenmix.neighborhood.reference import neighborhood_attention_reference as ref
+
+    def fn(q, k, v):
+        return ref(q, k, v, case.kernel, case.stride, case.dilation, case.causal)
+
+    return _autograd_run(fn, case, inputs, backward)
+
+
+def build_sdpa(case: Case, inputs, backward: bool) -> BackendRun:
+    import torch.nn.functional as F
+
+    mask = dense_mask(case)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    run = _autograd_run(fn, case, inputs, backward, bhnd=True)
+    run.aux_bytes = mask.numel() * mask.element_size()
+    return run
+
+
+def build_flex(case: Case, inputs, backward: bool) -> BackendRun:
+    if backward:
+        raise Unsupported("FlexAttention has no CPU backward")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    tables = flex_tables(case)
+    n = case.tokens
+    t0 = time.perf_counter()
+    block_mask = create_block_mask(flex_mask_mod(tables), None, None, n, n, device="cpu")
+    mask_s = time.perf_counter() - t0
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask)
+
+    run = _autograd_run(fn, case, inputs, backward, bhnd=True)
+    t0 = time.perf_counter()
+    run.call()  # compile now so the warmup estimate reflects a compiled call
+    compile_s = time.perf_counter() - t0
+    aux = tables.numel() * tables.element_size()
+    for name in (
+        "kv_num_blocks",
+        "kv_indices",
+        "full_kv_num_blocks",
+        "full_kv_indices",
+        "q_num_blocks",
+        "q_indices",
+        "full_q_num_blocks",
+        "full_q_indices",
+    ):
+        t = getattr(block_mask, name, None)
+        if isinstance(t, torch.Tensor):
+            aux += t.numel() * t.element_size()
+    run.aux_bytes = aux
+    run.info = {
+        "block_mask_s": mask_s,
+        "compile_s": compile_s,
+        "block_sparsity_pct": float(block_mask.sparsity()),
+    }
+    return run
+
+
+def build_natten(case: Case, inputs, backward: bool) -> BackendRun:
+    import natten
+
+    name = f"na{case.ndim}d"
+    fn_na = getattr(natten, name, None)
+    if fn_na is None and hasattr(natten, "functional"):
+        fn_na = getattr(natten.functional, name, None)
+    if fn_na is None:
+        raise Unsupported(f"natten {getattr(natten, '__version__', '?')} has no {name}")
+    params = inspect.signature(fn_na).parameters
+    kwargs = dict(kernel_size=case.kernel, dilation=case.dilation, is_causal=case.causal)
+    if "stride" in params:
+        kwargs["stride"] = case.stride
+    elif any(s != 1 for s in case.stride):
+        raise Unsupported("this natten version has no stride")
+
+    def fn(q, k, v):
+        return fn_na(q, k, v, **kwargs)
+
+    run = _autograd_run(fn, case, inputs, backward)
+    run.info = {"natten_version": getattr(natten, "__version__", "?")}
+    return run
+
+
+BUILDERS = {
+    "tokenmix": build_tokenmix,
+    "reference": build_reference,
+    "sdpa": build_sdpa,
+    "flex": build_flex,
+    "natten": build_natten,
+}
+
+
+def run_worker(spec: dict) -> dict:
+    """Set up one backend, time it, measure one call's peak memory, save its outputs."""
+    torch.set_num_threads(spec["threads"])
+    case = Case.from_dict(spec["case"])
+    backward = spec["mode"] == "fwd+bwd"
+    result: dict = {"status": "ok"}
+    mem_limit = int(spec["mem_limit_gb"] * 2**30)
+    try:
+        inputs = make_inputs(case, spec["seed"])
+        # Cap the address space so that a backend that would need more than the limit
+        # fails cleanly instead of meeting the OOM killer.
+        result["address_space_limited"] = limit_address_space(mem_limit)
+        run = BUILDERS[spec["backend"]](case, inputs, backward)
+        del inputs
+        timing = time_fn(
+            run.call,
+            setup=run.setup,
+            warmup=spec["warmup"],
+            repeats=spec["repeats"],
+            budget_s=spec["budget_s"],
+            max_repeats=spec["max_repeats"],
+        )
+        if run.setup is not None:
+            run.setup()
+        # Peak memory of one steady-state call (outputs, autograd buffers and gradients
+        # included) over the RSS right before it: inputs, masks and compiled code are
+        # already resident and are not counted; the mask is reported as aux_bytes.
+        with measure_peak_rss() as mem:
+            out = run.call()
+        saved = run.collect(out)
+        if spec.get("save_path"):
+            torch.save({k: v.detach().contiguous() for k, v in saved.items()}, spec["save_path"])
+        result.update(
+            timing=timing.to_dict(),
+            peak_mib=mem.peak_mib,
+            mem_method=mem.method,
+            aux_mib=run.aux_bytes / 2**20,
+            info=run.info,
+        )
+    except Unsupported as exc:
+        result.update(status="unsupported", note=f"n/a ({exc})")
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, never raised
+        traceback.print_exc()
+        if is_out_of_memory(exc):
+            result.update(
+                status="oom", note=f"skipped (memory: needs > {spec['mem_limit_gb']:g} GiB)"
+            )
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            result.update(status="error", note=f"error: {type(exc).__name__}: {first}")
+    return result
+
+
+def worker_main(spec_json: str) -> int:
+    result = run_worker(json.loads(spec_json))
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Parent side: orchestration, metrics, correctness, output
+# ---------------------------------------------------------------------------
+
+
+def launch_worker(spec: dict, timeout_s: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "note": f"timed out after {timeout_s:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            result = json.loads(line[len(RESULT_MARK) :])
+            if result["status"] not in ("ok", "unsupported"):
+                result["stderr_tail"] = proc.stderr[-4000:]
+            return result
+    tail = proc.stderr[-4000:]
+    if proc.returncode < 0:
+        note = f"killed by signal {-proc.returncode} (out of memory?)"
+    else:
+        last = (tail.strip().splitlines() or ["no output"])[-1][:160]
+        note = f"worker failed (rc={proc.returncode}): {last}"
+    return {"status": "error", "note": note, "stderr_tail": tail}
+
+
+def parse_tuple(text: str | None, n: int, what: str, cast=int) -> tuple:
+    if text is None:
+        return (cast(1),) * n if cast is int else (False,) * n
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if cast is bool:
+        vals = []
+        for p in parts:
+            if p.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise SystemExit(f"--{what}: expected booleans like 0,1 got {text!r}")
+            vals.append(p.lower() in ("1", "true", "yes"))
+    else:
+        vals = [int(p) for p in parts]
+    if len(vals) == 1:
+        vals = vals * n
+    if len(vals) != n:
+        raise SystemExit(f"--{what}: expected 1 or {n} values, got {text!r}")
+    return tuple(vals)
+
+
+def select_cases(args) -> list[Case]:
+    common = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
+    if args.shape:
+        shape = tuple(int(p) for p in args.shape.split(","))
+        n = len(shape)
+        if args.kernel is None:
+            raise SystemExit("--shape needs --kernel")
+        kernel = parse_tuple(args.kernel, n, "kernel")
+        stride = parse_tuple(args.stride, n, "stride")
+        dilation = parse_tuple(args.dilation, n, "dilation")
+        causal = parse_tuple(args.causal, n, "causal", bool)
+        name = "custom-" + "x".join(map(str, shape)) + "-k" + "x".join(map(str, kernel))
+        if any(s != 1 for s in stride):
+            name += "-s" + "x".join(map(str, stride))
+        if any(d != 1 for d in dilation):
+            name += "-d" + "x".join(map(str, dilation))
+        if any(causal):
+            name += "-c" + "".join(str(int(c)) for c in causal)
+        cases = [Case(name, shape, kernel, stride, dilation, causal, **common)]
+    else:
+        names = []
+        for item in args.case.split(","):
+            item = item.strip()
+            if item == "all":
+                names.extend(CASES)
+            elif item in CASES:
+                names.append(item)
+            elif item in CASE_ALIASES:
+                names.append(CASE_ALIASES[item])
+            else:
+                known = ", ".join([*CASES, *CASE_ALIASES, "all"])
+                raise SystemExit(f"unknown case {item!r}; known: {known}")
+        cases = []
+        for name in dict.fromkeys(names):
+            shape, kernel = CASES[name]
+            if args.quick:
+                name, shape, kernel = QUICK_CASES[name]
+            n = len(shape)
+            cases.append(
+                Case(name, shape, kernel, (1,) * n, (1,) * n, (False,) * n, **common)  # type: ignore[arg-type]
+            )
+    for case in cases:
+        try:
+            case.validate()
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    return cases
+
+
+def check_tokenmix() -> dict:
+    """Import tokenmix or exit with a clear message."""
+    try:
+        import tokenmix
+    except Exception as exc:  # noqa: BLE001
+        sys.exit(
+            "bench_na.py: cannot import tokenmix "
+            f"({type(exc).__name__}: {exc}).\n"
+            "Build and install it first (pip install --no-build-isolation -e . from the "
+            "repository root),\nor put an installed build on PYTHONPATH."
+        )
+    if not hasattr(tokenmix, "neighborhood_attention"):
+        sys.exit(
+            f"bench_na.py: tokenmix at {getattr(tokenmix, '__file__', '?')} has no "
+            "neighborhood_attention"
+        )
+    info = {
+        "version": getattr(tokenmix, "__version__", "?"),
+        "file": getattr(tokenmix, "__file__", None),
+    }
+    try:
+        from tokenmix.neighborhood.reference import neighborhood_attention_reference  # noqa: F401
+
+        info["reference"] = True
+    except Exception as exc:  # noqa: BLE001
+        info["reference"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def diff_tensors(a: dict, b: dict) -> dict[str, float]:
+    out = {}
+    for key in a:
+        if key in b:
+            out[key] = float((a[key].float() - b[key].float()).abs().max())
+    return out
+
+
+def skip_reason(
+    case: Case, backend: str, mode: str, tm_info: dict, mem_limit_gb: float
+) -> tuple[str, str] | None:
+    """(status, note) when a measurement is not run, else None."""
+    backward = mode == "fwd+bwd"
+    if backend == "flex" and backward:
+        return ("n/a", "n/a (FlexAttention has no CPU backward)")
+    if backend == "natten" and importlib.util.find_spec("natten") is None:
+        return ("not installed", "not installed")
+    if backend == "reference" and tm_info.get("reference") is not True:
+        return ("unavailable", f"unavailable ({tm_info.get('reference')})")
+    if backend == "sdpa":
+        est = sdpa_memory_estimate(case, backward)
+        if est > mem_limit_gb * 2**30:
+            return (
+                "skipped",
+                f"skipped (memory: dense mask needs ~{est / 2**30:.1f} GiB > {mem_limit_gb:g} GiB)",
+            )
+    return None
+
+
+def run_case(
+    case: Case,
+    args,
+    modes: list[str],
+    backends: list[str],
+    tm_info: dict,
+    tmpdir: str,
+    counter: list[int],
+    total: int,
+) -> dict:
+    fwd_flops = forward_flops(case)
+    pairs = attended_pairs(case)
+    rows = []
+    for backend in backends:
+        for mode in modes:
+            backward = mode == "fwd+bwd"
+            row = {"backend": backend, "label": LABELS[backend], "mode": mode}
+            skip = skip_reason(case, backend, mode, tm_info, args.mem_limit_gb)
+            if skip is not None:
+                row.update(status=skip[0], note=skip[1])
+                rows.append(row)
+                continue
+            counter[0] += 1
+            tag = f"[{counter[0]}/{total}] {case.name} {LABELS[backend]} {mode}"
+            log(f"{tag} ...")
+            save_path = os.path.join(tmpdir, f"{case.name}-{backend}-{mode}.pt")
+            spec = {
+                "case": asdict(case),
+                "backend": backend,
+                "mode": mode,
+                "threads": args.threads,
+                "seed": args.seed,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "budget_s": args.time_budget,
+                "max_repeats": args.max_repeats,
+                "mem_limit_gb": args.mem_limit_gb,
+                "save_path": save_path,
+            }
+            t0 = time.perf_counter()
+            result = launch_worker(spec, args.worker_timeout)
+            wall = time.perf_counter() - t0
+            row.update(result, wall_s=wall)
+            if result["status"] == "ok":
+                t = result["timing"]
+                row["median_ms"] = t["median_ms"]
+                row["save_path"] = save_path
+                flops = fwd_flops * (FWD_BWD_FLOP_FACTOR if backward else 1.0)
+                row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
+                row["frac_matmul"] = row["gflops"] / args.matmul_gflops
+                peak = result.get("peak_mib")
+                peak_s = "-" if peak is None else f"{peak:.0f} MiB"
+                log(
+                    f"    {t['median_ms']:.3f} ms median (n={t['repeats']}, "
+                    f"min {t['min_ms']:.3f}), {row['gflops']:.1f} GFLOP/s, "
+                    f"peak +{peak_s} [{wall:.1f} s]"
+                )
+            else:
+                log(f"    {result.get('note', result['status'])} [{wall:.1f} s]")
+                if args.verbose and result.get("stderr_tail"):
+                    log(result["stderr_tail"])
+            rows.append(row)
+
+    # Correctness: every backend's outputs (and gradients) against the first oracle
+    # that ran, in the order sdpa+mask, reference, flex.
+    atol, rtol = TOLERANCES[case.dtype]
+    correctness = {}
+    for mode in modes:
+        ran = {r["backend"]: r for r in rows if r["mode"] == mode and r.get("status") == "ok"}
+        oracle = next((o for o in ORACLES if o in ran), None)
+        if oracle is None:
+            continue
+        ref = torch.load(ran[oracle]["save_path"])
+        bound = {k: atol + rtol * float(v.float().abs().max()) for k, v in ref.items()}
+        for backend, row in ran.items():
+            if backend == oracle:
+                continue
+            diffs = diff_tensors(torch.load(row["save_path"]), ref)
+            ok = all(d <= bound[k] for k, d in diffs.items()) and bool(diffs)
+            row["max_abs_diff"] = diffs
+            row["diff_vs"] = oracle
+            row["correct"] = ok
+            correctness.setdefault(mode, {})[backend] = {
+                "vs": oracle,
+                "max_abs_diff": diffs,
+                "ok": ok,
+            }
+
+    # Speedups of tokenmix over every peer that ran, per mode.
+    speedups = []
+    for mode in modes:
+        tm = next(
+            (
+                r
+                for r in rows
+                if r["backend"] == "tokenmix" and r["mode"] == mode and "median_ms" in r
+            ),
+            None,
+        )
+        if tm is None:
+            continue
+        for r in rows:
+            if r["mode"] == mode and "median_ms" in r:
+                r["tokenmix_speedup"] = r["median_ms"] / tm["median_ms"]
+                if r["backend"] != "tokenmix":
+                    speedups.append(
+                        {"mode": mode, "peer": r["backend"], "speedup": r["tokenmix_speedup"]}
+                    )
+    for r in rows:
+        r.pop("save_path", None)
+    return {
+        "case": asdict(case),
+        "name": case.name,
+        "description": case.describe(),
+        "tokens": case.tokens,
+        "attended_pairs": pairs,
+        "avg_keys_per_query": pairs / case.tokens,
+        "fwd_flops": fwd_flops,
+        "fwd_bwd_flops": fwd_flops * FWD_BWD_FLOP_FACTOR,
+        "results": rows,
+        "correctness": correctness,
+        "speedups": speedups,
+    }
+
+
+TABLE_HEADERS = (
+    "backend",
+    "mode",
+    "median ms",
+    "GFLOP/s",
+    "% matmul",
+    "peak MiB",
+    "mask MiB",
+    "tokenmix speedup",
+    "max|diff|",
+    "note",
+)
+TABLE_ALIGN = "llrrrrrrrl"
+
+
+def case_rows(case_res: dict) -> list[list[str]]:
+    out = []
+    for r in case_res["results"]:
+        if "median_ms" in r:
+            t = r["timing"]
+            note = f"n={t['repeats']}"
+            if t["repeats"] > 1:
+                note += f", min {fmt_float(t['min_ms'])}"
+            if r.get("correct") is False:
+                note = "WRONG OUTPUT; " + note
+            diffs = r.get("max_abs_diff")
+            diff = fmt_sci(max(diffs.values())) if diffs else "-"
+            if r["backend"] in ORACLES and "diff_vs" not in r:
+                diff = "(oracle)"
+            speed = r.get("tokenmix_speedup")
+            aux = r.get("aux_mib") or 0.0
+            out.append(
+                [
+                    r["label"],
+                    r["mode"],
+                    fmt_float(r["median_ms"]),
+                    fmt_float(r["gflops"]),
+                    f"{100 * r['frac_matmul']:.1f}%",
+                    "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
+                    f"{aux:.1f}" if aux else "-",
+                    "-" if speed is None else f"{speed:.2f}x",
+                    diff,
+                    note,
+                ]
+            )
+        else:
+            out.append(
+                [r["label"], r["mode"], "-", "-", "-", "-", "-", "-", "-", r.get("note", "")]
+            )
+    return out
+
+
+def case_footer(case_res: dict) -> list[str]:
+    lines = []
+    for mode, entries in case_res["correctness"].items():
+        tm = entries.get("tokenmix")
+        if tm is None:
+            continue
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_abs_diff"].items())
+        verdict = "OK" if tm["ok"] else "MISMATCH - tokenmix output is wrong"
+        lines.append(
+            f"correctness {mode}: max|tokenmix - {LABELS[tm['vs']]}|: {diffs} -> {verdict}"
+        )
+    by_mode: dict[str, list[str]] = {}
+    for s in case_res["speedups"]:
+        x = s["speedup"]
+        phrase = f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
+        by_mode.setdefault(s["mode"], []).append(f"{phrase} than {LABELS[s['peer']]}")
+    for mode, parts in by_mode.items():
+        lines.append(f"tokenmix {mode} is " + ", ".join(parts))
+    return lines
+
+
+def render(report: dict, markdown: bool) -> str:
+    meta = report["meta"]
+    out = []
+    head = (
+        f"neighborhood attention, {meta['machine']['cpu']}, {meta['threads']} threads, "
+        f"torch {meta['machine']['torch']}, tokenmix {meta['tokenmix']['version']}; "
+        f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
+        f"{meta['matmul']['gflops']:.1f} GFLOP/s"
+    )
+    out.append(f"**{head}**" if markdown else head)
+    out.append("")
+    for c in report["cases"]:
+        title = (
+            f"{c['name']}: {c['description']}; {c['tokens']} tokens, "
+            f"{c['avg_keys_per_query']:.1f} keys/query, "
+            f"fwd {c['fwd_flops'] / 1e9:.3f} GFLOP useful"
+        )
+        rows = case_rows(c)
+        if markdown:
+            out.append(f"### {title}")
+            out.append("")
+            out.append(format_markdown(TABLE_HEADERS, rows, TABLE_ALIGN))
+            out.append("")
+            out.extend(f"- {line}" for line in case_footer(c))
+        else:
+            out.append(f"== {title}")
+            out.append(format_table(TABLE_HEADERS, rows, TABLE_ALIGN))
+            out.extend(f"  {line}" for line in case_footer(c))
+        out.append("")
+    notes = (
+        "GFLOP/s = useful FLOPs / median time for every backend: fwd 4*B*H*pairs*D, fwd+bwd "
+        f"{FWD_BWD_FLOP_FACTOR}x that; % matmul = GFLOP/s / matmul GFLOP/s. peak MiB = RSS "
+        "growth during one call over the RSS after setup (fresh process per row); mask MiB = "
+        "memory held by the mask / BlockMask. SDPA and flex time [B,H,N,D] inputs: the layout "
+        "transposes are outside the timed region. max|diff| is against sdpa+mask (else the "
+        "reference); see bench/README.md."
+    )
+    out.append(f"_{notes}_" if markdown else notes)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Benchmark tokenmix neighborhood attention against its peers (CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--case", default="all", help=f"comma list of {', '.join(CASES)} / 1d,2d,3d / all"
+    )
+    p.add_argument("--shape", help="custom case: spatial extent, e.g. 64,64 (overrides --case)")
+    p.add_argument("--kernel", help="custom case: kernel size per dim, e.g. 7,7 or 7")
+    p.add_argument("--stride", help="custom case: stride per dim (default 1)")
+    p.add_argument("--dilation", help="custom case: dilation per dim (default 1)")
+    p.add_argument("--causal", help="custom case: causal flag per dim, e.g. 0,1 (default 0)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every run")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--forward", action="store_true", help="forward only")
+    mode.add_argument("--backward", action="store_true", help="forward+backward only")
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma list of backends to run",
+    )
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive)")
+    p.add_argument("--warmup", type=int, help="warmup calls (default: 1, or 2 for calls < 1 s)")
+    p.add_argument(
+        "--time-budget", type=float, default=1.5, help="adaptive repeats: seconds per measurement"
+    )
+    p.add_argument("--max-repeats", type=int, default=50)
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=8.0,
+        help="skip SDPA when its dense mask would exceed this; address-space cap per worker",
+    )
+    p.add_argument("--worker-timeout", type=float, default=900.0, help="seconds per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quick", action="store_true", help="scaled-down cases, short timing (smoke test)"
+    )
+    p.add_argument("--json", metavar="PATH", help="write raw numbers as JSON")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    p.add_argument("--verbose", action="store_true", help="show worker stderr on failures")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker is not None:
+        return worker_main(args.worker)
+
+    if args.quick:
+        args.time_budget = min(args.time_budget, 0.3)
+        args.max_repeats = min(args.max_repeats, 10)
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    modes = ["fwd"] if args.forward else ["fwd+bwd"] if args.backward else list(MODES)
+    cases = select_cases(args)
+    tm_info = check_tokenmix()
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_start is not None and load_start > 0.5:
+        log(
+            f"warning: 1-min load average is {load_start:.2f} before starting; other work "
+            "on this machine will distort the timings"
+        )
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    log(f"measuring {args.dtype} matmul 2048x2048 with {args.threads} threads ...")
+    args.matmul_gflops = measure_matmul_gflops(args.threads, n=2048, dtype=dtype)
+    log(f"    {args.matmul_gflops:.1f} GFLOP/s")
+
+    total = sum(
+        skip_reason(c, b, m, tm_info, args.mem_limit_gb) is None
+        for c in cases
+        for b in backends
+        for m in modes
+    )
+
+    report = {
+        "meta": {
+            "machine": machine_info(args.threads),
+            "threads": args.threads,
+            "dtype": args.dtype,
+            "tokenmix": tm_info,
+            "matmul": {"n": 2048, "gflops": args.matmul_gflops},
+            "flops": {
+                "fwd": "4 * B * H * attended_pairs * D",
+                "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd",
+            },
+            "args": {k: v for k, v in vars(args).items() if k != "worker"},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "cases": [],
+    }
+    counter = [0]
+    with tempfile.TemporaryDirectory(prefix="bench_na_") as tmpdir:
+        for case in cases:
+            report["cases"].append(
+                run_case(case, args, modes, backends, tm_info, tmpdir, counter, total)
+            )
+    report["meta"]["wall_s"] = time.perf_counter() - t_start
+    report["meta"]["loadavg_1min_at_start"] = load_start
+    log(f"done in {report['meta']['wall_s']:.0f} s")
+
+    print(render(report, args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        log(f"wrote {args.json}")
+
+    wrong = [
+        (c["name"], m)
+        for c in report["cases"]
+        for m, entries in c["correctness"].items()
+        if "tokenmix" in entries and not entries["tokenmix"]["ok"]
+    ]
+    if wrong:
+        log(f"ERROR: tokenmix output mismatches its oracle in {wrong}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
