@@ -1,0 +1,50 @@
+# tokenmix: the two set-up commands are `make demo` and `make test`.
+# Both create the virtual environment, install torch (CPU build from the
+# pinned version) and build the extension when needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+THREADS ?= 2
+STAMP := $(VENV)/.tokenmix-installed
+SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
+
+.PHONY: demo test build lint format bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.deps: $(PY)
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy ruff
+	touch $@
+
+# Incremental: scikit-build-core keeps its CMake build dir under build/.
+$(STAMP): $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation .
+	touch $@
+
+build: $(STAMP)
+
+demo: build
+	$(PY) -m tokenmix info
+	$(PY) bench/bench_na.py --threads $(THREADS)
+
+test: build
+	$(PY) -m tokenmix info
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) bench/bench_na.py --threads $(THREADS) --markdown
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+
+format: $(VENV)/.deps
+	$(VENV)/bin/ruff format python tests bench
+
+clean:
+	rm -rf build $(VENV)
