@@ -18,7 +18,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.deps: $(PY)
-	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy ruff
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy ruff clang-format
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake build dir under build/.
@@ -42,9 +42,11 @@ bench: build
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 format: $(VENV)/.deps
 	$(VENV)/bin/ruff format python tests bench
+	$(VENV)/bin/clang-format -i $$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 clean:
 	rm -rf build $(VENV)

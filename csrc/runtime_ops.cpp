@@ -15,7 +15,9 @@ int64_t cpu_isa() {
 }
 }  // namespace
 
-STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix, m) { m.def("cpu_isa() -> int"); }
+STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
+  m.def("cpu_isa() -> int");
+}
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix, CompositeExplicitAutograd, m) {
   m.impl("cpu_isa", TORCH_BOX(&cpu_isa));

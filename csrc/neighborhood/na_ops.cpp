@@ -25,7 +25,9 @@ tokenmix::DType to_dtype(ScalarType t) {
     case ScalarType::Double: return tokenmix::DType::kFloat64;
     case ScalarType::Half: return tokenmix::DType::kFloat16;
     case ScalarType::BFloat16: return tokenmix::DType::kBFloat16;
-    default: STD_TORCH_CHECK(false, "tokenmix: unsupported dtype; use float32, float64, float16 or bfloat16");
+    default:
+      STD_TORCH_CHECK(false,
+                      "tokenmix: unsupported dtype; use float32, float64, float16 or bfloat16");
   }
   return tokenmix::DType::kFloat32;
 }
@@ -60,8 +62,8 @@ tokenmix::StridedView extra_view(const Tensor& t, const char* name) {
   return v;
 }
 
-void host_parallel_for(int64_t begin, int64_t end, int64_t grain, void (*fn)(int64_t, int64_t, void*),
-                       void* ctx) {
+void host_parallel_for(int64_t begin, int64_t end, int64_t grain,
+                       void (*fn)(int64_t, int64_t, void*), void* ctx) {
   torch::stable::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) { fn(lo, hi, ctx); });
 }
 
@@ -76,7 +78,8 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
   STD_TORCH_CHECK(stride.size() == kernel.size() && dilation.size() == kernel.size() &&
                       causal.size() == kernel.size(),
                   "tokenmix: kernel_size, stride, dilation and is_causal must have equal lengths");
-  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), "tokenmix: CPU kernel called with non-CPU tensors");
+  STD_TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(),
+                  "tokenmix: CPU kernel called with non-CPU tensors");
   STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
                   "tokenmix: q, k and v must have the same dtype");
   tokenmix::NeighborhoodProblem p;
@@ -86,7 +89,8 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
   p.head_dim = q.size(rank + 2);
   p.kv_heads = k.size(rank + 1);
   p.value_dim = v.size(rank + 2);
-  STD_TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch, "tokenmix: batch sizes of q, k, v differ");
+  STD_TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch,
+                  "tokenmix: batch sizes of q, k, v differ");
   STD_TORCH_CHECK(k.size(rank + 2) == p.head_dim, "tokenmix: k head dim differs from q head dim");
   STD_TORCH_CHECK(v.size(rank + 1) == p.kv_heads, "tokenmix: k and v head counts differ");
   STD_TORCH_CHECK(p.kv_heads > 0 && p.heads % p.kv_heads == 0,
@@ -94,10 +98,12 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
   for (int t = 0; t < 3; ++t) p.dims[t] = tokenmix::WindowDim{1, 1, 1, 1, false};
   for (int i = 0; i < rank; ++i) {
     const int64_t len = q.size(1 + i);
-    STD_TORCH_CHECK(k.size(1 + i) == len && v.size(1 + i) == len, "tokenmix: spatial shapes of q, k, v differ");
-    STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] && dilation[i] >= 1 &&
-                        kernel[i] * dilation[i] <= len,
-                    "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * dilation <= input size");
+    STD_TORCH_CHECK(k.size(1 + i) == len && v.size(1 + i) == len,
+                    "tokenmix: spatial shapes of q, k, v differ");
+    STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] &&
+                        dilation[i] >= 1 && kernel[i] * dilation[i] <= len,
+                    "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * "
+                    "dilation <= input size");
     p.dims[3 - rank + i] = tokenmix::WindowDim{int(len), int(kernel[i]), int(stride[i]),
                                                int(dilation[i]), causal[i] != 0};
   }
@@ -107,11 +113,12 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
   p.v = spatial_view(v, rank, "v");
   if (rpb.has_value()) {
     const Tensor& r = *rpb;
-    STD_TORCH_CHECK(r.is_contiguous() && r.scalar_type() == q.scalar_type() && r.dim() == rank + 1 &&
-                        r.size(0) == p.heads,
+    STD_TORCH_CHECK(r.is_contiguous() && r.scalar_type() == q.scalar_type() &&
+                        r.dim() == rank + 1 && r.size(0) == p.heads,
                     "tokenmix: rpb must be a contiguous [H, 2k-1, ...] tensor of q's dtype");
     for (int i = 0; i < rank; ++i)
-      STD_TORCH_CHECK(r.size(1 + i) == 2 * kernel[i] - 1, "tokenmix: rpb must have shape [H, 2k-1, ...]");
+      STD_TORCH_CHECK(r.size(1 + i) == 2 * kernel[i] - 1,
+                      "tokenmix: rpb must have shape [H, 2k-1, ...]");
     p.rpb = r.data_ptr();
   }
   STD_TORCH_CHECK(extra_k.has_value() == extra_v.has_value(),
@@ -121,10 +128,11 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
     const Tensor& ev = *extra_v;
     STD_TORCH_CHECK(ek.scalar_type() == q.scalar_type() && ev.scalar_type() == q.scalar_type(),
                     "tokenmix: additional keys/values must have q's dtype");
-    STD_TORCH_CHECK(ek.dim() == 4 && ev.dim() == 4 && ek.size(0) == p.batch && ev.size(0) == p.batch &&
-                        ek.size(1) == ev.size(1) && ek.size(2) == p.kv_heads && ev.size(2) == p.kv_heads &&
-                        ek.size(3) == p.head_dim && ev.size(3) == p.value_dim,
-                    "tokenmix: additional keys/values must be [B, N, H_kv, D] and [B, N, H_kv, Dv]");
+    STD_TORCH_CHECK(
+        ek.dim() == 4 && ev.dim() == 4 && ek.size(0) == p.batch && ev.size(0) == p.batch &&
+            ek.size(1) == ev.size(1) && ek.size(2) == p.kv_heads && ev.size(2) == p.kv_heads &&
+            ek.size(3) == p.head_dim && ev.size(3) == p.value_dim,
+        "tokenmix: additional keys/values must be [B, N, H_kv, D] and [B, N, H_kv, Dv]");
     p.num_extra = ek.size(1);
     p.extra_k = extra_view(ek, "additional_keys");
     p.extra_v = extra_view(ev, "additional_values");
@@ -135,16 +143,18 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
 }
 
 std::tuple<Tensor, Tensor> na_forward_cpu(Tensor q, Tensor k, Tensor v, std::optional<Tensor> rpb,
-                                          std::optional<Tensor> extra_k, std::optional<Tensor> extra_v,
-                                          IntList kernel, IntList stride, IntList dilation,
-                                          IntList causal, double scale) {
+                                          std::optional<Tensor> extra_k,
+                                          std::optional<Tensor> extra_v, IntList kernel,
+                                          IntList stride, IntList dilation, IntList causal,
+                                          double scale) {
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   const int rank = int(kernel.size());
   std::vector<int64_t> out_size(q.sizes().begin(), q.sizes().end());
   out_size.back() = p.value_dim;
   std::vector<int64_t> lse_size(q.sizes().begin(), q.sizes().end() - 1);
   Tensor out = torch::stable::new_empty(q, out_size);
-  const auto acc_type = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc_type =
+      q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
   Tensor lse = torch::stable::new_empty(q, lse_size, acc_type);
   if (out.numel() == 0) return {out, lse};
   p.out = spatial_view(out, rank, "out");
@@ -154,33 +164,40 @@ std::tuple<Tensor, Tensor> na_forward_cpu(Tensor q, Tensor k, Tensor v, std::opt
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cpu(
-    Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, std::optional<Tensor> rpb,
-    std::optional<Tensor> extra_k, std::optional<Tensor> extra_v, IntList kernel, IntList stride,
-    IntList dilation, IntList causal, double scale) {
+    Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+    std::optional<Tensor> rpb, std::optional<Tensor> extra_k, std::optional<Tensor> extra_v,
+    IntList kernel, IntList stride, IntList dilation, IntList causal, double scale) {
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   const int rank = int(kernel.size());
   STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
                   "tokenmix: grad_out and out must have q's dtype");
-  const auto acc_type = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc_type =
+      q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
   STD_TORCH_CHECK(lse.scalar_type() == acc_type && lse.is_contiguous() && lse.dim() == rank + 2,
-                  "tokenmix: lse must be a contiguous [B, *spatial, H] tensor, float32 (float64 for float64 inputs)");
+                  "tokenmix: lse must be a contiguous [B, *spatial, H] tensor, float32 (float64 "
+                  "for float64 inputs)");
   for (int i = 0; i < rank + 3; ++i) {
     const int64_t expect = i == rank + 2 ? p.value_dim : q.size(i);
     STD_TORCH_CHECK(grad_out.size(i) == expect && out.size(i) == expect,
                     "tokenmix: grad_out and out must have the output's shape");
-    if (i < rank + 2) STD_TORCH_CHECK(lse.size(i) == q.size(i), "tokenmix: lse has the wrong shape");
+    if (i < rank + 2)
+      STD_TORCH_CHECK(lse.size(i) == q.size(i), "tokenmix: lse has the wrong shape");
   }
   Tensor dq = torch::stable::new_empty(q, std::vector<int64_t>(q.sizes().begin(), q.sizes().end()));
   Tensor dk = torch::stable::new_empty(k, std::vector<int64_t>(k.sizes().begin(), k.sizes().end()));
   Tensor dv = torch::stable::new_empty(v, std::vector<int64_t>(v.sizes().begin(), v.sizes().end()));
-  Tensor drpb = rpb.has_value()
-                    ? torch::stable::new_empty(q, std::vector<int64_t>(rpb->sizes().begin(), rpb->sizes().end()), acc_type)
-                    : torch::stable::new_empty(q, std::vector<int64_t>{0}, acc_type);
+  Tensor drpb =
+      rpb.has_value()
+          ? torch::stable::new_empty(
+                q, std::vector<int64_t>(rpb->sizes().begin(), rpb->sizes().end()), acc_type)
+          : torch::stable::new_empty(q, std::vector<int64_t>{0}, acc_type);
   Tensor dek = extra_k.has_value()
-                   ? torch::stable::new_empty(q, std::vector<int64_t>(extra_k->sizes().begin(), extra_k->sizes().end()))
+                   ? torch::stable::new_empty(
+                         q, std::vector<int64_t>(extra_k->sizes().begin(), extra_k->sizes().end()))
                    : torch::stable::new_empty(q, std::vector<int64_t>{0});
   Tensor dev = extra_v.has_value()
-                   ? torch::stable::new_empty(q, std::vector<int64_t>(extra_v->sizes().begin(), extra_v->sizes().end()))
+                   ? torch::stable::new_empty(
+                         q, std::vector<int64_t>(extra_v->sizes().begin(), extra_v->sizes().end()))
                    : torch::stable::new_empty(q, std::vector<int64_t>{0});
   if (p.batch == 0 || p.heads == 0) {
     torch::stable::zero_(drpb);
@@ -204,12 +221,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cpu(
 STABLE_TORCH_LIBRARY(tokenmix, m) {
   m.def(
       "na_forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? additional_keys, "
-      "Tensor? additional_values, int[] kernel_size, int[] stride, int[] dilation, int[] is_causal, "
+      "Tensor? additional_values, int[] kernel_size, int[] stride, int[] dilation, int[] "
+      "is_causal, "
       "float scale) -> (Tensor, Tensor)");
   m.def(
-      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? rpb, "
+      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? "
+      "rpb, "
       "Tensor? additional_keys, Tensor? additional_values, int[] kernel_size, int[] stride, "
-      "int[] dilation, int[] is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int[] dilation, int[] is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {

@@ -42,9 +42,7 @@ struct NeighborhoodProblem {
   ParallelForFn parallel_for = nullptr;
   int num_threads = 1;
 
-  int64_t tokens() const {
-    return int64_t(dims[0].length) * dims[1].length * dims[2].length;
-  }
+  int64_t tokens() const { return int64_t(dims[0].length) * dims[1].length * dims[2].length; }
   int64_t rpb_size() const {
     return int64_t(2 * dims[0].kernel - 1) * (2 * dims[1].kernel - 1) * (2 * dims[2].kernel - 1);
   }

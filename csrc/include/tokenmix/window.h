@@ -25,13 +25,17 @@ TM_HOST_DEVICE int dilation_group_length(int length, int dilation, int group) {
   return (length - group + dilation - 1) / dilation;
 }
 
-TM_HOST_DEVICE int window_left(int kernel) { return kernel / 2; }
-TM_HOST_DEVICE int window_right(int kernel) { return kernel / 2 + (kernel % 2) - 1; }
+TM_HOST_DEVICE int window_left(int kernel) {
+  return kernel / 2;
+}
+TM_HOST_DEVICE int window_right(int kernel) {
+  return kernel / 2 + (kernel % 2) - 1;
+}
 
 // Keys [start, end) (group coordinates) seen by query `index` (group coordinates)
 // in a dilation group of length `group_length`.
-TM_HOST_DEVICE void window_range(int index, int group_length, int kernel, int stride,
-                                 bool causal, int* start, int* end) {
+TM_HOST_DEVICE void window_range(int index, int group_length, int kernel, int stride, bool causal,
+                                 int* start, int* end) {
   const int left = window_left(kernel);
   const int right = window_right(kernel);
   const int last = group_length - 1;
@@ -65,6 +69,8 @@ TM_HOST_DEVICE void window_union(int first, int last, int group_length, int kern
 }
 
 // Index into the relative-position-bias axis of this dimension (size 2k-1).
-TM_HOST_DEVICE int rpb_offset(int key, int query, int kernel) { return key - query + kernel - 1; }
+TM_HOST_DEVICE int rpb_offset(int key, int query, int kernel) {
+  return key - query + kernel - 1;
+}
 
 }  // namespace tokenmix

@@ -27,7 +27,9 @@ namespace tokenmix::cpu::TOKENMIX_ISA {
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
-inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+inline int round_up(int x, int m) {
+  return (x + m - 1) / m * m;
+}
 
 template <class F>
 void run_parallel(const NeighborhoodProblem& p, int64_t n, int64_t grain, const F& f) {
@@ -43,7 +45,8 @@ inline void choose_tile(const NeighborhoodProblem& p, int group_heads, int width
   double best = 1e300;
   tile[0] = tile[1] = tile[2] = 1;
   int glen[3];
-  for (int t = 0; t < 3; ++t) glen[t] = dilation_group_length(p.dims[t].length, p.dims[t].dilation, 0);
+  for (int t = 0; t < 3; ++t)
+    glen[t] = dilation_group_length(p.dims[t].length, p.dims[t].dilation, 0);
   for (int a = 1; a <= max_queries && a <= glen[0]; a *= 2)
     for (int b = 1; a * b <= max_queries && b <= glen[1]; b *= 2)
       for (int c = 1; a * b * c <= max_queries; c *= 2) {
@@ -51,7 +54,8 @@ inline void choose_tile(const NeighborhoodProblem& p, int group_heads, int width
         const int cand[3] = {a, b, c};
         const int queries = a * b * c;
         const int lanes = round_up(queries * group_heads, width);
-        const double cost = double(interior_keys_per_tile(p.dims, cand)) * lanes / (queries * group_heads);
+        const double cost =
+            double(interior_keys_per_tile(p.dims, cand)) * lanes / (queries * group_heads);
         if (cost < best * (1 - 1e-9)) {
           best = cost;
           tile[0] = a;
@@ -76,7 +80,8 @@ struct RowSource {
     if (converted) return converted + ((b * p.kv_heads + hk) * rows + tok) * padded;
     return base + b * stride[0] + x0 * stride[1] + x1 * stride[2] + x2 * stride[3] + hk * stride[4];
   }
-  const T* extra_row(int64_t b, int64_t hk, int64_t tokens, int64_t n, const NeighborhoodProblem& p) const {
+  const T* extra_row(int64_t b, int64_t hk, int64_t tokens, int64_t n,
+                     const NeighborhoodProblem& p) const {
     return converted + ((b * p.kv_heads + hk) * rows + tokens + n) * padded;
   }
 };
@@ -98,8 +103,8 @@ void convert_rows(const NeighborhoodProblem& p, const StridedView& main, const S
         src = static_cast<const In*>(main.data) + b * main.stride[0] + x0 * main.stride[1] +
               x1 * main.stride[2] + x2 * main.stride[3] + hk * main.stride[4];
       } else {
-        src = static_cast<const In*>(extra.data) + b * extra.stride[0] + (tok - tokens) * extra.stride[3] +
-              hk * extra.stride[4];
+        src = static_cast<const In*>(extra.data) + b * extra.stride[0] +
+              (tok - tokens) * extra.stride[3] + hk * extra.stride[4];
       }
       T* row = dst + idx * padded;
       for (int d = 0; d < dim; ++d) row[d] = T(to_float(src[d]));
@@ -139,7 +144,8 @@ struct Engine {
     // Read K/V in place when they are T already and rows can be loaded as
     // whole vectors; otherwise convert once. The backward reads key rows as
     // vectors (dQ = dS K) so it needs padded rows too.
-    const bool same = sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16;
+    const bool same =
+        sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16;
     const bool has_extra = p.num_extra > 0;
     if (same && !has_extra && (!backward || D % W == 0)) {
       keys.base = static_cast<const T*>(p.k.data);
@@ -331,8 +337,8 @@ struct Engine {
 
   // Loads rows of a [B, S.., H, dim] tensor for every lane into dst[lane][ld]
   // (row-major) and/or dst_t[dim][lanes] (transposed), multiplied by mult.
-  void load_lanes(const StridedView& view, int64_t b, const Lanes& ln, int dim, T mult, T* dst, int ld,
-                  T* dst_t) const {
+  void load_lanes(const StridedView& view, int64_t b, const Lanes& ln, int dim, T mult, T* dst,
+                  int ld, T* dst_t) const {
     const int64_t l1 = p.dims[1].length, l2 = p.dims[2].length;
     for (int l = 0; l < lanes; ++l) {
       if (ln.head[l] < 0) {
@@ -369,8 +375,9 @@ struct Engine {
         T* s = st + int64_t(j) * lanes;
         for (int l = 0; l < lanes; ++l) {
           if (!rm[l] || c < ln.lo[2][l] || c >= ln.hi[2][l]) continue;
-          const int64_t idx = (int64_t(r0 - ln.q[0][l] + k0) * rpb_dims[1] + (r1 - ln.q[1][l] + k1)) * rpb_dims[2] +
-                              (c - ln.q[2][l] + k2);
+          const int64_t idx =
+              (int64_t(r0 - ln.q[0][l] + k0) * rpb_dims[1] + (r1 - ln.q[1][l] + k1)) * rpb_dims[2] +
+              (c - ln.q[2][l] + k2);
           s[l] += T(to_float(rpb[ln.head[l] * rs + idx])) * T(kLog2e);
         }
       }
@@ -379,7 +386,8 @@ struct Engine {
       for (int j = 0; j < ch.n; ++j)
         for (int v = 0; v < lanes; v += W) {
           const VI active = vload<VI>(ch.row_mask.data() + v);
-          vstore(st + int64_t(j) * lanes + v, active != 0 ? vload<V>(st + int64_t(j) * lanes + v) : vninf);
+          vstore(st + int64_t(j) * lanes + v,
+                 active != 0 ? vload<V>(st + int64_t(j) * lanes + v) : vninf);
         }
       return;
     }
@@ -388,7 +396,8 @@ struct Engine {
       const VI c = vbroadcast<VI>(I(ch.col[j]));
       T* s = st + int64_t(j) * lanes;
       for (int v = 0; v < lanes; v += W) {
-        const VI keep = vload<VI>(rm + v) & (c >= vload<VI>(ln.lo[2].data() + v)) & (c < vload<VI>(ln.hi[2].data() + v));
+        const VI keep = vload<VI>(rm + v) & (c >= vload<VI>(ln.lo[2].data() + v)) &
+                        (c < vload<VI>(ln.hi[2].data() + v));
         vstore(s + v, keep != 0 ? vload<V>(s + v) : vninf);
       }
     }
@@ -398,7 +407,6 @@ struct Engine {
   void backward_tile(Work& w, int64_t b, int64_t hk, const TileGeometry& g, T* acc_k, T* acc_v,
                      T* acc_rpb) const;
 };
-
 
 // ---------------------------------------------------------------- forward --
 
@@ -482,7 +490,8 @@ void neighborhood_forward(const NeighborhoodProblem& p) {
     TileGeometry g;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bh = it / per_head;
-      if (eng.sched.decode(it % per_head, &g)) eng.forward_tile(w, bh / p.kv_heads, bh % p.kv_heads, g);
+      if (eng.sched.decode(it % per_head, &g))
+        eng.forward_tile(w, bh / p.kv_heads, bh % p.kv_heads, g);
     }
   });
 }
@@ -510,7 +519,9 @@ void Engine<In, T>::backward_tile(Work& w, int64_t b, int64_t hk, const TileGeom
       w.delta[l] = 0;
       continue;
     }
-    w.row_max[l] = T(double(static_cast<const T*>(p.lse)[(b * p.tokens() + w.ln.token[l]) * p.heads + w.ln.head[l]]) * kLog2e);
+    w.row_max[l] = T(double(static_cast<const T*>(
+                         p.lse)[(b * p.tokens() + w.ln.token[l]) * p.heads + w.ln.head[l]]) *
+                     kLog2e);
     T dl = 0;
     const T* orow = w.o.data() + int64_t(l) * dvp;
     const T* grow = w.dor.data() + int64_t(l) * dvp;
@@ -546,8 +557,10 @@ void Engine<In, T>::backward_tile(Work& w, int64_t b, int64_t hk, const TileGeom
         const T* ds = dpt + int64_t(j) * L;
         for (int l = 0; l < L; ++l) {
           if (!rm[l] || c < w.ln.lo[2][l] || c >= w.ln.hi[2][l]) continue;
-          const int64_t idx = (int64_t(r0 - w.ln.q[0][l] + k0) * rpb_dims[1] + (r1 - w.ln.q[1][l] + k1)) * rpb_dims[2] +
-                              (c - w.ln.q[2][l] + k2);
+          const int64_t idx =
+              (int64_t(r0 - w.ln.q[0][l] + k0) * rpb_dims[1] + (r1 - w.ln.q[1][l] + k1)) *
+                  rpb_dims[2] +
+              (c - w.ln.q[2][l] + k2);
           acc_rpb[(w.ln.head[l] - hk * group_heads) * rs + idx] += ds[l];
         }
       }
@@ -604,7 +617,8 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
       const int64_t lo = per_head * sec / sections, hi = per_head * (sec + 1) / sections;
       for (int64_t it = lo; it < hi; ++it)
         if (eng.sched.decode(it, &g))
-          eng.backward_tile(w, b, hk, g, acc_k.data() + t * rows * dp, acc_v.data() + t * rows * dvp,
+          eng.backward_tile(w, b, hk, g, acc_k.data() + t * rows * dp,
+                            acc_v.data() + t * rows * dvp,
                             p.rpb ? acc_rpb.data() + t * rpb_per_task : nullptr);
     }
   });
@@ -620,16 +634,20 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
       const int64_t b = pair / p.kv_heads, hk = pair % p.kv_heads;
       const bool extra = tok >= tokens;
       const int64_t n = extra ? p.num_extra : tokens, i = extra ? tok - tokens : tok;
-      In* dk = static_cast<In*>(extra ? p.grad_extra_k.data : p.grad_k.data) + ((b * n + i) * p.kv_heads + hk) * D;
-      In* dv = static_cast<In*>(extra ? p.grad_extra_v.data : p.grad_v.data) + ((b * n + i) * p.kv_heads + hk) * Dv;
+      In* dk = static_cast<In*>(extra ? p.grad_extra_k.data : p.grad_k.data) +
+               ((b * n + i) * p.kv_heads + hk) * D;
+      In* dv = static_cast<In*>(extra ? p.grad_extra_v.data : p.grad_v.data) +
+               ((b * n + i) * p.kv_heads + hk) * Dv;
       for (int64_t d = 0; d < D; ++d) {
         T sum = 0;
-        for (int64_t sec = 0; sec < sections; ++sec) sum += acc_k[size_t(((pair * sections + sec) * rows + tok) * dp + d)];
+        for (int64_t sec = 0; sec < sections; ++sec)
+          sum += acc_k[size_t(((pair * sections + sec) * rows + tok) * dp + d)];
         dk[d] = from_float<In>(sum * kscale);
       }
       for (int64_t d = 0; d < Dv; ++d) {
         T sum = 0;
-        for (int64_t sec = 0; sec < sections; ++sec) sum += acc_v[size_t(((pair * sections + sec) * rows + tok) * dvp + d)];
+        for (int64_t sec = 0; sec < sections; ++sec)
+          sum += acc_v[size_t(((pair * sections + sec) * rows + tok) * dvp + d)];
         dv[d] = from_float<In>(sum);
       }
     }
@@ -640,7 +658,8 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t hk = (t / sections) % p.kv_heads;
       for (int64_t hg = 0; hg < G; ++hg)
-        for (int64_t e = 0; e < rs; ++e) out[(hk * G + hg) * rs + e] += acc_rpb[size_t(t * rpb_per_task + hg * rs + e)];
+        for (int64_t e = 0; e < rs; ++e)
+          out[(hk * G + hg) * rs + e] += acc_rpb[size_t(t * rpb_per_task + hg * rs + e)];
     }
   }
 }

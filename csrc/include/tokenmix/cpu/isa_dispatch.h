@@ -5,10 +5,10 @@
 
 namespace tokenmix::cpu {
 
-#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                                \
-  namespace isa {                                                        \
-  void neighborhood_forward_cpu(const NeighborhoodProblem& p);          \
-  void neighborhood_backward_cpu(const NeighborhoodProblem& p);         \
+#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                       \
+  namespace isa {                                               \
+  void neighborhood_forward_cpu(const NeighborhoodProblem& p);  \
+  void neighborhood_backward_cpu(const NeighborhoodProblem& p); \
   }
 TOKENMIX_DECLARE_ISA_KERNELS(generic)
 TOKENMIX_DECLARE_ISA_KERNELS(avx2)

@@ -26,9 +26,13 @@
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
 template <class T>
-inline T min_of(T a, T b) { return a < b ? a : b; }
+inline T min_of(T a, T b) {
+  return a < b ? a : b;
+}
 template <class T>
-inline T max_of(T a, T b) { return a > b ? a : b; }
+inline T max_of(T a, T b) {
+  return a > b ? a : b;
+}
 
 template <class T>
 inline void fill(T* begin, T* end, T value) {
@@ -138,8 +142,8 @@ inline vfloat vexp2(vfloat x) {
   tf = __builtin_convertvector(ti, vfloat);
   const vfloat f = xc - tf;
   const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
-              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f,
-              c6 = 0.00015403530393381606f, c7 = 1.525273380405984e-05f;
+              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f,
+              c7 = 1.525273380405984e-05f;
   vfloat p = vbroadcast<vfloat>(c7);
   p = p * f + c6;
   p = p * f + c5;
@@ -171,8 +175,12 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float to_float(float x) { return x; }
-inline double to_float(double x) { return x; }
+inline float to_float(float x) {
+  return x;
+}
+inline double to_float(double x) {
+  return x;
+}
 inline float to_float(BFloat16 x) {
   uint32_t u = uint32_t(x.bits) << 16;
   float f;
@@ -229,9 +237,9 @@ inline Half from_float<Half>(double xd) {
   std::memcpy(&u, &x, 4);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return Half{uint16_t(sign | 0x7e00)};  // NaN
+  if (a > 0x7f800000u) return Half{uint16_t(sign | 0x7e00)};   // NaN
   if (a >= 0x477ff000u) return Half{uint16_t(sign | 0x7c00)};  // overflow -> inf
-  if (a < 0x38800000u) {  // subnormal or zero in half
+  if (a < 0x38800000u) {                                       // subnormal or zero in half
     if (a < 0x33000000u) return Half{sign};
     const uint32_t e = a >> 23;
     const uint32_t m = (a & 0x7fffffu) | 0x800000u;
