@@ -15,6 +15,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,28 @@ def choose_repeats(
     return max(min_repeats, min(max_repeats, n))
 
 
+class Deadline:
+    """Context manager calling ``on_expire()`` from a timer thread if the region is
+    still running after ``seconds``. Used to give up on a call that is far too slow
+    to benchmark (``on_expire`` typically reports and exits); torch ops
+    release the GIL, so the timer fires even while a long op runs."""
+
+    def __init__(self, seconds: float, on_expire: Callable[[], None]) -> None:
+        self.seconds = seconds
+        self.on_expire = on_expire
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> Deadline:
+        self._timer = threading.Timer(self.seconds, self.on_expire)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 def time_fn(
     fn: Callable[[], object],
     *,
@@ -102,6 +125,7 @@ def time_fn(
     budget_s: float = 1.5,
     min_repeats: int = 3,
     max_repeats: int = 50,
+    first_call_guard: Callable[[], Deadline] | None = None,
 ) -> Timing:
     """Median-of-N wall-clock timing of ``fn()``.
 
@@ -111,15 +135,27 @@ def time_fn(
     or compilation); the last warmup call is the per-call estimate used to pick the
     number of timed calls when ``repeats`` is None (see :func:`choose_repeats`).
     CPU execution is synchronous, so ``perf_counter`` around the call is exact.
+    ``first_call_guard()``, if given, is a context manager (e.g. :class:`Deadline`)
+    wrapped around the very first call.
     """
     warm: list[float] = []
     n_warm = warmup if warmup is not None else 1
-    for _ in range(max(n_warm, 0)):
-        warm.append(_timed_call(fn, setup))
+    for i in range(max(n_warm, 0)):
+        if i == 0 and first_call_guard is not None:
+            with first_call_guard():
+                warm.append(_timed_call(fn, setup))
+        else:
+            warm.append(_timed_call(fn, setup))
     if warmup is None and warm and warm[-1] < 1.0:
         warm.append(_timed_call(fn, setup))
     if repeats is None:
-        estimate = warm[-1] if warm else _timed_call(fn, setup)
+        if not warm:
+            if first_call_guard is not None:
+                with first_call_guard():
+                    warm.append(_timed_call(fn, setup))
+            else:
+                warm.append(_timed_call(fn, setup))
+        estimate = warm[-1]
         repeats = choose_repeats(estimate, budget_s, min_repeats, max_repeats)
     samples = [_timed_call(fn, setup) for _ in range(max(repeats, 1))]
     return Timing(samples_ms=[s * 1e3 for s in samples], warmup_ms=[w * 1e3 for w in warm])
@@ -316,6 +352,26 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_busy_fraction(interval_s: float = 0.5) -> float | None:
+    """Fraction of all CPUs' time spent busy over ``interval_s`` (Linux ``/proc/stat``),
+    i.e. how much other work is running right now; None where unavailable."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return None if total <= 0 else 1.0 - (idle1 - idle0) / total
 
 
 def machine_info(threads: int) -> dict:

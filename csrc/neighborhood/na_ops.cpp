@@ -82,6 +82,10 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
                   "tokenmix: CPU kernel called with non-CPU tensors");
   STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
                   "tokenmix: q, k and v must have the same dtype");
+  STD_TORCH_CHECK(
+      q.dim() == rank + 3 && k.dim() == rank + 3 && v.dim() == rank + 3,
+      "tokenmix: q, k and v must be [B, *spatial, H, D] with as many spatial dimensions "
+      "as kernel_size has entries");
   tokenmix::NeighborhoodProblem p;
   p.dtype = to_dtype(q.scalar_type());
   p.batch = q.size(0);
@@ -166,7 +170,8 @@ std::tuple<Tensor, Tensor> na_forward_cpu(Tensor q, Tensor k, Tensor v, std::opt
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cpu(
     Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
     std::optional<Tensor> rpb, std::optional<Tensor> extra_k, std::optional<Tensor> extra_v,
-    IntList kernel, IntList stride, IntList dilation, IntList causal, double scale) {
+    IntList kernel, IntList stride, IntList dilation, IntList causal, double scale,
+    std::optional<Tensor> grad_lse) {
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   const int rank = int(kernel.size());
   STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
@@ -206,6 +211,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cpu(
   p.out = spatial_view(out, rank, "out");
   p.grad_out = spatial_view(grad_out, rank, "grad_out");
   p.lse = lse.data_ptr();
+  if (grad_lse.has_value()) {
+    STD_TORCH_CHECK(grad_lse->scalar_type() == lse.scalar_type() && grad_lse->is_contiguous() &&
+                        grad_lse->numel() == lse.numel(),
+                    "tokenmix: grad_lse must be a contiguous tensor like lse");
+    p.grad_lse = grad_lse->data_ptr();
+  }
   p.grad_q = spatial_view(dq, rank, "grad_q");
   p.grad_k.data = dk.data_ptr();
   p.grad_v.data = dv.data_ptr();
@@ -228,8 +239,8 @@ STABLE_TORCH_LIBRARY(tokenmix, m) {
       "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? "
       "rpb, "
       "Tensor? additional_keys, Tensor? additional_values, int[] kernel_size, int[] stride, "
-      "int[] dilation, int[] is_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "int[] dilation, int[] is_causal, float scale, Tensor? grad_lse=None) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {

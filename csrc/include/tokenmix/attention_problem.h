@@ -37,7 +37,8 @@ struct NeighborhoodProblem {
   // Backward only.
   StridedView grad_out;
   StridedView grad_q, grad_k, grad_v, grad_extra_k, grad_extra_v;  // contiguous, dtype
-  void* grad_rpb = nullptr;  // contiguous, fp32 (fp64 for fp64 problems)
+  const void* grad_lse = nullptr;  // optional, like lse: gradient flowing into the LSE output
+  void* grad_rpb = nullptr;        // contiguous, fp32 (fp64 for fp64 problems)
 
   ParallelForFn parallel_for = nullptr;
   int num_threads = 1;

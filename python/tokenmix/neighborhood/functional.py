@@ -114,8 +114,18 @@ def _fixed_rank(rank: int, name: str):
                 f"({rank + 3} dimensions), got shape {tuple(q.shape)}"
             )
         return neighborhood_attention(
-            q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb,
-            additional_keys, additional_values, return_lse,
+            q,
+            k,
+            v,
+            kernel_size,
+            stride,
+            dilation,
+            is_causal,
+            scale,
+            rpb,
+            additional_keys,
+            additional_values,
+            return_lse,
         )
 
     fn.__name__ = name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
@@ -69,8 +68,15 @@ class _NeighborhoodAttentionND(nn.Module):
         v = v.unflatten(-1, (hkv, hd))
         rpb = self.rpb.to(q.dtype) if self.rpb is not None else None
         out = neighborhood_attention(
-            q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal,
-            scale=self.scale, rpb=rpb,
+            q,
+            k,
+            v,
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            self.is_causal,
+            scale=self.scale,
+            rpb=rpb,
         )
         return self.proj(out.reshape(*lead, self.dim))
 
@@ -98,5 +104,3 @@ class NeighborhoodAttention3D(_NeighborhoodAttentionND):
     """Neighborhood attention layer over ``[B, T, H, W, dim]`` inputs."""
 
     rank = 3
-
-

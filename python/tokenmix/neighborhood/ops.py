@@ -14,8 +14,17 @@ if _ops.load_error is None:
 
     @torch.library.register_fake("tokenmix::na_forward")
     def _na_forward_fake(
-        q, k, v, rpb, additional_keys, additional_values, kernel_size, stride, dilation,
-        is_causal, scale,
+        q,
+        k,
+        v,
+        rpb,
+        additional_keys,
+        additional_values,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        scale,
     ):
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -24,25 +33,42 @@ if _ops.load_error is None:
 
     @torch.library.register_fake("tokenmix::na_backward")
     def _na_backward_fake(
-        grad_out, q, k, v, out, lse, rpb, additional_keys, additional_values, kernel_size,
-        stride, dilation, is_causal, scale,
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        rpb,
+        additional_keys,
+        additional_values,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        scale,
+        grad_lse=None,
     ):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        drpb = q.new_empty(rpb.shape, dtype=acc) if rpb is not None else q.new_empty((0,), dtype=acc)
-        dek = q.new_empty(additional_keys.shape) if additional_keys is not None else q.new_empty((0,))
+        drpb = (
+            q.new_empty(rpb.shape, dtype=acc) if rpb is not None else q.new_empty((0,), dtype=acc)
+        )
+        dek = (
+            q.new_empty(additional_keys.shape) if additional_keys is not None else q.new_empty((0,))
+        )
         dev = (
             q.new_empty(additional_values.shape)
             if additional_values is not None
             else q.new_empty((0,))
         )
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb, dek, dev
+        # The real op returns fresh contiguous gradients whatever the inputs' strides.
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpb, dek, dev
 
     def _setup_context(ctx, inputs, output):
         (q, k, v, rpb, ek, ev, kernel_size, stride, dilation, is_causal, scale) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, rpb, ek, ev)
         ctx.window = (kernel_size, stride, dilation, is_causal, scale)
-        ctx.mark_non_differentiable(lse)
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, rpb, ek, ev = ctx.saved_tensors
@@ -50,14 +76,25 @@ if _ops.load_error is None:
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         dq, dk, dv, drpb, dek, dev = torch.ops.tokenmix.na_backward(
-            grad_out.contiguous(), q, k, v, out, lse, rpb, ek, ev,
-            kernel_size, stride, dilation, is_causal, scale,
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            rpb,
+            ek,
+            ev,
+            kernel_size,
+            stride,
+            dilation,
+            is_causal,
+            scale,
+            grad_lse.contiguous() if grad_lse is not None else None,
         )
         drpb = drpb.to(rpb.dtype) if rpb is not None else None
         dek = dek if ek is not None else None
         dev = dev if ev is not None else None
         return dq, dk, dv, drpb, dek, dev, None, None, None, None, None
 
-    torch.library.register_autograd(
-        "tokenmix::na_forward", _backward, setup_context=_setup_context
-    )
+    torch.library.register_autograd("tokenmix::na_forward", _backward, setup_context=_setup_context)

@@ -271,6 +271,13 @@ struct Engine {
     ch.extra = false;
     for (int r0 = g.key_begin[0]; r0 < g.key_end[0]; ++r0) {
       for (int r1 = g.key_begin[1]; r1 < g.key_end[1]; ++r1) {
+        // A full chunk is flushed before a new row takes a slot: every row
+        // holds at least one column, so rows <= columns < kChunk here.
+        if (ch.n == kChunk) {
+          fn(ch);
+          ch.n = 0;
+          ch.rows = 0;
+        }
         I* rm = ch.row_mask.data() + int64_t(ch.rows) * L;
         int cmin = g.key_end[2], cmax = g.key_begin[2];
         for (int l = 0; l < L; ++l) {
@@ -526,6 +533,10 @@ void Engine<In, T>::backward_tile(Work& w, int64_t b, int64_t hk, const TileGeom
     const T* orow = w.o.data() + int64_t(l) * dvp;
     const T* grow = w.dor.data() + int64_t(l) * dvp;
     for (int d = 0; d < Dv; ++d) dl += orow[d] * grow[d];
+    // d lse / d logit = P, so an LSE gradient enters as a shift of delta.
+    if (p.grad_lse)
+      dl -= static_cast<const T*>(
+          p.grad_lse)[(b * p.tokens() + w.ln.token[l]) * p.heads + w.ln.head[l]];
     w.delta[l] = dl;
   }
   fill(w.dq.begin(), w.dq.end(), T(0));
