@@ -18,7 +18,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.deps: $(PY)
-	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy ruff clang-format
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy "ruff==0.17.6" "clang-format==23.1.5"
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake build dir under build/.
@@ -32,7 +32,7 @@ demo: build
 	$(PY) -m tokenmix info
 	$(PY) bench/bench_na.py --threads $(THREADS)
 
-test: build
+test: build lint
 	$(PY) -m tokenmix info
 	$(PY) -m pytest -q tests
 
