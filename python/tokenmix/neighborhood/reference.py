@@ -4,12 +4,13 @@ Semantics match NATTEN 0.21 ``na1d`` / ``na2d`` / ``na3d`` (heads-last layout), 
 per-dimension kernel size, stride, dilation and causal flag, optional relative
 positional bias (rpb), optional additional (global) key/value tokens, and GQA.
 
-The implementation is memory-bounded: it never materializes a tokens x tokens mask.
-Instead, :func:`window_table` builds, per spatial dimension, a ``[L, kernel]`` table of
-key coordinates (plus a validity mask, since causal windows can be shorter than the
-kernel), and queries are processed in chunks; for each chunk the keys/values of every
-query's window are gathered (``[B, chunk, window, H_kv, D]``) and a masked softmax is
-taken jointly over the window and the additional tokens.
+The implementation is memory-bounded: it never materializes a tokens x tokens mask
+(nor a tokens x window table). Queries are processed in chunks; for each chunk,
+:func:`window_table` gives, per spatial dimension, the key coordinates of the
+chunk's queries (plus a validity mask, since causal windows can be shorter than the
+kernel), the keys/values of every query's window are gathered
+(``[B, chunk, window, H_kv, D]``) and a masked softmax is taken jointly over the
+window and the additional tokens.
 
 It works on any device, is differentiable with autograd with respect to every tensor
 input, and computes in float32 (float64 for float64 inputs). The output has the input
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .args import check_tensors, normalize_window_args
 
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 # Upper bound (in elements) on the per-chunk gathered K/V and logits tensors.
-_CHUNK_BUDGET = 1 << 24
+_CHUNK_BUDGET = 1 << 22
 
 
 def window_bounds(
@@ -79,10 +81,14 @@ def window_table(
     dilation: int,
     causal: bool,
     device: torch.device | str | None = None,
+    queries: torch.Tensor | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-query window table for one spatial dimension.
 
-    Returns ``(keys, valid, rel)``, each ``[length, kernel]``:
+    ``queries`` (int64 coordinates) restricts the table to those queries (default:
+    all ``length``); ``bounds`` reuses a precomputed :func:`window_bounds`.
+    Returns ``(keys, valid, rel)``, each ``[len(queries), kernel]``:
 
     * ``keys``: int64 real key coordinates; invalid slots point at the query itself
       (always a legal index) so they can be gathered safely and masked afterwards.
@@ -90,8 +96,16 @@ def window_table(
     * ``rel``: int64 rpb index ``jg - ig + kernel - 1`` (in ``[0, 2*kernel - 2]``);
       ``kernel - 1`` in invalid slots.
     """
-    start, end = window_bounds(length, kernel, stride, dilation, causal, device)
-    i = torch.arange(length, device=device, dtype=torch.int64)
+    start, end = (
+        bounds
+        if bounds is not None
+        else window_bounds(length, kernel, stride, dilation, causal, device)
+    )
+    if queries is None:
+        i = torch.arange(length, device=device, dtype=torch.int64)
+    else:
+        i = queries
+        start, end = start[i], end[i]
     group = (i % dilation)[:, None]
     ig = (i // dilation)[:, None]
     jg = start[:, None] + torch.arange(kernel, device=device, dtype=torch.int64)
@@ -106,7 +120,7 @@ def _combine_windows(
     query_idx: torch.Tensor,
     spatial_shape: tuple[int, ...],
     kernel_size: tuple[int, ...],
-    tables: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    dims: list[tuple],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-dimensional windows for a chunk of flat query indices.
 
@@ -119,15 +133,36 @@ def _combine_windows(
     rel = torch.zeros(n, 1, dtype=torch.int64, device=dev)
     valid = torch.ones(n, 1, dtype=torch.bool, device=dev)
     inner = math.prod(spatial_shape)
-    for length, kern, (keys_m, valid_m, rel_m) in zip(
-        spatial_shape, kernel_size, tables, strict=True
-    ):
+    for length, kern, dim_args in zip(spatial_shape, kernel_size, dims, strict=True):
         inner //= length
         coord = (query_idx // inner) % length
-        key = (key[:, :, None] * length + keys_m[coord][:, None, :]).reshape(n, -1)
-        rel = (rel[:, :, None] * (2 * kern - 1) + rel_m[coord][:, None, :]).reshape(n, -1)
-        valid = (valid[:, :, None] & valid_m[coord][:, None, :]).reshape(n, -1)
+        keys_m, valid_m, rel_m = window_table(*dim_args, queries=coord)
+        key = (key[:, :, None] * length + keys_m[:, None, :]).reshape(n, -1)
+        rel = (rel[:, :, None] * (2 * kern - 1) + rel_m[:, None, :]).reshape(n, -1)
+        valid = (valid[:, :, None] & valid_m[:, None, :]).reshape(n, -1)
     return key, valid, rel
+
+
+def _attend_chunk(q_c, kf, vf, key_idx, valid, rel_idx, rpb_flat, extra_k, extra_v, window):
+    """Attention of one chunk of queries over their windows (+ the extra tokens)."""
+    batch, c, heads_kv, groups, _ = q_c.shape
+    k_w = kf[:, key_idx]  # [B, C, W, Hkv, D]
+    v_w = vf[:, key_idx]  # [B, C, W, Hkv, Dv]
+    logits = torch.einsum("bcmgd,bcwmd->bcmgw", q_c, k_w)
+    if rpb_flat is not None:
+        bias = rpb_flat[:, rel_idx]  # [H, C, W]
+        bias = bias.permute(1, 0, 2).reshape(c, heads_kv, groups, window)
+        logits = logits + bias
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if extra_k is not None:
+        logits_extra = torch.einsum("bcmgd,bnmd->bcmgn", q_c, extra_k)
+        logits = torch.cat([logits, logits_extra], dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)  # [B, C, Hkv, G]
+    probs = torch.exp(logits - lse[..., None])
+    out = torch.einsum("bcmgw,bcwmv->bcmgv", probs[..., :window], v_w)
+    if extra_v is not None:
+        out = out + torch.einsum("bcmgn,bnmv->bcmgv", probs[..., window:], extra_v)
+    return out, lse
 
 
 def neighborhood_attention_reference(
@@ -193,16 +228,21 @@ def neighborhood_attention_reference(
         extra_v = additional_values.to(cdtype)
         n_extra = extra_k.shape[1]
 
-    tables = [
-        window_table(length, kern, s, d, c, device)
-        for length, kern, s, d, c in zip(
-            spatial_shape, kernel_size, stride, dilation, is_causal, strict=True
-        )
-    ]
+    # Per dimension: the window rule's arguments and its [L] start/end bounds.
+    dims = []
+    for length, kern, s, d, c in zip(
+        spatial_shape, kernel_size, stride, dilation, is_causal, strict=True
+    ):
+        bounds = window_bounds(length, kern, s, d, c, device)
+        dims.append((length, kern, s, d, c, device, None, bounds))
 
     per_query = batch * (window * heads_kv * (dim + dim_v) + heads * (window + n_extra))
     chunk = n_tokens if per_query == 0 else max(1, min(n_tokens, _CHUNK_BUDGET // per_query))
 
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (q, k, v, rpb, additional_keys, additional_values)
+    )
     outs = []
     lses = []
     for begin in range(0, n_tokens, chunk):
@@ -210,26 +250,16 @@ def neighborhood_attention_reference(
             begin, min(begin + chunk, n_tokens), device=device, dtype=torch.int64
         )
         c = query_idx.shape[0]
-        key_idx, valid, rel_idx = _combine_windows(query_idx, spatial_shape, kernel_size, tables)
+        key_idx, valid, rel_idx = _combine_windows(query_idx, spatial_shape, kernel_size, dims)
 
         q_c = qf[:, begin : begin + c]  # [B, C, Hkv, G, D]
-        k_w = kf[:, key_idx]  # [B, C, W, Hkv, D]
-        v_w = vf[:, key_idx]  # [B, C, W, Hkv, Dv]
-        logits = torch.einsum("bcmgd,bcwmd->bcmgw", q_c, k_w)
-        if rpb_flat is not None:
-            bias = rpb_flat[:, rel_idx]  # [H, C, W]
-            bias = bias.permute(1, 0, 2).reshape(c, heads_kv, groups, window)
-            logits = logits + bias
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        if extra_k is not None:
-            logits_extra = torch.einsum("bcmgd,bnmd->bcmgn", q_c, extra_k)
-            logits = torch.cat([logits, logits_extra], dim=-1)
-
-        lse = torch.logsumexp(logits, dim=-1)  # [B, C, Hkv, G]
-        probs = torch.exp(logits - lse[..., None])
-        out = torch.einsum("bcmgw,bcwmv->bcmgv", probs[..., :window], v_w)
-        if extra_v is not None:
-            out = out + torch.einsum("bcmgn,bnmv->bcmgv", probs[..., window:], extra_v)
+        args = (q_c, kf, vf, key_idx, valid, rel_idx, rpb_flat, extra_k, extra_v, window)
+        if needs_grad:
+            # Recompute the chunk in backward: autograd then keeps only the
+            # chunk's inputs, so memory stays bounded in backward too.
+            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
+        else:
+            out, lse = _attend_chunk(*args)
         outs.append(out.reshape(batch, c, heads, dim_v))
         lses.append(lse.reshape(batch, c, heads))
 
