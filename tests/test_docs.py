@@ -1,0 +1,47 @@
+"""The documentation's examples run: README code blocks and docstring examples."""
+
+from __future__ import annotations
+
+import doctest
+import pathlib
+import re
+
+import pytest
+import tokenmix
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _python_blocks(path: pathlib.Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("doc", ["README.md"])
+def test_markdown_python_blocks_run(doc):
+    blocks = _python_blocks(ROOT / doc)
+    assert blocks, f"{doc} has no python example"
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, f"{doc}:example", "exec"), namespace)
+
+
+def test_readme_example_outputs():
+    # The README example's results have the documented shapes and gradients.
+    namespace: dict = {}
+    exec(compile(_python_blocks(ROOT / "README.md")[0], "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (2, 32, 32, 4, 64)
+    assert namespace["lse"].shape == (2, 32, 32, 4)
+    assert namespace["q"].grad is not None and torch.isfinite(namespace["q"].grad).all()
+    assert namespace["y"].shape == (2, 32, 32, 256)
+
+
+def test_docstring_examples():
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = finder.find(tokenmix.neighborhood.functional, "tokenmix.neighborhood.functional")
+    examples = sum(len(t.examples) for t in tests)
+    assert examples > 0
+    for t in tests:
+        runner.run(t)
+    assert runner.summarize(verbose=False).failed == 0
