@@ -136,7 +136,8 @@ def _combine_windows(
     for length, kern, dim_args in zip(spatial_shape, kernel_size, dims, strict=True):
         inner //= length
         coord = (query_idx // inner) % length
-        keys_m, valid_m, rel_m = window_table(*dim_args, queries=coord)
+        rule, bounds = dim_args
+        keys_m, valid_m, rel_m = window_table(*rule, queries=coord, bounds=bounds)
         key = (key[:, :, None] * length + keys_m[:, None, :]).reshape(n, -1)
         rel = (rel[:, :, None] * (2 * kern - 1) + rel_m[:, None, :]).reshape(n, -1)
         valid = (valid[:, :, None] & valid_m[:, None, :]).reshape(n, -1)
@@ -234,7 +235,7 @@ def neighborhood_attention_reference(
         spatial_shape, kernel_size, stride, dilation, is_causal, strict=True
     ):
         bounds = window_bounds(length, kern, s, d, c, device)
-        dims.append((length, kern, s, d, c, device, None, bounds))
+        dims.append(((length, kern, s, d, c, device), bounds))
 
     per_query = batch * (window * heads_kv * (dim + dim_v) + heads * (window + n_extra))
     chunk = n_tokens if per_query == 0 else max(1, min(n_tokens, _CHUNK_BUDGET // per_query))
