@@ -54,4 +54,12 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
   }
 }
 
+void linear_scan(const LinearScanProblem& p, bool backward) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::linear_scan_cpu(p, backward);
+    case Isa::kAvx2: return avx2::linear_scan_cpu(p, backward);
+    default: return generic::linear_scan_cpu(p, backward);
+  }
+}
+
 }  // namespace tokenmix::cpu

@@ -2,13 +2,15 @@
 #pragma once
 
 #include "tokenmix/attention_problem.h"
+#include "tokenmix/linear_scan_problem.h"
 
 namespace tokenmix::cpu {
 
-#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                       \
-  namespace isa {                                               \
-  void neighborhood_forward_cpu(const NeighborhoodProblem& p);  \
-  void neighborhood_backward_cpu(const NeighborhoodProblem& p); \
+#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                          \
+  namespace isa {                                                  \
+  void neighborhood_forward_cpu(const NeighborhoodProblem& p);     \
+  void neighborhood_backward_cpu(const NeighborhoodProblem& p);    \
+  void linear_scan_cpu(const LinearScanProblem& p, bool backward); \
   }
 TOKENMIX_DECLARE_ISA_KERNELS(generic)
 TOKENMIX_DECLARE_ISA_KERNELS(avx2)
@@ -21,5 +23,6 @@ const char* selected_isa();
 
 void neighborhood_forward(const NeighborhoodProblem& p);
 void neighborhood_backward(const NeighborhoodProblem& p);
+void linear_scan(const LinearScanProblem& p, bool backward);
 
 }  // namespace tokenmix::cpu

@@ -1,0 +1,27 @@
+// CPU kernels of the linear-attention scans, instantiated for every dtype and
+// decay kind. CMake compiles this file once per instruction set.
+#if !defined(TOKENMIX_VEC_BYTES)
+#if defined(__AVX512F__)
+#define TOKENMIX_VEC_BYTES 64
+#elif defined(__AVX2__)
+#define TOKENMIX_VEC_BYTES 32
+#else
+#define TOKENMIX_VEC_BYTES 16
+#endif
+#endif
+
+#include "tokenmix/cpu/isa_dispatch.h"
+#include "tokenmix/cpu/linear_scan_engine.h"
+
+namespace tokenmix::cpu::TOKENMIX_ISA {
+
+void linear_scan_cpu(const LinearScanProblem& p, bool backward) {
+  switch (p.dtype) {
+    case DType::kFloat32: return linear_scan_dispatch<float, float>(p, backward);
+    case DType::kFloat64: return linear_scan_dispatch<double, double>(p, backward);
+    case DType::kFloat16: return linear_scan_dispatch<Half, float>(p, backward);
+    case DType::kBFloat16: return linear_scan_dispatch<BFloat16, float>(p, backward);
+  }
+}
+
+}  // namespace tokenmix::cpu::TOKENMIX_ISA

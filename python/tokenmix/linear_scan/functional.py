@@ -1,0 +1,343 @@
+"""Linear attention and the (gated) delta rule: the public functions.
+
+On CPU, when tokenmix's fused kernels are built (``ops.kernels_available()``), the
+scans run in the fused C++ kernels (forward and backward); everywhere else they run
+in the chunked pure-PyTorch implementation (:mod:`.chunked`). Both compute the
+recurrences of :mod:`.reference` (docs/linear_attention.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .args import (
+    accumulation_dtype,
+    check_delta_rule,
+    check_linear_attention,
+    check_step,
+)
+from .chunked import (
+    chunked_delta_scan,
+    chunked_linear_scan,
+    delta_rule_from_scan,
+    linear_attention_from_scan,
+)
+
+__all__ = [
+    "delta_rule",
+    "delta_rule_step",
+    "fused_kernels_available",
+    "linear_attention",
+    "linear_attention_step",
+]
+
+
+def _fused_scans() -> tuple[Callable, Callable] | None:
+    """The fused CPU scans, or None when they are not built / not loadable.
+
+    Looked up at call time (not at import) so a build that adds them is picked up
+    without touching this module.
+    """
+    try:
+        from .ops import fused_delta_rule, fused_linear_scan, kernels_available
+    except ImportError:
+        return None
+    if not kernels_available():
+        return None
+    return fused_linear_scan, fused_delta_rule
+
+
+def fused_kernels_available() -> bool:
+    """Whether CPU inputs run in tokenmix's fused linear-scan kernels."""
+    return _fused_scans() is not None
+
+
+def _unit_stride(x: Tensor | None) -> Tensor | None:
+    # The kernels take any strides (views of a fused projection need no copy)
+    # except along the feature dimension.
+    if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1:
+        return x
+    return x.contiguous()
+
+
+def _pick_scans(device: torch.device) -> tuple[Callable, Callable]:
+    fused = _fused_scans() if device.type == "cpu" else None
+    if fused is None:
+        return chunked_linear_scan, chunked_delta_scan
+    fused_linear, fused_delta = fused
+
+    def linear(q, k, v, g, gk, initial_state, cu_seqlens, scale):
+        return fused_linear(
+            _unit_stride(q),
+            _unit_stride(k),
+            _unit_stride(v),
+            g,
+            _unit_stride(gk),
+            initial_state,
+            cu_seqlens,
+            scale,
+        )
+
+    def delta(q, k, v, beta, g, initial_state, cu_seqlens, scale):
+        return fused_delta(
+            _unit_stride(q),
+            _unit_stride(k),
+            _unit_stride(v),
+            beta,
+            g,
+            initial_state,
+            cu_seqlens,
+            scale,
+        )
+
+    return linear, delta
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    g: Tensor | None = None,
+    g_gamma: Tensor | None = None,
+    gk: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    normalize: bool = False,
+    causal: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Linear attention, optionally decayed: plain, RetNet, simple GLA / Mamba2, GLA.
+
+    Per sequence and head, with the state ``S`` (``K x V``) starting at
+    ``initial_state`` (or zeros)::
+
+        S_t = A_t S_{t-1} + k_t v_t^T        o_t = (scale q_t)^T S_t
+
+    where ``A_t`` is ``1`` (no decay), ``exp(g_gamma[h])`` (fixed per-head log decay,
+    RetNet), ``exp(g_t)`` (scalar log decay, simple GLA / Mamba2 SSD) or
+    ``diag(exp(gk_t))`` (per-key log gates, GLA). At most one of ``g``, ``g_gamma``,
+    ``gk``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (float32/float64/float16/bfloat16).
+        g: ``[B, T, H]``; g_gamma: ``[H]``; gk: ``[B, T, H, K]``. Log decays (``<= 0``
+            keeps the state bounded), in q's dtype or float32.
+        scale: query scale, default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]``, N = B or the number of sequences.
+        output_final_state: also return the final states ``[N, H, K, V]``.
+        cu_seqlens: int32/int64 ``[N + 1]``: B must be 1 and sequence ``i`` is
+            tokens ``[cu_seqlens[i], cu_seqlens[i+1])`` with its own state.
+        normalize: divide ``o_t`` by ``(scale q_t) . z_t + 1e-10`` with ``z_t`` the
+            (equally decayed) running key sum. Not with ``initial_state``.
+        causal: ``False`` (bidirectional, no decay only) gives every token its
+            sequence's final state: ``o_t = (scale q_t)^T S_T``.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in q's dtype; final_state float32
+        (float64 for float64 inputs) when ``output_final_state``, else None.
+
+    Example::
+
+        >>> import torch
+        >>> from tokenmix.linear_scan import linear_attention
+        >>> q, k = torch.randn(2, 100, 4, 32), torch.randn(2, 100, 4, 32)
+        >>> v = torch.randn(2, 100, 4, 48)
+        >>> g = torch.nn.functional.logsigmoid(torch.randn(2, 100, 4))  # simple GLA
+        >>> o, state = linear_attention(q, k, v, g=g, output_final_state=True)
+        >>> o.shape, state.shape, state.dtype
+        (torch.Size([2, 100, 4, 48]), torch.Size([2, 4, 32, 48]), torch.float32)
+    """
+    scale, offsets = check_linear_attention(
+        q,
+        k,
+        v,
+        g=g,
+        g_gamma=g_gamma,
+        gk=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        normalize=normalize,
+        causal=causal,
+    )
+    scan, _ = _pick_scans(q.device)
+    return linear_attention_from_scan(
+        scan,
+        q,
+        k,
+        v,
+        g=g,
+        g_gamma=g_gamma,
+        gk=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        offsets=offsets,
+        normalize=normalize,
+        causal=causal,
+    )
+
+
+def delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    *,
+    g: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The delta rule (DeltaNet), or with ``g`` the gated delta rule (Gated DeltaNet).
+
+    Per sequence and head::
+
+        S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+        o_t = (scale q_t)^T S_t
+
+    (``exp(g_t) = 1`` without ``g``). Keys are usually L2-normalized and
+    ``0 <= beta <= 1`` (up to 2 keeps the transition contractive); neither is
+    enforced.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+        beta: ``[B, T, H]``; g: ``[B, T, H]`` log decay or None. In q's dtype or
+            float32.
+        scale, initial_state, output_final_state, cu_seqlens: as in
+            :func:`linear_attention`.
+
+    Returns:
+        ``(o, final_state)`` as in :func:`linear_attention`.
+
+    Example::
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from tokenmix.linear_scan import delta_rule
+        >>> q = torch.randn(1, 64, 2, 16)
+        >>> k = F.normalize(torch.randn(1, 64, 2, 16), dim=-1)
+        >>> v = torch.randn(1, 64, 2, 16)
+        >>> beta, g = torch.rand(1, 64, 2), F.logsigmoid(torch.randn(1, 64, 2))
+        >>> cu_seqlens = torch.tensor([0, 20, 64])  # two packed sequences
+        >>> o, state = delta_rule(q, k, v, beta, g=g, cu_seqlens=cu_seqlens,
+        ...                       output_final_state=True)
+        >>> o.shape, state.shape
+        (torch.Size([1, 64, 2, 16]), torch.Size([2, 2, 16, 16]))
+    """
+    scale, _ = check_delta_rule(
+        q,
+        k,
+        v,
+        beta,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    _, scan = _pick_scans(q.device)
+    return delta_rule_from_scan(
+        scan,
+        q,
+        k,
+        v,
+        beta,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def linear_attention_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tensor | None,
+    *,
+    g: Tensor | None = None,
+    g_gamma: Tensor | None = None,
+    gk: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One decoding step of :func:`linear_attention` (causal, not normalized).
+
+    ``q``, ``k`` are ``[N, H, K]``, ``v`` ``[N, H, V]``, ``state`` ``[N, H, K, V]``
+    (None: zeros), ``g`` ``[N, H]``, ``g_gamma`` ``[H]``, ``gk`` ``[N, H, K]``.
+    Returns ``(o [N, H, V] in q's dtype, new_state)`` with the new state in float32
+    (float64 for float64 inputs); ``state`` is not modified. Running the scan over
+    a prefix and then one step per token equals the scan over the whole sequence.
+
+    Example::
+
+        >>> import torch
+        >>> from tokenmix.linear_scan import linear_attention, linear_attention_step
+        >>> q, k, v = (torch.randn(1, 9, 2, 8, dtype=torch.float64) for _ in range(3))
+        >>> g = -torch.rand(1, 9, 2, dtype=torch.float64)
+        >>> o, s = linear_attention(q[:, :8], k[:, :8], v[:, :8], g=g[:, :8],
+        ...                         output_final_state=True)
+        >>> o9, s = linear_attention_step(q[:, 8], k[:, 8], v[:, 8], s, g=g[:, 8])
+        >>> full, _ = linear_attention(q, k, v, g=g)
+        >>> torch.allclose(o9, full[:, 8])
+        True
+    """
+    scale = check_step(q, k, v, state, g=g, g_gamma=g_gamma, gk=gk, scale=scale)
+    acc = accumulation_dtype(q.dtype)
+    num, heads, dim_k = q.shape
+    dim_v = v.shape[-1]
+    if state is None:
+        state = torch.zeros(num, heads, dim_k, dim_v, dtype=acc, device=q.device)
+    else:
+        state = state.to(acc)
+    if g_gamma is not None:
+        state = state * g_gamma.to(acc).exp()[None, :, None, None]
+    elif g is not None:
+        state = state * g.to(acc).exp()[..., None, None]
+    elif gk is not None:
+        state = state * gk.to(acc).exp()[..., None]
+    kf, vf = k.to(acc), v.to(acc)
+    state = state + kf[..., :, None] * vf[..., None, :]
+    o = torch.einsum("nhk,nhkv->nhv", q.to(acc) * scale, state)
+    return o.to(q.dtype), state
+
+
+def delta_rule_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    state: Tensor | None,
+    g: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One decoding step of :func:`delta_rule`.
+
+    ``q``, ``k`` ``[N, H, K]``, ``v`` ``[N, H, V]``, ``beta`` and ``g`` ``[N, H]``,
+    ``state`` ``[N, H, K, V]`` (None: zeros). Returns ``(o [N, H, V], new_state)``
+    as :func:`linear_attention_step` does; ``state`` is not modified.
+    """
+    scale = check_step(q, k, v, state, g=g, beta=beta, scale=scale, needs_beta=True)
+    acc = accumulation_dtype(q.dtype)
+    num, heads, dim_k = q.shape
+    dim_v = v.shape[-1]
+    if state is None:
+        state = torch.zeros(num, heads, dim_k, dim_v, dtype=acc, device=q.device)
+    else:
+        state = state.to(acc)
+    if g is not None:
+        state = state * g.to(acc).exp()[..., None, None]
+    kf = k.to(acc)
+    v_new = beta.to(acc)[..., None] * (v.to(acc) - torch.einsum("nhk,nhkv->nhv", kf, state))
+    state = state + kf[..., :, None] * v_new[..., None, :]
+    o = torch.einsum("nhk,nhkv->nhv", q.to(acc) * scale, state)
+    return o.to(q.dtype), state
