@@ -64,6 +64,7 @@ struct ScanEngine {
   // vt [vp x cp]; G (cumulative log decay per key); qfac = e^{G},
   // kfac = e^{G_last - G}; qg = q qfac, kd = k kfac; A the intra scores.
   struct Work {
+    Buffer<T> gcol;
     Buffer<T> q, k, v, kt, vt, G, Gt, qfac, kfac, qg, kd, A, o, S, decay_row;
     Buffer<T> St, dO, dA, dq, dk, dv, dS, dSt, states;
   };
@@ -77,6 +78,7 @@ struct ScanEngine {
     w.kt.assign(size_t(kp) * cp, T(0));
     w.vt.assign(size_t(vp) * cp, T(0));
     w.Gt.assign(size_t(kp) * cp, T(0));
+    w.gcol.assign(size_t(cp), T(0));
     w.A.assign(size_t(C) * cp, T(0));
     w.S.assign(size_t(K) * vp, T(0));
     w.decay_row.assign(size_t(kp), T(0));
@@ -137,16 +139,35 @@ struct ScanEngine {
       }
     }
     const T* last = w.G.data() + int64_t(c - 1) * kp;
-    for (int i = 0; i < kChunk; ++i)
-      for (int d = 0; d < kp; ++d) {
-        const int64_t x = int64_t(i) * kp + d;
-        const bool on = i < c && d < K;
-        w.qfac[x] = on ? T(std::exp(double(w.G[x]))) : T(0);
-        w.kfac[x] = on ? T(std::exp(double(last[d] - w.G[x]))) : T(0);
-        w.qg[x] = w.q[x] * w.qfac[x];
-        w.kd[x] = w.k[x] * w.kfac[x];
+    if constexpr (kDecay == DecayKind::kNone) {
+      for (int64_t x = 0; x < int64_t(kChunk) * kp; ++x) {
+        w.qfac[x] = T(1);
+        w.kfac[x] = T(1);
+        w.qg[x] = w.q[x];
+        w.kd[x] = w.k[x];
       }
-    for (int d = 0; d < kp; ++d) w.decay_row[d] = d < K ? T(std::exp(double(last[d]))) : T(0);
+      for (int d = 0; d < kp; ++d) w.decay_row[d] = T(1);
+    } else {
+      // Factors e^{G} and e^{G_last - G} (both <= 1), vectorized. Padded keys
+      // and tokens past the chunk get 0 (their q, k are 0 anyway).
+      const V log2e = vbroadcast<V>(kLog2e);
+      for (int i = 0; i < kChunk; ++i)
+        for (int d = 0; d < kp; d += W) {
+          const int64_t x = int64_t(i) * kp + d;
+          const V gv = vload<V>(w.G.data() + x);
+          V qf = vexp2(gv * log2e), kf = vexp2((vload<V>(last + d) - gv) * log2e);
+          if (i >= c) qf = kf = V{};
+          vstore(w.qfac.data() + x, qf);
+          vstore(w.kfac.data() + x, kf);
+          vstore(w.qg.data() + x, vload<V>(w.q.data() + x) * qf);
+          vstore(w.kd.data() + x, vload<V>(w.k.data() + x) * kf);
+        }
+      for (int d = 0; d < kp; d += W)
+        vstore(w.decay_row.data() + d, vexp2(vload<V>(last + d) * log2e));
+      for (int d = K; d < kp; ++d) w.decay_row[d] = 0;
+      if constexpr (kDecay == DecayKind::kScalar)
+        for (int j = 0; j < cp; ++j) w.gcol[j] = w.G[int64_t(j < kChunk ? j : kChunk - 1) * kp];
+    }
     if constexpr (kDecay == DecayKind::kPerKey)
       for (int d = 0; d < kp; ++d)
         for (int j = 0; j < cp; ++j)
@@ -157,14 +178,19 @@ struct ScanEngine {
   // M_ij *= e^{G_i - G_j} for j <= i, 0 otherwise (decay kinds without per-key
   // factors only).
   void mask_decay(const Work& w, T* M, int c) const {
-    for (int i = 0; i < kChunk; ++i)
-      for (int j = 0; j < cp; ++j) {
-        T& m = M[int64_t(i) * cp + j];
-        if (i >= c || j > i)
-          m = 0;
-        else if constexpr (kDecay == DecayKind::kScalar)
-          m *= T(std::exp(double(w.G[int64_t(i) * kp] - w.G[int64_t(j) * kp])));
+    for (int i = 0; i < kChunk; ++i) {
+      T* row = M + int64_t(i) * cp;
+      if (i >= c) {
+        fill(row, row + cp, T(0));
+        continue;
       }
+      if constexpr (kDecay == DecayKind::kScalar) {
+        const V gi = vbroadcast<V>(w.G[int64_t(i) * kp]);
+        for (int j = 0; j <= i; j += W)
+          vstore(row + j, vload<V>(row + j) * vexp2((gi - vload<V>(w.gcol.data() + j)) * kLog2e));
+      }
+      for (int j = i + 1; j < cp; ++j) row[j] = 0;
+    }
   }
 
   // A_ij = q_i . (k_j e^{G_i - G_j}) for j <= i.
