@@ -62,4 +62,12 @@ void linear_scan(const LinearScanProblem& p, bool backward) {
   }
 }
 
+void delta_rule(const LinearScanProblem& p, bool backward) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::delta_rule_cpu(p, backward);
+    case Isa::kAvx2: return avx2::delta_rule_cpu(p, backward);
+    default: return generic::delta_rule_cpu(p, backward);
+  }
+}
+
 }  // namespace tokenmix::cpu

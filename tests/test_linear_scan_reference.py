@@ -101,9 +101,7 @@ def assert_close(got: dict, expected: dict, rtol: float, atol: float = 0.0):
 @pytest.mark.parametrize("state", [False, True])
 def test_linear_chunked_matches_naive(seq, decay, state):
     inputs = make_inputs(seq=seq, decay=decay, state=state, seed=seq)
-    assert_close(
-        run(chunked_linear_attention, inputs), run(naive_linear_attention, inputs), 1e-10
-    )
+    assert_close(run(chunked_linear_attention, inputs), run(naive_linear_attention, inputs), 1e-10)
 
 
 @pytest.mark.parametrize("seq", [1, 2, 63, 64, 65])
@@ -117,9 +115,7 @@ def test_delta_chunked_matches_naive(seq, gated, state):
 @pytest.mark.parametrize("decay", DECAYS)
 def test_linear_strong_decay(decay):
     inputs = make_inputs(seq=100, decay=decay, strength="strong", state=True)
-    assert_close(
-        run(chunked_linear_attention, inputs), run(naive_linear_attention, inputs), 1e-10
-    )
+    assert_close(run(chunked_linear_attention, inputs), run(naive_linear_attention, inputs), 1e-10)
 
 
 def test_delta_strong_decay_unnormalized_keys():
@@ -132,9 +128,7 @@ def test_delta_strong_decay_unnormalized_keys():
 def test_linear_long_sequence(decay):
     # T=1000: many chunks; small dims keep the per-token loop fast.
     inputs = make_inputs(batch=1, seq=1000, heads=1, dim_k=8, dim_v=8, decay=decay, state=True)
-    assert_close(
-        run(chunked_linear_attention, inputs), run(naive_linear_attention, inputs), 1e-9
-    )
+    assert_close(run(chunked_linear_attention, inputs), run(naive_linear_attention, inputs), 1e-9)
 
 
 def test_delta_long_sequence():
@@ -187,11 +181,7 @@ def test_linear_varlen(decay, state):
         s, e = CU_SEQLENS[i], CU_SEQLENS[i + 1]
         alone = {
             name: (
-                t[i : i + 1]
-                if name == "initial_state"
-                else t
-                if name == "g_gamma"
-                else t[:, s:e]
+                t[i : i + 1] if name == "initial_state" else t if name == "g_gamma" else t[:, s:e]
             )
             for name, t in inputs.items()
         }
@@ -292,7 +282,10 @@ def test_delta_dtypes(dtype, rtol):
 
 def test_float32_gates_with_bfloat16_inputs():
     inputs = make_inputs(seq=40, decay="gk", state=True)
-    low = {n: t.to(torch.bfloat16 if n in ("q", "k", "v") else torch.float32) for n, t in inputs.items()}
+    low = {
+        n: t.to(torch.bfloat16 if n in ("q", "k", "v") else torch.float32)
+        for n, t in inputs.items()
+    }
     expected = run(naive_linear_attention, {n: t.double() for n, t in low.items()})
     got = run(chunked_linear_attention, low)
     assert got["dgk"].shape == inputs["gk"].shape
@@ -335,7 +328,13 @@ def test_gradcheck_linear(decay):
 @pytest.mark.parametrize("gated", [False, True])
 def test_gradcheck_delta(gated):
     inputs = make_inputs(
-        batch=1, seq=7, heads=1, dim_k=3, dim_v=2, decay="g" if gated else "none", state=True,
+        batch=1,
+        seq=7,
+        heads=1,
+        dim_k=3,
+        dim_v=2,
+        decay="g" if gated else "none",
+        state=True,
         delta=True,
     )
     names = list(inputs)
@@ -403,7 +402,10 @@ def test_long_strong_decay_is_finite_and_consistent(kind):
     head = slice(0, LONG - TAIL)
     tail = slice(LONG - TAIL, LONG)
     _, mid = chunked(
-        q[:, head], k[:, head], v[:, head], {n: t[:, head] for n, t in extra.items()},
+        q[:, head],
+        k[:, head],
+        v[:, head],
+        {n: t[:, head] for n, t in extra.items()},
         output_final_state=True,
     )
     o_tail, state_tail = naive(
@@ -473,7 +475,9 @@ def _small(**kw):
         (lambda d: d.update(cu_seqlens=torch.tensor([0.0, 8.0])), "cu_seqlens must be an int"),
         (lambda d: d.update(cu_seqlens=torch.tensor([[0, 8]])), "cu_seqlens must be a 1-D"),
         (
-            lambda d: d.update(cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.zeros(1, 2, 4, 3)),
+            lambda d: d.update(
+                cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.zeros(1, 2, 4, 3)
+            ),
             "initial_state must have shape",
         ),
     ],

@@ -170,6 +170,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_scan_backward_
   return {dq, dk, dv, dg, dgk, dh0};
 }
 
+std::tuple<Tensor, Tensor> delta_rule_forward_cpu(Tensor q, Tensor k, Tensor v, Tensor beta,
+                                                  std::optional<Tensor> g,
+                                                  std::optional<Tensor> initial_state,
+                                                  std::optional<Tensor> cu_seqlens, double scale) {
+  auto p = make_scan_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale);
+  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  Tensor out = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
+  Tensor final_state = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
+  p.out = out.data_ptr();
+  p.final_state = final_state.data_ptr();
+  if (p.num_seqs * p.heads > 0) tokenmix::cpu::delta_rule(p, false);
+  return {out, final_state};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> delta_rule_backward_cpu(
+    Tensor grad_out, std::optional<Tensor> grad_final_state, Tensor q, Tensor k, Tensor v,
+    Tensor beta, std::optional<Tensor> g, std::optional<Tensor> initial_state,
+    std::optional<Tensor> cu_seqlens, double scale) {
+  auto p = make_scan_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale);
+  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous() &&
+                      grad_out.dim() == 4 && grad_out.size(0) == p.batch &&
+                      grad_out.size(1) == p.seq_len && grad_out.size(2) == p.heads &&
+                      grad_out.size(3) == p.value_dim,
+                  "tokenmix: grad_out must be a contiguous [B, T, H, V] tensor of q's dtype");
+  p.grad_out = grad_out.data_ptr();
+  p.grad_final_state = acc_tensor(
+      grad_final_state, acc, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, "grad_final_state");
+  Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
+  Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
+  Tensor dv = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
+  Tensor dbeta = empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc);
+  Tensor dg = g.has_value() ? empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc)
+                            : empty_like_shape(q, {0}, acc);
+  Tensor dh0 = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
+  p.grad_q = dq.data_ptr();
+  p.grad_k = dk.data_ptr();
+  p.grad_v = dv.data_ptr();
+  p.grad_beta = dbeta.data_ptr();
+  p.grad_g = g.has_value() ? dg.data_ptr() : nullptr;
+  p.grad_initial_state = dh0.data_ptr();
+  if (p.num_seqs * p.heads > 0) tokenmix::cpu::delta_rule(p, true);
+  return {dq, dk, dv, dbeta, dg, dh0};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
@@ -180,9 +225,18 @@ STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
       "linear_scan_backward(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, "
       "Tensor v, Tensor? g, Tensor? gk, Tensor? initial_state, Tensor? cu_seqlens, float scale) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "delta_rule_forward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, "
+      "Tensor? initial_state, Tensor? cu_seqlens, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "delta_rule_backward(Tensor grad_out, Tensor? grad_final_state, Tensor q, Tensor k, "
+      "Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, Tensor? cu_seqlens, float scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
   m.impl("linear_scan_forward", TORCH_BOX(&linear_scan_forward_cpu));
   m.impl("linear_scan_backward", TORCH_BOX(&linear_scan_backward_cpu));
+  m.impl("delta_rule_forward", TORCH_BOX(&delta_rule_forward_cpu));
+  m.impl("delta_rule_backward", TORCH_BOX(&delta_rule_backward_cpu));
 }

@@ -74,9 +74,7 @@ def _check_aux(t: Any, name: str, q: torch.Tensor, shape: tuple[int, ...], layou
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(t.shape)}")
     if t.dtype not in (q.dtype, torch.float32):
-        raise ValueError(
-            f"{name} dtype {t.dtype} must be q's dtype ({q.dtype}) or torch.float32"
-        )
+        raise ValueError(f"{name} dtype {t.dtype} must be q's dtype ({q.dtype}) or torch.float32")
     if t.device != q.device:
         raise ValueError(f"{name} device {t.device} must match q device {q.device}")
 

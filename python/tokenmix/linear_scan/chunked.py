@@ -295,9 +295,7 @@ def chunked_linear_scan(
             size = min(chunk_size, length)
         num = math.ceil(length / size)
         pad = num * size - length
-        qs, ks, vs, gs, gks = (
-            _chunks(_pad_time(t, pad), num, size) for t in (qs, ks, vs, gs, gks)
-        )
+        qs, ks, vs, gs, gks = (_chunks(_pad_time(t, pad), num, size) for t in (qs, ks, vs, gs, gks))
         h0 = _initial_state(initial_state, ssl, acc)
         if gks is not None:
             o, final = _gated_chunks(qs, ks, vs, gks, h0, sub)

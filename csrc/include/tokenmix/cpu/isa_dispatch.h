@@ -11,6 +11,7 @@ namespace tokenmix::cpu {
   void neighborhood_forward_cpu(const NeighborhoodProblem& p);     \
   void neighborhood_backward_cpu(const NeighborhoodProblem& p);    \
   void linear_scan_cpu(const LinearScanProblem& p, bool backward); \
+  void delta_rule_cpu(const LinearScanProblem& p, bool backward);  \
   }
 TOKENMIX_DECLARE_ISA_KERNELS(generic)
 TOKENMIX_DECLARE_ISA_KERNELS(avx2)
@@ -24,5 +25,6 @@ const char* selected_isa();
 void neighborhood_forward(const NeighborhoodProblem& p);
 void neighborhood_backward(const NeighborhoodProblem& p);
 void linear_scan(const LinearScanProblem& p, bool backward);
+void delta_rule(const LinearScanProblem& p, bool backward);
 
 }  // namespace tokenmix::cpu
