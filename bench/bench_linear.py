@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     else:
         seq = args.T or 8192
-        variants = sorted(VARIANTS) if args.all else [args.variant or "simple_gla"]
+        variants = list(VARIANTS) if args.all else [args.variant or "simple_gla"]
         plan = [(v, seq, modes, backends) for v in variants]
     plan = [(v, t, ms, bs) for v, t, ms, bs in plan if ms and bs]
     if any(t < 1 for _, t, _, _ in plan) or min(args.batch, args.heads, args.dim) < 1:

@@ -494,3 +494,15 @@ def test_module_errors():
     module = LinearAttention(32, 4, normalize=True, feature_map="elu+1")
     with pytest.raises(ValueError, match="normalize=True cannot"):
         module(torch.randn(1, 5, 32), state=torch.zeros(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("variant", ["g", "gated_delta"])
+@pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0)])
+def test_empty_inputs(variant, batch, seq):
+    inputs = make_inputs(variant, batch=batch, seq=seq, state=True)
+    o, state = public(variant)(**inputs, output_final_state=True)
+    assert o.shape == (batch, seq, 2, 40) and state.dtype == torch.float32
+    torch.testing.assert_close(state, inputs["initial_state"])
+    q = torch.zeros(0, 2, 8)
+    o, s = linear_attention_step(q, q, torch.zeros(0, 2, 3), None)
+    assert o.shape == (0, 2, 3) and s.shape == (0, 2, 8, 3)

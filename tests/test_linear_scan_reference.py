@@ -532,3 +532,18 @@ def test_bad_chunk_sizes():
         chunked_linear_attention(**kw, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size must be an int"):
         chunked_delta_rule(**_small(delta=True), chunk_size=16.0)
+
+
+@pytest.mark.parametrize(
+    "impl", [naive_linear_attention, chunked_linear_attention, naive_delta_rule, chunked_delta_rule]
+)
+@pytest.mark.parametrize("batch,seq", [(0, 5), (2, 0)])
+def test_empty_inputs(impl, batch, seq):
+    delta = impl in (naive_delta_rule, chunked_delta_rule)
+    kw = make_inputs(batch=batch, seq=seq, dim_k=4, dim_v=3, state=True, delta=delta)
+    kw["initial_state"].requires_grad_()
+    o, state = impl(**kw, output_final_state=True)
+    assert o.shape == (batch, seq, 2, 3) and state.shape == (batch, 2, 4, 3)
+    torch.testing.assert_close(state, kw["initial_state"].detach())
+    state.sum().backward()  # the final state is the initial state, gradient included
+    torch.testing.assert_close(kw["initial_state"].grad, torch.ones_like(state))

@@ -25,6 +25,9 @@ bfloat16). The auxiliary tensors (``g``, ``g_gamma``, ``gk``, ``beta``,
 ``initial_state``) are either in ``q``'s dtype or float32; everything is computed in
 float32 (float64 for float64 inputs). All tensors must be on ``q``'s device.
 
+Empty batches (``B == 0``) and empty sequences (``T == 0``, without ``cu_seqlens``)
+are valid: the output is empty and the final state is the initial state.
+
 Every error is a ``ValueError`` (``TypeError`` when an argument has the wrong Python
 type) whose message names the offending argument.
 """
@@ -103,8 +106,8 @@ def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
     if v.dim() != 4:
         raise ValueError(f"v must be a 4-D tensor [B, T, H, V], got shape {tuple(v.shape)}")
     batch, seq, heads, dim_k = q.shape
-    if min(batch, seq, heads, dim_k) < 1:
-        raise ValueError(f"q must have B, T, H and K all >= 1, got shape {tuple(q.shape)}")
+    if min(heads, dim_k) < 1:
+        raise ValueError(f"q must have H and K >= 1, got shape {tuple(q.shape)}")
     if tuple(k.shape) != tuple(q.shape):
         raise ValueError(
             f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)} ([B, T, H, K])"
@@ -316,8 +319,8 @@ def check_step(
                 f"{tuple(t.shape)}"
             )
     num, heads, dim_k = q.shape
-    if min(num, heads, dim_k) < 1:
-        raise ValueError(f"q must have N, H and K all >= 1, got shape {tuple(q.shape)}")
+    if min(heads, dim_k) < 1:
+        raise ValueError(f"q must have H and K >= 1, got shape {tuple(q.shape)}")
     if tuple(k.shape) != tuple(q.shape):
         raise ValueError(f"k shape {tuple(k.shape)} must equal q shape {tuple(q.shape)}")
     if tuple(v.shape[:2]) != (num, heads) or v.shape[2] < 1:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .args import accumulation_dtype, check_delta_rule, check_linear_attention
-from .reference import sequence_segments
+from .reference import empty_result, sequence_segments
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -281,6 +281,8 @@ def chunked_linear_scan(
     """
     _check_chunk_sizes(chunk_size, subchunk_size, gk is not None)
     batch, seq = q.shape[:2]
+    if batch == 0 or seq == 0:
+        return empty_result(q, v, initial_state, batch)
     acc = accumulation_dtype(q.dtype)
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     outs, finals = [], []
@@ -325,6 +327,8 @@ def chunked_delta_scan(
     """
     _check_chunk_sizes(chunk_size, 1, False)
     batch, seq = q.shape[:2]
+    if batch == 0 or seq == 0:
+        return empty_result(q, v, initial_state, batch)
     acc = accumulation_dtype(q.dtype)
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     outs, finals = [], []
@@ -400,6 +404,9 @@ def linear_attention_from_scan(
     ``normalize=True`` with a second scan over ``v = 1`` (the decayed key sum).
     """
     acc = accumulation_dtype(q.dtype)
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
+        o, final = empty_result(q, v, initial_state, q.shape[0])
+        return o, (final if output_final_state else None)
     h0 = None if initial_state is None else initial_state.to(acc)
     if not causal:
         o, final = bidirectional_linear_attention(q, k, v, scale, h0, offsets, normalize)
@@ -436,6 +443,9 @@ def delta_rule_from_scan(
     """The delta rule on validated inputs: casts ``beta``, ``g`` and the initial state
     to the accumulation dtype and ``cu_seqlens`` to int64, then runs ``scan``."""
     acc = accumulation_dtype(q.dtype)
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
+        o, final = empty_result(q, v, initial_state, q.shape[0])
+        return o, (final if output_final_state else None)
     o, final = scan(
         q,
         k,

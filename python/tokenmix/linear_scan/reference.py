@@ -33,7 +33,20 @@ from torch import Tensor
 
 from .args import accumulation_dtype, check_delta_rule, check_linear_attention
 
-__all__ = ["naive_delta_rule", "naive_linear_attention", "sequence_segments"]
+__all__ = ["empty_result", "naive_delta_rule", "naive_linear_attention", "sequence_segments"]
+
+
+def empty_result(
+    q: Tensor, v: Tensor, initial_state: Tensor | None, num_states: int
+) -> tuple[Tensor, Tensor]:
+    """The result for ``B == 0`` or ``T == 0``: an empty output and the initial state
+    (zeros without one) as the final state."""
+    batch, seq, heads, dim_k = q.shape
+    out = q.new_zeros(batch, seq, heads, v.shape[-1])
+    acc = accumulation_dtype(q.dtype)
+    if initial_state is not None:
+        return out, initial_state.to(acc).clone()
+    return out, q.new_zeros(num_states, heads, dim_k, v.shape[-1], dtype=acc)
 
 
 def sequence_segments(batch: int, seq: int, offsets: list[int] | None) -> list[tuple]:
@@ -103,6 +116,9 @@ def naive_linear_attention(
     )
     batch, seq, heads, dim_k = q.shape
     dim_v = v.shape[-1]
+    if batch == 0 or seq == 0:
+        o, final = empty_result(q, v, initial_state, batch)
+        return o, (final if output_final_state else None)
     acc = accumulation_dtype(q.dtype)
     qf = q.to(acc) * scale
     kf = k.to(acc)
@@ -119,14 +135,13 @@ def naive_linear_attention(
 
     outs, finals = [], []
     for bsl, start, end, ssl in sequence_segments(batch, seq, offsets):
-        nb = batch if offsets is None else 1
-        state = _initial(initial_state, ssl, (nb, heads, dim_k, dim_v), acc, q.device)
-        ksum = torch.zeros(nb, heads, dim_k, dtype=acc, device=q.device)
+        state = _initial(initial_state, ssl, (batch, heads, dim_k, dim_v), acc, q.device)
+        ksum = torch.zeros(batch, heads, dim_k, dtype=acc, device=q.device)
         steps = []
         for t in range(start, end):
             q_t, k_t, v_t = qf[bsl, t], kf[bsl, t], vf[bsl, t]
             if log_decay is not None:
-                a_t = log_decay[bsl, t].exp()  # [nb, H, 1 or K]
+                a_t = log_decay[bsl, t].exp()  # [B, H, 1 or K]
                 state = state * a_t[..., None]
                 ksum = ksum * a_t
             state = state + k_t[..., :, None] * v_t[..., None, :]
@@ -187,6 +202,9 @@ def naive_delta_rule(
     )
     batch, seq, heads, dim_k = q.shape
     dim_v = v.shape[-1]
+    if batch == 0 or seq == 0:
+        o, final = empty_result(q, v, initial_state, batch)
+        return o, (final if output_final_state else None)
     acc = accumulation_dtype(q.dtype)
     qf = q.to(acc) * scale
     kf = k.to(acc)
@@ -196,8 +214,7 @@ def naive_delta_rule(
 
     outs, finals = [], []
     for bsl, start, end, ssl in sequence_segments(batch, seq, offsets):
-        nb = batch if offsets is None else 1
-        state = _initial(initial_state, ssl, (nb, heads, dim_k, dim_v), acc, q.device)
+        state = _initial(initial_state, ssl, (batch, heads, dim_k, dim_v), acc, q.device)
         steps = []
         for t in range(start, end):
             q_t, k_t, v_t = qf[bsl, t], kf[bsl, t], vf[bsl, t]

@@ -1,0 +1,206 @@
+"""Fused CPU scans: autograd and fake (meta) registrations, and the entry points
+used by :mod:`tokenmix.linear_scan.functional`.
+
+The ops (``torch.ops.tokenmix.linear_scan_forward/backward`` and
+``delta_rule_forward/backward``) are defined and implemented in C++
+(csrc/linear_scan/). Decays, gates, beta and states are passed to them in the
+accumulation dtype (float32; float64 for float64 inputs); the conversions here
+are differentiable, so gradients reach the caller's tensors in their dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ops
+
+
+def kernels_available() -> bool:
+    """True when the compiled scan kernels are loaded."""
+    return _ops.load_error is None and hasattr(torch.ops.tokenmix, "linear_scan_forward")
+
+
+def _acc_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _acc(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if x is None else x.to(dtype).contiguous()
+
+
+def _cu(cu_seqlens: Tensor | None) -> Tensor | None:
+    return None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
+
+
+def fused_linear_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    gk: Tensor | None,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Chunked scan S_t = diag(e^{gk_t}) e^{g_t} S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t."""
+    acc = _acc_dtype(q)
+    return torch.ops.tokenmix.linear_scan_forward(
+        _unit(q),
+        _unit(k),
+        _unit(v),
+        _acc(g, acc),
+        _acc(gk, acc),
+        _acc(initial_state, acc),
+        _cu(cu_seqlens),
+        float(scale),
+    )
+
+
+def fused_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None,
+    initial_state: Tensor | None,
+    cu_seqlens: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Chunked (gated) delta rule S_t = e^{g_t}(I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T."""
+    acc = _acc_dtype(q)
+    return torch.ops.tokenmix.delta_rule_forward(
+        _unit(q),
+        _unit(k),
+        _unit(v),
+        _acc(beta, acc),
+        _acc(g, acc),
+        _acc(initial_state, acc),
+        _cu(cu_seqlens),
+        float(scale),
+    )
+
+
+def _num_seqs(q: Tensor, cu_seqlens: Tensor | None) -> int:
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+if kernels_available():
+
+    @torch.library.register_fake("tokenmix::linear_scan_forward")
+    def _linear_scan_forward_fake(q, k, v, g, gk, initial_state, cu_seqlens, scale):
+        b, t, h, kd = q.shape
+        out = q.new_empty((b, t, h, v.shape[-1]))
+        state = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=_acc_dtype(q))
+        return out, state
+
+    @torch.library.register_fake("tokenmix::linear_scan_backward")
+    def _linear_scan_backward_fake(
+        grad_out, grad_final_state, q, k, v, g, gk, initial_state, cu_seqlens, scale
+    ):
+        acc = _acc_dtype(q)
+        b, t, h, kd = q.shape
+        dg = q.new_empty(g.shape, dtype=acc) if g is not None else q.new_empty((0,), dtype=acc)
+        dgk = q.new_empty(gk.shape, dtype=acc) if gk is not None else q.new_empty((0,), dtype=acc)
+        dh0 = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=acc)
+        return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), dg, dgk, dh0
+
+    @torch.library.register_fake("tokenmix::delta_rule_forward")
+    def _delta_rule_forward_fake(q, k, v, beta, g, initial_state, cu_seqlens, scale):
+        b, t, h, kd = q.shape
+        out = q.new_empty((b, t, h, v.shape[-1]))
+        state = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=_acc_dtype(q))
+        return out, state
+
+    @torch.library.register_fake("tokenmix::delta_rule_backward")
+    def _delta_rule_backward_fake(
+        grad_out, grad_final_state, q, k, v, beta, g, initial_state, cu_seqlens, scale
+    ):
+        acc = _acc_dtype(q)
+        b, t, h, kd = q.shape
+        dg = q.new_empty(g.shape, dtype=acc) if g is not None else q.new_empty((0,), dtype=acc)
+        dh0 = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=acc)
+        return (
+            q.new_empty(q.shape),
+            q.new_empty(k.shape),
+            q.new_empty(v.shape),
+            q.new_empty(beta.shape, dtype=acc),
+            dg,
+            dh0,
+        )
+
+    def _scan_setup(ctx, inputs, output):
+        q, k, v, g, gk, h0, cu, scale = inputs
+        ctx.save_for_backward(q, k, v, g, gk, h0, cu)
+        ctx.scale = scale
+
+    def _scan_backward(ctx, grad_out, grad_state):
+        q, k, v, g, gk, h0, cu = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+        dq, dk, dv, dg, dgk, dh0 = torch.ops.tokenmix.linear_scan_backward(
+            grad_out.contiguous(),
+            None if grad_state is None else grad_state.contiguous(),
+            q,
+            k,
+            v,
+            g,
+            gk,
+            h0,
+            cu,
+            ctx.scale,
+        )
+        return (
+            dq,
+            dk,
+            dv,
+            dg if g is not None else None,
+            dgk if gk is not None else None,
+            dh0 if h0 is not None else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "tokenmix::linear_scan_forward", _scan_backward, setup_context=_scan_setup
+    )
+
+    def _delta_setup(ctx, inputs, output):
+        q, k, v, beta, g, h0, cu, scale = inputs
+        ctx.save_for_backward(q, k, v, beta, g, h0, cu)
+        ctx.scale = scale
+
+    def _delta_backward(ctx, grad_out, grad_state):
+        q, k, v, beta, g, h0, cu = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+        dq, dk, dv, dbeta, dg, dh0 = torch.ops.tokenmix.delta_rule_backward(
+            grad_out.contiguous(),
+            None if grad_state is None else grad_state.contiguous(),
+            q,
+            k,
+            v,
+            beta,
+            g,
+            h0,
+            cu,
+            ctx.scale,
+        )
+        return (
+            dq,
+            dk,
+            dv,
+            dbeta,
+            dg if g is not None else None,
+            dh0 if h0 is not None else None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(
+        "tokenmix::delta_rule_forward", _delta_backward, setup_context=_delta_setup
+    )
