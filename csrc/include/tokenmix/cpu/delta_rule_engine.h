@@ -53,7 +53,7 @@ struct DeltaEngine {
     // chunk inputs and factors
     Buffer<T> q, k, kt, v, qg, kd, G, eg, beta;
     // forward intermediates
-    Buffer<T> P, R, U, Ut, KK, A, o, S, states;
+    Buffer<T> P, R, U, Ut, KK, A, Gam, o, S, states;
     // backward
     Buffer<T> St, dSt, dO, dU, dA, dR, dL, dP, dq, dk, dv, dS, dKh, dG, dbeta, tmp;
   };
@@ -66,7 +66,8 @@ struct DeltaEngine {
     w.Ut.assign(size_t(vp) * cp, T(0));
     w.KK.assign(size_t(C) * cp, T(0));
     w.A.assign(size_t(C) * cp, T(0));
-    w.G.assign(size_t(C), T(0));
+    w.Gam.assign(size_t(C) * cp, T(0));
+    w.G.assign(size_t(cp), T(0));
     w.eg.assign(size_t(C), T(0));
     w.beta.assign(size_t(C), T(0));
     w.S.assign(size_t(K) * vp, T(0));
@@ -84,7 +85,7 @@ struct DeltaEngine {
     }
   }
 
-  T gamma(const Work& w, int i, int j) const { return T(std::exp(double(w.G[i] - w.G[j]))); }
+  T gamma(const Work& w, int i, int j) const { return w.Gam[int64_t(i) * cp + j]; }
 
   void load_state(T* S, const void* src, int64_t n, int64_t h) const {
     for (int d = 0; d < K; ++d)
@@ -145,6 +146,16 @@ struct DeltaEngine {
             StridedRows<const T>{w.kt.data(), cp}, StridedRows<T>{w.KK.data(), cp}, false);
     gemm<T>(kChunk, cp, K, StridedRows<const T>{w.q.data(), kp}, 1,
             StridedRows<const T>{w.kt.data(), cp}, StridedRows<T>{w.A.data(), cp}, false);
+    // Gamma_ij = e^{G_i - G_j} for j <= i < c (vectorized; 0 elsewhere).
+    for (int j = kChunk; j < cp; ++j) w.G[j] = w.G[kChunk - 1];
+    for (int i = 0; i < kChunk; ++i) {
+      T* row = w.Gam.data() + int64_t(i) * cp;
+      const V gi = vbroadcast<V>(w.G[i]);
+      for (int j = 0; j < cp; j += W)
+        vstore(row + j, vexp2((gi - vload<V>(w.G.data() + j)) * T(1.4426950408889634)));
+      for (int j = 0; j < cp; ++j)
+        if (i >= c || j > i) row[j] = 0;
+    }
     for (int i = 0; i < kChunk; ++i)
       for (int j = 0; j < cp; ++j) {
         const bool in = i < c && j <= i;
