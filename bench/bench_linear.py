@@ -89,6 +89,14 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "gated_delta": ("delta", "g"),
 }
 BACKENDS = ("fused", "chunked", "naive", "sdpa", "fla")
+# Labels of rows that did not run (those that ran say what exactly ran).
+LABELS = {
+    "fused": "fused",
+    "chunked": "chunked (PyTorch)",
+    "naive": "naive recurrence",
+    "sdpa": "sdpa causal (softmax)",
+    "fla": "fla (pure PyTorch)",
+}
 MODES = ("fwd", "fwd+bwd")
 # |fused - chunked| <= ATOL + RTOL * max|chunked| (float32; long sums of T terms).
 RTOL, ATOL = 1e-3, 1e-4
@@ -353,7 +361,7 @@ def run_case(case: Case, modes, backends, args, counter: list[int], total: int) 
             try:
                 fn, tensors, label = build(backend, case, inputs, args)
             except Skip as exc:
-                row.update(label=backend, status="skipped", note=str(exc))
+                row.update(label=LABELS[backend], status="skipped", note=str(exc))
                 rows.append(row)
                 continue
             row["label"] = label

@@ -9,6 +9,8 @@ chunked pure-PyTorch scan otherwise).
 from __future__ import annotations
 
 import doctest
+import pathlib
+import re
 import sys
 import types
 
@@ -220,12 +222,14 @@ def test_public_bidirectional(normalize, varlen):
 
 
 @pytest.mark.parametrize("variant", DECAYS)
-def test_public_normalize(variant):
-    inputs = make_inputs(variant, seq=100)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_public_normalize(variant, varlen):
+    inputs = make_inputs(variant, batch=1 if varlen else 2, seq=100)
     inputs["q"], inputs["k"] = F.elu(inputs["q"]) + 1, F.elu(inputs["k"]) + 1
-    assert_close(
-        run(linear_attention, inputs, normalize=True), oracle(variant, inputs, normalize=True), 1e-4
-    )
+    options = {"normalize": True}
+    if varlen:
+        options["cu_seqlens"] = torch.tensor([0, 1, 70, 100])
+    assert_close(run(linear_attention, inputs, **options), oracle(variant, inputs, **options), 1e-4)
 
 
 def test_public_errors():
@@ -437,11 +441,29 @@ def test_module_shapes_and_grads(index):
     assert state.dtype == torch.float32 and state.shape[:2] == (2, module.num_heads)
 
 
-@pytest.mark.parametrize("index", range(len(LINEAR_CONFIGS) + 2))
+def _decodes(module) -> bool:
+    return not getattr(module, "normalize", False) and getattr(module, "causal", True)
+
+
+_ALL_MODULES = range(len(LINEAR_CONFIGS) + 2)
+_DECODING = [i for i in _ALL_MODULES if _decodes(_modules()[i])]
+_NORMALIZED = [i for i in _ALL_MODULES if getattr(_modules()[i], "normalize", False)]
+
+
+@pytest.mark.parametrize("index", _NORMALIZED)
+def test_normalized_module_rejects_a_state(index):
+    # A normalized layer's state cannot carry the running key sum, so decoding
+    # from a state is refused with an error rather than computed wrongly.
+    module = _modules()[index]
+    x = torch.randn(2, 5, 32)
+    state = torch.zeros(2, module.num_heads, module.head_dim, module.head_dim)
+    with pytest.raises(ValueError):
+        module(x, state=state)
+
+
+@pytest.mark.parametrize("index", _DECODING)
 def test_module_decoding_equals_full_sequence(index):
     module = _modules()[index]
-    if getattr(module, "normalize", False) or not getattr(module, "causal", True):
-        pytest.skip("normalized / bidirectional layers do not decode")
     x = torch.randn(2, 40, 32)
     with torch.no_grad():
         full, full_state = module(x, output_final_state=True)
@@ -506,3 +528,11 @@ def test_empty_inputs(variant, batch, seq):
     q = torch.zeros(0, 2, 8)
     o, s = linear_attention_step(q, q, torch.zeros(0, 2, 3), None)
     assert o.shape == (0, 2, 3) and s.shape == (0, 2, 8, 3)
+
+
+def test_docs_examples_run():
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "linear_attention.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"linear_attention.md:block{i}", "exec"), {})

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import nn  # noqa: E402
+from . import linear_scan, neighborhood, nn  # noqa: E402
 from ._info import info  # noqa: E402
+from .linear_scan import (  # noqa: E402
+    delta_rule,
+    delta_rule_step,
+    linear_attention,
+    linear_attention_step,
+)
 from .neighborhood import (  # noqa: E402
     na1d,
     na2d,
@@ -16,11 +22,17 @@ from .neighborhood import (  # noqa: E402
 
 __all__ = [
     "__version__",
+    "delta_rule",
+    "delta_rule_step",
     "info",
+    "linear_attention",
+    "linear_attention_step",
+    "linear_scan",
     "na1d",
     "na2d",
     "na3d",
     "neighborhood_attention",
+    "neighborhood",
     "neighborhood_attention_reference",
     "nn",
 ]

@@ -99,8 +99,8 @@ def _chunks(x: Tensor | None, num: int, size: int) -> Tensor | None:
     return x.reshape(*x.shape[:2], num, size, *x.shape[3:])
 
 
-def _causal_mask(size: int, device: torch.device, diagonal: int = 0) -> Tensor:
-    return torch.ones(size, size, dtype=torch.bool, device=device).tril(diagonal)
+def _causal_mask(size: int, device: torch.device) -> Tensor:
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
 
 
 def _pairwise_decay(G: Tensor, mask: Tensor) -> Tensor:
@@ -121,8 +121,8 @@ def _states_before_chunks(
     ``updates`` ``[B, H, NC, K, V]`` is each chunk's own contribution (keys decayed
     to the chunk end), ``decay`` the whole-chunk decay (``[B, H, NC]`` or
     ``[B, H, NC, K]``; None for none). Without decay the states are a cumulative
-    sum; with decay they are a short sequential loop over chunks (never a product of
-    decays over more than one chunk).
+    sum; with decay they are a sequential loop over chunks (never a product of decays
+    over more than one chunk).
     """
     batch, heads, num, dim_k, dim_v = updates.shape
     if initial is None:

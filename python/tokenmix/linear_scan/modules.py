@@ -142,14 +142,15 @@ class LinearAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         q, k, v = self.qkv(x).unflatten(-1, (3, h, d)).unbind(2)
         q, k = self._features(q), self._features(k)
+        # Gates in the accumulation dtype (float32 for low-precision models).
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         g = gk = None
         if self.decay == "scalar":
-            g = F.logsigmoid(self.g_proj(x)) / self.gate_logit_normalizer
+            g = F.logsigmoid(self.g_proj(x).to(acc)) / self.gate_logit_normalizer
         elif self.decay == "gated":
-            gk = (F.logsigmoid(self.g_proj(x)) / self.gate_logit_normalizer).unflatten(-1, (h, d))
-        g_gamma = self.g_gamma
-        if g_gamma is not None and g_gamma.dtype != torch.float32 and g_gamma.dtype != q.dtype:
-            g_gamma = g_gamma.float()
+            gk = F.logsigmoid(self.g_proj(x).to(acc)) / self.gate_logit_normalizer
+            gk = gk.unflatten(-1, (h, d))
+        g_gamma = None if self.g_gamma is None else self.g_gamma.to(acc)
         if seq == 1 and cu_seqlens is None and self.causal and not self.normalize:
             o, new_state = linear_attention_step(
                 q[:, 0],
@@ -270,10 +271,11 @@ class GatedDeltaNet(nn.Module):
         q = F.normalize(F.silu(self.q_proj(x)).unflatten(-1, (h, self.head_dim)), dim=-1)
         k = F.normalize(F.silu(self.k_proj(x)).unflatten(-1, (h, self.head_dim)), dim=-1)
         v = F.silu(self.v_proj(x)).unflatten(-1, (h, self.head_v_dim))
-        beta = torch.sigmoid(self.b_proj(x))
+        # beta and g in the accumulation dtype (float32 for low-precision models).
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        beta = torch.sigmoid(self.b_proj(x).to(acc))
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         a = self.a_proj(x).to(acc) + self.dt_bias.to(acc)
         g = -self.A_log.to(acc).exp() * F.softplus(a)
         if seq == 1 and cu_seqlens is None:
