@@ -31,6 +31,7 @@ build: $(STAMP)
 demo: build
 	$(PY) -m tokenmix info
 	$(PY) bench/bench_na.py --threads $(THREADS)
+	$(PY) bench/bench_linear.py --threads $(THREADS)
 
 test: build lint
 	$(PY) -m tokenmix info
@@ -38,6 +39,7 @@ test: build lint
 
 bench: build
 	$(PY) bench/bench_na.py --threads $(THREADS) --markdown
+	$(PY) bench/bench_linear.py --threads $(THREADS) --markdown
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check python tests bench
