@@ -128,6 +128,8 @@ struct Engine {
   T qscale;  // softmax scale in log2 units
   RowSource<T> keys, values;
   Buffer<T> key_copy, value_copy;
+  // Window [lo, hi) of every (dilation group, group coordinate) per dimension.
+  Buffer<int> win_lo[3], win_hi[3];
 
   Engine(const NeighborhoodProblem& prob, bool backward) : p(prob) {
     group_heads = int(p.heads / p.kv_heads);
@@ -141,6 +143,19 @@ struct Engine {
     dvp = round_up(Dv, W);
     for (int t = 0; t < 3; ++t) rpb_dims[t] = 2 * p.dims[t].kernel - 1;
     qscale = T(p.scale * kLog2e);
+    for (int t = 0; t < 3; ++t) {
+      const WindowDim& wd = p.dims[t];
+      const int64_t n = int64_t(wd.dilation) * sched.max_group_len[t];
+      win_lo[t].assign(size_t(n), 0);
+      win_hi[t].assign(size_t(n), 0);
+      for (int grp = 0; grp < wd.dilation; ++grp) {
+        const int glen = dilation_group_length(wd.length, wd.dilation, grp);
+        for (int c = 0; c < glen; ++c)
+          window_range(c, glen, wd.kernel, wd.stride, wd.causal,
+                       &win_lo[t][size_t(grp) * sched.max_group_len[t] + c],
+                       &win_hi[t][size_t(grp) * sched.max_group_len[t] + c]);
+      }
+    }
     // Read K/V in place when they are T already and rows can be loaded as
     // whole vectors; otherwise convert once. The backward reads key rows as
     // vectors (dQ = dS K) so it needs padded rows too.
@@ -171,6 +186,7 @@ struct Engine {
   struct Lanes {
     Buffer<I> lo[3], hi[3];  // window per dimension, per lane
     Buffer<int> q[3];        // query group coordinates per lane
+    Buffer<int> x[3];        // query real coordinates per lane
     Buffer<int> head;        // query head per lane (-1: inactive)
     Buffer<int64_t> token;   // flat query token per lane
   };
@@ -198,6 +214,7 @@ struct Engine {
       w.ln.lo[t].assign(L, 0);
       w.ln.hi[t].assign(L, 0);
       w.ln.q[t].assign(L, 0);
+      w.ln.x[t].assign(L, 0);
     }
     w.ln.head.assign(L, -1);
     w.ln.token.assign(L, 0);
@@ -233,12 +250,20 @@ struct Engine {
            sched.real_coord(g, 2, c2);
   }
 
-  // Fills the lane table of a tile; returns the number of active lanes.
+  // Fills the lane table of a tile (window bounds come from the precomputed
+  // per-dimension tables: no divisions per lane).
   void setup_lanes(const TileGeometry& g, int64_t hk, Lanes& ln) const {
     for (int l = 0; l < lanes; ++l) {
       ln.head[l] = -1;
       for (int t = 0; t < 3; ++t) ln.lo[t][l] = ln.hi[t][l] = 0;  // sees nothing
     }
+    const int* lo_t[3];
+    const int* hi_t[3];
+    for (int t = 0; t < 3; ++t) {
+      lo_t[t] = win_lo[t].data() + int64_t(g.group[t]) * sched.max_group_len[t];
+      hi_t[t] = win_hi[t].data() + int64_t(g.group[t]) * sched.max_group_len[t];
+    }
+    const int64_t l1 = p.dims[1].length, l2 = p.dims[2].length;
     for (int hg = 0; hg < group_heads; ++hg)
       for (int i0 = 0; i0 < g.count[0]; ++i0)
         for (int i1 = 0; i1 < g.count[1]; ++i1)
@@ -246,15 +271,20 @@ struct Engine {
             const int l = hg * tile_queries + (i0 * tile[1] + i1) * tile[2] + i2;
             const int qc[3] = {g.first[0] + i0, g.first[1] + i1, g.first[2] + i2};
             ln.head[l] = int(hk * group_heads + hg);
-            ln.token[l] = token_of(g, qc[0], qc[1], qc[2]);
             for (int t = 0; t < 3; ++t) {
-              int lo, hi;
-              sched.window(g, t, qc[t], &lo, &hi);
-              ln.lo[t][l] = I(lo);
-              ln.hi[t][l] = I(hi);
+              ln.lo[t][l] = I(lo_t[t][qc[t]]);
+              ln.hi[t][l] = I(hi_t[t][qc[t]]);
               ln.q[t][l] = qc[t];
+              ln.x[t][l] = sched.real_coord(g, t, qc[t]);
             }
+            ln.token[l] = (int64_t(ln.x[0][l]) * l1 + ln.x[1][l]) * l2 + ln.x[2][l];
           }
+  }
+
+  // Element offset of lane l's row in a [B, S0, S1, S2, H, D] view.
+  int64_t lane_offset(const StridedView& view, int64_t b, const Lanes& ln, int l) const {
+    return b * view.stride[0] + ln.x[0][l] * view.stride[1] + ln.x[1][l] * view.stride[2] +
+           ln.x[2][l] * view.stride[3] + ln.head[l] * view.stride[4];
   }
 
   // Calls fn(chunk) for each chunk of keys of the tile's key box (rows that no
@@ -346,7 +376,6 @@ struct Engine {
   // (row-major) and/or dst_t[dim][lanes] (transposed), multiplied by mult.
   void load_lanes(const StridedView& view, int64_t b, const Lanes& ln, int dim, T mult, T* dst,
                   int ld, T* dst_t) const {
-    const int64_t l1 = p.dims[1].length, l2 = p.dims[2].length;
     for (int l = 0; l < lanes; ++l) {
       if (ln.head[l] < 0) {
         if (dst) fill(dst + int64_t(l) * ld, dst + int64_t(l + 1) * ld, T(0));
@@ -354,10 +383,7 @@ struct Engine {
           for (int d = 0; d < dim; ++d) dst_t[int64_t(d) * lanes + l] = T(0);
         continue;
       }
-      const int64_t tok = ln.token[l];
-      const int64_t x2 = tok % l2, x1 = (tok / l2) % l1, x0 = tok / (l2 * l1);
-      const In* src = static_cast<const In*>(view.data) + b * view.stride[0] + x0 * view.stride[1] +
-                      x1 * view.stride[2] + x2 * view.stride[3] + ln.head[l] * view.stride[4];
+      const In* src = static_cast<const In*>(view.data) + lane_offset(view, b, ln, l);
       if (dst) {
         T* row = dst + int64_t(l) * ld;
         for (int d = 0; d < dim; ++d) row[d] = T(to_float(src[d])) * mult;
@@ -470,13 +496,10 @@ void Engine<In, T>::forward_tile(Work& w, int64_t b, int64_t hk, const TileGeome
             StridedRows<T>{w.o.data(), dvp}, true);
   });
 
-  const int64_t l1 = p.dims[1].length, l2 = p.dims[2].length;
   for (int l = 0; l < L; ++l) {
     if (w.ln.head[l] < 0) continue;
     const int64_t tok = w.ln.token[l];
-    const int64_t x2 = tok % l2, x1 = (tok / l2) % l1, x0 = tok / (l2 * l1);
-    In* dst = static_cast<In*>(p.out.data) + b * p.out.stride[0] + x0 * p.out.stride[1] +
-              x1 * p.out.stride[2] + x2 * p.out.stride[3] + w.ln.head[l] * p.out.stride[4];
+    In* dst = static_cast<In*>(p.out.data) + lane_offset(p.out, b, w.ln, l);
     const T sum = w.row_sum[l];
     const T inv = sum > T(0) ? T(1) / sum : T(0);
     const T* orow = w.o.data() + int64_t(l) * dvp;
@@ -587,13 +610,9 @@ void Engine<In, T>::backward_tile(Work& w, int64_t b, int64_t hk, const TileGeom
   });
 
   const T qs = T(p.scale);
-  const int64_t l1 = p.dims[1].length, l2 = p.dims[2].length;
   for (int l = 0; l < L; ++l) {
     if (w.ln.head[l] < 0) continue;
-    const int64_t tok = w.ln.token[l];
-    const int64_t x2 = tok % l2, x1 = (tok / l2) % l1, x0 = tok / (l2 * l1);
-    In* dst = static_cast<In*>(p.grad_q.data) + b * p.grad_q.stride[0] + x0 * p.grad_q.stride[1] +
-              x1 * p.grad_q.stride[2] + x2 * p.grad_q.stride[3] + w.ln.head[l] * p.grad_q.stride[4];
+    In* dst = static_cast<In*>(p.grad_q.data) + lane_offset(p.grad_q, b, w.ln, l);
     const T* row = w.dq.data() + int64_t(l) * dp;
     for (int d = 0; d < D; ++d) dst[d] = from_float<In>(row[d] * qs);
   }

@@ -1,0 +1,288 @@
+// The SIMT layer under nvcc: every call is the CUDA builtin or one PTX instruction, pointers are
+// plain pointers. Include "tokenmix/simt/simt.h", not this file.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include "tokenmix/simt/types.h"
+
+// Static shared memory: `TM_SHARED(float, tile, 256);` declares `tile` (indexable like an array).
+#define TM_SHARED(T, name, count) __shared__ T name[count]
+#define TM_SHARED_ALIGNED(T, name, count, align) __shared__ alignas(align) T name[count]
+
+namespace tokenmix::simt {
+
+template <class T>
+using global_ptr = T*;
+template <class T>
+using shared_ptr = T*;
+using stream_t = cudaStream_t;
+
+// Reinterpret a global or shared pointer as a pointer to another element type.
+template <class U, class T>
+TM_HOST_DEVICE U* ptr_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
+
+// ---- indices
+TM_DEVICE dim3u thread_idx() { return {threadIdx.x, threadIdx.y, threadIdx.z}; }
+TM_DEVICE dim3u block_idx() { return {blockIdx.x, blockIdx.y, blockIdx.z}; }
+TM_DEVICE dim3u block_dim() { return {blockDim.x, blockDim.y, blockDim.z}; }
+TM_DEVICE dim3u grid_dim() { return {gridDim.x, gridDim.y, gridDim.z}; }
+TM_DEVICE uint32_t linear_thread_idx() {
+  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+TM_DEVICE uint32_t lane_id() {
+  uint32_t lane;
+  asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane;
+}
+TM_DEVICE uint32_t warp_id() { return linear_thread_idx() >> 5; }
+
+// ---- barriers, shuffles, votes
+TM_DEVICE void sync_threads() { __syncthreads(); }
+TM_DEVICE void sync_warp(uint32_t mask = 0xffffffffu) { __syncwarp(mask); }
+
+template <class T>
+TM_DEVICE T shfl_sync(uint32_t mask, T v, int src_lane) {
+  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u = __shfl_sync(mask, u, src_lane);
+  memcpy(&v, &u, 4);
+  return v;
+}
+template <class T>
+TM_DEVICE T shfl_up_sync(uint32_t mask, T v, unsigned delta) {
+  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u = __shfl_up_sync(mask, u, delta);
+  memcpy(&v, &u, 4);
+  return v;
+}
+template <class T>
+TM_DEVICE T shfl_down_sync(uint32_t mask, T v, unsigned delta) {
+  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u = __shfl_down_sync(mask, u, delta);
+  memcpy(&v, &u, 4);
+  return v;
+}
+template <class T>
+TM_DEVICE T shfl_xor_sync(uint32_t mask, T v, int lane_mask) {
+  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u = __shfl_xor_sync(mask, u, lane_mask);
+  memcpy(&v, &u, 4);
+  return v;
+}
+TM_DEVICE int any_sync(uint32_t mask, int pred) { return __any_sync(mask, pred); }
+TM_DEVICE int all_sync(uint32_t mask, int pred) { return __all_sync(mask, pred); }
+TM_DEVICE uint32_t ballot_sync(uint32_t mask, int pred) { return __ballot_sync(mask, pred); }
+
+// ---- shared memory
+template <class T>
+TM_DEVICE T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char tm_dynamic_shared_memory[];
+  return reinterpret_cast<T*>(tm_dynamic_shared_memory);
+}
+
+// ---- atomics (global or shared, through the generic address)
+template <class T>
+struct identity {
+  using type = T;
+};
+template <class T>
+TM_DEVICE T atomic_add(T* p, typename identity<T>::type v) {
+  return atomicAdd(p, v);
+}
+TM_DEVICE int atomic_max(int* p, int v) { return atomicMax(p, v); }
+
+// ---- 16-byte vector accesses
+template <class T>
+TM_DEVICE u32x4 load128(const T* p) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  return {v.x, v.y, v.z, v.w};
+}
+template <class T>
+TM_DEVICE void store128(T* p, u32x4 v) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(v.x, v.y, v.z, v.w);
+}
+
+// ---- tensor cores: D = A * B + C, m16n8k16, A row major, B column major, f32 accumulate
+TM_DEVICE void mma_m16n8k16_f16f32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                   const float c[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+#endif
+}
+TM_DEVICE void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                    const float c[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// ---- ldmatrix: 8x8 b16 matrices from shared memory, one row address per lane
+template <class T>
+TM_DEVICE uint32_t shared_address(const T* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+template <class T>
+TM_DEVICE void ldmatrix_x1(uint32_t* r, const T* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
+               : "=r"(r[0])
+               : "r"(shared_address(row)));
+}
+template <class T>
+TM_DEVICE void ldmatrix_x2(uint32_t* r, const T* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(row)));
+}
+template <class T>
+TM_DEVICE void ldmatrix_x4(uint32_t* r, const T* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+template <class T>
+TM_DEVICE void ldmatrix_x1_trans(uint32_t* r, const T* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+               : "=r"(r[0])
+               : "r"(shared_address(row)));
+}
+template <class T>
+TM_DEVICE void ldmatrix_x2_trans(uint32_t* r, const T* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared_address(row)));
+}
+template <class T>
+TM_DEVICE void ldmatrix_x4_trans(uint32_t* r, const T* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row)));
+}
+
+// ---- cp.async: global -> shared copies that complete at cp_async_wait_group
+template <int Bytes, class D, class S>
+TM_DEVICE void cp_async(D* dst, const S* src) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
+                 "l"(src)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared_address(dst)),
+                 "l"(src), "n"(Bytes)
+                 : "memory");
+  }
+}
+// Copies the first `src_bytes` (0..Bytes) bytes and zero-fills the rest; src is not read when 0.
+template <int Bytes, class D, class S>
+TM_DEVICE void cp_async_zfill(D* dst, const S* src, int src_bytes) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
+                 "l"(src), "r"(src_bytes)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(shared_address(dst)),
+                 "l"(src), "n"(Bytes), "r"(src_bytes)
+                 : "memory");
+  }
+}
+TM_DEVICE void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+TM_DEVICE void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---- fast math
+TM_DEVICE float exp2f_approx(float x) { return exp2f(x); }
+TM_DEVICE float expf_approx(float x) { return __expf(x); }
+TM_DEVICE float log2f_approx(float x) { return __log2f(x); }
+TM_DEVICE float rcp(float x) { return __frcp_rn(x); }
+TM_DEVICE float rsqrt(float x) { return rsqrtf(x); }
+
+// ---- host side: registration is an emulator concept, a no-op here
+inline void register_global(const void*, size_t, const char* = nullptr) {}
+inline void unregister_global(const void*) {}
+class global_registration {
+ public:
+  global_registration(const void*, size_t, const char* = nullptr) {}
+};
+
+template <class T>
+struct buffer_arg {
+  T* ptr;
+  size_t count;
+  const char* name;
+};
+// A kernel argument that is a buffer of `count` elements (registered for the launch when emulated).
+template <class T>
+buffer_arg<T> buffer(T* ptr, size_t count, const char* name = nullptr) {
+  return {ptr, count, name};
+}
+
+template <class... P>
+struct named_kernel {
+  void (*fn)(P...);
+  const char* name;
+};
+template <class... P>
+named_kernel<P...> named(void (*fn)(P...), const char* name) {
+  return {fn, name};
+}
+
+namespace detail {
+template <class A>
+A&& unwrap(A&& a) {
+  return std::forward<A>(a);
+}
+template <class T>
+T* unwrap(buffer_arg<T> b) {
+  return b.ptr;
+}
+}  // namespace detail
+
+// kernel<<<grid, block, dynamic_shared_bytes, stream>>>(args...). Launch errors are left for
+// cudaGetLastError(), as with <<<>>>.
+template <class... P, class... A>
+void launch_on(stream_t stream, void (*kernel)(P...), dim3u grid, dim3u block,
+               size_t dynamic_shared_bytes, A&&... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "launch: wrong number of kernel arguments");
+  kernel<<<dim3(grid.x, grid.y, grid.z), dim3(block.x, block.y, block.z), dynamic_shared_bytes,
+           stream>>>(detail::unwrap(std::forward<A>(args))...);
+}
+template <class... P, class... A>
+void launch_on(stream_t stream, named_kernel<P...> kernel, dim3u grid, dim3u block,
+               size_t dynamic_shared_bytes, A&&... args) {
+  launch_on(stream, kernel.fn, grid, block, dynamic_shared_bytes, std::forward<A>(args)...);
+}
+// On the default stream (stream 0).
+template <class K, class... A>
+void launch(K kernel, dim3u grid, dim3u block, size_t dynamic_shared_bytes, A&&... args) {
+  launch_on(stream_t(nullptr), kernel, grid, block, dynamic_shared_bytes,
+            std::forward<A>(args)...);
+}
+
+}  // namespace tokenmix::simt
