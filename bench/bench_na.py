@@ -565,11 +565,7 @@ def worker_main(spec_json: str) -> int:
 
 def launch_worker(spec: dict, timeout_s: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    # Large blocks go straight to mmap (and back to the OS on free) in every
-    # worker, so peak RSS measures live memory rather than glibc heap
-    # fragmentation, which otherwise inflates chunked implementations.
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:

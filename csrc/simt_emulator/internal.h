@@ -1,0 +1,178 @@
+// Internal state of the SIMT emulator (not part of the kernel-facing API).
+#pragma once
+
+#include <ucontext.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "tokenmix/simt/simt.h"
+
+namespace tokenmix::simt::emu {
+
+constexpr uint32_t kWarpSize = 32;
+constexpr uint32_t kMaxThreads = 1024;
+// Largest shared memory of one block (sm_90, with the opt-in attribute).
+constexpr uint32_t kMaxSharedBytes = 227 * 1024;
+constexpr uint32_t kStaticSharedLimit = 48 * 1024;
+// Unallocated bytes around every shared array: small overruns land there and are reported.
+constexpr uint32_t kRedzone = 64;
+constexpr uint32_t kSharedCapacity = kMaxSharedBytes + 64 * kRedzone + 256;
+constexpr uint16_t kNobody = 0xffff;   // shadow: no thread / several threads
+constexpr uint16_t kManyWarps = 0xffff;
+
+enum class status : uint8_t { runnable, barrier, collective, exited };
+
+struct cp_async_op {
+  uint8_t* dst;
+  uint32_t bytes;
+  uint32_t group;
+  uint8_t data[16];
+};
+
+struct thread_state {
+  ucontext_t ctx;
+  uint32_t tid;  // linear index in the block
+  dim3u idx;
+  status st;
+  const char* wait_file;  // where it waits (barrier or collective)
+  int wait_line;
+  std::vector<cp_async_op> cp_ops;  // issued, not landed (in issue order)
+  size_t cp_head;
+  uint32_t cp_open_group;  // id of the group that new cp.async operations join
+};
+
+enum class coll_kind : uint8_t { sync_warp, shuffle, vote, mma, ldmatrix };
+
+struct lane_args {
+  uint32_t value, operand;
+  const void* in;
+  void* out;
+};
+
+struct collective {
+  coll_kind kind;
+  uint8_t mode;  // shfl_mode / vote_mode / bf16 flag / ldmatrix count + 8 * trans
+  uint32_t mask, arrived;
+  const char* file;
+  int line;
+  lane_args lane[kWarpSize];
+};
+
+struct warp_state {
+  uint32_t existing;  // lanes that exist (a block's last warp can be partial)
+  uint32_t exited;
+  uint32_t sync_gen;  // sync_warp generations completed
+  uint32_t pair_sync[kWarpSize][kWarpSize];  // generation of the last sync_warp two lanes shared
+  std::vector<collective> pending;
+};
+
+// Per byte of shared memory.
+struct shadow_byte {
+  uint32_t w_epoch;  // barrier interval of the last write (0: never written)
+  uint32_t w_gen;    // writer's warp sync generation at that write
+  uint32_t r_epoch;  // barrier interval of the reads recorded below
+  uint32_t r_gen;    // latest reader warp sync generation
+  uint32_t r_lanes;  // lanes of r_warp that read
+  uint16_t writer;   // tid, kNobody for atomics of several threads
+  uint16_t r_warp;   // warp of the readers, kManyWarps
+  uint16_t alloc;    // 1 + index into worker::shared_allocs, 0 = not allocated
+  uint16_t cp_thread;
+  uint8_t flags;
+  uint8_t pad[3];
+};
+constexpr uint8_t kAtomicWrite = 1, kPendingCopy = 2;
+
+struct shared_alloc {
+  const void* key;
+  uint32_t offset, bytes;
+  const char* name;
+};
+
+struct global_alloc {
+  uintptr_t begin, end;
+  std::string name;
+};
+
+struct report {
+  std::string kind, text;
+};
+
+struct launch_state {
+  launch_spec* spec;
+  std::string kernel_name;
+  uint32_t nthreads;
+  uint64_t nblocks;
+  std::vector<global_alloc> globals;  // snapshot of the registry plus the launch's buffers
+  std::atomic<uint64_t> next_block{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+};
+
+class stack_pool {
+ public:
+  ~stack_pool();
+  void* get(size_t index, size_t bytes);
+
+ private:
+  std::vector<void*> stacks_;
+  size_t bytes_ = 0;
+};
+
+struct worker {
+  launch_state* launch = nullptr;
+  dim3u block{0, 0, 0};
+  std::vector<thread_state> threads;
+  std::vector<warp_state> warps;
+  thread_state* current = nullptr;  // the fiber running now (null in the scheduler)
+  ucontext_t scheduler;
+  std::deque<uint32_t> runnable;
+  uint32_t epoch = 1, live = 0, at_barrier = 0;
+  bool failed = false;
+  report error;
+  // shared memory
+  uint8_t* smem = nullptr;
+  shadow_byte* shadow = nullptr;
+  uint32_t smem_top = 0, static_bytes = 0;
+  std::vector<shared_alloc> shared_allocs;
+  const global_alloc* last_global = nullptr;
+  stack_pool stacks;
+
+  worker();
+  ~worker();
+  void run_block(uint64_t linear_block);
+  void reset_shared(size_t dynamic_bytes);
+};
+
+worker& this_worker();
+void register_global(const void* ptr, size_t bytes, const char* name);
+void unregister_global(const void* ptr);
+void set_workers(int workers);
+void set_stack_kib(int kib);
+std::vector<global_alloc> registry_snapshot();
+thread_state& current_thread();  // aborts when called outside kernel code
+
+// Records the report and leaves the fiber for good (throws when called from the scheduler).
+[[noreturn]] void fail(const std::string& kind, const std::string& detail,
+                       const thread_state* who = nullptr);
+std::string describe_thread(const worker& w, const thread_state& t);
+std::string describe_address(const void* addr);  // "address 0x... (buffer 'x' + 16)"
+
+// Shared-memory checking for an explicit thread (ldmatrix reads are by the lane that gave the row).
+void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a);
+void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a);
+void land_cp_async(thread_state& t, uint32_t first_pending_group);
+void on_exit_cp_async(thread_state& t);
+
+// Warp collectives: blocks until every lane of `mask` arrived, then the last one computes.
+void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_args& args,
+                       const char* file, int line);
+void complete_tensor_op(warp_state& warp, uint32_t warp_index, collective& c);
+
+}  // namespace tokenmix::simt::emu

@@ -1,0 +1,448 @@
+// SIMT emulator: global buffer registry, checked global and shared accesses, the per-block shared
+// memory arena with its race shadow, atomics and cp.async.
+//
+// Shared-memory races: every byte remembers its last writer and its readers together with the
+// barrier interval ("epoch", advanced by each sync_threads) and the warp's sync_warp generation at
+// the access. Two accesses by different threads to the same byte, at least one a write, race
+// unless a sync_threads separates them (different epochs) or both threads are lanes of one warp
+// that took part in a common sync_warp after the first access. Atomics do not race with atomics.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+
+#include "internal.h"
+
+namespace tokenmix::simt::emu {
+namespace {
+
+std::mutex& registry_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<uintptr_t, global_alloc>& registry() {
+  static std::map<uintptr_t, global_alloc> r;
+  return r;
+}
+
+std::string hexaddr(uintptr_t a) {
+  char b[32];
+  std::snprintf(b, sizeof b, "0x%llx", static_cast<unsigned long long>(a));
+  return b;
+}
+
+const char* verb(access a) {
+  return a == access::read ? "read" : a == access::write ? "write" : "atomic";
+}
+
+std::string shared_where(const worker& w, uintptr_t addr) {
+  const uintptr_t base = reinterpret_cast<uintptr_t>(w.smem);
+  std::string best;
+  uintptr_t best_dist = ~uintptr_t(0);
+  for (const shared_alloc& a : w.shared_allocs) {
+    const uintptr_t b = base + a.offset, e = b + a.bytes;
+    const uintptr_t d = addr < b ? b - addr : addr >= e ? addr - e + 1 : 0;
+    if (d < best_dist) {
+      best_dist = d;
+      const long long off = static_cast<long long>(addr) - static_cast<long long>(b);
+      best = std::string("shared '") + a.name + "' " + (off < 0 ? "- " : "+ ") +
+             std::to_string(off < 0 ? -off : off) + ", an array of " + std::to_string(a.bytes) +
+             " bytes";
+    }
+  }
+  return "address " + hexaddr(addr) + (best.empty() ? "" : " (" + best + ")");
+}
+
+}  // namespace
+
+// ---- registry ----------------------------------------------------------------------------------
+
+void register_global(const void* ptr, size_t bytes, const char* name) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry()[p] = {p, p + bytes, name ? name : "buffer@" + hexaddr(p)};
+}
+
+void unregister_global(const void* ptr) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry().erase(reinterpret_cast<uintptr_t>(ptr));
+}
+
+std::vector<global_alloc> registry_snapshot() {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  std::vector<global_alloc> v;
+  for (const auto& kv : registry()) v.push_back(kv.second);
+  return v;
+}
+
+std::string describe_address(const void* p) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  worker& w = this_worker();
+  if (w.smem && addr >= reinterpret_cast<uintptr_t>(w.smem) &&
+      addr < reinterpret_cast<uintptr_t>(w.smem) + kSharedCapacity)
+    return shared_where(w, addr);
+  if (!w.launch) return "address " + hexaddr(addr);
+  for (const global_alloc& a : w.launch->globals)
+    if (addr >= a.begin && addr < a.end)
+      return "address " + hexaddr(addr) + " (buffer '" + a.name + "' + " +
+             std::to_string(addr - a.begin) + ")";
+  return "address " + hexaddr(addr);
+}
+
+// ---- global accesses ---------------------------------------------------------------------------
+
+void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
+  worker& w = this_worker();
+  if (addr % align)
+    fail("misaligned global access", std::to_string(bytes) + "-byte " + verb(a) + " at address " +
+                                         hexaddr(addr) + " is not " + std::to_string(align) +
+                                         "-byte aligned" + " (" + describe_address((void*)addr) + ")",
+         &t);
+  const global_alloc* g = w.last_global;
+  if (g && addr >= g->begin && addr + bytes <= g->end) return;
+  const global_alloc* nearest = nullptr;
+  uintptr_t nearest_dist = ~uintptr_t(0);
+  for (const global_alloc& c : w.launch->globals) {
+    if (addr >= c.begin && addr + bytes <= c.end) {
+      w.last_global = &c;
+      return;
+    }
+    const uintptr_t d = addr + bytes <= c.begin ? c.begin - addr : addr >= c.end ? addr - c.end + 1 : 0;
+    if (d < nearest_dist) nearest_dist = d, nearest = &c;
+  }
+  std::string detail = std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr);
+  if (!nearest) {
+    detail += " outside every registered buffer (none is registered: pass buffers to launch() with "
+              "buffer(ptr, count) or register_global())";
+  } else {
+    const std::string buf = "buffer '" + nearest->name + "' (" +
+                            std::to_string(nearest->end - nearest->begin) + " bytes at " +
+                            hexaddr(nearest->begin) + ")";
+    if (addr >= nearest->end)
+      detail += " is " + std::to_string(addr - nearest->end) + " bytes past the end of " + buf;
+    else if (addr + bytes <= nearest->begin)
+      detail += " is " + std::to_string(nearest->begin - addr) + " bytes before the start of " + buf;
+    else
+      detail += " straddles the bounds of " + buf;
+  }
+  fail(std::string("out-of-bounds global ") + verb(a), detail, &t);
+}
+
+// ---- shared memory arena -----------------------------------------------------------------------
+
+worker::worker() {
+  smem = static_cast<uint8_t*>(std::aligned_alloc(128, kSharedCapacity));
+  shadow = static_cast<shadow_byte*>(std::calloc(kSharedCapacity, sizeof(shadow_byte)));
+  if (!smem || !shadow) throw std::bad_alloc();
+}
+
+worker::~worker() {
+  std::free(smem);
+  std::free(shadow);
+}
+
+namespace {
+
+// Places an array at an offset aligned to exactly `align` (never to 2 * align), after a redzone.
+uint32_t place(uint32_t top, size_t align) {
+  uint32_t off = (top + kRedzone + uint32_t(align) - 1) / uint32_t(align) * uint32_t(align);
+  if (align < 128 && off % (2 * align) == 0) off += uint32_t(align);
+  return off;
+}
+
+void add_alloc(worker& w, const void* key, uint32_t off, size_t bytes, const char* name) {
+  w.shared_allocs.push_back({key, off, uint32_t(bytes), name});
+  const uint16_t id = uint16_t(w.shared_allocs.size());
+  for (uint32_t i = 0; i < bytes; ++i) w.shadow[off + i].alloc = id;
+  std::memset(w.smem + off, 0xff, bytes);  // poison (NaN as float)
+  w.smem_top = std::max<uint32_t>(w.smem_top, off + uint32_t(bytes));
+}
+
+constexpr uint32_t kDynamicOffset = 80;  // 16-byte aligned, not 32-byte aligned
+
+}  // namespace
+
+void worker::reset_shared(size_t dynamic_bytes) {
+  std::memset(shadow, 0, sizeof(shadow_byte) * std::min<size_t>(smem_top + kRedzone, kSharedCapacity));
+  shared_allocs.clear();
+  smem_top = 0;
+  static_bytes = 0;
+  add_alloc(*this, nullptr, kDynamicOffset, dynamic_bytes, "dynamic shared memory");
+}
+
+void* static_shared(const shared_site* s) {
+  thread_state& t = current_thread();
+  worker& w = this_worker();
+  for (const shared_alloc& a : w.shared_allocs)
+    if (a.key == s) return w.smem + a.offset;
+  const uint32_t off = place(w.smem_top, s->align);
+  const size_t dynamic_bytes = w.launch->spec->dynamic_shared_bytes;
+  if (w.static_bytes + s->bytes > kStaticSharedLimit)
+    fail("shared memory limit", "static shared memory exceeds 48 KiB with '" + std::string(s->name) +
+                                    "' (" + std::to_string(s->bytes) + " bytes); use dynamic shared memory",
+         &t);
+  if (w.static_bytes + s->bytes + dynamic_bytes > kMaxSharedBytes ||
+      off + s->bytes + kRedzone > kSharedCapacity)
+    fail("shared memory limit", "static plus dynamic shared memory exceeds " +
+                                    std::to_string(kMaxSharedBytes) + " bytes with '" +
+                                    std::string(s->name) + "'",
+         &t);
+  w.static_bytes += uint32_t(s->bytes);
+  add_alloc(w, s, off, s->bytes, s->name);
+  return w.smem + off;
+}
+
+void* dynamic_shared() {
+  current_thread();
+  return this_worker().smem + kDynamicOffset;
+}
+
+// ---- shared accesses ---------------------------------------------------------------------------
+
+namespace {
+
+enum class sop : uint8_t { read, write, atomic, cp_issue, cp_land };
+
+bool ordered(const worker& w, uint16_t writer, uint32_t gen, const thread_state& t) {
+  if (writer == t.tid) return true;
+  if (writer == kNobody || writer / kWarpSize != t.tid / kWarpSize) return false;
+  return w.warps[t.tid / kWarpSize].pair_sync[writer % kWarpSize][t.tid % kWarpSize] > gen;
+}
+
+std::string who(const worker& w, uint16_t tid) {
+  if (tid == kNobody) return "atomics of several threads";
+  return describe_thread(w, w.threads[tid]);
+}
+
+void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op) {
+  worker& w = this_worker();
+  const uintptr_t base = reinterpret_cast<uintptr_t>(w.smem);
+  // Report text is built only on failure.
+  auto what = [&]() -> std::string {
+    return std::to_string(bytes) + "-byte " +
+           (op == sop::read ? "read" : op == sop::atomic ? "atomic" : "write") +
+           (op == sop::cp_issue ? " by cp.async" : "");
+  };
+  auto kind = [&](const char* prefix) {
+    return std::string(prefix) + (op == sop::read ? "read" : op == sop::atomic ? "atomic" : "write");
+  };
+  if (addr < base || addr + bytes > base + kSharedCapacity)
+    fail(kind("out-of-bounds shared "),
+         what() + " at address " + hexaddr(addr) +
+             " is outside the block's shared memory (a shared_ptr that does not point into shared "
+             "memory)",
+         &t);
+  if (addr % align)
+    fail("misaligned shared access",
+         what() + " at " + shared_where(w, addr) + " is not " + std::to_string(align) + "-byte aligned",
+         &t);
+  const uint32_t off = uint32_t(addr - base);
+  shadow_byte* s = w.shadow + off;
+  const uint16_t alloc = s[0].alloc;
+  for (uint32_t i = 0; i < bytes; ++i)
+    if (s[i].alloc == 0 || s[i].alloc != alloc)
+      fail(kind("out-of-bounds shared "),
+           what() + " at " + shared_where(w, addr + i) +
+               (alloc ? " runs past the end of the array" : " is outside every shared array"),
+           &t);
+  if (op == sop::cp_land) {
+    for (uint32_t i = 0; i < bytes; ++i) {
+      shadow_byte& b = s[i];
+      b.w_epoch = w.epoch;
+      b.w_gen = w.warps[t.tid / kWarpSize].sync_gen;
+      b.writer = uint16_t(t.tid);
+      b.flags = 0;
+      b.r_epoch = 0;
+    }
+    return;
+  }
+  for (uint32_t i = 0; i < bytes; ++i)
+    if (s[i].flags & kPendingCopy)
+      fail(op == sop::read ? "read of pending cp.async destination"
+                           : "write to pending cp.async destination",
+           what() + " at " + shared_where(w, addr + i) +
+               " touches the destination of a cp.async issued by " + who(w, s[i].cp_thread) +
+               " that no cp_async_wait_group has completed yet (the data has not landed)",
+           &t);
+  const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize;
+  const warp_state& ws = w.warps[wi];
+  for (uint32_t i = 0; i < bytes; ++i) {
+    const shadow_byte& b = s[i];
+    if ((op == sop::read || op == sop::atomic) && b.w_epoch == 0)
+      fail("uninitialized shared read",
+           what() + " at " + shared_where(w, addr + i) +
+               " reads bytes no thread of this block has written yet (if another thread writes "
+               "them later without a sync_threads() in between, this is also a race)",
+           &t);
+    if (b.w_epoch == w.epoch && !(op == sop::atomic && (b.flags & kAtomicWrite)) &&
+        !ordered(w, b.writer, b.w_gen, t))
+      fail("shared memory race",
+           what() + " at " + shared_where(w, addr + i) + " conflicts with a write by " +
+               who(w, b.writer) + (b.flags & kAtomicWrite ? " (atomic)" : "") +
+               " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
+               "orders them",
+           &t);
+    if (op != sop::read && b.r_epoch == w.epoch) {
+      constexpr uint32_t kNone = ~0u, kSeveral = ~0u - 1;
+      uint32_t reader = kNone;  // a reader this access is not ordered with
+      if (b.r_warp == kManyWarps) {
+        reader = kSeveral;
+      } else if (b.r_warp != wi) {
+        reader = b.r_warp * kWarpSize + uint32_t(__builtin_ctz(b.r_lanes));
+      } else {
+        for (uint32_t l = 0; l < kWarpSize; ++l)
+          if ((b.r_lanes >> l & 1u) && l != lane && !(ws.pair_sync[l][lane] > b.r_gen))
+            reader = wi * kWarpSize + l;
+      }
+      if (reader != kNone)
+        fail("shared memory race",
+             what() + " at " + shared_where(w, addr + i) + " conflicts with a read by " +
+                 (reader == kSeveral ? std::string("threads of several warps")
+                                       : describe_thread(w, w.threads[reader])) +
+                 " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
+                 "orders them",
+             &t);
+    }
+  }
+  for (uint32_t i = 0; i < bytes; ++i) {
+    shadow_byte& b = s[i];
+    switch (op) {
+      case sop::read:
+        if (b.r_epoch != w.epoch) {
+          b.r_epoch = w.epoch;
+          b.r_warp = uint16_t(wi);
+          b.r_lanes = 1u << lane;
+        } else if (b.r_warp == wi) {
+          b.r_lanes |= 1u << lane;
+        } else {
+          b.r_warp = kManyWarps;
+        }
+        b.r_gen = ws.sync_gen;
+        break;
+      case sop::write:
+      case sop::atomic: {
+        const bool shared_atomic = op == sop::atomic && b.w_epoch == w.epoch &&
+                                   (b.flags & kAtomicWrite) && b.writer != t.tid;
+        b.writer = shared_atomic ? kNobody : uint16_t(t.tid);
+        b.w_epoch = w.epoch;
+        b.w_gen = ws.sync_gen;
+        b.flags = op == sop::atomic ? kAtomicWrite : 0;
+        b.r_epoch = 0;
+        break;
+      }
+      case sop::cp_issue:
+        b.flags |= kPendingCopy;
+        b.cp_thread = uint16_t(t.tid);
+        break;
+      case sop::cp_land: break;
+    }
+  }
+}
+
+}  // namespace
+
+void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
+  shared_op(t, addr, bytes, align,
+            a == access::read ? sop::read : a == access::write ? sop::write : sop::atomic);
+}
+
+void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a) {
+  thread_state& t = current_thread();
+  const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
+  if (s == space::shared)
+    check_shared(t, p, bytes, align, a);
+  else
+    check_global(t, p, bytes, align, a);
+}
+
+// ---- atomics -----------------------------------------------------------------------------------
+
+namespace {
+uint32_t apply(atomic_op op, uint32_t old, uint32_t v) {
+  switch (op) {
+    case atomic_op::add_f32: return float_bits(bits_float(old) + bits_float(v));
+    case atomic_op::add_i32:
+    case atomic_op::add_u32: return old + v;
+    case atomic_op::max_i32: return int32_t(v) > int32_t(old) ? v : old;
+  }
+  return old;
+}
+}  // namespace
+
+uint32_t atomic(space s, void* addr, atomic_op op, uint32_t v) {
+  check(s, addr, 4, 4, access::atomic);
+  uint32_t* p = static_cast<uint32_t*>(addr);
+  if (s == space::shared) {  // one OS thread runs the whole block
+    const uint32_t old = *p;
+    *p = apply(op, old, v);
+    return old;
+  }
+  uint32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+  while (!__atomic_compare_exchange_n(p, &old, apply(op, old, v), true, __ATOMIC_RELAXED,
+                                      __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+
+// ---- cp.async ----------------------------------------------------------------------------------
+
+void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* file, int line) {
+  thread_state& t = current_thread();
+  if (src_bytes < 0 || src_bytes > bytes)
+    fail("invalid cp.async", "source size " + std::to_string(src_bytes) + " is not in [0, " +
+                                 std::to_string(bytes) + "] at " + file + ":" + std::to_string(line),
+         &t);
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
+  shared_op(t, d, uint32_t(bytes), uint32_t(bytes), sop::cp_issue);
+  cp_async_op op{static_cast<uint8_t*>(dst), uint32_t(bytes), t.cp_open_group, {}};
+  if (src_bytes > 0) {
+    check_global(t, reinterpret_cast<uintptr_t>(src), uint32_t(src_bytes), uint32_t(bytes), access::read);
+    std::memcpy(op.data, src, size_t(src_bytes));  // the source is read at issue
+  }
+  t.cp_ops.push_back(op);
+}
+
+void cp_async_commit_group() { ++current_thread().cp_open_group; }
+
+void land_cp_async(thread_state& t, uint32_t first_pending_group) {
+  worker& w = this_worker();
+  while (t.cp_head < t.cp_ops.size() && t.cp_ops[t.cp_head].group < first_pending_group) {
+    const cp_async_op& op = t.cp_ops[t.cp_head++];
+    const uint32_t off = uint32_t(op.dst - w.smem);
+    for (uint32_t i = 0; i < op.bytes; ++i) w.shadow[off + i].flags &= uint8_t(~kPendingCopy);
+    shared_op(t, reinterpret_cast<uintptr_t>(op.dst), op.bytes, op.bytes, sop::cp_land);
+    std::memcpy(op.dst, op.data, op.bytes);
+  }
+  if (t.cp_head == t.cp_ops.size()) {
+    t.cp_ops.clear();
+    t.cp_head = 0;
+  }
+}
+
+void cp_async_wait_group(int n, const char*, int) {
+  thread_state& t = current_thread();
+  const uint32_t keep = uint32_t(n);
+  land_cp_async(t, t.cp_open_group > keep ? t.cp_open_group - keep : 0);
+}
+
+void on_exit_cp_async(thread_state& t) {
+  if (t.cp_head == t.cp_ops.size()) return;
+  const cp_async_op& op = t.cp_ops[t.cp_head];
+  fail("cp.async never waited",
+       "thread exits with " + std::to_string(t.cp_ops.size() - t.cp_head) +
+           " cp.async copies no cp_async_wait_group completed (first: " + std::to_string(op.bytes) +
+           " bytes to " + shared_where(this_worker(), reinterpret_cast<uintptr_t>(op.dst)) +
+           (op.group == t.cp_open_group ? ", never committed" : "") + ")",
+       &t);
+}
+
+}  // namespace tokenmix::simt::emu
+
+namespace tokenmix::simt {
+void register_global(const void* ptr, size_t bytes, const char* name) {
+  emu::register_global(ptr, bytes, name);
+}
+void unregister_global(const void* ptr) { emu::unregister_global(ptr); }
+void set_workers(int workers) { emu::set_workers(workers); }
+void set_stack_kib(int kib) { emu::set_stack_kib(kib); }
+}  // namespace tokenmix::simt
