@@ -1,15 +1,5 @@
 // CPU kernels of the linear-attention scans, instantiated for every dtype and
 // decay kind. CMake compiles this file once per instruction set.
-#if !defined(TOKENMIX_VEC_BYTES)
-#if defined(__AVX512F__)
-#define TOKENMIX_VEC_BYTES 64
-#elif defined(__AVX2__)
-#define TOKENMIX_VEC_BYTES 32
-#else
-#define TOKENMIX_VEC_BYTES 16
-#endif
-#endif
-
 #include "tokenmix/cpu/delta_rule_engine.h"
 #include "tokenmix/cpu/isa_dispatch.h"
 #include "tokenmix/cpu/linear_scan_engine.h"

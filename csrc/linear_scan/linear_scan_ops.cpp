@@ -13,29 +13,12 @@
 
 #include "tokenmix/cpu/isa_dispatch.h"
 #include "tokenmix/linear_scan_problem.h"
+#include "tokenmix/stable_op_utils.h"
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-
-tokenmix::DType scan_dtype(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return tokenmix::DType::kFloat32;
-    case ScalarType::Double: return tokenmix::DType::kFloat64;
-    case ScalarType::Half: return tokenmix::DType::kFloat16;
-    case ScalarType::BFloat16: return tokenmix::DType::kBFloat16;
-    default:
-      STD_TORCH_CHECK(false,
-                      "tokenmix: unsupported dtype; use float32, float64, float16 or bfloat16");
-  }
-  return tokenmix::DType::kFloat32;
-}
-
-void scan_parallel_for(int64_t begin, int64_t end, int64_t grain,
-                       void (*fn)(int64_t, int64_t, void*), void* ctx) {
-  torch::stable::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) { fn(lo, hi, ctx); });
-}
 
 void set_strides(const Tensor& t, const char* name, int64_t* stride) {
   STD_TORCH_CHECK(t.dim() == 4, "tokenmix: ", name, " must be [B, T, H, D]");
@@ -71,7 +54,7 @@ tokenmix::LinearScanProblem make_scan_problem(const Tensor& q, const Tensor& k, 
                   "tokenmix: CPU kernel called with non-CPU tensors");
   STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
                   "tokenmix: q, k and v must have the same dtype");
-  p.dtype = scan_dtype(q.scalar_type());
+  p.dtype = tokenmix::to_dtype(q.scalar_type());
   set_strides(q, "q", p.q_stride);
   set_strides(k, "k", p.k_stride);
   set_strides(v, "v", p.v_stride);
@@ -84,7 +67,7 @@ tokenmix::LinearScanProblem make_scan_problem(const Tensor& q, const Tensor& k, 
     STD_TORCH_CHECK(k.size(i) == q.size(i) && v.size(i) == q.size(i),
                     "tokenmix: q, k and v must agree in batch, time and heads");
   STD_TORCH_CHECK(k.size(3) == p.key_dim, "tokenmix: k must have q's head dim");
-  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc = tokenmix::accumulation_type(q.scalar_type());
   STD_TORCH_CHECK(!(g.has_value() && gk.has_value()), "tokenmix: give at most one of g and gk");
   p.g = acc_tensor(g, acc, {p.batch, p.seq_len, p.heads}, "g");
   p.gk = acc_tensor(gk, acc, {p.batch, p.seq_len, p.heads, p.key_dim}, "gk");
@@ -114,9 +97,23 @@ tokenmix::LinearScanProblem make_scan_problem(const Tensor& q, const Tensor& k, 
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.scale = scale;
-  p.parallel_for = scan_parallel_for;
+  p.parallel_for = tokenmix::host_parallel_for;
   p.num_threads = int(torch::stable::get_num_threads());
   return p;
+}
+
+// Checks and attaches the gradients flowing into the outputs of a scan.
+void set_output_gradients(tokenmix::LinearScanProblem& p, const Tensor& q, const Tensor& grad_out,
+                          const std::optional<Tensor>& grad_final_state) {
+  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous() &&
+                      grad_out.dim() == 4 && grad_out.size(0) == p.batch &&
+                      grad_out.size(1) == p.seq_len && grad_out.size(2) == p.heads &&
+                      grad_out.size(3) == p.value_dim,
+                  "tokenmix: grad_out must be a contiguous [B, T, H, V] tensor of q's dtype");
+  p.grad_out = grad_out.data_ptr();
+  p.grad_final_state =
+      acc_tensor(grad_final_state, tokenmix::accumulation_type(q.scalar_type()),
+                 {p.num_seqs, p.heads, p.key_dim, p.value_dim}, "grad_final_state");
 }
 
 Tensor empty_like_shape(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype) {
@@ -129,7 +126,7 @@ std::tuple<Tensor, Tensor> linear_scan_forward_cpu(Tensor q, Tensor k, Tensor v,
                                                    std::optional<Tensor> initial_state,
                                                    std::optional<Tensor> cu_seqlens, double scale) {
   auto p = make_scan_problem(q, k, v, g, gk, std::nullopt, initial_state, cu_seqlens, scale);
-  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc = tokenmix::accumulation_type(q.scalar_type());
   Tensor out = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
   Tensor final_state = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
   p.out = out.data_ptr();
@@ -143,15 +140,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_scan_backward_
     std::optional<Tensor> g, std::optional<Tensor> gk, std::optional<Tensor> initial_state,
     std::optional<Tensor> cu_seqlens, double scale) {
   auto p = make_scan_problem(q, k, v, g, gk, std::nullopt, initial_state, cu_seqlens, scale);
-  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous() &&
-                      grad_out.dim() == 4 && grad_out.size(0) == p.batch &&
-                      grad_out.size(1) == p.seq_len && grad_out.size(2) == p.heads &&
-                      grad_out.size(3) == p.value_dim,
-                  "tokenmix: grad_out must be a contiguous [B, T, H, V] tensor of q's dtype");
-  p.grad_out = grad_out.data_ptr();
-  p.grad_final_state = acc_tensor(
-      grad_final_state, acc, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, "grad_final_state");
+  const auto acc = tokenmix::accumulation_type(q.scalar_type());
+  set_output_gradients(p, q, grad_out, grad_final_state);
   Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
   Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
   Tensor dv = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
@@ -175,7 +165,7 @@ std::tuple<Tensor, Tensor> delta_rule_forward_cpu(Tensor q, Tensor k, Tensor v, 
                                                   std::optional<Tensor> initial_state,
                                                   std::optional<Tensor> cu_seqlens, double scale) {
   auto p = make_scan_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale);
-  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc = tokenmix::accumulation_type(q.scalar_type());
   Tensor out = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
   Tensor final_state = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
   p.out = out.data_ptr();
@@ -189,15 +179,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> delta_rule_backward_c
     Tensor beta, std::optional<Tensor> g, std::optional<Tensor> initial_state,
     std::optional<Tensor> cu_seqlens, double scale) {
   auto p = make_scan_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale);
-  const auto acc = q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.is_contiguous() &&
-                      grad_out.dim() == 4 && grad_out.size(0) == p.batch &&
-                      grad_out.size(1) == p.seq_len && grad_out.size(2) == p.heads &&
-                      grad_out.size(3) == p.value_dim,
-                  "tokenmix: grad_out must be a contiguous [B, T, H, V] tensor of q's dtype");
-  p.grad_out = grad_out.data_ptr();
-  p.grad_final_state = acc_tensor(
-      grad_final_state, acc, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, "grad_final_state");
+  const auto acc = tokenmix::accumulation_type(q.scalar_type());
+  set_output_gradients(p, q, grad_out, grad_final_state);
   Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
   Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
   Tensor dv = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());

@@ -1,15 +1,5 @@
 // CPU kernels of generalized neighborhood attention, instantiated for every
 // dtype. CMake compiles this file once per instruction set (TOKENMIX_ISA).
-#if !defined(TOKENMIX_VEC_BYTES)
-#if defined(__AVX512F__)
-#define TOKENMIX_VEC_BYTES 64
-#elif defined(__AVX2__)
-#define TOKENMIX_VEC_BYTES 32
-#else
-#define TOKENMIX_VEC_BYTES 16
-#endif
-#endif
-
 #include "tokenmix/cpu/attention_engine.h"
 #include "tokenmix/cpu/isa_dispatch.h"
 

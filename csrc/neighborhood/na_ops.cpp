@@ -12,25 +12,13 @@
 
 #include "tokenmix/attention_problem.h"
 #include "tokenmix/cpu/isa_dispatch.h"
+#include "tokenmix/stable_op_utils.h"
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 using IntList = torch::headeronly::HeaderOnlyArrayRef<int64_t>;
-
-tokenmix::DType to_dtype(ScalarType t) {
-  switch (t) {
-    case ScalarType::Float: return tokenmix::DType::kFloat32;
-    case ScalarType::Double: return tokenmix::DType::kFloat64;
-    case ScalarType::Half: return tokenmix::DType::kFloat16;
-    case ScalarType::BFloat16: return tokenmix::DType::kBFloat16;
-    default:
-      STD_TORCH_CHECK(false,
-                      "tokenmix: unsupported dtype; use float32, float64, float16 or bfloat16");
-  }
-  return tokenmix::DType::kFloat32;
-}
 
 // [B, *spatial(rank), H, D] -> padded 6-D view.
 tokenmix::StridedView spatial_view(const Tensor& t, int rank, const char* name) {
@@ -62,11 +50,6 @@ tokenmix::StridedView extra_view(const Tensor& t, const char* name) {
   return v;
 }
 
-void host_parallel_for(int64_t begin, int64_t end, int64_t grain,
-                       void (*fn)(int64_t, int64_t, void*), void* ctx) {
-  torch::stable::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) { fn(lo, hi, ctx); });
-}
-
 tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
                                            const std::optional<Tensor>& rpb,
                                            const std::optional<Tensor>& extra_k,
@@ -87,7 +70,7 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
       "tokenmix: q, k and v must be [B, *spatial, H, D] with as many spatial dimensions "
       "as kernel_size has entries");
   tokenmix::NeighborhoodProblem p;
-  p.dtype = to_dtype(q.scalar_type());
+  p.dtype = tokenmix::to_dtype(q.scalar_type());
   p.batch = q.size(0);
   p.heads = q.size(rank + 1);
   p.head_dim = q.size(rank + 2);
@@ -141,7 +124,7 @@ tokenmix::NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, con
     p.extra_k = extra_view(ek, "additional_keys");
     p.extra_v = extra_view(ev, "additional_values");
   }
-  p.parallel_for = host_parallel_for;
+  p.parallel_for = tokenmix::host_parallel_for;
   p.num_threads = int(torch::stable::get_num_threads());
   return p;
 }
@@ -157,8 +140,7 @@ std::tuple<Tensor, Tensor> na_forward_cpu(Tensor q, Tensor k, Tensor v, std::opt
   out_size.back() = p.value_dim;
   std::vector<int64_t> lse_size(q.sizes().begin(), q.sizes().end() - 1);
   Tensor out = torch::stable::new_empty(q, out_size);
-  const auto acc_type =
-      q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc_type = tokenmix::accumulation_type(q.scalar_type());
   Tensor lse = torch::stable::new_empty(q, lse_size, acc_type);
   if (out.numel() == 0) return {out, lse};
   p.out = spatial_view(out, rank, "out");
@@ -176,8 +158,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cpu(
   const int rank = int(kernel.size());
   STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
                   "tokenmix: grad_out and out must have q's dtype");
-  const auto acc_type =
-      q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  const auto acc_type = tokenmix::accumulation_type(q.scalar_type());
   STD_TORCH_CHECK(lse.scalar_type() == acc_type && lse.is_contiguous() && lse.dim() == rank + 2,
                   "tokenmix: lse must be a contiguous [B, *spatial, H] tensor, float32 (float64 "
                   "for float64 inputs)");

@@ -27,6 +27,7 @@ constexpr uint16_t kNobody = 0xffff;   // shadow: no thread / several threads
 constexpr uint16_t kManyWarps = 0xffff;
 
 enum class status : uint8_t { runnable, barrier, collective, exited };
+enum class coll_kind : uint8_t { sync_warp, shuffle, vote, mma, ldmatrix };
 
 struct cp_async_op {
   uint8_t* dst;
@@ -42,12 +43,13 @@ struct thread_state {
   status st;
   const char* wait_file;  // where it waits (barrier or collective)
   int wait_line;
+  coll_kind wait_kind;  // the collective it waits in
+  uint8_t wait_mode;
+  uint32_t wait_mask;
   std::vector<cp_async_op> cp_ops;  // issued, not landed (in issue order)
   size_t cp_head;
   uint32_t cp_open_group;  // id of the group that new cp.async operations join
 };
-
-enum class coll_kind : uint8_t { sync_warp, shuffle, vote, mma, ldmatrix };
 
 struct lane_args {
   uint32_t value, operand;

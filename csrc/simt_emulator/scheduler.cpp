@@ -186,7 +186,9 @@ void fiber_main() {
 [[noreturn]] void report_deadlock(worker& w) {
   auto where = [&](const thread_state& o) -> std::string {
     if (o.st == status::barrier) return "wait at sync_threads() at " + site(o.wait_file, o.wait_line);
-    if (o.st == status::collective) return "wait in another warp collective at " + site(o.wait_file, o.wait_line);
+    if (o.st == status::collective)
+      return "wait in " + collective_name(o.wait_kind, o.wait_mode) + " at " +
+             site(o.wait_file, o.wait_line) + " (member mask " + hex(o.wait_mask) + ")";
     if (o.st == status::exited) return "have exited";
     return "are runnable";
   };
@@ -455,24 +457,15 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
     fail("incomplete warp collective", name() + " at " + site(file, line) + " (member mask " + hex(mask) +
                                            "): lanes " + lanes(mask & ws.exited) +
                                            " have already exited and never arrive");
+  // sm_70+ semantics: a lane waits until every non-exited member of `mask` has executed a
+  // collective with the same qualifiers and the same member mask (any call site). Groups with
+  // overlapping masks may be pending at once; circular waits are found as deadlocks.
   collective* c = nullptr;
-  for (collective& p : ws.pending) {
-    if (p.mask == mask) {
+  for (collective& p : ws.pending)
+    if (p.mask == mask && p.kind == kind && p.mode == mode) {
       c = &p;
       break;
     }
-    if (p.mask & mask)
-      fail("warp collective mismatch",
-           "lane " + std::to_string(lane) + " calls " + name() + " at " + site(file, line) +
-               " with member mask " + hex(mask) + " while lanes " + lanes(p.arrived) + " wait in " +
-               collective_name(p.kind, p.mode) + " at " + site(p.file, p.line) + " with member mask " +
-               hex(p.mask) + " (overlapping member masks must be identical)");
-  }
-  if (c && (c->kind != kind || c->mode != mode))
-    fail("warp collective mismatch", "lane " + std::to_string(lane) + " calls " + name() + " at " +
-                                         site(file, line) + ", but lanes " + lanes(c->arrived) +
-                                         " wait in " + collective_name(c->kind, c->mode) + " at " +
-                                         site(c->file, c->line) + " with the same member mask");
   if (!c) {
     ws.pending.emplace_back();
     c = &ws.pending.back();
@@ -490,6 +483,9 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
     t.st = status::collective;
     t.wait_file = file;
     t.wait_line = line;
+    t.wait_kind = kind;
+    t.wait_mode = mode;
+    t.wait_mask = mask;
     yield(w, t);
     return;
   }

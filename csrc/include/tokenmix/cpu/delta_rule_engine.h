@@ -88,16 +88,10 @@ struct DeltaEngine {
   T gamma(const Work& w, int i, int j) const { return w.Gam[int64_t(i) * cp + j]; }
 
   void load_state(T* S, const void* src, int64_t n, int64_t h) const {
-    for (int d = 0; d < K; ++d)
-      for (int e = 0; e < vp; ++e)
-        S[int64_t(d) * vp + e] =
-            (src && e < Vd) ? static_cast<const T*>(src)[((n * p.heads + h) * K + d) * Vd + e]
-                            : T(0);
+    load_scan_state(p, vp, S, src, n, h);
   }
   void store_state(const T* S, void* dst, int64_t n, int64_t h) const {
-    for (int d = 0; d < K; ++d)
-      for (int e = 0; e < Vd; ++e)
-        static_cast<T*>(dst)[((n * p.heads + h) * K + d) * Vd + e] = S[int64_t(d) * vp + e];
+    store_scan_state(p, vp, S, dst, n, h);
   }
 
   // Loads the chunk and everything that does not depend on the state:

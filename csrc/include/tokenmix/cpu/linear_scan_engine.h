@@ -40,6 +40,26 @@ inline int scan_round_up(int x, int m) {
   return (x + m - 1) / m * m;
 }
 
+// State rows [K x vp] (padded) <-> the caller's [N, H, K, V] state tensors.
+template <class T>
+void load_scan_state(const LinearScanProblem& p, int vp, T* S, const void* src, int64_t n,
+                     int64_t h) {
+  const int64_t K = p.key_dim, Vd = p.value_dim;
+  for (int64_t d = 0; d < K; ++d)
+    for (int e = 0; e < vp; ++e)
+      S[d * vp + e] =
+          (src && e < Vd) ? static_cast<const T*>(src)[((n * p.heads + h) * K + d) * Vd + e] : T(0);
+}
+
+template <class T>
+void store_scan_state(const LinearScanProblem& p, int vp, const T* S, void* dst, int64_t n,
+                      int64_t h) {
+  const int64_t K = p.key_dim, Vd = p.value_dim;
+  for (int64_t d = 0; d < K; ++d)
+    for (int64_t e = 0; e < Vd; ++e)
+      static_cast<T*>(dst)[((n * p.heads + h) * K + d) * Vd + e] = S[d * vp + e];
+}
+
 template <class In, class T, DecayKind kDecay>
 struct ScanEngine {
   using V = typename Simd<T>::V;
@@ -222,16 +242,10 @@ struct ScanEngine {
   }
 
   void load_state(T* S, const void* src, int64_t n, int64_t h) const {
-    for (int d = 0; d < K; ++d)
-      for (int e = 0; e < vp; ++e)
-        S[int64_t(d) * vp + e] =
-            (src && e < Vd) ? static_cast<const T*>(src)[((n * p.heads + h) * K + d) * Vd + e]
-                            : T(0);
+    load_scan_state(p, vp, S, src, n, h);
   }
   void store_state(const T* S, void* dst, int64_t n, int64_t h) const {
-    for (int d = 0; d < K; ++d)
-      for (int e = 0; e < Vd; ++e)
-        static_cast<T*>(dst)[((n * p.heads + h) * K + d) * Vd + e] = S[int64_t(d) * vp + e];
+    store_scan_state(p, vp, S, dst, n, h);
   }
 
   // S = e^{G_last} S + kd^T v

@@ -9,9 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#ifndef TOKENMIX_VEC_BYTES
-#error "TOKENMIX_VEC_BYTES must be defined by the build"
-#endif
+#include "tokenmix/cpu/isa_config.h"
 #ifndef TOKENMIX_ISA
 #error "TOKENMIX_ISA must be defined by the build"
 #endif

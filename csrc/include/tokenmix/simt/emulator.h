@@ -123,11 +123,11 @@ class mem_ref {
     store(other.load());
     return std::move(*this);
   }
-#define TM_SIMT_COMPOUND(op)                             \
-  template <class U>                                     \
-  const mem_ref&& operator op##=(const U& u) const&& {   \
-    store(static_cast<value_type>(load() op u));         \
-    return std::move(*this);                             \
+#define TM_SIMT_COMPOUND(op)                                 \
+  template <class U>                                         \
+  const mem_ref&& operator op##=(const U& u) const&& {       \
+    store(static_cast<value_type>(load() op value_of(u)));   \
+    return std::move(*this);                                 \
   }
   TM_SIMT_COMPOUND(+)
   TM_SIMT_COMPOUND(-)
@@ -139,6 +139,14 @@ class mem_ref {
 #undef TM_SIMT_COMPOUND
 
  private:
+  template <class U>
+  static const U& value_of(const U& u) {
+    return u;
+  }
+  template <class U, emu::space S2>
+  static std::remove_const_t<U> value_of(const mem_ref<U, S2>& r) {
+    return r.load();
+  }
   T* p_;
 };
 

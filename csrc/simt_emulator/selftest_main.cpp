@@ -1,0 +1,486 @@
+// simt_selftest: runs the SIMT self-test kernels on the emulator.
+//
+//   simt_selftest list                 names of all subcommands
+//   simt_selftest <name> [--workers N] one test: prints "PASS <name> ..." (or for a planted bug
+//                                      "REPORTED <name> [<kind>]" and the report), exit 0 when the
+//                                      outcome is the expected one
+//   simt_selftest all                  every test in one process
+//   simt_selftest layouts              fragment tables: mma from the emulator's tables, ldmatrix
+//                                      probed by running the emulated instruction
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "selftest_kernels.h"
+#include "tokenmix/simt/simt.h"
+
+namespace {
+
+using namespace tokenmix::simt;
+namespace st = tokenmix::simt_selftest;
+
+[[noreturn]] void failf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void failf(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  throw std::runtime_error(buf);
+}
+
+template <class T>
+void expect_eq(const char* what, size_t i, T got, T want) {
+  if (!(got == want))
+    failf("%s[%zu]: got %lld, expected %lld", what, i, static_cast<long long>(got),
+          static_cast<long long>(want));
+}
+
+// ---- positive tests ----------------------------------------------------------------------------
+
+std::string test_shuffles() {
+  std::vector<int> oi(st::kShuffleResults * st::kShuffleThreads, 0);
+  std::vector<float> of(st::kShuffleThreads, 0.0f);
+  std::vector<unsigned> ou(st::kShuffleThreads, 0);
+  st::launch_shuffles(oi.data(), of.data(), ou.data());
+  for (int t = 0; t < st::kShuffleThreads; ++t) {
+    const int lane = t % 32, w = t / 32, base = 1000 * w + lane;
+    const int want[st::kShuffleResults] = {1000 * w + ((lane * 7 + 3) & 31),
+                                           lane >= 3 ? base - 3 : base,
+                                           lane + 5 < 32 ? base + 5 : base,
+                                           1000 * w + (lane ^ 9),
+                                           1000 * w + (lane ^ 4),
+                                           1000 * w + ((lane + 40) & 31),
+                                           base,
+                                           lane >= 8 && lane < 16 ? 1000 * w + 8 : -1};
+    for (int k = 0; k < st::kShuffleResults; ++k)
+      expect_eq("shuffle result", size_t(k * st::kShuffleThreads + t), oi[k * st::kShuffleThreads + t],
+                want[k]);
+    if (of[t] != float(1000 * w + (lane ^ 1)) * 0.5f) failf("float shfl_xor at %d: %g", t, of[t]);
+    expect_eq("unsigned shfl_down", size_t(t), ou[t],
+              0x80000000u + unsigned(lane + 16 < 32 ? base + 16 : base));
+  }
+  return "shfl idx/up/down/xor, disjoint partial masks, int/float/unsigned";
+}
+
+std::string test_votes() {
+  std::vector<uint32_t> out(st::kVoteResults * st::kVoteThreads, 7);
+  st::launch_votes(out.data());
+  uint32_t every_third = 0;
+  for (int l = 0; l < 32; l += 3) every_third |= 1u << l;
+  for (int t = 0; t < st::kVoteThreads; ++t) {
+    const int lane = t % 32, w = t / 32;
+    const uint32_t want[st::kVoteResults] = {every_third, uint32_t(w == 1), 1, 0,
+                                             lane < 8 ? 0xaau : 0xffffff00u, 0};
+    for (int k = 0; k < st::kVoteResults; ++k)
+      expect_eq("vote result", size_t(k * st::kVoteThreads + t), out[k * st::kVoteThreads + t],
+                want[k]);
+  }
+  return "ballot/any/all with full and partial member masks";
+}
+
+std::string test_warp_sync() {
+  std::vector<uint32_t> out(64, 0);
+  st::launch_warp_exchange(out.data(), true);
+  for (uint32_t t = 0; t < 64; ++t) expect_eq("exchange", t, out[t], (t ^ 1u) * 3u);
+  return "lanes exchange through shared memory ordered by sync_warp";
+}
+
+std::string test_reduce() {
+  const int n = 10000, blocks = 7, stride = blocks * st::kReduceThreads;
+  std::vector<float> in(n), out(blocks, NAN);
+  for (int i = 0; i < n; ++i) in[i] = float((i * 37) % 101 - 50);
+  st::launch_reduce(in.data(), n, out.data(), blocks);
+  for (int b = 0; b < blocks; ++b) {
+    double want = 0;
+    for (int i = 0; i < n; ++i)
+      if ((i % stride) / st::kReduceThreads == b) want += in[i];
+    if (double(out[b]) != want) failf("block %d: sum %g, expected %g", b, double(out[b]), want);
+  }
+  return "7 blocks x 256 threads, shared-memory tree + barriers + shfl_down";
+}
+
+std::string test_atomics() {
+  float fsum = 0;
+  int isum = 0, imax = std::numeric_limits<int>::min();
+  unsigned usum = 0;
+  std::vector<int> per_block(3 * st::kAtomicBlocks, -1);
+  st::launch_atomics(&fsum, &isum, &usum, &imax, per_block.data());
+  const int n = st::kAtomicThreads;
+  if (fsum != float(st::kAtomicBlocks * n)) failf("float atomic_add: %g", double(fsum));
+  expect_eq("int atomic_add", 0, isum, st::kAtomicBlocks * n * (n - 1) / 2);
+  expect_eq("unsigned atomic_add", 0, usum, unsigned(2 * st::kAtomicBlocks * n));
+  expect_eq("atomic_max", 0, imax, (st::kAtomicBlocks - 1) * 1000 + n - 1);
+  for (int b = 0; b < st::kAtomicBlocks; ++b) {
+    expect_eq("shared atomic_add", size_t(b), per_block[3 * b], n);
+    expect_eq("shared atomic_max", size_t(b), per_block[3 * b + 1], n - 1);
+    expect_eq("shared float atomic_add", size_t(b), per_block[3 * b + 2], n / 2);
+  }
+  return "global and shared atomic_add (float/int/unsigned) and atomic_max";
+}
+
+std::string test_vec128() {
+  std::vector<uint32_t> in(4 * st::kVecThreads), out(4 * st::kVecThreads, 0);
+  std::mt19937 rng(7);
+  for (auto& v : in) v = rng();
+  st::launch_vec128(in.data(), out.data());
+  for (int t = 0; t < st::kVecThreads; ++t)
+    for (int k = 0; k < 4; ++k)
+      expect_eq("vec128", size_t(4 * t + k), out[4 * t + k], in[4 * (t ^ 1) + k]);
+  return "load128/store128 global -> shared -> global";
+}
+
+uint16_t to_bits(float f, bool bf16) { return bf16 ? f32_to_bf16_bits(f) : f32_to_f16_bits(f); }
+double from_bits(uint16_t h, bool bf16) {
+  return bf16 ? double(bf16_bits_to_f32(h)) : double(f16_bits_to_f32(h));
+}
+
+// Fragments distributed with the PTX ISA's formulas written out here, independently of layouts.h.
+std::string test_mma(bool bf16) {
+  const int warps = 4;
+  std::mt19937 rng(bf16 ? 11 : 5);
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  std::vector<uint32_t> a(warps * 32 * 4), b(warps * 32 * 2);
+  std::vector<float> c(warps * 32 * 4), d(warps * 32 * 4, NAN);
+  std::vector<std::vector<uint16_t>> A(warps, std::vector<uint16_t>(16 * 16)),
+      B(warps, std::vector<uint16_t>(16 * 8));
+  std::vector<std::vector<float>> C(warps, std::vector<float>(16 * 8));
+  for (int w = 0; w < warps; ++w) {
+    for (auto& x : A[w]) x = to_bits(dist(rng), bf16);
+    for (auto& x : B[w]) x = to_bits(dist(rng), bf16);  // B[k * 8 + n]
+    for (auto& x : C[w]) x = dist(rng);
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane >> 2, q = lane & 3, t = w * 32 + lane;
+      auto pa = [&](int r, int col) { return pack_b16x2(A[w][r * 16 + col], A[w][r * 16 + col + 1]); };
+      auto pb = [&](int k, int n) { return pack_b16x2(B[w][k * 8 + n], B[w][(k + 1) * 8 + n]); };
+      a[4 * t + 0] = pa(g, 2 * q);
+      a[4 * t + 1] = pa(g + 8, 2 * q);
+      a[4 * t + 2] = pa(g, 2 * q + 8);
+      a[4 * t + 3] = pa(g + 8, 2 * q + 8);
+      b[2 * t + 0] = pb(2 * q, g);
+      b[2 * t + 1] = pb(2 * q + 8, g);
+      c[4 * t + 0] = C[w][g * 8 + 2 * q];
+      c[4 * t + 1] = C[w][g * 8 + 2 * q + 1];
+      c[4 * t + 2] = C[w][(g + 8) * 8 + 2 * q];
+      c[4 * t + 3] = C[w][(g + 8) * 8 + 2 * q + 1];
+    }
+  }
+  st::launch_mma(bf16, a.data(), b.data(), c.data(), d.data(), warps);
+  double worst = 0;
+  for (int w = 0; w < warps; ++w)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int i = 0; i < 4; ++i) {
+        const int g = lane >> 2, q = lane & 3;
+        const int row = g + 8 * (i >> 1), col = 2 * q + (i & 1);
+        double ab = 0, mag = 0;
+        for (int k = 0; k < 16; ++k) {
+          const double p = from_bits(A[w][row * 16 + k], bf16) * from_bits(B[w][k * 8 + col], bf16);
+          ab += p;
+          mag += std::fabs(p);
+        }
+        const double want = 2 * ab + C[w][row * 8 + col];
+        const double got = d[4 * (w * 32 + lane) + i];
+        const double err = std::fabs(got - want), tol = 4e-7 * (2 * mag + 1);
+        worst = std::max(worst, err / tol);
+        if (!(err <= tol))
+          failf("warp %d D[%d][%d] (lane %d, c%d): %.9g, expected %.9g", w, row, col, lane, i, got,
+                want);
+      }
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "4 random problems, D = A*B + (A*B + C), worst error %.2f of tolerance",
+                worst);
+  return buf;
+}
+
+int inverse_phys(int p) { return (13 * (p - 3 + 32)) & 31; }  // phys(l) = (5 l + 3) % 32
+
+std::vector<uint32_t> run_ldmatrix(const std::vector<uint16_t>& rows) {
+  std::vector<uint32_t> out(st::kLdmatrixVariants * 32 * 4, 0xdeadbeefu);
+  st::launch_ldmatrix(rows.data(), out.data());
+  return out;
+}
+
+std::string test_ldmatrix() {
+  std::vector<uint16_t> rows(32 * 8);
+  std::mt19937 rng(3);
+  for (auto& v : rows) v = uint16_t(rng());
+  const std::vector<uint32_t> out = run_ldmatrix(rows);
+  // Matrix j row r comes from the address lane 8 j + r gave: physical row (5 (8 j + r) + 3) % 32.
+  auto logical = [&](int j, int r, int col) { return rows[((5 * (8 * j + r) + 3) & 31) * 8 + col]; };
+  const int counts[st::kLdmatrixVariants] = {1, 2, 4, 1, 2, 4};
+  for (int v = 0; v < st::kLdmatrixVariants; ++v) {
+    const bool trans = v >= 3;
+    for (int lane = 0; lane < 32; ++lane)
+      for (int j = 0; j < 4; ++j) {
+        uint32_t want = 0;
+        if (j < counts[v]) {
+          const int g = lane / 4, q = lane % 4;
+          want = trans ? pack_b16x2(logical(j, 2 * q, g), logical(j, 2 * q + 1, g))
+                       : pack_b16x2(logical(j, g, 2 * q), logical(j, g, 2 * q + 1));
+        }
+        expect_eq("ldmatrix register", size_t((v * 32 + lane) * 4 + j), out[(v * 32 + lane) * 4 + j],
+                  want);
+      }
+  }
+  return "x1/x2/x4 and .trans, permuted row addresses, ignored lanes' addresses untouched";
+}
+
+std::string test_cp_async() {
+  std::vector<uint32_t> in(st::kCpAsyncIn), out(st::kCpAsyncOut, 0xdeadbeefu);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = uint32_t(i * 2654435761u) | 1u;
+  st::launch_cp_async(in.data(), out.data());
+  const int n = st::kCpAsyncThreads;
+  for (int t = 0; t < n; ++t) {
+    const int nb = (t + 1) % n;
+    expect_eq("after wait_group<3>", size_t(t), out[t], in[4 * t]);
+    for (int k = 0; k < 4; ++k) expect_eq("16-byte copy", size_t(t), out[64 + 4 * t + k], in[4 * nb + k]);
+    for (int k = 0; k < 2; ++k)
+      expect_eq("8-byte copy", size_t(t), out[320 + 2 * t + k], in[256 + 2 * nb + k]);
+    expect_eq("4-byte copy", size_t(t), out[448 + t], in[384 + nb]);
+    for (int k = 0; k < 4; ++k)
+      expect_eq("zero-filled copy", size_t(t), out[512 + 4 * t + k],
+                k < nb % 5 ? in[448 + 4 * nb + k] : 0u);
+  }
+  return "4/8/16-byte copies, zfill, 4 groups (one empty), wait_group<3> then <0>";
+}
+
+std::string test_gemm(bool bf16) {
+  const int m = 150, n = 136, k = 200;  // none a multiple of the 64x64x32 tile
+  std::mt19937 rng(bf16 ? 23 : 17);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<uint16_t> a(size_t(m) * k), b(size_t(k) * n);
+  for (auto& x : a) x = to_bits(dist(rng), bf16);
+  for (auto& x : b) x = to_bits(dist(rng), bf16);
+  std::vector<float> c(size_t(m) * n, NAN);
+  const auto t0 = std::chrono::steady_clock::now();
+  st::launch_gemm(bf16, a.data(), b.data(), c.data(), m, n, k);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double worst = 0;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double want = 0, mag = 0;
+      for (int p = 0; p < k; ++p) {
+        const double x = from_bits(a[size_t(i) * k + p], bf16) * from_bits(b[size_t(p) * n + j], bf16);
+        want += x;
+        mag += std::fabs(x);
+      }
+      const double got = c[size_t(i) * n + j];
+      const double err = std::fabs(got - want), tol = 1e-5 * mag + 1e-6;  // f32 accumulation
+      worst = std::max(worst, err / tol);
+      if (!(err <= tol)) failf("C[%d][%d] = %.9g, expected %.9g", i, j, got, want);
+    }
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "M=%d N=%d K=%d, 64x64x32 tiles, 4 warps: worst error %.3f of tolerance, %.2f s",
+                m, n, k, worst, secs);
+  return buf;
+}
+
+// ---- planted bugs ------------------------------------------------------------------------------
+
+struct bug_test {
+  std::vector<std::string> kinds;  // accepted report kinds
+  std::function<void()> run;
+};
+
+std::vector<float> floats(size_t n) { return std::vector<float>(n, 1.0f); }
+
+void bug_oob() {
+  auto in = floats(100), out = floats(101);
+  st::launch_bug_oob(in.data(), out.data(), 100);
+}
+void bug_misaligned() {
+  auto in = floats(4 * 32 + 4), out = floats(32);
+  st::launch_bug_misaligned(in.data(), out.data());
+}
+void bug_barrier_exit() {
+  auto out = floats(64);
+  st::launch_bug_barrier_exit(out.data());
+}
+void bug_barrier_sites() {
+  auto out = floats(64);
+  st::launch_bug_barrier_sites(out.data());
+}
+void bug_shfl_half() {
+  std::vector<int> out(32);
+  st::launch_bug_shfl_half(out.data());
+}
+void bug_race() {
+  auto out = floats(32);
+  st::launch_bug_race(out.data());
+}
+void bug_warp_race() {
+  std::vector<uint32_t> out(64);
+  st::launch_warp_exchange(out.data(), false);
+}
+void bug_cp_async_early() {
+  std::vector<uint32_t> in(4 * 32, 5), out(32);
+  st::launch_bug_cp_async_early(in.data(), out.data());
+}
+void bug_shared_oob() {
+  auto out = floats(32);
+  st::launch_bug_shared_oob(out.data());
+}
+void bug_uninitialized() {
+  auto out = floats(32);
+  st::launch_bug_uninitialized(out.data());
+}
+void bug_pipeline_race() {
+  const int m = 64, n = 64, k = 96;
+  std::vector<uint16_t> a(size_t(m) * k, 0x3c00), b(size_t(k) * n, 0x3c00);
+  std::vector<float> c(size_t(m) * n);
+  st::launch_gemm(false, a.data(), b.data(), c.data(), m, n, k, /*trailing_barrier=*/false);
+}
+
+// ---- registry ----------------------------------------------------------------------------------
+
+struct positive_test {
+  const char* name;
+  std::function<std::string()> run;
+};
+
+const std::vector<positive_test>& positives() {
+  static const std::vector<positive_test> v = {
+      {"shuffles", test_shuffles},
+      {"votes", test_votes},
+      {"warp_sync", test_warp_sync},
+      {"reduce", test_reduce},
+      {"atomics", test_atomics},
+      {"vec128", test_vec128},
+      {"mma_f16", [] { return test_mma(false); }},
+      {"mma_bf16", [] { return test_mma(true); }},
+      {"ldmatrix", test_ldmatrix},
+      {"cp_async", test_cp_async},
+      {"gemm_f16", [] { return test_gemm(false); }},
+      {"gemm_bf16", [] { return test_gemm(true); }},
+  };
+  return v;
+}
+
+const std::vector<std::pair<const char*, bug_test>>& bugs() {
+  static const std::vector<std::pair<const char*, bug_test>> v = {
+      {"bug_oob_global", {{"out-of-bounds global read"}, bug_oob}},
+      {"bug_misaligned", {{"misaligned global access"}, bug_misaligned}},
+      {"bug_barrier_exit", {{"barrier divergence"}, bug_barrier_exit}},
+      {"bug_barrier_sites", {{"barrier divergence"}, bug_barrier_sites}},
+      {"bug_shfl_half", {{"incomplete warp collective"}, bug_shfl_half}},
+      {"bug_race", {{"shared memory race"}, bug_race}},
+      {"bug_warp_race", {{"shared memory race"}, bug_warp_race}},
+      {"bug_cp_async_early", {{"read of pending cp.async destination"}, bug_cp_async_early}},
+      {"bug_shared_oob", {{"out-of-bounds shared write"}, bug_shared_oob}},
+      {"bug_uninitialized", {{"uninitialized shared read"}, bug_uninitialized}},
+      {"bug_pipeline_race",
+       {{"shared memory race", "read of pending cp.async destination"}, bug_pipeline_race}},
+  };
+  return v;
+}
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+bool run_positive(const positive_test& t) {
+  const double t0 = now();
+  try {
+    const std::string detail = t.run();
+    std::printf("PASS %s (%.0f ms): %s\n", t.name, 1e3 * (now() - t0), detail.c_str());
+    return true;
+  } catch (const emulator_error& e) {
+    std::printf("FAIL %s: unexpected emulator report [%s]\n%s\n", t.name, e.kind().c_str(), e.what());
+  } catch (const std::exception& e) {
+    std::printf("FAIL %s: %s\n", t.name, e.what());
+  }
+  return false;
+}
+
+bool run_bug(const char* name, const bug_test& t) {
+  const double t0 = now();
+  try {
+    t.run();
+  } catch (const emulator_error& e) {
+    for (const std::string& k : t.kinds)
+      if (e.kind() == k) {
+        std::printf("REPORTED %s [%s] (%.0f ms)\n%s\n", name, e.kind().c_str(), 1e3 * (now() - t0),
+                    e.what());
+        return true;
+      }
+    std::printf("FAIL %s: reported as [%s], expected [%s]\n%s\n", name, e.kind().c_str(),
+                t.kinds[0].c_str(), e.what());
+    return false;
+  }
+  std::printf("FAIL %s: the planted bug was not reported\n", name);
+  return false;
+}
+
+int print_layouts() {
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 8; ++i) {
+      const layout::coord e = layout::mma_m16n8k16_a(lane, i);
+      std::printf("mma_a %d %d %d %d\n", lane, i, e.row, e.col);
+    }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const layout::coord e = layout::mma_m16n8k16_b(lane, i);
+      std::printf("mma_b %d %d %d %d\n", lane, i, e.row, e.col);
+    }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const layout::coord e = layout::mma_m16n8k16_c(lane, i);
+      std::printf("mma_c %d %d %d %d\n", lane, i, e.row, e.col);
+    }
+  // ldmatrix, probed: physical row p holds the values 8 p + col.
+  std::vector<uint16_t> rows(32 * 8);
+  for (int i = 0; i < 32 * 8; ++i) rows[i] = uint16_t(i);
+  const std::vector<uint32_t> out = run_ldmatrix(rows);
+  const char* names[st::kLdmatrixVariants] = {"x1", "x2", "x4", "x1_trans", "x2_trans", "x4_trans"};
+  const int counts[st::kLdmatrixVariants] = {1, 2, 4, 1, 2, 4};
+  for (int v = 0; v < st::kLdmatrixVariants; ++v)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int j = 0; j < counts[v]; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const int value = int(out[(v * 32 + lane) * 4 + j] >> (16 * h)) & 0xffff;
+          const int l = inverse_phys(value / 8);  // the lane whose address was read
+          std::printf("ldsm_%s %d %d %d %d %d %d\n", names[v], lane, j, h, l / 8, l % 8, value % 8);
+        }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s list | all | layouts | <test> [--workers N]\n", argv[0]);
+    return 2;
+  }
+  for (int i = 2; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], "--workers") == 0) set_workers(std::atoi(argv[i + 1]));
+  const std::string cmd = argv[1];
+  if (cmd == "list") {
+    for (const auto& t : positives()) std::printf("%s\n", t.name);
+    for (const auto& b : bugs()) std::printf("%s\n", b.first);
+    return 0;
+  }
+  if (cmd == "layouts") return print_layouts();
+  if (cmd == "all") {
+    const double t0 = now();
+    int failed = 0, total = 0;
+    for (const auto& t : positives()) failed += !run_positive(t), ++total;
+    for (const auto& b : bugs()) failed += !run_bug(b.first, b.second), ++total;
+    std::printf("%d of %d self-tests passed in %.2f s\n", total - failed, total, now() - t0);
+    return failed ? 1 : 0;
+  }
+  for (const auto& t : positives())
+    if (cmd == t.name) return run_positive(t) ? 0 : 1;
+  for (const auto& b : bugs())
+    if (cmd == b.first) return run_bug(b.first, b.second) ? 0 : 1;
+  std::fprintf(stderr, "unknown self-test '%s' (try: %s list)\n", cmd.c_str(), argv[0]);
+  return 2;
+}
