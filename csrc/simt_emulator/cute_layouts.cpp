@@ -3,12 +3,11 @@
 // the test, only when the nvidia-cutlass package (CuTe headers) and the CUDA headers are present:
 //   g++ -std=c++17 -I<cutlass_library>/source/include -I<cuda>/include [-I<cuda>/include/cccl]
 #include <cstdio>
-#include <map>
-#include <utility>
-
 #include <cute/atom/copy_traits_sm75.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
 #include <cute/layout.hpp>
+#include <map>
+#include <utility>
 
 namespace {
 

@@ -23,7 +23,7 @@ constexpr uint32_t kStaticSharedLimit = 48 * 1024;
 // Unallocated bytes around every shared array: small overruns land there and are reported.
 constexpr uint32_t kRedzone = 64;
 constexpr uint32_t kSharedCapacity = kMaxSharedBytes + 64 * kRedzone + 256;
-constexpr uint16_t kNobody = 0xffff;   // shadow: no thread / several threads
+constexpr uint16_t kNobody = 0xffff;  // shadow: no thread / several threads
 constexpr uint16_t kManyWarps = 0xffff;
 
 enum class status : uint8_t { runnable, barrier, collective, exited };
@@ -69,7 +69,7 @@ struct collective {
 struct warp_state {
   uint32_t existing;  // lanes that exist (a block's last warp can be partial)
   uint32_t exited;
-  uint32_t sync_gen;  // sync_warp generations completed
+  uint32_t sync_gen;                         // sync_warp generations completed
   uint32_t pair_sync[kWarpSize][kWarpSize];  // generation of the last sync_warp two lanes shared
   std::vector<collective> pending;
 };

@@ -94,9 +94,9 @@ std::string describe_address(const void* p) {
 void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
   worker& w = this_worker();
   if (addr % align)
-    fail("misaligned global access", std::to_string(bytes) + "-byte " + verb(a) + " at address " +
-                                         hexaddr(addr) + " is not " + std::to_string(align) +
-                                         "-byte aligned" + " (" + describe_address((void*)addr) + ")",
+    fail("misaligned global access",
+         std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr) + " is not " +
+             std::to_string(align) + "-byte aligned" + " (" + describe_address((void*)addr) + ")",
          &t);
   const global_alloc* g = w.last_global;
   if (g && addr >= g->begin && addr + bytes <= g->end) return;
@@ -107,13 +107,16 @@ void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
       w.last_global = &c;
       return;
     }
-    const uintptr_t d = addr + bytes <= c.begin ? c.begin - addr : addr >= c.end ? addr - c.end + 1 : 0;
+    const uintptr_t d = addr + bytes <= c.begin ? c.begin - addr
+                        : addr >= c.end         ? addr - c.end + 1
+                                                : 0;
     if (d < nearest_dist) nearest_dist = d, nearest = &c;
   }
   std::string detail = std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr);
   if (!nearest) {
-    detail += " outside every registered buffer (none is registered: pass buffers to launch() with "
-              "buffer(ptr, count) or register_global())";
+    detail +=
+        " outside every registered buffer (none is registered: pass buffers to launch() with "
+        "buffer(ptr, count) or register_global())";
   } else {
     const std::string buf = "buffer '" + nearest->name + "' (" +
                             std::to_string(nearest->end - nearest->begin) + " bytes at " +
@@ -121,7 +124,8 @@ void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
     if (addr >= nearest->end)
       detail += " is " + std::to_string(addr - nearest->end) + " bytes past the end of " + buf;
     else if (addr + bytes <= nearest->begin)
-      detail += " is " + std::to_string(nearest->begin - addr) + " bytes before the start of " + buf;
+      detail +=
+          " is " + std::to_string(nearest->begin - addr) + " bytes before the start of " + buf;
     else
       detail += " straddles the bounds of " + buf;
   }
@@ -163,7 +167,8 @@ constexpr uint32_t kDynamicOffset = 80;  // 16-byte aligned, not 32-byte aligned
 }  // namespace
 
 void worker::reset_shared(size_t dynamic_bytes) {
-  std::memset(shadow, 0, sizeof(shadow_byte) * std::min<size_t>(smem_top + kRedzone, kSharedCapacity));
+  std::memset(shadow, 0,
+              sizeof(shadow_byte) * std::min<size_t>(smem_top + kRedzone, kSharedCapacity));
   shared_allocs.clear();
   smem_top = 0;
   static_bytes = 0;
@@ -178,14 +183,15 @@ void* static_shared(const shared_site* s) {
   const uint32_t off = place(w.smem_top, s->align);
   const size_t dynamic_bytes = w.launch->spec->dynamic_shared_bytes;
   if (w.static_bytes + s->bytes > kStaticSharedLimit)
-    fail("shared memory limit", "static shared memory exceeds 48 KiB with '" + std::string(s->name) +
-                                    "' (" + std::to_string(s->bytes) + " bytes); use dynamic shared memory",
+    fail("shared memory limit",
+         "static shared memory exceeds 48 KiB with '" + std::string(s->name) + "' (" +
+             std::to_string(s->bytes) + " bytes); use dynamic shared memory",
          &t);
   if (w.static_bytes + s->bytes + dynamic_bytes > kMaxSharedBytes ||
       off + s->bytes + kRedzone > kSharedCapacity)
-    fail("shared memory limit", "static plus dynamic shared memory exceeds " +
-                                    std::to_string(kMaxSharedBytes) + " bytes with '" +
-                                    std::string(s->name) + "'",
+    fail("shared memory limit",
+         "static plus dynamic shared memory exceeds " + std::to_string(kMaxSharedBytes) +
+             " bytes with '" + std::string(s->name) + "'",
          &t);
   w.static_bytes += uint32_t(s->bytes);
   add_alloc(w, s, off, s->bytes, s->name);
@@ -220,11 +226,15 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
   // Report text is built only on failure.
   auto what = [&]() -> std::string {
     return std::to_string(bytes) + "-byte " +
-           (op == sop::read ? "read" : op == sop::atomic ? "atomic" : "write") +
+           (op == sop::read     ? "read"
+            : op == sop::atomic ? "atomic"
+                                : "write") +
            (op == sop::cp_issue ? " by cp.async" : "");
   };
   auto kind = [&](const char* prefix) {
-    return std::string(prefix) + (op == sop::read ? "read" : op == sop::atomic ? "atomic" : "write");
+    return std::string(prefix) + (op == sop::read     ? "read"
+                                  : op == sop::atomic ? "atomic"
+                                                      : "write");
   };
   if (addr < base || addr + bytes > base + kSharedCapacity)
     fail(kind("out-of-bounds shared "),
@@ -234,7 +244,8 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
          &t);
   if (addr % align)
     fail("misaligned shared access",
-         what() + " at " + shared_where(w, addr) + " is not " + std::to_string(align) + "-byte aligned",
+         what() + " at " + shared_where(w, addr) + " is not " + std::to_string(align) +
+             "-byte aligned",
          &t);
   const uint32_t off = uint32_t(addr - base);
   shadow_byte* s = w.shadow + off;
@@ -298,7 +309,7 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
         fail("shared memory race",
              what() + " at " + shared_where(w, addr + i) + " conflicts with a read by " +
                  (reader == kSeveral ? std::string("threads of several warps")
-                                       : describe_thread(w, w.threads[reader])) +
+                                     : describe_thread(w, w.threads[reader])) +
                  " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
                  "orders them",
              &t);
@@ -343,7 +354,9 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
 
 void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
   shared_op(t, addr, bytes, align,
-            a == access::read ? sop::read : a == access::write ? sop::write : sop::atomic);
+            a == access::read    ? sop::read
+            : a == access::write ? sop::write
+                                 : sop::atomic);
 }
 
 void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a) {
@@ -389,20 +402,24 @@ uint32_t atomic(space s, void* addr, atomic_op op, uint32_t v) {
 void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* file, int line) {
   thread_state& t = current_thread();
   if (src_bytes < 0 || src_bytes > bytes)
-    fail("invalid cp.async", "source size " + std::to_string(src_bytes) + " is not in [0, " +
-                                 std::to_string(bytes) + "] at " + file + ":" + std::to_string(line),
+    fail("invalid cp.async",
+         "source size " + std::to_string(src_bytes) + " is not in [0, " + std::to_string(bytes) +
+             "] at " + file + ":" + std::to_string(line),
          &t);
   const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
   shared_op(t, d, uint32_t(bytes), uint32_t(bytes), sop::cp_issue);
   cp_async_op op{static_cast<uint8_t*>(dst), uint32_t(bytes), t.cp_open_group, {}};
   if (src_bytes > 0) {
-    check_global(t, reinterpret_cast<uintptr_t>(src), uint32_t(src_bytes), uint32_t(bytes), access::read);
+    check_global(t, reinterpret_cast<uintptr_t>(src), uint32_t(src_bytes), uint32_t(bytes),
+                 access::read);
     std::memcpy(op.data, src, size_t(src_bytes));  // the source is read at issue
   }
   t.cp_ops.push_back(op);
 }
 
-void cp_async_commit_group() { ++current_thread().cp_open_group; }
+void cp_async_commit_group() {
+  ++current_thread().cp_open_group;
+}
 
 void land_cp_async(thread_state& t, uint32_t first_pending_group) {
   worker& w = this_worker();
@@ -442,7 +459,13 @@ namespace tokenmix::simt {
 void register_global(const void* ptr, size_t bytes, const char* name) {
   emu::register_global(ptr, bytes, name);
 }
-void unregister_global(const void* ptr) { emu::unregister_global(ptr); }
-void set_workers(int workers) { emu::set_workers(workers); }
-void set_stack_kib(int kib) { emu::set_stack_kib(kib); }
+void unregister_global(const void* ptr) {
+  emu::unregister_global(ptr);
+}
+void set_workers(int workers) {
+  emu::set_workers(workers);
+}
+void set_stack_kib(int kib) {
+  emu::set_stack_kib(kib);
+}
 }  // namespace tokenmix::simt

@@ -32,7 +32,8 @@ int env_int(const char* name, int fallback) {
 }
 
 size_t stack_bytes() {
-  const int kib = g_stack_kib.load() > 0 ? g_stack_kib.load() : env_int("TOKENMIX_SIMT_STACK_KIB", 64);
+  const int kib =
+      g_stack_kib.load() > 0 ? g_stack_kib.load() : env_int("TOKENMIX_SIMT_STACK_KIB", 64);
   return size_t(std::max(kib, 16)) * 1024;
 }
 
@@ -135,7 +136,9 @@ worker& active() {
   return *t_active;
 }
 
-void yield(worker& w, thread_state& t) { swapcontext(&t.ctx, &w.scheduler); }
+void yield(worker& w, thread_state& t) {
+  swapcontext(&t.ctx, &w.scheduler);
+}
 
 void thread_exit(worker& w, thread_state& t) {
   on_exit_cp_async(t);
@@ -154,8 +157,8 @@ void thread_exit(worker& w, thread_state& t) {
     for (const thread_state& o : w.threads)
       if (o.st == status::barrier) waiter = &o;
     fail("barrier divergence",
-         "thread exits while " + std::to_string(w.at_barrier) + " threads wait at sync_threads() at " +
-             site(waiter->wait_file, waiter->wait_line) +
+         "thread exits while " + std::to_string(w.at_barrier) +
+             " threads wait at sync_threads() at " + site(waiter->wait_file, waiter->wait_line) +
              ": they wait for a thread that never arrives (deadlock on the GPU)");
   }
   t.st = status::exited;
@@ -185,7 +188,8 @@ void fiber_main() {
 // Called in the scheduler when no fiber is runnable but some are alive.
 [[noreturn]] void report_deadlock(worker& w) {
   auto where = [&](const thread_state& o) -> std::string {
-    if (o.st == status::barrier) return "wait at sync_threads() at " + site(o.wait_file, o.wait_line);
+    if (o.st == status::barrier)
+      return "wait at sync_threads() at " + site(o.wait_file, o.wait_line);
     if (o.st == status::collective)
       return "wait in " + collective_name(o.wait_kind, o.wait_mode) + " at " +
              site(o.wait_file, o.wait_line) + " (member mask " + hex(o.wait_mask) + ")";
@@ -225,15 +229,21 @@ void fiber_main() {
 
 // ---- settings and workers ----------------------------------------------------------------------
 
-void set_workers(int n) { g_workers = n; }
-void set_stack_kib(int kib) { g_stack_kib = kib; }
+void set_workers(int n) {
+  g_workers = n;
+}
+void set_stack_kib(int kib) {
+  g_stack_kib = kib;
+}
 
 worker& this_worker() {
   static thread_local worker w;
   return w;
 }
 
-thread_state& current_thread() { return *active().current; }
+thread_state& current_thread() {
+  return *active().current;
+}
 
 stack_pool::~stack_pool() {
   for (void* s : stacks_) munmap(s, bytes_ + size_t(getpagesize()));
@@ -250,7 +260,8 @@ void* stack_pool::get(size_t index, size_t bytes) {
     void* p = mmap(nullptr, bytes + page, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
     if (p == MAP_FAILED) throw std::bad_alloc();
-    mprotect(p, page, PROT_NONE);  // guard page: a fiber stack overflow faults instead of corrupting
+    mprotect(p, page,
+             PROT_NONE);  // guard page: a fiber stack overflow faults instead of corrupting
     stacks_.push_back(p);
   }
   return static_cast<char*>(stacks_[index]) + page;
@@ -310,7 +321,8 @@ void worker::run_block(uint64_t linear) {
   if (live > 0) report_deadlock(*this);
 }
 
-[[noreturn]] void fail(const std::string& kind, const std::string& detail, const thread_state* who) {
+[[noreturn]] void fail(const std::string& kind, const std::string& detail,
+                       const thread_state* who) {
   worker* w = t_active;
   std::string text = "tokenmix simt emulator: " + kind;
   if (w && w->launch) {
@@ -390,11 +402,21 @@ void run(launch_spec& spec) {
 
 // ---- indices and barriers ----------------------------------------------------------------------
 
-dim3u thread_idx() { return current_thread().idx; }
-dim3u block_idx() { return active().block; }
-dim3u block_dim() { return active().launch->spec->block; }
-dim3u grid_dim() { return active().launch->spec->grid; }
-uint32_t linear_thread_idx() { return current_thread().tid; }
+dim3u thread_idx() {
+  return current_thread().idx;
+}
+dim3u block_idx() {
+  return active().block;
+}
+dim3u block_dim() {
+  return active().launch->spec->block;
+}
+dim3u grid_dim() {
+  return active().launch->spec->grid;
+}
+uint32_t linear_thread_idx() {
+  return current_thread().tid;
+}
 
 void sync_threads(const char* file, int line) {
   worker& w = active();
@@ -403,9 +425,9 @@ void sync_threads(const char* file, int line) {
     std::vector<uint32_t> gone;
     for (const thread_state& o : w.threads)
       if (o.st == status::exited) gone.push_back(o.tid);
-    fail("barrier divergence", "thread reaches sync_threads() at " + site(file, line) +
-                                   ", but threads " + ranges(gone) +
-                                   " (linear index) have exited and never arrive (deadlock on the GPU)");
+    fail("barrier divergence",
+         "thread reaches sync_threads() at " + site(file, line) + ", but threads " + ranges(gone) +
+             " (linear index) have exited and never arrive (deadlock on the GPU)");
   }
   t.st = status::barrier;
   t.wait_file = file;
@@ -427,8 +449,8 @@ void sync_threads(const char* file, int line) {
   if (!elsewhere.empty())
     fail("barrier divergence", "threads wait at different sync_threads() calls: threads " +
                                    ranges(here) + " at " + site(file, line) + ", threads " +
-                                   ranges(elsewhere) + " at " + site(other->wait_file, other->wait_line) +
-                                   " (linear indices)");
+                                   ranges(elsewhere) + " at " +
+                                   site(other->wait_file, other->wait_line) + " (linear indices)");
   w.at_barrier = 0;
   ++w.epoch;
   for (thread_state& o : w.threads) {
@@ -448,14 +470,15 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
   auto name = [&] { return collective_name(kind, mode); };
   if (!(mask & bit))
     fail("invalid warp collective", name() + " at " + site(file, line) + ": the calling lane " +
-                                        std::to_string(lane) + " is not in the member mask " + hex(mask));
+                                        std::to_string(lane) + " is not in the member mask " +
+                                        hex(mask));
   if ((kind == coll_kind::mma || kind == coll_kind::ldmatrix) && ws.existing != ~0u)
     fail("incomplete warp collective", name() + " at " + site(file, line) +
                                            " needs all 32 lanes, but this warp has only lanes " +
                                            lanes(ws.existing));
   if (mask & ws.exited)
-    fail("incomplete warp collective", name() + " at " + site(file, line) + " (member mask " + hex(mask) +
-                                           "): lanes " + lanes(mask & ws.exited) +
+    fail("incomplete warp collective", name() + " at " + site(file, line) + " (member mask " +
+                                           hex(mask) + "): lanes " + lanes(mask & ws.exited) +
                                            " have already exited and never arrive");
   // sm_70+ semantics: a lane waits until every non-exited member of `mask` has executed a
   // collective with the same qualifiers and the same member mask (any call site). Groups with
@@ -509,7 +532,8 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
           case shfl_mode::bfly: src = (l ^ op) < kWarpSize ? l ^ op : l; break;
         }
         // A source lane outside the member mask gives an undefined value on the GPU: poison it.
-        *static_cast<uint32_t*>(c->lane[l].out) = (need >> src & 1u) ? c->lane[src].value : 0xffffffffu;
+        *static_cast<uint32_t*>(c->lane[l].out) =
+            (need >> src & 1u) ? c->lane[src].value : 0xffffffffu;
       }
       break;
     case coll_kind::vote: {
@@ -542,8 +566,8 @@ void sync_warp(uint32_t mask, const char* file, int line) {
 uint32_t shuffle(shfl_mode mode, uint32_t mask, uint32_t value, uint32_t operand, const char* file,
                  int line) {
   uint32_t out = 0;
-  collective_arrive(coll_kind::shuffle, uint8_t(mode), mask, lane_args{value, operand, nullptr, &out},
-                    file, line);
+  collective_arrive(coll_kind::shuffle, uint8_t(mode), mask,
+                    lane_args{value, operand, nullptr, &out}, file, line);
   return out;
 }
 

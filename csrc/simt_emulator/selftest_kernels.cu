@@ -61,6 +61,16 @@ TM_GLOBAL void warp_exchange_kernel(global_ptr<uint32_t> out) {
   out[tid] = slots[tid ^ 1];
 }
 
+TM_GLOBAL void index_kernel(global_ptr<uint32_t> out) {
+  const dim3u t = thread_idx(), b = block_idx(), bd = block_dim(), gd = grid_dim();
+  const uint32_t block = b.x + gd.x * (b.y + gd.y * b.z);
+  const uint32_t slot = 4 * (block * bd.volume() + t.x + bd.x * (t.y + bd.y * t.z));
+  out[slot] = t.x | t.y << 8 | t.z << 16;
+  out[slot + 1] = b.x | b.y << 8 | b.z << 16;
+  out[slot + 2] = lane_id() | warp_id() << 8;
+  out[slot + 3] = linear_thread_idx();
+}
+
 // ---- shared memory, barriers, atomics, vector accesses -----------------------------------------
 
 TM_GLOBAL void reduce_kernel(global_ptr<const float> in, int n, global_ptr<float> out) {
@@ -82,8 +92,9 @@ TM_GLOBAL void reduce_kernel(global_ptr<const float> in, int n, global_ptr<float
   }
 }
 
-TM_GLOBAL void atomics_kernel(global_ptr<float> fsum, global_ptr<int> isum, global_ptr<unsigned> usum,
-                              global_ptr<int> imax, global_ptr<int> per_block) {
+TM_GLOBAL void atomics_kernel(global_ptr<float> fsum, global_ptr<int> isum,
+                              global_ptr<unsigned> usum, global_ptr<int> imax,
+                              global_ptr<int> per_block) {
   TM_SHARED(int, counters, 2);
   TM_SHARED(float, fshared, 1);
   const int tid = int(thread_idx().x), b = int(block_idx().x);
@@ -114,6 +125,17 @@ TM_GLOBAL void vec128_kernel(global_ptr<const uint32_t> in, global_ptr<uint32_t>
   store128(staging + 4 * tid, load128(in + 4 * tid));
   sync_threads();
   store128(out + 4 * tid, load128(staging + 4 * (tid ^ 1)));
+}
+
+TM_GLOBAL void math_kernel(global_ptr<const float> in, global_ptr<float> out, int n) {
+  const int i = int(block_idx().x * block_dim().x + thread_idx().x);
+  if (i >= n) return;
+  const float x = in[i];
+  out[5 * i] = exp2f_approx(x);
+  out[5 * i + 1] = expf_approx(x);
+  out[5 * i + 2] = log2f_approx(x);
+  out[5 * i + 3] = rcp(x);
+  out[5 * i + 4] = rsqrt(x);
 }
 
 // ---- tensor cores ------------------------------------------------------------------------------
@@ -174,8 +196,8 @@ TM_GLOBAL void cp_async_kernel(global_ptr<const uint32_t> in, global_ptr<uint32_
   cp_async<4>(s4 + t, in + 384 + t);
   cp_async_commit_group();  // group 1
   cp_async_zfill<16>(sz + 4 * t, in + 448 + 4 * t, 4 * (t % 5));
-  cp_async_commit_group();  // group 2
-  cp_async_commit_group();  // group 3 (empty)
+  cp_async_commit_group();   // group 2
+  cp_async_commit_group();   // group 3 (empty)
   cp_async_wait_group<3>();  // group 0 has landed, for this thread
   out[t] = s16[4 * t];
   cp_async_wait_group<0>();
@@ -344,6 +366,24 @@ TM_GLOBAL void uninitialized_kernel(global_ptr<float> out) {
   out[t] = vals[t];  // bug: nobody wrote vals[7]
 }
 
+TM_GLOBAL void shfl_barrier_kernel(global_ptr<int> out) {
+  const int lane = int(lane_id());
+  int v = lane;
+  if (lane < 16) v = shfl_xor_sync(kFull, v, 1);  // bug: lanes 16-31 go to the barrier instead
+  sync_threads();
+  out[thread_idx().x] = v;
+}
+
+TM_GLOBAL void collective_mismatch_kernel(global_ptr<uint32_t> out) {
+  const int lane = int(lane_id());
+  uint32_t v;
+  if (lane < 16)  // bug: the two halves of the member mask call different collectives
+    v = uint32_t(shfl_sync(kFull, lane, 0));
+  else
+    v = ballot_sync(kFull, 1);
+  out[thread_idx().x] = v;
+}
+
 // ---- host entry points -------------------------------------------------------------------------
 
 void launch_shuffles(int* out_i, float* out_f, unsigned* out_u) {
@@ -362,6 +402,22 @@ void launch_warp_exchange(uint32_t* out, bool with_sync_warp) {
     launch(warp_exchange_kernel<true>, dim3u(1), dim3u(64), 0, buffer(out, 64, "out"));
   else
     launch(warp_exchange_kernel<false>, dim3u(1), dim3u(64), 0, buffer(out, 64, "out"));
+}
+
+void launch_indices(uint32_t* out) {
+  launch(index_kernel, dim3u(2, 3, 2), dim3u(8, 4, 2), 0, buffer(out, kIndexWords, "out"));
+}
+
+void launch_registered(const float* in, float* out, int n) {
+  const size_t bytes = (size_t(n) + 1) * sizeof(float);
+  const global_registration rin(in, bytes, "in"), rout(out, bytes, "out");
+  launch(oob_read_kernel, dim3u(1), dim3u(64), 0, global_ptr<const float>(in),
+         global_ptr<float>(out), n);
+}
+
+void launch_math(const float* in, float* out, int n) {
+  launch(math_kernel, dim3u(uint32_t((n + 63) / 64)), dim3u(64), 0, buffer(in, size_t(n), "in"),
+         buffer(out, 5 * size_t(n), "out"), n);
 }
 
 void launch_reduce(const float* in, int n, float* out, int blocks) {
@@ -403,7 +459,8 @@ void launch_cp_async(const uint32_t* in, uint32_t* out) {
 
 void launch_gemm(bool bf16, const uint16_t* a, const uint16_t* b, float* c, int m, int n, int k,
                  bool trailing_barrier) {
-  const dim3u grid(uint32_t((n + kGemmTile - 1) / kGemmTile), uint32_t((m + kGemmTile - 1) / kGemmTile));
+  const dim3u grid(uint32_t((n + kGemmTile - 1) / kGemmTile),
+                   uint32_t((m + kGemmTile - 1) / kGemmTile));
   auto ba = buffer(a, size_t(m) * k, "A");
   auto bb = buffer(b, size_t(k) * n, "B");
   auto bc = buffer(c, size_t(m) * n, "C");
@@ -453,6 +510,19 @@ void launch_bug_shared_oob(float* out) {
 
 void launch_bug_uninitialized(float* out) {
   launch(uninitialized_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
+}
+
+void launch_bug_unregistered(const float* in, float* out, int n) {
+  launch(oob_read_kernel, dim3u(1), dim3u(32), 0, global_ptr<const float>(in),
+         global_ptr<float>(out), n);
+}
+
+void launch_bug_shfl_barrier(int* out) {
+  launch(shfl_barrier_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
+}
+
+void launch_bug_collective_mismatch(uint32_t* out) {
+  launch(collective_mismatch_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
 }
 
 }  // namespace tokenmix::simt_selftest

@@ -20,12 +20,15 @@ constexpr int kGemmTile = 64;
 void launch_shuffles(int* out_i, float* out_f, unsigned* out_u);
 // out: kVoteResults x 64.
 void launch_votes(uint32_t* out);
+// 5 results (exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt) per input.
+void launch_math(const float* in, float* out, int n);
 void launch_reduce(const float* in, int n, float* out, int blocks);
 // per_block: 3 ints per block.
 void launch_atomics(float* fsum, int* isum, unsigned* usum, int* imax, int* per_block);
 void launch_vec128(const uint32_t* in, uint32_t* out);  // 4 * kVecThreads words each
 // One m16n8k16 problem per warp: a 32x4, b 32x2, c and d 32x4 words/floats per warp (fragments).
-void launch_mma(bool bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d, int warps);
+void launch_mma(bool bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d,
+                int warps);
 // rows: 32 rows of 8 halves; out: kLdmatrixVariants x 32 lanes x 4 registers.
 void launch_ldmatrix(const uint16_t* rows, uint32_t* out);
 void launch_cp_async(const uint32_t* in, uint32_t* out);
@@ -33,6 +36,12 @@ void launch_cp_async(const uint32_t* in, uint32_t* out);
 void launch_gemm(bool bf16, const uint16_t* a, const uint16_t* b, float* c, int m, int n, int k,
                  bool trailing_barrier = true);
 void launch_warp_exchange(uint32_t* out, bool with_sync_warp);  // 64 words
+// Block (8,4,2), grid (2,3,2): 4 words per thread (thread idx, block idx, lane | warp << 8,
+// linear).
+constexpr int kIndexWords = 4 * 64 * 12;
+void launch_indices(uint32_t* out);
+// in and out hold n + 1 floats, registered with global_registration (no buffer() arguments).
+void launch_registered(const float* in, float* out, int n);
 
 // Planted bugs: each launch must be reported by the emulator.
 void launch_bug_oob(const float* in, float* out, int n);
@@ -44,5 +53,8 @@ void launch_bug_race(float* out);
 void launch_bug_cp_async_early(const uint32_t* in, uint32_t* out);
 void launch_bug_shared_oob(float* out);
 void launch_bug_uninitialized(float* out);
+void launch_bug_unregistered(const float* in, float* out, int n);
+void launch_bug_shfl_barrier(int* out);
+void launch_bug_collective_mismatch(uint32_t* out);
 
 }  // namespace tokenmix::simt_selftest

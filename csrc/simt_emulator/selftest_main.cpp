@@ -63,8 +63,8 @@ std::string test_shuffles() {
                                            base,
                                            lane >= 8 && lane < 16 ? 1000 * w + 8 : -1};
     for (int k = 0; k < st::kShuffleResults; ++k)
-      expect_eq("shuffle result", size_t(k * st::kShuffleThreads + t), oi[k * st::kShuffleThreads + t],
-                want[k]);
+      expect_eq("shuffle result", size_t(k * st::kShuffleThreads + t),
+                oi[k * st::kShuffleThreads + t], want[k]);
     if (of[t] != float(1000 * w + (lane ^ 1)) * 0.5f) failf("float shfl_xor at %d: %g", t, of[t]);
     expect_eq("unsigned shfl_down", size_t(t), ou[t],
               0x80000000u + unsigned(lane + 16 < 32 ? base + 16 : base));
@@ -79,8 +79,8 @@ std::string test_votes() {
   for (int l = 0; l < 32; l += 3) every_third |= 1u << l;
   for (int t = 0; t < st::kVoteThreads; ++t) {
     const int lane = t % 32, w = t / 32;
-    const uint32_t want[st::kVoteResults] = {every_third, uint32_t(w == 1), 1, 0,
-                                             lane < 8 ? 0xaau : 0xffffff00u, 0};
+    const uint32_t want[st::kVoteResults] = {
+        every_third, uint32_t(w == 1), 1, 0, lane < 8 ? 0xaau : 0xffffff00u, 0};
     for (int k = 0; k < st::kVoteResults; ++k)
       expect_eq("vote result", size_t(k * st::kVoteThreads + t), out[k * st::kVoteThreads + t],
                 want[k]);
@@ -93,6 +93,94 @@ std::string test_warp_sync() {
   st::launch_warp_exchange(out.data(), true);
   for (uint32_t t = 0; t < 64; ++t) expect_eq("exchange", t, out[t], (t ^ 1u) * 3u);
   return "lanes exchange through shared memory ordered by sync_warp";
+}
+
+std::string test_indices() {
+  std::vector<uint32_t> out(st::kIndexWords, 0xdeadbeefu);
+  st::launch_indices(out.data());
+  for (uint32_t bz = 0; bz < 2; ++bz)
+    for (uint32_t by = 0; by < 3; ++by)
+      for (uint32_t bx = 0; bx < 2; ++bx)
+        for (uint32_t tz = 0; tz < 2; ++tz)
+          for (uint32_t ty = 0; ty < 4; ++ty)
+            for (uint32_t tx = 0; tx < 8; ++tx) {
+              const uint32_t linear = tx + 8 * (ty + 4 * tz);
+              const size_t slot = 4 * ((bx + 2 * (by + 3 * bz)) * 64 + linear);
+              expect_eq("thread_idx", slot, out[slot], tx | ty << 8 | tz << 16);
+              expect_eq("block_idx", slot, out[slot + 1], bx | by << 8 | bz << 16);
+              expect_eq("lane | warp", slot, out[slot + 2], (linear & 31) | (linear >> 5) << 8);
+              expect_eq("linear index", slot, out[slot + 3], linear);
+            }
+  return "3-D grid (2,3,2) x block (8,4,2): thread/block indices, lanes, warps";
+}
+
+std::string test_registered() {
+  const int n = 40;
+  std::vector<float> in(n + 1), out(n + 1, NAN);
+  for (int i = 0; i <= n; ++i) in[i] = float(i);
+  st::launch_registered(in.data(), out.data(), n);
+  for (int i = 0; i <= n; ++i)
+    if (out[i] != 2.0f * float(i)) failf("out[%d] = %g", i, double(out[i]));
+  return "raw global_ptr arguments inside buffers registered with global_registration";
+}
+
+std::string test_math() {
+  const int n = 100;
+  std::vector<float> in(n), out(5 * n, NAN);
+  for (int i = 0; i < n; ++i) in[i] = 0.05f + 0.37f * float(i);
+  st::launch_math(in.data(), out.data(), n);
+  for (int i = 0; i < n; ++i) {
+    const double x = in[i];
+    const double want[5] = {std::exp2(x), std::exp(x), std::log2(x), 1 / x, 1 / std::sqrt(x)};
+    for (int k = 0; k < 5; ++k)
+      if (!(std::fabs(out[5 * i + k] - want[k]) <= 2e-6 * std::fabs(want[k]) + 1e-30))
+        failf("math function %d at x=%g: %.9g, expected %.9g", k, x, double(out[5 * i + k]),
+              want[k]);
+  }
+  return "exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt (host: the std functions)";
+}
+
+// f16 / bf16 bit conversions (the emulator's mma reads operands through them), checked against
+// their definitions: decoding by ldexp, round trips, and round-to-nearest-even on random floats.
+std::string test_conversions() {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const int e = int(h >> 10 & 31), m = int(h & 1023);
+    const double sign = (h & 0x8000) ? -1.0 : 1.0;
+    const float f = f16_bits_to_f32(uint16_t(h));
+    if (e == 31) {
+      if (m ? !std::isnan(f) : f != float(sign * INFINITY))
+        failf("f16 %04x special decodes to %g", h, f);
+      continue;
+    }
+    const double want = e ? sign * std::ldexp(1024 + m, e - 25) : sign * std::ldexp(m, -24);
+    if (double(f) != want || std::signbit(f) != (sign < 0)) failf("f16 %04x decodes to %g", h, f);
+    if (f32_to_f16_bits(f) != h) failf("f16 %04x does not round-trip", h);
+    const float b = bf16_bits_to_f32(uint16_t(h));
+    if (!std::isnan(b) && f32_to_bf16_bits(b) != h) failf("bf16 %04x does not round-trip", h);
+  }
+  std::mt19937 rng(1);
+  for (int trial = 0; trial < 200000; ++trial) {
+    const float x = bits_float(rng() & 0x47ffffffu) * (trial & 1 ? 1.0f : -1.0f);  // |x| < 2^16
+    const bool bf16 = trial % 4 >= 2;
+    if (!bf16 && std::fabs(x) >= 65504.0f) continue;  // overflow: checked below
+    const uint16_t r = bf16 ? f32_to_bf16_bits(x) : f32_to_f16_bits(x);
+    const auto value = [&](uint16_t v) {
+      return bf16 ? double(bf16_bits_to_f32(v)) : double(f16_bits_to_f32(v));
+    };
+    const double err = std::fabs(value(r) - double(x));
+    for (const uint16_t nb : {uint16_t(r - 1), uint16_t(r + 1)}) {
+      if ((nb & 0x7fffu) >= (bf16 ? 0x7f80u : 0x7c00u) || ((nb ^ r) & 0x8000u)) continue;
+      const double e2 = std::fabs(value(nb) - double(x));
+      if (e2 < err || (e2 == err && (r & 1)))
+        failf("%s(%.9g) = %04x, but %04x is nearer (or even)", bf16 ? "bf16" : "f16", double(x), r,
+              nb);
+    }
+  }
+  if (f32_to_f16_bits(65519.996f) != 0x7bff || f32_to_f16_bits(65520.0f) != 0x7c00 ||
+      f32_to_f16_bits(-1e6f) != 0xfc00 || f32_to_f16_bits(1e-8f) != 0 ||
+      f32_to_f16_bits(std::ldexp(1.5f, -24)) != 2 || f32_to_bf16_bits(NAN) != 0x7fc0)
+    failf("f16/bf16 overflow, underflow or NaN edge case");
+  return "all 65536 f16 patterns decode exactly and round-trip; RNE on 200000 random floats";
 }
 
 std::string test_reduce() {
@@ -139,7 +227,9 @@ std::string test_vec128() {
   return "load128/store128 global -> shared -> global";
 }
 
-uint16_t to_bits(float f, bool bf16) { return bf16 ? f32_to_bf16_bits(f) : f32_to_f16_bits(f); }
+uint16_t to_bits(float f, bool bf16) {
+  return bf16 ? f32_to_bf16_bits(f) : f32_to_f16_bits(f);
+}
 double from_bits(uint16_t h, bool bf16) {
   return bf16 ? double(bf16_bits_to_f32(h)) : double(f16_bits_to_f32(h));
 }
@@ -160,7 +250,9 @@ std::string test_mma(bool bf16) {
     for (auto& x : C[w]) x = dist(rng);
     for (int lane = 0; lane < 32; ++lane) {
       const int g = lane >> 2, q = lane & 3, t = w * 32 + lane;
-      auto pa = [&](int r, int col) { return pack_b16x2(A[w][r * 16 + col], A[w][r * 16 + col + 1]); };
+      auto pa = [&](int r, int col) {
+        return pack_b16x2(A[w][r * 16 + col], A[w][r * 16 + col + 1]);
+      };
       auto pb = [&](int k, int n) { return pack_b16x2(B[w][k * 8 + n], B[w][(k + 1) * 8 + n]); };
       a[4 * t + 0] = pa(g, 2 * q);
       a[4 * t + 1] = pa(g + 8, 2 * q);
@@ -196,12 +288,14 @@ std::string test_mma(bool bf16) {
                 want);
       }
   char buf[128];
-  std::snprintf(buf, sizeof buf, "4 random problems, D = A*B + (A*B + C), worst error %.2f of tolerance",
-                worst);
+  std::snprintf(buf, sizeof buf,
+                "4 random problems, D = A*B + (A*B + C), worst error %.2f of tolerance", worst);
   return buf;
 }
 
-int inverse_phys(int p) { return (13 * (p - 3 + 32)) & 31; }  // phys(l) = (5 l + 3) % 32
+int inverse_phys(int p) {
+  return (13 * (p - 3 + 32)) & 31;
+}  // phys(l) = (5 l + 3) % 32
 
 std::vector<uint32_t> run_ldmatrix(const std::vector<uint16_t>& rows) {
   std::vector<uint32_t> out(st::kLdmatrixVariants * 32 * 4, 0xdeadbeefu);
@@ -215,7 +309,9 @@ std::string test_ldmatrix() {
   for (auto& v : rows) v = uint16_t(rng());
   const std::vector<uint32_t> out = run_ldmatrix(rows);
   // Matrix j row r comes from the address lane 8 j + r gave: physical row (5 (8 j + r) + 3) % 32.
-  auto logical = [&](int j, int r, int col) { return rows[((5 * (8 * j + r) + 3) & 31) * 8 + col]; };
+  auto logical = [&](int j, int r, int col) {
+    return rows[((5 * (8 * j + r) + 3) & 31) * 8 + col];
+  };
   const int counts[st::kLdmatrixVariants] = {1, 2, 4, 1, 2, 4};
   for (int v = 0; v < st::kLdmatrixVariants; ++v) {
     const bool trans = v >= 3;
@@ -227,8 +323,8 @@ std::string test_ldmatrix() {
           want = trans ? pack_b16x2(logical(j, 2 * q, g), logical(j, 2 * q + 1, g))
                        : pack_b16x2(logical(j, g, 2 * q), logical(j, g, 2 * q + 1));
         }
-        expect_eq("ldmatrix register", size_t((v * 32 + lane) * 4 + j), out[(v * 32 + lane) * 4 + j],
-                  want);
+        expect_eq("ldmatrix register", size_t((v * 32 + lane) * 4 + j),
+                  out[(v * 32 + lane) * 4 + j], want);
       }
   }
   return "x1/x2/x4 and .trans, permuted row addresses, ignored lanes' addresses untouched";
@@ -242,7 +338,8 @@ std::string test_cp_async() {
   for (int t = 0; t < n; ++t) {
     const int nb = (t + 1) % n;
     expect_eq("after wait_group<3>", size_t(t), out[t], in[4 * t]);
-    for (int k = 0; k < 4; ++k) expect_eq("16-byte copy", size_t(t), out[64 + 4 * t + k], in[4 * nb + k]);
+    for (int k = 0; k < 4; ++k)
+      expect_eq("16-byte copy", size_t(t), out[64 + 4 * t + k], in[4 * nb + k]);
     for (int k = 0; k < 2; ++k)
       expect_eq("8-byte copy", size_t(t), out[320 + 2 * t + k], in[256 + 2 * nb + k]);
     expect_eq("4-byte copy", size_t(t), out[448 + t], in[384 + nb]);
@@ -269,7 +366,8 @@ std::string test_gemm(bool bf16) {
     for (int j = 0; j < n; ++j) {
       double want = 0, mag = 0;
       for (int p = 0; p < k; ++p) {
-        const double x = from_bits(a[size_t(i) * k + p], bf16) * from_bits(b[size_t(p) * n + j], bf16);
+        const double x =
+            from_bits(a[size_t(i) * k + p], bf16) * from_bits(b[size_t(p) * n + j], bf16);
         want += x;
         mag += std::fabs(x);
       }
@@ -279,8 +377,9 @@ std::string test_gemm(bool bf16) {
       if (!(err <= tol)) failf("C[%d][%d] = %.9g, expected %.9g", i, j, got, want);
     }
   char buf[160];
-  std::snprintf(buf, sizeof buf, "M=%d N=%d K=%d, 64x64x32 tiles, 4 warps: worst error %.3f of tolerance, %.2f s",
-                m, n, k, worst, secs);
+  std::snprintf(buf, sizeof buf,
+                "M=%d N=%d K=%d, 64x64x32 tiles, 4 warps: worst error %.3f of tolerance, %.2f s", m,
+                n, k, worst, secs);
   return buf;
 }
 
@@ -291,7 +390,9 @@ struct bug_test {
   std::function<void()> run;
 };
 
-std::vector<float> floats(size_t n) { return std::vector<float>(n, 1.0f); }
+std::vector<float> floats(size_t n) {
+  return std::vector<float>(n, 1.0f);
+}
 
 void bug_oob() {
   auto in = floats(100), out = floats(101);
@@ -333,6 +434,18 @@ void bug_uninitialized() {
   auto out = floats(32);
   st::launch_bug_uninitialized(out.data());
 }
+void bug_unregistered() {
+  auto in = floats(64), out = floats(64);
+  st::launch_bug_unregistered(in.data(), out.data(), 16);
+}
+void bug_shfl_barrier() {
+  std::vector<int> out(32);
+  st::launch_bug_shfl_barrier(out.data());
+}
+void bug_collective_mismatch() {
+  std::vector<uint32_t> out(32);
+  st::launch_bug_collective_mismatch(out.data());
+}
 void bug_pipeline_race() {
   const int m = 64, n = 64, k = 96;
   std::vector<uint16_t> a(size_t(m) * k, 0x3c00), b(size_t(k) * n, 0x3c00);
@@ -349,6 +462,10 @@ struct positive_test {
 
 const std::vector<positive_test>& positives() {
   static const std::vector<positive_test> v = {
+      {"indices", test_indices},
+      {"registered", test_registered},
+      {"math", test_math},
+      {"conversions", test_conversions},
       {"shuffles", test_shuffles},
       {"votes", test_votes},
       {"warp_sync", test_warp_sync},
@@ -377,6 +494,9 @@ const std::vector<std::pair<const char*, bug_test>>& bugs() {
       {"bug_cp_async_early", {{"read of pending cp.async destination"}, bug_cp_async_early}},
       {"bug_shared_oob", {{"out-of-bounds shared write"}, bug_shared_oob}},
       {"bug_uninitialized", {{"uninitialized shared read"}, bug_uninitialized}},
+      {"bug_unregistered", {{"out-of-bounds global read"}, bug_unregistered}},
+      {"bug_shfl_barrier", {{"incomplete warp collective"}, bug_shfl_barrier}},
+      {"bug_collective_mismatch", {{"incomplete warp collective"}, bug_collective_mismatch}},
       {"bug_pipeline_race",
        {{"shared memory race", "read of pending cp.async destination"}, bug_pipeline_race}},
   };
@@ -394,7 +514,8 @@ bool run_positive(const positive_test& t) {
     std::printf("PASS %s (%.0f ms): %s\n", t.name, 1e3 * (now() - t0), detail.c_str());
     return true;
   } catch (const emulator_error& e) {
-    std::printf("FAIL %s: unexpected emulator report [%s]\n%s\n", t.name, e.kind().c_str(), e.what());
+    std::printf("FAIL %s: unexpected emulator report [%s]\n%s\n", t.name, e.kind().c_str(),
+                e.what());
   } catch (const std::exception& e) {
     std::printf("FAIL %s: %s\n", t.name, e.what());
   }

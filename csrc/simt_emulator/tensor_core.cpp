@@ -85,7 +85,8 @@ void complete_tensor_op(warp_state& ws, uint32_t wi, collective& c) {
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c,
                   const char* file, int line) {
   const mma_operands op{a, b, c};
-  collective_arrive(coll_kind::mma, uint8_t(bf16), 0xffffffffu, lane_args{0, 0, &op, d}, file, line);
+  collective_arrive(coll_kind::mma, uint8_t(bf16), 0xffffffffu, lane_args{0, 0, &op, d}, file,
+                    line);
 }
 
 void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, const char* file, int line) {

@@ -29,10 +29,18 @@ TM_HOST_DEVICE U* ptr_cast(T* p) {
 }
 
 // ---- indices
-TM_DEVICE dim3u thread_idx() { return {threadIdx.x, threadIdx.y, threadIdx.z}; }
-TM_DEVICE dim3u block_idx() { return {blockIdx.x, blockIdx.y, blockIdx.z}; }
-TM_DEVICE dim3u block_dim() { return {blockDim.x, blockDim.y, blockDim.z}; }
-TM_DEVICE dim3u grid_dim() { return {gridDim.x, gridDim.y, gridDim.z}; }
+TM_DEVICE dim3u thread_idx() {
+  return {threadIdx.x, threadIdx.y, threadIdx.z};
+}
+TM_DEVICE dim3u block_idx() {
+  return {blockIdx.x, blockIdx.y, blockIdx.z};
+}
+TM_DEVICE dim3u block_dim() {
+  return {blockDim.x, blockDim.y, blockDim.z};
+}
+TM_DEVICE dim3u grid_dim() {
+  return {gridDim.x, gridDim.y, gridDim.z};
+}
 TM_DEVICE uint32_t linear_thread_idx() {
   return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
@@ -41,11 +49,17 @@ TM_DEVICE uint32_t lane_id() {
   asm("mov.u32 %0, %%laneid;" : "=r"(lane));
   return lane;
 }
-TM_DEVICE uint32_t warp_id() { return linear_thread_idx() >> 5; }
+TM_DEVICE uint32_t warp_id() {
+  return linear_thread_idx() >> 5;
+}
 
 // ---- barriers, shuffles, votes
-TM_DEVICE void sync_threads() { __syncthreads(); }
-TM_DEVICE void sync_warp(uint32_t mask = 0xffffffffu) { __syncwarp(mask); }
+TM_DEVICE void sync_threads() {
+  __syncthreads();
+}
+TM_DEVICE void sync_warp(uint32_t mask = 0xffffffffu) {
+  __syncwarp(mask);
+}
 
 template <class T>
 TM_DEVICE T shfl_sync(uint32_t mask, T v, int src_lane) {
@@ -83,9 +97,15 @@ TM_DEVICE T shfl_xor_sync(uint32_t mask, T v, int lane_mask) {
   memcpy(&v, &u, 4);
   return v;
 }
-TM_DEVICE int any_sync(uint32_t mask, int pred) { return __any_sync(mask, pred); }
-TM_DEVICE int all_sync(uint32_t mask, int pred) { return __all_sync(mask, pred); }
-TM_DEVICE uint32_t ballot_sync(uint32_t mask, int pred) { return __ballot_sync(mask, pred); }
+TM_DEVICE int any_sync(uint32_t mask, int pred) {
+  return __any_sync(mask, pred);
+}
+TM_DEVICE int all_sync(uint32_t mask, int pred) {
+  return __all_sync(mask, pred);
+}
+TM_DEVICE uint32_t ballot_sync(uint32_t mask, int pred) {
+  return __ballot_sync(mask, pred);
+}
 
 // ---- shared memory
 template <class T>
@@ -103,7 +123,9 @@ template <class T>
 TM_DEVICE T atomic_add(T* p, typename identity<T>::type v) {
   return atomicAdd(p, v);
 }
-TM_DEVICE int atomic_max(int* p, int v) { return atomicMax(p, v); }
+TM_DEVICE int atomic_max(int* p, int v) {
+  return atomicMax(p, v);
+}
 
 // ---- 16-byte vector accesses
 template <class T>
@@ -187,12 +209,11 @@ template <int Bytes, class D, class S>
 TM_DEVICE void cp_async(D* dst, const S* src) {
   static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
   if constexpr (Bytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
-                 "l"(src)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src)
                  : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared_address(dst)),
-                 "l"(src), "n"(Bytes)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(shared_address(dst)), "l"(src),
+                 "n"(Bytes)
                  : "memory");
   }
 }
@@ -210,18 +231,30 @@ TM_DEVICE void cp_async_zfill(D* dst, const S* src, int src_bytes) {
                  : "memory");
   }
 }
-TM_DEVICE void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+TM_DEVICE void cp_async_commit_group() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 TM_DEVICE void cp_async_wait_group() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // ---- fast math
-TM_DEVICE float exp2f_approx(float x) { return exp2f(x); }
-TM_DEVICE float expf_approx(float x) { return __expf(x); }
-TM_DEVICE float log2f_approx(float x) { return __log2f(x); }
-TM_DEVICE float rcp(float x) { return __frcp_rn(x); }
-TM_DEVICE float rsqrt(float x) { return rsqrtf(x); }
+TM_DEVICE float exp2f_approx(float x) {
+  return exp2f(x);
+}
+TM_DEVICE float expf_approx(float x) {
+  return __expf(x);
+}
+TM_DEVICE float log2f_approx(float x) {
+  return __log2f(x);
+}
+TM_DEVICE float rcp(float x) {
+  return __frcp_rn(x);
+}
+TM_DEVICE float rsqrt(float x) {
+  return rsqrtf(x);
+}
 
 // ---- host side: registration is an emulator concept, a no-op here
 inline void register_global(const void*, size_t, const char* = nullptr) {}
@@ -281,8 +314,7 @@ void launch_on(stream_t stream, named_kernel<P...> kernel, dim3u grid, dim3u blo
 // On the default stream (stream 0).
 template <class K, class... A>
 void launch(K kernel, dim3u grid, dim3u block, size_t dynamic_shared_bytes, A&&... args) {
-  launch_on(stream_t(nullptr), kernel, grid, block, dynamic_shared_bytes,
-            std::forward<A>(args)...);
+  launch_on(stream_t(nullptr), kernel, grid, block, dynamic_shared_bytes, std::forward<A>(args)...);
 }
 
 }  // namespace tokenmix::simt

@@ -101,7 +101,7 @@ class mem_ref {
   using value_type = std::remove_const_t<T>;
   explicit mem_ref(T* p) : p_(p) {}
   mem_ref(const mem_ref&) = delete;
-  mem_ref& operator=(const mem_ref&) = delete;
+  const mem_ref&& operator=(const mem_ref&) const&& = delete;  // a named mem_ref: see above
 
   value_type load() const {
     emu::check(S, p_, sizeof(T), alignof(T), emu::access::read);
@@ -123,11 +123,11 @@ class mem_ref {
     store(other.load());
     return std::move(*this);
   }
-#define TM_SIMT_COMPOUND(op)                                 \
-  template <class U>                                         \
-  const mem_ref&& operator op##=(const U& u) const&& {       \
-    store(static_cast<value_type>(load() op value_of(u)));   \
-    return std::move(*this);                                 \
+#define TM_SIMT_COMPOUND(op)                               \
+  template <class U>                                       \
+  const mem_ref&& operator op## = (const U& u) const&& {   \
+    store(static_cast<value_type>(load() op value_of(u))); \
+    return std::move(*this);                               \
   }
   TM_SIMT_COMPOUND(+)
   TM_SIMT_COMPOUND(-)
@@ -197,13 +197,27 @@ checked_ptr<U, S> ptr_cast(checked_ptr<T, S> p) {
 
 // ---- indices, barriers, warp collectives ------------------------------------------------------
 
-inline dim3u thread_idx() { return emu::thread_idx(); }
-inline dim3u block_idx() { return emu::block_idx(); }
-inline dim3u block_dim() { return emu::block_dim(); }
-inline dim3u grid_dim() { return emu::grid_dim(); }
-inline uint32_t linear_thread_idx() { return emu::linear_thread_idx(); }
-inline uint32_t lane_id() { return emu::linear_thread_idx() & 31u; }
-inline uint32_t warp_id() { return emu::linear_thread_idx() >> 5; }
+inline dim3u thread_idx() {
+  return emu::thread_idx();
+}
+inline dim3u block_idx() {
+  return emu::block_idx();
+}
+inline dim3u block_dim() {
+  return emu::block_dim();
+}
+inline dim3u grid_dim() {
+  return emu::grid_dim();
+}
+inline uint32_t linear_thread_idx() {
+  return emu::linear_thread_idx();
+}
+inline uint32_t lane_id() {
+  return emu::linear_thread_idx() & 31u;
+}
+inline uint32_t warp_id() {
+  return emu::linear_thread_idx() >> 5;
+}
 
 inline void sync_threads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   emu::sync_threads(file, line);
@@ -271,10 +285,10 @@ inline uint32_t ballot_sync(uint32_t mask, int pred, const char* file = __builti
 
 // One allocation per block, the same for all its threads. Host arrays get exactly the alignment
 // asked for (alignof(T) or `align`), never more, so a kernel that relies on luck fails here.
-#define TM_SHARED_ALIGNED(T, name, count, align)                                             \
-  static const ::tokenmix::simt::emu::shared_site tm_shared_site_##name{                     \
-      #name, sizeof(T) * size_t(count), size_t(align) < alignof(T) ? alignof(T) : (align)};  \
-  const ::tokenmix::simt::shared_ptr<T> name(                                                \
+#define TM_SHARED_ALIGNED(T, name, count, align)                                            \
+  static const ::tokenmix::simt::emu::shared_site tm_shared_site_##name{                    \
+      #name, sizeof(T) * size_t(count), size_t(align) < alignof(T) ? alignof(T) : (align)}; \
+  const ::tokenmix::simt::shared_ptr<T> name(                                               \
       static_cast<T*>(::tokenmix::simt::emu::static_shared(&tm_shared_site_##name)))
 #define TM_SHARED(T, name, count) TM_SHARED_ALIGNED(T, name, count, alignof(T))
 
@@ -340,11 +354,11 @@ inline void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], const uint32_t
   emu::mma_m16n8k16(true, d, a, b, c, file, line);
 }
 
-#define TM_SIMT_LDMATRIX(suffix, count, trans)                                                   \
-  template <class T>                                                                             \
-  void ldmatrix_##suffix(uint32_t* r, shared_ptr<T> row, const char* file = __builtin_FILE(),    \
-                         int line = __builtin_LINE()) {                                          \
-    emu::ldmatrix(count, trans, r, row.raw(), file, line);                                       \
+#define TM_SIMT_LDMATRIX(suffix, count, trans)                                                \
+  template <class T>                                                                          \
+  void ldmatrix_##suffix(uint32_t* r, shared_ptr<T> row, const char* file = __builtin_FILE(), \
+                         int line = __builtin_LINE()) {                                       \
+    emu::ldmatrix(count, trans, r, row.raw(), file, line);                                    \
   }
 TM_SIMT_LDMATRIX(x1, 1, false)
 TM_SIMT_LDMATRIX(x2, 2, false)
@@ -368,7 +382,9 @@ void cp_async_zfill(shared_ptr<D> dst, global_ptr<S> src, int src_bytes,
   static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
   emu::cp_async(Bytes, dst.raw(), src.raw(), src_bytes, file, line);
 }
-inline void cp_async_commit_group() { emu::cp_async_commit_group(); }
+inline void cp_async_commit_group() {
+  emu::cp_async_commit_group();
+}
 template <int N>
 void cp_async_wait_group(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(N >= 0, "wait_group takes a non-negative count");
@@ -377,11 +393,21 @@ void cp_async_wait_group(const char* file = __builtin_FILE(), int line = __built
 
 // ---- fast math (host: the exact std functions) -------------------------------------------------
 
-inline float exp2f_approx(float x) { return std::exp2(x); }
-inline float expf_approx(float x) { return std::exp(x); }
-inline float log2f_approx(float x) { return std::log2(x); }
-inline float rcp(float x) { return 1.0f / x; }
-inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+inline float exp2f_approx(float x) {
+  return std::exp2(x);
+}
+inline float expf_approx(float x) {
+  return std::exp(x);
+}
+inline float log2f_approx(float x) {
+  return std::log2(x);
+}
+inline float rcp(float x) {
+  return 1.0f / x;
+}
+inline float rsqrt(float x) {
+  return 1.0f / std::sqrt(x);
+}
 
 // ---- host side: buffers and launches -----------------------------------------------------------
 
@@ -457,8 +483,8 @@ void launch_on(stream_t, named_kernel<P...> kernel, dim3u grid, dim3u block,
                size_t dynamic_shared_bytes, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "launch: wrong number of kernel arguments");
   emu::launch_spec spec{};
-  detail::closure<P...> c{
-      kernel.fn, {detail::kernel_arg<std::decay_t<P>>(std::forward<A>(args), spec)...}};
+  detail::closure<P...> c{kernel.fn,
+                          {detail::kernel_arg<std::decay_t<P>>(std::forward<A>(args), spec)...}};
   spec.thunk = &detail::closure<P...>::run;
   spec.closure = &c;
   spec.kernel = reinterpret_cast<const void*>(kernel.fn);

@@ -41,6 +41,8 @@ TM_HOST_DEVICE constexpr coord ldmatrix_element(int lane, int h, bool trans) {
 }
 
 // The lane whose address gives row `row` of matrix `matrix`.
-TM_HOST_DEVICE constexpr int ldmatrix_address_lane(int matrix, int row) { return 8 * matrix + row; }
+TM_HOST_DEVICE constexpr int ldmatrix_address_lane(int matrix, int row) {
+  return 8 * matrix + row;
+}
 
 }  // namespace tokenmix::simt::layout

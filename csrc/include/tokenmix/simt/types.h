@@ -108,7 +108,9 @@ TM_HOST_DEVICE uint16_t f32_to_bf16_bits(float f) {
 #endif
 }
 
-TM_HOST_DEVICE float bf16_bits_to_f32(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+TM_HOST_DEVICE float bf16_bits_to_f32(uint16_t h) {
+  return bits_float(uint32_t(h) << 16);
+}
 
 // Two 16-bit values in one 32-bit register, `lo` in bits 0-15 (the first element of a pair).
 TM_HOST_DEVICE uint32_t pack_b16x2(uint16_t lo, uint16_t hi) {

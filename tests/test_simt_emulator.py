@@ -1,0 +1,450 @@
+"""The SIMT layer and its CPU emulator (csrc/simt_emulator, docs/simt_emulator.md).
+
+Builds the standalone emulator project into build/simt (incremental on reruns), runs the
+`simt_selftest` subcommands (kernels that must pass, planted bugs that must be reported), checks
+the fragment layouts against the PTX ISA formulas and against CuTe's own layout definitions, and
+compiles the same kernel source with nvcc for sm_80 and sm_90 without register spills.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "csrc" / "simt_emulator"
+INCLUDE = ROOT / "csrc" / "include"
+BUILD = ROOT / "build" / "simt"
+KERNELS = SRC / "selftest_kernels.cu"
+
+POSITIVE = [
+    "indices",
+    "registered",
+    "math",
+    "conversions",
+    "shuffles",
+    "votes",
+    "warp_sync",
+    "reduce",
+    "atomics",
+    "vec128",
+    "mma_f16",
+    "mma_bf16",
+    "ldmatrix",
+    "cp_async",
+    "gemm_f16",
+    "gemm_bf16",
+]
+
+NS = "tokenmix::simt_selftest::"
+# name -> (report kind, fragments the report must contain)
+BUGS = {
+    "bug_oob_global": (
+        "out-of-bounds global read",
+        [
+            f"kernel '{NS}oob_read_kernel'",
+            "block (1,0,0)",
+            "thread (36,0,0)",
+            "address 0x",
+            "past the end of buffer 'in'",
+        ],
+    ),
+    "bug_misaligned": (
+        "misaligned global access",
+        [
+            f"kernel '{NS}misaligned_kernel'",
+            "block (0,0,0)",
+            "thread (0,0,0)",
+            "16-byte read at address 0x",
+            "not 16-byte aligned",
+            "buffer 'in' + 4",
+        ],
+    ),
+    "bug_barrier_exit": (
+        "barrier divergence",
+        [
+            f"kernel '{NS}barrier_exit_kernel'",
+            "block (0,0,0)",
+            "thread (48,0,0)",
+            "48 threads wait at sync_threads() at selftest_kernels.cu:",
+        ],
+    ),
+    "bug_barrier_sites": (
+        "barrier divergence",
+        [
+            f"kernel '{NS}barrier_sites_kernel'",
+            "different sync_threads() calls",
+            "threads 32-63 at selftest_kernels.cu:",
+            "threads 0-31 at selftest_kernels.cu:",
+        ],
+    ),
+    "bug_shfl_half": (
+        "incomplete warp collective",
+        [
+            f"kernel '{NS}shfl_half_kernel'",
+            "block (0,0,0)",
+            "thread (16,0,0)",
+            "shfl_xor_sync at selftest_kernels.cu:",
+            "member mask 0xffffffff",
+            "lanes 0-15",
+        ],
+    ),
+    "bug_shfl_barrier": (
+        "incomplete warp collective",
+        [f"kernel '{NS}shfl_barrier_kernel'", "lanes 16-31 wait at sync_threads()", "deadlock"],
+    ),
+    "bug_collective_mismatch": (
+        "incomplete warp collective",
+        [
+            f"kernel '{NS}collective_mismatch_kernel'",
+            "shfl_sync at",
+            "lanes 16-31 wait in ballot_sync",
+        ],
+    ),
+    "bug_race": (
+        "shared memory race",
+        [
+            f"kernel '{NS}race_kernel'",
+            "block (0,0,0)",
+            "thread (1,0,0)",
+            "address 0x",
+            "shared 'flag' + 0",
+            "write by thread (0,0,0)",
+        ],
+    ),
+    "bug_warp_race": (
+        "shared memory race",
+        [
+            f"kernel '{NS}warp_exchange_kernel<false>'",
+            "thread (1,0,0)",
+            "address 0x",
+            "read by thread (0,0,0)",
+        ],
+    ),
+    "bug_cp_async_early": (
+        "read of pending cp.async destination",
+        [
+            f"kernel '{NS}cp_async_early_kernel'",
+            "block (0,0,0)",
+            "thread (0,0,0)",
+            "address 0x",
+            "shared 'buf' + 0",
+            "no cp_async_wait_group",
+        ],
+    ),
+    "bug_pipeline_race": (
+        "shared memory race",
+        [
+            f"kernel '{NS}gemm_kernel<false, false>'",
+            "write by cp.async at address 0x",
+            "conflicts with a read",
+        ],
+    ),
+    "bug_shared_oob": (
+        "out-of-bounds shared write",
+        [
+            "kernel 'shared_oob_kernel (named)'",
+            "thread (31,0,0)",
+            "address 0x",
+            "shared 'vals' + 128",
+        ],
+    ),
+    "bug_uninitialized": (
+        "uninitialized shared read",
+        [f"kernel '{NS}uninitialized_kernel'", "thread (7,0,0)", "shared 'vals' + 28"],
+    ),
+    "bug_unregistered": (
+        "out-of-bounds global read",
+        [f"kernel '{NS}oob_read_kernel'", "thread (0,0,0)", "outside every registered buffer"],
+    ),
+}
+
+
+def _ninja() -> str | None:
+    exe = shutil.which("ninja")
+    if exe:
+        return exe
+    beside = Path(sys.executable).parent / "ninja"
+    return str(beside) if beside.exists() else None
+
+
+@pytest.fixture(scope="module")
+def selftest() -> Path:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.fail("cmake is needed to build the SIMT emulator self-test")
+    if not (BUILD / "CMakeCache.txt").exists():
+        cmd = [cmake, "-S", str(SRC), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release"]
+        ninja = _ninja()
+        if ninja:
+            cmd += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [cmake, "--build", str(BUILD), "--parallel", str(os.cpu_count() or 2)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    exe = BUILD / "simt_selftest"
+    assert exe.exists()
+    return exe
+
+
+def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_subcommand_list_matches(selftest):
+    out = _run(selftest, "list")
+    assert out.returncode == 0
+    assert sorted(out.stdout.split()) == sorted(POSITIVE + list(BUGS))
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+def test_kernel_passes(selftest, name):
+    out = _run(selftest, name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith(f"PASS {name} "), out.stdout
+
+
+@pytest.mark.parametrize("name", ["gemm_f16", "gemm_bf16", "reduce", "atomics"])
+def test_kernel_passes_with_parallel_blocks(selftest, name):
+    out = _run(selftest, name, "--workers", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name", list(BUGS))
+def test_planted_bug_is_reported(selftest, name):
+    kind, fragments = BUGS[name]
+    out = _run(selftest, name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith(f"REPORTED {name} [{kind}]"), out.stdout
+    report = out.stdout.splitlines()[1]
+    assert report.startswith(f"tokenmix simt emulator: {kind} in kernel '"), report
+    for fragment in fragments:
+        assert fragment in report, f"{fragment!r} missing from: {report}"
+
+
+def test_whole_selftest_is_fast(selftest):
+    out = _run(selftest, "all")
+    assert out.returncode == 0, out.stdout
+    m = re.search(r"(\d+) of (\d+) self-tests passed in ([\d.]+) s", out.stdout)
+    assert m and m.group(1) == m.group(2) == str(len(POSITIVE) + len(BUGS)), out.stdout
+    assert float(m.group(3)) < 60
+
+
+# ---- the host API: element references are temporaries ------------------------------------------
+
+_SNIPPET = """#include "tokenmix/simt/simt.h"
+using namespace tokenmix::simt;
+void f(global_ptr<float> p, global_ptr<const float> q, shared_ptr<int> s) {{ {} }}
+"""
+_ACCEPTED = (
+    "float x = p[0]; p[1] = x; p[2] += p[0]; p[0] = p[1]; p[3] = q[1] * 2.0f + q[2]; "
+    "s[0] = 1; s[1] |= s[0]; p += 4; global_ptr<const float> c = p; (void)c;"
+)
+_REJECTED = {
+    "named reference read later": "auto r = p[0]; float y = r; (void)y;",
+    "named reference written later": "auto r = p[0]; r = 2.0f;",
+    "store through const": "q[0] = 1.0f;",
+    "address of element": "float* a = &p[0]; (void)a;",
+    "increment": "p[0]++;",
+    "global passed as shared": "shared_ptr<float> t = p; (void)t;",
+}
+
+
+def test_host_api_accepts_and_rejects(tmp_path):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"
+    cases = {"accepted": _ACCEPTED, **_REJECTED}
+    jobs = {}
+    for i, (name, body) in enumerate(cases.items()):
+        src = tmp_path / f"case{i}.cpp"
+        src.write_text(_SNIPPET.format(body))
+        cmd = [cxx, "-std=c++17", "-fsyntax-only", f"-I{INCLUDE}", str(src)]
+        jobs[name] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    results = {}
+    for name, job in jobs.items():
+        out, _ = job.communicate(timeout=120)
+        results[name] = (job.returncode, out)
+    assert results["accepted"][0] == 0, results["accepted"][1]
+    for name in _REJECTED:
+        assert results[name][0] != 0, f"{name} compiled: {_REJECTED[name]}"
+
+
+# ---- fragment layouts --------------------------------------------------------------------------
+
+LDSM_COUNTS = {"x1": 1, "x2": 2, "x4": 4, "x1_trans": 1, "x2_trans": 2, "x4_trans": 4}
+
+
+def _ptx_isa_tables() -> list[str]:
+    """The tables as the PTX ISA states them (mma.m16n8k16 .f16/.bf16 fragments, ldmatrix)."""
+    lines = []
+    for lane in range(32):
+        g, q = lane >> 2, lane % 4
+        for i in range(8):  # a0..a7: row groupID (+8 for a2,a3,a6,a7), col 2q + i%2 (+8 for i>=4)
+            row = g if i < 2 or 4 <= i < 6 else g + 8
+            col = q * 2 + (i & 1) + (8 if i >= 4 else 0)
+            lines.append(f"mma_a {lane} {i} {row} {col}")
+    for lane in range(32):
+        g, q = lane >> 2, lane % 4
+        for i in range(4):  # b0..b3: row (k) 2q + i%2 (+8 for i>=2), col (n) groupID
+            lines.append(f"mma_b {lane} {i} {q * 2 + (i & 1) + (8 if i >= 2 else 0)} {g}")
+    for lane in range(32):
+        g, q = lane >> 2, lane % 4
+        for i in range(4):  # c0..c3: row groupID (+8 for i>=2), col 2q + i%2
+            lines.append(f"mma_c {lane} {i} {g if i < 2 else g + 8} {q * 2 + (i & 1)}")
+    for name, count in LDSM_COUNTS.items():
+        trans = name.endswith("trans")
+        for lane in range(32):
+            for j in range(count):
+                for h in range(2):
+                    # lane t holds row t/4, elements 2(t%4), 2(t%4)+1 of matrix j (transposed: swap)
+                    row, col = lane // 4, 2 * (lane % 4) + h
+                    if trans:
+                        row, col = col, row
+                    lines.append(f"ldsm_{name} {lane} {j} {h} {j} {row} {col}")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def emulator_tables(selftest) -> list[str]:
+    out = _run(selftest, "layouts")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_layouts_match_ptx_isa(emulator_tables):
+    assert emulator_tables == _ptx_isa_tables()
+
+
+def _cuda_include_dirs() -> list[Path]:
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    for root in filter(None, roots):
+        inc = Path(root) / "include"
+        if (inc / "cuda_runtime_api.h").exists():
+            return [inc] + ([inc / "cccl"] if (inc / "cccl").is_dir() else [])
+    return []
+
+
+def _cute_include_dir() -> Path | None:
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    inc = Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
+    return inc if (inc / "cute" / "atom" / "mma_traits_sm80.hpp").exists() else None
+
+
+def test_layouts_match_cute(emulator_tables):
+    cute = _cute_include_dir()
+    if cute is None:
+        pytest.skip("CuTe headers not installed (pip install --no-deps nvidia-cutlass)")
+    cuda = _cuda_include_dirs()
+    if not cuda:
+        pytest.skip("CuTe's headers need the CUDA toolkit headers (cuda_runtime_api.h, cuda/std)")
+    exe = BUILD / "cute_layouts"
+    source = SRC / "cute_layouts.cpp"
+    if not exe.exists() or exe.stat().st_mtime < source.stat().st_mtime:
+        cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"
+        flags = [f"-I{cute}"] + [f"-I{d}" for d in cuda]
+        build = subprocess.run(
+            [cxx, "-std=c++17", "-O0", *flags, str(source), "-o", str(exe)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert build.returncode == 0, build.stderr[-4000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True)
+    cute_lines = out.stdout.splitlines()
+    f16 = [line for line in cute_lines if not line.startswith("bf16_")]
+    bf16 = [line[len("bf16_") :] for line in cute_lines if line.startswith("bf16_")]
+    assert f16 == emulator_tables
+    assert bf16 == [line for line in emulator_tables if line.startswith("mma_")]
+
+
+# ---- the same source under nvcc ----------------------------------------------------------------
+
+
+def _nvcc() -> str | None:
+    exe = shutil.which("nvcc")
+    if exe:
+        return exe
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+@pytest.fixture(scope="module")
+def nvcc_reports() -> dict[str, subprocess.CompletedProcess]:
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for arch in ("sm_80", "sm_90"):
+        cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-c", str(KERNELS), f"-I{INCLUDE}",
+               "-Xptxas", "-v", "-o", str(BUILD / f"selftest_kernels_{arch}.o")]  # fmt: skip
+        jobs[arch] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    ptx = BUILD / "selftest_kernels_sm_80.ptx"
+    ptx_job = subprocess.Popen(
+        [nvcc, "-std=c++17", "-arch=sm_80", "-ptx", str(KERNELS), f"-I{INCLUDE}", "-o", str(ptx)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    results = {}
+    for arch, job in jobs.items():
+        stdout, _ = job.communicate(timeout=600)
+        results[arch] = subprocess.CompletedProcess(job.args, job.returncode, stdout, "")
+    stdout, _ = ptx_job.communicate(timeout=600)
+    results["ptx"] = subprocess.CompletedProcess(
+        ptx_job.args, ptx_job.returncode, ptx.read_text() if ptx.exists() else stdout, ""
+    )
+    return results
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernels_compile_with_nvcc_without_spills(nvcc_reports, arch):
+    report = nvcc_reports[arch]
+    assert report.returncode == 0, report.stdout[-4000:]
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", report.stdout)
+    assert spills, report.stdout[-4000:]
+    assert all(n == "0" for n in spills), report.stdout
+    assert "gemm_kernel" in report.stdout and "Used " in report.stdout
+
+
+def test_nvcc_emits_the_instructions(nvcc_reports):
+    ptx = nvcc_reports["ptx"]
+    assert ptx.returncode == 0, ptx.stdout[-4000:]
+    for instruction in [
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x1.shared.b16",
+        "cp.async.cg.shared.global",
+        "cp.async.ca.shared.global",
+        "cp.async.commit_group",
+        "cp.async.wait_group",
+        "shfl.sync.bfly.b32",
+        "shfl.sync.up.b32",
+        "vote.sync.ballot.b32",
+        "bar.warp.sync",
+        "bar.sync",
+    ]:
+        assert instruction in ptx.stdout, instruction
