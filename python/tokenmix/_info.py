@@ -30,6 +30,11 @@ def info() -> dict:
         "stable_abi_target": build.get("stable_abi_target"),
         "compiler": build.get("compiler"),
         "library": _ops.LIBRARY_PATH,
+        "operators": [
+            "neighborhood attention (na1d/na2d/na3d)",
+            "linear attention scans (linear, RetNet, simple GLA, GLA)",
+            "delta rule (plain, gated)",
+        ],
         "backends": {"cpu": cpu, "cuda": cuda, "reference": {"built": True}},
     }
 
@@ -41,6 +46,7 @@ def format_info(data: dict) -> str:
         f"stable ABI target {data['stable_abi_target']})",
         f"compiler: {data['compiler']}",
         f"library: {data['library']}",
+        "operators: " + "; ".join(data["operators"]),
         "backends:",
     ]
     for name, b in data["backends"].items():
