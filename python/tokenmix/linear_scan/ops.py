@@ -89,118 +89,75 @@ def _num_seqs(q: Tensor, cu_seqlens: Tensor | None) -> int:
     return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
+def _scan_outputs_fake(q: Tensor, v: Tensor, cu_seqlens: Tensor | None):
+    b, t, h, kd = q.shape
+    out = q.new_empty((b, t, h, v.shape[-1]))
+    state = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=_acc_dtype(q))
+    return out, state
+
+
+def _grad_like(x: Tensor | None, q: Tensor) -> Tensor:
+    """Fake gradient of an optional accumulation-dtype input (empty when absent)."""
+    acc = _acc_dtype(q)
+    return q.new_empty(x.shape, dtype=acc) if x is not None else q.new_empty((0,), dtype=acc)
+
+
+def _register_autograd(op_name: str, backward_op) -> None:
+    """Both scans take (q, k, v, a, b, initial_state, cu_seqlens, scale) and their
+    backward ops return the gradients of the first six inputs, so one formula
+    serves both: a = g, b = gk (linear scan) or a = beta, b = g (delta rule)."""
+
+    def setup(ctx, inputs, output):
+        *tensors, scale = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.scale = scale
+
+    def backward(ctx, grad_out, grad_state):
+        saved = ctx.saved_tensors
+        q, v = saved[0], saved[2]
+        if grad_out is None:
+            grad_out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+        grads = backward_op(
+            grad_out.contiguous(),
+            None if grad_state is None else grad_state.contiguous(),
+            *saved,
+            ctx.scale,
+        )
+        # Gradients only for the inputs that were given; none for cu_seqlens, scale.
+        return (
+            *(g if x is not None else None for g, x in zip(grads, saved[:6], strict=True)),
+            None,
+            None,
+        )
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup)
+
+
 if kernels_available():
 
     @torch.library.register_fake("tokenmix::linear_scan_forward")
     def _linear_scan_forward_fake(q, k, v, g, gk, initial_state, cu_seqlens, scale):
-        b, t, h, kd = q.shape
-        out = q.new_empty((b, t, h, v.shape[-1]))
-        state = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=_acc_dtype(q))
-        return out, state
+        return _scan_outputs_fake(q, v, cu_seqlens)
 
     @torch.library.register_fake("tokenmix::linear_scan_backward")
     def _linear_scan_backward_fake(
         grad_out, grad_final_state, q, k, v, g, gk, initial_state, cu_seqlens, scale
     ):
-        acc = _acc_dtype(q)
-        b, t, h, kd = q.shape
-        dg = q.new_empty(g.shape, dtype=acc) if g is not None else q.new_empty((0,), dtype=acc)
-        dgk = q.new_empty(gk.shape, dtype=acc) if gk is not None else q.new_empty((0,), dtype=acc)
-        dh0 = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=acc)
-        return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), dg, dgk, dh0
+        _, state = _scan_outputs_fake(q, v, cu_seqlens)
+        grads = (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape))
+        return (*grads, _grad_like(g, q), _grad_like(gk, q), state)
 
     @torch.library.register_fake("tokenmix::delta_rule_forward")
     def _delta_rule_forward_fake(q, k, v, beta, g, initial_state, cu_seqlens, scale):
-        b, t, h, kd = q.shape
-        out = q.new_empty((b, t, h, v.shape[-1]))
-        state = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=_acc_dtype(q))
-        return out, state
+        return _scan_outputs_fake(q, v, cu_seqlens)
 
     @torch.library.register_fake("tokenmix::delta_rule_backward")
     def _delta_rule_backward_fake(
         grad_out, grad_final_state, q, k, v, beta, g, initial_state, cu_seqlens, scale
     ):
-        acc = _acc_dtype(q)
-        b, t, h, kd = q.shape
-        dg = q.new_empty(g.shape, dtype=acc) if g is not None else q.new_empty((0,), dtype=acc)
-        dh0 = q.new_empty((_num_seqs(q, cu_seqlens), h, kd, v.shape[-1]), dtype=acc)
-        return (
-            q.new_empty(q.shape),
-            q.new_empty(k.shape),
-            q.new_empty(v.shape),
-            q.new_empty(beta.shape, dtype=acc),
-            dg,
-            dh0,
-        )
+        _, state = _scan_outputs_fake(q, v, cu_seqlens)
+        grads = (q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape))
+        return (*grads, _grad_like(beta, q), _grad_like(g, q), state)
 
-    def _scan_setup(ctx, inputs, output):
-        q, k, v, g, gk, h0, cu, scale = inputs
-        ctx.save_for_backward(q, k, v, g, gk, h0, cu)
-        ctx.scale = scale
-
-    def _scan_backward(ctx, grad_out, grad_state):
-        q, k, v, g, gk, h0, cu = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
-        dq, dk, dv, dg, dgk, dh0 = torch.ops.tokenmix.linear_scan_backward(
-            grad_out.contiguous(),
-            None if grad_state is None else grad_state.contiguous(),
-            q,
-            k,
-            v,
-            g,
-            gk,
-            h0,
-            cu,
-            ctx.scale,
-        )
-        return (
-            dq,
-            dk,
-            dv,
-            dg if g is not None else None,
-            dgk if gk is not None else None,
-            dh0 if h0 is not None else None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(
-        "tokenmix::linear_scan_forward", _scan_backward, setup_context=_scan_setup
-    )
-
-    def _delta_setup(ctx, inputs, output):
-        q, k, v, beta, g, h0, cu, scale = inputs
-        ctx.save_for_backward(q, k, v, beta, g, h0, cu)
-        ctx.scale = scale
-
-    def _delta_backward(ctx, grad_out, grad_state):
-        q, k, v, beta, g, h0, cu = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
-        dq, dk, dv, dbeta, dg, dh0 = torch.ops.tokenmix.delta_rule_backward(
-            grad_out.contiguous(),
-            None if grad_state is None else grad_state.contiguous(),
-            q,
-            k,
-            v,
-            beta,
-            g,
-            h0,
-            cu,
-            ctx.scale,
-        )
-        return (
-            dq,
-            dk,
-            dv,
-            dbeta,
-            dg if g is not None else None,
-            dh0 if h0 is not None else None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd(
-        "tokenmix::delta_rule_forward", _delta_backward, setup_context=_delta_setup
-    )
+    _register_autograd("tokenmix::linear_scan_forward", torch.ops.tokenmix.linear_scan_backward)
+    _register_autograd("tokenmix::delta_rule_forward", torch.ops.tokenmix.delta_rule_backward)
