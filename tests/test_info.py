@@ -20,11 +20,12 @@ def test_info_keys():
         "stable_abi_target",
         "compiler",
         "library",
+        "operators",
         "backends",
     } <= set(data)
     assert data["tokenmix"] == tokenmix.__version__
     assert data["torch"] == torch.__version__
-    assert set(data["backends"]) == {"cpu", "cuda", "reference"}
+    assert set(data["backends"]) == {"cpu", "cuda", "emulator", "reference"}
     json.dumps(data)  # serializable
 
 

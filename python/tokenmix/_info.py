@@ -9,6 +9,16 @@ from . import _ops
 _ISA_NAMES = {0: "generic x86-64 (SSE2)", 1: "AVX2 + FMA", 2: "AVX-512"}
 
 
+def _emulator_status(build: dict) -> dict:
+    """The SIMT emulator's test library (torch.ops.tokenmix_emulated.*)."""
+    import os
+
+    path = os.path.join(os.path.dirname(_ops.LIBRARY_PATH), "_emulated.so")
+    if build.get("emulator_built") and os.path.exists(path):
+        return {"built": True, "library": "tokenmix/_emulated.so (tests only)"}
+    return {"built": False, "reason": "built with TOKENMIX_EMULATOR=OFF"}
+
+
 def info() -> dict:
     """Returns the version, the torch version and each backend's status."""
     from . import __version__
@@ -35,7 +45,12 @@ def info() -> dict:
             "linear attention scans (linear, RetNet, simple GLA, GLA)",
             "delta rule (plain, gated)",
         ],
-        "backends": {"cpu": cpu, "cuda": cuda, "reference": {"built": True}},
+        "backends": {
+            "cpu": cpu,
+            "cuda": cuda,
+            "emulator": _emulator_status(build),
+            "reference": {"built": True},
+        },
     }
 
 
