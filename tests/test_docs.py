@@ -17,7 +17,9 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["README.md"])
+@pytest.mark.parametrize(
+    "doc", ["README.md", "docs/neighborhood_attention.md", "docs/simt_emulator.md"]
+)
 def test_markdown_python_blocks_run(doc):
     blocks = _python_blocks(ROOT / doc)
     assert blocks, f"{doc} has no python example"
