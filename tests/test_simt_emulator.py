@@ -43,7 +43,7 @@ POSITIVE = [
     "gemm_bf16",
 ]
 
-NS = "tokenmix::simt_selftest::"
+NS = "tokenmix::simt_selftest::emulated::"  # the emulator build of the kernel sources
 # name -> (report kind, fragments the report must contain)
 BUGS = {
     "bug_oob_global": (

@@ -5,6 +5,11 @@
 #include "tokenmix/simt/simt.h"
 
 namespace tokenmix::simt_selftest {
+#if defined(__CUDACC__)
+inline namespace cuda {
+#else
+inline namespace emulated {
+#endif
 
 using namespace tokenmix::simt;
 constexpr uint32_t kFull = 0xffffffffu;
@@ -458,18 +463,19 @@ void launch_cp_async(const uint32_t* in, uint32_t* out) {
 }
 
 void launch_gemm(bool bf16, const uint16_t* a, const uint16_t* b, float* c, int m, int n, int k,
-                 bool trailing_barrier) {
+                 bool trailing_barrier, void* stream) {
+  const stream_t s = stream_t(stream);
   const dim3u grid(uint32_t((n + kGemmTile - 1) / kGemmTile),
                    uint32_t((m + kGemmTile - 1) / kGemmTile));
   auto ba = buffer(a, size_t(m) * k, "A");
   auto bb = buffer(b, size_t(k) * n, "B");
   auto bc = buffer(c, size_t(m) * n, "C");
   if (!trailing_barrier)
-    launch(gemm_kernel<false, false>, grid, dim3u(kGemmThreads), 0, ba, bb, bc, m, n, k);
+    launch_on(s, gemm_kernel<false, false>, grid, dim3u(kGemmThreads), 0, ba, bb, bc, m, n, k);
   else if (bf16)
-    launch(gemm_kernel<true, true>, grid, dim3u(kGemmThreads), 0, ba, bb, bc, m, n, k);
+    launch_on(s, gemm_kernel<true, true>, grid, dim3u(kGemmThreads), 0, ba, bb, bc, m, n, k);
   else
-    launch(gemm_kernel<false, true>, grid, dim3u(kGemmThreads), 0, ba, bb, bc, m, n, k);
+    launch_on(s, gemm_kernel<false, true>, grid, dim3u(kGemmThreads), 0, ba, bb, bc, m, n, k);
 }
 
 void launch_bug_oob(const float* in, float* out, int n) {
@@ -525,4 +531,5 @@ void launch_bug_collective_mismatch(uint32_t* out) {
   launch(collective_mismatch_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
 }
 
+}  // namespace cuda / emulated
 }  // namespace tokenmix::simt_selftest

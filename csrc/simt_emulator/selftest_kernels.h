@@ -5,6 +5,14 @@
 #include <cstdint>
 
 namespace tokenmix::simt_selftest {
+// The same sources are compiled for the GPU (nvcc) and for the emulator (host
+// compiler), sometimes into one library: the inline namespace keeps the two
+// sets of entry points apart.
+#if defined(__CUDACC__)
+inline namespace cuda {
+#else
+inline namespace emulated {
+#endif
 
 constexpr int kShuffleThreads = 64, kShuffleResults = 8;
 constexpr int kVoteThreads = 64, kVoteResults = 6;
@@ -33,8 +41,9 @@ void launch_mma(bool bf16, const uint32_t* a, const uint32_t* b, const float* c,
 void launch_ldmatrix(const uint16_t* rows, uint32_t* out);
 void launch_cp_async(const uint32_t* in, uint32_t* out);
 // C[M x N] (f32) = A[M x K] * B[K x N], A and B row major f16 or bf16 bit patterns.
+// stream: a cudaStream_t under CUDA (nullptr: the default stream); ignored by the emulator.
 void launch_gemm(bool bf16, const uint16_t* a, const uint16_t* b, float* c, int m, int n, int k,
-                 bool trailing_barrier = true);
+                 bool trailing_barrier = true, void* stream = nullptr);
 void launch_warp_exchange(uint32_t* out, bool with_sync_warp);  // 64 words
 // Block (8,4,2), grid (2,3,2): 4 words per thread (thread idx, block idx, lane | warp << 8,
 // linear).
@@ -57,4 +66,5 @@ void launch_bug_unregistered(const float* in, float* out, int n);
 void launch_bug_shfl_barrier(int* out);
 void launch_bug_collective_mismatch(uint32_t* out);
 
+}  // namespace cuda / emulated
 }  // namespace tokenmix::simt_selftest

@@ -30,9 +30,15 @@ def info() -> dict:
         cpu["threads"] = torch.get_num_threads()
     else:
         cpu["reason"] = _ops.load_error
-    cuda = {"built": bool(build.get("cuda_built", False))}
-    if not cuda["built"]:
-        cuda["reason"] = build.get("cuda_reason", "the compiled library is missing")
+    cuda: dict = {"built": bool(build.get("cuda_built", False))}
+    if cuda["built"]:
+        cuda["version"] = build.get("cuda_version")
+        cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
+        cuda["kernels"] = (
+            "SIMT kernels of the emulated-ops library; tokenmix ops run on the CPU only so far"
+        )
+    else:
+        cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"
     return {
         "tokenmix": __version__,
         "torch": torch.__version__,
