@@ -324,3 +324,15 @@ def test_forced_instruction_set(isa):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == {"generic": "0", "avx2": "1"}[isa]
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    q = torch.randn(1, 70, 2, 4, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(1, 70, 2, dtype=torch.float64)
+    for fn in (
+        lambda: linear_attention(q, q, q, g=-torch.rand(1, 70, 2, dtype=torch.float64))[0],
+        lambda: delta_rule(q, F.normalize(q, dim=-1), q, beta)[0],
+    ):
+        (g,) = torch.autograd.grad(fn().pow(2).sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(g.sum(), q)

@@ -1164,3 +1164,12 @@ def test_lse_gradient_matches_reference(dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     for name, a, b in zip("q k v rpb".split(), got, want, strict=True):
         assert torch.allclose(a, b, atol=tol, rtol=tol), name
+
+
+def test_double_backward_raises_instead_of_silently_wrong():
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(
+        tokenmix.na1d(q, q, q, kernel_size=3).pow(2).sum(), q, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), q)

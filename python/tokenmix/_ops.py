@@ -34,3 +34,24 @@ def require_library() -> None:
             "`pip install --no-build-isolation .`, or call the pure-PyTorch "
             "reference in tokenmix.neighborhood.reference."
         )
+
+
+def forbid_double_backward(op_name: str) -> None:
+    """Registers an autograd formula for a backward op that raises.
+
+    tokenmix's backward ops are not differentiable themselves. Without this,
+    torch would treat them as constants under ``create_graph=True`` (with only a
+    warning) and second derivatives would come out silently wrong.
+    """
+
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op_name} is not differentiable: tokenmix does not support double "
+            "backward (second derivatives, gradient penalties, Hessian-vector products) "
+            "through its fused kernels; use the pure-PyTorch reference for those"
+        )
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup)

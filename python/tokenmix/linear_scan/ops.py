@@ -161,3 +161,5 @@ if kernels_available():
 
     _register_autograd("tokenmix::linear_scan_forward", torch.ops.tokenmix.linear_scan_backward)
     _register_autograd("tokenmix::delta_rule_forward", torch.ops.tokenmix.delta_rule_backward)
+    _ops.forbid_double_backward("tokenmix::linear_scan_backward")
+    _ops.forbid_double_backward("tokenmix::delta_rule_backward")

@@ -98,3 +98,4 @@ if _ops.load_error is None:
         return dq, dk, dv, drpb, dek, dev, None, None, None, None, None
 
     torch.library.register_autograd("tokenmix::na_forward", _backward, setup_context=_setup_context)
+    _ops.forbid_double_backward("tokenmix::na_backward")
