@@ -536,3 +536,30 @@ def test_docs_examples_run():
     assert len(blocks) >= 3
     for i, block in enumerate(blocks):
         exec(compile(block, f"linear_attention.md:block{i}", "exec"), {})
+
+
+def test_infinite_log_decay_is_rejected_and_a_large_negative_one_resets():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 4, dtype=torch.float64) for _ in range(3))
+    g = -torch.rand(1, 70, 2, dtype=torch.float64)
+    bad = g.clone()
+    bad[:, 10] = float("-inf")
+    with pytest.raises(ValueError, match="finite"):
+        linear_attention(q, k, v, g=bad)
+    with pytest.raises(ValueError, match="finite"):
+        linear_attention(q, k, v, gk=bad[..., None].expand(1, 70, 2, 4))
+    with pytest.raises(ValueError, match="finite"):
+        delta_rule(q, F.normalize(k, dim=-1), v, torch.rand(1, 70, 2, dtype=torch.float64), g=bad)
+    reset = g.clone()
+    reset[:, 10] = -100.0
+    o, _ = linear_attention(q, k, v, g=reset)
+    o_tail, _ = naive_linear_attention(q[:, 10:], k[:, 10:], v[:, 10:], g=reset[:, 10:])
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o[:, 10:], o_tail, rtol=1e-10, atol=1e-10)
+
+
+def test_gated_delta_net_float64_gradcheck():
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(16, 2).double()
+    x = torch.randn(1, 6, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: layer(x)[0], [x])

@@ -486,3 +486,16 @@ def test_reference_validates():
         neighborhood_attention_reference(q, q, q, (9,), (1,), (1,), (False,))
     with pytest.raises(ValueError, match="k head dim"):
         neighborhood_attention_reference(q, _t(1, 8, 2, 3), q, (3,), (1,), (1,), (False,))
+
+
+def test_reference_is_a_drop_in_for_the_public_function():
+    # Same signature and defaults as tokenmix.neighborhood_attention (the error for
+    # devices without fused kernels points users to it).
+    torch.manual_seed(0)
+    q = torch.randn(1, 9, 2, 4, dtype=torch.float64)
+    rpb = torch.randn(2, 5, dtype=torch.float64)
+    out = neighborhood_attention_reference(q, q, q, 3, rpb=rpb)
+    want = neighborhood_attention_reference(q, q, q, (3,), (1,), (1,), (False,), rpb=rpb)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="kernel_size"):
+        neighborhood_attention_reference(q, q, q, 1)

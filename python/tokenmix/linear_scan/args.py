@@ -191,6 +191,20 @@ def check_state(
     )
 
 
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    """Log decays must be finite: the chunked scans take differences of
+    cumulative log decays, and -inf - (-inf) has no value. A full reset is a
+    large negative number instead (e^-100 is 0 at every dtype's precision).
+    Checked in eager mode only (a data-dependent check cannot run in a graph)."""
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name} must be finite log decays; for a full reset of the state use a large "
+            "negative value such as -100 instead of -inf"
+        )
+
+
 def _check_decays(
     q: torch.Tensor,
     g: Any,
@@ -208,10 +222,13 @@ def _check_decays(
         )
     if g is not None:
         _check_aux(g, "g", q, (batch, seq, heads), "[B, T, H]")
+        _check_finite(g, "g")
     if g_gamma is not None:
         _check_aux(g_gamma, "g_gamma", q, (heads,), "[H]")
+        _check_finite(g_gamma, "g_gamma")
     if gk is not None:
         _check_aux(gk, "gk", q, (batch, seq, heads, dim_k), "[B, T, H, K]")
+        _check_finite(gk, "gk")
 
 
 def check_linear_attention(
@@ -281,6 +298,7 @@ def check_delta_rule(
     _check_aux(beta, "beta", q, (batch, seq, heads), "[B, T, H]")
     if g is not None:
         _check_aux(g, "g", q, (batch, seq, heads), "[B, T, H]")
+        _check_finite(g, "g")
     offsets = None
     if cu_seqlens is not None:
         offsets = check_cu_seqlens(cu_seqlens, batch, seq, q.device)

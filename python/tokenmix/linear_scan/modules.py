@@ -296,13 +296,14 @@ class GatedDeltaNet(nn.Module):
                 output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens,
             )
-        # Per-head RMSNorm (in float32), optionally gated.
-        of = o.float()
+        # Per-head RMSNorm (in float32, float64 for float64 inputs), optionally gated.
+        acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+        of = o.to(acc)
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        of = of * self.o_norm_weight.float()
+        of = of * self.o_norm_weight.to(acc)
         if self.g_proj is not None:
             gate = self.g_proj(x).unflatten(-1, (h, self.head_v_dim))
-            of = of * F.silu(gate.float())
+            of = of * F.silu(gate.to(acc))
         o = of.to(x.dtype).reshape(batch, seq, h * self.head_v_dim)
         return self.o_proj(o), new_state
 

@@ -170,10 +170,10 @@ def neighborhood_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kernel_size: tuple[int, ...],
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
-    is_causal: tuple[bool, ...],
+    kernel_size: int | tuple[int, ...],
+    stride: int | tuple[int, ...] = 1,
+    dilation: int | tuple[int, ...] = 1,
+    is_causal: bool | tuple[bool, ...] = False,
     scale: float | None = None,
     rpb: torch.Tensor | None = None,
     additional_keys: torch.Tensor | None = None,
@@ -187,8 +187,8 @@ def neighborhood_attention_reference(
         k: ``[B, *spatial, H_kv, D]`` with ``H % H_kv == 0`` (GQA: query head ``h`` uses
             kv head ``h // (H // H_kv)``).
         v: ``[B, *spatial, H_kv, Dv]``.
-        kernel_size, stride, dilation, is_causal: per-dimension tuples (as returned by
-            :func:`~tokenmix.neighborhood.args.normalize_window_args`).
+        kernel_size, stride, dilation, is_causal: one value or one per spatial
+            dimension, with the defaults of :func:`tokenmix.neighborhood_attention`.
         scale: logit scale; defaults to ``D ** -0.5``.
         rpb: optional ``[H, 2*k_1 - 1, ...]`` relative positional bias.
         additional_keys / additional_values: optional ``[B, N_extra, H_kv, D / Dv]``
@@ -199,12 +199,19 @@ def neighborhood_attention_reference(
         ``out`` ``[B, *spatial, H, Dv]`` in the input dtype, and if ``return_lse``
         also ``lse`` ``[B, *spatial, H]`` (float32; float64 for float64 inputs).
     """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     rank = q.dim() - 3
-    check_tensors(q, k, v, rank, rpb, additional_keys, additional_values, kernel_size)
+    if rank not in (1, 2, 3):
+        raise ValueError(
+            f"q must be [B, *spatial, H, D] with 1 to 3 spatial dimensions, got shape "
+            f"{tuple(q.shape)}"
+        )
     spatial_shape = tuple(q.shape[1 : rank + 1])
     kernel_size, stride, dilation, is_causal = normalize_window_args(
         rank, spatial_shape, kernel_size, stride, dilation, is_causal
     )
+    check_tensors(q, k, v, rank, rpb, additional_keys, additional_values, kernel_size)
 
     in_dtype = q.dtype
     cdtype = torch.float64 if in_dtype == torch.float64 else torch.float32
