@@ -336,3 +336,65 @@ def test_double_backward_raises_instead_of_silently_wrong():
         (g,) = torch.autograd.grad(fn().pow(2).sum(), q, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(g.sum(), q)
+
+
+@pytest.mark.parametrize("decay", [None, "g", "gk", "g_gamma"])
+def test_linear_scan_t1000(decay):
+    x = _inputs(1, 1000, 1, 8, 8, torch.float64, decay, seed=1000)
+    _compare(_linear(x), _naive_linear(), x, torch.float64, 8)
+
+
+@pytest.mark.parametrize("t", [2, 1000])
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_more_lengths(t, gated):
+    x = _inputs(1, t, 1, 8, 8, torch.float64, "g" if gated else None, seed=t + 7)
+    x["k"] = F.normalize(x["k"], dim=-1)
+    x["beta"] = torch.rand(1, t, 1, dtype=torch.float64)
+
+    def fused(d):
+        return delta_rule(
+            d["q"],
+            d["k"],
+            d["v"],
+            d["beta"],
+            g=d.get("g"),
+            initial_state=d["initial_state"],
+            output_final_state=True,
+        )
+
+    def naive(d):
+        return naive_delta_rule(
+            d["q"],
+            d["k"],
+            d["v"],
+            d["beta"],
+            g=d.get("g"),
+            initial_state=d["initial_state"],
+            output_final_state=True,
+        )
+
+    _compare(fused, naive, x, torch.float64, 8)
+
+
+@pytest.mark.parametrize("decay", ["g", "gk"])
+def test_strong_decay_gradients_match_recurrence(decay):
+    # log decays of -5 per token: every factor e^{G_i - G_j} spans 0 .. 1 within a chunk
+    x = _inputs(1, 150, 2, 8, 8, torch.float64, decay, seed=5, strong=True)
+    _compare(_linear(x), _naive_linear(), x, torch.float64, 8)
+
+
+def test_strong_decay_long_sequence_backward_is_finite():
+    torch.manual_seed(0)
+    t = 100_000
+    q, k, v = (torch.randn(1, t, 1, 8, requires_grad=True) for _ in range(3))
+    for kw in ({"g": torch.full((1, t, 1), -5.0)}, {"gk": torch.full((1, t, 1, 8), -5.0)}):
+        gates = {n: x.clone().requires_grad_() for n, x in kw.items()}
+        o, s = linear_attention(q, k, v, output_final_state=True, **gates)
+        grads = torch.autograd.grad(o.sum() + s.sum(), [q, k, v, *gates.values()])
+        assert all(torch.isfinite(g_).all() for g_ in grads)
+    beta = torch.rand(1, t, 1)
+    g = torch.full((1, t, 1), -5.0, requires_grad=True)
+    kn = F.normalize(k.detach(), dim=-1).requires_grad_()
+    o, _ = delta_rule(q, kn, v, beta, g=g)
+    grads = torch.autograd.grad(o.sum(), [q, kn, v, g])
+    assert all(torch.isfinite(g_).all() for g_ in grads)
