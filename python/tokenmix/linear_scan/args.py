@@ -133,7 +133,9 @@ def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
     return batch, seq, heads, dim_k, dim_v
 
 
-def check_cu_seqlens(cu_seqlens: Any, batch: int, seq: int, device: torch.device) -> list[int]:
+def check_cu_seqlens(
+    cu_seqlens: Any, batch: int, seq: int, device: torch.device
+) -> list[int] | None:
     """Validate FlashAttention-style ``cu_seqlens`` and return its values as a list.
 
     ``cu_seqlens`` is a 1-D int32/int64 tensor ``[N + 1]`` on ``q``'s device with
@@ -156,6 +158,10 @@ def check_cu_seqlens(cu_seqlens: Any, batch: int, seq: int, device: torch.device
             f"with cu_seqlens the batch size must be 1 (sequences are packed along T), got "
             f"B={batch}"
         )
+    if torch.compiler.is_compiling():
+        # Values are data: inside a compiled graph the fused op checks them at
+        # run time instead (same rules, a RuntimeError).
+        return None
     offsets = [int(x) for x in cu_seqlens.tolist()]
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]} (cu_seqlens={offsets})")
@@ -267,7 +273,12 @@ def check_linear_attention(
     offsets = None
     if cu_seqlens is not None:
         offsets = check_cu_seqlens(cu_seqlens, batch, seq, q.device)
-    num_states = batch if offsets is None else len(offsets) - 1
+        if offsets is None and not causal:
+            raise ValueError(
+                "causal=False with cu_seqlens is not supported under torch.compile (the "
+                "bidirectional form splits the batch by the offsets' values)"
+            )
+    num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
         check_state(initial_state, "initial_state", q, num_states, heads, dim_k, dim_v)
         if normalize:
@@ -302,7 +313,7 @@ def check_delta_rule(
     offsets = None
     if cu_seqlens is not None:
         offsets = check_cu_seqlens(cu_seqlens, batch, seq, q.device)
-    num_states = batch if offsets is None else len(offsets) - 1
+    num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
         check_state(initial_state, "initial_state", q, num_states, heads, dim_k, dim_v)
     return resolve_scale(scale, dim_k), offsets
