@@ -238,7 +238,8 @@ def test_public_errors():
         linear_attention(**inputs, causal=False)
     with pytest.raises(ValueError, match="at most one of g, g_gamma and gk"):
         linear_attention(**inputs, g_gamma=torch.zeros(2))
-    with pytest.raises(ValueError, match="normalize=True cannot"):
+    with pytest.raises(ValueError, match="initial_state"):
+        # a normalized scan's state has V + 1 columns (the key sum rides along)
         linear_attention(**make_inputs("none", state=True), normalize=True)
     with pytest.raises(ValueError, match="not increasing|strictly increasing"):
         linear_attention(**make_inputs("none", batch=1), cu_seqlens=torch.tensor([0, 40, 40, 70]))
@@ -368,10 +369,10 @@ def test_dispatch_contract(monkeypatch):
     assert beta.dtype == torch.float32 and g.dtype == torch.float32
     assert h0 is None and cu_arg is None and scale == 0.3
 
-    # normalize runs a second scan with v = ones [B, T, H, 1].
+    # normalize runs one scan over [v | 1] (the key sum as an extra value column).
     calls.clear()
     linear_attention(**make_inputs("none"), normalize=True)
-    assert [c[3].shape[-1] for c in calls] == [40, 1]
+    assert [c[3].shape[-1] for c in calls] == [41]
 
     # Bidirectional needs no scan.
     calls.clear()
@@ -442,23 +443,11 @@ def test_module_shapes_and_grads(index):
 
 
 def _decodes(module) -> bool:
-    return not getattr(module, "normalize", False) and getattr(module, "causal", True)
+    return getattr(module, "causal", True)
 
 
 _ALL_MODULES = range(len(LINEAR_CONFIGS) + 2)
 _DECODING = [i for i in _ALL_MODULES if _decodes(_modules()[i])]
-_NORMALIZED = [i for i in _ALL_MODULES if getattr(_modules()[i], "normalize", False)]
-
-
-@pytest.mark.parametrize("index", _NORMALIZED)
-def test_normalized_module_rejects_a_state(index):
-    # A normalized layer's state cannot carry the running key sum, so decoding
-    # from a state is refused with an error rather than computed wrongly.
-    module = _modules()[index]
-    x = torch.randn(2, 5, 32)
-    state = torch.zeros(2, module.num_heads, module.head_dim, module.head_dim)
-    with pytest.raises(ValueError):
-        module(x, state=state)
 
 
 @pytest.mark.parametrize("index", _DECODING)
@@ -514,8 +503,8 @@ def test_module_errors():
     with pytest.raises(ValueError, match="batch size 1"):
         LinearAttention(32, 4)(torch.randn(2, 5, 32), cu_seqlens=torch.tensor([0, 5]))
     module = LinearAttention(32, 4, normalize=True, feature_map="elu+1")
-    with pytest.raises(ValueError, match="normalize=True cannot"):
-        module(torch.randn(1, 5, 32), state=torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="initial_state|state"):
+        module(torch.randn(1, 5, 32), state=torch.zeros(1, 4, 8, 8))  # needs [.., K, V + 1]
 
 
 @pytest.mark.parametrize("variant", ["g", "gated_delta"])
@@ -563,3 +552,56 @@ def test_gated_delta_net_float64_gradcheck():
     layer = GatedDeltaNet(16, 2).double()
     x = torch.randn(1, 6, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: layer(x)[0], [x])
+
+
+@pytest.mark.parametrize("decay", ["none", "g", "gk"])
+def test_normalized_prefill_then_steps_equals_full_scan(decay):
+    torch.manual_seed(0)
+    q, k, v = (torch.rand(2, 40, 2, 8, dtype=torch.float64) for _ in range(3))
+    gates = {}
+    if decay == "g":
+        gates["g"] = -torch.rand(2, 40, 2, dtype=torch.float64)
+    elif decay == "gk":
+        gates["gk"] = -torch.rand(2, 40, 2, 8, dtype=torch.float64)
+    full, full_state = linear_attention(q, k, v, normalize=True, output_final_state=True, **gates)
+    ref, _ = naive_linear_attention(q, k, v, normalize=True, **gates)
+    torch.testing.assert_close(full, ref)
+    assert full_state.shape == (2, 2, 8, 9)  # [N, H, K, V + 1]
+    o, state = linear_attention(
+        q[:, :30],
+        k[:, :30],
+        v[:, :30],
+        normalize=True,
+        output_final_state=True,
+        **{n: t[:, :30] for n, t in gates.items()},
+    )
+    outs = [o]
+    for t in range(30, 40):
+        o_t, state = linear_attention_step(
+            q[:, t],
+            k[:, t],
+            v[:, t],
+            state,
+            normalize=True,
+            **{n: x[:, t] for n, x in gates.items()},
+        )
+        outs.append(o_t[:, None])
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    torch.testing.assert_close(state, full_state)
+    # and resuming the scan itself from the state
+    o2, _ = linear_attention(
+        q[:, 30:],
+        k[:, 30:],
+        v[:, 30:],
+        normalize=True,
+        initial_state=linear_attention(
+            q[:, :30],
+            k[:, :30],
+            v[:, :30],
+            normalize=True,
+            output_final_state=True,
+            **{n: t[:, :30] for n, t in gates.items()},
+        )[1],
+        **{n: t[:, 30:] for n, t in gates.items()},
+    )
+    torch.testing.assert_close(o2, full[:, 30:])

@@ -465,8 +465,9 @@ def _small(**kw):
         (lambda d: d.update(gk=torch.zeros(1, 8, 2, 4), causal=False), "bidirectional"),
         (lambda d: d.update(g_gamma=torch.zeros(2), causal=False), "bidirectional"),
         (
+            # a normalized state is [N, H, K, V + 1] (the key sum rides along)
             lambda d: d.update(initial_state=torch.zeros(1, 2, 4, 3), normalize=True),
-            "normalize=True cannot",
+            "initial_state must have",
         ),
         (lambda d: d.update(cu_seqlens=torch.tensor([0, 5, 5, 8])), "strictly increasing"),
         (lambda d: d.update(cu_seqlens=torch.tensor([0, 6, 4, 8])), "strictly increasing"),

@@ -257,8 +257,8 @@ def check_linear_attention(
     ``offsets`` is ``cu_seqlens`` as a Python list (None without ``cu_seqlens``).
     Besides shapes, dtypes and devices (module docstring) this enforces: at most one
     of ``g`` / ``g_gamma`` / ``gk``; ``causal=False`` only without any decay;
-    ``normalize=True`` only without ``initial_state`` (the state does not carry the
-    running key sum the normalizer needs).
+    with ``normalize=True`` the state is ``[N, H, K, V + 1]`` (its last column is the
+    decayed key sum the normalizer needs).
     """
     batch, seq, heads, dim_k, dim_v = _check_qkv(q, k, v)
     _require_bool(output_final_state, "output_final_state")
@@ -280,12 +280,10 @@ def check_linear_attention(
             )
     num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
-        check_state(initial_state, "initial_state", q, num_states, heads, dim_k, dim_v)
-        if normalize:
-            raise ValueError(
-                "normalize=True cannot be combined with initial_state: the state does not "
-                "carry the running key sum of the earlier tokens that the normalizer needs"
-            )
+        # A normalized scan's state carries the decayed key sum as an extra value
+        # column: [N, H, K, V + 1].
+        state_v = dim_v + 1 if normalize else dim_v
+        check_state(initial_state, "initial_state", q, num_states, heads, dim_k, state_v)
     return resolve_scale(scale, dim_k), offsets
 
 
@@ -331,6 +329,7 @@ def check_step(
     beta: Any = None,
     scale: Any = None,
     needs_beta: bool = False,
+    normalize: bool = False,
 ) -> float:
     """Validate a single-token decode step; returns the scale.
 
@@ -368,7 +367,10 @@ def check_step(
         if t.device != q.device:
             raise ValueError(f"{name} device {t.device} must match q device {q.device}")
     if state is not None:
-        _check_aux(state, "state", q, (num, heads, dim_k, dim_v), "[N, H, K, V]")
+        if normalize:
+            _check_aux(state, "state", q, (num, heads, dim_k, dim_v + 1), "[N, H, K, V + 1]")
+        else:
+            _check_aux(state, "state", q, (num, heads, dim_k, dim_v), "[N, H, K, V]")
     given = [n for n, t in (("g", g), ("g_gamma", g_gamma), ("gk", gk)) if t is not None]
     if len(given) > 1:
         raise ValueError(

@@ -405,11 +405,16 @@ def linear_attention_from_scan(
     """
     acc = accumulation_dtype(q.dtype)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
-        o, final = empty_result(q, v, initial_state, q.shape[0])
+        o, final = empty_result(q, v, initial_state, q.shape[0], normalize)
         return o, (final if output_final_state else None)
     h0 = None if initial_state is None else initial_state.to(acc)
     if not causal:
-        o, final = bidirectional_linear_attention(q, k, v, scale, h0, offsets, normalize)
+        if normalize:
+            o_aug, final = bidirectional_linear_attention(
+                q, k, _with_ones_column(v), scale, h0, offsets, False
+            )
+            return _normalized(o_aug, q.dtype), (final if output_final_state else None)
+        o, final = bidirectional_linear_attention(q, k, v, scale, h0, offsets, False)
         return o, (final if output_final_state else None)
     batch, seq, heads = q.shape[:3]
     if g_gamma is not None:
@@ -419,12 +424,25 @@ def linear_attention_from_scan(
     if gk is not None:
         gk = gk.to(acc)
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
-    o, final = scan(q, k, v, g, gk, h0, cu, scale)
     if normalize:
-        ones = q.new_ones(batch, seq, heads, 1)
-        z, _ = scan(q, k, ones, g, gk, None, cu, scale)
-        o = (o.to(acc) / (z.to(acc) + 1e-10)).to(q.dtype)
+        # The normalizer (scale q_t) . (decayed sum of keys) is the same scan over
+        # a value column of ones: append it, so the state carries the key sum as
+        # its last column and decoding can resume from it.
+        o_aug, final = scan(q, k, _with_ones_column(v), g, gk, h0, cu, scale)
+        return _normalized(o_aug, q.dtype), (final if output_final_state else None)
+    o, final = scan(q, k, v, g, gk, h0, cu, scale)
     return o, (final if output_final_state else None)
+
+
+def _with_ones_column(v: Tensor) -> Tensor:
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _normalized(o_aug: Tensor, dtype: torch.dtype) -> Tensor:
+    """Output of a scan over ``[v | 1]``: numerator / (denominator + 1e-10)."""
+    acc = accumulation_dtype(dtype)
+    o_aug = o_aug.to(acc)
+    return (o_aug[..., :-1] / (o_aug[..., -1:] + 1e-10)).to(dtype)
 
 
 def delta_rule_from_scan(

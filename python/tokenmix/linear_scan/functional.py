@@ -128,12 +128,14 @@ def linear_attention(
         g: ``[B, T, H]``; g_gamma: ``[H]``; gk: ``[B, T, H, K]``. Log decays (``<= 0``
             keeps the state bounded), in q's dtype or float32.
         scale: query scale, default ``K ** -0.5``.
-        initial_state: ``[N, H, K, V]``, N = B or the number of sequences.
-        output_final_state: also return the final states ``[N, H, K, V]``.
+        initial_state: ``[N, H, K, V]`` (``[N, H, K, V + 1]`` with ``normalize``),
+            N = B or the number of sequences.
+        output_final_state: also return the final states (same shape).
         cu_seqlens: int32/int64 ``[N + 1]``: B must be 1 and sequence ``i`` is
             tokens ``[cu_seqlens[i], cu_seqlens[i+1])`` with its own state.
         normalize: divide ``o_t`` by ``(scale q_t) . z_t + 1e-10`` with ``z_t`` the
-            (equally decayed) running key sum. Not with ``initial_state``.
+            (equally decayed) running key sum. The state then carries ``z`` as an
+            extra value column, so prefill and decoding compose as without it.
         causal: ``False`` (bidirectional, no decay only) gives every token its
             sequence's final state: ``o_t = (scale q_t)^T S_T``.
 
@@ -269,11 +271,14 @@ def linear_attention_step(
     g_gamma: Tensor | None = None,
     gk: Tensor | None = None,
     scale: float | None = None,
+    normalize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One decoding step of :func:`linear_attention` (causal, not normalized).
+    """One decoding step of :func:`linear_attention` (causal).
 
     ``q``, ``k`` are ``[N, H, K]``, ``v`` ``[N, H, V]``, ``state`` ``[N, H, K, V]``
     (None: zeros), ``g`` ``[N, H]``, ``g_gamma`` ``[H]``, ``gk`` ``[N, H, K]``.
+    With ``normalize=True`` the state is ``[N, H, K, V + 1]``, as the normalized
+    scan returns it (its last column is the decayed key sum).
     Returns ``(o [N, H, V] in q's dtype, new_state)`` with the new state in float32
     (float64 for float64 inputs); ``state`` is not modified. Running the scan over
     a prefix and then one step per token equals the scan over the whole sequence.
@@ -291,8 +296,12 @@ def linear_attention_step(
         >>> torch.allclose(o9, full[:, 8])
         True
     """
-    scale = check_step(q, k, v, state, g=g, g_gamma=g_gamma, gk=gk, scale=scale)
+    scale = check_step(
+        q, k, v, state, g=g, g_gamma=g_gamma, gk=gk, scale=scale, normalize=normalize
+    )
     acc = accumulation_dtype(q.dtype)
+    if normalize:  # the key sum rides along as a value column of ones
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
     num, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     if state is None:
@@ -308,6 +317,8 @@ def linear_attention_step(
     kf, vf = k.to(acc), v.to(acc)
     state = state + kf[..., :, None] * vf[..., None, :]
     o = torch.einsum("nhk,nhkv->nhv", q.to(acc) * scale, state)
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + 1e-10)
     return o.to(q.dtype), state
 
 

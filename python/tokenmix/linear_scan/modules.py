@@ -151,7 +151,7 @@ class LinearAttention(nn.Module):
             gk = F.logsigmoid(self.g_proj(x).to(acc)) / self.gate_logit_normalizer
             gk = gk.unflatten(-1, (h, d))
         g_gamma = None if self.g_gamma is None else self.g_gamma.to(acc)
-        if seq == 1 and cu_seqlens is None and self.causal and not self.normalize:
+        if seq == 1 and cu_seqlens is None and self.causal:
             o, new_state = linear_attention_step(
                 q[:, 0],
                 k[:, 0],
@@ -161,6 +161,7 @@ class LinearAttention(nn.Module):
                 g_gamma=g_gamma,
                 gk=None if gk is None else gk[:, 0],
                 scale=self.scale,
+                normalize=self.normalize,
             )
             o = o[:, None]
             new_state = new_state if output_final_state else None

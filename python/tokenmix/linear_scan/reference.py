@@ -18,7 +18,9 @@ Options of linear attention: ``normalize=True`` divides ``o_t`` by
 ``(scale q_t) . z_t + 1e-10`` where ``z_t`` is the key sum under the same decay
 (``z_t = a_t z_{t-1} + k_t``: the plain cumulative key sum without decay);
 ``causal=False`` (no decay only) gives every token the final state of its sequence,
-``o_t = (scale q_t)^T S_T`` (and ``z_T`` when normalizing).
+``o_t = (scale q_t)^T S_T`` (and ``z_T`` when normalizing). With ``normalize`` the
+state (initial and final) is ``[S | z]``, ``[N, H, K, V + 1]``: the key sum is
+carried as an extra value column, so prefill and decoding compose.
 
 The loops run over tokens, vectorized over batch and heads, compute in float32
 (float64 for float64 inputs), never modify a tensor autograd needs in place (so
@@ -37,16 +39,17 @@ __all__ = ["empty_result", "naive_delta_rule", "naive_linear_attention", "sequen
 
 
 def empty_result(
-    q: Tensor, v: Tensor, initial_state: Tensor | None, num_states: int
+    q: Tensor, v: Tensor, initial_state: Tensor | None, num_states: int, normalize: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The result for ``B == 0`` or ``T == 0``: an empty output and the initial state
-    (zeros without one) as the final state."""
+    (zeros without one) as the final state (``V + 1`` columns when normalizing)."""
     batch, seq, heads, dim_k = q.shape
     out = q.new_zeros(batch, seq, heads, v.shape[-1])
     acc = accumulation_dtype(q.dtype)
     if initial_state is not None:
         return out, initial_state.to(acc).clone()
-    return out, q.new_zeros(num_states, heads, dim_k, v.shape[-1], dtype=acc)
+    state_v = v.shape[-1] + (1 if normalize else 0)
+    return out, q.new_zeros(num_states, heads, dim_k, state_v, dtype=acc)
 
 
 def sequence_segments(batch: int, seq: int, offsets: list[int] | None) -> list[tuple]:
@@ -117,7 +120,7 @@ def naive_linear_attention(
     batch, seq, heads, dim_k = q.shape
     dim_v = v.shape[-1]
     if batch == 0 or seq == 0:
-        o, final = empty_result(q, v, initial_state, batch)
+        o, final = empty_result(q, v, initial_state, batch, normalize)
         return o, (final if output_final_state else None)
     acc = accumulation_dtype(q.dtype)
     qf = q.to(acc) * scale
@@ -135,8 +138,12 @@ def naive_linear_attention(
 
     outs, finals = [], []
     for bsl, start, end, ssl in sequence_segments(batch, seq, offsets):
-        state = _initial(initial_state, ssl, (batch, heads, dim_k, dim_v), acc, q.device)
-        ksum = torch.zeros(batch, heads, dim_k, dtype=acc, device=q.device)
+        if normalize:  # the state is [S | z]: the key sum is its last value column
+            full = _initial(initial_state, ssl, (batch, heads, dim_k, dim_v + 1), acc, q.device)
+            state, ksum = full[..., :-1], full[..., -1]
+        else:
+            state = _initial(initial_state, ssl, (batch, heads, dim_k, dim_v), acc, q.device)
+            ksum = torch.zeros(batch, heads, dim_k, dtype=acc, device=q.device)
         steps = []
         for t in range(start, end):
             q_t, k_t, v_t = qf[bsl, t], kf[bsl, t], vf[bsl, t]
@@ -159,7 +166,7 @@ def naive_linear_attention(
             if normalize:
                 o = o / ((q_s * ksum[:, None]).sum(-1, keepdim=True) + 1e-10)
         outs.append(o)
-        finals.append(state)
+        finals.append(torch.cat([state, ksum[..., None]], dim=-1) if normalize else state)
     o = torch.cat(outs, dim=1).to(q.dtype)
     final = torch.cat(finals, dim=0) if output_final_state else None
     return o, final
