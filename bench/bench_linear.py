@@ -105,6 +105,9 @@ DEFAULT_PLAN = [
     ("simple_gla", 8192, MODES, BACKENDS),
     ("gated_delta", 8192, MODES, BACKENDS),
     ("simple_gla", 16384, ("fwd",), ("fused", "chunked", "sdpa")),
+    # The token-by-token recurrences are only timed at a short length.
+    ("simple_gla", 1024, MODES, BACKENDS),
+    ("gated_delta", 1024, MODES, BACKENDS),
 ]
 
 
