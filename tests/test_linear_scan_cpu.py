@@ -76,8 +76,9 @@ def _compare(fused, naive, x, dtype, vd):
         close(g[name], g2[name], f"grad {name}")
 
 
-def _linear(x, cu=None):
-    return lambda d: linear_attention(
+def _scan_fn(fn, cu=None):
+    """Calls a linear-attention function (fused or naive) on an input dict."""
+    return lambda d: fn(
         d["q"],
         d["k"],
         d["v"],
@@ -91,18 +92,25 @@ def _linear(x, cu=None):
     )
 
 
+def _linear(x, cu=None):
+    return _scan_fn(linear_attention, cu)
+
+
 def _naive_linear(cu=None):
-    return lambda d: naive_linear_attention(
+    return _scan_fn(naive_linear_attention, cu)
+
+
+def _delta(fn, **options):
+    """Calls a delta-rule function (fused or naive) on an input dict."""
+    return lambda d: fn(
         d["q"],
         d["k"],
         d["v"],
+        d["beta"],
         g=d.get("g"),
-        gk=d.get("gk"),
-        g_gamma=d.get("g_gamma"),
         initial_state=d["initial_state"],
         output_final_state=True,
-        cu_seqlens=cu,
-        scale=0.4,
+        **options,
     )
 
 
@@ -134,29 +142,7 @@ def test_delta_rule_matches_recurrence(t, gated):
     x["k"] = F.normalize(x["k"], dim=-1)
     x["beta"] = torch.rand(2, t, 2, dtype=torch.float64)
 
-    def fused(d):
-        return delta_rule(
-            d["q"],
-            d["k"],
-            d["v"],
-            d["beta"],
-            g=d.get("g"),
-            scale=0.4,
-            initial_state=d["initial_state"],
-            output_final_state=True,
-        )
-
-    def naive(d):
-        return naive_delta_rule(
-            d["q"],
-            d["k"],
-            d["v"],
-            d["beta"],
-            g=d.get("g"),
-            scale=0.4,
-            initial_state=d["initial_state"],
-            output_final_state=True,
-        )
+    fused, naive = _delta(delta_rule, scale=0.4), _delta(naive_delta_rule, scale=0.4)
 
     _compare(fused, naive, x, torch.float64, 40)
 
@@ -168,29 +154,7 @@ def test_delta_rule_varlen_and_dtypes(dtype):
     x["k"] = F.normalize(x["k"].float(), dim=-1).to(dtype)
     x["beta"] = torch.rand(1, 140, 2).to(dtype)
 
-    def fused(d):
-        return delta_rule(
-            d["q"],
-            d["k"],
-            d["v"],
-            d["beta"],
-            g=d["g"],
-            cu_seqlens=cu,
-            initial_state=d["initial_state"],
-            output_final_state=True,
-        )
-
-    def naive(d):
-        return naive_delta_rule(
-            d["q"],
-            d["k"],
-            d["v"],
-            d["beta"],
-            g=d["g"],
-            cu_seqlens=cu,
-            initial_state=d["initial_state"],
-            output_final_state=True,
-        )
+    fused, naive = _delta(delta_rule, cu_seqlens=cu), _delta(naive_delta_rule, cu_seqlens=cu)
 
     _compare(fused, naive, x, dtype, 8)
 
@@ -351,27 +315,7 @@ def test_delta_rule_more_lengths(t, gated):
     x["k"] = F.normalize(x["k"], dim=-1)
     x["beta"] = torch.rand(1, t, 1, dtype=torch.float64)
 
-    def fused(d):
-        return delta_rule(
-            d["q"],
-            d["k"],
-            d["v"],
-            d["beta"],
-            g=d.get("g"),
-            initial_state=d["initial_state"],
-            output_final_state=True,
-        )
-
-    def naive(d):
-        return naive_delta_rule(
-            d["q"],
-            d["k"],
-            d["v"],
-            d["beta"],
-            g=d.get("g"),
-            initial_state=d["initial_state"],
-            output_final_state=True,
-        )
+    fused, naive = _delta(delta_rule), _delta(naive_delta_rule)
 
     _compare(fused, naive, x, torch.float64, 8)
 

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .._utils import accumulation_dtype
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "accumulation_dtype",
@@ -52,11 +54,6 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype states and accumulations are kept in: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _require_tensor(x: Any, name: str) -> torch.Tensor:
@@ -237,6 +234,22 @@ def _check_decays(
         _check_finite(gk, "gk")
 
 
+def _check_sequences(
+    q: torch.Tensor, cu_seqlens: Any, initial_state: Any, state_v: int
+) -> list[int] | None:
+    """Checks ``cu_seqlens`` and the initial state (``[N, H, K, state_v]``, N the
+    number of sequences); returns the offsets as a list (None without them, or
+    inside a compiled graph)."""
+    batch, seq, heads, dim_k = q.shape
+    offsets = None
+    if cu_seqlens is not None:
+        offsets = check_cu_seqlens(cu_seqlens, batch, seq, q.device)
+    num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if initial_state is not None:
+        check_state(initial_state, "initial_state", q, num_states, heads, dim_k, state_v)
+    return offsets
+
+
 def check_linear_attention(
     q: Any,
     k: Any,
@@ -270,20 +283,15 @@ def check_linear_attention(
             "causal=False (bidirectional) is only defined for undecayed linear attention; "
             "drop g / g_gamma / gk or use causal=True"
         )
-    offsets = None
-    if cu_seqlens is not None:
-        offsets = check_cu_seqlens(cu_seqlens, batch, seq, q.device)
-        if offsets is None and not causal:
-            raise ValueError(
-                "causal=False with cu_seqlens is not supported under torch.compile (the "
-                "bidirectional form splits the batch by the offsets' values)"
-            )
-    num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if initial_state is not None:
-        # A normalized scan's state carries the decayed key sum as an extra value
-        # column: [N, H, K, V + 1].
-        state_v = dim_v + 1 if normalize else dim_v
-        check_state(initial_state, "initial_state", q, num_states, heads, dim_k, state_v)
+    # A normalized scan's state carries the decayed key sum as an extra value
+    # column: [N, H, K, V + 1].
+    state_v = dim_v + 1 if normalize else dim_v
+    offsets = _check_sequences(q, cu_seqlens, initial_state, state_v)
+    if cu_seqlens is not None and offsets is None and not causal:
+        raise ValueError(
+            "causal=False with cu_seqlens is not supported under torch.compile (the "
+            "bidirectional form splits the batch by the offsets' values)"
+        )
     return resolve_scale(scale, dim_k), offsets
 
 
@@ -308,12 +316,7 @@ def check_delta_rule(
     if g is not None:
         _check_aux(g, "g", q, (batch, seq, heads), "[B, T, H]")
         _check_finite(g, "g")
-    offsets = None
-    if cu_seqlens is not None:
-        offsets = check_cu_seqlens(cu_seqlens, batch, seq, q.device)
-    num_states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if initial_state is not None:
-        check_state(initial_state, "initial_state", q, num_states, heads, dim_k, dim_v)
+    offsets = _check_sequences(q, cu_seqlens, initial_state, dim_v)
     return resolve_scale(scale, dim_k), offsets
 
 

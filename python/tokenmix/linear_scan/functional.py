@@ -55,45 +55,10 @@ def fused_kernels_available() -> bool:
     return _fused_scans() is not None
 
 
-def _unit_stride(x: Tensor | None) -> Tensor | None:
-    # The kernels take any strides (views of a fused projection need no copy)
-    # except along the feature dimension.
-    if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1:
-        return x
-    return x.contiguous()
-
-
 def _pick_scans(device: torch.device) -> tuple[Callable, Callable]:
+    # The fused entry points fix feature strides themselves.
     fused = _fused_scans() if device.type == "cpu" else None
-    if fused is None:
-        return chunked_linear_scan, chunked_delta_scan
-    fused_linear, fused_delta = fused
-
-    def linear(q, k, v, g, gk, initial_state, cu_seqlens, scale):
-        return fused_linear(
-            _unit_stride(q),
-            _unit_stride(k),
-            _unit_stride(v),
-            g,
-            _unit_stride(gk),
-            initial_state,
-            cu_seqlens,
-            scale,
-        )
-
-    def delta(q, k, v, beta, g, initial_state, cu_seqlens, scale):
-        return fused_delta(
-            _unit_stride(q),
-            _unit_stride(k),
-            _unit_stride(v),
-            beta,
-            g,
-            initial_state,
-            cu_seqlens,
-            scale,
-        )
-
-    return linear, delta
+    return fused if fused is not None else (chunked_linear_scan, chunked_delta_scan)
 
 
 def linear_attention(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._utils import accumulation_dtype
 from .functional import delta_rule, delta_rule_step, linear_attention, linear_attention_step
 
 __all__ = ["GatedDeltaNet", "LinearAttention"]
@@ -143,7 +144,7 @@ class LinearAttention(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, h, d)).unbind(2)
         q, k = self._features(q), self._features(k)
         # Gates in the accumulation dtype (float32 for low-precision models).
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         g = gk = None
         if self.decay == "scalar":
             g = F.logsigmoid(self.g_proj(x).to(acc)) / self.gate_logit_normalizer
@@ -273,7 +274,7 @@ class GatedDeltaNet(nn.Module):
         k = F.normalize(F.silu(self.k_proj(x)).unflatten(-1, (h, self.head_dim)), dim=-1)
         v = F.silu(self.v_proj(x)).unflatten(-1, (h, self.head_v_dim))
         # beta and g in the accumulation dtype (float32 for low-precision models).
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         beta = torch.sigmoid(self.b_proj(x).to(acc))
         if self.allow_neg_eigval:
             beta = beta * 2.0
@@ -298,7 +299,7 @@ class GatedDeltaNet(nn.Module):
                 cu_seqlens=cu_seqlens,
             )
         # Per-head RMSNorm (in float32, float64 for float64 inputs), optionally gated.
-        acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(o.dtype)
         of = o.to(acc)
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         of = of * self.o_norm_weight.to(acc)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._utils import accumulation_dtype, unit_feature_stride
 
 
 def kernels_available() -> bool:
@@ -22,11 +23,7 @@ def kernels_available() -> bool:
 
 
 def _acc_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _unit(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+    return accumulation_dtype(q.dtype)
 
 
 def _acc(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -50,9 +47,9 @@ def fused_linear_scan(
     """Chunked scan S_t = diag(e^{gk_t}) e^{g_t} S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t."""
     acc = _acc_dtype(q)
     return torch.ops.tokenmix.linear_scan_forward(
-        _unit(q),
-        _unit(k),
-        _unit(v),
+        unit_feature_stride(q),
+        unit_feature_stride(k),
+        unit_feature_stride(v),
         _acc(g, acc),
         _acc(gk, acc),
         _acc(initial_state, acc),
@@ -74,9 +71,9 @@ def fused_delta_rule(
     """Chunked (gated) delta rule S_t = e^{g_t}(I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T."""
     acc = _acc_dtype(q)
     return torch.ops.tokenmix.delta_rule_forward(
-        _unit(q),
-        _unit(k),
-        _unit(v),
+        unit_feature_stride(q),
+        unit_feature_stride(k),
+        unit_feature_stride(v),
         _acc(beta, acc),
         _acc(g, acc),
         _acc(initial_state, acc),

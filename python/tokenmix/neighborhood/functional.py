@@ -8,18 +8,13 @@ import torch
 from torch import Tensor
 
 from .. import _ops
+from .._utils import unit_feature_stride
 from . import ops as _registrations  # noqa: F401  (autograd + fake kernels)
 from .args import check_tensors, normalize_window_args
 from .reference import neighborhood_attention_reference
 
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
-
-
-def _unit_stride(x: Tensor) -> Tensor:
-    # The kernels take any strides (views of a fused qkv tensor need no copy)
-    # except along the feature dimension.
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def neighborhood_attention(
@@ -78,12 +73,12 @@ def neighborhood_attention(
         )
     _ops.require_library()
     out, lse = torch.ops.tokenmix.na_forward(
-        _unit_stride(q),
-        _unit_stride(k),
-        _unit_stride(v),
+        unit_feature_stride(q),
+        unit_feature_stride(k),
+        unit_feature_stride(v),
         rpb.contiguous() if rpb is not None else None,
-        _unit_stride(additional_keys) if additional_keys is not None else None,
-        _unit_stride(additional_values) if additional_values is not None else None,
+        unit_feature_stride(additional_keys) if additional_keys is not None else None,
+        unit_feature_stride(additional_values) if additional_values is not None else None,
         list(kernel),
         list(stride_t),
         list(dilation_t),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
+from .._utils import accumulation_dtype
 
 if _ops.load_error is None:
 
@@ -27,7 +28,7 @@ if _ops.load_error is None:
         scale,
     ):
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         lse = q.new_empty(q.shape[:-1], dtype=acc)
         return out, lse
 
@@ -49,7 +50,7 @@ if _ops.load_error is None:
         scale,
         grad_lse=None,
     ):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q.dtype)
         drpb = (
             q.new_empty(rpb.shape, dtype=acc) if rpb is not None else q.new_empty((0,), dtype=acc)
         )

@@ -24,6 +24,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .._utils import accumulation_dtype
 from .args import check_tensors, normalize_window_args
 
 __all__ = [
@@ -214,7 +215,7 @@ def neighborhood_attention_reference(
     check_tensors(q, k, v, rank, rpb, additional_keys, additional_values, kernel_size)
 
     in_dtype = q.dtype
-    cdtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+    cdtype = accumulation_dtype(in_dtype)
     device = q.device
     batch = q.shape[0]
     heads, dim = q.shape[-2], q.shape[-1]

@@ -19,6 +19,7 @@
 
 #include "tokenmix/attention_problem.h"
 #include "tokenmix/cpu/gemm.h"
+#include "tokenmix/cpu/parallel.h"
 #include "tokenmix/cpu/simd.h"
 #include "tokenmix/neighborhood_schedule.h"
 
@@ -26,17 +27,6 @@ namespace tokenmix::cpu::TOKENMIX_ISA {
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
-
-inline int round_up(int x, int m) {
-  return (x + m - 1) / m * m;
-}
-
-template <class F>
-void run_parallel(const NeighborhoodProblem& p, int64_t n, int64_t grain, const F& f) {
-  if (n <= 0) return;
-  auto tramp = [](int64_t b, int64_t e, void* c) { (*static_cast<const F*>(c))(b, e); };
-  p.parallel_for(0, n, grain, tramp, const_cast<void*>(static_cast<const void*>(&f)));
-}
 
 // Picks the query tile: the box whose lanes (tile queries x heads per kv head)
 // fill one vector and that visits the fewest keys per lane.
@@ -242,12 +232,6 @@ struct Engine {
       w.dq.assign(size_t(L) * dp, T(0));
       w.delta.assign(L, T(0));
     }
-  }
-
-  int64_t token_of(const TileGeometry& g, int c0, int c1, int c2) const {
-    return (int64_t(sched.real_coord(g, 0, c0)) * p.dims[1].length + sched.real_coord(g, 1, c1)) *
-               p.dims[2].length +
-           sched.real_coord(g, 2, c2);
   }
 
   // Fills the lane table of a tile (window bounds come from the precomputed

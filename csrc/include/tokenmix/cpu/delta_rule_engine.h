@@ -31,23 +31,20 @@
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
 template <class In, class T>
-struct DeltaEngine {
+struct DeltaEngine : ScanShape<T> {
   using V = typename Simd<T>::V;
-  static constexpr int W = Simd<T>::kWidth;
-  static constexpr int kChunk = 64;
+  using ScanShape<T>::W;
+  using ScanShape<T>::kChunk;
+  using ScanShape<T>::K;
+  using ScanShape<T>::Vd;
+  using ScanShape<T>::kp;
+  using ScanShape<T>::vp;
+  using ScanShape<T>::cp;
+  using ScanShape<T>::scale;
 
   const LinearScanProblem& p;
-  int K, Vd, kp, vp, cp;
-  T scale;
 
-  explicit DeltaEngine(const LinearScanProblem& prob) : p(prob) {
-    K = int(p.key_dim);
-    Vd = int(p.value_dim);
-    kp = scan_round_up(K, W);
-    vp = scan_round_up(Vd, W);
-    cp = scan_round_up(kChunk, W);
-    scale = T(p.scale);
-  }
+  explicit DeltaEngine(const LinearScanProblem& prob) : ScanShape<T>(prob), p(prob) {}
 
   struct Work {
     // chunk inputs and factors
@@ -425,14 +422,8 @@ struct DeltaEngine {
 template <class In, class T>
 void delta_rule_impl(const LinearScanProblem& p, bool backward) {
   const DeltaEngine<In, T> eng(p);
-  int64_t longest = 0;
-  for (int64_t n = 0; n < p.num_seqs; ++n) {
-    int64_t b, begin, end;
-    p.sequence(n, &b, &begin, &end);
-    longest = max_of<int64_t>(longest, end - begin);
-  }
-  const int64_t max_chunks = (longest + eng.kChunk - 1) / eng.kChunk;
-  run_tasks(p, p.num_seqs * p.heads, [&](int64_t begin, int64_t end) {
+  const int64_t max_chunks = longest_sequence_chunks(p, eng.kChunk);
+  run_parallel(p, p.num_seqs * p.heads, 1, [&](int64_t begin, int64_t end) {
     typename DeltaEngine<In, T>::Work w;
     eng.init(w, backward, max_chunks);
     for (int64_t t = begin; t < end; ++t) {

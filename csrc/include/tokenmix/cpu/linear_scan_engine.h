@@ -24,20 +24,38 @@
 #include <initializer_list>
 
 #include "tokenmix/cpu/gemm.h"
+#include "tokenmix/cpu/parallel.h"
 #include "tokenmix/cpu/simd.h"
 #include "tokenmix/linear_scan_problem.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
-template <class F>
-void run_tasks(const LinearScanProblem& p, int64_t n, const F& f) {
-  if (n <= 0) return;
-  auto tramp = [](int64_t b, int64_t e, void* c) { (*static_cast<const F*>(c))(b, e); };
-  p.parallel_for(0, n, 1, tramp, const_cast<void*>(static_cast<const void*>(&f)));
-}
+// Dimensions shared by the scan engines: head dims padded to the vector width
+// and the chunk length.
+template <class T>
+struct ScanShape {
+  static constexpr int W = Simd<T>::kWidth;
+  static constexpr int kChunk = 64;
+  int K, Vd, kp, vp, cp;
+  T scale;
+  explicit ScanShape(const LinearScanProblem& p)
+      : K(int(p.key_dim)),
+        Vd(int(p.value_dim)),
+        kp(round_up(int(p.key_dim), W)),
+        vp(round_up(int(p.value_dim), W)),
+        cp(round_up(kChunk, W)),
+        scale(T(p.scale)) {}
+};
 
-inline int scan_round_up(int x, int m) {
-  return (x + m - 1) / m * m;
+// Chunks of the longest sequence: sizes the backward's per-chunk state store.
+inline int64_t longest_sequence_chunks(const LinearScanProblem& p, int chunk) {
+  int64_t longest = 0;
+  for (int64_t n = 0; n < p.num_seqs; ++n) {
+    int64_t b, begin, end;
+    p.sequence(n, &b, &begin, &end);
+    longest = max_of<int64_t>(longest, end - begin);
+  }
+  return (longest + chunk - 1) / chunk;
 }
 
 // State rows [K x vp] (padded) <-> the caller's [N, H, K, V] state tensors.
@@ -61,27 +79,24 @@ void store_scan_state(const LinearScanProblem& p, int vp, const T* S, void* dst,
 }
 
 template <class In, class T, DecayKind kDecay>
-struct ScanEngine {
+struct ScanEngine : ScanShape<T> {
   using V = typename Simd<T>::V;
-  static constexpr int W = Simd<T>::kWidth;
-  static constexpr int kChunk = 64;
+  using ScanShape<T>::W;
+  using ScanShape<T>::kChunk;
+  using ScanShape<T>::K;
+  using ScanShape<T>::Vd;
+  using ScanShape<T>::kp;
+  using ScanShape<T>::vp;
+  using ScanShape<T>::cp;
+  using ScanShape<T>::scale;
   static constexpr T kLog2e = T(1.4426950408889634);
 
   const LinearScanProblem& p;
-  int K, Vd, kp, vp, cp;  // dims and dims padded to the vector width
-  T scale;
 
-  explicit ScanEngine(const LinearScanProblem& prob) : p(prob) {
-    K = int(p.key_dim);
-    Vd = int(p.value_dim);
-    kp = scan_round_up(K, W);
-    vp = scan_round_up(Vd, W);
-    cp = scan_round_up(kChunk, W);
-    scale = T(p.scale);
-  }
+  explicit ScanEngine(const LinearScanProblem& prob) : ScanShape<T>(prob), p(prob) {}
 
   // Chunk buffers: rows of q (scaled), k, v; their transposes kt [kp x cp] and
-  // vt [vp x cp]; G (cumulative log decay per key); qfac = e^{G},
+  // (backward) vt [vp x cp]; G (cumulative log decay per key); qfac = e^{G},
   // kfac = e^{G_last - G}; qg = q qfac, kd = k kfac; A the intra scores.
   struct Work {
     Buffer<T> gcol;
@@ -96,13 +111,13 @@ struct ScanEngine {
     w.v.assign(size_t(C) * vp, T(0));
     w.o.assign(size_t(C) * vp, T(0));
     w.kt.assign(size_t(kp) * cp, T(0));
-    w.vt.assign(size_t(vp) * cp, T(0));
     w.Gt.assign(size_t(kp) * cp, T(0));
     w.gcol.assign(size_t(cp), T(0));
     w.A.assign(size_t(C) * cp, T(0));
     w.S.assign(size_t(K) * vp, T(0));
     w.decay_row.assign(size_t(kp), T(0));
     if (backward) {
+      w.vt.assign(size_t(vp) * cp, T(0));
       w.St.assign(size_t(Vd) * kp, T(0));
       w.dSt.assign(size_t(Vd) * kp, T(0));
       w.dO.assign(size_t(C) * vp, T(0));
@@ -139,9 +154,6 @@ struct ScanEngine {
     for (int d = 0; d < kp; ++d)
       for (int j = 0; j < cp; ++j)
         w.kt[int64_t(d) * cp + j] = j < kChunk ? w.k[int64_t(j) * kp + d] : T(0);
-    for (int e = 0; e < vp; ++e)
-      for (int j = 0; j < cp; ++j)
-        w.vt[int64_t(e) * cp + j] = j < kChunk ? w.v[int64_t(j) * vp + e] : T(0);
 
     // Cumulative log decay from the chunk start, per key (scalar decays are
     // broadcast over the keys; no decay is G = 0).
@@ -225,7 +237,7 @@ struct ScanEngine {
       fill(w.A.begin(), w.A.end(), T(0));
       for (int i = 0; i < c; ++i) {
         T* Ai = A + int64_t(i) * cp;
-        const int jn = scan_round_up(i + 1, W);
+        const int jn = round_up(i + 1, W);
         for (int d = 0; d < K; ++d) {
           const V qd = vbroadcast<V>(w.q[int64_t(i) * kp + d]);
           const V gi = vbroadcast<V>(w.G[int64_t(i) * kp + d]);
@@ -332,6 +344,10 @@ struct ScanEngine {
       const T* Sp = w.states.data() + ci * ssize;
       load_chunk(w, b, h, t0, c);
       intra_scores(w, c);
+      // v^T is needed by the backward only (dA = dO v^T).
+      for (int e = 0; e < vp; ++e)
+        for (int j = 0; j < cp; ++j)
+          w.vt[int64_t(e) * cp + j] = j < kChunk ? w.v[int64_t(j) * vp + e] : T(0);
       T* dO = w.dO.data();
       const In* go = static_cast<const In*>(p.grad_out);
       for (int i = 0; i < kChunk; ++i) {
@@ -436,7 +452,7 @@ struct ScanEngine {
 template <class In, class T, DecayKind kDecay>
 void linear_scan_forward_impl(const LinearScanProblem& p) {
   const ScanEngine<In, T, kDecay> eng(p);
-  run_tasks(p, p.num_seqs * p.heads, [&](int64_t begin, int64_t end) {
+  run_parallel(p, p.num_seqs * p.heads, 1, [&](int64_t begin, int64_t end) {
     typename ScanEngine<In, T, kDecay>::Work w;
     eng.init(w, false, 0);
     for (int64_t t = begin; t < end; ++t) eng.forward_task(w, t / p.heads, t % p.heads);
@@ -446,14 +462,8 @@ void linear_scan_forward_impl(const LinearScanProblem& p) {
 template <class In, class T, DecayKind kDecay>
 void linear_scan_backward_impl(const LinearScanProblem& p) {
   const ScanEngine<In, T, kDecay> eng(p);
-  int64_t longest = 0;
-  for (int64_t n = 0; n < p.num_seqs; ++n) {
-    int64_t b, begin, end;
-    p.sequence(n, &b, &begin, &end);
-    longest = max_of<int64_t>(longest, end - begin);
-  }
-  const int64_t max_chunks = (longest + eng.kChunk - 1) / eng.kChunk;
-  run_tasks(p, p.num_seqs * p.heads, [&](int64_t begin, int64_t end) {
+  const int64_t max_chunks = longest_sequence_chunks(p, eng.kChunk);
+  run_parallel(p, p.num_seqs * p.heads, 1, [&](int64_t begin, int64_t end) {
     typename ScanEngine<In, T, kDecay>::Work w;
     eng.init(w, true, max_chunks);
     for (int64_t t = begin; t < end; ++t) eng.backward_task(w, t / p.heads, t % p.heads);
