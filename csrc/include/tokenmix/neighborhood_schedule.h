@@ -95,4 +95,62 @@ TM_HOST_DEVICE int64_t interior_keys_per_tile(const WindowDim* d, const int* til
   return keys;
 }
 
+// Query-key pairs a tile shape computes along dimension t, summed over the dilation groups and
+// tiles of that dimension: sum of (tile rows, padding included) x (keys the tile's box spans).
+// Pairs of the whole problem per (batch, head) are the product over dimensions, because tiles and
+// key boxes are products of per-dimension ranges.
+TM_HOST_DEVICE int64_t tile_pairs_along(const WindowDim& d, int tile) {
+  int64_t pairs = 0;
+  for (int g = 0; g < d.dilation; ++g) {
+    const int n = dilation_group_length(d.length, d.dilation, g);
+    for (int first = 0; first < n; first += tile) {
+      const int last = first + tile - 1 < n - 1 ? first + tile - 1 : n - 1;
+      int s, e;
+      window_union(first, last, n, d.kernel, d.stride, d.causal, &s, &e);
+      pairs += int64_t(tile) * (e - s);
+    }
+  }
+  return pairs;
+}
+
+// Query-key pairs inside the windows along dimension t (the useful work), summed over groups.
+TM_HOST_DEVICE int64_t window_pairs_along(const WindowDim& d) {
+  int64_t pairs = 0;
+  for (int g = 0; g < d.dilation; ++g) {
+    const int n = dilation_group_length(d.length, d.dilation, g);
+    for (int q = 0; q < n; ++q) {
+      int s, e;
+      window_range(q, n, d.kernel, d.stride, d.causal, &s, &e);
+      pairs += e - s;
+    }
+  }
+  return pairs;
+}
+
+// The query tile shape with `volume` queries (a power of two in each dimension, volume a power of
+// two) that computes the fewest query-key pairs for this problem; ties go to the shape listed
+// first (the longest last dimension, the most contiguous memory). The kernels launch with it and
+// tokenmix.plan reports it.
+TM_HOST_DEVICE void choose_tile_shape(const WindowDim* d, int volume, int* tile) {
+  int64_t best = -1;
+  tile[0] = 1;
+  tile[1] = 1;
+  tile[2] = volume;
+  for (int t0 = 1; t0 <= volume; t0 *= 2) {
+    if (t0 > 1 && d[0].length == 1) break;
+    for (int t1 = 1; t0 * t1 <= volume; t1 *= 2) {
+      if (t1 > 1 && d[1].length == 1) break;
+      const int t2 = volume / (t0 * t1);
+      const int64_t pairs =
+          tile_pairs_along(d[0], t0) * tile_pairs_along(d[1], t1) * tile_pairs_along(d[2], t2);
+      if (best < 0 || pairs < best) {
+        best = pairs;
+        tile[0] = t0;
+        tile[1] = t1;
+        tile[2] = t2;
+      }
+    }
+  }
+}
+
 }  // namespace tokenmix

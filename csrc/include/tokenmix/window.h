@@ -68,6 +68,34 @@ TM_HOST_DEVICE void window_union(int first, int last, int group_length, int kern
   *end = e1;
 }
 
+// Queries [start, end) (group coordinates) whose windows contain at least one of the keys
+// [first, last]. Window starts and ends are non-decreasing in the query, so the queries that see
+// one key form an interval whose ends are non-decreasing in the key: the union over the keys is
+// [first query whose window ends after `first`, last query whose window starts at or before
+// `last`]. Binary searches, O(log group_length). The backward visits query tiles through this.
+TM_HOST_DEVICE void inverse_window_union(int first, int last, int group_length, int kernel,
+                                         int stride, bool causal, int* start, int* end) {
+  int lo = 0, hi = group_length;  // first query whose window end exceeds `first`
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    int s, e;
+    window_range(mid, group_length, kernel, stride, causal, &s, &e);
+    if (e > first) hi = mid;
+    else lo = mid + 1;
+  }
+  *start = lo;
+  lo = 0;
+  hi = group_length;  // first query whose window starts after `last`
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    int s, e;
+    window_range(mid, group_length, kernel, stride, causal, &s, &e);
+    if (s > last) hi = mid;
+    else lo = mid + 1;
+  }
+  *end = lo;
+}
+
 // Index into the relative-position-bias axis of this dimension (size 2k-1).
 TM_HOST_DEVICE int rpb_offset(int key, int query, int kernel) {
   return key - query + kernel - 1;
