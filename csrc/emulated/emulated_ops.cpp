@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../neighborhood/na_simt_op.h"
 #include "../simt_emulator/selftest_kernels.h"
 
 namespace {
@@ -40,12 +41,58 @@ Tensor mma_gemm(Tensor a, Tensor b) {
   return c;
 }
 
+// Neighborhood attention on the CUDA engine's kernels, run by the emulator: the same schema and
+// semantics as torch.ops.tokenmix.na_forward / na_backward, on CPU tensors.
+struct EmulatedBackend {
+  bool poison = true;
+  void forward(const tokenmix::NeighborhoodProblem& p) const {
+    tokenmix::cuda::emulated::na_forward(p, nullptr);
+  }
+  void backward(const tokenmix::NeighborhoodProblem& p, bool deterministic,
+                float* workspace) const {
+    tokenmix::cuda::emulated::na_backward(p, deterministic, workspace, nullptr);
+  }
+};
+
+using tokenmix::na_op::IntList;
+
+std::tuple<Tensor, Tensor> na_forward(Tensor q, Tensor k, Tensor v, std::optional<Tensor> rpb,
+                                      std::optional<Tensor> extra_k, std::optional<Tensor> extra_v,
+                                      IntList kernel, IntList stride, IntList dilation,
+                                      IntList causal, double scale) {
+  STD_TORCH_CHECK(q.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::na_op::simt_forward(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation,
+                                       causal, scale, EmulatedBackend{});
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward(
+    Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+    std::optional<Tensor> rpb, std::optional<Tensor> extra_k, std::optional<Tensor> extra_v,
+    IntList kernel, IntList stride, IntList dilation, IntList causal, double scale,
+    std::optional<Tensor> grad_lse, bool deterministic) {
+  STD_TORCH_CHECK(q.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::na_op::simt_backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, kernel,
+                                        stride, dilation, causal, scale, grad_lse, deterministic,
+                                        EmulatedBackend{});
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def("mma_gemm(Tensor a, Tensor b) -> Tensor");
+  m.def(
+      "na_forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? additional_keys, "
+      "Tensor? additional_values, int[] kernel_size, int[] stride, int[] dilation, "
+      "int[] is_causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? rpb, Tensor? additional_keys, Tensor? additional_values, int[] kernel_size, "
+      "int[] stride, int[] dilation, int[] is_causal, float scale, Tensor? grad_lse=None, "
+      "bool deterministic=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
   m.impl("mma_gemm", TORCH_BOX(&mma_gemm));
+  m.impl("na_forward", TORCH_BOX(&na_forward));
+  m.impl("na_backward", TORCH_BOX(&na_backward));
 }

@@ -3,7 +3,6 @@
 // compiled by nvcc and launched on torch's current CUDA stream. Built when
 // CMake finds nvcc (TOKENMIX_CUDA=AUTO/ON). Never run on this project's
 // machines (no GPU): the emulator is what executes these sources in the tests.
-#include <dlfcn.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -13,27 +12,12 @@
 #include <vector>
 
 #include "../simt_emulator/selftest_kernels.h"
+#include "tokenmix/current_stream.h"
 
 namespace {
 
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-
-// torch's current CUDA stream for a device. The C shim function lives in
-// libtorch_cuda, which a CPU-only torch does not have, so it is looked up at
-// the first call instead of being a link-time dependency: the library keeps
-// loading in a CPU-only torch.
-void* current_stream(int32_t device_index) {
-  using Fn = int32_t (*)(int32_t, void**);
-  static Fn fn = [] {
-    void* lib = dlopen("libtorch_cuda.so", RTLD_NOW | RTLD_NOLOAD);
-    return lib ? reinterpret_cast<Fn>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
-  }();
-  STD_TORCH_CHECK(fn != nullptr, "tokenmix_emulated: CUDA tensors need a CUDA build of torch");
-  void* stream = nullptr;
-  STD_TORCH_CHECK(fn(device_index, &stream) == 0, "tokenmix_emulated: no current CUDA stream");
-  return stream;
-}
 
 Tensor mma_gemm_cuda(Tensor a, Tensor b) {
   STD_TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "mma_gemm: a and b must be matrices");
@@ -52,7 +36,7 @@ Tensor mma_gemm_cuda(Tensor a, Tensor b) {
   tokenmix::simt_selftest::launch_gemm(
       a.scalar_type() == ScalarType::BFloat16, static_cast<const uint16_t*>(a.data_ptr()),
       static_cast<const uint16_t*>(b.data_ptr()), static_cast<float*>(c.data_ptr()), int(m), int(n),
-      int(k), true, current_stream(a.get_device()));
+      int(k), true, tokenmix::current_cuda_stream(a.get_device()));
   return c;
 }
 

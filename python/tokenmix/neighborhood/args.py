@@ -282,3 +282,27 @@ def check_tensors(
                 f"additional_keys and additional_values must have the same number of tokens "
                 f"N_extra, got {ak.shape[1]} and {av.shape[1]}"
             )
+
+
+def check_cuda_problem(q: torch.Tensor, v: torch.Tensor) -> None:
+    """What the CUDA kernels take beyond the general rules: a CUDA build, float32/float16/
+    bfloat16, and head dims that are multiples of 8 up to 256 (16-byte row copies)."""
+    from .. import _ops
+
+    if not _ops.build_info().get("cuda_built", False):
+        reason = _ops.build_info().get("cuda_reason") or "built without CUDA"
+        raise NotImplementedError(
+            f"this tokenmix build has no CUDA kernels ({reason}); rebuild with nvcc available "
+            "(TOKENMIX_CUDA=ON), see `python -m tokenmix info`"
+        )
+    if q.dtype == torch.float64:
+        raise TypeError(
+            "q dtype float64 has no CUDA kernel; use float32, float16 or bfloat16 on CUDA "
+            "(float64 runs on the CPU)"
+        )
+    for name, dim in (("q", q.shape[-1]), ("v", v.shape[-1])):
+        if dim % 8 != 0 or not 8 <= dim <= 256:
+            raise ValueError(
+                f"{name} head dim {dim} is not supported by the CUDA kernels: it must be a "
+                "multiple of 8 between 8 and 256"
+            )

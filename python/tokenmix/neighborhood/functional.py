@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _ops
 from .._utils import unit_feature_stride
 from . import ops as _registrations  # noqa: F401  (autograd + fake kernels)
-from .args import check_tensors, normalize_window_args
+from .args import check_cuda_problem, check_tensors, normalize_window_args
 from .reference import neighborhood_attention_reference
 
 IntOrTuple = int | Sequence[int]
@@ -65,10 +65,12 @@ def neighborhood_attention(
         scale = q.shape[-1] ** -0.5
     scale = float(scale)
 
-    if q.device.type not in ("cpu", "meta"):
+    if q.device.type == "cuda":
+        check_cuda_problem(q, v)
+    elif q.device.type not in ("cpu", "meta"):
         raise NotImplementedError(
-            f"tokenmix has no {q.device.type} kernel for neighborhood attention in this build "
-            "(see `python -m tokenmix info`); use "
+            f"tokenmix has no {q.device.type} kernel for neighborhood attention (see "
+            "`python -m tokenmix info`); use "
             "tokenmix.neighborhood.reference.neighborhood_attention_reference on this device"
         )
     _ops.require_library()

@@ -49,6 +49,7 @@ if _ops.load_error is None:
         is_causal,
         scale,
         grad_lse=None,
+        deterministic=False,
     ):
         acc = accumulation_dtype(q.dtype)
         drpb = (
@@ -92,6 +93,8 @@ if _ops.load_error is None:
             is_causal,
             scale,
             grad_lse.contiguous() if grad_lse is not None else None,
+            # The CUDA backward adds the rpb gradient with float atomics unless asked not to.
+            torch.are_deterministic_algorithms_enabled(),
         )
         drpb = drpb.to(rpb.dtype) if rpb is not None else None
         dek = dek if ek is not None else None

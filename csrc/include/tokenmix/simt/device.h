@@ -256,6 +256,27 @@ TM_DEVICE float rsqrt(float x) {
   return rsqrtf(x);
 }
 
+// ---- host side: dynamic shared memory above 48 KiB is opt-in per kernel (sm_80 and later)
+// The largest dynamic shared memory a block of the current device may opt in to.
+inline size_t max_dynamic_shared_bytes() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 48 * 1024;
+  return size_t(bytes);
+}
+// Lets `kernel` launch with `bytes` of dynamic shared memory; false when the device refuses.
+template <class... P>
+bool allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) ==
+         cudaSuccess;
+}
+// The first error of the last launches (cudaGetLastError), nullptr when there was none.
+inline const char* last_launch_error() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
 // ---- host side: registration is an emulator concept, a no-op here
 inline void register_global(const void*, size_t, const char* = nullptr) {}
 inline void unregister_global(const void*) {}

@@ -427,6 +427,19 @@ class global_registration {
   const void* ptr_;
 };
 
+// Dynamic shared memory: the emulator allows what sm_90 allows (227 KiB) to every kernel.
+inline size_t max_dynamic_shared_bytes() {
+  return 227 * 1024;
+}
+template <class... P>
+bool allow_dynamic_shared(void (*)(P...), size_t bytes) {
+  return bytes <= max_dynamic_shared_bytes();
+}
+// Launches report their errors by throwing emulator_error: nothing is left pending.
+inline const char* last_launch_error() {
+  return nullptr;
+}
+
 // Blocks run by this many OS threads at once (default 1, or $TOKENMIX_SIMT_WORKERS); fiber stack
 // size in KiB (default 64, or $TOKENMIX_SIMT_STACK_KIB).
 void set_workers(int workers);

@@ -1,0 +1,848 @@
+// The CUDA engine of generalized neighborhood attention: fused forward and backward kernels written
+// on the SIMT layer, so nvcc compiles them for the GPU and the host compiler runs the very same
+// source on the SIMT emulator (the tests). See docs/cuda_engine.md.
+//
+// Tiling follows the CPU engine and the planner: a block owns one query tile (a box of
+// NeighborhoodSchedule's tile shape, kTileRows queries, one head) and visits the key box of that
+// tile (window_union per dimension) in chunks of E::kKeys linearized keys, then the additional
+// tokens. The element mask is the window rule of window.h, evaluated per (query, key).
+//
+//   forward          one block per (batch, head, query tile, value chunk): S = Q K^T, online
+//                    softmax in log2 units, O += P V; writes O and the LSE.
+//   backward_delta   delta = rowsum(dO * O) - grad_lse, one warp per query row.
+//   backward_dq      one block per (batch, head, query tile, dQ column chunk): recomputes P from
+//                    the LSE, dS = P (dP - delta), dQ += dS K; also the rpb gradient.
+//   backward_dkdv    one block per (batch, kv head, key tile, column chunk), keys as rows: visits
+//                    the queries that see the tile (inverse_window_union) for every query head of
+//                    the kv head, dV += P^T dO, dK += dS^T Q. Extra-token tiles visit all queries.
+//   backward_rpb_reduce  deterministic mode: sums per-tile rpb partials in a fixed order.
+// dQ, dK and dV are each written by exactly one block: the backward is deterministic except for
+// the rpb gradient, which uses float atomics unless `deterministic` is set.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/cuda/na_params.h"
+#include "tokenmix/cuda/warp_gemm.h"
+#include "tokenmix/neighborhood_schedule.h"
+
+namespace tokenmix::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// ---- shared memory plans (the host sizes the launch with the same functions) -------------------
+
+struct SmemPlan {
+  int64_t bytes = 0;
+  TM_HOST_DEVICE int64_t take(int64_t n) {
+    const int64_t off = (bytes + 15) & ~int64_t(15);
+    bytes = off + n;
+    return off;
+  }
+};
+
+// Query-major kernels (forward, backward_dq): a tile of kTileRows queries, chunks of E::kKeys keys.
+struct QueryMajorSmem {
+  int ldq, ldv;                            // row strides of the D-wide and value-wide tiles
+  int64_t q, go, k, v, rows, keys, stage, ds;  // byte offsets
+  int64_t bytes;
+};
+
+// vwidth: value columns held per row (the forward's value chunk; the backward's full Dv).
+template <class E>
+TM_HOST_DEVICE QueryMajorSmem query_major_smem(int dp, int vwidth, bool backward,
+                                               bool rpb_partials) {
+  using T = typename E::T;
+  QueryMajorSmem s{};
+  SmemPlan plan;
+  s.ldq = padded_ld<T>(dp);
+  s.ldv = padded_ld<T>(vwidth);
+  s.q = plan.take(int64_t(kTileRows) * s.ldq * sizeof(T));
+  s.go = backward ? plan.take(int64_t(kTileRows) * s.ldv * sizeof(T)) : 0;
+  s.k = plan.take(int64_t(E::kKeys) * s.ldq * sizeof(T));
+  s.v = plan.take(int64_t(E::kKeys) * s.ldv * sizeof(T));
+  s.rows = plan.take(int64_t(kTileRows) * 11 * 4);  // qc[3], lo[3], hi[3], lse2, delta
+  s.keys = plan.take(int64_t(E::kKeys) * 4 * 4);    // kc[3], valid
+  s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
+  s.ds = rpb_partials ? plan.take(int64_t(kTileRows) * (E::kKeys + 1) * 4) : 0;
+  s.bytes = plan.bytes;
+  return s;
+}
+
+// Key-major kernel (backward_dkdv): a tile of kTileRows keys, chunks of E::kKeys queries.
+struct KeyMajorSmem {
+  int ldq, ldv;
+  int64_t k, v, q, go, rows, cols, stage;
+  int64_t bytes;
+};
+
+template <class E>
+TM_HOST_DEVICE KeyMajorSmem key_major_smem(int dp, int dvp) {
+  using T = typename E::T;
+  KeyMajorSmem s{};
+  SmemPlan plan;
+  s.ldq = padded_ld<T>(dp);
+  s.ldv = padded_ld<T>(dvp);
+  s.k = plan.take(int64_t(kTileRows) * s.ldq * sizeof(T));
+  s.v = plan.take(int64_t(kTileRows) * s.ldv * sizeof(T));
+  s.q = plan.take(int64_t(E::kKeys) * s.ldq * sizeof(T));
+  s.go = plan.take(int64_t(E::kKeys) * s.ldv * sizeof(T));
+  s.rows = plan.take(int64_t(kTileRows) * 4 * 4);  // kc[3], valid
+  s.cols = plan.take(int64_t(E::kKeys) * 12 * 4);  // qc[3], lo[3], hi[3], valid, lse2, delta
+  s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
+  s.bytes = plan.bytes;
+  return s;
+}
+
+TM_HOST_DEVICE int round_up_to(int x, int m) {
+  return (x + m - 1) / m * m;
+}
+
+// Width of the shared Q/K/V/dO tiles of the backward kernels: the column chunks of dQ, dK and dV
+// read whole chunks, so the general path pads both head dims to a multiple of kGradChunk.
+template <int kDim>
+TM_HOST_DEVICE int grad_tile_width(const NaParams& p) {
+  const int widest = p.head_dim > p.value_dim ? p.head_dim : p.value_dim;
+  return kDim > 0 ? kDim : round_up_to(widest, kGradChunk);
+}
+
+// ---- coordinates -------------------------------------------------------------------------------
+
+// Coordinates of element `index` of a box with extents e[3] (last dimension fastest).
+TM_DEVICE void unravel(int index, const int* e, int* c) {
+  c[2] = index % e[2];
+  index /= e[2];
+  c[1] = index % e[1];
+  c[0] = index / e[1];
+}
+
+// Element offset of the token at real coordinates x in a [B, S0, S1, S2, H] view.
+TM_DEVICE int64_t token_offset(const int64_t* st, int b, const int* x, int head) {
+  return int64_t(b) * st[0] + int64_t(x[0]) * st[1] + int64_t(x[1]) * st[2] +
+         int64_t(x[2]) * st[3] + int64_t(head) * st[4];
+}
+
+TM_DEVICE int token_index(const NaParams& p, const int* x) {
+  return (x[0] * p.sched.dims[1].length + x[1]) * p.sched.dims[2].length + x[2];
+}
+
+// Real coordinates of group coordinates c in tile geometry g.
+TM_DEVICE void real_coords(const NaParams& p, const TileGeometry& g, const int* c, int* x) {
+  for (int t = 0; t < 3; ++t) x[t] = p.sched.real_coord(g, t, c[t]);
+}
+
+// Real coordinates of token index `token`.
+TM_DEVICE void token_coords(const NaParams& p, int token, int* x) {
+  const int e[3] = {p.sched.dims[0].length, p.sched.dims[1].length, p.sched.dims[2].length};
+  unravel(token, e, x);
+}
+
+// Copies `rows` rows of `width` elements (a multiple of the 16-byte vector) into a shared tile with
+// cp.async, zero-filling columns at or past `valid_cols` and rows without a source (src(r) < 0).
+// src(r) is the element offset of row r's column `col0` in `base`.
+template <class T, class Src>
+TM_DEVICE void copy_rows(shared_ptr<T> dst, int ld, int rows, int width, global_ptr<const T> base,
+                         int col0, int valid_cols, Src&& src) {
+  constexpr int vec = kVec<T>;
+  const int segs = width / vec;
+  for (int s = int(linear_thread_idx()); s < rows * segs; s += kThreads) {
+    const int r = s / segs, c = (s - r * segs) * vec;
+    const int64_t off = src(r);
+    const bool in = off >= 0 && col0 + c < valid_cols;
+    cp_async_zfill<16>(dst + r * ld + c, in ? base + off + c : base, in ? 16 : 0);
+  }
+}
+
+// Sum / max over the 4 lanes that share an accumulator row.
+TM_DEVICE float quad_sum(float v) {
+  v += shfl_xor_sync(0xffffffffu, v, 1);
+  v += shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+TM_DEVICE float quad_max(float v) {
+  const float a = shfl_xor_sync(0xffffffffu, v, 1);
+  v = v > a ? v : a;
+  const float b = shfl_xor_sync(0xffffffffu, v, 2);
+  return v > b ? v : b;
+}
+
+template <class E>
+TM_DEVICE float rpb_bias(const NaParams& p, int head, const int* kc, const int* qc) {
+  using T = typename E::T;
+  global_ptr<const T> rpb(static_cast<const T*>(p.rpb));
+  const int i0 = kc[0] - qc[0] + p.sched.dims[0].kernel - 1;
+  const int i1 = kc[1] - qc[1] + p.sched.dims[1].kernel - 1;
+  const int i2 = kc[2] - qc[2] + p.sched.dims[2].kernel - 1;
+  const int64_t idx = (int64_t(i0) * p.rpb_dims[1] + i1) * p.rpb_dims[2] + i2;
+  return E::to_float(rpb[int64_t(head) * p.rpb_size + idx]);
+}
+
+// Per-row state of a query tile kept in registers: the two rows (lane / 4 and lane / 4 + 8 of the
+// warp's 16) of every accumulator fragment a thread holds.
+struct RowState {
+  int qc[2][3], lo[2][3], hi[2][3];
+  bool valid[2];
+};
+
+// Writes the row metadata of a query tile (group coordinates and windows) to shared memory, as
+// rows[field * kTileRows + r] with fields qc[3], lo[3], hi[3].
+TM_DEVICE void write_query_rows(const NaParams& p, const TileGeometry& g, int nrows,
+                                shared_ptr<int> rows) {
+  const int r = int(linear_thread_idx());
+  if (r >= kTileRows) return;
+  int i[3] = {0, 0, 0};
+  if (r < nrows) unravel(r, g.count, i);
+  for (int t = 0; t < 3; ++t) {
+    const int qc = g.first[t] + i[t];
+    int lo = 0, hi = 0;  // padding rows see nothing
+    if (r < nrows) p.sched.window(g, t, qc, &lo, &hi);
+    rows[t * kTileRows + r] = qc;
+    rows[(3 + t) * kTileRows + r] = lo;
+    rows[(6 + t) * kTileRows + r] = hi;
+  }
+}
+
+TM_DEVICE RowState read_query_rows(shared_ptr<int> rows, int row0, int nrows) {
+  RowState s;
+  for (int ri = 0; ri < 2; ++ri) {
+    const int r = row0 + 8 * ri;
+    s.valid[ri] = r < nrows;
+    for (int t = 0; t < 3; ++t) {
+      s.qc[ri][t] = rows[t * kTileRows + r];
+      s.lo[ri][t] = rows[(3 + t) * kTileRows + r];
+      s.hi[ri][t] = rows[(6 + t) * kTileRows + r];
+    }
+  }
+  return s;
+}
+
+// Key chunk metadata: keys[field * kKeys + j], fields kc[3] (group coordinates), valid.
+template <int kKeys>
+TM_DEVICE void write_key_chunk(const NaParams& p, const TileGeometry& g, bool extra, int first,
+                               shared_ptr<int> keys) {
+  const int j = int(linear_thread_idx());
+  if (j >= kKeys) return;
+  const int e[3] = {g.key_end[0] - g.key_begin[0], g.key_end[1] - g.key_begin[1],
+                    g.key_end[2] - g.key_begin[2]};
+  const int index = first + j;
+  int c[3] = {0, 0, 0};
+  bool valid;
+  if (extra) {
+    valid = index < p.num_extra;
+  } else {
+    valid = index < e[0] * e[1] * e[2];
+    if (valid) unravel(index, e, c);
+    for (int t = 0; t < 3; ++t) c[t] += g.key_begin[t];
+  }
+  for (int t = 0; t < 3; ++t) keys[t * kKeys + j] = c[t];
+  keys[3 * kKeys + j] = valid ? 1 : 0;
+}
+
+// Element offset of key chunk row j in the key tensor (or -1 for an invalid row).
+template <int kKeys>
+TM_DEVICE int64_t key_row_offset(const NaParams& p, const TileGeometry& g, bool extra, int first,
+                                 int j, int b, int hk, const int64_t* st, const int64_t* ext_st) {
+  const int index = first + j;
+  if (extra) {
+    if (index >= p.num_extra) return -1;
+    return int64_t(b) * ext_st[0] + int64_t(index) * ext_st[1] + int64_t(hk) * ext_st[2];
+  }
+  const int e[3] = {g.key_end[0] - g.key_begin[0], g.key_end[1] - g.key_begin[1],
+                    g.key_end[2] - g.key_begin[2]};
+  if (index >= e[0] * e[1] * e[2]) return -1;
+  int c[3], x[3];
+  unravel(index, e, c);
+  for (int t = 0; t < 3; ++t) c[t] += g.key_begin[t];
+  real_coords(p, g, c, x);
+  return token_offset(st, b, x, hk);
+}
+
+// Element offset of query tile row r (or -1 for a padding row).
+TM_DEVICE int64_t query_row_offset(const NaParams& p, const TileGeometry& g, int nrows, int r,
+                                   int b, int head, const int64_t* st) {
+  if (r >= nrows) return -1;
+  int i[3], x[3];
+  unravel(r, g.count, i);
+  for (int t = 0; t < 3; ++t) i[t] += g.first[t];
+  real_coords(p, g, i, x);
+  return token_offset(st, b, x, head);
+}
+
+TM_DEVICE int query_row_token(const NaParams& p, const TileGeometry& g, int r) {
+  int i[3], x[3];
+  unravel(r, g.count, i);
+  for (int t = 0; t < 3; ++t) i[t] += g.first[t];
+  real_coords(p, g, i, x);
+  return token_index(p, x);
+}
+
+// Scores of a chunk -> logits in log2 units (scaled, biased, masked with -inf).
+template <class E, int KC>
+TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState& rs,
+                           shared_ptr<int> keys, bool extra, int head) {
+  constexpr int kKeys = E::kKeys;
+  const int lane = int(lane_id());
+  for (int n = 0; n < KC; ++n)
+    for (int i = 0; i < 4; ++i) {
+      const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
+      bool keep = rs.valid[ri] && keys[3 * kKeys + j] != 0;
+      float bias = 0.0f;
+      if (keep && !extra) {
+        int kc[3];
+        for (int t = 0; t < 3; ++t) {
+          kc[t] = keys[t * kKeys + j];
+          keep = keep && kc[t] >= rs.lo[ri][t] && kc[t] < rs.hi[ri][t];
+        }
+        if (keep && p.rpb) bias = rpb_bias<E>(p, head, kc, rs.qc[ri]) * kLog2e;
+      }
+      s[n][i] = keep ? s[n][i] * p.scale_log2 + bias : kNegInf;
+    }
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+
+// kDim: the head dim when D == Dv == kDim (one value chunk), 0 for the general path (any D, Dv
+// multiple of 8 up to 256, value columns in chunks of 64: grid.y).
+template <class E, int kDim>
+TM_GLOBAL void na_forward_kernel(NaParams p) {
+  using T = typename E::T;
+  constexpr int kKeys = E::kKeys, KC = kKeys / 8;
+  constexpr int kVChunk = kDim > 0 ? kDim : 64;
+  constexpr int NV = kVChunk / 8;
+  const int lane = int(lane_id()), warp = int(warp_id());
+  const int64_t tile = int64_t(block_idx().x) % p.tiles_per_head;
+  const int64_t bh = int64_t(block_idx().x) / p.tiles_per_head;
+  const int b = int(bh / p.heads), h = int(bh % p.heads);
+  const int hk = h / (p.heads / p.kv_heads);
+  const int vc0 = int(block_idx().y) * kVChunk;
+  TileGeometry g;
+  if (!p.sched.decode(tile, &g)) return;  // past the end of a shorter dilation group
+  const int dp = kDim > 0 ? kDim : p.head_dim_padded;
+  const QueryMajorSmem L = query_major_smem<E>(dp, kVChunk, false, false);
+  const shared_ptr<unsigned char> smem = dynamic_shared<unsigned char>();
+  const shared_ptr<T> sq = ptr_cast<T>(smem + L.q), sk = ptr_cast<T>(smem + L.k),
+                      sv = ptr_cast<T>(smem + L.v);
+  const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
+  const shared_ptr<float> stage =
+      ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
+  const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
+      v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
+      ev(static_cast<const T*>(p.extra_v));
+  const int nrows = g.count[0] * g.count[1] * g.count[2];
+
+  write_query_rows(p, g, nrows, rows);
+  copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
+            [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
+  cp_async_commit_group();
+
+  float o[NV][4], m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+  for (int n = 0; n < NV; ++n)
+    for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
+  RowState rs{};
+
+  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
+                  (g.key_end[2] - g.key_begin[2]);
+  const int spatial_chunks = (box + kKeys - 1) / kKeys;
+  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
+  for (int c = 0; c < chunks; ++c) {
+    const bool extra = c >= spatial_chunks;
+    const int first = (extra ? c - spatial_chunks : c) * kKeys;
+    sync_threads();  // every warp is done with the previous chunk
+    write_key_chunk<kKeys>(p, g, extra, first, keys);
+    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
+      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
+    });
+    copy_rows(sv, L.ldv, kKeys, kVChunk, extra ? ev : v, vc0, p.value_dim, [&](int j) {
+      const int64_t off = key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
+      return off < 0 ? off : off + vc0;
+    });
+    cp_async_commit_group();
+    cp_async_wait_group<0>();
+    sync_threads();
+    if (c == 0) rs = read_query_rows(rows, warp * 16 + (lane >> 2), nrows);
+
+    float s[KC][4];
+    for (int n = 0; n < KC; ++n)
+      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+    gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
+    mask_logits<E>(p, s, rs, keys, extra, h);
+
+    // Online softmax, two rows per thread; l holds this thread's partial row sums.
+    for (int ri = 0; ri < 2; ++ri) {
+      float mx = kNegInf;
+      for (int n = 0; n < KC; ++n) {
+        mx = mx > s[n][2 * ri] ? mx : s[n][2 * ri];
+        mx = mx > s[n][2 * ri + 1] ? mx : s[n][2 * ri + 1];
+      }
+      mx = quad_max(mx);
+      const float m_new = m[ri] > mx ? m[ri] : mx;
+      const float base = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing seen yet
+      const float alpha = exp2f_approx(m[ri] - base);
+      m[ri] = m_new;
+      float sum = 0.0f;
+      for (int n = 0; n < KC; ++n)
+        for (int e = 0; e < 2; ++e) {
+          const float pe = exp2f_approx(s[n][2 * ri + e] - base);
+          s[n][2 * ri + e] = pe;
+          sum += pe;
+        }
+      l[ri] = l[ri] * alpha + sum;
+      for (int n = 0; n < NV; ++n) {
+        o[n][2 * ri] *= alpha;
+        o[n][2 * ri + 1] *= alpha;
+      }
+    }
+    gemm_pn<E>(o, s, sv, L.ldv, stage);
+  }
+  cp_async_wait_group<0>();  // a tile without any chunk still has its Q copy in flight
+
+  global_ptr<T> out(static_cast<T*>(p.out));
+  const global_ptr<float> lse(p.lse);
+  for (int ri = 0; ri < 2; ++ri) {
+    const float total = quad_sum(l[ri]);
+    const int r = warp * 16 + (lane >> 2) + 8 * ri;
+    if (r >= nrows) continue;
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    const int64_t row = query_row_offset(p, g, nrows, r, b, h, p.o_st);
+    for (int n = 0; n < NV; ++n)
+      for (int e = 0; e < 2; ++e) {
+        const int col = vc0 + n * 8 + 2 * (lane & 3) + e;
+        if (col < p.value_dim) out[row + col] = E::from_float(o[n][2 * ri + e] * inv);
+      }
+    if (vc0 == 0 && (lane & 3) == 0) {
+      const int token = query_row_token(p, g, r);
+      lse[(int64_t(b) * p.tokens + token) * p.heads + h] =
+          total > 0.0f ? (m[ri] + log2f_approx(total)) * kLn2 : kNegInf;
+    }
+  }
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+// delta[b, token, h] = sum_c dO * O - grad_lse: one warp per row.
+template <class E>
+TM_GLOBAL void na_backward_delta_kernel(NaParams p) {
+  using T = typename E::T;
+  const int lane = int(lane_id());
+  const int64_t row = int64_t(block_idx().x) * kWarps + warp_id();  // (b * tokens + token) * H + h
+  const int64_t rows = int64_t(p.batch) * p.tokens * p.heads;
+  if (row >= rows) return;
+  const int h = int(row % p.heads), token = int((row / p.heads) % p.tokens);
+  const int b = int(row / (int64_t(p.heads) * p.tokens));
+  int x[3];
+  token_coords(p, token, x);
+  const global_ptr<const T> go(static_cast<const T*>(p.grad_out)),
+      o(static_cast<const T*>(p.out_in));
+  const int64_t go_off = token_offset(p.go_st, b, x, h), o_off = token_offset(p.o_st, b, x, h);
+  float acc = 0.0f;
+  for (int c = lane; c < p.value_dim; c += 32)
+    acc += E::to_float(go[go_off + c]) * E::to_float(o[o_off + c]);
+  for (int off = 16; off > 0; off >>= 1) acc += shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    const global_ptr<float> delta(p.delta);
+    float d = acc;
+    if (p.grad_lse) d -= global_ptr<const float>(p.grad_lse)[row];
+    delta[row] = d;
+  }
+}
+
+template <class E, int kDim>
+TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
+  using T = typename E::T;
+  constexpr int kKeys = E::kKeys, KC = kKeys / 8;
+  constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+  constexpr int NQ = kChunk / 8;
+  const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
+  const int64_t tile = int64_t(block_idx().x) % p.tiles_per_head;
+  const int64_t bh = int64_t(block_idx().x) / p.tiles_per_head;
+  const int b = int(bh / p.heads), h = int(bh % p.heads);
+  const int hk = h / (p.heads / p.kv_heads);
+  const int col0 = int(block_idx().y) * kChunk;
+  const bool rpb_grad = p.rpb != nullptr && block_idx().y == 0;
+  const bool partials = rpb_grad && p.deterministic;
+  TileGeometry g;
+  if (!p.sched.decode(tile, &g)) return;
+  const int dp = grad_tile_width<kDim>(p), dvp = dp;
+  // k extents of S = Q K^T and dP = dO V^T (the tiles are zero past D and Dv)
+  const int kq = kDim > 0 ? kDim : p.head_dim_padded;
+  const int kv = kDim > 0 ? kDim : p.value_dim_padded;
+  const QueryMajorSmem L = query_major_smem<E>(dp, dvp, true, p.deterministic && p.rpb);
+  const shared_ptr<unsigned char> smem = dynamic_shared<unsigned char>();
+  const shared_ptr<T> sq = ptr_cast<T>(smem + L.q), sgo = ptr_cast<T>(smem + L.go),
+                      sk = ptr_cast<T>(smem + L.k), sv = ptr_cast<T>(smem + L.v);
+  const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
+  const shared_ptr<float> rowf = ptr_cast<float>(smem + L.rows) + 9 * kTileRows;  // lse2, delta
+  const shared_ptr<float> stage =
+      ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
+  const shared_ptr<float> sds = ptr_cast<float>(smem + L.ds);
+  const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
+      v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
+      ev(static_cast<const T*>(p.extra_v)), go(static_cast<const T*>(p.grad_out));
+  const int nrows = g.count[0] * g.count[1] * g.count[2];
+
+  write_query_rows(p, g, nrows, rows);
+  if (tid < kTileRows) {
+    float lse2 = 0.0f, delta = 0.0f;
+    if (tid < nrows) {
+      const int64_t row = (int64_t(b) * p.tokens + query_row_token(p, g, tid)) * p.heads + h;
+      lse2 = global_ptr<const float>(p.lse_in)[row] * kLog2e;
+      delta = global_ptr<const float>(p.delta)[row];
+    }
+    rowf[tid] = lse2;
+    rowf[kTileRows + tid] = delta;
+  }
+  copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
+            [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
+  copy_rows(sgo, L.ldv, kTileRows, dvp, go, 0, p.value_dim,
+            [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.go_st); });
+  cp_async_commit_group();
+
+  float dq[NQ][4];
+  for (int n = 0; n < NQ; ++n)
+    for (int i = 0; i < 4; ++i) dq[n][i] = 0.0f;
+  RowState rs{};
+  float lse2[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
+  const global_ptr<float> grad_rpb(p.grad_rpb);
+  const global_ptr<float> partial(
+      partials ? p.grad_rpb_partial + (bh * p.tiles_per_head + tile) * p.rpb_size : nullptr);
+
+  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
+                  (g.key_end[2] - g.key_begin[2]);
+  const int spatial_chunks = (box + kKeys - 1) / kKeys;
+  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
+  for (int c = 0; c < chunks; ++c) {
+    const bool extra = c >= spatial_chunks;
+    const int first = (extra ? c - spatial_chunks : c) * kKeys;
+    sync_threads();
+    write_key_chunk<kKeys>(p, g, extra, first, keys);
+    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
+      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
+    });
+    copy_rows(sv, L.ldv, kKeys, dvp, extra ? ev : v, 0, p.value_dim, [&](int j) {
+      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
+    });
+    cp_async_commit_group();
+    cp_async_wait_group<0>();
+    sync_threads();
+    if (c == 0) {
+      const int r0 = warp * 16 + (lane >> 2);
+      rs = read_query_rows(rows, r0, nrows);
+      for (int ri = 0; ri < 2; ++ri) {
+        lse2[ri] = rowf[r0 + 8 * ri];
+        delta[ri] = rowf[kTileRows + r0 + 8 * ri];
+      }
+    }
+
+    float s[KC][4], dp_[KC][4];
+    for (int n = 0; n < KC; ++n)
+      for (int i = 0; i < 4; ++i) s[n][i] = dp_[n][i] = 0.0f;
+    gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
+    mask_logits<E>(p, s, rs, keys, extra, h);
+    gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
+    for (int n = 0; n < KC; ++n)
+      for (int i = 0; i < 4; ++i) {
+        const int ri = i >> 1;
+        const float pe = s[n][i] == kNegInf ? 0.0f : exp2f_approx(s[n][i] - lse2[ri]);
+        s[n][i] = pe * (dp_[n][i] - delta[ri]);  // dS (natural-log logits)
+      }
+
+    if (rpb_grad && !extra) {
+      if (!partials) {
+        for (int n = 0; n < KC; ++n)
+          for (int i = 0; i < 4; ++i) {
+            const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
+            if (s[n][i] == 0.0f) continue;  // masked (or exactly zero: nothing to add)
+            int kc[3];
+            for (int t = 0; t < 3; ++t) kc[t] = keys[t * kKeys + j];
+            const int i0 = kc[0] - rs.qc[ri][0] + p.sched.dims[0].kernel - 1;
+            const int i1 = kc[1] - rs.qc[ri][1] + p.sched.dims[1].kernel - 1;
+            const int i2 = kc[2] - rs.qc[ri][2] + p.sched.dims[2].kernel - 1;
+            atomic_add(grad_rpb + int64_t(h) * p.rpb_size +
+                           (int64_t(i0) * p.rpb_dims[1] + i1) * p.rpb_dims[2] + i2,
+                       s[n][i]);
+          }
+      } else {
+        // Deterministic: stage dS, then each rpb offset the chunk can touch is summed by one
+        // thread over the tile's queries in a fixed order into this tile's own partial row.
+        constexpr int lds = kKeys + 1;
+        for (int n = 0; n < KC; ++n)
+          for (int i = 0; i < 4; ++i)
+            sds[(warp * 16 + (lane >> 2) + 8 * (i >> 1)) * lds + n * 8 + 2 * (lane & 3) +
+                (i & 1)] = s[n][i];
+        sync_threads();
+        int olo[3], oext[3], ke[3];
+        for (int t = 0; t < 3; ++t) {
+          const int kt = p.sched.dims[t].kernel - 1;
+          olo[t] = g.key_begin[t] - (g.first[t] + g.count[t] - 1) + kt;
+          int ohi = g.key_end[t] - 1 - g.first[t] + kt;
+          olo[t] = olo[t] > 0 ? olo[t] : 0;
+          ohi = ohi < 2 * kt ? ohi : 2 * kt;
+          oext[t] = ohi - olo[t] + 1;
+          ke[t] = g.key_end[t] - g.key_begin[t];
+        }
+        const int offsets = oext[0] * oext[1] * oext[2];
+        for (int e = tid; e < offsets; e += kThreads) {
+          int o[3];
+          unravel(e, oext, o);
+          float acc = 0.0f;
+          for (int r = 0; r < nrows; ++r) {
+            int i[3], key[3];
+            unravel(r, g.count, i);
+            bool in = true;
+            for (int t = 0; t < 3; ++t) {
+              key[t] = g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1) -
+                       g.key_begin[t];
+              in = in && key[t] >= 0 && key[t] < ke[t];
+            }
+            if (!in) continue;
+            const int j = (key[0] * ke[1] + key[1]) * ke[2] + key[2] - first;
+            if (j >= 0 && j < kKeys) acc += sds[r * lds + j];
+          }
+          if (acc != 0.0f) {
+            const int64_t idx =
+                (int64_t(olo[0] + o[0]) * p.rpb_dims[1] + olo[1] + o[1]) * p.rpb_dims[2] + olo[2] +
+                o[2];
+            partial[idx] += acc;
+          }
+        }
+      }
+    }
+    gemm_pn<E>(dq, s, sk + col0, L.ldq, stage);
+  }
+  cp_async_wait_group<0>();
+
+  global_ptr<T> gq(static_cast<T*>(p.grad_q));
+  for (int ri = 0; ri < 2; ++ri) {
+    const int r = warp * 16 + (lane >> 2) + 8 * ri;
+    if (r >= nrows) continue;
+    int i[3], x[3];
+    unravel(r, g.count, i);
+    for (int t = 0; t < 3; ++t) i[t] += g.first[t];
+    real_coords(p, g, i, x);
+    const int64_t row = (int64_t(b) * p.tokens + token_index(p, x)) * p.heads + h;
+    for (int n = 0; n < NQ; ++n)
+      for (int e = 0; e < 2; ++e) {
+        const int col = col0 + n * 8 + 2 * (lane & 3) + e;
+        if (col < p.head_dim)
+          gq[row * p.head_dim + col] = E::from_float(dq[n][2 * ri + e] * p.scale);
+      }
+  }
+}
+
+// Keys as rows: one block per (batch, kv head, key tile, column chunk); chunk c covers dK columns
+// [64c, 64c + 64) and dV columns [64c, 64c + 64).
+template <class E, int kDim>
+TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
+  using T = typename E::T;
+  constexpr int kCols = E::kKeys, KC = kCols / 8;
+  constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+  constexpr int NC = kChunk / 8;
+  const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
+  const int64_t tiles = p.key_tiles_per_head + p.extra_tiles;
+  const int64_t tile = int64_t(block_idx().x) % tiles;
+  const int64_t bhk = int64_t(block_idx().x) / tiles;
+  const int b = int(bhk / p.kv_heads), hk = int(bhk % p.kv_heads);
+  const int group_heads = p.heads / p.kv_heads;
+  const int col0 = int(block_idx().y) * kChunk;
+  const bool extra = tile >= p.key_tiles_per_head;
+  TileGeometry g{};  // spatial key tile: group, first, count of the keys
+  int nkeys;
+  int qbegin[3] = {0, 0, 0}, qext[3] = {1, 1, 1};  // queries that see the tile (group coords)
+  if (extra) {
+    const int first = int(tile - p.key_tiles_per_head) * kTileRows;
+    nkeys = p.num_extra - first < kTileRows ? p.num_extra - first : kTileRows;
+    g.first[2] = first;
+    qext[2] = p.tokens;
+  } else {
+    if (!p.sched.decode(tile, &g)) return;
+    nkeys = g.count[0] * g.count[1] * g.count[2];
+    for (int t = 0; t < 3; ++t) {
+      int qe;
+      inverse_window_union(g.first[t], g.first[t] + g.count[t] - 1, g.group_len[t],
+                           p.sched.dims[t].kernel, p.sched.dims[t].stride, p.sched.dims[t].causal,
+                           &qbegin[t], &qe);
+      qext[t] = qe - qbegin[t];
+    }
+  }
+  const int dp = grad_tile_width<kDim>(p), dvp = dp;
+  const int kq = kDim > 0 ? kDim : p.head_dim_padded;
+  const int kv = kDim > 0 ? kDim : p.value_dim_padded;
+  const KeyMajorSmem L = key_major_smem<E>(dp, dvp);
+  const shared_ptr<unsigned char> smem = dynamic_shared<unsigned char>();
+  const shared_ptr<T> sk = ptr_cast<T>(smem + L.k), sv = ptr_cast<T>(smem + L.v),
+                      sq = ptr_cast<T>(smem + L.q), sgo = ptr_cast<T>(smem + L.go);
+  const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), cols = ptr_cast<int>(smem + L.cols);
+  const shared_ptr<float> colf = ptr_cast<float>(smem + L.cols) + 10 * kCols;  // lse2, delta
+  const shared_ptr<float> stage =
+      ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kCols);
+  const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
+      v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
+      ev(static_cast<const T*>(p.extra_v)), go(static_cast<const T*>(p.grad_out));
+
+  // Key rows: coordinates (group) and validity; their K and V rows.
+  auto key_offset = [&](int r, const int64_t* st, const int64_t* ext_st) -> int64_t {
+    if (r >= nkeys) return -1;
+    if (extra) return int64_t(b) * ext_st[0] + int64_t(g.first[2] + r) * ext_st[1] +
+                      int64_t(hk) * ext_st[2];
+    int i[3], x[3];
+    unravel(r, g.count, i);
+    for (int t = 0; t < 3; ++t) i[t] += g.first[t];
+    real_coords(p, g, i, x);
+    return token_offset(st, b, x, hk);
+  };
+  if (tid < kTileRows) {
+    int i[3] = {0, 0, 0};
+    if (tid < nkeys && !extra) unravel(tid, g.count, i);
+    for (int t = 0; t < 3; ++t) rows[t * kTileRows + tid] = g.first[t] + i[t];
+    rows[3 * kTileRows + tid] = tid < nkeys ? 1 : 0;
+  }
+  copy_rows(sk, L.ldq, kTileRows, dp, extra ? ek : k, 0, p.head_dim,
+            [&](int r) { return key_offset(r, p.k_st, p.ek_st); });
+  copy_rows(sv, L.ldv, kTileRows, dvp, extra ? ev : v, 0, p.value_dim,
+            [&](int r) { return key_offset(r, p.v_st, p.ev_st); });
+  cp_async_commit_group();
+
+  float dk[NC][4], dv[NC][4];
+  for (int n = 0; n < NC; ++n)
+    for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.0f;
+  int kc[2][3];
+  bool kvalid[2] = {false, false};
+
+  const int nq = qext[0] * qext[1] * qext[2];
+  const int qchunks = (nq + kCols - 1) / kCols;
+  bool first_chunk = true;
+  for (int hg = 0; hg < group_heads; ++hg) {
+    const int h = hk * group_heads + hg;
+    for (int c = 0; c < qchunks; ++c) {
+      const int qfirst = c * kCols;
+      sync_threads();
+      // Query columns of this chunk: coordinates, windows, LSE and delta.
+      auto query_coords = [&](int j, int* qc, int* x) -> bool {
+        const int index = qfirst + j;
+        if (index >= nq) return false;
+        if (extra) {
+          token_coords(p, index, x);
+          return true;
+        }
+        unravel(index, qext, qc);
+        for (int t = 0; t < 3; ++t) qc[t] += qbegin[t];
+        real_coords(p, g, qc, x);
+        return true;
+      };
+      if (tid < kCols) {
+        int qc[3] = {0, 0, 0}, x[3];
+        const bool valid = query_coords(tid, qc, x);
+        float lse2 = 0.0f, delta = 0.0f;
+        for (int t = 0; t < 3; ++t) {
+          int lo = 0, hi = 0;
+          if (valid && !extra) p.sched.window(g, t, qc[t], &lo, &hi);
+          cols[t * kCols + tid] = qc[t];
+          cols[(3 + t) * kCols + tid] = lo;
+          cols[(6 + t) * kCols + tid] = hi;
+        }
+        if (valid) {
+          const int64_t row = (int64_t(b) * p.tokens + token_index(p, x)) * p.heads + h;
+          lse2 = global_ptr<const float>(p.lse_in)[row] * kLog2e;
+          delta = global_ptr<const float>(p.delta)[row];
+        }
+        cols[9 * kCols + tid] = valid ? 1 : 0;
+        colf[tid] = lse2;
+        colf[kCols + tid] = delta;
+      }
+      auto query_offset = [&](int j, const int64_t* st) -> int64_t {
+        int qc[3], x[3];
+        if (!query_coords(j, qc, x)) return -1;
+        return token_offset(st, b, x, h);
+      };
+      copy_rows(sq, L.ldq, kCols, dp, q, 0, p.head_dim,
+                [&](int j) { return query_offset(j, p.q_st); });
+      copy_rows(sgo, L.ldv, kCols, dvp, go, 0, p.value_dim,
+                [&](int j) { return query_offset(j, p.go_st); });
+      cp_async_commit_group();
+      cp_async_wait_group<0>();
+      sync_threads();
+      if (first_chunk) {
+        for (int ri = 0; ri < 2; ++ri) {
+          const int r = warp * 16 + (lane >> 2) + 8 * ri;
+          kvalid[ri] = rows[3 * kTileRows + r] != 0;
+          for (int t = 0; t < 3; ++t) kc[ri][t] = rows[t * kTileRows + r];
+        }
+        first_chunk = false;
+      }
+
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
+      float s[KC][4], dpt[KC][4];
+      for (int n = 0; n < KC; ++n)
+        for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
+      gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
+      gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
+      float ds[KC][4];
+      for (int n = 0; n < KC; ++n)
+        for (int i = 0; i < 4; ++i) {
+          const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
+          bool keep = kvalid[ri] && cols[9 * kCols + j] != 0;
+          float bias = 0.0f;
+          if (keep && !extra) {
+            int qc[3];
+            for (int t = 0; t < 3; ++t) {
+              qc[t] = cols[t * kCols + j];
+              keep = keep && kc[ri][t] >= cols[(3 + t) * kCols + j] &&
+                     kc[ri][t] < cols[(6 + t) * kCols + j];
+            }
+            if (keep && p.rpb) bias = rpb_bias<E>(p, h, kc[ri], qc) * kLog2e;
+          }
+          const float pe =
+              keep ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;
+          s[n][i] = pe;
+          ds[n][i] = pe * (dpt[n][i] - colf[kCols + j]);
+        }
+      gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
+      gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
+    }
+  }
+  cp_async_wait_group<0>();
+
+  // Gradient rows are contiguous: [B, S.., H_kv, D] or [B, N, H_kv, D] for the extra tokens.
+  global_ptr<T> gk(static_cast<T*>(extra ? p.grad_extra_k : p.grad_k)),
+      gv(static_cast<T*>(extra ? p.grad_extra_v : p.grad_v));
+  for (int ri = 0; ri < 2; ++ri) {
+    const int r = warp * 16 + (lane >> 2) + 8 * ri;
+    if (r >= nkeys) continue;
+    int64_t row;
+    if (extra) {
+      row = (int64_t(b) * p.num_extra + g.first[2] + r) * p.kv_heads + hk;
+    } else {
+      int i[3], x[3];
+      unravel(r, g.count, i);
+      for (int t = 0; t < 3; ++t) i[t] += g.first[t];
+      real_coords(p, g, i, x);
+      row = (int64_t(b) * p.tokens + token_index(p, x)) * p.kv_heads + hk;
+    }
+    for (int n = 0; n < NC; ++n)
+      for (int e = 0; e < 2; ++e) {
+        const int col = col0 + n * 8 + 2 * (lane & 3) + e;
+        if (col < p.head_dim)
+          gk[row * p.head_dim + col] = E::from_float(dk[n][2 * ri + e] * p.scale);
+        if (col < p.value_dim) gv[row * p.value_dim + col] = E::from_float(dv[n][2 * ri + e]);
+      }
+  }
+}
+
+// grad_rpb[h, e] = sum over (batch, tile) of the per-tile partials, in that order.
+// (A template so that each backward translation unit owns its instantiation.)
+template <class E>
+TM_GLOBAL void na_backward_rpb_reduce_kernel(NaParams p) {
+  const int64_t index = int64_t(block_idx().x) * kThreads + linear_thread_idx();
+  if (index >= int64_t(p.heads) * p.rpb_size) return;
+  const int h = int(index / p.rpb_size), e = int(index % p.rpb_size);
+  const global_ptr<const float> partial(p.grad_rpb_partial);
+  float acc = 0.0f;
+  for (int b = 0; b < p.batch; ++b)
+    for (int64_t t = 0; t < p.tiles_per_head; ++t)
+      acc += partial[((int64_t(b) * p.heads + h) * p.tiles_per_head + t) * p.rpb_size + e];
+  global_ptr<float>(p.grad_rpb)[index] = acc;
+}
+
+}  // namespace tokenmix::cuda

@@ -1,0 +1,75 @@
+// Entry points of the CUDA neighborhood-attention engine, seen by the op layers. The kernels are
+// built twice: by nvcc for the GPU (namespace gpu, in tokenmix/_C.so) and by the host compiler for
+// the SIMT emulator (namespace emulated, in the test library tokenmix/_emulated.so). Pointers in
+// the problem are device pointers for gpu:: and host pointers for emulated::.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "tokenmix/attention_problem.h"
+#include "tokenmix/neighborhood_schedule.h"
+
+namespace tokenmix::cuda {
+
+// Why the engine cannot run this problem ("" when it can). The op layer raises it as an error.
+inline std::string unsupported_reason(const NeighborhoodProblem& p) {
+  if (p.dtype == DType::kFloat64)
+    return "float64 neighborhood attention has no CUDA kernel; use float32, float16 or bfloat16 "
+           "(or run float64 on the CPU)";
+  if (p.head_dim % 8 != 0 || p.head_dim > 256 || p.head_dim < 8)
+    return "the CUDA kernels need a head dim (q.shape[-1]) that is a multiple of 8 in [8, 256], "
+           "got " + std::to_string(p.head_dim);
+  if (p.value_dim % 8 != 0 || p.value_dim > 256 || p.value_dim < 8)
+    return "the CUDA kernels need a value head dim (v.shape[-1]) that is a multiple of 8 in "
+           "[8, 256], got " + std::to_string(p.value_dim);
+  if (p.tokens() * p.heads * p.batch >= (int64_t(1) << 31) || p.num_extra >= (int64_t(1) << 31))
+    return "the CUDA kernels index rows with 32-bit integers: batch * tokens * heads must be "
+           "below 2^31";
+  return "";
+}
+
+// The query tile shape the kernels use (also reported by tokenmix.plan).
+constexpr int kQueryTileVolume = 64;
+
+// Floats of backward workspace: delta (B * tokens * H), then, in deterministic mode with an rpb,
+// one rpb partial per (batch, head, query tile).
+inline int64_t backward_workspace_floats(const NeighborhoodProblem& p, bool deterministic) {
+  int64_t floats = p.batch * p.tokens() * p.heads;
+  if (deterministic && p.rpb) {
+    int tile[3];
+    choose_tile_shape(p.dims, kQueryTileVolume, tile);
+    NeighborhoodSchedule s;
+    s.init(p.dims, tile);
+    floats += p.batch * p.heads * s.tiles_per_head() * p.rpb_size();
+  }
+  return floats;
+}
+
+#define TOKENMIX_NA_ENTRY_POINTS                                                               \
+  /* Writes p.out and p.lse. */                                                                \
+  void na_forward(const NeighborhoodProblem& p, void* stream);                                 \
+  /* Writes the gradients of p; grad_rpb must be zeroed (float atomics add into it unless */   \
+  /* deterministic). workspace: backward_workspace_floats(p, deterministic) floats. */         \
+  void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace,          \
+                   void* stream);                                                              \
+  void na_forward_f16(const NeighborhoodProblem& p, void* stream);                             \
+  void na_forward_bf16(const NeighborhoodProblem& p, void* stream);                            \
+  void na_forward_f32(const NeighborhoodProblem& p, void* stream);                             \
+  void na_backward_f16(const NeighborhoodProblem& p, bool deterministic, float* workspace,      \
+                       void* stream);                                                          \
+  void na_backward_bf16(const NeighborhoodProblem& p, bool deterministic, float* workspace,     \
+                        void* stream);                                                         \
+  void na_backward_f32(const NeighborhoodProblem& p, bool deterministic, float* workspace,      \
+                       void* stream);
+
+namespace gpu {
+TOKENMIX_NA_ENTRY_POINTS
+}
+namespace emulated {
+TOKENMIX_NA_ENTRY_POINTS
+}
+#undef TOKENMIX_NA_ENTRY_POINTS
+
+}  // namespace tokenmix::cuda

@@ -1,0 +1,267 @@
+// Host side of the CUDA neighborhood-attention engine: NeighborhoodProblem -> NaParams, the choice
+// of kernel instantiation, shared-memory sizing and launches. Included by the per-dtype
+// instantiation files (csrc/neighborhood/cuda/), which nvcc compiles for the GPU and the host
+// compiler compiles for the SIMT emulator.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "tokenmix/attention_problem.h"
+#include "tokenmix/cuda/attention_engine.h"
+#include "tokenmix/cuda/na_entry.h"
+
+namespace tokenmix::cuda {
+
+// Elements spanned by a [B, S0, S1, S2, H, cols] view.
+inline size_t view_span(const StridedView& v, const NeighborhoodProblem& p, int64_t heads,
+                        int64_t cols) {
+  const int64_t sizes[5] = {p.batch, p.dims[0].length, p.dims[1].length, p.dims[2].length, heads};
+  int64_t last = cols;
+  for (int i = 0; i < 5; ++i) last += (sizes[i] - 1) * v.stride[i];
+  return size_t(last);
+}
+
+// [B, N, H, cols] views of the additional tokens keep the tokens in stride[3].
+inline size_t extra_span(const StridedView& v, const NeighborhoodProblem& p, int64_t cols) {
+  return size_t((p.batch - 1) * v.stride[0] + (p.num_extra - 1) * v.stride[3] +
+                (p.kv_heads - 1) * v.stride[4] + cols);
+}
+
+// The emulator checks every global access against registered buffers; under nvcc this is a no-op.
+class Registrations {
+ public:
+  void add(const void* ptr, size_t bytes, const char* name) {
+    if (!ptr || bytes == 0) return;
+    for (auto& e : entries_)
+      if (e.ptr == ptr) {  // views sharing a start address: keep the widest
+        e.bytes = std::max(e.bytes, bytes);
+        return;
+      }
+    entries_.push_back({ptr, bytes, name});
+  }
+  void commit() {
+    for (const auto& e : entries_)
+      held_.push_back(std::make_unique<global_registration>(e.ptr, e.bytes, e.name));
+  }
+
+ private:
+  struct Entry {
+    const void* ptr;
+    size_t bytes;
+    const char* name;
+  };
+  std::vector<Entry> entries_;
+  std::vector<std::unique_ptr<global_registration>> held_;
+};
+
+template <class E>
+NaParams make_params(const NeighborhoodProblem& p) {
+  NaParams k{};
+  int tile[3];
+  choose_tile_shape(p.dims, kTileRows, tile);
+  k.sched.init(p.dims, tile);
+  k.batch = int(p.batch);
+  k.heads = int(p.heads);
+  k.kv_heads = int(p.kv_heads);
+  k.head_dim = int(p.head_dim);
+  k.value_dim = int(p.value_dim);
+  k.head_dim_padded = round_up_to(k.head_dim, E::kStep);
+  k.value_dim_padded = round_up_to(k.value_dim, E::kStep);
+  k.num_extra = int(p.num_extra);
+  k.tokens = int(p.tokens());
+  k.tiles_per_head = k.sched.tiles_per_head();
+  k.key_tiles_per_head = k.tiles_per_head;
+  k.extra_tiles = (k.num_extra + kTileRows - 1) / kTileRows;
+  k.scale = float(p.scale);
+  k.scale_log2 = float(p.scale) * kLog2e;
+  for (int i = 0; i < 5; ++i) {
+    k.q_st[i] = p.q.stride[i];
+    k.k_st[i] = p.k.stride[i];
+    k.v_st[i] = p.v.stride[i];
+    k.o_st[i] = p.out.stride[i];
+    k.go_st[i] = p.grad_out.stride[i];
+  }
+  const int extra_axes[3] = {0, 3, 4};  // batch, token, head of the padded extra view
+  for (int i = 0; i < 3; ++i) {
+    k.ek_st[i] = p.extra_k.stride[extra_axes[i]];
+    k.ev_st[i] = p.extra_v.stride[extra_axes[i]];
+  }
+  k.q = p.q.data;
+  k.k = p.k.data;
+  k.v = p.v.data;
+  k.extra_k = p.extra_k.data;
+  k.extra_v = p.extra_v.data;
+  k.rpb = p.rpb;
+  for (int t = 0; t < 3; ++t) k.rpb_dims[t] = 2 * p.dims[t].kernel - 1;
+  k.rpb_size = int(p.rpb_size());
+  k.out = p.out.data;
+  k.lse = static_cast<float*>(p.lse);
+  k.grad_out = p.grad_out.data;
+  k.out_in = p.out.data;
+  k.lse_in = static_cast<const float*>(p.lse);
+  k.grad_lse = static_cast<const float*>(p.grad_lse);
+  k.grad_q = p.grad_q.data;
+  k.grad_k = p.grad_k.data;
+  k.grad_v = p.grad_v.data;
+  k.grad_extra_k = p.grad_extra_k.data;
+  k.grad_extra_v = p.grad_extra_v.data;
+  k.grad_rpb = static_cast<float*>(p.grad_rpb);
+  return k;
+}
+
+template <class E>
+void register_inputs(Registrations& r, const NeighborhoodProblem& p) {
+  using T = typename E::T;
+  r.add(p.q.data, view_span(p.q, p, p.heads, p.head_dim) * sizeof(T), "q");
+  r.add(p.k.data, view_span(p.k, p, p.kv_heads, p.head_dim) * sizeof(T), "k");
+  r.add(p.v.data, view_span(p.v, p, p.kv_heads, p.value_dim) * sizeof(T), "v");
+  if (p.num_extra > 0) {
+    r.add(p.extra_k.data, extra_span(p.extra_k, p, p.head_dim) * sizeof(T), "additional_keys");
+    r.add(p.extra_v.data, extra_span(p.extra_v, p, p.value_dim) * sizeof(T), "additional_values");
+  }
+  if (p.rpb) r.add(p.rpb, size_t(p.heads * p.rpb_size()) * sizeof(T), "rpb");
+}
+
+inline void check_launch(const char* kernel) {
+  if (const char* err = last_launch_error())
+    throw std::runtime_error(std::string("tokenmix: CUDA launch of ") + kernel + " failed: " + err);
+}
+
+template <class K>
+void prepare_shared(K kernel, int64_t bytes, const char* name) {
+  const size_t limit = max_dynamic_shared_bytes();
+  if (size_t(bytes) > limit || !allow_dynamic_shared(kernel, size_t(bytes)))
+    throw std::runtime_error(std::string("tokenmix: ") + name + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block and this device allows " +
+                             std::to_string(limit) +
+                             "; use a smaller head dim, or float16/bfloat16 (half the bytes)");
+}
+
+template <class E, int kDim>
+void forward_with(const NeighborhoodProblem& p, stream_t stream) {
+  const NaParams prm = make_params<E>(p);
+  constexpr int kVChunk = kDim > 0 ? kDim : 64;
+  const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false);
+  auto kernel = na_forward_kernel<E, kDim>;
+  prepare_shared(kernel, L.bytes, "na_forward_kernel");
+  Registrations r;
+  register_inputs<E>(r, p);
+  r.add(p.out.data, view_span(p.out, p, p.heads, p.value_dim) * sizeof(typename E::T), "out");
+  r.add(p.lse, size_t(p.batch * p.tokens() * p.heads) * sizeof(float), "lse");
+  r.commit();
+  const dim3u grid(uint32_t(prm.batch * prm.heads * prm.tiles_per_head),
+                   uint32_t((prm.value_dim + kVChunk - 1) / kVChunk));
+  launch_on(stream, named(kernel, "na_forward_kernel"), grid, dim3u(kThreads), size_t(L.bytes),
+            prm);
+  check_launch("na_forward_kernel");
+}
+
+template <class E, int kDim>
+void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delta, float* partial,
+                   stream_t stream) {
+  using T = typename E::T;
+  NaParams prm = make_params<E>(p);
+  prm.delta = delta;
+  prm.deterministic = deterministic && p.rpb != nullptr;
+  prm.grad_rpb_partial = prm.deterministic ? partial : nullptr;
+  const int64_t rows = p.batch * p.tokens() * p.heads;
+  Registrations r;
+  register_inputs<E>(r, p);
+  r.add(p.out.data, view_span(p.out, p, p.heads, p.value_dim) * sizeof(T), "out");
+  r.add(p.grad_out.data, view_span(p.grad_out, p, p.heads, p.value_dim) * sizeof(T), "grad_out");
+  r.add(p.lse, size_t(rows) * sizeof(float), "lse");
+  if (p.grad_lse) r.add(p.grad_lse, size_t(rows) * sizeof(float), "grad_lse");
+  r.add(delta, size_t(rows) * sizeof(float), "delta (workspace)");
+  r.add(p.grad_q.data, size_t(rows * p.head_dim) * sizeof(T), "grad_q");
+  const int64_t kv_rows = p.batch * p.tokens() * p.kv_heads;
+  r.add(p.grad_k.data, size_t(kv_rows * p.head_dim) * sizeof(T), "grad_k");
+  r.add(p.grad_v.data, size_t(kv_rows * p.value_dim) * sizeof(T), "grad_v");
+  if (p.num_extra > 0) {
+    const int64_t extra_rows = p.batch * p.num_extra * p.kv_heads;
+    r.add(p.grad_extra_k.data, size_t(extra_rows * p.head_dim) * sizeof(T), "grad_extra_k");
+    r.add(p.grad_extra_v.data, size_t(extra_rows * p.value_dim) * sizeof(T), "grad_extra_v");
+  }
+  if (p.rpb) r.add(p.grad_rpb, size_t(p.heads * p.rpb_size()) * sizeof(float), "grad_rpb");
+  if (prm.deterministic)
+    r.add(partial, size_t(p.batch * p.heads * prm.tiles_per_head * p.rpb_size()) * sizeof(float),
+          "grad_rpb partials (workspace)");
+  r.commit();
+
+  launch_on(stream, named(na_backward_delta_kernel<E>, "na_backward_delta_kernel"),
+            dim3u(uint32_t((rows + kWarps - 1) / kWarps)), dim3u(kThreads), 0, prm);
+  check_launch("na_backward_delta_kernel");
+
+  constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+  const int width = grad_tile_width<kDim>(prm);
+  const QueryMajorSmem Lq = query_major_smem<E>(width, width, true, prm.deterministic);
+  auto dq_kernel = na_backward_dq_kernel<E, kDim>;
+  prepare_shared(dq_kernel, Lq.bytes, "na_backward_dq_kernel");
+  launch_on(stream, named(dq_kernel, "na_backward_dq_kernel"),
+            dim3u(uint32_t(prm.batch * prm.heads * prm.tiles_per_head),
+                  uint32_t((prm.head_dim + kChunk - 1) / kChunk)),
+            dim3u(kThreads), size_t(Lq.bytes), prm);
+  check_launch("na_backward_dq_kernel");
+
+  const KeyMajorSmem Lk = key_major_smem<E>(width, width);
+  auto dkdv_kernel = na_backward_dkdv_kernel<E, kDim>;
+  prepare_shared(dkdv_kernel, Lk.bytes, "na_backward_dkdv_kernel");
+  const int widest = std::max(prm.head_dim, prm.value_dim);
+  launch_on(stream, named(dkdv_kernel, "na_backward_dkdv_kernel"),
+            dim3u(uint32_t(prm.batch * prm.kv_heads * (prm.key_tiles_per_head + prm.extra_tiles)),
+                  uint32_t((widest + kChunk - 1) / kChunk)),
+            dim3u(kThreads), size_t(Lk.bytes), prm);
+  check_launch("na_backward_dkdv_kernel");
+
+  if (prm.deterministic) {
+    const int64_t entries = int64_t(prm.heads) * prm.rpb_size;
+    launch_on(stream, named(na_backward_rpb_reduce_kernel<E>, "na_backward_rpb_reduce_kernel"),
+              dim3u(uint32_t((entries + kThreads - 1) / kThreads)), dim3u(kThreads), 0, prm);
+    check_launch("na_backward_rpb_reduce_kernel");
+  }
+}
+
+// D == Dv in {32, 64, 128} on tensor cores gets a fully unrolled instantiation; everything else
+// takes the general path.
+template <class E>
+int specialized_dim(const NeighborhoodProblem& p) {
+  if (!E::kTensorCore || p.head_dim != p.value_dim) return 0;
+  return p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128 ? int(p.head_dim) : 0;
+}
+
+template <class E>
+void forward(const NeighborhoodProblem& p, void* stream) {
+  const stream_t s = stream_t(stream);
+  if constexpr (!E::kTensorCore) {
+    forward_with<E, 0>(p, s);
+  } else {
+    switch (specialized_dim<E>(p)) {
+      case 32: return forward_with<E, 32>(p, s);
+      case 64: return forward_with<E, 64>(p, s);
+      case 128: return forward_with<E, 128>(p, s);
+      default: return forward_with<E, 0>(p, s);
+    }
+  }
+}
+
+template <class E>
+void backward(const NeighborhoodProblem& p, bool deterministic, float* delta, float* partial,
+              void* stream) {
+  const stream_t s = stream_t(stream);
+  if constexpr (!E::kTensorCore) {
+    backward_with<E, 0>(p, deterministic, delta, partial, s);
+  } else {
+    switch (specialized_dim<E>(p)) {
+      case 32: return backward_with<E, 32>(p, deterministic, delta, partial, s);
+      case 64: return backward_with<E, 64>(p, deterministic, delta, partial, s);
+      case 128: return backward_with<E, 128>(p, deterministic, delta, partial, s);
+      default: return backward_with<E, 0>(p, deterministic, delta, partial, s);
+    }
+  }
+}
+
+}  // namespace tokenmix::cuda

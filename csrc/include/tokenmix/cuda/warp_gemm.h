@@ -1,0 +1,156 @@
+// Element types and the two warp-level matrix products of the CUDA attention engine, as policies.
+//
+// Every product leaves its result in the register layout of the m16n8k16 accumulator (a warp owns
+// 16 rows; see simt/layouts.h), so masking, softmax and stores are written once for all types:
+//   gemm_nt: acc[n] += A[16 x K] * B[8n..8n+7, 0..K)^T, A and B row major in shared memory
+//            (scores Q K^T, dP = dO V^T, and their transposes in the key-major backward);
+//   gemm_pn: acc[n] += P[16 x 8*KC] * B[0..8*KC, 8n..8n+7], P held in accumulator fragments,
+//            B row major in shared memory (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+// fp16/bf16 use tensor cores (ldmatrix + mma.sync, fp32 accumulation); fp32 uses FMAs with the
+// same fragment ownership, staging P through a per-warp shared buffer.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/simt/simt.h"
+
+namespace tokenmix::cuda {
+
+using namespace ::tokenmix::simt;
+
+struct F16 {
+  using T = uint16_t;
+  static constexpr bool kTensorCore = true;
+  static constexpr int kKeys = 64;  // keys per chunk
+  static constexpr int kStep = 16;  // head dims are padded to this
+  static TM_DEVICE float to_float(T v) { return f16_bits_to_f32(v); }
+  static TM_DEVICE T from_float(float f) { return f32_to_f16_bits(f); }
+  static TM_DEVICE uint32_t pack(float lo, float hi) {
+    return pack_b16x2(from_float(lo), from_float(hi));
+  }
+  static TM_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_m16n8k16_f16f32(d, a, b, d);
+  }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static constexpr bool kTensorCore = true;
+  static constexpr int kKeys = 64;
+  static constexpr int kStep = 16;
+  static TM_DEVICE float to_float(T v) { return bf16_bits_to_f32(v); }
+  static TM_DEVICE T from_float(float f) { return f32_to_bf16_bits(f); }
+  static TM_DEVICE uint32_t pack(float lo, float hi) {
+    return pack_b16x2(from_float(lo), from_float(hi));
+  }
+  static TM_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    mma_m16n8k16_bf16f32(d, a, b, d);
+  }
+};
+
+// fp32 keeps full precision (no tf32): FMAs, and half the keys per chunk so that a 256-wide head
+// still fits the shared memory of sm_80.
+struct F32 {
+  using T = float;
+  static constexpr bool kTensorCore = false;
+  static constexpr int kKeys = 32;
+  static constexpr int kStep = 8;
+  static TM_DEVICE float to_float(T v) { return v; }
+  static TM_DEVICE T from_float(float f) { return f; }
+};
+
+// Elements per 16-byte copy.
+template <class T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+// Row stride (elements) of a shared tile `width` wide: 16 bytes of padding keep rows 16-byte
+// aligned for cp.async/ldmatrix and spread consecutive rows over the banks.
+template <class T>
+TM_HOST_DEVICE int padded_ld(int width) {
+  return width + kVec<T>;
+}
+
+// Floats of the per-warp staging buffer of gemm_pn (FMA path only).
+template <class E>
+TM_HOST_DEVICE int stage_floats(int cols) {
+  return E::kTensorCore ? 0 : 16 * (cols + 1);
+}
+
+template <class E, int N>
+TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
+                       shared_ptr<typename E::T> b, int ldb, int k) {
+  const int lane = int(lane_id());
+  if constexpr (E::kTensorCore) {
+    static_assert(N % 2 == 0, "tensor-core gemm_nt takes pairs of 8-column tiles");
+    for (int ks = 0; ks < k; ks += 16) {
+      uint32_t af[4];
+      ldmatrix_x4(af, a + (lane & 15) * lda + ks + (lane >> 4) * 8);
+      for (int n = 0; n < N; n += 2) {
+        uint32_t r[4];
+        ldmatrix_x4(r, b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks +
+                           ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        E::mma(acc[n], af, b0);
+        E::mma(acc[n + 1], af, b1);
+      }
+    }
+  } else {
+    const int g = lane >> 2, c2 = 2 * (lane & 3);
+    for (int kk = 0; kk < k; ++kk) {
+      const float a0 = a[g * lda + kk], a1 = a[(g + 8) * lda + kk];
+      for (int n = 0; n < N; ++n) {
+        const float b0 = b[(n * 8 + c2) * ldb + kk], b1 = b[(n * 8 + c2 + 1) * ldb + kk];
+        acc[n][0] += a0 * b0;
+        acc[n][1] += a0 * b1;
+        acc[n][2] += a1 * b0;
+        acc[n][3] += a1 * b1;
+      }
+    }
+  }
+}
+
+template <class E, int KC, int N>
+TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<typename E::T> b,
+                       int ldb, shared_ptr<float> stage) {
+  const int lane = int(lane_id());
+  if constexpr (E::kTensorCore) {
+    static_assert(N % 2 == 0 && KC % 2 == 0, "tensor-core gemm_pn takes pairs of tiles");
+    for (int kk = 0; kk < KC / 2; ++kk) {
+      // The accumulator fragments of columns 16kk..16kk+15 are the A fragment of k-step kk.
+      const uint32_t af[4] = {E::pack(p[2 * kk][0], p[2 * kk][1]),
+                              E::pack(p[2 * kk][2], p[2 * kk][3]),
+                              E::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                              E::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+      for (int n = 0; n < N; n += 2) {
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, b + (kk * 16 + (lane & 15)) * ldb + n * 8 + (lane >> 4) * 8);
+        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+        E::mma(acc[n], af, b0);
+        E::mma(acc[n + 1], af, b1);
+      }
+    }
+  } else {
+    const int g = lane >> 2, c2 = 2 * (lane & 3);
+    constexpr int lds = KC * 8 + 1;
+    for (int n = 0; n < KC; ++n) {
+      stage[g * lds + n * 8 + c2] = p[n][0];
+      stage[g * lds + n * 8 + c2 + 1] = p[n][1];
+      stage[(g + 8) * lds + n * 8 + c2] = p[n][2];
+      stage[(g + 8) * lds + n * 8 + c2 + 1] = p[n][3];
+    }
+    sync_warp();
+    for (int j = 0; j < KC * 8; ++j) {
+      const float p0 = stage[g * lds + j], p1 = stage[(g + 8) * lds + j];
+      for (int n = 0; n < N; ++n) {
+        const float b0 = b[j * ldb + n * 8 + c2], b1 = b[j * ldb + n * 8 + c2 + 1];
+        acc[n][0] += p0 * b0;
+        acc[n][1] += p0 * b1;
+        acc[n][2] += p1 * b0;
+        acc[n][3] += p1 * b1;
+      }
+    }
+    sync_warp();  // the next gemm_pn overwrites the stage
+  }
+}
+
+}  // namespace tokenmix::cuda

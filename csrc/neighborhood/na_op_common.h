@@ -1,0 +1,236 @@
+// Argument checking, output allocation and problem building shared by every implementation of
+// tokenmix::na_forward / na_backward (CPU, CUDA, and the emulated CUDA kernels of the test
+// library). Torch stable ABI only. Checks that users hit first happen in Python
+// (tokenmix/neighborhood/args.py); these guard direct calls of the ops, so a bad call raises
+// instead of reading out of bounds.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "tokenmix/attention_problem.h"
+#include "tokenmix/stable_op_utils.h"
+
+namespace tokenmix::na_op {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using IntList = torch::headeronly::HeaderOnlyArrayRef<int64_t>;
+
+inline std::vector<int64_t> sizes_of(const Tensor& t) {
+  return std::vector<int64_t>(t.sizes().begin(), t.sizes().end());
+}
+
+// [B, *spatial(rank), H, D] -> padded 6-D view.
+inline StridedView spatial_view(const Tensor& t, int rank, const char* name) {
+  STD_TORCH_CHECK(t.dim() == rank + 3, "tokenmix: ", name, " must have ", rank + 3, " dimensions");
+  STD_TORCH_CHECK(t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1, "tokenmix: ", name,
+                  " must have unit stride in its last dimension");
+  StridedView v;
+  v.data = t.data_ptr();
+  v.stride[0] = t.stride(0);
+  for (int i = 0; i < 3; ++i) v.stride[1 + i] = 0;
+  for (int i = 0; i < rank; ++i) v.stride[1 + 3 - rank + i] = t.stride(1 + i);
+  v.stride[4] = t.stride(rank + 1);
+  v.stride[5] = 1;
+  return v;
+}
+
+// [B, N, H, D] -> view with the tokens on the last spatial axis.
+inline StridedView extra_view(const Tensor& t, const char* name) {
+  STD_TORCH_CHECK(t.dim() == 4, "tokenmix: ", name, " must be [B, N, H, D]");
+  STD_TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, "tokenmix: ", name,
+                  " must have unit stride in its last dimension");
+  StridedView v;
+  v.data = t.data_ptr();
+  v.stride[0] = t.stride(0);
+  v.stride[1] = v.stride[2] = 0;
+  v.stride[3] = t.stride(1);
+  v.stride[4] = t.stride(2);
+  v.stride[5] = 1;
+  return v;
+}
+
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  return a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda() &&
+         a.get_device() == b.get_device();
+}
+
+inline NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const std::optional<Tensor>& rpb,
+                                        const std::optional<Tensor>& extra_k,
+                                        const std::optional<Tensor>& extra_v, IntList kernel,
+                                        IntList stride, IntList dilation, IntList causal,
+                                        double scale) {
+  const int rank = int(kernel.size());
+  STD_TORCH_CHECK(rank >= 1 && rank <= 3, "tokenmix: kernel_size must have 1 to 3 entries");
+  STD_TORCH_CHECK(stride.size() == kernel.size() && dilation.size() == kernel.size() &&
+                      causal.size() == kernel.size(),
+                  "tokenmix: kernel_size, stride, dilation and is_causal must have equal lengths");
+  STD_TORCH_CHECK(same_device(q, k) && same_device(q, v),
+                  "tokenmix: q, k and v must be on the same device");
+  STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+                  "tokenmix: q, k and v must have the same dtype");
+  STD_TORCH_CHECK(
+      q.dim() == rank + 3 && k.dim() == rank + 3 && v.dim() == rank + 3,
+      "tokenmix: q, k and v must be [B, *spatial, H, D] with as many spatial dimensions "
+      "as kernel_size has entries");
+  NeighborhoodProblem p;
+  p.dtype = to_dtype(q.scalar_type());
+  p.batch = q.size(0);
+  p.heads = q.size(rank + 1);
+  p.head_dim = q.size(rank + 2);
+  p.kv_heads = k.size(rank + 1);
+  p.value_dim = v.size(rank + 2);
+  STD_TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch,
+                  "tokenmix: batch sizes of q, k, v differ");
+  STD_TORCH_CHECK(k.size(rank + 2) == p.head_dim, "tokenmix: k head dim differs from q head dim");
+  STD_TORCH_CHECK(v.size(rank + 1) == p.kv_heads, "tokenmix: k and v head counts differ");
+  STD_TORCH_CHECK(p.kv_heads > 0 && p.heads % p.kv_heads == 0,
+                  "tokenmix: q heads must be a multiple of k/v heads");
+  for (int t = 0; t < 3; ++t) p.dims[t] = WindowDim{1, 1, 1, 1, false};
+  for (int i = 0; i < rank; ++i) {
+    const int64_t len = q.size(1 + i);
+    STD_TORCH_CHECK(k.size(1 + i) == len && v.size(1 + i) == len,
+                    "tokenmix: spatial shapes of q, k, v differ");
+    STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] &&
+                        dilation[i] >= 1 && kernel[i] * dilation[i] <= len,
+                    "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * "
+                    "dilation <= input size");
+    p.dims[3 - rank + i] =
+        WindowDim{int(len), int(kernel[i]), int(stride[i]), int(dilation[i]), causal[i] != 0};
+  }
+  p.scale = scale;
+  p.q = spatial_view(q, rank, "q");
+  p.k = spatial_view(k, rank, "k");
+  p.v = spatial_view(v, rank, "v");
+  if (rpb.has_value()) {
+    const Tensor& r = *rpb;
+    STD_TORCH_CHECK(r.is_contiguous() && r.scalar_type() == q.scalar_type() &&
+                        r.dim() == rank + 1 && r.size(0) == p.heads && same_device(r, q),
+                    "tokenmix: rpb must be a contiguous [H, 2k-1, ...] tensor of q's dtype and "
+                    "device");
+    for (int i = 0; i < rank; ++i)
+      STD_TORCH_CHECK(r.size(1 + i) == 2 * kernel[i] - 1,
+                      "tokenmix: rpb must have shape [H, 2k-1, ...]");
+    p.rpb = r.data_ptr();
+  }
+  STD_TORCH_CHECK(extra_k.has_value() == extra_v.has_value(),
+                  "tokenmix: additional_keys and additional_values must be given together");
+  if (extra_k.has_value()) {
+    const Tensor& ek = *extra_k;
+    const Tensor& ev = *extra_v;
+    STD_TORCH_CHECK(ek.scalar_type() == q.scalar_type() && ev.scalar_type() == q.scalar_type() &&
+                        same_device(ek, q) && same_device(ev, q),
+                    "tokenmix: additional keys/values must have q's dtype and device");
+    STD_TORCH_CHECK(
+        ek.dim() == 4 && ev.dim() == 4 && ek.size(0) == p.batch && ev.size(0) == p.batch &&
+            ek.size(1) == ev.size(1) && ek.size(2) == p.kv_heads && ev.size(2) == p.kv_heads &&
+            ek.size(3) == p.head_dim && ev.size(3) == p.value_dim,
+        "tokenmix: additional keys/values must be [B, N, H_kv, D] and [B, N, H_kv, Dv]");
+    p.num_extra = ek.size(1);
+    p.extra_k = extra_view(ek, "additional_keys");
+    p.extra_v = extra_view(ev, "additional_values");
+  }
+  return p;
+}
+
+// Outputs of the forward: out [B, *spatial, H, Dv] (q's dtype) and lse [B, *spatial, H]
+// (float32; float64 for float64 inputs).
+inline std::tuple<Tensor, Tensor> forward_outputs(const Tensor& q, const NeighborhoodProblem& p) {
+  std::vector<int64_t> out_size = sizes_of(q);
+  out_size.back() = p.value_dim;
+  std::vector<int64_t> lse_size(out_size.begin(), out_size.end() - 1);
+  Tensor out = torch::stable::new_empty(q, out_size);
+  Tensor lse = torch::stable::new_empty(q, lse_size, accumulation_type(q.scalar_type()));
+  return {out, lse};
+}
+
+struct BackwardOutputs {
+  Tensor dq, dk, dv, drpb, dek, dev;
+};
+
+// Checks the backward-only inputs, allocates the (contiguous) gradients and fills in the
+// backward fields of p. Returns false when there is nothing to compute (empty batch or heads).
+inline bool prepare_backward(NeighborhoodProblem& p, BackwardOutputs& g, const Tensor& grad_out,
+                             const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                             const Tensor& lse, const std::optional<Tensor>& rpb,
+                             const std::optional<Tensor>& extra_k,
+                             const std::optional<Tensor>& extra_v,
+                             const std::optional<Tensor>& grad_lse, int rank) {
+  STD_TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+                  "tokenmix: grad_out and out must have q's dtype");
+  STD_TORCH_CHECK(same_device(grad_out, q) && same_device(out, q) && same_device(lse, q),
+                  "tokenmix: grad_out, out and lse must be on q's device");
+  const auto acc_type = accumulation_type(q.scalar_type());
+  STD_TORCH_CHECK(lse.scalar_type() == acc_type && lse.is_contiguous() && lse.dim() == rank + 2,
+                  "tokenmix: lse must be a contiguous [B, *spatial, H] tensor, float32 (float64 "
+                  "for float64 inputs)");
+  for (int i = 0; i < rank + 3; ++i) {
+    const int64_t expect = i == rank + 2 ? p.value_dim : q.size(i);
+    STD_TORCH_CHECK(grad_out.size(i) == expect && out.size(i) == expect,
+                    "tokenmix: grad_out and out must have the output's shape");
+    if (i < rank + 2)
+      STD_TORCH_CHECK(lse.size(i) == q.size(i), "tokenmix: lse has the wrong shape");
+  }
+  g.dq = torch::stable::new_empty(q, sizes_of(q));
+  g.dk = torch::stable::new_empty(k, sizes_of(k));
+  g.dv = torch::stable::new_empty(v, sizes_of(v));
+  g.drpb = rpb.has_value() ? torch::stable::new_empty(q, sizes_of(*rpb), acc_type)
+                           : torch::stable::new_empty(q, std::vector<int64_t>{0}, acc_type);
+  g.dek = extra_k.has_value() ? torch::stable::new_empty(q, sizes_of(*extra_k))
+                              : torch::stable::new_empty(q, std::vector<int64_t>{0});
+  g.dev = extra_v.has_value() ? torch::stable::new_empty(q, sizes_of(*extra_v))
+                              : torch::stable::new_empty(q, std::vector<int64_t>{0});
+  if (p.batch == 0 || p.heads == 0) {
+    torch::stable::zero_(g.drpb);
+    return false;
+  }
+  p.out = spatial_view(out, rank, "out");
+  p.grad_out = spatial_view(grad_out, rank, "grad_out");
+  p.lse = lse.data_ptr();
+  if (grad_lse.has_value()) {
+    STD_TORCH_CHECK(grad_lse->scalar_type() == lse.scalar_type() && grad_lse->is_contiguous() &&
+                        grad_lse->numel() == lse.numel() && same_device(*grad_lse, q),
+                    "tokenmix: grad_lse must be a contiguous tensor like lse");
+    p.grad_lse = grad_lse->data_ptr();
+  }
+  p.grad_q = spatial_view(g.dq, rank, "grad_q");
+  p.grad_k.data = g.dk.data_ptr();
+  p.grad_v.data = g.dv.data_ptr();
+  p.grad_extra_k.data = g.dek.data_ptr();
+  p.grad_extra_v.data = g.dev.data_ptr();
+  p.grad_rpb = g.drpb.data_ptr();
+  return true;
+}
+
+// The CUDA kernels copy rows with 16-byte cp.async: each row must start 16-byte aligned. Tensors
+// that are not (odd storage offsets, strides that are not multiples of 16 bytes) are cloned.
+inline bool rows_aligned(const Tensor& t) {
+  const int64_t elem = t.scalar_type() == ScalarType::Float ? 4 : 2;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i)
+    if (t.size(i) > 1 && (t.stride(i) * elem) % 16 != 0) return false;
+  return t.dim() == 0 || t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1;
+}
+
+inline Tensor aligned_rows(const Tensor& t) {
+  if (rows_aligned(t)) return t;
+  Tensor c = torch::stable::contiguous(torch::stable::clone(t));
+  STD_TORCH_CHECK(rows_aligned(c), "tokenmix: could not make a 16-byte aligned copy of an input");
+  return c;
+}
+
+inline std::optional<Tensor> aligned_rows(const std::optional<Tensor>& t) {
+  if (!t.has_value()) return t;
+  return aligned_rows(*t);
+}
+
+}  // namespace tokenmix::na_op
