@@ -1,12 +1,12 @@
 // torch.ops.tokenmix.na_plan: the tile schedule of neighborhood attention, for tokenmix.plan.
 //
 // Everything here comes from the host/device headers the kernels use
-// (tokenmix/neighborhood_schedule.h, tokenmix/window.h), so the planner reports exactly the
-// schedule the kernels run: the tile shape choose_tile_shape picks, the query tiles
-// NeighborhoodSchedule::decode yields and the pair counts tile_pairs_along / window_pairs_along
-// give. The op takes and returns no tensor data but int64 CPU tensors, so it needs no device
-// kernel; argument checking that users hit happens in Python (tokenmix/neighborhood/plan.py),
-// the checks here guard direct calls.
+// (tokenmix/neighborhood_schedule.h, tokenmix/window.h), so the planner reports exactly their
+// schedule: the tile shape choose_tile_shape picks, the query tiles NeighborhoodSchedule::decode
+// yields and the pair counts tile_pairs_along / window_pairs_along give. The op takes int lists
+// and returns int64 CPU tensors; with no tensor inputs it needs no per-device kernel. Argument
+// checking that users hit happens in Python (tokenmix/neighborhood/plan.py); the checks here
+// guard direct calls.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>

@@ -209,7 +209,7 @@ def plan(
     those of :func:`tokenmix.neighborhood_attention` and are checked the same way.
 
     Queries are processed in tiles: boxes of ``tile_shape`` queries of one dilation
-    group. By default the tile shape is the one the kernels choose: ``tile_volume``
+    group. By default the tile shape is the one the CUDA kernels choose: ``tile_volume``
     queries (a power of two) split into a power of two per dimension so that the
     fewest pairs are computed. An explicit ``tile_shape`` (any positive ints, one per
     dimension or one for all) is analysed as given and ``tile_volume`` is ignored.
