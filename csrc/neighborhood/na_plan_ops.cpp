@@ -13,6 +13,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -65,7 +66,8 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
     STD_TORCH_CHECK(len >= 1 && len <= kMaxLength,
                     "tokenmix: input_shape entries must be between 1 and 2^30");
     STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] &&
-                        dilation[i] >= 1 && kernel[i] * dilation[i] <= len,
+                        dilation[i] >= 1 && kernel[i] <= len && dilation[i] <= len &&
+                        kernel[i] * dilation[i] <= len,
                     "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * "
                     "dilation <= input size");
     dims[3 - rank + i] = tokenmix::WindowDim{int(len), int(kernel[i]), int(stride[i]),
