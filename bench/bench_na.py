@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Neighborhood attention on CPU: tokenmix's fused kernel against its peers.
+"""Neighborhood attention on CPU (or a CUDA GPU): tokenmix's fused kernel against its peers.
 
 For every case, on the same random inputs, this times
 
-* ``tokenmix.neighborhood_attention`` (the fused CPU kernel),
+* ``tokenmix.neighborhood_attention`` (the fused CPU kernel; ``na1d/na2d/na3d`` on
+  CUDA tensors with ``--device cuda``),
 * the pure-PyTorch reference ``tokenmix.neighborhood.reference``,
 * ``torch.nn.functional.scaled_dot_product_attention`` with the equivalent dense
   boolean mask,
 * ``flex_attention`` compiled with ``torch.compile`` and a ``BlockMask`` built from
-  the same rule (forward only: FlexAttention has no CPU backward),
+  the same rule (forward only on the CPU: FlexAttention has no CPU backward),
 * NATTEN (``natten.na1d/na2d/na3d``) when it is installed,
 
 in forward and forward+backward mode, and reports the median time, useful GFLOP/s,
@@ -16,9 +17,12 @@ that throughput as a fraction of the machine's fp32 matmul throughput, the peak
 memory of one call, the max abs difference of every output against SDPA, and the
 speedup of tokenmix over each peer. Every (case, backend, mode) runs in a fresh
 subprocess (this script re-invoked with ``--worker``) so that peak-memory numbers
-are not polluted by earlier measurements. See bench/README.md.
+are not polluted by earlier measurements. Each case also reports the planner's
+bounds (``tokenmix.plan``: dense/useful and dense/computed pairs of the 64-query tile
+schedule). See bench/README.md.
 
     python bench/bench_na.py                       # all cases, both modes
+    python bench/bench_na.py --device cuda         # on the GPU (float16 by default)
     python bench/bench_na.py --case 2d-64x64-k7 --forward
     python bench/bench_na.py --shape 64,64 --kernel 7 --dilation 2 --causal 0,1
     python bench/bench_na.py --quick --json out.json --markdown
@@ -47,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     Deadline,
     cpu_busy_fraction,
+    cuda_unusable_reason,
     fmt_float,
     fmt_sci,
     format_markdown,
@@ -56,6 +61,7 @@ from common import (  # noqa: E402
     log,
     machine_info,
     measure_matmul_gflops,
+    measure_peak_cuda,
     measure_peak_rss,
     time_fn,
 )
@@ -69,6 +75,10 @@ RESULT_MARK = "@@BENCH_NA_RESULT@@ "
 FWD_BWD_FLOP_FACTOR = 3.5
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype default per --device: what each device's attention kernels are used with.
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "float16"}
+# Matmul size of the throughput ceiling: a GPU needs a larger product to approach its peak.
+MATMUL_N = {"cpu": 2048, "cuda": 8192}
 
 # name -> (shape, kernel); stride 1, dilation 1, non-causal.
 CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -287,13 +297,14 @@ def flex_mask_mod(tables: torch.Tensor) -> Callable:
     return mask_mod
 
 
-def sdpa_memory_estimate(case: Case, backward: bool) -> int:
+def sdpa_memory_estimate(case: Case, backward: bool, device: str = "cpu") -> int:
     """Rough bytes SDPA needs beyond the inputs: the bool mask plus the additive float
-    mask PyTorch's CPU kernel derives from it (both tokens x tokens), doubled for the
-    backward, plus a few input-sized buffers."""
+    mask PyTorch's CPU kernel derives from it (both tokens x tokens; on CUDA the
+    additive mask has the input dtype), doubled for the backward, plus a few
+    input-sized buffers."""
     n = case.tokens
     elt = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    per_mask = n * n * (1 + 4)
+    per_mask = n * n * (1 + (elt if device == "cuda" else 4))
     act = case.batch * case.heads * n * case.head_dim * elt
     return per_mask * (2 if backward else 1) + 12 * act
 
@@ -303,13 +314,14 @@ def sdpa_memory_estimate(case: Case, backward: bool) -> int:
 # ---------------------------------------------------------------------------
 
 
-def make_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
-    """q, k, v and the output gradient, ``[B, *spatial, H, D]``; identical in every process."""
+def make_inputs(case: Case, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """q, k, v and the output gradient, ``[B, *spatial, H, D]``; identical in every process
+    (drawn on the CPU, then moved to ``device``)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (case.batch, *case.shape, case.heads, case.head_dim)
     dtype = DTYPES[case.dtype]
     return {
-        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
         for name in ("q", "k", "v", "dout")
     }
 
@@ -384,9 +396,15 @@ def build_tokenmix(case: Case, inputs, backward: bool) -> BackendRun:
     kwargs = dict(
         kernel_size=case.kernel, stride=case.stride, dilation=case.dilation, is_causal=case.causal
     )
+    # On the GPU the fixed-rank entry points, as a model would call them.
+    na = (
+        tokenmix.neighborhood_attention
+        if inputs["q"].device.type == "cpu"
+        else getattr(tokenmix, f"na{case.ndim}d")
+    )
 
     def fn(q, k, v):
-        return tokenmix.neighborhood_attention(q, k, v, **kwargs)
+        return na(q, k, v, **kwargs)
 
     return _autograd_run(fn, case, inputs, backward)
 
@@ -403,7 +421,7 @@ def build_reference(case: Case, inputs, backward: bool) -> BackendRun:
 def build_sdpa(case: Case, inputs, backward: bool) -> BackendRun:
     import torch.nn.functional as F
 
-    mask = dense_mask(case)
+    mask = dense_mask(case).to(inputs["q"].device)
 
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -414,14 +432,15 @@ def build_sdpa(case: Case, inputs, backward: bool) -> BackendRun:
 
 
 def build_flex(case: Case, inputs, backward: bool) -> BackendRun:
-    if backward:
+    device = inputs["q"].device
+    if backward and device.type == "cpu":
         raise Unsupported("FlexAttention has no CPU backward")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    tables = flex_tables(case)
+    tables = flex_tables(case).to(device)
     n = case.tokens
     t0 = time.perf_counter()
-    block_mask = create_block_mask(flex_mask_mod(tables), None, None, n, n, device="cpu")
+    block_mask = create_block_mask(flex_mask_mod(tables), None, None, n, n, device=str(device))
     mask_s = time.perf_counter() - t0
     compiled = torch.compile(flex_attention, dynamic=False)
 
@@ -493,13 +512,22 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     case = Case.from_dict(spec["case"])
     backward = spec["mode"] == "fwd+bwd"
+    device = spec.get("device", "cpu")
     result: dict = {"status": "ok"}
     mem_limit = int(spec["mem_limit_gb"] * 2**30)
     try:
-        inputs = make_inputs(case, spec["seed"])
-        # Cap the address space so that a backend that would need more than the limit
-        # fails cleanly instead of meeting the OOM killer.
-        result["address_space_limited"] = limit_address_space(mem_limit)
+        inputs = make_inputs(case, spec["seed"], device)
+        if device == "cuda":
+            # The same cap on device memory, through the caching allocator (an address-space
+            # limit would break the CUDA context, which reserves huge virtual ranges).
+            total = torch.cuda.get_device_properties(0).total_memory
+            cap = min(1.0, (torch.cuda.memory_allocated() + mem_limit) / total)
+            torch.cuda.set_per_process_memory_fraction(cap)
+            result["device_memory_fraction"] = cap
+        else:
+            # Cap the address space so that a backend that would need more than the limit
+            # fails cleanly instead of meeting the OOM killer.
+            result["address_space_limited"] = limit_address_space(mem_limit)
         run = BUILDERS[spec["backend"]](case, inputs, backward)
         del inputs
         max_call_s = spec["max_call_s"]
@@ -520,17 +548,20 @@ def run_worker(spec: dict) -> dict:
             budget_s=spec["budget_s"],
             max_repeats=spec["max_repeats"],
             first_call_guard=(lambda: Deadline(max_call_s, give_up)) if max_call_s > 0 else None,
+            device=device,
         )
         if run.setup is not None:
             run.setup()
         # Peak memory of one steady-state call (outputs, autograd buffers and gradients
         # included) over the RSS right before it: inputs, masks and compiled code are
         # already resident and are not counted; the mask is reported as aux_bytes.
-        with measure_peak_rss() as mem:
+        with measure_peak_cuda() if device == "cuda" else measure_peak_rss() as mem:
             out = run.call()
         saved = run.collect(out)
         if spec.get("save_path"):
-            torch.save({k: v.detach().contiguous() for k, v in saved.items()}, spec["save_path"])
+            # On the CPU, so that the parent compares outputs without touching the GPU.
+            saved = {k: v.detach().cpu().contiguous() for k, v in saved.items()}
+            torch.save(saved, spec["save_path"])
         result.update(
             timing=timing.to_dict(),
             peak_mib=mem.peak_mib,
@@ -542,7 +573,11 @@ def run_worker(spec: dict) -> dict:
         result.update(status="unsupported", note=f"n/a ({exc})")
     except Exception as exc:  # every failure is reported, never raised
         traceback.print_exc()
-        if is_out_of_memory(exc):
+        if device != "cpu" and isinstance(exc, NotImplementedError):
+            # A build without kernels for this device (tokenmix's CUDA kernels, for one).
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            result.update(status="unsupported", note=f"n/a (NotImplementedError: {first})")
+        elif is_out_of_memory(exc):
             result.update(
                 status="oom", note=f"skipped (memory: needs > {spec['mem_limit_gb']:g} GiB)"
             )
@@ -689,24 +724,59 @@ def diff_tensors(a: dict, b: dict) -> dict[str, float]:
 
 
 def skip_reason(
-    case: Case, backend: str, mode: str, tm_info: dict, mem_limit_gb: float
+    case: Case, backend: str, mode: str, tm_info: dict, mem_limit_gb: float, device: str = "cpu"
 ) -> tuple[str, str] | None:
     """(status, note) when a measurement is not run, else None."""
     backward = mode == "fwd+bwd"
-    if backend == "flex" and backward:
+    if backend == "flex" and backward and device == "cpu":
         return ("n/a", "n/a (FlexAttention has no CPU backward)")
     if backend == "natten" and importlib.util.find_spec("natten") is None:
         return ("not installed", "not installed")
     if backend == "reference" and tm_info.get("reference") is not True:
         return ("unavailable", f"unavailable ({tm_info.get('reference')})")
     if backend == "sdpa":
-        est = sdpa_memory_estimate(case, backward)
+        est = sdpa_memory_estimate(case, backward, device)
         if est > mem_limit_gb * 2**30:
             return (
                 "skipped",
                 f"skipped (memory: dense mask needs ~{est / 2**30:.1f} GiB > {mem_limit_gb:g} GiB)",
             )
     return None
+
+
+def case_plan(case: Case) -> dict | None:
+    """The planner's view of a case (``tokenmix.plan``, 64-query tiles as the CUDA kernels
+    use): the tile shape and the bounds on the speedup over dense attention, from FLOPs
+    (dense / useful pairs) and at tile granularity (dense / computed pairs). None when the
+    installed tokenmix has no planner."""
+    try:
+        import tokenmix
+
+        p = tokenmix.plan(case.shape, case.kernel, case.stride, case.dilation, case.causal)
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        log(f"    planner unavailable ({type(exc).__name__}: {exc})")
+        return None
+    return {
+        "tile_shape": list(p.tile_shape),
+        "num_query_tiles": p.num_query_tiles,
+        "useful_pairs": p.useful_pairs,
+        "computed_pairs": p.computed_pairs,
+        "dense_pairs": p.dense_pairs,
+        "flop_bound": p.flop_bound,
+        "tile_bound": p.tile_bound,
+        "tile_efficiency": p.tile_efficiency,
+    }
+
+
+def plan_line(plan: dict | None) -> str:
+    if plan is None:
+        return "planner: unavailable in this tokenmix build"
+    tile = "x".join(str(t) for t in plan["tile_shape"])
+    return (
+        f"planner: flop bound {plan['flop_bound']:.2f}x, tile bound {plan['tile_bound']:.2f}x "
+        f"over dense attention (tile {tile}, {100 * plan['tile_efficiency']:.1f}% of computed "
+        "pairs useful)"
+    )
 
 
 def run_case(
@@ -726,7 +796,7 @@ def run_case(
         for mode in modes:
             backward = mode == "fwd+bwd"
             row = {"backend": backend, "label": LABELS[backend], "mode": mode}
-            skip = skip_reason(case, backend, mode, tm_info, args.mem_limit_gb)
+            skip = skip_reason(case, backend, mode, tm_info, args.mem_limit_gb, args.device)
             if skip is not None:
                 row.update(status=skip[0], note=skip[1])
                 rows.append(row)
@@ -748,6 +818,7 @@ def run_case(
                 "mem_limit_gb": args.mem_limit_gb,
                 "max_call_s": args.max_call_s,
                 "save_path": save_path,
+                "device": args.device,
             }
             t0 = time.perf_counter()
             result = launch_worker(spec, args.worker_timeout)
@@ -838,6 +909,7 @@ def run_case(
         "name": case.name,
         "description": case.describe(),
         "tokens": case.tokens,
+        "plan": case_plan(case),
         "attended_pairs": pairs,
         "avg_keys_per_query": pairs / case.tokens,
         "fwd_flops": fwd_flops,
@@ -934,9 +1006,15 @@ def case_footer(case_res: dict) -> list[str]:
 
 def render(report: dict, markdown: bool) -> str:
     meta = report["meta"]
+    cuda = meta.get("device", "cpu") == "cuda"
     out = []
+    where = (
+        f"{meta['machine']['gpu']} (CUDA {meta['machine']['cuda']})"
+        if cuda
+        else f"{meta['machine']['cpu']}, {meta['threads']} threads"
+    )
     head = (
-        f"neighborhood attention, {meta['machine']['cpu']}, {meta['threads']} threads, "
+        f"neighborhood attention, {where}, "
         f"torch {meta['machine']['torch']}, tokenmix {meta['tokenmix']['version']}; "
         f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
         f"{meta['matmul']['gflops']:.1f} GFLOP/s"
@@ -952,16 +1030,19 @@ def render(report: dict, markdown: bool) -> str:
             f"fwd {c['fwd_flops'] / 1e9:.3f} GFLOP useful"
         )
         rows = case_rows(c)
+        # The planner's bounds are printed for the GPU run only: the CPU output stays
+        # what docs/performance.md shows (the JSON has them for both).
+        footer = case_footer(c) + ([plan_line(c.get("plan"))] if cuda else [])
         if markdown:
             out.append(f"### {title}")
             out.append("")
             out.append(format_markdown(TABLE_HEADERS, rows, TABLE_ALIGN))
             out.append("")
-            out.extend(f"- {line}" for line in case_footer(c))
+            out.extend(f"- {line}" for line in footer)
         else:
             out.append(f"== {title}")
             out.append(format_table(TABLE_HEADERS, rows, TABLE_ALIGN))
-            out.extend(f"  {line}" for line in case_footer(c))
+            out.extend(f"  {line}" for line in footer)
         out.append("")
     notes = (
         "GFLOP/s = useful FLOPs / median time for every backend: fwd 4*B*H*pairs*D, fwd+bwd "
@@ -971,13 +1052,24 @@ def render(report: dict, markdown: bool) -> str:
         "transposes are outside the timed region. max|diff| is against sdpa+mask (else the "
         "reference); see bench/README.md."
     )
+    if cuda:
+        notes = (
+            "GFLOP/s = useful FLOPs / median time for every backend: fwd 4*B*H*pairs*D, fwd+bwd "
+            f"{FWD_BWD_FLOP_FACTOR}x that; % matmul = GFLOP/s / the GPU's matmul GFLOP/s. Times "
+            "are CUDA events around each call (after a synchronize). peak MiB = growth of "
+            "torch.cuda.max_memory_allocated during one call (fresh process per row); mask "
+            "MiB = memory held by the mask / BlockMask. SDPA and flex time [B,H,N,D] inputs: "
+            "the layout transposes are outside the timed region. max|diff| is against "
+            "sdpa+mask (else the reference). Planner bounds (tokenmix.plan, 64-query tiles) "
+            "are FLOP ratios, not measurements; see bench/README.md."
+        )
     out.append(f"_{notes}_" if markdown else notes)
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Benchmark tokenmix neighborhood attention against its peers (CPU).",
+        description="Benchmark tokenmix neighborhood attention against its peers (CPU or CUDA).",
     )
     p.add_argument(
         "--case",
@@ -992,7 +1084,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
     p.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default float32")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=sorted(DEFAULT_DTYPES),
+        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="default float32 on the CPU, float16 on CUDA",
+    )
     p.add_argument(
         "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
     )
@@ -1043,6 +1145,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return worker_main(args.worker)
 
+    if args.device == "cuda":
+        # One clear line instead of a traceback from the first CUDA call.
+        reason = cuda_unusable_reason()
+        if reason is not None:
+            print(f"bench_na.py: --device cuda: no usable CUDA device: {reason}", file=sys.stderr)
+            return 2
+    if args.dtype is None:
+        args.dtype = DEFAULT_DTYPES[args.device]
+
     if args.quick:
         args.time_budget = min(args.time_budget, 0.3)
         args.max_repeats = min(args.max_repeats, 10)
@@ -1066,13 +1177,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: {warnings[-1]}")
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    log(f"measuring {args.dtype} matmul 2048x2048 with {args.threads} threads ...")
-    matmul_start = measure_matmul_gflops(args.threads, n=2048, dtype=dtype)
+    matmul_n = MATMUL_N[args.device]
+    on = "on the GPU" if args.device == "cuda" else f"with {args.threads} threads"
+    log(f"measuring {args.dtype} matmul {matmul_n}x{matmul_n} {on} ...")
+    matmul_start = measure_matmul_gflops(args.threads, n=matmul_n, dtype=dtype, device=args.device)
     args.matmul_gflops = matmul_start
     log(f"    {matmul_start:.1f} GFLOP/s")
 
     total = sum(
-        skip_reason(c, b, m, tm_info, args.mem_limit_gb) is None
+        skip_reason(c, b, m, tm_info, args.mem_limit_gb, args.device) is None
         for c in cases
         for b in backends
         for m in modes
@@ -1080,11 +1193,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "meta": {
-            "machine": machine_info(args.threads),
+            "machine": machine_info(args.threads, args.device),
+            "device": args.device,
             "threads": args.threads,
             "dtype": args.dtype,
             "tokenmix": tm_info,
-            "matmul": {"n": 2048, "gflops": args.matmul_gflops},
+            "matmul": {"n": matmul_n, "gflops": args.matmul_gflops},
             "flops": {
                 "fwd": "4 * B * H * attended_pairs * D",
                 "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd",
@@ -1102,7 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     # Measured again at the end: a busy machine at the start would otherwise make the
     # ceiling too low. The higher median is the ceiling; the stored ratios are redone.
-    matmul_end = measure_matmul_gflops(args.threads, n=2048, dtype=dtype)
+    matmul_end = measure_matmul_gflops(args.threads, n=matmul_n, dtype=dtype, device=args.device)
     log(f"matmul again at the end: {matmul_end:.1f} GFLOP/s")
     ceiling = max(matmul_start, matmul_end)
     if abs(matmul_end - matmul_start) > 0.15 * ceiling:

@@ -1,7 +1,8 @@
 """Shared helpers for the tokenmix benchmarks.
 
-Timing (warmup + median of ``time.perf_counter`` samples), fp32 matmul throughput as
-the machine's practical compute ceiling, peak-RSS measurement, and plain-text /
+Timing (warmup + median of ``time.perf_counter`` samples on the CPU, CUDA events on a
+GPU), matmul throughput as the machine's practical compute ceiling, peak-memory
+measurement (RSS, or the CUDA caching allocator's high-water mark), and plain-text /
 markdown table formatting. Only the standard library and torch are used.
 """
 
@@ -67,9 +68,23 @@ class Timing:
         return d
 
 
-def _timed_call(fn: Callable[[], object], setup: Callable[[], None] | None) -> float:
+def _timed_call(
+    fn: Callable[[], object], setup: Callable[[], None] | None, device: str = "cpu"
+) -> float:
     if setup is not None:
         setup()
+    if device == "cuda":
+        # GPU work is asynchronous: events on the stream bracket the call, and the
+        # synchronize first keeps earlier queued work (setup, the last call) out of it.
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        del result
+        return start.elapsed_time(end) * 1e-3
     t0 = time.perf_counter()
     result = fn()
     elapsed = time.perf_counter() - t0
@@ -126,6 +141,7 @@ def time_fn(
     min_repeats: int = 3,
     max_repeats: int = 50,
     first_call_guard: Callable[[], Deadline] | None = None,
+    device: str = "cpu",
 ) -> Timing:
     """Median-of-N wall-clock timing of ``fn()``.
 
@@ -134,7 +150,9 @@ def time_fn(
     first took under a second (the first call often pays for lazy initialisation
     or compilation); the last warmup call is the per-call estimate used to pick the
     number of timed calls when ``repeats`` is None (see :func:`choose_repeats`).
-    CPU execution is synchronous, so ``perf_counter`` around the call is exact.
+    CPU execution is synchronous, so ``perf_counter`` around the call is exact; with
+    ``device="cuda"`` each call is timed with CUDA events recorded before and after it
+    (after a ``torch.cuda.synchronize()``), waiting for the end event.
     ``first_call_guard()``, if given, is a context manager (e.g. :class:`Deadline`)
     wrapped around the very first call.
     """
@@ -143,21 +161,21 @@ def time_fn(
     for i in range(max(n_warm, 0)):
         if i == 0 and first_call_guard is not None:
             with first_call_guard():
-                warm.append(_timed_call(fn, setup))
+                warm.append(_timed_call(fn, setup, device))
         else:
-            warm.append(_timed_call(fn, setup))
+            warm.append(_timed_call(fn, setup, device))
     if warmup is None and warm and warm[-1] < 1.0:
-        warm.append(_timed_call(fn, setup))
+        warm.append(_timed_call(fn, setup, device))
     if repeats is None:
         if not warm:
             if first_call_guard is not None:
                 with first_call_guard():
-                    warm.append(_timed_call(fn, setup))
+                    warm.append(_timed_call(fn, setup, device))
             else:
-                warm.append(_timed_call(fn, setup))
+                warm.append(_timed_call(fn, setup, device))
         estimate = warm[-1]
         repeats = choose_repeats(estimate, budget_s, min_repeats, max_repeats)
-    samples = [_timed_call(fn, setup) for _ in range(max(repeats, 1))]
+    samples = [_timed_call(fn, setup, device) for _ in range(max(repeats, 1))]
     return Timing(samples_ms=[s * 1e3 for s in samples], warmup_ms=[w * 1e3 for w in warm])
 
 
@@ -171,22 +189,29 @@ def measure_matmul_gflops(
     n: int = 2048,
     dtype: torch.dtype = torch.float32,
     repeats: int = 10,
+    device: str = "cpu",
 ) -> float:
     """Median GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` with ``threads`` threads.
 
     Counts ``2 * n**3`` FLOPs per product. This is the practical dense-compute
-    ceiling of the machine for the given dtype and thread count; the benchmarks
-    report kernel throughput as a fraction of it. The previous thread count is
-    restored afterwards.
+    ceiling of the machine (of the GPU with ``device="cuda"``) for the given dtype
+    and thread count; the benchmarks report kernel throughput as a fraction of it.
+    The previous thread count is restored afterwards.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=gen).to(dtype)
-        b = torch.randn(n, n, generator=gen).to(dtype)
-        out = torch.empty(n, n, dtype=dtype)
-        timing = time_fn(lambda: torch.matmul(a, b, out=out), warmup=2, repeats=repeats, budget_s=0)
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        out = torch.empty(n, n, dtype=dtype, device=device)
+        timing = time_fn(
+            lambda: torch.matmul(a, b, out=out),
+            warmup=2,
+            repeats=repeats,
+            budget_s=0,
+            device=device,
+        )
     finally:
         torch.set_num_threads(previous)
     return 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
@@ -253,7 +278,7 @@ def reset_peak_rss() -> bool:
 
 @dataclass
 class PeakMemory:
-    """Peak RSS growth of a region over the RSS at its start, in MiB."""
+    """Peak memory growth of a region over the memory at its start, in MiB."""
 
     peak_mib: float | None = None
     method: str = "n/a"
@@ -290,6 +315,30 @@ class measure_peak_rss:
             return
         self.result.peak_mib = max(0.0, peak - self._base)
         self.result.method = "VmHWM reset" if self._resettable else "ru_maxrss delta"
+
+
+class measure_peak_cuda:
+    """Context manager measuring how far the CUDA caching allocator's allocated bytes
+    rise above their value on entry (``torch.cuda.max_memory_allocated``, reset on
+    entry): the device memory one region needs, outputs and autograd buffers
+    included. Memory cached but not allocated, and the CUDA context, are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.result = PeakMemory()
+        self._base = 0
+
+    def __enter__(self) -> PeakMemory:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._base = torch.cuda.memory_allocated()
+        return self.result
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        self.result.peak_mib = max(0, peak - self._base) / 2**20
+        self.result.method = "cuda max_memory_allocated"
 
 
 def release_free_memory() -> bool:
@@ -343,7 +392,9 @@ def limit_address_space(extra_bytes: int) -> bool:
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return (
-        isinstance(exc, MemoryError) or "can't allocate memory" in text or "std::bad_alloc" in text
+        isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+        or "can't allocate memory" in text
+        or "std::bad_alloc" in text
     )
 
 
@@ -383,8 +434,8 @@ def cpu_busy_fraction(interval_s: float = 0.5) -> float | None:
     return None if total <= 0 else 1.0 - (idle1 - idle0) / total
 
 
-def machine_info(threads: int) -> dict:
-    return {
+def machine_info(threads: int, device: str = "cpu") -> dict:
+    info = {
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": threads,
@@ -392,6 +443,30 @@ def machine_info(threads: int) -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(
+            gpu=props.name,
+            gpu_capability=f"sm_{props.major}{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    return info
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why this process cannot run on a CUDA device, or None when it can."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} was built without CUDA"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
+    try:
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
+    except Exception as exc:  # a broken driver or a device that cannot be used
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        return f"the CUDA device cannot be used ({type(exc).__name__}: {first})"
+    return None
 
 
 # ---------------------------------------------------------------------------

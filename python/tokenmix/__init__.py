@@ -19,8 +19,10 @@ from .neighborhood import (  # noqa: E402
     neighborhood_attention,
     neighborhood_attention_reference,
 )
+from .neighborhood.plan import NeighborhoodPlan, plan  # noqa: E402
 
 __all__ = [
+    "NeighborhoodPlan",
     "__version__",
     "delta_rule",
     "delta_rule_step",
@@ -35,4 +37,5 @@ __all__ = [
     "neighborhood",
     "neighborhood_attention_reference",
     "nn",
+    "plan",
 ]

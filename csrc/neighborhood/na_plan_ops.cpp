@@ -1,0 +1,140 @@
+// torch.ops.tokenmix.na_plan: the tile schedule of neighborhood attention, for tokenmix.plan.
+//
+// Everything here comes from the host/device headers the kernels use
+// (tokenmix/neighborhood_schedule.h, tokenmix/window.h), so the planner reports exactly their
+// schedule: the tile shape choose_tile_shape picks, the query tiles NeighborhoodSchedule::decode
+// yields and the pair counts tile_pairs_along / window_pairs_along give. The op takes int lists
+// and returns int64 CPU tensors; with no tensor inputs it needs no per-device kernel. Argument
+// checking that users hit happens in Python (tokenmix/neighborhood/plan.py); the checks here
+// guard direct calls.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "tokenmix/neighborhood_schedule.h"
+#include "tokenmix/window.h"
+
+namespace {
+
+using torch::stable::Tensor;
+using IntList = torch::headeronly::HeaderOnlyArrayRef<int64_t>;
+
+// Limits that keep the header's int arithmetic (first + tile - 1, leader + right, ...) in range.
+constexpr int64_t kMaxLength = int64_t(1) << 30;
+constexpr int64_t kMaxTile = int64_t(1) << 20;
+
+// a * b, raising instead of wrapping: pair counts of huge problems leave int64.
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t r = 0;
+  STD_TORCH_CHECK(!__builtin_mul_overflow(a, b, &r),
+                  "tokenmix: the problem is too large: its pair counts overflow int64");
+  return r;
+}
+
+Tensor cpu_int64(const std::vector<int64_t>& size) {
+  return torch::stable::empty(size, torch::headeronly::ScalarType::Long, std::nullopt,
+                              torch::stable::Device(torch::headeronly::DeviceType::CPU));
+}
+
+// Returns (tile_shape [rank], counts [4] = {query tiles, useful pairs, computed pairs, dense
+// pairs} per (batch, head), tiles [num_tiles or 0, 5, rank] = group, first, count, key_begin,
+// key_end per query tile). Tiles are listed only with return_tiles (they can be many).
+std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, IntList stride,
+                                           IntList dilation, IntList causal, IntList tile_shape,
+                                           int64_t tile_volume, bool return_tiles) {
+  const int rank = int(input_shape.size());
+  STD_TORCH_CHECK(rank >= 1 && rank <= 3, "tokenmix: input_shape must have 1 to 3 entries");
+  STD_TORCH_CHECK(kernel.size() == input_shape.size() && stride.size() == input_shape.size() &&
+                      dilation.size() == input_shape.size() && causal.size() == input_shape.size(),
+                  "tokenmix: input_shape, kernel_size, stride, dilation and is_causal must have "
+                  "equal lengths");
+  STD_TORCH_CHECK(tile_shape.empty() || int(tile_shape.size()) == rank,
+                  "tokenmix: tile_shape must be empty or have one entry per spatial dimension");
+
+  // Rank < 3 problems are padded with leading length-1 dimensions, as in na_ops.cpp.
+  tokenmix::WindowDim dims[3];
+  int tile[3] = {1, 1, 1};
+  for (int t = 0; t < 3; ++t) dims[t] = tokenmix::WindowDim{1, 1, 1, 1, false};
+  for (int i = 0; i < rank; ++i) {
+    const int64_t len = input_shape[i];
+    STD_TORCH_CHECK(len >= 1 && len <= kMaxLength,
+                    "tokenmix: input_shape entries must be between 1 and 2^30");
+    STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] &&
+                        dilation[i] >= 1 && kernel[i] <= len && dilation[i] <= len &&
+                        kernel[i] * dilation[i] <= len,
+                    "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * "
+                    "dilation <= input size");
+    dims[3 - rank + i] = tokenmix::WindowDim{int(len), int(kernel[i]), int(stride[i]),
+                                             int(dilation[i]), causal[i] != 0};
+  }
+  if (tile_shape.empty()) {
+    STD_TORCH_CHECK(
+        tile_volume >= 1 && tile_volume <= kMaxTile && (tile_volume & (tile_volume - 1)) == 0,
+        "tokenmix: tile_volume must be a power of two between 1 and 2^20");
+    tokenmix::choose_tile_shape(dims, int(tile_volume), tile);
+  } else {
+    for (int i = 0; i < rank; ++i) {
+      STD_TORCH_CHECK(tile_shape[i] >= 1 && tile_shape[i] <= kMaxTile,
+                      "tokenmix: tile_shape entries must be between 1 and 2^20");
+      tile[3 - rank + i] = int(tile_shape[i]);
+    }
+  }
+
+  tokenmix::NeighborhoodSchedule schedule;
+  schedule.init(dims, tile);
+  const int64_t candidates = schedule.tiles_per_head();
+  int64_t num_tiles = 0;
+  tokenmix::TileGeometry g;
+  for (int64_t index = 0; index < candidates; ++index) num_tiles += schedule.decode(index, &g);
+
+  int64_t useful = 1, computed = 1, tokens = 1;
+  for (int t = 0; t < 3; ++t) {
+    useful = checked_mul(useful, tokenmix::window_pairs_along(dims[t]));
+    computed = checked_mul(computed, tokenmix::tile_pairs_along(dims[t], tile[t]));
+    tokens = checked_mul(tokens, dims[t].length);
+  }
+  const int64_t dense = checked_mul(tokens, tokens);
+
+  Tensor tile_out = cpu_int64({rank});
+  auto* tile_data = static_cast<int64_t*>(tile_out.data_ptr());
+  for (int i = 0; i < rank; ++i) tile_data[i] = tile[3 - rank + i];
+
+  Tensor counts = cpu_int64({4});
+  auto* count_data = static_cast<int64_t*>(counts.data_ptr());
+  count_data[0] = num_tiles;
+  count_data[1] = useful;
+  count_data[2] = computed;
+  count_data[3] = dense;
+
+  Tensor tiles = cpu_int64({return_tiles ? num_tiles : 0, 5, rank});
+  if (return_tiles) {
+    auto* out = static_cast<int64_t*>(tiles.data_ptr());
+    for (int64_t index = 0; index < candidates; ++index) {
+      if (!schedule.decode(index, &g)) continue;  // past the end of a shorter dilation group
+      const int* rows[5] = {g.group, g.first, g.count, g.key_begin, g.key_end};
+      for (int r = 0; r < 5; ++r)
+        for (int i = 0; i < rank; ++i) *out++ = rows[r][3 - rank + i];
+    }
+  }
+  return {tile_out, counts, tiles};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
+  m.def(
+      "na_plan(int[] input_shape, int[] kernel_size, int[] stride, int[] dilation, "
+      "int[] is_causal, int[] tile_shape, int tile_volume, bool return_tiles) -> "
+      "(Tensor, Tensor, Tensor)");
+}
+
+// No tensor inputs: CompositeExplicitAutograd serves every dispatch (as for cpu_isa).
+STABLE_TORCH_LIBRARY_IMPL(tokenmix, CompositeExplicitAutograd, m) {
+  m.impl("na_plan", TORCH_BOX(&na_plan));
+}

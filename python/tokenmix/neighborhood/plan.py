@@ -1,0 +1,253 @@
+"""The planner: the tile schedule of neighborhood attention, as the kernels run it.
+
+:func:`plan` reports, for a problem (spatial shape and window arguments) and a query
+tile shape, how many query tiles the fused kernels process per (batch, head), which
+key box each tile visits, and three pair counts per (batch, head):
+
+* ``useful_pairs``: query-key pairs inside the windows (the work attention needs),
+* ``computed_pairs``: pairs the tiled kernel computes, i.e. every tile's rows
+  (padding included) times the keys of its key box,
+* ``dense_pairs``: ``tokens ** 2``, what dense attention computes.
+
+The numbers come from ``torch.ops.tokenmix.na_plan`` (csrc/neighborhood/na_plan_ops.cpp),
+which calls the same C++ header functions the kernels use
+(``csrc/include/tokenmix/neighborhood_schedule.h``), so there is one definition of the
+schedule. See docs/neighborhood_attention.md ("Planner").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import _ops
+from .args import _as_int, _int_tuple, normalize_window_args
+
+__all__ = ["NeighborhoodPlan", "PlanFlops", "plan"]
+
+# The query-tile volume of the CUDA kernels (queries per tile).
+DEFAULT_TILE_VOLUME = 64
+# The op's limits (they keep the schedule's 32-bit arithmetic in range): far beyond
+# any real tile or input extent.
+_MAX_TILE = 1 << 20
+_MAX_LENGTH = 1 << 30
+
+_TILE_ROWS = ("group", "first", "count", "key_begin", "key_end")
+
+
+class PlanFlops(NamedTuple):
+    """Forward FLOPs per (batch, head): ``2 * (D + Dv)`` per query-key pair."""
+
+    useful: int
+    computed: int
+    dense: int
+
+
+def _x(values: Sequence[Any]) -> str:
+    return "x".join(str(int(v)) for v in values)
+
+
+@dataclass(frozen=True)
+class NeighborhoodPlan:
+    """The tile schedule of one neighborhood-attention problem (see :func:`plan`).
+
+    Pair counts are per (batch, head); every field is a plain Python value, so plans
+    compare, hash and pickle like tuples.
+    """
+
+    input_shape: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    tile_shape: tuple[int, ...]
+    num_query_tiles: int
+    useful_pairs: int
+    computed_pairs: int
+    dense_pairs: int
+
+    @property
+    def rank(self) -> int:
+        """Number of spatial dimensions (1, 2 or 3)."""
+        return len(self.input_shape)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per (batch, head): the product of ``input_shape``."""
+        return math.prod(self.input_shape)
+
+    @property
+    def flop_bound(self) -> float:
+        """``dense_pairs / useful_pairs``: the upper bound on the speedup over dense
+        attention that the FLOPs allow (a kernel computing only the useful pairs)."""
+        return self.dense_pairs / self.useful_pairs
+
+    @property
+    def tile_bound(self) -> float:
+        """``dense_pairs / computed_pairs``: the same bound at tile granularity, for a
+        kernel that computes whole tiles times whole key boxes (as tokenmix's do)."""
+        return self.dense_pairs / self.computed_pairs
+
+    @property
+    def tile_efficiency(self) -> float:
+        """``useful_pairs / computed_pairs``: the fraction of computed pairs that count."""
+        return self.useful_pairs / self.computed_pairs
+
+    def flops(self, head_dim: int, value_dim: int | None = None) -> PlanFlops:
+        """Forward FLOPs per (batch, head) as ``PlanFlops(useful, computed, dense)``.
+
+        Each pair costs ``2 * head_dim`` FLOPs for ``QK^T`` and ``2 * value_dim`` for
+        ``PV`` (``value_dim`` defaults to ``head_dim``). Multiply by ``B * H`` for a whole
+        call.
+        """
+        d = _as_int(head_dim, "head_dim")
+        dv = d if value_dim is None else _as_int(value_dim, "value_dim")
+        if d < 1:
+            raise ValueError(f"head_dim must be >= 1, got {d}")
+        if dv < 1:
+            raise ValueError(f"value_dim must be >= 1, got {dv}")
+        per_pair = 2 * (d + dv)
+        return PlanFlops(
+            self.useful_pairs * per_pair,
+            self.computed_pairs * per_pair,
+            self.dense_pairs * per_pair,
+        )
+
+    def query_tiles(self) -> torch.Tensor:
+        """The query tiles, an int64 tensor ``[num_query_tiles, 5, rank]``.
+
+        Row ``r`` of tile ``i`` is, per spatial dimension: ``r = 0`` the dilation group,
+        ``1`` the first query, ``2`` the number of queries (the tile shape, less at the
+        end of a dimension), ``3`` / ``4`` the key box ``[key_begin, key_end)`` the tile
+        visits. Queries and keys are in dilation-group coordinates: group coordinate
+        ``c`` is the real coordinate ``group + c * dilation``. Tiles are listed in the
+        kernels' order (dilation groups outermost, then tiles in row-major order).
+        """
+        problem = (self.input_shape, self.kernel_size, self.stride, self.dilation, self.is_causal)
+        *_, tiles = _run_op(problem, self.tile_shape, DEFAULT_TILE_VOLUME, True)
+        return tiles
+
+    def summary(self) -> str:
+        """A few readable lines: the problem, the tiles and the bounds."""
+        causal = "no" if not any(self.is_causal) else "x".join(str(int(c)) for c in self.is_causal)
+        return "\n".join(
+            [
+                f"NeighborhoodPlan: input {_x(self.input_shape)}, kernel {_x(self.kernel_size)}, "
+                f"stride {_x(self.stride)}, dilation {_x(self.dilation)}, causal {causal}",
+                f"  query tiles: {self.num_query_tiles} of {_x(self.tile_shape)} "
+                f"({math.prod(self.tile_shape)} queries) per batch-head",
+                f"  pairs per batch-head: useful {self.useful_pairs:,}, computed "
+                f"{self.computed_pairs:,}, dense {self.dense_pairs:,}",
+                f"  flop bound (dense/useful) {self.flop_bound:.4g}x, tile bound "
+                f"(dense/computed) {self.tile_bound:.4g}x, tile efficiency "
+                f"{100 * self.tile_efficiency:.1f}%",
+            ]
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _run_op(
+    problem: tuple[tuple[int, ...], ...],
+    tile_shape: tuple[int, ...],
+    tile_volume: int,
+    tiles: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.tokenmix.na_plan`` on ``(input_shape, kernel, stride, dilation, causal)``."""
+    shape, kernel, stride, dilation, causal = problem
+    _ops.require_library()
+    return torch.ops.tokenmix.na_plan(
+        list(shape),
+        list(kernel),
+        list(stride),
+        list(dilation),
+        [int(c) for c in causal],
+        list(tile_shape),
+        tile_volume,
+        tiles,
+    )
+
+
+def _input_shape(input_shape: Any) -> tuple[int, ...]:
+    if isinstance(input_shape, Sequence) and not isinstance(input_shape, (str, bytes)):
+        if not 1 <= len(input_shape) <= 3:
+            raise ValueError(
+                "input_shape must be the spatial shape, 1 to 3 ints (no batch or head "
+                f"dimensions), got {tuple(input_shape)!r}"
+            )
+        shape = _int_tuple(input_shape, "input_shape", len(input_shape))
+    else:
+        shape = (_as_int(input_shape, "input_shape"),)
+    if any(n < 1 for n in shape):
+        raise ValueError(f"input_shape must be >= 1 in every dimension, got {shape}")
+    if any(n > _MAX_LENGTH for n in shape):
+        raise ValueError(f"input_shape must be <= 2**30 in every dimension, got {shape}")
+    if math.prod(shape) ** 2 >= 2**63:
+        raise ValueError(f"input_shape {shape} is too large: tokens**2 must fit in int64")
+    return shape
+
+
+def plan(
+    input_shape: int | Sequence[int],
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    is_causal: bool | Sequence[bool] = False,
+    *,
+    tile_shape: int | Sequence[int] | None = None,
+    tile_volume: int = DEFAULT_TILE_VOLUME,
+) -> NeighborhoodPlan:
+    """Plans neighborhood attention over ``input_shape`` the way the fused kernels run it.
+
+    ``input_shape`` is the spatial shape only (an int for 1-D, or 1 to 3 ints, without
+    batch and heads); ``kernel_size``, ``stride``, ``dilation`` and ``is_causal`` are
+    those of :func:`tokenmix.neighborhood_attention` and are checked the same way.
+
+    Queries are processed in tiles: boxes of ``tile_shape`` queries of one dilation
+    group. By default the tile shape is the one the CUDA kernels choose: ``tile_volume``
+    queries (a power of two) split into a power of two per dimension so that the
+    fewest pairs are computed. An explicit ``tile_shape`` (any positive ints, one per
+    dimension or one for all) is analysed as given and ``tile_volume`` is ignored.
+
+    Example::
+
+        >>> import tokenmix
+        >>> p = tokenmix.plan(32768, kernel_size=2048)
+        >>> p.tile_shape, p.flop_bound
+        ((64,), 16.0)
+    """
+    shape = _input_shape(input_shape)
+    rank = len(shape)
+    kernel, strides, dils, causal = normalize_window_args(
+        rank, shape, kernel_size, stride, dilation, is_causal
+    )
+    volume = _as_int(tile_volume, "tile_volume")
+    if not 1 <= volume <= _MAX_TILE or volume & (volume - 1):
+        raise ValueError(f"tile_volume must be a power of two between 1 and 2**20, got {volume}")
+    tiles: tuple[int, ...] = ()
+    if tile_shape is not None:
+        tiles = _int_tuple(tile_shape, "tile_shape", rank)
+        if any(t < 1 for t in tiles):
+            raise ValueError(f"tile_shape must be >= 1 in every dimension, got {tiles}")
+        if any(t > _MAX_TILE for t in tiles):
+            raise ValueError(f"tile_shape must be <= 2**20 in every dimension, got {tiles}")
+
+    chosen, counts, _ = _run_op((shape, kernel, strides, dils, causal), tiles, volume, False)
+    num_tiles, useful, computed, dense = counts.tolist()
+    return NeighborhoodPlan(
+        input_shape=shape,
+        kernel_size=kernel,
+        stride=strides,
+        dilation=dils,
+        is_causal=causal,
+        tile_shape=tuple(chosen.tolist()),
+        num_query_tiles=num_tiles,
+        useful_pairs=useful,
+        computed_pairs=computed,
+        dense_pairs=dense,
+    )

@@ -1,0 +1,358 @@
+"""The planner ``tokenmix.plan``: tile shapes, query tiles and pair counts.
+
+The planner reports what ``csrc/include/tokenmix/neighborhood_schedule.h`` computes;
+these tests check it against brute force written from the window rule
+(``tests/na_brute_force.py``), independently of that header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+import itertools
+import math
+import random
+
+import pytest
+import tokenmix
+import torch
+from na_brute_force import attended_1d, brute_force_mask
+from tokenmix.neighborhood import plan as plan_module
+from tokenmix.neighborhood.plan import NeighborhoodPlan, PlanFlops
+
+
+def _powers_of_two_up_to(n: int) -> list[int]:
+    return [1 << i for i in range(n.bit_length()) if (1 << i) <= n]
+
+
+def _shapes_of_volume(volume: int, rank: int) -> list[tuple[int, ...]]:
+    """Every power-of-two tile shape with ``rank`` entries and product ``volume``."""
+    options = _powers_of_two_up_to(volume)
+    return [s for s in itertools.product(options, repeat=rank) if math.prod(s) == volume]
+
+
+def _random_problem(rng: random.Random) -> dict:
+    """A small random problem (the brute-force mask is tokens^2 Python checks)."""
+    rank = rng.choice((1, 2, 3))
+    max_len = {1: 40, 2: 14, 3: 6}[rank]
+    shape, kernel, stride, dilation, causal = [], [], [], [], []
+    for _ in range(rank):
+        length = rng.randint(2, max_len)
+        k = rng.randint(2, length)
+        d = rng.randint(1, length // k)
+        shape.append(length)
+        kernel.append(k)
+        stride.append(rng.randint(1, k))
+        dilation.append(d)
+        causal.append(rng.random() < 0.4)
+    return dict(
+        input_shape=tuple(shape),
+        kernel_size=tuple(kernel),
+        stride=tuple(stride),
+        dilation=tuple(dilation),
+        is_causal=tuple(causal),
+    )
+
+
+def _brute_tiles(problem: dict, tile_shape: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
+    """Query tiles from the definition: per dimension, per dilation group, the tiles of
+    ``tile`` consecutive group coordinates and the union of their queries' windows.
+
+    Returns ``[group, first, count, key_begin, key_end]`` (rows of per-dimension tuples),
+    dilation groups outermost, then tiles in row-major order (the kernels' order).
+    """
+    per_dim = []  # per dimension: [(group, first, count, key_begin, key_end)]
+    for t, length in enumerate(problem["input_shape"]):
+        k, s = problem["kernel_size"][t], problem["stride"][t]
+        d, c = problem["dilation"][t], problem["is_causal"][t]
+        tile = tile_shape[t]
+        entries = []
+        for group in range(d):
+            coords = list(range(group, length, d))  # real coordinates of the group
+            for first in range(0, len(coords), tile):
+                queries = coords[first : first + tile]
+                keys = set()
+                for q in queries:
+                    keys.update(attended_1d(q, length, k, s, d, c))
+                keys_g = sorted(j // d for j in keys)
+                # The keys form one interval in group coordinates (windows overlap or touch).
+                assert keys_g == list(range(keys_g[0], keys_g[-1] + 1))
+                entries.append((group, first, len(queries), keys_g[0], keys_g[-1] + 1))
+        per_dim.append(entries)
+    rank = len(per_dim)
+    groups = [sorted({e[0] for e in entries}) for entries in per_dim]
+    tiles = []
+    for gs in itertools.product(*groups):
+        per_group = [[e for e in per_dim[t] if e[0] == gs[t]] for t in range(rank)]
+        for combo in itertools.product(*per_group):
+            tiles.append([tuple(combo[t][r] for t in range(rank)) for r in range(5)])
+    return tiles
+
+
+# --------------------------------------------------------------------------------------
+# The headline numbers
+# --------------------------------------------------------------------------------------
+
+
+def test_flop_bound_1d_exact():
+    p = tokenmix.plan(32768, kernel_size=2048)
+    assert p.useful_pairs == 32768 * 2048  # every window is full (border clamping)
+    assert p.dense_pairs == 32768**2
+    assert p.flop_bound == 16
+    assert p.tile_shape == (64,)
+    assert p.num_query_tiles == 32768 // 64
+
+
+def test_flop_bound_2d():
+    p = tokenmix.plan((256, 256), kernel_size=(80, 80))
+    assert p.flop_bound == pytest.approx(10.24, abs=1e-9)
+    assert math.prod(p.tile_shape) == 64
+    assert p.tile_bound <= p.flop_bound
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, tile",
+    [
+        ((4096,), (512,), (64,)),
+        ((64, 64), (8, 8), (8, 8)),
+        ((32, 32, 32), (4, 8, 8), (4, 4, 4)),
+    ],
+)
+def test_blocked_aligned_tiles_compute_only_useful_pairs(shape, kernel, tile):
+    # stride == kernel: blocks of `kernel` queries share one window; a tile that aligns
+    # with the blocks visits exactly its block's keys.
+    p = tokenmix.plan(shape, kernel, stride=kernel, tile_shape=tile)
+    assert p.computed_pairs == p.useful_pairs
+    assert p.tile_bound == p.flop_bound
+    assert p.tile_efficiency == 1.0
+    assert p.flop_bound == math.prod(s / k for s, k in zip(shape, kernel, strict=True))
+    # The chooser finds an aligned shape on its own for these problems.
+    assert tokenmix.plan(shape, kernel, stride=kernel).computed_pairs == p.useful_pairs
+
+
+def test_blocked_misaligned_tile_computes_more():
+    p = tokenmix.plan(4096, 512, stride=512, tile_shape=96)
+    assert p.computed_pairs > p.useful_pairs
+    assert p.tile_bound < p.flop_bound
+
+
+# --------------------------------------------------------------------------------------
+# Geometry and counts against brute force
+# --------------------------------------------------------------------------------------
+
+
+def _check_against_brute_force(problem: dict, p: NeighborhoodPlan) -> None:
+    rank = len(problem["input_shape"])
+    tiles = p.query_tiles()
+    assert tiles.dtype == torch.int64 and tiles.shape == (p.num_query_tiles, 5, rank)
+    expected = _brute_tiles(problem, p.tile_shape)
+    got = [[tuple(row) for row in tile] for tile in tiles.tolist()]
+    assert got == expected
+
+    # Every query lies in exactly one tile.
+    seen = []
+    for group, first, count, _, _ in got:
+        ranges = [
+            [group[t] + c * problem["dilation"][t] for c in range(first[t], first[t] + count[t])]
+            for t in range(rank)
+        ]
+        seen.extend(itertools.product(*ranges))
+    assert sorted(seen) == list(itertools.product(*(range(n) for n in problem["input_shape"])))
+
+    mask = brute_force_mask(
+        problem["input_shape"],
+        problem["kernel_size"],
+        problem["stride"],
+        problem["dilation"],
+        problem["is_causal"],
+    )
+    tokens = math.prod(problem["input_shape"])
+    assert p.useful_pairs == int(mask.sum())
+    assert p.dense_pairs == tokens * tokens
+    # Computed: every tile's rows (padding included) times its key box.
+    computed = sum(
+        math.prod(p.tile_shape) * math.prod(e - b for b, e in zip(kb, ke, strict=True))
+        for _, _, _, kb, ke in got
+    )
+    assert p.computed_pairs == computed
+    assert p.computed_pairs >= p.useful_pairs
+    assert p.flop_bound == tokens * tokens / int(mask.sum())
+    assert p.tile_efficiency == p.useful_pairs / computed
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_problems_match_brute_force(seed):
+    rng = random.Random(seed)
+    problem = _random_problem(rng)
+    rank = len(problem["input_shape"])
+    volume = rng.choice((1, 2, 4, 8, 16, 64))
+    p = tokenmix.plan(**problem, tile_volume=volume)
+    assert p.input_shape == problem["input_shape"]
+    assert p.kernel_size == problem["kernel_size"] and p.is_causal == problem["is_causal"]
+    assert math.prod(p.tile_shape) == volume
+    _check_against_brute_force(problem, p)
+    # An explicit tile shape, powers of two or not.
+    explicit = tuple(rng.randint(1, 5) for _ in range(rank))
+    q = tokenmix.plan(**problem, tile_shape=explicit)
+    assert q.tile_shape == explicit
+    _check_against_brute_force(problem, q)
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        dict(input_shape=(10,), kernel_size=(3,), stride=(2,), dilation=(3,), is_causal=(True,)),
+        dict(
+            input_shape=(9, 7), kernel_size=(4, 3), stride=(3, 1), dilation=(2, 2), is_causal=(1, 0)
+        ),
+        dict(
+            input_shape=(5, 6, 4),
+            kernel_size=(2, 3, 2),
+            stride=(1, 3, 2),
+            dilation=(2, 1, 2),
+            is_causal=(False, True, False),
+        ),
+    ],
+)
+def test_dilation_causal_stride_match_brute_force(problem):
+    problem = dict(problem, is_causal=tuple(bool(c) for c in problem["is_causal"]))
+    for volume in (1, 4, 8):
+        _check_against_brute_force(problem, tokenmix.plan(**problem, tile_volume=volume))
+
+
+# --------------------------------------------------------------------------------------
+# The tile-shape chooser
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, kwargs",
+    [
+        ((256, 256), (80, 80), {}),
+        ((64, 256), (7, 31), {}),
+        ((200, 12), (9, 3), {"is_causal": (True, False)}),
+        ((32, 32, 32), (5, 9, 3), {"dilation": (2, 1, 3)}),
+        ((16, 40, 24), (4, 8, 8), {"stride": (4, 8, 8)}),
+        ((1000,), (100,), {"stride": 50}),
+    ],
+)
+@pytest.mark.parametrize("volume", [16, 64, 128])
+def test_chosen_tile_shape_is_best_power_of_two_shape(shape, kernel, kwargs, volume):
+    p = tokenmix.plan(shape, kernel, **kwargs, tile_volume=volume)
+    assert math.prod(p.tile_shape) == volume
+    assert all(t & (t - 1) == 0 for t in p.tile_shape)
+    for candidate in _shapes_of_volume(volume, len(shape)):
+        other = tokenmix.plan(shape, kernel, **kwargs, tile_shape=candidate)
+        assert p.computed_pairs <= other.computed_pairs, (candidate, other.computed_pairs)
+        if candidate == p.tile_shape:
+            assert other == p
+
+
+def test_default_tile_volume_is_64():
+    assert math.prod(tokenmix.plan((64, 64, 64), 7).tile_shape) == 64
+    assert tokenmix.plan(100, 9, tile_volume=1).tile_shape == (1,)
+
+
+# --------------------------------------------------------------------------------------
+# API
+# --------------------------------------------------------------------------------------
+
+
+def test_flops():
+    p = tokenmix.plan((32, 48), (7, 9))
+    f = p.flops(64)
+    assert isinstance(f, PlanFlops)
+    assert f == (p.useful_pairs * 256, p.computed_pairs * 256, p.dense_pairs * 256)
+    assert p.flops(64, value_dim=32) == tuple(
+        2 * (64 + 32) * n for n in (p.useful_pairs, p.computed_pairs, p.dense_pairs)
+    )
+    assert f.dense / f.useful == pytest.approx(p.flop_bound)
+
+
+def test_scalar_arguments_broadcast_and_plans_are_values():
+    a = tokenmix.plan((24, 24), 5, stride=2, dilation=2, is_causal=True)
+    b = tokenmix.plan([24, 24], (5, 5), stride=(2, 2), dilation=(2, 2), is_causal=(True, True))
+    assert a == b and hash(a) == hash(b)
+    assert a.kernel_size == (5, 5) and a.is_causal == (True, True) and a.rank == 2
+    assert a.tokens == 576
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.useful_pairs = 0  # type: ignore[misc]
+    assert tokenmix.NeighborhoodPlan is NeighborhoodPlan
+    assert tokenmix.plan(torch.Size([24, 24]), 5) == tokenmix.plan((24, 24), 5)
+
+
+def test_summary():
+    p = tokenmix.plan((256, 256), (80, 80))
+    text = str(p)
+    assert text == p.summary()
+    assert "256x256" in text and "80x80" in text
+    assert f"{p.num_query_tiles} of {'x'.join(map(str, p.tile_shape))}" in text
+    assert "10.24x" in text
+
+
+def test_docstring_example():
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    tests = finder.find(plan_module, "tokenmix.neighborhood.plan")
+    assert sum(len(t.examples) for t in tests) > 0
+    for t in tests:
+        runner.run(t)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        (((16, 16), 20), {}, ValueError, "kernel_size"),
+        (((16, 16), 1), {}, ValueError, "kernel_size"),
+        (((16, 16), 5), {"stride": 6}, ValueError, "stride"),
+        (((16, 16), 5), {"dilation": 0}, ValueError, "dilation"),
+        (((16, 16), 5), {"dilation": (4, 1)}, ValueError, "dilation"),
+        (((16, 16), (5, 5, 5)), {}, ValueError, "kernel_size"),
+        (((16, 16), True), {}, TypeError, "kernel_size"),
+        (((16, 16), 5), {"is_causal": 1}, TypeError, "is_causal"),
+        (((16, 16), 5), {"is_causal": (True,)}, ValueError, "is_causal"),
+        (((16, 16), 5.0), {}, TypeError, "kernel_size"),
+        (((2, 16, 16, 4), 5), {}, ValueError, "input_shape"),
+        (((), 5), {}, ValueError, "input_shape"),
+        (((0, 16), 5), {}, ValueError, "input_shape"),
+        (("16", 5), {}, TypeError, "input_shape"),
+        (((16, 16), 5), {"tile_volume": 48}, ValueError, "tile_volume"),
+        (((16, 16), 5), {"tile_volume": 0}, ValueError, "tile_volume"),
+        (((16, 16), 5), {"tile_volume": 2.0}, TypeError, "tile_volume"),
+        (((16, 16), 5), {"tile_shape": (0, 4)}, ValueError, "tile_shape"),
+        (((16, 16), 5), {"tile_shape": (4, 4, 4)}, ValueError, "tile_shape"),
+        (((16, 16), 5), {"tile_shape": (4, False)}, TypeError, "tile_shape"),
+    ],
+)
+def test_bad_arguments_name_the_argument(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        tokenmix.plan(*args, **kwargs)
+
+
+def test_bad_flops_arguments():
+    p = tokenmix.plan(64, 8)
+    with pytest.raises(ValueError, match="head_dim"):
+        p.flops(0)
+    with pytest.raises(ValueError, match="value_dim"):
+        p.flops(64, value_dim=0)
+    with pytest.raises(TypeError, match="head_dim"):
+        p.flops(64.0)
+
+
+def test_op_checks_direct_calls():
+    op = torch.ops.tokenmix.na_plan
+    tile, counts, tiles = op([16], [4], [1], [1], [0], [], 64, False)
+    assert tile.tolist() == [64] and tiles.shape == (0, 5, 1)
+    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256]
+    for bad in (
+        ([16], [17], [1], [1], [0], [], 64, False),  # window larger than the input
+        ([16], [4], [5], [1], [0], [], 64, False),  # stride > kernel
+        ([16, 16], [4], [1], [1], [0], [], 64, False),  # mismatched lengths
+        ([16], [4], [1], [1], [0], [], 48, False),  # tile_volume not a power of two
+        ([16], [4], [1], [1], [0], [0], 64, False),  # empty tile
+        ([16], [4], [1], [1], [0], [2, 2], 64, False),  # tile of the wrong rank
+        ([], [], [], [], [], [], 64, False),  # rank 0
+    ):
+        with pytest.raises(RuntimeError, match="tokenmix"):
+            op(*bad)
