@@ -8,10 +8,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import tokenmix
 import torch
+from tokenmix._info import cuda_resource_usage, format_cuda_resources
 
 PACKAGE = os.path.dirname(tokenmix.__file__)
 REPORT = os.path.join(PACKAGE, "cuda_resource_usage.txt")
@@ -32,28 +34,6 @@ pytestmark = pytest.mark.skipif(
 STATIC_SMEM_LIMIT = 48 * 1024
 
 
-def _parse_report(text: str) -> list[dict]:
-    """One entry per (architecture, kernel) from `nvcc -Xptxas -v` output."""
-    rows, arch, kernel = [], None, None
-    for line in text.splitlines():
-        if line.startswith("== sm_"):
-            arch = line[3:].strip()
-        elif m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
-            kernel = {"arch": m.group(2), "kernel": m.group(1)}
-            assert m.group(2) == arch
-        elif kernel and (
-            m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        ):
-            kernel["spill_stores"], kernel["spill_loads"] = int(m.group(1)), int(m.group(2))
-        elif kernel and (m := re.search(r"Used (\d+) registers", line)):
-            kernel["registers"] = int(m.group(1))
-            smem = re.search(r"(\d+) bytes smem", line)
-            kernel["smem"] = int(smem.group(1)) if smem else 0
-            rows.append(kernel)
-            kernel = None
-    return rows
-
-
 def test_build_found_nvcc_and_reports_it():
     assert BUILD.get("cuda_built") is True, "nvcc is present, so the build must compile CUDA"
     info = tokenmix.info()["backends"]["cuda"]
@@ -64,16 +44,16 @@ def test_build_found_nvcc_and_reports_it():
 
 def test_ptxas_report_every_kernel_no_spills_shared_within_limits():
     assert os.path.exists(REPORT), "the CUDA build installs its ptxas resource report"
-    rows = _parse_report(open(REPORT).read())
+    rows = cuda_resource_usage()
     archs = {r["arch"] for r in rows}
     assert {"sm_80", "sm_90"} <= archs
     kernels = {r["kernel"] for r in rows}
     assert any("gemm_kernel" in k for k in kernels)
-    print("\narch   regs  smem(B)  kernel")
-    for r in rows:
-        print(f"{r['arch']:6} {r['registers']:4} {r['smem']:8}  {r['kernel']}")
+    print("\n" + format_cuda_resources(rows))
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"register spills: {r}"
+        # Local memory (a stack frame) means fragments were indexed at run time.
+        assert r["stack"] == 0, f"stack frame (local memory): {r}"
         assert r["smem"] <= STATIC_SMEM_LIMIT, f"shared memory above the per-block limit: {r}"
         assert r["registers"] <= 255, r
 
@@ -103,3 +83,35 @@ def test_cuda_tensors_without_cuda_torch_fail_cleanly():
             torch.empty(8, 8, dtype=torch.float16, device="cuda"),
             torch.empty(8, 8, dtype=torch.float16, device="cuda"),
         )
+
+
+def test_every_neighborhood_attention_instantiation_is_in_the_report():
+    """Each shipped instantiation of the CUDA neighborhood-attention engine, for both
+    architectures: forward/dq/dkdv for fp16 and bf16 (specialized 32/64/128 and general) and
+    fp32 (general), plus the delta and rpb-reduction kernels per dtype."""
+    names = {(r["arch"], format_cuda_resources([r]).split("`")[1]) for r in cuda_resource_usage()}
+    for arch in ("sm_80", "sm_90"):
+        for elem in ("F16", "BF16", "F32"):
+            dims = ("32", "64", "128", "0") if elem != "F32" else ("0",)
+            for kernel in ("na_forward_kernel", "na_backward_dq_kernel", "na_backward_dkdv_kernel"):
+                for d in dims:
+                    assert (arch, f"{kernel}<{elem}, {d}>") in names, (arch, kernel, elem, d)
+            for kernel in ("na_backward_delta_kernel", "na_backward_rpb_reduce_kernel"):
+                assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)
+
+
+def test_cuda_key_registered_for_the_neighborhood_ops():
+    """tokenmix.na2d on CUDA tensors dispatches to the fused kernels (same ops as the CPU)."""
+    for op in ("tokenmix::na_forward", "tokenmix::na_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+
+
+def test_cuda_resources_command_prints_the_table():
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenmix", "cuda-resources"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| sm_80 | `na_forward_kernel<F16, 128>` |" in out

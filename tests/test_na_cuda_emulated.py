@@ -10,6 +10,7 @@ out-of-bounds access, shared-memory race, uninitialized shared read or barrier d
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import tokenmix
@@ -224,3 +225,61 @@ def test_planner_tile_shapes_drive_the_kernels():
     tall-thin input, 3-D tiles of a cube)."""
     check(make_case((40, 3), (5, 3), dim=32, heads=1), torch.float16, seed=11)
     check(make_case((4, 4, 5), (3, 3, 3), dim=32, heads=1), torch.float16, seed=12)
+
+
+@pytest.fixture
+def public_api_on_emulated_kernels():
+    """Routes torch.ops.tokenmix.na_forward / na_backward on CPU tensors to the emulated CUDA
+    kernels for one test, so the public API (tokenmix.na2d, its autograd formula, torch.compile,
+    the deterministic flag) drives the CUDA engine's code exactly as it does on a GPU. Records the
+    `deterministic` argument of each backward call."""
+    calls: list[bool] = []
+    lib = torch.library.Library("tokenmix", "IMPL")
+
+    def forward(*args):
+        return torch.ops.tokenmix_emulated.na_forward(*args)
+
+    def backward(*args, grad_lse=None, deterministic=False):
+        # trailing arguments left at their defaults may be dropped by the dispatcher
+        names = ("grad_lse", "deterministic")
+        extra = dict(zip(names, args[14:], strict=False))
+        grad_lse = extra.get("grad_lse", grad_lse)
+        deterministic = bool(extra.get("deterministic", deterministic))
+        calls.append(deterministic)
+        return torch.ops.tokenmix_emulated.na_backward(*args[:14], grad_lse, deterministic)
+
+    with warnings.catch_warnings():  # "overriding a previously registered kernel" is the point
+        warnings.simplefilter("ignore")
+        lib.impl("na_forward", forward, "CPU")
+        lib.impl("na_backward", backward, "CPU")
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_public_api_autograd_and_deterministic_flag(public_api_on_emulated_kernels, compiled):
+    calls = public_api_on_emulated_kernels
+    c = make_case((7, 9), (3, 5), dilation=(2, 1), rpb=True, heads=2, dim=32)
+    t = make_inputs(c, torch.float16, 21)
+
+    def attend(q, k, v, rpb):
+        return tokenmix.na2d(q, k, v, (3, 5), dilation=(2, 1), rpb=rpb)
+
+    fn = torch.compile(attend, fullgraph=True, backend="aot_eager") if compiled else attend
+    grad_out = torch.randn(1, 7, 9, 2, 32, dtype=torch.float64).half()
+    _, _, r_g = reference(c, t, 32**-0.5, grad_out, None)
+    for deterministic in (False, True):
+        leaves = [t[n].clone().requires_grad_() for n in ("q", "k", "v", "rpb")]
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            out = fn(*leaves)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert calls[-1] is deterministic
+        for name, got in zip(("q", "k", "v", "rpb"), grads, strict=True):
+            assert_close(got, r_g[name], TOL[torch.float16], f"grad {name}")
+    # Routed back to the C++ CPU kernels afterwards (the fixture's registrations are gone).
+    assert len(calls) == 2

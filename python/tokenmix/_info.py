@@ -19,6 +19,72 @@ def _emulator_status(build: dict) -> dict:
     return {"built": False, "reason": "built with TOKENMIX_EMULATOR=OFF"}
 
 
+def cuda_resource_usage() -> list[dict]:
+    """The ptxas report of the shipped CUDA kernels, one row per (architecture, kernel):
+    arch, kernel (mangled), registers, smem (static bytes), stack, spill_stores, spill_loads.
+    Empty when the build has no CUDA."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(_ops.LIBRARY_PATH), "cuda_resource_usage.txt")
+    if not os.path.exists(path):
+        return []
+    rows, kernel = [], None
+    with open(path) as f:
+        for line in f:
+            if m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
+                kernel = {"arch": m.group(2), "kernel": m.group(1)}
+            elif kernel and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill "
+                                            r"stores, (\d+) bytes spill loads", line)):  # fmt: skip
+                kernel["stack"] = int(m.group(1))
+                kernel["spill_stores"], kernel["spill_loads"] = int(m.group(2)), int(m.group(3))
+            elif kernel and (m := re.search(r"Used (\d+) registers", line)):
+                kernel["registers"] = int(m.group(1))
+                smem = re.search(r"(\d+) bytes smem", line)
+                kernel["smem"] = int(smem.group(1)) if smem else 0
+                rows.append(kernel)
+                kernel = None
+    return rows
+
+
+def _readable_kernel(mangled: str) -> str:
+    """`_ZN8tokenmix4cuda17na_forward_kernelINS0_3F16ELi64EEEvNS0_8NaParamsE` ->
+    `na_forward_kernel<F16, 64>` (enough of the Itanium ABI for tokenmix's kernels)."""
+    import re
+
+    if not mangled.startswith("_ZN"):
+        return mangled
+    i, name = 3, mangled
+    while i < len(mangled) and mangled[i].isdigit():  # nested names: <length><name>...
+        j = i
+        while mangled[j].isdigit():
+            j += 1
+        n = int(mangled[i:j])
+        name, i = mangled[j : j + n], j + n
+    rest = mangled[i:]
+    if not rest.startswith("I"):
+        return name
+    template = rest[: rest.find("Ev")]
+    args = re.findall(r"NS0_\d+(\w+?)E|Li(\d+)E|Lb([01])E", template)
+    parts = [a or b or ("true" if c == "1" else "false") for a, b, c in args]
+    return f"{name}<{', '.join(parts)}>"
+
+
+def format_cuda_resources(rows: list[dict]) -> str:
+    """A Markdown table of cuda_resource_usage() rows."""
+    lines = [
+        "| arch | kernel | registers | static smem (B) | stack (B) | spills (B) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
+        lines.append(
+            f"| {r['arch']} | `{_readable_kernel(r['kernel'])}` | {r['registers']} | {r['smem']} "
+            f"| {r.get('stack', 0)} | {spills} |"
+        )
+    return "\n".join(lines)
+
+
 def info() -> dict:
     """Returns the version, the torch version and each backend's status."""
     from . import __version__
@@ -35,7 +101,8 @@ def info() -> dict:
         cuda["version"] = build.get("cuda_version")
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
-            "SIMT kernels of the emulated-ops library; tokenmix ops run on the CPU only so far"
+            "fused neighborhood attention (forward + backward; fp16/bf16 tensor cores, fp32); "
+            "linear scans run on the CPU only"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"
@@ -47,7 +114,7 @@ def info() -> dict:
         "compiler": build.get("compiler"),
         "library": _ops.LIBRARY_PATH,
         "operators": [
-            "neighborhood attention (na1d/na2d/na3d)",
+            "neighborhood attention (na1d/na2d/na3d) and its planner (tokenmix.plan)",
             "linear attention scans (linear, RetNet, simple GLA, GLA)",
             "delta rule (plain, gated)",
         ],

@@ -206,6 +206,7 @@ TM_DEVICE void write_query_rows(const NaParams& p, const TileGeometry& g, int nr
 
 TM_DEVICE RowState read_query_rows(shared_ptr<int> rows, int row0, int nrows) {
   RowState s;
+  TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
     const int r = row0 + 8 * ri;
     s.valid[ri] = r < nrows;
@@ -284,7 +285,9 @@ TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState&
                            shared_ptr<int> keys, bool extra, int head) {
   constexpr int kKeys = E::kKeys;
   const int lane = int(lane_id());
+  TM_UNROLL
   for (int n = 0; n < KC; ++n)
+    TM_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
       bool keep = rs.valid[ri] && keys[3 * kKeys + j] != 0;
@@ -338,7 +341,9 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
   cp_async_commit_group();
 
   float o[NV][4], m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+  TM_UNROLL
   for (int n = 0; n < NV; ++n)
+    TM_UNROLL
     for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
   RowState rs{};
 
@@ -364,14 +369,18 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
     if (c == 0) rs = read_query_rows(rows, warp * 16 + (lane >> 2), nrows);
 
     float s[KC][4];
+    TM_UNROLL
     for (int n = 0; n < KC; ++n)
+      TM_UNROLL
       for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
     gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
     mask_logits<E>(p, s, rs, keys, extra, h);
 
     // Online softmax, two rows per thread; l holds this thread's partial row sums.
+    TM_UNROLL
     for (int ri = 0; ri < 2; ++ri) {
       float mx = kNegInf;
+      TM_UNROLL
       for (int n = 0; n < KC; ++n) {
         mx = mx > s[n][2 * ri] ? mx : s[n][2 * ri];
         mx = mx > s[n][2 * ri + 1] ? mx : s[n][2 * ri + 1];
@@ -382,13 +391,16 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
       const float alpha = exp2f_approx(m[ri] - base);
       m[ri] = m_new;
       float sum = 0.0f;
+      TM_UNROLL
       for (int n = 0; n < KC; ++n)
+        TM_UNROLL
         for (int e = 0; e < 2; ++e) {
           const float pe = exp2f_approx(s[n][2 * ri + e] - base);
           s[n][2 * ri + e] = pe;
           sum += pe;
         }
       l[ri] = l[ri] * alpha + sum;
+      TM_UNROLL
       for (int n = 0; n < NV; ++n) {
         o[n][2 * ri] *= alpha;
         o[n][2 * ri + 1] *= alpha;
@@ -400,13 +412,16 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
 
   global_ptr<T> out(static_cast<T*>(p.out));
   const global_ptr<float> lse(p.lse);
+  TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
     const float total = quad_sum(l[ri]);
     const int r = warp * 16 + (lane >> 2) + 8 * ri;
     if (r >= nrows) continue;
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     const int64_t row = query_row_offset(p, g, nrows, r, b, h, p.o_st);
+    TM_UNROLL
     for (int n = 0; n < NV; ++n)
+      TM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = vc0 + n * 8 + 2 * (lane & 3) + e;
         if (col < p.value_dim) out[row + col] = E::from_float(o[n][2 * ri + e] * inv);
@@ -500,7 +515,9 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
   cp_async_commit_group();
 
   float dq[NQ][4];
+  TM_UNROLL
   for (int n = 0; n < NQ; ++n)
+    TM_UNROLL
     for (int i = 0; i < 4; ++i) dq[n][i] = 0.0f;
   RowState rs{};
   float lse2[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
@@ -529,6 +546,7 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
     if (c == 0) {
       const int r0 = warp * 16 + (lane >> 2);
       rs = read_query_rows(rows, r0, nrows);
+      TM_UNROLL
       for (int ri = 0; ri < 2; ++ri) {
         lse2[ri] = rowf[r0 + 8 * ri];
         delta[ri] = rowf[kTileRows + r0 + 8 * ri];
@@ -536,12 +554,16 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
     }
 
     float s[KC][4], dp_[KC][4];
+    TM_UNROLL
     for (int n = 0; n < KC; ++n)
+      TM_UNROLL
       for (int i = 0; i < 4; ++i) s[n][i] = dp_[n][i] = 0.0f;
     gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
     mask_logits<E>(p, s, rs, keys, extra, h);
     gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
+    TM_UNROLL
     for (int n = 0; n < KC; ++n)
+      TM_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int ri = i >> 1;
         const float pe = s[n][i] == kNegInf ? 0.0f : exp2f_approx(s[n][i] - lse2[ri]);
@@ -550,7 +572,9 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
 
     if (rpb_grad && !extra) {
       if (!partials) {
+        TM_UNROLL
         for (int n = 0; n < KC; ++n)
+          TM_UNROLL
           for (int i = 0; i < 4; ++i) {
             const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
             if (s[n][i] == 0.0f) continue;  // masked (or exactly zero: nothing to add)
@@ -567,7 +591,9 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
         // Deterministic: stage dS, then each rpb offset the chunk can touch is summed by one
         // thread over the tile's queries in a fixed order into this tile's own partial row.
         constexpr int lds = kKeys + 1;
+        TM_UNROLL
         for (int n = 0; n < KC; ++n)
+          TM_UNROLL
           for (int i = 0; i < 4; ++i)
             sds[(warp * 16 + (lane >> 2) + 8 * (i >> 1)) * lds + n * 8 + 2 * (lane & 3) +
                 (i & 1)] = s[n][i];
@@ -614,6 +640,7 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
   cp_async_wait_group<0>();
 
   global_ptr<T> gq(static_cast<T*>(p.grad_q));
+  TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
     const int r = warp * 16 + (lane >> 2) + 8 * ri;
     if (r >= nrows) continue;
@@ -622,7 +649,9 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
     for (int t = 0; t < 3; ++t) i[t] += g.first[t];
     real_coords(p, g, i, x);
     const int64_t row = (int64_t(b) * p.tokens + token_index(p, x)) * p.heads + h;
+    TM_UNROLL
     for (int n = 0; n < NQ; ++n)
+      TM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = col0 + n * 8 + 2 * (lane & 3) + e;
         if (col < p.head_dim)
@@ -705,7 +734,9 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
   cp_async_commit_group();
 
   float dk[NC][4], dv[NC][4];
+  TM_UNROLL
   for (int n = 0; n < NC; ++n)
+    TM_UNROLL
     for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.0f;
   int kc[2][3];
   bool kvalid[2] = {false, false};
@@ -764,6 +795,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
       cp_async_wait_group<0>();
       sync_threads();
       if (first_chunk) {
+        TM_UNROLL
         for (int ri = 0; ri < 2; ++ri) {
           const int r = warp * 16 + (lane >> 2) + 8 * ri;
           kvalid[ri] = rows[3 * kTileRows + r] != 0;
@@ -774,12 +806,16 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
 
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
       float s[KC][4], dpt[KC][4];
+      TM_UNROLL
       for (int n = 0; n < KC; ++n)
+        TM_UNROLL
         for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
       gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
       gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
       float ds[KC][4];
+      TM_UNROLL
       for (int n = 0; n < KC; ++n)
+        TM_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
           bool keep = kvalid[ri] && cols[9 * kCols + j] != 0;
@@ -807,6 +843,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
   // Gradient rows are contiguous: [B, S.., H_kv, D] or [B, N, H_kv, D] for the extra tokens.
   global_ptr<T> gk(static_cast<T*>(extra ? p.grad_extra_k : p.grad_k)),
       gv(static_cast<T*>(extra ? p.grad_extra_v : p.grad_v));
+  TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
     const int r = warp * 16 + (lane >> 2) + 8 * ri;
     if (r >= nkeys) continue;
@@ -820,7 +857,9 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
       real_coords(p, g, i, x);
       row = (int64_t(b) * p.tokens + token_index(p, x)) * p.kv_heads + hk;
     }
+    TM_UNROLL
     for (int n = 0; n < NC; ++n)
+      TM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = col0 + n * 8 + 2 * (lane & 3) + e;
         if (col < p.head_dim)

@@ -85,6 +85,7 @@ TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
     for (int ks = 0; ks < k; ks += 16) {
       uint32_t af[4];
       ldmatrix_x4(af, a + (lane & 15) * lda + ks + (lane >> 4) * 8);
+      TM_UNROLL
       for (int n = 0; n < N; n += 2) {
         uint32_t r[4];
         ldmatrix_x4(r, b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks +
@@ -98,6 +99,7 @@ TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
     const int g = lane >> 2, c2 = 2 * (lane & 3);
     for (int kk = 0; kk < k; ++kk) {
       const float a0 = a[g * lda + kk], a1 = a[(g + 8) * lda + kk];
+      TM_UNROLL
       for (int n = 0; n < N; ++n) {
         const float b0 = b[(n * 8 + c2) * ldb + kk], b1 = b[(n * 8 + c2 + 1) * ldb + kk];
         acc[n][0] += a0 * b0;
@@ -115,12 +117,14 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
   const int lane = int(lane_id());
   if constexpr (E::kTensorCore) {
     static_assert(N % 2 == 0 && KC % 2 == 0, "tensor-core gemm_pn takes pairs of tiles");
+    TM_UNROLL
     for (int kk = 0; kk < KC / 2; ++kk) {
       // The accumulator fragments of columns 16kk..16kk+15 are the A fragment of k-step kk.
       const uint32_t af[4] = {E::pack(p[2 * kk][0], p[2 * kk][1]),
                               E::pack(p[2 * kk][2], p[2 * kk][3]),
                               E::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                               E::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+      TM_UNROLL
       for (int n = 0; n < N; n += 2) {
         uint32_t r[4];
         ldmatrix_x4_trans(r, b + (kk * 16 + (lane & 15)) * ldb + n * 8 + (lane >> 4) * 8);
@@ -132,6 +136,7 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
   } else {
     const int g = lane >> 2, c2 = 2 * (lane & 3);
     constexpr int lds = KC * 8 + 1;
+    TM_UNROLL
     for (int n = 0; n < KC; ++n) {
       stage[g * lds + n * 8 + c2] = p[n][0];
       stage[g * lds + n * 8 + c2 + 1] = p[n][1];
@@ -141,6 +146,7 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
     sync_warp();
     for (int j = 0; j < KC * 8; ++j) {
       const float p0 = stage[g * lds + j], p1 = stage[(g + 8) * lds + j];
+      TM_UNROLL
       for (int n = 0; n < N; ++n) {
         const float b0 = b[j * ldb + n * 8 + c2], b1 = b[j * ldb + n * 8 + c2 + 1];
         acc[n][0] += p0 * b0;

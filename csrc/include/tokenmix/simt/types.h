@@ -14,9 +14,13 @@
 #define TM_GLOBAL __global__
 // A function called from kernel code.
 #define TM_DEVICE __device__ __forceinline__
+// Fully unrolls the loop that follows: loops over register fragments must unroll, or the
+// fragments are indexed at run time and move to local memory.
+#define TM_UNROLL _Pragma("unroll")
 #else
 #define TM_GLOBAL __attribute__((noinline))
 #define TM_DEVICE inline
+#define TM_UNROLL
 #endif
 
 namespace tokenmix::simt {
