@@ -18,7 +18,13 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "doc", ["README.md", "docs/neighborhood_attention.md", "docs/simt_emulator.md"]
+    "doc",
+    [
+        "README.md",
+        "docs/neighborhood_attention.md",
+        "docs/simt_emulator.md",
+        "docs/cuda_engine.md",
+    ],
 )
 def test_markdown_python_blocks_run(doc):
     blocks = _python_blocks(ROOT / doc)

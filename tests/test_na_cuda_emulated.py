@@ -73,7 +73,12 @@ def make_inputs(c, dtype, seed):
 
 
 def window_args(c):
-    return [list(c["kernel"]), list(c["stride"]), list(c["dilation"]), [int(x) for x in c["causal"]]]
+    return [
+        list(c["kernel"]),
+        list(c["stride"]),
+        list(c["dilation"]),
+        [int(x) for x in c["causal"]],
+    ]
 
 
 def emulated(c, t, scale, grad_out, grad_lse, deterministic=False):
@@ -86,7 +91,13 @@ def emulated(c, t, scale, grad_out, grad_lse, deterministic=False):
         grad_out, t["q"], t["k"], t["v"], out, lse, t["rpb"], t["additional_keys"],
         t["additional_values"], *window_args(c), scale, grad_lse, deterministic,
     )  # fmt: skip
-    return out, lse, dict(zip(("q", "k", "v", "rpb", "additional_keys", "additional_values"), grads))
+    return (
+        out,
+        lse,
+        dict(
+            zip(("q", "k", "v", "rpb", "additional_keys", "additional_values"), grads, strict=True)
+        ),
+    )
 
 
 def reference(c, t, scale, grad_out, grad_lse):
@@ -146,8 +157,15 @@ CASES = {
     "2d-strided-rpb-general": make_case((9, 11), (3, 5), stride=(2, 1), dim=16, rpb=True),
     "2d-blocked": make_case((12, 8), (4, 4), stride=(4, 4), dim=32),
     "2d-causal-dilated": make_case((10, 9), (3, 3), dilation=(2, 1), causal=(True, False)),
-    "3d-mixed": make_case((5, 6, 7), 3, dilation=(1, 2, 1), causal=(True, False, False), dim=8,
-                          stride=(1, 1, 2), rpb=True),  # fmt: skip
+    "3d-mixed": make_case(
+        (5, 6, 7),
+        3,
+        dilation=(1, 2, 1),
+        causal=(True, False, False),
+        dim=8,
+        stride=(1, 1, 2),
+        rpb=True,
+    ),  # fmt: skip
     "gqa-extra-dv": make_case((13, 6), (3, 3), heads=4, heads_kv=2, dim=24, dim_v=40, n_extra=5),
     "mqa-extra-rpb": make_case((30,), 9, heads=3, heads_kv=1, rpb=True, n_extra=70, batch=2),
 }

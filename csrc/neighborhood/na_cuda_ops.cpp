@@ -41,8 +41,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cuda(
     IntList kernel, IntList stride, IntList dilation, IntList causal, double scale,
     std::optional<Tensor> grad_lse, bool deterministic) {
   const GpuBackend backend = backend_for(q);
-  return simt_backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, stride,
-                       dilation, causal, scale, grad_lse, deterministic, backend);
+  return simt_backward(grad_out, q, k, v, out, lse, rpb, extra_k, extra_v, kernel, stride, dilation,
+                       causal, scale, grad_lse, deterministic, backend);
 }
 
 }  // namespace

@@ -59,8 +59,7 @@ inline StridedView extra_view(const Tensor& t, const char* name) {
 }
 
 inline bool same_device(const Tensor& a, const Tensor& b) {
-  return a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda() &&
-         a.get_device() == b.get_device();
+  return a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda() && a.get_device() == b.get_device();
 }
 
 inline NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,

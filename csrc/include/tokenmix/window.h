@@ -80,8 +80,10 @@ TM_HOST_DEVICE void inverse_window_union(int first, int last, int group_length, 
     const int mid = (lo + hi) / 2;
     int s, e;
     window_range(mid, group_length, kernel, stride, causal, &s, &e);
-    if (e > first) hi = mid;
-    else lo = mid + 1;
+    if (e > first)
+      hi = mid;
+    else
+      lo = mid + 1;
   }
   *start = lo;
   lo = 0;
@@ -90,8 +92,10 @@ TM_HOST_DEVICE void inverse_window_union(int first, int last, int group_length, 
     const int mid = (lo + hi) / 2;
     int s, e;
     window_range(mid, group_length, kernel, stride, causal, &s, &e);
-    if (s > last) hi = mid;
-    else lo = mid + 1;
+    if (s > last)
+      hi = mid;
+    else
+      lo = mid + 1;
   }
   *end = lo;
 }

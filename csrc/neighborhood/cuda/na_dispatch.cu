@@ -12,8 +12,7 @@ void na_forward(const NeighborhoodProblem& p, void* stream) {
   }
 }
 
-void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace,
-                 void* stream) {
+void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace, void* stream) {
   switch (p.dtype) {
     case DType::kFloat16: return na_backward_f16(p, deterministic, workspace, stream);
     case DType::kBFloat16: return na_backward_bf16(p, deterministic, workspace, stream);

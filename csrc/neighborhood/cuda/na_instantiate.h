@@ -11,19 +11,19 @@
 #define TOKENMIX_NA_BACKEND emulated
 #endif
 
-#define TOKENMIX_NA_FORWARD(Elem, suffix)                                           \
-  namespace tokenmix::cuda::TOKENMIX_NA_BACKEND {                                   \
-  void na_forward_##suffix(const NeighborhoodProblem& p, void* stream) {            \
-    ::tokenmix::cuda::forward<::tokenmix::cuda::Elem>(p, stream);                   \
-  }                                                                                 \
+#define TOKENMIX_NA_FORWARD(Elem, suffix)                                \
+  namespace tokenmix::cuda::TOKENMIX_NA_BACKEND {                        \
+  void na_forward_##suffix(const NeighborhoodProblem& p, void* stream) { \
+    ::tokenmix::cuda::forward<::tokenmix::cuda::Elem>(p, stream);        \
+  }                                                                      \
   }
 
 #define TOKENMIX_NA_BACKWARD(Elem, suffix)                                                      \
   namespace tokenmix::cuda::TOKENMIX_NA_BACKEND {                                               \
   void na_backward_##suffix(const NeighborhoodProblem& p, bool deterministic, float* workspace, \
                             void* stream) {                                                     \
-    const int64_t rows = p.batch * p.tokens() * p.heads;                                       \
+    const int64_t rows = p.batch * p.tokens() * p.heads;                                        \
     ::tokenmix::cuda::backward<::tokenmix::cuda::Elem>(p, deterministic, workspace,             \
-                                                       workspace + rows, stream);              \
+                                                       workspace + rows, stream);               \
   }                                                                                             \
   }

@@ -45,7 +45,7 @@ struct SmemPlan {
 
 // Query-major kernels (forward, backward_dq): a tile of kTileRows queries, chunks of E::kKeys keys.
 struct QueryMajorSmem {
-  int ldq, ldv;                            // row strides of the D-wide and value-wide tiles
+  int ldq, ldv;                                // row strides of the D-wide and value-wide tiles
   int64_t q, go, k, v, rows, keys, stage, ds;  // byte offsets
   int64_t bytes;
 };
@@ -286,7 +286,7 @@ TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState&
   constexpr int kKeys = E::kKeys;
   const int lane = int(lane_id());
   TM_UNROLL
-  for (int n = 0; n < KC; ++n)
+  for (int n = 0; n < KC; ++n) {
     TM_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
@@ -302,6 +302,7 @@ TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState&
       }
       s[n][i] = keep ? s[n][i] * p.scale_log2 + bias : kNegInf;
     }
+  }
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -328,8 +329,7 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
   const shared_ptr<T> sq = ptr_cast<T>(smem + L.q), sk = ptr_cast<T>(smem + L.k),
                       sv = ptr_cast<T>(smem + L.v);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
-  const shared_ptr<float> stage =
-      ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
+  const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
       v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
       ev(static_cast<const T*>(p.extra_v));
@@ -342,9 +342,10 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
 
   float o[NV][4], m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
   TM_UNROLL
-  for (int n = 0; n < NV; ++n)
+  for (int n = 0; n < NV; ++n) {
     TM_UNROLL
     for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
+  }
   RowState rs{};
 
   const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
@@ -370,9 +371,10 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
 
     float s[KC][4];
     TM_UNROLL
-    for (int n = 0; n < KC; ++n)
+    for (int n = 0; n < KC; ++n) {
       TM_UNROLL
       for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+    }
     gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
     mask_logits<E>(p, s, rs, keys, extra, h);
 
@@ -392,13 +394,14 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
       m[ri] = m_new;
       float sum = 0.0f;
       TM_UNROLL
-      for (int n = 0; n < KC; ++n)
+      for (int n = 0; n < KC; ++n) {
         TM_UNROLL
         for (int e = 0; e < 2; ++e) {
           const float pe = exp2f_approx(s[n][2 * ri + e] - base);
           s[n][2 * ri + e] = pe;
           sum += pe;
         }
+      }
       l[ri] = l[ri] * alpha + sum;
       TM_UNROLL
       for (int n = 0; n < NV; ++n) {
@@ -420,12 +423,13 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     const int64_t row = query_row_offset(p, g, nrows, r, b, h, p.o_st);
     TM_UNROLL
-    for (int n = 0; n < NV; ++n)
+    for (int n = 0; n < NV; ++n) {
       TM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = vc0 + n * 8 + 2 * (lane & 3) + e;
         if (col < p.value_dim) out[row + col] = E::from_float(o[n][2 * ri + e] * inv);
       }
+    }
     if (vc0 == 0 && (lane & 3) == 0) {
       const int token = query_row_token(p, g, r);
       lse[(int64_t(b) * p.tokens + token) * p.heads + h] =
@@ -489,8 +493,7 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
                       sk = ptr_cast<T>(smem + L.k), sv = ptr_cast<T>(smem + L.v);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
   const shared_ptr<float> rowf = ptr_cast<float>(smem + L.rows) + 9 * kTileRows;  // lse2, delta
-  const shared_ptr<float> stage =
-      ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
+  const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const shared_ptr<float> sds = ptr_cast<float>(smem + L.ds);
   const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
       v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
@@ -516,9 +519,10 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
 
   float dq[NQ][4];
   TM_UNROLL
-  for (int n = 0; n < NQ; ++n)
+  for (int n = 0; n < NQ; ++n) {
     TM_UNROLL
     for (int i = 0; i < 4; ++i) dq[n][i] = 0.0f;
+  }
   RowState rs{};
   float lse2[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
   const global_ptr<float> grad_rpb(p.grad_rpb);
@@ -555,25 +559,27 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
 
     float s[KC][4], dp_[KC][4];
     TM_UNROLL
-    for (int n = 0; n < KC; ++n)
+    for (int n = 0; n < KC; ++n) {
       TM_UNROLL
       for (int i = 0; i < 4; ++i) s[n][i] = dp_[n][i] = 0.0f;
+    }
     gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
     mask_logits<E>(p, s, rs, keys, extra, h);
     gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
     TM_UNROLL
-    for (int n = 0; n < KC; ++n)
+    for (int n = 0; n < KC; ++n) {
       TM_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int ri = i >> 1;
         const float pe = s[n][i] == kNegInf ? 0.0f : exp2f_approx(s[n][i] - lse2[ri]);
         s[n][i] = pe * (dp_[n][i] - delta[ri]);  // dS (natural-log logits)
       }
+    }
 
     if (rpb_grad && !extra) {
       if (!partials) {
         TM_UNROLL
-        for (int n = 0; n < KC; ++n)
+        for (int n = 0; n < KC; ++n) {
           TM_UNROLL
           for (int i = 0; i < 4; ++i) {
             const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
@@ -587,16 +593,18 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
                            (int64_t(i0) * p.rpb_dims[1] + i1) * p.rpb_dims[2] + i2,
                        s[n][i]);
           }
+        }
       } else {
         // Deterministic: stage dS, then each rpb offset the chunk can touch is summed by one
         // thread over the tile's queries in a fixed order into this tile's own partial row.
         constexpr int lds = kKeys + 1;
         TM_UNROLL
-        for (int n = 0; n < KC; ++n)
+        for (int n = 0; n < KC; ++n) {
           TM_UNROLL
           for (int i = 0; i < 4; ++i)
-            sds[(warp * 16 + (lane >> 2) + 8 * (i >> 1)) * lds + n * 8 + 2 * (lane & 3) +
-                (i & 1)] = s[n][i];
+            sds[(warp * 16 + (lane >> 2) + 8 * (i >> 1)) * lds + n * 8 + 2 * (lane & 3) + (i & 1)] =
+                s[n][i];
+        }
         sync_threads();
         int olo[3], oext[3], ke[3];
         for (int t = 0; t < 3; ++t) {
@@ -618,8 +626,8 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
             unravel(r, g.count, i);
             bool in = true;
             for (int t = 0; t < 3; ++t) {
-              key[t] = g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1) -
-                       g.key_begin[t];
+              key[t] =
+                  g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1) - g.key_begin[t];
               in = in && key[t] >= 0 && key[t] < ke[t];
             }
             if (!in) continue;
@@ -650,13 +658,14 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
     real_coords(p, g, i, x);
     const int64_t row = (int64_t(b) * p.tokens + token_index(p, x)) * p.heads + h;
     TM_UNROLL
-    for (int n = 0; n < NQ; ++n)
+    for (int n = 0; n < NQ; ++n) {
       TM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = col0 + n * 8 + 2 * (lane & 3) + e;
         if (col < p.head_dim)
           gq[row * p.head_dim + col] = E::from_float(dq[n][2 * ri + e] * p.scale);
       }
+    }
   }
 }
 
@@ -704,8 +713,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
                       sq = ptr_cast<T>(smem + L.q), sgo = ptr_cast<T>(smem + L.go);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), cols = ptr_cast<int>(smem + L.cols);
   const shared_ptr<float> colf = ptr_cast<float>(smem + L.cols) + 10 * kCols;  // lse2, delta
-  const shared_ptr<float> stage =
-      ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kCols);
+  const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kCols);
   const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
       v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
       ev(static_cast<const T*>(p.extra_v)), go(static_cast<const T*>(p.grad_out));
@@ -713,8 +721,8 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
   // Key rows: coordinates (group) and validity; their K and V rows.
   auto key_offset = [&](int r, const int64_t* st, const int64_t* ext_st) -> int64_t {
     if (r >= nkeys) return -1;
-    if (extra) return int64_t(b) * ext_st[0] + int64_t(g.first[2] + r) * ext_st[1] +
-                      int64_t(hk) * ext_st[2];
+    if (extra)
+      return int64_t(b) * ext_st[0] + int64_t(g.first[2] + r) * ext_st[1] + int64_t(hk) * ext_st[2];
     int i[3], x[3];
     unravel(r, g.count, i);
     for (int t = 0; t < 3; ++t) i[t] += g.first[t];
@@ -735,9 +743,10 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
 
   float dk[NC][4], dv[NC][4];
   TM_UNROLL
-  for (int n = 0; n < NC; ++n)
+  for (int n = 0; n < NC; ++n) {
     TM_UNROLL
     for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.0f;
+  }
   int kc[2][3];
   bool kvalid[2] = {false, false};
 
@@ -807,14 +816,15 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
       float s[KC][4], dpt[KC][4];
       TM_UNROLL
-      for (int n = 0; n < KC; ++n)
+      for (int n = 0; n < KC; ++n) {
         TM_UNROLL
         for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
+      }
       gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
       gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
       float ds[KC][4];
       TM_UNROLL
-      for (int n = 0; n < KC; ++n)
+      for (int n = 0; n < KC; ++n) {
         TM_UNROLL
         for (int i = 0; i < 4; ++i) {
           const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
@@ -829,11 +839,11 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
             }
             if (keep && p.rpb) bias = rpb_bias<E>(p, h, kc[ri], qc) * kLog2e;
           }
-          const float pe =
-              keep ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;
+          const float pe = keep ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;
           s[n][i] = pe;
           ds[n][i] = pe * (dpt[n][i] - colf[kCols + j]);
         }
+      }
       gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
       gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
     }
@@ -858,7 +868,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
       row = (int64_t(b) * p.tokens + token_index(p, x)) * p.kv_heads + hk;
     }
     TM_UNROLL
-    for (int n = 0; n < NC; ++n)
+    for (int n = 0; n < NC; ++n) {
       TM_UNROLL
       for (int e = 0; e < 2; ++e) {
         const int col = col0 + n * 8 + 2 * (lane & 3) + e;
@@ -866,6 +876,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
           gk[row * p.head_dim + col] = E::from_float(dk[n][2 * ri + e] * p.scale);
         if (col < p.value_dim) gv[row * p.value_dim + col] = E::from_float(dv[n][2 * ri + e]);
       }
+    }
   }
 }
 

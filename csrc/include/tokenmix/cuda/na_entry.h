@@ -20,10 +20,12 @@ inline std::string unsupported_reason(const NeighborhoodProblem& p) {
            "(or run float64 on the CPU)";
   if (p.head_dim % 8 != 0 || p.head_dim > 256 || p.head_dim < 8)
     return "the CUDA kernels need a head dim (q.shape[-1]) that is a multiple of 8 in [8, 256], "
-           "got " + std::to_string(p.head_dim);
+           "got " +
+           std::to_string(p.head_dim);
   if (p.value_dim % 8 != 0 || p.value_dim > 256 || p.value_dim < 8)
     return "the CUDA kernels need a value head dim (v.shape[-1]) that is a multiple of 8 in "
-           "[8, 256], got " + std::to_string(p.value_dim);
+           "[8, 256], got " +
+           std::to_string(p.value_dim);
   if (p.tokens() * p.heads * p.batch >= (int64_t(1) << 31) || p.num_extra >= (int64_t(1) << 31))
     return "the CUDA kernels index rows with 32-bit integers: batch * tokens * heads must be "
            "below 2^31";
@@ -47,21 +49,21 @@ inline int64_t backward_workspace_floats(const NeighborhoodProblem& p, bool dete
   return floats;
 }
 
-#define TOKENMIX_NA_ENTRY_POINTS                                                               \
-  /* Writes p.out and p.lse. */                                                                \
-  void na_forward(const NeighborhoodProblem& p, void* stream);                                 \
-  /* Writes the gradients of p; grad_rpb must be zeroed (float atomics add into it unless */   \
-  /* deterministic). workspace: backward_workspace_floats(p, deterministic) floats. */         \
-  void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace,          \
-                   void* stream);                                                              \
-  void na_forward_f16(const NeighborhoodProblem& p, void* stream);                             \
-  void na_forward_bf16(const NeighborhoodProblem& p, void* stream);                            \
-  void na_forward_f32(const NeighborhoodProblem& p, void* stream);                             \
-  void na_backward_f16(const NeighborhoodProblem& p, bool deterministic, float* workspace,      \
-                       void* stream);                                                          \
-  void na_backward_bf16(const NeighborhoodProblem& p, bool deterministic, float* workspace,     \
-                        void* stream);                                                         \
-  void na_backward_f32(const NeighborhoodProblem& p, bool deterministic, float* workspace,      \
+#define TOKENMIX_NA_ENTRY_POINTS                                                             \
+  /* Writes p.out and p.lse. */                                                              \
+  void na_forward(const NeighborhoodProblem& p, void* stream);                               \
+  /* Writes the gradients of p; grad_rpb must be zeroed (float atomics add into it unless */ \
+  /* deterministic). workspace: backward_workspace_floats(p, deterministic) floats. */       \
+  void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace,       \
+                   void* stream);                                                            \
+  void na_forward_f16(const NeighborhoodProblem& p, void* stream);                           \
+  void na_forward_bf16(const NeighborhoodProblem& p, void* stream);                          \
+  void na_forward_f32(const NeighborhoodProblem& p, void* stream);                           \
+  void na_backward_f16(const NeighborhoodProblem& p, bool deterministic, float* workspace,   \
+                       void* stream);                                                        \
+  void na_backward_bf16(const NeighborhoodProblem& p, bool deterministic, float* workspace,  \
+                        void* stream);                                                       \
+  void na_backward_f32(const NeighborhoodProblem& p, bool deterministic, float* workspace,   \
                        void* stream);
 
 namespace gpu {

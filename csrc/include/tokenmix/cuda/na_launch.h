@@ -63,7 +63,8 @@ template <class E>
 NaParams make_params(const NeighborhoodProblem& p) {
   NaParams k{};
   int tile[3];
-  choose_tile_shape(p.dims, kTileRows, tile);
+  static_assert(kQueryTileVolume == kTileRows, "tokenmix.plan reports the tiles the kernels use");
+  choose_tile_shape(p.dims, kQueryTileVolume, tile);
   k.sched.init(p.dims, tile);
   k.batch = int(p.batch);
   k.heads = int(p.heads);

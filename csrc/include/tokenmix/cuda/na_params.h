@@ -20,16 +20,16 @@ constexpr int kGradChunk = 64;
 struct NaParams {
   NeighborhoodSchedule sched;  // query tiles; the backward uses the same shape for key tiles
   int batch, heads, kv_heads;
-  int head_dim, value_dim;       // D, Dv
-  int head_dim_padded;           // D rounded up to the kernel's k-step (16 for tensor cores)
-  int value_dim_padded;          // Dv rounded up to 16
-  int num_extra;                 // additional key/value tokens
-  int tokens;                    // S0 * S1 * S2
-  int64_t tiles_per_head;        // sched.tiles_per_head()
-  int64_t key_tiles_per_head;    // spatial key tiles (backward), = tiles_per_head
-  int extra_tiles;               // tiles of additional tokens (backward key tiles)
-  float scale;                   // softmax scale
-  float scale_log2;              // scale * log2(e): logits are kept in log2 units
+  int head_dim, value_dim;     // D, Dv
+  int head_dim_padded;         // D rounded up to the kernel's k-step (16 for tensor cores)
+  int value_dim_padded;        // Dv rounded up to 16
+  int num_extra;               // additional key/value tokens
+  int tokens;                  // S0 * S1 * S2
+  int64_t tiles_per_head;      // sched.tiles_per_head()
+  int64_t key_tiles_per_head;  // spatial key tiles (backward), = tiles_per_head
+  int extra_tiles;             // tiles of additional tokens (backward key tiles)
+  float scale;                 // softmax scale
+  float scale_log2;            // scale * log2(e): logits are kept in log2 units
   // Element strides of [B, S0, S1, S2, H] views (the feature stride is 1).
   int64_t q_st[5], k_st[5], v_st[5], o_st[5], go_st[5];
   int64_t ek_st[3], ev_st[3];  // [B, N, H_kv]
@@ -46,17 +46,17 @@ struct NaParams {
   float* lse;  // [B, tokens, H]
   // Backward inputs and outputs.
   const void* grad_out;
-  const void* out_in;      // the forward output (for delta = rowsum(dO * O))
-  const float* lse_in;     // the forward LSE
-  const float* grad_lse;   // optional
-  float* delta;            // workspace [B, tokens, H]: rowsum(dO * O) - grad_lse
-  void* grad_q;            // contiguous [B, S.., H, D]
-  void* grad_k;            // contiguous [B, S.., H_kv, D]
-  void* grad_v;            // contiguous [B, S.., H_kv, Dv]
-  void* grad_extra_k;      // contiguous [B, N, H_kv, D]
-  void* grad_extra_v;      // contiguous [B, N, H_kv, Dv]
-  float* grad_rpb;         // [H, rpb_size] fp32, zeroed before the backward
-  float* grad_rpb_partial; // deterministic mode: [B, H, tiles_per_head, rpb_size], zeroed
+  const void* out_in;       // the forward output (for delta = rowsum(dO * O))
+  const float* lse_in;      // the forward LSE
+  const float* grad_lse;    // optional
+  float* delta;             // workspace [B, tokens, H]: rowsum(dO * O) - grad_lse
+  void* grad_q;             // contiguous [B, S.., H, D]
+  void* grad_k;             // contiguous [B, S.., H_kv, D]
+  void* grad_v;             // contiguous [B, S.., H_kv, Dv]
+  void* grad_extra_k;       // contiguous [B, N, H_kv, D]
+  void* grad_extra_v;       // contiguous [B, N, H_kv, Dv]
+  float* grad_rpb;          // [H, rpb_size] fp32, zeroed before the backward
+  float* grad_rpb_partial;  // deterministic mode: [B, H, tiles_per_head, rpb_size], zeroed
   bool deterministic;
 };
 

@@ -88,8 +88,8 @@ TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
       TM_UNROLL
       for (int n = 0; n < N; n += 2) {
         uint32_t r[4];
-        ldmatrix_x4(r, b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks +
-                           ((lane >> 3) & 1) * 8);
+        ldmatrix_x4(
+            r, b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks + ((lane >> 3) & 1) * 8);
         const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
         E::mma(acc[n], af, b0);
         E::mma(acc[n + 1], af, b1);
@@ -120,10 +120,9 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
     TM_UNROLL
     for (int kk = 0; kk < KC / 2; ++kk) {
       // The accumulator fragments of columns 16kk..16kk+15 are the A fragment of k-step kk.
-      const uint32_t af[4] = {E::pack(p[2 * kk][0], p[2 * kk][1]),
-                              E::pack(p[2 * kk][2], p[2 * kk][3]),
-                              E::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                              E::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+      const uint32_t af[4] = {
+          E::pack(p[2 * kk][0], p[2 * kk][1]), E::pack(p[2 * kk][2], p[2 * kk][3]),
+          E::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), E::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
       TM_UNROLL
       for (int n = 0; n < N; n += 2) {
         uint32_t r[4];

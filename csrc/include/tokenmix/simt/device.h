@@ -261,7 +261,8 @@ TM_DEVICE float rsqrt(float x) {
 inline size_t max_dynamic_shared_bytes() {
   int device = 0, bytes = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess)
     return 48 * 1024;
   return size_t(bytes);
 }
