@@ -335,9 +335,33 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
       ev(static_cast<const T*>(p.extra_v));
   const int nrows = g.count[0] * g.count[1] * g.count[2];
 
+  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
+                  (g.key_end[2] - g.key_begin[2]);
+  const int spatial_chunks = (box + kKeys - 1) / kKeys;
+  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
+  auto chunk_first = [&](int c) { return (c >= spatial_chunks ? c - spatial_chunks : c) * kKeys; };
+  // Chunk c's key metadata and K rows; its V rows are a separate copy.
+  auto load_keys = [&](int c) {
+    const bool extra = c >= spatial_chunks;
+    const int first = chunk_first(c);
+    write_key_chunk<kKeys>(p, g, extra, first, keys);
+    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
+      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
+    });
+  };
+  auto load_values = [&](int c) {
+    const bool extra = c >= spatial_chunks;
+    const int first = chunk_first(c);
+    copy_rows(sv, L.ldv, kKeys, kVChunk, extra ? ev : v, vc0, p.value_dim, [&](int j) {
+      const int64_t off = key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
+      return off < 0 ? off : off + vc0;
+    });
+  };
+
   write_query_rows(p, g, nrows, rows);
   copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
+  if (chunks > 0) load_keys(0);
   cp_async_commit_group();
 
   float o[NV][4], m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
@@ -348,25 +372,14 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
   }
   RowState rs{};
 
-  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
-                  (g.key_end[2] - g.key_begin[2]);
-  const int spatial_chunks = (box + kKeys - 1) / kKeys;
-  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
+  // Two copies in flight per chunk, one shared tile each: V of chunk c lands while S = Q K^T is
+  // computed, K of chunk c + 1 while the softmax and P V run.
   for (int c = 0; c < chunks; ++c) {
     const bool extra = c >= spatial_chunks;
-    const int first = (extra ? c - spatial_chunks : c) * kKeys;
-    sync_threads();  // every warp is done with the previous chunk
-    write_key_chunk<kKeys>(p, g, extra, first, keys);
-    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
-      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
-    });
-    copy_rows(sv, L.ldv, kKeys, kVChunk, extra ? ev : v, vc0, p.value_dim, [&](int j) {
-      const int64_t off = key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
-      return off < 0 ? off : off + vc0;
-    });
+    cp_async_wait_group<0>();  // K (and metadata) of chunk c
+    sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
+    load_values(c);
     cp_async_commit_group();
-    cp_async_wait_group<0>();
-    sync_threads();
     if (c == 0) rs = read_query_rows(rows, warp * 16 + (lane >> 2), nrows);
 
     float s[KC][4];
@@ -377,6 +390,10 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
     }
     gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
     mask_logits<E>(p, s, rs, keys, extra, h);
+    cp_async_wait_group<0>();  // V of chunk c
+    sync_threads();            // every warp is done with K and the metadata of chunk c
+    if (c + 1 < chunks) load_keys(c + 1);
+    cp_async_commit_group();
 
     // Online softmax, two rows per thread; l holds this thread's partial row sums.
     TM_UNROLL
@@ -499,6 +516,26 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
       v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
       ev(static_cast<const T*>(p.extra_v)), go(static_cast<const T*>(p.grad_out));
   const int nrows = g.count[0] * g.count[1] * g.count[2];
+  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
+                  (g.key_end[2] - g.key_begin[2]);
+  const int spatial_chunks = (box + kKeys - 1) / kKeys;
+  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
+  auto chunk_first = [&](int c) { return (c >= spatial_chunks ? c - spatial_chunks : c) * kKeys; };
+  auto load_keys = [&](int c) {
+    const bool extra = c >= spatial_chunks;
+    const int first = chunk_first(c);
+    write_key_chunk<kKeys>(p, g, extra, first, keys);
+    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
+      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
+    });
+  };
+  auto load_values = [&](int c) {
+    const bool extra = c >= spatial_chunks;
+    const int first = chunk_first(c);
+    copy_rows(sv, L.ldv, kKeys, dvp, extra ? ev : v, 0, p.value_dim, [&](int j) {
+      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
+    });
+  };
 
   write_query_rows(p, g, nrows, rows);
   if (tid < kTileRows) {
@@ -515,6 +552,7 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
   copy_rows(sgo, L.ldv, kTileRows, dvp, go, 0, p.value_dim,
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.go_st); });
+  if (chunks > 0) load_keys(0);
   cp_async_commit_group();
 
   float dq[NQ][4];
@@ -529,24 +567,14 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
   const global_ptr<float> partial(
       partials ? p.grad_rpb_partial + (bh * p.tiles_per_head + tile) * p.rpb_size : nullptr);
 
-  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
-                  (g.key_end[2] - g.key_begin[2]);
-  const int spatial_chunks = (box + kKeys - 1) / kKeys;
-  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
+  // V of chunk c lands while S = Q K^T is computed (K is needed again for dQ += dS K).
   for (int c = 0; c < chunks; ++c) {
     const bool extra = c >= spatial_chunks;
-    const int first = (extra ? c - spatial_chunks : c) * kKeys;
+    const int first = chunk_first(c);
+    cp_async_wait_group<0>();  // K (and metadata) of chunk c
     sync_threads();
-    write_key_chunk<kKeys>(p, g, extra, first, keys);
-    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
-      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
-    });
-    copy_rows(sv, L.ldv, kKeys, dvp, extra ? ev : v, 0, p.value_dim, [&](int j) {
-      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
-    });
+    load_values(c);
     cp_async_commit_group();
-    cp_async_wait_group<0>();
-    sync_threads();
     if (c == 0) {
       const int r0 = warp * 16 + (lane >> 2);
       rs = read_query_rows(rows, r0, nrows);
@@ -565,6 +593,8 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
     }
     gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
     mask_logits<E>(p, s, rs, keys, extra, h);
+    cp_async_wait_group<0>();  // V of chunk c
+    sync_threads();
     gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
     TM_UNROLL
     for (int n = 0; n < KC; ++n) {
@@ -644,6 +674,9 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
       }
     }
     gemm_pn<E>(dq, s, sk + col0, L.ldq, stage);
+    sync_threads();  // every warp is done with K, V and the metadata of chunk c
+    if (c + 1 < chunks) load_keys(c + 1);
+    cp_async_commit_group();
   }
   cp_async_wait_group<0>();
 
@@ -701,7 +734,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
       inverse_window_union(g.first[t], g.first[t] + g.count[t] - 1, g.group_len[t],
                            p.sched.dims[t].kernel, p.sched.dims[t].stride, p.sched.dims[t].causal,
                            &qbegin[t], &qe);
-      qext[t] = qe - qbegin[t];
+      qext[t] = qe > qbegin[t] ? qe - qbegin[t] : 0;
     }
   }
   const int dp = grad_tile_width<kDim>(p), dvp = dp;
@@ -752,101 +785,117 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
 
   const int nq = qext[0] * qext[1] * qext[2];
   const int qchunks = (nq + kCols - 1) / kCols;
-  bool first_chunk = true;
-  for (int hg = 0; hg < group_heads; ++hg) {
-    const int h = hk * group_heads + hg;
-    for (int c = 0; c < qchunks; ++c) {
-      const int qfirst = c * kCols;
-      sync_threads();
-      // Query columns of this chunk: coordinates, windows, LSE and delta.
-      auto query_coords = [&](int j, int* qc, int* x) -> bool {
-        const int index = qfirst + j;
-        if (index >= nq) return false;
-        if (extra) {
-          token_coords(p, index, x);
-          return true;
-        }
-        unravel(index, qext, qc);
-        for (int t = 0; t < 3; ++t) qc[t] += qbegin[t];
-        real_coords(p, g, qc, x);
-        return true;
-      };
-      if (tid < kCols) {
-        int qc[3] = {0, 0, 0}, x[3];
-        const bool valid = query_coords(tid, qc, x);
-        float lse2 = 0.0f, delta = 0.0f;
-        for (int t = 0; t < 3; ++t) {
-          int lo = 0, hi = 0;
-          if (valid && !extra) p.sched.window(g, t, qc[t], &lo, &hi);
-          cols[t * kCols + tid] = qc[t];
-          cols[(3 + t) * kCols + tid] = lo;
-          cols[(6 + t) * kCols + tid] = hi;
-        }
-        if (valid) {
-          const int64_t row = (int64_t(b) * p.tokens + token_index(p, x)) * p.heads + h;
-          lse2 = global_ptr<const float>(p.lse_in)[row] * kLog2e;
-          delta = global_ptr<const float>(p.delta)[row];
-        }
-        cols[9 * kCols + tid] = valid ? 1 : 0;
-        colf[tid] = lse2;
-        colf[kCols + tid] = delta;
-      }
-      auto query_offset = [&](int j, const int64_t* st) -> int64_t {
-        int qc[3], x[3];
-        if (!query_coords(j, qc, x)) return -1;
-        return token_offset(st, b, x, h);
-      };
-      copy_rows(sq, L.ldq, kCols, dp, q, 0, p.head_dim,
-                [&](int j) { return query_offset(j, p.q_st); });
-      copy_rows(sgo, L.ldv, kCols, dvp, go, 0, p.value_dim,
-                [&](int j) { return query_offset(j, p.go_st); });
-      cp_async_commit_group();
-      cp_async_wait_group<0>();
-      sync_threads();
-      if (first_chunk) {
-        TM_UNROLL
-        for (int ri = 0; ri < 2; ++ri) {
-          const int r = warp * 16 + (lane >> 2) + 8 * ri;
-          kvalid[ri] = rows[3 * kTileRows + r] != 0;
-          for (int t = 0; t < 3; ++t) kc[ri][t] = rows[t * kTileRows + r];
-        }
-        first_chunk = false;
-      }
-
-      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
-      float s[KC][4], dpt[KC][4];
-      TM_UNROLL
-      for (int n = 0; n < KC; ++n) {
-        TM_UNROLL
-        for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
-      }
-      gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
-      gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
-      float ds[KC][4];
-      TM_UNROLL
-      for (int n = 0; n < KC; ++n) {
-        TM_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
-          bool keep = kvalid[ri] && cols[9 * kCols + j] != 0;
-          float bias = 0.0f;
-          if (keep && !extra) {
-            int qc[3];
-            for (int t = 0; t < 3; ++t) {
-              qc[t] = cols[t * kCols + j];
-              keep = keep && kc[ri][t] >= cols[(3 + t) * kCols + j] &&
-                     kc[ri][t] < cols[(6 + t) * kCols + j];
-            }
-            if (keep && p.rpb) bias = rpb_bias<E>(p, h, kc[ri], qc) * kLog2e;
-          }
-          const float pe = keep ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;
-          s[n][i] = pe;
-          ds[n][i] = pe * (dpt[n][i] - colf[kCols + j]);
-        }
-      }
-      gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
-      gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
+  const int steps = group_heads * qchunks;  // (query head of the kv head, query chunk)
+  // Query column j of the chunk starting at qfirst: group coordinates and real coordinates.
+  auto query_coords = [&](int qfirst, int j, int* qc, int* x) -> bool {
+    const int index = qfirst + j;
+    if (index >= nq) return false;
+    if (extra) {
+      token_coords(p, index, x);
+      return true;
     }
+    unravel(index, qext, qc);
+    for (int t = 0; t < 3; ++t) qc[t] += qbegin[t];
+    real_coords(p, g, qc, x);
+    return true;
+  };
+  auto query_offset = [&](int it, int j, const int64_t* st) -> int64_t {
+    int qc[3], x[3];
+    if (!query_coords((it % qchunks) * kCols, j, qc, x)) return -1;
+    return token_offset(st, b, x, hk * group_heads + it / qchunks);
+  };
+  // Step it's column metadata (coordinates, windows, LSE, delta) and Q rows; its dO rows are a
+  // separate copy.
+  auto load_queries = [&](int it) {
+    const int h = hk * group_heads + it / qchunks, qfirst = (it % qchunks) * kCols;
+    if (tid < kCols) {
+      int qc[3] = {0, 0, 0}, x[3];
+      const bool valid = query_coords(qfirst, tid, qc, x);
+      float lse2 = 0.0f, delta = 0.0f;
+      for (int t = 0; t < 3; ++t) {
+        int lo = 0, hi = 0;
+        if (valid && !extra) p.sched.window(g, t, qc[t], &lo, &hi);
+        cols[t * kCols + tid] = qc[t];
+        cols[(3 + t) * kCols + tid] = lo;
+        cols[(6 + t) * kCols + tid] = hi;
+      }
+      if (valid) {
+        const int64_t row = (int64_t(b) * p.tokens + token_index(p, x)) * p.heads + h;
+        lse2 = global_ptr<const float>(p.lse_in)[row] * kLog2e;
+        delta = global_ptr<const float>(p.delta)[row];
+      }
+      cols[9 * kCols + tid] = valid ? 1 : 0;
+      colf[tid] = lse2;
+      colf[kCols + tid] = delta;
+    }
+    copy_rows(sq, L.ldq, kCols, dp, q, 0, p.head_dim,
+              [&](int j) { return query_offset(it, j, p.q_st); });
+  };
+  auto load_grads = [&](int it) {
+    copy_rows(sgo, L.ldv, kCols, dvp, go, 0, p.value_dim,
+              [&](int j) { return query_offset(it, j, p.go_st); });
+  };
+  if (steps > 0) load_queries(0);
+  cp_async_commit_group();  // with K and V of the tile
+
+  // dO of step it lands while S^T = K Q^T is computed (Q is needed again for dK += dS^T Q).
+  for (int it = 0; it < steps; ++it) {
+    const int h = hk * group_heads + it / qchunks;
+    cp_async_wait_group<0>();  // Q and metadata of step it (and K, V at the first step)
+    sync_threads();
+    load_grads(it);
+    cp_async_commit_group();
+    if (it == 0) {
+      TM_UNROLL
+      for (int ri = 0; ri < 2; ++ri) {
+        const int r = warp * 16 + (lane >> 2) + 8 * ri;
+        kvalid[ri] = rows[3 * kTileRows + r] != 0;
+        for (int t = 0; t < 3; ++t) kc[ri][t] = rows[t * kTileRows + r];
+      }
+    }
+
+    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
+    float s[KC][4], dpt[KC][4];
+    TM_UNROLL
+    for (int n = 0; n < KC; ++n) {
+      TM_UNROLL
+      for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
+    }
+    gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
+    TM_UNROLL
+    for (int n = 0; n < KC; ++n) {
+      TM_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
+        bool keep = kvalid[ri] && cols[9 * kCols + j] != 0;
+        float bias = 0.0f;
+        if (keep && !extra) {
+          int qc[3];
+          for (int t = 0; t < 3; ++t) {
+            qc[t] = cols[t * kCols + j];
+            keep = keep && kc[ri][t] >= cols[(3 + t) * kCols + j] &&
+                   kc[ri][t] < cols[(6 + t) * kCols + j];
+          }
+          if (keep && p.rpb) bias = rpb_bias<E>(p, h, kc[ri], qc) * kLog2e;
+        }
+        s[n][i] = keep ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;  // P^T
+      }
+    }
+    cp_async_wait_group<0>();  // dO of step it
+    sync_threads();
+    gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
+    float ds[KC][4];
+    TM_UNROLL
+    for (int n = 0; n < KC; ++n) {
+      TM_UNROLL
+      for (int i = 0; i < 4; ++i)
+        ds[n][i] = s[n][i] * (dpt[n][i] - colf[kCols + n * 8 + 2 * (lane & 3) + (i & 1)]);
+    }
+    gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
+    gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
+    sync_threads();  // every warp is done with Q, dO and the metadata of step it
+    if (it + 1 < steps) load_queries(it + 1);
+    cp_async_commit_group();
   }
   cp_async_wait_group<0>();
 
