@@ -9,20 +9,21 @@ namespace {
 using namespace tokenmix::na_op;
 
 struct GpuBackend {
+  int device;
   void* stream;
   bool poison = false;
   void forward(const tokenmix::NeighborhoodProblem& p) const {
-    tokenmix::cuda::gpu::na_forward(p, stream);
+    tokenmix::cuda::gpu::na_forward(p, device, stream);
   }
   void backward(const tokenmix::NeighborhoodProblem& p, bool deterministic,
                 float* workspace) const {
-    tokenmix::cuda::gpu::na_backward(p, deterministic, workspace, stream);
+    tokenmix::cuda::gpu::na_backward(p, deterministic, workspace, device, stream);
   }
 };
 
 GpuBackend backend_for(const Tensor& q) {
   STD_TORCH_CHECK(q.is_cuda(), "tokenmix: CUDA kernel called with non-CUDA tensors");
-  return GpuBackend{tokenmix::current_cuda_stream(q.get_device())};
+  return GpuBackend{q.get_device(), tokenmix::current_cuda_stream(q.get_device())};
 }
 
 std::tuple<Tensor, Tensor> na_forward_cuda(Tensor q, Tensor k, Tensor v, std::optional<Tensor> rpb,

@@ -272,6 +272,25 @@ bool allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) ==
          cudaSuccess;
 }
+// Makes `index` the current device for the guard's lifetime (kernels launch on the current
+// device, which the caller's tensors may not be on).
+class device_guard {
+ public:
+  explicit device_guard(int index) {
+    if (cudaGetDevice(&previous_) == cudaSuccess && index >= 0 && index != previous_)
+      changed_ = cudaSetDevice(index) == cudaSuccess;
+  }
+  ~device_guard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+  device_guard(const device_guard&) = delete;
+  device_guard& operator=(const device_guard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
 // The first error of the last launches (cudaGetLastError), nullptr when there was none.
 inline const char* last_launch_error() {
   const cudaError_t e = cudaGetLastError();

@@ -435,6 +435,12 @@ template <class... P>
 bool allow_dynamic_shared(void (*)(P...), size_t bytes) {
   return bytes <= max_dynamic_shared_bytes();
 }
+// One emulated device: nothing to switch.
+class device_guard {
+ public:
+  explicit device_guard(int) {}
+};
+
 // Launches report their errors by throwing emulator_error: nothing is left pending.
 inline const char* last_launch_error() {
   return nullptr;
