@@ -15,6 +15,7 @@ import warnings
 import pytest
 import tokenmix
 import torch
+from na_cases import make_cfg, make_inputs
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 
 LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
@@ -28,48 +29,8 @@ def emulated_library():
     torch.ops.load_library(LIBRARY)
 
 
-def _tup(x, rank):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,) * rank
-
-
-def make_case(shape, kernel, stride=1, dilation=1, causal=False, heads=2, heads_kv=None,
-              dim=32, dim_v=None, batch=1, rpb=False, n_extra=None):  # fmt: skip
-    rank = len(shape)
-    return dict(
-        shape=tuple(shape),
-        kernel=_tup(kernel, rank),
-        stride=_tup(stride, rank),
-        dilation=_tup(dilation, rank),
-        causal=_tup(causal, rank),
-        heads=heads,
-        heads_kv=heads if heads_kv is None else heads_kv,
-        dim=dim,
-        dim_v=dim if dim_v is None else dim_v,
-        batch=batch,
-        rpb=rpb,
-        n_extra=n_extra,
-    )
-
-
-def make_inputs(c, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    b, s, h, hkv = c["batch"], c["shape"], c["heads"], c["heads_kv"]
-    t = dict(
-        q=rand(b, *s, h, c["dim"]),
-        k=rand(b, *s, hkv, c["dim"]),
-        v=rand(b, *s, hkv, c["dim_v"]),
-        rpb=rand(h, *(2 * x - 1 for x in c["kernel"])) if c["rpb"] else None,
-        additional_keys=None,
-        additional_values=None,
-    )
-    if c["n_extra"] is not None:
-        t["additional_keys"] = rand(b, c["n_extra"], hkv, c["dim"])
-        t["additional_values"] = rand(b, c["n_extra"], hkv, c["dim_v"])
-    return t
+def make_case(*args, dim=32, **kwargs):
+    return make_cfg(*args, dim=dim, **kwargs)
 
 
 def window_args(c):

@@ -46,11 +46,11 @@ Tensor mma_gemm(Tensor a, Tensor b) {
 struct EmulatedBackend {
   bool poison = true;
   void forward(const tokenmix::NeighborhoodProblem& p) const {
-    tokenmix::cuda::emulated::na_forward(p, -1, nullptr);
+    tokenmix::cuda::emulated::na_forward(p, nullptr);
   }
   void backward(const tokenmix::NeighborhoodProblem& p, bool deterministic,
                 float* workspace) const {
-    tokenmix::cuda::emulated::na_backward(p, deterministic, workspace, -1, nullptr);
+    tokenmix::cuda::emulated::na_backward(p, deterministic, workspace, nullptr);
   }
 };
 

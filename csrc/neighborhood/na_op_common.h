@@ -152,7 +152,8 @@ inline std::tuple<Tensor, Tensor> forward_outputs(const Tensor& q, const Neighbo
   return {out, lse};
 }
 
-struct BackwardOutputs {
+// Hidden like torch::stable::Tensor, which it holds.
+struct __attribute__((visibility("hidden"))) BackwardOutputs {
   Tensor dq, dk, dv, drpb, dek, dev;
 };
 

@@ -25,6 +25,16 @@ inline void check_supported(const Tensor& q, const Tensor& k, const Tensor& v,
   STD_TORCH_CHECK(reason.empty(), "tokenmix: ", reason);
 }
 
+// The kernels copy rows 16 bytes at a time: inputs whose rows are not aligned are copied.
+inline void align_inputs(Tensor& q, Tensor& k, Tensor& v, std::optional<Tensor>& extra_k,
+                         std::optional<Tensor>& extra_v) {
+  q = aligned_rows(q);
+  k = aligned_rows(k);
+  v = aligned_rows(v);
+  extra_k = aligned_rows(extra_k);
+  extra_v = aligned_rows(extra_v);
+}
+
 // Backend: struct with forward(p), backward(p, deterministic, workspace) and a `poison` flag.
 template <class Backend>
 std::tuple<Tensor, Tensor> simt_forward(Tensor q, Tensor k, Tensor v, std::optional<Tensor> rpb,
@@ -33,11 +43,7 @@ std::tuple<Tensor, Tensor> simt_forward(Tensor q, Tensor k, Tensor v, std::optio
                                         IntList stride, IntList dilation, IntList causal,
                                         double scale, const Backend& backend) {
   check_supported(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
-  q = aligned_rows(q);
-  k = aligned_rows(k);
-  v = aligned_rows(v);
-  extra_k = aligned_rows(extra_k);
-  extra_v = aligned_rows(extra_v);
+  align_inputs(q, k, v, extra_k, extra_v);
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   auto [out, lse] = forward_outputs(q, p);
   if (out.numel() == 0) return {out, lse};
@@ -59,12 +65,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> simt_backward(
     IntList kernel, IntList stride, IntList dilation, IntList causal, double scale,
     std::optional<Tensor> grad_lse, bool deterministic, const Backend& backend) {
   check_supported(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
-  q = aligned_rows(q);
-  k = aligned_rows(k);
-  v = aligned_rows(v);
+  align_inputs(q, k, v, extra_k, extra_v);
   grad_out = aligned_rows(grad_out);
-  extra_k = aligned_rows(extra_k);
-  extra_v = aligned_rows(extra_v);
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   BackwardOutputs g;
   const int rank = int(kernel.size());

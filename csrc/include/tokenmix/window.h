@@ -75,29 +75,23 @@ TM_HOST_DEVICE void window_union(int first, int last, int group_length, int kern
 // `last`]. Binary searches, O(log group_length). The backward visits query tiles through this.
 TM_HOST_DEVICE void inverse_window_union(int first, int last, int group_length, int kernel,
                                          int stride, bool causal, int* start, int* end) {
-  int lo = 0, hi = group_length;  // first query whose window end exceeds `first`
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    int s, e;
-    window_range(mid, group_length, kernel, stride, causal, &s, &e);
-    if (e > first)
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  *start = lo;
-  lo = 0;
-  hi = group_length;  // first query whose window starts after `last`
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    int s, e;
-    window_range(mid, group_length, kernel, stride, causal, &s, &e);
-    if (s > last)
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  *end = lo;
+  // The first query q whose window satisfies `past(window start, window end)`; the predicate
+  // is monotone in q because both window ends are.
+  auto first_query = [&](auto past) {
+    int lo = 0, hi = group_length;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      int s, e;
+      window_range(mid, group_length, kernel, stride, causal, &s, &e);
+      if (past(s, e))
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    return lo;
+  };
+  *start = first_query([&](int, int e) { return e > first; });
+  *end = first_query([&](int s, int) { return s > last; });
 }
 
 // Index into the relative-position-bias axis of this dimension (size 2k-1).

@@ -3,8 +3,7 @@
 
 namespace tokenmix::cuda::TOKENMIX_NA_BACKEND {
 
-void na_forward(const NeighborhoodProblem& p, int device, void* stream) {
-  const device_guard guard(device);
+void na_forward(const NeighborhoodProblem& p, void* stream) {
   switch (p.dtype) {
     case DType::kFloat16: return na_forward_f16(p, stream);
     case DType::kBFloat16: return na_forward_bf16(p, stream);
@@ -13,9 +12,7 @@ void na_forward(const NeighborhoodProblem& p, int device, void* stream) {
   }
 }
 
-void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace, int device,
-                 void* stream) {
-  const device_guard guard(device);
+void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace, void* stream) {
   switch (p.dtype) {
     case DType::kFloat16: return na_backward_f16(p, deterministic, workspace, stream);
     case DType::kBFloat16: return na_backward_bf16(p, deterministic, workspace, stream);

@@ -305,6 +305,71 @@ TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState&
   }
 }
 
+// The block's place in a query-major grid (grid.x = batch x heads x query tiles) and its tile.
+struct QueryTileBlock {
+  int64_t tile, bh;  // tile within (batch, head); batch * heads + head
+  int b, h, hk;      // batch, query head, its kv head
+  TileGeometry g;
+  int nrows;  // queries in the tile (the rest of the kTileRows rows are padding)
+  // False past the end of a shorter dilation group (the whole block returns).
+  TM_DEVICE bool init(const NaParams& p) {
+    tile = int64_t(block_idx().x) % p.tiles_per_head;
+    bh = int64_t(block_idx().x) / p.tiles_per_head;
+    b = int(bh / p.heads);
+    h = int(bh % p.heads);
+    hk = h / (p.heads / p.kv_heads);
+    if (!p.sched.decode(tile, &g)) return false;
+    nrows = g.count[0] * g.count[1] * g.count[2];
+    return true;
+  }
+};
+
+// The key chunks a query tile visits: its key box in chunks of E::kKeys linearized keys, then the
+// additional tokens. Chunk c's key metadata and K rows are one copy, its V rows another, so that
+// the kernels can overlap them with different math.
+template <class E>
+struct KeyChunks {
+  using T = typename E::T;
+  static constexpr int kKeys = E::kKeys;
+  const NaParams& p;
+  const QueryTileBlock& blk;
+  int spatial, count;
+  global_ptr<const T> k, v, ek, ev;
+
+  TM_DEVICE KeyChunks(const NaParams& params, const QueryTileBlock& block)
+      : p(params),
+        blk(block),
+        k(static_cast<const T*>(params.k)),
+        v(static_cast<const T*>(params.v)),
+        ek(static_cast<const T*>(params.extra_k)),
+        ev(static_cast<const T*>(params.extra_v)) {
+    const TileGeometry& g = block.g;
+    const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
+                    (g.key_end[2] - g.key_begin[2]);
+    spatial = (box + kKeys - 1) / kKeys;
+    count = spatial + (params.num_extra + kKeys - 1) / kKeys;
+  }
+  TM_DEVICE bool extra(int c) const { return c >= spatial; }
+  // First key (linear index in the box, or additional token) of chunk c.
+  TM_DEVICE int first(int c) const { return (extra(c) ? c - spatial : c) * kKeys; }
+  TM_DEVICE int64_t row(int c, int j, const int64_t* st, const int64_t* extra_st) const {
+    return key_row_offset<kKeys>(p, blk.g, extra(c), first(c), j, blk.b, blk.hk, st, extra_st);
+  }
+  // Metadata and K rows of chunk c (`width` columns of each row).
+  TM_DEVICE void load_keys(int c, shared_ptr<int> keys, shared_ptr<T> sk, int ld, int width) const {
+    write_key_chunk<kKeys>(p, blk.g, extra(c), first(c), keys);
+    copy_rows(sk, ld, kKeys, width, extra(c) ? ek : k, 0, p.head_dim,
+              [&](int j) { return row(c, j, p.k_st, p.ek_st); });
+  }
+  // Columns [col0, col0 + width) of the V rows of chunk c.
+  TM_DEVICE void load_values(int c, shared_ptr<T> sv, int ld, int width, int col0) const {
+    copy_rows(sv, ld, kKeys, width, extra(c) ? ev : v, col0, p.value_dim, [&](int j) {
+      const int64_t off = row(c, j, p.v_st, p.ev_st);
+      return off < 0 ? off : off + col0;
+    });
+  }
+};
+
 // ---- forward -----------------------------------------------------------------------------------
 
 // kDim: the head dim when D == Dv == kDim (one value chunk), 0 for the general path (any D, Dv
@@ -316,13 +381,11 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
   constexpr int NV = kVChunk / 8;
   const int lane = int(lane_id()), warp = int(warp_id());
-  const int64_t tile = int64_t(block_idx().x) % p.tiles_per_head;
-  const int64_t bh = int64_t(block_idx().x) / p.tiles_per_head;
-  const int b = int(bh / p.heads), h = int(bh % p.heads);
-  const int hk = h / (p.heads / p.kv_heads);
   const int vc0 = int(block_idx().y) * kVChunk;
-  TileGeometry g;
-  if (!p.sched.decode(tile, &g)) return;  // past the end of a shorter dilation group
+  QueryTileBlock blk;
+  if (!blk.init(p)) return;
+  const TileGeometry& g = blk.g;
+  const int b = blk.b, h = blk.h, nrows = blk.nrows;
   const int dp = kDim > 0 ? kDim : p.head_dim_padded;
   const QueryMajorSmem L = query_major_smem<E>(dp, kVChunk, false, false);
   const shared_ptr<unsigned char> smem = dynamic_shared<unsigned char>();
@@ -330,38 +393,13 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
                       sv = ptr_cast<T>(smem + L.v);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
-  const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
-      v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
-      ev(static_cast<const T*>(p.extra_v));
-  const int nrows = g.count[0] * g.count[1] * g.count[2];
-
-  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
-                  (g.key_end[2] - g.key_begin[2]);
-  const int spatial_chunks = (box + kKeys - 1) / kKeys;
-  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
-  auto chunk_first = [&](int c) { return (c >= spatial_chunks ? c - spatial_chunks : c) * kKeys; };
-  // Chunk c's key metadata and K rows; its V rows are a separate copy.
-  auto load_keys = [&](int c) {
-    const bool extra = c >= spatial_chunks;
-    const int first = chunk_first(c);
-    write_key_chunk<kKeys>(p, g, extra, first, keys);
-    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
-      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
-    });
-  };
-  auto load_values = [&](int c) {
-    const bool extra = c >= spatial_chunks;
-    const int first = chunk_first(c);
-    copy_rows(sv, L.ldv, kKeys, kVChunk, extra ? ev : v, vc0, p.value_dim, [&](int j) {
-      const int64_t off = key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
-      return off < 0 ? off : off + vc0;
-    });
-  };
+  const global_ptr<const T> q(static_cast<const T*>(p.q));
+  const KeyChunks<E> chunks(p, blk);
 
   write_query_rows(p, g, nrows, rows);
   copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
-  if (chunks > 0) load_keys(0);
+  if (chunks.count > 0) chunks.load_keys(0, keys, sk, L.ldq, dp);
   cp_async_commit_group();
 
   float o[NV][4], m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
@@ -374,11 +412,11 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
 
   // Two copies in flight per chunk, one shared tile each: V of chunk c lands while S = Q K^T is
   // computed, K of chunk c + 1 while the softmax and P V run.
-  for (int c = 0; c < chunks; ++c) {
-    const bool extra = c >= spatial_chunks;
+  for (int c = 0; c < chunks.count; ++c) {
+    const bool extra = chunks.extra(c);
     cp_async_wait_group<0>();  // K (and metadata) of chunk c
     sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
-    load_values(c);
+    chunks.load_values(c, sv, L.ldv, kVChunk, vc0);
     cp_async_commit_group();
     if (c == 0) rs = read_query_rows(rows, warp * 16 + (lane >> 2), nrows);
 
@@ -392,7 +430,7 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
     mask_logits<E>(p, s, rs, keys, extra, h);
     cp_async_wait_group<0>();  // V of chunk c
     sync_threads();            // every warp is done with K and the metadata of chunk c
-    if (c + 1 < chunks) load_keys(c + 1);
+    if (c + 1 < chunks.count) chunks.load_keys(c + 1, keys, sk, L.ldq, dp);
     cp_async_commit_group();
 
     // Online softmax, two rows per thread; l holds this thread's partial row sums.
@@ -491,15 +529,14 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
   constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
   constexpr int NQ = kChunk / 8;
   const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
-  const int64_t tile = int64_t(block_idx().x) % p.tiles_per_head;
-  const int64_t bh = int64_t(block_idx().x) / p.tiles_per_head;
-  const int b = int(bh / p.heads), h = int(bh % p.heads);
-  const int hk = h / (p.heads / p.kv_heads);
   const int col0 = int(block_idx().y) * kChunk;
   const bool rpb_grad = p.rpb != nullptr && block_idx().y == 0;
   const bool partials = rpb_grad && p.deterministic;
-  TileGeometry g;
-  if (!p.sched.decode(tile, &g)) return;
+  QueryTileBlock blk;
+  if (!blk.init(p)) return;
+  const TileGeometry& g = blk.g;
+  const int b = blk.b, h = blk.h, nrows = blk.nrows;
+  const int64_t tile = blk.tile, bh = blk.bh;
   const int dp = grad_tile_width<kDim>(p), dvp = dp;
   // k extents of S = Q K^T and dP = dO V^T (the tiles are zero past D and Dv)
   const int kq = kDim > 0 ? kDim : p.head_dim_padded;
@@ -512,30 +549,8 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
   const shared_ptr<float> rowf = ptr_cast<float>(smem + L.rows) + 9 * kTileRows;  // lse2, delta
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const shared_ptr<float> sds = ptr_cast<float>(smem + L.ds);
-  const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
-      v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
-      ev(static_cast<const T*>(p.extra_v)), go(static_cast<const T*>(p.grad_out));
-  const int nrows = g.count[0] * g.count[1] * g.count[2];
-  const int box = (g.key_end[0] - g.key_begin[0]) * (g.key_end[1] - g.key_begin[1]) *
-                  (g.key_end[2] - g.key_begin[2]);
-  const int spatial_chunks = (box + kKeys - 1) / kKeys;
-  const int chunks = spatial_chunks + (p.num_extra + kKeys - 1) / kKeys;
-  auto chunk_first = [&](int c) { return (c >= spatial_chunks ? c - spatial_chunks : c) * kKeys; };
-  auto load_keys = [&](int c) {
-    const bool extra = c >= spatial_chunks;
-    const int first = chunk_first(c);
-    write_key_chunk<kKeys>(p, g, extra, first, keys);
-    copy_rows(sk, L.ldq, kKeys, dp, extra ? ek : k, 0, p.head_dim, [&](int j) {
-      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.k_st, p.ek_st);
-    });
-  };
-  auto load_values = [&](int c) {
-    const bool extra = c >= spatial_chunks;
-    const int first = chunk_first(c);
-    copy_rows(sv, L.ldv, kKeys, dvp, extra ? ev : v, 0, p.value_dim, [&](int j) {
-      return key_row_offset<kKeys>(p, g, extra, first, j, b, hk, p.v_st, p.ev_st);
-    });
-  };
+  const global_ptr<const T> q(static_cast<const T*>(p.q)), go(static_cast<const T*>(p.grad_out));
+  const KeyChunks<E> chunks(p, blk);
 
   write_query_rows(p, g, nrows, rows);
   if (tid < kTileRows) {
@@ -552,7 +567,7 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
   copy_rows(sgo, L.ldv, kTileRows, dvp, go, 0, p.value_dim,
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.go_st); });
-  if (chunks > 0) load_keys(0);
+  if (chunks.count > 0) chunks.load_keys(0, keys, sk, L.ldq, dp);
   cp_async_commit_group();
 
   float dq[NQ][4];
@@ -568,12 +583,12 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
       partials ? p.grad_rpb_partial + (bh * p.tiles_per_head + tile) * p.rpb_size : nullptr);
 
   // V of chunk c lands while S = Q K^T is computed (K is needed again for dQ += dS K).
-  for (int c = 0; c < chunks; ++c) {
-    const bool extra = c >= spatial_chunks;
-    const int first = chunk_first(c);
+  for (int c = 0; c < chunks.count; ++c) {
+    const bool extra = chunks.extra(c);
+    const int first = chunks.first(c);
     cp_async_wait_group<0>();  // K (and metadata) of chunk c
     sync_threads();
-    load_values(c);
+    chunks.load_values(c, sv, L.ldv, dvp, 0);
     cp_async_commit_group();
     if (c == 0) {
       const int r0 = warp * 16 + (lane >> 2);
@@ -601,8 +616,10 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
       TM_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int ri = i >> 1;
-        const float pe = s[n][i] == kNegInf ? 0.0f : exp2f_approx(s[n][i] - lse2[ri]);
-        s[n][i] = pe * (dp_[n][i] - delta[ri]);  // dS (natural-log logits)
+        // dS (natural-log logits); exactly 0 where masked, even when the masked key's dP is
+        // not finite (0 * inf would be NaN)
+        const bool keep = s[n][i] != kNegInf;
+        s[n][i] = keep ? exp2f_approx(s[n][i] - lse2[ri]) * (dp_[n][i] - delta[ri]) : 0.0f;
       }
     }
 
@@ -673,9 +690,10 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
         }
       }
     }
+    sync_warp();  // reconverge after the per-lane rpb code: mma.sync needs all 32 lanes
     gemm_pn<E>(dq, s, sk + col0, L.ldq, stage);
     sync_threads();  // every warp is done with K, V and the metadata of chunk c
-    if (c + 1 < chunks) load_keys(c + 1);
+    if (c + 1 < chunks.count) chunks.load_keys(c + 1, keys, sk, L.ldq, dp);
     cp_async_commit_group();
   }
   cp_async_wait_group<0>();
@@ -889,7 +907,9 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
     for (int n = 0; n < KC; ++n) {
       TM_UNROLL
       for (int i = 0; i < 4; ++i)
-        ds[n][i] = s[n][i] * (dpt[n][i] - colf[kCols + n * 8 + 2 * (lane & 3) + (i & 1)]);
+        ds[n][i] = s[n][i] == 0.0f  // masked: exactly 0 (see the dQ kernel)
+                       ? 0.0f
+                       : s[n][i] * (dpt[n][i] - colf[kCols + n * 8 + 2 * (lane & 3) + (i & 1)]);
     }
     gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
     gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);

@@ -1,8 +1,8 @@
 // Entry points of the CUDA neighborhood-attention engine, seen by the op layers. The kernels are
 // built twice: by nvcc for the GPU (namespace gpu, in tokenmix/_C.so) and by the host compiler for
 // the SIMT emulator (namespace emulated, in the test library tokenmix/_emulated.so). Pointers in
-// the problem are device pointers for gpu:: and host pointers for emulated::; `device` is the CUDA
-// device of the tensors (made current for the launches; ignored by the emulator).
+// the problem are device pointers for gpu:: and host pointers for emulated::. The caller makes the
+// tensors' device current (torch's DeviceGuard) and passes its current stream.
 #pragma once
 
 #include <cstddef>
@@ -50,21 +50,21 @@ inline int64_t backward_workspace_floats(const NeighborhoodProblem& p, bool dete
   return floats;
 }
 
-#define TOKENMIX_NA_ENTRY_POINTS                                                                   \
-  /* Writes p.out and p.lse. */                                                                    \
-  void na_forward(const NeighborhoodProblem& p, int device, void* stream);                         \
-  /* Writes the gradients of p; grad_rpb must be zeroed (float atomics add into it unless */       \
-  /* deterministic). workspace: backward_workspace_floats(p, deterministic) floats. */             \
-  void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace, int device, \
-                   void* stream);                                                                  \
-  void na_forward_f16(const NeighborhoodProblem& p, void* stream);                                 \
-  void na_forward_bf16(const NeighborhoodProblem& p, void* stream);                                \
-  void na_forward_f32(const NeighborhoodProblem& p, void* stream);                                 \
-  void na_backward_f16(const NeighborhoodProblem& p, bool deterministic, float* workspace,         \
-                       void* stream);                                                              \
-  void na_backward_bf16(const NeighborhoodProblem& p, bool deterministic, float* workspace,        \
-                        void* stream);                                                             \
-  void na_backward_f32(const NeighborhoodProblem& p, bool deterministic, float* workspace,         \
+#define TOKENMIX_NA_ENTRY_POINTS                                                             \
+  /* Writes p.out and p.lse. */                                                              \
+  void na_forward(const NeighborhoodProblem& p, void* stream);                               \
+  /* Writes the gradients of p; grad_rpb must be zeroed (float atomics add into it unless */ \
+  /* deterministic). workspace: backward_workspace_floats(p, deterministic) floats. */       \
+  void na_backward(const NeighborhoodProblem& p, bool deterministic, float* workspace,       \
+                   void* stream);                                                            \
+  void na_forward_f16(const NeighborhoodProblem& p, void* stream);                           \
+  void na_forward_bf16(const NeighborhoodProblem& p, void* stream);                          \
+  void na_forward_f32(const NeighborhoodProblem& p, void* stream);                           \
+  void na_backward_f16(const NeighborhoodProblem& p, bool deterministic, float* workspace,   \
+                       void* stream);                                                        \
+  void na_backward_bf16(const NeighborhoodProblem& p, bool deterministic, float* workspace,  \
+                        void* stream);                                                       \
+  void na_backward_f32(const NeighborhoodProblem& p, bool deterministic, float* workspace,   \
                        void* stream);
 
 namespace gpu {

@@ -133,14 +133,34 @@ inline void check_launch(const char* kernel) {
     throw std::runtime_error(std::string("tokenmix: CUDA launch of ") + kernel + " failed: " + err);
 }
 
+// The device must run sm_80 code (mma.sync m16n8k16, ldmatrix, cp.async).
+inline device_facts checked_device() {
+  const device_facts f = current_device_facts();
+  if (f.error)
+    throw std::runtime_error(std::string("tokenmix: cannot query the CUDA device (") + f.error +
+                             "); is the driver new enough for this build's CUDA runtime?");
+  if (f.compute_capability < 80)
+    throw std::runtime_error(
+        "tokenmix: the CUDA kernels need compute capability 8.0 or newer "
+        "(sm_80+); this device is " +
+        std::to_string(f.compute_capability / 10) + "." +
+        std::to_string(f.compute_capability % 10));
+  return f;
+}
+
+// Blocks above 48 KiB opt in. The attribute is set to the device's maximum, the same value for
+// every call, so concurrent launches of one kernel with different sizes cannot undo each other.
 template <class K>
-void prepare_shared(K kernel, int64_t bytes, const char* name) {
-  const size_t limit = max_dynamic_shared_bytes();
-  if (size_t(bytes) > limit || !allow_dynamic_shared(kernel, size_t(bytes)))
+void prepare_shared(K kernel, int64_t bytes, const device_facts& device, const char* name) {
+  if (size_t(bytes) > device.max_dynamic_shared)
     throw std::runtime_error(std::string("tokenmix: ") + name + " needs " + std::to_string(bytes) +
                              " bytes of shared memory per block and this device allows " +
-                             std::to_string(limit) +
+                             std::to_string(device.max_dynamic_shared) +
                              "; use a smaller head dim, or float16/bfloat16 (half the bytes)");
+  if (bytes <= 48 * 1024) return;
+  if (const char* err = allow_dynamic_shared(kernel, device.max_dynamic_shared))
+    throw std::runtime_error(std::string("tokenmix: could not enable ") + std::to_string(bytes) +
+                             " bytes of shared memory for " + name + ": " + err);
 }
 
 template <class E, int kDim>
@@ -149,7 +169,7 @@ void forward_with(const NeighborhoodProblem& p, stream_t stream) {
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
   const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false);
   auto kernel = na_forward_kernel<E, kDim>;
-  prepare_shared(kernel, L.bytes, "na_forward_kernel");
+  prepare_shared(kernel, L.bytes, checked_device(), "na_forward_kernel");
   Registrations r;
   register_inputs<E>(r, p);
   r.add(p.out.data, view_span(p.out, p, p.heads, p.value_dim) * sizeof(typename E::T), "out");
@@ -171,6 +191,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
   prm.deterministic = deterministic && p.rpb != nullptr;
   prm.grad_rpb_partial = prm.deterministic ? partial : nullptr;
   const int64_t rows = p.batch * p.tokens() * p.heads;
+  const device_facts device = checked_device();
   Registrations r;
   register_inputs<E>(r, p);
   r.add(p.out.data, view_span(p.out, p, p.heads, p.value_dim) * sizeof(T), "out");
@@ -201,7 +222,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
   const int width = grad_tile_width<kDim>(prm);
   const QueryMajorSmem Lq = query_major_smem<E>(width, width, true, prm.deterministic);
   auto dq_kernel = na_backward_dq_kernel<E, kDim>;
-  prepare_shared(dq_kernel, Lq.bytes, "na_backward_dq_kernel");
+  prepare_shared(dq_kernel, Lq.bytes, device, "na_backward_dq_kernel");
   launch_on(stream, named(dq_kernel, "na_backward_dq_kernel"),
             dim3u(uint32_t(prm.batch * prm.heads * prm.tiles_per_head),
                   uint32_t((prm.head_dim + kChunk - 1) / kChunk)),
@@ -210,7 +231,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
 
   const KeyMajorSmem Lk = key_major_smem<E>(width, width);
   auto dkdv_kernel = na_backward_dkdv_kernel<E, kDim>;
-  prepare_shared(dkdv_kernel, Lk.bytes, "na_backward_dkdv_kernel");
+  prepare_shared(dkdv_kernel, Lk.bytes, device, "na_backward_dkdv_kernel");
   const int widest = std::max(prm.head_dim, prm.value_dim);
   launch_on(stream, named(dkdv_kernel, "na_backward_dkdv_kernel"),
             dim3u(uint32_t(prm.batch * prm.kv_heads * (prm.key_tiles_per_head + prm.extra_tiles)),

@@ -18,35 +18,30 @@ namespace tokenmix::cuda {
 
 using namespace ::tokenmix::simt;
 
-struct F16 {
+// fp16 and bf16: 16-bit storage, tensor cores. F16 and BF16 are distinct types (not aliases) so
+// that kernel names in ptxas reports and profiles say which one they are.
+template <bool kBF16>
+struct Half16 {
   using T = uint16_t;
   static constexpr bool kTensorCore = true;
   static constexpr int kKeys = 64;  // keys per chunk
   static constexpr int kStep = 16;  // head dims are padded to this
-  static TM_DEVICE float to_float(T v) { return f16_bits_to_f32(v); }
-  static TM_DEVICE T from_float(float f) { return f32_to_f16_bits(f); }
+  static TM_DEVICE float to_float(T v) { return kBF16 ? bf16_bits_to_f32(v) : f16_bits_to_f32(v); }
+  static TM_DEVICE T from_float(float f) {
+    return kBF16 ? f32_to_bf16_bits(f) : f32_to_f16_bits(f);
+  }
   static TM_DEVICE uint32_t pack(float lo, float hi) {
     return pack_b16x2(from_float(lo), from_float(hi));
   }
   static TM_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    mma_m16n8k16_f16f32(d, a, b, d);
+    if constexpr (kBF16)
+      mma_m16n8k16_bf16f32(d, a, b, d);
+    else
+      mma_m16n8k16_f16f32(d, a, b, d);
   }
 };
-
-struct BF16 {
-  using T = uint16_t;
-  static constexpr bool kTensorCore = true;
-  static constexpr int kKeys = 64;
-  static constexpr int kStep = 16;
-  static TM_DEVICE float to_float(T v) { return bf16_bits_to_f32(v); }
-  static TM_DEVICE T from_float(float f) { return f32_to_bf16_bits(f); }
-  static TM_DEVICE uint32_t pack(float lo, float hi) {
-    return pack_b16x2(from_float(lo), from_float(hi));
-  }
-  static TM_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    mma_m16n8k16_bf16f32(d, a, b, d);
-  }
-};
+struct F16 : Half16<false> {};
+struct BF16 : Half16<true> {};
 
 // fp32 keeps full precision (no tf32): FMAs, and half the keys per chunk so that a 256-wide head
 // still fits the shared memory of sm_80.

@@ -256,41 +256,41 @@ TM_DEVICE float rsqrt(float x) {
   return rsqrtf(x);
 }
 
-// ---- host side: dynamic shared memory above 48 KiB is opt-in per kernel (sm_80 and later)
-// The largest dynamic shared memory a block of the current device may opt in to.
-inline size_t max_dynamic_shared_bytes() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess)
-    return 48 * 1024;
-  return size_t(bytes);
-}
-// Lets `kernel` launch with `bytes` of dynamic shared memory; false when the device refuses.
-template <class... P>
-bool allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) ==
-         cudaSuccess;
-}
-// Makes `index` the current device for the guard's lifetime (kernels launch on the current
-// device, which the caller's tensors may not be on).
-class device_guard {
- public:
-  explicit device_guard(int index) {
-    if (cudaGetDevice(&previous_) == cudaSuccess && index >= 0 && index != previous_)
-      changed_ = cudaSetDevice(index) == cudaSuccess;
-  }
-  ~device_guard() {
-    if (changed_) cudaSetDevice(previous_);
-  }
-  device_guard(const device_guard&) = delete;
-  device_guard& operator=(const device_guard&) = delete;
-
- private:
-  int previous_ = 0;
-  bool changed_ = false;
+// ---- host side: the current device, and dynamic shared memory above 48 KiB (opt-in per kernel)
+struct device_facts {
+  int compute_capability = 0;     // 10 * major + minor
+  size_t max_dynamic_shared = 0;  // per-block opt-in maximum (bytes)
+  const char* error = nullptr;    // the CUDA runtime's message when the query failed
 };
-
+inline device_facts current_device_facts() {
+  device_facts f;
+  int device = 0, major = 0, minor = 0, bytes = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // do not leave the failure for the next launch check
+    f.error = cudaGetErrorString(e);
+    return f;
+  }
+  f.compute_capability = 10 * major + minor;
+  f.max_dynamic_shared = size_t(bytes);
+  return f;
+}
+// Lets `kernel` launch with up to `bytes` of dynamic shared memory: nullptr on success, else the
+// runtime's message (the error is cleared).
+template <class... P>
+const char* allow_dynamic_shared(void (*kernel)(P...), size_t bytes) {
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e == cudaSuccess) return nullptr;
+  cudaGetLastError();
+  return cudaGetErrorString(e);
+}
 // The first error of the last launches (cudaGetLastError), nullptr when there was none.
 inline const char* last_launch_error() {
   const cudaError_t e = cudaGetLastError();

@@ -427,20 +427,19 @@ class global_registration {
   const void* ptr_;
 };
 
-// Dynamic shared memory: the emulator allows what sm_90 allows (227 KiB) to every kernel.
-inline size_t max_dynamic_shared_bytes() {
-  return 227 * 1024;
+// The emulated device: sm_90's limits (227 KiB of dynamic shared memory for every kernel).
+struct device_facts {
+  int compute_capability = 90;
+  size_t max_dynamic_shared = 227 * 1024;
+  const char* error = nullptr;
+};
+inline device_facts current_device_facts() {
+  return {};
 }
 template <class... P>
-bool allow_dynamic_shared(void (*)(P...), size_t bytes) {
-  return bytes <= max_dynamic_shared_bytes();
+const char* allow_dynamic_shared(void (*)(P...), size_t bytes) {
+  return bytes <= current_device_facts().max_dynamic_shared ? nullptr : "too much shared memory";
 }
-// One emulated device: nothing to switch.
-class device_guard {
- public:
-  explicit device_guard(int) {}
-};
-
 // Launches report their errors by throwing emulator_error: nothing is left pending.
 inline const char* last_launch_error() {
   return nullptr;
