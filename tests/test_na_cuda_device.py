@@ -1,0 +1,65 @@
+"""tokenmix.na1d/na2d/na3d on a real CUDA device: the fused kernels against the float64 reference,
+forward and backward, in both backward modes. Skipped (and reported as skipped) on machines
+without a GPU, such as this project's build machines, where tests/test_na_cuda_emulated.py runs the
+same kernel source on the SIMT emulator instead."""
+
+from __future__ import annotations
+
+import pytest
+import tokenmix
+import torch
+from na_cases import make_cfg, make_inputs
+from tokenmix.neighborhood.reference import neighborhood_attention_reference
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not tokenmix._ops.build_info().get("cuda_built"),
+    reason="needs a CUDA device and a tokenmix build with CUDA kernels",
+)
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+CASES = [
+    make_cfg((70,), 7, dim=32),
+    make_cfg((9, 11), (3, 5), stride=(2, 1), dim=16, rpb=True),
+    make_cfg((5, 6, 7), 3, dilation=(1, 2, 1), causal=(True, False, False), dim=8, rpb=True),
+    make_cfg((13, 6), (3, 3), heads=4, heads_kv=2, dim=24, dim_v=40, n_extra=5),
+    make_cfg((24, 24), (7, 7), dim=128, heads=2, batch=2, rpb=True),
+]
+
+
+def _max_rel_err(got, want):
+    return ((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1.0)).item()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_cuda_matches_reference(index, dtype, deterministic):
+    c = CASES[index]
+    t = make_inputs(c, dtype, seed=index)
+    window = (c["kernel"], c["stride"], c["dilation"], c["causal"])
+    gen = torch.Generator().manual_seed(index + 1)
+    grad_out = torch.randn(
+        (c["batch"], *c["shape"], c["heads"], c["dim_v"]), generator=gen, dtype=torch.float64
+    )
+    cuda = {n: x.cuda().requires_grad_() for n, x in t.items() if x is not None}
+    ref = {n: x.double().requires_grad_() for n, x in t.items() if x is not None}
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = tokenmix.neighborhood_attention(
+            cuda["q"], cuda["k"], cuda["v"], *window, rpb=cuda.get("rpb"),
+            additional_keys=cuda.get("additional_keys"),
+            additional_values=cuda.get("additional_values"),
+        )  # fmt: skip
+        grads = torch.autograd.grad(out, list(cuda.values()), grad_out.to(out))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    want = neighborhood_attention_reference(
+        ref["q"], ref["k"], ref["v"], *window, rpb=ref.get("rpb"),
+        additional_keys=ref.get("additional_keys"),
+        additional_values=ref.get("additional_values"),
+    )  # fmt: skip
+    want_grads = torch.autograd.grad(want, list(ref.values()), grad_out)
+    assert _max_rel_err(out, want) <= TOL[dtype]
+    for name, got, w in zip(cuda, grads, want_grads, strict=True):
+        assert torch.isfinite(got).all(), name
+        assert _max_rel_err(got, w) <= TOL[dtype], name
