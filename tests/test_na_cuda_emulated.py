@@ -10,6 +10,7 @@ out-of-bounds access, shared-memory race, uninitialized shared read or barrier d
 from __future__ import annotations
 
 import os
+import random
 import warnings
 
 import pytest
@@ -262,3 +263,37 @@ def test_public_api_autograd_and_deterministic_flag(public_api_on_emulated_kerne
             assert_close(got, r_g[name], TOL[torch.float16], f"grad {name}")
     # Routed back to the C++ CPU kernels afterwards (the fixture's registrations are gone).
     assert len(calls) == 2
+
+
+CUDA_HEAD_DIMS = [8, 16, 24, 32, 40, 64, 72, 128]
+SWEEP_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def random_case(seed):
+    """A seeded random problem within what the CUDA kernels take (head dims multiples of 8)."""
+    rng = random.Random(seed)
+    rank = seed % 3 + 1
+    max_kernel, max_pad = {1: (9, 40), 2: (5, 8), 3: (3, 3)}[rank]
+    kernel, stride, dilation, causal, shape = [], [], [], [], []
+    for _ in range(rank):
+        k = rng.randint(2, max_kernel)
+        d = rng.choice([1, 1, 2, 3]) if rank < 3 else rng.choice([1, 1, 2])
+        kernel.append(k)
+        dilation.append(d)
+        stride.append(rng.choice([1, 1, rng.randint(1, k), k]))
+        causal.append(rng.random() < 0.3)
+        shape.append(k * d + rng.randint(0, max_pad))
+    heads, heads_kv = rng.choice([(1, 1), (2, 2), (4, 2), (3, 1)])
+    dim = rng.choice(CUDA_HEAD_DIMS)
+    return make_cfg(
+        shape, kernel, stride, dilation, causal, heads=heads, heads_kv=heads_kv, dim=dim,
+        dim_v=rng.choice([dim, dim, rng.choice(CUDA_HEAD_DIMS)]), batch=rng.choice([1, 2]),
+        rpb=rng.random() < 0.5, n_extra=rng.choice([None, None, 1, 5]),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_sweep(seed):
+    """Random windows, shapes, head dims, GQA, rpb and extra tokens; the dtype rotates with the
+    seed, and every third seed runs the deterministic backward."""
+    check(random_case(seed), SWEEP_DTYPES[seed % 3], seed=seed, deterministic=seed % 3 == 1)
