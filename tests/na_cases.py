@@ -3,6 +3,8 @@ tests: a configuration dict and seeded inputs for it."""
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 
@@ -63,3 +65,41 @@ def make_inputs(cfg, dtype, seed):
         t["additional_keys"] = rand(b, cfg["n_extra"], hkv, cfg["dim"])
         t["additional_values"] = rand(b, cfg["n_extra"], hkv, cfg["dim_v"])
     return t
+
+
+def random_case(seed, head_dims, head_dims_3d, gqa_choices, max_pad=None):
+    """A seeded random problem: rank 1 to 3, windows with stride, dilation and causal masking,
+    GQA from `gqa_choices`, head dims from `head_dims` (`head_dims_3d` for rank 3), rpb, extra
+    tokens and a custom scale at random. `max_pad` (per rank) bounds the input beyond the window."""
+    rng = random.Random(seed)
+    rank = seed % 3 + 1
+    max_kernel = {1: 9, 2: 5, 3: 3}[rank]
+    max_pad = (max_pad or {1: 30, 2: 7, 3: 3})[rank]
+    kernel, stride, dilation, causal, shape = [], [], [], [], []
+    for _ in range(rank):
+        k = rng.randint(2, max_kernel)
+        d = rng.choice([1, 1, 2, 3]) if rank < 3 else rng.choice([1, 1, 2])
+        kernel.append(k)
+        dilation.append(d)
+        stride.append(rng.choice([1, 1, rng.randint(1, k), k]))
+        causal.append(rng.random() < 0.3)
+        shape.append(k * d + rng.randint(0, max_pad))
+    heads, heads_kv = rng.choice(gqa_choices)
+    dims = head_dims if rank < 3 else head_dims_3d
+    dim = rng.choice(dims)
+    dim_v = rng.choice([dim, dim, rng.choice(dims)])
+    return make_cfg(
+        shape,
+        kernel,
+        stride,
+        dilation,
+        causal,
+        heads=heads,
+        heads_kv=heads_kv,
+        dim=dim,
+        dim_v=dim_v,
+        batch=rng.choice([1, 2]),
+        rpb=rng.random() < 0.5,
+        n_extra=rng.choice([None, None, 1, 5]),
+        scale=rng.choice([None, 0.3]),
+    )

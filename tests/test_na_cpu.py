@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import tokenmix
 import torch
 import torch.nn.functional as F
 from na_brute_force import brute_force_mask, brute_force_rpb_index, dense_attention, dense_rpb_bias
-from na_cases import make_cfg, make_inputs
+from na_cases import make_cfg, make_inputs, random_case
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 from torch import nn
 
@@ -166,38 +165,7 @@ GQA_CHOICES = [(1, 1), (2, 2), (4, 2), (6, 1), (32, 2), (3, 1), (6, 3)]
 
 
 def random_cfg(seed):
-    rng = random.Random(seed)
-    rank = seed % 3 + 1
-    max_kernel = {1: 9, 2: 5, 3: 3}[rank]
-    max_pad = {1: 30, 2: 7, 3: 3}[rank]
-    kernel, stride, dilation, causal, shape = [], [], [], [], []
-    for _ in range(rank):
-        k = rng.randint(2, max_kernel)
-        d = rng.choice([1, 1, 2, 3]) if rank < 3 else rng.choice([1, 1, 2])
-        kernel.append(k)
-        dilation.append(d)
-        stride.append(rng.choice([1, 1, rng.randint(1, k), k]))
-        causal.append(rng.random() < 0.3)
-        shape.append(k * d + rng.randint(0, max_pad))
-    heads, heads_kv = rng.choice(GQA_CHOICES)
-    dims = HEAD_DIMS if rank < 3 else HEAD_DIMS[:6]
-    dim = rng.choice(dims)
-    dim_v = rng.choice([dim, dim, rng.choice(dims)])
-    return make_cfg(
-        shape,
-        kernel,
-        stride,
-        dilation,
-        causal,
-        heads=heads,
-        heads_kv=heads_kv,
-        dim=dim,
-        dim_v=dim_v,
-        batch=rng.choice([1, 2]),
-        rpb=rng.random() < 0.5,
-        n_extra=rng.choice([None, None, 1, 5]),
-        scale=rng.choice([None, 0.3]),
-    )
+    return random_case(seed, HEAD_DIMS, HEAD_DIMS[:6], GQA_CHOICES)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)

@@ -100,6 +100,10 @@ TM_HOST_DEVICE int round_up_to(int x, int m) {
   return (x + m - 1) / m * m;
 }
 
+// Output columns per backward block: kGradChunk, or the whole head when it is narrower.
+template <int kDim>
+constexpr int grad_chunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+
 // Width of the shared Q/K/V/dO tiles of the backward kernels: the column chunks of dQ, dK and dV
 // read whole chunks, so the general path pads both head dims to a multiple of kGradChunk.
 template <int kDim>
@@ -526,7 +530,7 @@ template <class E, int kDim>
 TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
   using T = typename E::T;
   constexpr int kKeys = E::kKeys, KC = kKeys / 8;
-  constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+  constexpr int kChunk = grad_chunk<kDim>;
   constexpr int NQ = kChunk / 8;
   const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
   const int col0 = int(block_idx().y) * kChunk;
@@ -726,7 +730,7 @@ template <class E, int kDim>
 TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
   using T = typename E::T;
   constexpr int kCols = E::kKeys, KC = kCols / 8;
-  constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+  constexpr int kChunk = grad_chunk<kDim>;
   constexpr int NC = kChunk / 8;
   const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
   const int64_t tiles = p.key_tiles_per_head + p.extra_tiles;

@@ -218,7 +218,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
             dim3u(uint32_t((rows + kWarps - 1) / kWarps)), dim3u(kThreads), 0, prm);
   check_launch("na_backward_delta_kernel");
 
-  constexpr int kChunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+  constexpr int kChunk = grad_chunk<kDim>;
   const int width = grad_tile_width<kDim>(prm);
   const QueryMajorSmem Lq = query_major_smem<E>(width, width, true, prm.deterministic);
   auto dq_kernel = na_backward_dq_kernel<E, kDim>;
