@@ -385,24 +385,37 @@ def linear_attention_from_scan(
     k: Tensor,
     v: Tensor,
     *,
-    g: Tensor | None,
-    g_gamma: Tensor | None,
-    gk: Tensor | None,
-    scale: float,
-    initial_state: Tensor | None,
-    output_final_state: bool,
-    cu_seqlens: Tensor | None,
-    offsets: list[int] | None,
-    normalize: bool,
-    causal: bool,
+    g: Tensor | None = None,
+    g_gamma: Tensor | None = None,
+    gk: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    normalize: bool = False,
+    causal: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """Linear attention on validated inputs, built on a causal ``scan``.
-
-    Normalizes the inputs for the scan (``g_gamma [H]`` becomes the view
-    ``[B, T, H]``; gates and the initial state are cast to the accumulation dtype,
-    ``cu_seqlens`` to int64), handles ``causal=False`` with plain matmuls and
-    ``normalize=True`` with a second scan over ``v = 1`` (the decayed key sum).
+    """Linear attention built on a causal ``scan``: validates the call
+    (:func:`~tokenmix.linear_scan.args.check_linear_attention`), then normalizes the
+    inputs for the scan (``g_gamma [H]`` becomes the view ``[B, T, H]``; gates and the
+    initial state are cast to the accumulation dtype, ``cu_seqlens`` to int64), handles
+    ``causal=False`` with plain matmuls and ``normalize=True`` with a second scan over
+    ``v = 1`` (the decayed key sum).
     """
+    scale, offsets = check_linear_attention(
+        q,
+        k,
+        v,
+        g=g,
+        g_gamma=g_gamma,
+        gk=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        normalize=normalize,
+        causal=causal,
+    )
     acc = accumulation_dtype(q.dtype)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
         o, final = empty_result(q, v, initial_state, q.shape[0], normalize)
@@ -452,14 +465,26 @@ def delta_rule_from_scan(
     v: Tensor,
     beta: Tensor,
     *,
-    g: Tensor | None,
-    scale: float,
-    initial_state: Tensor | None,
-    output_final_state: bool,
-    cu_seqlens: Tensor | None,
+    g: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """The delta rule on validated inputs: casts ``beta``, ``g`` and the initial state
-    to the accumulation dtype and ``cu_seqlens`` to int64, then runs ``scan``."""
+    """The delta rule built on ``scan``: validates the call
+    (:func:`~tokenmix.linear_scan.args.check_delta_rule`), casts ``beta``, ``g`` and the
+    initial state to the accumulation dtype and ``cu_seqlens`` to int64, then runs it."""
+    scale, _ = check_delta_rule(
+        q,
+        k,
+        v,
+        beta,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
     acc = accumulation_dtype(q.dtype)
     if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
         o, final = empty_result(q, v, initial_state, q.shape[0])
@@ -499,20 +524,6 @@ def chunked_linear_attention(
     (``subchunk_size`` is used with ``gk`` only; ``chunk_size`` must be a multiple of it).
     """
     _check_chunk_sizes(chunk_size, subchunk_size, gk is not None)
-    scale, offsets = check_linear_attention(
-        q,
-        k,
-        v,
-        g=g,
-        g_gamma=g_gamma,
-        gk=gk,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        normalize=normalize,
-        causal=causal,
-    )
 
     def scan(*args):
         return chunked_linear_scan(*args, chunk_size=chunk_size, subchunk_size=subchunk_size)
@@ -529,7 +540,6 @@ def chunked_linear_attention(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
-        offsets=offsets,
         normalize=normalize,
         causal=causal,
     )
@@ -551,17 +561,6 @@ def chunked_delta_rule(
     """Chunked (gated) delta rule; arguments and results as
     :func:`~tokenmix.linear_scan.delta_rule`, plus ``chunk_size``."""
     _check_chunk_sizes(chunk_size, 1, False)
-    scale, _ = check_delta_rule(
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-    )
 
     def scan(*args):
         return chunked_delta_scan(*args, chunk_size=chunk_size)

@@ -15,8 +15,6 @@ from torch import Tensor
 
 from .args import (
     accumulation_dtype,
-    check_delta_rule,
-    check_linear_attention,
     check_step,
 )
 from .chunked import (
@@ -55,9 +53,11 @@ def fused_kernels_available() -> bool:
     return _fused_scans() is not None
 
 
-def _pick_scans(device: torch.device) -> tuple[Callable, Callable]:
+def _pick_scans(q: object) -> tuple[Callable, Callable]:
+    # By q's device; anything else reaches the chunked path, whose validation names it.
     # The fused entry points fix feature strides themselves.
-    fused = _fused_scans() if device.type == "cpu" else None
+    on_cpu = isinstance(q, Tensor) and q.device.type == "cpu"
+    fused = _fused_scans() if on_cpu else None
     return fused if fused is not None else (chunked_linear_scan, chunked_delta_scan)
 
 
@@ -119,21 +119,7 @@ def linear_attention(
         >>> o.shape, state.shape, state.dtype
         (torch.Size([2, 100, 4, 48]), torch.Size([2, 4, 32, 48]), torch.float32)
     """
-    scale, offsets = check_linear_attention(
-        q,
-        k,
-        v,
-        g=g,
-        g_gamma=g_gamma,
-        gk=gk,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        normalize=normalize,
-        causal=causal,
-    )
-    scan, _ = _pick_scans(q.device)
+    scan, _ = _pick_scans(q)
     return linear_attention_from_scan(
         scan,
         q,
@@ -146,7 +132,6 @@ def linear_attention(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
-        offsets=offsets,
         normalize=normalize,
         causal=causal,
     )
@@ -200,18 +185,7 @@ def delta_rule(
         >>> o.shape, state.shape
         (torch.Size([1, 64, 2, 16]), torch.Size([2, 2, 16, 16]))
     """
-    scale, _ = check_delta_rule(
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-    )
-    _, scan = _pick_scans(q.device)
+    _, scan = _pick_scans(q)
     return delta_rule_from_scan(
         scan,
         q,
