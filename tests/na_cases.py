@@ -103,3 +103,24 @@ def random_case(seed, head_dims, head_dims_3d, gqa_choices, max_pad=None):
         n_extra=rng.choice([None, None, 1, 5]),
         scale=rng.choice([None, 0.3]),
     )
+
+
+def window_of(cfg):
+    """(kernel_size, stride, dilation, is_causal) of a case."""
+    return cfg["kernel"], cfg["stride"], cfg["dilation"], cfg["causal"]
+
+
+def attend(fn, cfg, leaves, **kwargs):
+    """``fn`` (tokenmix.neighborhood_attention or the reference) on a case's tensors
+    (a name -> tensor dict); ``scale`` defaults to the case's."""
+    kwargs.setdefault("scale", cfg["scale"])
+    return fn(
+        leaves["q"],
+        leaves["k"],
+        leaves["v"],
+        *window_of(cfg),
+        rpb=leaves.get("rpb"),
+        additional_keys=leaves.get("additional_keys"),
+        additional_values=leaves.get("additional_values"),
+        **kwargs,
+    )

@@ -21,7 +21,7 @@ import tokenmix
 import torch
 import torch.nn.functional as F
 from na_brute_force import brute_force_mask, brute_force_rpb_index, dense_attention, dense_rpb_bias
-from na_cases import make_cfg, make_inputs, random_case
+from na_cases import attend, make_cfg, make_inputs, random_case, window_of
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 from torch import nn
 
@@ -53,10 +53,6 @@ def _cpu_flags() -> set[str]:
 # --------------------------------------------------------------------------------------
 
 
-def _window(cfg):
-    return cfg["kernel"], cfg["stride"], cfg["dilation"], cfg["causal"]
-
-
 def run_kernel(cfg, t, grad_out=None):
     """Public API forward (+ backward through torch.autograd.grad).
 
@@ -70,17 +66,7 @@ def run_kernel(cfg, t, grad_out=None):
     }
     for x in leaves.values():
         x.grad = torch.full_like(x, float("nan"))
-    out, lse = tokenmix.neighborhood_attention(
-        leaves["q"],
-        leaves["k"],
-        leaves["v"],
-        *_window(cfg),
-        scale=cfg["scale"],
-        rpb=leaves.get("rpb"),
-        additional_keys=leaves.get("additional_keys"),
-        additional_values=leaves.get("additional_values"),
-        return_lse=True,
-    )
+    out, lse = attend(tokenmix.neighborhood_attention, cfg, leaves, return_lse=True)
     grads = {}
     if grad_out is not None:
         g = torch.autograd.grad(out, list(leaves.values()), grad_out)
@@ -97,17 +83,7 @@ def run_reference(cfg, t, grad_out=None):
         for n, x in t.items()
         if x is not None
     }
-    out, lse = neighborhood_attention_reference(
-        leaves["q"],
-        leaves["k"],
-        leaves["v"],
-        *_window(cfg),
-        scale=cfg["scale"],
-        rpb=leaves.get("rpb"),
-        additional_keys=leaves.get("additional_keys"),
-        additional_values=leaves.get("additional_values"),
-        return_lse=True,
-    )
+    out, lse = attend(neighborhood_attention_reference, cfg, leaves, return_lse=True)
     grads = {}
     if grad_out is not None:
         g = torch.autograd.grad(out, list(leaves.values()), grad_out.double())
@@ -341,8 +317,8 @@ BRUTE_CASES = [
 @pytest.mark.parametrize("cfg", BRUTE_CASES, ids=["1d", "1d-blocked", "2d", "3d"])
 def test_brute_force_oracle(cfg, dtype):
     t = make_inputs(cfg, dtype, 5)
-    mask = brute_force_mask(cfg["shape"], *_window(cfg))
-    bias_index = brute_force_rpb_index(cfg["shape"], *_window(cfg))
+    mask = brute_force_mask(cfg["shape"], *window_of(cfg))
+    bias_index = brute_force_rpb_index(cfg["shape"], *window_of(cfg))
     g_out = torch.randn(
         (cfg["batch"], *cfg["shape"], cfg["heads"], cfg["dim_v"]), dtype=torch.float64
     ).to(dtype)
@@ -425,16 +401,7 @@ def test_gradcheck(name):
     inputs = tuple(t[n].requires_grad_() for n in names)
 
     def fn(*xs):
-        kw = dict(zip(names, xs, strict=True))
-        return tokenmix.neighborhood_attention(
-            kw["q"],
-            kw["k"],
-            kw["v"],
-            *_window(cfg),
-            rpb=kw.get("rpb"),
-            additional_keys=kw.get("additional_keys"),
-            additional_values=kw.get("additional_values"),
-        )
+        return attend(tokenmix.neighborhood_attention, cfg, dict(zip(names, xs, strict=True)))
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 

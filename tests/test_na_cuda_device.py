@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import tokenmix
 import torch
-from na_cases import make_cfg, make_inputs
+from na_cases import attend, make_cfg, make_inputs
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 
 pytestmark = pytest.mark.skipif(
@@ -36,7 +36,6 @@ def _max_rel_err(got, want):
 def test_cuda_matches_reference(index, dtype, deterministic):
     c = CASES[index]
     t = make_inputs(c, dtype, seed=index)
-    window = (c["kernel"], c["stride"], c["dilation"], c["causal"])
     gen = torch.Generator().manual_seed(index + 1)
     grad_out = torch.randn(
         (c["batch"], *c["shape"], c["heads"], c["dim_v"]), generator=gen, dtype=torch.float64
@@ -45,19 +44,11 @@ def test_cuda_matches_reference(index, dtype, deterministic):
     ref = {n: x.double().requires_grad_() for n, x in t.items() if x is not None}
     torch.use_deterministic_algorithms(deterministic)
     try:
-        out = tokenmix.neighborhood_attention(
-            cuda["q"], cuda["k"], cuda["v"], *window, rpb=cuda.get("rpb"),
-            additional_keys=cuda.get("additional_keys"),
-            additional_values=cuda.get("additional_values"),
-        )  # fmt: skip
+        out = attend(tokenmix.neighborhood_attention, c, cuda)
         grads = torch.autograd.grad(out, list(cuda.values()), grad_out.to(out))
     finally:
         torch.use_deterministic_algorithms(False)
-    want = neighborhood_attention_reference(
-        ref["q"], ref["k"], ref["v"], *window, rpb=ref.get("rpb"),
-        additional_keys=ref.get("additional_keys"),
-        additional_values=ref.get("additional_values"),
-    )  # fmt: skip
+    want = attend(neighborhood_attention_reference, c, ref)
     want_grads = torch.autograd.grad(want, list(ref.values()), grad_out)
     assert _max_rel_err(out, want) <= TOL[dtype]
     for name, got, w in zip(cuda, grads, want_grads, strict=True):

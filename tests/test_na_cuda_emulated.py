@@ -15,7 +15,7 @@ import warnings
 import pytest
 import tokenmix
 import torch
-from na_cases import make_cfg, make_inputs, random_case
+from na_cases import attend, make_cfg, make_inputs, random_case, window_of
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 
 LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
@@ -34,12 +34,9 @@ def make_case(*args, dim=32, **kwargs):
 
 
 def window_args(c):
-    return [
-        list(c["kernel"]),
-        list(c["stride"]),
-        list(c["dilation"]),
-        [int(x) for x in c["causal"]],
-    ]
+    """The window as the ops take it: int lists, causal flags as ints."""
+    kernel, stride, dilation, causal = window_of(c)
+    return [list(kernel), list(stride), list(dilation), [int(x) for x in causal]]
 
 
 def emulated(c, t, scale, grad_out, grad_lse, deterministic=False):
@@ -63,11 +60,7 @@ def emulated(c, t, scale, grad_out, grad_lse, deterministic=False):
 
 def reference(c, t, scale, grad_out, grad_lse):
     leaves = {n: x.double().requires_grad_() for n, x in t.items() if x is not None}
-    out, lse = neighborhood_attention_reference(
-        leaves["q"], leaves["k"], leaves["v"], c["kernel"], c["stride"], c["dilation"], c["causal"],
-        scale=scale, rpb=leaves.get("rpb"), additional_keys=leaves.get("additional_keys"),
-        additional_values=leaves.get("additional_values"), return_lse=True,
-    )  # fmt: skip
+    out, lse = attend(neighborhood_attention_reference, c, leaves, scale=scale, return_lse=True)
     outputs, cotangents = [out], [grad_out.double()]
     if grad_lse is not None:
         outputs.append(lse)
