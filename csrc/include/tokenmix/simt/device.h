@@ -63,39 +63,19 @@ TM_DEVICE void sync_warp(uint32_t mask = 0xffffffffu) {
 
 template <class T>
 TM_DEVICE T shfl_sync(uint32_t mask, T v, int src_lane) {
-  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = __shfl_sync(mask, u, src_lane);
-  memcpy(&v, &u, 4);
-  return v;
+  return detail::from_u32<T>(__shfl_sync(mask, detail::to_u32(v), src_lane));
 }
 template <class T>
 TM_DEVICE T shfl_up_sync(uint32_t mask, T v, unsigned delta) {
-  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = __shfl_up_sync(mask, u, delta);
-  memcpy(&v, &u, 4);
-  return v;
+  return detail::from_u32<T>(__shfl_up_sync(mask, detail::to_u32(v), delta));
 }
 template <class T>
 TM_DEVICE T shfl_down_sync(uint32_t mask, T v, unsigned delta) {
-  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = __shfl_down_sync(mask, u, delta);
-  memcpy(&v, &u, 4);
-  return v;
+  return detail::from_u32<T>(__shfl_down_sync(mask, detail::to_u32(v), delta));
 }
 template <class T>
 TM_DEVICE T shfl_xor_sync(uint32_t mask, T v, int lane_mask) {
-  static_assert(sizeof(T) == 4, "shuffles move 32-bit values");
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  u = __shfl_xor_sync(mask, u, lane_mask);
-  memcpy(&v, &u, 4);
-  return v;
+  return detail::from_u32<T>(__shfl_xor_sync(mask, detail::to_u32(v), lane_mask));
 }
 TM_DEVICE int any_sync(uint32_t mask, int pred) {
   return __any_sync(mask, pred);

@@ -227,23 +227,6 @@ inline void sync_warp(uint32_t mask = 0xffffffffu, const char* file = __builtin_
   emu::sync_warp(mask, file, line);
 }
 
-namespace detail {
-template <class T>
-uint32_t to_u32(T v) {
-  static_assert(sizeof(T) == 4 && std::is_trivially_copyable<T>::value,
-                "shuffles move 32-bit values");
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return u;
-}
-template <class T>
-T from_u32(uint32_t u) {
-  T v;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-}  // namespace detail
-
 template <class T>
 T shfl_sync(uint32_t mask, T v, int src_lane, const char* file = __builtin_FILE(),
             int line = __builtin_LINE()) {

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "tokenmix/host_device.h"
 
@@ -115,6 +116,24 @@ TM_HOST_DEVICE uint16_t f32_to_bf16_bits(float f) {
 TM_HOST_DEVICE float bf16_bits_to_f32(uint16_t h) {
   return bits_float(uint32_t(h) << 16);
 }
+
+namespace detail {
+// A 4-byte value as its 32-bit pattern and back: what shuffles move.
+template <class T>
+TM_HOST_DEVICE uint32_t to_u32(T v) {
+  static_assert(sizeof(T) == 4 && std::is_trivially_copyable<T>::value,
+                "shuffles move 32-bit values");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+template <class T>
+TM_HOST_DEVICE T from_u32(uint32_t u) {
+  T v;
+  memcpy(&v, &u, 4);
+  return v;
+}
+}  // namespace detail
 
 // Two 16-bit values in one 32-bit register, `lo` in bits 0-15 (the first element of a pair).
 TM_HOST_DEVICE uint32_t pack_b16x2(uint16_t lo, uint16_t hi) {
