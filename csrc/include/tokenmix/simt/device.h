@@ -285,28 +285,6 @@ class global_registration {
   global_registration(const void*, size_t, const char* = nullptr) {}
 };
 
-template <class T>
-struct buffer_arg {
-  T* ptr;
-  size_t count;
-  const char* name;
-};
-// A kernel argument that is a buffer of `count` elements (registered for the launch when emulated).
-template <class T>
-buffer_arg<T> buffer(T* ptr, size_t count, const char* name = nullptr) {
-  return {ptr, count, name};
-}
-
-template <class... P>
-struct named_kernel {
-  void (*fn)(P...);
-  const char* name;
-};
-template <class... P>
-named_kernel<P...> named(void (*fn)(P...), const char* name) {
-  return {fn, name};
-}
-
 namespace detail {
 template <class A>
 A&& unwrap(A&& a) {

@@ -433,29 +433,6 @@ inline const char* last_launch_error() {
 void set_workers(int workers);
 void set_stack_kib(int kib);
 
-template <class T>
-struct buffer_arg {
-  T* ptr;
-  size_t count;
-  const char* name;
-};
-// A kernel argument that is a buffer of `count` elements, registered for the launch.
-template <class T>
-buffer_arg<T> buffer(T* ptr, size_t count, const char* name = nullptr) {
-  return {ptr, count, name};
-}
-
-template <class... P>
-struct named_kernel {
-  void (*fn)(P...);
-  const char* name;
-};
-// Names the kernel in reports (otherwise its symbol name, when the dynamic linker can see it).
-template <class... P>
-named_kernel<P...> named(void (*fn)(P...), const char* name) {
-  return {fn, name};
-}
-
 namespace detail {
 template <class P, class A>
 P kernel_arg(A&& a, emu::launch_spec&) {

@@ -117,6 +117,31 @@ TM_HOST_DEVICE float bf16_bits_to_f32(uint16_t h) {
   return bits_float(uint32_t(h) << 16);
 }
 
+// A kernel argument that is a buffer of `count` elements: registered with the emulator for the
+// launch, a plain pointer under nvcc.
+template <class T>
+struct buffer_arg {
+  T* ptr;
+  size_t count;
+  const char* name;
+};
+template <class T>
+buffer_arg<T> buffer(T* ptr, size_t count, const char* name = nullptr) {
+  return {ptr, count, name};
+}
+
+// A kernel with the name emulator reports give it (otherwise its symbol name, when the dynamic
+// linker can see it); nvcc launches `fn`.
+template <class... P>
+struct named_kernel {
+  void (*fn)(P...);
+  const char* name;
+};
+template <class... P>
+named_kernel<P...> named(void (*fn)(P...), const char* name) {
+  return {fn, name};
+}
+
 namespace detail {
 // A 4-byte value as its 32-bit pattern and back: what shuffles move.
 template <class T>
