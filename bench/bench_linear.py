@@ -203,7 +203,7 @@ def build_fused(case: Case, inputs: dict):
 
 
 def build_chunked(case: Case, inputs: dict):
-    from tokenmix.linear_scan.chunked import chunked_delta_rule, chunked_linear_attention
+    from tokenmix.linear_scan import chunked_delta_rule, chunked_linear_attention
 
     def fn(t):
         if case.kind == "delta":

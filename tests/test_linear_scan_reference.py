@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenmix.linear_scan.chunked import chunked_delta_rule, chunked_linear_attention
+from tokenmix.linear_scan import chunked_delta_rule, chunked_linear_attention
 from tokenmix.linear_scan.reference import naive_delta_rule, naive_linear_attention
 
 DECAYS = ("none", "g", "g_gamma", "gk")

@@ -2,8 +2,9 @@
 SSD, GLA) and the (gated) delta rule, with chunked-state recurrences over ``[B, T, H, D]``
 inputs, variable-length batches, initial / final states and single-token decoding."""
 
-from .chunked import chunked_delta_rule, chunked_linear_attention
 from .functional import (
+    chunked_delta_rule,
+    chunked_linear_attention,
     delta_rule,
     delta_rule_step,
     fused_kernels_available,

@@ -1,4 +1,5 @@
-"""Chunked pure-PyTorch implementation of the linear-attention family.
+"""Chunked pure-PyTorch math of the linear-attention family (no validation: the
+public functions in :mod:`.functional` check their arguments and call in here).
 
 Same semantics as the per-token recurrences in :mod:`.reference` (see there), but
 computed chunk by chunk: inside a chunk of ``C`` tokens (64 by default) the output is
@@ -7,26 +8,36 @@ the past. This is the implementation tokenmix uses on devices without fused
 kernels, the baseline the benchmark compares the fused CPU kernels against, and it
 is differentiable with autograd (double-backward included).
 
-Numerical stability at any length and any decay strength: log decays are
-accumulated *within a chunk only* (``G = cumsum(g)`` restarts at every chunk
-boundary, it is never accumulated over the whole sequence), and every ``exp`` has a
-non-positive argument, i.e. every decay factor is in ``[0, 1]`` (given ``g <= 0``):
+Exact decays, whatever their size. Every decay factor is ``exp`` of a sum of log
+decays over a range of tokens inside one chunk, and every such sum is accumulated
+*directly* over its own range, never as the difference of two cumulative sums:
+``G_i - G_j`` loses every digit of the decays after a reset of ``-1e9`` in float32,
+while ``sum_{j < t <= i} g_t`` keeps them. With ``g <= 0`` the sums are of one sign, so
+each is exact to a few ulps of its own size; ``-inf`` is an exact reset (decay 0),
+and no ``-inf - (-inf)`` is ever formed. The ranges:
 
-* scalar decay ``g`` (and ``g_gamma``): intra-chunk ``exp(G_i - G_j)`` for
-  ``i >= j`` only (the rest is masked to ``-inf`` *before* the exp); queries are
-  decayed from the chunk start (``exp(G_i)``), keys to the chunk end
-  (``exp(G_last - G_j)``).
-* per-key gates ``gk`` (GLA): the chunk is split into sub-chunks of ``S`` tokens (16
-  by default). For a query sub-chunk ``I`` and a key sub-chunk ``J < I`` the
-  factor ``exp(G_i - G_j)`` is split at ``b``, the last token of ``J``:
-  ``(q_I * exp(G_I - G_b)) @ (k_J * exp(G_b - G_J))^T`` (both factors <= 1);
-  diagonal sub-chunks compute the pairwise ``exp(G_i - G_j)`` (``i >= j``) directly
-  (an ``S x S x K`` temporary per sub-chunk).
-* delta rule: the WY / UT representation per chunk. With ``Gamma_ij = exp(G_i - G_j)``
-  and ``M = strict_tril(diag(beta) (K K^T o Gamma))`` the chunk's corrected values
-  are ``V' = U - W S_0`` where ``[U | W] = (I + M)^{-1} diag(beta) [V | diag(exp(G)) K]``
+* pairwise (intra-chunk) ``D_ij = sum_{j < t <= i} g_t`` for ``i >= j`` (a cumulative
+  sum down the rows of a matrix holding ``g_i`` strictly below the diagonal), masked
+  to ``-inf`` above the diagonal before the exp;
+* from the chunk start ``sum_{t <= i} g_t`` (queries against the incoming state);
+* to the chunk end ``sum_{t > j} g_t`` (keys into the outgoing state), a reverse
+  cumulative sum;
+* per-key gates ``gk`` (GLA) split the chunk into sub-chunks of ``S`` tokens (16 by
+  default). Diagonal sub-chunks use the pairwise sums (an ``S x S x K`` temporary);
+  for a query sub-chunk ``I`` after a key sub-chunk ``J`` the factor is split at
+  ``b``, the last token of ``J``: queries carry ``sum_{b < t <= i} g_t`` (the totals
+  of the sub-chunks strictly between ``J`` and ``I`` plus ``i``'s prefix in ``I``),
+  keys ``sum_{j < t <= b} g_t`` (a suffix inside ``J``); both factors are <= 1.
+* delta rule: the WY / UT representation per chunk. With ``Gamma_ij = exp(D_ij)`` and
+  ``M = strict_tril(diag(beta) (K K^T o Gamma))`` the chunk's corrected values are
+  ``V' = U - W S_0`` where ``[U | W] = (I + M)^{-1} diag(beta) [V | diag(exp(G)) K]``
   (a unit-triangular solve), then ``O = (Q o exp(G)) S_0 + tril(Q K^T o Gamma) V'`` and
-  ``S_C = exp(G_last) S_0 + (K o exp(G_last - G))^T V'``.
+  ``S_C = exp(G_last) S_0 + (K o exp(sum_{t > j} g_t))^T V'``.
+
+Causal under non-finite values: an inf or NaN at token ``t`` never reaches an output
+before ``t``. Masked (future) entries are selected away, not multiplied by zero
+(``0 * inf`` is NaN), and the causal products with values (:func:`_causal_matmul`)
+take an exact path for chunks whose values are not all finite.
 
 Positive log decays are allowed but grow exponentially, like in the recurrence.
 Sequences of ``cu_seqlens`` are processed one after the other. Everything is
@@ -36,35 +47,32 @@ computed in float32 (float64 for float64 inputs); outputs have q's dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from .args import accumulation_dtype, check_delta_rule, check_linear_attention
+from .._utils import accumulation_dtype
 from .reference import empty_result, sequence_segments
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_SUBCHUNK_SIZE",
     "bidirectional_linear_attention",
-    "chunked_delta_rule",
+    "causal_matmul",
+    "check_chunk_sizes",
     "chunked_delta_scan",
-    "chunked_linear_attention",
     "chunked_linear_scan",
-    "delta_rule_from_scan",
-    "linear_attention_from_scan",
+    "log_decay_to_end",
+    "pairwise_log_decay",
 ]
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_SUBCHUNK_SIZE = 16
 
-# scan(q, k, v, g, gk, initial_state, cu_seqlens, scale) -> (o, final_state)
-LinearScan = Callable[..., tuple[Tensor, Tensor]]
 
-
-def _check_chunk_sizes(chunk_size: int, subchunk_size: int, gated: bool) -> None:
+def check_chunk_sizes(chunk_size: int, subchunk_size: int, gated: bool) -> None:
     for name, value in (("chunk_size", chunk_size), ("subchunk_size", subchunk_size)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -103,14 +111,84 @@ def _causal_mask(size: int, device: torch.device) -> Tensor:
     return torch.ones(size, size, dtype=torch.bool, device=device).tril()
 
 
-def _pairwise_decay(G: Tensor, mask: Tensor) -> Tensor:
-    """``exp(G_i - G_j)`` over the last axis where ``mask`` (``i >= j``), else 0.
+def pairwise_log_decay(g: Tensor, per_key: bool = False) -> Tensor:
+    """``D_ij = sum_{j < t <= i} g_t`` for ``i >= j`` (0 on the diagonal), ``-inf`` above it.
 
-    The difference is masked to ``-inf`` before the exp, so the (positive) entries
-    above the diagonal never overflow and their gradient is exactly zero.
+    ``g`` is ``[..., C]`` (``[..., C, C]`` out) or, with ``per_key``, ``[..., C, K]``
+    (``[..., C, C, K]`` out). Each entry is summed over its own range (a cumulative sum
+    down the rows of a matrix holding ``g_i`` strictly below the diagonal), so no
+    difference of cumulative sums is formed: exact for any ``g <= 0``, ``-inf``
+    included. Entries above the diagonal are ``-inf``: their ``exp`` is 0, with a zero
+    gradient.
     """
-    diff = G[..., :, None] - G[..., None, :]
-    return diff.masked_fill(~mask, float("-inf")).exp()
+    size = g.shape[-2] if per_key else g.shape[-1]
+    below = torch.ones(size, size, dtype=torch.bool, device=g.device).tril(-1)
+    upper = ~_causal_mask(size, g.device)
+    if per_key:
+        below, upper, rows = below[..., None], upper[..., None], g[..., :, None, :]
+    else:
+        rows = g[..., :, None]
+    steps = torch.where(below, rows, torch.zeros((), dtype=g.dtype, device=g.device))
+    return steps.cumsum(-3 if per_key else -2).masked_fill(upper, float("-inf"))
+
+
+def log_decay_to_end(g: Tensor, dim: int) -> Tensor:
+    """``sum_{t > j} g_t`` along ``dim`` (0 at the last position): a reverse cumulative
+    sum of the later decays, summed directly (not as ``total - prefix``)."""
+    n = g.shape[dim]
+    later = torch.cat([g.narrow(dim, 1, n - 1), torch.zeros_like(g.narrow(dim, 0, 1))], dim)
+    return later.flip(dim).cumsum(dim).flip(dim)
+
+
+def _lower_blocks(x: Tensor, size: int) -> Tensor:
+    """The lower-left ``size x size`` block of every ``2 size`` diagonal block of
+    ``x [..., C, C]``: ``[..., C / (2 size), size, size]``."""
+    nb = x.shape[-1] // (2 * size)
+    blocks = x.unflatten(-2, (nb, 2, size)).unflatten(-1, (nb, 2, size))
+    diag = blocks.diagonal(dim1=-6, dim2=-3)  # [..., 2, size, 2, size, nb]
+    return diag[..., 1, :, 0, :, :].movedim(-1, -3)
+
+
+def _causal_matmul_exact(a: Tensor, v: Tensor) -> Tensor:
+    """``o_i = sum_{j <= i} a_ij v_j`` reading only the lower triangle of ``a``.
+
+    Recursive doubling: the diagonal, then at every level the lower-left block of
+    each diagonal block times the values above it. Every product is one the
+    recurrence makes too, so a non-finite value reaches only the rows at or after it.
+    """
+    size = a.shape[-1]
+    padded = 1 << max(0, (size - 1).bit_length())
+    if padded != size:
+        a = F.pad(a, (0, padded - size, 0, padded - size))
+        v = F.pad(v, (0, 0, 0, padded - size))
+    out = a.diagonal(dim1=-2, dim2=-1)[..., None] * v
+    half = 1
+    while half < padded:
+        nb = padded // (2 * half)
+        upper_v = v.unflatten(-2, (nb, 2, half))[..., 0, :, :]
+        lower = _lower_blocks(a, half) @ upper_v  # [..., nb, half, V]
+        out = out + torch.stack([torch.zeros_like(lower), lower], dim=-3).flatten(-4, -2)
+        half *= 2
+    return out[..., :size, :]
+
+
+def causal_matmul(a: Tensor, v: Tensor) -> Tensor:
+    """``a @ v`` for a lower-triangular ``a [..., C, C]`` (exact zeros above the
+    diagonal) and ``v [..., C, V]``, causal even when ``v`` is not finite.
+
+    A plain matmul multiplies the zeros above the diagonal by every value, and
+    ``0 * inf`` is NaN: one inf value at token ``t`` would poison the outputs before
+    ``t``. Finite values take the plain matmul; others, and values whose data is
+    not known here (compiled graphs and fake tensors cannot branch on data), the
+    exact triangular product. Meta tensors have no values at all: any product
+    gives their shape.
+    """
+    if v.device.type == "meta":
+        return a @ v
+    data_known = not (torch.compiler.is_compiling() or is_fake(v))
+    if data_known and bool(torch.isfinite(v).all()):
+        return a @ v
+    return _causal_matmul_exact(a, v)
 
 
 def _states_before_chunks(
@@ -148,16 +226,16 @@ def _scalar_decay_chunks(
     size = q.shape[-2]
     mask = _causal_mask(size, q.device)
     scores = q @ k.transpose(-1, -2)
+    zero = scores.new_zeros(())
     if g is None:
-        out = scores.masked_fill(~mask, 0.0) @ v
+        out = causal_matmul(torch.where(mask, scores, zero), v)
         before, final = _states_before_chunks(initial, k.transpose(-1, -2) @ v, None)
         return out + q @ before, final
-    G = g.cumsum(-1)  # chunk-local cumulative log decay
-    last = G[..., -1:]
-    out = (scores * _pairwise_decay(G, mask)) @ v
-    updates = (k * (last - G).exp()[..., None]).transpose(-1, -2) @ v
-    before, final = _states_before_chunks(initial, updates, last[..., 0].exp())
-    return out + (q * G.exp()[..., None]) @ before, final
+    from_start = g.cumsum(-1)  # sum_{t <= i} g_t
+    out = causal_matmul(torch.where(mask, scores * pairwise_log_decay(g).exp(), zero), v)
+    updates = (k * log_decay_to_end(g, -1).exp()[..., None]).transpose(-1, -2) @ v
+    before, final = _states_before_chunks(initial, updates, from_start[..., -1].exp())
+    return out + (q * from_start.exp()[..., None]) @ before, final
 
 
 def _gated_chunks(
@@ -166,30 +244,36 @@ def _gated_chunks(
     """Chunks ``[B, H, NC, C, *]`` with per-key log gates ``gk`` (GLA)."""
     batch, heads, num, size, dim_k = q.shape
     ns = size // sub
-    G = gk.cumsum(-2)  # chunk-local, [B, H, NC, C, K]
-    last = G[..., -1:, :]
+    from_start = gk.cumsum(-2)  # [B, H, NC, C, K]
 
     # Between chunks: queries decayed from the chunk start, keys to the chunk end.
-    updates = (k * (last - G).exp()).transpose(-1, -2) @ v
-    before, final = _states_before_chunks(initial, updates, last[..., 0, :].exp())
-    out = (q * G.exp()) @ before
+    updates = (k * log_decay_to_end(gk, -2).exp()).transpose(-1, -2) @ v
+    before, final = _states_before_chunks(initial, updates, from_start[..., -1, :].exp())
+    out = (q * from_start.exp()) @ before
 
     # Within a chunk, blocks of sub x sub tokens.
     shape = (batch, heads, num, ns, sub, dim_k)
-    qs, ks, Gs = q.reshape(shape), k.reshape(shape), G.reshape(shape)
-    # Diagonal blocks: pairwise exp(G_i - G_j), i >= j, computed directly.
-    diff = Gs[..., :, None, :] - Gs[..., None, :, :]  # [B, H, NC, ns, S, S, K]
-    tri = _causal_mask(sub, q.device)[..., None]
-    decay = diff.masked_fill(~tri, float("-inf")).exp()
-    blocks = [torch.einsum("...ijk,...jk->...ij", qs[..., :, None, :] * decay, ks)]
+    qs, ks, gs = q.reshape(shape), k.reshape(shape), gk.reshape(shape)
+    # Diagonal blocks: pairwise decays, i >= j, selected (not multiplied) by the mask.
+    decay = pairwise_log_decay(gs, per_key=True).exp()  # [B, H, NC, ns, S, S, K]
+    diag = torch.einsum("...ijk,...jk->...ij", qs[..., :, None, :] * decay, ks)
+    blocks = [torch.where(_causal_mask(sub, q.device), diag, diag.new_zeros(()))]
     index = [i * ns + i for i in range(ns)]
     if ns > 1:
-        # Off-diagonal blocks I > J, split at b = the last token of J.
+        # Off-diagonal blocks I > J, split at b = the last token of J: queries carry
+        # the totals of the sub-chunks strictly between J and I plus their own
+        # prefix in I, keys their suffix in J.
         rows, cols = zip(*[(i, j) for i in range(ns) for j in range(i)], strict=True)
         rows, cols = list(rows), list(cols)
-        boundary = Gs[..., -1:, :]  # [B, H, NC, ns, 1, K]
-        q_to_b = qs[..., rows, :, :] * (Gs[..., rows, :, :] - boundary[..., cols, :, :]).exp()
-        k_to_b = (ks * (boundary - Gs).exp())[..., cols, :, :]
+        totals = gs.sum(-2)  # [B, H, NC, ns, K]
+        # sum_{J < s < I} totals_s = sum_{J + 1 < u <= I} shifted_u with shifted_u =
+        # totals_{u - 1}: the pairwise sum of the shifted totals at (I, J + 1).
+        shifted = torch.cat([torch.zeros_like(totals[..., :1, :]), totals[..., :-1, :]], dim=-2)
+        after = [j + 1 for j in cols]
+        between = pairwise_log_decay(shifted, per_key=True)[..., rows, after, :]
+        q_log = between[..., None, :] + gs.cumsum(-2)[..., rows, :, :]
+        q_to_b = qs[..., rows, :, :] * q_log.exp()
+        k_to_b = (ks * log_decay_to_end(gs, -2).exp())[..., cols, :, :]
         blocks.append(q_to_b @ k_to_b.transpose(-1, -2))
         index += [i * ns + j for i, j in zip(rows, cols, strict=True)]
     values = torch.cat(blocks, dim=-3)
@@ -197,7 +281,7 @@ def _gated_chunks(
         3, torch.tensor(index, device=q.device), values
     )
     scores = scores.reshape(batch, heads, num, ns, ns, sub, sub).transpose(4, 5)
-    return out + scores.reshape(batch, heads, num, size, size) @ v, final
+    return out + causal_matmul(scores.reshape(batch, heads, num, size, size), v), final
 
 
 def _delta_chunks(
@@ -211,23 +295,22 @@ def _delta_chunks(
     kk = k_beta @ k.transpose(-1, -2)  # beta_i k_i . k_j
     qk = q @ k.transpose(-1, -2)
     if g is not None:
-        G = g.cumsum(-1)
-        gamma = _pairwise_decay(G, mask)
+        gamma = pairwise_log_decay(g).exp()
         kk = kk * gamma
         qk = qk * gamma
-        g_from_start = G.exp()[..., None]
+        from_start = g.cumsum(-1)
+        g_from_start = from_start.exp()[..., None]
         rhs = torch.cat([v * beta[..., None], k_beta * g_from_start], dim=-1)
     else:
-        qk = qk.masked_fill(~mask, 0.0)
         rhs = torch.cat([v * beta[..., None], k_beta], dim=-1)
+    qk = torch.where(mask, qk, qk.new_zeros(()))
     # (I + strict_tril(kk))^-1 rhs: a unit lower-triangular solve reads only the
     # strictly lower triangle of kk.
     uw = torch.linalg.solve_triangular(kk, rhs, upper=False, unitriangular=True)
     u, w = uw.split([dim_v, dim_k], dim=-1)
     if g is not None:
-        last = G[..., -1:]
-        k_to_end = k * (last - G).exp()[..., None]
-        chunk_decay = last[..., 0].exp()
+        k_to_end = k * log_decay_to_end(g, -1).exp()[..., None]
+        chunk_decay = from_start[..., -1].exp()
     else:
         k_to_end = k
 
@@ -245,7 +328,7 @@ def _delta_chunks(
     before_t = torch.stack(before, dim=2)
     v_new_t = torch.stack(new_values, dim=2)
     q_dec = q * g_from_start if g is not None else q
-    return q_dec @ before_t + qk @ v_new_t, state
+    return q_dec @ before_t + causal_matmul(qk, v_new_t), state
 
 
 def _segment_inputs(tensors, bsl, start, end, acc):
@@ -279,7 +362,7 @@ def chunked_linear_scan(
     ``initial_state`` ``[N, H, K, V]`` or None, ``scale`` a float. Returns ``o``
     (q's dtype) and the final state ``[N, H, K, V]`` (float32 / float64), always.
     """
-    _check_chunk_sizes(chunk_size, subchunk_size, gk is not None)
+    check_chunk_sizes(chunk_size, subchunk_size, gk is not None)
     batch, seq = q.shape[:2]
     if batch == 0 or seq == 0:
         return empty_result(q, v, initial_state, batch)
@@ -325,7 +408,7 @@ def chunked_delta_scan(
     Same contract as the fused kernel ``ops.fused_delta_rule``; returns ``o`` (q's
     dtype) and the final state (float32 / float64), always.
     """
-    _check_chunk_sizes(chunk_size, 1, False)
+    check_chunk_sizes(chunk_size, 1, False)
     batch, seq = q.shape[:2]
     if batch == 0 or seq == 0:
         return empty_result(q, v, initial_state, batch)
@@ -377,203 +460,3 @@ def bidirectional_linear_attention(
         outs.append(o)
         finals.append(state)
     return torch.cat(outs, dim=1).to(q.dtype), torch.cat(finals, dim=0)
-
-
-def linear_attention_from_scan(
-    scan: LinearScan,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    g: Tensor | None = None,
-    g_gamma: Tensor | None = None,
-    gk: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    normalize: bool = False,
-    causal: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """Linear attention built on a causal ``scan``: validates the call
-    (:func:`~tokenmix.linear_scan.args.check_linear_attention`), then normalizes the
-    inputs for the scan (``g_gamma [H]`` becomes the view ``[B, T, H]``; gates and the
-    initial state are cast to the accumulation dtype, ``cu_seqlens`` to int64), handles
-    ``causal=False`` with plain matmuls and ``normalize=True`` with a second scan over
-    ``v = 1`` (the decayed key sum).
-    """
-    scale, offsets = check_linear_attention(
-        q,
-        k,
-        v,
-        g=g,
-        g_gamma=g_gamma,
-        gk=gk,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        normalize=normalize,
-        causal=causal,
-    )
-    acc = accumulation_dtype(q.dtype)
-    if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
-        o, final = empty_result(q, v, initial_state, q.shape[0], normalize)
-        return o, (final if output_final_state else None)
-    h0 = None if initial_state is None else initial_state.to(acc)
-    if not causal:
-        if normalize:
-            o_aug, final = bidirectional_linear_attention(
-                q, k, _with_ones_column(v), scale, h0, offsets, False
-            )
-            return _normalized(o_aug, q.dtype), (final if output_final_state else None)
-        o, final = bidirectional_linear_attention(q, k, v, scale, h0, offsets, False)
-        return o, (final if output_final_state else None)
-    batch, seq, heads = q.shape[:3]
-    if g_gamma is not None:
-        g = g_gamma.to(acc).view(1, 1, heads).expand(batch, seq, heads)
-    elif g is not None:
-        g = g.to(acc)
-    if gk is not None:
-        gk = gk.to(acc)
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
-    if normalize:
-        # The normalizer (scale q_t) . (decayed sum of keys) is the same scan over
-        # a value column of ones: append it, so the state carries the key sum as
-        # its last column and decoding can resume from it.
-        o_aug, final = scan(q, k, _with_ones_column(v), g, gk, h0, cu, scale)
-        return _normalized(o_aug, q.dtype), (final if output_final_state else None)
-    o, final = scan(q, k, v, g, gk, h0, cu, scale)
-    return o, (final if output_final_state else None)
-
-
-def _with_ones_column(v: Tensor) -> Tensor:
-    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-
-
-def _normalized(o_aug: Tensor, dtype: torch.dtype) -> Tensor:
-    """Output of a scan over ``[v | 1]``: numerator / (denominator + 1e-10)."""
-    acc = accumulation_dtype(dtype)
-    o_aug = o_aug.to(acc)
-    return (o_aug[..., :-1] / (o_aug[..., -1:] + 1e-10)).to(dtype)
-
-
-def delta_rule_from_scan(
-    scan: Callable[..., tuple[Tensor, Tensor]],
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    *,
-    g: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """The delta rule built on ``scan``: validates the call
-    (:func:`~tokenmix.linear_scan.args.check_delta_rule`), casts ``beta``, ``g`` and the
-    initial state to the accumulation dtype and ``cu_seqlens`` to int64, then runs it."""
-    scale, _ = check_delta_rule(
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-    )
-    acc = accumulation_dtype(q.dtype)
-    if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
-        o, final = empty_result(q, v, initial_state, q.shape[0])
-        return o, (final if output_final_state else None)
-    o, final = scan(
-        q,
-        k,
-        v,
-        beta.to(acc),
-        None if g is None else g.to(acc),
-        None if initial_state is None else initial_state.to(acc),
-        None if cu_seqlens is None else cu_seqlens.to(torch.int64),
-        scale,
-    )
-    return o, (final if output_final_state else None)
-
-
-def chunked_linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    g: Tensor | None = None,
-    g_gamma: Tensor | None = None,
-    gk: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    normalize: bool = False,
-    causal: bool = True,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    subchunk_size: int = DEFAULT_SUBCHUNK_SIZE,
-) -> tuple[Tensor, Tensor | None]:
-    """Chunked linear attention; arguments and results as
-    :func:`~tokenmix.linear_scan.linear_attention`, plus the chunk sizes
-    (``subchunk_size`` is used with ``gk`` only; ``chunk_size`` must be a multiple of it).
-    """
-    _check_chunk_sizes(chunk_size, subchunk_size, gk is not None)
-
-    def scan(*args):
-        return chunked_linear_scan(*args, chunk_size=chunk_size, subchunk_size=subchunk_size)
-
-    return linear_attention_from_scan(
-        scan,
-        q,
-        k,
-        v,
-        g=g,
-        g_gamma=g_gamma,
-        gk=gk,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        normalize=normalize,
-        causal=causal,
-    )
-
-
-def chunked_delta_rule(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    *,
-    g: Tensor | None = None,
-    scale: float | None = None,
-    initial_state: Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[Tensor, Tensor | None]:
-    """Chunked (gated) delta rule; arguments and results as
-    :func:`~tokenmix.linear_scan.delta_rule`, plus ``chunk_size``."""
-    _check_chunk_sizes(chunk_size, 1, False)
-
-    def scan(*args):
-        return chunked_delta_scan(*args, chunk_size=chunk_size)
-
-    return delta_rule_from_scan(
-        scan,
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-    )

@@ -13,39 +13,39 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .args import (
-    accumulation_dtype,
-    check_step,
-)
+from . import ops
+from .args import accumulation_dtype, check_delta_rule, check_linear_attention, check_step
 from .chunked import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_SUBCHUNK_SIZE,
+    bidirectional_linear_attention,
+    check_chunk_sizes,
     chunked_delta_scan,
     chunked_linear_scan,
-    delta_rule_from_scan,
-    linear_attention_from_scan,
 )
+from .reference import empty_result
+
+# scan(q, k, v, g, gk, initial_state, cu_seqlens, scale) -> (o, final_state)
+LinearScan = Callable[..., tuple[Tensor, Tensor]]
 
 __all__ = [
+    "chunked_delta_rule",
+    "chunked_linear_attention",
     "delta_rule",
+    "delta_rule_from_scan",
     "delta_rule_step",
     "fused_kernels_available",
     "linear_attention",
+    "linear_attention_from_scan",
     "linear_attention_step",
 ]
 
 
 def _fused_scans() -> tuple[Callable, Callable] | None:
-    """The fused CPU scans, or None when they are not built / not loadable.
-
-    Looked up at call time (not at import) so a build that adds them is picked up
-    without touching this module.
-    """
-    try:
-        from .ops import fused_delta_rule, fused_linear_scan, kernels_available
-    except ImportError:
+    """The fused CPU scans, or None when they are not built / not loadable."""
+    if not ops.kernels_available():
         return None
-    if not kernels_available():
-        return None
-    return fused_linear_scan, fused_delta_rule
+    return ops.fused_linear_scan, ops.fused_delta_rule
 
 
 def fused_kernels_available() -> bool:
@@ -291,3 +291,203 @@ def delta_rule_step(
     state = state + kf[..., :, None] * v_new[..., None, :]
     o = torch.einsum("nhk,nhkv->nhv", q.to(acc) * scale, state)
     return o.to(q.dtype), state
+
+
+def linear_attention_from_scan(
+    scan: LinearScan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    g: Tensor | None = None,
+    g_gamma: Tensor | None = None,
+    gk: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    normalize: bool = False,
+    causal: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Linear attention built on a causal ``scan``: validates the call
+    (:func:`~tokenmix.linear_scan.args.check_linear_attention`), then normalizes the
+    inputs for the scan (``g_gamma [H]`` becomes the view ``[B, T, H]``; gates and the
+    initial state are cast to the accumulation dtype, ``cu_seqlens`` to int64), handles
+    ``causal=False`` with plain matmuls and ``normalize=True`` with a second scan over
+    ``v = 1`` (the decayed key sum).
+    """
+    scale, offsets = check_linear_attention(
+        q,
+        k,
+        v,
+        g=g,
+        g_gamma=g_gamma,
+        gk=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        normalize=normalize,
+        causal=causal,
+    )
+    acc = accumulation_dtype(q.dtype)
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
+        o, final = empty_result(q, v, initial_state, q.shape[0], normalize)
+        return o, (final if output_final_state else None)
+    h0 = None if initial_state is None else initial_state.to(acc)
+    if not causal:
+        if normalize:
+            o_aug, final = bidirectional_linear_attention(
+                q, k, _with_ones_column(v), scale, h0, offsets, False
+            )
+            return _normalized(o_aug, q.dtype), (final if output_final_state else None)
+        o, final = bidirectional_linear_attention(q, k, v, scale, h0, offsets, False)
+        return o, (final if output_final_state else None)
+    batch, seq, heads = q.shape[:3]
+    if g_gamma is not None:
+        g = g_gamma.to(acc).view(1, 1, heads).expand(batch, seq, heads)
+    elif g is not None:
+        g = g.to(acc)
+    if gk is not None:
+        gk = gk.to(acc)
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64)
+    if normalize:
+        # The normalizer (scale q_t) . (decayed sum of keys) is the same scan over
+        # a value column of ones: append it, so the state carries the key sum as
+        # its last column and decoding can resume from it.
+        o_aug, final = scan(q, k, _with_ones_column(v), g, gk, h0, cu, scale)
+        return _normalized(o_aug, q.dtype), (final if output_final_state else None)
+    o, final = scan(q, k, v, g, gk, h0, cu, scale)
+    return o, (final if output_final_state else None)
+
+
+def _with_ones_column(v: Tensor) -> Tensor:
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _normalized(o_aug: Tensor, dtype: torch.dtype) -> Tensor:
+    """Output of a scan over ``[v | 1]``: numerator / (denominator + 1e-10)."""
+    acc = accumulation_dtype(dtype)
+    o_aug = o_aug.to(acc)
+    return (o_aug[..., :-1] / (o_aug[..., -1:] + 1e-10)).to(dtype)
+
+
+def delta_rule_from_scan(
+    scan: Callable[..., tuple[Tensor, Tensor]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    *,
+    g: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The delta rule built on ``scan``: validates the call
+    (:func:`~tokenmix.linear_scan.args.check_delta_rule`), casts ``beta``, ``g`` and the
+    initial state to the accumulation dtype and ``cu_seqlens`` to int64, then runs it."""
+    scale, _ = check_delta_rule(
+        q,
+        k,
+        v,
+        beta,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    acc = accumulation_dtype(q.dtype)
+    if q.shape[0] == 0 or q.shape[1] == 0:  # no kernel call for empty inputs
+        o, final = empty_result(q, v, initial_state, q.shape[0])
+        return o, (final if output_final_state else None)
+    o, final = scan(
+        q,
+        k,
+        v,
+        beta.to(acc),
+        None if g is None else g.to(acc),
+        None if initial_state is None else initial_state.to(acc),
+        None if cu_seqlens is None else cu_seqlens.to(torch.int64),
+        scale,
+    )
+    return o, (final if output_final_state else None)
+
+
+def chunked_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    g: Tensor | None = None,
+    g_gamma: Tensor | None = None,
+    gk: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    normalize: bool = False,
+    causal: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    subchunk_size: int = DEFAULT_SUBCHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked linear attention; arguments and results as
+    :func:`~tokenmix.linear_scan.linear_attention`, plus the chunk sizes
+    (``subchunk_size`` is used with ``gk`` only; ``chunk_size`` must be a multiple of it).
+    """
+    check_chunk_sizes(chunk_size, subchunk_size, gk is not None)
+
+    def scan(*args):
+        return chunked_linear_scan(*args, chunk_size=chunk_size, subchunk_size=subchunk_size)
+
+    return linear_attention_from_scan(
+        scan,
+        q,
+        k,
+        v,
+        g=g,
+        g_gamma=g_gamma,
+        gk=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        normalize=normalize,
+        causal=causal,
+    )
+
+
+def chunked_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    *,
+    g: Tensor | None = None,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked (gated) delta rule; arguments and results as
+    :func:`~tokenmix.linear_scan.delta_rule`, plus ``chunk_size``."""
+    check_chunk_sizes(chunk_size, 1, False)
+
+    def scan(*args):
+        return chunked_delta_scan(*args, chunk_size=chunk_size)
+
+    return delta_rule_from_scan(
+        scan,
+        q,
+        k,
+        v,
+        beta,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )

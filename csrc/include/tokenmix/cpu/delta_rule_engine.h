@@ -6,13 +6,17 @@
 // corrected values u_i = b_i (v_i - (a_i S_{i-1})^T k_i) solve a unit lower
 // triangular system (the UT/WY representation):
 //
-//   (I + L) U = R,   L_ij = b_i e^{G_i - G_j} (k_i . k_j)   (j < i)
+//   (I + L) U = R,   L_ij = b_i Gamma_ij (k_i . k_j)   (j < i)
 //                    R_i  = b_i (v_i - e^{G_i} S_0^T k_i)
-//   O   = diag(e^G) Q S_0 + (Q K^T o Gamma)_{j<=i} U,   Gamma_ij = e^{G_i - G_j}
-//   S_c = e^{G_c} S_0 + (K o e^{G_c - G})^T U
+//   O   = diag(e^G) Q S_0 + (Q K^T o Gamma)_{j<=i} U,   Gamma_ij = e^{D_ij}
+//   S_c = e^{G_c} S_0 + (K o e^{E})^T U
 //
 // so a chunk costs a few small GEMMs plus one triangular solve, never a
-// token-by-token state update. All exponents are <= 0. The backward
+// token-by-token state update. The log decays are summed over their own
+// ranges (G_i = sum_{t<=i} g_t, E_j = sum_{t>j} g_t, D_ij = sum_{j<t<=i} g_t;
+// see linear_scan_engine.h): exact after resets, -inf included, and every
+// exponent is <= 0 for g <= 0. Masked products skip the zero triangle when a
+// value is not finite (triangular_gemm). The backward
 // recomputes each chunk from its saved start state and differentiates these
 // equations (a transposed triangular solve for dR); decay gradients are
 // accumulated per position and reverse-summed within the chunk, since a
@@ -48,7 +52,7 @@ struct DeltaEngine : ScanShape<T> {
 
   struct Work {
     // chunk inputs and factors
-    Buffer<T> q, k, kt, v, qg, kd, G, eg, beta;
+    Buffer<T> q, k, kt, v, qg, kd, G, lg, run, eg, ekd, beta;
     // forward intermediates
     Buffer<T> P, R, U, Ut, KK, A, Gam, o, S, states;
     // backward
@@ -65,7 +69,10 @@ struct DeltaEngine : ScanShape<T> {
     w.A.assign(size_t(C) * cp, T(0));
     w.Gam.assign(size_t(C) * cp, T(0));
     w.G.assign(size_t(cp), T(0));
+    w.lg.assign(size_t(C), T(0));
+    w.run.assign(size_t(cp), T(0));
     w.eg.assign(size_t(C), T(0));
+    w.ekd.assign(size_t(C), T(0));
     w.beta.assign(size_t(C), T(0));
     w.S.assign(size_t(K) * vp, T(0));
     if (backward) {
@@ -116,20 +123,26 @@ struct DeltaEngine : ScanShape<T> {
       for (int e = 0; e < Vd; ++e) vr[e] = T(to_float(vs[e]));
       w.beta[i] = static_cast<const T*>(p.beta)[(b * p.seq_len + t) * p.heads + h];
     }
+    // Log decays (natural units) from the chunk start (G, eg = e^G) and to the
+    // chunk end (ekd = e^E), each summed over its own range.
     T acc = 0;
     for (int i = 0; i < kChunk; ++i) {
-      if (p.g && i < c) acc += static_cast<const T*>(p.g)[(b * p.seq_len + t0 + i) * p.heads + h];
+      w.lg[i] = (p.g && i < c) ? static_cast<const T*>(p.g)[(b * p.seq_len + t0 + i) * p.heads + h]
+                               : T(0);
+      acc += w.lg[i];
       w.G[i] = acc;
       w.eg[i] = i < c ? T(std::exp(double(acc))) : T(0);
     }
-    const T Gc = w.G[c - 1];
-    for (int i = 0; i < kChunk; ++i) {
-      const T kf = i < c ? T(std::exp(double(Gc - w.G[i]))) : T(0);
+    T to_end = 0;
+    for (int j = kChunk - 1; j >= 0; --j) {
+      w.ekd[j] = j < c ? T(std::exp(double(to_end))) : T(0);
+      to_end += w.lg[j];
+    }
+    for (int i = 0; i < kChunk; ++i)
       for (int d = 0; d < kp; ++d) {
         w.qg[int64_t(i) * kp + d] = w.q[int64_t(i) * kp + d] * w.eg[i];
-        w.kd[int64_t(i) * kp + d] = w.k[int64_t(i) * kp + d] * kf;
+        w.kd[int64_t(i) * kp + d] = w.k[int64_t(i) * kp + d] * w.ekd[i];
       }
-    }
     for (int d = 0; d < kp; ++d)
       for (int j = 0; j < cp; ++j)
         w.kt[int64_t(d) * cp + j] = j < kChunk ? w.k[int64_t(j) * kp + d] : T(0);
@@ -137,15 +150,17 @@ struct DeltaEngine : ScanShape<T> {
             StridedRows<const T>{w.kt.data(), cp}, StridedRows<T>{w.KK.data(), cp}, false);
     gemm<T>(kChunk, cp, K, StridedRows<const T>{w.q.data(), kp}, 1,
             StridedRows<const T>{w.kt.data(), cp}, StridedRows<T>{w.A.data(), cp}, false);
-    // Gamma_ij = e^{G_i - G_j} for j <= i < c (vectorized; 0 elsewhere).
-    for (int j = kChunk; j < cp; ++j) w.G[j] = w.G[kChunk - 1];
+    // Gamma_ij = e^{D_ij} for j <= i < c (running pairwise sums in log2 units,
+    // vectorized; 0 elsewhere).
+    T* run = w.run.data();
+    fill(run, run + cp, T(0));
     for (int i = 0; i < kChunk; ++i) {
       T* row = w.Gam.data() + int64_t(i) * cp;
-      const V gi = vbroadcast<V>(w.G[i]);
-      for (int j = 0; j < cp; j += W)
-        vstore(row + j, vexp2((gi - vload<V>(w.G.data() + j)) * T(1.4426950408889634)));
-      for (int j = 0; j < cp; ++j)
-        if (i >= c || j > i) row[j] = 0;
+      fill(row, row + cp, T(0));
+      if (i >= c) continue;
+      advance_pairwise_sums(run, w.lg[i] * T(1.4426950408889634), i);
+      for (int j = 0; j <= i; j += W) vstore(row + j, vexp2(vload<V>(run + j)));
+      for (int j = i + 1; j < cp; ++j) row[j] = 0;
     }
     for (int i = 0; i < kChunk; ++i)
       for (int j = 0; j < cp; ++j) {
@@ -198,8 +213,8 @@ struct DeltaEngine : ScanShape<T> {
       T* o = w.o.data();
       gemm<T>(c, vp, K, StridedRows<const T>{w.qg.data(), kp}, 1, StridedRows<const T>{S, vp},
               StridedRows<T>{o, vp}, false);
-      gemm<T>(c, vp, c, StridedRows<const T>{w.A.data(), cp}, 1,
-              StridedRows<const T>{w.U.data(), vp}, StridedRows<T>{o, vp}, true);
+      triangular_gemm<T>(Triangle::kLower, c, vp, c, StridedRows<const T>{w.A.data(), cp}, 1,
+                         StridedRows<const T>{w.U.data(), vp}, StridedRows<T>{o, vp}, true);
       for (int i = 0; i < c; ++i) {
         In* dst = out + ((b * p.seq_len + t0 + i) * p.heads + h) * Vd;
         for (int e = 0; e < Vd; ++e) dst[e] = from_float<In>(o[int64_t(i) * vp + e]);
@@ -278,8 +293,8 @@ struct DeltaEngine : ScanShape<T> {
       }
       // dU = A^T dO + kd dS ; dKh = U dS^T (gradient of kd)
       T* dU = w.dU.data();
-      gemm<T>(c, vp, c, StridedRows<const T>{w.A.data(), 1}, cp,
-              StridedRows<const T>{w.dO.data(), vp}, StridedRows<T>{dU, vp}, false);
+      triangular_gemm<T>(Triangle::kUpper, c, vp, c, StridedRows<const T>{w.A.data(), 1}, cp,
+                         StridedRows<const T>{w.dO.data(), vp}, StridedRows<T>{dU, vp}, false);
       gemm<T>(c, vp, K, StridedRows<const T>{w.kd.data(), kp}, 1, StridedRows<const T>{dS, vp},
               StridedRows<T>{dU, vp}, true);
       T* dKh = w.dKh.data();
@@ -379,20 +394,20 @@ struct DeltaEngine : ScanShape<T> {
         }
         dG[i] += dot;
       }
-      gemm<T>(c, kp, c, StridedRows<const T>{dA, cp}, 1, StridedRows<const T>{w.k.data(), kp},
-              StridedRows<T>{dq, kp}, true);
+      triangular_gemm<T>(Triangle::kLower, c, kp, c, StridedRows<const T>{dA, cp}, 1,
+                         StridedRows<const T>{w.k.data(), kp}, StridedRows<T>{dq, kp}, true);
       // dk = (dA o Gamma)^T Q + dKh e^{G_c - G} + (D + D^T) K + dP S0^T
       T* dk = w.dk.data();
-      gemm<T>(c, kp, c, StridedRows<const T>{dA, 1}, cp, StridedRows<const T>{w.q.data(), kp},
-              StridedRows<T>{dk, kp}, false);
+      triangular_gemm<T>(Triangle::kUpper, c, kp, c, StridedRows<const T>{dA, 1}, cp,
+                         StridedRows<const T>{w.q.data(), kp}, StridedRows<T>{dk, kp}, false);
       for (int j = 0; j < c; ++j) {
-        const T f = T(std::exp(double(Gc - w.G[j])));
+        const T f = w.ekd[j];
         for (int d = 0; d < kp; ++d) dk[int64_t(j) * kp + d] += dKh[int64_t(j) * kp + d] * f;
       }
-      gemm<T>(c, kp, c, StridedRows<const T>{dL, cp}, 1, StridedRows<const T>{w.k.data(), kp},
-              StridedRows<T>{dk, kp}, true);
-      gemm<T>(c, kp, c, StridedRows<const T>{dL, 1}, cp, StridedRows<const T>{w.k.data(), kp},
-              StridedRows<T>{dk, kp}, true);
+      triangular_gemm<T>(Triangle::kLower, c, kp, c, StridedRows<const T>{dL, cp}, 1,
+                         StridedRows<const T>{w.k.data(), kp}, StridedRows<T>{dk, kp}, true);
+      triangular_gemm<T>(Triangle::kUpper, c, kp, c, StridedRows<const T>{dL, 1}, cp,
+                         StridedRows<const T>{w.k.data(), kp}, StridedRows<T>{dk, kp}, true);
       gemm<T>(c, kp, Vd, StridedRows<const T>{dP, vp}, 1, StridedRows<const T>{w.St.data(), kp},
               StridedRows<T>{dk, kp}, true);
       // dS0 = e^{G_c} dS + qg^T dO + K^T dP

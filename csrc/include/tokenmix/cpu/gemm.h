@@ -8,6 +8,8 @@
 //   C[i][j] = c.row(i)[j]
 #pragma once
 
+#include <cmath>
+
 #include "tokenmix/cpu/simd.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
@@ -103,6 +105,45 @@ inline void gemm(int M, int N, int K, const A& a, int a_step, const B& b, const 
     case 3: gemm_rows<T, 3>(M, K, a, a_step, b, j, c, accumulate); break;
 #endif
     default: break;
+  }
+}
+
+// Whether rows [0, K) x columns [0, N) of b are all finite.
+template <class B>
+inline bool rows_finite(const B& b, int K, int N) {
+  for (int p = 0; p < K; ++p) {
+    const auto* row = b.row(p);
+    for (int j = 0; j < N; ++j)
+      if (!std::isfinite(row[j])) return false;
+  }
+  return true;
+}
+
+// C[M x N] (+)= A[M x K] * B[K x N] for a triangular A: lower (A[i][p] = 0 for
+// p > i) or upper (A[i][p] = 0 for p < i). The plain gemm multiplies the zero
+// triangle by every row of B, and 0 * inf is NaN: a non-finite row of B would
+// reach rows of C that A does not connect it to. When B is not all finite the
+// zero triangle is skipped instead (a row loop; the finite case pays one pass
+// over B).
+enum class Triangle { kLower, kUpper };
+
+template <class T, class A, class B, class C>
+inline void triangular_gemm(Triangle tri, int M, int N, int K, const A& a, int a_step, const B& b,
+                            const C& c, bool accumulate) {
+  if (rows_finite(b, K, N)) return gemm<T>(M, N, K, a, a_step, b, c, accumulate);
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::kWidth;
+  for (int i = 0; i < M; ++i) {
+    T* crow = c.row(i);
+    if (!accumulate)
+      for (int j = 0; j < N; ++j) crow[j] = T(0);
+    const int p0 = tri == Triangle::kUpper ? i : 0;
+    const int p1 = tri == Triangle::kUpper ? K : (i + 1 < K ? i + 1 : K);
+    for (int p = p0; p < p1; ++p) {
+      const V av = vbroadcast<V>(a.row(i)[int64_t(p) * a_step]);
+      const T* brow = b.row(p);
+      for (int j = 0; j < N; j += W) vstore(crow + j, vload<V>(crow + j) + av * vload<V>(brow + j));
+    }
   }
 }
 

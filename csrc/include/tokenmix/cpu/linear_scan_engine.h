@@ -5,13 +5,19 @@
 // kChunk tokens; inside a chunk the output is the quadratic "attention" part
 // plus the contribution of the state carried in from earlier chunks:
 //
-//   G_i   = cumulative log decay from the chunk start (<= 0, never positive)
-//   o_i   = (q_i * e^{G_i}) S_prev + sum_{j<=i} [q_i . (k_j * e^{G_i - G_j})] v_j
-//   S_new = e^{G_last} S_prev + sum_j (k_j * e^{G_last - G_j}) v_j^T
+//   o_i   = (q_i * e^{P_i}) S_prev + sum_{j<=i} [q_i . (k_j * e^{D_ij})] v_j
+//   S_new = e^{P_last} S_prev + sum_j (k_j * e^{E_j}) v_j^T
 //
-// Every exponent is a difference G_a - G_b with a at or after b, so all
-// factors are <= 1: no overflow however strong the decay or long the input.
-// Decays are accumulated chunk-locally only.
+// with the log decays (per key; scalar decays broadcast) summed over ranges
+// inside the chunk: P_i = sum_{t<=i} g_t (from the chunk start), E_j =
+// sum_{t>j} g_t (to the chunk end) and D_ij = sum_{j<t<=i} g_t (pairwise).
+// Each is accumulated over its own range, never formed as the difference of
+// two cumulative sums: after a reset (g = -1e9, or -inf) such a difference
+// has lost every digit of the decays that follow, a direct sum has not. With
+// g <= 0 every factor is <= 1 and every sum is of one sign, so exact to a
+// few ulps of its own size. Masked products skip the zero triangle when a
+// value is not finite (triangular_gemm), so an inf or NaN at token t reaches
+// no output before t.
 //
 // Backward (reverse over chunks, with the chunk-start states recomputed by a
 // forward pass over the states only) uses the same products, and the decay
@@ -58,6 +64,20 @@ inline int64_t longest_sequence_chunks(const LinearScanProblem& p, int chunk) {
   return (longest + chunk - 1) / chunk;
 }
 
+// Running pairwise log decays of a chunk, one row at a time: moving to row i
+// adds lg_i to run[j] for j < i, so run[j] = sum_{j<t<=i} lg_t, accumulated
+// over its own range (no difference of cumulative sums); run[j >= i] stays 0
+// (the diagonal's factor is 1).
+template <class T>
+inline void advance_pairwise_sums(T* run, T lg_i, int i) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::kWidth;
+  const V lg_v = vbroadcast<V>(lg_i);
+  int j = 0;
+  for (; j + W <= i; j += W) vstore(run + j, vload<V>(run + j) + lg_v);
+  for (; j < i; ++j) run[j] += lg_i;
+}
+
 // State rows [K x vp] (padded) <-> the caller's [N, H, K, V] state tensors.
 template <class T>
 void load_scan_state(const LinearScanProblem& p, int vp, T* S, const void* src, int64_t n,
@@ -96,23 +116,22 @@ struct ScanEngine : ScanShape<T> {
   explicit ScanEngine(const LinearScanProblem& prob) : ScanShape<T>(prob), p(prob) {}
 
   // Chunk buffers: rows of q (scaled), k, v; their transposes kt [kp x cp] and
-  // (backward) vt [vp x cp]; G (cumulative log decay per key); qfac = e^{G},
-  // kfac = e^{G_last - G}; qg = q qfac, kd = k kfac; A the intra scores.
+  // (backward) vt [vp x cp]; lg the per-token log2 decay per key; qfac = 2^P,
+  // kfac = 2^E; qg = q qfac, kd = k kfac; A the intra scores; run the running
+  // pairwise sums D (in log2 units) of the row being computed.
   struct Work {
-    Buffer<T> gcol;
-    Buffer<T> q, k, v, kt, vt, G, Gt, qfac, kfac, qg, kd, A, o, S, decay_row;
+    Buffer<T> q, k, v, kt, vt, lg, run, qfac, kfac, qg, kd, A, o, S, decay_row;
     Buffer<T> St, dO, dA, dq, dk, dv, dS, dSt, states;
   };
 
   void init(Work& w, bool backward, int64_t max_chunks) const {
     const int C = kChunk;
-    for (Buffer<T>* b : {&w.q, &w.k, &w.G, &w.qfac, &w.kfac, &w.qg, &w.kd})
+    for (Buffer<T>* b : {&w.q, &w.k, &w.lg, &w.qfac, &w.kfac, &w.qg, &w.kd})
       b->assign(size_t(C) * kp, T(0));
     w.v.assign(size_t(C) * vp, T(0));
     w.o.assign(size_t(C) * vp, T(0));
     w.kt.assign(size_t(kp) * cp, T(0));
-    w.Gt.assign(size_t(kp) * cp, T(0));
-    w.gcol.assign(size_t(cp), T(0));
+    w.run.assign(size_t(kp) * cp, T(0));  // >= C * kp too (cp >= C)
     w.A.assign(size_t(C) * cp, T(0));
     w.S.assign(size_t(K) * vp, T(0));
     w.decay_row.assign(size_t(kp), T(0));
@@ -155,22 +174,21 @@ struct ScanEngine : ScanShape<T> {
       for (int j = 0; j < cp; ++j)
         w.kt[int64_t(d) * cp + j] = j < kChunk ? w.k[int64_t(j) * kp + d] : T(0);
 
-    // Cumulative log decay from the chunk start, per key (scalar decays are
-    // broadcast over the keys; no decay is G = 0).
+    // Per-token log2 decays per key (scalar decays broadcast over the keys;
+    // none, padded keys and tokens past the chunk are 0).
     for (int i = 0; i < kChunk; ++i) {
-      T* Gr = w.G.data() + int64_t(i) * kp;
-      const T* prev = i > 0 ? Gr - kp : nullptr;
-      for (int d = 0; d < kp; ++d) Gr[d] = prev ? prev[d] : T(0);
-      if (i >= c) continue;
+      T* lr = w.lg.data() + int64_t(i) * kp;
+      fill(lr, lr + kp, T(0));
+      if (kDecay == DecayKind::kNone || i >= c) continue;
+      const int64_t at = (b * p.seq_len + t0 + i) * p.heads + h;
       if constexpr (kDecay == DecayKind::kScalar) {
-        const T g = static_cast<const T*>(p.g)[(b * p.seq_len + t0 + i) * p.heads + h];
-        for (int d = 0; d < K; ++d) Gr[d] += g;
+        const T g = static_cast<const T*>(p.g)[at] * kLog2e;
+        for (int d = 0; d < K; ++d) lr[d] = g;
       } else if constexpr (kDecay == DecayKind::kPerKey) {
-        const T* gk = static_cast<const T*>(p.gk) + ((b * p.seq_len + t0 + i) * p.heads + h) * K;
-        for (int d = 0; d < K; ++d) Gr[d] += gk[d];
+        const T* gk = static_cast<const T*>(p.gk) + at * K;
+        for (int d = 0; d < K; ++d) lr[d] = gk[d] * kLog2e;
       }
     }
-    const T* last = w.G.data() + int64_t(c - 1) * kp;
     if constexpr (kDecay == DecayKind::kNone) {
       for (int64_t x = 0; x < int64_t(kChunk) * kp; ++x) {
         w.qfac[x] = T(1);
@@ -180,36 +198,37 @@ struct ScanEngine : ScanShape<T> {
       }
       for (int d = 0; d < kp; ++d) w.decay_row[d] = T(1);
     } else {
-      // Factors e^{G} and e^{G_last - G} (both <= 1), vectorized. Padded keys
-      // and tokens past the chunk get 0 (their q, k are 0 anyway).
-      const V log2e = vbroadcast<V>(kLog2e);
-      for (int i = 0; i < kChunk; ++i)
-        for (int d = 0; d < kp; d += W) {
+      // qfac = 2^{sum_{t<=i} lg_t} (a forward sum), kfac = 2^{sum_{t>j} lg_t} (a
+      // backward sum), vectorized over keys. Tokens past the chunk get 0.
+      for (int d = 0; d < kp; d += W) {
+        V from_start{};
+        for (int i = 0; i < kChunk; ++i) {
           const int64_t x = int64_t(i) * kp + d;
-          const V gv = vload<V>(w.G.data() + x);
-          V qf = vexp2(gv * log2e), kf = vexp2((vload<V>(last + d) - gv) * log2e);
-          if (i >= c) qf = kf = V{};
+          from_start += vload<V>(w.lg.data() + x);
+          const V qf = i < c ? vexp2(from_start) : V{};
           vstore(w.qfac.data() + x, qf);
-          vstore(w.kfac.data() + x, kf);
           vstore(w.qg.data() + x, vload<V>(w.q.data() + x) * qf);
-          vstore(w.kd.data() + x, vload<V>(w.k.data() + x) * kf);
         }
-      for (int d = 0; d < kp; d += W)
-        vstore(w.decay_row.data() + d, vexp2(vload<V>(last + d) * log2e));
+        vstore(w.decay_row.data() + d, vexp2(from_start));
+        V to_end{};
+        for (int j = kChunk - 1; j >= 0; --j) {
+          const int64_t x = int64_t(j) * kp + d;
+          const V kf = j < c ? vexp2(to_end) : V{};
+          vstore(w.kfac.data() + x, kf);
+          vstore(w.kd.data() + x, vload<V>(w.k.data() + x) * kf);
+          to_end += vload<V>(w.lg.data() + x);
+        }
+      }
       for (int d = K; d < kp; ++d) w.decay_row[d] = 0;
-      if constexpr (kDecay == DecayKind::kScalar)
-        for (int j = 0; j < cp; ++j) w.gcol[j] = w.G[int64_t(j < kChunk ? j : kChunk - 1) * kp];
     }
-    if constexpr (kDecay == DecayKind::kPerKey)
-      for (int d = 0; d < kp; ++d)
-        for (int j = 0; j < cp; ++j)
-          w.Gt[int64_t(d) * cp + j] = w.G[int64_t(j < kChunk ? j : kChunk - 1) * kp + d];
   }
 
   // Applies the intra-chunk decay and causal mask to M[c x cp] in place:
-  // M_ij *= e^{G_i - G_j} for j <= i, 0 otherwise (decay kinds without per-key
-  // factors only).
-  void mask_decay(const Work& w, T* M, int c) const {
+  // M_ij *= 2^{D_ij} for j <= i, 0 otherwise (decay kinds without per-key
+  // factors only; masked entries are assigned, never multiplied).
+  void mask_decay(Work& w, T* M, int c) const {
+    T* run = w.run.data();
+    if constexpr (kDecay == DecayKind::kScalar) fill(run, run + cp, T(0));
     for (int i = 0; i < kChunk; ++i) {
       T* row = M + int64_t(i) * cp;
       if (i >= c) {
@@ -217,15 +236,16 @@ struct ScanEngine : ScanShape<T> {
         continue;
       }
       if constexpr (kDecay == DecayKind::kScalar) {
-        const V gi = vbroadcast<V>(w.G[int64_t(i) * kp]);
+        const T lg_i = w.lg[int64_t(i) * kp];
+        advance_pairwise_sums(run, lg_i, i);
         for (int j = 0; j <= i; j += W)
-          vstore(row + j, vload<V>(row + j) * vexp2((gi - vload<V>(w.gcol.data() + j)) * kLog2e));
+          vstore(row + j, vload<V>(row + j) * vexp2(vload<V>(run + j)));
       }
       for (int j = i + 1; j < cp; ++j) row[j] = 0;
     }
   }
 
-  // A_ij = q_i . (k_j e^{G_i - G_j}) for j <= i.
+  // A_ij = q_i . (k_j e^{D_ij}) for j <= i.
   void intra_scores(Work& w, int c) const {
     T* A = w.A.data();
     if constexpr (kDecay != DecayKind::kPerKey) {
@@ -233,20 +253,20 @@ struct ScanEngine : ScanShape<T> {
               StridedRows<const T>{w.kt.data(), cp}, StridedRows<T>{A, cp}, false);
       mask_decay(w, A, c);
     } else {
-      // Per-key factors stay inside the sum: vectorize over keys j instead.
+      // Per-key factors stay inside the sum: vectorize over keys j instead,
+      // with one running pairwise sum per key (run [kp x cp]).
       fill(w.A.begin(), w.A.end(), T(0));
+      fill(w.run.begin(), w.run.end(), T(0));
       for (int i = 0; i < c; ++i) {
         T* Ai = A + int64_t(i) * cp;
-        const int jn = round_up(i + 1, W);
         for (int d = 0; d < K; ++d) {
           const V qd = vbroadcast<V>(w.q[int64_t(i) * kp + d]);
-          const V gi = vbroadcast<V>(w.G[int64_t(i) * kp + d]);
+          const T lg_id = w.lg[int64_t(i) * kp + d];
           const T* kt = w.kt.data() + int64_t(d) * cp;
-          const T* gt = w.Gt.data() + int64_t(d) * cp;
-          for (int j = 0; j < jn; j += W) {
-            const V gj = vload<V>(gt + j);
-            vstore(Ai + j, vload<V>(Ai + j) + qd * vload<V>(kt + j) * vexp2((gi - gj) * kLog2e));
-          }
+          T* run = w.run.data() + int64_t(d) * cp;
+          advance_pairwise_sums(run, lg_id, i);
+          for (int j = 0; j <= i; j += W)
+            vstore(Ai + j, vload<V>(Ai + j) + qd * vload<V>(kt + j) * vexp2(vload<V>(run + j)));
         }
         for (int j = i + 1; j < cp; ++j) Ai[j] = 0;
       }
@@ -260,7 +280,7 @@ struct ScanEngine : ScanShape<T> {
     store_scan_state(p, vp, S, dst, n, h);
   }
 
-  // S = e^{G_last} S + kd^T v
+  // S = 2^{P_last} S + kd^T v
   void advance_state(Work& w, T* S, int c) const {
     for (int d = 0; d < K; ++d) {
       const T f = w.decay_row[d];
@@ -285,8 +305,8 @@ struct ScanEngine : ScanShape<T> {
       T* o = w.o.data();
       gemm<T>(c, vp, K, StridedRows<const T>{w.qg.data(), kp}, 1, StridedRows<const T>{S, vp},
               StridedRows<T>{o, vp}, false);
-      gemm<T>(c, vp, c, StridedRows<const T>{w.A.data(), cp}, 1,
-              StridedRows<const T>{w.v.data(), vp}, StridedRows<T>{o, vp}, true);
+      triangular_gemm<T>(Triangle::kLower, c, vp, c, StridedRows<const T>{w.A.data(), cp}, 1,
+                         StridedRows<const T>{w.v.data(), vp}, StridedRows<T>{o, vp}, true);
       for (int i = 0; i < c; ++i) {
         In* dst = out + ((b * p.seq_len + t0 + i) * p.heads + h) * Vd;
         for (int e = 0; e < Vd; ++e) dst[e] = from_float<In>(o[int64_t(i) * vp + e]);
@@ -370,7 +390,7 @@ struct ScanEngine : ScanShape<T> {
       T* dq = w.dq.data();
       T* dk = w.dk.data();
       T* dv = w.dv.data();
-      // Inter-chunk parts: dq = (dO S^T) e^{G}, dk = (v dS^T) e^{G_last - G}.
+      // Inter-chunk parts: dq = (dO S^T) 2^P, dk = (v dS^T) 2^E.
       gemm<T>(c, kp, Vd, StridedRows<const T>{dO, vp}, 1, StridedRows<const T>{w.St.data(), kp},
               StridedRows<T>{dq, kp}, false);
       gemm<T>(c, kp, Vd, StridedRows<const T>{w.v.data(), vp}, 1,
@@ -379,25 +399,32 @@ struct ScanEngine : ScanShape<T> {
         dq[x] *= w.qfac[x];
         dk[x] *= w.kfac[x];
       }
-      // Intra-chunk parts.
+      // Intra-chunk parts (dA is zero above the diagonal).
       if constexpr (kDecay != DecayKind::kPerKey) {
         mask_decay(w, dA, c);  // dA ∘ Γ, causal
-        gemm<T>(c, kp, c, StridedRows<const T>{dA, cp}, 1, StridedRows<const T>{w.k.data(), kp},
-                StridedRows<T>{dq, kp}, true);
-        gemm<T>(c, kp, c, StridedRows<const T>{dA, 1}, cp, StridedRows<const T>{w.q.data(), kp},
-                StridedRows<T>{dk, kp}, true);
+        triangular_gemm<T>(Triangle::kLower, c, kp, c, StridedRows<const T>{dA, cp}, 1,
+                           StridedRows<const T>{w.k.data(), kp}, StridedRows<T>{dq, kp}, true);
+        triangular_gemm<T>(Triangle::kUpper, c, kp, c, StridedRows<const T>{dA, 1}, cp,
+                           StridedRows<const T>{w.q.data(), kp}, StridedRows<T>{dk, kp}, true);
       } else {
+        // run [C x kp]: row j holds D_ij per key for the current i.
+        fill(w.run.begin(), w.run.end(), T(0));
         for (int i = 0; i < c; ++i) {
-          const T* Gi = w.G.data() + int64_t(i) * kp;
+          const T* lg_i = w.lg.data() + int64_t(i) * kp;
           const T* qi = w.q.data() + int64_t(i) * kp;
           T* dqi = dq + int64_t(i) * kp;
           for (int j = 0; j <= i; ++j) {
             const V a = vbroadcast<V>(dA[int64_t(i) * cp + j]);
-            const T* Gj = w.G.data() + int64_t(j) * kp;
+            T* run_j = w.run.data() + int64_t(j) * kp;
             const T* kj = w.k.data() + int64_t(j) * kp;
             T* dkj = dk + int64_t(j) * kp;
             for (int d = 0; d < kp; d += W) {
-              const V e = vexp2((vload<V>(Gi + d) - vload<V>(Gj + d)) * kLog2e);
+              V e = vbroadcast<V>(T(1));
+              if (j < i) {
+                const V r = vload<V>(run_j + d) + vload<V>(lg_i + d);
+                vstore(run_j + d, r);
+                e = vexp2(r);
+              }
               vstore(dqi + d, vload<V>(dqi + d) + a * vload<V>(kj + d) * e);
               vstore(dkj + d, vload<V>(dkj + d) + a * vload<V>(qi + d) * e);
             }
@@ -405,11 +432,11 @@ struct ScanEngine : ScanShape<T> {
         }
       }
       // dv = A^T dO + kd dS
-      gemm<T>(c, vp, c, StridedRows<const T>{w.A.data(), 1}, cp, StridedRows<const T>{dO, vp},
-              StridedRows<T>{dv, vp}, false);
+      triangular_gemm<T>(Triangle::kUpper, c, vp, c, StridedRows<const T>{w.A.data(), 1}, cp,
+                         StridedRows<const T>{dO, vp}, StridedRows<T>{dv, vp}, false);
       gemm<T>(c, vp, K, StridedRows<const T>{w.kd.data(), kp}, 1, StridedRows<const T>{dS, vp},
               StridedRows<T>{dv, vp}, true);
-      // dS_prev = e^{G_last} dS + qg^T dO
+      // dS_prev = 2^{P_last} dS + qg^T dO
       for (int d = 0; d < K; ++d) {
         const T f = w.decay_row[d];
         for (int e = 0; e < vp; ++e) dS[int64_t(d) * vp + e] *= f;

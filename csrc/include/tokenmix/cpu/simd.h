@@ -127,8 +127,12 @@ inline T hsum(typename Simd<T>::V v) {
 // Range reduction x = n + f, |f| <= 0.5, then a degree-7 Taylor polynomial of
 // e^(f ln 2): relative error below 2e-7 on the whole range.
 inline vfloat vexp2(vfloat x) {
+  // 2^x for x in [-126, 128) from 2^round(x) * p(x - round(x)); below that 0
+  // (subnormals flush), from 128 on inf, NaN stays NaN. 2^128 is not a float, so
+  // round(x) == 128 is applied as 2 * 2^127: p(f) * 2 * 2^127 overflows to inf
+  // exactly when the true value does.
   const vfloat lo = vbroadcast<vfloat>(-126.0f);
-  const vfloat hi = vbroadcast<vfloat>(127.0f);
+  const vfloat hi = vbroadcast<vfloat>(128.0f);
   vfloat xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
   const vfloat half = vbroadcast<vfloat>(0.5f);
@@ -150,6 +154,10 @@ inline vfloat vexp2(vfloat x) {
   p = p * f + c2;
   p = p * f + c1;
   p = p * f + 1.0f;
+  const vint32 top = vbroadcast<vint32>(127);
+  const vint32 over = ti > top;  // all ones where round(x) == 128
+  p = over ? p * 2.0f : p;
+  ti = over ? top : ti;
   const vint32 bits = (ti + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
