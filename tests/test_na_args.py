@@ -110,6 +110,15 @@ def test_raw_op_integer_arguments_raise_without_overflow():
     assert not bad, json.dumps(bad, indent=1)
 
 
+def test_spatial_size_limit_in_python():
+    # The public API refuses what the ops would: spatial sizes beyond the 32-bit window math.
+    from tokenmix.neighborhood.args import normalize_window_args
+
+    with pytest.raises(ValueError, match=r"spatial_shape must be <= 2\*\*30"):
+        normalize_window_args(1, (2**30 + 1,), 3)
+    assert normalize_window_args(1, (2**30,), 3)[0] == (3,)
+
+
 # --------------------------------------------------------------------------------------
 # Item 9: scale
 # --------------------------------------------------------------------------------------

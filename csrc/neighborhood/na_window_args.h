@@ -7,7 +7,6 @@
 
 #include <torch/headeronly/util/Exception.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "tokenmix/window.h"
@@ -58,10 +57,6 @@ inline void check_window_args(const int64_t* lengths, int rank, WindowList kerne
     dims[3 - rank + i] =
         WindowDim{int(len), int(kernel[i]), int(stride[i]), int(dilation[i]), causal[i] != 0};
   }
-}
-
-inline void check_scale(double scale) {
-  STD_TORCH_CHECK(std::isfinite(scale), "tokenmix: scale must be finite, got ", scale);
 }
 
 // a * b for non-negative a and b, raising (with `what` in the message) instead of wrapping.

@@ -4,6 +4,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -30,6 +31,11 @@ inline DType to_dtype(torch::headeronly::ScalarType t) {
 inline torch::headeronly::ScalarType accumulation_type(torch::headeronly::ScalarType t) {
   using torch::headeronly::ScalarType;
   return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+// The scale argument of an op: any finite double (nan or inf would make every output nan).
+inline void check_scale(double scale) {
+  STD_TORCH_CHECK(std::isfinite(scale), "tokenmix: scale must be finite, got ", scale);
 }
 
 // Bytes per element of the dtypes the ops allocate (8 for any other: an upper bound).
