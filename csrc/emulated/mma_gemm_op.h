@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../simt_emulator/selftest_kernels.h"
+#include "tokenmix/stable_op_utils.h"
 
 namespace {
 
@@ -30,7 +31,7 @@ torch::stable::Tensor mma_gemm_launch(const torch::stable::Tensor& a,
   STD_TORCH_CHECK(k % 8 == 0 && n % 8 == 0 && k > 0 && n > 0,
                   "mma_gemm: K and N must be positive multiples of 8 (16-byte cp.async chunks)");
   torch::stable::Tensor c =
-      torch::stable::new_empty(a, std::vector<int64_t>{m, n}, ScalarType::Float);
+      tokenmix::new_empty_checked(a, std::vector<int64_t>{m, n}, ScalarType::Float, "c");
   if (m == 0) return c;
   tokenmix::simt_selftest::launch_gemm(
       a.scalar_type() == ScalarType::BFloat16, static_cast<const uint16_t*>(a.data_ptr()),

@@ -10,11 +10,13 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "na_window_args.h"
 #include "tokenmix/attention_problem.h"
 #include "tokenmix/stable_op_utils.h"
 
@@ -68,11 +70,11 @@ inline NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const 
                                         const std::optional<Tensor>& extra_v, IntList kernel,
                                         IntList stride, IntList dilation, IntList causal,
                                         double scale) {
+  STD_TORCH_CHECK(kernel.size() >= 1 && kernel.size() <= 3,
+                  "tokenmix: kernel_size must have 1 to 3 entries (one per spatial dimension), "
+                  "got ",
+                  kernel.size());
   const int rank = int(kernel.size());
-  STD_TORCH_CHECK(rank >= 1 && rank <= 3, "tokenmix: kernel_size must have 1 to 3 entries");
-  STD_TORCH_CHECK(stride.size() == kernel.size() && dilation.size() == kernel.size() &&
-                      causal.size() == kernel.size(),
-                  "tokenmix: kernel_size, stride, dilation and is_causal must have equal lengths");
   STD_TORCH_CHECK(same_device(q, k) && same_device(q, v),
                   "tokenmix: q, k and v must be on the same device");
   STD_TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -81,6 +83,7 @@ inline NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const 
       q.dim() == rank + 3 && k.dim() == rank + 3 && v.dim() == rank + 3,
       "tokenmix: q, k and v must be [B, *spatial, H, D] with as many spatial dimensions "
       "as kernel_size has entries");
+  check_scale(scale);
   NeighborhoodProblem p;
   p.dtype = to_dtype(q.scalar_type());
   p.batch = q.size(0);
@@ -91,21 +94,27 @@ inline NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const 
   STD_TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch,
                   "tokenmix: batch sizes of q, k, v differ");
   STD_TORCH_CHECK(k.size(rank + 2) == p.head_dim, "tokenmix: k head dim differs from q head dim");
+  // D = 0 (every logit 0) is not computed: the kernels need at least one feature. Dv = 0 is
+  // (the output is empty, the LSE and the gradients through it are not).
+  STD_TORCH_CHECK(p.head_dim >= 1, "tokenmix: the head dim of q and k (D) must be >= 1, got ",
+                  p.head_dim);
   STD_TORCH_CHECK(v.size(rank + 1) == p.kv_heads, "tokenmix: k and v head counts differ");
   STD_TORCH_CHECK(p.kv_heads > 0 && p.heads % p.kv_heads == 0,
                   "tokenmix: q heads must be a multiple of k/v heads");
-  for (int t = 0; t < 3; ++t) p.dims[t] = WindowDim{1, 1, 1, 1, false};
+  int64_t lengths[3] = {0, 0, 0};
   for (int i = 0; i < rank; ++i) {
-    const int64_t len = q.size(1 + i);
-    STD_TORCH_CHECK(k.size(1 + i) == len && v.size(1 + i) == len,
+    lengths[i] = q.size(1 + i);
+    STD_TORCH_CHECK(k.size(1 + i) == lengths[i] && v.size(1 + i) == lengths[i],
                     "tokenmix: spatial shapes of q, k, v differ");
-    STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] &&
-                        dilation[i] >= 1 && kernel[i] * dilation[i] <= len,
-                    "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * "
-                    "dilation <= input size");
-    p.dims[3 - rank + i] =
-        WindowDim{int(len), int(kernel[i]), int(stride[i]), int(dilation[i]), causal[i] != 0};
   }
+  check_window_args(lengths, rank, kernel, stride, dilation, causal, "q spatial size", p.dims);
+  // Sizes of the outputs and the kernels' flat indices (batch, token, head, feature) must fit
+  // int64 even where a zero size elsewhere keeps numel() at 0 (expanded or empty inputs).
+  const int64_t feature = std::max<int64_t>({int64_t(1), p.head_dim, p.value_dim});
+  int64_t rows = p.batch;
+  for (int i = 0; i < rank; ++i) rows = checked_mul(rows, lengths[i], "B * tokens");
+  rows = checked_mul(rows, std::max(p.heads, p.kv_heads), "B * tokens * heads");
+  checked_mul(rows, feature, "B * tokens * heads * head dim");
   p.scale = scale;
   p.q = spatial_view(q, rank, "q");
   p.k = spatial_view(k, rank, "k");
@@ -147,8 +156,8 @@ inline std::tuple<Tensor, Tensor> forward_outputs(const Tensor& q, const Neighbo
   std::vector<int64_t> out_size = sizes_of(q);
   out_size.back() = p.value_dim;
   std::vector<int64_t> lse_size(out_size.begin(), out_size.end() - 1);
-  Tensor out = torch::stable::new_empty(q, out_size);
-  Tensor lse = torch::stable::new_empty(q, lse_size, accumulation_type(q.scalar_type()));
+  Tensor out = new_empty_checked(q, out_size, std::nullopt, "the output");
+  Tensor lse = new_empty_checked(q, lse_size, accumulation_type(q.scalar_type()), "lse");
   return {out, lse};
 }
 
@@ -180,17 +189,20 @@ inline bool prepare_backward(NeighborhoodProblem& p, BackwardOutputs& g, const T
     if (i < rank + 2)
       STD_TORCH_CHECK(lse.size(i) == q.size(i), "tokenmix: lse has the wrong shape");
   }
-  g.dq = torch::stable::new_empty(q, sizes_of(q));
-  g.dk = torch::stable::new_empty(k, sizes_of(k));
-  g.dv = torch::stable::new_empty(v, sizes_of(v));
-  g.drpb = rpb.has_value() ? torch::stable::new_empty(q, sizes_of(*rpb), acc_type)
-                           : torch::stable::new_empty(q, std::vector<int64_t>{0}, acc_type);
-  g.dek = extra_k.has_value() ? torch::stable::new_empty(q, sizes_of(*extra_k))
-                              : torch::stable::new_empty(q, std::vector<int64_t>{0});
-  g.dev = extra_v.has_value() ? torch::stable::new_empty(q, sizes_of(*extra_v))
-                              : torch::stable::new_empty(q, std::vector<int64_t>{0});
+  const std::vector<int64_t> none{0};
+  g.dq = new_empty_checked(q, sizes_of(q), std::nullopt, "grad_q");
+  g.dk = new_empty_checked(k, sizes_of(k), std::nullopt, "grad_k");
+  g.dv = new_empty_checked(v, sizes_of(v), std::nullopt, "grad_v");
+  g.drpb = new_empty_checked(q, rpb.has_value() ? sizes_of(*rpb) : none, acc_type, "grad_rpb");
+  g.dek = new_empty_checked(q, extra_k.has_value() ? sizes_of(*extra_k) : none, std::nullopt,
+                            "grad_additional_keys");
+  g.dev = new_empty_checked(q, extra_v.has_value() ? sizes_of(*extra_v) : none, std::nullopt,
+                            "grad_additional_values");
   if (p.batch == 0 || p.heads == 0) {
-    torch::stable::zero_(g.drpb);
+    // No query attends anything (no batch or no query heads; k/v may still have heads): every
+    // gradient is zero. Zeroed explicitly, as they are fresh uninitialized tensors.
+    for (Tensor* t : {&g.dq, &g.dk, &g.dv, &g.drpb, &g.dek, &g.dev})
+      if (t->numel() > 0) torch::stable::zero_(*t);
     return false;
   }
   p.out = spatial_view(out, rank, "out");
@@ -223,7 +235,8 @@ inline bool rows_aligned(const Tensor& t) {
 
 inline Tensor aligned_rows(const Tensor& t) {
   if (rows_aligned(t)) return t;
-  Tensor c = torch::stable::contiguous(torch::stable::clone(t));
+  Tensor c = new_empty_checked(t, sizes_of(t), std::nullopt, "a 16-byte aligned copy of an input");
+  torch::stable::copy_(c, t);
   STD_TORCH_CHECK(rows_aligned(c), "tokenmix: could not make a 16-byte aligned copy of an input");
   return c;
 }

@@ -16,7 +16,7 @@ std::tuple<Tensor, Tensor> na_forward_cpu(Tensor q, Tensor k, Tensor v, std::opt
   STD_TORCH_CHECK(q.is_cpu(), "tokenmix: CPU kernel called with non-CPU tensors");
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   auto [out, lse] = forward_outputs(q, p);
-  if (out.numel() == 0) return {out, lse};
+  if (lse.numel() == 0) return {out, lse};  // nothing to compute (out is empty too)
   p.out = spatial_view(out, int(kernel.size()), "out");
   p.lse = lse.data_ptr();
   p.parallel_for = tokenmix::host_parallel_for;

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "na_window_args.h"
 #include "tokenmix/neighborhood_schedule.h"
 #include "tokenmix/window.h"
 
@@ -25,16 +26,15 @@ namespace {
 using torch::stable::Tensor;
 using IntList = torch::headeronly::HeaderOnlyArrayRef<int64_t>;
 
-// Limits that keep the header's int arithmetic (first + tile - 1, leader + right, ...) in range.
-constexpr int64_t kMaxLength = int64_t(1) << 30;
+using tokenmix::na_op::check_window_args;
+
+// Limit that keeps the header's int arithmetic (first + tile - 1, ...) in range; the spatial
+// extents are limited by check_window_args (na_window_args.h).
 constexpr int64_t kMaxTile = int64_t(1) << 20;
 
 // a * b, raising instead of wrapping: pair counts of huge problems leave int64.
 int64_t checked_mul(int64_t a, int64_t b) {
-  int64_t r = 0;
-  STD_TORCH_CHECK(!__builtin_mul_overflow(a, b, &r),
-                  "tokenmix: the problem is too large: its pair counts overflow int64");
-  return r;
+  return tokenmix::na_op::checked_mul(a, b, "the problem is too large: its pair count");
 }
 
 Tensor cpu_int64(const std::vector<int64_t>& size) {
@@ -49,39 +49,26 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
                                            IntList dilation, IntList causal, IntList tile_shape,
                                            int64_t tile_volume, bool return_tiles) {
   const int rank = int(input_shape.size());
-  STD_TORCH_CHECK(rank >= 1 && rank <= 3, "tokenmix: input_shape must have 1 to 3 entries");
-  STD_TORCH_CHECK(kernel.size() == input_shape.size() && stride.size() == input_shape.size() &&
-                      dilation.size() == input_shape.size() && causal.size() == input_shape.size(),
-                  "tokenmix: input_shape, kernel_size, stride, dilation and is_causal must have "
-                  "equal lengths");
+  STD_TORCH_CHECK(rank >= 1 && rank <= 3, "tokenmix: input_shape must have 1 to 3 entries, got ",
+                  input_shape.size());
   STD_TORCH_CHECK(tile_shape.empty() || int(tile_shape.size()) == rank,
-                  "tokenmix: tile_shape must be empty or have one entry per spatial dimension");
+                  "tokenmix: tile_shape must be empty or have one entry per spatial dimension (",
+                  rank, "), got ", tile_shape.size());
 
   // Rank < 3 problems are padded with leading length-1 dimensions, as in na_ops.cpp.
   tokenmix::WindowDim dims[3];
   int tile[3] = {1, 1, 1};
-  for (int t = 0; t < 3; ++t) dims[t] = tokenmix::WindowDim{1, 1, 1, 1, false};
-  for (int i = 0; i < rank; ++i) {
-    const int64_t len = input_shape[i];
-    STD_TORCH_CHECK(len >= 1 && len <= kMaxLength,
-                    "tokenmix: input_shape entries must be between 1 and 2^30");
-    STD_TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && stride[i] <= kernel[i] &&
-                        dilation[i] >= 1 && kernel[i] <= len && dilation[i] <= len &&
-                        kernel[i] * dilation[i] <= len,
-                    "tokenmix: invalid window: need 1 <= stride <= kernel_size and kernel_size * "
-                    "dilation <= input size");
-    dims[3 - rank + i] = tokenmix::WindowDim{int(len), int(kernel[i]), int(stride[i]),
-                                             int(dilation[i]), causal[i] != 0};
-  }
+  check_window_args(input_shape.data(), rank, kernel, stride, dilation, causal, "input_shape entry",
+                    dims);
   if (tile_shape.empty()) {
     STD_TORCH_CHECK(
         tile_volume >= 1 && tile_volume <= kMaxTile && (tile_volume & (tile_volume - 1)) == 0,
-        "tokenmix: tile_volume must be a power of two between 1 and 2^20");
+        "tokenmix: tile_volume = ", tile_volume, " must be a power of two between 1 and 2^20");
     tokenmix::choose_tile_shape(dims, int(tile_volume), tile);
   } else {
     for (int i = 0; i < rank; ++i) {
-      STD_TORCH_CHECK(tile_shape[i] >= 1 && tile_shape[i] <= kMaxTile,
-                      "tokenmix: tile_shape entries must be between 1 and 2^20");
+      STD_TORCH_CHECK(tile_shape[i] >= 1 && tile_shape[i] <= kMaxTile, "tokenmix: tile_shape[", i,
+                      "] = ", tile_shape[i], " must be between 1 and 2^20");
       tile[3 - rank + i] = int(tile_shape[i]);
     }
   }

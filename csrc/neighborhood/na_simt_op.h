@@ -46,7 +46,7 @@ std::tuple<Tensor, Tensor> simt_forward(Tensor q, Tensor k, Tensor v, std::optio
   align_inputs(q, k, v, extra_k, extra_v);
   auto p = make_problem(q, k, v, rpb, extra_k, extra_v, kernel, stride, dilation, causal, scale);
   auto [out, lse] = forward_outputs(q, p);
-  if (out.numel() == 0) return {out, lse};
+  if (lse.numel() == 0) return {out, lse};  // nothing to compute (out is empty too)
   if (backend.poison) {
     torch::stable::fill_(out, std::numeric_limits<double>::quiet_NaN());
     torch::stable::fill_(lse, std::numeric_limits<double>::quiet_NaN());
@@ -79,7 +79,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> simt_backward(
   }
   torch::stable::zero_(g.drpb);  // float atomics add into it
   const int64_t floats = cuda::backward_workspace_floats(p, deterministic);
-  Tensor workspace = torch::stable::new_zeros(q, std::vector<int64_t>{floats}, ScalarType::Float);
+  Tensor workspace = new_zeros_checked(q, std::vector<int64_t>{floats}, ScalarType::Float,
+                                       "the backward workspace");
   backend.backward(p, deterministic, static_cast<float*>(workspace.data_ptr()));
   return {g.dq, g.dk, g.dv, g.drpb, g.dek, g.dev};
 }

@@ -19,13 +19,27 @@ from typing import Any
 
 import torch
 
+from .._checks import (
+    SUPPORTED_DTYPES,
+    bool_tuple,
+    check_same_dtype_and_device,
+    check_supported_dtype,
+    int_tuple,
+    require_tensor,
+    resolve_scale,
+)
+
 __all__ = [
+    "MAX_SPATIAL_LENGTH",
     "SUPPORTED_DTYPES",
     "check_tensors",
     "normalize_window_args",
+    "resolve_scale",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The longest spatial dimension the kernels take (their window math is 32-bit; the ops
+# check the same limit, csrc/neighborhood/na_window_args.h).
+MAX_SPATIAL_LENGTH = 1 << 30
 
 
 def _check_rank(rank: Any) -> int:
@@ -34,55 +48,6 @@ def _check_rank(rank: Any) -> int:
     if rank not in (1, 2, 3):
         raise ValueError(f"rank must be 1, 2 or 3, got {rank}")
     return rank
-
-
-def _as_int(value: Any, name: str) -> int:
-    # bool is an int subclass; passing True/False as a size is almost always a bug.
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must contain ints, not bool (got {value!r})")
-    if isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must contain Python ints, not tensors")
-    try:
-        return int(value.__index__())
-    except (AttributeError, TypeError):
-        raise TypeError(
-            f"{name} must be an int or a sequence of ints, got element of type "
-            f"{type(value).__name__} ({value!r})"
-        ) from None
-
-
-def _int_tuple(value: Any, name: str, rank: int) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
-    if isinstance(value, Sequence):
-        if len(value) != rank:
-            raise ValueError(
-                f"{name} must be an int or a sequence of length {rank} (one per spatial "
-                f"dimension), got length {len(value)}: {tuple(value)!r}"
-            )
-        return tuple(_as_int(x, name) for x in value)
-    return (_as_int(value, name),) * rank
-
-
-def _bool_tuple(value: Any, name: str, rank: int) -> tuple[bool, ...]:
-    def one(x: Any) -> bool:
-        if not isinstance(x, bool):
-            raise TypeError(
-                f"{name} must be a bool or a sequence of bools, got element of type "
-                f"{type(x).__name__} ({x!r})"
-            )
-        return x
-
-    if isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a bool or a sequence of {rank} bools, got {value!r}")
-    if isinstance(value, Sequence):
-        if len(value) != rank:
-            raise ValueError(
-                f"{name} must be a bool or a sequence of length {rank} (one per spatial "
-                f"dimension), got length {len(value)}: {tuple(value)!r}"
-            )
-        return tuple(one(x) for x in value)
-    return (one(value),) * rank
 
 
 def normalize_window_args(
@@ -101,21 +66,24 @@ def normalize_window_args(
     ``(kernel_size, stride, dilation, is_causal)`` as tuples of length ``rank``.
 
     Constraints, per dimension: ``kernel_size >= 2``, ``1 <= stride <= kernel_size``,
-    ``dilation >= 1`` and ``kernel_size * dilation <= spatial size``.
+    ``dilation >= 1``, ``kernel_size * dilation <= spatial size <= 2**30``. Spatial sizes
+    may be symbolic (``torch.compile(dynamic=True)``); the checks then become guards.
     """
     rank = _check_rank(rank)
     if not isinstance(spatial_shape, Sequence):
         raise TypeError(
             f"spatial_shape must be a sequence of {rank} ints, got {type(spatial_shape).__name__}"
         )
-    shape = _int_tuple(spatial_shape, "spatial_shape", rank)
+    shape = int_tuple(spatial_shape, "spatial_shape", rank)
     if any(n < 1 for n in shape):
         raise ValueError(f"spatial_shape must be >= 1 in every dimension, got {shape}")
+    if any(n > MAX_SPATIAL_LENGTH for n in shape):
+        raise ValueError(f"spatial_shape must be <= 2**30 in every dimension, got {shape}")
 
-    kernel = _int_tuple(kernel_size, "kernel_size", rank)
-    strides = _int_tuple(stride, "stride", rank)
-    dils = _int_tuple(dilation, "dilation", rank)
-    causal = _bool_tuple(is_causal, "is_causal", rank)
+    kernel = int_tuple(kernel_size, "kernel_size", rank)
+    strides = int_tuple(stride, "stride", rank)
+    dils = int_tuple(dilation, "dilation", rank)
+    causal = bool_tuple(is_causal, "is_causal", rank)
 
     if any(x < 2 for x in kernel):
         raise ValueError(f"kernel_size must be >= 2 in every dimension, got {kernel}")
@@ -132,12 +100,6 @@ def normalize_window_args(
             f"be <= the input's spatial shape {shape} in every dimension"
         )
     return kernel, strides, dils, causal
-
-
-def _require_tensor(x: Any, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
 
 
 def check_tensors(
@@ -166,9 +128,9 @@ def check_tensors(
     head counts and head dims must be >= 1 (``N_extra == 0`` is allowed).
     """
     rank = _check_rank(rank)
-    _require_tensor(q, "q")
-    _require_tensor(k, "k")
-    _require_tensor(v, "v")
+    require_tensor(q, "q")
+    require_tensor(k, "k")
+    require_tensor(v, "v")
 
     ndim = rank + 3
     for name, t, layout in (
@@ -212,19 +174,11 @@ def check_tensors(
             "(grouped-query attention)"
         )
 
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q dtype {q.dtype} is not supported; expected one of "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-        )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} device {t.device} must match q device {q.device}")
+    check_supported_dtype(q, "q")
+    check_same_dtype_and_device(q, "q", (("k", k), ("v", v)))
 
     if rpb is not None:
-        _require_tensor(rpb, "rpb")
+        require_tensor(rpb, "rpb")
         if kernel_size is None:
             raise ValueError("rpb was given but kernel_size is None; it is needed to check rpb")
         kernel = tuple(int(x) for x in kernel_size)
@@ -236,10 +190,7 @@ def check_tensors(
                 f"rpb must have shape [H, 2*kernel_size-1 per dim] = {expected}, got "
                 f"{tuple(rpb.shape)}"
             )
-        if rpb.dtype != q.dtype:
-            raise ValueError(f"rpb dtype {rpb.dtype} must match q dtype {q.dtype}")
-        if rpb.device != q.device:
-            raise ValueError(f"rpb device {rpb.device} must match q device {q.device}")
+        check_same_dtype_and_device(q, "q", (("rpb", rpb),))
 
     if (additional_keys is None) != (additional_values is None):
         given, missing = (
@@ -249,8 +200,8 @@ def check_tensors(
         )
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     if additional_keys is not None:
-        ak = _require_tensor(additional_keys, "additional_keys")
-        av = _require_tensor(additional_values, "additional_values")
+        ak = require_tensor(additional_keys, "additional_keys")
+        av = require_tensor(additional_values, "additional_values")
         for name, t, last, last_name in (
             ("additional_keys", ak, dim, "D"),
             ("additional_values", av, dim_v, "Dv"),
@@ -273,10 +224,7 @@ def check_tensors(
                     f"{name} head dim {t.shape[3]} must equal {last_name}={last} "
                     f"({'q/k' if name == 'additional_keys' else 'v'} head dim)"
                 )
-            if t.dtype != q.dtype:
-                raise ValueError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} device {t.device} must match q device {q.device}")
+            check_same_dtype_and_device(q, "q", ((name, t),))
         if ak.shape[1] != av.shape[1]:
             raise ValueError(
                 f"additional_keys and additional_values must have the same number of tokens "

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _ops
 from .._utils import unit_feature_stride
 from . import ops as _registrations  # noqa: F401  (autograd + fake kernels)
-from .args import check_cuda_problem, check_tensors, normalize_window_args
+from .args import check_cuda_problem, check_tensors, normalize_window_args, resolve_scale
 from .reference import neighborhood_attention_reference
 
 IntOrTuple = int | Sequence[int]
@@ -61,9 +61,7 @@ def neighborhood_attention(
         rank, tuple(q.shape[1 : 1 + rank]), kernel_size, stride, dilation, is_causal
     )
     check_tensors(q, k, v, rank, rpb, additional_keys, additional_values, kernel_size=kernel)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scale = float(scale)
+    scale = resolve_scale(scale, q.shape[-1])
 
     if q.device.type == "cuda":
         check_cuda_problem(q, v)

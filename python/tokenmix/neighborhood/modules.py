@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .args import normalize_window_args
+from .args import normalize_window_args, resolve_scale
 from .functional import BoolOrTuple, IntOrTuple, neighborhood_attention
 
 
@@ -42,7 +42,8 @@ class _NeighborhoodAttentionND(nn.Module):
         )
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        self.scale = scale
+        # Checked now (a number, finite) so a bad module fails at construction.
+        self.scale = None if scale is None else resolve_scale(scale, self.head_dim)
         qkv_out = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.qkv = nn.Linear(dim, qkv_out, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)

@@ -25,16 +25,16 @@ from typing import Any, NamedTuple
 import torch
 
 from .. import _ops
-from .args import _as_int, _int_tuple, normalize_window_args
+from .._checks import as_int, int_tuple
+from .args import MAX_SPATIAL_LENGTH, normalize_window_args
 
 __all__ = ["NeighborhoodPlan", "PlanFlops", "plan"]
 
 # The query-tile volume of the CUDA kernels (queries per tile).
 DEFAULT_TILE_VOLUME = 64
-# The op's limits (they keep the schedule's 32-bit arithmetic in range): far beyond
-# any real tile or input extent.
+# The op's limit on tiles (it keeps the schedule's 32-bit arithmetic in range, as
+# MAX_SPATIAL_LENGTH does for the input): far beyond any real tile.
 _MAX_TILE = 1 << 20
-_MAX_LENGTH = 1 << 30
 
 _TILE_ROWS = ("group", "first", "count", "key_begin", "key_end")
 
@@ -104,8 +104,8 @@ class NeighborhoodPlan:
         ``PV`` (``value_dim`` defaults to ``head_dim``). Multiply by ``B * H`` for a whole
         call.
         """
-        d = _as_int(head_dim, "head_dim")
-        dv = d if value_dim is None else _as_int(value_dim, "value_dim")
+        d = as_int(head_dim, "head_dim")
+        dv = d if value_dim is None else as_int(value_dim, "value_dim")
         if d < 1:
             raise ValueError(f"head_dim must be >= 1, got {d}")
         if dv < 1:
@@ -180,12 +180,12 @@ def _input_shape(input_shape: Any) -> tuple[int, ...]:
                 "input_shape must be the spatial shape, 1 to 3 ints (no batch or head "
                 f"dimensions), got {tuple(input_shape)!r}"
             )
-        shape = _int_tuple(input_shape, "input_shape", len(input_shape))
+        shape = int_tuple(input_shape, "input_shape", len(input_shape))
     else:
-        shape = (_as_int(input_shape, "input_shape"),)
+        shape = (as_int(input_shape, "input_shape"),)
     if any(n < 1 for n in shape):
         raise ValueError(f"input_shape must be >= 1 in every dimension, got {shape}")
-    if any(n > _MAX_LENGTH for n in shape):
+    if any(n > MAX_SPATIAL_LENGTH for n in shape):
         raise ValueError(f"input_shape must be <= 2**30 in every dimension, got {shape}")
     if math.prod(shape) ** 2 >= 2**63:
         raise ValueError(f"input_shape {shape} is too large: tokens**2 must fit in int64")
@@ -226,12 +226,12 @@ def plan(
     kernel, strides, dils, causal = normalize_window_args(
         rank, shape, kernel_size, stride, dilation, is_causal
     )
-    volume = _as_int(tile_volume, "tile_volume")
+    volume = as_int(tile_volume, "tile_volume")
     if not 1 <= volume <= _MAX_TILE or volume & (volume - 1):
         raise ValueError(f"tile_volume must be a power of two between 1 and 2**20, got {volume}")
     tiles: tuple[int, ...] = ()
     if tile_shape is not None:
-        tiles = _int_tuple(tile_shape, "tile_shape", rank)
+        tiles = int_tuple(tile_shape, "tile_shape", rank)
         if any(t < 1 for t in tiles):
             raise ValueError(f"tile_shape must be >= 1 in every dimension, got {tiles}")
         if any(t > _MAX_TILE for t in tiles):

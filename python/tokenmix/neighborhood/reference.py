@@ -25,7 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .._utils import accumulation_dtype
-from .args import check_tensors, normalize_window_args
+from .args import check_tensors, normalize_window_args, resolve_scale
 
 __all__ = [
     "neighborhood_attention_reference",
@@ -223,8 +223,7 @@ def neighborhood_attention_reference(
     groups = heads // heads_kv
     n_tokens = math.prod(spatial_shape)
     window = math.prod(kernel_size)
-    if scale is None:
-        scale = dim**-0.5
+    scale = resolve_scale(scale, dim)
 
     qf = (q.to(cdtype) * scale).reshape(batch, n_tokens, heads_kv, groups, dim)
     kf = k.to(cdtype).reshape(batch, n_tokens, heads_kv, dim)
