@@ -318,3 +318,27 @@ def test_public_functions_under_fake_tensor_mode(impl, variant):
         fake = {n: mode.from_tensor(t) for n, t in x.items()}
         o, s = _call(impl, variant, fake)
     assert o.shape == (1, 70, 2, 12) and s.shape == (1, 2, 16, 12)
+
+
+# ----------------------------------------------------------------------------------
+# Raw-op arguments shared with neighborhood attention (tokenmix/stable_op_utils.h)
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf")])
+def test_raw_scan_ops_refuse_a_non_finite_scale(scale):
+    ops = torch.ops.tokenmix
+    q = torch.randn(1, 5, 2, 4)
+    beta = torch.rand(1, 5, 2)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        ops.linear_scan_forward(q, q, q, None, None, None, None, scale)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        ops.delta_rule_forward(q, q, q, beta, None, None, None, scale)
+
+
+def test_raw_scan_allocation_failure_says_out_of_memory():
+    # Inputs expanded from one row (no memory) whose output cannot be allocated.
+    q = torch.zeros(1, 1, 1, 8).expand(1 << 40, 1024, 1, 8)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        torch.ops.tokenmix.linear_scan_forward(q, q, q, None, None, None, None, 1.0)
+    assert "out" in str(info.value) and "[1099511627776, 1024, 1, 8]" in str(info.value)

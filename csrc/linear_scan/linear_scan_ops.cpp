@@ -96,6 +96,7 @@ tokenmix::LinearScanProblem make_scan_problem(const Tensor& q, const Tensor& k, 
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
+  tokenmix::check_scale(scale);
   p.scale = scale;
   p.parallel_for = tokenmix::host_parallel_for;
   p.num_threads = int(torch::stable::get_num_threads());
@@ -116,8 +117,10 @@ void set_output_gradients(tokenmix::LinearScanProblem& p, const Tensor& q, const
                  {p.num_seqs, p.heads, p.key_dim, p.value_dim}, "grad_final_state");
 }
 
-Tensor empty_like_shape(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype) {
-  return torch::stable::new_empty(like, shape, dtype);
+// An output on like's device; out of memory is reported with the tensor's name and size.
+Tensor empty_like_shape(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype,
+                        const char* what) {
+  return tokenmix::new_empty_checked(like, shape, dtype, what);
 }
 
 std::tuple<Tensor, Tensor> linear_scan_forward_cpu(Tensor q, Tensor k, Tensor v,
@@ -127,8 +130,10 @@ std::tuple<Tensor, Tensor> linear_scan_forward_cpu(Tensor q, Tensor k, Tensor v,
                                                    std::optional<Tensor> cu_seqlens, double scale) {
   auto p = make_scan_problem(q, k, v, g, gk, std::nullopt, initial_state, cu_seqlens, scale);
   const auto acc = tokenmix::accumulation_type(q.scalar_type());
-  Tensor out = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
-  Tensor final_state = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
+  Tensor out =
+      empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type(), "out");
+  Tensor final_state =
+      empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc, "final_state");
   p.out = out.data_ptr();
   p.final_state = final_state.data_ptr();
   if (p.num_seqs * p.heads > 0) tokenmix::cpu::linear_scan(p, false);
@@ -142,14 +147,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_scan_backward_
   auto p = make_scan_problem(q, k, v, g, gk, std::nullopt, initial_state, cu_seqlens, scale);
   const auto acc = tokenmix::accumulation_type(q.scalar_type());
   set_output_gradients(p, q, grad_out, grad_final_state);
-  Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
-  Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
-  Tensor dv = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
-  Tensor dg = g.has_value() ? empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc)
-                            : empty_like_shape(q, {0}, acc);
-  Tensor dgk = gk.has_value() ? empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, acc)
-                              : empty_like_shape(q, {0}, acc);
-  Tensor dh0 = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
+  Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type(), "dq");
+  Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type(), "dk");
+  Tensor dv =
+      empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type(), "dv");
+  Tensor dg = g.has_value() ? empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc, "dg")
+                            : empty_like_shape(q, {0}, acc, "dg");
+  Tensor dgk = gk.has_value()
+                   ? empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, acc, "dgk")
+                   : empty_like_shape(q, {0}, acc, "dgk");
+  Tensor dh0 = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc, "dh0");
   p.grad_q = dq.data_ptr();
   p.grad_k = dk.data_ptr();
   p.grad_v = dv.data_ptr();
@@ -166,8 +173,10 @@ std::tuple<Tensor, Tensor> delta_rule_forward_cpu(Tensor q, Tensor k, Tensor v, 
                                                   std::optional<Tensor> cu_seqlens, double scale) {
   auto p = make_scan_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale);
   const auto acc = tokenmix::accumulation_type(q.scalar_type());
-  Tensor out = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
-  Tensor final_state = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
+  Tensor out =
+      empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type(), "out");
+  Tensor final_state =
+      empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc, "final_state");
   p.out = out.data_ptr();
   p.final_state = final_state.data_ptr();
   if (p.num_seqs * p.heads > 0) tokenmix::cpu::delta_rule(p, false);
@@ -181,13 +190,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> delta_rule_backward_c
   auto p = make_scan_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale);
   const auto acc = tokenmix::accumulation_type(q.scalar_type());
   set_output_gradients(p, q, grad_out, grad_final_state);
-  Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
-  Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type());
-  Tensor dv = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type());
-  Tensor dbeta = empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc);
-  Tensor dg = g.has_value() ? empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc)
-                            : empty_like_shape(q, {0}, acc);
-  Tensor dh0 = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc);
+  Tensor dq = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type(), "dq");
+  Tensor dk = empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.key_dim}, q.scalar_type(), "dk");
+  Tensor dv =
+      empty_like_shape(q, {p.batch, p.seq_len, p.heads, p.value_dim}, q.scalar_type(), "dv");
+  Tensor dbeta = empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc, "dbeta");
+  Tensor dg = g.has_value() ? empty_like_shape(q, {p.batch, p.seq_len, p.heads}, acc, "dg")
+                            : empty_like_shape(q, {0}, acc, "dg");
+  Tensor dh0 = empty_like_shape(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc, "dh0");
   p.grad_q = dq.data_ptr();
   p.grad_k = dk.data_ptr();
   p.grad_v = dv.data_ptr();

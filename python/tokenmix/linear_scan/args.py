@@ -39,12 +39,18 @@ type) whose message names the offending argument.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
 
+from .._checks import (
+    SUPPORTED_DTYPES,
+    check_same_dtype_and_device,
+    check_supported_dtype,
+    require_bool,
+    require_tensor,
+    resolve_scale,
+)
 from .._utils import accumulation_dtype
 
 __all__ = [
@@ -58,24 +64,10 @@ __all__ = [
     "resolve_scale",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _require_tensor(x: Any, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def _require_bool(x: Any, name: str) -> bool:
-    if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {type(x).__name__} ({x!r})")
-    return x
-
 
 def _check_aux(t: Any, name: str, q: torch.Tensor, shape: tuple[int, ...], layout: str) -> None:
     """An auxiliary tensor: exact shape, dtype in (q.dtype, float32), q's device."""
-    _require_tensor(t, name)
+    require_tensor(t, name)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {layout} = {shape}, got {tuple(t.shape)}")
     if t.dtype not in (q.dtype, torch.float32):
@@ -84,24 +76,10 @@ def _check_aux(t: Any, name: str, q: torch.Tensor, shape: tuple[int, ...], layou
         raise ValueError(f"{name} device {t.device} must match q device {q.device}")
 
 
-def resolve_scale(scale: Any, head_dim: int) -> float:
-    """``scale`` as a float; ``None`` means ``head_dim ** -0.5``."""
-    if scale is None:
-        return float(head_dim) ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(
-            f"scale must be a Python float or None, got {type(scale).__name__} ({scale!r})"
-        )
-    value = float(scale)
-    if not math.isfinite(value):
-        raise ValueError(f"scale must be finite, got {value}")
-    return value
-
-
 def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
-    _require_tensor(q, "q")
-    _require_tensor(k, "k")
-    _require_tensor(v, "v")
+    require_tensor(q, "q")
+    require_tensor(k, "k")
+    require_tensor(v, "v")
     for name, t, layout in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]")):
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor {layout}, got shape {tuple(t.shape)}")
@@ -122,16 +100,8 @@ def _check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
     dim_v = v.shape[3]
     if dim_v < 1:
         raise ValueError(f"v head dim V must be >= 1, got shape {tuple(v.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q dtype {q.dtype} is not supported; expected one of "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-        )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} device {t.device} must match q device {q.device}")
+    check_supported_dtype(q, "q")
+    check_same_dtype_and_device(q, "q", (("k", k), ("v", v)))
     return batch, seq, heads, dim_k, dim_v
 
 
@@ -145,7 +115,7 @@ def check_cu_seqlens(
     one token) and ``cu_seqlens[-1] == T``; the batch size must be 1. Sequence ``i``
     is the token range ``[cu_seqlens[i], cu_seqlens[i + 1])``.
     """
-    _require_tensor(cu_seqlens, "cu_seqlens")
+    require_tensor(cu_seqlens, "cu_seqlens")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
@@ -262,9 +232,9 @@ def check_linear_attention(
     decayed key sum the normalizer needs).
     """
     batch, seq, heads, dim_k, dim_v = _check_qkv(q, k, v)
-    _require_bool(output_final_state, "output_final_state")
-    _require_bool(normalize, "normalize")
-    _require_bool(causal, "causal")
+    require_bool(output_final_state, "output_final_state")
+    require_bool(normalize, "normalize")
+    require_bool(causal, "causal")
     _check_decays(q, g, g_gamma, gk, batch, seq, heads, dim_k)
     if not causal and (g is not None or g_gamma is not None or gk is not None):
         raise ValueError(
@@ -297,7 +267,7 @@ def check_delta_rule(
 ) -> tuple[float, list[int] | None]:
     """Validate a (gated) delta-rule call; returns ``(scale, offsets)``."""
     batch, seq, heads, dim_k, dim_v = _check_qkv(q, k, v)
-    _require_bool(output_final_state, "output_final_state")
+    require_bool(output_final_state, "output_final_state")
     if beta is None:
         raise TypeError("beta must be a torch.Tensor [B, T, H], got None")
     _check_aux(beta, "beta", q, (batch, seq, heads), "[B, T, H]")
@@ -327,9 +297,9 @@ def check_step(
     ``[N, H, K, V]`` (or None for zeros), ``g`` / ``beta`` are ``[N, H]``, ``gk`` is
     ``[N, H, K]`` and ``g_gamma`` is ``[H]``.
     """
-    _require_tensor(q, "q")
-    _require_tensor(k, "k")
-    _require_tensor(v, "v")
+    require_tensor(q, "q")
+    require_tensor(k, "k")
+    require_tensor(v, "v")
     for name, t, layout in (("q", q, "[N, H, K]"), ("k", k, "[N, H, K]"), ("v", v, "[N, H, V]")):
         if t.dim() != 3:
             raise ValueError(
@@ -346,16 +316,8 @@ def check_step(
             f"v must have shape [N, H, V] = [{num}, {heads}, V >= 1], got {tuple(v.shape)}"
         )
     dim_v = v.shape[2]
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"q dtype {q.dtype} is not supported; expected one of "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-        )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} device {t.device} must match q device {q.device}")
+    check_supported_dtype(q, "q")
+    check_same_dtype_and_device(q, "q", (("k", k), ("v", v)))
     if state is not None:
         if normalize:
             _check_aux(state, "state", q, (num, heads, dim_k, dim_v + 1), "[N, H, K, V + 1]")
