@@ -34,6 +34,7 @@ POSITIVE = [
     "warp_sync",
     "reduce",
     "atomics",
+    "atomic_warp",
     "vec128",
     "mma_f16",
     "mma_bf16",
@@ -163,6 +164,36 @@ BUGS = {
     "bug_unregistered": (
         "out-of-bounds global read",
         [f"kernel '{NS}oob_read_kernel'", "thread (0,0,0)", "outside every registered buffer"],
+    ),
+    # Atomics are ordered by sync_warp like plain writes (atomic_warp passes), and still race with
+    # plain accesses that nothing orders.
+    "bug_atomics_then_read": (
+        "shared memory race",
+        [
+            f"kernel '{NS}atomics_then_read_kernel'",
+            "thread (0,0,0)",
+            "4-byte read at address 0x",
+            "shared 'count' + 0",
+            "conflicts with an atomic by thread (16,0,0)",
+        ],
+    ),
+    "bug_read_then_atomics": (
+        "shared memory race",
+        [
+            f"kernel '{NS}read_then_atomics_kernel'",
+            "thread (3,0,0)",
+            "4-byte atomic at address 0x",
+            "conflicts with a read by thread (1,0,0)",
+        ],
+    ),
+    "bug_write_then_atomics": (
+        "shared memory race",
+        [
+            f"kernel '{NS}write_then_atomics_kernel'",
+            "thread (2,0,0)",
+            "4-byte atomic at address 0x",
+            "conflicts with a write by thread (0,0,0)",
+        ],
     ),
 }
 

@@ -23,7 +23,6 @@ constexpr uint32_t kStaticSharedLimit = 48 * 1024;
 // Unallocated bytes around every shared array: small overruns land there and are reported.
 constexpr uint32_t kRedzone = 64;
 constexpr uint32_t kSharedCapacity = kMaxSharedBytes + 64 * kRedzone + 256;
-constexpr uint16_t kNobody = 0xffff;  // shadow: no thread / several threads
 constexpr uint16_t kManyWarps = 0xffff;
 
 enum class status : uint8_t { runnable, barrier, collective, exited };
@@ -74,21 +73,29 @@ struct warp_state {
   std::vector<collective> pending;
 };
 
-// Per byte of shared memory.
+// Accesses of one kind to one byte in the current barrier interval: lanes of one warp (or of
+// several warps, kManyWarps), with the earliest and the latest warp sync generation at them.
+struct access_set {
+  uint32_t epoch;      // barrier interval (0: none recorded)
+  uint32_t first_gen;  // sync_warp generation of the accessing warp at the earliest access
+  uint32_t gen;        // ... at the latest access
+  uint32_t lanes;      // lanes of `warp` that accessed
+  uint16_t warp;       // kManyWarps: threads of several warps
+};
+
+// Per byte of shared memory. A plain write replaces the three sets (every later access must be
+// ordered after it, hence after what it was ordered after); atomics accumulate, since they never
+// race with each other.
 struct shadow_byte {
-  uint32_t w_epoch;  // barrier interval of the last write (0: never written)
-  uint32_t w_gen;    // writer's warp sync generation at that write
-  uint32_t r_epoch;  // barrier interval of the reads recorded below
-  uint32_t r_gen;    // latest reader warp sync generation
-  uint32_t r_lanes;  // lanes of r_warp that read
-  uint16_t writer;   // tid, kNobody for atomics of several threads
-  uint16_t r_warp;   // warp of the readers, kManyWarps
-  uint16_t alloc;    // 1 + index into worker::shared_allocs, 0 = not allocated
-  uint16_t cp_thread;
+  access_set writes;   // the last plain write (one thread), or a landed cp.async
+  access_set atomics;  // atomics since the last plain write
+  access_set reads;    // plain reads since the last plain write
+  uint16_t alloc;      // 1 + index into worker::shared_allocs, 0 = not allocated
+  uint16_t cp_thread;  // issuer of the pending cp.async (kPendingCopy)
   uint8_t flags;
   uint8_t pad[3];
 };
-constexpr uint8_t kAtomicWrite = 1, kPendingCopy = 2;
+constexpr uint8_t kPendingCopy = 1;
 
 struct shared_alloc {
   const void* key;

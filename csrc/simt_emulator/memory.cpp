@@ -1,11 +1,12 @@
 // SIMT emulator: global buffer registry, checked global and shared accesses, the per-block shared
 // memory arena with its race shadow, atomics and cp.async.
 //
-// Shared-memory races: every byte remembers its last writer and its readers together with the
-// barrier interval ("epoch", advanced by each sync_threads) and the warp's sync_warp generation at
-// the access. Two accesses by different threads to the same byte, at least one a write, race
-// unless a sync_threads separates them (different epochs) or both threads are lanes of one warp
-// that took part in a common sync_warp after the first access. Atomics do not race with atomics.
+// Shared-memory races: every byte remembers its last plain writer, the atomics and the plain reads
+// since then, each with the barrier interval ("epoch", advanced by each sync_threads) and the
+// warp's sync_warp generation at the access. Two accesses by different threads to the same byte,
+// at least one a write (plain or atomic), race unless a sync_threads separates them (different
+// epochs) or both threads are lanes of one warp that took part in a common sync_warp after the
+// first access. Atomics do not race with atomics; they are ordered like any other write.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -209,15 +210,48 @@ namespace {
 
 enum class sop : uint8_t { read, write, atomic, cp_issue, cp_land };
 
-bool ordered(const worker& w, uint16_t writer, uint32_t gen, const thread_state& t) {
-  if (writer == t.tid) return true;
-  if (writer == kNobody || writer / kWarpSize != t.tid / kWarpSize) return false;
-  return w.warps[t.tid / kWarpSize].pair_sync[writer % kWarpSize][t.tid % kWarpSize] > gen;
+constexpr uint32_t kNone = ~0u, kSeveral = ~0u - 1;
+
+// A thread of `set` whose access is not ordered before thread t's (kSeveral: threads of several
+// warps; kNone: all are ordered). Accesses in an earlier barrier interval are ordered by the
+// sync_threads() between; within the interval, only the thread itself, or a lane of its warp that
+// took part with it in a sync_warp after the access, is ordered before it. The set keeps only the
+// earliest and the latest sync generation of its lanes: a lane is ordered for sure when it synced
+// with t after the latest, unordered for sure when not after the earliest, and counted as
+// unordered in between (conservative: never a missed race). The lane named is a sure one if any.
+uint32_t unordered(const worker& w, const access_set& set, const thread_state& t) {
+  if (set.epoch != w.epoch) return kNone;
+  const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize;
+  if (set.warp == kManyWarps) return kSeveral;
+  if (set.warp != wi) return set.warp * kWarpSize + uint32_t(__builtin_ctz(set.lanes));
+  const warp_state& ws = w.warps[wi];
+  uint32_t maybe = kNone;
+  for (uint32_t others = set.lanes & ~(1u << lane); others; others &= others - 1) {
+    const uint32_t l = uint32_t(__builtin_ctz(others)), synced = ws.pair_sync[l][lane];
+    if (synced <= set.first_gen) return wi * kWarpSize + l;
+    if (synced <= set.gen && maybe == kNone) maybe = wi * kWarpSize + l;
+  }
+  return maybe;
 }
 
-std::string who(const worker& w, uint16_t tid) {
-  if (tid == kNobody) return "atomics of several threads";
-  return describe_thread(w, w.threads[tid]);
+// Adds thread t's access to `set`. Members all ordered before it are dropped: whatever is ordered
+// after t's access is ordered after theirs too.
+void record(const worker& w, access_set& set, const thread_state& t) {
+  const uint32_t wi = t.tid / kWarpSize, bit = 1u << (t.tid % kWarpSize);
+  const uint32_t gen = w.warps[wi].sync_gen;  // sync generations only grow
+  if (unordered(w, set, t) == kNone) {
+    set = {w.epoch, gen, gen, bit, uint16_t(wi)};
+    return;
+  }
+  if (set.warp != wi) set.warp = kManyWarps;
+  set.lanes |= bit;
+  set.gen = gen;
+}
+
+// Makes thread t the only member of `set`.
+void replace(const worker& w, access_set& set, const thread_state& t) {
+  set.epoch = 0;
+  record(w, set, t);
 }
 
 void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op) {
@@ -256,14 +290,11 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
            what() + " at " + shared_where(w, addr + i) +
                (alloc ? " runs past the end of the array" : " is outside every shared array"),
            &t);
-  if (op == sop::cp_land) {
+  if (op == sop::cp_land) {  // a plain write by the issuing thread, checked when it was issued
     for (uint32_t i = 0; i < bytes; ++i) {
-      shadow_byte& b = s[i];
-      b.w_epoch = w.epoch;
-      b.w_gen = w.warps[t.tid / kWarpSize].sync_gen;
-      b.writer = uint16_t(t.tid);
-      b.flags = 0;
-      b.r_epoch = 0;
+      replace(w, s[i].writes, t);
+      s[i].atomics.epoch = 0;
+      s[i].reads.epoch = 0;
     }
     return;
   }
@@ -272,44 +303,33 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
       fail(op == sop::read ? "read of pending cp.async destination"
                            : "write to pending cp.async destination",
            what() + " at " + shared_where(w, addr + i) +
-               " touches the destination of a cp.async issued by " + who(w, s[i].cp_thread) +
+               " touches the destination of a cp.async issued by " +
+               describe_thread(w, w.threads[s[i].cp_thread]) +
                " that no cp_async_wait_group has completed yet (the data has not landed)",
            &t);
-  const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize;
-  const warp_state& ws = w.warps[wi];
+  // Conflicts: a plain write with everything, an atomic with plain accesses, a plain read with
+  // writes and atomics.
   for (uint32_t i = 0; i < bytes; ++i) {
     const shadow_byte& b = s[i];
-    if ((op == sop::read || op == sop::atomic) && b.w_epoch == 0)
+    if ((op == sop::read || op == sop::atomic) && b.writes.epoch == 0 && b.atomics.epoch == 0)
       fail("uninitialized shared read",
            what() + " at " + shared_where(w, addr + i) +
                " reads bytes no thread of this block has written yet (if another thread writes "
                "them later without a sync_threads() in between, this is also a race)",
            &t);
-    if (b.w_epoch == w.epoch && !(op == sop::atomic && (b.flags & kAtomicWrite)) &&
-        !ordered(w, b.writer, b.w_gen, t))
-      fail("shared memory race",
-           what() + " at " + shared_where(w, addr + i) + " conflicts with a write by " +
-               who(w, b.writer) + (b.flags & kAtomicWrite ? " (atomic)" : "") +
-               " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
-               "orders them",
-           &t);
-    if (op != sop::read && b.r_epoch == w.epoch) {
-      constexpr uint32_t kNone = ~0u, kSeveral = ~0u - 1;
-      uint32_t reader = kNone;  // a reader this access is not ordered with
-      if (b.r_warp == kManyWarps) {
-        reader = kSeveral;
-      } else if (b.r_warp != wi) {
-        reader = b.r_warp * kWarpSize + uint32_t(__builtin_ctz(b.r_lanes));
-      } else {
-        for (uint32_t l = 0; l < kWarpSize; ++l)
-          if ((b.r_lanes >> l & 1u) && l != lane && !(ws.pair_sync[l][lane] > b.r_gen))
-            reader = wi * kWarpSize + l;
-      }
-      if (reader != kNone)
+    const struct {
+      const access_set* set;
+      const char* noun;
+    } earlier[3] = {{&b.writes, "a write"},
+                    {op == sop::atomic ? nullptr : &b.atomics, "an atomic"},
+                    {op == sop::read ? nullptr : &b.reads, "a read"}};
+    for (const auto& e : earlier) {
+      const uint32_t other = e.set ? unordered(w, *e.set, t) : kNone;
+      if (other != kNone)
         fail("shared memory race",
-             what() + " at " + shared_where(w, addr + i) + " conflicts with a read by " +
-                 (reader == kSeveral ? std::string("threads of several warps")
-                                     : describe_thread(w, w.threads[reader])) +
+             what() + " at " + shared_where(w, addr + i) + " conflicts with " + e.noun + " by " +
+                 (other == kSeveral ? std::string("threads of several warps")
+                                    : describe_thread(w, w.threads[other])) +
                  " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
                  "orders them",
              &t);
@@ -318,29 +338,15 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
   for (uint32_t i = 0; i < bytes; ++i) {
     shadow_byte& b = s[i];
     switch (op) {
-      case sop::read:
-        if (b.r_epoch != w.epoch) {
-          b.r_epoch = w.epoch;
-          b.r_warp = uint16_t(wi);
-          b.r_lanes = 1u << lane;
-        } else if (b.r_warp == wi) {
-          b.r_lanes |= 1u << lane;
-        } else {
-          b.r_warp = kManyWarps;
-        }
-        b.r_gen = ws.sync_gen;
-        break;
+      case sop::read: record(w, b.reads, t); break;
       case sop::write:
-      case sop::atomic: {
-        const bool shared_atomic = op == sop::atomic && b.w_epoch == w.epoch &&
-                                   (b.flags & kAtomicWrite) && b.writer != t.tid;
-        b.writer = shared_atomic ? kNobody : uint16_t(t.tid);
-        b.w_epoch = w.epoch;
-        b.w_gen = ws.sync_gen;
-        b.flags = op == sop::atomic ? kAtomicWrite : 0;
-        b.r_epoch = 0;
+        replace(w, b.writes, t);
+        b.atomics.epoch = 0;
+        b.reads.epoch = 0;
         break;
-      }
+      case sop::atomic:  // the reads stay: a later atomic must be ordered after them too
+        record(w, b.atomics, t);
+        break;
       case sop::cp_issue:
         b.flags |= kPendingCopy;
         b.cp_thread = uint16_t(t.tid);

@@ -124,6 +124,22 @@ TM_GLOBAL void atomics_kernel(global_ptr<float> fsum, global_ptr<int> isum,
   }
 }
 
+// Every lane adds to its warp's counter; sync_warp orders the atomics before one lane's read, and
+// that read before the next round of atomics.
+TM_GLOBAL void atomic_warp_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, kAtomicWarpThreads / 32);
+  const int lane = int(lane_id()), warp = int(warp_id());
+  if (lane == 0) count[warp] = 0;
+  sync_warp();
+  atomic_add(count + warp, lane + 1);
+  sync_warp();
+  if (lane == 31) out[2 * warp] = count[warp];
+  sync_warp();
+  atomic_add(count + warp, 1);
+  sync_warp();
+  if (lane == 5) out[2 * warp + 1] = count[warp];
+}
+
 TM_GLOBAL void vec128_kernel(global_ptr<const uint32_t> in, global_ptr<uint32_t> out) {
   TM_SHARED_ALIGNED(uint32_t, staging, 4 * kVecThreads, 16);
   const int tid = int(thread_idx().x);
@@ -389,6 +405,36 @@ TM_GLOBAL void collective_mismatch_kernel(global_ptr<uint32_t> out) {
   out[thread_idx().x] = v;
 }
 
+TM_GLOBAL void atomics_then_read_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) count[0] = 0;
+  sync_warp();
+  atomic_add(count, 1);
+  if (lane < 16) sync_warp(0x0000ffffu);
+  if (lane == 0) out[0] = count[0];  // bug: lanes 16-31 took no part in the sync_warp
+}
+
+TM_GLOBAL void read_then_atomics_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) count[0] = 0;
+  sync_warp();
+  if (lane == 1) out[0] = count[0];
+  if (lane == 1 || lane == 2) sync_warp(0x6u);
+  if (lane == 2 || lane == 3) atomic_add(count, 1);  // bug: lane 3 is not ordered after the read
+}
+
+TM_GLOBAL void write_then_atomics_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) count[0] = 5;
+  if (lane < 2) sync_warp(0x3u);
+  if (lane == 1 || lane == 2) atomic_add(count, 1);  // bug: lane 2 is not ordered after the write
+  sync_warp();
+  if (lane == 0) out[0] = count[0];
+}
+
 // ---- host entry points -------------------------------------------------------------------------
 
 void launch_shuffles(int* out_i, float* out_f, unsigned* out_u) {
@@ -434,6 +480,11 @@ void launch_atomics(float* fsum, int* isum, unsigned* usum, int* imax, int* per_
   launch(atomics_kernel, dim3u(kAtomicBlocks), dim3u(kAtomicThreads), 0, buffer(fsum, 1, "fsum"),
          buffer(isum, 1, "isum"), buffer(usum, 1, "usum"), buffer(imax, 1, "imax"),
          buffer(per_block, 3 * kAtomicBlocks, "per_block"));
+}
+
+void launch_atomic_warp(int* out) {
+  launch(atomic_warp_kernel, dim3u(1), dim3u(kAtomicWarpThreads), 0,
+         buffer(out, kAtomicWarpThreads / 16, "out"));
 }
 
 void launch_vec128(const uint32_t* in, uint32_t* out) {
@@ -529,6 +580,18 @@ void launch_bug_shfl_barrier(int* out) {
 
 void launch_bug_collective_mismatch(uint32_t* out) {
   launch(collective_mismatch_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
+}
+
+void launch_bug_atomics_then_read(int* out) {
+  launch(atomics_then_read_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_read_then_atomics(int* out) {
+  launch(read_then_atomics_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_write_then_atomics(int* out) {
+  launch(write_then_atomics_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
 }
 
 }  // namespace cuda / emulated

@@ -216,6 +216,17 @@ std::string test_atomics() {
   return "global and shared atomic_add (float/int/unsigned) and atomic_max";
 }
 
+std::string test_atomic_warp() {
+  const int warps = st::kAtomicWarpThreads / 32;
+  std::vector<int> out(2 * warps, -1);
+  st::launch_atomic_warp(out.data());
+  for (int w = 0; w < warps; ++w) {
+    expect_eq("after the first atomics", size_t(w), out[2 * w], 32 * 33 / 2);
+    expect_eq("after the second atomics", size_t(w), out[2 * w + 1], 32 * 33 / 2 + 32);
+  }
+  return "all lanes atomic_add, sync_warp, one lane reads (twice per warp, 2 warps)";
+}
+
 std::string test_vec128() {
   std::vector<uint32_t> in(4 * st::kVecThreads), out(4 * st::kVecThreads, 0);
   std::mt19937 rng(7);
@@ -446,6 +457,18 @@ void bug_collective_mismatch() {
   std::vector<uint32_t> out(32);
   st::launch_bug_collective_mismatch(out.data());
 }
+void bug_atomics_then_read() {
+  std::vector<int> out(1);
+  st::launch_bug_atomics_then_read(out.data());
+}
+void bug_read_then_atomics() {
+  std::vector<int> out(1);
+  st::launch_bug_read_then_atomics(out.data());
+}
+void bug_write_then_atomics() {
+  std::vector<int> out(1);
+  st::launch_bug_write_then_atomics(out.data());
+}
 void bug_pipeline_race() {
   const int m = 64, n = 64, k = 96;
   std::vector<uint16_t> a(size_t(m) * k, 0x3c00), b(size_t(k) * n, 0x3c00);
@@ -471,6 +494,7 @@ const std::vector<positive_test>& positives() {
       {"warp_sync", test_warp_sync},
       {"reduce", test_reduce},
       {"atomics", test_atomics},
+      {"atomic_warp", test_atomic_warp},
       {"vec128", test_vec128},
       {"mma_f16", [] { return test_mma(false); }},
       {"mma_bf16", [] { return test_mma(true); }},
@@ -499,6 +523,9 @@ const std::vector<std::pair<const char*, bug_test>>& bugs() {
       {"bug_collective_mismatch", {{"incomplete warp collective"}, bug_collective_mismatch}},
       {"bug_pipeline_race",
        {{"shared memory race", "read of pending cp.async destination"}, bug_pipeline_race}},
+      {"bug_atomics_then_read", {{"shared memory race"}, bug_atomics_then_read}},
+      {"bug_read_then_atomics", {{"shared memory race"}, bug_read_then_atomics}},
+      {"bug_write_then_atomics", {{"shared memory race"}, bug_write_then_atomics}},
   };
   return v;
 }
