@@ -195,6 +195,33 @@ BUGS = {
             "conflicts with a write by thread (0,0,0)",
         ],
     ),
+    # A pointer is checked against its own buffer, not against every registered one.
+    **{
+        name: (
+            "out-of-bounds global read",
+            [
+                f"kernel '{NS}{kernel}'",
+                "thread (0,0,0)",
+                "0 bytes past the end of buffer 'q' (128 bytes at 0x",
+                "the buffer this pointer was made for",
+                "inside buffer 'k' + 0",
+            ],
+        )
+        for name, kernel in [
+            ("bug_packed_views", "packed_views_kernel"),  # buffer() arguments
+            ("bug_packed_host_ptrs", "packed_views_kernel"),  # global_ptr made on the host
+            ("bug_packed_params", "packed_params_kernel"),  # made in kernel code from raw pointers
+        ]
+    },
+    "bug_shared_views": (
+        "out-of-bounds shared write",
+        [
+            f"kernel '{NS}shared_views_kernel'",
+            "thread (0,0,0)",
+            "shared 'b' + 0",
+            "is outside shared 'a', the array this pointer was made for",
+        ],
+    ),
 }
 
 

@@ -117,7 +117,8 @@ struct launch_state {
   std::string kernel_name;
   uint32_t nthreads;
   uint64_t nblocks;
-  std::vector<global_alloc> globals;  // snapshot of the registry plus the launch's buffers
+  // The launch's buffers (buffer i of the spec is region i + 1), then a snapshot of the registry.
+  std::vector<global_alloc> globals;
   std::atomic<uint64_t> next_block{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -166,6 +167,12 @@ void set_workers(int workers);
 void set_stack_kib(int kib);
 std::vector<global_alloc> registry_snapshot();
 thread_state& current_thread();  // aborts when called outside kernel code
+// The worker running a block on this OS thread (null outside kernel code), and the launch whose
+// kernel code runs on this OS thread or whose arguments are being bound (null otherwise).
+const worker* running_worker();
+const launch_state* current_launch();
+// The region (1 + index into L.globals) a pointer made from `addr` belongs to (see emu::region_of).
+uint32_t global_region(const launch_state& L, uintptr_t addr);
 
 // Records the report and leaves the fiber for good (throws when called from the scheduler).
 [[noreturn]] void fail(const std::string& kind, const std::string& detail,
@@ -173,9 +180,12 @@ thread_state& current_thread();  // aborts when called outside kernel code
 std::string describe_thread(const worker& w, const thread_state& t);
 std::string describe_address(const void* addr);  // "address 0x... (buffer 'x' + 16)"
 
-// Shared-memory checking for an explicit thread (ldmatrix reads are by the lane that gave the row).
-void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a);
-void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a);
+// Checks for an explicit thread (ldmatrix reads are by the lane that gave the row), through a
+// pointer made for buffer / shared array `region` (0: any).
+void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region);
+void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region);
 void land_cp_async(thread_state& t, uint32_t first_pending_group);
 void on_exit_cp_async(thread_state& t);
 

@@ -92,19 +92,70 @@ std::string describe_address(const void* p) {
 
 // ---- global accesses ---------------------------------------------------------------------------
 
-void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
+namespace {
+
+std::string describe_buffer(const global_alloc& g) {
+  return "buffer '" + g.name + "' (" + std::to_string(g.end - g.begin) + " bytes at " +
+         hexaddr(g.begin) + ")";
+}
+
+// "is 4 bytes past the end of buffer 'x' (...)", for an access not inside g.
+std::string where_outside(const global_alloc& g, uintptr_t addr, uint32_t bytes) {
+  if (addr >= g.end)
+    return " is " + std::to_string(addr - g.end) + " bytes past the end of " + describe_buffer(g);
+  if (addr + bytes <= g.begin)
+    return " is " + std::to_string(g.begin - addr) + " bytes before the start of " +
+           describe_buffer(g);
+  return " straddles the bounds of " + describe_buffer(g);
+}
+
+bool inside(const global_alloc& g, uintptr_t addr, uint32_t bytes) {
+  return addr >= g.begin && addr + bytes <= g.end;
+}
+
+}  // namespace
+
+uint32_t global_region(const launch_state& L, uintptr_t addr) {
+  uint32_t starts = 0, contains = 0, containing = 0;
+  for (uint32_t i = 0; i < L.globals.size(); ++i) {
+    const global_alloc& g = L.globals[i];
+    if (g.begin == addr && g.end > addr &&
+        (!starts || g.end > L.globals[starts - 1].end))  // the widest of those starting here
+      starts = i + 1;
+    if (addr >= g.begin && addr < g.end) ++containing, contains = i + 1;
+  }
+  return starts ? starts : containing == 1 ? contains : 0;
+}
+
+void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region) {
   worker& w = this_worker();
   if (addr % align)
     fail("misaligned global access",
          std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr) + " is not " +
              std::to_string(align) + "-byte aligned" + " (" + describe_address((void*)addr) + ")",
          &t);
+  const std::vector<global_alloc>& globals = w.launch->globals;
+  if (region > 0 && region <= globals.size()) {  // the pointer's own buffer, and only that one
+    const global_alloc& g = globals[region - 1];
+    if (inside(g, addr, bytes)) return;
+    std::string detail = std::to_string(bytes) + "-byte " + verb(a) + " at address " +
+                         hexaddr(addr) + where_outside(g, addr, bytes) +
+                         ", the buffer this pointer was made for";
+    for (const global_alloc& c : globals)
+      if (&c != &g && addr >= c.begin && addr < c.end) {
+        detail += "; the address lies inside buffer '" + c.name + "' + " +
+                  std::to_string(addr - c.begin) + ", another buffer";
+        break;
+      }
+    fail(std::string("out-of-bounds global ") + verb(a), detail, &t);
+  }
   const global_alloc* g = w.last_global;
-  if (g && addr >= g->begin && addr + bytes <= g->end) return;
+  if (g && inside(*g, addr, bytes)) return;
   const global_alloc* nearest = nullptr;
   uintptr_t nearest_dist = ~uintptr_t(0);
-  for (const global_alloc& c : w.launch->globals) {
-    if (addr >= c.begin && addr + bytes <= c.end) {
+  for (const global_alloc& c : globals) {
+    if (inside(c, addr, bytes)) {
       w.last_global = &c;
       return;
     }
@@ -114,22 +165,12 @@ void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
     if (d < nearest_dist) nearest_dist = d, nearest = &c;
   }
   std::string detail = std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr);
-  if (!nearest) {
+  if (!nearest)
     detail +=
         " outside every registered buffer (none is registered: pass buffers to launch() with "
         "buffer(ptr, count) or register_global())";
-  } else {
-    const std::string buf = "buffer '" + nearest->name + "' (" +
-                            std::to_string(nearest->end - nearest->begin) + " bytes at " +
-                            hexaddr(nearest->begin) + ")";
-    if (addr >= nearest->end)
-      detail += " is " + std::to_string(addr - nearest->end) + " bytes past the end of " + buf;
-    else if (addr + bytes <= nearest->begin)
-      detail +=
-          " is " + std::to_string(nearest->begin - addr) + " bytes before the start of " + buf;
-    else
-      detail += " straddles the bounds of " + buf;
-  }
+  else
+    detail += where_outside(*nearest, addr, bytes);
   fail(std::string("out-of-bounds global ") + verb(a), detail, &t);
 }
 
@@ -254,7 +295,8 @@ void replace(const worker& w, access_set& set, const thread_state& t) {
   record(w, set, t);
 }
 
-void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op) {
+void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op,
+               uint32_t region) {
   worker& w = this_worker();
   const uintptr_t base = reinterpret_cast<uintptr_t>(w.smem);
   // Report text is built only on failure.
@@ -283,13 +325,19 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
          &t);
   const uint32_t off = uint32_t(addr - base);
   shadow_byte* s = w.shadow + off;
-  const uint16_t alloc = s[0].alloc;
-  for (uint32_t i = 0; i < bytes; ++i)
-    if (s[i].alloc == 0 || s[i].alloc != alloc)
-      fail(kind("out-of-bounds shared "),
-           what() + " at " + shared_where(w, addr + i) +
-               (alloc ? " runs past the end of the array" : " is outside every shared array"),
-           &t);
+  if (region > w.shared_allocs.size()) region = 0;
+  // The array the pointer was made for, else the one the access starts in.
+  const uint16_t alloc = region ? uint16_t(region) : s[0].alloc;
+  for (uint32_t i = 0; i < bytes; ++i) {
+    if (s[i].alloc != 0 && s[i].alloc == alloc) continue;
+    std::string why = !alloc ? " is outside every shared array"
+                      : region
+                          ? " is outside shared '" + std::string(w.shared_allocs[alloc - 1].name) +
+                                "', the array this pointer was made for" +
+                                (s[i].alloc ? " (it lies in another array)" : "")
+                          : " runs past the end of the array";
+    fail(kind("out-of-bounds shared "), what() + " at " + shared_where(w, addr + i) + why, &t);
+  }
   if (op == sop::cp_land) {  // a plain write by the issuing thread, checked when it was issued
     for (uint32_t i = 0; i < bytes; ++i) {
       replace(w, s[i].writes, t);
@@ -358,20 +406,34 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
 
 }  // namespace
 
-void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
+void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region) {
   shared_op(t, addr, bytes, align,
             a == access::read    ? sop::read
             : a == access::write ? sop::write
-                                 : sop::atomic);
+                                 : sop::atomic,
+            region);
 }
 
-void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a) {
+uint32_t region_of(space s, const void* addr) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
+  if (s == space::global) {
+    const launch_state* L = current_launch();
+    return L ? global_region(*L, p) : 0;
+  }
+  const worker* w = running_worker();
+  if (!w) return 0;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(w->smem);
+  return p >= base && p < base + kSharedCapacity ? w->shadow[p - base].alloc : 0;
+}
+
+void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a, uint32_t region) {
   thread_state& t = current_thread();
   const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
   if (s == space::shared)
-    check_shared(t, p, bytes, align, a);
+    check_shared(t, p, bytes, align, a, region);
   else
-    check_global(t, p, bytes, align, a);
+    check_global(t, p, bytes, align, a, region);
 }
 
 // ---- atomics -----------------------------------------------------------------------------------
@@ -388,8 +450,8 @@ uint32_t apply(atomic_op op, uint32_t old, uint32_t v) {
 }
 }  // namespace
 
-uint32_t atomic(space s, void* addr, atomic_op op, uint32_t v) {
-  check(s, addr, 4, 4, access::atomic);
+uint32_t atomic(space s, void* addr, uint32_t region, atomic_op op, uint32_t v) {
+  check(s, addr, 4, 4, access::atomic, region);
   uint32_t* p = static_cast<uint32_t*>(addr);
   if (s == space::shared) {  // one OS thread runs the whole block
     const uint32_t old = *p;
@@ -405,7 +467,8 @@ uint32_t atomic(space s, void* addr, atomic_op op, uint32_t v) {
 
 // ---- cp.async ----------------------------------------------------------------------------------
 
-void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* file, int line) {
+void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32_t src_region,
+              int src_bytes, const char* file, int line) {
   thread_state& t = current_thread();
   if (src_bytes < 0 || src_bytes > bytes)
     fail("invalid cp.async",
@@ -413,11 +476,11 @@ void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* 
              "] at " + file + ":" + std::to_string(line),
          &t);
   const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
-  shared_op(t, d, uint32_t(bytes), uint32_t(bytes), sop::cp_issue);
+  shared_op(t, d, uint32_t(bytes), uint32_t(bytes), sop::cp_issue, dst_region);
   cp_async_op op{static_cast<uint8_t*>(dst), uint32_t(bytes), t.cp_open_group, {}};
   if (src_bytes > 0) {
     check_global(t, reinterpret_cast<uintptr_t>(src), uint32_t(src_bytes), uint32_t(bytes),
-                 access::read);
+                 access::read, src_region);
     std::memcpy(op.data, src, size_t(src_bytes));  // the source is read at issue
   }
   t.cp_ops.push_back(op);
@@ -433,7 +496,7 @@ void land_cp_async(thread_state& t, uint32_t first_pending_group) {
     const cp_async_op& op = t.cp_ops[t.cp_head++];
     const uint32_t off = uint32_t(op.dst - w.smem);
     for (uint32_t i = 0; i < op.bytes; ++i) w.shadow[off + i].flags &= uint8_t(~kPendingCopy);
-    shared_op(t, reinterpret_cast<uintptr_t>(op.dst), op.bytes, op.bytes, sop::cp_land);
+    shared_op(t, reinterpret_cast<uintptr_t>(op.dst), op.bytes, op.bytes, sop::cp_land, 0);
     std::memcpy(op.dst, op.data, op.bytes);
   }
   if (t.cp_head == t.cp_ops.size()) {

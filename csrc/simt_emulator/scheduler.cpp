@@ -24,6 +24,7 @@ namespace {
 std::atomic<int> g_workers{0};
 std::atomic<int> g_stack_kib{0};
 thread_local worker* t_active = nullptr;  // the worker running a block on this OS thread
+thread_local const launch_state* t_binding = nullptr;  // the launch binding its arguments
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -236,6 +237,13 @@ void set_stack_kib(int kib) {
   g_stack_kib = kib;
 }
 
+const worker* running_worker() {
+  return t_active;
+}
+const launch_state* current_launch() {
+  return t_active ? t_active->launch : t_binding;
+}
+
 worker& this_worker() {
   static thread_local worker w;
   return w;
@@ -368,12 +376,15 @@ void run(launch_spec& spec) {
                                                L.kernel_name + "': " + bad);
   L.nthreads = uint32_t(nthreads);
   L.nblocks = uint64_t(g.x) * g.y * g.z;
-  L.globals = registry_snapshot();
-  for (size_t i = 0; i < spec.buffers.size(); ++i) {
+  for (size_t i = 0; i < spec.buffers.size(); ++i) {  // buffer i is region i + 1
     const auto& r = spec.buffers[i];
     const uintptr_t p = reinterpret_cast<uintptr_t>(r.ptr);
     L.globals.push_back({p, p + r.bytes, r.name ? r.name : "argument buffer " + std::to_string(i)});
   }
+  for (global_alloc& a : registry_snapshot()) L.globals.push_back(std::move(a));
+  t_binding = &L;
+  spec.bind(spec.closure);
+  t_binding = nullptr;
   const int wanted = g_workers.load() > 0 ? g_workers.load() : env_int("TOKENMIX_SIMT_WORKERS", 1);
   const uint64_t nworkers = std::min<uint64_t>(uint64_t(std::max(wanted, 1)), L.nblocks);
   auto body = [&L] {

@@ -435,6 +435,37 @@ TM_GLOBAL void write_then_atomics_kernel(global_ptr<int> out) {
   if (lane == 0) out[0] = count[0];
 }
 
+// q and k: neighbouring views of one packed buffer, registered separately.
+TM_GLOBAL void packed_views_kernel(global_ptr<const float> q, global_ptr<const float> k,
+                                   global_ptr<float> out, int n) {
+  const int t = int(thread_idx().x);
+  out[t] = q[t] + k[t] + q[t + n];  // bug: q[t + n] is k[t]
+}
+
+// The same through raw pointers in a parameter struct (like NaParams), made checked in the kernel.
+struct packed_params {
+  const float* q;
+  const float* k;
+  float* out;
+  int n;
+};
+TM_GLOBAL void packed_params_kernel(packed_params p) {
+  const global_ptr<const float> q(p.q), k(p.k);
+  const global_ptr<float> out(p.out);
+  const int t = int(thread_idx().x);
+  out[t] = q[t] + k[t] + q[t + p.n];  // bug: q[t + n] is k[t]
+}
+
+TM_GLOBAL void shared_views_kernel(global_ptr<float> out) {
+  TM_SHARED(float, a, 32);
+  TM_SHARED(float, b, 32);
+  const int t = int(thread_idx().x);
+  b[t] = 0.0f;
+  a[t + (b - a)] = 1.0f;  // bug: an index into b through a
+  sync_threads();
+  out[t] = b[t];
+}
+
 // ---- host entry points -------------------------------------------------------------------------
 
 void launch_shuffles(int* out_i, float* out_f, unsigned* out_u) {
@@ -592,6 +623,27 @@ void launch_bug_read_then_atomics(int* out) {
 
 void launch_bug_write_then_atomics(int* out) {
   launch(write_then_atomics_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_packed_views(const float* packed, float* out, int n, int how) {
+  if (how == 0) {  // buffer() arguments
+    launch(packed_views_kernel, dim3u(1), dim3u(uint32_t(n)), 0, buffer(packed, size_t(n), "q"),
+           buffer(packed + n, size_t(n), "k"), buffer(out, size_t(n), "out"), n);
+    return;
+  }
+  const size_t bytes = size_t(n) * sizeof(float);
+  const global_registration rq(packed, bytes, "q"), rk(packed + n, bytes, "k"),
+      ro(out, bytes, "out");
+  if (how == 1)  // pointers made on the host
+    launch(packed_views_kernel, dim3u(1), dim3u(uint32_t(n)), 0, global_ptr<const float>(packed),
+           global_ptr<const float>(packed + n), global_ptr<float>(out), n);
+  else  // raw pointers in a struct, made checked in kernel code
+    launch(packed_params_kernel, dim3u(1), dim3u(uint32_t(n)), 0,
+           packed_params{packed, packed + n, out, n});
+}
+
+void launch_bug_shared_views(float* out) {
+  launch(shared_views_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
 }
 
 }  // namespace cuda / emulated

@@ -71,6 +71,10 @@ void launch_bug_collective_mismatch(uint32_t* out);
 void launch_bug_atomics_then_read(int* out);
 void launch_bug_read_then_atomics(int* out);
 void launch_bug_write_then_atomics(int* out);
+// packed: 2n floats (q, then k), out: n floats. how: 0 buffer() arguments, 1 global_ptr arguments
+// made on the host, 2 raw pointers in a struct.
+void launch_bug_packed_views(const float* packed, float* out, int n, int how);
+void launch_bug_shared_views(float* out);
 
 }  // namespace cuda / emulated
 }  // namespace tokenmix::simt_selftest

@@ -469,6 +469,15 @@ void bug_write_then_atomics() {
   std::vector<int> out(1);
   st::launch_bug_write_then_atomics(out.data());
 }
+void bug_packed_views(int how) {
+  const int n = 32;
+  std::vector<float> packed(2 * n, 1.0f), out(n);
+  st::launch_bug_packed_views(packed.data(), out.data(), n, how);
+}
+void bug_shared_views() {
+  auto out = floats(32);
+  st::launch_bug_shared_views(out.data());
+}
 void bug_pipeline_race() {
   const int m = 64, n = 64, k = 96;
   std::vector<uint16_t> a(size_t(m) * k, 0x3c00), b(size_t(k) * n, 0x3c00);
@@ -526,6 +535,10 @@ const std::vector<std::pair<const char*, bug_test>>& bugs() {
       {"bug_atomics_then_read", {{"shared memory race"}, bug_atomics_then_read}},
       {"bug_read_then_atomics", {{"shared memory race"}, bug_read_then_atomics}},
       {"bug_write_then_atomics", {{"shared memory race"}, bug_write_then_atomics}},
+      {"bug_packed_views", {{"out-of-bounds global read"}, [] { bug_packed_views(0); }}},
+      {"bug_packed_host_ptrs", {{"out-of-bounds global read"}, [] { bug_packed_views(1); }}},
+      {"bug_packed_params", {{"out-of-bounds global read"}, [] { bug_packed_views(2); }}},
+      {"bug_shared_views", {{"out-of-bounds shared write"}, bug_shared_views}},
   };
   return v;
 }
