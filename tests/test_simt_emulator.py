@@ -195,6 +195,29 @@ BUGS = {
             "conflicts with a write by thread (0,0,0)",
         ],
     ),
+    # Spin-waits stop with a report instead of hanging (the progress watchdog).
+    "bug_spin_warp": (
+        "no progress",
+        [
+            f"kernel '{NS}spin_warp_kernel'",
+            "block (0,0,0)",
+            "thread (0,0,0)",
+            "more than 16777216 memory reads",
+            "4-byte atomic at address 0x",
+            "shared 'flag' + 0",
+            "TOKENMIX_SIMT_WATCHDOG",
+        ],
+    ),
+    "bug_spin_blocks": (
+        "no progress",
+        [
+            f"kernel '{NS}spin_blocks_kernel'",
+            "block (0,0,0)",
+            "thread (0,0,0)",
+            "4-byte read at address 0x",
+            "buffer 'flag' + 0",
+        ],
+    ),
     # A pointer is checked against its own buffer, not against every registered one.
     **{
         name: (
@@ -256,8 +279,11 @@ def selftest() -> Path:
     return exe
 
 
-def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+def _run(exe: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMIX_SIMT_")}
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=120, env={**environ, **env}
+    )
 
 
 def test_subcommand_list_matches(selftest):
@@ -289,6 +315,20 @@ def test_planted_bug_is_reported(selftest, name):
     assert report.startswith(f"tokenmix simt emulator: {kind} in kernel '"), report
     for fragment in fragments:
         assert fragment in report, f"{fragment!r} missing from: {report}"
+
+
+def test_watchdog_limit_is_configurable(selftest):
+    """$TOKENMIX_SIMT_WATCHDOG sets the limit; kernels that synchronize or write pass with a tiny
+    one (the count restarts at every synchronization point and write); a bad value is an error."""
+    out = _run(selftest, "bug_spin_blocks", TOKENMIX_SIMT_WATCHDOG="1000")
+    assert out.returncode == 0, out.stdout
+    assert "more than 1000 memory reads" in out.stdout and "(now 1000;" in out.stdout, out.stdout
+    for name in ("reduce", "atomic_warp", "cp_async", "gemm_f16"):
+        out = _run(selftest, name, TOKENMIX_SIMT_WATCHDOG="64")
+        assert out.returncode == 0 and out.stdout.startswith(f"PASS {name} "), out.stdout
+    out = _run(selftest, "bug_spin_blocks", TOKENMIX_SIMT_WATCHDOG="many")
+    assert "[invalid setting]" in out.stdout, out.stdout
+    assert "$TOKENMIX_SIMT_WATCHDOG is 'many', not a non-negative integer" in out.stdout
 
 
 def test_whole_selftest_is_fast(selftest):

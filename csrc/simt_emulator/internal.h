@@ -119,6 +119,7 @@ struct launch_state {
   uint64_t nblocks;
   // The launch's buffers (buffer i of the spec is region i + 1), then a snapshot of the registry.
   std::vector<global_alloc> globals;
+  uint64_t watchdog;  // reads without progress before a "no progress" report
   std::atomic<uint64_t> next_block{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -152,6 +153,7 @@ struct worker {
   uint32_t smem_top = 0, static_bytes = 0;
   std::vector<shared_alloc> shared_allocs;
   const global_alloc* last_global = nullptr;
+  uint64_t idle_accesses = 0;  // the running thread's reads since it last made progress
   stack_pool stacks;
 
   worker();
@@ -165,6 +167,7 @@ void register_global(const void* ptr, size_t bytes, const char* name);
 void unregister_global(const void* ptr);
 void set_workers(int workers);
 void set_stack_kib(int kib);
+void set_watchdog(long long accesses);
 std::vector<global_alloc> registry_snapshot();
 thread_state& current_thread();  // aborts when called outside kernel code
 // The worker running a block on this OS thread (null outside kernel code), and the launch whose

@@ -427,13 +427,42 @@ uint32_t region_of(space s, const void* addr) {
   return p >= base && p < base + kSharedCapacity ? w->shadow[p - base].alloc : 0;
 }
 
+// ---- the progress watchdog ---------------------------------------------------------------------
+
+// Counts the calling thread's accesses since it last made progress: wrote memory (a plain write,
+// a cp.async, an atomic that changed the value) or was resumed at a synchronization point. A
+// thread that only reads for too long spins on a value nothing changes while it runs.
+void note_access(worker& w, thread_state& t, bool progress, const void* addr, uint32_t bytes,
+                 access a) {
+  if (progress) {
+    w.idle_accesses = 0;
+    return;
+  }
+  if (++w.idle_accesses <= w.launch->watchdog) return;
+  fail("no progress",
+       "the thread made more than " + std::to_string(w.launch->watchdog) +
+           " memory reads (or atomics that changed nothing) in a row without writing memory or "
+           "reaching a synchronization point: it seems to spin on a value that nothing changes "
+           "while it runs (last access: " +
+           std::to_string(bytes) + "-byte " + verb(a) + " at " + describe_address(addr) +
+           "). The emulator runs one thread of a block at a time, switching only at "
+           "synchronization points (sync_threads, warp collectives, exit), and blocks one after "
+           "another, so a spin-wait on another thread or block never ends here (one on another "
+           "block can hang a GPU too). If this is legitimate work, raise $TOKENMIX_SIMT_WATCHDOG "
+           "(now " +
+           std::to_string(w.launch->watchdog) + "; 0 turns the watchdog off)",
+       &t);
+}
+
 void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a, uint32_t region) {
   thread_state& t = current_thread();
+  worker& w = this_worker();
   const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
   if (s == space::shared)
     check_shared(t, p, bytes, align, a, region);
   else
     check_global(t, p, bytes, align, a, region);
+  if (a != access::atomic) note_access(w, t, a == access::write, addr, bytes, a);
 }
 
 // ---- atomics -----------------------------------------------------------------------------------
@@ -453,15 +482,18 @@ uint32_t apply(atomic_op op, uint32_t old, uint32_t v) {
 uint32_t atomic(space s, void* addr, uint32_t region, atomic_op op, uint32_t v) {
   check(s, addr, 4, 4, access::atomic, region);
   uint32_t* p = static_cast<uint32_t*>(addr);
+  uint32_t old, now;
   if (s == space::shared) {  // one OS thread runs the whole block
-    const uint32_t old = *p;
-    *p = apply(op, old, v);
-    return old;
+    old = *p;
+    now = apply(op, old, v);
+    *p = now;
+  } else {
+    old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    do {
+      now = apply(op, old, v);
+    } while (!__atomic_compare_exchange_n(p, &old, now, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   }
-  uint32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (!__atomic_compare_exchange_n(p, &old, apply(op, old, v), true, __ATOMIC_RELAXED,
-                                      __ATOMIC_RELAXED)) {
-  }
+  note_access(this_worker(), current_thread(), now != old, addr, 4, access::atomic);
   return old;
 }
 
@@ -484,6 +516,7 @@ void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32
     std::memcpy(op.data, src, size_t(src_bytes));  // the source is read at issue
   }
   t.cp_ops.push_back(op);
+  note_access(this_worker(), t, true, dst, uint32_t(bytes), access::write);
 }
 
 void cp_async_commit_group() {
@@ -536,5 +569,8 @@ void set_workers(int workers) {
 }
 void set_stack_kib(int kib) {
   emu::set_stack_kib(kib);
+}
+void set_watchdog(long long accesses) {
+  emu::set_watchdog(accesses);
 }
 }  // namespace tokenmix::simt

@@ -23,6 +23,8 @@ namespace {
 
 std::atomic<int> g_workers{0};
 std::atomic<int> g_stack_kib{0};
+std::atomic<long long> g_watchdog{-1};  // negative: $TOKENMIX_SIMT_WATCHDOG or the default
+constexpr uint64_t kDefaultWatchdog = uint64_t(1) << 24;
 thread_local worker* t_active = nullptr;  // the worker running a block on this OS thread
 thread_local const launch_state* t_binding = nullptr;  // the launch binding its arguments
 
@@ -30,6 +32,25 @@ int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   const int x = v ? std::atoi(v) : 0;
   return x > 0 ? x : fallback;
+}
+
+// A non-negative integer from the environment, or `fallback` when unset; throws when malformed.
+uint64_t env_count(const char* name, uint64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const unsigned long long x = std::strtoull(v, &end, 0);
+  if (*end || v[0] == '-')
+    throw emulator_error("invalid setting", std::string("tokenmix simt emulator: $") + name +
+                                                " is '" + v + "', not a non-negative integer");
+  return x;
+}
+
+uint64_t watchdog_limit() {
+  const long long set = g_watchdog.load();
+  const uint64_t n =
+      set >= 0 ? uint64_t(set) : env_count("TOKENMIX_SIMT_WATCHDOG", kDefaultWatchdog);
+  return n == 0 ? ~uint64_t(0) : n;
 }
 
 size_t stack_bytes() {
@@ -236,6 +257,9 @@ void set_workers(int n) {
 void set_stack_kib(int kib) {
   g_stack_kib = kib;
 }
+void set_watchdog(long long accesses) {
+  g_watchdog = accesses;
+}
 
 const worker* running_worker() {
   return t_active;
@@ -319,6 +343,7 @@ void worker::run_block(uint64_t linear) {
     const uint32_t i = runnable.front();
     runnable.pop_front();
     current = &threads[i];
+    idle_accesses = 0;  // resumed at a synchronization point (or started)
     swapcontext(&scheduler, &threads[i].ctx);
     current = nullptr;
   }
@@ -382,6 +407,7 @@ void run(launch_spec& spec) {
     L.globals.push_back({p, p + r.bytes, r.name ? r.name : "argument buffer " + std::to_string(i)});
   }
   for (global_alloc& a : registry_snapshot()) L.globals.push_back(std::move(a));
+  L.watchdog = watchdog_limit();
   t_binding = &L;
   spec.bind(spec.closure);
   t_binding = nullptr;
@@ -432,6 +458,7 @@ uint32_t linear_thread_idx() {
 void sync_threads(const char* file, int line) {
   worker& w = active();
   thread_state& t = *w.current;
+  w.idle_accesses = 0;  // a synchronization point (the last to arrive runs on)
   if (w.live < w.launch->nthreads) {
     std::vector<uint32_t> gone;
     for (const thread_state& o : w.threads)
@@ -476,6 +503,7 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
                        const char* file, int line) {
   worker& w = active();
   thread_state& t = *w.current;
+  w.idle_accesses = 0;  // a synchronization point (the last to arrive runs on)
   const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize, bit = 1u << lane;
   warp_state& ws = w.warps[wi];
   auto name = [&] { return collective_name(kind, mode); };

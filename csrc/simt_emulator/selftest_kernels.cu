@@ -435,6 +435,31 @@ TM_GLOBAL void write_then_atomics_kernel(global_ptr<int> out) {
   if (lane == 0) out[0] = count[0];
 }
 
+// Lane 0 waits for lane 1 through an atomic (works on sm_70+ GPUs, whose lanes progress
+// independently; the emulator runs lane 1 only when lane 0 reaches a synchronization point).
+TM_GLOBAL void spin_warp_kernel(global_ptr<int> out) {
+  TM_SHARED(int, flag, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) flag[0] = 0;
+  sync_warp();
+  if (lane == 0)
+    while (atomic_add(flag, 0) == 0) {
+    }
+  if (lane == 1) atomic_add(flag, 1);
+  out[lane] = lane;
+}
+
+// Block 0 waits for a flag that block 1 sets: blocks run one after another here, and a GPU need not
+// run them at the same time either.
+TM_GLOBAL void spin_blocks_kernel(global_ptr<int> flag) {
+  if (thread_idx().x != 0) return;
+  if (block_idx().x == 0)
+    while (flag[0] == 0) {
+    }
+  else
+    flag[0] = 1;
+}
+
 // q and k: neighbouring views of one packed buffer, registered separately.
 TM_GLOBAL void packed_views_kernel(global_ptr<const float> q, global_ptr<const float> k,
                                    global_ptr<float> out, int n) {
@@ -623,6 +648,14 @@ void launch_bug_read_then_atomics(int* out) {
 
 void launch_bug_write_then_atomics(int* out) {
   launch(write_then_atomics_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_spin_warp(int* out) {
+  launch(spin_warp_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
+}
+
+void launch_bug_spin_blocks(int* flag) {
+  launch(spin_blocks_kernel, dim3u(2), dim3u(32), 0, buffer(flag, 1, "flag"));
 }
 
 void launch_bug_packed_views(const float* packed, float* out, int n, int how) {

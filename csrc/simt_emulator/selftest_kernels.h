@@ -71,6 +71,8 @@ void launch_bug_collective_mismatch(uint32_t* out);
 void launch_bug_atomics_then_read(int* out);
 void launch_bug_read_then_atomics(int* out);
 void launch_bug_write_then_atomics(int* out);
+void launch_bug_spin_warp(int* out);  // 32 ints
+void launch_bug_spin_blocks(int* flag);
 // packed: 2n floats (q, then k), out: n floats. how: 0 buffer() arguments, 1 global_ptr arguments
 // made on the host, 2 raw pointers in a struct.
 void launch_bug_packed_views(const float* packed, float* out, int n, int how);

@@ -469,6 +469,14 @@ void bug_write_then_atomics() {
   std::vector<int> out(1);
   st::launch_bug_write_then_atomics(out.data());
 }
+void bug_spin_warp() {
+  std::vector<int> out(32);
+  st::launch_bug_spin_warp(out.data());
+}
+void bug_spin_blocks() {
+  int flag = 0;
+  st::launch_bug_spin_blocks(&flag);
+}
 void bug_packed_views(int how) {
   const int n = 32;
   std::vector<float> packed(2 * n, 1.0f), out(n);
@@ -535,6 +543,8 @@ const std::vector<std::pair<const char*, bug_test>>& bugs() {
       {"bug_atomics_then_read", {{"shared memory race"}, bug_atomics_then_read}},
       {"bug_read_then_atomics", {{"shared memory race"}, bug_read_then_atomics}},
       {"bug_write_then_atomics", {{"shared memory race"}, bug_write_then_atomics}},
+      {"bug_spin_warp", {{"no progress"}, bug_spin_warp}},
+      {"bug_spin_blocks", {{"no progress"}, bug_spin_blocks}},
       {"bug_packed_views", {{"out-of-bounds global read"}, [] { bug_packed_views(0); }}},
       {"bug_packed_host_ptrs", {{"out-of-bounds global read"}, [] { bug_packed_views(1); }}},
       {"bug_packed_params", {{"out-of-bounds global read"}, [] { bug_packed_views(2); }}},

@@ -450,6 +450,11 @@ inline const char* last_launch_error() {
 // size in KiB (default 64, or $TOKENMIX_SIMT_STACK_KIB).
 void set_workers(int workers);
 void set_stack_kib(int kib);
+// The progress watchdog: a thread that makes this many memory reads (or atomics that change
+// nothing) in a row, without a write or a synchronization point, stops the launch with a "no
+// progress" report (default 2^24, or $TOKENMIX_SIMT_WATCHDOG; 0 turns it off; negative: back to
+// the default or the environment).
+void set_watchdog(long long accesses);
 
 namespace detail {
 template <class P, class A>
