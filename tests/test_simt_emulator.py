@@ -35,6 +35,7 @@ POSITIVE = [
     "reduce",
     "atomics",
     "atomic_warp",
+    "math_approx",
     "vec128",
     "mma_f16",
     "mma_bf16",
@@ -331,6 +332,12 @@ def test_watchdog_limit_is_configurable(selftest):
     assert "$TOKENMIX_SIMT_WATCHDOG is 'many', not a non-negative integer" in out.stdout
 
 
+def test_math_mode_setting_is_checked(selftest):
+    out = _run(selftest, "math", TOKENMIX_SIMT_MATH="fast")
+    assert out.returncode == 1 and "[invalid setting]" in out.stdout, out.stdout
+    assert "$TOKENMIX_SIMT_MATH is 'fast', not 'exact' or 'approx'" in out.stdout
+
+
 def test_whole_selftest_is_fast(selftest):
     out = _run(selftest, "all")
     assert out.returncode == 0, out.stdout
@@ -542,6 +549,10 @@ def test_nvcc_emits_the_instructions(nvcc_reports):
         "shfl.sync.bfly.b32",
         "shfl.sync.up.b32",
         "vote.sync.ballot.b32",
+        # the approximate math the emulator's numeric mode models (math.cpp)
+        "ex2.approx.f32",
+        "lg2.approx.f32",
+        "rsqrt.approx.f32",
         "bar.warp.sync",
         "bar.sync",
     ]:

@@ -120,6 +120,8 @@ struct launch_state {
   // The launch's buffers (buffer i of the spec is region i + 1), then a snapshot of the registry.
   std::vector<global_alloc> globals;
   uint64_t watchdog;  // reads without progress before a "no progress" report
+  math_mode math;     // exact or approx
+  uint64_t math_seed;
   std::atomic<uint64_t> next_block{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -168,6 +170,7 @@ void unregister_global(const void* ptr);
 void set_workers(int workers);
 void set_stack_kib(int kib);
 void set_watchdog(long long accesses);
+void set_math_mode(math_mode mode, uint64_t seed);
 std::vector<global_alloc> registry_snapshot();
 thread_state& current_thread();  // aborts when called outside kernel code
 // The worker running a block on this OS thread (null outside kernel code), and the launch whose

@@ -573,4 +573,7 @@ void set_stack_kib(int kib) {
 void set_watchdog(long long accesses) {
   emu::set_watchdog(accesses);
 }
+void set_math_mode(math_mode mode, uint64_t seed) {
+  emu::set_math_mode(mode, seed);
+}
 }  // namespace tokenmix::simt

@@ -24,6 +24,8 @@ namespace {
 std::atomic<int> g_workers{0};
 std::atomic<int> g_stack_kib{0};
 std::atomic<long long> g_watchdog{-1};  // negative: $TOKENMIX_SIMT_WATCHDOG or the default
+std::atomic<int> g_math_mode{int(math_mode::from_env)};
+std::atomic<uint64_t> g_math_seed{0};
 constexpr uint64_t kDefaultWatchdog = uint64_t(1) << 24;
 thread_local worker* t_active = nullptr;  // the worker running a block on this OS thread
 thread_local const launch_state* t_binding = nullptr;  // the launch binding its arguments
@@ -51,6 +53,22 @@ uint64_t watchdog_limit() {
   const uint64_t n =
       set >= 0 ? uint64_t(set) : env_count("TOKENMIX_SIMT_WATCHDOG", kDefaultWatchdog);
   return n == 0 ? ~uint64_t(0) : n;
+}
+
+void read_math_mode(launch_state& L) {
+  L.math = math_mode(g_math_mode.load());
+  L.math_seed = g_math_seed.load();
+  if (L.math != math_mode::from_env) return;
+  const char* v = std::getenv("TOKENMIX_SIMT_MATH");
+  const std::string mode = v ? v : "";
+  if (mode.empty() || mode == "exact")
+    L.math = math_mode::exact;
+  else if (mode == "approx")
+    L.math = math_mode::approx;
+  else
+    throw emulator_error("invalid setting", "tokenmix simt emulator: $TOKENMIX_SIMT_MATH is '" +
+                                                mode + "', not 'exact' or 'approx'");
+  L.math_seed = env_count("TOKENMIX_SIMT_MATH_SEED", 0);
 }
 
 size_t stack_bytes() {
@@ -260,6 +278,10 @@ void set_stack_kib(int kib) {
 void set_watchdog(long long accesses) {
   g_watchdog = accesses;
 }
+void set_math_mode(math_mode mode, uint64_t seed) {
+  g_math_mode = int(mode);
+  g_math_seed = seed;
+}
 
 const worker* running_worker() {
   return t_active;
@@ -408,6 +430,7 @@ void run(launch_spec& spec) {
   }
   for (global_alloc& a : registry_snapshot()) L.globals.push_back(std::move(a));
   L.watchdog = watchdog_limit();
+  read_math_mode(L);
   t_binding = &L;
   spec.bind(spec.closure);
   t_binding = nullptr;

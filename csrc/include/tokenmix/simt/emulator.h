@@ -79,6 +79,12 @@ struct shared_site {
 void* static_shared(const shared_site* site);
 void* dynamic_shared();
 
+// The approximate math instructions (PTX ex2.approx.f32, lg2.approx.f32, rsqrt.approx.f32, and
+// __expf: mul.f32 by log2(e), then ex2.approx.f32): exact, or with the PTX ISA's maximum error in
+// the opt-in numeric mode (set_math_mode, $TOKENMIX_SIMT_MATH).
+enum class math_fn : uint8_t { ex2, exp, lg2, rsqrt };
+float approx_math(math_fn f, float x);
+
 // Everything launch() hands to the runtime.
 struct launch_spec {
   void (*thunk)(void* closure);  // runs the kernel body for the current emulated thread
@@ -392,22 +398,22 @@ void cp_async_wait_group(const char* file = __builtin_FILE(), int line = __built
   emu::cp_async_wait_group(N, file, line);
 }
 
-// ---- fast math (host: the exact std functions) -------------------------------------------------
+// ---- fast math (exact by default; the PTX ISA's maximum error in the opt-in numeric mode) -------
 
 inline float exp2f_approx(float x) {
-  return std::exp2(x);
+  return emu::approx_math(emu::math_fn::ex2, x);
 }
 inline float expf_approx(float x) {
-  return std::exp(x);
+  return emu::approx_math(emu::math_fn::exp, x);
 }
 inline float log2f_approx(float x) {
-  return std::log2(x);
+  return emu::approx_math(emu::math_fn::lg2, x);
 }
 inline float rcp(float x) {
-  return 1.0f / x;
+  return 1.0f / x;  // __frcp_rn is correctly rounded: exact in every mode
 }
 inline float rsqrt(float x) {
-  return 1.0f / std::sqrt(x);
+  return emu::approx_math(emu::math_fn::rsqrt, x);
 }
 
 // ---- host side: buffers and launches -----------------------------------------------------------
@@ -455,6 +461,12 @@ void set_stack_kib(int kib);
 // progress" report (default 2^24, or $TOKENMIX_SIMT_WATCHDOG; 0 turns it off; negative: back to
 // the default or the environment).
 void set_watchdog(long long accesses);
+// The numeric mode of exp2f_approx / expf_approx / log2f_approx / rsqrt: exact results, or results
+// off by up to the PTX ISA's maximum error, deterministically for a given seed (a hash of the
+// seed, the function and the input). from_env: $TOKENMIX_SIMT_MATH ("exact" or "approx", default
+// exact) and $TOKENMIX_SIMT_MATH_SEED (default 0).
+enum class math_mode { from_env, exact, approx };
+void set_math_mode(math_mode mode, uint64_t seed = 0);
 
 namespace detail {
 template <class P, class A>
