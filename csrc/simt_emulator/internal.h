@@ -48,6 +48,8 @@ struct thread_state {
   std::vector<cp_async_op> cp_ops;  // issued, not landed (in issue order)
   size_t cp_head;
   uint32_t cp_open_group;  // id of the group that new cp.async operations join
+  uint64_t idle_accesses;  // reads since the thread last made progress (the watchdog)
+  uint64_t watchdog;       // the launch's limit on them
 };
 
 struct lane_args {
@@ -83,17 +85,21 @@ struct access_set {
   uint16_t warp;       // kManyWarps: threads of several warps
 };
 
-// Per byte of shared memory. A plain write replaces the three sets (every later access must be
-// ordered after it, hence after what it was ordered after); atomics accumulate, since they never
-// race with each other.
-struct shadow_byte {
+// The accesses to one byte that later accesses must be ordered after. A plain write replaces the
+// three sets (every later access must be ordered after it, hence after what it was ordered after);
+// atomics accumulate, since they never race with each other.
+struct access_history {
   access_set writes;   // the last plain write (one thread), or a landed cp.async
   access_set atomics;  // atomics since the last plain write
   access_set reads;    // plain reads since the last plain write
+};
+
+// Per byte of shared memory (its access_history is kept apart: the bounds checks touch only this).
+struct shadow_byte {
   uint16_t alloc;      // 1 + index into worker::shared_allocs, 0 = not allocated
   uint16_t cp_thread;  // issuer of the pending cp.async (kPendingCopy)
   uint8_t flags;
-  uint8_t pad[3];
+  uint8_t pad;
 };
 constexpr uint8_t kPendingCopy = 1;
 
@@ -152,10 +158,10 @@ struct worker {
   // shared memory
   uint8_t* smem = nullptr;
   shadow_byte* shadow = nullptr;
+  access_history* history = nullptr;  // per byte, like shadow
   uint32_t smem_top = 0, static_bytes = 0;
   std::vector<shared_alloc> shared_allocs;
   const global_alloc* last_global = nullptr;
-  uint64_t idle_accesses = 0;  // the running thread's reads since it last made progress
   stack_pool stacks;
 
   worker();

@@ -179,12 +179,14 @@ void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
 worker::worker() {
   smem = static_cast<uint8_t*>(std::aligned_alloc(128, kSharedCapacity));
   shadow = static_cast<shadow_byte*>(std::calloc(kSharedCapacity, sizeof(shadow_byte)));
-  if (!smem || !shadow) throw std::bad_alloc();
+  history = static_cast<access_history*>(std::calloc(kSharedCapacity, sizeof(access_history)));
+  if (!smem || !shadow || !history) throw std::bad_alloc();
 }
 
 worker::~worker() {
   std::free(smem);
   std::free(shadow);
+  std::free(history);
 }
 
 namespace {
@@ -209,8 +211,9 @@ constexpr uint32_t kDynamicOffset = 80;  // 16-byte aligned, not 32-byte aligned
 }  // namespace
 
 void worker::reset_shared(size_t dynamic_bytes) {
-  std::memset(shadow, 0,
-              sizeof(shadow_byte) * std::min<size_t>(smem_top + kRedzone, kSharedCapacity));
+  const size_t used = std::min<size_t>(smem_top + kRedzone, kSharedCapacity);
+  std::memset(shadow, 0, sizeof(shadow_byte) * used);
+  std::memset(history, 0, sizeof(access_history) * used);
   shared_allocs.clear();
   smem_top = 0;
   static_bytes = 0;
@@ -260,15 +263,19 @@ constexpr uint32_t kNone = ~0u, kSeveral = ~0u - 1;
 // earliest and the latest sync generation of its lanes: a lane is ordered for sure when it synced
 // with t after the latest, unordered for sure when not after the earliest, and counted as
 // unordered in between (conservative: never a missed race). The lane named is a sure one if any.
-uint32_t unordered(const worker& w, const access_set& set, const thread_state& t) {
+inline uint32_t unordered(const worker& w, const access_set& set, const thread_state& t) {
   if (set.epoch != w.epoch) return kNone;
   const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize;
   if (set.warp == kManyWarps) return kSeveral;
   if (set.warp != wi) return set.warp * kWarpSize + uint32_t(__builtin_ctz(set.lanes));
   const warp_state& ws = w.warps[wi];
+  const uint32_t others = set.lanes & ~(1u << lane);
+  if (!others) return kNone;
+  // No sync_warp completed since the earliest access: none of the others is ordered before t.
+  if (set.first_gen == ws.sync_gen) return wi * kWarpSize + uint32_t(__builtin_ctz(others));
   uint32_t maybe = kNone;
-  for (uint32_t others = set.lanes & ~(1u << lane); others; others &= others - 1) {
-    const uint32_t l = uint32_t(__builtin_ctz(others)), synced = ws.pair_sync[l][lane];
+  for (uint32_t rest = others; rest; rest &= rest - 1) {
+    const uint32_t l = uint32_t(__builtin_ctz(rest)), synced = ws.pair_sync[l][lane];
     if (synced <= set.first_gen) return wi * kWarpSize + l;
     if (synced <= set.gen && maybe == kNone) maybe = wi * kWarpSize + l;
   }
@@ -277,7 +284,7 @@ uint32_t unordered(const worker& w, const access_set& set, const thread_state& t
 
 // Adds thread t's access to `set`. Members all ordered before it are dropped: whatever is ordered
 // after t's access is ordered after theirs too.
-void record(const worker& w, access_set& set, const thread_state& t) {
+inline void record(const worker& w, access_set& set, const thread_state& t) {
   const uint32_t wi = t.tid / kWarpSize, bit = 1u << (t.tid % kWarpSize);
   const uint32_t gen = w.warps[wi].sync_gen;  // sync generations only grow
   if (unordered(w, set, t) == kNone) {
@@ -290,9 +297,55 @@ void record(const worker& w, access_set& set, const thread_state& t) {
 }
 
 // Makes thread t the only member of `set`.
-void replace(const worker& w, access_set& set, const thread_state& t) {
+inline void replace(const worker& w, access_set& set, const thread_state& t) {
   set.epoch = 0;
   record(w, set, t);
+}
+
+// Thread t's access `op` added to a byte's history (after the checks).
+void update(const worker& w, access_history& h, const thread_state& t, sop op) {
+  switch (op) {
+    case sop::read: record(w, h.reads, t); break;
+    case sop::write:
+    case sop::cp_land:  // a plain write by the issuing thread, checked when it was issued
+      replace(w, h.writes, t);
+      h.atomics.epoch = 0;
+      h.reads.epoch = 0;
+      break;
+    case sop::atomic:  // the reads stay: a later atomic must be ordered after them too
+      record(w, h.atomics, t);
+      break;
+    case sop::cp_issue: break;  // recorded when it lands (cp_land)
+  }
+}
+
+inline bool same(const access_set& a, const access_set& b) {
+  return a.epoch == b.epoch && a.first_gen == b.first_gen && a.gen == b.gen && a.lanes == b.lanes &&
+         a.warp == b.warp;
+}
+inline bool same(const access_history& a, const access_history& b) {
+  return same(a.writes, b.writes) && same(a.atomics, b.atomics) && same(a.reads, b.reads);
+}
+
+// Bit i set: byte i of an access has the same history as byte i - 1 (for the first 32 bytes). The
+// bytes of one access mostly do; each distinct history is checked and updated once.
+uint32_t repeats(const access_history* h, uint32_t bytes) {
+  uint32_t mask = 0;
+  for (uint32_t i = 1; i < std::min<uint32_t>(bytes, 32); ++i)
+    if (same(h[i], h[i - 1])) mask |= 1u << i;
+  return mask;
+}
+inline bool repeated_at(uint32_t mask, uint32_t i) {
+  return i < 32 && (mask >> i & 1u);
+}
+
+void update_all(const worker& w, access_history* h, uint32_t bytes, uint32_t repeated,
+                const thread_state& t, sop op) {
+  for (uint32_t i = 0; i < bytes; ++i)
+    if (repeated_at(repeated, i))
+      h[i] = h[i - 1];
+    else
+      update(w, h[i], t, op);
 }
 
 void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op,
@@ -325,6 +378,7 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
          &t);
   const uint32_t off = uint32_t(addr - base);
   shadow_byte* s = w.shadow + off;
+  access_history* h = w.history + off;
   if (region > w.shared_allocs.size()) region = 0;
   // The array the pointer was made for, else the one the access starts in.
   const uint16_t alloc = region ? uint16_t(region) : s[0].alloc;
@@ -338,14 +392,8 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
                           : " runs past the end of the array";
     fail(kind("out-of-bounds shared "), what() + " at " + shared_where(w, addr + i) + why, &t);
   }
-  if (op == sop::cp_land) {  // a plain write by the issuing thread, checked when it was issued
-    for (uint32_t i = 0; i < bytes; ++i) {
-      replace(w, s[i].writes, t);
-      s[i].atomics.epoch = 0;
-      s[i].reads.epoch = 0;
-    }
-    return;
-  }
+  const uint32_t repeated = repeats(h, bytes);
+  if (op == sop::cp_land) return update_all(w, h, bytes, repeated, t, op);
   for (uint32_t i = 0; i < bytes; ++i)
     if (s[i].flags & kPendingCopy)
       fail(op == sop::read ? "read of pending cp.async destination"
@@ -358,7 +406,8 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
   // Conflicts: a plain write with everything, an atomic with plain accesses, a plain read with
   // writes and atomics.
   for (uint32_t i = 0; i < bytes; ++i) {
-    const shadow_byte& b = s[i];
+    if (repeated_at(repeated, i)) continue;  // checked already
+    const access_history& b = h[i];
     if ((op == sop::read || op == sop::atomic) && b.writes.epoch == 0 && b.atomics.epoch == 0)
       fail("uninitialized shared read",
            what() + " at " + shared_where(w, addr + i) +
@@ -383,25 +432,14 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
              &t);
     }
   }
-  for (uint32_t i = 0; i < bytes; ++i) {
-    shadow_byte& b = s[i];
-    switch (op) {
-      case sop::read: record(w, b.reads, t); break;
-      case sop::write:
-        replace(w, b.writes, t);
-        b.atomics.epoch = 0;
-        b.reads.epoch = 0;
-        break;
-      case sop::atomic:  // the reads stay: a later atomic must be ordered after them too
-        record(w, b.atomics, t);
-        break;
-      case sop::cp_issue:
-        b.flags |= kPendingCopy;
-        b.cp_thread = uint16_t(t.tid);
-        break;
-      case sop::cp_land: break;
+  if (op == sop::cp_issue) {  // recorded as a write when it lands
+    for (uint32_t i = 0; i < bytes; ++i) {
+      s[i].flags |= kPendingCopy;
+      s[i].cp_thread = uint16_t(t.tid);
     }
+    return;
   }
+  update_all(w, h, bytes, repeated, t, op);
 }
 
 }  // namespace
@@ -429,18 +467,10 @@ uint32_t region_of(space s, const void* addr) {
 
 // ---- the progress watchdog ---------------------------------------------------------------------
 
-// Counts the calling thread's accesses since it last made progress: wrote memory (a plain write,
-// a cp.async, an atomic that changed the value) or was resumed at a synchronization point. A
-// thread that only reads for too long spins on a value nothing changes while it runs.
-void note_access(worker& w, thread_state& t, bool progress, const void* addr, uint32_t bytes,
-                 access a) {
-  if (progress) {
-    w.idle_accesses = 0;
-    return;
-  }
-  if (++w.idle_accesses <= w.launch->watchdog) return;
+[[noreturn]] __attribute__((cold, noinline)) void no_progress(thread_state& t, const void* addr,
+                                                              uint32_t bytes, access a) {
   fail("no progress",
-       "the thread made more than " + std::to_string(w.launch->watchdog) +
+       "the thread made more than " + std::to_string(t.watchdog) +
            " memory reads (or atomics that changed nothing) in a row without writing memory or "
            "reaching a synchronization point: it seems to spin on a value that nothing changes "
            "while it runs (last access: " +
@@ -450,19 +480,29 @@ void note_access(worker& w, thread_state& t, bool progress, const void* addr, ui
            "another, so a spin-wait on another thread or block never ends here (one on another "
            "block can hang a GPU too). If this is legitimate work, raise $TOKENMIX_SIMT_WATCHDOG "
            "(now " +
-           std::to_string(w.launch->watchdog) + "; 0 turns the watchdog off)",
+           std::to_string(t.watchdog) + "; 0 turns the watchdog off)",
        &t);
+}
+
+// Counts the thread's accesses since it last made progress: wrote memory (a plain write, a
+// cp.async, an atomic that changed the value) or reached a synchronization point. A thread that
+// only reads for too long spins on a value nothing changes while it runs.
+inline void note_access(thread_state& t, bool progress, const void* addr, uint32_t bytes,
+                        access a) {
+  if (progress)
+    t.idle_accesses = 0;
+  else if (++t.idle_accesses > t.watchdog)
+    no_progress(t, addr, bytes, a);
 }
 
 void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a, uint32_t region) {
   thread_state& t = current_thread();
-  worker& w = this_worker();
   const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
   if (s == space::shared)
     check_shared(t, p, bytes, align, a, region);
   else
     check_global(t, p, bytes, align, a, region);
-  if (a != access::atomic) note_access(w, t, a == access::write, addr, bytes, a);
+  if (a != access::atomic) note_access(t, a == access::write, addr, bytes, a);
 }
 
 // ---- atomics -----------------------------------------------------------------------------------
@@ -493,7 +533,7 @@ uint32_t atomic(space s, void* addr, uint32_t region, atomic_op op, uint32_t v) 
       now = apply(op, old, v);
     } while (!__atomic_compare_exchange_n(p, &old, now, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   }
-  note_access(this_worker(), current_thread(), now != old, addr, 4, access::atomic);
+  note_access(current_thread(), now != old, addr, 4, access::atomic);
   return old;
 }
 
@@ -516,7 +556,7 @@ void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32
     std::memcpy(op.data, src, size_t(src_bytes));  // the source is read at issue
   }
   t.cp_ops.push_back(op);
-  note_access(this_worker(), t, true, dst, uint32_t(bytes), access::write);
+  note_access(t, true, dst, uint32_t(bytes), access::write);
 }
 
 void cp_async_commit_group() {

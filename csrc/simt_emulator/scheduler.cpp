@@ -353,6 +353,8 @@ void worker::run_block(uint64_t linear) {
     t.cp_ops.clear();
     t.cp_head = 0;
     t.cp_open_group = 0;
+    t.idle_accesses = 0;
+    t.watchdog = launch->watchdog;
     getcontext(&t.ctx);
     t.ctx.uc_stack.ss_sp = stacks.get(i, sbytes);
     t.ctx.uc_stack.ss_size = sbytes;
@@ -365,7 +367,6 @@ void worker::run_block(uint64_t linear) {
     const uint32_t i = runnable.front();
     runnable.pop_front();
     current = &threads[i];
-    idle_accesses = 0;  // resumed at a synchronization point (or started)
     swapcontext(&scheduler, &threads[i].ctx);
     current = nullptr;
   }
@@ -481,7 +482,7 @@ uint32_t linear_thread_idx() {
 void sync_threads(const char* file, int line) {
   worker& w = active();
   thread_state& t = *w.current;
-  w.idle_accesses = 0;  // a synchronization point (the last to arrive runs on)
+  t.idle_accesses = 0;  // a synchronization point: progress for the watchdog
   if (w.live < w.launch->nthreads) {
     std::vector<uint32_t> gone;
     for (const thread_state& o : w.threads)
@@ -526,7 +527,7 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
                        const char* file, int line) {
   worker& w = active();
   thread_state& t = *w.current;
-  w.idle_accesses = 0;  // a synchronization point (the last to arrive runs on)
+  t.idle_accesses = 0;  // a synchronization point: progress for the watchdog
   const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize, bit = 1u << lane;
   warp_state& ws = w.warps[wi];
   auto name = [&] { return collective_name(kind, mode); };
