@@ -5,6 +5,9 @@ with the float64 reference: outputs, LSE and every gradient.
 The emulated ops poison every output with NaN before the kernels run, so an element the kernels
 fail to write fails the finiteness checks. The emulator itself stops a launch at any
 out-of-bounds access, shared-memory race, uninitialized shared read or barrier divergence.
+
+Every test runs twice: with exact exp2/log2 and in the emulator's numeric mode that gives them the
+PTX ISA's maximum errors ($TOKENMIX_SIMT_MATH=approx), so the kernels cannot depend on exact math.
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 def emulated_library():
     assert os.path.exists(LIBRARY), "the build must produce tokenmix/_emulated.so"
     torch.ops.load_library(LIBRARY)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["exact", "approx"])
+def math_mode(request):
+    """The emulator's numeric mode for the module's tests (read by each launch)."""
+    saved = {k: os.environ.get(k) for k in ("TOKENMIX_SIMT_MATH", "TOKENMIX_SIMT_MATH_SEED")}
+    os.environ["TOKENMIX_SIMT_MATH"] = request.param
+    os.environ["TOKENMIX_SIMT_MATH_SEED"] = "0"
+    yield request.param
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def make_case(*args, dim=32, **kwargs):
@@ -167,6 +184,29 @@ def test_non_contiguous_and_misaligned_inputs():
     assert_close(out, r_out, TOL[torch.float16], "out")
     for name in ("q", "k", "v"):
         assert_close(g[name], r_g[name], TOL[torch.float16], f"grad {name}")
+
+
+def test_approx_math_mode_moves_results(monkeypatch):
+    """$TOKENMIX_SIMT_MATH=approx changes the kernels' exp2/log2 results by up to the PTX ISA's
+    maximum errors: outputs move (a little), the same seed repeats them bit for bit, another seed
+    moves them differently."""
+    c = make_case((20,), 5, dim=32, rpb=True)
+    t = make_inputs(c, torch.float32, 4)
+
+    def forward(mode, seed="0"):
+        monkeypatch.setenv("TOKENMIX_SIMT_MATH", mode)
+        monkeypatch.setenv("TOKENMIX_SIMT_MATH_SEED", seed)
+        return torch.ops.tokenmix_emulated.na_forward(
+            t["q"], t["k"], t["v"], t["rpb"], None, None, *window_args(c), 0.125
+        )
+
+    exact, approx, again = forward("exact"), forward("approx"), forward("approx")
+    other = forward("approx", "7")
+    for e, a, b, o, what in zip(exact, approx, again, other, ("out", "lse"), strict=True):
+        assert not torch.equal(a, e), f"{what}: the approx mode left every result exact"
+        assert torch.equal(a, b), f"{what}: not reproducible for one seed"
+        assert not torch.equal(a, o), f"{what}: the seed changes nothing"
+        assert_close(a, e.double(), 1e-5, what)
 
 
 def test_empty_batch():

@@ -34,6 +34,8 @@ POSITIVE = [
     "warp_sync",
     "reduce",
     "atomics",
+    "atomic_warp",
+    "math_approx",
     "vec128",
     "mma_f16",
     "mma_bf16",
@@ -164,6 +166,86 @@ BUGS = {
         "out-of-bounds global read",
         [f"kernel '{NS}oob_read_kernel'", "thread (0,0,0)", "outside every registered buffer"],
     ),
+    # Atomics are ordered by sync_warp like plain writes (atomic_warp passes), and still race with
+    # plain accesses that nothing orders.
+    "bug_atomics_then_read": (
+        "shared memory race",
+        [
+            f"kernel '{NS}atomics_then_read_kernel'",
+            "thread (0,0,0)",
+            "4-byte read at address 0x",
+            "shared 'count' + 0",
+            "conflicts with an atomic by thread (16,0,0)",
+        ],
+    ),
+    "bug_read_then_atomics": (
+        "shared memory race",
+        [
+            f"kernel '{NS}read_then_atomics_kernel'",
+            "thread (3,0,0)",
+            "4-byte atomic at address 0x",
+            "conflicts with a read by thread (1,0,0)",
+        ],
+    ),
+    "bug_write_then_atomics": (
+        "shared memory race",
+        [
+            f"kernel '{NS}write_then_atomics_kernel'",
+            "thread (2,0,0)",
+            "4-byte atomic at address 0x",
+            "conflicts with a write by thread (0,0,0)",
+        ],
+    ),
+    # Spin-waits stop with a report instead of hanging (the progress watchdog).
+    "bug_spin_warp": (
+        "no progress",
+        [
+            f"kernel '{NS}spin_warp_kernel'",
+            "block (0,0,0)",
+            "thread (0,0,0)",
+            "more than 16777216 memory reads",
+            "4-byte atomic at address 0x",
+            "shared 'flag' + 0",
+            "TOKENMIX_SIMT_WATCHDOG",
+        ],
+    ),
+    "bug_spin_blocks": (
+        "no progress",
+        [
+            f"kernel '{NS}spin_blocks_kernel'",
+            "block (0,0,0)",
+            "thread (0,0,0)",
+            "4-byte read at address 0x",
+            "buffer 'flag' + 0",
+        ],
+    ),
+    # A pointer is checked against its own buffer, not against every registered one.
+    **{
+        name: (
+            "out-of-bounds global read",
+            [
+                f"kernel '{NS}{kernel}'",
+                "thread (0,0,0)",
+                "0 bytes past the end of buffer 'q' (128 bytes at 0x",
+                "the buffer this pointer was made for",
+                "inside buffer 'k' + 0",
+            ],
+        )
+        for name, kernel in [
+            ("bug_packed_views", "packed_views_kernel"),  # buffer() arguments
+            ("bug_packed_host_ptrs", "packed_views_kernel"),  # global_ptr made on the host
+            ("bug_packed_params", "packed_params_kernel"),  # made in kernel code from raw pointers
+        ]
+    },
+    "bug_shared_views": (
+        "out-of-bounds shared write",
+        [
+            f"kernel '{NS}shared_views_kernel'",
+            "thread (0,0,0)",
+            "shared 'b' + 0",
+            "is outside shared 'a', the array this pointer was made for",
+        ],
+    ),
 }
 
 
@@ -198,8 +280,11 @@ def selftest() -> Path:
     return exe
 
 
-def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+def _run(exe: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMIX_SIMT_")}
+    return subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, timeout=120, env={**environ, **env}
+    )
 
 
 def test_subcommand_list_matches(selftest):
@@ -231,6 +316,26 @@ def test_planted_bug_is_reported(selftest, name):
     assert report.startswith(f"tokenmix simt emulator: {kind} in kernel '"), report
     for fragment in fragments:
         assert fragment in report, f"{fragment!r} missing from: {report}"
+
+
+def test_watchdog_limit_is_configurable(selftest):
+    """$TOKENMIX_SIMT_WATCHDOG sets the limit; kernels that synchronize or write pass with a tiny
+    one (the count restarts at every synchronization point and write); a bad value is an error."""
+    out = _run(selftest, "bug_spin_blocks", TOKENMIX_SIMT_WATCHDOG="1000")
+    assert out.returncode == 0, out.stdout
+    assert "more than 1000 memory reads" in out.stdout and "(now 1000;" in out.stdout, out.stdout
+    for name in ("reduce", "atomic_warp", "cp_async", "gemm_f16"):
+        out = _run(selftest, name, TOKENMIX_SIMT_WATCHDOG="64")
+        assert out.returncode == 0 and out.stdout.startswith(f"PASS {name} "), out.stdout
+    out = _run(selftest, "bug_spin_blocks", TOKENMIX_SIMT_WATCHDOG="many")
+    assert "[invalid setting]" in out.stdout, out.stdout
+    assert "$TOKENMIX_SIMT_WATCHDOG is 'many', not a non-negative integer" in out.stdout
+
+
+def test_math_mode_setting_is_checked(selftest):
+    out = _run(selftest, "math", TOKENMIX_SIMT_MATH="fast")
+    assert out.returncode == 1 and "[invalid setting]" in out.stdout, out.stdout
+    assert "$TOKENMIX_SIMT_MATH is 'fast', not 'exact' or 'approx'" in out.stdout
 
 
 def test_whole_selftest_is_fast(selftest):
@@ -444,6 +549,10 @@ def test_nvcc_emits_the_instructions(nvcc_reports):
         "shfl.sync.bfly.b32",
         "shfl.sync.up.b32",
         "vote.sync.ballot.b32",
+        # the approximate math the emulator's numeric mode models (math.cpp)
+        "ex2.approx.f32",
+        "lg2.approx.f32",
+        "rsqrt.approx.f32",
         "bar.warp.sync",
         "bar.sync",
     ]:

@@ -23,7 +23,6 @@ constexpr uint32_t kStaticSharedLimit = 48 * 1024;
 // Unallocated bytes around every shared array: small overruns land there and are reported.
 constexpr uint32_t kRedzone = 64;
 constexpr uint32_t kSharedCapacity = kMaxSharedBytes + 64 * kRedzone + 256;
-constexpr uint16_t kNobody = 0xffff;  // shadow: no thread / several threads
 constexpr uint16_t kManyWarps = 0xffff;
 
 enum class status : uint8_t { runnable, barrier, collective, exited };
@@ -49,6 +48,8 @@ struct thread_state {
   std::vector<cp_async_op> cp_ops;  // issued, not landed (in issue order)
   size_t cp_head;
   uint32_t cp_open_group;  // id of the group that new cp.async operations join
+  uint64_t idle_accesses;  // reads since the thread last made progress (the watchdog)
+  uint64_t watchdog;       // the launch's limit on them
 };
 
 struct lane_args {
@@ -74,21 +75,33 @@ struct warp_state {
   std::vector<collective> pending;
 };
 
-// Per byte of shared memory.
-struct shadow_byte {
-  uint32_t w_epoch;  // barrier interval of the last write (0: never written)
-  uint32_t w_gen;    // writer's warp sync generation at that write
-  uint32_t r_epoch;  // barrier interval of the reads recorded below
-  uint32_t r_gen;    // latest reader warp sync generation
-  uint32_t r_lanes;  // lanes of r_warp that read
-  uint16_t writer;   // tid, kNobody for atomics of several threads
-  uint16_t r_warp;   // warp of the readers, kManyWarps
-  uint16_t alloc;    // 1 + index into worker::shared_allocs, 0 = not allocated
-  uint16_t cp_thread;
-  uint8_t flags;
-  uint8_t pad[3];
+// Accesses of one kind to one byte in the current barrier interval: lanes of one warp (or of
+// several warps, kManyWarps), with the earliest and the latest warp sync generation at them.
+struct access_set {
+  uint32_t epoch;      // barrier interval (0: none recorded)
+  uint32_t first_gen;  // sync_warp generation of the accessing warp at the earliest access
+  uint32_t gen;        // ... at the latest access
+  uint32_t lanes;      // lanes of `warp` that accessed
+  uint16_t warp;       // kManyWarps: threads of several warps
 };
-constexpr uint8_t kAtomicWrite = 1, kPendingCopy = 2;
+
+// The accesses to one byte that later accesses must be ordered after. A plain write replaces the
+// three sets (every later access must be ordered after it, hence after what it was ordered after);
+// atomics accumulate, since they never race with each other.
+struct access_history {
+  access_set writes;   // the last plain write (one thread), or a landed cp.async
+  access_set atomics;  // atomics since the last plain write
+  access_set reads;    // plain reads since the last plain write
+};
+
+// Per byte of shared memory (its access_history is kept apart: the bounds checks touch only this).
+struct shadow_byte {
+  uint16_t alloc;      // 1 + index into worker::shared_allocs, 0 = not allocated
+  uint16_t cp_thread;  // issuer of the pending cp.async (kPendingCopy)
+  uint8_t flags;
+  uint8_t pad;
+};
+constexpr uint8_t kPendingCopy = 1;
 
 struct shared_alloc {
   const void* key;
@@ -110,7 +123,11 @@ struct launch_state {
   std::string kernel_name;
   uint32_t nthreads;
   uint64_t nblocks;
-  std::vector<global_alloc> globals;  // snapshot of the registry plus the launch's buffers
+  // The launch's buffers (buffer i of the spec is region i + 1), then a snapshot of the registry.
+  std::vector<global_alloc> globals;
+  uint64_t watchdog;  // reads without progress before a "no progress" report
+  math_mode math;     // exact or approx
+  uint64_t math_seed;
   std::atomic<uint64_t> next_block{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -141,6 +158,7 @@ struct worker {
   // shared memory
   uint8_t* smem = nullptr;
   shadow_byte* shadow = nullptr;
+  access_history* history = nullptr;  // per byte, like shadow
   uint32_t smem_top = 0, static_bytes = 0;
   std::vector<shared_alloc> shared_allocs;
   const global_alloc* last_global = nullptr;
@@ -157,8 +175,16 @@ void register_global(const void* ptr, size_t bytes, const char* name);
 void unregister_global(const void* ptr);
 void set_workers(int workers);
 void set_stack_kib(int kib);
+void set_watchdog(long long accesses);
+void set_math_mode(math_mode mode, uint64_t seed);
 std::vector<global_alloc> registry_snapshot();
 thread_state& current_thread();  // aborts when called outside kernel code
+// The worker running a block on this OS thread (null outside kernel code), and the launch whose
+// kernel code runs on this OS thread or whose arguments are being bound (null otherwise).
+const worker* running_worker();
+const launch_state* current_launch();
+// The region (1 + index into L.globals) a pointer made from `addr` belongs to (see emu::region_of).
+uint32_t global_region(const launch_state& L, uintptr_t addr);
 
 // Records the report and leaves the fiber for good (throws when called from the scheduler).
 [[noreturn]] void fail(const std::string& kind, const std::string& detail,
@@ -166,9 +192,12 @@ thread_state& current_thread();  // aborts when called outside kernel code
 std::string describe_thread(const worker& w, const thread_state& t);
 std::string describe_address(const void* addr);  // "address 0x... (buffer 'x' + 16)"
 
-// Shared-memory checking for an explicit thread (ldmatrix reads are by the lane that gave the row).
-void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a);
-void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a);
+// Checks for an explicit thread (ldmatrix reads are by the lane that gave the row), through a
+// pointer made for buffer / shared array `region` (0: any).
+void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region);
+void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region);
 void land_cp_async(thread_state& t, uint32_t first_pending_group);
 void on_exit_cp_async(thread_state& t);
 

@@ -1,11 +1,12 @@
 // SIMT emulator: global buffer registry, checked global and shared accesses, the per-block shared
 // memory arena with its race shadow, atomics and cp.async.
 //
-// Shared-memory races: every byte remembers its last writer and its readers together with the
-// barrier interval ("epoch", advanced by each sync_threads) and the warp's sync_warp generation at
-// the access. Two accesses by different threads to the same byte, at least one a write, race
-// unless a sync_threads separates them (different epochs) or both threads are lanes of one warp
-// that took part in a common sync_warp after the first access. Atomics do not race with atomics.
+// Shared-memory races: every byte remembers its last plain writer, the atomics and the plain reads
+// since then, each with the barrier interval ("epoch", advanced by each sync_threads) and the
+// warp's sync_warp generation at the access. Two accesses by different threads to the same byte,
+// at least one a write (plain or atomic), race unless a sync_threads separates them (different
+// epochs) or both threads are lanes of one warp that took part in a common sync_warp after the
+// first access. Atomics do not race with atomics; they are ordered like any other write.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -91,19 +92,70 @@ std::string describe_address(const void* p) {
 
 // ---- global accesses ---------------------------------------------------------------------------
 
-void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
+namespace {
+
+std::string describe_buffer(const global_alloc& g) {
+  return "buffer '" + g.name + "' (" + std::to_string(g.end - g.begin) + " bytes at " +
+         hexaddr(g.begin) + ")";
+}
+
+// "is 4 bytes past the end of buffer 'x' (...)", for an access not inside g.
+std::string where_outside(const global_alloc& g, uintptr_t addr, uint32_t bytes) {
+  if (addr >= g.end)
+    return " is " + std::to_string(addr - g.end) + " bytes past the end of " + describe_buffer(g);
+  if (addr + bytes <= g.begin)
+    return " is " + std::to_string(g.begin - addr) + " bytes before the start of " +
+           describe_buffer(g);
+  return " straddles the bounds of " + describe_buffer(g);
+}
+
+bool inside(const global_alloc& g, uintptr_t addr, uint32_t bytes) {
+  return addr >= g.begin && addr + bytes <= g.end;
+}
+
+}  // namespace
+
+uint32_t global_region(const launch_state& L, uintptr_t addr) {
+  uint32_t starts = 0, contains = 0, containing = 0;
+  for (uint32_t i = 0; i < L.globals.size(); ++i) {
+    const global_alloc& g = L.globals[i];
+    if (g.begin == addr && g.end > addr &&
+        (!starts || g.end > L.globals[starts - 1].end))  // the widest of those starting here
+      starts = i + 1;
+    if (addr >= g.begin && addr < g.end) ++containing, contains = i + 1;
+  }
+  return starts ? starts : containing == 1 ? contains : 0;
+}
+
+void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region) {
   worker& w = this_worker();
   if (addr % align)
     fail("misaligned global access",
          std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr) + " is not " +
              std::to_string(align) + "-byte aligned" + " (" + describe_address((void*)addr) + ")",
          &t);
+  const std::vector<global_alloc>& globals = w.launch->globals;
+  if (region > 0 && region <= globals.size()) {  // the pointer's own buffer, and only that one
+    const global_alloc& g = globals[region - 1];
+    if (inside(g, addr, bytes)) return;
+    std::string detail = std::to_string(bytes) + "-byte " + verb(a) + " at address " +
+                         hexaddr(addr) + where_outside(g, addr, bytes) +
+                         ", the buffer this pointer was made for";
+    for (const global_alloc& c : globals)
+      if (&c != &g && addr >= c.begin && addr < c.end) {
+        detail += "; the address lies inside buffer '" + c.name + "' + " +
+                  std::to_string(addr - c.begin) + ", another buffer";
+        break;
+      }
+    fail(std::string("out-of-bounds global ") + verb(a), detail, &t);
+  }
   const global_alloc* g = w.last_global;
-  if (g && addr >= g->begin && addr + bytes <= g->end) return;
+  if (g && inside(*g, addr, bytes)) return;
   const global_alloc* nearest = nullptr;
   uintptr_t nearest_dist = ~uintptr_t(0);
-  for (const global_alloc& c : w.launch->globals) {
-    if (addr >= c.begin && addr + bytes <= c.end) {
+  for (const global_alloc& c : globals) {
+    if (inside(c, addr, bytes)) {
       w.last_global = &c;
       return;
     }
@@ -113,22 +165,12 @@ void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
     if (d < nearest_dist) nearest_dist = d, nearest = &c;
   }
   std::string detail = std::to_string(bytes) + "-byte " + verb(a) + " at address " + hexaddr(addr);
-  if (!nearest) {
+  if (!nearest)
     detail +=
         " outside every registered buffer (none is registered: pass buffers to launch() with "
         "buffer(ptr, count) or register_global())";
-  } else {
-    const std::string buf = "buffer '" + nearest->name + "' (" +
-                            std::to_string(nearest->end - nearest->begin) + " bytes at " +
-                            hexaddr(nearest->begin) + ")";
-    if (addr >= nearest->end)
-      detail += " is " + std::to_string(addr - nearest->end) + " bytes past the end of " + buf;
-    else if (addr + bytes <= nearest->begin)
-      detail +=
-          " is " + std::to_string(nearest->begin - addr) + " bytes before the start of " + buf;
-    else
-      detail += " straddles the bounds of " + buf;
-  }
+  else
+    detail += where_outside(*nearest, addr, bytes);
   fail(std::string("out-of-bounds global ") + verb(a), detail, &t);
 }
 
@@ -137,12 +179,14 @@ void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
 worker::worker() {
   smem = static_cast<uint8_t*>(std::aligned_alloc(128, kSharedCapacity));
   shadow = static_cast<shadow_byte*>(std::calloc(kSharedCapacity, sizeof(shadow_byte)));
-  if (!smem || !shadow) throw std::bad_alloc();
+  history = static_cast<access_history*>(std::calloc(kSharedCapacity, sizeof(access_history)));
+  if (!smem || !shadow || !history) throw std::bad_alloc();
 }
 
 worker::~worker() {
   std::free(smem);
   std::free(shadow);
+  std::free(history);
 }
 
 namespace {
@@ -167,8 +211,9 @@ constexpr uint32_t kDynamicOffset = 80;  // 16-byte aligned, not 32-byte aligned
 }  // namespace
 
 void worker::reset_shared(size_t dynamic_bytes) {
-  std::memset(shadow, 0,
-              sizeof(shadow_byte) * std::min<size_t>(smem_top + kRedzone, kSharedCapacity));
+  const size_t used = std::min<size_t>(smem_top + kRedzone, kSharedCapacity);
+  std::memset(shadow, 0, sizeof(shadow_byte) * used);
+  std::memset(history, 0, sizeof(access_history) * used);
   shared_allocs.clear();
   smem_top = 0;
   static_bytes = 0;
@@ -209,18 +254,102 @@ namespace {
 
 enum class sop : uint8_t { read, write, atomic, cp_issue, cp_land };
 
-bool ordered(const worker& w, uint16_t writer, uint32_t gen, const thread_state& t) {
-  if (writer == t.tid) return true;
-  if (writer == kNobody || writer / kWarpSize != t.tid / kWarpSize) return false;
-  return w.warps[t.tid / kWarpSize].pair_sync[writer % kWarpSize][t.tid % kWarpSize] > gen;
+constexpr uint32_t kNone = ~0u, kSeveral = ~0u - 1;
+
+// A thread of `set` whose access is not ordered before thread t's (kSeveral: threads of several
+// warps; kNone: all are ordered). Accesses in an earlier barrier interval are ordered by the
+// sync_threads() between; within the interval, only the thread itself, or a lane of its warp that
+// took part with it in a sync_warp after the access, is ordered before it. The set keeps only the
+// earliest and the latest sync generation of its lanes: a lane is ordered for sure when it synced
+// with t after the latest, unordered for sure when not after the earliest, and counted as
+// unordered in between (conservative: never a missed race). The lane named is a sure one if any.
+inline uint32_t unordered(const worker& w, const access_set& set, const thread_state& t) {
+  if (set.epoch != w.epoch) return kNone;
+  const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize;
+  if (set.warp == kManyWarps) return kSeveral;
+  if (set.warp != wi) return set.warp * kWarpSize + uint32_t(__builtin_ctz(set.lanes));
+  const warp_state& ws = w.warps[wi];
+  const uint32_t others = set.lanes & ~(1u << lane);
+  if (!others) return kNone;
+  // No sync_warp completed since the earliest access: none of the others is ordered before t.
+  if (set.first_gen == ws.sync_gen) return wi * kWarpSize + uint32_t(__builtin_ctz(others));
+  uint32_t maybe = kNone;
+  for (uint32_t rest = others; rest; rest &= rest - 1) {
+    const uint32_t l = uint32_t(__builtin_ctz(rest)), synced = ws.pair_sync[l][lane];
+    if (synced <= set.first_gen) return wi * kWarpSize + l;
+    if (synced <= set.gen && maybe == kNone) maybe = wi * kWarpSize + l;
+  }
+  return maybe;
 }
 
-std::string who(const worker& w, uint16_t tid) {
-  if (tid == kNobody) return "atomics of several threads";
-  return describe_thread(w, w.threads[tid]);
+// Adds thread t's access to `set`. Members all ordered before it are dropped: whatever is ordered
+// after t's access is ordered after theirs too.
+inline void record(const worker& w, access_set& set, const thread_state& t) {
+  const uint32_t wi = t.tid / kWarpSize, bit = 1u << (t.tid % kWarpSize);
+  const uint32_t gen = w.warps[wi].sync_gen;  // sync generations only grow
+  if (unordered(w, set, t) == kNone) {
+    set = {w.epoch, gen, gen, bit, uint16_t(wi)};
+    return;
+  }
+  if (set.warp != wi) set.warp = kManyWarps;
+  set.lanes |= bit;
+  set.gen = gen;
 }
 
-void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op) {
+// Makes thread t the only member of `set`.
+inline void replace(const worker& w, access_set& set, const thread_state& t) {
+  set.epoch = 0;
+  record(w, set, t);
+}
+
+// Thread t's access `op` added to a byte's history (after the checks).
+void update(const worker& w, access_history& h, const thread_state& t, sop op) {
+  switch (op) {
+    case sop::read: record(w, h.reads, t); break;
+    case sop::write:
+    case sop::cp_land:  // a plain write by the issuing thread, checked when it was issued
+      replace(w, h.writes, t);
+      h.atomics.epoch = 0;
+      h.reads.epoch = 0;
+      break;
+    case sop::atomic:  // the reads stay: a later atomic must be ordered after them too
+      record(w, h.atomics, t);
+      break;
+    case sop::cp_issue: break;  // recorded when it lands (cp_land)
+  }
+}
+
+inline bool same(const access_set& a, const access_set& b) {
+  return a.epoch == b.epoch && a.first_gen == b.first_gen && a.gen == b.gen && a.lanes == b.lanes &&
+         a.warp == b.warp;
+}
+inline bool same(const access_history& a, const access_history& b) {
+  return same(a.writes, b.writes) && same(a.atomics, b.atomics) && same(a.reads, b.reads);
+}
+
+// Bit i set: byte i of an access has the same history as byte i - 1 (for the first 32 bytes). The
+// bytes of one access mostly do; each distinct history is checked and updated once.
+uint32_t repeats(const access_history* h, uint32_t bytes) {
+  uint32_t mask = 0;
+  for (uint32_t i = 1; i < std::min<uint32_t>(bytes, 32); ++i)
+    if (same(h[i], h[i - 1])) mask |= 1u << i;
+  return mask;
+}
+inline bool repeated_at(uint32_t mask, uint32_t i) {
+  return i < 32 && (mask >> i & 1u);
+}
+
+void update_all(const worker& w, access_history* h, uint32_t bytes, uint32_t repeated,
+                const thread_state& t, sop op) {
+  for (uint32_t i = 0; i < bytes; ++i)
+    if (repeated_at(repeated, i))
+      h[i] = h[i - 1];
+    else
+      update(w, h[i], t, op);
+}
+
+void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, sop op,
+               uint32_t region) {
   worker& w = this_worker();
   const uintptr_t base = reinterpret_cast<uintptr_t>(w.smem);
   // Report text is built only on failure.
@@ -249,123 +378,131 @@ void shared_op(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, 
          &t);
   const uint32_t off = uint32_t(addr - base);
   shadow_byte* s = w.shadow + off;
-  const uint16_t alloc = s[0].alloc;
-  for (uint32_t i = 0; i < bytes; ++i)
-    if (s[i].alloc == 0 || s[i].alloc != alloc)
-      fail(kind("out-of-bounds shared "),
-           what() + " at " + shared_where(w, addr + i) +
-               (alloc ? " runs past the end of the array" : " is outside every shared array"),
-           &t);
-  if (op == sop::cp_land) {
-    for (uint32_t i = 0; i < bytes; ++i) {
-      shadow_byte& b = s[i];
-      b.w_epoch = w.epoch;
-      b.w_gen = w.warps[t.tid / kWarpSize].sync_gen;
-      b.writer = uint16_t(t.tid);
-      b.flags = 0;
-      b.r_epoch = 0;
-    }
-    return;
+  access_history* h = w.history + off;
+  if (region > w.shared_allocs.size()) region = 0;
+  // The array the pointer was made for, else the one the access starts in.
+  const uint16_t alloc = region ? uint16_t(region) : s[0].alloc;
+  for (uint32_t i = 0; i < bytes; ++i) {
+    if (s[i].alloc != 0 && s[i].alloc == alloc) continue;
+    std::string why = !alloc ? " is outside every shared array"
+                      : region
+                          ? " is outside shared '" + std::string(w.shared_allocs[alloc - 1].name) +
+                                "', the array this pointer was made for" +
+                                (s[i].alloc ? " (it lies in another array)" : "")
+                          : " runs past the end of the array";
+    fail(kind("out-of-bounds shared "), what() + " at " + shared_where(w, addr + i) + why, &t);
   }
+  const uint32_t repeated = repeats(h, bytes);
+  if (op == sop::cp_land) return update_all(w, h, bytes, repeated, t, op);
   for (uint32_t i = 0; i < bytes; ++i)
     if (s[i].flags & kPendingCopy)
       fail(op == sop::read ? "read of pending cp.async destination"
                            : "write to pending cp.async destination",
            what() + " at " + shared_where(w, addr + i) +
-               " touches the destination of a cp.async issued by " + who(w, s[i].cp_thread) +
+               " touches the destination of a cp.async issued by " +
+               describe_thread(w, w.threads[s[i].cp_thread]) +
                " that no cp_async_wait_group has completed yet (the data has not landed)",
            &t);
-  const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize;
-  const warp_state& ws = w.warps[wi];
+  // Conflicts: a plain write with everything, an atomic with plain accesses, a plain read with
+  // writes and atomics.
   for (uint32_t i = 0; i < bytes; ++i) {
-    const shadow_byte& b = s[i];
-    if ((op == sop::read || op == sop::atomic) && b.w_epoch == 0)
+    if (repeated_at(repeated, i)) continue;  // checked already
+    const access_history& b = h[i];
+    if ((op == sop::read || op == sop::atomic) && b.writes.epoch == 0 && b.atomics.epoch == 0)
       fail("uninitialized shared read",
            what() + " at " + shared_where(w, addr + i) +
                " reads bytes no thread of this block has written yet (if another thread writes "
                "them later without a sync_threads() in between, this is also a race)",
            &t);
-    if (b.w_epoch == w.epoch && !(op == sop::atomic && (b.flags & kAtomicWrite)) &&
-        !ordered(w, b.writer, b.w_gen, t))
-      fail("shared memory race",
-           what() + " at " + shared_where(w, addr + i) + " conflicts with a write by " +
-               who(w, b.writer) + (b.flags & kAtomicWrite ? " (atomic)" : "") +
-               " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
-               "orders them",
-           &t);
-    if (op != sop::read && b.r_epoch == w.epoch) {
-      constexpr uint32_t kNone = ~0u, kSeveral = ~0u - 1;
-      uint32_t reader = kNone;  // a reader this access is not ordered with
-      if (b.r_warp == kManyWarps) {
-        reader = kSeveral;
-      } else if (b.r_warp != wi) {
-        reader = b.r_warp * kWarpSize + uint32_t(__builtin_ctz(b.r_lanes));
-      } else {
-        for (uint32_t l = 0; l < kWarpSize; ++l)
-          if ((b.r_lanes >> l & 1u) && l != lane && !(ws.pair_sync[l][lane] > b.r_gen))
-            reader = wi * kWarpSize + l;
-      }
-      if (reader != kNone)
+    const struct {
+      const access_set* set;
+      const char* noun;
+    } earlier[3] = {{&b.writes, "a write"},
+                    {op == sop::atomic ? nullptr : &b.atomics, "an atomic"},
+                    {op == sop::read ? nullptr : &b.reads, "a read"}};
+    for (const auto& e : earlier) {
+      const uint32_t other = e.set ? unordered(w, *e.set, t) : kNone;
+      if (other != kNone)
         fail("shared memory race",
-             what() + " at " + shared_where(w, addr + i) + " conflicts with a read by " +
-                 (reader == kSeveral ? std::string("threads of several warps")
-                                     : describe_thread(w, w.threads[reader])) +
+             what() + " at " + shared_where(w, addr + i) + " conflicts with " + e.noun + " by " +
+                 (other == kSeveral ? std::string("threads of several warps")
+                                    : describe_thread(w, w.threads[other])) +
                  " in the same barrier interval: no sync_threads() (or sync_warp() within a warp) "
                  "orders them",
              &t);
     }
   }
-  for (uint32_t i = 0; i < bytes; ++i) {
-    shadow_byte& b = s[i];
-    switch (op) {
-      case sop::read:
-        if (b.r_epoch != w.epoch) {
-          b.r_epoch = w.epoch;
-          b.r_warp = uint16_t(wi);
-          b.r_lanes = 1u << lane;
-        } else if (b.r_warp == wi) {
-          b.r_lanes |= 1u << lane;
-        } else {
-          b.r_warp = kManyWarps;
-        }
-        b.r_gen = ws.sync_gen;
-        break;
-      case sop::write:
-      case sop::atomic: {
-        const bool shared_atomic = op == sop::atomic && b.w_epoch == w.epoch &&
-                                   (b.flags & kAtomicWrite) && b.writer != t.tid;
-        b.writer = shared_atomic ? kNobody : uint16_t(t.tid);
-        b.w_epoch = w.epoch;
-        b.w_gen = ws.sync_gen;
-        b.flags = op == sop::atomic ? kAtomicWrite : 0;
-        b.r_epoch = 0;
-        break;
-      }
-      case sop::cp_issue:
-        b.flags |= kPendingCopy;
-        b.cp_thread = uint16_t(t.tid);
-        break;
-      case sop::cp_land: break;
+  if (op == sop::cp_issue) {  // recorded as a write when it lands
+    for (uint32_t i = 0; i < bytes; ++i) {
+      s[i].flags |= kPendingCopy;
+      s[i].cp_thread = uint16_t(t.tid);
     }
+    return;
   }
+  update_all(w, h, bytes, repeated, t, op);
 }
 
 }  // namespace
 
-void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a) {
+void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
+                  uint32_t region) {
   shared_op(t, addr, bytes, align,
             a == access::read    ? sop::read
             : a == access::write ? sop::write
-                                 : sop::atomic);
+                                 : sop::atomic,
+            region);
 }
 
-void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a) {
+uint32_t region_of(space s, const void* addr) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
+  if (s == space::global) {
+    const launch_state* L = current_launch();
+    return L ? global_region(*L, p) : 0;
+  }
+  const worker* w = running_worker();
+  if (!w) return 0;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(w->smem);
+  return p >= base && p < base + kSharedCapacity ? w->shadow[p - base].alloc : 0;
+}
+
+// ---- the progress watchdog ---------------------------------------------------------------------
+
+[[noreturn]] __attribute__((cold, noinline)) void no_progress(thread_state& t, const void* addr,
+                                                              uint32_t bytes, access a) {
+  fail("no progress",
+       "the thread made more than " + std::to_string(t.watchdog) +
+           " memory reads (or atomics that changed nothing) in a row without writing memory or "
+           "reaching a synchronization point: it seems to spin on a value that nothing changes "
+           "while it runs (last access: " +
+           std::to_string(bytes) + "-byte " + verb(a) + " at " + describe_address(addr) +
+           "). The emulator runs one thread of a block at a time, switching only at "
+           "synchronization points (sync_threads, warp collectives, exit), and blocks one after "
+           "another, so a spin-wait on another thread or block never ends here (one on another "
+           "block can hang a GPU too). If this is legitimate work, raise $TOKENMIX_SIMT_WATCHDOG "
+           "(now " +
+           std::to_string(t.watchdog) + "; 0 turns the watchdog off)",
+       &t);
+}
+
+// Counts the thread's accesses since it last made progress: wrote memory (a plain write, a
+// cp.async, an atomic that changed the value) or reached a synchronization point. A thread that
+// only reads for too long spins on a value nothing changes while it runs.
+inline void note_access(thread_state& t, bool progress, const void* addr, uint32_t bytes,
+                        access a) {
+  if (progress)
+    t.idle_accesses = 0;
+  else if (++t.idle_accesses > t.watchdog)
+    no_progress(t, addr, bytes, a);
+}
+
+void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a, uint32_t region) {
   thread_state& t = current_thread();
   const uintptr_t p = reinterpret_cast<uintptr_t>(addr);
   if (s == space::shared)
-    check_shared(t, p, bytes, align, a);
+    check_shared(t, p, bytes, align, a, region);
   else
-    check_global(t, p, bytes, align, a);
+    check_global(t, p, bytes, align, a, region);
+  if (a != access::atomic) note_access(t, a == access::write, addr, bytes, a);
 }
 
 // ---- atomics -----------------------------------------------------------------------------------
@@ -382,24 +519,28 @@ uint32_t apply(atomic_op op, uint32_t old, uint32_t v) {
 }
 }  // namespace
 
-uint32_t atomic(space s, void* addr, atomic_op op, uint32_t v) {
-  check(s, addr, 4, 4, access::atomic);
+uint32_t atomic(space s, void* addr, uint32_t region, atomic_op op, uint32_t v) {
+  check(s, addr, 4, 4, access::atomic, region);
   uint32_t* p = static_cast<uint32_t*>(addr);
+  uint32_t old, now;
   if (s == space::shared) {  // one OS thread runs the whole block
-    const uint32_t old = *p;
-    *p = apply(op, old, v);
-    return old;
+    old = *p;
+    now = apply(op, old, v);
+    *p = now;
+  } else {
+    old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    do {
+      now = apply(op, old, v);
+    } while (!__atomic_compare_exchange_n(p, &old, now, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   }
-  uint32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  while (!__atomic_compare_exchange_n(p, &old, apply(op, old, v), true, __ATOMIC_RELAXED,
-                                      __ATOMIC_RELAXED)) {
-  }
+  note_access(current_thread(), now != old, addr, 4, access::atomic);
   return old;
 }
 
 // ---- cp.async ----------------------------------------------------------------------------------
 
-void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* file, int line) {
+void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32_t src_region,
+              int src_bytes, const char* file, int line) {
   thread_state& t = current_thread();
   if (src_bytes < 0 || src_bytes > bytes)
     fail("invalid cp.async",
@@ -407,14 +548,15 @@ void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* 
              "] at " + file + ":" + std::to_string(line),
          &t);
   const uintptr_t d = reinterpret_cast<uintptr_t>(dst);
-  shared_op(t, d, uint32_t(bytes), uint32_t(bytes), sop::cp_issue);
+  shared_op(t, d, uint32_t(bytes), uint32_t(bytes), sop::cp_issue, dst_region);
   cp_async_op op{static_cast<uint8_t*>(dst), uint32_t(bytes), t.cp_open_group, {}};
   if (src_bytes > 0) {
     check_global(t, reinterpret_cast<uintptr_t>(src), uint32_t(src_bytes), uint32_t(bytes),
-                 access::read);
+                 access::read, src_region);
     std::memcpy(op.data, src, size_t(src_bytes));  // the source is read at issue
   }
   t.cp_ops.push_back(op);
+  note_access(t, true, dst, uint32_t(bytes), access::write);
 }
 
 void cp_async_commit_group() {
@@ -427,7 +569,7 @@ void land_cp_async(thread_state& t, uint32_t first_pending_group) {
     const cp_async_op& op = t.cp_ops[t.cp_head++];
     const uint32_t off = uint32_t(op.dst - w.smem);
     for (uint32_t i = 0; i < op.bytes; ++i) w.shadow[off + i].flags &= uint8_t(~kPendingCopy);
-    shared_op(t, reinterpret_cast<uintptr_t>(op.dst), op.bytes, op.bytes, sop::cp_land);
+    shared_op(t, reinterpret_cast<uintptr_t>(op.dst), op.bytes, op.bytes, sop::cp_land, 0);
     std::memcpy(op.dst, op.data, op.bytes);
   }
   if (t.cp_head == t.cp_ops.size()) {
@@ -467,5 +609,11 @@ void set_workers(int workers) {
 }
 void set_stack_kib(int kib) {
   emu::set_stack_kib(kib);
+}
+void set_watchdog(long long accesses) {
+  emu::set_watchdog(accesses);
+}
+void set_math_mode(math_mode mode, uint64_t seed) {
+  emu::set_math_mode(mode, seed);
 }
 }  // namespace tokenmix::simt

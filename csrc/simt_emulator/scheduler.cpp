@@ -23,12 +23,52 @@ namespace {
 
 std::atomic<int> g_workers{0};
 std::atomic<int> g_stack_kib{0};
+std::atomic<long long> g_watchdog{-1};  // negative: $TOKENMIX_SIMT_WATCHDOG or the default
+std::atomic<int> g_math_mode{int(math_mode::from_env)};
+std::atomic<uint64_t> g_math_seed{0};
+constexpr uint64_t kDefaultWatchdog = uint64_t(1) << 24;
 thread_local worker* t_active = nullptr;  // the worker running a block on this OS thread
+thread_local const launch_state* t_binding = nullptr;  // the launch binding its arguments
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   const int x = v ? std::atoi(v) : 0;
   return x > 0 ? x : fallback;
+}
+
+// A non-negative integer from the environment, or `fallback` when unset; throws when malformed.
+uint64_t env_count(const char* name, uint64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const unsigned long long x = std::strtoull(v, &end, 0);
+  if (*end || v[0] == '-')
+    throw emulator_error("invalid setting", std::string("tokenmix simt emulator: $") + name +
+                                                " is '" + v + "', not a non-negative integer");
+  return x;
+}
+
+uint64_t watchdog_limit() {
+  const long long set = g_watchdog.load();
+  const uint64_t n =
+      set >= 0 ? uint64_t(set) : env_count("TOKENMIX_SIMT_WATCHDOG", kDefaultWatchdog);
+  return n == 0 ? ~uint64_t(0) : n;
+}
+
+void read_math_mode(launch_state& L) {
+  L.math = math_mode(g_math_mode.load());
+  L.math_seed = g_math_seed.load();
+  if (L.math != math_mode::from_env) return;
+  const char* v = std::getenv("TOKENMIX_SIMT_MATH");
+  const std::string mode = v ? v : "";
+  if (mode.empty() || mode == "exact")
+    L.math = math_mode::exact;
+  else if (mode == "approx")
+    L.math = math_mode::approx;
+  else
+    throw emulator_error("invalid setting", "tokenmix simt emulator: $TOKENMIX_SIMT_MATH is '" +
+                                                mode + "', not 'exact' or 'approx'");
+  L.math_seed = env_count("TOKENMIX_SIMT_MATH_SEED", 0);
 }
 
 size_t stack_bytes() {
@@ -235,6 +275,20 @@ void set_workers(int n) {
 void set_stack_kib(int kib) {
   g_stack_kib = kib;
 }
+void set_watchdog(long long accesses) {
+  g_watchdog = accesses;
+}
+void set_math_mode(math_mode mode, uint64_t seed) {
+  g_math_mode = int(mode);
+  g_math_seed = seed;
+}
+
+const worker* running_worker() {
+  return t_active;
+}
+const launch_state* current_launch() {
+  return t_active ? t_active->launch : t_binding;
+}
 
 worker& this_worker() {
   static thread_local worker w;
@@ -299,6 +353,8 @@ void worker::run_block(uint64_t linear) {
     t.cp_ops.clear();
     t.cp_head = 0;
     t.cp_open_group = 0;
+    t.idle_accesses = 0;
+    t.watchdog = launch->watchdog;
     getcontext(&t.ctx);
     t.ctx.uc_stack.ss_sp = stacks.get(i, sbytes);
     t.ctx.uc_stack.ss_size = sbytes;
@@ -368,12 +424,17 @@ void run(launch_spec& spec) {
                                                L.kernel_name + "': " + bad);
   L.nthreads = uint32_t(nthreads);
   L.nblocks = uint64_t(g.x) * g.y * g.z;
-  L.globals = registry_snapshot();
-  for (size_t i = 0; i < spec.buffers.size(); ++i) {
+  for (size_t i = 0; i < spec.buffers.size(); ++i) {  // buffer i is region i + 1
     const auto& r = spec.buffers[i];
     const uintptr_t p = reinterpret_cast<uintptr_t>(r.ptr);
     L.globals.push_back({p, p + r.bytes, r.name ? r.name : "argument buffer " + std::to_string(i)});
   }
+  for (global_alloc& a : registry_snapshot()) L.globals.push_back(std::move(a));
+  L.watchdog = watchdog_limit();
+  read_math_mode(L);
+  t_binding = &L;
+  spec.bind(spec.closure);
+  t_binding = nullptr;
   const int wanted = g_workers.load() > 0 ? g_workers.load() : env_int("TOKENMIX_SIMT_WORKERS", 1);
   const uint64_t nworkers = std::min<uint64_t>(uint64_t(std::max(wanted, 1)), L.nblocks);
   auto body = [&L] {
@@ -421,6 +482,7 @@ uint32_t linear_thread_idx() {
 void sync_threads(const char* file, int line) {
   worker& w = active();
   thread_state& t = *w.current;
+  t.idle_accesses = 0;  // a synchronization point: progress for the watchdog
   if (w.live < w.launch->nthreads) {
     std::vector<uint32_t> gone;
     for (const thread_state& o : w.threads)
@@ -465,6 +527,7 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
                        const char* file, int line) {
   worker& w = active();
   thread_state& t = *w.current;
+  t.idle_accesses = 0;  // a synchronization point: progress for the watchdog
   const uint32_t wi = t.tid / kWarpSize, lane = t.tid % kWarpSize, bit = 1u << lane;
   warp_state& ws = w.warps[wi];
   auto name = [&] { return collective_name(kind, mode); };

@@ -124,6 +124,22 @@ TM_GLOBAL void atomics_kernel(global_ptr<float> fsum, global_ptr<int> isum,
   }
 }
 
+// Every lane adds to its warp's counter; sync_warp orders the atomics before one lane's read, and
+// that read before the next round of atomics.
+TM_GLOBAL void atomic_warp_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, kAtomicWarpThreads / 32);
+  const int lane = int(lane_id()), warp = int(warp_id());
+  if (lane == 0) count[warp] = 0;
+  sync_warp();
+  atomic_add(count + warp, lane + 1);
+  sync_warp();
+  if (lane == 31) out[2 * warp] = count[warp];
+  sync_warp();
+  atomic_add(count + warp, 1);
+  sync_warp();
+  if (lane == 5) out[2 * warp + 1] = count[warp];
+}
+
 TM_GLOBAL void vec128_kernel(global_ptr<const uint32_t> in, global_ptr<uint32_t> out) {
   TM_SHARED_ALIGNED(uint32_t, staging, 4 * kVecThreads, 16);
   const int tid = int(thread_idx().x);
@@ -389,6 +405,92 @@ TM_GLOBAL void collective_mismatch_kernel(global_ptr<uint32_t> out) {
   out[thread_idx().x] = v;
 }
 
+TM_GLOBAL void atomics_then_read_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) count[0] = 0;
+  sync_warp();
+  atomic_add(count, 1);
+  if (lane < 16) sync_warp(0x0000ffffu);
+  if (lane == 0) out[0] = count[0];  // bug: lanes 16-31 took no part in the sync_warp
+}
+
+TM_GLOBAL void read_then_atomics_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) count[0] = 0;
+  sync_warp();
+  if (lane == 1) out[0] = count[0];
+  if (lane == 1 || lane == 2) sync_warp(0x6u);
+  if (lane == 2 || lane == 3) atomic_add(count, 1);  // bug: lane 3 is not ordered after the read
+}
+
+TM_GLOBAL void write_then_atomics_kernel(global_ptr<int> out) {
+  TM_SHARED(int, count, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) count[0] = 5;
+  if (lane < 2) sync_warp(0x3u);
+  if (lane == 1 || lane == 2) atomic_add(count, 1);  // bug: lane 2 is not ordered after the write
+  sync_warp();
+  if (lane == 0) out[0] = count[0];
+}
+
+// Lane 0 waits for lane 1 through an atomic (works on sm_70+ GPUs, whose lanes progress
+// independently; the emulator runs lane 1 only when lane 0 reaches a synchronization point).
+TM_GLOBAL void spin_warp_kernel(global_ptr<int> out) {
+  TM_SHARED(int, flag, 1);
+  const int lane = int(lane_id());
+  if (lane == 0) flag[0] = 0;
+  sync_warp();
+  if (lane == 0)
+    while (atomic_add(flag, 0) == 0) {
+    }
+  if (lane == 1) atomic_add(flag, 1);
+  out[lane] = lane;
+}
+
+// Block 0 waits for a flag that block 1 sets: blocks run one after another here, and a GPU need not
+// run them at the same time either.
+TM_GLOBAL void spin_blocks_kernel(global_ptr<int> flag) {
+  if (thread_idx().x != 0) return;
+  if (block_idx().x == 0)
+    while (flag[0] == 0) {
+    }
+  else
+    flag[0] = 1;
+}
+
+// q and k: neighbouring views of one packed buffer, registered separately.
+TM_GLOBAL void packed_views_kernel(global_ptr<const float> q, global_ptr<const float> k,
+                                   global_ptr<float> out, int n) {
+  const int t = int(thread_idx().x);
+  out[t] = q[t] + k[t] + q[t + n];  // bug: q[t + n] is k[t]
+}
+
+// The same through raw pointers in a parameter struct (like NaParams), made checked in the kernel.
+struct packed_params {
+  const float* q;
+  const float* k;
+  float* out;
+  int n;
+};
+TM_GLOBAL void packed_params_kernel(packed_params p) {
+  const global_ptr<const float> q(p.q), k(p.k);
+  const global_ptr<float> out(p.out);
+  const int t = int(thread_idx().x);
+  out[t] = q[t] + k[t] + q[t + p.n];  // bug: q[t + n] is k[t]
+}
+
+TM_GLOBAL void shared_views_kernel(global_ptr<float> out) {
+  TM_SHARED(float, a, 32);
+  TM_SHARED(float, b, 32);
+  const int t = int(thread_idx().x);
+  b[t] = 0.0f;
+  a[t + (b - a)] = 1.0f;  // bug: an index into b through a
+  sync_threads();
+  out[t] = b[t];
+}
+
 // ---- host entry points -------------------------------------------------------------------------
 
 void launch_shuffles(int* out_i, float* out_f, unsigned* out_u) {
@@ -434,6 +536,11 @@ void launch_atomics(float* fsum, int* isum, unsigned* usum, int* imax, int* per_
   launch(atomics_kernel, dim3u(kAtomicBlocks), dim3u(kAtomicThreads), 0, buffer(fsum, 1, "fsum"),
          buffer(isum, 1, "isum"), buffer(usum, 1, "usum"), buffer(imax, 1, "imax"),
          buffer(per_block, 3 * kAtomicBlocks, "per_block"));
+}
+
+void launch_atomic_warp(int* out) {
+  launch(atomic_warp_kernel, dim3u(1), dim3u(kAtomicWarpThreads), 0,
+         buffer(out, kAtomicWarpThreads / 16, "out"));
 }
 
 void launch_vec128(const uint32_t* in, uint32_t* out) {
@@ -529,6 +636,47 @@ void launch_bug_shfl_barrier(int* out) {
 
 void launch_bug_collective_mismatch(uint32_t* out) {
   launch(collective_mismatch_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
+}
+
+void launch_bug_atomics_then_read(int* out) {
+  launch(atomics_then_read_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_read_then_atomics(int* out) {
+  launch(read_then_atomics_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_write_then_atomics(int* out) {
+  launch(write_then_atomics_kernel, dim3u(1), dim3u(32), 0, buffer(out, 1, "out"));
+}
+
+void launch_bug_spin_warp(int* out) {
+  launch(spin_warp_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
+}
+
+void launch_bug_spin_blocks(int* flag) {
+  launch(spin_blocks_kernel, dim3u(2), dim3u(32), 0, buffer(flag, 1, "flag"));
+}
+
+void launch_bug_packed_views(const float* packed, float* out, int n, int how) {
+  if (how == 0) {  // buffer() arguments
+    launch(packed_views_kernel, dim3u(1), dim3u(uint32_t(n)), 0, buffer(packed, size_t(n), "q"),
+           buffer(packed + n, size_t(n), "k"), buffer(out, size_t(n), "out"), n);
+    return;
+  }
+  const size_t bytes = size_t(n) * sizeof(float);
+  const global_registration rq(packed, bytes, "q"), rk(packed + n, bytes, "k"),
+      ro(out, bytes, "out");
+  if (how == 1)  // pointers made on the host
+    launch(packed_views_kernel, dim3u(1), dim3u(uint32_t(n)), 0, global_ptr<const float>(packed),
+           global_ptr<const float>(packed + n), global_ptr<float>(out), n);
+  else  // raw pointers in a struct, made checked in kernel code
+    launch(packed_params_kernel, dim3u(1), dim3u(uint32_t(n)), 0,
+           packed_params{packed, packed + n, out, n});
+}
+
+void launch_bug_shared_views(float* out) {
+  launch(shared_views_kernel, dim3u(1), dim3u(32), 0, buffer(out, 32, "out"));
 }
 
 }  // namespace cuda / emulated

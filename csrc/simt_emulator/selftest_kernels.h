@@ -18,6 +18,7 @@ constexpr int kShuffleThreads = 64, kShuffleResults = 8;
 constexpr int kVoteThreads = 64, kVoteResults = 6;
 constexpr int kReduceThreads = 256;
 constexpr int kAtomicBlocks = 4, kAtomicThreads = 128;
+constexpr int kAtomicWarpThreads = 64;
 constexpr int kVecThreads = 128;
 constexpr int kLdmatrixVariants = 6;  // x1, x2, x4, x1.trans, x2.trans, x4.trans
 constexpr int kCpAsyncThreads = 64, kCpAsyncIn = 704, kCpAsyncOut = 768;
@@ -33,6 +34,8 @@ void launch_math(const float* in, float* out, int n);
 void launch_reduce(const float* in, int n, float* out, int blocks);
 // per_block: 3 ints per block.
 void launch_atomics(float* fsum, int* isum, unsigned* usum, int* imax, int* per_block);
+// out: 2 ints per warp (after the first and the second round of atomics).
+void launch_atomic_warp(int* out);
 void launch_vec128(const uint32_t* in, uint32_t* out);  // 4 * kVecThreads words each
 // One m16n8k16 problem per warp: a 32x4, b 32x2, c and d 32x4 words/floats per warp (fragments).
 void launch_mma(bool bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d,
@@ -65,6 +68,15 @@ void launch_bug_uninitialized(float* out);
 void launch_bug_unregistered(const float* in, float* out, int n);
 void launch_bug_shfl_barrier(int* out);
 void launch_bug_collective_mismatch(uint32_t* out);
+void launch_bug_atomics_then_read(int* out);
+void launch_bug_read_then_atomics(int* out);
+void launch_bug_write_then_atomics(int* out);
+void launch_bug_spin_warp(int* out);  // 32 ints
+void launch_bug_spin_blocks(int* flag);
+// packed: 2n floats (q, then k), out: n floats. how: 0 buffer() arguments, 1 global_ptr arguments
+// made on the host, 2 raw pointers in a struct.
+void launch_bug_packed_views(const float* packed, float* out, int n, int how);
+void launch_bug_shared_views(float* out);
 
 }  // namespace cuda / emulated
 }  // namespace tokenmix::simt_selftest

@@ -7,6 +7,7 @@
 //   simt_selftest all                  every test in one process
 //   simt_selftest layouts              fragment tables: mma from the emulator's tables, ldmatrix
 //                                      probed by running the emulated instruction
+#include <cfloat>
 #include <chrono>
 #include <cmath>
 #include <cstdarg>
@@ -140,6 +141,125 @@ std::string test_math() {
   return "exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt (host: the std functions)";
 }
 
+// Sets an environment variable for the scope (the emulator reads its settings at each launch).
+class scoped_env {
+ public:
+  scoped_env(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
+    set(value);
+  }
+  ~scoped_env() { set(had_ ? old_.c_str() : nullptr); }
+  void set(const char* value) {
+    if (value)
+      setenv(name_, value, 1);
+    else
+      unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  std::string old_;
+  bool had_ = false;
+};
+
+// Distance in floats between two finite floats of the same sign.
+long long ulps_apart(float a, float b) {
+  return std::llabs(static_cast<long long>(float_bits(a)) - static_cast<long long>(float_bits(b)));
+}
+
+bool same(float a, float b) {
+  return float_bits(a) == float_bits(b) || (std::isnan(a) && std::isnan(b));
+}
+
+// The numeric mode that carries the PTX ISA's maximum errors ($TOKENMIX_SIMT_MATH=approx): every
+// result within the documented error of the exact one, results actually moved, special inputs
+// exact, the same seed reproducible and another seed different.
+std::string test_math_approx() {
+  const int n = 4000;
+  std::vector<float> in(n);
+  std::mt19937 rng(29);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  const float specials[] = {0.0f,      -0.0f, INFINITY,
+                            -INFINITY, NAN,   1.0f,
+                            2.0f,      0.5f,  std::numeric_limits<float>::denorm_min(),
+                            FLT_MAX,   -1.0f, 1e-40f};
+  for (int i = 0; i < n; ++i) {
+    switch (i % 4) {
+      case 0: in[i] = 0.5f + 1.5f * unit(rng); break;  // lg2's absolute-error interval
+      case 1: in[i] = std::ldexp(0.5f + unit(rng), int(rng() % 150) - 140); break;
+      case 2: in[i] = -150.0f + 280.0f * unit(rng); break;  // ex2: subnormal to overflowing
+      default: in[i] = i / 4 < 12 ? specials[i / 4] : 1e6f * unit(rng); break;
+    }
+  }
+  auto run = [&](const char* mode, const char* seed) {
+    const scoped_env m("TOKENMIX_SIMT_MATH", mode), sd("TOKENMIX_SIMT_MATH_SEED", seed);
+    std::vector<float> out(5 * size_t(n), NAN);
+    st::launch_math(in.data(), out.data(), n);
+    return out;
+  };
+  const std::vector<float> approx = run("approx", "1"), again = run("approx", "1"),
+                           other = run("approx", "2"), exact = run("exact", nullptr);
+  int moved[4] = {0, 0, 0, 0}, normal[4] = {0, 0, 0, 0}, reseeded = 0;
+  double widest[4] = {0, 0, 0, 0};  // largest error seen, as a fraction of the bound
+  for (int i = 0; i < n; ++i) {
+    const float x = in[i];
+    const float* got = &approx[5 * size_t(i)];
+    for (int k = 0; k < 5; ++k) {
+      if (!same(got[k], again[5 * size_t(i) + k]))
+        failf("function %d at x=%g: not reproducible", k, x);
+      reseeded += !same(got[k], other[5 * size_t(i) + k]);
+    }
+    // ex2 and __expf (ex2 of the f32 product x * log2(e)): at most 2 ulp from the correctly
+    // rounded result; +-0, under- and overflow, infinities and NaN exact.
+    const float ex2_in[2] = {x, x * 0x1.715476p+0f};
+    for (int k = 0; k < 2; ++k) {
+      const float cr = float(std::exp2(double(ex2_in[k])));
+      if (ex2_in[k] == 0.0f || cr == 0.0f || !std::isfinite(cr)) {
+        if (!same(got[k], cr)) failf("ex2 special at x=%g: %g, expected %g", x, got[k], cr);
+        continue;
+      }
+      const long long d = ulps_apart(got[k], cr);
+      if (d > 2) failf("ex2 (function %d) at x=%g: %lld ulp from %.9g", k, x, d, double(cr));
+      ++normal[k], moved[k] += d != 0, widest[k] = std::max(widest[k], double(d) / 2);
+    }
+    // lg2: absolute error 2^-22 in (0.5, 2), relative error 2^-22 elsewhere.
+    if (x > 0.0f && std::isfinite(x)) {
+      const double want = std::log2(double(x));
+      const double bound = x > 0.5f && x < 2.0f ? 0x1p-22 : std::fabs(want) * 0x1p-22;
+      const double err = std::fabs(double(got[2]) - want);
+      if (err > bound) failf("lg2 at x=%g: error %g > %g", x, err, bound);
+      ++normal[2], moved[2] += got[2] != float(want), widest[2] = std::max(widest[2], err / bound);
+      // rsqrt: relative error 2^-22.9
+      const double r = 1.0 / std::sqrt(double(x)), rbound = r * std::exp2(-22.9);
+      const double rerr = std::fabs(double(got[4]) - r);
+      if (rerr > rbound) failf("rsqrt at x=%g: error %g > %g", x, rerr, rbound);
+      ++normal[3], moved[3] += got[4] != float(r), widest[3] = std::max(widest[3], rerr / rbound);
+    } else {
+      if (!same(got[2], std::log2(x))) failf("lg2 special at x=%g: %g", x, got[2]);
+      if (!same(got[4], 1.0f / std::sqrt(x))) failf("rsqrt special at x=%g: %g", x, got[4]);
+    }
+    if (!same(got[3], 1.0f / x))
+      failf("rcp at x=%g: %g (correctly rounded in every mode)", x, got[3]);
+    const float want[5] = {std::exp2(x), std::exp(x), std::log2(x), 1.0f / x, 1.0f / std::sqrt(x)};
+    for (int k = 0; k < 5; ++k)  // the default mode is exact
+      if (!same(exact[5 * size_t(i) + k], want[k])) failf("exact mode, function %d at x=%g", k, x);
+  }
+  const char* names[4] = {"ex2", "exp", "lg2", "rsqrt"};
+  for (int k = 0; k < 4; ++k) {
+    if (moved[k] < normal[k] / 2)
+      failf("%s: only %d of %d results differ from the exact ones", names[k], moved[k], normal[k]);
+    if (widest[k] < 0.75)
+      failf("%s: the largest error is %.2f of the documented maximum", names[k], widest[k]);
+  }
+  if (reseeded < n) failf("another seed changed only %d results", reseeded);
+  char buf[200];
+  std::snprintf(buf, sizeof buf,
+                "%d inputs: ex2 %d/%d, lg2 %d/%d, rsqrt %d/%d results moved, within the PTX ISA's "
+                "maximum errors; specials exact; reproducible per seed",
+                n, moved[0], normal[0], moved[2], normal[2], moved[3], normal[3]);
+  return buf;
+}
+
 // f16 / bf16 bit conversions (the emulator's mma reads operands through them), checked against
 // their definitions: decoding by ldexp, round trips, and round-to-nearest-even on random floats.
 std::string test_conversions() {
@@ -214,6 +334,17 @@ std::string test_atomics() {
     expect_eq("shared float atomic_add", size_t(b), per_block[3 * b + 2], n / 2);
   }
   return "global and shared atomic_add (float/int/unsigned) and atomic_max";
+}
+
+std::string test_atomic_warp() {
+  const int warps = st::kAtomicWarpThreads / 32;
+  std::vector<int> out(2 * warps, -1);
+  st::launch_atomic_warp(out.data());
+  for (int w = 0; w < warps; ++w) {
+    expect_eq("after the first atomics", size_t(w), out[2 * w], 32 * 33 / 2);
+    expect_eq("after the second atomics", size_t(w), out[2 * w + 1], 32 * 33 / 2 + 32);
+  }
+  return "all lanes atomic_add, sync_warp, one lane reads (twice per warp, 2 warps)";
 }
 
 std::string test_vec128() {
@@ -446,6 +577,35 @@ void bug_collective_mismatch() {
   std::vector<uint32_t> out(32);
   st::launch_bug_collective_mismatch(out.data());
 }
+void bug_atomics_then_read() {
+  std::vector<int> out(1);
+  st::launch_bug_atomics_then_read(out.data());
+}
+void bug_read_then_atomics() {
+  std::vector<int> out(1);
+  st::launch_bug_read_then_atomics(out.data());
+}
+void bug_write_then_atomics() {
+  std::vector<int> out(1);
+  st::launch_bug_write_then_atomics(out.data());
+}
+void bug_spin_warp() {
+  std::vector<int> out(32);
+  st::launch_bug_spin_warp(out.data());
+}
+void bug_spin_blocks() {
+  int flag = 0;
+  st::launch_bug_spin_blocks(&flag);
+}
+void bug_packed_views(int how) {
+  const int n = 32;
+  std::vector<float> packed(2 * n, 1.0f), out(n);
+  st::launch_bug_packed_views(packed.data(), out.data(), n, how);
+}
+void bug_shared_views() {
+  auto out = floats(32);
+  st::launch_bug_shared_views(out.data());
+}
 void bug_pipeline_race() {
   const int m = 64, n = 64, k = 96;
   std::vector<uint16_t> a(size_t(m) * k, 0x3c00), b(size_t(k) * n, 0x3c00);
@@ -471,6 +631,8 @@ const std::vector<positive_test>& positives() {
       {"warp_sync", test_warp_sync},
       {"reduce", test_reduce},
       {"atomics", test_atomics},
+      {"atomic_warp", test_atomic_warp},
+      {"math_approx", test_math_approx},
       {"vec128", test_vec128},
       {"mma_f16", [] { return test_mma(false); }},
       {"mma_bf16", [] { return test_mma(true); }},
@@ -499,6 +661,15 @@ const std::vector<std::pair<const char*, bug_test>>& bugs() {
       {"bug_collective_mismatch", {{"incomplete warp collective"}, bug_collective_mismatch}},
       {"bug_pipeline_race",
        {{"shared memory race", "read of pending cp.async destination"}, bug_pipeline_race}},
+      {"bug_atomics_then_read", {{"shared memory race"}, bug_atomics_then_read}},
+      {"bug_read_then_atomics", {{"shared memory race"}, bug_read_then_atomics}},
+      {"bug_write_then_atomics", {{"shared memory race"}, bug_write_then_atomics}},
+      {"bug_spin_warp", {{"no progress"}, bug_spin_warp}},
+      {"bug_spin_blocks", {{"no progress"}, bug_spin_blocks}},
+      {"bug_packed_views", {{"out-of-bounds global read"}, [] { bug_packed_views(0); }}},
+      {"bug_packed_host_ptrs", {{"out-of-bounds global read"}, [] { bug_packed_views(1); }}},
+      {"bug_packed_params", {{"out-of-bounds global read"}, [] { bug_packed_views(2); }}},
+      {"bug_shared_views", {{"out-of-bounds shared write"}, bug_shared_views}},
   };
   return v;
 }

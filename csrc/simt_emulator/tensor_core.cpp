@@ -60,7 +60,8 @@ void ldmatrix(warp_state&, uint32_t wi, collective& c) {
       const int lane = layout::ldmatrix_address_lane(j, r);
       const auto addr = reinterpret_cast<uintptr_t>(c.lane[lane].in);
       // The row is read by the lane that supplied its address.
-      check_shared(w.threads[wi * kWarpSize + uint32_t(lane)], addr, 16, 16, access::read);
+      check_shared(w.threads[wi * kWarpSize + uint32_t(lane)], addr, 16, 16, access::read,
+                   c.lane[lane].operand);
       std::memcpy(m[j][r], c.lane[lane].in, 16);
     }
   for (int lane = 0; lane < 32; ++lane) {
@@ -89,9 +90,11 @@ void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, con
                     line);
 }
 
-void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, const char* file, int line) {
+void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, uint32_t row_region,
+              const char* file, int line) {
+  // operand: the buffer of the row pointer
   collective_arrive(coll_kind::ldmatrix, uint8_t(count | (trans ? 8 : 0)), 0xffffffffu,
-                    lane_args{0, 0, row, regs}, file, line);
+                    lane_args{0, row_region, row, regs}, file, line);
 }
 
 }  // namespace tokenmix::simt::emu

@@ -40,9 +40,15 @@ enum class shfl_mode : uint8_t { idx, up, down, bfly };
 enum class vote_mode : uint8_t { any, all, ballot };
 enum class atomic_op : uint8_t { add_f32, add_i32, add_u32, max_i32 };
 
-// Checks an access by the current emulated thread (aborts the launch with a report if it is bad).
-void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a);
-uint32_t atomic(space s, void* addr, atomic_op op, uint32_t value);
+// The buffer a pointer to `addr` belongs to, 0 when none is known: for global memory 1 + the
+// index of a buffer of the running launch (the one that starts at `addr`, the widest if several
+// do, else the only one that contains it), for shared memory the array at `addr`. Pointers made
+// from raw addresses take it; arithmetic keeps it.
+uint32_t region_of(space s, const void* addr);
+// Checks an access by the current emulated thread through a pointer of buffer `region` (0: any
+// registered buffer / shared array); aborts the launch with a report if it is bad.
+void check(space s, const void* addr, uint32_t bytes, uint32_t align, access a, uint32_t region);
+uint32_t atomic(space s, void* addr, uint32_t region, atomic_op op, uint32_t value);
 
 dim3u thread_idx();
 dim3u block_idx();
@@ -57,8 +63,10 @@ uint32_t shuffle(shfl_mode mode, uint32_t mask, uint32_t value, uint32_t operand
 uint32_t vote(vote_mode mode, uint32_t mask, bool pred, const char* file, int line);
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c,
                   const char* file, int line);
-void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, const char* file, int line);
-void cp_async(int bytes, void* dst, const void* src, int src_bytes, const char* file, int line);
+void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, uint32_t row_region,
+              const char* file, int line);
+void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32_t src_region,
+              int src_bytes, const char* file, int line);
 void cp_async_commit_group();
 void cp_async_wait_group(int n, const char* file, int line);
 
@@ -71,9 +79,16 @@ struct shared_site {
 void* static_shared(const shared_site* site);
 void* dynamic_shared();
 
+// The approximate math instructions (PTX ex2.approx.f32, lg2.approx.f32, rsqrt.approx.f32, and
+// __expf: mul.f32 by log2(e), then ex2.approx.f32): exact, or with the PTX ISA's maximum error in
+// the opt-in numeric mode (set_math_mode, $TOKENMIX_SIMT_MATH).
+enum class math_fn : uint8_t { ex2, exp, lg2, rsqrt };
+float approx_math(math_fn f, float x);
+
 // Everything launch() hands to the runtime.
 struct launch_spec {
   void (*thunk)(void* closure);  // runs the kernel body for the current emulated thread
+  void (*bind)(void* closure);   // gives the launch's buffers to the pointer arguments
   void* closure;
   const void* kernel;  // the kernel function (for its name)
   const char* kernel_name;
@@ -84,7 +99,7 @@ struct launch_spec {
     size_t bytes;
     const char* name;
   };
-  std::vector<region> buffers;  // registered for the duration of the launch
+  std::vector<region> buffers;  // registered for the duration of the launch; buffer i is region i+1
 };
 void run(launch_spec& spec);
 
@@ -99,19 +114,19 @@ template <class T, emu::space S>
 class mem_ref {
  public:
   using value_type = std::remove_const_t<T>;
-  explicit mem_ref(T* p) : p_(p) {}
+  mem_ref(T* p, uint32_t region) : p_(p), region_(region) {}
   mem_ref(const mem_ref&) = delete;
   const mem_ref&& operator=(const mem_ref&) const&& = delete;  // a named mem_ref: see above
 
   value_type load() const {
-    emu::check(S, p_, sizeof(T), alignof(T), emu::access::read);
+    emu::check(S, p_, sizeof(T), alignof(T), emu::access::read, region_);
     value_type v;
     std::memcpy(&v, p_, sizeof(T));
     return v;
   }
   void store(const value_type& v) const {
     static_assert(!std::is_const<T>::value, "store through a pointer to const");
-    emu::check(S, p_, sizeof(T), alignof(T), emu::access::write);
+    emu::check(S, p_, sizeof(T), alignof(T), emu::access::write, region_);
     std::memcpy(const_cast<value_type*>(p_), &v, sizeof(T));
   }
   operator value_type() const&& { return load(); }
@@ -148,34 +163,41 @@ class mem_ref {
     return r.load();
   }
   T* p_;
+  uint32_t region_;
 };
 
-// A pointer into global or shared memory. Arithmetic is free; each dereference is checked.
+// A pointer into global or shared memory. Arithmetic is free; each dereference is checked, against
+// the buffer (or shared array) the pointer was made for: a pointer keeps the buffer of the address
+// it was made from through arithmetic and casts, so an index that runs into a neighbouring buffer
+// is still out of bounds.
 template <class T, emu::space S>
 class checked_ptr {
  public:
   using element_type = T;
   checked_ptr() = default;
   checked_ptr(std::nullptr_t) {}
-  explicit checked_ptr(T* p) : p_(p) {}
+  explicit checked_ptr(T* p) : p_(p), region_(p ? emu::region_of(S, p) : 0) {}
+  // Emulator-only: the address with an explicit buffer (see emu::region_of).
+  checked_ptr(T* p, uint32_t region) : p_(p), region_(region) {}
   template <class U, class = std::enable_if_t<std::is_convertible<U*, T*>::value>>
-  checked_ptr(checked_ptr<U, S> other) : p_(other.raw()) {}
+  checked_ptr(checked_ptr<U, S> other) : p_(other.raw()), region_(other.region()) {}
 
-  // The address, unchecked (emulator-only; kernel code should not need it).
+  // The address, unchecked, and its buffer (emulator-only; kernel code should not need them).
   T* raw() const { return p_; }
+  uint32_t region() const { return region_; }
 
-  mem_ref<T, S> operator*() const { return mem_ref<T, S>(p_); }
-  mem_ref<T, S> operator[](ptrdiff_t i) const { return mem_ref<T, S>(p_ + i); }
-  checked_ptr operator+(ptrdiff_t i) const { return checked_ptr(p_ + i); }
-  checked_ptr operator-(ptrdiff_t i) const { return checked_ptr(p_ - i); }
+  mem_ref<T, S> operator*() const { return mem_ref<T, S>(p_, region_); }
+  mem_ref<T, S> operator[](ptrdiff_t i) const { return mem_ref<T, S>(p_ + i, region_); }
+  checked_ptr operator+(ptrdiff_t i) const { return checked_ptr(p_ + i, region_); }
+  checked_ptr operator-(ptrdiff_t i) const { return checked_ptr(p_ - i, region_); }
   friend checked_ptr operator+(ptrdiff_t i, checked_ptr p) { return p + i; }
   ptrdiff_t operator-(checked_ptr o) const { return p_ - o.p_; }
   checked_ptr& operator+=(ptrdiff_t i) { return p_ += i, *this; }
   checked_ptr& operator-=(ptrdiff_t i) { return p_ -= i, *this; }
   checked_ptr& operator++() { return ++p_, *this; }
   checked_ptr& operator--() { return --p_, *this; }
-  checked_ptr operator++(int) { return checked_ptr(p_++); }
-  checked_ptr operator--(int) { return checked_ptr(p_--); }
+  checked_ptr operator++(int) { return checked_ptr(p_++, region_); }
+  checked_ptr operator--(int) { return checked_ptr(p_--, region_); }
   bool operator==(checked_ptr o) const { return p_ == o.p_; }
   bool operator!=(checked_ptr o) const { return p_ != o.p_; }
   bool operator<(checked_ptr o) const { return p_ < o.p_; }
@@ -183,6 +205,7 @@ class checked_ptr {
 
  private:
   T* p_ = nullptr;
+  uint32_t region_ = 0;
 };
 
 template <class T>
@@ -192,7 +215,7 @@ using shared_ptr = checked_ptr<T, emu::space::shared>;
 
 template <class U, class T, emu::space S>
 checked_ptr<U, S> ptr_cast(checked_ptr<T, S> p) {
-  return checked_ptr<U, S>(reinterpret_cast<U*>(p.raw()));
+  return checked_ptr<U, S>(reinterpret_cast<U*>(p.raw()), p.region());
 }
 
 // ---- indices, barriers, warp collectives ------------------------------------------------------
@@ -301,18 +324,19 @@ constexpr emu::atomic_op add_op() {
 template <class T, emu::space S>
 T atomic_add(checked_ptr<T, S> p, typename identity<T>::type v) {
   return detail::from_u32<T>(
-      emu::atomic(S, p.raw(), detail::add_op<T>(), detail::to_u32(static_cast<T>(v))));
+      emu::atomic(S, p.raw(), p.region(), detail::add_op<T>(), detail::to_u32(static_cast<T>(v))));
 }
 template <emu::space S>
 int atomic_max(checked_ptr<int, S> p, int v) {
-  return detail::from_u32<int>(emu::atomic(S, p.raw(), emu::atomic_op::max_i32, uint32_t(v)));
+  return detail::from_u32<int>(
+      emu::atomic(S, p.raw(), p.region(), emu::atomic_op::max_i32, uint32_t(v)));
 }
 
 // ---- 16-byte vector accesses (16-byte aligned) -------------------------------------------------
 
 template <class T, emu::space S>
 u32x4 load128(checked_ptr<T, S> p) {
-  emu::check(S, p.raw(), 16, 16, emu::access::read);
+  emu::check(S, p.raw(), 16, 16, emu::access::read, p.region());
   u32x4 v;
   std::memcpy(&v, p.raw(), 16);
   return v;
@@ -320,7 +344,7 @@ u32x4 load128(checked_ptr<T, S> p) {
 template <class T, emu::space S>
 void store128(checked_ptr<T, S> p, u32x4 v) {
   static_assert(!std::is_const<T>::value, "store through a pointer to const");
-  emu::check(S, p.raw(), 16, 16, emu::access::write);
+  emu::check(S, p.raw(), 16, 16, emu::access::write, p.region());
   std::memcpy(p.raw(), &v, 16);
 }
 
@@ -341,7 +365,7 @@ inline void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], const uint32_t
   template <class T>                                                                          \
   void ldmatrix_##suffix(uint32_t* r, shared_ptr<T> row, const char* file = __builtin_FILE(), \
                          int line = __builtin_LINE()) {                                       \
-    emu::ldmatrix(count, trans, r, row.raw(), file, line);                                    \
+    emu::ldmatrix(count, trans, r, row.raw(), row.region(), file, line);                      \
   }
 TM_SIMT_LDMATRIX(x1, 1, false)
 TM_SIMT_LDMATRIX(x2, 2, false)
@@ -357,13 +381,13 @@ template <int Bytes, class D, class S>
 void cp_async(shared_ptr<D> dst, global_ptr<S> src, const char* file = __builtin_FILE(),
               int line = __builtin_LINE()) {
   static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
-  emu::cp_async(Bytes, dst.raw(), src.raw(), Bytes, file, line);
+  emu::cp_async(Bytes, dst.raw(), dst.region(), src.raw(), src.region(), Bytes, file, line);
 }
 template <int Bytes, class D, class S>
 void cp_async_zfill(shared_ptr<D> dst, global_ptr<S> src, int src_bytes,
                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
-  emu::cp_async(Bytes, dst.raw(), src.raw(), src_bytes, file, line);
+  emu::cp_async(Bytes, dst.raw(), dst.region(), src.raw(), src.region(), src_bytes, file, line);
 }
 inline void cp_async_commit_group() {
   emu::cp_async_commit_group();
@@ -374,22 +398,22 @@ void cp_async_wait_group(const char* file = __builtin_FILE(), int line = __built
   emu::cp_async_wait_group(N, file, line);
 }
 
-// ---- fast math (host: the exact std functions) -------------------------------------------------
+// ---- fast math (exact by default; the PTX ISA's maximum error in the opt-in numeric mode) -------
 
 inline float exp2f_approx(float x) {
-  return std::exp2(x);
+  return emu::approx_math(emu::math_fn::ex2, x);
 }
 inline float expf_approx(float x) {
-  return std::exp(x);
+  return emu::approx_math(emu::math_fn::exp, x);
 }
 inline float log2f_approx(float x) {
-  return std::log2(x);
+  return emu::approx_math(emu::math_fn::lg2, x);
 }
 inline float rcp(float x) {
-  return 1.0f / x;
+  return 1.0f / x;  // __frcp_rn is correctly rounded: exact in every mode
 }
 inline float rsqrt(float x) {
-  return 1.0f / std::sqrt(x);
+  return emu::approx_math(emu::math_fn::rsqrt, x);
 }
 
 // ---- host side: buffers and launches -----------------------------------------------------------
@@ -432,6 +456,17 @@ inline const char* last_launch_error() {
 // size in KiB (default 64, or $TOKENMIX_SIMT_STACK_KIB).
 void set_workers(int workers);
 void set_stack_kib(int kib);
+// The progress watchdog: a thread that makes this many memory reads (or atomics that change
+// nothing) in a row, without a write or a synchronization point, stops the launch with a "no
+// progress" report (default 2^24, or $TOKENMIX_SIMT_WATCHDOG; 0 turns it off; negative: back to
+// the default or the environment).
+void set_watchdog(long long accesses);
+// The numeric mode of exp2f_approx / expf_approx / log2f_approx / rsqrt: exact results, or results
+// off by up to the PTX ISA's maximum error, deterministically for a given seed (a hash of the
+// seed, the function and the input). from_env: $TOKENMIX_SIMT_MATH ("exact" or "approx", default
+// exact) and $TOKENMIX_SIMT_MATH_SEED (default 0).
+enum class math_mode { from_env, exact, approx };
+void set_math_mode(math_mode mode, uint64_t seed = 0);
 
 namespace detail {
 template <class P, class A>
@@ -441,7 +476,15 @@ P kernel_arg(A&& a, emu::launch_spec&) {
 template <class P, class T>
 P kernel_arg(buffer_arg<T> b, emu::launch_spec& spec) {
   spec.buffers.push_back({b.ptr, b.count * sizeof(T), b.name});
-  return P(global_ptr<T>(b.ptr));
+  return P(global_ptr<T>(b.ptr, uint32_t(spec.buffers.size())));
+}
+// A global_ptr argument made on the host, before the launch's buffers existed, gets its buffer at
+// the launch.
+template <class A>
+void bind_arg(A&) {}
+template <class T>
+void bind_arg(global_ptr<T>& p) {
+  if (p && !p.region()) p = global_ptr<T>(p.raw(), emu::region_of(emu::space::global, p.raw()));
 }
 template <class... P>
 struct closure {
@@ -450,6 +493,9 @@ struct closure {
   static void run(void* self) {
     auto* c = static_cast<closure*>(self);
     std::apply(c->fn, c->args);  // each emulated thread gets its own copies of the arguments
+  }
+  static void bind(void* self) {
+    std::apply([](auto&... a) { (bind_arg(a), ...); }, static_cast<closure*>(self)->args);
   }
 };
 }  // namespace detail
@@ -464,6 +510,7 @@ void launch_on(stream_t, named_kernel<P...> kernel, dim3u grid, dim3u block,
   detail::closure<P...> c{kernel.fn,
                           {detail::kernel_arg<std::decay_t<P>>(std::forward<A>(args), spec)...}};
   spec.thunk = &detail::closure<P...>::run;
+  spec.bind = &detail::closure<P...>::bind;
   spec.closure = &c;
   spec.kernel = reinterpret_cast<const void*>(kernel.fn);
   spec.kernel_name = kernel.name;
