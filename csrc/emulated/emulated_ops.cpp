@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../neighborhood/na_schemas.h"
 #include "../neighborhood/na_simt_op.h"
 #include "mma_gemm_op.h"
 
@@ -63,15 +64,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward(
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def("mma_gemm(Tensor a, Tensor b) -> Tensor");
-  m.def(
-      "na_forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? additional_keys, "
-      "Tensor? additional_values, int[] kernel_size, int[] stride, int[] dilation, "
-      "int[] is_causal, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? rpb, Tensor? additional_keys, Tensor? additional_values, int[] kernel_size, "
-      "int[] stride, int[] dilation, int[] is_causal, float scale, Tensor? grad_lse=None, "
-      "bool deterministic=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(tokenmix::na_op::kForwardSchema);
+  m.def(tokenmix::na_op::kBackwardSchema);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {

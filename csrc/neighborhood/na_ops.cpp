@@ -2,11 +2,12 @@
 // implementations, registered through PyTorch's stable C ABI (the CUDA ones are
 // in na_cuda_ops.cpp). Argument checks are shared (na_op_common.h).
 #include "na_op_common.h"
+#include "na_schemas.h"
 #include "tokenmix/cpu/isa_dispatch.h"
 
-namespace {
-
 using namespace tokenmix::na_op;
+
+namespace {
 
 std::tuple<Tensor, Tensor> na_forward_cpu(Tensor q, Tensor k, Tensor v, std::optional<Tensor> rpb,
                                           std::optional<Tensor> extra_k,
@@ -46,18 +47,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward_cpu(
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix, m) {
-  m.def(
-      "na_forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor? additional_keys, "
-      "Tensor? additional_values, int[] kernel_size, int[] stride, int[] dilation, int[] "
-      "is_causal, "
-      "float scale) -> (Tensor, Tensor)");
-  m.def(
-      "na_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? "
-      "rpb, "
-      "Tensor? additional_keys, Tensor? additional_values, int[] kernel_size, int[] stride, "
-      "int[] dilation, int[] is_causal, float scale, Tensor? grad_lse=None, bool "
-      "deterministic=False) -> (Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor)");
+  m.def(kForwardSchema);
+  m.def(kBackwardSchema);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
