@@ -158,8 +158,8 @@ struct DeltaEngine : ScanShape<T> {
       T* row = w.Gam.data() + int64_t(i) * cp;
       fill(row, row + cp, T(0));
       if (i >= c) continue;
-      advance_pairwise_sums(run, w.lg[i] * T(1.4426950408889634), i);
-      for (int j = 0; j <= i; j += W) vstore(row + j, vexp2(vload<V>(run + j)));
+      pairwise_decay_row(run, w.lg[i] * T(1.4426950408889634), i,
+                         [&](int j, V e) { vstore(row + j, e); });
       for (int j = i + 1; j < cp; ++j) row[j] = 0;
     }
     for (int i = 0; i < kChunk; ++i)

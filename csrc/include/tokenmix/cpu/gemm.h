@@ -8,8 +8,6 @@
 //   C[i][j] = c.row(i)[j]
 #pragma once
 
-#include <cmath>
-
 #include "tokenmix/cpu/simd.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
@@ -108,14 +106,20 @@ inline void gemm(int M, int N, int K, const A& a, int a_step, const B& b, const 
   }
 }
 
-// Whether rows [0, K) x columns [0, N) of b are all finite.
-template <class B>
+// Whether rows [0, K) x columns [0, N) of b are all finite (N % W == 0):
+// x * 0 is 0 for finite x and NaN for inf or NaN, so one vector sum of them
+// says it without a branch per element.
+template <class T, class B>
 inline bool rows_finite(const B& b, int K, int N) {
+  using V = typename Simd<T>::V;
+  constexpr int W = Simd<T>::kWidth;
+  V acc{};
   for (int p = 0; p < K; ++p) {
-    const auto* row = b.row(p);
-    for (int j = 0; j < N; ++j)
-      if (!std::isfinite(row[j])) return false;
+    const T* row = b.row(p);
+    for (int j = 0; j < N; j += W) acc += vload<V>(row + j) * T(0);
   }
+  for (int l = 0; l < W; ++l)
+    if (acc[l] != T(0)) return false;
   return true;
 }
 
@@ -130,7 +134,7 @@ enum class Triangle { kLower, kUpper };
 template <class T, class A, class B, class C>
 inline void triangular_gemm(Triangle tri, int M, int N, int K, const A& a, int a_step, const B& b,
                             const C& c, bool accumulate) {
-  if (rows_finite(b, K, N)) return gemm<T>(M, N, K, a, a_step, b, c, accumulate);
+  if (rows_finite<T>(b, K, N)) return gemm<T>(M, N, K, a, a_step, b, c, accumulate);
   using V = typename Simd<T>::V;
   constexpr int W = Simd<T>::kWidth;
   for (int i = 0; i < M; ++i) {

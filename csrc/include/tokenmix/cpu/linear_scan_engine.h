@@ -67,15 +67,21 @@ inline int64_t longest_sequence_chunks(const LinearScanProblem& p, int chunk) {
 // Running pairwise log decays of a chunk, one row at a time: moving to row i
 // adds lg_i to run[j] for j < i, so run[j] = sum_{j<t<=i} lg_t, accumulated
 // over its own range (no difference of cumulative sums); run[j >= i] stays 0
-// (the diagonal's factor is 1).
-template <class T>
-inline void advance_pairwise_sums(T* run, T lg_i, int i) {
+// (the diagonal's factor is 1). Then use(j, 2^run[j .. j+W)) is called for
+// every vector up to the one holding the diagonal, in the same pass.
+template <class T, class Use>
+inline void pairwise_decay_row(T* run, T lg_i, int i, Use&& use) {
   using V = typename Simd<T>::V;
   constexpr int W = Simd<T>::kWidth;
-  const V lg_v = vbroadcast<V>(lg_i);
-  int j = 0;
-  for (; j + W <= i; j += W) vstore(run + j, vload<V>(run + j) + lg_v);
-  for (; j < i; ++j) run[j] += lg_i;
+  V lane{};
+  for (int l = 0; l < W; ++l) lane[l] = T(l);
+  const V lg_v = vbroadcast<V>(lg_i), row = vbroadcast<V>(T(i));
+  // Lanes j < i add lg_i, the others add 0 (one vector pass, no scalar tail).
+  for (int j = 0; j <= i; j += W) {
+    const V r = vload<V>(run + j) + (lane + T(j) < row ? lg_v : V{});
+    vstore(run + j, r);
+    use(j, vexp2(r));
+  }
 }
 
 // State rows [K x vp] (padded) <-> the caller's [N, H, K, V] state tensors.
@@ -236,10 +242,8 @@ struct ScanEngine : ScanShape<T> {
         continue;
       }
       if constexpr (kDecay == DecayKind::kScalar) {
-        const T lg_i = w.lg[int64_t(i) * kp];
-        advance_pairwise_sums(run, lg_i, i);
-        for (int j = 0; j <= i; j += W)
-          vstore(row + j, vload<V>(row + j) * vexp2(vload<V>(run + j)));
+        pairwise_decay_row(run, w.lg[int64_t(i) * kp], i,
+                           [&](int j, V e) { vstore(row + j, vload<V>(row + j) * e); });
       }
       for (int j = i + 1; j < cp; ++j) row[j] = 0;
     }
@@ -263,10 +267,9 @@ struct ScanEngine : ScanShape<T> {
           const V qd = vbroadcast<V>(w.q[int64_t(i) * kp + d]);
           const T lg_id = w.lg[int64_t(i) * kp + d];
           const T* kt = w.kt.data() + int64_t(d) * cp;
-          T* run = w.run.data() + int64_t(d) * cp;
-          advance_pairwise_sums(run, lg_id, i);
-          for (int j = 0; j <= i; j += W)
-            vstore(Ai + j, vload<V>(Ai + j) + qd * vload<V>(kt + j) * vexp2(vload<V>(run + j)));
+          pairwise_decay_row(w.run.data() + int64_t(d) * cp, lg_id, i, [&](int j, V e) {
+            vstore(Ai + j, vload<V>(Ai + j) + qd * vload<V>(kt + j) * e);
+          });
         }
         for (int j = i + 1; j < cp; ++j) Ai[j] = 0;
       }
@@ -407,27 +410,23 @@ struct ScanEngine : ScanShape<T> {
         triangular_gemm<T>(Triangle::kUpper, c, kp, c, StridedRows<const T>{dA, 1}, cp,
                            StridedRows<const T>{w.q.data(), kp}, StridedRows<T>{dk, kp}, true);
       } else {
-        // run [C x kp]: row j holds D_ij per key for the current i.
-        fill(w.run.begin(), w.run.end(), T(0));
+        // Per row i and block of keys, j runs down from i: D_ij = D_i(j+1) +
+        // lg_(j+1) is carried in a register, each a sum over its own range.
         for (int i = 0; i < c; ++i) {
-          const T* lg_i = w.lg.data() + int64_t(i) * kp;
           const T* qi = w.q.data() + int64_t(i) * kp;
           T* dqi = dq + int64_t(i) * kp;
-          for (int j = 0; j <= i; ++j) {
-            const V a = vbroadcast<V>(dA[int64_t(i) * cp + j]);
-            T* run_j = w.run.data() + int64_t(j) * kp;
-            const T* kj = w.k.data() + int64_t(j) * kp;
-            T* dkj = dk + int64_t(j) * kp;
-            for (int d = 0; d < kp; d += W) {
-              V e = vbroadcast<V>(T(1));
-              if (j < i) {
-                const V r = vload<V>(run_j + d) + vload<V>(lg_i + d);
-                vstore(run_j + d, r);
-                e = vexp2(r);
-              }
-              vstore(dqi + d, vload<V>(dqi + d) + a * vload<V>(kj + d) * e);
-              vstore(dkj + d, vload<V>(dkj + d) + a * vload<V>(qi + d) * e);
+          for (int d = 0; d < kp; d += W) {
+            const V q_d = vload<V>(qi + d);
+            V dq_d = vload<V>(dqi + d), log_decay{};
+            for (int j = i; j >= 0; --j) {
+              const V a = vbroadcast<V>(dA[int64_t(i) * cp + j]);
+              const V e = vexp2(log_decay);  // 2^0 = 1 on the diagonal
+              T* dkj = dk + int64_t(j) * kp + d;
+              dq_d += a * vload<V>(w.k.data() + int64_t(j) * kp + d) * e;
+              vstore(dkj, vload<V>(dkj) + a * q_d * e);
+              log_decay += vload<V>(w.lg.data() + int64_t(j) * kp + d);
             }
+            vstore(dqi + d, dq_d);
           }
         }
       }
