@@ -124,3 +124,30 @@ def attend(fn, cfg, leaves, **kwargs):
         additional_values=leaves.get("additional_values"),
         **kwargs,
     )
+
+
+def poisoned(t, name, index, value):
+    """A copy of the input dict `t` whose tensor `name` holds `value` at `index`."""
+    x = t[name].clone()
+    x[index] = value
+    return {**t, name: x}
+
+
+def assert_same_nonfinite(got, want, tol, what):
+    """`got` is non-finite exactly where `want` (the float64 reference) is, and elsewhere within
+    `tol` of it (relative to max(1, max |want|) over the finite entries)."""
+    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {got.shape} != {want.shape}"
+    bad_got, bad_want = ~torch.isfinite(got), ~torch.isfinite(want)
+    if not torch.equal(bad_got, bad_want):
+        leaked = (bad_got & ~bad_want).nonzero()[:4].tolist()
+        lost = (bad_want & ~bad_got).nonzero()[:4].tolist()
+        raise AssertionError(
+            f"{what}: non-finite where the reference is finite at {leaked} "
+            f"({int((bad_got & ~bad_want).sum())} in all), finite where it is not at {lost} "
+            f"({int((bad_want & ~bad_got).sum())} in all)"
+        )
+    finite = ~bad_want
+    if finite.any():
+        w, g = want[finite].double(), got[finite].double()
+        err = ((g - w).abs().max() / w.abs().max().clamp_min(1.0)).item()
+        assert err <= tol, f"{what}: max error {err:.3e} > {tol:.1e} on the finite entries"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,15 @@ import tokenmix
 import torch
 import torch.nn.functional as F
 from na_brute_force import brute_force_mask, brute_force_rpb_index, dense_attention, dense_rpb_bias
-from na_cases import attend, make_cfg, make_inputs, random_case, window_of
+from na_cases import (
+    assert_same_nonfinite,
+    attend,
+    make_cfg,
+    make_inputs,
+    poisoned,
+    random_case,
+    window_of,
+)
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 from torch import nn
 
@@ -804,6 +813,99 @@ def test_direct_op_errors_raise():
 
 
 # --------------------------------------------------------------------------------------
+# Non-finite inputs and fully masked rows
+# --------------------------------------------------------------------------------------
+
+INF, NAN = float("inf"), float("nan")
+
+
+def check_nonfinite(cfg, t, g_out, dtype):
+    """Output, LSE and every gradient are non-finite exactly where the float64 reference's are
+    (and match it elsewhere). Returns the kernel's (out, lse, grads)."""
+    out, lse, g = run_kernel(cfg, t, g_out)
+    r_out, r_lse, r_g = run_reference(cfg, t, g_out)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_same_nonfinite(out, r_out, TOL[dtype], "out")
+    assert_same_nonfinite(lse, r_lse, TOL[acc], "lse")
+    for name in r_g:
+        assert_same_nonfinite(g[name], r_g[name], TOL[dtype], f"grad {name}")
+    return out, lse, g
+
+
+def _bad_rows(x):
+    return (~torch.isfinite(x)).flatten(2).any(-1)[0].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("value", [INF, -INF, NAN], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"]
+)
+@pytest.mark.parametrize("name", ["v", "k"])
+def test_nonfinite_key_or_value_stays_in_its_window(name, dtype, value):
+    # na1d, kernel 4, causal: token 20 is in the windows of queries 20-23 only. Before the fix a
+    # non-finite value reached every query of the tile (rows 16-31) through 0 * inf.
+    cfg = make_cfg((48,), 4, causal=True, heads=2, dim=16)
+    t = poisoned(make_inputs(cfg, dtype, 1), name, (0, 20, 0, 3), value)
+    g_out = torch.randn(1, 48, 2, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out, _, g = check_nonfinite(cfg, t, g_out, dtype)
+    assert _bad_rows(g["q"]) == [20, 21, 22, 23]
+    if name == "v":
+        assert _bad_rows(out) == [20, 21, 22, 23]
+        assert _bad_rows(g["k"]) == list(range(17, 24))
+
+
+@pytest.mark.parametrize("seed", range(18))
+def test_nonfinite_inputs_match_reference(seed):
+    """Random problems with inf, -inf or NaN planted in q, k, v, rpb, the additional tokens or
+    the output gradient: every output and gradient is non-finite exactly where the reference's
+    is."""
+    cfg = random_case(seed, [8, 16, 24, 40], [8, 16], GQA_CHOICES[:5])
+    dtype = [torch.float32, torch.float64, torch.bfloat16][seed % 3]
+    t = make_inputs(cfg, dtype, seed)
+    out_shape = (cfg["batch"], *cfg["shape"], cfg["heads"], cfg["dim_v"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    t["grad_out"] = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(dtype)
+    rng = random.Random(seed)
+    names = [n for n, x in t.items() if x is not None]
+    for _ in range(1 + seed % 3):
+        name = rng.choice(names)
+        index = tuple(rng.randrange(n) for n in t[name].shape)
+        t = poisoned(t, name, index, rng.choice([INF, -INF, NAN]))
+    g_out = t.pop("grad_out")
+    check_nonfinite(cfg, t, g_out, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"]
+)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        make_cfg((24,), 5, heads=2, heads_kv=1, dim=16, rpb=True),
+        make_cfg((7, 9), (3, 4), causal=(False, True), heads=1, dim=16, dim_v=24, rpb=True),
+        make_cfg((5, 4, 6), 3, heads=4, heads_kv=2, dim=8, rpb=True, batch=2),
+    ],
+    ids=["1d-gqa", "2d", "3d"],
+)
+def test_fully_masked_rows(cfg, dtype):
+    """Head 0's rpb is all -inf, so every logit of its rows is -inf: output 0, LSE -inf, and
+    the gradients of q, k, v and rpb are finite (0 for head 0's queries and bias), as in the
+    reference. The other heads are unaffected."""
+    t = make_inputs(cfg, dtype, 4)
+    t["rpb"][0] = -INF
+    out_shape = (cfg["batch"], *cfg["shape"], cfg["heads"], cfg["dim_v"])
+    g_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out, lse, g = check_nonfinite(cfg, t, g_out, dtype)
+    assert (out[..., 0, :] == 0).all() and (lse[..., 0] == -INF).all()
+    assert torch.isfinite(lse[..., 1:]).all()
+    for name in ("q", "k", "v", "rpb"):
+        assert torch.isfinite(g[name]).all(), name
+    assert (g["q"][..., 0, :] == 0).all() and (g["rpb"][0] == 0).all()
+    if cfg["heads"] == 1:
+        assert (g["k"] == 0).all() and (g["v"] == 0).all()
+
+
+# --------------------------------------------------------------------------------------
 # Threads, determinism, instruction sets
 # --------------------------------------------------------------------------------------
 
@@ -813,12 +915,21 @@ def _fwd_bwd(t, cfg, g_out):
     return [out, lse, *grads.values()]
 
 
-def test_deterministic_and_thread_count_independent():
-    # B * H_kv = 1 < threads: the backward splits each (batch, kv head) into sections
-    # whose buffers are reduced at the end.
-    cfg = make_cfg((16, 15), (5, 4), heads=4, heads_kv=1, dim=24, rpb=True, n_extra=3)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        make_cfg((16, 15), (5, 4), heads=4, heads_kv=1, dim=24, rpb=True, n_extra=3),
+        make_cfg((70,), 7, dilation=2, heads=2, heads_kv=1, dim=16, rpb=True, n_extra=130),
+        make_cfg((9, 8, 10), 3, causal=(False, False, True), heads=1, dim=32, dim_v=8),
+    ],
+    ids=["2d", "1d-dilated-many-extra", "3d"],
+)
+def test_deterministic_and_thread_count_independent(cfg):
+    # B * H_kv = 1 < threads: the backward's work on one (batch, kv head) runs in parallel
+    # stripes; their partition depends on the problem only, so every gradient is the same
+    # bit for bit at any thread count.
     t = make_inputs(cfg, torch.float32, 9)
-    g_out = torch.randn(1, 16, 15, 4, 24)
+    g_out = torch.randn(1, *cfg["shape"], cfg["heads"], cfg["dim_v"])
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -826,13 +937,75 @@ def test_deterministic_and_thread_count_independent():
         second = _fwd_bwd(t, cfg, g_out)
         for a, b in zip(first, second, strict=True):
             assert torch.equal(a, b)
-        for threads in (1, 3):
+        for threads in (1, 3, 8):
             torch.set_num_threads(threads)
             other = _fwd_bwd(t, cfg, g_out)
             for a, b in zip(first, other, strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                assert torch.equal(a, b), threads
     finally:
         torch.set_num_threads(old)
+
+
+_BACKWARD_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys, torch, tokenmix
+    threads, dtype = int(sys.argv[1]), getattr(torch, sys.argv[2])
+    torch.set_num_threads(threads)
+
+    def kib(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+
+    gen = torch.Generator().manual_seed(0)
+    n, d = 128, 64  # one query head and one kv head on a 128 x 128 image
+    q, k, v = (torch.randn(1, n, n, 1, d, generator=gen).to(dtype) for _ in range(3))
+    window = ([7, 7], [1, 1], [1, 1], [0, 0], d**-0.5)
+    out, lse = torch.ops.tokenmix.na_forward(q, k, v, None, None, None, *window)
+    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+
+    def backward():
+        return torch.ops.tokenmix.na_backward(grad_out, q, k, v, out, lse, None, None, None,
+                                              *window)
+
+    backward()  # the thread pool and its allocator arenas exist from here on
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    grads = backward()
+    peak = kib("VmHWM")
+    outputs = sum(g.numel() * g.element_size() for g in grads)
+    print("EXTRA", (peak - base) * 1024 - outputs, "KV", 2 * n * n * d * 4)
+"""
+)
+
+
+def _backward_extra_memory(threads, dtype):
+    proc = subprocess.run(
+        [sys.executable, "-c", _BACKWARD_MEMORY_SCRIPT, str(threads), dtype],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fields = proc.stdout.split()
+    return int(fields[fields.index("EXTRA") + 1]), int(fields[fields.index("KV") + 1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux VmHWM reset")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backward_memory_does_not_grow_with_threads(dtype):
+    """Peak memory the backward allocates beyond its outputs stays within about twice K + V in
+    fp32 (for bf16: the fp32 copy of K and V plus the dK/dV accumulator), at 1, 8 or 32
+    threads."""
+    slack = 4 << 20  # allocator rounding, per-thread work tiles, the K/V row flags
+    extra = {}
+    for threads in (1, 8, 32):
+        extra[threads], kv = _backward_extra_memory(threads, dtype)
+        assert extra[threads] <= 2 * kv + slack, (threads, extra, kv)
+    assert max(extra.values()) - min(extra.values()) <= slack, (extra, kv)
 
 
 def test_default_isa_matches_cpu():

@@ -13,12 +13,21 @@ PTX ISA's maximum errors ($TOKENMIX_SIMT_MATH=approx), so the kernels cannot dep
 from __future__ import annotations
 
 import os
+import random
 import warnings
 
 import pytest
 import tokenmix
 import torch
-from na_cases import attend, make_cfg, make_inputs, random_case, window_of
+from na_cases import (
+    assert_same_nonfinite,
+    attend,
+    make_cfg,
+    make_inputs,
+    poisoned,
+    random_case,
+    window_of,
+)
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 
 LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
@@ -308,3 +317,92 @@ def test_random_sweep(seed):
     c = random_case(seed, CUDA_HEAD_DIMS, CUDA_HEAD_DIMS, [(1, 1), (2, 2), (4, 2), (3, 1)],
                     max_pad={1: 40, 2: 8, 3: 3})  # fmt: skip
     check(c, SWEEP_DTYPES[seed % 3], seed=seed, deterministic=seed % 3 == 1)
+
+
+# ---- non-finite inputs and fully masked rows ---------------------------------------------------
+
+INF, NAN = float("inf"), float("nan")
+
+
+def check_nonfinite(c, t, grad_out, dtype, grad_lse=None, deterministic=False):
+    """Outputs and gradients of the emulated kernels are non-finite exactly where the float64
+    reference's are, and match it elsewhere."""
+    scale = c.get("scale") or c["dim"] ** -0.5
+    out, lse, g = emulated(c, t, scale, grad_out, grad_lse, deterministic)
+    r_out, r_lse, r_g = reference(c, t, scale, grad_out, grad_lse)
+    assert_same_nonfinite(out, r_out, TOL[dtype], "out")
+    assert_same_nonfinite(lse, r_lse, 1e-5, "lse")
+    for name, want in r_g.items():
+        assert_same_nonfinite(g[name], want, TOL[dtype], f"grad {name}")
+    return out, lse, g
+
+
+def _bad_rows(x):
+    return (~torch.isfinite(x)).flatten(2).any(-1)[0].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("value", [INF, NAN], ids=["inf", "nan"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("name", ["v", "k"])
+def test_nonfinite_key_or_value_stays_in_its_window(name, dtype, value):
+    """na1d, kernel 4, causal: token 20 is in the windows of queries 20-23 only; the tile of 64
+    queries around it must not see a non-finite K or V row through 0 * inf (forward P V,
+    dQ += dS K) nor through masked dS."""
+    c = make_case((80,), 4, causal=True, heads=2)
+    t = poisoned(make_inputs(c, dtype, 1), name, (0, 20, 0, 3), value)
+    grad_out = torch.randn(1, 80, 2, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out, _, g = check_nonfinite(c, t, grad_out, dtype)
+    assert _bad_rows(g["q"]) == [20, 21, 22, 23]
+    if name == "v":
+        assert _bad_rows(out) == [20, 21, 22, 23]
+        assert _bad_rows(g["k"]) == list(range(17, 24))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nonfinite_inputs_match_reference(seed):
+    """Random problems with inf, -inf or NaN planted in q, k, v, rpb, the additional tokens or
+    the output gradient (the B tiles of all four P/dS products: V, K, Q and dO)."""
+    c = random_case(seed, CUDA_HEAD_DIMS[:6], CUDA_HEAD_DIMS[:4], [(1, 1), (2, 2), (4, 2), (3, 1)],
+                    max_pad={1: 40, 2: 8, 3: 3})  # fmt: skip
+    dtype = SWEEP_DTYPES[seed % 3]
+    t = make_inputs(c, dtype, seed)
+    out_shape = (c["batch"], *c["shape"], c["heads"], c["dim_v"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    t["grad_out"] = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(dtype)
+    rng = random.Random(seed)
+    names = [n for n, x in t.items() if x is not None]
+    for _ in range(1 + seed % 3):
+        name = rng.choice(names)
+        index = tuple(rng.randrange(n) for n in t[name].shape)
+        t = poisoned(t, name, index, rng.choice([INF, -INF, NAN]))
+    grad_out = t.pop("grad_out")
+    check_nonfinite(c, t, grad_out, dtype, deterministic=seed % 2 == 1)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "c",
+    [
+        make_case((24,), 5, heads=2, heads_kv=1, rpb=True),
+        make_case((7, 9), (3, 4), causal=(False, True), heads=1, dim=16, dim_v=24, rpb=True),
+    ],
+    ids=["1d-gqa", "2d"],
+)
+def test_fully_masked_rows(c, dtype, deterministic):
+    """Head 0's rpb is all -inf: its rows have every logit -inf. Output 0, LSE -inf, and the
+    gradients of q, k, v and rpb are finite (0 for head 0's queries and bias): the dK/dV kernel
+    must not form exp2(-inf - -inf) from the -inf logit and LSE of such a row."""
+    t = make_inputs(c, dtype, 4)
+    t["rpb"][0] = -INF
+    out_shape = (c["batch"], *c["shape"], c["heads"], c["dim_v"])
+    gen = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(out_shape, generator=gen).to(dtype)
+    grad_lse = torch.randn(out_shape[:-1], generator=gen)
+    out, lse, g = check_nonfinite(c, t, grad_out, dtype, grad_lse, deterministic)
+    assert (out[..., 0, :] == 0).all() and (lse[..., 0] == -INF).all()
+    for name in ("q", "k", "v", "rpb"):
+        assert torch.isfinite(g[name]).all(), name
+    assert (g["q"][..., 0, :] == 0).all() and (g["rpb"][0] == 0).all()
+    if c["heads"] == 1:
+        assert (g["k"] == 0).all() and (g["v"] == 0).all()

@@ -15,6 +15,15 @@ window and the additional tokens.
 It works on any device, is differentiable with autograd with respect to every tensor
 input, and computes in float32 (float64 for float64 inputs). The output has the input
 dtype; the LSE is float32 (float64 for float64 inputs).
+
+Non-finite inputs and fully masked rows (the fused kernels follow the same rules):
+
+* A key or value outside a query's window never reaches that query: it is not gathered.
+  Inside the window, IEEE arithmetic applies, so a non-finite key or value makes the
+  query's output (and the gradients that flow through it) non-finite even where its
+  probability is 0 (``0 * inf`` is NaN).
+* A row whose logits are all ``-inf`` (every key masked, e.g. by an rpb of ``-inf``)
+  has output 0 and LSE ``-inf``, and no gradient flows back through it.
 """
 
 from __future__ import annotations
@@ -159,8 +168,15 @@ def _attend_chunk(q_c, kf, vf, key_idx, valid, rel_idx, rpb_flat, extra_k, extra
     if extra_k is not None:
         logits_extra = torch.einsum("bcmgd,bnmd->bcmgn", q_c, extra_k)
         logits = torch.cat([logits, logits_extra], dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)  # [B, C, Hkv, G]
-    probs = torch.exp(logits - lse[..., None])
+    # A fully masked row (every logit -inf, e.g. under an rpb of -inf) attends to nothing: output
+    # 0, LSE -inf, and no gradient flows back through it. Its logits are replaced by zeros before
+    # the logsumexp and its probabilities by exact zeros after it (masked_fill selects, so the
+    # NaN of exp(-inf - -inf) and its gradient never arise).
+    dead = (logits == float("-inf")).all(dim=-1, keepdim=True)
+    logits = logits.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [B, C, Hkv, G, 1]
+    probs = torch.exp(logits - lse).masked_fill(dead, 0.0)
+    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
     out = torch.einsum("bcmgw,bcwmv->bcmgv", probs[..., :window], v_w)
     if extra_v is not None:
         out = out + torch.einsum("bcmgn,bnmv->bcmgv", probs[..., window:], extra_v)

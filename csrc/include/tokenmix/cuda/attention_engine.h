@@ -31,6 +31,7 @@ namespace tokenmix::cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kInf = __builtin_huge_valf();
 
 // ---- shared memory plans (the host sizes the launch with the same functions) -------------------
 
@@ -45,8 +46,8 @@ struct SmemPlan {
 
 // Query-major kernels (forward, backward_dq): a tile of kTileRows queries, chunks of E::kKeys keys.
 struct QueryMajorSmem {
-  int ldq, ldv;                                // row strides of the D-wide and value-wide tiles
-  int64_t q, go, k, v, rows, keys, stage, ds;  // byte offsets
+  int ldq, ldv;                                       // row strides of the D- and value-wide tiles
+  int64_t q, go, k, v, rows, keys, stage, ds, votes;  // byte offsets
   int64_t bytes;
 };
 
@@ -67,6 +68,7 @@ TM_HOST_DEVICE QueryMajorSmem query_major_smem(int dp, int vwidth, bool backward
   s.keys = plan.take(int64_t(E::kKeys) * 4 * 4);    // kc[3], valid
   s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
   s.ds = rpb_partials ? plan.take(int64_t(kTileRows) * (E::kKeys + 1) * 4) : 0;
+  s.votes = plan.take(int64_t(2 * kWarps) * 4);  // block_any words: chunk tiles, end of pass
   s.bytes = plan.bytes;
   return s;
 }
@@ -74,7 +76,7 @@ TM_HOST_DEVICE QueryMajorSmem query_major_smem(int dp, int vwidth, bool backward
 // Key-major kernel (backward_dkdv): a tile of kTileRows keys, chunks of E::kKeys queries.
 struct KeyMajorSmem {
   int ldq, ldv;
-  int64_t k, v, q, go, rows, cols, stage;
+  int64_t k, v, q, go, rows, cols, stage, votes;
   int64_t bytes;
 };
 
@@ -92,6 +94,7 @@ TM_HOST_DEVICE KeyMajorSmem key_major_smem(int dp, int dvp) {
   s.rows = plan.take(int64_t(kTileRows) * 4 * 4);  // kc[3], valid
   s.cols = plan.take(int64_t(E::kKeys) * 12 * 4);  // qc[3], lo[3], hi[3], valid, lse2, delta
   s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
+  s.votes = plan.take(int64_t(3 * kWarps) * 4);  // block_any words: Q, dO, end of pass
   s.bytes = plan.bytes;
   return s;
 }
@@ -157,6 +160,49 @@ TM_DEVICE void copy_rows(shared_ptr<T> dst, int ld, int rows, int width, global_
     const bool in = off >= 0 && col0 + c < valid_cols;
     cp_async_zfill<16>(dst + r * ld + c, in ? base + off + c : base, in ? 16 : 0);
   }
+}
+
+// Whether the 16-byte segments this thread copied with copy_rows(dst, ld, rows, width, ...) hold
+// an inf or NaN in columns [col_lo, col_hi). It reads only the thread's own cp.async destinations,
+// which are visible to it right after cp_async_wait_group, so it runs before the barrier that
+// publishes the tile; block_any then combines the threads at that barrier.
+template <class E>
+TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, int ld, int rows, int width,
+                                int col_lo, int col_hi) {
+  constexpr int vec = kVec<typename E::T>;
+  const int segs = width / vec;
+  bool bad = false;
+  for (int s = int(linear_thread_idx()); s < rows * segs; s += kThreads) {
+    const int r = s / segs, c = (s - r * segs) * vec;
+    if (c >= col_lo && c < col_hi) bad |= any_nonfinite<E>(load128(dst + r * ld + c));
+  }
+  return bad;
+}
+
+// A block-wide OR taken at a barrier: block_any_vote before it (each warp votes, its lane 0 writes
+// the warp's word), block_any_result after it. A set of words may be voted again only after
+// another barrier has passed (every thread has read the last result), so the kernels give each
+// vote that is not separated from the previous one by a barrier its own set.
+TM_DEVICE void block_any_vote(shared_ptr<int> words, bool pred) {
+  const int any = any_sync(0xffffffffu, pred ? 1 : 0);
+  if (lane_id() == 0) words[warp_id()] = any;
+}
+TM_DEVICE bool block_any_result(shared_ptr<int> words) {
+  int any = 0;
+  for (int w = 0; w < kWarps; ++w) any |= words[w];
+  return any != 0;
+}
+
+// Whether any of a thread's accumulator fragments is inf or NaN (x - x is 0 only for a finite x).
+template <int N>
+TM_DEVICE bool any_nonfinite_acc(const float (&acc)[N][4]) {
+  bool bad = false;
+  TM_UNROLL
+  for (int n = 0; n < N; ++n) {
+    TM_UNROLL
+    for (int i = 0; i < 4; ++i) bad |= (acc[n][i] - acc[n][i]) != 0.0f;
+  }
+  return bad;
 }
 
 // Sum / max over the 4 lanes that share an accumulator row.
@@ -283,12 +329,14 @@ TM_DEVICE int query_row_token(const NaParams& p, const TileGeometry& g, int r) {
   return token_index(p, x);
 }
 
-// Scores of a chunk -> logits in log2 units (scaled, biased, masked with -inf).
+// Scores of a chunk -> logits in log2 units (scaled, biased, masked with -inf). Returns the window
+// mask: bit 4n + i set when s[n][i] is kept.
 template <class E, int KC>
-TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState& rs,
-                           shared_ptr<int> keys, bool extra, int head) {
+TM_DEVICE uint32_t mask_logits(const NaParams& p, float (&s)[KC][4], const RowState& rs,
+                               shared_ptr<int> keys, bool extra, int head) {
   constexpr int kKeys = E::kKeys;
   const int lane = int(lane_id());
+  uint32_t kept = 0;
   TM_UNROLL
   for (int n = 0; n < KC; ++n) {
     TM_UNROLL
@@ -305,8 +353,10 @@ TM_DEVICE void mask_logits(const NaParams& p, float (&s)[KC][4], const RowState&
         if (keep && p.rpb) bias = rpb_bias<E>(p, head, kc, rs.qc[ri]) * kLog2e;
       }
       s[n][i] = keep ? s[n][i] * p.scale_log2 + bias : kNegInf;
+      kept |= keep ? 1u << (4 * n + i) : 0u;
     }
   }
+  return kept;
 }
 
 // The block's place in a query-major grid (grid.x = batch x heads x query tiles) and its tile.
@@ -396,90 +446,117 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
   const shared_ptr<T> sq = ptr_cast<T>(smem + L.q), sk = ptr_cast<T>(smem + L.k),
                       sv = ptr_cast<T>(smem + L.v);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
+  const shared_ptr<int> votes = ptr_cast<int>(smem + L.votes);
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const global_ptr<const T> q(static_cast<const T*>(p.q));
   const KeyChunks<E> chunks(p, blk);
-
   write_query_rows(p, g, nrows, rows);
   copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
-  if (chunks.count > 0) chunks.load_keys(0, keys, sk, L.ldq, dp);
-  cp_async_commit_group();
 
-  float o[NV][4], m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
-  TM_UNROLL
-  for (int n = 0; n < NV; ++n) {
-    TM_UNROLL
-    for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
-  }
+  float o[NV][4], m[2], l[2];
+  bool nan_logit[2];  // pass 1: a kept logit of the row was NaN (for the LSE)
   RowState rs{};
 
-  // Two copies in flight per chunk, one shared tile each: V of chunk c lands while S = Q K^T is
-  // computed, K of chunk c + 1 while the softmax and P V run.
-  for (int c = 0; c < chunks.count; ++c) {
-    const bool extra = chunks.extra(c);
-    cp_async_wait_group<0>();  // K (and metadata) of chunk c
-    sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
-    chunks.load_values(c, sv, L.ldv, kVChunk, vc0);
-    cp_async_commit_group();
-    if (c == 0) rs = read_query_rows(rows, warp * 16 + (lane >> 2), nrows);
-
-    float s[KC][4];
+  // Pass 0 multiplies P V with tensor cores (or the staged FMAs). A V row holding an inf or NaN
+  // would turn the masked (0) P entries of every row into NaN there (0 * inf), so a block whose O
+  // came out non-finite runs pass 1: each V tile is checked and the ones with an inf or NaN take
+  // gemm_pn_exact. Finite inputs never run pass 1.
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool exact = pass == 1;
+    if (chunks.count > 0) chunks.load_keys(0, keys, sk, L.ldq, dp);
+    cp_async_commit_group();  // (with the Q copy in pass 0)
     TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
+    for (int n = 0; n < NV; ++n) {
       TM_UNROLL
-      for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+      for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
     }
-    gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
-    mask_logits<E>(p, s, rs, keys, extra, h);
-    cp_async_wait_group<0>();  // V of chunk c
-    sync_threads();            // every warp is done with K and the metadata of chunk c
-    if (c + 1 < chunks.count) chunks.load_keys(c + 1, keys, sk, L.ldq, dp);
-    cp_async_commit_group();
-
-    // Online softmax, two rows per thread; l holds this thread's partial row sums.
     TM_UNROLL
     for (int ri = 0; ri < 2; ++ri) {
-      float mx = kNegInf;
-      TM_UNROLL
-      for (int n = 0; n < KC; ++n) {
-        mx = mx > s[n][2 * ri] ? mx : s[n][2 * ri];
-        mx = mx > s[n][2 * ri + 1] ? mx : s[n][2 * ri + 1];
-      }
-      mx = quad_max(mx);
-      const float m_new = m[ri] > mx ? m[ri] : mx;
-      const float base = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing seen yet
-      const float alpha = exp2f_approx(m[ri] - base);
-      m[ri] = m_new;
-      float sum = 0.0f;
+      m[ri] = kNegInf;
+      l[ri] = 0.0f;
+      nan_logit[ri] = false;
+    }
+
+    // Two copies in flight per chunk, one shared tile each: V of chunk c lands while S = Q K^T is
+    // computed, K of chunk c + 1 while the softmax and P V run.
+    for (int c = 0; c < chunks.count; ++c) {
+      const bool extra = chunks.extra(c);
+      cp_async_wait_group<0>();  // K (and metadata) of chunk c
+      sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
+      chunks.load_values(c, sv, L.ldv, kVChunk, vc0);
+      cp_async_commit_group();
+      if (c == 0) rs = read_query_rows(rows, warp * 16 + (lane >> 2), nrows);
+
+      float s[KC][4];
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
         TM_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const float pe = exp2f_approx(s[n][2 * ri + e] - base);
-          s[n][2 * ri + e] = pe;
-          sum += pe;
+        for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+      }
+      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
+      const uint32_t kept = mask_logits<E>(p, s, rs, keys, extra, h);
+      cp_async_wait_group<0>();  // V of chunk c
+      if (exact) block_any_vote(votes, copied_nonfinite<E>(sv, L.ldv, kKeys, kVChunk, 0, kVChunk));
+      sync_threads();  // every warp is done with K and the metadata of chunk c
+      const bool v_bad = exact && block_any_result(votes);
+      if (c + 1 < chunks.count) chunks.load_keys(c + 1, keys, sk, L.ldq, dp);
+      cp_async_commit_group();
+
+      // Online softmax, two rows per thread; l holds this thread's partial row sums.
+      TM_UNROLL
+      for (int ri = 0; ri < 2; ++ri) {
+        float mx = kNegInf;
+        TM_UNROLL
+        for (int n = 0; n < KC; ++n) {
+          mx = mx > s[n][2 * ri] ? mx : s[n][2 * ri];
+          mx = mx > s[n][2 * ri + 1] ? mx : s[n][2 * ri + 1];
+          if (exact)
+            nan_logit[ri] |= s[n][2 * ri] != s[n][2 * ri] || s[n][2 * ri + 1] != s[n][2 * ri + 1];
+        }
+        mx = quad_max(mx);
+        const float m_new = m[ri] > mx ? m[ri] : mx;
+        const float base = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing seen yet
+        const float alpha = exp2f_approx(m[ri] - base);
+        m[ri] = m_new;
+        float sum = 0.0f;
+        TM_UNROLL
+        for (int n = 0; n < KC; ++n) {
+          TM_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const float pe = exp2f_approx(s[n][2 * ri + e] - base);
+            s[n][2 * ri + e] = pe;
+            sum += pe;
+          }
+        }
+        l[ri] = l[ri] * alpha + sum;
+        TM_UNROLL
+        for (int n = 0; n < NV; ++n) {
+          o[n][2 * ri] *= alpha;
+          o[n][2 * ri + 1] *= alpha;
         }
       }
-      l[ri] = l[ri] * alpha + sum;
-      TM_UNROLL
-      for (int n = 0; n < NV; ++n) {
-        o[n][2 * ri] *= alpha;
-        o[n][2 * ri + 1] *= alpha;
-      }
+      if (v_bad)
+        gemm_pn_exact<E>(o, s, kept, sv, L.ldv);
+      else
+        gemm_pn<E>(o, s, sv, L.ldv, stage);
     }
-    gemm_pn<E>(o, s, sv, L.ldv, stage);
+    cp_async_wait_group<0>();  // a tile without any chunk still has its Q copy in flight
+    if (exact) break;
+    block_any_vote(votes + kWarps, any_nonfinite_acc(o));
+    sync_threads();  // every warp is done with the last chunk (pass 1 reloads the tiles)
+    if (!block_any_result(votes + kWarps)) break;
   }
-  cp_async_wait_group<0>();  // a tile without any chunk still has its Q copy in flight
-
   global_ptr<T> out(static_cast<T*>(p.out));
   const global_ptr<float> lse(p.lse);
   TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
     const float total = quad_sum(l[ri]);
+    const bool nan_row = quad_max(nan_logit[ri] ? 1.0f : 0.0f) != 0.0f;
     const int r = warp * 16 + (lane >> 2) + 8 * ri;
     if (r >= nrows) continue;
-    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    // total == 0: no key left (every logit -inf): output 0, LSE -inf.
+    const float inv = total == 0.0f ? 0.0f : 1.0f / total;
     const int64_t row = query_row_offset(p, g, nrows, r, b, h, p.o_st);
     TM_UNROLL
     for (int n = 0; n < NV; ++n) {
@@ -491,8 +568,13 @@ TM_GLOBAL void na_forward_kernel(NaParams p) {
     }
     if (vc0 == 0 && (lane & 3) == 0) {
       const int token = query_row_token(p, g, r);
+      // As torch.logsumexp: NaN with a NaN logit, else +inf with a +inf logit (either makes O
+      // non-finite, so pass 1 ran and recorded the NaN logits).
       lse[(int64_t(b) * p.tokens + token) * p.heads + h] =
-          total > 0.0f ? (m[ri] + log2f_approx(total)) * kLn2 : kNegInf;
+          nan_row         ? __builtin_nanf("")
+          : m[ri] == kInf ? kInf
+          : total == 0.0f ? kNegInf
+                          : (m[ri] + log2f_approx(total)) * kLn2;
     }
   }
 }
@@ -551,6 +633,7 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
                       sk = ptr_cast<T>(smem + L.k), sv = ptr_cast<T>(smem + L.v);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
   const shared_ptr<float> rowf = ptr_cast<float>(smem + L.rows) + 9 * kTileRows;  // lse2, delta
+  const shared_ptr<int> votes = ptr_cast<int>(smem + L.votes);
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const shared_ptr<float> sds = ptr_cast<float>(smem + L.ds);
   const global_ptr<const T> q(static_cast<const T*>(p.q)), go(static_cast<const T*>(p.grad_out));
@@ -571,136 +654,153 @@ TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.q_st); });
   copy_rows(sgo, L.ldv, kTileRows, dvp, go, 0, p.value_dim,
             [&](int r) { return query_row_offset(p, g, nrows, r, b, h, p.go_st); });
-  if (chunks.count > 0) chunks.load_keys(0, keys, sk, L.ldq, dp);
-  cp_async_commit_group();
 
   float dq[NQ][4];
-  TM_UNROLL
-  for (int n = 0; n < NQ; ++n) {
-    TM_UNROLL
-    for (int i = 0; i < 4; ++i) dq[n][i] = 0.0f;
-  }
   RowState rs{};
   float lse2[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
+  bool alive[2] = {true, true};  // the row has a key left (LSE > -inf)
   const global_ptr<float> grad_rpb(p.grad_rpb);
   const global_ptr<float> partial(
       partials ? p.grad_rpb_partial + (bh * p.tiles_per_head + tile) * p.rpb_size : nullptr);
 
-  // V of chunk c lands while S = Q K^T is computed (K is needed again for dQ += dS K).
-  for (int c = 0; c < chunks.count; ++c) {
-    const bool extra = chunks.extra(c);
-    const int first = chunks.first(c);
-    cp_async_wait_group<0>();  // K (and metadata) of chunk c
-    sync_threads();
-    chunks.load_values(c, sv, L.ldv, dvp, 0);
-    cp_async_commit_group();
-    if (c == 0) {
-      const int r0 = warp * 16 + (lane >> 2);
-      rs = read_query_rows(rows, r0, nrows);
+  // Pass 0 as the forward's: a block whose dQ came out non-finite computes it again in pass 1,
+  // where K tiles with an inf or NaN take gemm_pn_exact (and the rpb gradient, done, is skipped).
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool exact = pass == 1;
+    if (chunks.count > 0) chunks.load_keys(0, keys, sk, L.ldq, dp);
+    cp_async_commit_group();  // (with the Q and dO copies in pass 0)
+    TM_UNROLL
+    for (int n = 0; n < NQ; ++n) {
       TM_UNROLL
-      for (int ri = 0; ri < 2; ++ri) {
-        lse2[ri] = rowf[r0 + 8 * ri];
-        delta[ri] = rowf[kTileRows + r0 + 8 * ri];
-      }
+      for (int i = 0; i < 4; ++i) dq[n][i] = 0.0f;
     }
 
-    float s[KC][4], dp_[KC][4];
-    TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
-      TM_UNROLL
-      for (int i = 0; i < 4; ++i) s[n][i] = dp_[n][i] = 0.0f;
-    }
-    gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
-    mask_logits<E>(p, s, rs, keys, extra, h);
-    cp_async_wait_group<0>();  // V of chunk c
-    sync_threads();
-    gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
-    TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
-      TM_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int ri = i >> 1;
-        // dS (natural-log logits); exactly 0 where masked, even when the masked key's dP is
-        // not finite (0 * inf would be NaN)
-        const bool keep = s[n][i] != kNegInf;
-        s[n][i] = keep ? exp2f_approx(s[n][i] - lse2[ri]) * (dp_[n][i] - delta[ri]) : 0.0f;
+    // V of chunk c lands while S = Q K^T is computed (K is needed again for dQ += dS K).
+    for (int c = 0; c < chunks.count; ++c) {
+      const bool extra = chunks.extra(c);
+      const int first = chunks.first(c);
+      cp_async_wait_group<0>();  // K (and metadata) of chunk c
+      if (exact)
+        block_any_vote(votes, copied_nonfinite<E>(sk, L.ldq, kKeys, dp, col0, col0 + kChunk));
+      sync_threads();
+      const bool k_bad = exact && block_any_result(votes);
+      chunks.load_values(c, sv, L.ldv, dvp, 0);
+      cp_async_commit_group();
+      if (c == 0) {
+        const int r0 = warp * 16 + (lane >> 2);
+        rs = read_query_rows(rows, r0, nrows);
+        TM_UNROLL
+        for (int ri = 0; ri < 2; ++ri) {
+          lse2[ri] = rowf[r0 + 8 * ri];
+          delta[ri] = rowf[kTileRows + r0 + 8 * ri];
+          alive[ri] = lse2[ri] != kNegInf;
+        }
       }
-    }
 
-    if (rpb_grad && !extra) {
-      if (!partials) {
+      float s[KC][4], dp_[KC][4];
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
         TM_UNROLL
-        for (int n = 0; n < KC; ++n) {
-          TM_UNROLL
-          for (int i = 0; i < 4; ++i) {
-            const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
-            if (s[n][i] == 0.0f) continue;  // masked (or exactly zero: nothing to add)
-            int kc[3];
-            for (int t = 0; t < 3; ++t) kc[t] = keys[t * kKeys + j];
-            const int i0 = kc[0] - rs.qc[ri][0] + p.sched.dims[0].kernel - 1;
-            const int i1 = kc[1] - rs.qc[ri][1] + p.sched.dims[1].kernel - 1;
-            const int i2 = kc[2] - rs.qc[ri][2] + p.sched.dims[2].kernel - 1;
-            atomic_add(grad_rpb + int64_t(h) * p.rpb_size +
-                           (int64_t(i0) * p.rpb_dims[1] + i1) * p.rpb_dims[2] + i2,
-                       s[n][i]);
-          }
-        }
-      } else {
-        // Deterministic: stage dS, then each rpb offset the chunk can touch is summed by one
-        // thread over the tile's queries in a fixed order into this tile's own partial row.
-        constexpr int lds = kKeys + 1;
+        for (int i = 0; i < 4; ++i) s[n][i] = dp_[n][i] = 0.0f;
+      }
+      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
+      const uint32_t kept = mask_logits<E>(p, s, rs, keys, extra, h);
+      cp_async_wait_group<0>();  // V of chunk c
+      sync_threads();
+      gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
         TM_UNROLL
-        for (int n = 0; n < KC; ++n) {
+        for (int i = 0; i < 4; ++i) {
+          const int ri = i >> 1;
+          // dS (natural-log logits) by selection: exactly 0 outside the window and on rows without
+          // keys (whose LSE is -inf), whatever dP, delta or the LSE hold there.
+          const bool live = ((kept >> (4 * n + i)) & 1u) != 0 && alive[ri];
+          s[n][i] = live ? exp2f_approx(s[n][i] - lse2[ri]) * (dp_[n][i] - delta[ri]) : 0.0f;
+        }
+      }
+      if (rpb_grad && !exact && !extra) {
+        if (!partials) {
           TM_UNROLL
-          for (int i = 0; i < 4; ++i)
-            sds[(warp * 16 + (lane >> 2) + 8 * (i >> 1)) * lds + n * 8 + 2 * (lane & 3) + (i & 1)] =
-                s[n][i];
-        }
-        sync_threads();
-        int olo[3], oext[3], ke[3];
-        for (int t = 0; t < 3; ++t) {
-          const int kt = p.sched.dims[t].kernel - 1;
-          olo[t] = g.key_begin[t] - (g.first[t] + g.count[t] - 1) + kt;
-          int ohi = g.key_end[t] - 1 - g.first[t] + kt;
-          olo[t] = olo[t] > 0 ? olo[t] : 0;
-          ohi = ohi < 2 * kt ? ohi : 2 * kt;
-          oext[t] = ohi - olo[t] + 1;
-          ke[t] = g.key_end[t] - g.key_begin[t];
-        }
-        const int offsets = oext[0] * oext[1] * oext[2];
-        for (int e = tid; e < offsets; e += kThreads) {
-          int o[3];
-          unravel(e, oext, o);
-          float acc = 0.0f;
-          for (int r = 0; r < nrows; ++r) {
-            int i[3], key[3];
-            unravel(r, g.count, i);
-            bool in = true;
-            for (int t = 0; t < 3; ++t) {
-              key[t] =
-                  g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1) - g.key_begin[t];
-              in = in && key[t] >= 0 && key[t] < ke[t];
+          for (int n = 0; n < KC; ++n) {
+            TM_UNROLL
+            for (int i = 0; i < 4; ++i) {
+              const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
+              if (s[n][i] == 0.0f) continue;  // masked (or exactly zero: nothing to add)
+              int kc[3];
+              for (int t = 0; t < 3; ++t) kc[t] = keys[t * kKeys + j];
+              const int i0 = kc[0] - rs.qc[ri][0] + p.sched.dims[0].kernel - 1;
+              const int i1 = kc[1] - rs.qc[ri][1] + p.sched.dims[1].kernel - 1;
+              const int i2 = kc[2] - rs.qc[ri][2] + p.sched.dims[2].kernel - 1;
+              atomic_add(grad_rpb + int64_t(h) * p.rpb_size +
+                             (int64_t(i0) * p.rpb_dims[1] + i1) * p.rpb_dims[2] + i2,
+                         s[n][i]);
             }
-            if (!in) continue;
-            const int j = (key[0] * ke[1] + key[1]) * ke[2] + key[2] - first;
-            if (j >= 0 && j < kKeys) acc += sds[r * lds + j];
           }
-          if (acc != 0.0f) {
-            const int64_t idx =
-                (int64_t(olo[0] + o[0]) * p.rpb_dims[1] + olo[1] + o[1]) * p.rpb_dims[2] + olo[2] +
-                o[2];
-            partial[idx] += acc;
+        } else {
+          // Deterministic: stage dS, then each rpb offset the chunk can touch is summed by one
+          // thread over the tile's queries in a fixed order into this tile's own partial row.
+          constexpr int lds = kKeys + 1;
+          TM_UNROLL
+          for (int n = 0; n < KC; ++n) {
+            TM_UNROLL
+            for (int i = 0; i < 4; ++i)
+              sds[(warp * 16 + (lane >> 2) + 8 * (i >> 1)) * lds + n * 8 + 2 * (lane & 3) +
+                  (i & 1)] = s[n][i];
+          }
+          sync_threads();
+          int olo[3], oext[3], ke[3];
+          for (int t = 0; t < 3; ++t) {
+            const int kt = p.sched.dims[t].kernel - 1;
+            olo[t] = g.key_begin[t] - (g.first[t] + g.count[t] - 1) + kt;
+            int ohi = g.key_end[t] - 1 - g.first[t] + kt;
+            olo[t] = olo[t] > 0 ? olo[t] : 0;
+            ohi = ohi < 2 * kt ? ohi : 2 * kt;
+            oext[t] = ohi - olo[t] + 1;
+            ke[t] = g.key_end[t] - g.key_begin[t];
+          }
+          const int offsets = oext[0] * oext[1] * oext[2];
+          for (int e = tid; e < offsets; e += kThreads) {
+            int o[3];
+            unravel(e, oext, o);
+            float acc = 0.0f;
+            for (int r = 0; r < nrows; ++r) {
+              int i[3], key[3];
+              unravel(r, g.count, i);
+              bool in = true;
+              for (int t = 0; t < 3; ++t) {
+                key[t] = g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1) -
+                         g.key_begin[t];
+                in = in && key[t] >= 0 && key[t] < ke[t];
+              }
+              if (!in) continue;
+              const int j = (key[0] * ke[1] + key[1]) * ke[2] + key[2] - first;
+              if (j >= 0 && j < kKeys) acc += sds[r * lds + j];
+            }
+            if (acc != 0.0f) {
+              const int64_t idx =
+                  (int64_t(olo[0] + o[0]) * p.rpb_dims[1] + olo[1] + o[1]) * p.rpb_dims[2] +
+                  olo[2] + o[2];
+              partial[idx] += acc;
+            }
           }
         }
       }
+      sync_warp();  // reconverge after the per-lane rpb code: mma.sync needs all 32 lanes
+      if (k_bad)
+        gemm_pn_exact<E>(dq, s, kept, sk + col0, L.ldq);
+      else
+        gemm_pn<E>(dq, s, sk + col0, L.ldq, stage);
+      sync_threads();  // every warp is done with K, V and the metadata of chunk c
+      if (c + 1 < chunks.count) chunks.load_keys(c + 1, keys, sk, L.ldq, dp);
+      cp_async_commit_group();
     }
-    sync_warp();  // reconverge after the per-lane rpb code: mma.sync needs all 32 lanes
-    gemm_pn<E>(dq, s, sk + col0, L.ldq, stage);
-    sync_threads();  // every warp is done with K, V and the metadata of chunk c
-    if (c + 1 < chunks.count) chunks.load_keys(c + 1, keys, sk, L.ldq, dp);
-    cp_async_commit_group();
+    cp_async_wait_group<0>();
+    if (exact) break;
+    block_any_vote(votes + kWarps, any_nonfinite_acc(dq));
+    sync_threads();  // every warp is done with the last chunk (pass 1 reloads the tiles)
+    if (!block_any_result(votes + kWarps)) break;
   }
-  cp_async_wait_group<0>();
 
   global_ptr<T> gq(static_cast<T*>(p.grad_q));
   TM_UNROLL
@@ -768,6 +868,7 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
                       sq = ptr_cast<T>(smem + L.q), sgo = ptr_cast<T>(smem + L.go);
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), cols = ptr_cast<int>(smem + L.cols);
   const shared_ptr<float> colf = ptr_cast<float>(smem + L.cols) + 10 * kCols;  // lse2, delta
+  const shared_ptr<int> votes = ptr_cast<int>(smem + L.votes);  // Q, dO, end (kWarps words each)
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kCols);
   const global_ptr<const T> q(static_cast<const T*>(p.q)), k(static_cast<const T*>(p.k)),
       v(static_cast<const T*>(p.v)), ek(static_cast<const T*>(p.extra_k)),
@@ -797,11 +898,6 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
   cp_async_commit_group();
 
   float dk[NC][4], dv[NC][4];
-  TM_UNROLL
-  for (int n = 0; n < NC; ++n) {
-    TM_UNROLL
-    for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.0f;
-  }
   int kc[2][3];
   bool kvalid[2] = {false, false};
 
@@ -857,72 +953,106 @@ TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
     copy_rows(sgo, L.ldv, kCols, dvp, go, 0, p.value_dim,
               [&](int j) { return query_offset(it, j, p.go_st); });
   };
-  if (steps > 0) load_queries(0);
-  cp_async_commit_group();  // with K and V of the tile
 
-  // dO of step it lands while S^T = K Q^T is computed (Q is needed again for dK += dS^T Q).
-  for (int it = 0; it < steps; ++it) {
-    const int h = hk * group_heads + it / qchunks;
-    cp_async_wait_group<0>();  // Q and metadata of step it (and K, V at the first step)
-    sync_threads();
-    load_grads(it);
-    cp_async_commit_group();
-    if (it == 0) {
+  // Pass 0 as the forward's: a block whose dK or dV came out non-finite computes them again in
+  // pass 1, where Q and dO tiles with an inf or NaN take gemm_pn_exact.
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool exact = pass == 1;
+    if (steps > 0) load_queries(0);
+    cp_async_commit_group();  // (with K and V of the tile in pass 0)
+    TM_UNROLL
+    for (int n = 0; n < NC; ++n) {
       TM_UNROLL
-      for (int ri = 0; ri < 2; ++ri) {
-        const int r = warp * 16 + (lane >> 2) + 8 * ri;
-        kvalid[ri] = rows[3 * kTileRows + r] != 0;
-        for (int t = 0; t < 3; ++t) kc[ri][t] = rows[t * kTileRows + r];
-      }
+      for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.0f;
     }
 
-    // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
-    float s[KC][4], dpt[KC][4];
-    TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
-      TM_UNROLL
-      for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
-    }
-    gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
-    TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
-      TM_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
-        bool keep = kvalid[ri] && cols[9 * kCols + j] != 0;
-        float bias = 0.0f;
-        if (keep && !extra) {
-          int qc[3];
-          for (int t = 0; t < 3; ++t) {
-            qc[t] = cols[t * kCols + j];
-            keep = keep && kc[ri][t] >= cols[(3 + t) * kCols + j] &&
-                   kc[ri][t] < cols[(6 + t) * kCols + j];
-          }
-          if (keep && p.rpb) bias = rpb_bias<E>(p, h, kc[ri], qc) * kLog2e;
+    // dO of step it lands while S^T = K Q^T is computed (Q is needed again for dK += dS^T Q).
+    for (int it = 0; it < steps; ++it) {
+      const int h = hk * group_heads + it / qchunks;
+      cp_async_wait_group<0>();  // Q and metadata of step it (and K, V at the first step)
+      if (exact)
+        block_any_vote(votes, copied_nonfinite<E>(sq, L.ldq, kCols, dp, col0, col0 + kChunk));
+      sync_threads();
+      const bool q_bad = exact && block_any_result(votes);
+      load_grads(it);
+      cp_async_commit_group();
+      if (it == 0) {
+        TM_UNROLL
+        for (int ri = 0; ri < 2; ++ri) {
+          const int r = warp * 16 + (lane >> 2) + 8 * ri;
+          kvalid[ri] = rows[3 * kTileRows + r] != 0;
+          for (int t = 0; t < 3; ++t) kc[ri][t] = rows[t * kTileRows + r];
         }
-        s[n][i] = keep ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;  // P^T
       }
-    }
-    cp_async_wait_group<0>();  // dO of step it
-    sync_threads();
-    gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
-    float ds[KC][4];
-    TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
-      TM_UNROLL
-      for (int i = 0; i < 4; ++i)
-        ds[n][i] = s[n][i] == 0.0f  // masked: exactly 0 (see the dQ kernel)
-                       ? 0.0f
-                       : s[n][i] * (dpt[n][i] - colf[kCols + n * 8 + 2 * (lane & 3) + (i & 1)]);
-    }
-    gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
-    gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
-    sync_threads();  // every warp is done with Q, dO and the metadata of step it
-    if (it + 1 < steps) load_queries(it + 1);
-    cp_async_commit_group();
-  }
-  cp_async_wait_group<0>();
 
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
+      float s[KC][4], dpt[KC][4];
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
+        TM_UNROLL
+        for (int i = 0; i < 4; ++i) s[n][i] = dpt[n][i] = 0.0f;
+      }
+      gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
+      // kept: the window mask; live: kept, and the query has a key left (its LSE, the logit's
+      // reference, is > -inf: a row whose logits are all -inf gets P = 0 rather than
+      // exp2(-inf - -inf) = NaN).
+      uint32_t kept = 0, live = 0;
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
+        TM_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int ri = i >> 1, j = n * 8 + 2 * (lane & 3) + (i & 1);
+          bool keep = kvalid[ri] && cols[9 * kCols + j] != 0;
+          float bias = 0.0f;
+          if (keep && !extra) {
+            int qc[3];
+            for (int t = 0; t < 3; ++t) {
+              qc[t] = cols[t * kCols + j];
+              keep = keep && kc[ri][t] >= cols[(3 + t) * kCols + j] &&
+                     kc[ri][t] < cols[(6 + t) * kCols + j];
+            }
+            if (keep && p.rpb) bias = rpb_bias<E>(p, h, kc[ri], qc) * kLog2e;
+          }
+          const bool alive = keep && colf[j] != kNegInf;
+          kept |= keep ? 1u << (4 * n + i) : 0u;
+          live |= alive ? 1u << (4 * n + i) : 0u;
+          s[n][i] = alive ? exp2f_approx(s[n][i] * p.scale_log2 + bias - colf[j]) : 0.0f;  // P^T
+        }
+      }
+      cp_async_wait_group<0>();  // dO of step it
+      if (exact)
+        block_any_vote(votes + kWarps,
+                       copied_nonfinite<E>(sgo, L.ldv, kCols, dvp, col0, col0 + kChunk));
+      sync_threads();
+      const bool g_bad = exact && block_any_result(votes + kWarps);
+      gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
+      float ds[KC][4];
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
+        TM_UNROLL
+        for (int i = 0; i < 4; ++i)
+          ds[n][i] = ((live >> (4 * n + i)) & 1u) != 0  // else exactly 0 (see the dQ kernel)
+                         ? s[n][i] * (dpt[n][i] - colf[kCols + n * 8 + 2 * (lane & 3) + (i & 1)])
+                         : 0.0f;
+      }
+      if (g_bad)
+        gemm_pn_exact<E>(dv, s, kept, sgo + col0, L.ldv);
+      else
+        gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
+      if (q_bad)
+        gemm_pn_exact<E>(dk, ds, kept, sq + col0, L.ldq);
+      else
+        gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
+      sync_threads();  // every warp is done with Q, dO and the metadata of step it
+      if (it + 1 < steps) load_queries(it + 1);
+      cp_async_commit_group();
+    }
+    cp_async_wait_group<0>();
+    if (exact) break;
+    block_any_vote(votes + 2 * kWarps, any_nonfinite_acc(dk) || any_nonfinite_acc(dv));
+    sync_threads();  // every warp is done with the last step (pass 1 reloads Q and dO)
+    if (!block_any_result(votes + 2 * kWarps)) break;
+  }
   // Gradient rows are contiguous: [B, S.., H_kv, D] or [B, N, H_kv, D] for the extra tokens.
   global_ptr<T> gk(static_cast<T*>(extra ? p.grad_extra_k : p.grad_k)),
       gv(static_cast<T*>(extra ? p.grad_extra_v : p.grad_v));

@@ -5,7 +5,9 @@
 //   gemm_nt: acc[n] += A[16 x K] * B[8n..8n+7, 0..K)^T, A and B row major in shared memory
 //            (scores Q K^T, dP = dO V^T, and their transposes in the key-major backward);
 //   gemm_pn: acc[n] += P[16 x 8*KC] * B[0..8*KC, 8n..8n+7], P held in accumulator fragments,
-//            B row major in shared memory (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+//            B row major in shared memory (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q);
+//   gemm_pn_exact: the same product over the entries a mask keeps, in fp32 FMAs, for the B tiles
+//            that hold a non-finite value (a masked P entry is 0, and 0 * inf is NaN).
 // fp16/bf16 use tensor cores (ldmatrix + mma.sync, fp32 accumulation); fp32 uses FMAs with the
 // same fragment ownership, staging P through a per-warp shared buffer.
 #pragma once
@@ -33,6 +35,9 @@ struct Half16 {
   static TM_DEVICE uint32_t pack(float lo, float hi) {
     return pack_b16x2(from_float(lo), from_float(hi));
   }
+  // Exponent field of both halves of a 32-bit word, and one unit of it (see any_nonfinite).
+  static constexpr uint32_t kExpMask = kBF16 ? 0x7f807f80u : 0x7c007c00u;
+  static constexpr uint32_t kExpOne = kBF16 ? 0x00800080u : 0x04000400u;
   static TM_DEVICE void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     if constexpr (kBF16)
       mma_m16n8k16_bf16f32(d, a, b, d);
@@ -52,7 +57,20 @@ struct F32 {
   static constexpr int kStep = 8;
   static TM_DEVICE float to_float(T v) { return v; }
   static TM_DEVICE T from_float(float f) { return f; }
+  static constexpr uint32_t kExpMask = 0x7f800000u;
+  static constexpr uint32_t kExpOne = 0x00800000u;
 };
+
+// Whether a 16-byte vector of E::T holds an inf or NaN: an element is non-finite when its exponent
+// field is all ones, and adding one unit to the masked field carries into the bit above it only
+// then (the sign bit of that element, which the mask cleared).
+template <class E>
+TM_HOST_DEVICE bool any_nonfinite(u32x4 v) {
+  constexpr uint32_t top = E::kExpMask + E::kExpOne;  // the carry bits: 0x80000000 or 0x80008000
+  const uint32_t t = ((v.x & E::kExpMask) + E::kExpOne) | ((v.y & E::kExpMask) + E::kExpOne) |
+                     ((v.z & E::kExpMask) + E::kExpOne) | ((v.w & E::kExpMask) + E::kExpOne);
+  return (t & top) != 0;
+}
 
 // Elements per 16-byte copy.
 template <class T>
@@ -150,6 +168,42 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
       }
     }
     sync_warp();  // the next gemm_pn overwrites the stage
+  }
+}
+
+// acc[n] += P[16 x 8*KC] * B[0..8*KC, 8n..8n+7] over the entries whose bit is set in `keep`
+// (bit 4n + i of a lane covers p[n][i], the accumulator layout), in fp32 FMAs: an entry outside
+// the mask adds exactly nothing, even where B is inf or NaN. For the chunks whose B tile holds a
+// non-finite value; the masked-out P entries are 0, and gemm_pn would add 0 * inf = NaN. Column j
+// of a lane's two rows lives in lane (lane & ~3) | (j & 7) / 2 of its quad, fragment j / 8.
+template <class E, int KC, int N>
+TM_DEVICE void gemm_pn_exact(float (&acc)[N][4], const float (&p)[KC][4], uint32_t keep,
+                             shared_ptr<typename E::T> b, int ldb) {
+  const int lane = int(lane_id());
+  const int c2 = 2 * (lane & 3);
+  for (int j = 0; j < KC * 8; ++j) {
+    const int nj = j >> 3, e = j & 1, src = (lane & ~3) | ((j & 7) >> 1);
+    float p0 = 0.0f, p1 = 0.0f;
+    TM_UNROLL
+    for (int n = 0; n < KC; ++n) {
+      if (n == nj) {
+        p0 = e ? p[n][1] : p[n][0];
+        p1 = e ? p[n][3] : p[n][2];
+      }
+    }
+    p0 = shfl_sync(0xffffffffu, p0, src);
+    p1 = shfl_sync(0xffffffffu, p1, src);
+    const uint32_t kb = shfl_sync(0xffffffffu, keep, src);
+    const bool k0 = ((kb >> (4 * nj + e)) & 1u) != 0, k1 = ((kb >> (4 * nj + 2 + e)) & 1u) != 0;
+    TM_UNROLL
+    for (int n = 0; n < N; ++n) {
+      TM_UNROLL
+      for (int f = 0; f < 2; ++f) {
+        const float x = E::to_float(b[j * ldb + n * 8 + c2 + f]);
+        if (k0) acc[n][f] += p0 * x;
+        if (k1) acc[n][2 + f] += p1 * x;
+      }
+    }
   }
 }
 
