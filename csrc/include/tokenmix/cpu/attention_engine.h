@@ -10,8 +10,9 @@
 // place through row pointers instead of being packed. Every matrix product is
 // the register-blocked GEMM of gemm.h. Extra memory is O(threads x tile) plus
 // one fp32 copy of K and V when their dtype or padding needs it, and in the
-// backward one fp32 dK/dV accumulator (none when the gradients are fp32 rows the
-// GEMM can write in place); never O(tokens x window), never O(threads x tokens).
+// backward one fp32 dK/dV accumulator (none when the gradients are contiguous
+// rows the GEMM can write in place); never O(tokens x window), never
+// O(threads x tokens).
 //
 // Masked entries contribute exactly nothing. P and dS are formed by selection
 // (never by multiplying with 0). A GEMM over P or dS would still add
@@ -224,7 +225,6 @@ struct Engine {
     Chunk ch;
     Buffer<T> qt, q, st, pt, o, dot, dor, dpt, dq;
     Buffer<T> row_max, row_sum, delta, alpha;
-    Buffer<I> keep;  // backward: [n x lanes] window mask of the chunk
   };
 
   void init_work(Work& w, bool backward) const {
@@ -262,7 +262,6 @@ struct Engine {
       w.dpt.assign(size_t(kChunk) * L, T(0));
       w.dq.assign(size_t(L) * dp, T(0));
       w.delta.assign(L, T(0));
-      w.keep.assign(size_t(kChunk) * L, 0);
       w.ln.alive.assign(L, 0);
       w.ln.q_bad.assign(L, 0);
       w.ln.g_bad.assign(L, 0);
@@ -477,48 +476,42 @@ struct Engine {
     }
   }
 
-  // Scores of one chunk -> masked (and biased) logits in log2 units, in place.
-  // With `keep`, also stores the window mask [n x lanes] (-1 kept, 0 masked).
-  void bias_and_mask(const Chunk& ch, const Lanes& ln, T* st, I* keep_out = nullptr) const {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const V vninf = vbroadcast<V>(ninf);
-    if (p.rpb && !ch.extra) {
-      const In* rpb = static_cast<const In*>(p.rpb);
-      const int64_t rs = p.rpb_size();
-      const int k0 = p.dims[0].kernel - 1, k1 = p.dims[1].kernel - 1, k2 = p.dims[2].kernel - 1;
-      for (int j = 0; j < ch.n; ++j) {
-        const I* rm = ch.row_mask.data() + int64_t(ch.row_id[j]) * lanes;
-        const int r0 = ch.r0[ch.row_id[j]], r1 = ch.r1[ch.row_id[j]], c = ch.col[j];
-        T* s = st + int64_t(j) * lanes;
-        for (int l = 0; l < lanes; ++l) {
-          if (!rm[l] || c < ln.lo[2][l] || c >= ln.hi[2][l]) continue;
-          const int64_t idx =
-              (int64_t(r0 - ln.q[0][l] + k0) * rpb_dims[1] + (r1 - ln.q[1][l] + k1)) * rpb_dims[2] +
-              (c - ln.q[2][l] + k2);
-          s[l] += T(to_float(rpb[ln.head[l] * rs + idx])) * T(kLog2e);
-        }
-      }
-    }
-    if (ch.extra) {
-      for (int j = 0; j < ch.n; ++j)
-        for (int v = 0; v < lanes; v += W) {
-          const VI active = vload<VI>(ch.row_mask.data() + v);
-          vstore(st + int64_t(j) * lanes + v,
-                 active != 0 ? vload<V>(st + int64_t(j) * lanes + v) : vninf);
-          if (keep_out) vstore(keep_out + int64_t(j) * lanes + v, active);
-        }
-      return;
-    }
+  // Adds the rpb (log2 units) to the scores the window keeps.
+  void add_rpb(const Chunk& ch, const Lanes& ln, T* st) const {
+    if (!p.rpb || ch.extra) return;
+    const In* rpb = static_cast<const In*>(p.rpb);
+    const int64_t rs = p.rpb_size();
+    const int k0 = p.dims[0].kernel - 1, k1 = p.dims[1].kernel - 1, k2 = p.dims[2].kernel - 1;
     for (int j = 0; j < ch.n; ++j) {
       const I* rm = ch.row_mask.data() + int64_t(ch.row_id[j]) * lanes;
-      const VI c = vbroadcast<VI>(I(ch.col[j]));
+      const int r0 = ch.r0[ch.row_id[j]], r1 = ch.r1[ch.row_id[j]], c = ch.col[j];
       T* s = st + int64_t(j) * lanes;
-      for (int v = 0; v < lanes; v += W) {
-        const VI keep = vload<VI>(rm + v) & (c >= vload<VI>(ln.lo[2].data() + v)) &
-                        (c < vload<VI>(ln.hi[2].data() + v));
-        vstore(s + v, keep != 0 ? vload<V>(s + v) : vninf);
-        if (keep_out) vstore(keep_out + int64_t(j) * lanes + v, keep);
+      for (int l = 0; l < lanes; ++l) {
+        if (!rm[l] || c < ln.lo[2][l] || c >= ln.hi[2][l]) continue;
+        const int64_t idx =
+            (int64_t(r0 - ln.q[0][l] + k0) * rpb_dims[1] + (r1 - ln.q[1][l] + k1)) * rpb_dims[2] +
+            (c - ln.q[2][l] + k2);
+        s[l] += T(to_float(rpb[ln.head[l] * rs + idx])) * T(kLog2e);
       }
+    }
+  }
+
+  // The window mask of column j for lanes [v, v + W): -1 where the lane sees the key.
+  VI keep_mask(const Chunk& ch, const Lanes& ln, int j, int v) const {
+    const VI row = vload<VI>(ch.row_mask.data() + int64_t(ch.row_id[j]) * lanes + v);
+    if (ch.extra) return row;
+    const VI c = vbroadcast<VI>(I(ch.col[j]));
+    return row & (c >= vload<VI>(ln.lo[2].data() + v)) & (c < vload<VI>(ln.hi[2].data() + v));
+  }
+
+  // Scores of one chunk -> masked (and biased) logits in log2 units, in place.
+  void bias_and_mask(const Chunk& ch, const Lanes& ln, T* st) const {
+    const V vninf = vbroadcast<V>(-std::numeric_limits<T>::infinity());
+    add_rpb(ch, ln, st);
+    for (int j = 0; j < ch.n; ++j) {
+      T* s = st + int64_t(j) * lanes;
+      for (int v = 0; v < lanes; v += W)
+        vstore(s + v, keep_mask(ch, ln, j, v) != 0 ? vload<V>(s + v) : vninf);
     }
   }
 
@@ -556,13 +549,18 @@ void Engine<In, T>::forward_pass(Work& w, int64_t b, int64_t hk, const TileGeome
     bias_and_mask(ch, w.ln, st);
     for (int v = 0; v < L; v += W) {
       V cm = vninf;
-      VI nan_seen = vload<VI>(w.ln.nan_logit.data() + v);
       for (int j = 0; j < n; ++j) {
         const V x = vload<V>(st + int64_t(j) * L + v);
         cm = x > cm ? x : cm;
-        if (exact) nan_seen |= x != x;
       }
-      if (exact) vstore(w.ln.nan_logit.data() + v, nan_seen);
+      if (exact) {
+        VI nan_seen = vload<VI>(w.ln.nan_logit.data() + v);
+        for (int j = 0; j < n; ++j) {
+          const V x = vload<V>(st + int64_t(j) * L + v);
+          nan_seen |= x != x;
+        }
+        vstore(w.ln.nan_logit.data() + v, nan_seen);
+      }
       const V m_old = vload<V>(w.row_max.data() + v);
       const V m_new = cm > m_old ? cm : m_old;
       const V safe = m_new == vninf ? V{} : m_new;
@@ -712,7 +710,6 @@ void Engine<In, T>::backward_pass(Work& w, int64_t b, int64_t hk, const TileGeom
   fill(w.dq.begin(), w.dq.end(), T(0));
   T* st = w.st.data();
   T* dpt = w.dpt.data();
-  I* keep = w.keep.data();
   const int64_t rs = p.rpb_size();
 
   for_each_chunk(b, hk, g, w.ln, w.ch, acc, [&](Chunk& ch) {
@@ -722,14 +719,14 @@ void Engine<In, T>::backward_pass(Work& w, int64_t b, int64_t hk, const TileGeom
     // dP^T [n x L] = V_rows [n x Dv] * dO^T [Dv x L]
     gemm<T>(n, L, Dv, TableRows<const T>{ch.vrow.data()}, 1, StridedRows<const T>{w.dot.data(), L},
             StridedRows<T>{dpt, L}, false);
-    bias_and_mask(ch, w.ln, st, keep);
-    // P and dS by selection: exactly 0 outside the window and on rows without
-    // keys, whatever the scores, dP, delta or the LSE hold there.
+    add_rpb(ch, w.ln, st);
+    // P and dS by selection from the window mask: exactly 0 outside the window
+    // and on rows without keys, whatever the scores, dP, delta or the LSE hold.
     for (int j = 0; j < n; ++j)
       for (int v = 0; v < L; v += W) {
         T* sp = st + int64_t(j) * L + v;
         T* dpp = dpt + int64_t(j) * L + v;
-        const VI kv = vload<VI>(keep + int64_t(j) * L + v) & vload<VI>(w.ln.alive.data() + v);
+        const VI kv = keep_mask(ch, w.ln, j, v) & vload<VI>(w.ln.alive.data() + v);
         const V pr = kv != 0 ? vexp2(vload<V>(sp) - vload<V>(w.row_max.data() + v)) : V{};
         const V ds = pr * (vload<V>(dpp) - vload<V>(w.delta.data() + v));
         vstore(sp, pr);                   // P^T
@@ -870,10 +867,11 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
   plan.init(eng.sched, E * (dp + dvp) + rpb_elems, (tokens + E) * (dp + dvp) / 2);
   const int64_t slots = plan.parts[0] + plan.parts[1];  // partial buffers per (batch, kv head)
 
-  // dK/dV rows: the gradient tensors themselves when they are T rows of the padded width
-  // (zeroed here), else one zeroed buffer [pairs, tokens, padded dim].
-  const bool native =
-      sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16;
+  // dK/dV rows: the gradient tensors themselves when they are contiguous T rows of the padded
+  // width (one kv head: with more, rows H_kv * D apart would use a fraction of the cache sets),
+  // zeroed here; else one zeroed buffer [pairs, tokens, padded dim].
+  const bool native = sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 &&
+                      p.dtype != DType::kBFloat16 && Hkv == 1;
   const bool k_direct = native && D == dp, v_direct = native && Dv == dvp;
   T* const grad_k = static_cast<T*>(p.grad_k.data);
   T* const grad_v = static_cast<T*>(p.grad_v.data);
