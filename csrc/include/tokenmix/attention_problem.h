@@ -1,26 +1,14 @@
-// Problem descriptors handed from the op layer (torch stable ABI) to the
+// The neighborhood-attention problem descriptor handed from the op layer (torch stable ABI) to the
 // backend kernels. Plain data only: the kernel translation units never see a
 // torch header, so they compile fast and once per instruction set.
 #pragma once
 
 #include <cstdint>
 
+#include "tokenmix/tensor_view.h"
 #include "tokenmix/window.h"
 
 namespace tokenmix {
-
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
-
-// A strided [B, S0, S1, S2, H, D] tensor (rank padded to 3 spatial dims).
-// Additional tokens use the same view with S0 = S1 = 1 and S2 = N_extra.
-struct StridedView {
-  void* data = nullptr;
-  int64_t stride[6] = {0, 0, 0, 0, 0, 1};  // in elements
-};
-
-// Runs fn(begin, end, ctx) over [begin, end) on the host thread pool.
-using ParallelForFn = void (*)(int64_t begin, int64_t end, int64_t grain,
-                               void (*fn)(int64_t, int64_t, void*), void* ctx);
 
 struct NeighborhoodProblem {
   DType dtype = DType::kFloat32;

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "tokenmix/attention_problem.h"
+#include "tokenmix/tensor_view.h"
 
 namespace tokenmix {
 

@@ -9,7 +9,7 @@
 #include <optional>
 #include <string>
 
-#include "tokenmix/attention_problem.h"
+#include "tokenmix/tensor_view.h"
 
 namespace tokenmix {
 
