@@ -12,7 +12,7 @@ import pytest
 import torch
 from tokenmix import BlockLayout, ElementMask
 from tokenmix.block_sparse import block_sparse_attention_reference as reference
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 
 def flex(q, k, v, bm, scale=None):
@@ -22,10 +22,10 @@ def flex(q, k, v, bm, scale=None):
         v.transpose(1, 2),
         block_mask=bm,
         scale=scale,
-        return_lse=True,
+        return_aux=AuxRequest(lse=True),
         enable_gqa=q.shape[2] != k.shape[2],
     )
-    return out.transpose(1, 2), lse.transpose(1, 2)
+    return out.transpose(1, 2), lse.lse.transpose(1, 2)
 
 
 def rand_qkv(b, tq, tk, h, hkv, d, dv, dtype=torch.float64, seed=0):

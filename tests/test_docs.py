@@ -24,6 +24,7 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
         "docs/neighborhood_attention.md",
         "docs/simt_emulator.md",
         "docs/cuda_engine.md",
+        "docs/block_sparse_attention.md",
     ],
 )
 def test_markdown_python_blocks_run(doc):
@@ -44,10 +45,20 @@ def test_readme_example_outputs():
     assert namespace["y"].shape == (2, 32, 32, 256)
 
 
-def test_docstring_examples():
+@pytest.mark.parametrize(
+    "module",
+    [
+        tokenmix.neighborhood.functional,
+        tokenmix.block_sparse.functional,
+        tokenmix.block_sparse.layout,
+        tokenmix.block_sparse.modules,
+    ],
+    ids=lambda m: m.__name__,
+)
+def test_docstring_examples(module):
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = finder.find(tokenmix.neighborhood.functional, "tokenmix.neighborhood.functional")
+    tests = finder.find(module, module.__name__)
     examples = sum(len(t.examples) for t in tests)
     assert examples > 0
     for t in tests:
