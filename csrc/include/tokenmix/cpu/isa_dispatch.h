@@ -2,6 +2,7 @@
 #pragma once
 
 #include "tokenmix/attention_problem.h"
+#include "tokenmix/block_sparse_problem.h"
 #include "tokenmix/linear_scan_problem.h"
 
 namespace tokenmix::cpu {
@@ -10,6 +11,8 @@ namespace tokenmix::cpu {
   namespace isa {                                                  \
   void neighborhood_forward_cpu(const NeighborhoodProblem& p);     \
   void neighborhood_backward_cpu(const NeighborhoodProblem& p);    \
+  void block_sparse_forward_cpu(const BlockSparseProblem& p);      \
+  void block_sparse_backward_cpu(const BlockSparseProblem& p);     \
   void linear_scan_cpu(const LinearScanProblem& p, bool backward); \
   void delta_rule_cpu(const LinearScanProblem& p, bool backward);  \
   }
@@ -26,5 +29,7 @@ void neighborhood_forward(const NeighborhoodProblem& p);
 void neighborhood_backward(const NeighborhoodProblem& p);
 void linear_scan(const LinearScanProblem& p, bool backward);
 void delta_rule(const LinearScanProblem& p, bool backward);
+void block_sparse_forward(const BlockSparseProblem& p);
+void block_sparse_backward(const BlockSparseProblem& p);
 
 }  // namespace tokenmix::cpu

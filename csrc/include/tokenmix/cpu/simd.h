@@ -46,6 +46,11 @@ class Buffer {
   Buffer& operator=(const Buffer&) = delete;
   ~Buffer() { std::free(data_); }
   void assign(size_t n, T value) {
+    allocate(n);
+    fill(data_, data_ + n, value);
+  }
+  // Size n, contents unspecified (for buffers the caller fills in parallel).
+  void allocate(size_t n) {
     if (n > capacity_) {
       std::free(data_);
       data_ = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64));
@@ -53,7 +58,6 @@ class Buffer {
       capacity_ = n;
     }
     size_ = n;
-    fill(data_, data_ + n, value);
   }
   T* data() { return data_; }
   const T* data() const { return data_; }
