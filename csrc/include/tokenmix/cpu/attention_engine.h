@@ -200,6 +200,9 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
 
   pol.for_each_chunk(tile, w.ln, w.ch, nullptr, [&](Chunk& ch) {
     const int n = ch.n;
+    // The V rows are read only after S and the softmax: start fetching them now.
+    for (int j = 0; j < n; ++j)
+      for (int d = 0; d < Dv; d += 64 / int(sizeof(T))) __builtin_prefetch(ch.vrow[j] + d);
     // S^T [n x L] = K_rows [n x D] * Q^T [D x L]
     gemm<T>(n, L, D, TableRows<const T>{ch.krow.data()}, 1, StridedRows<const T>{w.qt.data(), L},
             StridedRows<T>{st, L}, false);
@@ -231,11 +234,11 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
       const V m_old = vload<V>(w.row_max.data() + v);
       const V m_new = cm > m_old ? cm : m_old;
       const V safe = m_new == vninf ? V{} : m_new;
-      const V alpha = vexp2(m_old - safe);
+      const V alpha = vexp2_nonpositive(m_old - safe);
       V sum = V{};
       for (int j = 0; j < n; ++j) {
         T* sp = st + int64_t(j) * L + v;
-        const V e = vexp2(vload<V>(sp) - safe);
+        const V e = vexp2_nonpositive(vload<V>(sp) - safe);  // s <= max
         sum += e;
         vstore(sp, e);
       }

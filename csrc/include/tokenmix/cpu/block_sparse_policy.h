@@ -78,10 +78,11 @@ struct BlockSparsePolicy {
   using VI = typename Simd<T>::VI;
   using I = typename Simd<T>::I;
   static constexpr int W = Simd<T>::kWidth;
-  static constexpr int kChunk = 128;  // keys per chunk
-  // Query rows x heads per tile: enough lanes that each K/V row loaded feeds several vectors
-  // (fewer passes over the chunk's rows), few enough that S^T stays in L1.
-  static constexpr int kTargetLanes = 2 * W > 32 ? 2 * W : 32;
+  // Keys per chunk and query rows x heads per tile: four vectors of lanes let both GEMMs use
+  // the widest register block (6 x 4 vectors), and with 64 keys S^T, Q^T and O each stay
+  // within 16 KiB (fp32, AVX-512) so a chunk's working set fits in L1 with its K/V rows.
+  static constexpr int kChunk = 64;
+  static constexpr int kTargetLanes = 4 * W;
 
   struct Lanes : LaneTable<T> {
     Buffer<I> query;  // query token per lane
@@ -104,7 +105,6 @@ struct BlockSparsePolicy {
   int64_t tile_heads;  // query heads sharing the lanes of a tile (group or 1)
   int64_t units;       // tile_heads-wide head groups per batch
   int rows_per_tile, tiles_per_block, L;
-  int chunk_keys = kChunk;
   int dp, dvp;
   // Element rule, with the band clamped to int range of I (differences k - q are within
   // [-q_len, kv_len]).
@@ -118,10 +118,7 @@ struct BlockSparsePolicy {
     group = p.heads / p.kv_heads;
     tile_heads = lay.heads == 1 ? group : 1;
     units = p.heads / tile_heads;
-    int target_lanes = kTargetLanes;
-    if (const char* e = std::getenv("TM_BS_LANES")) target_lanes = std::atoi(e);
-    if (const char* e = std::getenv("TM_BS_CHUNK")) chunk_keys = std::atoi(e);
-    const int64_t want = max_of<int64_t>(1, target_lanes / tile_heads);
+    const int64_t want = max_of<int64_t>(1, kTargetLanes / tile_heads);
     rows_per_tile = int(min_of<int64_t>(want, lay.q_block));
     tiles_per_block = (lay.q_block + rows_per_tile - 1) / rows_per_tile;
     L = round_up(int(rows_per_tile * tile_heads), W);
@@ -278,7 +275,7 @@ struct BlockSparsePolicy {
         const uint32_t* block = ch.full || !bits ? nullptr : lay.block_bits(row, s);
         int slot = -1;
         for (int64_t k = k0; k < k1; ++k) {
-          if (ch.n == chunk_keys) {
+          if (ch.n == kChunk) {
             flush();
             slot = -1;
           }
