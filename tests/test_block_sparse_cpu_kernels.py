@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import tokenmix  # noqa: F401  (loads the ops)
+import torch
 
 OPS = torch.ops.tokenmix
 NONE, PARTIAL, FULL = 0, 1, 2
@@ -510,5 +509,5 @@ def test_backward_deterministic_across_thread_counts():
         torch.set_num_threads(saved)
     for per_threads in results:
         for other in per_threads[1:]:
-            for a, b in zip(per_threads[0], other):
+            for a, b in zip(per_threads[0], other, strict=True):
                 assert torch.equal(a, b)
