@@ -11,6 +11,10 @@ across thread counts, fully masked rows and non-finite K/V where nothing keeps t
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import tokenmix  # noqa: F401  (loads the ops)
@@ -511,3 +515,79 @@ def test_backward_deterministic_across_thread_counts():
         for other in per_threads[1:]:
             for a, b in zip(per_threads[0], other, strict=True):
                 assert torch.equal(a, b)
+
+
+_BACKWARD_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys, torch, tokenmix
+    threads, batch, heads, kv_heads = (int(x) for x in sys.argv[1:5])
+    torch.set_num_threads(threads)
+
+    def kib(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+
+    gen = torch.Generator().manual_seed(0)
+    t, d, blk = 4096, 64, 64
+    nb = t // blk
+    table = torch.rand(nb, nb, generator=gen) < 0.1
+    table |= torch.eye(nb, dtype=torch.bool)
+    order = torch.sort((~table).int(), dim=-1, stable=True).indices.int()
+    full_n = table.sum(-1).int().view(1, 1, nb).contiguous()
+    full_i = order.view(1, 1, nb, nb).contiguous()
+    q_order = torch.sort((~table.T).int(), dim=-1, stable=True).indices.int()
+    full_qn = table.T.sum(-1).int().view(1, 1, nb).contiguous()
+    full_qi = q_order.view(1, 1, nb, nb).contiguous()
+    zn = torch.zeros(1, 1, nb, dtype=torch.int32)
+    zi = torch.zeros(1, 1, nb, 1, dtype=torch.int32)
+    q = torch.randn(batch, t, heads, d, generator=gen)
+    k, v = (torch.randn(batch, t, kv_heads, d, generator=gen) for _ in range(2))
+    rule = (None, None, None, [])
+    out, lse = torch.ops.tokenmix.block_sparse_forward(
+        q, k, v, zn, zi, full_n, full_i, [blk, blk], *rule, 0.125)
+    grad_out = torch.randn(out.shape, generator=gen)
+
+    def backward():
+        return torch.ops.tokenmix.block_sparse_backward(
+            grad_out, q, k, v, out, lse, zn, zi, full_n, full_i, zn, zi, zi, full_qn, full_qi,
+            [blk, blk], *rule, 0.125)
+
+    backward()  # the thread pool and its allocator arenas exist from here on
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    grads = backward()
+    peak = kib("VmHWM")
+    outputs = sum(g.numel() * g.element_size() for g in grads)
+    print("EXTRA", (peak - base) * 1024 - outputs, "KV", batch * kv_heads * 2 * t * d * 4)
+"""
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux VmHWM reset")
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,slices",
+    [(4, 2, 2, 1), (1, 2, 1, 4)],  # 8 (batch, kv head) pairs: one slice; 1 pair: four
+)
+def test_backward_memory_does_not_grow_with_threads(batch, heads, kv_heads, slices):
+    """Extra memory of the backward: its dK/dV accumulators (slices x K + V in fp32) and work
+    tiles, the same at 1, 8 and 32 threads, and nothing of Tq x Tk."""
+    slack = 4 << 20
+    extra = {}
+    for threads in (1, 8, 32):
+        proc = subprocess.run(
+            [sys.executable, "-c", _BACKWARD_MEMORY_SCRIPT, str(threads)]
+            + [str(x) for x in (batch, heads, kv_heads)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        fields = proc.stdout.split()
+        extra[threads] = int(fields[fields.index("EXTRA") + 1])
+        kv = int(fields[fields.index("KV") + 1])
+        assert extra[threads] <= slices * kv + slack, (threads, extra, kv)
+    assert max(extra.values()) - min(extra.values()) <= slack, (extra, kv)

@@ -135,17 +135,6 @@ struct AttentionEngine {
     }
   }
 
-  // Starts fetching every K and V row of a chunk: the GEMMs read K rows a few at a time and V
-  // rows only after S (and the softmax), and rows gathered from several blocks defeat the
-  // hardware prefetcher.
-  void prefetch_rows(const Chunk& ch) const {
-    constexpr int kLine = 64 / int(sizeof(T));
-    for (int j = 0; j < ch.n; ++j)
-      for (int d = 0; d < D; d += kLine) __builtin_prefetch(ch.krow[j] + d);
-    for (int j = 0; j < ch.n; ++j)
-      for (int d = 0; d < Dv; d += kLine) __builtin_prefetch(ch.vrow[j] + d);
-  }
-
   // Whether lane l keeps column j of the chunk (one element of the rule).
   bool sees(const Chunk& ch, const Lanes& ln, int j, int l) const {
     if (ln.head[l] < 0) return false;
@@ -211,7 +200,6 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
 
   pol.for_each_chunk(tile, w.ln, w.ch, nullptr, [&](Chunk& ch) {
     const int n = ch.n;
-    prefetch_rows(ch);
     // S^T [n x L] = K_rows [n x D] * Q^T [D x L]
     gemm<T>(n, L, D, TableRows<const T>{ch.krow.data()}, 1, StridedRows<const T>{w.qt.data(), L},
             StridedRows<T>{st, L}, false);
@@ -384,7 +372,6 @@ void AttentionEngine<Policy>::backward_pass(Work& w, const Tile& tile,
 
   pol.for_each_chunk(tile, w.ln, w.ch, target, [&](Chunk& ch) {
     const int n = ch.n;
-    prefetch_rows(ch);
     gemm<T>(n, L, D, TableRows<const T>{ch.krow.data()}, 1, StridedRows<const T>{w.qt.data(), L},
             StridedRows<T>{st, L}, false);
     // dP^T [n x L] = V_rows [n x Dv] * dO^T [Dv x L]
