@@ -54,6 +54,22 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
   }
 }
 
+void block_sparse_forward(const BlockSparseProblem& p) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::block_sparse_forward_cpu(p);
+    case Isa::kAvx2: return avx2::block_sparse_forward_cpu(p);
+    default: return generic::block_sparse_forward_cpu(p);
+  }
+}
+
+void block_sparse_backward(const BlockSparseProblem& p) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::block_sparse_backward_cpu(p);
+    case Isa::kAvx2: return avx2::block_sparse_backward_cpu(p);
+    default: return generic::block_sparse_backward_cpu(p);
+  }
+}
+
 void linear_scan(const LinearScanProblem& p, bool backward) {
   switch (isa()) {
     case Isa::kAvx512: return avx512::linear_scan_cpu(p, backward);

@@ -1,7 +1,7 @@
 // CPU kernels of generalized neighborhood attention, instantiated for every
 // dtype. CMake compiles this file once per instruction set (TOKENMIX_ISA).
-#include "tokenmix/cpu/attention_engine.h"
 #include "tokenmix/cpu/isa_dispatch.h"
+#include "tokenmix/cpu/neighborhood_kernels.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 

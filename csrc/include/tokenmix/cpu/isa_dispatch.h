@@ -11,6 +11,8 @@ namespace tokenmix::cpu {
   namespace isa {                                                  \
   void neighborhood_forward_cpu(const NeighborhoodProblem& p);     \
   void neighborhood_backward_cpu(const NeighborhoodProblem& p);    \
+  void block_sparse_forward_cpu(const BlockSparseProblem& p);      \
+  void block_sparse_backward_cpu(const BlockSparseProblem& p);     \
   void linear_scan_cpu(const LinearScanProblem& p, bool backward); \
   void delta_rule_cpu(const LinearScanProblem& p, bool backward);  \
   }

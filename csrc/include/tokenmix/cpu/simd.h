@@ -46,6 +46,11 @@ class Buffer {
   Buffer& operator=(const Buffer&) = delete;
   ~Buffer() { std::free(data_); }
   void assign(size_t n, T value) {
+    allocate(n);
+    fill(data_, data_ + n, value);
+  }
+  // Size n, contents unspecified (for buffers the caller fills in parallel).
+  void allocate(size_t n) {
     if (n > capacity_) {
       std::free(data_);
       data_ = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64));
@@ -53,7 +58,6 @@ class Buffer {
       capacity_ = n;
     }
     size_ = n;
-    fill(data_, data_ + n, value);
   }
   T* data() { return data_; }
   const T* data() const { return data_; }
@@ -104,9 +108,12 @@ inline void vstore(void* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// x - 0 is x for every x (0 + x would turn -0 into +0), so the compiler folds
+// the subtraction away: a plain broadcast, or a broadcast memory operand of
+// the instruction that uses it.
 template <class V, class T>
 inline V vbroadcast(T x) {
-  return V{} + x;
+  return x - V{};
 }
 
 template <class T>
@@ -166,10 +173,44 @@ inline vfloat vexp2(vfloat x) {
   return x < lo ? zero : r;
 }
 
+// 2^x for x <= 0 (or -inf, or NaN), as the online softmax takes it: the same
+// polynomial as vexp2 with a cheaper reduction. round(x) comes from adding
+// 1.5 * 2^23 (the sum's low mantissa bits hold it), and nothing can overflow.
+// Below -126 (and -inf) exactly 0; NaN stays NaN.
+inline vfloat vexp2_nonpositive(vfloat x) {
+  const vfloat lo = vbroadcast<vfloat>(-126.0f);
+  const vfloat magic = vbroadcast<vfloat>(12582912.0f);  // 1.5 * 2^23
+  const vfloat xc = x < lo ? lo : x;
+  const vfloat t = xc + magic;
+  const vfloat f = xc - (t - magic);
+  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f,
+              c7 = 1.525273380405984e-05f;
+  vfloat p = vbroadcast<vfloat>(c7);
+  p = p * f + c6;
+  p = p * f + c5;
+  p = p * f + c4;
+  p = p * f + c3;
+  p = p * f + c2;
+  p = p * f + c1;
+  p = p * f + 1.0f;
+  vint32 ti, mi;
+  std::memcpy(&ti, &t, sizeof(ti));
+  std::memcpy(&mi, &magic, sizeof(mi));
+  const vint32 bits = (ti - mi + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? vfloat{} : p * scale;
+}
+
 inline vdouble vexp2(vdouble x) {
   vdouble r;
   for (int i = 0; i < Simd<double>::kWidth; ++i) r[i] = std::exp2(x[i]);
   return r;
+}
+
+inline vdouble vexp2_nonpositive(vdouble x) {
+  return vexp2(x);
 }
 
 // ---- storage types -------------------------------------------------------

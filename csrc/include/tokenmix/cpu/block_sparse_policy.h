@@ -1,0 +1,334 @@
+// The policy of the CPU attention engine for block-sparse attention
+// (block_sparse_problem.h).
+//
+// Lanes are query rows of one query block: of one head, or, when the layout is
+// the same for every head (layout heads == 1) and K/V are shared (GQA), of all
+// the query heads of one kv head, so every key/value row a tile reads serves
+// all of them. A tile's chunks are the key rows of its query block's listed kv
+// blocks, partial blocks first, then full ones: consecutive blocks of the same
+// kind are merged into one chunk up to kChunk keys and larger blocks are
+// split. Keys at or past kv_len are cut off when chunks are built, so a full
+// chunk needs no mask work at all; partial chunks evaluate the element rule
+// with vector compares (band/prefix, document ids, bitmask bits).
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/block_sparse_problem.h"
+#include "tokenmix/cpu/attention_engine.h"
+
+namespace tokenmix::cpu::TOKENMIX_ISA {
+
+// Keys and values as rows of T: the caller's tensor (same dtype, rows readable
+// as whole vectors) or a converted copy [B, H_kv, Tk, padded dim].
+template <class T>
+struct TokenRows {
+  const T* base = nullptr;
+  int64_t batch_stride = 0, token_stride = 0, head_stride = 0;
+
+  const T* row(int64_t b, int64_t hk, int64_t t) const {
+    return base + b * batch_stride + t * token_stride + hk * head_stride;
+  }
+};
+
+template <class In, class T>
+void convert_token_rows(const BlockSparseProblem& p, const TokenView& src, int dim, int padded,
+                        Buffer<T>& out, TokenRows<T>& rows) {
+  const int64_t tk = p.kv_len;
+  out.assign(size_t(p.batch * p.kv_heads * tk * padded), T(0));
+  T* dst = out.data();
+  run_parallel(p, p.batch * p.kv_heads * tk, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t t = idx % tk, bh = idx / tk;
+      const In* s =
+          static_cast<const In*>(src.data) + src.offset(bh / p.kv_heads, t, bh % p.kv_heads);
+      T* row = dst + idx * padded;
+      for (int d = 0; d < dim; ++d) row[d] = T(to_float(s[d]));
+    }
+  });
+  rows.base = dst;
+  rows.batch_stride = p.kv_heads * tk * padded;
+  rows.token_stride = padded;
+  rows.head_stride = tk * padded;
+}
+
+// Where a backward tile adds its dK and dV rows: key t at k + t * k_ld (v + t * v_ld).
+template <class T>
+struct KeyGradRows {
+  T *k = nullptr, *v = nullptr;
+  int64_t k_ld = 0, v_ld = 0;
+};
+
+struct BlockSparseTile {
+  int64_t b = 0;
+  int64_t head = 0;  // first query head of the tile
+  int64_t hk = 0;    // its kv head
+  int qb = 0;        // query block
+  int first = 0;     // first row of the tile inside the query block
+  int rows = 0;      // query rows per head (the rest of the lanes are padding)
+};
+
+template <class InT, class TT>
+struct BlockSparsePolicy {
+  using In = InT;
+  using T = TT;
+  using Tile = BlockSparseTile;
+  using GradTarget = KeyGradRows<T>;
+  using V = typename Simd<T>::V;
+  using VI = typename Simd<T>::VI;
+  using I = typename Simd<T>::I;
+  static constexpr int W = Simd<T>::kWidth;
+  // Keys per chunk and query rows x heads per tile: four vectors of lanes let both GEMMs use
+  // the widest register block (6 x 4 vectors), and with 64 keys S^T, Q^T and O each stay
+  // within 16 KiB (fp32, AVX-512) so a chunk's working set fits in L1 with its K/V rows.
+  static constexpr int kChunk = 64;
+  static constexpr int kTargetLanes = 4 * W;
+
+  struct Lanes : LaneTable<T> {
+    Buffer<I> query;  // query token per lane
+    Buffer<I> doc;    // document id per lane (document rule)
+    Buffer<int> row;  // row inside the query block (-1: padding lane)
+  };
+
+  struct Chunk : ChunkRows<T> {
+    Buffer<I> key;         // key token per column (partial chunks)
+    Buffer<I> key_doc;     // document id per column (document rule)
+    Buffer<int> word;      // the column's bitmask word: a [lanes] vector of lane_words
+    Buffer<int> bit;       // the column's bit in that word
+    Buffer<I> lane_words;  // [slots x lanes]: one bitmask word per lane
+  };
+
+  const BlockSparseProblem& p;
+  const BlockLayoutView& lay;
+  AttentionTensors io;
+  int64_t group;       // query heads per kv head
+  int64_t tile_heads;  // query heads sharing the lanes of a tile (group or 1)
+  int64_t units;       // tile_heads-wide head groups per batch
+  int rows_per_tile, tiles_per_block, L;
+  int dp, dvp;
+  // Element rule, with the band clamped to int range of I (differences k - q are within
+  // [-q_len, kv_len]).
+  bool band = false, docs = false, bits = false;
+  I band_lo = 0, band_hi = 0;
+  int64_t prefix = 0;
+  TokenRows<T> keys, values;
+  Buffer<T> key_copy, value_copy;
+
+  BlockSparsePolicy(const BlockSparseProblem& prob, bool backward) : p(prob), lay(prob.layout) {
+    group = p.heads / p.kv_heads;
+    tile_heads = lay.heads == 1 ? group : 1;
+    units = p.heads / tile_heads;
+    const int64_t want = max_of<int64_t>(1, kTargetLanes / tile_heads);
+    rows_per_tile = int(min_of<int64_t>(want, lay.q_block));
+    tiles_per_block = (lay.q_block + rows_per_tile - 1) / rows_per_tile;
+    L = round_up(int(rows_per_tile * tile_heads), W);
+    const int D = int(p.head_dim), Dv = int(p.value_dim);
+    dp = round_up(D, W);
+    dvp = round_up(Dv, W);
+    io.q = p.q.data;
+    io.out = p.out.data;
+    io.lse = p.lse;
+    io.out_in = p.out.data;
+    io.grad_out = p.grad_out.data;
+    io.grad_q = p.grad_q.data;
+    io.grad_lse = p.grad_lse;
+    io.head_dim = D;
+    io.value_dim = Dv;
+    io.scale = p.scale;
+
+    const ElementMask& m = lay.mask;
+    band = m.has_band;
+    docs = m.q_doc != nullptr;
+    bits = m.bits != nullptr;
+    const int64_t lim = p.q_len + p.kv_len + 1;
+    band_lo = I(max_of<int64_t>(-lim, min_of<int64_t>(lim, m.band_lo)));
+    band_hi = I(max_of<int64_t>(-lim, min_of<int64_t>(lim, m.band_hi)));
+    prefix = m.prefix;
+
+    // Read K/V in place when they are T already and rows can be loaded as whole vectors (the
+    // backward reads key rows as vectors: dQ = dS K); otherwise convert once.
+    const bool same =
+        sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16;
+    if (same && (!backward || D % W == 0)) {
+      keys.base = static_cast<const T*>(p.k.data);
+      keys.batch_stride = p.k.batch_stride;
+      keys.token_stride = p.k.token_stride;
+      keys.head_stride = p.k.head_stride;
+    } else {
+      convert_token_rows<In, T>(p, p.k, D, dp, key_copy, keys);
+    }
+    if (same && Dv % W == 0) {
+      values.base = static_cast<const T*>(p.v.data);
+      values.batch_stride = p.v.batch_stride;
+      values.token_stride = p.v.token_stride;
+      values.head_stride = p.v.head_stride;
+    } else {
+      convert_token_rows<In, T>(p, p.v, Dv, dvp, value_copy, values);
+    }
+  }
+
+  const BlockSparseProblem& problem() const { return p; }
+  const AttentionTensors& tensors() const { return io; }
+  int lanes() const { return L; }
+
+  // Tiles in (batch, head unit, query block, row range) order.
+  int64_t tiles_per_unit() const { return int64_t(lay.num_q_blocks) * tiles_per_block; }
+  int64_t num_tiles() const { return p.batch * units * tiles_per_unit(); }
+  bool tile(int64_t index, Tile* t) const {
+    const int64_t per_unit = tiles_per_unit();
+    const int64_t bu = index / per_unit, rest = index % per_unit;
+    t->b = bu / units;
+    t->head = (bu % units) * tile_heads;
+    t->hk = t->head / group;
+    t->qb = int(rest / tiles_per_block);
+    t->first = int(rest % tiles_per_block) * rows_per_tile;
+    const int64_t q0 = int64_t(t->qb) * lay.q_block + t->first;
+    const int64_t block_end = min_of<int64_t>(int64_t(t->qb + 1) * lay.q_block, p.q_len);
+    t->rows = int(min_of<int64_t>(rows_per_tile, block_end - q0));
+    return t->rows > 0;
+  }
+  // Kv blocks the tile's query block visits (its share of the work).
+  int64_t tile_blocks(const Tile& t) const {
+    const int64_t row = lay.q_row(t.b, t.head, t.qb);
+    return int64_t(lay.partial_count[row]) + lay.full_count[row];
+  }
+
+  void init_lanes(Lanes& ln) const {
+    ln.init(L);
+    ln.query.assign(L, 0);
+    ln.doc.assign(L, 0);
+    ln.row.assign(L, -1);
+  }
+
+  void init_chunk(Chunk& ch, bool backward) const {
+    ch.init(kChunk, backward);
+    ch.key.assign(kChunk, 0);
+    ch.key_doc.assign(kChunk, 0);
+    ch.word.assign(kChunk, 0);
+    ch.bit.assign(kChunk, 0);
+    ch.lane_words.assign(size_t(kChunk) * L, 0);
+  }
+
+  // Lane hg * rows_per_tile + r is query row first + r of head head + hg.
+  void setup_lanes(const Tile& t, Lanes& ln) const {
+    const int64_t qbase = int64_t(t.qb) * lay.q_block + t.first;
+    const int64_t db = lay.mask.doc_batch > 1 ? t.b : 0;
+    for (int l = 0; l < L; ++l) {
+      ln.head[l] = -1;
+      ln.row[l] = -1;
+      ln.query[l] = 0;
+      ln.doc[l] = 0;
+    }
+    for (int64_t hg = 0; hg < tile_heads; ++hg)
+      for (int r = 0; r < t.rows; ++r) {
+        const int l = int(hg * rows_per_tile + r);
+        const int64_t q = qbase + r, h = t.head + hg;
+        ln.head[l] = int(h);
+        ln.row[l] = t.first + r;
+        ln.query[l] = I(q);
+        if (docs) ln.doc[l] = I(lay.mask.q_doc[db * p.q_len + q]);
+        ln.q_off[l] = p.q.offset(t.b, q, h);
+        ln.out_off[l] = p.out.offset(t.b, q, h);
+        ln.grad_out_off[l] = p.grad_out.offset(t.b, q, h);
+        ln.grad_q_off[l] = p.grad_q.offset(t.b, q, h);
+        ln.lse_off[l] = (t.b * p.q_len + q) * p.heads + h;
+      }
+  }
+
+  // Calls fn(chunk) for the tile's partial chunks, then its full chunks.
+  template <class Fn>
+  void for_each_chunk(const Tile& t, const Lanes& ln, Chunk& ch, const GradTarget* acc,
+                      Fn&& fn) const {
+    const int64_t row = lay.q_row(t.b, t.head, t.qb);
+    const int64_t db = lay.mask.doc_batch > 1 ? t.b : 0;
+    const int32_t* kv_doc = docs ? lay.mask.kv_doc + db * p.kv_len : nullptr;
+    const int words = lay.mask.words;
+    int slots = 0;
+    auto flush = [&] {
+      if (ch.n > 0) fn(ch);
+      ch.n = 0;
+      slots = 0;
+    };
+    auto add_key = [&](int64_t k) {
+      const int j = ch.n++;
+      ch.krow[j] = keys.row(t.b, t.hk, k);
+      ch.vrow[j] = values.row(t.b, t.hk, k);
+      if (acc) {
+        ch.gk[j] = acc->k + k * acc->k_ld;
+        ch.gv[j] = acc->v + k * acc->v_ld;
+      }
+      return j;
+    };
+    ch.n = 0;
+    for (int kind = 0; kind < 2; ++kind) {
+      const bool full = kind == 1;
+      const int count = full ? lay.full_count[row] : lay.partial_count[row];
+      const int32_t* index =
+          full ? lay.full_index + row * lay.max_full : lay.partial_index + row * lay.max_partial;
+      // Without an element rule, partial blocks are kept whole: full chunks.
+      ch.full = full || !lay.mask.any();
+      for (int s = 0; s < count; ++s) {
+        const int64_t kb = index[s];
+        if (kb < 0 || kb >= lay.num_kv_blocks) continue;
+        const int64_t k0 = kb * lay.kv_block;
+        const int64_t k1 = min_of<int64_t>(k0 + lay.kv_block, p.kv_len);
+        const uint32_t* block = ch.full || !bits ? nullptr : lay.block_bits(row, s);
+        int slot = -1;
+        for (int64_t k = k0; k < k1; ++k) {
+          if (ch.n == kChunk) {
+            flush();
+            slot = -1;
+          }
+          const int j = add_key(k);
+          if (ch.full) continue;
+          ch.key[j] = I(k);
+          if (kv_doc) ch.key_doc[j] = I(kv_doc[k]);
+          if (block) {
+            const int c = int(k - k0);
+            if (slot < 0 || (c & 31) == 0) {
+              // A new bitmask word: gather it for every lane once.
+              slot = slots++;
+              I* lw = ch.lane_words.data() + int64_t(slot) * L;
+              for (int l = 0; l < L; ++l)
+                lw[l] = ln.row[l] < 0 ? I(0) : I(block[int64_t(ln.row[l]) * words + (c >> 5)]);
+            }
+            ch.word[j] = slot;
+            ch.bit[j] = c & 31;
+          }
+        }
+      }
+      flush();
+    }
+  }
+
+  // The element rule of column j for lanes [v, v + W) (partial chunks): -1 where kept.
+  VI keep(const Chunk& ch, const Lanes& ln, int j, int v) const {
+    VI m = vbroadcast<VI>(I(-1));
+    if (bits) {
+      const VI wv = vload<VI>(ch.lane_words.data() + int64_t(ch.word[j]) * L + v);
+      m = VI{} - ((wv >> vbroadcast<VI>(I(ch.bit[j]))) & vbroadcast<VI>(I(1)));
+    }
+    if (band && ch.key[j] >= prefix) {
+      const VI d = vbroadcast<VI>(ch.key[j]) - vload<VI>(ln.query.data() + v);
+      m &= (d >= vbroadcast<VI>(band_lo)) & (d <= vbroadcast<VI>(band_hi));
+    }
+    if (docs) m &= vload<VI>(ln.doc.data() + v) == vbroadcast<VI>(ch.key_doc[j]);
+    return m;
+  }
+
+  // The same rule for one element.
+  bool keeps(const Chunk& ch, const Lanes& ln, int j, int l) const {
+    if (bits && !((ch.lane_words[int64_t(ch.word[j]) * L + l] >> ch.bit[j]) & 1)) return false;
+    if (band && ch.key[j] >= prefix) {
+      const I d = ch.key[j] - ln.query[l];
+      if (d < band_lo || d > band_hi) return false;
+    }
+    return !docs || ln.doc[l] == ch.key_doc[j];
+  }
+
+  // Block-sparse attention has no bias.
+  void add_bias(const Chunk&, const Lanes&, T*) const {}
+  void add_bias_grad(const Chunk&, const Lanes&, const T*, const GradTarget&) const {}
+};
+
+}  // namespace tokenmix::cpu::TOKENMIX_ISA
