@@ -26,10 +26,6 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 using IntList = torch::headeronly::HeaderOnlyArrayRef<int64_t>;
 
-inline std::vector<int64_t> sizes_of(const Tensor& t) {
-  return std::vector<int64_t>(t.sizes().begin(), t.sizes().end());
-}
-
 // [B, *spatial(rank), H, D] -> padded 6-D view.
 inline StridedView spatial_view(const Tensor& t, int rank, const char* name) {
   STD_TORCH_CHECK(t.dim() == rank + 3, "tokenmix: ", name, " must have ", rank + 3, " dimensions");
@@ -58,10 +54,6 @@ inline StridedView extra_view(const Tensor& t, const char* name) {
   v.stride[4] = t.stride(2);
   v.stride[5] = 1;
   return v;
-}
-
-inline bool same_device(const Tensor& a, const Tensor& b) {
-  return a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda() && a.get_device() == b.get_device();
 }
 
 inline NeighborhoodProblem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -221,29 +213,6 @@ inline bool prepare_backward(NeighborhoodProblem& p, BackwardOutputs& g, const T
   p.grad_extra_v.data = g.dev.data_ptr();
   p.grad_rpb = g.drpb.data_ptr();
   return true;
-}
-
-// The CUDA kernels copy rows with 16-byte cp.async: each row must start 16-byte aligned. Tensors
-// that are not (odd storage offsets, strides that are not multiples of 16 bytes) are cloned.
-inline bool rows_aligned(const Tensor& t) {
-  const int64_t elem = t.scalar_type() == ScalarType::Float ? 4 : 2;
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int64_t i = 0; i + 1 < t.dim(); ++i)
-    if (t.size(i) > 1 && (t.stride(i) * elem) % 16 != 0) return false;
-  return t.dim() == 0 || t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1;
-}
-
-inline Tensor aligned_rows(const Tensor& t) {
-  if (rows_aligned(t)) return t;
-  Tensor c = new_empty_checked(t, sizes_of(t), std::nullopt, "a 16-byte aligned copy of an input");
-  torch::stable::copy_(c, t);
-  STD_TORCH_CHECK(rows_aligned(c), "tokenmix: could not make a 16-byte aligned copy of an input");
-  return c;
-}
-
-inline std::optional<Tensor> aligned_rows(const std::optional<Tensor>& t) {
-  if (!t.has_value()) return t;
-  return aligned_rows(*t);
 }
 
 }  // namespace tokenmix::na_op

@@ -19,6 +19,7 @@
 
 #include "na_window_args.h"
 #include "tokenmix/neighborhood_schedule.h"
+#include "tokenmix/stable_op_utils.h"
 #include "tokenmix/window.h"
 
 namespace {
@@ -34,7 +35,7 @@ constexpr int64_t kMaxTile = int64_t(1) << 20;
 
 // a * b, raising instead of wrapping: pair counts of huge problems leave int64.
 int64_t checked_mul(int64_t a, int64_t b) {
-  return tokenmix::na_op::checked_mul(a, b, "the problem is too large: its pair count");
+  return tokenmix::checked_mul(a, b, "the problem is too large: its pair count");
 }
 
 Tensor cpu_int64(const std::vector<int64_t>& size) {

@@ -59,11 +59,4 @@ inline void check_window_args(const int64_t* lengths, int rank, WindowList kerne
   }
 }
 
-// a * b for non-negative a and b, raising (with `what` in the message) instead of wrapping.
-inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
-  int64_t r = 0;
-  STD_TORCH_CHECK(!__builtin_mul_overflow(a, b, &r), "tokenmix: ", what, " overflows int64");
-  return r;
-}
-
 }  // namespace tokenmix::na_op

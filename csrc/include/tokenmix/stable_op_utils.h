@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tokenmix/tensor_view.h"
 
@@ -36,6 +37,13 @@ inline torch::headeronly::ScalarType accumulation_type(torch::headeronly::Scalar
 // The scale argument of an op: any finite double (nan or inf would make every output nan).
 inline void check_scale(double scale) {
   STD_TORCH_CHECK(std::isfinite(scale), "tokenmix: scale must be finite, got ", scale);
+}
+
+// a * b for non-negative a and b, raising (with `what` in the message) instead of wrapping.
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  STD_TORCH_CHECK(!__builtin_mul_overflow(a, b, &r), "tokenmix: ", what, " overflows int64");
+  return r;
 }
 
 // Bytes per element of the dtypes the ops allocate (8 for any other: an upper bound).
@@ -108,6 +116,41 @@ inline torch::stable::Tensor new_zeros_checked(const torch::stable::Tensor& like
 inline void host_parallel_for(int64_t begin, int64_t end, int64_t grain,
                               void (*fn)(int64_t, int64_t, void*), void* ctx) {
   torch::stable::parallel_for(begin, end, grain, [&](int64_t lo, int64_t hi) { fn(lo, hi, ctx); });
+}
+
+// Shape of a tensor as a vector (for new_empty_checked).
+inline std::vector<int64_t> sizes_of(const torch::stable::Tensor& t) {
+  return std::vector<int64_t>(t.sizes().begin(), t.sizes().end());
+}
+
+// Whether two tensors live on the same device.
+inline bool same_device(const torch::stable::Tensor& a, const torch::stable::Tensor& b) {
+  return a.is_cpu() == b.is_cpu() && a.is_cuda() == b.is_cuda() && a.get_device() == b.get_device();
+}
+
+// The CUDA kernels copy rows with 16-byte cp.async: each row must start 16-byte aligned. Tensors
+// that are not (odd storage offsets, strides that are not multiples of 16 bytes) are cloned.
+inline bool rows_aligned(const torch::stable::Tensor& t) {
+  const int64_t elem = t.scalar_type() == torch::headeronly::ScalarType::Float ? 4 : 2;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i)
+    if (t.size(i) > 1 && (t.stride(i) * elem) % 16 != 0) return false;
+  return t.dim() == 0 || t.stride(t.dim() - 1) == 1 || t.size(t.dim() - 1) <= 1;
+}
+
+inline torch::stable::Tensor aligned_rows(const torch::stable::Tensor& t) {
+  if (rows_aligned(t)) return t;
+  torch::stable::Tensor c =
+      new_empty_checked(t, sizes_of(t), std::nullopt, "a 16-byte aligned copy of an input");
+  torch::stable::copy_(c, t);
+  STD_TORCH_CHECK(rows_aligned(c), "tokenmix: could not make a 16-byte aligned copy of an input");
+  return c;
+}
+
+inline std::optional<torch::stable::Tensor> aligned_rows(
+    const std::optional<torch::stable::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return aligned_rows(*t);
 }
 
 }  // namespace tokenmix
