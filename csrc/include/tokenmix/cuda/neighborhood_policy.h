@@ -31,19 +31,72 @@ TM_DEVICE void unravel(int index, const int* e, int* c) {
   c[0] = index / e[1];
 }
 
-// Per-dimension bounds [lo, hi] of the elements a..b (linear, a <= b) of a box with extents e.
-TM_DEVICE void linear_range_bounds(int a, int b, const int* e, int* lo, int* hi) {
-  int ca[3], cb[3];
-  unravel(a, e, ca);
-  unravel(b, e, cb);
-  lo[0] = ca[0];
-  hi[0] = cb[0];
-  const bool same0 = ca[0] == cb[0], same1 = same0 && ca[1] == cb[1];
-  lo[1] = same0 ? ca[1] : 0;
-  hi[1] = same0 ? cb[1] : e[1] - 1;
-  lo[2] = same1 ? ca[2] : 0;
-  hi[2] = same1 ? cb[2] : e[2] - 1;
-}
+// A box [b, e) with an inner box [il, ih) (empty: il = ih = b in every dimension), enumerated
+// inner box first, then the six slabs around it (below and above it in dimension 0, then in 1
+// within its dimension-0 range, then in 2). The chunks of the inner box's keys are full chunks
+// (every query of the tile keeps them) even where the box has more than one dimension, which a
+// plain row-major order of the box would mix with the keys around them.
+struct SegmentedBox {
+  int b[3], e[3], il[3], ih[3];
+
+  TM_DEVICE void init(const int* begin, const int* end, const int* inner_lo, const int* inner_hi) {
+    bool empty = false;
+    for (int t = 0; t < 3; ++t) {
+      b[t] = begin[t];
+      e[t] = end[t];
+      il[t] = inner_lo[t] > begin[t] ? inner_lo[t] : begin[t];
+      ih[t] = inner_hi[t] < end[t] ? inner_hi[t] : end[t];
+      empty = empty || il[t] >= ih[t];
+    }
+    if (empty)
+      for (int t = 0; t < 3; ++t) il[t] = ih[t] = b[t];
+  }
+  TM_DEVICE int volume() const { return (e[0] - b[0]) * (e[1] - b[1]) * (e[2] - b[2]); }
+  TM_DEVICE int inner() const { return (ih[0] - il[0]) * (ih[1] - il[1]) * (ih[2] - il[2]); }
+
+  // The segments in order: per dimension [lo, hi).
+  TM_DEVICE void segment(int s, int* lo, int* hi) const {
+    for (int t = 0; t < 3; ++t) {
+      // dimensions before the slab's own keep the inner range, those after it the whole box
+      const int own = s == 0 ? 3 : (s - 1) / 2;
+      lo[t] = t < own ? il[t] : b[t];
+      hi[t] = t < own ? ih[t] : e[t];
+      if (t == own) {
+        lo[t] = (s & 1) ? b[t] : ih[t];
+        hi[t] = (s & 1) ? il[t] : e[t];
+      }
+    }
+  }
+  // Coordinates c of element `index` (< volume()).
+  TM_DEVICE void coords(int index, int* c) const {
+    for (int s = 0; s < 7; ++s) {
+      int lo[3], hi[3];
+      segment(s, lo, hi);
+      const int ext[3] = {hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]};
+      const int vol = ext[0] * ext[1] * ext[2];
+      if (index < vol || s == 6) {
+        unravel(index, ext, c);
+        for (int t = 0; t < 3; ++t) c[t] += lo[t];
+        return;
+      }
+      index -= vol;
+    }
+  }
+  // The index of coordinates c (inside the box).
+  TM_DEVICE int index_of(const int* c) const {
+    int base = 0;
+    for (int s = 0; s < 7; ++s) {
+      int lo[3], hi[3];
+      segment(s, lo, hi);
+      const int ext[3] = {hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]};
+      bool in = true;
+      for (int t = 0; t < 3; ++t) in = in && c[t] >= lo[t] && c[t] < hi[t];
+      if (in) return base + ((c[0] - lo[0]) * ext[1] + c[1] - lo[1]) * ext[2] + c[2] - lo[2];
+      base += ext[0] * ext[1] * ext[2];
+    }
+    return -1;
+  }
+};
 
 // The one row -> coordinates -> offset path: element `index` of the box of group coordinates
 // [first, first + ext) of tile geometry g, as group coordinates c and real coordinates x.
@@ -54,6 +107,12 @@ TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const int* fi
     c[t] += first[t];
     x[t] = p.sched.real_coord(g, t, c[t]);
   }
+}
+// The same for a segmented box (key boxes of query tiles, query boxes of key tiles).
+TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const SegmentedBox& box,
+                         int index, int* c, int* x) {
+  box.coords(index, c);
+  for (int t = 0; t < 3; ++t) x[t] = p.sched.real_coord(g, t, c[t]);
 }
 
 // Element offset of the token at real coordinates x in a [B, S0, S1, S2, H] view.
@@ -127,8 +186,8 @@ struct NeighborhoodPolicy {
     TileGeometry g;
     int nrows;            // queries in the tile (the rest of the kTileRows rows are padding)
     int spatial, chunks;  // key chunks of the box, all chunks (then the additional tokens)
-    int box[3];           // key box extents
-    int lo_last[3], hi_first[3];  // the window every query of the tile contains
+    int inner;            // keys every query of the tile keeps (the key box's inner box)
+    na_detail::SegmentedBox box;  // the key box, its inner box first
 
     // False past the end of a shorter dilation group (the whole block returns).
     TM_DEVICE bool init(const NaParams& p) {
@@ -139,13 +198,17 @@ struct NeighborhoodPolicy {
       hk = h / (p.heads / p.kv_heads);
       if (!p.sched.decode(tile, &g)) return false;
       nrows = g.count[0] * g.count[1] * g.count[2];
+      // Window starts and ends are monotone in the query: the keys every query of the tile sees
+      // run from the last query's start to the first query's end.
+      int lo_last[3], hi_first[3];
       for (int t = 0; t < 3; ++t) {
-        box[t] = g.key_end[t] - g.key_begin[t];
         int lo, hi;
         p.sched.window(g, t, g.first[t] + g.count[t] - 1, &lo_last[t], &hi);
         p.sched.window(g, t, g.first[t], &lo, &hi_first[t]);
       }
-      spatial = (box[0] * box[1] * box[2] + kKeys - 1) / kKeys;
+      box.init(g.key_begin, g.key_end, lo_last, hi_first);
+      inner = box.inner();
+      spatial = (box.volume() + kKeys - 1) / kKeys;
       chunks = spatial + (p.num_extra + kKeys - 1) / kKeys;
       return true;
     }
@@ -195,17 +258,10 @@ struct NeighborhoodPolicy {
       return s;
     }
 
-    // Chunk c is full when all its keys exist and every query's window holds them.
+    // Chunk c is full when all its keys exist and every query's window holds them: it lies in
+    // the inner box (or among the additional tokens).
     TM_DEVICE bool full(const NaParams& p, int c) const {
-      const int f = first(c);
-      if (extra(c)) return f + kKeys <= p.num_extra;
-      if (f + kKeys > box[0] * box[1] * box[2]) return false;
-      int lo[3], hi[3];
-      na_detail::linear_range_bounds(f, f + kKeys - 1, box, lo, hi);
-      bool in = true;
-      for (int t = 0; t < 3; ++t)
-        in = in && lo_last[t] <= g.key_begin[t] + lo[t] && g.key_begin[t] + hi[t] < hi_first[t];
-      return in;
+      return first(c) + kKeys <= (extra(c) ? p.num_extra : inner);
     }
     TM_DEVICE bool biased(const NaParams& p, int c) const { return p.rpb && !extra(c); }
 
@@ -217,9 +273,9 @@ struct NeighborhoodPolicy {
         const int64_t* st = op == Operand::kK ? p.ek_st : p.ev_st;
         return int64_t(b) * st[0] + int64_t(index) * st[1] + int64_t(hk) * st[2];
       }
-      if (index >= box[0] * box[1] * box[2]) return -1;
+      if (index >= box.volume()) return -1;
       int kc[3], x[3];
-      na_detail::box_token(p, g, g.key_begin, box, index, kc, x);
+      na_detail::box_token(p, g, box, index, kc, x);
       return na_detail::token_offset(na_detail::strides(p, op), b, x, hk);
     }
     // Metadata (keys[field * kKeys + j], fields kc[3] and valid) and K rows of chunk c.
@@ -233,9 +289,9 @@ struct NeighborhoodPolicy {
         if (extra(c)) {
           valid = index < p.num_extra;
         } else {
-          valid = index < box[0] * box[1] * box[2];
+          valid = index < box.volume();
           if (valid)
-            na_detail::box_token(p, g, g.key_begin, box, index, kc, x);
+            na_detail::box_token(p, g, box, index, kc, x);
           else
             for (int t = 0; t < 3; ++t) kc[t] = g.key_begin[t];
         }
@@ -335,12 +391,11 @@ struct NeighborhoodPolicy {
           na_detail::unravel(r, g.count, i);
           bool in = true;
           for (int t = 0; t < 3; ++t) {
-            key[t] =
-                g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1) - g.key_begin[t];
-            in = in && key[t] >= 0 && key[t] < box[t];
+            key[t] = g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1);
+            in = in && key[t] >= g.key_begin[t] && key[t] < g.key_end[t];
           }
           if (!in) continue;
-          const int j = (key[0] * box[1] + key[1]) * box[2] + key[2] - f;
+          const int j = box.index_of(key) - f;
           if (j >= 0 && j < kKeys) acc += sds[r * lds + j];
         }
         if (acc != 0.0f) {
@@ -374,8 +429,8 @@ struct NeighborhoodPolicy {
     bool extra;
     TileGeometry g;  // spatial key tile: group, first, count of the keys
     int nkeys;
-    int qbegin[3], qext[3];  // queries that see the tile (group coords)
-    int nq, qchunks, steps;
+    na_detail::SegmentedBox qbox;  // queries that see the tile (group coords), inner box first
+    int nq, inner, qchunks, steps;
 
     TM_DEVICE bool init(const NaParams& p) {
       const int64_t tiles = p.key_tiles_per_head + p.extra_tiles;
@@ -386,27 +441,26 @@ struct NeighborhoodPolicy {
       group_heads = p.heads / p.kv_heads;
       extra = tile >= p.key_tiles_per_head;
       g = TileGeometry{};
-      for (int t = 0; t < 3; ++t) {
-        qbegin[t] = 0;
-        qext[t] = 1;
-      }
+      int qb[3] = {0, 0, 0}, qe[3] = {1, 1, 1}, jl[3] = {0, 0, 0}, jh[3] = {0, 0, 0};
       if (extra) {
         const int first = int(tile - p.key_tiles_per_head) * kTileRows;
         nkeys = p.num_extra - first < kTileRows ? p.num_extra - first : kTileRows;
         g.first[2] = first;
-        qext[2] = p.tokens;
+        qe[2] = p.tokens;
       } else {
         if (!p.sched.decode(tile, &g)) return false;
         nkeys = g.count[0] * g.count[1] * g.count[2];
         for (int t = 0; t < 3; ++t) {
-          int qe;
           inverse_window_union(g.first[t], g.first[t] + g.count[t] - 1, g.group_len[t],
                                p.sched.dims[t].kernel, p.sched.dims[t].stride,
-                               p.sched.dims[t].causal, &qbegin[t], &qe);
-          qext[t] = qe > qbegin[t] ? qe - qbegin[t] : 0;
+                               p.sched.dims[t].causal, &qb[t], &qe[t]);
+          qe[t] = qe[t] > qb[t] ? qe[t] : qb[t];
+          inner_queries(p, t, qb[t], qe[t], &jl[t], &jh[t]);
         }
       }
-      nq = qext[0] * qext[1] * qext[2];
+      qbox.init(qb, qe, jl, jh);
+      nq = qbox.volume();
+      inner = qbox.inner();
       qchunks = (nq + kCols - 1) / kCols;
       steps = group_heads * qchunks;
       return true;
@@ -445,20 +499,29 @@ struct NeighborhoodPolicy {
       return s;
     }
 
-    // Whether every query of the chunk starting at qfirst exists and sees every key of the tile.
-    TM_DEVICE bool step_full(const NaParams& p, int qfirst) const {
-      if (qfirst + kCols > nq) return false;
-      if (extra) return true;
-      int lo[3], hi[3];
-      na_detail::linear_range_bounds(qfirst, qfirst + kCols - 1, qext, lo, hi);
-      bool in = true;
-      for (int t = 0; t < 3; ++t) {
-        int wlo, whi, unused;
-        p.sched.window(g, t, qbegin[t] + hi[t], &wlo, &unused);  // the latest start
-        p.sched.window(g, t, qbegin[t] + lo[t], &unused, &whi);  // the earliest end
-        in = in && wlo <= g.first[t] && g.first[t] + g.count[t] - 1 < whi;
+    // The queries of [qb, qe) in dimension t whose window holds every key of the tile: window
+    // ends are non-decreasing, so they start at the first query whose end passes the last key,
+    // and starts are non-decreasing, so they stop before the first query whose start passes the
+    // first key. Two binary searches.
+    TM_DEVICE void inner_queries(const NaParams& p, int t, int qb, int qe, int* lo, int* hi) const {
+      const int kf = g.first[t], kl = g.first[t] + g.count[t] - 1;
+      for (int pass = 0; pass < 2; ++pass) {
+        int a = qb, z = qe;
+        while (a < z) {
+          const int m = (a + z) / 2;
+          int wlo, whi;
+          p.sched.window(g, t, m, &wlo, &whi);
+          if (pass == 0 ? whi > kl : wlo > kf)
+            z = m;
+          else
+            a = m + 1;
+        }
+        *(pass == 0 ? lo : hi) = a;
       }
-      return in;
+    }
+    // Whether every query of the chunk starting at qfirst exists and sees every key of the tile.
+    TM_DEVICE bool step_full(const NaParams&, int qfirst) const {
+      return qfirst + kCols <= (extra ? nq : inner);
     }
     TM_DEVICE Step step(const NaParams& p, int it) const {
       Step s{};
@@ -482,7 +545,7 @@ struct NeighborhoodPolicy {
         na_detail::unravel(index, e, x);
         return true;
       }
-      na_detail::box_token(p, g, qbegin, qext, index, qc, x);
+      na_detail::box_token(p, g, qbox, index, qc, x);
       return true;
     }
     TM_DEVICE int64_t query_row(const NaParams& p, const Step& st, int j) const {
