@@ -87,7 +87,8 @@ def make_layout(c: Case):
         for h in range(lh):
             for i in range(nq):
                 for j in range(nk):
-                    blk = r[i * c.q_block : (i + 1) * c.q_block, j * c.kv_block : (j + 1) * c.kv_block]
+                    rows = slice(i * c.q_block, (i + 1) * c.q_block)
+                    blk = r[rows, j * c.kv_block : (j + 1) * c.kv_block]
                     if c.pattern == "random":
                         x = rng.random()
                         s = NONE if x > c.density else (FULL if x < c.density / 2 else PARTIAL)

@@ -65,48 +65,93 @@ def check(c: Case, dtype=torch.float32, grad_lse=True, deterministic=False):
     g_lse = t["grad_lse"] if grad_lse else None
     got = run(t, a, scale, g_lse, deterministic)
     want = dense_reference(t["q"], t["k"], t["v"], keep, scale, t["grad_out"], g_lse)
-    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+    for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
         close(name, x, y, TOL[dtype])
     dead = ~keep.any(-1).permute(0, 2, 1)  # [B, Tq, H]: rows without a kept key
     assert (got[1][dead] == -math.inf).all() and (got[0][dead] == 0).all()
     return got, keep
 
 
-# (name, case): the sweep. Sizes stay small: the emulator runs every thread of every block.
-CASES = [
-    ("random_gqa_ragged", Case(heads=4, kv_heads=2, q_len=150, kv_len=97, q_block=32, kv_block=48)),
-    ("random_bcast_heads", Case(heads=2, layout_heads=2, q_len=80, kv_len=130, q_block=64, kv_block=16, seed=1)),
-    ("causal_offset", Case(q_len=70, kv_len=130, band=[-FAR, 60, 0], pattern="derived", q_block=16, kv_block=32, seed=2)),
-    ("causal_prefix", Case(q_len=128, kv_len=128, band=[-FAR, 0, 20], pattern="derived", q_block=64, kv_block=64, seed=3, density=1.0)),
-    ("sliding_window", Case(q_len=140, kv_len=140, band=[-40, 8], pattern="derived", q_block=20, kv_block=24, seed=4)),
-    ("documents", Case(batch=2, layout_batch=2, q_len=96, kv_len=96, docs=True, pattern="derived", q_block=32, kv_block=32, seed=5, density=1.0)),
-    ("bits", Case(q_len=90, kv_len=75, bits=True, q_block=16, kv_block=37, seed=6)),
-    ("bits_band_docs", Case(q_len=100, kv_len=100, bits=True, docs=True, band=[-FAR, 0, 0], pattern="derived", q_block=48, kv_block=40, seed=7)),
-    ("big_blocks", Case(q_len=200, kv_len=180, q_block=128, kv_block=100, seed=8)),
-    ("small_q_big_kv", Case(heads=3, kv_heads=1, q_len=66, kv_len=160, q_block=16, kv_block=128, seed=9, empty_query_blocks=True)),
-    ("dv_differs", Case(dim=40, vdim=24, q_len=70, kv_len=70, q_block=32, kv_block=32, seed=10)),
-]
-CASES = [(n, c) for n, c in CASES]
-for _, c in CASES:
-    if len(c.band) == 2:
-        c.band = [*c.band, 0]
+# The sweep. Sizes stay small: the emulator runs every thread of every block.
+DERIVED = dict(pattern="derived")
+CASES = {
+    "random_gqa_ragged": Case(heads=4, kv_heads=2, q_len=150, kv_len=97, q_block=32, kv_block=48),
+    "random_bcast_heads": Case(
+        heads=2, layout_heads=2, q_len=80, kv_len=130, q_block=64, kv_block=16, seed=1
+    ),
+    "causal_offset": Case(
+        q_len=70, kv_len=130, band=[-FAR, 60, 0], q_block=16, kv_block=32, seed=2, **DERIVED
+    ),
+    "causal_prefix": Case(
+        q_len=128,
+        kv_len=128,
+        band=[-FAR, 0, 20],
+        q_block=64,
+        kv_block=64,
+        seed=3,
+        density=1.0,
+        **DERIVED,
+    ),
+    "sliding_window": Case(
+        q_len=140, kv_len=140, band=[-40, 8, 0], q_block=20, kv_block=24, seed=4, **DERIVED
+    ),
+    "documents": Case(
+        batch=2,
+        layout_batch=2,
+        q_len=96,
+        kv_len=96,
+        docs=True,
+        q_block=32,
+        kv_block=32,
+        seed=5,
+        density=1.0,
+        **DERIVED,
+    ),
+    "bits": Case(q_len=90, kv_len=75, bits=True, q_block=16, kv_block=37, seed=6),
+    "bits_band_docs": Case(
+        q_len=100,
+        kv_len=100,
+        bits=True,
+        docs=True,
+        band=[-FAR, 0, 0],
+        q_block=48,
+        kv_block=40,
+        seed=7,
+        **DERIVED,
+    ),
+    "big_blocks": Case(q_len=200, kv_len=180, q_block=128, kv_block=100, seed=8),
+    "small_q_big_kv": Case(
+        heads=3, q_len=66, kv_len=160, q_block=16, kv_block=128, seed=9, empty_query_blocks=True
+    ),
+    "dv_differs": Case(dim=40, vdim=24, q_len=70, kv_len=70, seed=10),
+}
 
 
-@pytest.mark.parametrize("case", [c for _, c in CASES], ids=[n for n, _ in CASES])
-def test_fp32_matches_dense_reference(case):
-    check(case)
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp32_matches_dense_reference(name):
+    check(CASES[name])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(
     "case",
     [
-        Case(heads=2, kv_heads=1, q_len=130, kv_len=100, dim=64, vdim=64, band=[-FAR, 0, 0], pattern="derived", q_block=64, kv_block=64, seed=11),
+        Case(
+            q_len=130,
+            kv_len=100,
+            dim=64,
+            vdim=64,
+            band=[-FAR, 0, 0],
+            q_block=64,
+            kv_block=64,
+            seed=11,
+            **DERIVED,
+        ),
         Case(q_len=90, kv_len=120, dim=40, vdim=24, bits=True, q_block=16, kv_block=32, seed=12),
-        Case(q_len=64, kv_len=64, dim=32, vdim=32, docs=True, pattern="derived", q_block=32, kv_block=16, seed=13),
+        Case(q_len=64, kv_len=64, docs=True, q_block=32, kv_block=16, seed=13, **DERIVED),
     ],
     ids=["causal_d64", "bits_general", "docs_d32"],
-)  # fmt: skip
+)
 def test_half_types_match_dense_reference(case, dtype):
     check(case, dtype)
 
@@ -118,7 +163,7 @@ def test_deterministic_mode_is_bitwise_repeatable_and_equal():
     first = run(t, a, 0.2, t["grad_lse"], deterministic=True)
     second = run(t, a, 0.2, t["grad_lse"], deterministic=True)
     plain = run(t, a, 0.2, t["grad_lse"], deterministic=False)
-    for x, y, z in zip(first, second, plain):
+    for x, y, z in zip(first, second, plain, strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
 
 
@@ -138,7 +183,7 @@ def test_empty_layout_and_full_only_layout():
     c = Case(q_len=50, kv_len=40, density=0.0, seed=16)
     got, _ = check(c)
     assert (got[1] == -math.inf).all()
-    check(Case(q_len=130, kv_len=130, pattern="derived", q_block=64, kv_block=64, seed=17, density=1.0))
+    check(Case(q_len=130, kv_len=130, q_block=64, kv_block=64, seed=17, density=1.0, **DERIVED))
 
 
 def test_strided_inputs_are_accepted():
@@ -146,7 +191,11 @@ def test_strided_inputs_are_accepted():
     c = Case(heads=2, q_len=70, kv_len=70, q_block=32, kv_block=32, seed=18)
     a, keep, _ = make_layout(c)
     t = make_inputs(c, torch.float32)
-    strided = {n: x.transpose(1, 2).contiguous().transpose(1, 2) if x.dim() == 4 else x for n, x in t.items()}
+    strided = {
+        n: x.transpose(1, 2).contiguous().transpose(1, 2) if x.dim() == 4 else x
+        for n, x in t.items()
+    }
     assert not strided["q"].is_contiguous()
-    for x, y in zip(run(t, a, 0.3, t["grad_lse"]), run(strided, a, 0.3, t["grad_lse"])):
+    pairs = zip(run(t, a, 0.3, t["grad_lse"]), run(strided, a, 0.3, t["grad_lse"]), strict=True)
+    for x, y in pairs:
         torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -56,9 +56,7 @@ def test_full_chunks_match_reference(name, dtype, deterministic):
     grad_out = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     out, lse, grads = run_emulated(c, t, scale, grad_out, deterministic)
     leaves = {n: x.double().requires_grad_() for n, x in t.items() if x is not None}
-    r_out, r_lse = attend(
-        neighborhood_attention_reference, c, leaves, scale=scale, return_lse=True
-    )
+    r_out, r_lse = attend(neighborhood_attention_reference, c, leaves, scale=scale, return_lse=True)
     r_grads = torch.autograd.grad([r_out], list(leaves.values()), [grad_out.double()])
     names = ("q", "k", "v", "rpb", "additional_keys", "additional_values")
     got = dict(zip(names, grads, strict=True))
