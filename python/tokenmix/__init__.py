@@ -4,8 +4,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import linear_scan, neighborhood, nn  # noqa: E402
+from . import block_sparse, linear_scan, neighborhood, nn  # noqa: E402
 from ._info import info  # noqa: E402
+from .block_sparse import (  # noqa: E402
+    BlockLayout,
+    ElementMask,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+)
 from .linear_scan import (  # noqa: E402
     delta_rule,
     delta_rule_step,
@@ -22,8 +28,13 @@ from .neighborhood import (  # noqa: E402
 from .neighborhood.plan import NeighborhoodPlan, plan  # noqa: E402
 
 __all__ = [
+    "BlockLayout",
+    "ElementMask",
     "NeighborhoodPlan",
     "__version__",
+    "block_sparse",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
     "delta_rule",
     "delta_rule_step",
     "info",

@@ -1,5 +1,6 @@
 """tokenmix layers (``torch.nn.Module``)."""
 
+from .block_sparse.modules import BlockSparseAttention
 from .linear_scan.modules import GatedDeltaNet, LinearAttention
 from .neighborhood.modules import (
     NeighborhoodAttention1D,
@@ -8,6 +9,7 @@ from .neighborhood.modules import (
 )
 
 __all__ = [
+    "BlockSparseAttention",
     "GatedDeltaNet",
     "LinearAttention",
     "NeighborhoodAttention1D",

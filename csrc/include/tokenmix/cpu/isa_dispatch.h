@@ -2,6 +2,7 @@
 #pragma once
 
 #include "tokenmix/attention_problem.h"
+#include "tokenmix/block_sparse_problem.h"
 #include "tokenmix/linear_scan_problem.h"
 
 namespace tokenmix::cpu {
@@ -26,5 +27,7 @@ void neighborhood_forward(const NeighborhoodProblem& p);
 void neighborhood_backward(const NeighborhoodProblem& p);
 void linear_scan(const LinearScanProblem& p, bool backward);
 void delta_rule(const LinearScanProblem& p, bool backward);
+void block_sparse_forward(const BlockSparseProblem& p);
+void block_sparse_backward(const BlockSparseProblem& p);
 
 }  // namespace tokenmix::cpu
