@@ -199,3 +199,105 @@ def test_strided_inputs_are_accepted():
     pairs = zip(run(t, a, 0.3, t["grad_lse"]), run(strided, a, 0.3, t["grad_lse"]), strict=True)
     for x, y in pairs:
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# ---- through tokenmix.BlockLayout (its q-side lists, bitmasks from Flex) and the reference ----
+
+
+def run_layout(q, k, v, layout, scale, grad_out, grad_lse):
+    """The emulated ops with the arguments tokenmix.block_sparse_attention passes."""
+    em = layout.element_mask
+    t = dict(q=q, k=k, v=v, grad_out=grad_out)
+    a = dict(
+        kv_num_blocks=layout.kv_num_blocks,
+        kv_indices=layout.kv_indices,
+        full_kv_num_blocks=layout.full_kv_num_blocks,
+        full_kv_indices=layout.full_kv_indices,
+        q_num_blocks=layout.q_num_blocks,
+        q_indices=layout.q_indices,
+        q_slots=layout.q_slots,
+        full_q_num_blocks=layout.full_q_num_blocks,
+        full_q_indices=layout.full_q_indices,
+        block_size=list(layout.block_size),
+        mask_bits=layout.mask_bits,
+        q_doc=em.q_doc if em is not None else None,
+        kv_doc=em.kv_doc if em is not None else None,
+        band=em.band_arg() if em is not None else [],
+    )
+    return run(t, a, scale, grad_lse)
+
+
+def reference_of(q, k, v, layout, scale, grad_out, grad_lse):
+    from tokenmix.block_sparse.reference import block_sparse_attention_reference
+
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = block_sparse_attention_reference(*leaves, layout, scale=scale, return_lse=True)
+    live = torch.isfinite(lse)
+    loss = (out * grad_out.double()).sum() + (torch.where(live, lse, 0) * grad_lse).sum()
+    return (out.detach(), lse.detach(), *torch.autograd.grad(loss, leaves))
+
+
+def _layouts():
+    from tokenmix.block_sparse.layout import BlockLayout
+    from tokenmix.block_sparse.mask import ElementMask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = torch.tensor([[0] * 30 + [1] * 50 + [2] * 16, [0] * 70 + [1] * 26])
+    yield (
+        "causal_offset",
+        2,
+        70,
+        130,
+        BlockLayout.from_element_mask(
+            ElementMask.causal(offset=60), q_len=70, kv_len=130, block_size=(32, 48)
+        ),
+    )
+    yield (
+        "sliding",
+        1,
+        150,
+        150,
+        BlockLayout.from_element_mask(
+            ElementMask.sliding_window(left=50, right=3), q_len=150, kv_len=150, block_size=64
+        ),
+    )
+    yield (
+        "prefix_lm",
+        1,
+        100,
+        100,
+        BlockLayout.from_element_mask(
+            ElementMask.prefix_lm(prefix=24), q_len=100, kv_len=100, block_size=(16, 128)
+        ),
+    )
+    yield (
+        "documents_causal",
+        2,
+        96,
+        96,
+        BlockLayout.from_element_mask(
+            ElementMask.document(docs, causal=True), q_len=96, kv_len=96, block_size=32
+        ),
+    )
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_idx * 7 + kv_idx * 3 + h) % 5 != 0) & (kv_idx <= q_idx + 20)
+
+    bm = create_block_mask(mask_mod, 1, 2, 90, 110, device="cpu", BLOCK_SIZE=(16, 32))
+    yield "flex_bits", 1, 90, 110, BlockLayout.from_block_mask(bm, batch=1, heads=2)
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_matches_tokenmix_reference_through_block_layout(index):
+    name, batch, q_len, kv_len, layout = list(_layouts())[index]
+    gen = torch.Generator().manual_seed(index)
+    heads = 2
+    q = torch.randn(batch, q_len, heads, 32, generator=gen)
+    k = torch.randn(batch, kv_len, 1, 32, generator=gen)
+    v = torch.randn(batch, kv_len, 1, 24, generator=gen)
+    grad_out = torch.randn(batch, q_len, heads, 24, generator=gen)
+    grad_lse = torch.randn(batch, q_len, heads, generator=gen)
+    got = run_layout(q, k, v, layout, 0.2, grad_out, grad_lse)
+    want = reference_of(q, k, v, layout, 0.2, grad_out, grad_lse)
+    for what, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        close(f"{name}: {what}", x, y, TOL[torch.float32])
