@@ -124,6 +124,22 @@ CASES = {
         heads=3, q_len=66, kv_len=160, q_block=16, kv_block=128, seed=9, empty_query_blocks=True
     ),
     "dv_differs": Case(dim=40, vdim=24, q_len=70, kv_len=70, seed=10),
+    # Block sizes multiples of the kernels' tiles and chunks: the kernels walk the lists directly.
+    "direct_bits_ragged": Case(
+        heads=2, layout_heads=2, q_len=150, kv_len=170, bits=True, q_block=64, kv_block=128, seed=19
+    ),
+    "direct_docs_gqa": Case(
+        heads=4,
+        kv_heads=2,
+        q_len=130,
+        kv_len=140,
+        docs=True,
+        band=[-FAR, 10, 0],
+        q_block=128,
+        kv_block=64,
+        seed=20,
+        **DERIVED,
+    ),
 }
 
 
@@ -149,8 +165,9 @@ def test_fp32_matches_dense_reference(name):
         ),
         Case(q_len=90, kv_len=120, dim=40, vdim=24, bits=True, q_block=16, kv_block=32, seed=12),
         Case(q_len=64, kv_len=64, docs=True, q_block=32, kv_block=16, seed=13, **DERIVED),
+        Case(q_len=150, kv_len=170, bits=True, q_block=64, kv_block=128, seed=21),
     ],
-    ids=["causal_d64", "bits_general", "docs_d32"],
+    ids=["causal_d64", "bits_general", "docs_d32", "bits_direct"],
 )
 def test_half_types_match_dense_reference(case, dtype):
     check(case, dtype)

@@ -39,8 +39,21 @@ struct BsParams : AttentionParams {
   int64_t q_st[3], k_st[3], v_st[3], o_st[3], go_st[3];
   BlockLayoutView layout;
   int q_tiles, key_tiles;  // ceil(q_len / kTileRows), ceil(kv_len / kTileRows)
-  BsSchedule qs;           // query tiles x key chunks (forward, dQ)
-  BsSchedule ks;           // key tiles x query chunks (dK/dV)
+  // Direct mode of a side: its tiles lie inside one block and its chunks inside one block of the
+  // other side (block sizes multiples of the tile and chunk), so the kernels walk the layout's
+  // own lists, `per` chunks per listed block, with no schedule. Otherwise the schedule.
+  bool direct_q, direct_k;
+  int q_per, k_per;  // chunks per listed block in direct mode
+  BsSchedule qs;     // query tiles x key chunks (forward, dQ)
+  BsSchedule ks;     // key tiles x query chunks (dK/dV)
+};
+
+// A chunk of a tile: its first token, whether it is full, and in direct mode the table code of
+// its single pair of blocks.
+struct BsChunk {
+  int64_t first;
+  int code;
+  bool full;
 };
 
 // Schedule-kernel parameters: tiles of `tile_len` along the "row" side, chunks of `chunk_len`
@@ -219,7 +232,8 @@ struct BlockSparsePolicy {
     static TM_HOST_DEVICE bool bias_stage(const BsParams&) { return false; }
 
     int b, h, hk, nrows, chunks;
-    int64_t q0, srow;
+    int np;            // direct mode: partial blocks listed (then the full ones)
+    int64_t q0, srow;  // first query; schedule row (direct mode: the layout row)
 
     TM_DEVICE bool init(const BsParams& p) {
       const int t = int(int64_t(block_idx().x) % p.q_tiles);
@@ -229,12 +243,42 @@ struct BlockSparsePolicy {
       hk = h / (p.heads / p.kv_heads);
       q0 = int64_t(t) * kTileRows;
       nrows = int(p.q_len - q0 < kTileRows ? p.q_len - q0 : kTileRows);
-      srow = p.layout.head_row(b, h) * p.q_tiles + t;
-      chunks = global_ptr<const int32_t>(p.qs.count)[srow];
+      if (p.direct_q) {
+        const BlockLayoutView& l = p.layout;
+        srow = l.q_row(b, h, q0 / l.q_block);
+        np = global_ptr<const int32_t>(l.partial_count)[srow];
+        chunks = (np + global_ptr<const int32_t>(l.full_count)[srow]) * p.q_per;
+      } else {
+        srow = p.layout.head_row(b, h) * p.q_tiles + t;
+        np = 0;
+        chunks = global_ptr<const int32_t>(p.qs.count)[srow];
+      }
       return true;
     }
-    TM_DEVICE int entry(const BsParams& p, int c) const {
-      return global_ptr<const int32_t>(p.qs.entry)[srow * p.qs.max + c];
+    TM_DEVICE BsChunk chunk(const BsParams& p, int c) const {
+      BsChunk r;
+      if (!p.direct_q) {
+        const int e = global_ptr<const int32_t>(p.qs.entry)[srow * p.qs.max + c];
+        r.first = int64_t(e >> 1) * kKeys;
+        r.full = (e & 1) != 0;
+        r.code = 0;
+        return r;
+      }
+      // Listed block e / per (partial ones first), its chunk e % per. A chunk past the end of a
+      // ragged last block holds no key: partial, and keep() drops every element.
+      const BlockLayoutView& l = p.layout;
+      const int e = c / p.q_per, sub = c - e * p.q_per;
+      int kb;
+      if (e < np) {
+        kb = global_ptr<const int32_t>(l.partial_index)[srow * l.max_partial + e];
+        r.code = e;
+      } else {
+        kb = global_ptr<const int32_t>(l.full_index)[srow * l.max_full + e - np];
+        r.code = -2;
+      }
+      r.first = int64_t(kb) * l.kv_block + int64_t(sub) * kKeys;
+      r.full = e >= np && r.first + kKeys <= p.kv_len;
+      return r;
     }
     TM_DEVICE int64_t offset(const BsParams& p, int r, Operand op) const {
       return r < nrows ? bs_detail::token_offset(bs_detail::strides(p, op), b, q0 + r, h) : -1;
@@ -255,15 +299,18 @@ struct BlockSparsePolicy {
       }
       return s;
     }
-    TM_DEVICE bool full(const BsParams& p, int c) const { return (entry(p, c) & 1) != 0; }
+    TM_DEVICE bool full(const BsParams& p, int c) const { return chunk(p, c).full; }
     TM_DEVICE bool biased(const BsParams&, int) const { return false; }
 
     TM_DEVICE void load_keys(const BsParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
                              int ld, int width) const {
-      const int e = entry(p, c);
-      const int64_t k0 = int64_t(e >> 1) * kKeys;
-      if ((e & 1) == 0) {
-        bs_detail::load_table(p.qs, srow, c, keys);
+      const BsChunk ch = chunk(p, c);
+      const int64_t k0 = ch.first;
+      if (!ch.full) {
+        if (!p.direct_q)
+          bs_detail::load_table(p.qs, srow, c, keys);
+        else if (linear_thread_idx() == 0)
+          keys[0] = ch.code;
         if (linear_thread_idx() == 0) keys[p.qs.table_ints()] = int(k0);
       }
       copy_rows(sk, ld, kKeys, width, global_ptr<const T>(static_cast<const T*>(p.k)), 0,
@@ -273,7 +320,7 @@ struct BlockSparsePolicy {
     }
     TM_DEVICE void load_values(const BsParams& p, int c, shared_ptr<T> sv, int ld, int width,
                                int col0) const {
-      const int64_t k0 = int64_t(entry(p, c) >> 1) * kKeys;
+      const int64_t k0 = chunk(p, c).first;
       copy_rows(sv, ld, kKeys, width, global_ptr<const T>(static_cast<const T*>(p.v)), col0,
                 p.value_dim, [&](int j) {
                   return k0 + j < p.kv_len ? bs_detail::token_offset(p.v_st, b, k0 + j, hk) + col0
@@ -307,7 +354,7 @@ struct BlockSparsePolicy {
     };
     // Query head gh of the kv head's group, entry e of its list for this key tile.
     struct Step {
-      int gh, e, count, h;
+      int gh, e, count, h, code;
       int64_t srow, qfirst;
       bool full, valid;
     };
@@ -353,18 +400,42 @@ struct BlockSparsePolicy {
       Step s{};
       for (; gh < group_heads; ++gh, e = 0) {
         const int h = hk * group_heads + gh;
-        const int64_t srow = p.layout.head_row(b, h) * p.key_tiles + u;
-        const int count = global_ptr<const int32_t>(p.ks.count)[srow];
+        const BlockLayoutView& l = p.layout;
+        int64_t srow;
+        int count, np = 0;
+        if (p.direct_k) {
+          srow = l.kv_row(b, h, k0 / l.kv_block);
+          np = global_ptr<const int32_t>(l.q_partial_count)[srow];
+          count = (np + global_ptr<const int32_t>(l.q_full_count)[srow]) * p.k_per;
+        } else {
+          srow = l.head_row(b, h) * p.key_tiles + u;
+          count = global_ptr<const int32_t>(p.ks.count)[srow];
+        }
         if (e < count) {
-          const int en = global_ptr<const int32_t>(p.ks.entry)[srow * p.ks.max + e];
           s.gh = gh;
           s.e = e;
           s.count = count;
           s.h = h;
           s.srow = srow;
-          s.qfirst = int64_t(en >> 1) * kCols;
-          s.full = (en & 1) != 0;
           s.valid = true;
+          if (p.direct_k) {  // as QueryTile::chunk, on the q-side lists
+            const int ei = e / p.k_per, sub = e - ei * p.k_per;
+            int qb;
+            if (ei < np) {
+              qb = global_ptr<const int32_t>(l.q_partial_index)[srow * l.max_q_partial + ei];
+              s.code = global_ptr<const int32_t>(l.q_partial_slot)[srow * l.max_q_partial + ei];
+            } else {
+              qb = global_ptr<const int32_t>(l.q_full_index)[srow * l.max_q_full + ei - np];
+              s.code = -2;
+            }
+            s.qfirst = int64_t(qb) * l.q_block + int64_t(sub) * kCols;
+            s.full = ei >= np && s.qfirst + kCols <= p.q_len;
+          } else {
+            const int en = global_ptr<const int32_t>(p.ks.entry)[srow * p.ks.max + e];
+            s.qfirst = int64_t(en >> 1) * kCols;
+            s.full = (en & 1) != 0;
+            s.code = 0;
+          }
           return s;
         }
       }
@@ -383,7 +454,10 @@ struct BlockSparsePolicy {
     }
     TM_DEVICE void write_cols(const BsParams& p, const Step& st, shared_ptr<int> cols) const {
       if (st.full) return;
-      bs_detail::load_table(p.ks, st.srow, st.e, cols);
+      if (!p.direct_k)
+        bs_detail::load_table(p.ks, st.srow, st.e, cols);
+      else if (linear_thread_idx() == 0)
+        cols[0] = st.code;
       if (linear_thread_idx() == 0) cols[p.ks.table_ints()] = int(st.qfirst);
     }
     TM_DEVICE bool keep(const BsParams& p, const KeyState& ks, int ri, shared_ptr<int> cols,

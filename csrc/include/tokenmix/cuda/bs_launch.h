@@ -56,9 +56,13 @@ inline int64_t blocks_per_span(int64_t span, int64_t block, int64_t limit) {
 }
 
 // One side's schedule: tiles of kTileRows along `row_len`, chunks of `chunk` along `col_len`.
+// Direct: the side's block size is a multiple of the tile and the other's of the chunk, so the
+// kernels walk the layout's lists (`per` chunks per block) and there is no schedule.
 struct SidePlan {
   int64_t head_rows = 0, tiles = 0, num_chunks = 0, rows = 1, cols = 1, max = 0;
-  int64_t words() const { return head_rows * tiles * (1 + max + max * rows * cols); }
+  bool direct = false;
+  int per = 1;
+  int64_t words() const { return direct ? 0 : head_rows * tiles * (1 + max + max * rows * cols); }
 };
 
 inline SidePlan side_plan(int64_t head_rows, int64_t row_len, int64_t col_len, int64_t row_block,
@@ -73,6 +77,11 @@ inline SidePlan side_plan(int64_t head_rows, int64_t row_len, int64_t col_len, i
   // Each listed block overlaps at most this many chunks, and a chunk appears once.
   const int64_t per_block = blocks_per_span(col_block, chunk, std::max<int64_t>(s.num_chunks, 1));
   s.max = std::min(s.num_chunks, s.rows * listed * per_block);
+  if (row_block % kTileRows == 0 && col_block % chunk == 0) {
+    s.direct = true;
+    s.per = int(col_block / chunk);
+    s.rows = s.cols = 1;
+  }
   return s;
 }
 
@@ -262,6 +271,8 @@ void forward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t stre
   BsParams prm = make_params<E>(p);
   const SidePlan qside = query_side<E>(p);
   prm.qs = schedule_at(workspace, qside);
+  prm.direct_q = qside.direct;
+  prm.q_per = qside.per;
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
   const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false,
                                                Tile::row_ints(prm), Tile::key_ints(prm));
@@ -275,8 +286,9 @@ void forward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t stre
   r.add(p.out.data, view_span(p.out, p.batch, p.q_len, p.heads, p.value_dim) * sizeof(T), "out");
   r.add(p.lse, size_t(p.batch * p.q_len * p.heads) * sizeof(float), "lse");
   r.commit();
-  launch_schedule(bs_schedule_kernel<E, 0>, "bs_schedule_kernel",
-                  query_schedule_params<E>(p, qside, prm.qs), device, stream);
+  if (!qside.direct)
+    launch_schedule(bs_schedule_kernel<E, 0>, "bs_schedule_kernel",
+                    query_schedule_params<E>(p, qside, prm.qs), device, stream);
   const dim3u grid(uint32_t(prm.batch * prm.heads * prm.q_tiles),
                    uint32_t((prm.value_dim + kVChunk - 1) / kVChunk));
   launch_on(stream, named(kernel, "bs_forward_kernel"), grid, dim3u(kThreads), size_t(L.bytes),
@@ -296,6 +308,10 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
   float* delta = reinterpret_cast<float*>(workspace + qside.words());
   prm.delta = delta;
   prm.ks = schedule_at(workspace + qside.words() + rows, kside);
+  prm.direct_q = qside.direct;
+  prm.q_per = qside.per;
+  prm.direct_k = kside.direct;
+  prm.k_per = kside.per;
   const device_facts device = checked_device();
   Registrations r;
   register_inputs<E>(r, p);
@@ -318,8 +334,9 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
 
   constexpr int kChunk = grad_chunk<kDim>;
   const int width = grad_tile_width<kDim>(prm);
-  launch_schedule(bs_schedule_kernel<E, 1>, "bs_schedule_kernel",
-                  query_schedule_params<E>(p, qside, prm.qs), device, stream);
+  if (!qside.direct)
+    launch_schedule(bs_schedule_kernel<E, 1>, "bs_schedule_kernel",
+                    query_schedule_params<E>(p, qside, prm.qs), device, stream);
   const QueryMajorSmem Lq =
       query_major_smem<E>(width, width, true, false, QTile::row_ints(prm), QTile::key_ints(prm));
   auto dq_kernel = bs_backward_dq_kernel<E, kDim>;
@@ -331,8 +348,9 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
   check_launch("bs_backward_dq_kernel");
 
   if (prm.key_tiles == 0) return;
-  launch_schedule(bs_schedule_kernel<E, 2>, "bs_schedule_kernel",
-                  key_schedule_params<E>(p, kside, prm.ks), device, stream);
+  if (!kside.direct)
+    launch_schedule(bs_schedule_kernel<E, 2>, "bs_schedule_kernel",
+                    key_schedule_params<E>(p, kside, prm.ks), device, stream);
   const KeyMajorSmem Lk =
       key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm));
   auto dkdv_kernel = bs_backward_dkdv_kernel<E, kDim>;
