@@ -205,6 +205,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
   const global_ptr<const T> q(static_cast<const T*>(p.q)), go(static_cast<const T*>(p.grad_out));
 
   tile.write_keys(p, rows);
+  sync_threads();  // the key metadata may describe the steps (load_queries reads it)
   copy_rows(sk, L.ldq, kTileRows, dp, tile.source(p, Operand::kK), 0, p.head_dim,
             [&](int r) { return tile.key_offset(p, r, Operand::kK); });
   copy_rows(sv, L.ldv, kTileRows, dvp, tile.source(p, Operand::kV), 0, p.value_dim,

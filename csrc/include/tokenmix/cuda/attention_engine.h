@@ -29,7 +29,8 @@
 //     biased(p, c), bias(...)      an additive bias (log2 units), in full chunks too
 //     kBiasGrad, bias_stage(p), bias_grad_enabled(p), bias_grad(...)  the bias's gradient (dQ)
 //   KeyTile<E>                     the key-major view (dK/dV), one per block:
-//     init(p), nkeys, source(p, op), key_offset(p, r, op), write_keys / read_keys (KeyState)
+//     init(p), nkeys, source(p, op), key_offset(p, r, op), write_keys / read_keys (KeyState;
+//                                  a barrier separates write_keys from the first step)
 //     first(p), next(p, st)        the steps: Step{valid, full, h, ...}, a query head of the kv
 //                                  head and a chunk of E::kKeys queries that see the key tile
 //     query_row(p, st, j), query_offset(p, st, j, op), write_cols(p, st, cols)

@@ -41,6 +41,7 @@ struct SegmentedBox {
 
   TM_DEVICE void init(const int* begin, const int* end, const int* inner_lo, const int* inner_hi) {
     bool empty = false;
+    TM_UNROLL
     for (int t = 0; t < 3; ++t) {
       b[t] = begin[t];
       e[t] = end[t];
@@ -48,14 +49,17 @@ struct SegmentedBox {
       ih[t] = inner_hi[t] < end[t] ? inner_hi[t] : end[t];
       empty = empty || il[t] >= ih[t];
     }
-    if (empty)
+    if (empty) {
+      TM_UNROLL
       for (int t = 0; t < 3; ++t) il[t] = ih[t] = b[t];
+    }
   }
   TM_DEVICE int volume() const { return (e[0] - b[0]) * (e[1] - b[1]) * (e[2] - b[2]); }
   TM_DEVICE int inner() const { return (ih[0] - il[0]) * (ih[1] - il[1]) * (ih[2] - il[2]); }
 
   // The segments in order: per dimension [lo, hi).
   TM_DEVICE void segment(int s, int* lo, int* hi) const {
+    TM_UNROLL
     for (int t = 0; t < 3; ++t) {
       // dimensions before the slab's own keep the inner range, those after it the whole box
       const int own = s == 0 ? 3 : (s - 1) / 2;
@@ -69,6 +73,7 @@ struct SegmentedBox {
   }
   // Coordinates c of element `index` (< volume()).
   TM_DEVICE void coords(int index, int* c) const {
+    TM_UNROLL
     for (int s = 0; s < 7; ++s) {
       int lo[3], hi[3];
       segment(s, lo, hi);
@@ -76,6 +81,7 @@ struct SegmentedBox {
       const int vol = ext[0] * ext[1] * ext[2];
       if (index < vol || s == 6) {
         unravel(index, ext, c);
+        TM_UNROLL
         for (int t = 0; t < 3; ++t) c[t] += lo[t];
         return;
       }
@@ -85,11 +91,13 @@ struct SegmentedBox {
   // The index of coordinates c (inside the box).
   TM_DEVICE int index_of(const int* c) const {
     int base = 0;
+    TM_UNROLL
     for (int s = 0; s < 7; ++s) {
       int lo[3], hi[3];
       segment(s, lo, hi);
       const int ext[3] = {hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]};
       bool in = true;
+      TM_UNROLL
       for (int t = 0; t < 3; ++t) in = in && c[t] >= lo[t] && c[t] < hi[t];
       if (in) return base + ((c[0] - lo[0]) * ext[1] + c[1] - lo[1]) * ext[2] + c[2] - lo[2];
       base += ext[0] * ext[1] * ext[2];
@@ -103,6 +111,7 @@ struct SegmentedBox {
 TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const int* first, const int* ext,
                          int index, int* c, int* x) {
   unravel(index, ext, c);
+  TM_UNROLL
   for (int t = 0; t < 3; ++t) {
     c[t] += first[t];
     x[t] = p.sched.real_coord(g, t, c[t]);
@@ -112,6 +121,7 @@ TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const int* fi
 TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const SegmentedBox& box,
                          int index, int* c, int* x) {
   box.coords(index, c);
+  TM_UNROLL
   for (int t = 0; t < 3; ++t) x[t] = p.sched.real_coord(g, t, c[t]);
 }
 
@@ -422,14 +432,18 @@ struct NeighborhoodPolicy {
       int it, h, qfirst;
       bool full, valid;
     };
-    static TM_HOST_DEVICE int row_ints(const NaParams&) { return 3 * kTileRows; }
+    // rows: kc[3] per key, then the query box (12 words, see write_keys).
+    static TM_HOST_DEVICE int row_ints(const NaParams&) { return 3 * kTileRows + 12; }
     static TM_HOST_DEVICE int col_ints(const NaParams&) { return 9 * kCols; }
 
     int b, hk, group_heads;
     bool extra;
     TileGeometry g;  // spatial key tile: group, first, count of the keys
     int nkeys;
-    na_detail::SegmentedBox qbox;  // queries that see the tile (group coords), inner box first
+    // Queries that see the tile (group coords), inner box first. Set by init; the steps read it
+    // back from shared memory (box_smem), which keeps 12 registers free across the step loop.
+    na_detail::SegmentedBox qbox;
+    mutable shared_ptr<int> box_smem;
     int nq, inner, qchunks, steps;
 
     TM_DEVICE bool init(const NaParams& p) {
@@ -480,9 +494,19 @@ struct NeighborhoodPolicy {
       na_detail::box_token(p, g, g.first, g.count, r, c, x);
       return na_detail::token_offset(na_detail::strides(p, op), b, x, hk);
     }
-    // rows[field * kTileRows + r], fields kc[3] (group coordinates).
+    // rows[field * kTileRows + r], fields kc[3] (group coordinates); then the query box.
     TM_DEVICE void write_keys(const NaParams&, shared_ptr<int> rows) const {
       const int r = int(linear_thread_idx());
+      box_smem = rows + 3 * kTileRows;
+      if (r == 0) {  // (constant indices: a register array indexed at run time goes to memory)
+        TM_UNROLL
+        for (int t = 0; t < 3; ++t) {
+          box_smem[t] = qbox.b[t];
+          box_smem[3 + t] = qbox.e[t];
+          box_smem[6 + t] = qbox.il[t];
+          box_smem[9 + t] = qbox.ih[t];
+        }
+      }
       if (r >= kTileRows) return;
       int i[3] = {0, 0, 0};
       if (r < nkeys && !extra) na_detail::unravel(r, g.count, i);
@@ -545,7 +569,15 @@ struct NeighborhoodPolicy {
         na_detail::unravel(index, e, x);
         return true;
       }
-      na_detail::box_token(p, g, qbox, index, qc, x);
+      na_detail::SegmentedBox box;
+      TM_UNROLL
+      for (int t = 0; t < 3; ++t) {
+        box.b[t] = box_smem[t];
+        box.e[t] = box_smem[3 + t];
+        box.il[t] = box_smem[6 + t];
+        box.ih[t] = box_smem[9 + t];
+      }
+      na_detail::box_token(p, g, box, index, qc, x);
       return true;
     }
     TM_DEVICE int64_t query_row(const NaParams& p, const Step& st, int j) const {
