@@ -100,6 +100,22 @@ def test_every_neighborhood_attention_instantiation_is_in_the_report():
                 assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)
 
 
+def test_every_block_sparse_instantiation_is_in_the_report():
+    """Each shipped instantiation of the block-sparse kernels (BlockSparsePolicy on the same
+    engine), for both architectures: forward/dq/dkdv like neighborhood attention's, the delta
+    kernel, and the schedule kernel of each pass (forward 0, dQ 1, dK/dV 2) per dtype."""
+    names = {(r["arch"], format_cuda_resources([r]).split("`")[1]) for r in cuda_resource_usage()}
+    for arch in ("sm_80", "sm_90"):
+        for elem in ("F16", "BF16", "F32"):
+            dims = ("32", "64", "128", "0") if elem != "F32" else ("0",)
+            for kernel in ("bs_forward_kernel", "bs_backward_dq_kernel", "bs_backward_dkdv_kernel"):
+                for d in dims:
+                    assert (arch, f"{kernel}<{elem}, {d}>") in names, (arch, kernel, elem, d)
+            assert (arch, f"bs_backward_delta_kernel<{elem}>") in names, (arch, elem)
+            for use in ("0", "1", "2"):
+                assert (arch, f"bs_schedule_kernel<{elem}, {use}>") in names, (arch, elem, use)
+
+
 def test_cuda_key_registered_for_the_neighborhood_ops():
     """tokenmix.na2d on CUDA tensors dispatches to the fused kernels (same ops as the CPU)."""
     for op in ("tokenmix::na_forward", "tokenmix::na_backward"):

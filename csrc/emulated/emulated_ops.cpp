@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../block_sparse/bs_schemas.h"
+#include "../block_sparse/bs_simt_op.h"
 #include "../neighborhood/na_schemas.h"
 #include "../neighborhood/na_simt_op.h"
 #include "mma_gemm_op.h"
@@ -60,16 +62,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> na_backward(
                                         EmulatedBackend{});
 }
 
+// Block-sparse attention on the CUDA engine's kernels, run by the emulator: the same schema and
+// semantics as torch.ops.tokenmix.block_sparse_forward / block_sparse_backward, on CPU tensors.
+struct EmulatedBsBackend {
+  bool poison = true;
+  int64_t workspace_words(const tokenmix::BlockSparseProblem& p, bool backward) const {
+    return tokenmix::cuda::emulated::bs_workspace_words(p, backward);
+  }
+  void forward(const tokenmix::BlockSparseProblem& p, int32_t* workspace) const {
+    tokenmix::cuda::emulated::bs_forward(p, workspace, nullptr);
+  }
+  void backward(const tokenmix::BlockSparseProblem& p, int32_t* workspace) const {
+    tokenmix::cuda::emulated::bs_backward(p, workspace, nullptr);
+  }
+};
+
+std::tuple<Tensor, Tensor> block_sparse_forward(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks,
+                                                Tensor kv_indices, Tensor full_kv_num_blocks,
+                                                Tensor full_kv_indices, IntList block_size,
+                                                std::optional<Tensor> mask_bits,
+                                                std::optional<Tensor> q_doc,
+                                                std::optional<Tensor> kv_doc, IntList band,
+                                                double scale) {
+  STD_TORCH_CHECK(q.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::bs_op::simt_forward(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                       full_kv_indices, block_size, mask_bits, q_doc, kv_doc, band,
+                                       scale, EmulatedBsBackend{});
+}
+
+std::tuple<Tensor, Tensor, Tensor> block_sparse_backward(
+    Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor kv_num_blocks,
+    Tensor kv_indices, Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor q_num_blocks,
+    Tensor q_indices, Tensor q_slots, Tensor full_q_num_blocks, Tensor full_q_indices,
+    IntList block_size, std::optional<Tensor> mask_bits, std::optional<Tensor> q_doc,
+    std::optional<Tensor> kv_doc, IntList band, double scale, std::optional<Tensor> grad_lse,
+    bool deterministic) {
+  STD_TORCH_CHECK(q.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::bs_op::simt_backward(
+      grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+      q_num_blocks, q_indices, q_slots, full_q_num_blocks, full_q_indices, block_size, mask_bits,
+      q_doc, kv_doc, band, scale, grad_lse, deterministic, EmulatedBsBackend{});
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def("mma_gemm(Tensor a, Tensor b) -> Tensor");
   m.def(tokenmix::na_op::kForwardSchema);
   m.def(tokenmix::na_op::kBackwardSchema);
+  m.def(tokenmix::bs_op::kForwardSchema);
+  m.def(tokenmix::bs_op::kBackwardSchema);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
   m.impl("mma_gemm", TORCH_BOX(&mma_gemm));
   m.impl("na_forward", TORCH_BOX(&na_forward));
   m.impl("na_backward", TORCH_BOX(&na_backward));
+  m.impl("block_sparse_forward", TORCH_BOX(&block_sparse_forward));
+  m.impl("block_sparse_backward", TORCH_BOX(&block_sparse_backward));
 }

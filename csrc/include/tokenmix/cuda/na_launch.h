@@ -13,9 +13,45 @@
 
 #include "tokenmix/attention_problem.h"
 #include "tokenmix/cuda/attention_engine.h"
+#include "tokenmix/cuda/launch_common.h"
 #include "tokenmix/cuda/na_entry.h"
+#include "tokenmix/cuda/neighborhood_policy.h"
 
 namespace tokenmix::cuda {
+
+// The neighborhood-attention kernels: the engine's bodies with NeighborhoodPolicy. Their names
+// (and template arguments) are what ptxas reports and profiles show.
+template <class E, int kDim>
+TM_GLOBAL void na_forward_kernel(NaParams p) {
+  attention_forward<NeighborhoodPolicy, E, kDim>(p);
+}
+template <class E>
+TM_GLOBAL void na_backward_delta_kernel(NaParams p) {
+  attention_delta<NeighborhoodPolicy, E>(p);
+}
+template <class E, int kDim>
+TM_GLOBAL void na_backward_dq_kernel(NaParams p) {
+  attention_dq<NeighborhoodPolicy, E, kDim>(p);
+}
+template <class E, int kDim>
+TM_GLOBAL void na_backward_dkdv_kernel(NaParams p) {
+  attention_dkdv<NeighborhoodPolicy, E, kDim>(p);
+}
+
+// grad_rpb[h, e] = sum over (batch, tile) of the per-tile partials, in that order.
+// (A template so that each backward translation unit owns its instantiation.)
+template <class E>
+TM_GLOBAL void na_backward_rpb_reduce_kernel(NaParams p) {
+  const int64_t index = int64_t(block_idx().x) * kThreads + linear_thread_idx();
+  if (index >= int64_t(p.heads) * p.rpb_size) return;
+  const int h = int(index / p.rpb_size), e = int(index % p.rpb_size);
+  const global_ptr<const float> partial(p.grad_rpb_partial);
+  float acc = 0.0f;
+  for (int b = 0; b < p.batch; ++b)
+    for (int64_t t = 0; t < p.tiles_per_head; ++t)
+      acc += partial[((int64_t(b) * p.heads + h) * p.tiles_per_head + t) * p.rpb_size + e];
+  global_ptr<float>(p.grad_rpb)[index] = acc;
+}
 
 // Elements spanned by a [B, S0, S1, S2, H, cols] view.
 inline size_t view_span(const StridedView& v, const NeighborhoodProblem& p, int64_t heads,
@@ -31,33 +67,6 @@ inline size_t extra_span(const StridedView& v, const NeighborhoodProblem& p, int
   return size_t((p.batch - 1) * v.stride[0] + (p.num_extra - 1) * v.stride[3] +
                 (p.kv_heads - 1) * v.stride[4] + cols);
 }
-
-// The emulator checks every global access against registered buffers; under nvcc this is a no-op.
-class Registrations {
- public:
-  void add(const void* ptr, size_t bytes, const char* name) {
-    if (!ptr || bytes == 0) return;
-    for (auto& e : entries_)
-      if (e.ptr == ptr) {  // views sharing a start address: keep the widest
-        e.bytes = std::max(e.bytes, bytes);
-        return;
-      }
-    entries_.push_back({ptr, bytes, name});
-  }
-  void commit() {
-    for (const auto& e : entries_)
-      held_.push_back(std::make_unique<global_registration>(e.ptr, e.bytes, e.name));
-  }
-
- private:
-  struct Entry {
-    const void* ptr;
-    size_t bytes;
-    const char* name;
-  };
-  std::vector<Entry> entries_;
-  std::vector<std::unique_ptr<global_registration>> held_;
-};
 
 template <class E>
 NaParams make_params(const NeighborhoodProblem& p) {
@@ -128,46 +137,13 @@ void register_inputs(Registrations& r, const NeighborhoodProblem& p) {
   if (p.rpb) r.add(p.rpb, size_t(p.heads * p.rpb_size()) * sizeof(T), "rpb");
 }
 
-inline void check_launch(const char* kernel) {
-  if (const char* err = last_launch_error())
-    throw std::runtime_error(std::string("tokenmix: CUDA launch of ") + kernel + " failed: " + err);
-}
-
-// The device must run sm_80 code (mma.sync m16n8k16, ldmatrix, cp.async).
-inline device_facts checked_device() {
-  const device_facts f = current_device_facts();
-  if (f.error)
-    throw std::runtime_error(std::string("tokenmix: cannot query the CUDA device (") + f.error +
-                             "); is the driver new enough for this build's CUDA runtime?");
-  if (f.compute_capability < 80)
-    throw std::runtime_error(
-        "tokenmix: the CUDA kernels need compute capability 8.0 or newer "
-        "(sm_80+); this device is " +
-        std::to_string(f.compute_capability / 10) + "." +
-        std::to_string(f.compute_capability % 10));
-  return f;
-}
-
-// Blocks above 48 KiB opt in. The attribute is set to the device's maximum, the same value for
-// every call, so concurrent launches of one kernel with different sizes cannot undo each other.
-template <class K>
-void prepare_shared(K kernel, int64_t bytes, const device_facts& device, const char* name) {
-  if (size_t(bytes) > device.max_dynamic_shared)
-    throw std::runtime_error(std::string("tokenmix: ") + name + " needs " + std::to_string(bytes) +
-                             " bytes of shared memory per block and this device allows " +
-                             std::to_string(device.max_dynamic_shared) +
-                             "; use a smaller head dim, or float16/bfloat16 (half the bytes)");
-  if (bytes <= 48 * 1024) return;
-  if (const char* err = allow_dynamic_shared(kernel, device.max_dynamic_shared))
-    throw std::runtime_error(std::string("tokenmix: could not enable ") + std::to_string(bytes) +
-                             " bytes of shared memory for " + name + ": " + err);
-}
-
 template <class E, int kDim>
 void forward_with(const NeighborhoodProblem& p, stream_t stream) {
   const NaParams prm = make_params<E>(p);
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
-  const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false);
+  using Tile = NeighborhoodPolicy::QueryTile<E>;
+  const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false,
+                                               Tile::row_ints(prm), Tile::key_ints(prm));
   auto kernel = na_forward_kernel<E, kDim>;
   prepare_shared(kernel, L.bytes, checked_device(), "na_forward_kernel");
   Registrations r;
@@ -220,7 +196,10 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
 
   constexpr int kChunk = grad_chunk<kDim>;
   const int width = grad_tile_width<kDim>(prm);
-  const QueryMajorSmem Lq = query_major_smem<E>(width, width, true, prm.deterministic);
+  using QTile = NeighborhoodPolicy::QueryTile<E>;
+  using KTile = NeighborhoodPolicy::KeyTile<E>;
+  const QueryMajorSmem Lq = query_major_smem<E>(width, width, true, QTile::bias_stage(prm),
+                                                QTile::row_ints(prm), QTile::key_ints(prm));
   auto dq_kernel = na_backward_dq_kernel<E, kDim>;
   prepare_shared(dq_kernel, Lq.bytes, device, "na_backward_dq_kernel");
   launch_on(stream, named(dq_kernel, "na_backward_dq_kernel"),
@@ -229,7 +208,8 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
             dim3u(kThreads), size_t(Lq.bytes), prm);
   check_launch("na_backward_dq_kernel");
 
-  const KeyMajorSmem Lk = key_major_smem<E>(width, width);
+  const KeyMajorSmem Lk =
+      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm));
   auto dkdv_kernel = na_backward_dkdv_kernel<E, kDim>;
   prepare_shared(dkdv_kernel, Lk.bytes, device, "na_backward_dkdv_kernel");
   const int widest = std::max(prm.head_dim, prm.value_dim);

@@ -1,0 +1,123 @@
+// Masking and the online softmax of the CUDA attention engine, on accumulator fragments (a thread
+// holds rows lane / 4 and lane / 4 + 8 of its warp's 16, columns 2 (lane % 4) + {0, 1} of every
+// 8-column tile). The element rule and the bias come from the policy; full chunks skip the rule.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/cuda/attention_params.h"
+#include "tokenmix/cuda/warp_gemm.h"
+
+namespace tokenmix::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -__builtin_huge_valf();
+constexpr float kInf = __builtin_huge_valf();
+
+// Sum / max over the 4 lanes that share an accumulator row.
+TM_DEVICE float quad_sum(float v) {
+  v += shfl_xor_sync(0xffffffffu, v, 1);
+  v += shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+TM_DEVICE float quad_max(float v) {
+  const float a = shfl_xor_sync(0xffffffffu, v, 1);
+  v = v > a ? v : a;
+  const float b = shfl_xor_sync(0xffffffffu, v, 2);
+  return v > b ? v : b;
+}
+
+// Column of accumulator entry (n, i) for this lane, and the row (0 or 1) it belongs to.
+TM_DEVICE int frag_col(int n, int i, int lane) {
+  return n * 8 + 2 * (lane & 3) + (i & 1);
+}
+
+// Scores -> logits in log2 units (scaled, biased, masked with -inf); returns the mask: bit 4n + i
+// set when s[n][i] is kept. keep(ri, j) / bias(ri, j) are the policy's rule for the lane's row ri
+// and column j; a row is dropped when `valid[ri]` is false. kFull: the chunk keeps every element
+// of the valid rows, so the rule is not evaluated at all.
+template <bool kFull, bool kBias, int KC, class Keep, class Bias>
+TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
+                               Keep&& keep, Bias&& bias) {
+  const int lane = int(lane_id());
+  uint32_t kept = 0;
+  TM_UNROLL
+  for (int n = 0; n < KC; ++n) {
+    TM_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int ri = i >> 1, j = frag_col(n, i, lane);
+      bool k = valid[ri];
+      if constexpr (!kFull) k = k && keep(ri, j);
+      float b = 0.0f;
+      if constexpr (kBias) {
+        if (k) b = bias(ri, j);
+      }
+      s[n][i] = k ? s[n][i] * scale_log2 + b : kNegInf;
+      kept |= k ? 1u << (4 * n + i) : 0u;
+    }
+  }
+  return kept;
+}
+
+// The four instantiations of mask_scores behind the chunk's two run-time flags.
+template <int KC, class Keep, class Bias>
+TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
+                               bool full, bool biased, Keep&& keep, Bias&& bias) {
+  if (full)
+    return biased ? mask_scores<true, true>(s, valid, scale_log2, keep, bias)
+                  : mask_scores<true, false>(s, valid, scale_log2, keep, bias);
+  return biased ? mask_scores<false, true>(s, valid, scale_log2, keep, bias)
+                : mask_scores<false, false>(s, valid, scale_log2, keep, bias);
+}
+
+// One chunk of the online softmax for the two rows of a thread: s holds logits (log2 units) and
+// becomes P relative to the new running max m; l (this thread's partial row sums) and the output
+// accumulator o are rescaled. exact: record NaN logits (the exact pass, for the LSE).
+template <int KC, int NV>
+TM_DEVICE void online_softmax_step(float (&s)[KC][4], float (&o)[NV][4], float (&m)[2],
+                                   float (&l)[2], bool (&nan_logit)[2], bool exact) {
+  TM_UNROLL
+  for (int ri = 0; ri < 2; ++ri) {
+    float mx = kNegInf;
+    TM_UNROLL
+    for (int n = 0; n < KC; ++n) {
+      mx = mx > s[n][2 * ri] ? mx : s[n][2 * ri];
+      mx = mx > s[n][2 * ri + 1] ? mx : s[n][2 * ri + 1];
+      if (exact)
+        nan_logit[ri] |= s[n][2 * ri] != s[n][2 * ri] || s[n][2 * ri + 1] != s[n][2 * ri + 1];
+    }
+    mx = quad_max(mx);
+    const float m_new = m[ri] > mx ? m[ri] : mx;
+    const float base = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing seen yet
+    const float alpha = exp2f_approx(m[ri] - base);
+    m[ri] = m_new;
+    float sum = 0.0f;
+    TM_UNROLL
+    for (int n = 0; n < KC; ++n) {
+      TM_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const float pe = exp2f_approx(s[n][2 * ri + e] - base);
+        s[n][2 * ri + e] = pe;
+        sum += pe;
+      }
+    }
+    l[ri] = l[ri] * alpha + sum;
+    TM_UNROLL
+    for (int n = 0; n < NV; ++n) {
+      o[n][2 * ri] *= alpha;
+      o[n][2 * ri + 1] *= alpha;
+    }
+  }
+}
+
+// The LSE (natural log) of a finished row, as torch.logsumexp: NaN with a NaN logit, +inf with a
+// +inf logit, -inf when no key was kept.
+TM_DEVICE float row_lse(float m, float total, bool nan_row) {
+  return nan_row         ? __builtin_nanf("")
+         : m == kInf     ? kInf
+         : total == 0.0f ? kNegInf
+                         : (m + log2f_approx(total)) * kLn2;
+}
+
+}  // namespace tokenmix::cuda

@@ -1,0 +1,99 @@
+// Shared-memory plans of the CUDA attention engine. The kernels carve their dynamic shared memory
+// with these functions and the host sizes the launch with the very same ones.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/cuda/attention_params.h"
+#include "tokenmix/cuda/warp_gemm.h"
+
+namespace tokenmix::cuda {
+
+struct SmemPlan {
+  int64_t bytes = 0;
+  TM_HOST_DEVICE int64_t take(int64_t n) {
+    const int64_t off = (bytes + 15) & ~int64_t(15);
+    bytes = off + n;
+    return off;
+  }
+};
+
+// Query-major kernels (forward, backward_dq): a tile of kTileRows queries, chunks of E::kKeys keys.
+// rows / keys: the policy's metadata of the query rows and of the current key chunk (ints);
+// rowf: the engine's per-row lse2 and delta (backward).
+struct QueryMajorSmem {
+  int ldq, ldv;  // row strides of the D- and Dv-wide tiles
+  int64_t q, go, k, v, rows, rowf, keys, stage, ds, votes;  // byte offsets
+  int64_t bytes;
+};
+
+// vwidth: value columns held per row (the forward's value chunk; the backward's full Dv).
+// bias_stage: the dQ kernel stages dS for a deterministic bias gradient (neighborhood rpb).
+template <class E>
+TM_HOST_DEVICE QueryMajorSmem query_major_smem(int dp, int vwidth, bool backward, bool bias_stage,
+                                               int row_ints, int key_ints) {
+  using T = typename E::T;
+  QueryMajorSmem s{};
+  SmemPlan plan;
+  s.ldq = padded_ld<T>(dp);
+  s.ldv = padded_ld<T>(vwidth);
+  s.q = plan.take(int64_t(kTileRows) * s.ldq * sizeof(T));
+  s.go = backward ? plan.take(int64_t(kTileRows) * s.ldv * sizeof(T)) : 0;
+  s.k = plan.take(int64_t(E::kKeys) * s.ldq * sizeof(T));
+  s.v = plan.take(int64_t(E::kKeys) * s.ldv * sizeof(T));
+  s.rows = plan.take(int64_t(row_ints) * 4);
+  s.rowf = plan.take(int64_t(kTileRows) * 2 * 4);  // lse2, delta
+  s.keys = plan.take(int64_t(key_ints) * 4);
+  s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
+  s.ds = bias_stage ? plan.take(int64_t(kTileRows) * (E::kKeys + 1) * 4) : 0;
+  s.votes = plan.take(int64_t(2 * kWarps) * 4);  // block_any words: chunk tiles, end of pass
+  s.bytes = plan.bytes;
+  return s;
+}
+
+// Key-major kernel (backward_dkdv): a tile of kTileRows keys, chunks of E::kKeys queries.
+// rows / cols: the policy's metadata of the key rows and of the current query chunk (ints);
+// colf: the engine's per-column lse2, delta and validity.
+struct KeyMajorSmem {
+  int ldq, ldv;
+  int64_t k, v, q, go, rows, cols, colf, stage, votes;
+  int64_t bytes;
+};
+
+template <class E>
+TM_HOST_DEVICE KeyMajorSmem key_major_smem(int dp, int dvp, int row_ints, int col_ints) {
+  using T = typename E::T;
+  KeyMajorSmem s{};
+  SmemPlan plan;
+  s.ldq = padded_ld<T>(dp);
+  s.ldv = padded_ld<T>(dvp);
+  s.k = plan.take(int64_t(kTileRows) * s.ldq * sizeof(T));
+  s.v = plan.take(int64_t(kTileRows) * s.ldv * sizeof(T));
+  s.q = plan.take(int64_t(E::kKeys) * s.ldq * sizeof(T));
+  s.go = plan.take(int64_t(E::kKeys) * s.ldv * sizeof(T));
+  s.rows = plan.take(int64_t(row_ints) * 4);
+  s.cols = plan.take(int64_t(col_ints) * 4);
+  s.colf = plan.take(int64_t(E::kKeys) * 3 * 4);  // lse2, delta, valid
+  s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
+  s.votes = plan.take(int64_t(3 * kWarps) * 4);  // block_any words: Q, dO, end of pass
+  s.bytes = plan.bytes;
+  return s;
+}
+
+TM_HOST_DEVICE int round_up_to(int x, int m) {
+  return (x + m - 1) / m * m;
+}
+
+// Output columns per backward block: kGradChunk, or the whole head when it is narrower.
+template <int kDim>
+constexpr int grad_chunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+
+// Width of the shared Q/K/V/dO tiles of the backward kernels: the column chunks of dQ, dK and dV
+// read whole chunks, so the general path pads both head dims to a multiple of kGradChunk.
+template <int kDim>
+TM_HOST_DEVICE int grad_tile_width(const AttentionParams& p) {
+  const int widest = p.head_dim > p.value_dim ? p.head_dim : p.value_dim;
+  return kDim > 0 ? kDim : round_up_to(widest, kGradChunk);
+}
+
+}  // namespace tokenmix::cuda
