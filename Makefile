@@ -34,6 +34,7 @@ demo: build
 	$(PY) -m tokenmix info
 	$(PY) bench/bench_na.py --threads $(THREADS)
 	$(PY) bench/bench_linear.py --threads $(THREADS)
+	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --quick
 
 test: build lint
 	$(PY) -m tokenmix info
@@ -42,6 +43,7 @@ test: build lint
 bench: build
 	$(PY) bench/bench_na.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_linear.py --threads $(THREADS) --markdown
+	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --markdown
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check python tests bench

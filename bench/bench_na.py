@@ -36,37 +36,37 @@ import inspect
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    Deadline,
-    cpu_busy_fraction,
-    cuda_unusable_reason,
-    fmt_float,
-    fmt_sci,
-    format_markdown,
-    format_table,
-    is_out_of_memory,
-    limit_address_space,
+    BackendRun,
+    RunCeiling,
+    Unsupported,
+    add_measurement_arguments,
+    add_speedups,
+    autograd_run,
+    block_mask_bytes,
+    case_footer,
+    check_correctness,
     log,
     machine_info,
-    measure_matmul_gflops,
-    measure_peak_cuda,
-    measure_peak_rss,
-    time_fn,
+    measure_row,
+    refuse_unusable_cuda,
+    render_tables,
+    resolve_measurement_arguments,
+    result_cells,
+    run_measurement,
+    worker_main,
+    worker_spec,
 )
-
-RESULT_MARK = "@@BENCH_NA_RESULT@@ "
 
 # Forward+backward useful FLOPs as a multiple of forward FLOPs. The forward pass is
 # two matmul-shaped products per attended pair (QK^T and PV); the backward pass is
@@ -326,19 +326,6 @@ def make_inputs(case: Case, seed: int, device: str = "cpu") -> dict[str, torch.T
     }
 
 
-@dataclass
-class BackendRun:
-    call: Callable[[], object]
-    setup: Callable[[], None] | None
-    collect: Callable[[object], dict[str, torch.Tensor]]
-    aux_bytes: int = 0
-    info: dict = field(default_factory=dict)
-
-
-class Unsupported(Exception):
-    """The backend cannot run this configuration (reported, not an error)."""
-
-
 def _to_bhnd(x: torch.Tensor, case: Case) -> torch.Tensor:
     return (
         x.reshape(case.batch, case.tokens, case.heads, case.head_dim).transpose(1, 2).contiguous()
@@ -358,36 +345,15 @@ def _autograd_run(
 ) -> BackendRun:
     """Wrap ``fn(q, k, v) -> out`` for timing; ``bhnd`` moves tensors to ``[B, H, N, D]``
     once, here, outside the timed region."""
-
-    def conv(x):
-        return _to_bhnd(x, case) if bhnd else x
-
-    def back(x):
-        return _from_bhnd(x, case) if bhnd else x
-
-    q, k, v = (conv(inputs[n]).detach().requires_grad_(backward) for n in ("q", "k", "v"))
-    dout = conv(inputs["dout"])
-
-    if backward:
-
-        def call():
-            out = fn(q, k, v)
-            out.backward(dout)
-            return out
-
-        def setup():
-            for t in (q, k, v):
-                t.grad = None
-
-        def collect(out):
-            res = {"out": back(out.detach())}
-            for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
-                res[name] = back(t.grad)
-            return res
-
-        return BackendRun(call, setup, collect)
-
-    return BackendRun(lambda: fn(q, k, v), None, lambda out: {"out": back(out)})
+    if not bhnd:
+        return autograd_run(fn, inputs, backward)
+    return autograd_run(
+        fn,
+        inputs,
+        backward,
+        to_layout=lambda x: _to_bhnd(x, case),
+        from_layout=lambda x: _from_bhnd(x, case),
+    )
 
 
 def build_tokenmix(case: Case, inputs, backward: bool) -> BackendRun:
@@ -451,21 +417,7 @@ def build_flex(case: Case, inputs, backward: bool) -> BackendRun:
     t0 = time.perf_counter()
     run.call()  # compile now so the warmup estimate reflects a compiled call
     compile_s = time.perf_counter() - t0
-    aux = tables.numel() * tables.element_size()
-    for name in (
-        "kv_num_blocks",
-        "kv_indices",
-        "full_kv_num_blocks",
-        "full_kv_indices",
-        "q_num_blocks",
-        "q_indices",
-        "full_q_num_blocks",
-        "full_q_indices",
-    ):
-        t = getattr(block_mask, name, None)
-        if isinstance(t, torch.Tensor):
-            aux += t.numel() * t.element_size()
-    run.aux_bytes = aux
+    run.aux_bytes = tables.numel() * tables.element_size() + block_mask_bytes(block_mask)
     run.info = {
         "block_mask_s": mask_s,
         "compile_s": compile_s,
@@ -509,115 +461,19 @@ BUILDERS = {
 
 def run_worker(spec: dict) -> dict:
     """Set up one backend, time it, measure one call's peak memory, save its outputs."""
-    torch.set_num_threads(spec["threads"])
     case = Case.from_dict(spec["case"])
     backward = spec["mode"] == "fwd+bwd"
     device = spec.get("device", "cpu")
-    result: dict = {"status": "ok"}
-    mem_limit = int(spec["mem_limit_gb"] * 2**30)
-    try:
-        inputs = make_inputs(case, spec["seed"], device)
-        if device == "cuda":
-            # The same cap on device memory, through the caching allocator (an address-space
-            # limit would break the CUDA context, which reserves huge virtual ranges).
-            total = torch.cuda.get_device_properties(0).total_memory
-            cap = min(1.0, (torch.cuda.memory_allocated() + mem_limit) / total)
-            torch.cuda.set_per_process_memory_fraction(cap)
-            result["device_memory_fraction"] = cap
-        else:
-            # Cap the address space so that a backend that would need more than the limit
-            # fails cleanly instead of meeting the OOM killer.
-            result["address_space_limited"] = limit_address_space(mem_limit)
-        run = BUILDERS[spec["backend"]](case, inputs, backward)
-        del inputs
-        max_call_s = spec["max_call_s"]
-
-        def give_up() -> None:
-            # Runs on the Deadline's timer thread while the first call is still going:
-            # report a lower bound and end the process (the call cannot be interrupted).
-            note = f"> {max_call_s:g} s per call (stopped after one unfinished call)"
-            res = {"status": "too_slow", "note": note, "lower_bound_ms": max_call_s * 1e3}
-            print(RESULT_MARK + json.dumps(res), flush=True)
-            os._exit(0)
-
-        timing = time_fn(
-            run.call,
-            setup=run.setup,
-            warmup=spec["warmup"],
-            repeats=spec["repeats"],
-            budget_s=spec["budget_s"],
-            max_repeats=spec["max_repeats"],
-            first_call_guard=(lambda: Deadline(max_call_s, give_up)) if max_call_s > 0 else None,
-            device=device,
-        )
-        if run.setup is not None:
-            run.setup()
-        # Peak memory of one steady-state call (outputs, autograd buffers and gradients
-        # included) over the RSS right before it: inputs, masks and compiled code are
-        # already resident and are not counted; the mask is reported as aux_bytes.
-        with measure_peak_cuda() if device == "cuda" else measure_peak_rss() as mem:
-            out = run.call()
-        saved = run.collect(out)
-        if spec.get("save_path"):
-            # On the CPU, so that the parent compares outputs without touching the GPU.
-            saved = {k: v.detach().cpu().contiguous() for k, v in saved.items()}
-            torch.save(saved, spec["save_path"])
-        result.update(
-            timing=timing.to_dict(),
-            peak_mib=mem.peak_mib,
-            mem_method=mem.method,
-            aux_mib=run.aux_bytes / 2**20,
-            info=run.info,
-        )
-    except Unsupported as exc:
-        result.update(status="unsupported", note=f"n/a ({exc})")
-    except Exception as exc:  # every failure is reported, never raised
-        traceback.print_exc()
-        if device != "cpu" and isinstance(exc, NotImplementedError):
-            # A build without kernels for this device (tokenmix's CUDA kernels, for one).
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            result.update(status="unsupported", note=f"n/a (NotImplementedError: {first})")
-        elif is_out_of_memory(exc):
-            result.update(
-                status="oom", note=f"skipped (memory: needs > {spec['mem_limit_gb']:g} GiB)"
-            )
-        else:
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            result.update(status="error", note=f"error: {type(exc).__name__}: {first}")
-    return result
-
-
-def worker_main(spec_json: str) -> int:
-    result = run_worker(json.loads(spec_json))
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
+    return run_measurement(
+        spec,
+        lambda: make_inputs(case, spec["seed"], device),
+        lambda inputs: BUILDERS[spec["backend"]](case, inputs, backward),
+    )
 
 
 # ---------------------------------------------------------------------------
 # Parent side: orchestration, metrics, correctness, output
 # ---------------------------------------------------------------------------
-
-
-def launch_worker(spec: dict, timeout_s: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "note": f"timed out after {timeout_s:g} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            result = json.loads(line[len(RESULT_MARK) :])
-            if result["status"] not in ("ok", "unsupported"):
-                result["stderr_tail"] = proc.stderr[-4000:]
-            return result
-    tail = proc.stderr[-4000:]
-    if proc.returncode < 0:
-        note = f"killed by signal {-proc.returncode} (out of memory?)"
-    else:
-        last = (tail.strip().splitlines() or ["no output"])[-1][:160]
-        note = f"worker failed (rc={proc.returncode}): {last}"
-    return {"status": "error", "note": note, "stderr_tail": tail}
 
 
 def parse_tuple(text: str | None, n: int, what: str, cast=int) -> tuple:
@@ -715,14 +571,6 @@ def check_tokenmix() -> dict:
     return info
 
 
-def diff_tensors(a: dict, b: dict) -> dict[str, float]:
-    out = {}
-    for key in a:
-        if key in b:
-            out[key] = float((a[key].float() - b[key].float()).abs().max())
-    return out
-
-
 def skip_reason(
     case: Case, backend: str, mode: str, tm_info: dict, mem_limit_gb: float, device: str = "cpu"
 ) -> tuple[str, str] | None:
@@ -803,107 +651,31 @@ def run_case(
                 continue
             counter[0] += 1
             tag = f"[{counter[0]}/{total}] {case.name} {LABELS[backend]} {mode}"
-            log(f"{tag} ...")
-            save_path = os.path.join(tmpdir, f"{case.name}-{backend}-{mode}.pt")
-            spec = {
-                "case": asdict(case),
-                "backend": backend,
-                "mode": mode,
-                "threads": args.threads,
-                "seed": args.seed,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-                "budget_s": args.time_budget,
-                "max_repeats": args.max_repeats,
-                "mem_limit_gb": args.mem_limit_gb,
-                "max_call_s": args.max_call_s,
-                "save_path": save_path,
-                "device": args.device,
-            }
-            t0 = time.perf_counter()
-            result = launch_worker(spec, args.worker_timeout)
-            wall = time.perf_counter() - t0
-            row.update(result, wall_s=wall)
-            if result["status"] == "ok":
-                t = result["timing"]
-                row["median_ms"] = t["median_ms"]
-                row["save_path"] = save_path
-                flops = fwd_flops * (FWD_BWD_FLOP_FACTOR if backward else 1.0)
-                row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
-                row["frac_matmul"] = row["gflops"] / args.matmul_gflops
-                peak = result.get("peak_mib")
-                peak_s = "-" if peak is None else f"{peak:.0f} MiB"
-                log(
-                    f"    {t['median_ms']:.3f} ms median (n={t['repeats']}, "
-                    f"min {t['min_ms']:.3f}), {row['gflops']:.1f} GFLOP/s, "
-                    f"peak +{peak_s} [{wall:.1f} s]"
-                )
-            else:
-                log(f"    {result.get('note', result['status'])} [{wall:.1f} s]")
-                if args.verbose and result.get("stderr_tail"):
-                    log(result["stderr_tail"])
+            spec = worker_spec(
+                args,
+                case=asdict(case),
+                backend=backend,
+                mode=mode,
+                save_path=os.path.join(tmpdir, f"{case.name}-{backend}-{mode}.pt"),
+            )
+            measure_row(
+                row,
+                spec,
+                script=__file__,
+                tag=tag,
+                flops=fwd_flops * (FWD_BWD_FLOP_FACTOR if backward else 1.0),
+                matmul_gflops=args.matmul_gflops,
+                timeout_s=args.worker_timeout,
+                verbose=args.verbose,
+            )
             rows.append(row)
 
     # Correctness: every backend's outputs (and gradients) against the first oracle
     # that ran, in the order sdpa+mask, reference, flex.
     atol, rtol = TOLERANCES[case.dtype]
-    correctness = {}
-    for mode in modes:
-        ran = {r["backend"]: r for r in rows if r["mode"] == mode and r.get("status") == "ok"}
-        oracle = next((o for o in ORACLES if o in ran), None)
-        if oracle is None:
-            continue
-        ref = torch.load(ran[oracle]["save_path"])
-        bound = {k: atol + rtol * float(v.float().abs().max()) for k, v in ref.items()}
-        for backend, row in ran.items():
-            if backend == oracle:
-                continue
-            diffs = diff_tensors(torch.load(row["save_path"]), ref)
-            ok = all(d <= bound[k] for k, d in diffs.items()) and bool(diffs)
-            row["max_abs_diff"] = diffs
-            row["diff_vs"] = oracle
-            row["correct"] = ok
-            correctness.setdefault(mode, {})[backend] = {
-                "vs": oracle,
-                "max_abs_diff": diffs,
-                "ok": ok,
-            }
-
+    correctness = check_correctness(rows, modes, ORACLES, atol, rtol)
     # Speedups of tokenmix over every peer that ran, per mode.
-    speedups = []
-    for mode in modes:
-        tm = next(
-            (
-                r
-                for r in rows
-                if r["backend"] == "tokenmix" and r["mode"] == mode and "median_ms" in r
-            ),
-            None,
-        )
-        if tm is None:
-            continue
-        for r in rows:
-            if r["mode"] != mode:
-                continue
-            if "median_ms" in r:
-                r["tokenmix_speedup"] = r["median_ms"] / tm["median_ms"]
-            elif "lower_bound_ms" in r:
-                # The peer was stopped: the speedup is at least this much.
-                r["tokenmix_speedup"] = r["lower_bound_ms"] / tm["median_ms"]
-                r["speedup_is_lower_bound"] = True
-            else:
-                continue
-            if r["backend"] != "tokenmix":
-                speedups.append(
-                    {
-                        "mode": mode,
-                        "peer": r["backend"],
-                        "speedup": r["tokenmix_speedup"],
-                        "lower_bound": bool(r.get("speedup_is_lower_bound")),
-                    }
-                )
-    for r in rows:
-        r.pop("save_path", None)
+    speedups = add_speedups(rows, modes)
     return {
         "case": asdict(case),
         "name": case.name,
@@ -918,90 +690,6 @@ def run_case(
         "correctness": correctness,
         "speedups": speedups,
     }
-
-
-TABLE_HEADERS = (
-    "backend",
-    "mode",
-    "median ms",
-    "GFLOP/s",
-    "% matmul",
-    "peak MiB",
-    "mask MiB",
-    "tokenmix speedup",
-    "max|diff|",
-    "note",
-)
-TABLE_ALIGN = "llrrrrrrrl"
-
-
-def case_rows(case_res: dict) -> list[list[str]]:
-    out = []
-    for r in case_res["results"]:
-        if "median_ms" in r:
-            t = r["timing"]
-            note = f"n={t['repeats']}"
-            if t["repeats"] > 1:
-                note += f", min {fmt_float(t['min_ms'])}"
-            if r.get("correct") is False:
-                note = "WRONG OUTPUT; " + note
-            diffs = r.get("max_abs_diff")
-            diff = fmt_sci(max(diffs.values())) if diffs else "-"
-            if r["backend"] in ORACLES and "diff_vs" not in r:
-                diff = "(oracle)"
-            speed = r.get("tokenmix_speedup")
-            aux = r.get("aux_mib") or 0.0
-            out.append(
-                [
-                    r["label"],
-                    r["mode"],
-                    fmt_float(r["median_ms"]),
-                    fmt_float(r["gflops"]),
-                    f"{100 * r['frac_matmul']:.1f}%",
-                    "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
-                    f"{aux:.1f}" if aux else "-",
-                    "-" if speed is None else f"{speed:.2f}x",
-                    diff,
-                    note,
-                ]
-            )
-        else:
-            speed = r.get("tokenmix_speedup")
-            speed_s = "-" if speed is None else f">{speed:.0f}x"
-            out.append(
-                [r["label"], r["mode"], "-", "-", "-", "-", "-", speed_s, "-", r.get("note", "")]
-            )
-    return out
-
-
-def case_footer(case_res: dict) -> list[str]:
-    lines = []
-    for r in case_res["results"]:
-        if r["backend"] == "tokenmix" and "median_ms" in r and "diff_vs" not in r:
-            lines.append(f"correctness {r['mode']}: NOT CHECKED (no oracle backend ran)")
-    for mode, entries in case_res["correctness"].items():
-        tm = entries.get("tokenmix")
-        if tm is None:
-            continue
-        diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_abs_diff"].items())
-        verdict = "OK" if tm["ok"] else "MISMATCH - tokenmix output is wrong"
-        lines.append(
-            f"correctness {mode}: max|tokenmix - {LABELS[tm['vs']]}|: {diffs} -> {verdict}"
-        )
-    by_mode: dict[str, list[str]] = {}
-    for s in case_res["speedups"]:
-        x = s["speedup"]
-        if s.get("lower_bound"):
-            phrase = f"more than {x:.0f}x faster"
-        elif 1 / 1.05 < x < 1.05:
-            phrase = f"on par ({x:.2f}x) with"
-        else:
-            phrase = f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
-        joiner = "" if phrase.endswith("with") else " than"
-        by_mode.setdefault(s["mode"], []).append(f"{phrase}{joiner} {LABELS[s['peer']]}")
-    for mode, parts in by_mode.items():
-        lines.append(f"tokenmix {mode} is " + ", ".join(parts))
-    return lines
 
 
 def render(report: dict, markdown: bool) -> str:
@@ -1029,21 +717,11 @@ def render(report: dict, markdown: bool) -> str:
             f"{c['avg_keys_per_query']:.1f} keys/query, "
             f"fwd {c['fwd_flops'] / 1e9:.3f} GFLOP useful"
         )
-        rows = case_rows(c)
+        rows = [result_cells(r, ORACLES) for r in c["results"]]
         # The planner's bounds are printed for the GPU run only: the CPU output stays
         # what docs/performance.md shows (the JSON has them for both).
-        footer = case_footer(c) + ([plan_line(c.get("plan"))] if cuda else [])
-        if markdown:
-            out.append(f"### {title}")
-            out.append("")
-            out.append(format_markdown(TABLE_HEADERS, rows, TABLE_ALIGN))
-            out.append("")
-            out.extend(f"- {line}" for line in footer)
-        else:
-            out.append(f"== {title}")
-            out.append(format_table(TABLE_HEADERS, rows, TABLE_ALIGN))
-            out.extend(f"  {line}" for line in footer)
-        out.append("")
+        footer = case_footer(c, LABELS) + ([plan_line(c.get("plan"))] if cuda else [])
+        out.extend(render_tables(title, rows, footer, markdown))
     notes = (
         "GFLOP/s = useful FLOPs / median time for every backend: fwd 4*B*H*pairs*D, fwd+bwd "
         f"{FWD_BWD_FLOP_FACTOR}x that; % matmul = GFLOP/s / matmul GFLOP/s. peak MiB = RSS "
@@ -1084,105 +762,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
     p.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        choices=sorted(DEFAULT_DTYPES),
-        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        help="default float32 on the CPU, float16 on CUDA",
-    )
-    p.add_argument(
-        "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
-    )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--forward", action="store_true", help="forward only")
-    mode.add_argument("--backward", action="store_true", help="forward+backward only")
-    p.add_argument(
-        "--backends",
-        default=",".join(BACKENDS),
-        help=f"comma list of backends to run (default {','.join(BACKENDS)})",
-    )
-    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive)")
-    p.add_argument("--warmup", type=int, help="warmup calls (default: 1, or 2 for calls < 1 s)")
-    p.add_argument(
-        "--time-budget",
-        type=float,
-        default=1.5,
-        help="adaptive repeats: seconds per measurement (default 1.5)",
-    )
-    p.add_argument("--max-repeats", type=int, default=50, help="adaptive repeats cap (default 50)")
-    p.add_argument(
-        "--mem-limit-gb",
-        type=float,
-        default=8.0,
-        help="per-worker address-space cap; SDPA / reference fwd+bwd are skipped up front when "
-        "their estimate exceeds it (default 8)",
-    )
-    p.add_argument(
-        "--max-call-s",
-        type=float,
-        default=30.0,
-        help="give up on a backend whose first call is still running after this many seconds "
-        "(reported as a lower bound; 0 = never; default 30)",
-    )
-    p.add_argument(
-        "--worker-timeout", type=float, default=900.0, help="seconds per measurement (default 900)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    p.add_argument(
-        "--quick", action="store_true", help="scaled-down cases, short timing (smoke test)"
-    )
-    p.add_argument("--json", metavar="PATH", help="write raw numbers as JSON")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables")
-    p.add_argument("--verbose", action="store_true", help="show worker stderr on failures")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_measurement_arguments(p, DTYPES, DEFAULT_DTYPES, BACKENDS)
     args = p.parse_args(argv)
 
     if args.worker is not None:
-        return worker_main(args.worker)
+        return worker_main(args.worker, run_worker)
 
     if args.device == "cuda":
         # One clear line instead of a traceback from the first CUDA call.
-        reason = cuda_unusable_reason()
-        if reason is not None:
-            print(f"bench_na.py: --device cuda: no usable CUDA device: {reason}", file=sys.stderr)
-            return 2
-    if args.dtype is None:
-        args.dtype = DEFAULT_DTYPES[args.device]
-
-    if args.quick:
-        args.time_budget = min(args.time_budget, 0.3)
-        args.max_repeats = min(args.max_repeats, 10)
-
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
-    modes = ["fwd"] if args.forward else ["fwd+bwd"] if args.backward else list(MODES)
+        refused = refuse_unusable_cuda("bench_na.py")
+        if refused is not None:
+            return refused
+    backends, modes = resolve_measurement_arguments(args, DEFAULT_DTYPES, BACKENDS, MODES)
     cases = select_cases(args)
     tm_info = check_tokenmix()
 
     t_start = time.perf_counter()
-    warnings = []
-    busy_start = cpu_busy_fraction()
-    if busy_start is not None and busy_start > 0.2:
-        warnings.append(
-            f"the CPUs were {100 * busy_start:.0f}% busy before the run started; other work "
-            "on this machine distorts the timings"
-        )
-        log(f"warning: {warnings[-1]}")
-    torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     matmul_n = MATMUL_N[args.device]
-    on = "on the GPU" if args.device == "cuda" else f"with {args.threads} threads"
-    log(f"measuring {args.dtype} matmul {matmul_n}x{matmul_n} {on} ...")
-    matmul_start = measure_matmul_gflops(args.threads, n=matmul_n, dtype=dtype, device=args.device)
-    args.matmul_gflops = matmul_start
-    log(f"    {matmul_start:.1f} GFLOP/s")
+    ceiling = RunCeiling(args.threads, matmul_n, dtype, args.dtype, args.device)
+    args.matmul_gflops = ceiling.start()
 
     total = sum(
         skip_reason(c, b, m, tm_info, args.mem_limit_gb, args.device) is None
@@ -1216,25 +815,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     # Measured again at the end: a busy machine at the start would otherwise make the
     # ceiling too low. The higher median is the ceiling; the stored ratios are redone.
-    matmul_end = measure_matmul_gflops(args.threads, n=matmul_n, dtype=dtype, device=args.device)
-    log(f"matmul again at the end: {matmul_end:.1f} GFLOP/s")
-    ceiling = max(matmul_start, matmul_end)
-    if abs(matmul_end - matmul_start) > 0.15 * ceiling:
-        warnings.append(
-            f"matmul throughput changed from {matmul_start:.1f} to {matmul_end:.1f} GFLOP/s "
-            "during the run: the machine was not quiet, the timings are unreliable"
-        )
-        log(f"warning: {warnings[-1]}")
-    report["meta"]["warnings"] = warnings
-    report["meta"]["matmul"].update(
-        gflops=ceiling, gflops_start=matmul_start, gflops_end=matmul_end
-    )
-    for c in report["cases"]:
-        for r in c["results"]:
-            if "gflops" in r:
-                r["frac_matmul"] = r["gflops"] / ceiling
+    ceiling.finish(report["cases"])
+    report["meta"]["warnings"] = ceiling.warnings
+    report["meta"]["matmul"] = ceiling.meta()
     report["meta"]["wall_s"] = time.perf_counter() - t_start
-    report["meta"]["cpu_busy_at_start"] = busy_start
+    report["meta"]["cpu_busy_at_start"] = ceiling.busy_start
     log(f"done in {report['meta']['wall_s']:.0f} s")
 
     print(render(report, args.markdown))

@@ -1,23 +1,30 @@
 """Shared helpers for the tokenmix benchmarks.
 
 Timing (warmup + median of ``time.perf_counter`` samples on the CPU, CUDA events on a
-GPU), matmul throughput as the machine's practical compute ceiling, peak-memory
-measurement (RSS, or the CUDA caching allocator's high-water mark), and plain-text /
-markdown table formatting. Only the standard library and torch are used.
+GPU), matmul throughput as the machine's practical compute ceiling (measured at the
+start and the end of a run), peak-memory measurement (RSS, or the CUDA caching
+allocator's high-water mark), one measurement per fresh worker process (the
+benchmark script re-invoked with ``--worker``: timing, peak memory and saved outputs
+of one backend), the correctness check and speedups over the rows of one case, and
+plain-text / markdown table formatting. Only the standard library and torch are used.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
+import json
 import math
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -215,6 +222,72 @@ def measure_matmul_gflops(
     finally:
         torch.set_num_threads(previous)
     return 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
+
+
+class RunCeiling:
+    """The same-run matmul ceiling of a benchmark run, with its quietness checks.
+
+    :meth:`start` samples ``/proc/stat`` (warning when the CPUs are already more than 20%
+    busy) and measures the matmul throughput; :meth:`finish`, after the run, measures it
+    again, warns when the two differ by more than 15%, takes the higher of the two as the
+    ceiling (a busy moment must not lower it) and redoes every result row's
+    ``frac_matmul``. ``warnings`` collects the warnings (also logged as they happen).
+    """
+
+    def __init__(
+        self, threads: int, n: int, dtype: torch.dtype, dtype_name: str, device: str = "cpu"
+    ) -> None:
+        self.threads, self.n, self.dtype, self.dtype_name = threads, n, dtype, dtype_name
+        self.device = device
+        self.warnings: list[str] = []
+        self.busy_start: float | None = None
+        self.gflops_start = self.gflops_end = self.gflops = float("nan")
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log(f"warning: {text}")
+
+    def _measure(self) -> float:
+        return measure_matmul_gflops(self.threads, n=self.n, dtype=self.dtype, device=self.device)
+
+    def start(self) -> float:
+        self.busy_start = cpu_busy_fraction()
+        if self.busy_start is not None and self.busy_start > 0.2:
+            self._warn(
+                f"the CPUs were {100 * self.busy_start:.0f}% busy before the run started; "
+                "other work on this machine distorts the timings"
+            )
+        torch.set_num_threads(self.threads)
+        on = "on the GPU" if self.device == "cuda" else f"with {self.threads} threads"
+        log(f"measuring {self.dtype_name} matmul {self.n}x{self.n} {on} ...")
+        self.gflops_start = self.gflops = self._measure()
+        log(f"    {self.gflops_start:.1f} GFLOP/s")
+        return self.gflops_start
+
+    def finish(self, cases: Sequence[dict]) -> float:
+        """Measure again; ``cases`` are the report's cases (``results`` rows updated)."""
+        self.gflops_end = self._measure()
+        log(f"matmul again at the end: {self.gflops_end:.1f} GFLOP/s")
+        self.gflops = max(self.gflops_start, self.gflops_end)
+        if abs(self.gflops_end - self.gflops_start) > 0.15 * self.gflops:
+            self._warn(
+                f"matmul throughput changed from {self.gflops_start:.1f} to "
+                f"{self.gflops_end:.1f} GFLOP/s during the run: the machine was not quiet, the "
+                "timings are unreliable"
+            )
+        for c in cases:
+            for r in c["results"]:
+                if "gflops" in r:
+                    r["frac_matmul"] = r["gflops"] / self.gflops
+        return self.gflops
+
+    def meta(self) -> dict:
+        return {
+            "n": self.n,
+            "gflops": self.gflops,
+            "gflops_start": self.gflops_start,
+            "gflops_end": self.gflops_end,
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +527,17 @@ def machine_info(threads: int, device: str = "cpu") -> dict:
     return info
 
 
+def refuse_unusable_cuda(script: str) -> int | None:
+    """For ``--device cuda``: None when a CUDA device is usable; otherwise print one line
+    (``<script>: --device cuda: no usable CUDA device: <why>``) on stderr and return the exit
+    status 2, instead of a traceback from the first CUDA call."""
+    reason = cuda_unusable_reason()
+    if reason is None:
+        return None
+    print(f"{script}: --device cuda: no usable CUDA device: {reason}", file=sys.stderr)
+    return 2
+
+
 def cuda_unusable_reason() -> str | None:
     """Why this process cannot run on a CUDA device, or None when it can."""
     if torch.version.cuda is None:
@@ -527,3 +611,540 @@ def format_markdown(
 def log(msg: str) -> None:
     """Progress line on stderr (flushed: the benchmark is a long job)."""
     print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Command line shared by the worker-based benchmarks
+# ---------------------------------------------------------------------------
+
+
+def add_measurement_arguments(
+    p, dtypes: Sequence[str], default_dtypes: dict[str, str], backends: Sequence[str]
+) -> None:
+    """The options every worker-based benchmark has: device and dtype, threads, modes,
+    backends, timing, memory and time limits, seed, ``--quick``, output, ``--worker``."""
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=sorted(default_dtypes),
+        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(dtypes),
+        help="default "
+        + ", ".join(
+            f"{d} on {'the CPU' if dev == 'cpu' else dev.upper()}"
+            for dev, d in default_dtypes.items()
+        ),
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--forward", action="store_true", help="forward only")
+    mode.add_argument("--backward", action="store_true", help="forward+backward only")
+    p.add_argument(
+        "--backends",
+        default=",".join(backends),
+        help=f"comma list of backends to run (default {','.join(backends)})",
+    )
+    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive)")
+    p.add_argument("--warmup", type=int, help="warmup calls (default: 1, or 2 for calls < 1 s)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=1.5,
+        help="adaptive repeats: seconds per measurement (default 1.5)",
+    )
+    p.add_argument("--max-repeats", type=int, default=50, help="adaptive repeats cap (default 50)")
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=8.0,
+        help="per-worker address-space cap; SDPA / reference fwd+bwd are skipped up front when "
+        "their estimate exceeds it (default 8)",
+    )
+    p.add_argument(
+        "--max-call-s",
+        type=float,
+        default=30.0,
+        help="give up on a backend whose first call is still running after this many seconds "
+        "(reported as a lower bound; 0 = never; default 30)",
+    )
+    p.add_argument(
+        "--worker-timeout", type=float, default=900.0, help="seconds per measurement (default 900)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    p.add_argument(
+        "--quick", action="store_true", help="scaled-down cases, short timing (smoke test)"
+    )
+    p.add_argument("--json", metavar="PATH", help="write raw numbers as JSON")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    p.add_argument("--verbose", action="store_true", help="show worker stderr on failures")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def resolve_measurement_arguments(
+    args, default_dtypes: dict[str, str], backends: Sequence[str], modes: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """After :func:`add_measurement_arguments`: fill the device's default dtype, shorten
+    the timing for ``--quick``, and return the selected (backends, modes)."""
+    if args.dtype is None:
+        args.dtype = default_dtypes[args.device]
+    if args.quick:
+        args.time_budget = min(args.time_budget, 0.3)
+        args.max_repeats = min(args.max_repeats, 10)
+    chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in backends]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(backends)}")
+    fwd, bwd = modes
+    selected = [fwd] if args.forward else [bwd] if args.backward else list(modes)
+    return chosen, selected
+
+
+def worker_spec(args, **fields) -> dict:
+    """The spec of one worker: the run's timing and limit options plus ``fields``."""
+    return {
+        **fields,
+        "threads": args.threads,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "budget_s": args.time_budget,
+        "max_repeats": args.max_repeats,
+        "mem_limit_gb": args.mem_limit_gb,
+        "max_call_s": args.max_call_s,
+        "device": args.device,
+    }
+
+
+# ---------------------------------------------------------------------------
+# One measurement per fresh worker process
+# ---------------------------------------------------------------------------
+
+# Prefix of the line on which a worker reports its result (JSON) to the parent.
+RESULT_MARK = "@@BENCH_RESULT@@ "
+
+
+class Unsupported(Exception):
+    """The backend cannot run this configuration (reported as ``n/a``, not an error)."""
+
+
+@dataclass
+class BackendRun:
+    """One backend set up for timing: ``call()`` is what is timed, ``setup()`` runs before
+    every call outside the timed region, ``collect(out)`` returns the tensors to compare
+    (on any device), ``aux_bytes`` is the memory the backend's mask / layout holds."""
+
+    call: Callable[[], object]
+    setup: Callable[[], None] | None
+    collect: Callable[[object], dict[str, torch.Tensor]]
+    aux_bytes: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def autograd_run(
+    fn: Callable,
+    inputs: dict[str, torch.Tensor],
+    backward: bool,
+    to_layout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    from_layout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> BackendRun:
+    """Wrap ``fn(q, k, v) -> out`` for timing on ``inputs`` (``q, k, v, dout``).
+
+    ``to_layout`` moves the inputs to the backend's layout once, here, outside the timed
+    region, and ``from_layout`` moves what ``collect`` returns back. Forward mode calls
+    ``fn`` on tensors that do not require grad; fwd+bwd mode on leaves that do, then
+    ``out.backward(dout)``, with ``.grad`` cleared before each call (outside the timing).
+    """
+
+    def conv(x):
+        return to_layout(x) if to_layout is not None else x
+
+    def back(x):
+        return from_layout(x) if from_layout is not None else x
+
+    q, k, v = (conv(inputs[n]).detach().requires_grad_(backward) for n in ("q", "k", "v"))
+    dout = conv(inputs["dout"])
+
+    if backward:
+
+        def call():
+            out = fn(q, k, v)
+            out.backward(dout)
+            return out
+
+        def setup():
+            for t in (q, k, v):
+                t.grad = None
+
+        def collect(out):
+            res = {"out": back(out.detach())}
+            for name, t in zip(("dq", "dk", "dv"), (q, k, v), strict=True):
+                res[name] = back(t.grad)
+            return res
+
+        return BackendRun(call, setup, collect)
+
+    return BackendRun(lambda: fn(q, k, v), None, lambda out: {"out": back(out)})
+
+
+def block_mask_bytes(block_mask) -> int:
+    """Bytes held by the block lists of a FlexAttention ``BlockMask``."""
+    total = 0
+    for name in (
+        "kv_num_blocks",
+        "kv_indices",
+        "full_kv_num_blocks",
+        "full_kv_indices",
+        "q_num_blocks",
+        "q_indices",
+        "full_q_num_blocks",
+        "full_q_indices",
+    ):
+        t = getattr(block_mask, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_measurement(
+    spec: dict,
+    make_inputs: Callable[[], object],
+    build: Callable[[object], BackendRun],
+) -> dict:
+    """Worker side: set up one backend, time it, measure one call's peak memory, save its
+    outputs. Every failure is reported in the returned dict, never raised.
+
+    ``spec`` holds ``threads``, ``mode`` (``fwd`` / ``fwd+bwd``), ``device``,
+    ``mem_limit_gb``, ``max_call_s``, ``warmup``, ``repeats``, ``budget_s``, ``max_repeats``
+    and ``save_path``. ``make_inputs()`` creates the inputs; the memory cap (address space
+    on the CPU, the caching allocator's fraction on CUDA) is applied after it and before
+    ``build(inputs)``, so a backend that needs more than ``mem_limit_gb`` fails cleanly.
+    """
+    torch.set_num_threads(spec["threads"])
+    device = spec.get("device", "cpu")
+    result: dict = {"status": "ok"}
+    mem_limit = int(spec["mem_limit_gb"] * 2**30)
+    try:
+        inputs = make_inputs()
+        if device == "cuda":
+            # The same cap on device memory, through the caching allocator (an address-space
+            # limit would break the CUDA context, which reserves huge virtual ranges).
+            total = torch.cuda.get_device_properties(0).total_memory
+            cap = min(1.0, (torch.cuda.memory_allocated() + mem_limit) / total)
+            torch.cuda.set_per_process_memory_fraction(cap)
+            result["device_memory_fraction"] = cap
+        else:
+            # Cap the address space so that a backend that would need more than the limit
+            # fails cleanly instead of meeting the OOM killer.
+            result["address_space_limited"] = limit_address_space(mem_limit)
+        run = build(inputs)
+        del inputs
+        max_call_s = spec["max_call_s"]
+
+        def give_up() -> None:
+            # Runs on the Deadline's timer thread while the first call is still going:
+            # report a lower bound and end the process (the call cannot be interrupted).
+            note = f"> {max_call_s:g} s per call (stopped after one unfinished call)"
+            res = {"status": "too_slow", "note": note, "lower_bound_ms": max_call_s * 1e3}
+            print(RESULT_MARK + json.dumps(res), flush=True)
+            os._exit(0)
+
+        timing = time_fn(
+            run.call,
+            setup=run.setup,
+            warmup=spec["warmup"],
+            repeats=spec["repeats"],
+            budget_s=spec["budget_s"],
+            max_repeats=spec["max_repeats"],
+            first_call_guard=(lambda: Deadline(max_call_s, give_up)) if max_call_s > 0 else None,
+            device=device,
+        )
+        if run.setup is not None:
+            run.setup()
+        # Peak memory of one steady-state call (outputs, autograd buffers and gradients
+        # included) over the RSS right before it: inputs, masks and compiled code are
+        # already resident and are not counted; the mask is reported as aux_bytes.
+        with measure_peak_cuda() if device == "cuda" else measure_peak_rss() as mem:
+            out = run.call()
+        saved = run.collect(out)
+        if spec.get("save_path"):
+            # On the CPU, so that the parent compares outputs without touching the GPU.
+            saved = {k: v.detach().cpu().contiguous() for k, v in saved.items()}
+            torch.save(saved, spec["save_path"])
+        result.update(
+            timing=timing.to_dict(),
+            peak_mib=mem.peak_mib,
+            mem_method=mem.method,
+            aux_mib=run.aux_bytes / 2**20,
+            info=run.info,
+        )
+    except Unsupported as exc:
+        result.update(status="unsupported", note=f"n/a ({exc})")
+    except Exception as exc:  # every failure is reported, never raised
+        traceback.print_exc()
+        if device != "cpu" and isinstance(exc, NotImplementedError):
+            # A build without kernels for this device (tokenmix's CUDA kernels, for one).
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            result.update(status="unsupported", note=f"n/a (NotImplementedError: {first})")
+        elif is_out_of_memory(exc):
+            result.update(
+                status="oom", note=f"skipped (memory: needs > {spec['mem_limit_gb']:g} GiB)"
+            )
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            result.update(status="error", note=f"error: {type(exc).__name__}: {first}")
+    return result
+
+
+def worker_main(spec_json: str, measure: Callable[[dict], dict]) -> int:
+    """The ``--worker`` entry point: run ``measure(spec)`` and report its result."""
+    result = measure(json.loads(spec_json))
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+def launch_worker(script: str, spec: dict, timeout_s: float) -> dict:
+    """Run ``script --worker <spec>`` in a fresh process and return its result dict (with
+    ``stderr_tail`` when it did not run cleanly)."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "note": f"timed out after {timeout_s:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            result = json.loads(line[len(RESULT_MARK) :])
+            if result["status"] not in ("ok", "unsupported"):
+                result["stderr_tail"] = proc.stderr[-4000:]
+            return result
+    tail = proc.stderr[-4000:]
+    if proc.returncode < 0:
+        note = f"killed by signal {-proc.returncode} (out of memory?)"
+    else:
+        last = (tail.strip().splitlines() or ["no output"])[-1][:160]
+        note = f"worker failed (rc={proc.returncode}): {last}"
+    return {"status": "error", "note": note, "stderr_tail": tail}
+
+
+def measure_row(
+    row: dict,
+    spec: dict,
+    *,
+    script: str,
+    tag: str,
+    flops: float,
+    matmul_gflops: float,
+    timeout_s: float,
+    verbose: bool = False,
+) -> None:
+    """Parent side of one measurement: log ``tag``, run the worker, and fill ``row`` with its
+    result, the median, useful GFLOP/s (``flops`` / median) and the fraction of
+    ``matmul_gflops``; log the outcome."""
+    log(f"{tag} ...")
+    t0 = time.perf_counter()
+    result = launch_worker(script, spec, timeout_s)
+    wall = time.perf_counter() - t0
+    row.update(result, wall_s=wall)
+    if result["status"] == "ok":
+        t = result["timing"]
+        row["median_ms"] = t["median_ms"]
+        row["save_path"] = spec.get("save_path")
+        row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
+        row["frac_matmul"] = row["gflops"] / matmul_gflops
+        peak = result.get("peak_mib")
+        peak_s = "-" if peak is None else f"{peak:.0f} MiB"
+        log(
+            f"    {t['median_ms']:.3f} ms median (n={t['repeats']}, "
+            f"min {t['min_ms']:.3f}), {row['gflops']:.1f} GFLOP/s, "
+            f"peak +{peak_s} [{wall:.1f} s]"
+        )
+    else:
+        log(f"    {result.get('note', result['status'])} [{wall:.1f} s]")
+        if verbose and result.get("stderr_tail"):
+            log(result["stderr_tail"])
+
+
+# ---------------------------------------------------------------------------
+# Results of one case: correctness, speedups, table rows
+# ---------------------------------------------------------------------------
+
+
+def diff_tensors(a: dict, b: dict) -> dict[str, float]:
+    out = {}
+    for key in a:
+        if key in b:
+            out[key] = float((a[key].float() - b[key].float()).abs().max())
+    return out
+
+
+def check_correctness(
+    rows: list[dict], modes: Sequence[str], oracles: Sequence[str], atol: float, rtol: float
+) -> dict:
+    """Every backend's saved outputs (and gradients) against the first of ``oracles`` that
+    ran, per mode: ``|x - oracle| <= atol + rtol * max|oracle|`` per tensor. Marks the rows
+    (``max_abs_diff``, ``diff_vs``, ``correct``) and returns ``{mode: {backend: {vs,
+    max_abs_diff, ok}}}``; the rows' ``save_path`` is dropped afterwards."""
+    correctness: dict = {}
+    for mode in modes:
+        ran = {r["backend"]: r for r in rows if r["mode"] == mode and r.get("status") == "ok"}
+        oracle = next((o for o in oracles if o in ran), None)
+        if oracle is None:
+            continue
+        ref = torch.load(ran[oracle]["save_path"])
+        bound = {k: atol + rtol * float(v.float().abs().max()) for k, v in ref.items()}
+        for backend, row in ran.items():
+            if backend == oracle:
+                continue
+            diffs = diff_tensors(torch.load(row["save_path"]), ref)
+            ok = all(d <= bound[k] for k, d in diffs.items()) and bool(diffs)
+            row["max_abs_diff"] = diffs
+            row["diff_vs"] = oracle
+            row["correct"] = ok
+            correctness.setdefault(mode, {})[backend] = {
+                "vs": oracle,
+                "max_abs_diff": diffs,
+                "ok": ok,
+            }
+    for r in rows:
+        r.pop("save_path", None)
+    return correctness
+
+
+def add_speedups(rows: list[dict], modes: Sequence[str], subject: str = "tokenmix") -> list[dict]:
+    """``tokenmix_speedup`` = peer median / ``subject`` median per mode, on every row (a
+    lower bound for a peer stopped as too slow); returns the peers' entries."""
+    speedups = []
+    for mode in modes:
+        tm = next(
+            (r for r in rows if r["backend"] == subject and r["mode"] == mode and "median_ms" in r),
+            None,
+        )
+        if tm is None:
+            continue
+        for r in rows:
+            if r["mode"] != mode:
+                continue
+            if "median_ms" in r:
+                r["tokenmix_speedup"] = r["median_ms"] / tm["median_ms"]
+            elif "lower_bound_ms" in r:
+                # The peer was stopped: the speedup is at least this much.
+                r["tokenmix_speedup"] = r["lower_bound_ms"] / tm["median_ms"]
+                r["speedup_is_lower_bound"] = True
+            else:
+                continue
+            if r["backend"] != subject:
+                speedups.append(
+                    {
+                        "mode": mode,
+                        "peer": r["backend"],
+                        "speedup": r["tokenmix_speedup"],
+                        "lower_bound": bool(r.get("speedup_is_lower_bound")),
+                    }
+                )
+    return speedups
+
+
+RESULT_HEADERS = (
+    "backend",
+    "mode",
+    "median ms",
+    "GFLOP/s",
+    "% matmul",
+    "peak MiB",
+    "mask MiB",
+    "tokenmix speedup",
+    "max|diff|",
+    "note",
+)
+RESULT_ALIGN = "llrrrrrrrl"
+
+
+def result_cells(r: dict, oracles: Sequence[str]) -> list[str]:
+    """One table row (:data:`RESULT_HEADERS`) of a result row."""
+    speed = r.get("tokenmix_speedup")
+    if "median_ms" not in r:
+        speed_s = "-" if speed is None else f">{speed:.0f}x"
+        return [r["label"], r["mode"], "-", "-", "-", "-", "-", speed_s, "-", r.get("note", "")]
+    t = r["timing"]
+    note = f"n={t['repeats']}"
+    if t["repeats"] > 1:
+        note += f", min {fmt_float(t['min_ms'])}"
+    if r.get("correct") is False:
+        note = "WRONG OUTPUT; " + note
+    diffs = r.get("max_abs_diff")
+    diff = fmt_sci(max(diffs.values())) if diffs else "-"
+    if r["backend"] in oracles and "diff_vs" not in r:
+        diff = "(oracle)"
+    aux = r.get("aux_mib") or 0.0
+    return [
+        r["label"],
+        r["mode"],
+        fmt_float(r["median_ms"]),
+        fmt_float(r["gflops"]),
+        f"{100 * r['frac_matmul']:.1f}%",
+        "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
+        f"{aux:.1f}" if aux else "-",
+        "-" if speed is None else f"{speed:.2f}x",
+        diff,
+        note,
+    ]
+
+
+def speedup_phrase(x: float, lower_bound: bool = False) -> str:
+    """``31.2x faster than`` / ``2.0x slower than`` / ``on par (1.02x) with``."""
+    if lower_bound:
+        phrase = f"more than {x:.0f}x faster"
+    elif 1 / 1.05 < x < 1.05:
+        phrase = f"on par ({x:.2f}x) with"
+    else:
+        phrase = f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
+    return phrase if phrase.endswith("with") else phrase + " than"
+
+
+def case_footer(case_res: dict, labels: dict[str, str]) -> list[str]:
+    """Lines under a case's table: tokenmix's correctness verdict per mode and its speedups
+    over every peer, in words."""
+    lines = []
+    for r in case_res["results"]:
+        if r["backend"] == "tokenmix" and "median_ms" in r and "diff_vs" not in r:
+            lines.append(f"correctness {r['mode']}: NOT CHECKED (no oracle backend ran)")
+    for mode, entries in case_res["correctness"].items():
+        tm = entries.get("tokenmix")
+        if tm is None:
+            continue
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_abs_diff"].items())
+        verdict = "OK" if tm["ok"] else "MISMATCH - tokenmix output is wrong"
+        lines.append(
+            f"correctness {mode}: max|tokenmix - {labels[tm['vs']]}|: {diffs} -> {verdict}"
+        )
+    by_mode: dict[str, list[str]] = {}
+    for s in case_res["speedups"]:
+        phrase = speedup_phrase(s["speedup"], s.get("lower_bound", False))
+        by_mode.setdefault(s["mode"], []).append(f"{phrase} {labels[s['peer']]}")
+    for mode, parts in by_mode.items():
+        lines.append(f"tokenmix {mode} is " + ", ".join(parts))
+    return lines
+
+
+def render_tables(
+    title: str, rows: list[list[str]], footer: list[str], markdown: bool
+) -> list[str]:
+    """One case: a heading, the :data:`RESULT_HEADERS` table, the footer lines."""
+    out = []
+    if markdown:
+        out.append(f"### {title}")
+        out.append("")
+        out.append(format_markdown(RESULT_HEADERS, rows, RESULT_ALIGN))
+        out.append("")
+        out.extend(f"- {line}" for line in footer)
+    else:
+        out.append(f"== {title}")
+        out.append(format_table(RESULT_HEADERS, rows, RESULT_ALIGN))
+        out.extend(f"  {line}" for line in footer)
+    out.append("")
+    return out
