@@ -32,9 +32,9 @@ build: $(STAMP)
 
 demo: build
 	$(PY) -m tokenmix info
-	$(PY) bench/bench_na.py --threads $(THREADS)
+	$(PY) bench/bench_na.py --threads $(THREADS) --case 2d
 	$(PY) bench/bench_linear.py --threads $(THREADS)
-	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --quick
+	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --case random --block-size 64
 
 test: build lint
 	$(PY) -m tokenmix info

@@ -101,8 +101,8 @@ def info() -> dict:
         cuda["version"] = build.get("cuda_version")
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
-            "fused neighborhood attention (forward + backward; fp16/bf16 tensor cores, fp32); "
-            "linear scans run on the CPU only"
+            "fused neighborhood and block-sparse attention (forward + backward; fp16/bf16 "
+            "tensor cores, fp32); linear scans run on the CPU only"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"
@@ -115,6 +115,7 @@ def info() -> dict:
         "library": _ops.LIBRARY_PATH,
         "operators": [
             "neighborhood attention (na1d/na2d/na3d) and its planner (tokenmix.plan)",
+            "block-sparse attention (FlexAttention BlockMask semantics)",
             "linear attention scans (linear, RetNet, simple GLA, GLA)",
             "delta rule (plain, gated)",
         ],
