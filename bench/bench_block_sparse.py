@@ -58,6 +58,7 @@ from common import (  # noqa: E402
     measure_row,
     refuse_unusable_cuda,
     render_tables,
+    report_header,
     resolve_measurement_arguments,
     result_cells,
     run_measurement,
@@ -785,22 +786,7 @@ def case_notes(c: dict) -> list[str]:
 def render(report: dict, markdown: bool) -> str:
     meta = report["meta"]
     cuda = meta.get("device", "cpu") == "cuda"
-    out = []
-    where = (
-        f"{meta['machine']['gpu']} (CUDA {meta['machine']['cuda']})"
-        if cuda
-        else f"{meta['machine']['cpu']}, {meta['threads']} threads"
-    )
-    head = (
-        f"block-sparse attention, {where}, "
-        f"torch {meta['machine']['torch']}, tokenmix {meta['tokenmix']['version']}; "
-        f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
-        f"{meta['matmul']['gflops']:.1f} GFLOP/s"
-    )
-    out.append(f"**{head}**" if markdown else head)
-    for w in meta.get("warnings", []):
-        out.append(f"> **Warning:** {w}" if markdown else f"WARNING: {w}")
-    out.append("")
+    out = report_header(meta, "block-sparse attention", markdown)
     for c in report["cases"]:
         title = (
             f"{c['name']}: {c['description']}; {100 * c['density']:.2f}% of pairs kept "

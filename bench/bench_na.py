@@ -61,6 +61,7 @@ from common import (  # noqa: E402
     measure_row,
     refuse_unusable_cuda,
     render_tables,
+    report_header,
     resolve_measurement_arguments,
     result_cells,
     run_measurement,
@@ -695,22 +696,7 @@ def run_case(
 def render(report: dict, markdown: bool) -> str:
     meta = report["meta"]
     cuda = meta.get("device", "cpu") == "cuda"
-    out = []
-    where = (
-        f"{meta['machine']['gpu']} (CUDA {meta['machine']['cuda']})"
-        if cuda
-        else f"{meta['machine']['cpu']}, {meta['threads']} threads"
-    )
-    head = (
-        f"neighborhood attention, {where}, "
-        f"torch {meta['machine']['torch']}, tokenmix {meta['tokenmix']['version']}; "
-        f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
-        f"{meta['matmul']['gflops']:.1f} GFLOP/s"
-    )
-    out.append(f"**{head}**" if markdown else head)
-    for w in meta.get("warnings", []):
-        out.append(f"> **Warning:** {w}" if markdown else f"WARNING: {w}")
-    out.append("")
+    out = report_header(meta, "neighborhood attention", markdown)
     for c in report["cases"]:
         title = (
             f"{c['name']}: {c['description']}; {c['tokens']} tokens, "

@@ -1148,3 +1148,25 @@ def render_tables(
         out.extend(f"  {line}" for line in footer)
     out.append("")
     return out
+
+
+def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
+    """The first lines of a benchmark report: machine, versions, the same-run matmul ceiling and
+    the run's warnings, then a blank line."""
+    cuda = meta.get("device", "cpu") == "cuda"
+    where = (
+        f"{meta['machine']['gpu']} (CUDA {meta['machine']['cuda']})"
+        if cuda
+        else f"{meta['machine']['cpu']}, {meta['threads']} threads"
+    )
+    head = (
+        f"{family}, {where}, "
+        f"torch {meta['machine']['torch']}, tokenmix {meta['tokenmix']['version']}; "
+        f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
+        f"{meta['matmul']['gflops']:.1f} GFLOP/s"
+    )
+    out = [f"**{head}**" if markdown else head]
+    for w in meta.get("warnings", []):
+        out.append(f"> **Warning:** {w}" if markdown else f"WARNING: {w}")
+    out.append("")
+    return out
