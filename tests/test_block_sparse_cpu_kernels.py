@@ -260,6 +260,49 @@ def test_random_layout_bits(block):
     check_against_dense(q, k, v, lay, 0.3, ATOL[torch.float32], gen=gen)
 
 
+def cell_bits(gen, kinds, q_block, kv_block, cell):
+    """Bits made of cell x cell regions, each empty, all kept or random: a coarse pattern given
+    as larger blocks (the kernels skip the empty key words of a tile and treat all-kept ones as
+    full)."""
+    lb, lh, nq, _ = kinds.shape
+    max_p = max(1, int((kinds == PARTIAL).sum(-1).max()))
+    cq, ck = math.ceil(q_block / cell[0]), math.ceil(kv_block / cell[1])
+    kind = torch.randint(0, 3, (lb, lh, nq, max_p, cq, ck), generator=gen)
+    kind = kind.repeat_interleave(cell[0], -2)[..., :q_block, :]
+    kind = kind.repeat_interleave(cell[1], -1)[..., :kv_block]
+    noise = torch.rand(kind.shape, generator=gen) < 0.5
+    return (kind == 1) | ((kind == 2) & noise)
+
+
+@pytest.mark.parametrize(
+    "block, cell, rule, dtype",
+    [
+        ((128, 128), (64, 64), None, torch.float32),
+        ((128, 128), (64, 32), "band", torch.float32),
+        ((128, 96), (32, 48), None, torch.float32),
+        ((160, 200), (64, 40), "docs", torch.float32),
+        ((64, 128), (16, 64), None, torch.float64),
+    ],
+)
+def test_coarse_bits_in_large_blocks(block, cell, rule, dtype):
+    qb, kb = block
+    gen = torch.Generator().manual_seed(qb + kb + cell[1])
+    tq, tk = 3 * qb - 9, 3 * kb - 11
+    nq, nk = math.ceil(tq / qb), math.ceil(tk / kb)
+    kinds = random_kinds(gen, 1, 1, nq, nk, p_partial=0.6, p_full=0.2)
+    bits = cell_bits(gen, kinds, qb, kb, cell)
+    extra = {}
+    if rule == "band":
+        extra["band"] = (-(2**40), 30, 0)
+    elif rule == "docs":
+        doc = (torch.arange(tk) * 4 // tk).to(torch.int32).view(1, tk)
+        extra.update(q_doc=doc[:, :tq].contiguous(), kv_doc=doc)
+    lay = Layout(kinds, qb, kb, tq, tk, bits=bits, **extra)
+    # 4 query heads on 2 kv heads with a layout shared by all heads: tiles hold both heads
+    q, k, v = inputs(gen, 2, tq, tk, 4, 2, 24, 16, dtype)
+    check_against_dense(q, k, v, lay, 0.25, ATOL[dtype], gen=gen)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(dtype):
     gen = torch.Generator().manual_seed(7)

@@ -264,6 +264,19 @@ class BlockLayout:
                 )
             if mask_bits.device != count.device:
                 raise ValueError(f"mask_bits must be on kv_num_blocks' device {count.device}")
+        # Lists as wide as their longest row: Flex's BlockMask rows have num_kv_blocks entries
+        # however few are used, and the bitmask and the kernels' slot tables scale with the
+        # width (32 MiB of bits at T=8192 for a handful of partial blocks per row).
+        width = int(count.max()) if count.numel() else 0
+        if width < index.shape[-1]:
+            index = index[..., :width].contiguous()
+            self.kv_indices = index
+            if mask_bits is not None:
+                mask_bits = mask_bits[..., :width, :, :]
+        full_width = int(full_count.max()) if full_count.numel() else 0
+        if full_width < full_index.shape[-1]:
+            self.full_kv_indices = full_index = full_index[..., :full_width].contiguous()
+        if mask_bits is not None:
             mask_bits = mask_bits.contiguous()
         self.mask_bits = mask_bits
         self.mask_mod = mask_mod

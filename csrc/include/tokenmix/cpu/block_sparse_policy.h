@@ -91,11 +91,12 @@ struct BlockSparsePolicy {
   };
 
   struct Chunk : ChunkRows<T> {
-    Buffer<I> key;         // key token per column (partial chunks)
-    Buffer<I> key_doc;     // document id per column (document rule)
-    Buffer<int> word;      // the column's bitmask word: a [lanes] vector of lane_words
-    Buffer<int> bit;       // the column's bit in that word
-    Buffer<I> lane_words;  // [slots x lanes]: one bitmask word per lane
+    Buffer<I> key;              // key token per column (partial chunks)
+    Buffer<I> key_doc;          // document id per column (document rule)
+    Buffer<int> word;           // the column's bitmask word: a [lanes] vector of lane_words
+    Buffer<int> bit;            // the column's bit in that word
+    Buffer<I> lane_words;       // [slots x lanes]: one bitmask word per lane
+    Buffer<int64_t> full_keys;  // keys of bitmask blocks that every row of the tile keeps
   };
 
   const BlockSparseProblem& p;
@@ -207,6 +208,8 @@ struct BlockSparsePolicy {
     ch.word.assign(kChunk, 0);
     ch.bit.assign(kChunk, 0);
     ch.lane_words.assign(size_t(kChunk) * L, 0);
+    if (bits && !lay.mask.structured())
+      ch.full_keys.allocate(size_t(lay.max_partial) * size_t(lay.kv_block));
   }
 
   // Lane hg * rows_per_tile + r is query row first + r of head head + hg.
@@ -236,6 +239,11 @@ struct BlockSparsePolicy {
   }
 
   // Calls fn(chunk) for the tile's partial chunks, then its full chunks.
+  //
+  // Bitmask blocks are compacted per 32-key word over the tile's rows: a key no row keeps is
+  // never visited, and, without a structured rule, a key every row keeps joins the full
+  // chunks. So a partial block larger than the mask's real granularity (a 64 x 64 pattern
+  // given as 128-blocks) costs what the pattern costs, not what its blocks cost.
   template <class Fn>
   void for_each_chunk(const Tile& t, const Lanes& ln, Chunk& ch, const GradTarget* acc,
                       Fn&& fn) const {
@@ -243,13 +251,17 @@ struct BlockSparsePolicy {
     const int64_t db = lay.mask.doc_batch > 1 ? t.b : 0;
     const int32_t* kv_doc = docs ? lay.mask.kv_doc + db * p.kv_len : nullptr;
     const int words = lay.mask.words;
+    const bool structured = lay.mask.structured();
     int slots = 0;
+    const uint32_t* slot_src = nullptr;  // the bitmask word the newest slot holds
     auto flush = [&] {
       if (ch.n > 0) fn(ch);
       ch.n = 0;
       slots = 0;
+      slot_src = nullptr;
     };
     auto add_key = [&](int64_t k) {
+      if (ch.n == kChunk) flush();
       const int j = ch.n++;
       ch.krow[j] = keys.row(t.b, t.hk, k);
       ch.vrow[j] = values.row(t.b, t.hk, k);
@@ -259,46 +271,81 @@ struct BlockSparsePolicy {
       }
       return j;
     };
+    auto add_partial_key = [&](int64_t k) {
+      const int j = add_key(k);
+      ch.key[j] = I(k);
+      if (kv_doc) ch.key_doc[j] = I(kv_doc[k]);
+      return j;
+    };
+    // Column c of bitmask `block`: its word, gathered for every lane once per chunk.
+    auto add_bit_key = [&](const uint32_t* block, int64_t k, int c) {
+      const int j = add_partial_key(k);
+      const uint32_t* src = block + (c >> 5);
+      if (src != slot_src) {
+        slot_src = src;
+        I* lw = ch.lane_words.data() + int64_t(slots++) * L;
+        for (int l = 0; l < L; ++l)
+          lw[l] = ln.row[l] < 0 ? I(0) : I(src[int64_t(ln.row[l]) * words]);
+      }
+      ch.word[j] = slots - 1;
+      ch.bit[j] = c & 31;
+    };
+    int deferred = 0;  // keys of bitmask blocks that every row keeps (full, without a rule)
+
     ch.n = 0;
-    for (int kind = 0; kind < 2; ++kind) {
-      const bool full = kind == 1;
-      const int count = full ? lay.full_count[row] : lay.partial_count[row];
-      const int32_t* index =
-          full ? lay.full_index + row * lay.max_full : lay.partial_index + row * lay.max_partial;
-      // Without an element rule, partial blocks are kept whole: full chunks.
-      ch.full = full || !lay.mask.any();
-      for (int s = 0; s < count; ++s) {
-        const int64_t kb = index[s];
-        if (kb < 0 || kb >= lay.num_kv_blocks) continue;
-        const int64_t k0 = kb * lay.kv_block;
-        const int64_t k1 = min_of<int64_t>(k0 + lay.kv_block, p.kv_len);
-        const uint32_t* block = ch.full || !bits ? nullptr : lay.block_bits(row, s);
-        int slot = -1;
+    // Partial blocks. Without an element rule they are kept whole: full chunks.
+    ch.full = !lay.mask.any();
+    const int np = lay.partial_count[row];
+    for (int s = 0; s < np; ++s) {
+      const int64_t kb = lay.partial_index[row * lay.max_partial + s];
+      if (kb < 0 || kb >= lay.num_kv_blocks) continue;
+      const int64_t k0 = kb * lay.kv_block;
+      const int64_t k1 = min_of<int64_t>(k0 + lay.kv_block, p.kv_len);
+      const uint32_t* block = ch.full || !bits ? nullptr : lay.block_bits(row, s);
+      if (!block) {
         for (int64_t k = k0; k < k1; ++k) {
-          if (ch.n == kChunk) {
-            flush();
-            slot = -1;
-          }
-          const int j = add_key(k);
-          if (ch.full) continue;
-          ch.key[j] = I(k);
-          if (kv_doc) ch.key_doc[j] = I(kv_doc[k]);
-          if (block) {
-            const int c = int(k - k0);
-            if (slot < 0 || (c & 31) == 0) {
-              // A new bitmask word: gather it for every lane once.
-              slot = slots++;
-              I* lw = ch.lane_words.data() + int64_t(slot) * L;
-              for (int l = 0; l < L; ++l)
-                lw[l] = ln.row[l] < 0 ? I(0) : I(block[int64_t(ln.row[l]) * words + (c >> 5)]);
-            }
-            ch.word[j] = slot;
-            ch.bit[j] = c & 31;
-          }
+          if (ch.full)
+            add_key(k);
+          else
+            add_partial_key(k);
+        }
+        continue;
+      }
+      for (int64_t w0 = k0; w0 < k1; w0 += 32) {
+        const int c0 = int(w0 - k0), ncol = int(min_of<int64_t>(32, k1 - w0));
+        const uint32_t valid = ncol == 32 ? ~0u : (1u << ncol) - 1u;
+        uint32_t any = 0, all = valid;
+        for (int r = t.first; r < t.first + t.rows; ++r) {
+          const uint32_t x = block[int64_t(r) * words + (c0 >> 5)];
+          any |= x;
+          all &= x;
+        }
+        any &= valid;
+        uint32_t partial = any;
+        if (!structured) {
+          partial &= ~all;
+          for (uint32_t m = all; m; m &= m - 1) ch.full_keys[deferred++] = w0 + __builtin_ctz(m);
+        }
+        for (uint32_t m = partial; m; m &= m - 1) {
+          const int c = c0 + __builtin_ctz(m);
+          add_bit_key(block, k0 + c, c);
         }
       }
-      flush();
     }
+    flush();
+
+    // Full blocks, after the keys of bitmask blocks that every row keeps.
+    ch.full = true;
+    for (int i = 0; i < deferred; ++i) add_key(ch.full_keys[i]);
+    const int nf = lay.full_count[row];
+    for (int s = 0; s < nf; ++s) {
+      const int64_t kb = lay.full_index[row * lay.max_full + s];
+      if (kb < 0 || kb >= lay.num_kv_blocks) continue;
+      const int64_t k0 = kb * lay.kv_block;
+      const int64_t k1 = min_of<int64_t>(k0 + lay.kv_block, p.kv_len);
+      for (int64_t k = k0; k < k1; ++k) add_key(k);
+    }
+    flush();
   }
 
   // The element rule of column j for lanes [v, v + W) (partial chunks): -1 where kept.
