@@ -7,12 +7,15 @@ from .neighborhood.modules import (
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
 )
+from .patterns.layers_b import MultiAxisAttention2D, TopKBlockAttention
 
 __all__ = [
     "BlockSparseAttention",
     "GatedDeltaNet",
     "LinearAttention",
+    "MultiAxisAttention2D",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "TopKBlockAttention",
 ]
