@@ -4,12 +4,11 @@
 // Lanes are query rows of one query block: of one head, or, when the layout is
 // the same for every query head of a kv head (layout heads 1 or H_kv) and K/V
 // are shared (GQA), of all the query heads of one kv head, so every key/value
-// row a tile reads serves all of them. A tile's chunks are the key rows of its query block's listed kv
-// blocks, partial blocks first, then full ones: consecutive blocks of the same
-// kind are merged into one chunk up to kChunk keys and larger blocks are
-// split. Keys at or past kv_len are cut off when chunks are built, so a full
-// chunk needs no mask work at all; partial chunks evaluate the element rule
-// with vector compares (band/prefix, document ids, bitmask bits).
+// row a tile reads serves all of them. A tile's chunks are the key rows of its query block's listed
+// kv blocks, partial blocks first, then full ones: consecutive blocks of the same kind are merged
+// into one chunk up to kChunk keys and larger blocks are split. Keys at or past kv_len are cut off
+// when chunks are built, so a full chunk needs no mask work at all; partial chunks evaluate the
+// element rule with vector compares (band/prefix, document ids, bitmask bits).
 #pragma once
 
 #include <cstdint>
