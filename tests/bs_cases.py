@@ -26,7 +26,7 @@ class Case:
     q_block: int = 32
     kv_block: int = 32
     layout_batch: int = 1  # 1 or batch
-    layout_heads: int = 1  # 1 or heads
+    layout_heads: int = 1  # 1, kv_heads or heads
     band: list = field(default_factory=list)  # [] or [lo, hi, prefix]
     docs: bool = False
     bits: bool = False
@@ -159,6 +159,8 @@ def make_layout(c: Case):
     kb = torch.arange(c.kv_len) // c.kv_block
     st = state[:, :, qb][:, :, :, kb]  # [LB, LH, Tq, Tk]
     keep = (st == FULL) | ((st == PARTIAL) & rule[:, None] & dense_bits)
+    if 1 < lh < c.heads:  # one layout head per kv head: shared by its GQA group
+        keep = keep.repeat_interleave(c.heads // lh, dim=1)
     keep = keep.expand(c.batch, c.heads, c.q_len, c.kv_len)
     args = dict(
         kv_num_blocks=kv_num,

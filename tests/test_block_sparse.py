@@ -157,6 +157,48 @@ def test_matches_flex_attention_forward(pattern, block):
     torch.testing.assert_close(lse, aux.lse.transpose(1, 2), atol=2e-5, rtol=2e-5)
 
 
+def test_layout_with_one_head_per_kv_head():
+    # A layout with H_kv heads serves each kv head's GQA group: the same results as the layout
+    # expanded to H heads, as the reference, and as flex_attention with the expanded BlockMask.
+    gen = torch.Generator().manual_seed(23)
+    b, h, hkv, t, d, block = 2, 6, 2, 150, 16, 32
+    n = -(-t // block)
+    status = torch.randint(0, 3, (1, hkv, n, n), generator=gen)
+    status[..., 0] = 2  # every row keeps a key
+    layout = BlockLayout.from_block_status(
+        status,
+        block_size=block,
+        seq_lengths=(t, t),
+        mask_bits_fn=lambda bb, hh, qi, ki: (qi * 7 + ki * 3 + hh) % 5 != 0,
+    )
+    assert layout.heads == hkv and layout.mask_bits is not None
+    wide = layout.expand_heads(h)
+    assert wide.heads == h
+    got, want = run_both((b, h, hkv, t, t, d, d), layout, torch.float32, gen)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close(g, w, TOL[torch.float32], f"per-kv-head layout: {name}")
+    q = torch.randn(b, t, h, d, generator=gen)
+    k = torch.randn(b, t, hkv, d, generator=gen)
+    v = torch.randn(b, t, hkv, d, generator=gen)
+    out = tokenmix.block_sparse_attention(q, k, v, layout)
+    torch.testing.assert_close(out, tokenmix.block_sparse_attention(q, k, v, wide))
+    bm = layout.to_block_mask(heads=h)
+    assert bm.kv_num_blocks.shape[1] == h
+    fout = flex_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True
+    )
+    torch.testing.assert_close(out, fout.transpose(1, 2), atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="heads"):
+        tokenmix.block_sparse_attention(
+            q,
+            k,
+            v,
+            BlockLayout.from_block_status(
+                torch.ones(1, 3, n, n, dtype=torch.int64) * 2, block_size=block, seq_lengths=(t, t)
+            ),
+        )
+
+
 def test_gradcheck_fp64():
     gen = torch.Generator().manual_seed(3)
     layout = make_layout("flex-random", 1, 2, 40, 50, (16, 16), gen)

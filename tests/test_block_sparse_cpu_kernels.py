@@ -126,7 +126,7 @@ class Layout:
             rule &= qd[:, :, None] == kd[:, None, :]
         for b in range(batch):
             for h in range(heads):
-                lbi, lhi = (b if lb > 1 else 0), (h if lh > 1 else 0)
+                lbi, lhi = (b if lb > 1 else 0), (h // (heads // lh) if lh > 1 else 0)
                 for i in range(nq):
                     r = (lbi * lh + lhi) * nq + i
                     q0, q1 = i * qb, min((i + 1) * qb, self.q_len)
@@ -365,14 +365,14 @@ def test_document_rule_broadcast_batch_tq_ne_tk():
     check_against_dense(q, k, v, lay, 0.25, ATOL[torch.float32], gen=gen)
 
 
-@pytest.mark.parametrize("layout_heads", ["broadcast", "per_head"])
+@pytest.mark.parametrize("layout_heads", ["broadcast", "per_kv_head", "per_head"])
 @pytest.mark.parametrize("layout_batch", ["broadcast", "per_batch"])
 def test_gqa_and_layout_broadcast(layout_heads, layout_batch):
     gen = torch.Generator().manual_seed(14)
     b, h, hkv = 2, 6, 2
     qb, kb, tq, tk = 32, 48, 150, 170
     lb = 1 if layout_batch == "broadcast" else b
-    lh = 1 if layout_heads == "broadcast" else h
+    lh = {"broadcast": 1, "per_kv_head": hkv, "per_head": h}[layout_heads]
     kinds = random_kinds(gen, lb, lh, math.ceil(tq / qb), math.ceil(tk / kb))
     lay = Layout(
         kinds, qb, kb, tq, tk, bits=random_bits(gen, kinds, qb, kb), shuffle=gen

@@ -79,6 +79,28 @@ CASES = {
     "random_bcast_heads": Case(
         heads=2, layout_heads=2, q_len=80, kv_len=130, q_block=64, kv_block=16, seed=1
     ),
+    "layout_per_kv_head": Case(
+        heads=6,
+        kv_heads=2,
+        layout_heads=2,
+        bits=True,
+        q_len=90,
+        kv_len=110,
+        q_block=32,
+        kv_block=48,
+        seed=21,
+    ),
+    "direct_layout_per_kv_head": Case(
+        heads=4,
+        kv_heads=2,
+        layout_heads=2,
+        bits=True,
+        q_len=130,
+        kv_len=140,
+        q_block=64,
+        kv_block=64,
+        seed=22,
+    ),
     "causal_offset": Case(
         q_len=70, kv_len=130, band=[-FAR, 60, 0], q_block=16, kv_block=32, seed=2, **DERIVED
     ),

@@ -321,3 +321,41 @@ def test_reference_is_memory_bounded(monkeypatch):
     reference(q, k, v, layout)
     assert len(seen) == 16 and max(seen) <= 1 << 12
     assert math.prod((256, 256)) > 1 << 12
+
+
+@pytest.mark.parametrize("rule", ["none", "bits", "bits_and_band", "band"])
+def test_to_block_mask_mask_mod_is_exact_outside_the_listed_blocks(rule):
+    # Eager flex_attention and create_mask evaluate the mask_mod on every element, so the
+    # mask_mod of a layout built from lists must encode the lists themselves (skipped blocks
+    # False, full blocks True), not only the rule of partial blocks.
+    from torch.nn.attention.flex_attention import create_mask
+
+    gen = torch.Generator().manual_seed(31)
+    t, block, heads = 150, 32, 2
+    n = math.ceil(t / block)
+    status = torch.randint(0, 3, (1, heads, n, n), generator=gen)
+    kwargs = {}
+    if "band" in rule:
+        kwargs["element_mask"] = ElementMask.sliding_window(40, 10)
+    layout = BlockLayout.from_block_status(status, block_size=block, seq_lengths=(t, t), **kwargs)
+    if "bits" in rule:
+        layout = BlockLayout(
+            layout.kv_num_blocks,
+            layout.kv_indices,
+            layout.full_kv_num_blocks,
+            layout.full_kv_indices,
+            block_size=block,
+            seq_lengths=(t, t),
+            element_mask=layout.element_mask,
+            mask_bits=torch.randint(
+                -(2**31), 2**31 - 1, (*layout.kv_indices.shape, block, 1), generator=gen
+            ).to(torch.int32),
+        )
+    bm = layout.to_block_mask()
+    dense = create_mask(bm.mask_mod, 1, heads, t, t, device="cpu")
+    assert torch.equal(dense, layout.dense_mask().expand(1, heads, t, t))
+    q, k, v = (torch.randn(1, t, heads, 16, generator=gen) for _ in range(3))
+    want = reference(q, k, v, layout)
+    got = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm)
+    rows = layout.dense_mask().any(-1).expand(1, heads, t).transpose(1, 2)  # rows with a key
+    torch.testing.assert_close(got.transpose(1, 2)[rows], want[rows], atol=2e-5, rtol=2e-5)

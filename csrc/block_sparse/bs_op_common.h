@@ -133,8 +133,10 @@ inline BlockSparseProblem make_problem(
   l.heads = kv_num_blocks.size(1);
   STD_TORCH_CHECK(l.batch == 1 || l.batch == p.batch, "tokenmix: the layout's batch size ", l.batch,
                   " must be 1 or q's batch size ", p.batch);
-  STD_TORCH_CHECK(l.heads == 1 || l.heads == p.heads, "tokenmix: the layout's head count ", l.heads,
-                  " must be 1 or q's head count ", p.heads);
+  STD_TORCH_CHECK(l.heads == 1 || l.heads == p.heads || l.heads == p.kv_heads,
+                  "tokenmix: the layout's head count ", l.heads, " must be 1, k's head count ",
+                  p.kv_heads, " or q's head count ", p.heads);
+  l.head_group = l.heads > 1 ? p.heads / l.heads : 1;
   l.partial_count = layout_tensor(kv_num_blocks, q, "kv_num_blocks", {l.batch, l.heads, nq});
   STD_TORCH_CHECK(kv_indices.dim() == 4,
                   "tokenmix: kv_indices must be [LB, LH, num_q_blocks, max]");

@@ -53,11 +53,13 @@ struct ElementMask {
 };
 
 // One (batch, head)'s lists are a *row* of the layout: row(b, h, i) for query
-// block i. Layout batch/heads of 1 broadcast over the problem's B/H.
+// block i. Layout batch/heads of 1 broadcast over the problem's B/H; a layout with
+// one head per kv head serves that kv head's GQA group of query heads.
 struct BlockLayoutView {
   int q_block = 0, kv_block = 0;            // block sizes in tokens
   int num_q_blocks = 0, num_kv_blocks = 0;  // ceil(q_len / q_block), ceil(kv_len / kv_block)
-  int64_t batch = 1, heads = 1;             // 1 or the problem's B / H
+  int64_t batch = 1, heads = 1;             // 1 or the problem's B; 1, H_kv or H
+  int64_t head_group = 1;                   // query heads per layout head (heads > 1)
 
   // kv side, per (layout batch, layout head, query block), all contiguous int32:
   // partial_count[row], partial_index[row * max_partial + s] for s < count; same for full.
@@ -82,7 +84,7 @@ struct BlockLayoutView {
   ElementMask mask;
 
   TM_HOST_DEVICE int64_t head_row(int64_t b, int64_t h) const {
-    return (batch > 1 ? b : 0) * heads + (heads > 1 ? h : 0);
+    return (batch > 1 ? b : 0) * heads + (heads > 1 ? h / head_group : 0);
   }
   // Row of query block qb (kv-side lists).
   TM_HOST_DEVICE int64_t q_row(int64_t b, int64_t h, int64_t qb) const {

@@ -81,8 +81,11 @@ def check_problem(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout) -> None:
         )
     if layout.batch not in (1, batch):
         raise ValueError(f"block_mask has batch size {layout.batch}, expected 1 or {batch}")
-    if layout.heads not in (1, heads):
-        raise ValueError(f"block_mask has {layout.heads} heads, expected 1 or {heads}")
+    if layout.heads not in (1, kv_heads, heads):
+        raise ValueError(
+            f"block_mask has {layout.heads} heads, expected 1, {kv_heads} (one per k/v head, "
+            f"shared by its GQA group) or {heads}"
+        )
     em = layout.element_mask
     if em is not None:
         em.check_lengths(q_len, k.shape[1], batch)

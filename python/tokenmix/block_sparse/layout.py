@@ -170,6 +170,10 @@ class BlockLayout:
         ([1, 1, 1, 1], [0, 1, 2, 3])
     """
 
+    # Set by from_element_mask: the blocks are the rule's own classification, so the rule's
+    # mask_mod is exact everywhere (see to_block_mask).
+    _blocks_follow_rule = False
+
     def __init__(
         self,
         kv_num_blocks: Tensor,
@@ -303,7 +307,8 @@ class BlockLayout:
 
     @property
     def heads(self) -> int:
-        """The layout's head count (1: broadcast over the heads)."""
+        """The layout's head count: 1 (broadcast over the heads), the query head count, or
+        the k/v head count (each layout head serves its kv head's GQA group)."""
         return self.kv_num_blocks.shape[1]
 
     @property
@@ -327,7 +332,7 @@ class BlockLayout:
         device = torch.device(device)
         if device == self.device:
             return self
-        return BlockLayout(
+        moved = BlockLayout(
             self.kv_num_blocks.to(device),
             self.kv_indices.to(device),
             self.full_kv_num_blocks.to(device),
@@ -338,6 +343,8 @@ class BlockLayout:
             mask_bits=self.mask_bits.to(device) if self.mask_bits is not None else None,
             mask_mod=self.mask_mod,
         )
+        moved._blocks_follow_rule = self._blocks_follow_rule
+        return moved
 
     # ---- dense views (tests, the reference, statistics) --------------------------------------
 
@@ -481,9 +488,11 @@ class BlockLayout:
             doc_all = (qlo == qhi) & (klo == khi) & (qlo == klo)
             any_keep, all_keep = any_keep & doc_any, all_keep & doc_all
         status = torch.where(all_keep, 2, torch.where(any_keep, 1, 0)).unsqueeze(1)
-        return cls.from_block_status(
+        layout = cls.from_block_status(
             status, block_size=(qbs, kbs), seq_lengths=(q_len, kv_len), element_mask=em
         )
+        layout._blocks_follow_rule = True  # only blocks the rule keeps nothing of are skipped
+        return layout
 
     @classmethod
     def from_block_status(
@@ -631,6 +640,30 @@ class BlockLayout:
             return layout
         return layout.with_mask_mod(mask_mod)
 
+    def layout_mask_mod(self) -> MaskMod:
+        """A Flex ``mask_mod`` that is exact everywhere: the block lists (skipped, partial,
+        full), the bitmask and the structured rule. Eager ``flex_attention`` and ``create_mask``
+        evaluate a ``mask_mod`` on every element, so a rule that only holds inside the listed
+        blocks would disagree with the layout there."""
+        status = self.block_status()
+        bits = self.bits_mask_mod() if self.mask_bits is not None else None
+        rule = self.element_mask
+        qbs, kbs = self.block_size
+        batch, heads = self.batch, self.heads
+
+        def layout_mod(b, h, q_idx, kv_idx):
+            lb = b if batch > 1 else torch.zeros_like(b)
+            lh = h if heads > 1 else torch.zeros_like(h)
+            st = status[lb, lh, q_idx // qbs, kv_idx // kbs]
+            partial = st == 1
+            if bits is not None:
+                partial = partial & bits(b, h, q_idx, kv_idx)
+            if rule is not None:
+                partial = partial & rule.keeps(b, q_idx, kv_idx)
+            return (st == 2) | partial
+
+        return layout_mod
+
     def bits_mask_mod(self) -> MaskMod:
         """A Flex ``mask_mod`` that reads ``mask_bits`` (for layouts built from raw bits)."""
         slots = self.partial_slots().long().clamp_min(0)
@@ -647,9 +680,41 @@ class BlockLayout:
 
         return mask_bits_mod
 
-    def to_block_mask(self) -> Any:
-        """The equivalent FlexAttention ``BlockMask``."""
-        from torch.nn.attention.flex_attention import BlockMask, noop_mask
+    def expand_heads(self, heads: int) -> BlockLayout:
+        """This layout with ``heads`` heads: a layout with one head per k/v head (or one head)
+        repeated over each GQA group of query heads. The bitmask is copied; a ``mask_mod`` is
+        not kept (it was evaluated with kv-head indices), the bits stand for it."""
+        heads = as_int(heads, "heads")
+        if heads < 1 or heads % self.heads != 0:
+            raise ValueError(f"heads ({heads}) must be a multiple of the layout's {self.heads}")
+        if heads == self.heads:
+            return self
+        group = heads // self.heads
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(group, dim=1)
+
+        return BlockLayout(
+            rep(self.kv_num_blocks),
+            rep(self.kv_indices),
+            rep(self.full_kv_num_blocks),
+            rep(self.full_kv_indices),
+            block_size=self.block_size,
+            seq_lengths=self.seq_lengths,
+            element_mask=self.element_mask,
+            mask_bits=rep(self.mask_bits),
+            mask_mod=self.mask_mod if self.mask_bits is None else None,
+        )
+
+    def to_block_mask(self, heads: int | None = None) -> Any:
+        """The equivalent FlexAttention ``BlockMask``. Flex wants 1 or H (query) heads: give
+        ``heads`` to expand a layout with one head per k/v head (:meth:`expand_heads`)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if heads is not None and self.heads > 1:
+            layout = self.expand_heads(heads)
+            if layout is not self:
+                return layout.to_block_mask()
 
         nk = self.num_kv_blocks
 
@@ -659,20 +724,11 @@ class BlockLayout:
             return torch.nn.functional.pad(index, (0, pad)).contiguous() if pad else index
 
         if self.mask_mod is not None:
-            mask_mod = self.mask_mod
-        elif self.mask_bits is not None:
-            base = self.bits_mask_mod()
-            if self.element_mask is not None:
-                rule = self.element_mask
-
-                def mask_mod(b, h, q_idx, kv_idx):
-                    return base(b, h, q_idx, kv_idx) & rule.keeps(b, q_idx, kv_idx)
-            else:
-                mask_mod = base
-        elif self.element_mask is not None:
-            mask_mod = self.element_mask.mask_mod()
+            mask_mod = self.mask_mod  # the caller's own (a round trip gives it back)
+        elif self.mask_bits is None and self.element_mask is not None and self._blocks_follow_rule:
+            mask_mod = self.element_mask.mask_mod()  # exact, and tagged as the structured rule
         else:
-            mask_mod = noop_mask
+            mask_mod = self.layout_mask_mod()
         return BlockMask.from_kv_blocks(
             self.kv_num_blocks,
             wide(self.kv_indices),

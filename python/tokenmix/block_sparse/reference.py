@@ -70,6 +70,8 @@ def block_sparse_attention_reference(
     for q0 in range(0, q_len, rows):
         qs = torch.arange(q0, min(q0 + rows, q_len), device=q.device)
         keep = layout.element_keep(qs, keys)  # [LB', LH, n, Tk]
+        if keep.shape[1] not in (1, heads):  # one layout head per kv head
+            keep = keep.repeat_interleave(heads // keep.shape[1], dim=1)
         qc = q[:, q0 : q0 + rows]
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             out, lse = checkpoint(_chunk, qc, kx, vx, keep, scale, use_reentrant=False)

@@ -26,6 +26,24 @@ struct AttentionTensors {
   double scale = 1.0;
 };
 
+// The tensors of an attention problem (NeighborhoodProblem, BlockSparseProblem: the same
+// field names) as the engine addresses them.
+template <class Problem>
+AttentionTensors attention_tensors(const Problem& p) {
+  AttentionTensors io;
+  io.q = p.q.data;
+  io.out = p.out.data;
+  io.lse = p.lse;
+  io.out_in = p.out.data;
+  io.grad_out = p.grad_out.data;
+  io.grad_q = p.grad_q.data;
+  io.grad_lse = p.grad_lse;
+  io.head_dim = int(p.head_dim);
+  io.value_dim = int(p.value_dim);
+  io.scale = p.scale;
+  return io;
+}
+
 // Lane l of a tile is one query row of one head. head[l] < 0 marks a padding
 // lane (no query): it computes harmless values that are never written.
 template <class T>

@@ -2,14 +2,13 @@
 // (block_sparse_problem.h).
 //
 // Lanes are query rows of one query block: of one head, or, when the layout is
-// the same for every head (layout heads == 1) and K/V are shared (GQA), of all
-// the query heads of one kv head, so every key/value row a tile reads serves
-// all of them. A tile's chunks are the key rows of its query block's listed kv
-// blocks, partial blocks first, then full ones: consecutive blocks of the same
-// kind are merged into one chunk up to kChunk keys and larger blocks are
-// split. Keys at or past kv_len are cut off when chunks are built, so a full
-// chunk needs no mask work at all; partial chunks evaluate the element rule
-// with vector compares (band/prefix, document ids, bitmask bits).
+// the same for every query head of a kv head (layout heads 1 or H_kv) and K/V
+// are shared (GQA), of all the query heads of one kv head, so every key/value
+// row a tile reads serves all of them. A tile's chunks are the key rows of its query block's listed
+// kv blocks, partial blocks first, then full ones: consecutive blocks of the same kind are merged
+// into one chunk up to kChunk keys and larger blocks are split. Keys at or past kv_len are cut off
+// when chunks are built, so a full chunk needs no mask work at all; partial chunks evaluate the
+// element rule with vector compares (band/prefix, document ids, bitmask bits).
 #pragma once
 
 #include <cstdint>
@@ -117,7 +116,7 @@ struct BlockSparsePolicy {
 
   BlockSparsePolicy(const BlockSparseProblem& prob, bool backward) : p(prob), lay(prob.layout) {
     group = p.heads / p.kv_heads;
-    tile_heads = lay.heads == 1 ? group : 1;
+    tile_heads = lay.heads == 1 || lay.head_group == group ? group : 1;
     units = p.heads / tile_heads;
     const int64_t want = max_of<int64_t>(1, kTargetLanes / tile_heads);
     rows_per_tile = int(min_of<int64_t>(want, lay.q_block));
@@ -126,16 +125,7 @@ struct BlockSparsePolicy {
     const int D = int(p.head_dim), Dv = int(p.value_dim);
     dp = round_up(D, W);
     dvp = round_up(Dv, W);
-    io.q = p.q.data;
-    io.out = p.out.data;
-    io.lse = p.lse;
-    io.out_in = p.out.data;
-    io.grad_out = p.grad_out.data;
-    io.grad_q = p.grad_q.data;
-    io.grad_lse = p.grad_lse;
-    io.head_dim = D;
-    io.value_dim = Dv;
-    io.scale = p.scale;
+    io = attention_tensors(p);
 
     const ElementMask& m = lay.mask;
     band = m.has_band;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "tokenmix/attention_problem.h"
 #include "tokenmix/cpu/attention_engine.h"
@@ -124,24 +125,44 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
   // zeroed here; else one zeroed buffer [pairs, tokens, padded dim].
   const bool native = sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 &&
                       p.dtype != DType::kBFloat16 && Hkv == 1;
-  const bool k_direct = native && D == dp, v_direct = native && Dv == dvp;
-  T* const grad_k = static_cast<T*>(p.grad_k.data);
-  T* const grad_v = static_cast<T*>(p.grad_v.data);
-  Buffer<T> acc_k, acc_v, part_k, part_v, part_rpb;
-  if (k_direct) {
-    run_parallel(p, pairs * tokens, 256, [&](int64_t begin, int64_t end) {
-      fill(grad_k + begin * D, grad_k + end * D, T(0));
-    });
-  } else {
-    acc_k.assign(size_t(pairs * tokens * dp), T(0));
+  struct GradRows {
+    bool direct;
+    T* grad;
+    int64_t dim, padded;
+    Buffer<T> acc;
+    // Where pair (b, hk) adds its rows, and their stride.
+    void rows(int64_t b, int64_t hk, int64_t tokens, int64_t Hkv, T** base, int64_t* ld) {
+      if (direct) {
+        *base = grad + (b * tokens * Hkv + hk) * dim;
+        *ld = Hkv * dim;
+      } else {
+        *base = acc.data() + (b * Hkv + hk) * tokens * padded;
+        *ld = padded;
+      }
+    }
+    // Row r (pair * tokens + token) of the result, scaled: in place, or converted from acc.
+    void finish(In* dst, int64_t r, T scale) const {
+      if (!direct) {
+        const T* row = acc.data() + r * padded;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = from_float<In>(row[d] * scale);
+      } else if (scale != T(1)) {
+        T* row = reinterpret_cast<T*>(dst);
+        for (int64_t d = 0; d < dim; ++d) row[d] *= scale;
+      }
+    }
+  };
+  GradRows gk{native && D == dp, static_cast<T*>(p.grad_k.data), D, dp, {}};
+  GradRows gv{native && Dv == dvp, static_cast<T*>(p.grad_v.data), Dv, dvp, {}};
+  for (GradRows* g : {&gk, &gv}) {
+    if (g->direct) {
+      run_parallel(p, pairs * tokens, 256, [&](int64_t begin, int64_t end) {
+        fill(g->grad + begin * g->dim, g->grad + end * g->dim, T(0));
+      });
+    } else {
+      g->acc.assign(size_t(pairs * tokens * g->padded), T(0));
+    }
   }
-  if (v_direct) {
-    run_parallel(p, pairs * tokens, 256, [&](int64_t begin, int64_t end) {
-      fill(grad_v + begin * Dv, grad_v + end * Dv, T(0));
-    });
-  } else {
-    acc_v.assign(size_t(pairs * tokens * dvp), T(0));
-  }
+  Buffer<T> part_k, part_v, part_rpb;
   part_k.assign(size_t(pairs * slots * E * dp), T(0));
   part_v.assign(size_t(pairs * slots * E * dvp), T(0));
   part_rpb.assign(size_t(pairs * slots * rpb_elems), T(0));
@@ -157,20 +178,8 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
         const int64_t b = pair / Hkv, hk = pair % Hkv;
         const int64_t slot = pair * slots + (ph ? plan.parts[0] : 0) + part;
         NeighborhoodGrads<T> acc;
-        if (k_direct) {
-          acc.k = grad_k + (b * tokens * Hkv + hk) * D;
-          acc.k_ld = Hkv * D;
-        } else {
-          acc.k = acc_k.data() + pair * tokens * dp;
-          acc.k_ld = dp;
-        }
-        if (v_direct) {
-          acc.v = grad_v + (b * tokens * Hkv + hk) * Dv;
-          acc.v_ld = Hkv * Dv;
-        } else {
-          acc.v = acc_v.data() + pair * tokens * dvp;
-          acc.v_ld = dvp;
-        }
+        gk.rows(b, hk, tokens, Hkv, &acc.k, &acc.k_ld);
+        gv.rows(b, hk, tokens, Hkv, &acc.v, &acc.v_ld);
         acc.ek = part_k.data() + slot * E * dp;
         acc.ev = part_v.data() + slot * E * dvp;
         acc.e_ldk = dp;
@@ -199,17 +208,8 @@ void neighborhood_backward(const NeighborhoodProblem& p) {
       if (tok < tokens) {
         In* dk = static_cast<In*>(p.grad_k.data) + ((b * tokens + tok) * Hkv + hk) * D;
         In* dv = static_cast<In*>(p.grad_v.data) + ((b * tokens + tok) * Hkv + hk) * Dv;
-        if (k_direct) {
-          T* row = reinterpret_cast<T*>(dk);
-          for (int64_t d = 0; d < D; ++d) row[d] *= kscale;
-        } else {
-          const T* row = acc_k.data() + (pair * tokens + tok) * dp;
-          for (int64_t d = 0; d < D; ++d) dk[d] = from_float<In>(row[d] * kscale);
-        }
-        if (!v_direct) {
-          const T* row = acc_v.data() + (pair * tokens + tok) * dvp;
-          for (int64_t d = 0; d < Dv; ++d) dv[d] = from_float<In>(row[d]);
-        }
+        gk.finish(dk, pair * tokens + tok, kscale);
+        gv.finish(dv, pair * tokens + tok, T(1));
         continue;
       }
       const int64_t e = tok - tokens;

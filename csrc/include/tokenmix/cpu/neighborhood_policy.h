@@ -150,16 +150,7 @@ struct NeighborhoodPolicy {
     dp = round_up(D, W);
     dvp = round_up(Dv, W);
     for (int t = 0; t < 3; ++t) rpb_dims[t] = 2 * p.dims[t].kernel - 1;
-    io.q = p.q.data;
-    io.out = p.out.data;
-    io.lse = p.lse;
-    io.out_in = p.out.data;
-    io.grad_out = p.grad_out.data;
-    io.grad_q = p.grad_q.data;
-    io.grad_lse = p.grad_lse;
-    io.head_dim = D;
-    io.value_dim = Dv;
-    io.scale = p.scale;
+    io = attention_tensors(p);
     for (int t = 0; t < 3; ++t) {
       const WindowDim& wd = p.dims[t];
       const int64_t n = int64_t(wd.dilation) * sched.max_group_len[t];

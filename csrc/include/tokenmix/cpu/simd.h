@@ -130,6 +130,22 @@ inline T hsum(typename Simd<T>::V v) {
   return s;
 }
 
+// 2^f for |f| <= 0.5: the degree-7 Taylor polynomial of e^(f ln 2), relative error
+// below 2e-7. Both exp2 variants scale it by 2^round(x).
+inline vfloat exp2_fraction(vfloat f) {
+  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f,
+              c7 = 1.525273380405984e-05f;
+  vfloat p = vbroadcast<vfloat>(c7);
+  p = p * f + c6;
+  p = p * f + c5;
+  p = p * f + c4;
+  p = p * f + c3;
+  p = p * f + c2;
+  p = p * f + c1;
+  return p * f + 1.0f;
+}
+
 // 2^x for float vectors. Inputs below -126 (including -inf) give exactly 0.
 // Range reduction x = n + f, |f| <= 0.5, then a degree-7 Taylor polynomial of
 // e^(f ln 2): relative error below 2e-7 on the whole range.
@@ -150,17 +166,7 @@ inline vfloat vexp2(vfloat x) {
   ti = tf > t ? ti - 1 : ti;
   tf = __builtin_convertvector(ti, vfloat);
   const vfloat f = xc - tf;
-  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
-              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f,
-              c7 = 1.525273380405984e-05f;
-  vfloat p = vbroadcast<vfloat>(c7);
-  p = p * f + c6;
-  p = p * f + c5;
-  p = p * f + c4;
-  p = p * f + c3;
-  p = p * f + c2;
-  p = p * f + c1;
-  p = p * f + 1.0f;
+  vfloat p = exp2_fraction(f);
   const vint32 top = vbroadcast<vint32>(127);
   const vint32 over = ti > top;  // all ones where round(x) == 128
   p = over ? p * 2.0f : p;
@@ -183,17 +189,7 @@ inline vfloat vexp2_nonpositive(vfloat x) {
   const vfloat xc = x < lo ? lo : x;
   const vfloat t = xc + magic;
   const vfloat f = xc - (t - magic);
-  const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
-              c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f,
-              c7 = 1.525273380405984e-05f;
-  vfloat p = vbroadcast<vfloat>(c7);
-  p = p * f + c6;
-  p = p * f + c5;
-  p = p * f + c4;
-  p = p * f + c3;
-  p = p * f + c2;
-  p = p * f + c1;
-  p = p * f + 1.0f;
+  vfloat p = exp2_fraction(f);
   vint32 ti, mi;
   std::memcpy(&ti, &t, sizeof(ti));
   std::memcpy(&mi, &magic, sizeof(mi));
