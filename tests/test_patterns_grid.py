@@ -297,3 +297,20 @@ def test_docstring_examples(module):
     for t in tests:
         runner.run(t)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_per_head_layout_runs_on_flex_attention():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(9)
+    pat = multi_axis(8, 12, (2, 3), (4, 2))
+    axes = ["block", "grid"]
+    q = pat.permute(torch.randn(2, 96, 4, 8, generator=g), axes)
+    k = pat.permute(torch.randn(2, 96, 2, 8, generator=g), axes)
+    v = pat.permute(torch.randn(2, 96, 2, 8, generator=g), axes)
+    layout = pat.layout(axes)
+    out = tokenmix.block_sparse_attention(q, k, v, layout)
+    bm = layout.to_block_mask(heads=4)
+    fout = flex.flex_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True
+    )
+    torch.testing.assert_close(out, fout.transpose(1, 2), atol=2e-5, rtol=2e-5)

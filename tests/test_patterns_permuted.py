@@ -241,3 +241,19 @@ def test_errors_name_the_argument():
         r.permute(torch.randn(1, 64, 4, 8))
     with pytest.raises(ValueError, match=r"key_order must be \[B, H_kv, T\]"):
         permuted_blocks_mask_mod(r.key_order[0])
+
+
+def test_layout_runs_on_flex_attention():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 96, 4, 8, generator=g)
+    k = torch.randn(2, 96, 2, 8, generator=g)
+    v = torch.randn(2, 96, 2, 8, generator=g)
+    r = permuted_blocks(q, k, 16, 32, 0.5)
+    kp, vp = r.permute(k), r.permute(v)
+    out = tokenmix.block_sparse_attention(q, kp, vp, r.layout)
+    bm = r.layout.to_block_mask(heads=4)
+    fout = flex.flex_attention(
+        q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), block_mask=bm, enable_gqa=True
+    )
+    torch.testing.assert_close(out, fout.transpose(1, 2), atol=2e-5, rtol=2e-5)

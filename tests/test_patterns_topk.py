@@ -367,3 +367,18 @@ def test_errors_name_the_argument():
     layer = tokenmix.nn.TopKBlockAttention(32, 4, 8, 2)
     with pytest.raises(ValueError, match=r"expects x of shape \[B, T, 32\]"):
         layer(torch.randn(1, 4, 4, 32))
+
+
+def test_layout_runs_on_flex_attention():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 100, 4, 8, generator=g)
+    k = torch.randn(2, 100, 2, 8, generator=g)
+    v = torch.randn(2, 100, 2, 8, generator=g)
+    layout = topk_blocks(q, k, 16, 3, sinks=1, local=1)
+    out = tokenmix.block_sparse_attention(q, k, v, layout)
+    bm = layout.to_block_mask(heads=4)
+    fout = flex.flex_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True
+    )
+    torch.testing.assert_close(out, fout.transpose(1, 2), atol=2e-5, rtol=2e-5)

@@ -8,7 +8,7 @@ from torch import Tensor
 from .._checks import check_supported_dtype, require_tensor
 from .._utils import accumulation_dtype
 
-__all__ = ["block_pool", "check_qk", "expand_layout_heads"]
+__all__ = ["block_pool", "check_qk"]
 
 
 def check_qk(q: Tensor, k: Tensor) -> tuple[int, int, int, int, int, int]:
@@ -59,31 +59,3 @@ def block_pool(x: Tensor, block: int, how: str) -> Tensor:
     else:
         out = x.amin(2)
     return out.transpose(1, 2)
-
-
-def expand_layout_heads(layout, heads: int):
-    """A layout with ``heads`` heads from one with ``heads / group`` heads (head ``h`` gets
-    layout head ``h // group``): the per-query-head form of a per-K/V-head layout, for
-    kernels or Flex calls that take one layout head per query head."""
-    from ..block_sparse.layout import BlockLayout
-
-    lh = layout.heads
-    if lh == heads or lh == 1:
-        return layout
-    if heads % lh != 0:
-        raise ValueError(f"heads ({heads}) must be a multiple of the layout's heads ({lh})")
-    group = heads // lh
-
-    def rep(t):
-        return None if t is None else t.repeat_interleave(group, dim=1).contiguous()
-
-    return BlockLayout(
-        rep(layout.kv_num_blocks),
-        rep(layout.kv_indices),
-        rep(layout.full_kv_num_blocks),
-        rep(layout.full_kv_indices),
-        block_size=layout.block_size,
-        seq_lengths=layout.seq_lengths,
-        element_mask=layout.element_mask,
-        mask_bits=rep(layout.mask_bits),
-    )

@@ -240,11 +240,22 @@ def permuted_blocks(
     empty = kmin.unsqueeze(-2) > q_last.view(-1, 1)
     status = torch.where(full, 2, 1) * (keep & ~empty)
     layout = BlockLayout.from_block_status(
-        status.to(torch.int8),
-        block_size=block_size,
-        seq_lengths=(length, length),
-        mask_bits_fn=permuted_blocks_mask_mod(key_order) if bool((status == 1).any()) else None,
+        status.to(torch.int8), block_size=block_size, seq_lengths=(length, length)
     )
+    if layout.kv_indices.shape[-1] > 0:
+        # The bits of rule 4, once per partial block. The mask_mod is not kept on the layout:
+        # it holds inside the partial blocks only, and to_block_mask() then derives a mask_mod
+        # that is exact everywhere from the lists and the bits.
+        bits = layout.with_mask_mod(permuted_blocks_mask_mod(key_order)).mask_bits
+        layout = BlockLayout(
+            layout.kv_num_blocks,
+            layout.kv_indices,
+            layout.full_kv_num_blocks,
+            layout.full_kv_indices,
+            block_size=block_size,
+            seq_lengths=(length, length),
+            mask_bits=bits,
+        )
     return PermutedBlocks(
         key_order=key_order,
         inverse=inverse,
