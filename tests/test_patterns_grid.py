@@ -30,6 +30,23 @@ CASES = [
 ]
 
 
+def _random_cases(n, seed=2024):
+    """Seeded random grids: block and grid sizes are random divisors of random extents."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        height, width = rng.randint(2, 12), rng.randint(2, 12)
+        divs_h = [d for d in range(1, height + 1) if height % d == 0]
+        divs_w = [d for d in range(1, width + 1) if width % d == 0]
+        block = (rng.choice(divs_h), rng.choice(divs_w))
+        grid = (rng.choice(divs_h), rng.choice(divs_w))
+        out.append((height, width, block, grid))
+    return out
+
+
+CASES += _random_cases(6)
+
+
 def brute_force_mask(height, width, block, grid, axis):
     """Bool [T, T] in raster order, straight from the formula."""
     ph, pw = (block, block) if isinstance(block, int) else block

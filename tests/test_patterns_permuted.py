@@ -8,6 +8,7 @@ segment and the first key's block, causality on original positions.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import tokenmix
@@ -110,6 +111,29 @@ CASES = [
     (90, 6, 18, 1.0, 2, 2, True),  # threshold 1: every allowed block
     (81, 3, 27, 0.3, 4, 4, True),
 ]
+
+
+def _random_cases(n, seed=31):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        b = rng.randint(2, 8)
+        kv_heads = rng.choice([1, 2])
+        out.append(
+            (
+                rng.randint(10, 90),
+                b,
+                b * rng.randint(1, 4),
+                rng.choice([0.4, 0.8, 0.95, 1.0]),
+                kv_heads * rng.choice([1, 2]),
+                kv_heads,
+                rng.random() < 0.7,
+            )
+        )
+    return out
+
+
+CASES += _random_cases(5)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

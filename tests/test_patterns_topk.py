@@ -7,6 +7,7 @@ docs/patterns_part_b.md, independently of the vectorised builder.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import tokenmix
@@ -123,6 +124,32 @@ CASES = [
     (50, 61, 8, 3, 1, 1, True, "avg_maxmin", 2, 2, True),
     (61, 50, 8, 3, 0, 2, False, "mean", 2, 2, True),  # off = -11, not causal
 ]
+
+
+def _random_cases(n, seed=77):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kv_heads = rng.choice([1, 2])
+        out.append(
+            (
+                rng.randint(5, 70),
+                rng.randint(5, 70),
+                rng.randint(1, 12),
+                rng.randint(0, 5),
+                rng.randint(0, 2),
+                rng.randint(0, 2),
+                rng.random() < 0.7,
+                rng.choice(["mean", "avg_maxmin"]),
+                kv_heads * rng.choice([1, 2]),
+                kv_heads,
+                rng.random() < 0.8,
+            )
+        )
+    return out
+
+
+CASES += _random_cases(6)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -11,12 +11,14 @@ Tokens are the ``height x width`` positions of an image, numbered in raster orde
   ``y_q mod Sh == y_k mod Sh and x_q mod Sw == x_k mod Sw``.
 
 Neither is block-sparse in raster order (a window spans ``Ph`` rows; a grid group is strided
-over the whole image), and no single token order makes both contiguous: a window and a grid
-group share at most one token, so their groups form the rows and columns of a rook's graph.
-:func:`multi_axis` therefore gives one token order per axis, each a reshape of the raster
-grid (MaxViT's partition order), under which that axis is exactly block-diagonal with dense
-(full) blocks: the *window order* for block attention and the *grid order* for grid
-attention. Heads can use different axes in one attention call: :meth:`MultiAxisPattern.permute`
+over the whole image), and in general no single token order makes every window and every grid
+group contiguous: if two windows ``W1 < W2`` both meet two grid groups ``X1``, ``X2`` (true in
+MaxViT's configurations), an interval meeting both windows contains the last token of ``W1``,
+and the disjoint ``X1`` and ``X2`` cannot both contain it. :func:`multi_axis` therefore
+gives one token order per axis, each a reshape of the raster grid (MaxViT's partition order),
+under which that axis is exactly block-diagonal with dense (full) blocks: the *window order*
+for block attention and the *grid order* for grid attention. Heads can use different axes in
+one attention call: :meth:`MultiAxisPattern.permute`
 takes a per-head list of axes and moves each head's tokens into its own order with one gather.
 """
 
