@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import block_sparse, linear_scan, neighborhood, nn  # noqa: E402
+from . import block_sparse, linear_scan, neighborhood, nn, patterns  # noqa: E402
 from ._info import info  # noqa: E402
 from .block_sparse import (  # noqa: E402
     BlockLayout,
@@ -48,5 +48,6 @@ __all__ = [
     "neighborhood",
     "neighborhood_attention_reference",
     "nn",
+    "patterns",
     "plan",
 ]

@@ -7,6 +7,7 @@ from .neighborhood.modules import (
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
 )
+from .patterns.modules import SlidingWindowAttention, SparseAttention
 
 __all__ = [
     "BlockSparseAttention",
@@ -15,4 +16,6 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "SlidingWindowAttention",
+    "SparseAttention",
 ]

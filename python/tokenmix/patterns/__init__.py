@@ -1,0 +1,46 @@
+"""Sparse-attention pattern library: builders of :class:`tokenmix.BlockLayout` layouts.
+
+Every builder returns a :class:`tokenmix.BlockLayout` (``layout.to_block_mask()`` gives the
+FlexAttention ``BlockMask``) in the cheapest exact representation: full blocks where every
+element is kept, a structured :class:`tokenmix.ElementMask` where it expresses the pattern,
+else partial blocks with a bitmask from the pattern's ``mask_mod`` (evaluated once per partial
+block, never over ``T x T``). Each builder has a matching Flex ``mask_mod`` factory named
+``<builder>_mask_mod``. Exact rules: docs/patterns.md and each builder's docstring.
+"""
+
+from .documents import document, document_mask_mod, prefix_lm, prefix_lm_mask_mod
+from .modules import SlidingWindowAttention, SparseAttention
+from .offsets import dilated, dilated_mask_mod, power_attention, power_attention_mask_mod
+from .video import radial, radial_mask_mod, radial_widths
+from .windows import (
+    elastic_window_sizes,
+    elastic_windows,
+    elastic_windows_mask_mod,
+    per_head_windows,
+    per_head_windows_mask_mod,
+    sliding_window,
+    sliding_window_mask_mod,
+)
+
+__all__ = [
+    "SlidingWindowAttention",
+    "SparseAttention",
+    "dilated",
+    "dilated_mask_mod",
+    "document",
+    "document_mask_mod",
+    "elastic_window_sizes",
+    "elastic_windows",
+    "elastic_windows_mask_mod",
+    "per_head_windows",
+    "per_head_windows_mask_mod",
+    "power_attention",
+    "power_attention_mask_mod",
+    "prefix_lm",
+    "prefix_lm_mask_mod",
+    "radial",
+    "radial_mask_mod",
+    "radial_widths",
+    "sliding_window",
+    "sliding_window_mask_mod",
+]
