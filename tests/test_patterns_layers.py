@@ -135,12 +135,14 @@ def test_layer_errors():
     with pytest.raises(TypeError, match="pattern must be a tokenmix.BlockLayout"):
         tokenmix.nn.SparseAttention(32, 2, "sliding_window")
     three_heads = patterns.per_head_windows(40, [4, 8, 16], block_size=8)
-    with pytest.raises(ValueError, match=r"pattern has 3 heads, expected 1 or num_heads \(2\)"):
+    with pytest.raises(
+        ValueError, match=r"pattern has 3 heads, expected 1, num_kv_heads \(2\) or num_heads \(2\)"
+    ):
         tokenmix.nn.SparseAttention(32, 2, three_heads)
     layer = tokenmix.nn.SparseAttention(
         32, 2, functools.partial(patterns.per_head_windows, windows=[4, 8, 16])
     )
-    with pytest.raises(ValueError, match=r"layout for T=40 has 3 heads, expected 1 or num_heads"):
+    with pytest.raises(ValueError, match=r"layout for T=40 has 3 heads, expected 1, num_kv_heads"):
         layer(torch.randn(1, 40, 32))
     bad = tokenmix.nn.SparseAttention(32, 2, lambda t, device: "not a layout")
     with pytest.raises(TypeError, match="the pattern factory returned str"):

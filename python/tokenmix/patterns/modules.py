@@ -78,8 +78,8 @@ class SparseAttention(BlockSparseAttention):
     factory returning one for each input length: ``pattern(T, device=device)`` when it takes a
     ``device`` keyword (every builder, and ``functools.partial`` of one), else
     ``pattern(T, device)``. Factory layouts are cached per ``(T, device)``
-    (:meth:`layout_for`). A layout's heads must be 1 (shared) or ``num_heads``; K/V may have
-    ``num_kv_heads`` heads (GQA/MQA).
+    (:meth:`layout_for`). A layout's heads must be 1 (shared), ``num_kv_heads`` (one per GQA
+    group) or ``num_heads``; K/V have ``num_kv_heads`` heads (GQA/MQA).
 
     Under ``torch.compile(fullgraph=True)`` the layout of each length must already be cached
     (building one is data-dependent): run the layer once eagerly, or call
@@ -121,20 +121,21 @@ class SparseAttention(BlockSparseAttention):
             scale=scale,
         )
         self.pattern = pattern
-        if isinstance(pattern, BlockLayout) and pattern.heads not in (1, num_heads):
-            raise ValueError(
-                f"pattern has {pattern.heads} heads, expected 1 or num_heads ({num_heads})"
-            )
+        if isinstance(pattern, BlockLayout):
+            self._check_heads(pattern.heads, "pattern")
 
     def layout_for(self, length: int, device: Any) -> Any:
         layout = super().layout_for(length, device)
-        heads = getattr(layout, "heads", 1)
-        if isinstance(layout, BlockLayout) and heads not in (1, self.num_heads):
+        if isinstance(layout, BlockLayout):
+            self._check_heads(layout.heads, f"the pattern's layout for T={length}")
+        return layout
+
+    def _check_heads(self, heads: int, what: str) -> None:
+        if heads not in (1, self.num_kv_heads, self.num_heads):
             raise ValueError(
-                f"the pattern's layout for T={length} has {heads} heads, expected 1 or "
+                f"{what} has {heads} heads, expected 1, num_kv_heads ({self.num_kv_heads}) or "
                 f"num_heads ({self.num_heads})"
             )
-        return layout
 
     def extra_repr(self) -> str:
         name = getattr(self.pattern, "func", self.pattern)
