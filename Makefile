@@ -18,7 +18,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.deps: $(PY)
-	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy "ruff==0.17.6" "clang-format==23.1.5"
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy matplotlib "ruff==0.17.6" "clang-format==23.1.5"
 	# CuTe headers for the emulator's layout cross-check (headers only: no dependencies)
 	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"
 	touch $@

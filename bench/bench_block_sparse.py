@@ -28,51 +28,40 @@ against SDPA, the speedup of tokenmix over each peer, and the bars of issue 10
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    BLOCK_MASK_LISTS,
+    DTYPES,
+    FWD_BWD_FLOP_FACTOR,
     BackendRun,
-    RunCeiling,
-    Unsupported,
+    BenchmarkRun,
     add_measurement_arguments,
-    add_speedups,
+    add_size_arguments,
     autograd_run,
-    block_mask_bytes,
-    case_footer,
-    check_correctness,
+    benchmark_main,
+    check_flex_mode,
+    compiled_flex_run,
     format_markdown,
     format_table,
     log,
-    machine_info,
-    measure_row,
-    refuse_unusable_cuda,
-    render_tables,
+    peer_skip_reason,
+    render_case,
     report_header,
-    resolve_measurement_arguments,
-    result_cells,
-    run_measurement,
-    worker_main,
-    worker_spec,
+    report_text,
+    sdpa_run,
+    tensor_bytes,
+    tokenmix_info,
 )
-
-# Forward+backward useful FLOPs as a multiple of forward FLOPs (FlashAttention convention:
-# the backward is five matmul-shaped products per kept pair, the forward two).
-FWD_BWD_FLOP_FACTOR = 3.5
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_DTYPES = {"cpu": "float32", "cuda": "float16"}
-MATMUL_N = {"cpu": 2048, "cuda": 8192}
 
 PATTERNS = ("sliding", "random", "document")
 BLOCK_SIZES = (64, 128)
@@ -88,9 +77,8 @@ LABELS = {
     "sdpa": "sdpa+mask",
     "reference": "tokenmix reference",
 }
-MODES = ("fwd", "fwd+bwd")
+# Oracles for the correctness check, in order of preference.
 ORACLES = ("sdpa", "reference", "flex")
-TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (3e-2, 3e-2), "float16": (1e-2, 1e-2)}
 
 # Rows of the dense mask evaluated at once (bounds the index temporaries).
 MASK_CHUNK_ROWS = 512
@@ -121,6 +109,11 @@ class Case:
     @classmethod
     def from_dict(cls, d: dict) -> Case:
         return cls(**d)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """Shape of q, k, v and the output gradient: heads-last ``[B, T, H, D]``."""
+        return (self.batch, self.seq_len, self.heads, self.head_dim)
 
     @property
     def mask_heads(self) -> int:
@@ -259,9 +252,6 @@ def create_flex_block_mask(case: Case, data: dict[str, torch.Tensor], device: st
     )
 
 
-BLOCK_MASK_LISTS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-
-
 def load_block_mask(case: Case, saved: dict, data: dict[str, torch.Tensor], device):
     """The parent's ``create_block_mask`` result, rebuilt from its saved lists (the same
     ``BlockMask``, without re-evaluating the mask in every worker)."""
@@ -301,25 +291,23 @@ def tokenmix_layout(case: Case, data: dict[str, torch.Tensor], block_mask):
     return tokenmix.BlockLayout.from_block_mask(block_mask, batch=case.batch, heads=case.heads)
 
 
+LAYOUT_TENSORS = (
+    *BLOCK_MASK_LISTS,
+    "mask_bits",
+    "q_num_blocks",
+    "q_indices",
+    "q_slots",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+
+
 def layout_bytes(layout) -> int:
-    total = 0
-    for name in (
-        *BLOCK_MASK_LISTS,
-        "mask_bits",
-        "q_num_blocks",
-        "q_indices",
-        "q_slots",
-        "full_q_num_blocks",
-        "full_q_indices",
-    ):
-        t = getattr(layout, name, None)
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    em = layout.element_mask
-    for t in (getattr(em, "q_doc", None), getattr(em, "kv_doc", None)):
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes held by a tokenmix ``BlockLayout``: its block lists and bits, and the document
+    ids of its element mask."""
+    return tensor_bytes(layout, LAYOUT_TENSORS) + tensor_bytes(
+        layout.element_mask, ("q_doc", "kv_doc")
+    )
 
 
 def block_counts(kv_num_blocks: torch.Tensor, full_kv_num_blocks: torch.Tensor, case: Case):
@@ -343,26 +331,6 @@ def sdpa_memory_estimate(case: Case, backward: bool, device: str = "cpu") -> int
 # ---------------------------------------------------------------------------
 # Worker side: one backend, one mode, in a fresh process
 # ---------------------------------------------------------------------------
-
-
-def make_inputs(case: Case, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """q, k, v and the output gradient, heads-last ``[B, T, H, D]``; identical in every process
-    (drawn on the CPU, then moved to ``device``)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-    dtype = DTYPES[case.dtype]
-    return {
-        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-        for name in ("q", "k", "v", "dout")
-    }
-
-
-def _to_bhtd(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).contiguous()
-
-
-def _from_bhtd(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2)
 
 
 def _saved_masks(spec: dict, case: Case, device) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -405,62 +373,26 @@ def build_reference(case: Case, spec: dict, inputs, backward: bool) -> BackendRu
 
 
 def build_sdpa(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
-    import torch.nn.functional as F
-
     _, data = _saved_masks(spec, case, "cpu")
-    mask = dense_mask(case, data).to(inputs["q"].device)
-
-    def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    run = autograd_run(fn, inputs, backward, to_layout=_to_bhtd, from_layout=_from_bhtd)
-    run.aux_bytes = mask.numel() * mask.element_size()
-    return run
+    return sdpa_run(dense_mask(case, data), inputs, backward)
 
 
 def build_flex(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     device = inputs["q"].device
-    if backward and device.type == "cpu":
-        raise Unsupported("FlexAttention has no CPU backward")
-    from torch.nn.attention.flex_attention import flex_attention
-
+    check_flex_mode(backward, device)
     saved, data = _saved_masks(spec, case, device)
-    block_mask = load_block_mask(case, saved, data, device)
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def fn(q, k, v):
-        return compiled(q, k, v, block_mask=block_mask)
-
-    run = autograd_run(fn, inputs, backward, to_layout=_to_bhtd, from_layout=_from_bhtd)
-    t0 = time.perf_counter()
-    run.call()  # compile now so the warmup estimate reflects a compiled call
-    compile_s = time.perf_counter() - t0
-    if run.setup is not None:
-        run.setup()
-    run.aux_bytes = block_mask_bytes(block_mask) + sum(
-        t.numel() * t.element_size() for t in data.values()
-    )
-    run.info = {"compile_s": compile_s, "block_sparsity_pct": float(block_mask.sparsity())}
+    run = compiled_flex_run(load_block_mask(case, saved, data, device), inputs, backward)
+    run.aux_bytes += sum(t.numel() * t.element_size() for t in data.values())
     return run
 
 
+# Backend -> builder (common.Builder), in the order of BACKENDS.
 BUILDERS = {
     "tokenmix": build_tokenmix,
-    "reference": build_reference,
-    "sdpa": build_sdpa,
     "flex": build_flex,
+    "sdpa": build_sdpa,
+    "reference": build_reference,
 }
-
-
-def run_worker(spec: dict) -> dict:
-    case = Case.from_dict(spec["case"])
-    backward = spec["mode"] == "fwd+bwd"
-    device = spec.get("device", "cpu")
-    return run_measurement(
-        spec,
-        lambda: make_inputs(case, spec["seed"], device),
-        lambda inputs: BUILDERS[spec["backend"]](case, spec, inputs, backward),
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -498,25 +430,11 @@ def select_cases(args) -> list[Case]:
 def check_tokenmix() -> dict:
     """Import tokenmix or exit with a clear message; report whether its build has the
     block-sparse kernels."""
-    try:
-        import tokenmix
-    except Exception as exc:
-        sys.exit(
-            "bench_block_sparse.py: cannot import tokenmix "
-            f"({type(exc).__name__}: {exc}).\n"
-            "Build and install it first (pip install --no-build-isolation -e . from the "
-            "repository root),\nor put an installed build on PYTHONPATH."
-        )
-    if not hasattr(tokenmix, "block_sparse_attention"):
-        sys.exit(
-            f"bench_block_sparse.py: tokenmix at {getattr(tokenmix, '__file__', '?')} has no "
-            "block_sparse_attention"
-        )
+    info = tokenmix_info("bench_block_sparse.py", "block_sparse_attention")
     from tokenmix import _ops
 
     return {
-        "version": getattr(tokenmix, "__version__", "?"),
-        "file": getattr(tokenmix, "__file__", None),
+        **info,
         "library_error": _ops.load_error,
         "kernels": _ops.load_error is None
         and hasattr(torch.ops.tokenmix, "block_sparse_forward")
@@ -528,22 +446,12 @@ def skip_reason(
     case: Case, backend: str, mode: str, tm_info: dict, mem_limit_gb: float, device: str = "cpu"
 ) -> tuple[str, str] | None:
     """(status, note) when a measurement is not run, else None."""
-    backward = mode == "fwd+bwd"
-    if backend == "flex" and backward and device == "cpu":
-        return ("n/a", "n/a (FlexAttention has no CPU backward)")
     if backend == "tokenmix" and not tm_info["kernels"]:
         why = tm_info["library_error"] or (
             "torch.ops.tokenmix.block_sparse_forward/_backward are not registered"
         )
         return ("unavailable", f"n/a (no block-sparse kernels in this tokenmix build: {why})")
-    if backend == "sdpa":
-        est = sdpa_memory_estimate(case, backward, device)
-        if est > mem_limit_gb * 2**30:
-            return (
-                "skipped",
-                f"skipped (memory: dense mask needs ~{est / 2**30:.1f} GiB > {mem_limit_gb:g} GiB)",
-            )
-    return None
+    return peer_skip_reason(case, backend, mode, mem_limit_gb, device, sdpa_memory_estimate)
 
 
 def prepare_case(case: Case, path: str, check_layout: bool) -> dict:
@@ -584,70 +492,20 @@ def prepare_case(case: Case, path: str, check_layout: bool) -> dict:
     return info
 
 
-def run_case(
-    case: Case,
-    args,
-    modes: list[str],
-    backends: list[str],
-    tm_info: dict,
-    tmpdir: str,
-    counter: list[int],
-    total: int,
-) -> dict:
+def run_case(case: Case, run: BenchmarkRun) -> dict:
+    """The case's masks, BlockMask and layout (:func:`prepare_case`), then every backend and
+    mode of it, their correctness and speedups."""
     log(f"{case.name}: masks, BlockMask and layout ...")
-    masks_path = os.path.join(tmpdir, f"{case.name}-masks.pt")
-    prep = prepare_case(case, masks_path, args.quick or args.check_layout)
+    masks_path = os.path.join(run.tmpdir, f"{case.name}-masks.pt")
+    prep = prepare_case(case, masks_path, run.args.quick or run.args.check_layout)
     log(
         f"    {100 * prep['density']:.2f}% of pairs kept; flex BlockMask "
         f"{prep['flex_blocks']['partial']} partial + {prep['flex_blocks']['full']} full blocks "
         f"[{prep['setup_s']:.1f} s]"
     )
     fwd_flops = forward_flops(case, prep["kept_pairs"])
-    rows = []
-    for backend in backends:
-        for mode in modes:
-            backward = mode == "fwd+bwd"
-            row = {"backend": backend, "label": LABELS[backend], "mode": mode}
-            skip = skip_reason(case, backend, mode, tm_info, args.mem_limit_gb, args.device)
-            if skip is not None:
-                row.update(status=skip[0], note=skip[1])
-                rows.append(row)
-                continue
-            counter[0] += 1
-            spec = worker_spec(
-                args,
-                case=asdict(case),
-                backend=backend,
-                mode=mode,
-                masks_path=masks_path,
-                save_path=os.path.join(tmpdir, f"{case.name}-{backend}-{mode}.pt"),
-            )
-            measure_row(
-                row,
-                spec,
-                script=__file__,
-                tag=f"[{counter[0]}/{total}] {case.name} {LABELS[backend]} {mode}",
-                flops=fwd_flops * (FWD_BWD_FLOP_FACTOR if backward else 1.0),
-                matmul_gflops=args.matmul_gflops,
-                timeout_s=args.worker_timeout,
-                verbose=args.verbose,
-            )
-            rows.append(row)
-    atol, rtol = TOLERANCES[case.dtype]
-    correctness = check_correctness(rows, modes, ORACLES, atol, rtol)
-    speedups = add_speedups(rows, modes)
-    return {
-        "case": asdict(case),
-        "name": case.name,
-        "description": case.describe(),
-        "tokens": case.seq_len,
-        **prep,
-        "fwd_flops": fwd_flops,
-        "fwd_bwd_flops": fwd_flops * FWD_BWD_FLOP_FACTOR,
-        "results": rows,
-        "correctness": correctness,
-        "speedups": speedups,
-    }
+    rows = run.measure(case, fwd_flops, masks_path=masks_path)
+    return run.case_result(case, rows, tokens=case.seq_len, details=prep, fwd_flops=fwd_flops)
 
 
 # The bars of issue 10, section 4: (id, text, pattern scope, mode, peer or None, threshold).
@@ -793,9 +651,7 @@ def render(report: dict, markdown: bool) -> str:
             f"({c['kept_pairs'] / (c['case']['batch'] * c['case']['heads'] * c['tokens']):.0f} "
             f"keys/query), fwd {c['fwd_flops'] / 1e9:.3f} GFLOP useful"
         )
-        rows = [result_cells(r, ORACLES) for r in c["results"]]
-        footer = case_footer(c, LABELS) + case_notes(c)
-        out.extend(render_tables(title, rows, footer, markdown))
+        out.extend(render_case(c, title, LABELS, ORACLES, markdown, case_notes(c)))
     out.extend(render_bars(report["bars"], markdown, meta["args"]["quick"]))
     where_t = "CUDA events around each call" if cuda else "perf_counter around each call"
     notes = (
@@ -807,8 +663,21 @@ def render(report: dict, markdown: bool) -> str:
         "growth during one call (fresh process per row); mask MiB = memory held by the mask / "
         "BlockMask / layout. max|diff| is against sdpa+mask; see bench/README.md."
     )
-    out.append(f"_{notes}_" if markdown else notes)
-    return "\n".join(out)
+    return report_text(out, notes, markdown)
+
+
+def conclude(report: dict) -> list[str]:
+    """The bars of the run (``report["bars"]``), and an error line when the tokenmix layout
+    keeps other pairs than the mask in some case."""
+    report["bars"] = evaluate_bars(report)
+    mismatched = [
+        c["name"]
+        for c in report["cases"]
+        if "layout_kept_pairs" in c and c["layout_kept_pairs"] != c["kept_pairs"]
+    ]
+    if mismatched:
+        return [f"the tokenmix layout keeps other pairs than the mask in {mismatched}"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -832,90 +701,24 @@ def main(argv: list[str] | None = None) -> int:
         help="check layout.kept_pairs() against the mask's pair count (always with --quick; "
         "about 30-60 s per pattern at T=8192)",
     )
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
-    add_measurement_arguments(p, DTYPES, DEFAULT_DTYPES, BACKENDS)
-    p.set_defaults(backends=",".join(DEFAULT_BACKENDS))
-    args = p.parse_args(argv)
-
-    if args.worker is not None:
-        return worker_main(args.worker, run_worker)
-
-    if args.device == "cuda":
-        refused = refuse_unusable_cuda("bench_block_sparse.py")
-        if refused is not None:
-            return refused
-    backends, modes = resolve_measurement_arguments(args, DEFAULT_DTYPES, BACKENDS, MODES)
-    cases = select_cases(args)
-    tm_info = check_tokenmix()
-
-    t_start = time.perf_counter()
-    ceiling = RunCeiling(
-        args.threads, MATMUL_N[args.device], DTYPES[args.dtype], args.dtype, args.device
+    add_size_arguments(p)
+    add_measurement_arguments(p, BACKENDS, DEFAULT_BACKENDS)
+    return benchmark_main(
+        p.parse_args(argv),
+        script=__file__,
+        case_type=Case,
+        builders=BUILDERS,
+        backends=BACKENDS,
+        labels=LABELS,
+        oracles=ORACLES,
+        select_cases=select_cases,
+        check_tokenmix=check_tokenmix,
+        skip_reason=skip_reason,
+        run_case=run_case,
+        fwd_flops="4 * kept_pairs * D (kept_pairs summed over B x H)",
+        render=render,
+        conclude=conclude,
     )
-    args.matmul_gflops = ceiling.start()
-    total = sum(
-        skip_reason(c, b, m, tm_info, args.mem_limit_gb, args.device) is None
-        for c in cases
-        for b in backends
-        for m in modes
-    )
-    report = {
-        "meta": {
-            "machine": machine_info(args.threads, args.device),
-            "device": args.device,
-            "threads": args.threads,
-            "dtype": args.dtype,
-            "tokenmix": tm_info,
-            "matmul": ceiling.meta(),
-            "flops": {
-                "fwd": "4 * kept_pairs * D (kept_pairs summed over B x H)",
-                "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd",
-            },
-            "args": {k: v for k, v in vars(args).items() if k != "worker"},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        "cases": [],
-    }
-    counter = [0]
-    with tempfile.TemporaryDirectory(prefix="bench_block_sparse_") as tmpdir:
-        for case in cases:
-            report["cases"].append(
-                run_case(case, args, modes, backends, tm_info, tmpdir, counter, total)
-            )
-    ceiling.finish(report["cases"])
-    report["meta"]["warnings"] = ceiling.warnings
-    report["meta"]["matmul"] = ceiling.meta()
-    report["meta"]["wall_s"] = time.perf_counter() - t_start
-    report["meta"]["cpu_busy_at_start"] = ceiling.busy_start
-    report["bars"] = evaluate_bars(report)
-    log(f"done in {report['meta']['wall_s']:.0f} s")
-
-    print(render(report, args.markdown))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        log(f"wrote {args.json}")
-
-    wrong = [
-        (c["name"], m)
-        for c in report["cases"]
-        for m, entries in c["correctness"].items()
-        if "tokenmix" in entries and not entries["tokenmix"]["ok"]
-    ]
-    mismatched = [
-        c["name"]
-        for c in report["cases"]
-        if "layout_kept_pairs" in c and c["layout_kept_pairs"] != c["kept_pairs"]
-    ]
-    if wrong or mismatched:
-        if wrong:
-            log(f"ERROR: tokenmix output mismatches its oracle in {wrong}")
-        if mismatched:
-            log(f"ERROR: the tokenmix layout keeps other pairs than the mask in {mismatched}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

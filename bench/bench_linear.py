@@ -64,14 +64,22 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    MODES,
+    add_mode_arguments,
+    add_output_arguments,
+    add_size_arguments,
+    add_timing_arguments,
     cpu_busy_fraction,
     fmt_float,
     fmt_sci,
-    format_markdown,
-    format_table,
+    header_lines,
     log,
     machine_info,
     measure_matmul_gflops,
+    render_tables,
+    report_text,
+    selected_modes,
+    speedup_phrase,
     time_fn,
 )
 
@@ -97,7 +105,6 @@ LABELS = {
     "sdpa": "sdpa causal (softmax)",
     "fla": "fla (pure PyTorch)",
 }
-MODES = ("fwd", "fwd+bwd")
 # |fused - chunked| <= ATOL + RTOL * max|chunked| (float32; long sums of T terms).
 RTOL, ATOL = 1e-3, 1e-4
 
@@ -494,14 +501,7 @@ def case_rows(case_res: dict) -> list[list[str]]:
 def ratio_lines(case_res: dict) -> list[str]:
     lines = []
     for s in case_res["speedups"]:
-        x = s["speedup"]
-        if 1 / 1.05 < x < 1.05:
-            phrase = f"on par ({x:.2f}x) with"
-        elif x >= 1:
-            phrase = f"{x:.1f}x faster than"
-        else:
-            phrase = f"{1 / x:.1f}x slower than"
-        lines.append(f"fused {s['mode']} is {phrase} {s['peer']}")
+        lines.append(f"fused {s['mode']} is {speedup_phrase(s['speedup'])} {s['peer']}")
     if not case_res["fused_correct"]:
         lines.append("fused output MISMATCHES the chunked implementation")
     return lines
@@ -515,23 +515,13 @@ def render(report: dict, markdown: bool) -> str:
         f"{meta['matmul_gflops']:.1f} GFLOP/s; fused kernels "
         f"{'built' if meta['fused_kernels'] else 'NOT built (public API runs the chunked scan)'}"
     )
-    out = [f"**{head}**" if markdown else head]
-    for w in meta["warnings"]:
-        out.append(f"> **Warning:** {w}" if markdown else f"WARNING: {w}")
-    out.append("")
+    out = header_lines(head, meta["warnings"], markdown)
     for c in report["cases"]:
         title = (
             f"{c['description']}; counted fwd {c['fwd_linear_gflop']:.2f} GFLOP "
             f"(sdpa causal {c['fwd_sdpa_gflop']:.1f})"
         )
-        rows = case_rows(c)
-        if markdown:
-            out += [f"### {title}", "", format_markdown(HEADERS, rows, ALIGN), ""]
-            out += [f"- {line}" for line in ratio_lines(c)]
-        else:
-            out += [f"== {title}", format_table(HEADERS, rows, ALIGN)]
-            out += [f"  {line}" for line in ratio_lines(c)]
-        out.append("")
+        out += render_tables(title, case_rows(c), ratio_lines(c), markdown, HEADERS, ALIGN)
     notes = (
         f"Counted FLOPs per token and head: fwd 2*C*(K+V) + 4*K*V with C={CHUNK}, fwd+bwd "
         f"{LINEAR_FWD_BWD_FACTOR:g}x; sdpa causal fwd T*(K+V), fwd+bwd {SDPA_FWD_BWD_FACTOR:g}x. "
@@ -540,8 +530,7 @@ def render(report: dict, markdown: bool) -> str:
         "SDPA is softmax attention (another operation), timed on [B,H,T,D] inputs with the "
         "transposes outside the timed region."
     )
-    out.append(f"_{notes}_" if markdown else notes)
-    return "\n".join(out)
+    return report_text(out, notes, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,13 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, help="sequence length (default 8192)")
     p.add_argument("--variant", choices=sorted(VARIANTS), help="one variant (default simple_gla)")
     p.add_argument("--all", action="store_true", help="every variant at --T")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
-    p.add_argument("--dim", type=int, default=64, help="K = V head dim (default 64)")
+    add_size_arguments(p, "--dim", "K = V head dim")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--forward", action="store_true", help="forward only")
-    mode.add_argument("--backward", action="store_true", help="forward+backward only")
+    add_mode_arguments(p)
     p.add_argument(
         "--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}"
     )
@@ -567,14 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         default=2048,
         help="longest T for the per-token recurrences (ours and fla's GLA; default 2048)",
     )
-    p.add_argument("--repeats", type=int, help="timed calls per measurement (default adaptive)")
-    p.add_argument("--warmup", type=int, help="warmup calls (default 1, or 2 for calls < 1 s)")
-    p.add_argument(
-        "--time-budget", type=float, default=1.5, help="seconds of timed calls per row (1.5)"
-    )
+    add_timing_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    p.add_argument("--json", metavar="PATH", help="write raw numbers as JSON")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    add_output_arguments(p)
     args = p.parse_args(argv)
 
     try:
@@ -589,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         sys.exit(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
-    modes = ("fwd",) if args.forward else ("fwd+bwd",) if args.backward else MODES
+    modes = selected_modes(args)
 
     if args.T is None and args.variant is None and not args.all:
         plan = [

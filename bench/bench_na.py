@@ -33,53 +33,37 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    DTYPES,
+    FWD_BWD_FLOP_FACTOR,
     BackendRun,
-    RunCeiling,
+    BenchmarkRun,
     Unsupported,
     add_measurement_arguments,
-    add_speedups,
+    add_size_arguments,
     autograd_run,
-    block_mask_bytes,
-    case_footer,
-    check_correctness,
+    benchmark_main,
+    check_flex_mode,
+    compiled_flex_run,
     log,
-    machine_info,
-    measure_row,
-    refuse_unusable_cuda,
-    render_tables,
+    peer_skip_reason,
+    render_case,
     report_header,
-    resolve_measurement_arguments,
-    result_cells,
-    run_measurement,
-    worker_main,
-    worker_spec,
+    report_text,
+    sdpa_run,
+    tokenmix_info,
 )
-
-# Forward+backward useful FLOPs as a multiple of forward FLOPs. The forward pass is
-# two matmul-shaped products per attended pair (QK^T and PV); the backward pass is
-# five (recomputed QK^T, dV, dP, dQ, dK), i.e. 2.5x the forward (FlashAttention
-# convention), so forward+backward is 3.5x the forward.
-FWD_BWD_FLOP_FACTOR = 3.5
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# --dtype default per --device: what each device's attention kernels are used with.
-DEFAULT_DTYPES = {"cpu": "float32", "cuda": "float16"}
-# Matmul size of the throughput ceiling: a GPU needs a larger product to approach its peak.
-MATMUL_N = {"cpu": 2048, "cuda": 8192}
 
 # name -> (shape, kernel); stride 1, dilation 1, non-causal.
 CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -103,11 +87,8 @@ LABELS = {
     "flex": "flex (compiled)",
     "natten": "natten",
 }
-MODES = ("fwd", "fwd+bwd")
 # Oracles for the correctness check, in order of preference.
 ORACLES = ("sdpa", "reference", "flex")
-# Tolerances of the correctness check: |x - oracle| <= atol + rtol * max|oracle|.
-TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (3e-2, 3e-2), "float16": (1e-2, 1e-2)}
 
 
 # ---------------------------------------------------------------------------
@@ -135,6 +116,11 @@ class Case:
     @property
     def tokens(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of q, k, v and the output gradient: heads-last ``[B, *spatial, H, D]``."""
+        return (self.batch, *self.shape, self.heads, self.head_dim)
 
     @classmethod
     def from_dict(cls, d: dict) -> Case:
@@ -315,49 +301,7 @@ def sdpa_memory_estimate(case: Case, backward: bool, device: str = "cpu") -> int
 # ---------------------------------------------------------------------------
 
 
-def make_inputs(case: Case, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """q, k, v and the output gradient, ``[B, *spatial, H, D]``; identical in every process
-    (drawn on the CPU, then moved to ``device``)."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (case.batch, *case.shape, case.heads, case.head_dim)
-    dtype = DTYPES[case.dtype]
-    return {
-        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-        for name in ("q", "k", "v", "dout")
-    }
-
-
-def _to_bhnd(x: torch.Tensor, case: Case) -> torch.Tensor:
-    return (
-        x.reshape(case.batch, case.tokens, case.heads, case.head_dim).transpose(1, 2).contiguous()
-    )
-
-
-def _from_bhnd(x: torch.Tensor, case: Case) -> torch.Tensor:
-    return x.transpose(1, 2).reshape(case.batch, *case.shape, case.heads, case.head_dim)
-
-
-def _autograd_run(
-    fn: Callable,
-    case: Case,
-    inputs: dict[str, torch.Tensor],
-    backward: bool,
-    bhnd: bool = False,
-) -> BackendRun:
-    """Wrap ``fn(q, k, v) -> out`` for timing; ``bhnd`` moves tensors to ``[B, H, N, D]``
-    once, here, outside the timed region."""
-    if not bhnd:
-        return autograd_run(fn, inputs, backward)
-    return autograd_run(
-        fn,
-        inputs,
-        backward,
-        to_layout=lambda x: _to_bhnd(x, case),
-        from_layout=lambda x: _from_bhnd(x, case),
-    )
-
-
-def build_tokenmix(case: Case, inputs, backward: bool) -> BackendRun:
+def build_tokenmix(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     import tokenmix
 
     kwargs = dict(
@@ -373,61 +317,39 @@ def build_tokenmix(case: Case, inputs, backward: bool) -> BackendRun:
     def fn(q, k, v):
         return na(q, k, v, **kwargs)
 
-    return _autograd_run(fn, case, inputs, backward)
+    return autograd_run(fn, inputs, backward)
 
 
-def build_reference(case: Case, inputs, backward: bool) -> BackendRun:
+def build_reference(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     from tokenmix.neighborhood.reference import neighborhood_attention_reference as ref
 
     def fn(q, k, v):
         return ref(q, k, v, case.kernel, case.stride, case.dilation, case.causal)
 
-    return _autograd_run(fn, case, inputs, backward)
+    return autograd_run(fn, inputs, backward)
 
 
-def build_sdpa(case: Case, inputs, backward: bool) -> BackendRun:
-    import torch.nn.functional as F
-
-    mask = dense_mask(case).to(inputs["q"].device)
-
-    def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    run = _autograd_run(fn, case, inputs, backward, bhnd=True)
-    run.aux_bytes = mask.numel() * mask.element_size()
-    return run
+def build_sdpa(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
+    return sdpa_run(dense_mask(case), inputs, backward)
 
 
-def build_flex(case: Case, inputs, backward: bool) -> BackendRun:
+def build_flex(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     device = inputs["q"].device
-    if backward and device.type == "cpu":
-        raise Unsupported("FlexAttention has no CPU backward")
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    check_flex_mode(backward, device)
+    from torch.nn.attention.flex_attention import create_block_mask
 
     tables = flex_tables(case).to(device)
     n = case.tokens
     t0 = time.perf_counter()
     block_mask = create_block_mask(flex_mask_mod(tables), None, None, n, n, device=str(device))
     mask_s = time.perf_counter() - t0
-    compiled = torch.compile(flex_attention, dynamic=False)
-
-    def fn(q, k, v):
-        return compiled(q, k, v, block_mask=block_mask)
-
-    run = _autograd_run(fn, case, inputs, backward, bhnd=True)
-    t0 = time.perf_counter()
-    run.call()  # compile now so the warmup estimate reflects a compiled call
-    compile_s = time.perf_counter() - t0
-    run.aux_bytes = tables.numel() * tables.element_size() + block_mask_bytes(block_mask)
-    run.info = {
-        "block_mask_s": mask_s,
-        "compile_s": compile_s,
-        "block_sparsity_pct": float(block_mask.sparsity()),
-    }
+    run = compiled_flex_run(block_mask, inputs, backward)
+    run.aux_bytes += tables.numel() * tables.element_size()
+    run.info = {"block_mask_s": mask_s, **run.info}
     return run
 
 
-def build_natten(case: Case, inputs, backward: bool) -> BackendRun:
+def build_natten(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     import natten
 
     name = f"na{case.ndim}d"
@@ -446,11 +368,12 @@ def build_natten(case: Case, inputs, backward: bool) -> BackendRun:
     def fn(q, k, v):
         return fn_na(q, k, v, **kwargs)
 
-    run = _autograd_run(fn, case, inputs, backward)
+    run = autograd_run(fn, inputs, backward)
     run.info = {"natten_version": getattr(natten, "__version__", "?")}
     return run
 
 
+# Backend -> builder (common.Builder; the worker spec is not needed here).
 BUILDERS = {
     "tokenmix": build_tokenmix,
     "reference": build_reference,
@@ -458,18 +381,6 @@ BUILDERS = {
     "flex": build_flex,
     "natten": build_natten,
 }
-
-
-def run_worker(spec: dict) -> dict:
-    """Set up one backend, time it, measure one call's peak memory, save its outputs."""
-    case = Case.from_dict(spec["case"])
-    backward = spec["mode"] == "fwd+bwd"
-    device = spec.get("device", "cpu")
-    return run_measurement(
-        spec,
-        lambda: make_inputs(case, spec["seed"], device),
-        lambda inputs: BUILDERS[spec["backend"]](case, inputs, backward),
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -544,25 +455,8 @@ def select_cases(args) -> list[Case]:
 
 
 def check_tokenmix() -> dict:
-    """Import tokenmix or exit with a clear message."""
-    try:
-        import tokenmix
-    except Exception as exc:
-        sys.exit(
-            "bench_na.py: cannot import tokenmix "
-            f"({type(exc).__name__}: {exc}).\n"
-            "Build and install it first (pip install --no-build-isolation -e . from the "
-            "repository root),\nor put an installed build on PYTHONPATH."
-        )
-    if not hasattr(tokenmix, "neighborhood_attention"):
-        sys.exit(
-            f"bench_na.py: tokenmix at {getattr(tokenmix, '__file__', '?')} has no "
-            "neighborhood_attention"
-        )
-    info = {
-        "version": getattr(tokenmix, "__version__", "?"),
-        "file": getattr(tokenmix, "__file__", None),
-    }
+    """Import tokenmix or exit with a clear message; report whether its reference imports."""
+    info = tokenmix_info("bench_na.py", "neighborhood_attention")
     try:
         from tokenmix.neighborhood.reference import neighborhood_attention_reference  # noqa: F401
 
@@ -576,21 +470,11 @@ def skip_reason(
     case: Case, backend: str, mode: str, tm_info: dict, mem_limit_gb: float, device: str = "cpu"
 ) -> tuple[str, str] | None:
     """(status, note) when a measurement is not run, else None."""
-    backward = mode == "fwd+bwd"
-    if backend == "flex" and backward and device == "cpu":
-        return ("n/a", "n/a (FlexAttention has no CPU backward)")
     if backend == "natten" and importlib.util.find_spec("natten") is None:
         return ("not installed", "not installed")
     if backend == "reference" and tm_info.get("reference") is not True:
         return ("unavailable", f"unavailable ({tm_info.get('reference')})")
-    if backend == "sdpa":
-        est = sdpa_memory_estimate(case, backward, device)
-        if est > mem_limit_gb * 2**30:
-            return (
-                "skipped",
-                f"skipped (memory: dense mask needs ~{est / 2**30:.1f} GiB > {mem_limit_gb:g} GiB)",
-            )
-    return None
+    return peer_skip_reason(case, backend, mode, mem_limit_gb, device, sdpa_memory_estimate)
 
 
 def case_plan(case: Case) -> dict | None:
@@ -628,69 +512,18 @@ def plan_line(plan: dict | None) -> str:
     )
 
 
-def run_case(
-    case: Case,
-    args,
-    modes: list[str],
-    backends: list[str],
-    tm_info: dict,
-    tmpdir: str,
-    counter: list[int],
-    total: int,
-) -> dict:
+def run_case(case: Case, run: BenchmarkRun) -> dict:
+    """Every backend and mode of one case, its correctness and speedups, and the planner's
+    view of it."""
     fwd_flops = forward_flops(case)
     pairs = attended_pairs(case)
-    rows = []
-    for backend in backends:
-        for mode in modes:
-            backward = mode == "fwd+bwd"
-            row = {"backend": backend, "label": LABELS[backend], "mode": mode}
-            skip = skip_reason(case, backend, mode, tm_info, args.mem_limit_gb, args.device)
-            if skip is not None:
-                row.update(status=skip[0], note=skip[1])
-                rows.append(row)
-                continue
-            counter[0] += 1
-            tag = f"[{counter[0]}/{total}] {case.name} {LABELS[backend]} {mode}"
-            spec = worker_spec(
-                args,
-                case=asdict(case),
-                backend=backend,
-                mode=mode,
-                save_path=os.path.join(tmpdir, f"{case.name}-{backend}-{mode}.pt"),
-            )
-            measure_row(
-                row,
-                spec,
-                script=__file__,
-                tag=tag,
-                flops=fwd_flops * (FWD_BWD_FLOP_FACTOR if backward else 1.0),
-                matmul_gflops=args.matmul_gflops,
-                timeout_s=args.worker_timeout,
-                verbose=args.verbose,
-            )
-            rows.append(row)
-
-    # Correctness: every backend's outputs (and gradients) against the first oracle
-    # that ran, in the order sdpa+mask, reference, flex.
-    atol, rtol = TOLERANCES[case.dtype]
-    correctness = check_correctness(rows, modes, ORACLES, atol, rtol)
-    # Speedups of tokenmix over every peer that ran, per mode.
-    speedups = add_speedups(rows, modes)
-    return {
-        "case": asdict(case),
-        "name": case.name,
-        "description": case.describe(),
-        "tokens": case.tokens,
+    rows = run.measure(case, fwd_flops)
+    details = {
         "plan": case_plan(case),
         "attended_pairs": pairs,
         "avg_keys_per_query": pairs / case.tokens,
-        "fwd_flops": fwd_flops,
-        "fwd_bwd_flops": fwd_flops * FWD_BWD_FLOP_FACTOR,
-        "results": rows,
-        "correctness": correctness,
-        "speedups": speedups,
     }
+    return run.case_result(case, rows, tokens=case.tokens, details=details, fwd_flops=fwd_flops)
 
 
 def render(report: dict, markdown: bool) -> str:
@@ -703,11 +536,10 @@ def render(report: dict, markdown: bool) -> str:
             f"{c['avg_keys_per_query']:.1f} keys/query, "
             f"fwd {c['fwd_flops'] / 1e9:.3f} GFLOP useful"
         )
-        rows = [result_cells(r, ORACLES) for r in c["results"]]
         # The planner's bounds are printed for the GPU run only: the CPU output stays
         # what docs/performance.md shows (the JSON has them for both).
-        footer = case_footer(c, LABELS) + ([plan_line(c.get("plan"))] if cuda else [])
-        out.extend(render_tables(title, rows, footer, markdown))
+        notes = [plan_line(c.get("plan"))] if cuda else []
+        out.extend(render_case(c, title, LABELS, ORACLES, markdown, notes))
     notes = (
         "GFLOP/s = useful FLOPs / median time for every backend: fwd 4*B*H*pairs*D, fwd+bwd "
         f"{FWD_BWD_FLOP_FACTOR}x that; % matmul = GFLOP/s / matmul GFLOP/s. peak MiB = RSS "
@@ -727,8 +559,7 @@ def render(report: dict, markdown: bool) -> str:
             "sdpa+mask (else the reference). Planner bounds (tokenmix.plan, 64-query tiles) "
             "are FLOP ratios, not measurements; see bench/README.md."
         )
-    out.append(f"_{notes}_" if markdown else notes)
-    return "\n".join(out)
+    return report_text(out, notes, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -745,85 +576,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", help="custom case: stride per dim (default 1)")
     p.add_argument("--dilation", help="custom case: dilation per dim (default 1)")
     p.add_argument("--causal", help="custom case: causal flag per dim, e.g. 0,1 (default 0)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
-    add_measurement_arguments(p, DTYPES, DEFAULT_DTYPES, BACKENDS)
-    args = p.parse_args(argv)
-
-    if args.worker is not None:
-        return worker_main(args.worker, run_worker)
-
-    if args.device == "cuda":
-        # One clear line instead of a traceback from the first CUDA call.
-        refused = refuse_unusable_cuda("bench_na.py")
-        if refused is not None:
-            return refused
-    backends, modes = resolve_measurement_arguments(args, DEFAULT_DTYPES, BACKENDS, MODES)
-    cases = select_cases(args)
-    tm_info = check_tokenmix()
-
-    t_start = time.perf_counter()
-    dtype = DTYPES[args.dtype]
-    matmul_n = MATMUL_N[args.device]
-    ceiling = RunCeiling(args.threads, matmul_n, dtype, args.dtype, args.device)
-    args.matmul_gflops = ceiling.start()
-
-    total = sum(
-        skip_reason(c, b, m, tm_info, args.mem_limit_gb, args.device) is None
-        for c in cases
-        for b in backends
-        for m in modes
+    add_size_arguments(p)
+    add_measurement_arguments(p, BACKENDS)
+    return benchmark_main(
+        p.parse_args(argv),
+        script=__file__,
+        case_type=Case,
+        builders=BUILDERS,
+        backends=BACKENDS,
+        labels=LABELS,
+        oracles=ORACLES,
+        select_cases=select_cases,
+        check_tokenmix=check_tokenmix,
+        skip_reason=skip_reason,
+        run_case=run_case,
+        fwd_flops="4 * B * H * attended_pairs * D",
+        render=render,
     )
-
-    report = {
-        "meta": {
-            "machine": machine_info(args.threads, args.device),
-            "device": args.device,
-            "threads": args.threads,
-            "dtype": args.dtype,
-            "tokenmix": tm_info,
-            "matmul": {"n": matmul_n, "gflops": args.matmul_gflops},
-            "flops": {
-                "fwd": "4 * B * H * attended_pairs * D",
-                "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd",
-            },
-            "args": {k: v for k, v in vars(args).items() if k != "worker"},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        "cases": [],
-    }
-    counter = [0]
-    with tempfile.TemporaryDirectory(prefix="bench_na_") as tmpdir:
-        for case in cases:
-            report["cases"].append(
-                run_case(case, args, modes, backends, tm_info, tmpdir, counter, total)
-            )
-    # Measured again at the end: a busy machine at the start would otherwise make the
-    # ceiling too low. The higher median is the ceiling; the stored ratios are redone.
-    ceiling.finish(report["cases"])
-    report["meta"]["warnings"] = ceiling.warnings
-    report["meta"]["matmul"] = ceiling.meta()
-    report["meta"]["wall_s"] = time.perf_counter() - t_start
-    report["meta"]["cpu_busy_at_start"] = ceiling.busy_start
-    log(f"done in {report['meta']['wall_s']:.0f} s")
-
-    print(render(report, args.markdown))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        log(f"wrote {args.json}")
-
-    wrong = [
-        (c["name"], m)
-        for c in report["cases"]
-        for m, entries in c["correctness"].items()
-        if "tokenmix" in entries and not entries["tokenmix"]["ok"]
-    ]
-    if wrong:
-        log(f"ERROR: tokenmix output mismatches its oracle in {wrong}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ GPU), matmul throughput as the machine's practical compute ceiling (measured at 
 start and the end of a run), peak-memory measurement (RSS, or the CUDA caching
 allocator's high-water mark), one measurement per fresh worker process (the
 benchmark script re-invoked with ``--worker``: timing, peak memory and saved outputs
-of one backend), the correctness check and speedups over the rows of one case, and
-plain-text / markdown table formatting. Only the standard library and torch are used.
+of one backend), the correctness check and speedups over the rows of one case,
+plain-text / markdown table formatting, the command-line options the benchmarks share,
+and what the attention benchmarks (bench_na.py, bench_block_sparse.py) have in common:
+their settings, inputs, SDPA and FlexAttention peers and the run over cases, backends
+and modes (:func:`benchmark_main`). Only the standard library and torch are used.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -614,41 +618,54 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Command line shared by the worker-based benchmarks
+# Settings shared by the attention benchmarks (bench_na.py, bench_block_sparse.py)
+# ---------------------------------------------------------------------------
+
+# Forward+backward useful FLOPs as a multiple of forward FLOPs. The forward pass is
+# two matmul-shaped products per attended pair (QK^T and PV); the backward pass is
+# five (recomputed QK^T, dV, dP, dQ, dK), i.e. 2.5x the forward (FlashAttention
+# convention), so forward+backward is 3.5x the forward.
+FWD_BWD_FLOP_FACTOR = 3.5
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype default per --device: what each device's attention kernels are used with.
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "float16"}
+# Matmul size of the throughput ceiling: a GPU needs a larger product to approach its peak.
+MATMUL_N = {"cpu": 2048, "cuda": 8192}
+MODES = ("fwd", "fwd+bwd")
+# Tolerances of the correctness check: |x - oracle| <= atol + rtol * max|oracle|.
+TOLERANCES = {"float32": (1e-4, 1e-4), "bfloat16": (3e-2, 3e-2), "float16": (1e-2, 1e-2)}
+
+
+# ---------------------------------------------------------------------------
+# Command line shared by the benchmarks
 # ---------------------------------------------------------------------------
 
 
-def add_measurement_arguments(
-    p, dtypes: Sequence[str], default_dtypes: dict[str, str], backends: Sequence[str]
+def add_size_arguments(
+    p: argparse.ArgumentParser, head_dim_flag: str = "--head-dim", head_dim_help: str = "head dim"
 ) -> None:
-    """The options every worker-based benchmark has: device and dtype, threads, modes,
-    backends, timing, memory and time limits, seed, ``--quick``, output, ``--worker``."""
-    p.add_argument(
-        "--device",
-        default="cpu",
-        choices=sorted(default_dtypes),
-        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=sorted(dtypes),
-        help="default "
-        + ", ".join(
-            f"{d} on {'the CPU' if dev == 'cpu' else dev.upper()}"
-            for dev, d in default_dtypes.items()
-        ),
-    )
-    p.add_argument(
-        "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
-    )
+    """``--batch``, ``--heads`` and the head dim (``head_dim_flag``), defaults 1, 4 and 64."""
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
+    p.add_argument(head_dim_flag, type=int, default=64, help=f"{head_dim_help} (default 64)")
+
+
+def add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """``--forward`` / ``--backward`` (one of them at most); see :func:`selected_modes`."""
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--forward", action="store_true", help="forward only")
     mode.add_argument("--backward", action="store_true", help="forward+backward only")
-    p.add_argument(
-        "--backends",
-        default=",".join(backends),
-        help=f"comma list of backends to run (default {','.join(backends)})",
-    )
+
+
+def selected_modes(args: argparse.Namespace, modes: Sequence[str] = MODES) -> list[str]:
+    """The modes ``--forward`` / ``--backward`` select from ``(fwd, fwd+bwd)``: one, or both."""
+    fwd, bwd = modes
+    return [fwd] if args.forward else [bwd] if args.backward else list(modes)
+
+
+def add_timing_arguments(p: argparse.ArgumentParser) -> None:
+    """``--repeats``, ``--warmup`` and ``--time-budget``: :func:`time_fn`'s options."""
     p.add_argument("--repeats", type=int, help="timed calls per measurement (default: adaptive)")
     p.add_argument("--warmup", type=int, help="warmup calls (default: 1, or 2 for calls < 1 s)")
     p.add_argument(
@@ -657,6 +674,50 @@ def add_measurement_arguments(
         default=1.5,
         help="adaptive repeats: seconds per measurement (default 1.5)",
     )
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """``--json PATH`` and ``--markdown``."""
+    p.add_argument("--json", metavar="PATH", help="write raw numbers as JSON")
+    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+
+
+def add_measurement_arguments(
+    p: argparse.ArgumentParser,
+    backends: Sequence[str],
+    default_backends: Sequence[str] | None = None,
+) -> None:
+    """The options every worker-based benchmark has: device and dtype, threads, modes,
+    backends (``default_backends``, or all of ``backends``), timing, memory and time limits,
+    seed, ``--quick``, output, ``--worker``."""
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=sorted(DEFAULT_DTYPES),
+        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="default "
+        + ", ".join(
+            f"{d} on {'the CPU' if dev == 'cpu' else dev.upper()}"
+            for dev, d in DEFAULT_DTYPES.items()
+        ),
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
+    )
+    add_mode_arguments(p)
+    default = list(default_backends or backends)
+    others = [b for b in backends if b not in default]
+    p.add_argument(
+        "--backends",
+        default=",".join(default),
+        help=f"comma list of backends to run (default {','.join(default)}"
+        + (f"; also: {','.join(others)})" if others else ")"),
+    )
+    add_timing_arguments(p)
     p.add_argument("--max-repeats", type=int, default=50, help="adaptive repeats cap (default 50)")
     p.add_argument(
         "--mem-limit-gb",
@@ -679,19 +740,18 @@ def add_measurement_arguments(
     p.add_argument(
         "--quick", action="store_true", help="scaled-down cases, short timing (smoke test)"
     )
-    p.add_argument("--json", metavar="PATH", help="write raw numbers as JSON")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables")
+    add_output_arguments(p)
     p.add_argument("--verbose", action="store_true", help="show worker stderr on failures")
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 def resolve_measurement_arguments(
-    args, default_dtypes: dict[str, str], backends: Sequence[str], modes: Sequence[str]
+    args: argparse.Namespace, backends: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """After :func:`add_measurement_arguments`: fill the device's default dtype, shorten
     the timing for ``--quick``, and return the selected (backends, modes)."""
     if args.dtype is None:
-        args.dtype = default_dtypes[args.device]
+        args.dtype = DEFAULT_DTYPES[args.device]
     if args.quick:
         args.time_budget = min(args.time_budget, 0.3)
         args.max_repeats = min(args.max_repeats, 10)
@@ -699,9 +759,7 @@ def resolve_measurement_arguments(
     unknown = [b for b in chosen if b not in backends]
     if unknown:
         raise SystemExit(f"unknown backend(s) {unknown}; known: {', '.join(backends)}")
-    fwd, bwd = modes
-    selected = [fwd] if args.forward else [bwd] if args.backward else list(modes)
-    return chosen, selected
+    return chosen, selected_modes(args)
 
 
 def worker_spec(args, **fields) -> dict:
@@ -791,23 +849,28 @@ def autograd_run(
     return BackendRun(lambda: fn(q, k, v), None, lambda out: {"out": back(out)})
 
 
-def block_mask_bytes(block_mask) -> int:
-    """Bytes held by the block lists of a FlexAttention ``BlockMask``."""
+def tensor_bytes(obj: object, names: Sequence[str]) -> int:
+    """Bytes held by the tensors among ``obj``'s attributes ``names`` (an attribute that is
+    missing or not a tensor counts 0)."""
     total = 0
-    for name in (
-        "kv_num_blocks",
-        "kv_indices",
-        "full_kv_num_blocks",
-        "full_kv_indices",
-        "q_num_blocks",
-        "q_indices",
-        "full_q_num_blocks",
-        "full_q_indices",
-    ):
-        t = getattr(block_mask, name, None)
+    for name in names:
+        t = getattr(obj, name, None)
         if isinstance(t, torch.Tensor):
             total += t.numel() * t.element_size()
     return total
+
+
+# The key-side block lists of a FlexAttention ``BlockMask`` (what ``BlockMask.from_kv_blocks``
+# rebuilds it from).
+BLOCK_MASK_LISTS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+def block_mask_bytes(block_mask) -> int:
+    """Bytes held by the block lists of a FlexAttention ``BlockMask``."""
+    return tensor_bytes(
+        block_mask,
+        (*BLOCK_MASK_LISTS, "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"),
+    )
 
 
 def run_measurement(
@@ -967,6 +1030,154 @@ def measure_row(
         log(f"    {result.get('note', result['status'])} [{wall:.1f} s]")
         if verbose and result.get("stderr_tail"):
             log(result["stderr_tail"])
+
+
+# ---------------------------------------------------------------------------
+# Attention benchmarks: inputs, the SDPA and FlexAttention peers, tokenmix's import
+# ---------------------------------------------------------------------------
+
+FLEX_NO_CPU_BACKWARD = "FlexAttention has no CPU backward"
+
+
+# build(case, spec, inputs, backward): one backend of an attention benchmark set up on the
+# inputs of one case, for one worker's ``spec``.
+Builder = Callable[[object, dict, dict[str, torch.Tensor], bool], BackendRun]
+
+
+def attention_inputs(
+    shape: Sequence[int], dtype: str, seed: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """``q``, ``k``, ``v`` and the output gradient ``dout``, each of ``shape`` (heads-last
+    ``[B, *spatial, H, D]``) in the :data:`DTYPES` dtype ``dtype``; identical in every process
+    (drawn in float32 from one generator seeded with ``seed`` on the CPU, then moved to
+    ``device``)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(shape, generator=gen, dtype=torch.float32).to(
+            device=device, dtype=DTYPES[dtype]
+        )
+        for name in ("q", "k", "v", "dout")
+    }
+
+
+def run_attention_worker(spec: dict, case_type: type, builders: Mapping[str, Builder]) -> dict:
+    """Worker side of an attention benchmark: set up backend ``spec["backend"]`` (its
+    ``builders`` entry) for the case ``case_type.from_dict(spec["case"])``, time it, measure
+    one call's peak memory and save its outputs (:func:`run_measurement`). The inputs are
+    :func:`attention_inputs` of the case's ``input_shape`` and ``dtype``, drawn from
+    ``spec["seed"]`` on ``spec["device"]``."""
+    case = case_type.from_dict(spec["case"])
+    build = builders[spec["backend"]]
+    backward = spec["mode"] == "fwd+bwd"
+    device = spec.get("device", "cpu")
+    return run_measurement(
+        spec,
+        lambda: attention_inputs(case.input_shape, case.dtype, spec["seed"], device),
+        lambda inputs: build(case, spec, inputs, backward),
+    )
+
+
+def heads_first_run(fn: Callable, inputs: dict[str, torch.Tensor], backward: bool) -> BackendRun:
+    """:func:`autograd_run` of a backend that takes ``[B, H, N, D]`` tensors (SDPA,
+    FlexAttention) on heads-last ``[B, *spatial, H, D]`` inputs: the spatial dims are
+    flattened to ``N`` and the heads moved ahead once, here, outside the timed region; the
+    outputs and gradients ``collect`` returns are moved back."""
+    spatial = inputs["q"].shape[1:-2]
+    return autograd_run(
+        fn,
+        inputs,
+        backward,
+        to_layout=lambda x: x.flatten(1, -3).transpose(1, 2).contiguous(),
+        from_layout=lambda x: x.transpose(1, 2).unflatten(1, spatial),
+    )
+
+
+def sdpa_run(mask: torch.Tensor, inputs: dict[str, torch.Tensor], backward: bool) -> BackendRun:
+    """``F.scaled_dot_product_attention`` with the dense bool ``mask`` (moved to the inputs'
+    device) as a :func:`heads_first_run`; ``aux_bytes`` is the mask's size."""
+    import torch.nn.functional as F
+
+    mask = mask.to(inputs["q"].device)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    run = heads_first_run(fn, inputs, backward)
+    run.aux_bytes = mask.numel() * mask.element_size()
+    return run
+
+
+def check_flex_mode(backward: bool, device: torch.device) -> None:
+    """Raise :class:`Unsupported` for FlexAttention fwd+bwd on the CPU."""
+    if backward and device.type == "cpu":
+        raise Unsupported(FLEX_NO_CPU_BACKWARD)
+
+
+def compiled_flex_run(block_mask, inputs: dict[str, torch.Tensor], backward: bool) -> BackendRun:
+    """``torch.compile(flex_attention)`` with the ``BlockMask`` ``block_mask`` as a
+    :func:`heads_first_run`, compiled here by one call (so that the warmup estimate reflects a
+    compiled call). ``aux_bytes`` is the block lists' size (:func:`block_mask_bytes`),
+    ``info`` has ``compile_s`` and the mask's ``block_sparsity_pct``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask)
+
+    run = heads_first_run(fn, inputs, backward)
+    t0 = time.perf_counter()
+    run.call()
+    compile_s = time.perf_counter() - t0
+    if run.setup is not None:
+        run.setup()
+    run.aux_bytes = block_mask_bytes(block_mask)
+    run.info = {"compile_s": compile_s, "block_sparsity_pct": float(block_mask.sparsity())}
+    return run
+
+
+def peer_skip_reason(
+    case,
+    backend: str,
+    mode: str,
+    mem_limit_gb: float,
+    device: str,
+    sdpa_memory_estimate: Callable[[object, bool, str], int],
+) -> tuple[str, str] | None:
+    """(status, note) when a peer's measurement is not run, else None: FlexAttention fwd+bwd
+    on the CPU, SDPA whose estimated memory (``sdpa_memory_estimate(case, backward, device)``,
+    bytes) exceeds the limit."""
+    backward = mode == "fwd+bwd"
+    if backend == "flex" and backward and device == "cpu":
+        return ("n/a", f"n/a ({FLEX_NO_CPU_BACKWARD})")
+    if backend == "sdpa":
+        est = sdpa_memory_estimate(case, backward, device)
+        if est > mem_limit_gb * 2**30:
+            return (
+                "skipped",
+                f"skipped (memory: dense mask needs ~{est / 2**30:.1f} GiB > {mem_limit_gb:g} GiB)",
+            )
+    return None
+
+
+def tokenmix_info(script: str, entry_point: str) -> dict:
+    """Import tokenmix, or exit with a clear message (``script`` says who) when it cannot be
+    imported or has no ``entry_point``; returns its ``version`` and ``file``."""
+    try:
+        import tokenmix
+    except Exception as exc:
+        sys.exit(
+            f"{script}: cannot import tokenmix "
+            f"({type(exc).__name__}: {exc}).\n"
+            "Build and install it first (pip install --no-build-isolation -e . from the "
+            "repository root),\nor put an installed build on PYTHONPATH."
+        )
+    if not hasattr(tokenmix, entry_point):
+        sys.exit(f"{script}: tokenmix at {getattr(tokenmix, '__file__', '?')} has no {entry_point}")
+    return {
+        "version": getattr(tokenmix, "__version__", "?"),
+        "file": getattr(tokenmix, "__file__", None),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -1132,22 +1343,56 @@ def case_footer(case_res: dict, labels: dict[str, str]) -> list[str]:
 
 
 def render_tables(
-    title: str, rows: list[list[str]], footer: list[str], markdown: bool
+    title: str,
+    rows: list[list[str]],
+    footer: list[str],
+    markdown: bool,
+    headers: Sequence[str] = RESULT_HEADERS,
+    align: str = RESULT_ALIGN,
 ) -> list[str]:
-    """One case: a heading, the :data:`RESULT_HEADERS` table, the footer lines."""
+    """One case: a heading, the table (:data:`RESULT_HEADERS` unless ``headers``), the footer
+    lines, a blank line."""
     out = []
     if markdown:
         out.append(f"### {title}")
         out.append("")
-        out.append(format_markdown(RESULT_HEADERS, rows, RESULT_ALIGN))
+        out.append(format_markdown(headers, rows, align))
         out.append("")
         out.extend(f"- {line}" for line in footer)
     else:
         out.append(f"== {title}")
-        out.append(format_table(RESULT_HEADERS, rows, RESULT_ALIGN))
+        out.append(format_table(headers, rows, align))
         out.extend(f"  {line}" for line in footer)
     out.append("")
     return out
+
+
+def render_case(
+    case_res: dict,
+    title: str,
+    labels: dict[str, str],
+    oracles: Sequence[str],
+    markdown: bool,
+    notes: Sequence[str] = (),
+) -> list[str]:
+    """One case of an attention benchmark's report: :func:`render_tables` of its result rows
+    (:func:`result_cells`) with the :func:`case_footer` and the script's own ``notes``."""
+    rows = [result_cells(r, oracles) for r in case_res["results"]]
+    return render_tables(title, rows, case_footer(case_res, labels) + list(notes), markdown)
+
+
+def header_lines(head: str, warnings: Sequence[str], markdown: bool) -> list[str]:
+    """A report's first line ``head`` (bold in markdown), its warnings, a blank line."""
+    out = [f"**{head}**" if markdown else head]
+    for w in warnings:
+        out.append(f"> **Warning:** {w}" if markdown else f"WARNING: {w}")
+    out.append("")
+    return out
+
+
+def report_text(lines: list[str], notes: str, markdown: bool) -> str:
+    """A report: its ``lines``, then the explanatory paragraph ``notes`` (italic in markdown)."""
+    return "\n".join([*lines, f"_{notes}_" if markdown else notes])
 
 
 def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
@@ -1165,8 +1410,197 @@ def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
         f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
         f"{meta['matmul']['gflops']:.1f} GFLOP/s"
     )
-    out = [f"**{head}**" if markdown else head]
-    for w in meta.get("warnings", []):
-        out.append(f"> **Warning:** {w}" if markdown else f"WARNING: {w}")
-    out.append("")
-    return out
+    return header_lines(head, meta.get("warnings", []), markdown)
+
+
+# ---------------------------------------------------------------------------
+# Parent side of the attention benchmarks: one run over cases, backends and modes
+# ---------------------------------------------------------------------------
+
+# skip_reason(case, backend, mode, tm_info, mem_limit_gb, device): (status, note) of a
+# measurement that is not run, or None.
+SkipReason = Callable[[object, str, str, dict, float, str], tuple[str, str] | None]
+
+
+@dataclass
+class BenchmarkRun:
+    """What the cases of one attention-benchmark run share on the parent side: the options,
+    the script (re-invoked as the worker), its labels, oracles and skip rule, the selected
+    backends and modes, tokenmix's import info, the directory of the workers' files and the
+    progress count (``[done/total]``)."""
+
+    args: argparse.Namespace
+    script: str
+    labels: dict[str, str]
+    oracles: Sequence[str]
+    skip_reason: SkipReason
+    backends: list[str]
+    modes: list[str]
+    tm_info: dict
+    tmpdir: str = ""
+    total: int = 0
+    done: int = 0
+
+    def skip(self, case, backend: str, mode: str) -> tuple[str, str] | None:
+        """(status, note) when ``backend`` in ``mode`` is not run on ``case``, else None."""
+        return self.skip_reason(
+            case, backend, mode, self.tm_info, self.args.mem_limit_gb, self.args.device
+        )
+
+    def measure(self, case, fwd_flops: float, **spec_fields) -> list[dict]:
+        """One result row per (backend, mode) of ``case``: skipped ones with their status and
+        note, the others measured by a worker (:func:`measure_row`; ``spec_fields`` go into its
+        spec) with ``fwd_flops`` useful forward FLOPs (:data:`FWD_BWD_FLOP_FACTOR` times that
+        in fwd+bwd mode)."""
+        args = self.args
+        rows = []
+        for backend in self.backends:
+            for mode in self.modes:
+                label = self.labels[backend]
+                row = {"backend": backend, "label": label, "mode": mode}
+                skip = self.skip(case, backend, mode)
+                if skip is not None:
+                    row.update(status=skip[0], note=skip[1])
+                    rows.append(row)
+                    continue
+                self.done += 1
+                spec = worker_spec(
+                    args,
+                    case=asdict(case),
+                    backend=backend,
+                    mode=mode,
+                    **spec_fields,
+                    save_path=os.path.join(self.tmpdir, f"{case.name}-{backend}-{mode}.pt"),
+                )
+                measure_row(
+                    row,
+                    spec,
+                    script=self.script,
+                    tag=f"[{self.done}/{self.total}] {case.name} {label} {mode}",
+                    flops=fwd_flops * (FWD_BWD_FLOP_FACTOR if mode == "fwd+bwd" else 1.0),
+                    matmul_gflops=args.matmul_gflops,
+                    timeout_s=args.worker_timeout,
+                    verbose=args.verbose,
+                )
+                rows.append(row)
+        return rows
+
+    def case_result(
+        self, case, rows: list[dict], *, tokens: int, details: dict, fwd_flops: float
+    ) -> dict:
+        """The report entry of ``case``: the case and its description, ``tokens``, the script's
+        ``details``, the FLOPs, and the ``rows`` with every backend's outputs checked against
+        the first oracle that ran (at the dtype's :data:`TOLERANCES`) and tokenmix's speedup
+        over every peer that ran, per mode."""
+        atol, rtol = TOLERANCES[case.dtype]
+        correctness = check_correctness(rows, self.modes, self.oracles, atol, rtol)
+        speedups = add_speedups(rows, self.modes)
+        return {
+            "case": asdict(case),
+            "name": case.name,
+            "description": case.describe(),
+            "tokens": tokens,
+            **details,
+            "fwd_flops": fwd_flops,
+            "fwd_bwd_flops": fwd_flops * FWD_BWD_FLOP_FACTOR,
+            "results": rows,
+            "correctness": correctness,
+            "speedups": speedups,
+        }
+
+
+def benchmark_main(
+    args: argparse.Namespace,
+    *,
+    script: str,
+    case_type: type,
+    builders: Mapping[str, Builder],
+    backends: Sequence[str],
+    labels: dict[str, str],
+    oracles: Sequence[str],
+    select_cases: Callable[[argparse.Namespace], list],
+    check_tokenmix: Callable[[], dict],
+    skip_reason: SkipReason,
+    run_case: Callable[[object, BenchmarkRun], dict],
+    fwd_flops: str,
+    render: Callable[[dict, bool], str],
+    conclude: Callable[[dict], list[str]] | None = None,
+) -> int:
+    """The whole run of a worker-based attention benchmark after parsing its options
+    (:func:`add_measurement_arguments`); returns the exit status.
+
+    With ``--worker``: one measurement (:func:`run_attention_worker` of ``case_type`` and
+    ``builders``). Otherwise: refuse an unusable
+    ``--device cuda`` in one line, select the cases and backends, measure the same-run matmul
+    ceiling (:class:`RunCeiling`), ``run_case(case, run)`` for every case in a temporary
+    directory, then ``conclude(report)`` (the script's own verdicts: extra report fields, and
+    error lines for the exit status), print ``render(report, markdown)``, write ``--json``.
+    The exit status is 1 when tokenmix's output mismatches its oracle or ``conclude`` reports
+    an error, else 0. ``fwd_flops`` is the forward FLOP formula, for the JSON.
+    """
+    if args.worker is not None:
+        return worker_main(
+            args.worker, lambda spec: run_attention_worker(spec, case_type, builders)
+        )
+    name = os.path.basename(script)
+    if args.device == "cuda":
+        # One clear line instead of a traceback from the first CUDA call.
+        refused = refuse_unusable_cuda(name)
+        if refused is not None:
+            return refused
+    chosen, modes = resolve_measurement_arguments(args, backends)
+    cases = select_cases(args)
+    tm_info = check_tokenmix()
+    run = BenchmarkRun(args, script, labels, oracles, skip_reason, chosen, modes, tm_info)
+
+    t_start = time.perf_counter()
+    ceiling = RunCeiling(
+        args.threads, MATMUL_N[args.device], DTYPES[args.dtype], args.dtype, args.device
+    )
+    args.matmul_gflops = ceiling.start()
+    run.total = sum(run.skip(c, b, m) is None for c in cases for b in chosen for m in modes)
+    report: dict = {
+        "meta": {
+            "machine": machine_info(args.threads, args.device),
+            "device": args.device,
+            "threads": args.threads,
+            "dtype": args.dtype,
+            "tokenmix": tm_info,
+            "matmul": ceiling.meta(),
+            "flops": {"fwd": fwd_flops, "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd"},
+            "args": {k: v for k, v in vars(args).items() if k != "worker"},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "cases": [],
+    }
+    stem = os.path.splitext(name)[0]
+    with tempfile.TemporaryDirectory(prefix=f"{stem}_") as run.tmpdir:
+        for case in cases:
+            report["cases"].append(run_case(case, run))
+    # Measured again at the end: a busy machine at the start would otherwise make the
+    # ceiling too low. The higher median is the ceiling; the stored ratios are redone.
+    ceiling.finish(report["cases"])
+    report["meta"]["warnings"] = ceiling.warnings
+    report["meta"]["matmul"] = ceiling.meta()
+    report["meta"]["wall_s"] = time.perf_counter() - t_start
+    report["meta"]["cpu_busy_at_start"] = ceiling.busy_start
+    errors = conclude(report) if conclude is not None else []
+    log(f"done in {report['meta']['wall_s']:.0f} s")
+
+    print(render(report, args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        log(f"wrote {args.json}")
+
+    wrong = [
+        (c["name"], m)
+        for c in report["cases"]
+        for m, entries in c["correctness"].items()
+        if "tokenmix" in entries and not entries["tokenmix"]["ok"]
+    ]
+    if wrong:
+        errors.insert(0, f"tokenmix output mismatches its oracle in {wrong}")
+    for error in errors:
+        log(f"ERROR: {error}")
+    return 1 if errors else 0

@@ -7,25 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from bench_scripts import assert_cuda_refused, bench_script, import_bench
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench" / "bench_block_sparse.py"
-
-
-def _bench_module():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import bench_block_sparse
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return bench_block_sparse
+BENCH = bench_script("bench_block_sparse")
 
 
 def _kernels_registered() -> bool:
@@ -55,7 +45,7 @@ def _formula_mask(case, data) -> torch.Tensor:
 @pytest.mark.parametrize("pattern", ["sliding", "random", "document"])
 @pytest.mark.parametrize("block_size", [64, 128])
 def test_pattern_masks_and_layouts(pattern, block_size):
-    bench = _bench_module()
+    bench = import_bench("bench_block_sparse")
     import tokenmix
 
     case = bench.Case(f"{pattern}-bs{block_size}", pattern, block_size, **bench.QUICK_SIZES)
@@ -108,12 +98,7 @@ _LABELS = ("tokenmix", "flex (compiled)", "sdpa+mask")
 
 
 def _headers():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    return common.RESULT_HEADERS
+    return import_bench("common").RESULT_HEADERS
 
 
 def _cells(line: str) -> list[str]:
@@ -164,7 +149,7 @@ def test_quick_run_structure(quick_run):
 def test_quick_run_numbers(quick_run):
     proc, report = quick_run
     assert report is not None, proc.stderr[-3000:]
-    bench = _bench_module()
+    bench = import_bench("bench_block_sparse")
     ceiling = report["meta"]["matmul"]["gflops"]
     assert ceiling == max(
         report["meta"]["matmul"]["gflops_start"], report["meta"]["matmul"]["gflops_end"]
@@ -258,7 +243,7 @@ def test_quick_run_tokenmix_rows(quick_run):
 def test_markdown_rendering(quick_run):
     proc, report = quick_run
     assert report is not None, proc.stderr[-3000:]
-    bench = _bench_module()
+    bench = import_bench("bench_block_sparse")
     md = bench.render(report, markdown=True)
     assert md.startswith("**block-sparse attention, ")
     assert "### random-bs64: " in md and "### random-bs128: " in md
@@ -271,25 +256,13 @@ def test_markdown_rendering(quick_run):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is usable here")
 def test_device_cuda_without_gpu_fails_with_one_line():
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--device", "cuda", "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("bench_block_sparse.py: --device cuda: no usable CUDA device: ")
-    assert "CUDA" in lines[0]
+    assert_cuda_refused(BENCH)
 
 
 def test_bars_scope():
     """The bars cover every pattern at BLOCK_SIZE 64 and 128 (bar 1) and the random
     pattern at both (bars 2 and 3), with the issue's thresholds."""
-    bench = _bench_module()
+    bench = import_bench("bench_block_sparse")
     assert bench.BLOCK_SIZES == (64, 128)
     assert [b[0] for b in bench.BARS] == ["flex", "matmul", "sdpa"]
     assert bench._bar_need("flex", 64)[:2] == (1.2, False)

@@ -25,6 +25,7 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
         "docs/simt_emulator.md",
         "docs/cuda_engine.md",
         "docs/block_sparse_attention.md",
+        "docs/patterns.md",
     ],
 )
 def test_markdown_python_blocks_run(doc):
@@ -52,6 +53,11 @@ def test_readme_example_outputs():
         tokenmix.block_sparse.functional,
         tokenmix.block_sparse.layout,
         tokenmix.block_sparse.modules,
+        tokenmix.patterns.windows,
+        tokenmix.patterns.offsets,
+        tokenmix.patterns.video,
+        tokenmix.patterns.documents,
+        tokenmix.patterns.modules,
     ],
     ids=lambda m: m.__name__,
 )

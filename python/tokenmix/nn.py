@@ -8,6 +8,7 @@ from .neighborhood.modules import (
     NeighborhoodAttention3D,
 )
 from .patterns.layers_b import MultiAxisAttention2D, TopKBlockAttention
+from .patterns.modules import SlidingWindowAttention, SparseAttention
 
 __all__ = [
     "BlockSparseAttention",
@@ -17,5 +18,7 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "SlidingWindowAttention",
+    "SparseAttention",
     "TopKBlockAttention",
 ]

@@ -386,7 +386,7 @@ class BlockLayout:
         qb, kb = q // self.q_block, k // self.kv_block
         st = status[:, :, qb][:, :, :, kb]  # [LB, LH, nq, nk]
         partial = st == 1
-        if self.mask_bits is not None:
+        if self.mask_bits is not None and self.mask_bits.shape[3] > 0:  # (else nothing partial)
             slot = self.partial_slots()[:, :, qb][:, :, :, kb].long().clamp_min(0)
             lb = torch.arange(self.batch, device=device).view(-1, 1, 1, 1)
             lh = torch.arange(self.heads, device=device).view(1, -1, 1, 1)
@@ -646,7 +646,8 @@ class BlockLayout:
         evaluate a ``mask_mod`` on every element, so a rule that only holds inside the listed
         blocks would disagree with the layout there."""
         status = self.block_status()
-        bits = self.bits_mask_mod() if self.mask_bits is not None else None
+        has_bits = self.mask_bits is not None and self.mask_bits.shape[3] > 0
+        bits = self.bits_mask_mod() if has_bits else None
         rule = self.element_mask
         qbs, kbs = self.block_size
         batch, heads = self.batch, self.heads
@@ -672,6 +673,8 @@ class BlockLayout:
         batch, heads = self.batch, self.heads
 
         def mask_bits_mod(b, h, q_idx, kv_idx):
+            if bits.shape[3] == 0:  # no partial block anywhere
+                return torch.zeros_like(q_idx + kv_idx, dtype=torch.bool)
             lb = b if batch > 1 else torch.zeros_like(b)
             lh = h if heads > 1 else torch.zeros_like(h)
             qb, kb = q_idx // qbs, kv_idx // kbs
