@@ -10,7 +10,6 @@ from __future__ import annotations
 import doctest
 import pathlib
 import random
-import re
 
 import pytest
 import tokenmix
@@ -287,16 +286,7 @@ def test_errors_name_the_argument():
         layer(torch.randn(1, 5, 4, 32))
 
 
-# ---- the part-B documentation runs ---------------------------------------------------------
-
-
-def test_patterns_part_b_doc_examples_run():
-    doc = ROOT / "docs" / "patterns_part_b.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert len(blocks) >= 3, "each pattern has a runnable example"
-    for i, block in enumerate(blocks):
-        random.seed(i)
-        exec(compile(block, f"{doc.name}:example{i}", "exec"), {})
+# ---- docstring examples (docs/patterns.md runs in tests/test_docs.py) -------------------
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """tokenmix.patterns.permuted_blocks (PBS-Attn, arXiv 2510.21270).
 
-The brute force below follows the rule in docs/patterns_part_b.md with Python loops: key
+The brute force below follows the rule in docs/patterns.md with Python loops: key
 order per segment, block scores on the permuted keys, threshold selection, the diagonal
 segment and the first key's block, causality on original positions.
 """

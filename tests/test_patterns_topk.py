@@ -1,7 +1,7 @@
 """tokenmix.patterns.topk_blocks and tokenmix.nn.TopKBlockAttention (NSA / SeerAttention).
 
 The brute force below scores and selects block by block with Python loops, from the rule in
-docs/patterns_part_b.md, independently of the vectorised builder.
+docs/patterns.md, independently of the vectorised builder.
 """
 
 from __future__ import annotations
