@@ -30,6 +30,9 @@ class Case:
     band: list = field(default_factory=list)  # [] or [lo, hi, prefix]
     docs: bool = False
     bits: bool = False
+    # 0: bitmask elements drawn one by one; R > 0: per R x R region of (query, key) positions,
+    # the bits are all 0, all 1 or drawn one by one (a third each).
+    bits_regions: int = 0
     # "random": random block states; "derived": blocks from the element rule (full where every
     # element is kept); both then drop some blocks.
     pattern: str = "random"
@@ -147,8 +150,20 @@ def make_layout(c: Case):
     # Bitmasks of the partial blocks, and the dense keep mask.
     bits = None
     dense_bits = torch.ones(lb, lh, nq * c.q_block, nk * c.kv_block, dtype=torch.bool)
-    if c.bits:
+    if c.bits and c.bits_regions:
+        r = c.bits_regions
+        regions = (lb, lh, -(-nq * c.q_block // r), -(-nk * c.kv_block // r))
+        kind = torch.randint(0, 3, regions, generator=gen)
+        kind = kind.repeat_interleave(r, -2).repeat_interleave(r, -1)
+        drawn = torch.rand(kind.shape, generator=gen) < 0.6
+        region = torch.where(kind == 2, drawn, kind == 1)
+        blockbits = torch.zeros(lb, lh, nq, max(maxp, 0), c.q_block, c.kv_block, dtype=torch.bool)
+        for (b, h, i, j), s in slot_of.items():
+            rows = slice(i * c.q_block, (i + 1) * c.q_block)
+            blockbits[b, h, i, s] = region[b, h, rows, j * c.kv_block : (j + 1) * c.kv_block]
+    elif c.bits:
         blockbits = torch.rand(lb, lh, nq, max(maxp, 0), c.q_block, c.kv_block, generator=gen) < 0.6
+    if c.bits:
         bits = _pack_bits(blockbits)
         for (b, h, i, j), s in slot_of.items():
             dense_bits[

@@ -9,12 +9,14 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../block_sparse/bs_schemas.h"
 #include "../block_sparse/bs_simt_op.h"
 #include "../neighborhood/na_schemas.h"
 #include "../neighborhood/na_simt_op.h"
+#include "bs_schedule_dump.h"
 #include "mma_gemm_op.h"
 
 namespace {
@@ -104,6 +106,52 @@ std::tuple<Tensor, Tensor, Tensor> block_sparse_backward(
       q_doc, kv_doc, band, scale, grad_lse, deterministic, EmulatedBsBackend{});
 }
 
+// The tile schedules the block-sparse kernels would use for these arguments (the backward's:
+// both sides): (query-side counts [LB * LH, query tiles], entries [LB * LH, query tiles, max],
+// the same for the key side). An entry is chunk << 1 | full; a side in direct mode (no schedule)
+// gives empty tensors.
+constexpr const char* kBsScheduleSchema =
+    "block_sparse_schedule(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, "
+    "Tensor kv_indices, Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor q_num_blocks, "
+    "Tensor q_indices, Tensor q_slots, Tensor full_q_num_blocks, Tensor full_q_indices, "
+    "int[] block_size, Tensor? mask_bits, Tensor? q_doc, Tensor? kv_doc, int[] band) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
+
+Tensor int_tensor(const Tensor& like, std::vector<int64_t> size, const std::vector<int32_t>& data) {
+  Tensor t = tokenmix::new_empty_checked(like, size, ScalarType::Int, "a schedule");
+  if (!data.empty()) std::memcpy(t.data_ptr(), data.data(), data.size() * sizeof(int32_t));
+  return t;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> block_sparse_schedule(
+    Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices,
+    Tensor full_kv_num_blocks, Tensor full_kv_indices, Tensor q_num_blocks, Tensor q_indices,
+    Tensor q_slots, Tensor full_q_num_blocks, Tensor full_q_indices, IntList block_size,
+    std::optional<Tensor> mask_bits, std::optional<Tensor> q_doc, std::optional<Tensor> kv_doc,
+    IntList band) {
+  STD_TORCH_CHECK(q.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  namespace op = tokenmix::bs_op;
+  auto p = op::make_problem(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                            block_size, mask_bits, q_doc, kv_doc, band, 1.0);
+  op::check_supported(p);
+  // The backward's checks of the q-side lists (out, lse and the gradients are placeholders).
+  auto [out, lse] = op::forward_outputs(q, p);
+  op::BackwardOutputs g;
+  STD_TORCH_CHECK(
+      op::prepare_backward(p, g, out, q, k, v, out, lse, q_num_blocks, q_indices, q_slots,
+                           full_q_num_blocks, full_q_indices, std::nullopt, false),
+      "tokenmix_emulated: block_sparse_schedule needs a non-empty problem");
+  const auto s = tokenmix::cuda::emulated::bs_schedules(p);
+  auto side = [&](const tokenmix::cuda::emulated::BsSideSchedule& x) {
+    if (!x.scheduled) return std::make_tuple(int_tensor(q, {0}, {}), int_tensor(q, {0}, {}));
+    return std::make_tuple(int_tensor(q, {x.head_rows, x.tiles}, x.count),
+                           int_tensor(q, {x.head_rows, x.tiles, x.max}, x.entry));
+  };
+  auto [qc, qe] = side(s.query);
+  auto [kc, ke] = side(s.key);
+  return {qc, qe, kc, ke};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
@@ -112,6 +160,7 @@ STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def(tokenmix::na_op::kBackwardSchema);
   m.def(tokenmix::bs_op::kForwardSchema);
   m.def(tokenmix::bs_op::kBackwardSchema);
+  m.def(kBsScheduleSchema);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
@@ -120,4 +169,5 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
   m.impl("na_backward", TORCH_BOX(&na_backward));
   m.impl("block_sparse_forward", TORCH_BOX(&block_sparse_forward));
   m.impl("block_sparse_backward", TORCH_BOX(&block_sparse_backward));
+  m.impl("block_sparse_schedule", TORCH_BOX(&block_sparse_schedule));
 }

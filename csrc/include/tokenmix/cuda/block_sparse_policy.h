@@ -8,9 +8,12 @@
 // the chunk lies inside the sequence) or partial. A partial chunk carries a small table, indexed
 // by (tile-side block - first tile-side block, chunk-side block - first chunk-side block), that
 // says per pair: not listed (-1), full (-2) or the partial block's slot in its query block's kv
-// list (>= 0, which locates its bitmask). Partial elements then apply partial_keeps. The forward
-// and dQ use the kv-side lists (tiles of queries, chunks of keys); dK/dV use the q-side lists
-// (tiles of keys, chunks of queries) and visit, per query head of the kv head, its listed chunks.
+// list (>= 0, which locates its bitmask). Partial elements then apply partial_keeps. With bitmasks,
+// a partial block counts per chunk by the bits under the tile x chunk: nothing where they keep no
+// element (a chunk with nothing else is never visited), full where they keep every element and no
+// structured rule applies, partial otherwise. The forward and dQ use the kv-side lists (tiles of
+// queries, chunks of keys); dK/dV use the q-side lists (tiles of keys, chunks of queries) and
+// visit, per query head of the kv head, its listed chunks.
 #pragma once
 
 #include <cstdint>
@@ -74,7 +77,30 @@ struct BsScheduleParams {
   int32_t* entry;
   int32_t* table;
   int max, rows, cols;
+  // The bitmasks (layout.mask.bits, null without) and the rule; key_rows: the rows are keys (the
+  // q-side lists), so a partial pair's bitmask has the chunk's queries as its rows.
+  BlockLayoutView layout;
+  bool key_rows;
 };
+
+// Whether a bitmask keeps any and every element of its rows [r0, r1) x columns [c0, c1): the
+// lanes of a warp split the rows, and every lane gets the answer.
+struct BitsSummary {
+  bool any, all;
+};
+TM_DEVICE BitsSummary bits_summary(global_ptr<const uint32_t> bits, int words, int r0, int r1,
+                                   int c0, int c1) {
+  bool any = false, all = true;
+  for (int r = r0 + int(lane_id()); r < r1; r += 32)
+    for (int w = c0 >> 5; w <= (c1 - 1) >> 5; ++w) {
+      const int lo = c0 - 32 * w > 0 ? c0 - 32 * w : 0, hi = c1 - 32 * w < 32 ? c1 - 32 * w : 32;
+      const uint32_t m = (hi == 32 ? ~0u : (1u << hi) - 1u) & (~0u << lo);
+      const uint32_t v = bits[int64_t(r) * words + w] & m;
+      any = any || v != 0;
+      all = all && v == m;
+    }
+  return {any_sync(0xffffffffu, any) != 0, all_sync(0xffffffffu, all) != 0};
+}
 
 TM_HOST_DEVICE int64_t bs_schedule_smem(int num_chunks) {
   return (int64_t(num_chunks) + kThreads + 1) * 4;
@@ -98,9 +124,10 @@ TM_DEVICE void bs_schedule(const BsScheduleParams& s) {
   const int64_t r1 = (r0 + kTileRows < s.row_len ? r0 + kTileRows : s.row_len) - 1;
   const int rb0 = int(r0 / s.row_block), nrb = int(r1 / s.row_block) - rb0 + 1;
   const int per = s.maxp + s.maxf;
-  // The pairs (tile-side block, list slot): calls fn(rbl, list row, slot, col block, full).
-  auto each_pair = [&](auto&& fn) {
-    for (int i = tid; i < nrb * per; i += kThreads) {
+  // The pairs (tile-side block, list slot), i = first, first + step, ...: calls fn(rbl, list row,
+  // slot, col block, full, first chunk, last chunk).
+  auto each_pair = [&](int first, int step, auto&& fn) {
+    for (int i = first; i < nrb * per; i += step) {
       const int rbl = i / per, si = i - rbl * per;
       const int64_t lrow = lr * s.num_row_blocks + rb0 + rbl;
       const bool full = si >= s.maxp;
@@ -113,9 +140,36 @@ TM_DEVICE void bs_schedule(const BsScheduleParams& s) {
       fn(rbl, lrow, slot, cb, full, int(k0 / s.chunk_len), int(k1 / s.chunk_len));
     }
   };
-  each_pair([&](int, int64_t, int, int, bool full, int c0, int c1) {
+  const BlockLayoutView& l = s.layout;
+  const bool classify = l.mask.bits != nullptr;
+  each_pair(tid, kThreads, [&](int, int64_t, int, int, bool full, int c0, int c1) {
+    if (classify && !full) return;  // counted below, chunk by chunk
     for (int c = c0; c <= c1; ++c) atomic_add(cnt + c, full ? 1 : 65536);
   });
+  // Partial pairs with bitmasks: a warp per pair reads its bits under the tile x chunk once per
+  // chunk (each bit once per launch), so that a chunk where the bits keep nothing is not visited
+  // and one where they keep everything (and no structured rule applies) is full.
+  const bool structured = l.mask.structured();
+  auto count_by_bits = [&](int rbl, int64_t lrow, int slot, int cb, bool full, int c0, int c1) {
+    if (full) return;
+    // The bitmask is the query block's (kv-side row and slot); its rows are queries.
+    const int64_t qrow = s.key_rows ? lr * l.num_q_blocks + cb : lrow;
+    const int code = s.pslot ? pslot[lrow * s.maxp + slot] : slot;
+    const global_ptr<const uint32_t> bits(l.block_bits(qrow, code));
+    // The tile's rows and the chunk's columns inside the pair's blocks.
+    const int64_t rs = int64_t(rb0 + rbl) * s.row_block, cs = int64_t(cb) * s.col_block;
+    const int ra = int((r0 > rs ? r0 : rs) - rs);
+    const int re = int((r1 + 1 < rs + s.row_block ? r1 + 1 : rs + s.row_block) - rs);
+    const int64_t ce = cs + s.col_block < s.col_len ? cs + s.col_block : s.col_len;
+    for (int c = c0; c <= c1; ++c) {
+      const int64_t k0 = int64_t(c) * s.chunk_len, k1 = k0 + s.chunk_len;
+      const int ca = int((k0 > cs ? k0 : cs) - cs), cz = int((k1 < ce ? k1 : ce) - cs);
+      const BitsSummary b = s.key_rows ? bits_summary(bits, l.mask.words, ca, cz, ra, re)
+                                       : bits_summary(bits, l.mask.words, ra, re, ca, cz);
+      if (b.any && lane_id() == 0) atomic_add(cnt + c, b.all && !structured ? 1 : 65536);
+    }
+  };
+  if (classify) each_pair(int(warp_id()), kWarps, count_by_bits);
   sync_threads();
   // Compaction in chunk order: each thread takes a contiguous range.
   const int span = (s.num_chunks + kThreads - 1) / kThreads;
@@ -155,7 +209,9 @@ TM_DEVICE void bs_schedule(const BsScheduleParams& s) {
   const int tsz = s.rows * s.cols;
   for (int i = tid; i < total * tsz; i += kThreads) table[srow * s.max * tsz + i] = -1;
   sync_threads();  // (global writes of the block are visible to it after the barrier)
-  each_pair([&](int rbl, int64_t lrow, int slot, int cb, bool full, int c0, int c1) {
+  // (A partial pair keeps its slot in a partial chunk even where its bits drop or keep every
+  // element there: the element rule reads the same bits.)
+  each_pair(tid, kThreads, [&](int rbl, int64_t lrow, int slot, int cb, bool full, int c0, int c1) {
     const int code = full ? -2 : s.pslot ? pslot[lrow * s.maxp + slot] : slot;
     for (int c = c0; c <= c1; ++c) {
       const int e = cnt[c];

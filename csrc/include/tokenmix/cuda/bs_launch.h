@@ -57,7 +57,9 @@ inline int64_t blocks_per_span(int64_t span, int64_t block, int64_t limit) {
 
 // One side's schedule: tiles of kTileRows along `row_len`, chunks of `chunk` along `col_len`.
 // Direct: the side's block size is a multiple of the tile and the other's of the chunk, so the
-// kernels walk the layout's lists (`per` chunks per block) and there is no schedule.
+// kernels walk the layout's lists (`per` chunks per block) and there is no schedule. With
+// bitmasks, blocks larger than the tile or the chunk take the schedule, which drops the tile x
+// chunk pieces whose bits keep nothing and makes those whose bits keep everything full.
 struct SidePlan {
   int64_t head_rows = 0, tiles = 0, num_chunks = 0, rows = 1, cols = 1, max = 0;
   bool direct = false;
@@ -67,7 +69,7 @@ struct SidePlan {
 
 inline SidePlan side_plan(int64_t head_rows, int64_t row_len, int64_t col_len, int64_t row_block,
                           int64_t col_block, int64_t num_row_blocks, int64_t num_col_blocks,
-                          int64_t listed, int64_t chunk) {
+                          int64_t listed, int64_t chunk, bool bits) {
   SidePlan s;
   s.head_rows = head_rows;
   s.tiles = ceil_div(row_len, kTileRows);
@@ -77,7 +79,8 @@ inline SidePlan side_plan(int64_t head_rows, int64_t row_len, int64_t col_len, i
   // Each listed block overlaps at most this many chunks, and a chunk appears once.
   const int64_t per_block = blocks_per_span(col_block, chunk, std::max<int64_t>(s.num_chunks, 1));
   s.max = std::min(s.num_chunks, s.rows * listed * per_block);
-  if (row_block % kTileRows == 0 && col_block % chunk == 0) {
+  const bool larger = row_block > kTileRows || col_block > chunk;
+  if (row_block % kTileRows == 0 && col_block % chunk == 0 && !(bits && larger)) {
     s.direct = true;
     s.per = int(col_block / chunk);
     s.rows = s.cols = 1;
@@ -89,13 +92,14 @@ template <class E>
 SidePlan query_side(const BlockSparseProblem& p) {
   const BlockLayoutView& l = p.layout;
   return side_plan(l.batch * l.heads, p.q_len, p.kv_len, l.q_block, l.kv_block, l.num_q_blocks,
-                   l.num_kv_blocks, l.max_partial + l.max_full, E::kKeys);
+                   l.num_kv_blocks, l.max_partial + l.max_full, E::kKeys, l.mask.bits != nullptr);
 }
 template <class E>
 SidePlan key_side(const BlockSparseProblem& p) {
   const BlockLayoutView& l = p.layout;
   return side_plan(l.batch * l.heads, p.kv_len, p.q_len, l.kv_block, l.q_block, l.num_kv_blocks,
-                   l.num_q_blocks, l.max_q_partial + l.max_q_full, E::kKeys);
+                   l.num_q_blocks, l.max_q_partial + l.max_q_full, E::kKeys,
+                   l.mask.bits != nullptr);
 }
 
 template <class E>
@@ -204,6 +208,8 @@ BsScheduleParams query_schedule_params(const BlockSparseProblem& p, const SidePl
   k.findex = l.full_index;
   k.maxp = l.max_partial;
   k.maxf = l.max_full;
+  k.layout = l;
+  k.key_rows = false;
   return k;
 }
 
@@ -220,6 +226,8 @@ BsScheduleParams key_schedule_params(const BlockSparseProblem& p, const SidePlan
   k.findex = l.q_full_index;
   k.maxp = l.max_q_partial;
   k.maxf = l.max_q_full;
+  k.layout = l;
+  k.key_rows = true;
   return k;
 }
 
