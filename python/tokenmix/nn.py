@@ -7,15 +7,18 @@ from .neighborhood.modules import (
     NeighborhoodAttention2D,
     NeighborhoodAttention3D,
 )
+from .patterns.layers_b import MultiAxisAttention2D, TopKBlockAttention
 from .patterns.modules import SlidingWindowAttention, SparseAttention
 
 __all__ = [
     "BlockSparseAttention",
     "GatedDeltaNet",
     "LinearAttention",
+    "MultiAxisAttention2D",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "SlidingWindowAttention",
     "SparseAttention",
+    "TopKBlockAttention",
 ]

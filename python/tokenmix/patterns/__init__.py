@@ -9,8 +9,11 @@ block, never over ``T x T``). Each builder has a matching Flex ``mask_mod`` fact
 """
 
 from .documents import document, document_mask_mod, prefix_lm, prefix_lm_mask_mod
+from .grid import MultiAxisPattern, multi_axis, multi_axis_mask_mod
 from .modules import SlidingWindowAttention, SparseAttention
 from .offsets import dilated, dilated_mask_mod, power_attention, power_attention_mask_mod
+from .permuted import PermutedBlocks, permuted_blocks, permuted_blocks_mask_mod, segment_key_order
+from .topk import select_topk_blocks, topk_block_scores, topk_blocks
 from .video import radial, radial_mask_mod, radial_widths
 from .windows import (
     elastic_window_sizes,
@@ -23,6 +26,8 @@ from .windows import (
 )
 
 __all__ = [
+    "MultiAxisPattern",
+    "PermutedBlocks",
     "SlidingWindowAttention",
     "SparseAttention",
     "dilated",
@@ -32,8 +37,12 @@ __all__ = [
     "elastic_window_sizes",
     "elastic_windows",
     "elastic_windows_mask_mod",
+    "multi_axis",
+    "multi_axis_mask_mod",
     "per_head_windows",
     "per_head_windows_mask_mod",
+    "permuted_blocks",
+    "permuted_blocks_mask_mod",
     "power_attention",
     "power_attention_mask_mod",
     "prefix_lm",
@@ -41,6 +50,10 @@ __all__ = [
     "radial",
     "radial_mask_mod",
     "radial_widths",
+    "segment_key_order",
+    "select_topk_blocks",
     "sliding_window",
     "sliding_window_mask_mod",
+    "topk_block_scores",
+    "topk_blocks",
 ]
