@@ -331,3 +331,15 @@ def test_per_head_layout_runs_on_flex_attention():
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True
     )
     torch.testing.assert_close(out, fout.transpose(1, 2), atol=2e-5, rtol=2e-5)
+
+
+def test_builder_never_makes_a_t_by_t_tensor():
+    from pattern_checks import MaxTensorSize
+
+    height = width = 96
+    T = height * width
+    with MaxTensorSize() as sizes:
+        pat = multi_axis(height, width, 8, 8)
+        layout = pat.layout(["block", "grid"])
+    assert layout.seq_lengths == (T, T)
+    assert sizes.largest < T * T // 8, f"a tensor of {sizes.largest} elements (T*T = {T * T})"

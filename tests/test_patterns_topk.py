@@ -409,3 +409,14 @@ def test_layout_runs_on_flex_attention():
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True
     )
     torch.testing.assert_close(out, fout.transpose(1, 2), atol=2e-5, rtol=2e-5)
+
+
+def test_builder_never_makes_a_t_by_t_tensor():
+    from pattern_checks import MaxTensorSize
+
+    T = 8192
+    q, k = torch.randn(1, T, 4, 16), torch.randn(1, T, 2, 16)
+    with MaxTensorSize() as sizes:
+        layout = topk_blocks(q, k, 64, 8, sinks=1, local=2, pooling="avg_maxmin")
+    assert layout.seq_lengths == (T, T) and layout.heads == 2
+    assert sizes.largest < T * T // 8, f"a tensor of {sizes.largest} elements (T*T = {T * T})"

@@ -7,28 +7,16 @@
 #include <string>
 
 #include "tokenmix/block_sparse_problem.h"
+#include "tokenmix/cuda/engine_limits.h"
 
 namespace tokenmix::cuda {
 
 // Why the engine cannot run this problem ("" when it can). The op layer raises it as an error.
 inline std::string bs_unsupported_reason(const BlockSparseProblem& p) {
-  if (p.dtype == DType::kFloat64)
-    return "float64 block-sparse attention has no CUDA kernel; use float32, float16 or bfloat16 "
-           "(or run float64 on the CPU)";
-  if (p.head_dim % 8 != 0 || p.head_dim > 256 || p.head_dim < 8)
-    return "the CUDA kernels need a head dim (q.shape[-1]) that is a multiple of 8 in [8, 256], "
-           "got " +
-           std::to_string(p.head_dim);
-  if (p.value_dim % 8 != 0 || p.value_dim > 256 || p.value_dim < 8)
-    return "the CUDA kernels need a value head dim (v.shape[-1]) that is a multiple of 8 in "
-           "[8, 256], got " +
-           std::to_string(p.value_dim);
   const int64_t longest = p.q_len > p.kv_len ? p.q_len : p.kv_len;
   const int64_t heads = p.heads > p.kv_heads ? p.heads : p.kv_heads;
-  if (p.batch * longest * heads >= (int64_t(1) << 31))
-    return "the CUDA kernels index rows with 32-bit integers: batch * tokens * heads must be "
-           "below 2^31";
-  return "";
+  return engine_unsupported_reason("block-sparse attention", p.dtype, p.head_dim, p.value_dim,
+                                   p.batch * longest * heads);
 }
 
 #define TOKENMIX_BS_ENTRY_POINTS                                                           \

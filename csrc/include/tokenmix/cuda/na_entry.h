@@ -10,27 +10,18 @@
 #include <string>
 
 #include "tokenmix/attention_problem.h"
+#include "tokenmix/cuda/engine_limits.h"
 #include "tokenmix/neighborhood_schedule.h"
 
 namespace tokenmix::cuda {
 
 // Why the engine cannot run this problem ("" when it can). The op layer raises it as an error.
 inline std::string unsupported_reason(const NeighborhoodProblem& p) {
-  if (p.dtype == DType::kFloat64)
-    return "float64 neighborhood attention has no CUDA kernel; use float32, float16 or bfloat16 "
-           "(or run float64 on the CPU)";
-  if (p.head_dim % 8 != 0 || p.head_dim > 256 || p.head_dim < 8)
-    return "the CUDA kernels need a head dim (q.shape[-1]) that is a multiple of 8 in [8, 256], "
-           "got " +
-           std::to_string(p.head_dim);
-  if (p.value_dim % 8 != 0 || p.value_dim > 256 || p.value_dim < 8)
-    return "the CUDA kernels need a value head dim (v.shape[-1]) that is a multiple of 8 in "
-           "[8, 256], got " +
-           std::to_string(p.value_dim);
-  if (p.tokens() * p.heads * p.batch >= (int64_t(1) << 31) || p.num_extra >= (int64_t(1) << 31))
-    return "the CUDA kernels index rows with 32-bit integers: batch * tokens * heads must be "
-           "below 2^31";
-  return "";
+  // num_extra counts rows too (the extra tokens' K/V rows).
+  const int64_t rows =
+      p.num_extra >= p.tokens() * p.heads * p.batch ? p.num_extra : p.tokens() * p.heads * p.batch;
+  return engine_unsupported_reason("neighborhood attention", p.dtype, p.head_dim, p.value_dim,
+                                   rows);
 }
 
 // The query tile shape the kernels use (also reported by tokenmix.plan).
