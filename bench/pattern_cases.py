@@ -615,10 +615,16 @@ def pattern_table(cases: list[dict], labels: dict[str, str], markdown: bool) -> 
             if "tokenmix" in entries
         ]
         bad = [f"{mode} vs {labels[tm['vs']]}" for mode, tm in checked if not tm["ok"]]
+        ran = [r["mode"] for r in c["results"] if r["backend"] == "tokenmix" and "median_ms" in r]
+        unchecked = [m for m in ran if m not in dict(checked)]
         if bad:
             verdict = "MISMATCH " + ", ".join(bad)
         elif checked:
-            verdict = "OK vs " + ", ".join(dict.fromkeys(labels[tm["vs"]] for _, tm in checked))
+            oracles = ", ".join(dict.fromkeys(labels[tm["vs"]] for _, tm in checked))
+            verdict = f"OK vs {oracles}"
+            if unchecked:
+                done = "+".join(m for m, _ in checked)
+                verdict = f"{done} OK vs {oracles}; {'+'.join(unchecked)} not checked"
         else:
             verdict = "not checked"
         cells.append(verdict)

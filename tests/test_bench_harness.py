@@ -209,3 +209,17 @@ def test_bench_linear_sweep_and_plot(tmp_path):
     assert "measuring float32 matmul 2048x2048 with 2 threads" in proc.stderr
     assert f"wrote {png}" in proc.stderr
     assert_png(png)
+
+
+def test_example_plot_is_documented():
+    """docs/performance.md shows the committed example plot with the command that draws it."""
+    root = BENCH_DIR.parent
+    doc = (root / "docs" / "performance.md").read_text()
+    png = root / "docs" / "images" / "bench_block_sparse_sliding.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "](images/bench_block_sparse_sliding.png)" in doc
+    command = re.search(r"bench_block_sparse\.py --case sliding [^`]*?\.png", doc, re.S)
+    assert command is not None
+    assert "--seq-lens 2048,4096,8192,16384" in command.group(0)
+    assert "--plot docs/images/bench_block_sparse_sliding.png" in command.group(0)
+    assert "## Sparse-attention patterns" in doc
