@@ -11,17 +11,26 @@ For three mask patterns, each at BLOCK_SIZE 64 and 128, on the same random input
 * ``flex_attention`` compiled with ``torch.compile``, with the ``BlockMask`` from
   ``create_block_mask`` (forward only on the CPU: FlexAttention has no CPU backward),
 * ``torch.nn.functional.scaled_dot_product_attention`` with the dense boolean mask,
+* (opt-in, ``sdpa_dense``) SDPA without a mask, causal for causal patterns: the dense
+  attention a sparse pattern replaces,
 
 in forward and forward+backward mode, and reports the median time, useful GFLOP/s
 (exact kept pairs), that throughput as a fraction of the same run's fp32 matmul
 throughput, the peak memory of one call, the max abs difference of every output
 against SDPA, the speedup of tokenmix over each peer, and the bars of issue 10
 (section 4) with PASS/FAIL. Every (case, backend, mode) runs in a fresh subprocess
-(this script re-invoked with ``--worker``). See bench/README.md.
+(this script re-invoked with ``--worker``). ``--patterns`` times every builder of
+``tokenmix.patterns`` instead (the pattern table, bench/pattern_cases.py),
+``--issue11-bars`` issue 11's bar, ``--seq-lens`` sweeps the sequence length and
+``--plot`` draws the sweep. See bench/README.md.
 
     python bench/bench_block_sparse.py                     # all patterns, both block sizes
     python bench/bench_block_sparse.py --case random --block-size 64
     python bench/bench_block_sparse.py --quick --json out.json --markdown
+    python bench/bench_block_sparse.py --patterns          # the pattern table (T=8192)
+    python bench/bench_block_sparse.py --issue11-bars      # issue 11's bar (T=16384)
+    python bench/bench_block_sparse.py --case sliding --block-size 64 \
+        --seq-lens 2048,4096,8192,16384 --plot sweep.png
     python bench/bench_block_sparse.py --device cuda       # on the GPU (float16 by default)
 """
 
@@ -39,28 +48,49 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (  # noqa: E402
+from harness import (  # noqa: E402
     BLOCK_MASK_LISTS,
     DTYPES,
     FWD_BWD_FLOP_FACTOR,
+    AttentionBenchmark,
     BackendRun,
     BenchmarkRun,
-    add_measurement_arguments,
-    add_size_arguments,
-    autograd_run,
-    benchmark_main,
+    attention_inputs,
+    attention_main,
+    bar_verdict,
     check_flex_mode,
+    check_verdict,
     compiled_flex_run,
     format_markdown,
     format_table,
     log,
+    parse_int_list,
     peer_skip_reason,
     render_case,
     report_header,
     report_text,
     sdpa_run,
-    tensor_bytes,
     tokenmix_info,
+)
+from pattern_cases import (  # noqa: E402
+    BAR11_BLOCK_SIZE,
+    BAR11_BUILDERS,
+    BAR11_CONFIG,
+    PATTERN_BACKENDS,
+    PATTERN_BLOCK_SIZE,
+    PATTERN_BUILDERS,
+    PATTERN_SIZES,
+    QUICK_BAR11_SEQ_LEN,
+    QUICK_PATTERN_SIZES,
+    PatternCase,
+    SequenceCase,
+    block_sparse_run,
+    check_pattern_case,
+    document_offsets,
+    evaluate_bars11,
+    pattern_table,
+    prepare_pattern_case,
+    render_bars11,
 )
 
 PATTERNS = ("sliding", "random", "document")
@@ -69,16 +99,22 @@ BLOCK_SIZES = (64, 128)
 FULL_SIZES = {"seq_len": 8192, "window": 1024}
 QUICK_SIZES = {"seq_len": 1024, "window": 256}
 
-BACKENDS = ("tokenmix", "flex", "sdpa", "reference")
+BACKENDS = ("tokenmix", "flex", "sdpa", "sdpa_dense", "reference")
 DEFAULT_BACKENDS = ("tokenmix", "flex", "sdpa")
+# Issue 11's bar compares with dense causal SDPA; compiled Flex checks tokenmix's forward (the
+# dense-mask SDPA would need more than 8 GiB at T=16384).
+BAR11_BACKENDS = ("tokenmix", "sdpa_dense", "flex")
 LABELS = {
     "tokenmix": "tokenmix",
     "flex": "flex (compiled)",
     "sdpa": "sdpa+mask",
+    "sdpa_dense": "sdpa dense",
     "reference": "tokenmix reference",
 }
 # Oracles for the correctness check, in order of preference.
 ORACLES = ("sdpa", "reference", "flex")
+# Backends computing another function (dense attention): timed, never compared.
+UNCHECKED = ("sdpa_dense",)
 
 # Rows of the dense mask evaluated at once (bounds the index temporaries).
 MASK_CHUNK_ROWS = 512
@@ -90,7 +126,7 @@ MASK_CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(SequenceCase):
     name: str
     pattern: str
     block_size: int
@@ -101,19 +137,6 @@ class Case:
     pattern_block: int = 64  # random: the pattern's block size
     documents: int = 8  # document: number of documents
     pattern_seed: int = 0
-    batch: int = 1
-    heads: int = 4
-    head_dim: int = 64
-    dtype: str = "float32"
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Case:
-        return cls(**d)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int, int]:
-        """Shape of q, k, v and the output gradient: heads-last ``[B, T, H, D]``."""
-        return (self.batch, self.seq_len, self.heads, self.head_dim)
 
     @property
     def mask_heads(self) -> int:
@@ -123,6 +146,16 @@ class Case:
     @property
     def pattern_blocks(self) -> int:
         return math.ceil(self.seq_len / self.pattern_block)
+
+    @property
+    def causal(self) -> bool:
+        """Whether the pattern is causal (the ``sdpa_dense`` baseline is causal then)."""
+        return self.pattern == "sliding"
+
+    @property
+    def series(self) -> str:
+        """The case without its length: what stays fixed along a ``--seq-lens`` sweep."""
+        return f"{self.pattern}-bs{self.block_size}"
 
     @property
     def blocks_per_row(self) -> int:
@@ -167,11 +200,9 @@ def pattern_data(case: Case) -> dict[str, torch.Tensor]:
         table.scatter_(-1, keep, True)
         return {"table": table}
     if case.pattern == "document":
-        t = case.seq_len
-        cuts = torch.randperm(t - 1, generator=gen)[: case.documents - 1].sort().values + 1
-        starts = torch.zeros(t, dtype=torch.int64)
-        starts[cuts] = 1
-        return {"doc": starts.cumsum(0)}
+        offsets = torch.tensor(document_offsets(case.seq_len, case.documents, case.pattern_seed))
+        lengths = offsets[1:] - offsets[:-1]
+        return {"doc": torch.repeat_interleave(torch.arange(case.documents), lengths)}
     return {}
 
 
@@ -291,25 +322,6 @@ def tokenmix_layout(case: Case, data: dict[str, torch.Tensor], block_mask):
     return tokenmix.BlockLayout.from_block_mask(block_mask, batch=case.batch, heads=case.heads)
 
 
-LAYOUT_TENSORS = (
-    *BLOCK_MASK_LISTS,
-    "mask_bits",
-    "q_num_blocks",
-    "q_indices",
-    "q_slots",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
-
-
-def layout_bytes(layout) -> int:
-    """Bytes held by a tokenmix ``BlockLayout``: its block lists and bits, and the document
-    ids of its element mask."""
-    return tensor_bytes(layout, LAYOUT_TENSORS) + tensor_bytes(
-        layout.element_mask, ("q_doc", "kv_doc")
-    )
-
-
 def block_counts(kv_num_blocks: torch.Tensor, full_kv_num_blocks: torch.Tensor, case: Case):
     """(partial, full) blocks visited over all B x H (broadcast lists counted per head)."""
     scale = case.batch * case.heads // (kv_num_blocks.shape[0] * kv_num_blocks.shape[1])
@@ -348,20 +360,7 @@ def _layout_run(fn_name: str, case: Case, spec: dict, inputs, backward: bool) ->
     t0 = time.perf_counter()
     layout = tokenmix_layout(case, data, block_mask)
     layout_s = time.perf_counter() - t0
-    if fn_name == "tokenmix":
-        import tokenmix
-
-        attention = tokenmix.block_sparse_attention
-    else:
-        from tokenmix.block_sparse import block_sparse_attention_reference as attention
-
-    def fn(q, k, v):
-        return attention(q, k, v, layout)
-
-    run = autograd_run(fn, inputs, backward)
-    run.aux_bytes = layout_bytes(layout)
-    run.info = {"layout": repr(layout), "layout_s": layout_s}
-    return run
+    return block_sparse_run(layout, inputs, backward, layout_s, reference=fn_name != "tokenmix")
 
 
 def build_tokenmix(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
@@ -386,13 +385,32 @@ def build_flex(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     return run
 
 
-# Backend -> builder (common.Builder), in the order of BACKENDS.
+def _builder(backend: str, issue10: Callable | None):
+    """The worker's builder of ``backend``: the pattern library's (bench/pattern_cases.py)
+    for a :class:`PatternCase`, ``issue10`` for the issue-10 cases (or, when None, the same as
+    for a pattern case)."""
+
+    def build(case, spec: dict, inputs, backward: bool) -> BackendRun:
+        if isinstance(case, PatternCase) or issue10 is None:
+            return PATTERN_BACKENDS[backend](case, spec, inputs, backward)
+        return issue10(case, spec, inputs, backward)
+
+    return build
+
+
+# Backend -> builder (harness.Builder), in the order of BACKENDS.
 BUILDERS = {
-    "tokenmix": build_tokenmix,
-    "flex": build_flex,
-    "sdpa": build_sdpa,
-    "reference": build_reference,
+    "tokenmix": _builder("tokenmix", build_tokenmix),
+    "flex": _builder("flex", build_flex),
+    "sdpa": _builder("sdpa", build_sdpa),
+    "sdpa_dense": _builder("sdpa_dense", None),  # dense SDPA: the same for every case
+    "reference": _builder("reference", build_reference),
 }
+
+
+def case_from_dict(d: dict) -> Case | PatternCase:
+    """A worker's case: a pattern-library case or an issue-10 case."""
+    return PatternCase.from_dict(d) if d.get("kind") == "pattern" else Case.from_dict(d)
 
 
 # ---------------------------------------------------------------------------
@@ -400,31 +418,77 @@ BUILDERS = {
 # ---------------------------------------------------------------------------
 
 
-def select_cases(args) -> list[Case]:
-    patterns = []
-    for item in args.case.split(","):
+def _block_sizes(text: str | None, default: tuple[int, ...]) -> list[int]:
+    """``--block-size``, or the mode's default."""
+    return parse_int_list(text, "--block-size") if text else list(default)
+
+
+def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
+    """A comma list of ``known`` names (``all`` for every one), without repeats."""
+    names = []
+    for item in text.split(","):
         item = item.strip()
         if item == "all":
-            patterns.extend(PATTERNS)
-        elif item in PATTERNS:
-            patterns.append(item)
+            names.extend(known)
+        elif item in known:
+            names.append(item)
         else:
-            raise SystemExit(f"unknown case {item!r}; known: {', '.join([*PATTERNS, 'all'])}")
-    try:
-        sizes = [int(x) for x in args.block_size.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(
-            f"--block-size: expected integers like 64,128, got {args.block_size!r}"
-        ) from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise SystemExit(f"--block-size: expected positive integers, got {args.block_size!r}")
-    dims = QUICK_SIZES if args.quick else FULL_SIZES
+            raise SystemExit(f"{flag}: unknown {item!r}; known: {', '.join([*known, 'all'])}")
+    return list(dict.fromkeys(names))
+
+
+def issue10_selected(args) -> bool:
+    """The issue-10 cases run unless only ``--patterns`` / ``--issue11-bars`` was asked for."""
+    return args.case is not None or (args.patterns is None and not args.issue11_bars)
+
+
+def default_backends(args) -> list[str]:
+    """tokenmix, compiled Flex and SDPA with the dense mask; for issue 11's bar tokenmix, dense
+    causal SDPA and Flex (the union when both are run)."""
+    chosen = []
+    if issue10_selected(args) or args.patterns is not None:
+        chosen += DEFAULT_BACKENDS
+    if args.issue11_bars:
+        chosen += BAR11_BACKENDS
+    return [b for b in BACKENDS if b in chosen]
+
+
+def select_cases(args) -> list[Case | PatternCase]:
+    """The issue-10 cases (``--case``), the pattern table's (``--patterns``) and issue 11's
+    (``--issue11-bars``), each at every ``--block-size`` and ``--seq-lens`` length."""
+    seq_lens = parse_int_list(args.seq_lens, "--seq-lens") if args.seq_lens else None
     common = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
-    return [
-        Case(f"{pattern}-bs{bs}", pattern, bs, **dims, **common)
-        for pattern in dict.fromkeys(patterns)
-        for bs in dict.fromkeys(sizes)
-    ]
+    cases: list[Case | PatternCase] = []
+
+    def add(kind: type, names: list[str], sizes: dict, block_sizes: tuple[int, ...]) -> None:
+        for what in names:
+            for bs in _block_sizes(args.block_size, block_sizes):
+                for t in seq_lens or [sizes["seq_len"]]:
+                    name = f"{what}-bs{bs}" + (f"-T{t}" if seq_lens else "")
+                    cases.append(kind(name, what, bs, **dict(sizes, seq_len=t), **common))
+
+    if issue10_selected(args):
+        patterns = _names(args.case or "all", PATTERNS, "--case")
+        add(Case, patterns, QUICK_SIZES if args.quick else FULL_SIZES, BLOCK_SIZES)
+    if args.patterns is not None:
+        builders = _names(args.patterns, PATTERN_BUILDERS, "--patterns")
+        sizes = QUICK_PATTERN_SIZES if args.quick else PATTERN_SIZES
+        add(PatternCase, builders, sizes, (PATTERN_BLOCK_SIZE,))
+    if args.issue11_bars:
+        dims = QUICK_PATTERN_SIZES if args.quick else PATTERN_SIZES
+        t = QUICK_BAR11_SEQ_LEN if args.quick else BAR11_CONFIG["seq_len"]
+        for builder in BAR11_BUILDERS:
+            for bs in dict.fromkeys(_block_sizes(args.block_size, (BAR11_BLOCK_SIZE,))):
+                name = f"{builder}-bs{bs}-T{t}"
+                if any(c.name == name for c in cases):
+                    continue
+                sizes = dict(dims, seq_len=t)
+                cases.append(PatternCase(name, builder, bs, **sizes, **common))
+    for case in cases:
+        why = check_pattern_case(case) if isinstance(case, PatternCase) else None
+        if why is not None:
+            raise SystemExit(f"{case.name}: {why}")
+    return cases
 
 
 def check_tokenmix() -> dict:
@@ -492,9 +556,30 @@ def prepare_case(case: Case, path: str, check_layout: bool) -> dict:
     return info
 
 
-def run_case(case: Case, run: BenchmarkRun) -> dict:
+def run_pattern_case(case: PatternCase, run: BenchmarkRun) -> dict:
+    """A pattern-library case: its layout on the workers' inputs, exact density and block
+    counts (:func:`pattern_cases.prepare_pattern_case`), then every backend and mode of it
+    (each worker checks it built the same layout), their correctness and speedups."""
+    log(f"{case.name}: {case.describe()} ...")
+    inputs = attention_inputs(case.input_shape, case.dtype, run.args.seed)
+    prep = prepare_pattern_case(case, inputs)
+    blocks = prep["tokenmix_blocks"]
+    log(
+        f"    {100 * prep['density']:.2f}% of pairs kept; layout {blocks['partial']} partial + "
+        f"{blocks['full']} full blocks ({prep['layout_rule']}) [{prep['setup_s']:.1f} s]"
+    )
+    fwd_flops = forward_flops(case, prep["kept_pairs"])
+    rows = run.measure(case, fwd_flops, layout_digest=prep["layout_digest"])
+    details = {**prep, "series": case.series}
+    return run.case_result(case, rows, tokens=case.seq_len, details=details, fwd_flops=fwd_flops)
+
+
+def run_case(case: Case | PatternCase, run: BenchmarkRun) -> dict:
     """The case's masks, BlockMask and layout (:func:`prepare_case`), then every backend and
-    mode of it, their correctness and speedups."""
+    mode of it, their correctness and speedups (:func:`run_pattern_case` for a pattern-library
+    case)."""
+    if isinstance(case, PatternCase):
+        return run_pattern_case(case, run)
     log(f"{case.name}: masks, BlockMask and layout ...")
     masks_path = os.path.join(run.tmpdir, f"{case.name}-masks.pt")
     prep = prepare_case(case, masks_path, run.args.quick or run.args.check_layout)
@@ -505,7 +590,8 @@ def run_case(case: Case, run: BenchmarkRun) -> dict:
     )
     fwd_flops = forward_flops(case, prep["kept_pairs"])
     rows = run.measure(case, fwd_flops, masks_path=masks_path)
-    return run.case_result(case, rows, tokens=case.seq_len, details=prep, fwd_flops=fwd_flops)
+    details = {**prep, "series": case.series}
+    return run.case_result(case, rows, tokens=case.seq_len, details=details, fwd_flops=fwd_flops)
 
 
 # The bars of issue 10, section 4: (id, text, pattern scope, mode, peer or None, threshold).
@@ -534,11 +620,16 @@ def _bar_need(bar: str, block_size: int) -> tuple[float, bool, str]:
 
 
 def evaluate_bars(report: dict) -> list[dict]:
-    """Each bar over its scope (its patterns at every block size of the issue, 64 and 128):
-    one check per case with the measured value and PASS / FAIL / NOT MEASURED, and the
-    bar's verdict: PASS when every check in its scope passes, FAIL when one fails,
-    otherwise INCOMPLETE (a case not run or not measured)."""
-    by_name = {c["name"]: c for c in report["cases"]}
+    """Each bar over its scope (its patterns at every block size of the issue, 64 and 128, at
+    the issue's T=8192, or --quick's T): one check per case with the measured value and
+    PASS / FAIL / NOT MEASURED, and the bar's verdict: PASS when every check in its scope
+    passes, FAIL when one fails, otherwise INCOMPLETE (a case not run or not measured)."""
+    bar_t = (QUICK_SIZES if report["meta"]["args"]["quick"] else FULL_SIZES)["seq_len"]
+    by_key = {
+        (c["case"]["pattern"], c["case"]["block_size"]): c
+        for c in reversed(report["cases"])
+        if c["case"].get("kind") != "pattern" and c["case"]["seq_len"] == bar_t
+    }
     bars = []
     for bar_id, text, patterns, mode, peer in BARS:
         checks = []
@@ -547,7 +638,7 @@ def evaluate_bars(report: dict) -> list[dict]:
                 name = f"{pattern}-bs{bs}"
                 need, strict, need_s = _bar_need(bar_id, bs)
                 check = {"case": name, "needs": need_s, "measured": None}
-                c = by_name.get(name)
+                c = by_key.get((pattern, bs))
                 if c is None:
                     check["verdict"] = "NOT RUN"
                     checks.append(check)
@@ -574,23 +665,11 @@ def evaluate_bars(report: dict) -> list[dict]:
                     lower = bool(p.get("speedup_is_lower_bound"))
                     check["measured"] = f"{'>' if lower else ''}{value:.2f}x"
                 check["value"] = value
-                ok = value > need if strict else value >= need
-                if tm.get("correct") is False:
-                    check["verdict"] = "FAIL (wrong output)"
-                elif ok:
-                    check["verdict"] = "PASS"
-                elif lower:
-                    check["verdict"] = "NOT MEASURED (peer stopped early)"
-                else:
-                    check["verdict"] = "FAIL"
+                check["verdict"] = check_verdict(
+                    value, need, strict=strict, lower_bound=lower, wrong=tm.get("correct") is False
+                )
                 checks.append(check)
-        if any(ch["verdict"].startswith("FAIL") for ch in checks):
-            verdict = "FAIL"
-        elif checks and all(ch["verdict"] == "PASS" for ch in checks):
-            verdict = "PASS"
-        else:
-            verdict = "INCOMPLETE"
-        bars.append({"id": bar_id, "bar": text, "checks": checks, "verdict": verdict})
+        bars.append({"id": bar_id, "bar": text, "checks": checks, "verdict": bar_verdict(checks)})
     return bars
 
 
@@ -645,31 +724,65 @@ def render(report: dict, markdown: bool) -> str:
     meta = report["meta"]
     cuda = meta.get("device", "cpu") == "cuda"
     out = report_header(meta, "block-sparse attention", markdown)
+    pattern_results = [c for c in report["cases"] if c["case"].get("kind") == "pattern"]
     for c in report["cases"]:
+        if c["case"].get("kind") == "pattern":
+            continue
         title = (
             f"{c['name']}: {c['description']}; {100 * c['density']:.2f}% of pairs kept "
             f"({c['kept_pairs'] / (c['case']['batch'] * c['case']['heads'] * c['tokens']):.0f} "
             f"keys/query), fwd {c['fwd_flops'] / 1e9:.3f} GFLOP useful"
         )
         out.extend(render_case(c, title, LABELS, ORACLES, markdown, case_notes(c)))
-    out.extend(render_bars(report["bars"], markdown, meta["args"]["quick"]))
+    if "bars" in report:
+        out.extend(render_bars(report["bars"], markdown, meta["args"]["quick"]))
+    if pattern_results:
+        out.extend(pattern_table(pattern_results, LABELS, markdown))
+    if "bars11" in report:
+        out.extend(render_bars11(report["bars11"], markdown))
     where_t = "CUDA events around each call" if cuda else "perf_counter around each call"
     notes = (
         "GFLOP/s = useful FLOPs / median time for every backend: fwd 4*B*H*kept_pairs*D (kept "
         f"pairs counted exactly), fwd+bwd {FWD_BWD_FLOP_FACTOR}x that; % matmul = GFLOP/s / the "
         f"same run's matmul GFLOP/s; times: {where_t}. tokenmix times heads-last [B,T,H,D] "
         "inputs with a BlockLayout built beforehand; SDPA and flex time [B,H,T,D] inputs (the "
-        "transposes, the masks and compiling are outside the timed region). peak MiB = memory "
-        "growth during one call (fresh process per row); mask MiB = memory held by the mask / "
-        "BlockMask / layout. max|diff| is against sdpa+mask; see bench/README.md."
+        "transposes, the masks and compiling are outside the timed region). "
     )
+    if len(pattern_results) < len(report["cases"]):
+        notes += (
+            "peak MiB = memory growth during one call (fresh process per row); mask MiB = memory "
+            "held by the mask / BlockMask / layout. max|diff| is against sdpa+mask (else the "
+            "reference, then flex). "
+        )
+    if pattern_results:
+        notes += (
+            "Pattern table: each builder's layout as tokenmix.patterns builds it; density = kept "
+            "pairs / (B*H*T^2), exact; layout = partial (p) and full (f) blocks over all heads "
+            "and how partial blocks are masked (bits: a bitmask, rule: a structured "
+            "ElementMask); flex gets layout.to_block_mask(heads=H), sdpa+mask the layout's dense "
+            "mask; check = tokenmix's outputs (and gradients) against the first oracle that ran "
+            "(sdpa+mask, the reference, flex). "
+        )
+    if any(
+        b == "sdpa_dense" for c in report["cases"] for b in (r["backend"] for r in c["results"])
+    ):
+        notes += (
+            "sdpa dense = SDPA without a mask (causal for causal patterns), the dense attention a "
+            "sparse pattern replaces: timed, not compared. "
+        )
+    notes += "See bench/README.md."
     return report_text(out, notes, markdown)
 
 
 def conclude(report: dict) -> list[str]:
-    """The bars of the run (``report["bars"]``), and an error line when the tokenmix layout
-    keeps other pairs than the mask in some case."""
-    report["bars"] = evaluate_bars(report)
+    """The bars of the run: issue 10's when an issue-10 case ran (``report["bars"]``), issue
+    11's with ``--issue11-bars`` (``report["bars11"]``); and an error line when the tokenmix
+    layout keeps other pairs than the mask in some case."""
+    args = report["meta"]["args"]
+    if any(c["case"].get("kind") != "pattern" for c in report["cases"]):
+        report["bars"] = evaluate_bars(report)
+    if args.get("issue11_bars"):
+        report["bars11"] = evaluate_bars11(report)
     mismatched = [
         c["name"]
         for c in report["cases"]
@@ -680,20 +793,41 @@ def conclude(report: dict) -> list[str]:
     return []
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description="Benchmark tokenmix block-sparse attention against compiled FlexAttention "
-        "and SDPA with a dense mask (CPU or CUDA).",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """bench_block_sparse.py's own options: the cases, the pattern table, issue 11's bar and
+    the sweep."""
     p.add_argument(
         "--case",
-        default="all",
-        help=f"comma list of patterns: {', '.join(PATTERNS)} / all (default all)",
+        help=f"comma list of issue-10 patterns: {', '.join(PATTERNS)} / all (default all, "
+        "unless only --patterns or --issue11-bars is given)",
     )
     p.add_argument(
         "--block-size",
-        default=",".join(str(b) for b in BLOCK_SIZES),
-        help="comma list of BLOCK_SIZEs to run each pattern at (default 64,128)",
+        help="comma list of BLOCK_SIZEs to run each case at (default: 64,128 for the issue-10 "
+        f"cases, {PATTERN_BLOCK_SIZE} for --patterns, {BAR11_BLOCK_SIZE} for --issue11-bars)",
+    )
+    p.add_argument(
+        "--patterns",
+        nargs="?",
+        const="all",
+        metavar="BUILDERS",
+        help="the pattern table: every builder of tokenmix.patterns (or a comma list of "
+        f"{', '.join(PATTERN_BUILDERS)}) at T={PATTERN_SIZES['seq_len']} (--quick: "
+        f"{QUICK_PATTERN_SIZES['seq_len']}); their arguments: bench/README.md",
+    )
+    p.add_argument(
+        "--issue11-bars",
+        action="store_true",
+        help="issue 11's bar: tokenmix fwd+bwd >= 0.35 / density x faster than dense causal "
+        f"SDPA on {' and '.join(BAR11_BUILDERS)} at T={BAR11_CONFIG['seq_len']} (--quick: "
+        f"{QUICK_BAR11_SEQ_LEN}), B=1, H=4, D=64, float32, 2 threads",
+    )
+    p.add_argument(
+        "--seq-lens",
+        metavar="T1,T2,...",
+        help="sweep: run every issue-10 and --patterns case at each of these sequence lengths "
+        "(the window, frame and other arguments unchanged; not the issue-11 bar, which is "
+        "defined at one T), e.g. --seq-lens 2048,4096,8192,16384",
     )
     p.add_argument(
         "--check-layout",
@@ -701,24 +835,36 @@ def main(argv: list[str] | None = None) -> int:
         help="check layout.kept_pairs() against the mask's pair count (always with --quick; "
         "about 30-60 s per pattern at T=8192)",
     )
-    add_size_arguments(p)
-    add_measurement_arguments(p, BACKENDS, DEFAULT_BACKENDS)
-    return benchmark_main(
-        p.parse_args(argv),
-        script=__file__,
-        case_type=Case,
-        builders=BUILDERS,
-        backends=BACKENDS,
-        labels=LABELS,
-        oracles=ORACLES,
-        select_cases=select_cases,
-        check_tokenmix=check_tokenmix,
-        skip_reason=skip_reason,
-        run_case=run_case,
-        fwd_flops="4 * kept_pairs * D (kept_pairs summed over B x H)",
-        render=render,
-        conclude=conclude,
-    )
+
+
+BENCHMARK = AttentionBenchmark(
+    script=__file__,
+    family="block-sparse attention",
+    description="Benchmark tokenmix block-sparse attention against compiled FlexAttention "
+    "and SDPA with a dense mask (CPU or CUDA).",
+    add_arguments=add_arguments,
+    case_from_dict=case_from_dict,
+    builders=BUILDERS,
+    backends=BACKENDS,
+    default_backends=default_backends,
+    default_backends_help=f"{','.join(DEFAULT_BACKENDS)}; with --issue11-bars also "
+    f"{','.join(b for b in BAR11_BACKENDS if b not in DEFAULT_BACKENDS)}",
+    labels=LABELS,
+    oracles=ORACLES,
+    unchecked=UNCHECKED,
+    select_cases=select_cases,
+    check_tokenmix=check_tokenmix,
+    skip_reason=skip_reason,
+    run_case=run_case,
+    fwd_flops="4 * kept_pairs * D (kept_pairs summed over B x H)",
+    render=render,
+    conclude=conclude,
+    series=lambda c: c["series"],
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return attention_main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

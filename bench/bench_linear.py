@@ -19,7 +19,8 @@ the same random inputs (B=1, H=4, K=V=64, float32 by default), this times
 
 in forward and forward+backward mode (every differentiable input gets a gradient),
 and reports the median time, tokens/s, counted GFLOP/s, that throughput as a
-fraction of the same run's fp32 matmul throughput (2048 x 2048, ``bench/common.py``),
+fraction of the same run's fp32 matmul throughput (2048 x 2048, measured at the start and the
+end, the higher one used: ``harness.RunCeiling``),
 the max abs difference of the output against the chunked implementation, and
 ratio lines ("fused fwd+bwd is 3.1x faster than chunked").
 
@@ -40,6 +41,7 @@ convention: the backward is 2.5x the forward).
     python bench/bench_linear.py --variant gla --T 4096
     python bench/bench_linear.py --all --T 2048      # every variant, naive included
     python bench/bench_linear.py --markdown --json out.json
+    python bench/bench_linear.py --variant gla --seq-lens 2048,4096,8192 --plot gla.png
 
 The default plan: simple_gla T=8192 fwd and fwd+bwd, gated_delta T=8192 fwd and
 fwd+bwd, simple_gla T=16384 fwd against SDPA. Progress goes to stderr, tables to
@@ -63,23 +65,27 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (  # noqa: E402
+from harness import (  # noqa: E402
     MODES,
+    RunCeiling,
     add_mode_arguments,
     add_output_arguments,
+    add_plot_argument,
     add_size_arguments,
     add_timing_arguments,
-    cpu_busy_fraction,
     fmt_float,
     fmt_sci,
     header_lines,
     log,
     machine_info,
-    measure_matmul_gflops,
+    parse_int_list,
+    plot_sweep,
     render_tables,
     report_text,
+    require_matplotlib,
     selected_modes,
     speedup_phrase,
+    sweep_points,
     time_fn,
 )
 
@@ -538,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Benchmark tokenmix's linear-attention scans against their peers (CPU)."
     )
     p.add_argument("--T", type=int, help="sequence length (default 8192)")
+    p.add_argument(
+        "--seq-lens",
+        metavar="T1,T2,...",
+        help="sweep: run the variant(s) at each of these sequence lengths (instead of --T), "
+        "e.g. --seq-lens 2048,4096,8192,16384",
+    )
     p.add_argument("--variant", choices=sorted(VARIANTS), help="one variant (default simple_gla)")
     p.add_argument("--all", action="store_true", help="every variant at --T")
     add_size_arguments(p, "--dim", "K = V head dim")
@@ -555,7 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     add_timing_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     add_output_arguments(p)
+    add_plot_argument(p)
     args = p.parse_args(argv)
+    if args.plot:
+        require_matplotlib("bench_linear.py")
 
     try:
         import tokenmix.linear_scan as ls
@@ -571,28 +586,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
     modes = selected_modes(args)
 
-    if args.T is None and args.variant is None and not args.all:
+    if args.T is None and args.seq_lens is None and args.variant is None and not args.all:
         plan = [
             (v, t, tuple(m for m in ms if m in modes), tuple(b for b in bs if b in backends))
             for v, t, ms, bs in DEFAULT_PLAN
         ]
     else:
-        seq = args.T or 8192
+        seqs = parse_int_list(args.seq_lens, "--seq-lens") if args.seq_lens else [args.T or 8192]
         variants = list(VARIANTS) if args.all else [args.variant or "simple_gla"]
-        plan = [(v, seq, modes, backends) for v in variants]
+        plan = [(v, seq, modes, backends) for v in variants for seq in seqs]
     plan = [(v, t, ms, bs) for v, t, ms, bs in plan if ms and bs]
     if any(t < 1 for _, t, _, _ in plan) or min(args.batch, args.heads, args.dim) < 1:
         sys.exit("--T, --batch, --heads and --dim must be >= 1")
 
-    torch.set_num_threads(args.threads)
-    warnings = []
-    busy = cpu_busy_fraction()
-    if busy is not None and busy > 0.2:
-        warnings.append(f"the CPUs were {100 * busy:.0f}% busy before the run; timings are noisy")
-        log(f"WARNING: {warnings[-1]}")
-    log(f"measuring fp32 matmul throughput ({args.threads} threads) ...")
-    args._matmul_gflops = measure_matmul_gflops(args.threads)
-    log(f"    {args._matmul_gflops:.1f} GFLOP/s")
+    # The same-run matmul ceiling with its quietness warnings, as in every benchmark.
+    ceiling = RunCeiling(args.threads, 2048, torch.float32, "float32")
+    args._matmul_gflops = ceiling.start()
 
     total = sum(len(ms) * len(bs) for _, _, ms, bs in plan)
     counter = [0]
@@ -601,23 +610,21 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(variant, seq, args.batch, args.heads, args.dim)
         cases.append(run_case(case, ms, bs, args, counter, total))
 
-    end_gflops = measure_matmul_gflops(args.threads)
-    drift = abs(end_gflops - args._matmul_gflops) / args._matmul_gflops
-    if drift > 0.15:
-        warnings.append(
-            f"matmul throughput changed by {100 * drift:.0f}% during the run "
-            f"({args._matmul_gflops:.1f} -> {end_gflops:.1f} GFLOP/s); timings are noisy"
-        )
+    # Measured again at the end; the higher of the two is the ceiling (the % matmul column
+    # is redone), and a change of more than 15% is a warning.
+    ceiling.finish(cases)
     report = {
         "meta": {
             "machine": machine_info(args.threads),
             "threads": args.threads,
-            "matmul_gflops": args._matmul_gflops,
-            "matmul_gflops_end": end_gflops,
+            "dtype": "float32",
+            "matmul_gflops": ceiling.gflops,
+            "matmul": ceiling.meta(),
             "fused_kernels": ls.fused_kernels_available(),
             "chunk_for_flops": CHUNK,
             "fwd_bwd_factor": {"linear": LINEAR_FWD_BWD_FACTOR, "sdpa": SDPA_FWD_BWD_FACTOR},
-            "warnings": warnings,
+            "warnings": ceiling.warnings,
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         },
         "cases": cases,
     }
@@ -625,6 +632,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        points = sweep_points(
+            cases, x=lambda c: c["seq"], series=lambda c: c["variant"], labels=LABELS
+        )
+        title = (
+            f"linear attention: {report['meta']['machine']['cpu']}, {args.threads} threads; "
+            f"float32, B={args.batch} H={args.heads} K=V={args.dim}, torch {torch.__version__}"
+        )
+        plot_sweep(args.plot, points, title=title, subject="fused")
+        log(f"wrote {args.plot}")
     return 0 if all(c["fused_correct"] for c in cases) else 1
 
 

@@ -26,6 +26,7 @@ schedule). See bench/README.md.
     python bench/bench_na.py --case 2d-64x64-k7 --forward
     python bench/bench_na.py --shape 64,64 --kernel 7 --dilation 2 --causal 0,1
     python bench/bench_na.py --quick --json out.json --markdown
+    python bench/bench_na.py --case 1d --seq-lens 4096,8192,16384 --plot na_1d.png
 """
 
 from __future__ import annotations
@@ -44,19 +45,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (  # noqa: E402
+from harness import (  # noqa: E402
     DTYPES,
     FWD_BWD_FLOP_FACTOR,
+    AttentionBenchmark,
     BackendRun,
     BenchmarkRun,
     Unsupported,
-    add_measurement_arguments,
-    add_size_arguments,
+    attention_main,
     autograd_run,
-    benchmark_main,
     check_flex_mode,
     compiled_flex_run,
     log,
+    parse_int_list,
     peer_skip_reason,
     render_case,
     report_header,
@@ -137,6 +138,11 @@ class Case:
             dtype=d["dtype"],
         )
 
+    @property
+    def series(self) -> str:
+        """The case without its extent: what stays fixed along a ``--seq-lens`` sweep."""
+        return series_name(self.ndim, self.kernel, self.stride, self.dilation, self.causal)
+
     def describe(self) -> str:
         def x(t):
             return "x".join(str(int(v)) for v in t)
@@ -162,38 +168,27 @@ class Case:
                 raise ValueError(f"{self.name}: kernel*dilation ({k}*{d}) exceeds extent {L}")
 
 
-def window_bounds(
+def dim_bounds(
     length: int, kernel: int, stride: int, dilation: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per position of one dimension: (dilation group, group coordinate, start, end).
 
     Query ``i`` attends key ``j`` of this dimension iff both are in the same
     dilation group and ``start[i] <= jg < end[i]`` for ``jg``, the key's group
-    coordinate. This is NATTEN's rule (tokenmix/window.h), vectorised.
+    coordinate. ``start`` and ``end`` are the library's window rule,
+    ``tokenmix.neighborhood.reference.window_bounds`` (NATTEN's rule; the kernels use the
+    same rule from tokenmix/window.h), so the benchmark's masks cannot drift from it.
     """
+    from tokenmix.neighborhood.reference import window_bounds
+
+    start, end = window_bounds(length, kernel, stride, dilation, causal)
     i = torch.arange(length, dtype=torch.int64)
-    group = i % dilation
-    ig = i // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    left = kernel // 2
-    right = kernel // 2 + (kernel % 2) - 1
-    if causal:
-        leader = torch.minimum((ig // stride) * stride + stride - 1, group_len - 1)
-        start = (leader - left - right).clamp(min=0)
-        end = torch.minimum(ig + 1, group_len)
-    else:
-        leader = torch.minimum((ig // stride) * stride + stride // 2, group_len - 1)
-        start = (leader - left).clamp(min=0)
-        start = start + torch.where(
-            leader + right >= group_len, group_len - right - leader - 1, torch.zeros_like(start)
-        )
-        end = start + kernel
-    return group, ig, start, end
+    return i % dilation, i // dilation, start, end
 
 
 def dim_mask(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> torch.Tensor:
     """``[length, length]`` bool: query position (row) attends key position (column)."""
-    group, ig, start, end = window_bounds(length, kernel, stride, dilation, causal)
+    group, ig, start, end = dim_bounds(length, kernel, stride, dilation, causal)
     same_group = group[:, None] == group[None, :]
     return same_group & (start[:, None] <= ig[None, :]) & (ig[None, :] < end[:, None])
 
@@ -234,7 +229,7 @@ def attended_pairs(case: Case) -> int:
     """
     total = 1
     for dim in range(case.ndim):
-        _, _, start, end = window_bounds(
+        _, _, start, end = dim_bounds(
             case.shape[dim],
             case.kernel[dim],
             case.stride[dim],
@@ -257,7 +252,7 @@ def flex_tables(case: Case) -> torch.Tensor:
     for dim in range(case.ndim):
         inner = math.prod(case.shape[dim + 1 :])
         coord = (flat // inner) % case.shape[dim]
-        bounds = window_bounds(
+        bounds = dim_bounds(
             case.shape[dim],
             case.kernel[dim],
             case.stride[dim],
@@ -373,7 +368,7 @@ def build_natten(case: Case, spec: dict, inputs, backward: bool) -> BackendRun:
     return run
 
 
-# Backend -> builder (common.Builder; the worker spec is not needed here).
+# Backend -> builder (harness.Builder; the worker spec is not needed here).
 BUILDERS = {
     "tokenmix": build_tokenmix,
     "reference": build_reference,
@@ -407,25 +402,58 @@ def parse_tuple(text: str | None, n: int, what: str, cast=int) -> tuple:
     return tuple(vals)
 
 
+def _x(values) -> str:
+    return "x".join(str(int(v)) for v in values)
+
+
+def _k(kernel) -> str:
+    """``7`` for a 7x7 kernel (as the case names say), ``7x5`` otherwise."""
+    return str(kernel[0]) if len(set(kernel)) == 1 else _x(kernel)
+
+
+def series_name(ndim, kernel, stride, dilation, causal) -> str:
+    """``1d-k1024``, ``2d-k7-s2x2-c01``: the window arguments of a case, without its extent."""
+    name = f"{ndim}d-k{_k(kernel)}"
+    if any(s != 1 for s in stride):
+        name += f"-s{_x(stride)}"
+    if any(d != 1 for d in dilation):
+        name += f"-d{_x(dilation)}"
+    if any(causal):
+        name += "-c" + "".join(str(int(c)) for c in causal)
+    return name
+
+
+def shape_for_tokens(tokens: int, ndim: int) -> tuple[int, ...]:
+    """The cube-like extent of ``ndim`` equal sides with ``tokens`` tokens (``--seq-lens``);
+    exits when ``tokens`` is not an ``ndim``-th power."""
+    side = round(tokens ** (1.0 / ndim))
+    if side**ndim != tokens:
+        raise SystemExit(
+            f"--seq-lens: {tokens} tokens is not a {ndim}-D cube of equal sides (a {ndim}-D case "
+            f"needs a perfect {['', '', 'square', 'cube'][ndim] or 'power'})"
+        )
+    return (side,) * ndim
+
+
 def select_cases(args) -> list[Case]:
     common = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
+    # (shape, kernel, stride, dilation, causal) of each selected case, then its name.
+    specs = []
     if args.shape:
         shape = tuple(int(p) for p in args.shape.split(","))
         n = len(shape)
         if args.kernel is None:
             raise SystemExit("--shape needs --kernel")
-        kernel = parse_tuple(args.kernel, n, "kernel")
-        stride = parse_tuple(args.stride, n, "stride")
-        dilation = parse_tuple(args.dilation, n, "dilation")
-        causal = parse_tuple(args.causal, n, "causal", bool)
-        name = "custom-" + "x".join(map(str, shape)) + "-k" + "x".join(map(str, kernel))
-        if any(s != 1 for s in stride):
-            name += "-s" + "x".join(map(str, stride))
-        if any(d != 1 for d in dilation):
-            name += "-d" + "x".join(map(str, dilation))
-        if any(causal):
-            name += "-c" + "".join(str(int(c)) for c in causal)
-        cases = [Case(name, shape, kernel, stride, dilation, causal, **common)]
+        specs.append(
+            (
+                shape,
+                parse_tuple(args.kernel, n, "kernel"),
+                parse_tuple(args.stride, n, "stride"),
+                parse_tuple(args.dilation, n, "dilation"),
+                parse_tuple(args.causal, n, "causal", bool),
+                None,
+            )
+        )
     else:
         names = []
         for item in args.case.split(","):
@@ -439,13 +467,27 @@ def select_cases(args) -> list[Case]:
             else:
                 known = ", ".join([*CASES, *CASE_ALIASES, "all"])
                 raise SystemExit(f"unknown case {item!r}; known: {known}")
-        cases = []
         for name in dict.fromkeys(names):
             shape, kernel = CASES[name]
             if args.quick:
                 name, shape, kernel = QUICK_CASES[name]
             n = len(shape)
-            cases.append(Case(name, shape, kernel, (1,) * n, (1,) * n, (False,) * n, **common))
+            specs.append((shape, kernel, (1,) * n, (1,) * n, (False,) * n, name))
+    seq_lens = parse_int_list(args.seq_lens, "--seq-lens") if args.seq_lens else None
+    cases = []
+    for shape, kernel, stride, dilation, causal, name in specs:
+        shapes = [shape_for_tokens(t, len(shape)) for t in seq_lens] if seq_lens else [shape]
+        for extent in shapes:
+            case_name = name
+            if name is None or seq_lens:
+                n = len(extent)
+                suffix = series_name(n, kernel, stride, dilation, causal)
+                suffix = suffix[len(f"{n}d-k{_k(kernel)}") :]
+                if name is None:
+                    case_name = f"custom-{_x(extent)}-k{_x(kernel)}{suffix}"
+                else:
+                    case_name = f"{n}d-{_x(extent)}-k{_k(kernel)}{suffix}"
+            cases.append(Case(case_name, extent, kernel, stride, dilation, causal, **common))
     for case in cases:
         try:
             case.validate()
@@ -522,6 +564,7 @@ def run_case(case: Case, run: BenchmarkRun) -> dict:
         "plan": case_plan(case),
         "attended_pairs": pairs,
         "avg_keys_per_query": pairs / case.tokens,
+        "series": case.series,
     }
     return run.case_result(case, rows, tokens=case.tokens, details=details, fwd_flops=fwd_flops)
 
@@ -562,10 +605,8 @@ def render(report: dict, markdown: bool) -> str:
     return report_text(out, notes, markdown)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description="Benchmark tokenmix neighborhood attention against its peers (CPU or CUDA).",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """bench_na.py's own options: the cases and the sweep."""
     p.add_argument(
         "--case",
         default="all",
@@ -576,23 +617,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", help="custom case: stride per dim (default 1)")
     p.add_argument("--dilation", help="custom case: dilation per dim (default 1)")
     p.add_argument("--causal", help="custom case: causal flag per dim, e.g. 0,1 (default 0)")
-    add_size_arguments(p)
-    add_measurement_arguments(p, BACKENDS)
-    return benchmark_main(
-        p.parse_args(argv),
-        script=__file__,
-        case_type=Case,
-        builders=BUILDERS,
-        backends=BACKENDS,
-        labels=LABELS,
-        oracles=ORACLES,
-        select_cases=select_cases,
-        check_tokenmix=check_tokenmix,
-        skip_reason=skip_reason,
-        run_case=run_case,
-        fwd_flops="4 * B * H * attended_pairs * D",
-        render=render,
+    p.add_argument(
+        "--seq-lens",
+        metavar="T1,T2,...",
+        help="sweep: run every selected case at each of these token counts, its extent made "
+        "of equal sides (a 2-D case needs squares, a 3-D case cubes), the window arguments "
+        "unchanged; e.g. --case 1d --seq-lens 4096,8192,16384,32768",
     )
+
+
+BENCHMARK = AttentionBenchmark(
+    script=__file__,
+    family="neighborhood attention",
+    description="Benchmark tokenmix neighborhood attention against its peers (CPU or CUDA).",
+    add_arguments=add_arguments,
+    case_from_dict=Case.from_dict,
+    builders=BUILDERS,
+    backends=BACKENDS,
+    labels=LABELS,
+    oracles=ORACLES,
+    select_cases=select_cases,
+    check_tokenmix=check_tokenmix,
+    skip_reason=skip_reason,
+    run_case=run_case,
+    fwd_flops="4 * B * H * attended_pairs * D",
+    render=render,
+    series=lambda c: c["series"],
+    x_label="tokens (product of the extent)",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return attention_main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def bench_script(name: str) -> pathlib.Path:
 
 
 def import_bench(name: str) -> ModuleType:
-    """``bench/<name>.py`` as a module (``bench_na``, ``bench_block_sparse``, ``common``), with
+    """``bench/<name>.py`` as a module (``bench_na``, ``bench_block_sparse``, ``harness``), with
     bench/ on ``sys.path`` while it is imported."""
     sys.path.insert(0, str(BENCH_DIR))
     try:

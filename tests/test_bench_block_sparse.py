@@ -98,7 +98,7 @@ _LABELS = ("tokenmix", "flex (compiled)", "sdpa+mask")
 
 
 def _headers():
-    return import_bench("common").RESULT_HEADERS
+    return import_bench("harness").RESULT_HEADERS
 
 
 def _cells(line: str) -> list[str]:

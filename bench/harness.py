@@ -1,15 +1,18 @@
-"""Shared helpers for the tokenmix benchmarks.
+"""The benchmark harness: the machinery every tokenmix benchmark (bench_na.py,
+bench_block_sparse.py, bench_linear.py) shares.
 
 Timing (warmup + median of ``time.perf_counter`` samples on the CPU, CUDA events on a
 GPU), matmul throughput as the machine's practical compute ceiling (measured at the
-start and the end of a run), peak-memory measurement (RSS, or the CUDA caching
-allocator's high-water mark), one measurement per fresh worker process (the
-benchmark script re-invoked with ``--worker``: timing, peak memory and saved outputs
-of one backend), the correctness check and speedups over the rows of one case,
-plain-text / markdown table formatting, the command-line options the benchmarks share,
-and what the attention benchmarks (bench_na.py, bench_block_sparse.py) have in common:
-their settings, inputs, SDPA and FlexAttention peers and the run over cases, backends
-and modes (:func:`benchmark_main`). Only the standard library and torch are used.
+start and the end of a run, with the quietness warnings: :class:`RunCeiling`), peak-memory
+measurement (RSS, or the CUDA caching allocator's high-water mark), one measurement per
+fresh worker process (the benchmark script re-invoked with ``--worker``: timing, peak memory
+and saved outputs of one backend), the correctness check and speedups over the rows of one
+case, plain-text / markdown table formatting, the command-line options the benchmarks share,
+sequence-length sweeps and their plot (``--seq-lens``, ``--plot``: :func:`plot_sweep`, the
+one place matplotlib is imported), and what the attention benchmarks have in common: their
+settings, inputs, SDPA and FlexAttention peers and the run over cases, backends and modes
+(:class:`AttentionBenchmark`, :func:`attention_main`). Only the standard library and torch
+are needed; matplotlib only for ``--plot``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -682,14 +685,21 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print markdown tables")
 
 
+# The default backends of a run: a list, or a function of the parsed options (a benchmark
+# whose modes have different peers).
+DefaultBackends = Sequence[str] | Callable[[argparse.Namespace], Sequence[str]]
+
+
 def add_measurement_arguments(
     p: argparse.ArgumentParser,
     backends: Sequence[str],
-    default_backends: Sequence[str] | None = None,
+    default_backends: DefaultBackends | None = None,
+    default_help: str | None = None,
 ) -> None:
     """The options every worker-based benchmark has: device and dtype, threads, modes,
-    backends (``default_backends``, or all of ``backends``), timing, memory and time limits,
-    seed, ``--quick``, output, ``--worker``."""
+    backends (``default_backends``, or all of ``backends``; ``default_help`` describes a
+    default that depends on other options), timing, memory and time limits, seed, ``--quick``,
+    output, ``--worker``."""
     p.add_argument(
         "--device",
         default="cpu",
@@ -709,14 +719,21 @@ def add_measurement_arguments(
         "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
     )
     add_mode_arguments(p)
-    default = list(default_backends or backends)
-    others = [b for b in backends if b not in default]
-    p.add_argument(
-        "--backends",
-        default=",".join(default),
-        help=f"comma list of backends to run (default {','.join(default)}"
-        + (f"; also: {','.join(others)})" if others else ")"),
-    )
+    if callable(default_backends):
+        p.add_argument(
+            "--backends",
+            help=f"comma list of backends to run, of {','.join(backends)} (default "
+            f"{default_help or 'depends on the other options'})",
+        )
+    else:
+        default = list(default_backends or backends)
+        others = [b for b in backends if b not in default]
+        p.add_argument(
+            "--backends",
+            default=",".join(default),
+            help=f"comma list of backends to run (default {','.join(default)}"
+            + (f"; also: {','.join(others)})" if others else ")"),
+        )
     add_timing_arguments(p)
     p.add_argument("--max-repeats", type=int, default=50, help="adaptive repeats cap (default 50)")
     p.add_argument(
@@ -746,15 +763,21 @@ def add_measurement_arguments(
 
 
 def resolve_measurement_arguments(
-    args: argparse.Namespace, backends: Sequence[str]
+    args: argparse.Namespace,
+    backends: Sequence[str],
+    default_backends: DefaultBackends | None = None,
 ) -> tuple[list[str], list[str]]:
-    """After :func:`add_measurement_arguments`: fill the device's default dtype, shorten
-    the timing for ``--quick``, and return the selected (backends, modes)."""
+    """After :func:`add_measurement_arguments`: fill the device's default dtype and the
+    default backends, shorten the timing for ``--quick``, and return the selected (backends,
+    modes)."""
     if args.dtype is None:
         args.dtype = DEFAULT_DTYPES[args.device]
     if args.quick:
         args.time_budget = min(args.time_budget, 0.3)
         args.max_repeats = min(args.max_repeats, 10)
+    if args.backends is None:
+        default = default_backends(args) if callable(default_backends) else default_backends
+        args.backends = ",".join(default or backends)
     chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in backends]
     if unknown:
@@ -1060,13 +1083,15 @@ def attention_inputs(
     }
 
 
-def run_attention_worker(spec: dict, case_type: type, builders: Mapping[str, Builder]) -> dict:
+def run_attention_worker(
+    spec: dict, case_from_dict: Callable[[dict], object], builders: Mapping[str, Builder]
+) -> dict:
     """Worker side of an attention benchmark: set up backend ``spec["backend"]`` (its
-    ``builders`` entry) for the case ``case_type.from_dict(spec["case"])``, time it, measure
+    ``builders`` entry) for the case ``case_from_dict(spec["case"])``, time it, measure
     one call's peak memory and save its outputs (:func:`run_measurement`). The inputs are
     :func:`attention_inputs` of the case's ``input_shape`` and ``dtype``, drawn from
     ``spec["seed"]`` on ``spec["device"]``."""
-    case = case_type.from_dict(spec["case"])
+    case = case_from_dict(spec["case"])
     build = builders[spec["backend"]]
     backward = spec["mode"] == "fwd+bwd"
     device = spec.get("device", "cpu")
@@ -1105,6 +1130,18 @@ def sdpa_run(mask: torch.Tensor, inputs: dict[str, torch.Tensor], backward: bool
     run = heads_first_run(fn, inputs, backward)
     run.aux_bytes = mask.numel() * mask.element_size()
     return run
+
+
+def dense_sdpa_run(inputs: dict[str, torch.Tensor], backward: bool, causal: bool) -> BackendRun:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=causal)`` without a mask (dense
+    attention, PyTorch's fused flash kernel on the CPU) as a :func:`heads_first_run`: what a
+    sparse pattern saves, as a baseline (it computes another function)."""
+    import torch.nn.functional as F
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return heads_first_run(fn, inputs, backward)
 
 
 def check_flex_mode(backward: bool, device: torch.device) -> None:
@@ -1194,15 +1231,26 @@ def diff_tensors(a: dict, b: dict) -> dict[str, float]:
 
 
 def check_correctness(
-    rows: list[dict], modes: Sequence[str], oracles: Sequence[str], atol: float, rtol: float
+    rows: list[dict],
+    modes: Sequence[str],
+    oracles: Sequence[str],
+    atol: float,
+    rtol: float,
+    unchecked: Collection[str] = (),
 ) -> dict:
     """Every backend's saved outputs (and gradients) against the first of ``oracles`` that
     ran, per mode: ``|x - oracle| <= atol + rtol * max|oracle|`` per tensor. Marks the rows
     (``max_abs_diff``, ``diff_vs``, ``correct``) and returns ``{mode: {backend: {vs,
-    max_abs_diff, ok}}}``; the rows' ``save_path`` is dropped afterwards."""
+    max_abs_diff, ok}}}``; the rows' ``save_path`` is dropped afterwards. Backends in
+    ``unchecked`` compute another function (dense attention as a baseline of a sparse
+    pattern): they are timed and compared for speed only."""
     correctness: dict = {}
     for mode in modes:
-        ran = {r["backend"]: r for r in rows if r["mode"] == mode and r.get("status") == "ok"}
+        ran = {
+            r["backend"]: r
+            for r in rows
+            if r["mode"] == mode and r.get("status") == "ok" and r["backend"] not in unchecked
+        }
         oracle = next((o for o in oracles if o in ran), None)
         if oracle is None:
             continue
@@ -1414,6 +1462,276 @@ def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# Bars: the issues' pass/fail targets
+# ---------------------------------------------------------------------------
+
+
+def check_verdict(
+    value: float, need: float, *, strict: bool = False, lower_bound: bool = False, wrong=False
+) -> str:
+    """The verdict of one check of a bar: ``FAIL (wrong output)`` when tokenmix's output is
+    wrong, ``PASS`` when ``value`` reaches ``need`` (``>``, or ``>=`` unless ``strict``),
+    ``NOT MEASURED (peer stopped early)`` when it does not but ``value`` is only a lower bound,
+    else ``FAIL``."""
+    if wrong:
+        return "FAIL (wrong output)"
+    if value > need if strict else value >= need:
+        return "PASS"
+    return "NOT MEASURED (peer stopped early)" if lower_bound else "FAIL"
+
+
+def bar_verdict(checks: Sequence[dict]) -> str:
+    """A bar over its checks: ``FAIL`` when one fails, ``PASS`` when all pass, else
+    ``INCOMPLETE`` (a check not run or not measured)."""
+    if any(ch["verdict"].startswith("FAIL") for ch in checks):
+        return "FAIL"
+    if checks and all(ch["verdict"] == "PASS" for ch in checks):
+        return "PASS"
+    return "INCOMPLETE"
+
+
+# ---------------------------------------------------------------------------
+# Sequence-length sweeps and their plot (--seq-lens, --plot)
+# ---------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"2048,4096"`` -> ``[2048, 4096]`` (positive integers, duplicates dropped), or exit
+    with a message naming ``flag``."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected integers like 2048,4096, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise SystemExit(f"{flag}: expected positive integers, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def add_plot_argument(p: argparse.ArgumentParser) -> None:
+    """``--plot FILE.png``: see :func:`plot_sweep`."""
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw each backend's median time and tokenmix's speedup over it against the "
+        "sequence length (with --seq-lens) into FILE.png; needs matplotlib",
+    )
+
+
+MATPLOTLIB_HINT = "pip install matplotlib"
+
+
+def require_matplotlib(script: str) -> None:
+    """For ``--plot``: return when matplotlib can be imported, else print one line
+    (``<script>: --plot needs matplotlib ...; pip install matplotlib``) on stderr and exit with
+    status 2, before anything is measured."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"{script}: --plot needs matplotlib, which cannot be imported ({exc}); "
+            f"install it with: {MATPLOTLIB_HINT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
+def sweep_points(
+    cases: Sequence[dict],
+    *,
+    x: Callable[[dict], int],
+    series: Callable[[dict], str],
+    labels: Mapping[str, str],
+) -> list[dict]:
+    """The points of a plot: one per result row of every case, with the case's ``x`` (its
+    sequence length) and ``series`` (what stays fixed along the sweep, e.g. the pattern and
+    block size), the backend, its label, the mode, the median (None when it did not run) and
+    the lower bound of a backend stopped as too slow, and the note of one that did not run."""
+    points = []
+    for c in cases:
+        for r in c["results"]:
+            points.append(
+                {
+                    "series": series(c),
+                    "x": x(c),
+                    "backend": r["backend"],
+                    "label": labels.get(r["backend"], r.get("label", r["backend"])),
+                    "mode": r["mode"],
+                    "ms": r.get("median_ms"),
+                    "lower_bound_ms": r.get("lower_bound_ms"),
+                    "note": r.get("note", ""),
+                }
+            )
+    return points
+
+
+def plot_sweep(
+    path: str,
+    points: Sequence[dict],
+    *,
+    title: str,
+    subject: str = "tokenmix",
+    x_label: str = "sequence length T (tokens)",
+) -> None:
+    """Draw :func:`sweep_points` into the PNG ``path``: one row per mode; on the left the
+    median time of every backend against the sequence length (log-log), on the right
+    ``subject``'s speedup over every other backend (its time / ``subject``'s time at the same
+    point). A hollow marker is a lower bound: the peer was stopped as too slow (``--max-call-s``).
+    Colours are backends; with several series, markers and line styles tell them apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    modes = list(dict.fromkeys(p["mode"] for p in points))
+    ordered = sorted(points, key=lambda p: p["backend"] != subject)
+    labels = list(dict.fromkeys(p["label"] for p in ordered))
+    subject_label = next((p["label"] for p in ordered if p["backend"] == subject), subject)
+    series = list(dict.fromkeys(p["series"] for p in points))
+    xs = sorted({p["x"] for p in points})
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    markers = "osD^vP*Xh<>"
+    styles = ("-", "--", "-.", ":")
+
+    def style(label: str, si: int) -> dict:
+        return {
+            "color": colors[label],
+            "marker": markers[si % len(markers)],
+            "linestyle": styles[si % len(styles)],
+            "markersize": 5,
+        }
+
+    fig, axes = plt.subplots(
+        max(1, len(modes)), 2, figsize=(12, 3.9 * max(1, len(modes)) + 1.2), squeeze=False
+    )
+    hollow: list[bool] = []  # whether a lower bound was drawn
+    for row, mode in enumerate(modes):
+        ax_t, ax_s = axes[row]
+        for si, ser in enumerate(series):
+            here = [p for p in points if p["series"] == ser and p["mode"] == mode]
+            base = {p["x"]: p["ms"] for p in here if p["backend"] == subject and p["ms"]}
+            for label in labels:
+                pts = sorted((p for p in here if p["label"] == label), key=lambda p: p["x"])
+                timed = [(p["x"], p["ms"]) for p in pts if p["ms"]]
+                if timed:
+                    ax_t.plot(*zip(*timed, strict=True), **style(label, si))
+                stopped = [
+                    (p["x"], p["lower_bound_ms"])
+                    for p in pts
+                    if not p["ms"] and p.get("lower_bound_ms")
+                ]
+                if stopped:
+                    hollow.append(True)
+                    ax_t.plot(
+                        *zip(*stopped, strict=True),
+                        **{**style(label, si), "linestyle": "none", "markerfacecolor": "none"},
+                    )
+                if label == subject_label:
+                    continue
+                ratio = [
+                    (p["x"], p["ms"] / base[p["x"]]) for p in pts if p["ms"] and p["x"] in base
+                ]
+                if ratio:
+                    ax_s.plot(*zip(*ratio, strict=True), **style(label, si))
+                bound = [
+                    (p["x"], p["lower_bound_ms"] / base[p["x"]])
+                    for p in pts
+                    if not p["ms"] and p.get("lower_bound_ms") and p["x"] in base
+                ]
+                if bound:
+                    hollow.append(True)
+                    ax_s.plot(
+                        *zip(*bound, strict=True),
+                        **{**style(label, si), "linestyle": "none", "markerfacecolor": "none"},
+                    )
+        ax_t.set_title(f"{mode}: median time per call")
+        ax_t.set_ylabel("ms")
+        ax_s.set_title(f"{mode}: {subject_label} speedup (peer time / {subject_label} time)")
+        ax_s.set_ylabel("speedup (x)")
+        ax_s.axhline(1.0, color="0.4", linewidth=0.8)
+        for ax in (ax_t, ax_s):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.set_xlabel(x_label)
+            ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], color=colors[label], linewidth=2, label=label) for label in labels]
+    if len(series) > 1:
+        handles += [
+            Line2D(
+                [],
+                [],
+                color="0.2",
+                marker=markers[si % len(markers)],
+                linestyle=styles[si % len(styles)],
+                label=ser,
+            )
+            for si, ser in enumerate(series)
+        ]
+    elif series:
+        title = f"{title}\n{series[0]}"
+    if hollow:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color="0.2",
+                marker="o",
+                markerfacecolor="none",
+                linestyle="none",
+                label="hollow: peer stopped as too slow (time and speedup are lower bounds)",
+            )
+        )
+    fig.suptitle(title, fontsize=11)
+    ncol = min(len(handles), 4)
+    rows = -(-len(handles) // max(ncol, 1))
+    missing = missing_points(points, xs)
+    if missing:
+        fig.text(0.01, 0.005, "\n".join(missing), fontsize=7.5, color="0.3", va="bottom")
+    legend_y = (0.16 * len(missing) + 0.05) / fig.get_figheight() if missing else 0.0
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, legend_y),
+        ncol=ncol,
+        frameon=False,
+        fontsize=9,
+    )
+    bottom = legend_y + (0.35 * rows + 0.2) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 0.93 if len(series) <= 1 else 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def missing_points(points: Sequence[dict], xs: Sequence[int], most: int = 6) -> list[str]:
+    """Footnote lines of a plot: the backends and modes that have no point at some lengths
+    (skipped, n/a, failed), with their note: ``not drawn: sdpa+mask fwd+bwd at 16384:
+    skipped (memory: ...)``; a note shared by every length is said once."""
+    gaps: dict[tuple[str, str, str], list[int]] = {}
+    for p in points:
+        if not p["ms"] and not p.get("lower_bound_ms"):
+            note = p.get("note") or "not run"
+            gaps.setdefault((p["label"], p["mode"], note), []).append(p["x"])
+    lines = []
+    for (label, mode, note), at in gaps.items():
+        at = sorted(set(at))
+        where = "" if at == list(xs) else " at " + ", ".join(str(x) for x in at)
+        lines.append(f"not drawn: {label} {mode}{where}: {note}")
+    if len(lines) > most:
+        lines = [*lines[: most - 1], f"(and {len(lines) - most + 1} more: see the report)"]
+    return lines
+
+
+# ---------------------------------------------------------------------------
 # Parent side of the attention benchmarks: one run over cases, backends and modes
 # ---------------------------------------------------------------------------
 
@@ -1423,11 +1741,53 @@ SkipReason = Callable[[object, str, str, dict, float, str], tuple[str, str] | No
 
 
 @dataclass
+class AttentionBenchmark:
+    """What an attention benchmark script (bench_na.py, bench_block_sparse.py) gives the
+    harness; :func:`attention_main` runs it.
+
+    ``script`` is the script's path (re-invoked as the worker), ``family`` names the operator
+    in the report header and the plot, ``description`` is the ``--help`` text and
+    ``add_arguments(parser)`` adds the script's own options. ``case_from_dict`` rebuilds a
+    case in the worker, ``builders`` set each backend up there. ``backends``,
+    ``default_backends`` (a list or a function of the options; ``default_backends_help``
+    describes the latter), ``labels``, ``oracles`` (correctness, in order of preference) and
+    ``unchecked`` (backends computing another function, timed only) describe the backends.
+    ``select_cases(args)``, ``check_tokenmix()``, ``skip_reason``, ``run_case(case, run)``,
+    ``render(report, markdown)`` and ``conclude(report)`` (verdicts: error lines for the exit
+    status) are the script's steps (see :func:`benchmark_main`); ``fwd_flops`` is the forward
+    FLOP formula for the JSON; ``series(case_result)`` names the sweep a case belongs to in
+    ``--plot`` (default its name) and ``x_label`` the plot's x axis (each case's ``tokens``).
+    """
+
+    script: str
+    family: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    case_from_dict: Callable[[dict], object]
+    builders: Mapping[str, Builder]
+    backends: Sequence[str]
+    labels: dict[str, str]
+    oracles: Sequence[str]
+    select_cases: Callable[[argparse.Namespace], list]
+    check_tokenmix: Callable[[], dict]
+    skip_reason: SkipReason
+    run_case: Callable[[object, BenchmarkRun], dict]
+    fwd_flops: str
+    render: Callable[[dict, bool], str]
+    default_backends: DefaultBackends | None = None
+    default_backends_help: str | None = None
+    unchecked: Sequence[str] = ()
+    conclude: Callable[[dict], list[str]] | None = None
+    series: Callable[[dict], str] = field(default=lambda c: c["name"])
+    x_label: str = "sequence length T (tokens)"
+
+
+@dataclass
 class BenchmarkRun:
     """What the cases of one attention-benchmark run share on the parent side: the options,
-    the script (re-invoked as the worker), its labels, oracles and skip rule, the selected
-    backends and modes, tokenmix's import info, the directory of the workers' files and the
-    progress count (``[done/total]``)."""
+    the script (re-invoked as the worker), its labels, oracles, unchecked backends and skip
+    rule, the selected backends and modes, tokenmix's import info, the directory of the
+    workers' files and the progress count (``[done/total]``)."""
 
     args: argparse.Namespace
     script: str
@@ -1437,6 +1797,7 @@ class BenchmarkRun:
     backends: list[str]
     modes: list[str]
     tm_info: dict
+    unchecked: Sequence[str] = ()
     tmpdir: str = ""
     total: int = 0
     done: int = 0
@@ -1493,7 +1854,9 @@ class BenchmarkRun:
         the first oracle that ran (at the dtype's :data:`TOLERANCES`) and tokenmix's speedup
         over every peer that ran, per mode."""
         atol, rtol = TOLERANCES[case.dtype]
-        correctness = check_correctness(rows, self.modes, self.oracles, atol, rtol)
+        correctness = check_correctness(
+            rows, self.modes, self.oracles, atol, rtol, unchecked=self.unchecked
+        )
         speedups = add_speedups(rows, self.modes)
         return {
             "case": asdict(case),
@@ -1509,49 +1872,66 @@ class BenchmarkRun:
         }
 
 
-def benchmark_main(
-    args: argparse.Namespace,
-    *,
-    script: str,
-    case_type: type,
-    builders: Mapping[str, Builder],
-    backends: Sequence[str],
-    labels: dict[str, str],
-    oracles: Sequence[str],
-    select_cases: Callable[[argparse.Namespace], list],
-    check_tokenmix: Callable[[], dict],
-    skip_reason: SkipReason,
-    run_case: Callable[[object, BenchmarkRun], dict],
-    fwd_flops: str,
-    render: Callable[[dict, bool], str],
-    conclude: Callable[[dict], list[str]] | None = None,
-) -> int:
-    """The whole run of a worker-based attention benchmark after parsing its options
-    (:func:`add_measurement_arguments`); returns the exit status.
+def attention_parser(bench: AttentionBenchmark) -> argparse.ArgumentParser:
+    """The command line of an attention benchmark: its own options (``bench.add_arguments``),
+    batch/heads/head dim, the measurement options and ``--plot``."""
+    p = argparse.ArgumentParser(description=bench.description)
+    bench.add_arguments(p)
+    add_size_arguments(p)
+    add_measurement_arguments(
+        p, bench.backends, bench.default_backends, bench.default_backends_help
+    )
+    add_plot_argument(p)
+    return p
 
-    With ``--worker``: one measurement (:func:`run_attention_worker` of ``case_type`` and
-    ``builders``). Otherwise: refuse an unusable
-    ``--device cuda`` in one line, select the cases and backends, measure the same-run matmul
-    ceiling (:class:`RunCeiling`), ``run_case(case, run)`` for every case in a temporary
-    directory, then ``conclude(report)`` (the script's own verdicts: extra report fields, and
-    error lines for the exit status), print ``render(report, markdown)``, write ``--json``.
-    The exit status is 1 when tokenmix's output mismatches its oracle or ``conclude`` reports
-    an error, else 0. ``fwd_flops`` is the forward FLOP formula, for the JSON.
+
+def attention_main(bench: AttentionBenchmark, argv: list[str] | None = None) -> int:
+    """Parse the command line (:func:`attention_parser`) and run :func:`benchmark_main`;
+    returns the exit status."""
+    return benchmark_main(attention_parser(bench).parse_args(argv), bench)
+
+
+def benchmark_main(args: argparse.Namespace, bench: AttentionBenchmark) -> int:
+    """The whole run of a worker-based attention benchmark after parsing its options
+    (:func:`attention_main`); returns the exit status.
+
+    With ``--worker``: one measurement (:func:`run_attention_worker` of the benchmark's
+    ``case_from_dict`` and ``builders``). Otherwise: refuse an unusable ``--device cuda`` in
+    one line, and ``--plot`` without matplotlib (:func:`require_matplotlib`), select the cases
+    and backends, measure the same-run matmul ceiling (:class:`RunCeiling`),
+    ``run_case(case, run)`` for every case in a temporary directory, then ``conclude(report)``
+    (the script's own verdicts: extra report fields, and error lines for the exit status),
+    print ``render(report, markdown)``, write ``--json`` and the ``--plot``
+    (:func:`plot_sweep` over the cases' ``tokens``). The exit status is 1 when tokenmix's
+    output mismatches its oracle or ``conclude`` reports an error, else 0.
     """
     if args.worker is not None:
         return worker_main(
-            args.worker, lambda spec: run_attention_worker(spec, case_type, builders)
+            args.worker,
+            lambda spec: run_attention_worker(spec, bench.case_from_dict, bench.builders),
         )
-    name = os.path.basename(script)
+    name = os.path.basename(bench.script)
     if args.device == "cuda":
         # One clear line instead of a traceback from the first CUDA call.
         refused = refuse_unusable_cuda(name)
         if refused is not None:
             return refused
-    chosen, modes = resolve_measurement_arguments(args, backends)
-    cases = select_cases(args)
-    tm_info = check_tokenmix()
-    run = BenchmarkRun(args, script, labels, oracles, skip_reason, chosen, modes, tm_info)
+    if args.plot:
+        require_matplotlib(name)
+    chosen, modes = resolve_measurement_arguments(args, bench.backends, bench.default_backends)
+    cases = bench.select_cases(args)
+    tm_info = bench.check_tokenmix()
+    run = BenchmarkRun(
+        args,
+        bench.script,
+        bench.labels,
+        bench.oracles,
+        bench.skip_reason,
+        chosen,
+        modes,
+        tm_info,
+        unchecked=bench.unchecked,
+    )
 
     t_start = time.perf_counter()
     ceiling = RunCeiling(
@@ -1567,7 +1947,7 @@ def benchmark_main(
             "dtype": args.dtype,
             "tokenmix": tm_info,
             "matmul": ceiling.meta(),
-            "flops": {"fwd": fwd_flops, "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd"},
+            "flops": {"fwd": bench.fwd_flops, "fwd+bwd": f"{FWD_BWD_FLOP_FACTOR} * fwd"},
             "args": {k: v for k, v in vars(args).items() if k != "worker"},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
@@ -1576,7 +1956,7 @@ def benchmark_main(
     stem = os.path.splitext(name)[0]
     with tempfile.TemporaryDirectory(prefix=f"{stem}_") as run.tmpdir:
         for case in cases:
-            report["cases"].append(run_case(case, run))
+            report["cases"].append(bench.run_case(case, run))
     # Measured again at the end: a busy machine at the start would otherwise make the
     # ceiling too low. The higher median is the ceiling; the stored ratios are redone.
     ceiling.finish(report["cases"])
@@ -1584,14 +1964,21 @@ def benchmark_main(
     report["meta"]["matmul"] = ceiling.meta()
     report["meta"]["wall_s"] = time.perf_counter() - t_start
     report["meta"]["cpu_busy_at_start"] = ceiling.busy_start
-    errors = conclude(report) if conclude is not None else []
+    errors = bench.conclude(report) if bench.conclude is not None else []
     log(f"done in {report['meta']['wall_s']:.0f} s")
 
-    print(render(report, args.markdown))
+    print(bench.render(report, args.markdown))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         log(f"wrote {args.json}")
+    if args.plot:
+        points = sweep_points(
+            report["cases"], x=lambda c: c["tokens"], series=bench.series, labels=bench.labels
+        )
+        title = plot_title(report["meta"], bench.family)
+        plot_sweep(args.plot, points, title=title, x_label=bench.x_label)
+        log(f"wrote {args.plot}")
 
     wrong = [
         (c["name"], m)
@@ -1604,3 +1991,16 @@ def benchmark_main(
     for error in errors:
         log(f"ERROR: {error}")
     return 1 if errors else 0
+
+
+def plot_title(meta: dict, family: str) -> str:
+    """The title of a ``--plot``: the operator, the machine, threads, dtype and sizes."""
+    machine = meta["machine"]
+    where = (
+        machine.get("gpu", "GPU")
+        if meta.get("device") == "cuda"
+        else f"{machine['cpu']}, {meta['threads']} threads"
+    )
+    a = meta["args"]
+    sizes = f"B={a['batch']} H={a['heads']} D={a.get('head_dim', a.get('dim'))}"
+    return f"{family}: {where}; {meta['dtype']}, {sizes}, torch {machine['torch']}"

@@ -1,0 +1,225 @@
+"""bench/harness.py, the machinery every benchmark shares: the sweep options, the bars'
+verdicts, ``--plot`` (a valid PNG with matplotlib; without it one clear line naming
+``pip install matplotlib``, before anything is measured, in every script) and the scripts'
+use of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from bench_scripts import BENCH_DIR, bench_script, import_bench
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SCRIPTS = ("bench_na", "bench_block_sparse", "bench_linear")
+
+
+def assert_png(path) -> None:
+    """``path`` is a PNG that matplotlib can read back, of a plausible size."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+
+
+def test_every_benchmark_uses_the_harness():
+    """One harness: every script imports its machinery from bench/harness.py, and bench/common.py
+    is gone."""
+    assert not (BENCH_DIR / "common.py").exists()
+    for name in SCRIPTS:
+        text = bench_script(name).read_text()
+        assert re.search(r"^from harness import \(", text, re.M), name
+    for name in ("bench_na", "bench_block_sparse"):
+        assert "attention_main(BENCHMARK, argv)" in bench_script(name).read_text()
+    # bench_na.py uses the library's neighborhood window rule, not a copy of it.
+    na = bench_script("bench_na").read_text()
+    assert "from tokenmix.neighborhood.reference import window_bounds" in na
+    assert "group_len" not in na and "leader" not in na
+
+
+def test_parse_int_list():
+    harness = import_bench("harness")
+    assert harness.parse_int_list("2048, 4096,2048", "--seq-lens") == [2048, 4096]
+    for bad in ("", "a,b", "0,1024", "-5"):
+        with pytest.raises(SystemExit, match="--seq-lens"):
+            harness.parse_int_list(bad, "--seq-lens")
+
+
+def test_verdicts():
+    harness = import_bench("harness")
+    assert harness.check_verdict(5.6, 5.6) == "PASS"
+    assert harness.check_verdict(1.0, 1.0, strict=True) == "FAIL"
+    assert harness.check_verdict(3.0, 5.0) == "FAIL"
+    assert harness.check_verdict(3.0, 5.0, lower_bound=True).startswith("NOT MEASURED")
+    assert harness.check_verdict(9.0, 5.0, wrong=True) == "FAIL (wrong output)"
+    assert harness.bar_verdict([{"verdict": "PASS"}, {"verdict": "PASS"}]) == "PASS"
+    assert harness.bar_verdict([{"verdict": "PASS"}, {"verdict": "NOT RUN"}]) == "INCOMPLETE"
+    assert harness.bar_verdict([{"verdict": "NOT RUN"}, {"verdict": "FAIL"}]) == "FAIL"
+    assert harness.bar_verdict([]) == "INCOMPLETE"
+
+
+def _points():
+    """Two series, three backends, two modes; one peer stopped (a lower bound), one not run."""
+    points = []
+    for series, scale in (("sliding-bs64", 1.0), ("random-bs64", 0.5)):
+        for x in (1024, 2048, 4096):
+            for backend, label, per in (
+                ("tokenmix", "tokenmix", 1.0),
+                ("flex", "flex (compiled)", 2.0),
+                ("sdpa", "sdpa+mask", 0.01 * x),
+            ):
+                for mode in ("fwd", "fwd+bwd"):
+                    ms = scale * per * x / 1024 * (3.5 if mode == "fwd+bwd" else 1.0)
+                    point = {
+                        "series": series,
+                        "x": x,
+                        "backend": backend,
+                        "label": label,
+                        "mode": mode,
+                        "ms": ms,
+                        "lower_bound_ms": None,
+                    }
+                    if backend == "flex" and mode == "fwd+bwd":
+                        point["ms"] = None  # n/a
+                    if backend == "sdpa" and x == 4096:
+                        point.update(ms=None, lower_bound_ms=30000.0)
+                    points.append(point)
+    return points
+
+
+def test_plot_sweep_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    harness = import_bench("harness")
+    path = tmp_path / "sweep.png"
+    harness.plot_sweep(str(path), _points(), title="block-sparse attention: test")
+    assert_png(path)
+    # One series: the title names it, no series legend entries.
+    one = [p for p in _points() if p["series"] == "sliding-bs64"]
+    harness.plot_sweep(str(tmp_path / "one.png"), one, title="t", x_label="tokens")
+    assert_png(tmp_path / "one.png")
+
+
+def test_sweep_points_from_a_report():
+    harness = import_bench("harness")
+    cases = [
+        {
+            "name": f"sliding-bs64-T{t}",
+            "tokens": t,
+            "series": "sliding-bs64",
+            "results": [
+                {"backend": "tokenmix", "label": "tokenmix", "mode": "fwd", "median_ms": 1.0},
+                {"backend": "sdpa", "label": "sdpa+mask", "mode": "fwd", "lower_bound_ms": 3e4},
+            ],
+        }
+        for t in (1024, 2048)
+    ]
+    points = harness.sweep_points(
+        cases, x=lambda c: c["tokens"], series=lambda c: c["series"], labels={"sdpa": "SDPA"}
+    )
+    assert [(p["x"], p["label"], p["ms"], p["lower_bound_ms"]) for p in points] == [
+        (1024, "tokenmix", 1.0, None),
+        (1024, "SDPA", None, 3e4),
+        (2048, "tokenmix", 1.0, None),
+        (2048, "SDPA", None, 3e4),
+    ]
+
+
+def test_require_matplotlib_without_it(monkeypatch, capsys):
+    """The import failing (``sys.modules[name] = None`` makes ``import name`` raise
+    ImportError) gives one line naming ``pip install matplotlib`` and exit status 2."""
+    harness = import_bench("harness")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exc:
+        harness.require_matplotlib("bench_x.py")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("bench_x.py: --plot needs matplotlib")
+    assert err[0].endswith("pip install matplotlib")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_plot_without_matplotlib_fails_at_once(name, tmp_path):
+    """Each script with ``--plot`` and an unimportable matplotlib (a package of that name on
+    PYTHONPATH whose import raises) stops before measuring anything: exit status 2, nothing on
+    stdout, one line on stderr."""
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is hidden by the test')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(fake.parent), env.get("PYTHONPATH", "")) if p
+    )
+    out = tmp_path / "x.png"
+    size = ["--T", "128"] if name == "bench_linear" else ["--quick"]
+    proc = subprocess.run(
+        [sys.executable, str(bench_script(name)), *size, "--plot", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{name}.py: --plot needs matplotlib")
+    assert "matplotlib is hidden by the test" in lines[0]
+    assert lines[0].endswith("pip install matplotlib")
+    assert not out.exists()
+
+
+def test_bench_linear_sweep_and_plot(tmp_path):
+    """bench_linear.py --seq-lens: one case per length, the harness's ceiling (start and end,
+    the higher used) and the plot."""
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "linear.png", tmp_path / "linear.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(bench_script("bench_linear")),
+            "--variant",
+            "linear",
+            "--seq-lens",
+            "128,256",
+            "--backends",
+            "fused,chunked",
+            "--repeats",
+            "2",
+            "--plot",
+            str(png),
+            "--json",
+            str(js),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(js.read_text())
+    assert [c["seq"] for c in report["cases"]] == [128, 256]
+    matmul = report["meta"]["matmul"]
+    assert report["meta"]["matmul_gflops"] == max(matmul["gflops_start"], matmul["gflops_end"])
+    assert "measuring float32 matmul 2048x2048 with 2 threads" in proc.stderr
+    assert f"wrote {png}" in proc.stderr
+    assert_png(png)
+
+
+def test_example_plot_is_documented():
+    """docs/performance.md shows the committed example plot with the command that draws it."""
+    root = BENCH_DIR.parent
+    doc = (root / "docs" / "performance.md").read_text()
+    png = root / "docs" / "images" / "bench_block_sparse_sliding.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "](images/bench_block_sparse_sliding.png)" in doc
+    command = re.search(r"bench_block_sparse\.py --case sliding [^`]*?\.png", doc, re.S)
+    assert command is not None
+    assert "--seq-lens 2048,4096,8192,16384" in command.group(0)
+    assert "--plot docs/images/bench_block_sparse_sliding.png" in command.group(0)
+    assert "## Sparse-attention patterns" in doc
