@@ -150,3 +150,31 @@ class MaxTensorSize(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def check_layer_against(out, ref, x, layer, *, atol_out=1e-10, atol_grad=1e-9) -> None:
+    """A layer's output and the gradients of x and its parameters equal a reference's."""
+    torch.testing.assert_close(out, ref, atol=atol_out, rtol=atol_out)
+    w = torch.randn_like(out)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((out * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref * w).sum(), params)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=atol_grad, rtol=atol_grad)
+
+
+def check_compiled_matches_eager(layer, x, *, fullgraph: bool):
+    """One eager call (it builds and caches the layout outside the compiled region), then the
+    compiled layer's output and parameter gradients equal the eager ones. Returns the compiled
+    layer."""
+    eager = layer(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=fullgraph)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    for g, p in zip(grads, layer.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    return compiled

@@ -14,6 +14,7 @@ import random
 import pytest
 import tokenmix
 import torch
+from pattern_checks import check_compiled_matches_eager, check_layer_against
 from tokenmix.patterns import multi_axis, multi_axis_mask_mod
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -228,31 +229,14 @@ def test_layer_forward_backward_against_dense(heads, kv_heads, grid_heads):
     expected_grid = (kv_heads // 2) * (heads // kv_heads) if grid_heads is None else grid_heads
     assert layer.grid_heads == expected_grid
     x = torch.randn(2, 6, 12, dim, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    ref = layer_reference(layer, x)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    w = torch.randn_like(out)
-    params = [x, *layer.parameters()]
-    grads = torch.autograd.grad((out * w).sum(), params)
-    ref_grads = torch.autograd.grad((ref * w).sum(), params)
-    for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    check_layer_against(layer(x), layer_reference(layer, x), x, layer)
 
 
 def test_layer_compiles_fullgraph_with_gqa():
     torch.manual_seed(1)
     layer = tokenmix.nn.MultiAxisAttention2D(64, 4, block=4, grid=2, num_kv_heads=2)
     x = torch.randn(2, 8, 8, 64)
-    eager = layer(x)  # builds and caches the layouts outside the compiled region
-    eager.sum().backward()
-    grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    compiled = torch.compile(layer, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
-    for g, p in zip(grads, layer.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    check_compiled_matches_eager(layer, x, fullgraph=True)
 
 
 def test_errors_name_the_argument():

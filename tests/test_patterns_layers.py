@@ -8,6 +8,7 @@ import functools
 import pytest
 import tokenmix
 import torch
+from pattern_checks import check_compiled_matches_eager
 from tokenmix import patterns
 from tokenmix.block_sparse import block_sparse_attention_reference
 
@@ -119,16 +120,7 @@ def test_layers_compile_fullgraph(kind):
             32, 4, window=12, sinks=2, num_kv_heads=2, block_size=16
         )
     x = torch.randn(2, 50, 32)
-    eager = layer(x)  # builds and caches the layout outside the compiled graph
-    eager.sum().backward()
-    grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    compiled = torch.compile(layer, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
-    for g, p in zip(grads, layer.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    check_compiled_matches_eager(layer, x, fullgraph=True)
 
 
 def test_layer_errors():

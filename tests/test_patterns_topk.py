@@ -12,6 +12,7 @@ import random
 import pytest
 import tokenmix
 import torch
+from pattern_checks import check_compiled_matches_eager, check_layer_against
 from tokenmix.patterns import select_topk_blocks, topk_block_scores, topk_blocks
 
 
@@ -322,31 +323,14 @@ def test_layer_forward_backward_against_dense(heads, kv_heads, pooling, causal):
         dim, heads, block_size=8, topk=3, num_kv_heads=kv_heads, pooling=pooling, causal=causal
     ).double()
     x = torch.randn(2, 75, dim, dtype=torch.float64, requires_grad=True)
-    out = layer(x)
-    ref = layer_reference(layer, x)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    w = torch.randn_like(out)
-    params = [x, *layer.parameters()]
-    grads = torch.autograd.grad((out * w).sum(), params)
-    ref_grads = torch.autograd.grad((ref * w).sum(), params)
-    for a, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, r, atol=1e-9, rtol=1e-9)
+    check_layer_against(layer(x), layer_reference(layer, x), x, layer)
 
 
 def test_layer_compiles_with_a_graph_break_at_the_selection():
     torch.manual_seed(2)
     layer = tokenmix.nn.TopKBlockAttention(64, 4, block_size=16, topk=2, num_kv_heads=2)
     x = torch.randn(2, 96, 64)
-    eager = layer(x)
-    eager.sum().backward()
-    grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    compiled = torch.compile(layer, fullgraph=False)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
-    for g, p in zip(grads, layer.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+    compiled = check_compiled_matches_eager(layer, x, fullgraph=False)
     # A second input of another length compiles and runs too (new selection, same code).
     assert compiled(torch.randn(1, 50, 64)).shape == (1, 50, 64)
 
