@@ -27,7 +27,7 @@ class Case:
     kv_block: int = 32
     layout_batch: int = 1  # 1 or batch
     layout_heads: int = 1  # 1, kv_heads or heads
-    band: list = field(default_factory=list)  # [] or [lo, hi, prefix]
+    band: list = field(default_factory=list)  # [], [lo, hi, prefix] or [lo, hi, prefix, 1]
     docs: bool = False
     bits: bool = False
     # 0: bitmask elements drawn one by one; R > 0: per R x R region of (query, key) positions,
@@ -61,9 +61,10 @@ def _structured(c: Case, q_doc, kv_doc) -> torch.Tensor:
     k = torch.arange(c.kv_len)[None, :]
     rule = torch.ones(c.q_len, c.kv_len, dtype=torch.bool)
     if c.band:
-        lo, hi, prefix = c.band
+        lo, hi, prefix = c.band[:3]
         d = k - q
-        rule = ((d >= lo) & (d <= hi)) | (k < prefix)
+        sinks = (k < prefix) & (d <= hi) if c.band[3:] == [1] else k < prefix
+        rule = ((d >= lo) & (d <= hi)) | sinks
     if q_doc is not None:
         return rule[None] & (q_doc[:, :, None] == kv_doc[:, None, :])
     return rule[None]

@@ -389,22 +389,30 @@ def test_errors_name_the_argument():
     # The raw op checks the layout data too (direct calls must not read out of bounds).
     bad = layout.kv_indices.clone()
     bad[0, 0, 0, 0] = 99
-    with pytest.raises(RuntimeError, match="kv_indices holds block index 99"):
-        torch.ops.tokenmix.block_sparse_forward(
+
+    def raw_forward(kv_indices, band):
+        return torch.ops.tokenmix.block_sparse_forward(
             q,
             k,
             v,
             layout.kv_num_blocks,
-            bad,
+            kv_indices,
             layout.full_kv_num_blocks,
             layout.full_kv_indices,
             [16, 16],
             None,
             None,
             None,
-            layout.element_mask.band_arg(),
+            band,
             1.0,
         )
+
+    with pytest.raises(RuntimeError, match="kv_indices holds block index 99"):
+        raw_forward(bad, layout.element_mask.band_arg())
+    with pytest.raises(RuntimeError, match=r"band\[3\] \(prefix_causal\) must be 0 or 1, got 2"):
+        raw_forward(layout.kv_indices, [-(2**40), 0, 4, 2])
+    with pytest.raises(RuntimeError, match="band must be"):
+        raw_forward(layout.kv_indices, [-(2**40), 0])
 
 
 def test_raw_forward_op_is_not_differentiable_alone():

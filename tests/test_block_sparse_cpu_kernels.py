@@ -105,7 +105,7 @@ class Layout:
             weights = 2 ** torch.arange(32, dtype=torch.int64)
             words = (padded.view(bits.shape[:-1] + (self.words, 32)) * weights).sum(-1)
             self.mask_bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-        self.band = band  # (lo, hi, prefix) or None
+        self.band = band  # (lo, hi, prefix), (lo, hi, prefix, 1) or None
         self.q_doc, self.kv_doc = q_doc, kv_doc
 
     def dense(self, batch, heads):
@@ -117,9 +117,10 @@ class Layout:
         ki = torch.arange(self.kv_len)[None, :]
         rule = torch.ones(batch, self.q_len, self.kv_len, dtype=torch.bool)
         if self.band is not None:
-            lo, hi, prefix = self.band
+            lo, hi, prefix = self.band[:3]
             d = ki - qi
-            rule &= (((d >= lo) & (d <= hi)) | (ki < prefix))[None]
+            sinks = (ki < prefix) & (d <= hi) if self.band[3:] == (1,) else ki < prefix
+            rule &= (((d >= lo) & (d <= hi)) | sinks)[None]
         if self.q_doc is not None:
             qd = self.q_doc.expand(batch, -1)
             kd = self.kv_doc.expand(batch, -1)
@@ -323,6 +324,10 @@ def test_dtypes(dtype):
         (-(2**62), 2**62, 0),  # everything
         (3, 2, 0),  # empty band: only the prefix could keep
         (-(2**62), 0, 70),  # prefix-LM
+        (-40, 0, 16, 1),  # causal sliding window with attention sinks (causal prefix)
+        (-30, 5, 50, 1),  # sinks up to an offset diagonal, more sinks than the window
+        (3, 2, 20, 1),  # empty band: only the causal prefix keeps
+        (-(2**62), 0, 0, 1),  # causal prefix of length 0: plain causal
     ],
 )
 def test_band_rule(band):

@@ -120,6 +120,14 @@ CASES = {
     "sliding_window": Case(
         q_len=140, kv_len=140, band=[-40, 8, 0], q_block=20, kv_block=24, seed=4, **DERIVED
     ),
+    # Attention sinks: a causal prefix longer than the diagonal block (early queries must not
+    # see later sinks), direct mode and schedule mode.
+    "causal_sinks_direct": Case(
+        q_len=160, kv_len=160, band=[-40, 0, 50, 1], q_block=32, kv_block=32, seed=41, **DERIVED
+    ),
+    "causal_sinks_schedule": Case(
+        q_len=150, kv_len=170, band=[-30, 20, 45, 1], q_block=48, kv_block=40, seed=42, **DERIVED
+    ),
     "documents": Case(
         batch=2,
         layout_batch=2,

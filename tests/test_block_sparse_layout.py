@@ -135,6 +135,14 @@ def structured_rules(tq, tk):
             lambda q, k: (k >= q + off - 13) & (k <= q + off + 5),
         ),
         "prefix": (ElementMask.prefix_lm(9, off), lambda q, k: (k <= q + off) | (k < 9)),
+        "sinks": (
+            ElementMask(band=(off - 11, off), prefix=21, prefix_causal=True),
+            lambda q, k: ((k >= q + off - 11) | (k < 21)) & (k <= q + off),
+        ),
+        "window-sinks": (
+            ElementMask(band=(off - 7, off + 3), prefix=12, prefix_causal=True),
+            lambda q, k: ((k >= q + off - 7) | (k < 12)) & (k <= q + off + 3),
+        ),
         "document": (
             ElementMask.document(docs_q, docs_k),
             lambda q, k: docs_q[q] == docs_k[k],
@@ -150,7 +158,15 @@ def structured_rules(tq, tk):
 STRUCTURED = [
     (tq, tk, rule)
     for tq, tk in [(64, 64), (100, 100), (70, 133), (129, 40)]
-    for rule in ["causal", "window", "prefix", "document", "document-causal"]
+    for rule in [
+        "causal",
+        "window",
+        "prefix",
+        "sinks",
+        "window-sinks",
+        "document",
+        "document-causal",
+    ]
     if tq == tk or not rule.startswith("document")
 ]
 
@@ -177,6 +193,13 @@ def test_structured_layout_is_exact(tq, tk, block, rule):
     torch.testing.assert_close(reference(q, k, v, layout), flex(q, k, v, bm)[0])
     # A BlockMask made from the rule's mask_mod converts back to the structured rule.
     assert BlockLayout.from_block_mask(bm).element_mask is not None
+
+
+def test_band_arg_passes_the_causal_prefix_to_the_ops():
+    assert ElementMask.prefix_lm(5).band_arg()[2:] == [5]
+    assert ElementMask(band=(-8, 0), prefix=5, prefix_causal=True).band_arg() == [-8, 0, 5, 1]
+    # Without a prefix the flag changes nothing, so the ops get the plain band.
+    assert ElementMask(band=(-8, 0), prefix_causal=True).band_arg() == [-8, 0, 0]
 
 
 def test_broadcast_stays_broadcast_without_a_user_mask_mod():
@@ -267,6 +290,8 @@ def test_layout_errors_name_the_argument():
         ElementMask.document(torch.zeros(10, dtype=torch.int64)).check_lengths(12, 12)
     with pytest.raises(ValueError, match="q_doc must hold integer"):
         ElementMask.document(torch.zeros(10))
+    with pytest.raises(TypeError, match="prefix_causal must be a bool"):
+        ElementMask(band=(-4, 0), prefix=2, prefix_causal=1)
 
     def broken(b, h, q, k):
         raise RuntimeError("boom")

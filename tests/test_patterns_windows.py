@@ -38,7 +38,8 @@ def window_case(seed: int):
 CASES = [window_case(s) for s in range(12)] + [
     (200, 50, 0, True, 32),  # structured band
     (200, 50, 1, True, 32),  # one sink: still structured
-    (203, 37, 9, True, 16),  # sinks across a block boundary: bits
+    (203, 37, 9, True, 16),  # sinks across a block boundary: causal prefix
+    (100, 8, 40, True, 16),  # more sinks than the window, inside the diagonal blocks
     (130, 20, 5, False, 64),  # non-causal with sinks: structured prefix
     (97, 500, 3, True, 32),  # window longer than the sequence
 ]
@@ -54,10 +55,10 @@ def test_sliding_window_matches_formula(T, window, sinks, causal, block):
         patterns.sliding_window_mask_mod(window, causal, sinks),
         block_size=block,
     )
-    # The representation the docstring promises.
-    structured = not causal or sinks <= 1
-    assert (layout.element_mask is not None) == (structured and bool(layout.kv_num_blocks.any()))
-    assert (layout.mask_bits is not None) == (not structured and bool(layout.kv_num_blocks.any()))
+    # The representation the docstring promises: a structured rule, never a bitmask.
+    assert layout.mask_bits is None
+    if layout.kv_num_blocks.any():
+        assert layout.element_mask.prefix_causal == (causal and sinks > 0)
 
 
 @pytest.mark.parametrize(

@@ -156,13 +156,17 @@ inline BlockSparseProblem make_problem(
   }
 
   ElementMask& m = l.mask;
-  STD_TORCH_CHECK(band.size() == 0 || band.size() == 3,
-                  "tokenmix: band must be [] or [lo, hi, prefix]");
-  if (band.size() == 3) {
+  STD_TORCH_CHECK(band.size() == 0 || band.size() == 3 || band.size() == 4,
+                  "tokenmix: band must be [], [lo, hi, prefix] or [lo, hi, prefix, prefix_causal]");
+  if (band.size() >= 3) {
     m.has_band = true;
     m.band_lo = band[0];
     m.band_hi = band[1];
     m.prefix = band[2];
+    STD_TORCH_CHECK(band.size() == 3 || band[3] == 0 || band[3] == 1,
+                    "tokenmix: band[3] (prefix_causal) must be 0 or 1, got ",
+                    band.size() == 4 ? band[3] : 0);
+    m.prefix_causal = band.size() == 4 && band[3] == 1;
   }
   STD_TORCH_CHECK(q_doc.has_value() == kv_doc.has_value(),
                   "tokenmix: q_doc and kv_doc must be given together");

@@ -17,8 +17,10 @@ namespace tokenmix {
 
 // The element rule of partial blocks: keep(b, q, k) holds when every part that
 // is present holds (with no part present, partial blocks are kept whole).
-//  - band: band_lo <= k - q <= band_hi, or k < prefix (prefix-LM). Causal with
-//    an offset is (-inf, offset], a sliding window [offset - left, offset + right].
+//  - band: band_lo <= k - q <= band_hi, or k < prefix. Causal with an offset is
+//    (-inf, offset], a sliding window [offset - left, offset + right]. The prefix is
+//    prefix-LM's (every query keeps it), or with prefix_causal attention sinks' (only
+//    where k - q <= band_hi: a causal query never keeps a later sink).
 //  - documents: q_doc[b, q] == kv_doc[b, k] (packed sequences).
 //  - bits: bit (q mod q_block, k mod kv_block) of the partial block's bitmask,
 //    which Python fills by evaluating a Flex mask_mod once per partial block.
@@ -26,6 +28,7 @@ struct ElementMask {
   bool has_band = false;
   int64_t band_lo = 0, band_hi = 0;
   int64_t prefix = 0;
+  bool prefix_causal = false;
   const int32_t* q_doc = nullptr;   // [doc_batch, q_len], contiguous
   const int32_t* kv_doc = nullptr;  // [doc_batch, kv_len], contiguous
   int64_t doc_batch = 0;            // 1 (broadcast over B) or B
@@ -42,7 +45,9 @@ struct ElementMask {
                                        int64_t k) const {
     if (has_band) {
       const int64_t d = k - q;
-      if (!((d >= band_lo && d <= band_hi) || k < prefix)) return false;
+      const bool in_band = d >= band_lo && d <= band_hi;
+      const bool in_prefix = k < prefix && (!prefix_causal || d <= band_hi);
+      if (!(in_band || in_prefix)) return false;
     }
     if (q_doc) {
       const int64_t db = doc_batch > 1 ? b : 0;

@@ -467,8 +467,11 @@ class BlockLayout:
             band_any = (dmax >= lo) & (dmin <= hi)
             band_all = (dmin >= lo) & (dmax <= hi)
             if em.prefix > 0:
-                band_any = band_any | (k0 < em.prefix)
-                band_all = band_all | (k1 <= em.prefix)
+                sink_any, sink_all = k0 < em.prefix, k1 <= em.prefix
+                if em.prefix_causal:  # sinks only up to the band's upper edge
+                    sink_any, sink_all = sink_any & (dmin <= hi), sink_all & (dmax <= hi)
+                band_any = band_any | sink_any
+                band_all = band_all | sink_all
             any_keep, all_keep = any_keep & band_any, all_keep & band_all
         if em.q_doc is not None:
             # Per-block min/max ids: overlapping ranges may share a document (exact for sorted

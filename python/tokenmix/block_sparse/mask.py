@@ -6,6 +6,8 @@ has holds:
 * **band**: ``lo <= k - q <= hi`` (inclusive), or ``k < prefix``. Causal attention with an
   offset is ``(-inf, offset]``; a sliding window of ``left`` keys before and ``right`` keys
   after the diagonal is ``[offset - left, offset + right]``; prefix-LM adds ``k < prefix``.
+  With ``prefix_causal`` the prefix keys are attention sinks instead: ``k < prefix and
+  k - q <= hi``, so a causal query never keeps a sink after it.
 * **documents**: ``q_doc[b, q] == kv_doc[b, k]`` (packed sequences).
 
 The same rule is available as a FlexAttention ``mask_mod`` (:meth:`ElementMask.mask_mod`), and
@@ -48,12 +50,14 @@ class ElementMask:
 
     Build one with :meth:`causal`, :meth:`sliding_window`, :meth:`prefix_lm` or
     :meth:`document`. ``band`` is ``(lo, hi)`` on ``k - q`` (inclusive; ``None`` for no band
-    part); ``prefix`` keeps keys ``< prefix`` whatever the band says; ``q_doc`` / ``kv_doc``
-    are int32 ``[1 or B, T]`` document ids.
+    part); ``prefix`` keeps keys ``< prefix`` whatever the band's lower edge says, and its
+    upper edge too unless ``prefix_causal`` (attention sinks: ``k < prefix and k - q <= hi``);
+    ``q_doc`` / ``kv_doc`` are int32 ``[1 or B, T]`` document ids.
     """
 
     band: tuple[int, int] | None = None
     prefix: int = 0
+    prefix_causal: bool = False
     q_doc: Tensor | None = None
     kv_doc: Tensor | None = None
 
@@ -66,6 +70,10 @@ class ElementMask:
             raise ValueError(f"prefix must be >= 0, got {self.prefix}")
         if self.prefix > 0 and self.band is None:
             raise ValueError("prefix needs a band (prefix-LM is a band OR k < prefix)")
+        if not isinstance(self.prefix_causal, bool):
+            raise TypeError(
+                f"prefix_causal must be a bool, got {type(self.prefix_causal).__name__}"
+            )
         if (self.q_doc is None) != (self.kv_doc is None):
             raise ValueError("q_doc and kv_doc must be given together")
         if self.q_doc is not None:
@@ -138,7 +146,10 @@ class ElementMask:
             d = k - q
             band = (d >= self.band[0]) & (d <= self.band[1])
             if self.prefix > 0:
-                band = band | (k < self.prefix)
+                sink = k < self.prefix
+                if self.prefix_causal:
+                    sink = sink & (d <= self.band[1])
+                band = band | sink
             keep = keep & band
         if self.q_doc is not None:
             q_doc = self.q_doc.to(q.device)
@@ -158,8 +169,12 @@ class ElementMask:
         return element_mask_mod
 
     def band_arg(self) -> list[int]:
-        """The ``band`` argument of the ops: ``[]`` or ``[lo, hi, prefix]``."""
-        return [] if self.band is None else [self.band[0], self.band[1], self.prefix]
+        """The ``band`` argument of the ops: ``[]``, ``[lo, hi, prefix]``, or with a causal
+        prefix ``[lo, hi, prefix, 1]``."""
+        if self.band is None:
+            return []
+        causal = [1] if self.prefix_causal and self.prefix > 0 else []
+        return [self.band[0], self.band[1], self.prefix, *causal]
 
     def to(self, device: torch.device | str) -> ElementMask:
         if self.q_doc is None or self.q_doc.device == torch.device(device):
@@ -167,6 +182,7 @@ class ElementMask:
         return ElementMask(
             band=self.band,
             prefix=self.prefix,
+            prefix_causal=self.prefix_causal,
             q_doc=self.q_doc.to(device),
             kv_doc=self.kv_doc.to(device),
         )

@@ -59,39 +59,27 @@ def _keep(q: Tensor, k: Tensor, window: Any, sinks: Any, causal: bool) -> Tensor
     return (d.abs() < window) | (k < sinks)
 
 
-def _structured_rule(window: int, sinks: int, causal: bool) -> ElementMask | None:
-    """The rule as an ElementMask when the kernels' band/prefix rule expresses it exactly.
+def _structured_rule(window: int, sinks: int, causal: bool) -> ElementMask:
+    """The rule as an ElementMask (the kernels evaluate it; no bitmask).
 
-    The band rule is ``lo <= k - q <= hi or k < prefix`` (prefix-LM: keys below the prefix are
-    kept by every query, earlier ones too). Non-causal windows with sinks are exactly that.
-    Causal windows are too without sinks or with one sink (key 0 is never in a query's future);
-    with two or more sinks a query ``q < sinks - 1`` would see the sink keys after it, so those
-    need the bitmask."""
+    Non-causal: the band ``|k - q| < window`` or a prefix-LM prefix (every query keeps the
+    sinks). Causal: the band ``-window < k - q <= 0`` or a causal prefix (``k < sinks and
+    k <= q``: a query never keeps a sink after it)."""
     if not causal:
         return ElementMask(band=(-(window - 1), window - 1), prefix=sinks)
-    if sinks <= 1:
-        return ElementMask(band=(-(window - 1), 0), prefix=sinks)
-    return None
+    return ElementMask(band=(-(window - 1), 0), prefix=sinks, prefix_causal=sinks > 0)
 
 
 def sliding_window_mask_mod(window: int, causal: bool = True, sinks: int = 0) -> MaskMod:
     """The Flex ``mask_mod`` of :func:`sliding_window` (same arguments and rule).
 
-    Where the rule is structured (see :func:`sliding_window`) this is
-    :meth:`ElementMask.mask_mod`, so a Flex ``BlockMask`` built from it converts back to the
-    structured rule.
+    It is the structured rule's :meth:`ElementMask.mask_mod`, so a Flex ``BlockMask`` built
+    from it converts back to the structured rule.
     """
     window = positive_int(window, "window")
     sinks = nonnegative_int(sinks, "sinks")
     causal = check_causal(causal)
-    rule = _structured_rule(window, sinks, causal)
-    if rule is not None:
-        return with_name(rule.mask_mod(), "sliding_window_mask_mod")
-
-    def sliding_window_mask_mod(b, h, q_idx, kv_idx):
-        return _keep(q_idx, kv_idx, window, sinks, causal)
-
-    return sliding_window_mask_mod
+    return with_name(_structured_rule(window, sinks, causal).mask_mod(), "sliding_window_mask_mod")
 
 
 def sliding_window(
@@ -109,11 +97,10 @@ def sliding_window(
     ``|d| < window or k < sinks``. ``window`` counts the keys on one side including the query
     itself; a window of ``T`` or more keeps everything (causal: everything up to the query).
 
-    Representation: structured (:class:`tokenmix.ElementMask`, evaluated in the kernels) for
-    every non-causal case and for causal windows with ``sinks <= 1``; causal windows with two or
-    more sinks differ from the kernels' prefix rule for the queries before the last sink (which
-    must not see later sinks), so their partial blocks carry a bitmask. Blocks inside the window
-    (or inside the sinks) are full either way.
+    Representation: structured (:class:`tokenmix.ElementMask`, evaluated in the kernels, no
+    bitmask): a band plus a prefix, prefix-LM's when non-causal (every query keeps the sinks),
+    a causal prefix when causal (a query keeps only the sinks at or before it). Blocks inside
+    the window (or inside the sinks) are full.
 
     Args:
         T: the sequence length (queries and keys).
@@ -141,18 +128,7 @@ def sliding_window(
     causal = check_causal(causal)
     block_size = check_block_size(block_size)
     device = as_device(device)
-    rule = _structured_rule(window, sinks, causal)
-    if rule is not None:
-        return structured_layout(rule, T, block_size, device)
-    return _window_tables(
-        T,
-        torch.tensor([window], device=device),
-        torch.tensor([sinks], device=device),
-        causal,
-        block_size,
-        device,
-        sliding_window_mask_mod(window, causal, sinks),
-    )
+    return structured_layout(_structured_rule(window, sinks, causal), T, block_size, device)
 
 
 def _window_tables(
@@ -280,8 +256,7 @@ def per_head_windows(
     heads = len(windows)
     if len(set(windows)) == 1 and len(set(sinks)) == 1:
         rule = _structured_rule(windows[0], sinks[0], causal)
-        if rule is not None:
-            return _repeat_heads(structured_layout(rule, T, block_size, device), heads)
+        return _repeat_heads(structured_layout(rule, T, block_size, device), heads)
     return _window_tables(
         T,
         torch.tensor(windows, device=device),

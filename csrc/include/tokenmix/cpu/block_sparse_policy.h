@@ -111,6 +111,7 @@ struct BlockSparsePolicy {
   bool band = false, docs = false, bits = false;
   I band_lo = 0, band_hi = 0;
   int64_t prefix = 0;
+  bool prefix_causal = false;
   TokenRows<T> keys, values;
   Buffer<T> key_copy, value_copy;
 
@@ -135,6 +136,7 @@ struct BlockSparsePolicy {
     band_lo = I(max_of<int64_t>(-lim, min_of<int64_t>(lim, m.band_lo)));
     band_hi = I(max_of<int64_t>(-lim, min_of<int64_t>(lim, m.band_hi)));
     prefix = m.prefix;
+    prefix_causal = m.prefix_causal;
 
     // Read K/V in place when they are T already and rows can be loaded as whole vectors (the
     // backward reads key rows as vectors: dQ = dS K); otherwise convert once.
@@ -345,9 +347,12 @@ struct BlockSparsePolicy {
       const VI wv = vload<VI>(ch.lane_words.data() + int64_t(ch.word[j]) * L + v);
       m = VI{} - ((wv >> vbroadcast<VI>(I(ch.bit[j]))) & vbroadcast<VI>(I(1)));
     }
-    if (band && ch.key[j] >= prefix) {
+    if (band) {
       const VI d = vbroadcast<VI>(ch.key[j]) - vload<VI>(ln.query.data() + v);
-      m &= (d >= vbroadcast<VI>(band_lo)) & (d <= vbroadcast<VI>(band_hi));
+      if (ch.key[j] >= prefix)
+        m &= (d >= vbroadcast<VI>(band_lo)) & (d <= vbroadcast<VI>(band_hi));
+      else if (prefix_causal)  // a sink: kept up to the band's upper edge
+        m &= d <= vbroadcast<VI>(band_hi);
     }
     if (docs) m &= vload<VI>(ln.doc.data() + v) == vbroadcast<VI>(ch.key_doc[j]);
     return m;
@@ -356,9 +361,10 @@ struct BlockSparsePolicy {
   // The same rule for one element.
   bool keeps(const Chunk& ch, const Lanes& ln, int j, int l) const {
     if (bits && !((ch.lane_words[int64_t(ch.word[j]) * L + l] >> ch.bit[j]) & 1)) return false;
-    if (band && ch.key[j] >= prefix) {
+    if (band) {
       const I d = ch.key[j] - ln.query[l];
-      if (d < band_lo || d > band_hi) return false;
+      if (ch.key[j] >= prefix ? d < band_lo || d > band_hi : prefix_causal && d > band_hi)
+        return false;
     }
     return !docs || ln.doc[l] == ch.key_doc[j];
   }
