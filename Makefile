@@ -11,7 +11,7 @@ THREADS ?= 2
 STAMP := $(VENV)/.tokenmix-installed
 SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
 
-.PHONY: demo test build lint format bench clean
+.PHONY: demo test build lint format bench clean gpu-check gpu-check-dry
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,13 +45,23 @@ bench: build
 	$(PY) bench/bench_linear.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --markdown
 
+# On a GPU machine (python3 with a CUDA torch, no package registry): builds for its device there
+# and runs the GPU tests, profilers, sanitizers and benchmarks into $(OUT). See tools/gpu_check.sh.
+OUT ?= $(CURDIR)/gpu-check-out
+gpu-check:
+	OUT="$(OUT)" PYTHON=python3 bash tools/gpu_check.sh
+
+# The same script on this machine, up to each step's first GPU call (the test suite runs it too).
+gpu-check-dry: build
+	OUT="$(OUT)" PYTHON=$(PY) bash tools/gpu_check.sh --dry-run
+
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/ruff check python tests bench tools
+	$(VENV)/bin/ruff format --check python tests bench tools
 	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 format: $(VENV)/.deps
-	$(VENV)/bin/ruff format python tests bench
+	$(VENV)/bin/ruff format python tests bench tools
 	$(VENV)/bin/clang-format -i $$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 clean:

@@ -1,0 +1,87 @@
+"""`make gpu-check` (tools/gpu_check.sh) and its workload (tools/gpu_kernels.py), up to their first
+GPU call: a GPU machine is lent for a few minutes at a time, so the script must already work."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_gpu_kernels():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernels", os.path.join(ROOT, "tools", "gpu_kernels.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_every_step(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    result = subprocess.run(
+        ["bash", "tools/gpu_check.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    summary = (tmp_path / "summary.txt").read_text()
+    assert result.returncode == 0, summary
+    steps = ["info", "device-tests", "profile-fwd", "profile-bwd", "sanitizer", "bench-na"]
+    for step in [*steps, "bench-block-sparse"]:
+        assert f"] {step} (limit" in summary, f"step {step} did not run:\n{summary}"
+        assert (tmp_path / f"{step}.log").exists()
+    assert "done: 0 step(s) failed" in summary
+    # The GPU tests were collected (not run) and the sanitizer's cases were checked.
+    assert "tests collected" in (tmp_path / "device-tests.log").read_text()
+    assert (tmp_path / "sanitizer.log").read_text().count("(OK)") == 2
+
+
+def test_dry_run_respects_the_budget(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_BUDGET="20")
+    result = subprocess.run(
+        ["bash", "tools/gpu_check.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = (tmp_path / "summary.txt").read_text()
+    assert result.returncode != 0
+    assert "skipped (the 20 s budget is spent)" in summary
+
+
+def test_small_cases_match_the_reference_on_cpu(capsys):
+    gpu_kernels = load_gpu_kernels()
+    assert gpu_kernels.main(["--device", "cpu", "--small"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(OK)") == 2 and "na both" in out and "bs both" in out
+
+
+def test_small_cases_report_a_mismatch(monkeypatch, capsys):
+    gpu_kernels = load_gpu_kernels()
+    real = gpu_kernels.BUILDERS["na"]
+
+    def off_by_a_bit(small, dtype, device, gen):
+        inputs, run, reference = real(small, dtype, device, gen)
+        return inputs, (lambda q, k, v: run(q, k, v) * 1.01), reference
+
+    monkeypatch.setitem(gpu_kernels.BUILDERS, "na", off_by_a_bit)
+    assert gpu_kernels.main(["--device", "cpu", "--small", "--family", "na"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPU")
+def test_cuda_without_a_device_is_a_clear_error(capsys):
+    gpu_kernels = load_gpu_kernels()
+    assert gpu_kernels.main(["--device", "cuda"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything tokenmix can learn from a few minutes on a GPU machine, in one run.
+#
+# The machine (see docs/cuda_engine.md, "The GPU check") has python3 with a CUDA torch, nvcc,
+# cmake, ninja and scikit-build-core, no package registry, and about 9 minutes for this script.
+# Steps, most important first, each with its own time limit and all within one budget
+# ($GPU_CHECK_BUDGET seconds, default 520), so a slow step cannot starve the rest:
+#   1. build for the device's architecture only (no emulator), --no-build-isolation
+#   2. `python -m tokenmix info`
+#   3. every GPU test (tests/*device*.py)
+#   4. ncu on the forward and the backward kernels: tensor-pipe and issue-slot utilization
+#   5. compute-sanitizer memcheck and racecheck on small checked cases (tools/gpu_kernels.py)
+#   6. the benchmarks with --device cuda against SDPA and FlexAttention (one case each)
+# Results go to $OUT (default ./gpu-check-out): summary.txt plus one log per step.
+#
+# --dry-run (or GPU_CHECK_DRY=1) runs the same steps on a machine without a GPU, up to each
+# step's first GPU call: no build (the installed tokenmix is used), the tests collected instead
+# of run, the sanitizer and profiler workloads on the CPU, the benchmarks' cases on the CPU
+# kernels. The test suite runs it, so the script is known to work before a GPU machine sees it.
+set -u
+DRY=${GPU_CHECK_DRY:-0}
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT=${OUT:-$PWD/gpu-check-out}
+BUDGET=${GPU_CHECK_BUDGET:-520}
+PY=$(command -v "${PYTHON:-python3}") || { echo "gpu-check: no ${PYTHON:-python3}"; exit 1; }
+PY=$(realpath -s "$PY")
+mkdir -p "$OUT"
+: >"$OUT/summary.txt"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+failures=0
+log() { echo "== [$(($(date +%s) - start)) s] $*" | tee -a "$OUT/summary.txt"; }
+# step NAME LIMIT_S CMD...: runs CMD with a time limit (cut to what is left of the budget), its
+# output in $OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - start)))
+  if [ $left -lt 15 ]; then
+    log "$name: skipped (the ${BUDGET} s budget is spent)"
+    failures=$((failures + 1))
+    return 1
+  fi
+  [ $limit -gt $left ] && limit=$left
+  log "$name (limit ${limit} s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -5 "$OUT/$name.log" | sed 's/^/   /' | tee -a "$OUT/summary.txt"
+  if [ $rc -ne 0 ]; then
+    failures=$((failures + 1))
+    [ $rc -eq 124 ] && log "$name: stopped at its ${limit} s limit" || log "$name: exit $rc"
+  fi
+  return $rc
+}
+
+if [ "$DRY" = 1 ]; then
+  log "dry run: no GPU calls (python: $($PY -c 'import sys; print(sys.executable)'))"
+  DEVICE=cpu
+else
+  DEVICE=cuda
+  nvidia-smi -L 2>&1 | tee -a "$OUT/summary.txt"
+  arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')") || {
+    log "torch sees no CUDA device: nothing to check"
+    exit 1
+  }
+  log "building for sm_$arch with $(nproc) jobs"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) step build 330 \
+    "$PY" -m pip install -q --no-build-isolation --no-deps \
+    -C cmake.define.TOKENMIX_CUDA=ON -C "cmake.define.TOKENMIX_CUDA_ARCHS=$arch" \
+    -C cmake.define.TOKENMIX_EMULATOR=OFF -C build-dir=build/gpu-check . ||
+    { log "build failed: see $OUT/build.log"; exit 1; }
+fi
+
+# Run from outside the checkout so `import tokenmix` is the installed package.
+step info 60 env -C /tmp "$PY" -m tokenmix info
+
+tests=$(ls tests/*device*.py)
+if [ "$DRY" = 1 ]; then
+  step device-tests 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider $tests
+else
+  step device-tests 150 "$PY" -m pytest -q -p no:cacheprovider $tests
+fi
+
+kernels=(tools/gpu_kernels.py --device "$DEVICE")
+
+# ncu: the neighborhood family's forward kernel, then its dQ and dK/dV kernels (the SASS model's
+# subjects). The metrics are the tensor pipe's share of active cycles and the issue-slot use.
+metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+metrics+=,sm__inst_issued.avg.pct_of_peak_sustained_active
+metrics+=,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum
+for which in fwd bwd; do
+  if [ "$DRY" = 1 ]; then
+    step "profile-$which" 60 "$PY" "${kernels[@]}" --family na --pass "$which"
+  elif command -v ncu >/dev/null; then
+    names="regex:na_forward_kernel"
+    [ "$which" = bwd ] && names="regex:na_backward_(dq|dkdv)_kernel"
+    step "ncu-$which" 90 ncu --target-processes all --kernel-name "$names" --launch-count 2 \
+      --metrics "$metrics" "$PY" "${kernels[@]}" --family na --pass "$which"
+  else
+    log "ncu not found: skipped the $which profile"
+  fi
+done
+
+# The sanitizer runs double as correctness checks: gpu_kernels.py --small compares every output
+# and gradient with the float64 reference.
+if [ "$DRY" = 1 ]; then
+  step sanitizer 60 "$PY" "${kernels[@]}" --small
+else
+  for tool in memcheck racecheck; do
+    if command -v compute-sanitizer >/dev/null; then
+      step "sanitizer-$tool" 60 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "$PY" "${kernels[@]}" --small
+    else
+      log "compute-sanitizer not found: skipped $tool"
+    fi
+  done
+fi
+
+bench_args=(--device cuda --markdown)
+# dry run: the same cases through the CPU kernels, tokenmix only, one timed call
+[ "$DRY" = 1 ] && bench_args=(--device cpu --backends tokenmix --forward --repeats 1 --markdown)
+step bench-na 120 "$PY" bench/bench_na.py --case 2d "${bench_args[@]}"
+step bench-block-sparse 120 "$PY" bench/bench_block_sparse.py --case random --block-size 64 \
+  "${bench_args[@]}"
+
+log "done: $failures step(s) failed; results in $OUT"
+[ $failures -eq 0 ]

@@ -1,0 +1,125 @@
+"""A fixed workload of tokenmix's CUDA kernels, for the GPU check's profiler and sanitizer runs.
+
+    python tools/gpu_kernels.py --family na --pass fwd      # what `ncu` profiles (one kernel)
+    python tools/gpu_kernels.py --small                     # what compute-sanitizer runs
+
+The default shapes are the benchmarks' (fp16, B=1, H=4, D=64: neighborhood attention 2-D 64x64
+with a 7x7 window; block-sparse random 64x64 blocks at 1/8 density over 4096 tokens). ``--small``
+runs tiny cases of every family and pass and checks each output and gradient against the float64
+reference, so a sanitizer run is also a correctness run; it exits 1 on a mismatch. With
+``--device cpu`` the same calls run on the CPU kernels: the GPU check's dry run uses that to
+prove the script up to its first GPU call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import tokenmix
+import torch
+from tokenmix import BlockLayout
+from tokenmix.block_sparse.reference import block_sparse_attention_reference
+from tokenmix.neighborhood.reference import neighborhood_attention_reference
+
+FAMILIES = ("na", "bs")
+PASSES = ("fwd", "bwd", "both")
+
+
+def na_inputs(small: bool, dtype: torch.dtype, device: str, gen: torch.Generator):
+    shape, kernel = ((9, 11), (3, 5)) if small else ((64, 64), (7, 7))
+    heads, dim = (2, 16) if small else (4, 64)
+    q, k, v = (
+        torch.randn(1, *shape, heads, dim, generator=gen).to(device, dtype) for _ in range(3)
+    )
+
+    def run(q, k, v):
+        return tokenmix.neighborhood_attention(q, k, v, kernel)
+
+    def reference(q, k, v):
+        return neighborhood_attention_reference(q, k, v, kernel)
+
+    return (q, k, v), run, reference
+
+
+def bs_inputs(small: bool, dtype: torch.dtype, device: str, gen: torch.Generator):
+    t, block, keep = (192, 64, 2) if small else (4096, 64, 8)
+    heads, dim = (2, 16) if small else (4, 64)
+    n = t // block
+    picks = torch.rand(heads, n, n, generator=gen).topk(keep, dim=-1).indices
+    status = torch.zeros(1, heads, n, n, dtype=torch.long)
+    status.scatter_(-1, picks.unsqueeze(0), 2)
+    layout = BlockLayout.from_block_status(status, block_size=block, seq_lengths=(t, t)).to(device)
+    q, k, v = (torch.randn(1, t, heads, dim, generator=gen).to(device, dtype) for _ in range(3))
+
+    def run(q, k, v):
+        return tokenmix.block_sparse_attention(q, k, v, layout)
+
+    def reference(q, k, v):
+        return block_sparse_attention_reference(q, k, v, layout)
+
+    return (q, k, v), run, reference
+
+
+BUILDERS = {"na": na_inputs, "bs": bs_inputs}
+
+
+def run_family(family: str, which: str, small: bool, dtype, device: str, repeats: int) -> float:
+    """Runs one family's pass; with ``small`` returns the largest relative error against the
+    float64 reference over the output and every gradient, else 0."""
+    gen = torch.Generator().manual_seed(0)
+    inputs, run, reference = BUILDERS[family](small, dtype, device, gen)
+    grad_inputs = [x.detach().requires_grad_(which != "fwd") for x in inputs]
+    grad_out = torch.randn(run(*grad_inputs).shape, generator=gen).to(device, dtype)
+    for _ in range(repeats):
+        out = run(*grad_inputs)
+        if which != "fwd":
+            grads = torch.autograd.grad(out, grad_inputs, grad_out)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if not small:
+        return 0.0
+    ref_inputs = [x.detach().double().cpu().requires_grad_(which != "fwd") for x in inputs]
+    ref_out = reference(*ref_inputs)
+    got, want = [out], [ref_out]
+    if which != "fwd":
+        got += list(grads)
+        want += list(torch.autograd.grad(ref_out, ref_inputs, grad_out.double().cpu()))
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        w = w.detach()
+        err = (g.detach().double().cpu() - w).abs().max() / w.abs().max().clamp_min(1.0)
+        worst = max(worst, float(err))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--family", default="all", choices=(*FAMILIES, "all"))
+    p.add_argument("--pass", dest="which", default="both", choices=PASSES)
+    p.add_argument("--small", action="store_true", help="tiny cases, checked against the reference")
+    p.add_argument("--repeats", type=int, default=1, help="calls per pass (default 1)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_kernels: --device cuda: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
+    families = FAMILIES if args.family == "all" else (args.family,)
+    failed = False
+    for family in families:
+        start = time.perf_counter()
+        err = run_family(family, args.which, args.small, dtype, args.device, args.repeats)
+        took = time.perf_counter() - start
+        verdict = ""
+        if args.small:
+            failed |= not err <= tol
+            verdict = f", max rel err {err:.2e} ({'OK' if err <= tol else 'MISMATCH'})"
+        print(f"{family} {args.which} on {args.device} ({dtype}): {took:.2f} s{verdict}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
