@@ -390,7 +390,7 @@ def layout_digest(layout) -> str:
         h.update(layout.mask_bits.cpu().contiguous().numpy().tobytes())
     em = layout.element_mask
     if em is not None:
-        h.update(repr((em.band, em.prefix)).encode())
+        h.update(repr((em.band, em.prefix, em.prefix_causal)).encode())
         for t in (em.q_doc, em.kv_doc):
             if t is not None:
                 h.update(t.cpu().contiguous().numpy().tobytes())

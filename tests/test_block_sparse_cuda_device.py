@@ -50,6 +50,17 @@ def _layouts():
             ElementMask.document(docs, causal=True), q_len=1024, kv_len=1024, block_size=64
         ),
     )
+    # Attention sinks: a causal prefix longer than a block (early queries see no later sink).
+    yield (
+        1024,
+        1024,
+        BlockLayout.from_element_mask(
+            ElementMask(band=(-255, 0), prefix=100, prefix_causal=True),
+            q_len=1024,
+            kv_len=1024,
+            block_size=64,
+        ),
+    )
 
     def mask_mod(b, h, q_idx, kv_idx):
         return ((q_idx * 7 + kv_idx * 3 + h) % 5 != 0) & (kv_idx <= q_idx + 40)
@@ -65,7 +76,7 @@ DIMS = [(64, 64), (128, 128), (40, 24)]
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("dims", DIMS, ids=[f"d{d}-dv{dv}" for d, dv in DIMS])
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_cuda_matches_reference(index, dims, dtype, deterministic):
     from tokenmix.block_sparse.reference import block_sparse_attention_reference
 

@@ -139,6 +139,16 @@ def structured_rules(tq, tk):
             ElementMask(band=(off - 11, off), prefix=21, prefix_causal=True),
             lambda q, k: ((k >= q + off - 11) | (k < 21)) & (k <= q + off),
         ),
+        # Blocks that straddle the prefix: full where the sinks below it and the band above it
+        # are both kept whole (with block size 16 at Tq = Tk = 64, keys 16-31 of queries 32-47).
+        "sinks-straddle": (
+            ElementMask(band=(off - 29, off), prefix=20, prefix_causal=True),
+            lambda q, k: ((k >= q + off - 29) | (k < 20)) & (k <= q + off),
+        ),
+        "prefix-straddle": (
+            ElementMask(band=(off - 29, off), prefix=20),
+            lambda q, k: ((k >= q + off - 29) & (k <= q + off)) | (k < 20),
+        ),
         "window-sinks": (
             ElementMask(band=(off - 7, off + 3), prefix=12, prefix_causal=True),
             lambda q, k: ((k >= q + off - 7) | (k < 12)) & (k <= q + off + 3),
@@ -163,6 +173,8 @@ STRUCTURED = [
         "window",
         "prefix",
         "sinks",
+        "sinks-straddle",
+        "prefix-straddle",
         "window-sinks",
         "document",
         "document-causal",

@@ -23,7 +23,7 @@ DRY=${GPU_CHECK_DRY:-0}
 OUT=${OUT:-$PWD/gpu-check-out}
 BUDGET=${GPU_CHECK_BUDGET:-520}
 PY=$(command -v "${PYTHON:-python3}") || { echo "gpu-check: no ${PYTHON:-python3}"; exit 1; }
-PY=$(realpath -s "$PY")
+case $PY in /*) ;; *) PY=$PWD/$PY ;; esac # absolute, but not resolved: a venv's python stays one
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 export PYTHONUNBUFFERED=1
@@ -43,7 +43,7 @@ step() {
   fi
   [ $limit -gt $left ] && limit=$left
   log "$name (limit ${limit} s): $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -5 "$OUT/$name.log" | sed 's/^/   /' | tee -a "$OUT/summary.txt"
   if [ $rc -ne 0 ]; then
@@ -64,7 +64,8 @@ else
     exit 1
   }
   log "building for sm_$arch with $(nproc) jobs"
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) step build 330 \
+  # PIP_BREAK_SYSTEM_PACKAGES: the machine's python3 may be an "externally managed" one
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PIP_BREAK_SYSTEM_PACKAGES=1 step build 330 \
     "$PY" -m pip install -q --no-build-isolation --no-deps \
     -C cmake.define.TOKENMIX_CUDA=ON -C "cmake.define.TOKENMIX_CUDA_ARCHS=$arch" \
     -C cmake.define.TOKENMIX_EMULATOR=OFF -C build-dir=build/gpu-check . ||
@@ -72,7 +73,7 @@ else
 fi
 
 # Run from outside the checkout so `import tokenmix` is the installed package.
-step info 60 env -C /tmp "$PY" -m tokenmix info
+step info 60 bash -c 'cd /tmp && "$0" -m tokenmix info' "$PY"
 
 tests=$(ls tests/*device*.py)
 if [ "$DRY" = 1 ]; then
@@ -92,28 +93,35 @@ for which in fwd bwd; do
   if [ "$DRY" = 1 ]; then
     step "profile-$which" 60 "$PY" "${kernels[@]}" --family na --pass "$which"
   elif command -v ncu >/dev/null; then
-    names="regex:na_forward_kernel"
-    [ "$which" = bwd ] && names="regex:na_backward_(dq|dkdv)_kernel"
-    step "ncu-$which" 90 ncu --target-processes all --kernel-name "$names" --launch-count 2 \
-      --metrics "$metrics" "$PY" "${kernels[@]}" --family na --pass "$which"
+    # two launches of each kernel (the forward; the backward's dQ and dK/dV)
+    names="regex:na_forward_kernel" count=2 expect="na_forward_kernel"
+    [ "$which" = bwd ] && names="regex:na_backward_(dq|dkdv)_kernel" count=4 expect="na_backward_d"
+    step "ncu-$which" 90 ncu --target-processes all --kernel-name "$names" --launch-count "$count" \
+      --metrics "$metrics" "$PY" "${kernels[@]}" --family na --pass "$which" &&
+      if ! grep -q "$expect" "$OUT/ncu-$which.log"; then
+        log "ncu-$which: no $expect launch was profiled"
+        failures=$((failures + 1))
+      fi
   else
-    log "ncu not found: skipped the $which profile"
+    log "ncu not found: the $which profile is missing"
+    failures=$((failures + 1))
   fi
 done
 
 # The sanitizer runs double as correctness checks: gpu_kernels.py --small compares every output
-# and gradient with the float64 reference.
+# and gradient with the float64 reference. PyTorch's caching allocator would hide out-of-bounds
+# accesses inside its blocks from memcheck, so it is off for these runs.
 if [ "$DRY" = 1 ]; then
   step sanitizer 60 "$PY" "${kernels[@]}" --small
-else
+elif command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
-    if command -v compute-sanitizer >/dev/null; then
-      step "sanitizer-$tool" 60 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        "$PY" "${kernels[@]}" --small
-    else
-      log "compute-sanitizer not found: skipped $tool"
-    fi
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer-$tool" 60 compute-sanitizer \
+      --tool "$tool" --error-exitcode 3 "$PY" "${kernels[@]}" --small
   done
+else
+  log "compute-sanitizer not found: the small cases run without it"
+  failures=$((failures + 1))
+  step small-cases 60 "$PY" "${kernels[@]}" --small
 fi
 
 bench_args=(--device cuda --markdown)

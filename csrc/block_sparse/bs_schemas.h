@@ -8,7 +8,8 @@
 //   q_indices / q_slots / full_q_indices [LB, LH, num_kv_blocks, max]    (backward)
 // LB and LH are 1 (broadcast) or B and H. block_size = [q_block, kv_block].
 // mask_bits: int32 [LB, LH, num_q_blocks, max_partial, q_block, ceil(kv_block / 32)].
-// q_doc / kv_doc: int32 [1 or B, Tq] / [1 or B, Tk]. band: [] or [lo, hi, prefix].
+// q_doc / kv_doc: int32 [1 or B, Tq] / [1 or B, Tk].
+// band: [], [lo, hi, prefix] or [lo, hi, prefix, prefix_causal (0 or 1)].
 #pragma once
 
 namespace tokenmix::bs_op {

@@ -467,11 +467,19 @@ class BlockLayout:
             band_any = (dmax >= lo) & (dmin <= hi)
             band_all = (dmin >= lo) & (dmax <= hi)
             if em.prefix > 0:
-                sink_any, sink_all = k0 < em.prefix, k1 <= em.prefix
-                if em.prefix_causal:  # sinks only up to the band's upper edge
-                    sink_any, sink_all = sink_any & (dmin <= hi), sink_all & (dmax <= hi)
+                # Any: the block's first key is a sink (causal: kept where d <= hi, and d is
+                # smallest there). All: the keys below the prefix are all kept (causal: up to
+                # hi) and the keys from the prefix on are all inside the band.
+                p = em.prefix
+                sink_any = k0 < p
+                ks, kn = torch.clamp(k1, max=p), torch.clamp(k0, min=p)  # sinks [k0, ks)
+                sinks_all = (ks <= k0) | torch.full_like(ks, not em.prefix_causal, dtype=bool)
+                if em.prefix_causal:
+                    sink_any = sink_any & (dmin <= hi)
+                    sinks_all = sinks_all | ((ks - 1) - q0 <= hi)
+                rest_all = (kn >= k1) | ((kn - (q1 - 1) >= lo) & (dmax <= hi))
                 band_any = band_any | sink_any
-                band_all = band_all | sink_all
+                band_all = band_all | (sinks_all & rest_all)
             any_keep, all_keep = any_keep & band_any, all_keep & band_all
         if em.q_doc is not None:
             # Per-block min/max ids: overlapping ranges may share a document (exact for sorted

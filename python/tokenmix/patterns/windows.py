@@ -233,8 +233,8 @@ def per_head_windows(
     head). The layout has ``heads == len(windows)``, so attention needs that many query heads
     (K/V may have fewer, GQA).
 
-    Representation: when every head has the same window and sinks and the rule is structured
-    (see :func:`sliding_window`), that structured rule with the lists repeated per head;
+    Representation: when every head has the same window and sinks, :func:`sliding_window`'s
+    structured rule with the lists repeated per head;
     otherwise partial blocks carry a per-head bitmask (evaluated once per partial block and
     head). Blocks inside a head's window are full.
 
