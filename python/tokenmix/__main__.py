@@ -1,4 +1,4 @@
-"""Command line: `python -m tokenmix info`."""
+"""Command line: `python -m tokenmix info | cuda-resources | sass-report`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,18 @@ def main(argv: list[str] | None = None) -> int:
         "cuda-resources",
         help="registers, shared memory and spills of the shipped CUDA kernels (ptxas report)",
     )
+    p_sass = sub.add_parser(
+        "sass-report",
+        help="a static model of the CUDA kernels' main loops (instruction classes, tensor-pipe "
+        "bound; needs cuobjdump)",
+    )
+    p_sass.add_argument("--library", help="the library to read (default: the installed _C.so)")
+    p_sass.add_argument("--kernel", help="only kernels whose readable name matches this regex")
+    p_sass.add_argument("--arch", help="only this architecture (sm_80, sm_90, ...)")
+    p_sass.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = parser.parse_args(argv)
+    if args.command == "sass-report":
+        return _sass_report(args)
     if args.command == "cuda-resources":
         from tokenmix._info import cuda_resource_usage, format_cuda_resources
 
@@ -30,6 +41,31 @@ def main(argv: list[str] | None = None) -> int:
 
         data = info()
         print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
+def _sass_report(args) -> int:
+    import re
+
+    from tokenmix._info import _readable_kernel
+    from tokenmix._sass import format_report, sass_report, to_dict
+
+    try:
+        kernels = sass_report(args.library)
+    except FileNotFoundError as e:
+        print(f"tokenmix sass-report: {e}", file=sys.stderr)
+        return 1
+    if args.kernel:
+        kernels = [k for k in kernels if re.search(args.kernel, _readable_kernel(k.name))]
+    if args.arch:
+        kernels = [k for k in kernels if k.arch == args.arch]
+    if not kernels:
+        print("tokenmix sass-report: no CUDA kernel matched (see `python -m tokenmix info`)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(
+        json.dumps([to_dict(k) for k in kernels], indent=2) if args.json else format_report(kernels)
+    )
     return 0
 
 

@@ -1,0 +1,162 @@
+"""`python -m tokenmix sass-report` (tokenmix._sass): the static model of the CUDA kernels' main
+loops, on a hand-written SASS listing with known answers and on the shipped kernels."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import tokenmix
+from tokenmix import _sass
+from tokenmix._info import _readable_kernel, cuda_resource_usage
+
+# A main loop (0x20 .. 0x100) whose iteration can skip three masking instructions and holds an
+# inner copy loop (0x80 .. 0xb0) that runs 4 times: R20 = 0, 128, 256, 384 is compared with
+# 0x180 before it is stepped, so the fourth trip is the last.
+LISTING = """
+	code for sm_80
+		Function : _ZN8tokenmix4cuda17na_forward_kernelINS0_3F16ELi64EEEvNS0_8NaParamsE
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   MOV R2, RZ ;
+        /*0020*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0030*/              @P0 BRA 0x70 ;
+        /*0040*/                   FSEL R5, R5, RZ, P1 ;
+        /*0050*/                   FSEL R6, R6, RZ, P1 ;
+        /*0060*/                   FSEL R7, R7, RZ, P1 ;
+        /*0070*/                   MOV R20, RZ ;
+        /*0080*/                   LDGSTS.E.BYPASS.128 [R21], [R22.64] ;
+        /*0090*/                   ISETP.GE.AND P2, PT, R20, 0x180, PT ;
+        /*00a0*/                   IADD3 R20, R20, 0x80, RZ ;
+        /*00b0*/              @!P2 BRA 0x80 ;
+        /*00c0*/                   LDSM.16.M88.4 R24, [R25] ;
+        /*00d0*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*00e0*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00f0*/                   ISETP.NE.AND P3, PT, R2, R30, PT ;
+        /*0100*/              @P3 BRA 0x20 ;
+        /*0110*/                   EXIT ;
+        /*0120*/                   BRA 0x120 ;
+	code for sm_90
+		Function : _ZN8tokenmix4cuda21na_backward_dq_kernelINS0_3F16ELi64EEEvNS0_8NaParamsE
+        /*0000*/                   MOV R2, RZ ;
+        /*0010*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0020*/                   LDS.128 R16, [R17] ;
+        /*0030*/                   IADD3 R20, R20, 0x1, RZ ;
+        /*0040*/                   ISETP.GE.AND P2, PT, R20, R31, PT ;
+        /*0050*/              @!P2 BRA 0x20 ;
+        /*0060*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0070*/                   ISETP.NE.AND P3, PT, R2, R30, PT ;
+        /*0080*/              @P3 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_listing_main_path_and_bound():
+    forward, dq = (_sass.analyze(k) for k in _sass.parse_sass(LISTING))
+    assert (forward.arch, dq.arch) == ("sm_80", "sm_90")
+    assert _readable_kernel(forward.name) == "na_forward_kernel<F16, 64>"
+    # main path: HMMA + BRA, the copy loop's preheader, 4 trips of 4, then 5 to the back edge;
+    # the longest path adds the 3 masking instructions
+    assert forward.path_length == 2 + 1 + 4 * 4 + 5
+    assert forward.longest_path_length == forward.path_length + 3
+    assert (forward.inner_loops, forward.unknown_trips) == (1, 0)
+    assert forward.counts["hmma"] == 2 and forward.counts["ldgsts"] == 4
+    assert forward.counts["ldsm"] == 1 and forward.counts["int_div"] == 0
+    # 2 x m16n8k16 = 4096 FMAs at 256 per cycle; 4 LDGSTS.128 + one LDSM.x4 = 20 wavefronts,
+    # 80 cycles for four sub-partitions: shared memory bounds the loop
+    assert forward.tensor_cycles == 16
+    assert forward.smem_cycles == 80
+    assert forward.bound == pytest.approx(16 / 80)
+    assert forward.longest_bound == pytest.approx(16 / 80)
+
+
+def test_listing_unknown_trip_count_counts_once():
+    dq = _sass.analyze(_sass.parse_sass(LISTING)[1])
+    # the inner loop (0x20 .. 0x50) runs to a register bound: counted once
+    assert (dq.inner_loops, dq.unknown_trips) == (1, 1)
+    assert dq.path_length == 1 + 4 + 3
+    # sm_90: 2048 FMAs at 512 per cycle; LDS.128 is 4 wavefronts = 16 cycles
+    assert dq.tensor_cycles == 4 and dq.smem_cycles == 16
+    assert dq.bound == pytest.approx(4 / 16)
+
+
+def test_report_table_and_json():
+    kernels = [_sass.analyze(k) for k in _sass.parse_sass(LISTING)]
+    table = _sass.format_report(kernels)
+    assert "| sm_80 | `na_forward_kernel<F16, 64>` | 24 | 2 | 16 | 80 | 20.0% | 27 |" in table
+    assert "| 1 (1 once) |" in table
+    row = _sass.to_dict(kernels[0])
+    assert row["kernel"] == "na_forward_kernel<F16, 64>" and row["bound"] == pytest.approx(0.2)
+
+
+def _shipped():
+    info = tokenmix._ops.build_info()
+    if not info.get("cuda_built"):
+        pytest.skip("this build has no CUDA kernels")
+    try:
+        _sass.find_cuobjdump()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return _sass.sass_report()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return _shipped()
+
+
+def test_every_ptxas_entry_is_in_the_report(shipped):
+    reported = {(k.arch, k.name) for k in shipped}
+    # the ptxas report also lists the emulator's self-test kernels, which _C.so does not hold
+    rows = [r for r in cuda_resource_usage() if r["kernel"].startswith("_ZN8tokenmix4cuda")]
+    entries = {(r["arch"], r["kernel"]) for r in rows}
+    assert entries and entries <= reported
+
+
+@pytest.mark.parametrize("family", ["na", "bs"])
+def test_tensor_core_kernels_have_a_main_loop(shipped, family):
+    checked = 0
+    for k in shipped:
+        name = _readable_kernel(k.name)
+        if not name.startswith(f"{family}_") or ("<F16" not in name and "<BF16" not in name):
+            continue
+        if not any(part in name for part in ("forward_kernel", "dq_kernel", "dkdv_kernel")):
+            continue
+        checked += 1
+        assert k.loop is not None and k.counts["hmma"] > 0, name
+        assert 0 < k.bound <= 1 and k.longest_bound <= k.bound, name
+        assert k.longest_path_length >= k.path_length, name
+        assert k.counts["local"] == 0, f"{name}: local memory in the main loop"
+        if "forward_kernel" in name and name.endswith(", 64>"):
+            # a warp's 16 rows x 64-key chunk at D=64: S = 8 n-tiles x 4 k-steps, then P V the
+            # same: 64 HMMA.16816 per iteration
+            assert k.counts["hmma"] == 64, name
+    assert checked >= 12
+
+
+def test_cli(capsys):
+    from tokenmix.__main__ import main
+
+    if not tokenmix._ops.build_info().get("cuda_built"):
+        assert main(["sass-report"]) == 1
+        return
+    try:
+        _sass.find_cuobjdump()
+    except FileNotFoundError:
+        assert main(["sass-report"]) == 1
+        assert "nvidia-cuda-cuobjdump" in capsys.readouterr().err
+        return
+    assert main(["sass-report", "--kernel", "na_forward_kernel<F16, 64>", "--arch", "sm_80"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n| sm_80 | `na_forward_kernel<F16, 64>`") == 1
+    assert main(["sass-report", "--kernel", "no_such_kernel"]) == 1
+
+
+def test_missing_cuobjdump_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia", None)  # no NVIDIA pip wheels either
+    with pytest.raises(FileNotFoundError, match="nvidia-cuda-cuobjdump"):
+        _sass.find_cuobjdump()
+    assert not os.path.exists(tmp_path / "cuobjdump")
