@@ -21,8 +21,8 @@ $(VENV)/.deps: $(PY)
 	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy matplotlib "ruff==0.17.6" "clang-format==23.1.5"
 	# CuTe headers for the emulator's layout cross-check (headers only: no dependencies)
 	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"
-	# cuobjdump for `python -m tokenmix sass-report` (the static SASS model; tests read the build)
-	$(PIP) install -q --no-deps "nvidia-cuda-cuobjdump==13.4.92"
+	# cuobjdump and the nvdisasm it runs, for `python -m tokenmix sass-report` (tests read the build)
+	$(PIP) install -q --no-deps "nvidia-cuda-cuobjdump==13.4.92" "nvidia-cuda-nvdisasm==13.5.37"
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake build dir under build/.

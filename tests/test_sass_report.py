@@ -143,7 +143,7 @@ def test_cli(capsys):
         _sass.find_cuobjdump()
     except FileNotFoundError:
         assert main(["sass-report"]) == 1
-        assert "nvidia-cuda-cuobjdump" in capsys.readouterr().err
+        assert "pip install nvidia-cuda-" in capsys.readouterr().err
         return
     assert main(["sass-report", "--kernel", "na_forward_kernel<F16, 64>", "--arch", "sm_80"]) == 0
     out = capsys.readouterr().out
@@ -159,4 +159,11 @@ def test_missing_cuobjdump_names_the_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "nvidia", None)  # no NVIDIA pip wheels either
     with pytest.raises(FileNotFoundError, match="nvidia-cuda-cuobjdump"):
         _sass.find_cuobjdump()
+    # cuobjdump alone is not enough: -sass runs nvdisasm
+    fake = tmp_path / "cuobjdump"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    with pytest.raises(FileNotFoundError, match="nvidia-cuda-nvdisasm"):
+        _sass.find_cuobjdump()
+    fake.unlink()
     assert not os.path.exists(tmp_path / "cuobjdump")

@@ -131,29 +131,36 @@ class Kernel:
         )
 
 
-def find_cuobjdump() -> str:
-    """cuobjdump from the ``nvidia-cuda-cuobjdump`` package, $CUDA_HOME/bin or PATH."""
+def _find_tool(name: str) -> str:
+    """A CUDA binary tool from its ``nvidia-cuda-<name>`` pip package, $CUDA_HOME/bin or PATH."""
     candidates = []
     try:
         import nvidia  # namespace package of NVIDIA's pip wheels
 
         for root in nvidia.__path__:
-            candidates += [os.path.join(root, sub, "bin", "cuobjdump") for sub in ("cu13", "")]
-            candidates.append(os.path.join(root, "cuda_cuobjdump", "bin", "cuobjdump"))
+            candidates += [os.path.join(root, sub, "bin", name) for sub in ("cu13", "")]
+            candidates.append(os.path.join(root, f"cuda_{name}", "bin", name))
     except ImportError:
         pass
     if os.environ.get("CUDA_HOME"):
-        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
-    found = shutil.which("cuobjdump")
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", name))
+    found = shutil.which(name)
     if found:
         candidates.append(found)
     for path in candidates:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     raise FileNotFoundError(
-        "cuobjdump not found: `pip install nvidia-cuda-cuobjdump` (make installs it as a "
-        "development dependency), or set CUDA_HOME to a CUDA toolkit"
+        f"{name} not found: `pip install nvidia-cuda-{name}` (make installs it as a development "
+        "dependency), or set CUDA_HOME to a CUDA toolkit"
     )
+
+
+def find_cuobjdump() -> str:
+    """cuobjdump, checking that the nvdisasm it runs for ``-sass`` is there too."""
+    tool = _find_tool("cuobjdump")
+    _find_tool("nvdisasm")
+    return tool
 
 
 def parse_sass(text: str) -> list[Kernel]:
@@ -548,9 +555,12 @@ def sass_report(library: str | None = None, cuobjdump: str | None = None) -> lis
 
 @functools.lru_cache(maxsize=4)
 def _report(library: str, mtime_ns: int, size: int, tool: str) -> tuple[Kernel, ...]:
-    text = subprocess.run(
-        [tool, "-sass", library], check=True, capture_output=True, text=True
-    ).stdout
+    # cuobjdump -sass runs nvdisasm, which it looks for on PATH or at NVDISASM_PATH
+    env = dict(os.environ, NVDISASM_PATH=os.path.dirname(_find_tool("nvdisasm")))
+    done = subprocess.run([tool, "-sass", library], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{tool} -sass {library} failed: {done.stderr.strip()}")
+    text = done.stdout
     return tuple(analyze(k) for k in parse_sass(text))
 
 
