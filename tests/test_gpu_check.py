@@ -23,8 +23,9 @@ def load_gpu_kernels():
     return module
 
 
-def test_dry_run_runs_every_step(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+def dry_run(out, **env) -> tuple[int, str]:
+    """Runs tools/gpu_check.sh --dry-run into ``out``: its exit code and summary."""
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, **env)
     result = subprocess.run(
         ["bash", "tools/gpu_check.sh", "--dry-run"],
         cwd=ROOT,
@@ -33,8 +34,12 @@ def test_dry_run_runs_every_step(tmp_path):
         text=True,
         timeout=600,
     )
-    summary = (tmp_path / "summary.txt").read_text()
-    assert result.returncode == 0, summary
+    return result.returncode, (out / "summary.txt").read_text()
+
+
+def test_dry_run_runs_every_step(tmp_path):
+    returncode, summary = dry_run(tmp_path)
+    assert returncode == 0, summary
     steps = ["info", "device-tests", "profile-fwd", "profile-bwd", "sanitizer", "bench-na"]
     for step in [*steps, "bench-block-sparse"]:
         assert f"] {step} (limit" in summary, f"step {step} did not run:\n{summary}"
@@ -46,17 +51,8 @@ def test_dry_run_runs_every_step(tmp_path):
 
 
 def test_dry_run_respects_the_budget(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_BUDGET="20")
-    result = subprocess.run(
-        ["bash", "tools/gpu_check.sh", "--dry-run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    summary = (tmp_path / "summary.txt").read_text()
-    assert result.returncode != 0
+    returncode, summary = dry_run(tmp_path, GPU_CHECK_BUDGET="20")
+    assert returncode != 0
     assert "skipped (the 20 s budget is spent)" in summary
 
 

@@ -114,21 +114,20 @@ class Kernel:
     def smem_cycles(self) -> float:
         return float(self.smem_wavefronts * SUB_PARTITIONS)
 
+    def _bound(self, issued: int) -> float | None:
+        if self.tensor_cycles == 0:
+            return None
+        return self.tensor_cycles / max(issued, self.tensor_cycles, self.smem_cycles)
+
     @property
     def bound(self) -> float | None:
         """Upper bound on tensor-pipe utilization (None without tensor-core work)."""
-        if self.tensor_cycles == 0:
-            return None
-        return self.tensor_cycles / max(self.path_length, self.tensor_cycles, self.smem_cycles)
+        return self._bound(self.path_length)
 
     @property
     def longest_bound(self) -> float | None:
         """The same bound on the longest path (every optional step taken)."""
-        if self.tensor_cycles == 0:
-            return None
-        return self.tensor_cycles / max(
-            self.longest_path_length, self.tensor_cycles, self.smem_cycles
-        )
+        return self._bound(self.longest_path_length)
 
 
 def _find_tool(name: str) -> str:
@@ -204,40 +203,35 @@ def _wavefronts(ins: Instruction) -> int:
     """128-byte shared-memory wavefronts of one warp instruction (conflict-free)."""
     op = ins.op
     if op.startswith("LDSM."):
-        return int(op.rsplit(".", 1)[1]) if op.rsplit(".", 1)[1] in ("1", "2", "4") else 1
+        matrices = op.rsplit(".", 1)[1]
+        return int(matrices) if matrices in ("1", "2", "4") else 1
     if op.startswith(("LDS", "STS", "LDGSTS")):
         m = _WIDTH.search(op)
         return {"64": 2, "128": 4}[m.group(1)] if m else 1
     return 0
 
 
+# Instruction classes by mnemonic prefix, first match wins (LDSM and LDGSTS before LDS and LDG).
+_CLASS_PREFIXES = (
+    (("HMMA", "HGMMA"), "hmma"),
+    ("LDSM", "ldsm"),
+    ("LDGSTS", "ldgsts"),
+    ("LDS", "lds"),
+    ("STS", "sts"),
+    ("LDG", "ldg"),
+    ("STG", "stg"),
+    ("MUFU", "mufu"),
+    ("BAR", "bar"),
+    ("IMAD.WIDE", "imad_wide"),
+    (("LDL", "STL"), "local"),
+)
+
+
 def classify(ins: Instruction) -> str | None:
     op = ins.op
-    if op.startswith(("HMMA", "HGMMA")):
-        return "hmma"
-    if op.startswith("LDSM"):
-        return "ldsm"
-    if op.startswith("LDGSTS"):
-        return "ldgsts"
-    if op.startswith("LDS"):
-        return "lds"
-    if op.startswith("STS"):
-        return "sts"
-    if op.startswith("LDG"):
-        return "ldg"
-    if op.startswith("STG"):
-        return "stg"
     if op.startswith("I2F") and ".RP" in op:  # the reciprocal that opens an emulated division
         return "int_div"
-    if op.startswith("MUFU"):
-        return "mufu"
-    if op.startswith("BAR"):
-        return "bar"
-    if op.startswith("IMAD.WIDE"):
-        return "imad_wide"
-    if op.startswith(("LDL", "STL")):
-        return "local"
-    return None
+    return next((cls for prefix, cls in _CLASS_PREFIXES if op.startswith(prefix)), None)
 
 
 def _branch_target(ins: Instruction) -> int | None:
@@ -475,23 +469,17 @@ def analyze(k: Kernel) -> Kernel:
         return s in loop_of and j in loop_of[s]
 
     dag = {j: [s for s in blocks[j].succ if s in body and not back_edge(j, s)] for j in body}
-    order, seen = [], set()
-
-    def visit(j: int) -> None:  # post-order DFS: children before parents
-        seen.add(j)
-        for s in dag[j]:
-            if s not in seen:
-                visit(s)
-        order.append(j)
-
-    import sys
-
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 10 * len(blocks) + 100))
-    try:
-        visit(header)
-    finally:
-        sys.setrecursionlimit(limit)
+    # Post-order (successors before the blocks that lead to them), without recursion.
+    order, seen, stack = [], {header}, [(header, iter(dag[header]))]
+    while stack:
+        j, rest = stack[-1]
+        s = next((s for s in rest if s not in seen), None)
+        if s is None:
+            order.append(j)
+            stack.pop()
+        else:
+            seen.add(s)
+            stack.append((s, iter(dag[s])))
 
     def best_path(kind: str) -> list[int]:
         best: dict[int, tuple | None] = {}

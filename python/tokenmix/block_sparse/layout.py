@@ -473,10 +473,10 @@ class BlockLayout:
                 p = em.prefix
                 sink_any = k0 < p
                 ks, kn = torch.clamp(k1, max=p), torch.clamp(k0, min=p)  # sinks [k0, ks)
-                sinks_all = (ks <= k0) | torch.full_like(ks, not em.prefix_causal, dtype=bool)
+                sinks_all = True
                 if em.prefix_causal:
                     sink_any = sink_any & (dmin <= hi)
-                    sinks_all = sinks_all | ((ks - 1) - q0 <= hi)
+                    sinks_all = (ks <= k0) | ((ks - 1) - q0 <= hi)
                 rest_all = (kn >= k1) | ((kn - (q1 - 1) >= lo) & (dmax <= hi))
                 band_any = band_any | sink_any
                 band_all = band_all | (sinks_all & rest_all)
