@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
+EINOPS_VERSION ?= 0.8.2
 THREADS ?= 2
 STAMP := $(VENV)/.tokenmix-installed
 SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
@@ -23,6 +24,9 @@ $(VENV)/.deps: $(PY)
 	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"
 	# cuobjdump and the nvdisasm it runs, for `python -m tokenmix sass-report` (tests read the build)
 	$(PIP) install -q --no-deps "nvidia-cuda-cuobjdump==13.4.92" "nvidia-cuda-nvdisasm==13.5.37"
+	# The real packages the drop-in call sites (tokenmix.compat) are tested against. NATTEN's sdist
+	# builds without libnatten here (its CPU path is PyTorch); fla needs triton importable.
+	$(PIP) install -q --no-deps "natten==0.21.7" "fla-core==0.6.0" "triton==3.9.0" "einops==$(EINOPS_VERSION)"
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake build dir under build/.
