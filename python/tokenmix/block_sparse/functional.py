@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _ops
 from .._checks import require_bool
+from .._cuda_driver import require_cuda_kernels
 from .._utils import unit_feature_stride
 from . import ops as _registrations  # noqa: F401  (fake kernels)
 from .args import as_layout, check_problem, resolve_scale
@@ -132,6 +133,8 @@ def block_sparse_attention(
             "tokenmix.block_sparse.block_sparse_attention_reference on this device"
         )
     _ops.require_library()
+    if q.device.type == "cuda":
+        require_cuda_kernels()
     bits, q_doc, kv_doc, band = _rule_args(layout)
     layout_tensors = (
         layout.kv_num_blocks,

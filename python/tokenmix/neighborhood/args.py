@@ -235,14 +235,9 @@ def check_tensors(
 def check_cuda_problem(q: torch.Tensor, v: torch.Tensor) -> None:
     """What the CUDA kernels take beyond the general rules: a CUDA build, float32/float16/
     bfloat16, and head dims that are multiples of 8 up to 256 (16-byte row copies)."""
-    from .. import _ops
+    from .._cuda_driver import require_cuda_kernels
 
-    if not _ops.build_info().get("cuda_built", False):
-        reason = _ops.build_info().get("cuda_reason") or "built without CUDA"
-        raise NotImplementedError(
-            f"this tokenmix build has no CUDA kernels ({reason}); rebuild with nvcc available "
-            "(TOKENMIX_CUDA=ON), see `python -m tokenmix info`"
-        )
+    require_cuda_kernels()
     if q.dtype == torch.float64:
         raise TypeError(
             "q dtype float64 has no CUDA kernel; use float32, float16 or bfloat16 on CUDA "
