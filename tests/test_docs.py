@@ -26,6 +26,7 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
         "docs/cuda_engine.md",
         "docs/block_sparse_attention.md",
         "docs/patterns.md",
+        "docs/compat.md",
     ],
 )
 def test_markdown_python_blocks_run(doc):
