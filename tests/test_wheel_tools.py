@@ -34,8 +34,10 @@ def _make_wheel(folder: pathlib.Path) -> pathlib.Path:
         ),
         "tokenmix-0.1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nTag: py3-none-linux_x86_64\n",
         "tokenmix-0.1.0.dist-info/RECORD": b"stale\n",
+        "tokenmix-0.1.0.data/scripts/tokenmix-tool": b"#!python\n",
     }
     with zipfile.ZipFile(path, "w") as z:
+        z.writestr(zipfile.ZipInfo("tokenmix/"), b"")  # a directory entry
         for name, data in files.items():
             z.writestr(name, data)
     return path
@@ -49,7 +51,9 @@ def test_set_local_version_rewrites_metadata_folder_and_record(tmp_path):
     with zipfile.ZipFile(labelled) as z:
         names = set(z.namelist())
         assert "tokenmix-0.1.0+cu130.dist-info/METADATA" in names
-        assert not any(n.startswith("tokenmix-0.1.0.dist-info/") for n in names)
+        assert not any(n.startswith("tokenmix-0.1.0.") for n in names)
+        assert "tokenmix-0.1.0+cu130.data/scripts/tokenmix-tool" in names
+        assert "tokenmix/" not in names  # directory entries are dropped
         metadata = z.read("tokenmix-0.1.0+cu130.dist-info/METADATA").decode()
         assert "\nVersion: 0.1.0+cu130\n" in metadata and "Requires-Dist: torch>=2.10" in metadata
         rows = list(
@@ -170,3 +174,22 @@ def test_sdist_holds_every_tracked_build_input(tmp_path):
     assert len(tracked) > 100
     missing = sorted(set(tracked) - names)
     assert not missing, missing
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/wheels.md"])
+def test_variant_tables_match_the_driver_check(doc):
+    """The README's and docs/wheels.md's variant tables list the variants and minimum drivers
+    that python/tokenmix/_cuda_driver.py checks against."""
+    import re
+
+    from tokenmix import _cuda_driver
+
+    rows = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^\| `\+(cpu|cu\d+)` \|.*$", (ROOT / doc).read_text(), re.MULTILINE)
+    }
+    variants = {variant: version for version, variant in _cuda_driver.CUDA_VARIANTS}
+    assert set(rows) == {"cpu", *variants}
+    for variant, version in variants.items():
+        assert _cuda_driver.MINIMUM_DRIVER[version // 1000] in rows[variant], rows[variant]
+        assert f"{version // 1000}.{version % 1000 // 10}" in rows[variant], rows[variant]

@@ -85,14 +85,17 @@ def set_local_version(wheel: Path, label: str, out_dir: Path) -> Path:
         raise ValueError(f"{wheel.name} already has a local version label")
     new_version = f"{version}+{label}"
     old_info, new_info = f"{name}-{version}.dist-info/", f"{name}-{new_version}.dist-info/"
+    old_data, new_data = f"{name}-{version}.data/", f"{name}-{new_version}.data/"
     target = out_dir / f"{name}-{new_version}-{rest}"
     records: list[tuple[str, str, str]] = []
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
         for item in src.infolist():
             path = item.filename
-            if path == old_info + "RECORD":
-                continue
+            if path == old_info + "RECORD" or item.is_dir():
+                continue  # RECORD is rewritten; RECORD lists files only
             data = src.read(item)
+            if path.startswith(old_data):
+                path = new_data + path[len(old_data) :]
             if path.startswith(old_info):
                 path = new_info + path[len(old_info) :]
                 if path == new_info + "METADATA":

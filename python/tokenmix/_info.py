@@ -101,19 +101,25 @@ def _cuda_runtime_status(build: dict) -> dict:
         MINIMUM_DRIVER,
         cuda_versions,
         driver_problem,
+        driver_release,
         format_cuda_version,
     )
 
     if _ops.load_error is not None:
         return {}
     driver, runtime = cuda_versions()
+    release = driver_release()
     major = runtime // 1000
     status = {
         "runtime": f"CUDA {format_cuda_version(runtime)} (linked statically)",
         "minimum driver": f"{MINIMUM_DRIVER.get(major, 'unknown')} (CUDA {major}.x)",
-        "driver": (f"supports CUDA {format_cuda_version(driver)}" if driver > 0 else "none found"),
+        "driver": (
+            f"{release or 'version unknown'}, supports CUDA {format_cuda_version(driver)}"
+            if driver > 0
+            else "none found"
+        ),
     }
-    problem = driver_problem(driver, runtime, build.get("variant", "source"))
+    problem = driver_problem(driver, runtime, build.get("variant", "source"), release)
     if problem is not None and driver > 0:
         status["driver problem"] = problem
     return status

@@ -17,13 +17,22 @@ except OSError as exc:  # a source checkout without a build, or a broken install
     load_error = f"{type(exc).__name__}: {exc}"
 
 
-def build_info() -> dict:
-    """Facts recorded by CMake at build time (empty if the package was not built)."""
+def _read_build_info() -> dict:
     path = os.path.join(_HERE, "_build_info.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+# Read once: the operators consult it on every CUDA call, also inside torch.compile graphs,
+# where a file read cannot be traced.
+_BUILD_INFO = _read_build_info()
+
+
+def build_info() -> dict:
+    """Facts recorded by CMake at build time (empty if the package was not built)."""
+    return _BUILD_INFO
 
 
 def require_library() -> None:
