@@ -38,9 +38,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-with warnings.catch_warnings():
+with warnings.catch_warnings():  # fla-core 0.6 is a hard test dependency (Makefile)
     warnings.filterwarnings("ignore", message="Triton is not supported")
-    fla_ops = pytest.importorskip("fla.ops", reason="fla-core 0.6 is a test dependency")
+    # fla's modules decorate with torch.jit.script_method when imported (not code under test)
+    warnings.filterwarnings("ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning)
+    import fla.ops as fla_ops
     from fla.ops.delta_rule.naive import delta_rule_recurrence
     from fla.ops.gated_delta_rule.gate import naive_gdn_gate
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
@@ -58,6 +60,13 @@ T_LONG = 150
 CU = [0, 9, 10, 31, 46]  # packed: 4 sequences of 9, 1, 21, 15 tokens (B = 1, T = 46)
 ATOL = RTOL = 1e-4
 MAX_DIFF: dict[str, float] = {}  # worst |shim - reference| per family (forward, backward)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    fla._warned.clear()
+    yield
+    fla._warned.clear()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -857,13 +866,67 @@ def test_head_first_and_unknown_keywords():
         call(head_first=False)
         with pytest.raises(DeprecationWarning, match="head_first"):
             call(head_first=True)
-    # functions without **kwargs reject it like any unknown keyword
+    # functions without **kwargs reject it like any unknown keyword, as fla's do
+    gk = torch.zeros(B, T, H, K)
     with pytest.raises(TypeError):
-        fla.chunk_gla(q, k, v, torch.zeros(B, T, H, K), head_first=False)
-    with pytest.raises(TypeError, match="use_gate_in_kerne"):
-        fla.chunk_delta_rule(q, k, v, beta, use_gate_in_kerne=True)
+        fla_ops.gla.chunk_gla(q, k, v, gk, head_first=False)
+    with pytest.raises(TypeError):
+        fla.chunk_gla(q, k, v, gk, head_first=False)
     with pytest.raises(TypeError, match="bogus"):
-        fla.fused_recurrent_simple_gla(q, k, v, g, bogus=1)
+        fla.fused_recurrent_delta_rule(q, k, v, beta, bogus=1)
+
+
+FLA_MODULE = {name: module for module, name in FUNCTIONS}
+# fla's functions with **kwargs ignore the keywords they do not pop (read from fla's code).
+WITH_KWARGS = {
+    "chunk_simple_gla": lambda q, k, v, g, beta, **kw: fla.chunk_simple_gla(q, k, v, g, **kw),
+    "fused_recurrent_simple_gla": lambda q, k, v, g, beta, **kw: fla.fused_recurrent_simple_gla(
+        q, k, v, g, **kw
+    ),
+    "fused_recurrent_gla": lambda q, k, v, g, beta, **kw: fla.fused_recurrent_gla(q, k, v, **kw),
+    "chunk_delta_rule": lambda q, k, v, g, beta, **kw: fla.chunk_delta_rule(q, k, v, beta, **kw),
+    "chunk_gated_delta_rule": lambda q, k, v, g, beta, **kw: fla.chunk_gdn(q, k, v, g, beta, **kw),
+    "fused_recurrent_gated_delta_rule": lambda q, k, v, g, beta, **kw: fla.fused_recurrent_gdn(
+        q, k, v, g, beta=beta, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(WITH_KWARGS))
+def test_unknown_keywords_are_ignored_like_fla(name):
+    # fla 0.6 takes **kwargs here and ignores unknown keys: code that passes one runs under
+    # fla, so it runs under the shim, with the same result and a warning naming the argument.
+    params = inspect.signature(getattr(getattr(fla_ops, FLA_MODULE[name]), name)).parameters
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    q, k, v, g, beta = _small()
+    call = WITH_KWARGS[name]
+    expected = call(q, k, v, g, beta, output_final_state=True)
+    with pytest.warns(fla.FlaCompatWarning) as record:
+        got = call(q, k, v, g, beta, output_final_state=True, bogus=1, use_gate_in_kerne=True)
+    assert [str(r.message).split("'")[1] for r in record] == ["bogus", "use_gate_in_kerne"]
+    for r in record:
+        assert f"{name}()" in str(r.message) and "fla 0.6's" in str(r.message)
+        assert "ignores it too" in str(r.message)
+        assert r.filename == __file__  # points at the caller's line
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    with warnings.catch_warnings():  # once per argument name
+        warnings.simplefilter("error", fla.FlaCompatWarning)
+        call(q, k, v, g, beta, bogus=2)
+    with pytest.warns(fla.FlaCompatWarning, match="'other'"):
+        call(q, k, v, g, beta, other=None)
+
+
+def test_keywords_fla_ignores_in_one_function_only():
+    # fla's chunk_simple_gla does not read the deprecated transpose_state_layout (its
+    # fused_recurrent_simple_gla does): the shim ignores it there too, with the warning.
+    q, k, v, g, _ = _small()
+    h0 = torch.randn(B, H, K, V)
+    expected = fla.chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    with pytest.warns(fla.FlaCompatWarning, match="transpose_state_layout"):
+        got = fla.chunk_simple_gla(
+            q, k, v, g, initial_state=h0, output_final_state=True, transpose_state_layout=True
+        )
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_validation_like_fla():

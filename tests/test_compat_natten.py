@@ -595,6 +595,36 @@ def _bad_calls():
         **add,
         attention_kwargs={"seqlens_Q": lens * 16, "seqlens_KV": lens},
     )
+    # NATTEN's self-attention shortcut (the window is the whole input) passes attention_kwargs
+    # to natten.attention too, also without additional tokens.
+    full = dict(kernel_size=(6, 8))
+    na("full window: attention_kwargs unknown key", type_error, **full, attention_kwargs={"x": 1})
+    na(
+        "full window: attention_kwargs sets return_lse",
+        type_error,
+        **full,
+        attention_kwargs={"return_lse": True},
+    )
+    na("full window: attention_kwargs not a dict", type_error, **full, attention_kwargs=[("a", 1)])
+    na(
+        "full window: attention_kwargs FNA backend",
+        not_implemented,
+        **full,
+        attention_kwargs={"backend": "flex-fna"},
+    )
+    na(
+        "full window: attention_kwargs q_tile_size alone",
+        value_error,
+        **full,
+        attention_kwargs={"q_tile_size": 64},
+    )
+    na(
+        "1-D full window: attention_kwargs unknown key",
+        type_error,
+        (ak, ak, av),
+        fn="na1d",
+        attention_kwargs={"bogus": 1},
+    )
     na("fp8", not_implemented, tuple(t.to(torch.float8_e4m3fn) for t in (q, k, v)))
     other("attention rank 5", value_error, "attention", (q, k, v))
     other("attention k/v lengths", value_error, "attention", (ak, ak, av[:, :2]))
@@ -720,6 +750,100 @@ def test_attention_inapplicable_arguments_warn():
         with pytest.warns(shim.NattenCompatWarning) as record:
             assert torch.equal(shim.attention(q, k, v, **kw), expected)
         assert sorted(_warned_names(record)) == sorted(kw)
+
+
+# ---- arguments NATTEN does not use in a call: accepted, as NATTEN accepts them -------------
+
+# attention_kwargs that NATTEN's attention() (and so the shim) refuses where NATTEN uses them.
+UNUSABLE_ATTENTION_KWARGS = {
+    "unknown key": {"bogus": 1},
+    "sets scale": {"scale": 1.0},
+    "not a dict": [("backend", None)],
+    "varlen": {"seqlens_Q": torch.tensor([3]), "seqlens_KV": torch.tensor([3])},
+    "FNA backend": {"backend": "flex-fna"},
+    "q_tile_size alone": {"q_tile_size": 64},
+}
+# Calls where NATTEN never passes attention_kwargs to attention(): no additional tokens and a
+# window smaller than the input (or causal along a dimension, 2-D/3-D).
+UNUSED_ATTENTION_KWARGS_CALLS = {
+    "2-D": ("na2d", (1, 6, 8, 2, 8), dict(kernel_size=3, dilation=(2, 1))),
+    "2-D full window, causal along Y": ("na2d", (1, 6, 8, 2, 8),
+                                        dict(kernel_size=(6, 8), is_causal=(False, True))),
+    "1-D": ("na1d", (2, 12, 2, 8), dict(kernel_size=5, stride=2, is_causal=True)),
+    "3-D": ("na3d", (1, 4, 5, 6, 2, 8), dict(kernel_size=(2, 3, 4))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("call", list(UNUSED_ATTENTION_KWARGS_CALLS))
+@pytest.mark.parametrize("attention_kwargs", list(UNUSABLE_ATTENTION_KWARGS))
+def test_attention_kwargs_natten_does_not_use_are_accepted(call, attention_kwargs):
+    # NATTEN reads attention_kwargs only with additional tokens or for a whole-input window;
+    # elsewhere any value runs under NATTEN, so it must run under the shim: ignored, with a
+    # warning that names it, and the same result.
+    name, shape, kw = UNUSED_ATTENTION_KWARGS_CALLS[call]
+    given = UNUSABLE_ATTENTION_KWARGS[attention_kwargs]
+    q, k, v = _qkv(*shape)
+    kw = dict(kw, return_lse=True)
+    out_n, lse_n = getattr(natten, name)(q, k, v, **kw, attention_kwargs=given)
+    expected = getattr(shim, name)(q, k, v, **kw)
+    with pytest.warns(shim.NattenCompatWarning) as record:
+        got = getattr(shim, name)(q, k, v, **kw, attention_kwargs=given)
+    assert _warned_names(record) == ["attention_kwargs"]
+    assert "NATTEN ignores it in this call too" in str(record[0].message)
+    assert record[0].filename == __file__
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert _max_diff(got[0], out_n) <= 2e-5 and _max_diff(got[1], lse_n) <= 2e-5
+
+
+@pytest.mark.parametrize("falsy", [[], 0, (), {}], ids=repr)
+@pytest.mark.parametrize("where", ["additional tokens", "full window"])
+def test_falsy_attention_kwargs_mean_none_like_natten(falsy, where):
+    # NATTEN calls attention(..., **(attention_kwargs or {})).
+    q, k, v = _qkv(1, 6, 8, 2, 8)
+    if where == "full window":
+        kw = dict(kernel_size=(6, 8))
+    else:
+        ak, av = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)
+        kw = dict(kernel_size=3, additional_keys=ak, additional_values=av)
+    out_n = natten.na2d(q, k, v, **kw, attention_kwargs=falsy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", shim.NattenCompatWarning)
+        out_s = shim.na2d(q, k, v, **kw, attention_kwargs=falsy)
+    assert torch.equal(out_s, shim.na2d(q, k, v, **kw))
+    assert _max_diff(out_s, out_n) <= 2e-5
+
+
+FULL_WINDOW_UNCHECKED = {
+    "backend": dict(backend="cutlass-fmha"),  # an FMHA name: NotImplementedError elsewhere
+    "q_tile_shape": dict(q_tile_shape=(8, 8)),  # without kv_tile_shape: ValueError elsewhere
+    "backward_q_tile_shape": dict(backward_q_tile_shape=(0, 8), backward_kv_tile_shape=(8, 8)),
+    "backward_kv_splits": dict(backward_kv_splits=(2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("additional", [False, True], ids=["alone", "additional tokens"])
+@pytest.mark.parametrize("what", list(FULL_WINDOW_UNCHECKED))
+def test_full_window_does_not_check_fna_arguments_like_natten(what, additional):
+    # For a whole-input window NATTEN calls natten.attention and never reads the FNA
+    # kernel-choice arguments: values it would refuse elsewhere run, so the shim accepts them
+    # (ignored, with a warning) and gives the same result.
+    q, k, v = _qkv(1, 6, 8, 2, 8)
+    kw = dict(kernel_size=(6, 8), return_lse=True)
+    if additional:
+        kw.update(
+            additional_keys=torch.randn(1, 3, 2, 8), additional_values=torch.randn(1, 3, 2, 8)
+        )
+    given = FULL_WINDOW_UNCHECKED[what]
+    out_n, lse_n = natten.na2d(q, k, v, **kw, **given)
+    expected = shim.na2d(q, k, v, **kw)
+    with pytest.warns(shim.NattenCompatWarning) as record:
+        got = shim.na2d(q, k, v, **kw, **given)
+    assert sorted(_warned_names(record)) == sorted(given)
+    assert all("the neighborhood is the whole input" in str(r.message) for r in record)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert _max_diff(got[0], out_n) <= 2e-5 and _max_diff(got[1], lse_n) <= 2e-5
+    with pytest.raises((ValueError, NotImplementedError)):  # checked where NATTEN checks them
+        shim.na2d(q, k, v, **dict(kw, kernel_size=(6, 7)), **given)
 
 
 def test_defaults_do_not_warn():

@@ -28,7 +28,8 @@ What tokenmix cannot express raises ``NotImplementedError`` naming the argument:
 per-key decay ``gk`` in the gated delta rule, ``cp_context`` (context parallelism).
 Arguments that are pure performance hints (``cu_seqlens_cpu``, ``chunk_indices``, the
 ``chunk_size`` keyword) are validated as fla validates them and otherwise ignored.
-Unknown keyword arguments raise ``TypeError`` (fla ignores them silently).
+Unknown keyword arguments of the functions that take ``**kwargs`` in fla are ignored, as fla
+ignores them, with a :class:`FlaCompatWarning` once per argument name.
 See docs/compat.md for the full table of conventions.
 """
 
@@ -46,6 +47,7 @@ from ..linear_scan import delta_rule as _tm_delta_rule
 from ..linear_scan import linear_attention as _tm_linear_attention
 
 __all__ = [
+    "FlaCompatWarning",
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
     "chunk_gdn",
@@ -83,12 +85,26 @@ def _cast(t: Tensor | None, q: Tensor) -> Tensor | None:
     return t.to(_acc(q))
 
 
-def _pop_kwargs(name: str, kwargs: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"{name}() got unexpected keyword argument(s) {', '.join(unknown)} "
-            f"(tokenmix.compat.fla accepts {', '.join(allowed) or 'none'} as extra keywords)"
+class FlaCompatWarning(UserWarning):
+    """A keyword argument that fla 0.6 takes through ``**kwargs`` and ignores was given; the
+    shim ignores it too."""
+
+
+_warned: set[str] = set()
+
+
+def _ignore_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """The keywords left in ``kwargs`` once the known ones are popped: fla's function ``name``
+    ignores them (it takes ``**kwargs``), so the shim ignores them too, warning once per
+    argument name (a misspelt option would otherwise go unnoticed)."""
+    for arg in sorted(set(kwargs) - _warned):
+        _warned.add(arg)
+        warnings.warn(
+            f"tokenmix.compat.fla: {name}() got the unknown keyword argument {arg!r}; it is "
+            f"ignored, as fla 0.6's {name} ignores it too (it takes **kwargs). This warning is "
+            "shown once per argument name.",
+            FlaCompatWarning,
+            stacklevel=3,
         )
 
 
@@ -587,14 +603,15 @@ def chunk_simple_gla(
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (B must be 1).
         cu_seqlens_cpu: performance hint, ignored.
         **kwargs: ``chunk_size`` (a power of 2, ignored); ``head_first`` raises
-            ``DeprecationWarning`` like fla.
+            ``DeprecationWarning`` like fla; other keywords are ignored, as fla ignores
+            them, with a :class:`FlaCompatWarning`.
 
     Returns:
         ``(o [B, T, H, V], final_state or None)``.
     """
     _head_first(kwargs, always=True)
     _chunk_size(kwargs, None)
-    _pop_kwargs("chunk_simple_gla", kwargs, ())
+    _ignore_kwargs("chunk_simple_gla", kwargs)
     if g is not None and g_gamma is not None:
         raise ValueError(
             "chunk_simple_gla takes only one of g and g_gamma (fla: 'Only one of `g` or "
@@ -635,7 +652,8 @@ def fused_recurrent_simple_gla(
     Args:
         reverse: scan every sequence from its last token to its first.
         **kwargs: ``transpose_state_layout`` (fla's deprecated name of
-            ``state_v_first``); ``head_first=True`` raises ``DeprecationWarning``.
+            ``state_v_first``); ``head_first=True`` raises ``DeprecationWarning``; other
+            keywords are ignored with a :class:`FlaCompatWarning`.
         Others: as :func:`chunk_simple_gla`.
 
     Returns:
@@ -643,7 +661,7 @@ def fused_recurrent_simple_gla(
     """
     state_v_first = _state_v_first(state_v_first, kwargs)
     _head_first(kwargs, always=False)
-    _pop_kwargs("fused_recurrent_simple_gla", kwargs, ())
+    _ignore_kwargs("fused_recurrent_simple_gla", kwargs)
     return _linear_family(
         q,
         k,
@@ -721,7 +739,8 @@ def fused_recurrent_gla(
         gv: ``[B, T, H, V]`` per-value log gates, or None. Exact, but it runs the scan
             over ``H * V`` heads of one value column each (about ``V`` times the work).
         reverse: scan every sequence from its last token to its first.
-        **kwargs: ``transpose_state_layout``; ``head_first=True`` raises.
+        **kwargs: ``transpose_state_layout``; ``head_first=True`` raises; other keywords
+            are ignored with a :class:`FlaCompatWarning`.
         Others: as :func:`chunk_gla`.
 
     Returns:
@@ -729,7 +748,7 @@ def fused_recurrent_gla(
     """
     state_v_first = _state_v_first(state_v_first, kwargs)
     _head_first(kwargs, always=False)
-    _pop_kwargs("fused_recurrent_gla", kwargs, ())
+    _ignore_kwargs("fused_recurrent_gla", kwargs)
     return _linear_family(
         q,
         k,
@@ -879,7 +898,8 @@ def chunk_delta_rule(
         cu_seqlens: ``[N + 1]`` offsets of packed sequences (B must be 1).
         cu_seqlens_cpu: performance hint, ignored.
         **kwargs: ``chunk_size`` (16, 32 or 64, ignored); ``head_first`` raises
-            ``DeprecationWarning`` like fla.
+            ``DeprecationWarning`` like fla; other keywords are ignored with a
+            :class:`FlaCompatWarning`.
 
     Unlike fla's Triton kernel, float32 inputs are accepted.
 
@@ -888,7 +908,7 @@ def chunk_delta_rule(
     """
     _head_first(kwargs, always=True)
     _chunk_size(kwargs, (16, 32, 64))
-    _pop_kwargs("chunk_delta_rule", kwargs, ())
+    _ignore_kwargs("chunk_delta_rule", kwargs)
     if isinstance(beta, Tensor) and beta.dim() != 3:
         raise ValueError(f"beta must have shape [B, T, H], got {tuple(beta.shape)}")
     return _delta_family(
@@ -976,7 +996,8 @@ def chunk_gated_delta_rule(
         **kwargs: ``use_gate_in_kernel`` with ``A_log [HV]`` and ``dt_bias [HV]``
             (``g = -exp(A_log) * softplus(g + dt_bias)``, differentiable in all three),
             ``chunk_size`` (16, 32 or 64, ignored), ``transpose_state_layout``;
-            ``head_first`` raises ``DeprecationWarning`` like fla.
+            ``head_first`` raises ``DeprecationWarning`` like fla; other keywords are
+            ignored with a :class:`FlaCompatWarning`.
 
     Returns:
         ``(o [B, T, HV, V], final_state or None)``.
@@ -987,11 +1008,7 @@ def chunk_gated_delta_rule(
     use_gate_in_kernel = bool(kwargs.pop("use_gate_in_kernel", False))
     A_log = kwargs.pop("A_log", None)
     dt_bias = kwargs.pop("dt_bias", None)
-    _pop_kwargs(
-        "chunk_gated_delta_rule",
-        kwargs,
-        ("use_gate_in_kernel", "A_log", "dt_bias", "chunk_size", "transpose_state_layout"),
-    )
+    _ignore_kwargs("chunk_gated_delta_rule", kwargs)
     _no_cp(cp_context)
     if isinstance(beta, Tensor) and beta.dim() != 3:
         raise ValueError(f"beta must have shape [B, T, HV], got {tuple(beta.shape)}")
@@ -1048,7 +1065,8 @@ def fused_recurrent_gated_delta_rule(
             (scalar decays only), raises NotImplementedError.
         use_gate_in_kernel, A_log, dt_bias: the GDN gate, as in
             :func:`chunk_gated_delta_rule` (A_log and dt_bias are ignored without it).
-        **kwargs: ``transpose_state_layout``; ``head_first=True`` raises.
+        **kwargs: ``transpose_state_layout``; ``head_first=True`` raises; other keywords
+            are ignored with a :class:`FlaCompatWarning`.
         Others: as :func:`chunk_gated_delta_rule`.
 
     Returns:
@@ -1056,7 +1074,7 @@ def fused_recurrent_gated_delta_rule(
     """
     state_v_first = _state_v_first(state_v_first, kwargs)
     _head_first(kwargs, always=False)
-    _pop_kwargs("fused_recurrent_gated_delta_rule", kwargs, ())
+    _ignore_kwargs("fused_recurrent_gated_delta_rule", kwargs)
     if gk is not None:
         raise NotImplementedError(
             "gk (a per-key decay inside the delta rule) is not supported by "

@@ -11,7 +11,10 @@ Where NATTEN's semantics and tokenmix's own defaults differ, the shim follows NA
 * ``stride``, ``dilation`` and ``is_causal`` may be ``None`` (1, 1, ``False``);
 * ``na1d/na2d/na3d`` dispatch on the rank of the tensors, not on their name;
 * argument errors are NATTEN's kinds (``ValueError`` for window arguments and shapes,
-  ``NotImplementedError`` for an unknown backend, ``TypeError`` for bad ``attention_kwargs``).
+  ``NotImplementedError`` for an unknown backend, ``TypeError`` for bad ``attention_kwargs``),
+  raised where NATTEN raises them: ``attention_kwargs`` only where NATTEN passes it to
+  ``attention`` (additional keys/values, or a window that is the whole input), the FNA
+  kernel-choice arguments only where NATTEN runs an FNA kernel (not for such a window).
 
 The arguments that choose NATTEN kernels (``backend``, tile shapes and sizes,
 ``backward_kv_splits``, ``backward_use_pt_reduction``, ``run_persistent_kernel``,
@@ -94,8 +97,9 @@ class NattenCompatWarning(UserWarning):
 _warned: set[str] = set()
 
 
-def _ignored(name: str, value: Any, why: str) -> None:
-    """Warn once per process that argument ``name`` is ignored."""
+def _ignored(name: str, value: Any, why: str, shown: str | None = None) -> None:
+    """Warn once per process that argument ``name`` is ignored (``shown``: the value as the
+    message writes it, default its repr)."""
     if name in _warned:
         return
     _warned.add(name)
@@ -103,9 +107,10 @@ def _ignored(name: str, value: Any, why: str) -> None:
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_globals.get("__name__") == __name__:
         frame, level = frame.f_back, level + 1
+    text = repr(value) if shown is None else shown
     warnings.warn(
-        f"tokenmix.compat.natten: {name}={value!r} is ignored: {why} (this warning is shown "
-        "once per argument; see docs/compat.md)",
+        f"tokenmix.compat.natten: {name}={text} is ignored: "
+        f"{why} (this warning is shown once per argument; see docs/compat.md)",
         NattenCompatWarning,
         stacklevel=level,
     )
@@ -429,7 +434,10 @@ def _check_varlen(args: Mapping[str, Any], where: str) -> None:
 
 
 def _check_attention_kwargs(attention_kwargs: Any) -> None:
-    if attention_kwargs is None:
+    """attention_kwargs where NATTEN passes them to attention(): ``**(attention_kwargs or {})``,
+    so any falsy value means none, another non-mapping is a TypeError, and a key attention()
+    does not take or na*d sets itself is a TypeError."""
+    if not attention_kwargs:
         return
     if not isinstance(attention_kwargs, Mapping):
         raise TypeError(
@@ -451,6 +459,35 @@ def _check_attention_kwargs(attention_kwargs: Any) -> None:
     _check_varlen(attention_kwargs, "na1d/na2d/na3d (attention_kwargs)")
     options = {k: v for k, v in attention_kwargs.items() if k not in _VARLEN_ARGS}
     _check_fmha_options(**options, prefix="attention_kwargs.")
+
+
+_UNUSED_ATTENTION_KWARGS = (
+    "NATTEN passes it to natten.attention only with additional_keys/values or when the "
+    "neighborhood is the whole input (its self-attention shortcut), so NATTEN ignores it in "
+    "this call too"
+)
+_SHORTCUT = (
+    "the neighborhood is the whole input, so NATTEN runs natten.attention (configured by "
+    "attention_kwargs) and ignores this argument too"
+)
+
+
+def _is_self_attention(
+    kernel: tuple[int, ...], causal: tuple[bool, ...], layout: tuple[int, ...], additional: bool
+) -> bool:
+    """NATTEN's test for its self-attention shortcut (natten.utils.checks.is_self_attention):
+    1-D with ``kernel_size == seqlen`` and no additional tokens (causal or not), or a window
+    that covers the input along every dimension without causal masking."""
+    if len(layout) == 1 and not additional:
+        return kernel[0] == layout[0]
+    return all(k == n and not c for k, n, c in zip(kernel, layout, causal, strict=True))
+
+
+def _describe_kwargs(attention_kwargs: Any) -> str:
+    """attention_kwargs for a warning: its keys (values may be large tensors)."""
+    if isinstance(attention_kwargs, Mapping):
+        return "{" + ", ".join(f"{key!r}: ..." for key in attention_kwargs) + "}"
+    return repr(attention_kwargs)
 
 
 # ---- neighborhood attention ----------------------------------------------------------------
@@ -501,36 +538,67 @@ def _na_generic(
             f"kernel_size={kernel}, stride={strides}."
         )
 
-    _check_backend(backend, _FNA_BACKENDS, "backend")
-    check_shape = _check_tile_shape_for(rank)
-    _check_tile_pair(q_tile_shape, kv_tile_shape, ("q_tile_shape", "kv_tile_shape"), check_shape)
-    _check_tile_pair(
-        backward_q_tile_shape,
-        backward_kv_tile_shape,
-        ("backward_q_tile_shape", "backward_kv_tile_shape"),
-        check_shape,
-    )
-    if backward_kv_splits is not None:
-        if not isinstance(backward_kv_splits, tuple):
-            raise ValueError(
-                f"Invalid type {type(backward_kv_splits).__name__} for `backward_kv_splits`: "
-                f"expected a tuple of {rank} positive integers."
-            )
-        check_shape(backward_kv_splits, "backward_kv_splits")
-        _ignored(
-            "backward_kv_splits",
-            backward_kv_splits,
-            "it applies to NATTEN's CUTLASS backward; tokenmix's backward does not split keys",
+    # NATTEN's self-attention shortcut (the window is the whole input) calls natten.attention
+    # with attention_kwargs and never looks at the FNA kernel-choice arguments; otherwise it
+    # checks those in its FNA backend, and passes attention_kwargs to natten.attention only
+    # for the additional tokens. The shim raises where NATTEN raises: unused arguments are
+    # accepted (and warned about, as ignored).
+    additional = additional_keys is not None  # both or neither (checked above)
+    shortcut = _is_self_attention(kernel, causal, layout, additional)
+    if shortcut:
+        fna_options = (
+            ("backend", backend),
+            ("q_tile_shape", q_tile_shape),
+            ("kv_tile_shape", kv_tile_shape),
+            ("backward_q_tile_shape", backward_q_tile_shape),
+            ("backward_kv_tile_shape", backward_kv_tile_shape),
+            ("backward_kv_splits", backward_kv_splits),
         )
+        for name, option in fna_options:
+            if option is not None:
+                _ignored(name, option, _SHORTCUT)
+    else:
+        _check_backend(backend, _FNA_BACKENDS, "backend")
+        check_shape = _check_tile_shape_for(rank)
+        _check_tile_pair(
+            q_tile_shape, kv_tile_shape, ("q_tile_shape", "kv_tile_shape"), check_shape
+        )
+        _check_tile_pair(
+            backward_q_tile_shape,
+            backward_kv_tile_shape,
+            ("backward_q_tile_shape", "backward_kv_tile_shape"),
+            check_shape,
+        )
+        if backward_kv_splits is not None:
+            if not isinstance(backward_kv_splits, tuple):
+                raise ValueError(
+                    f"Invalid type {type(backward_kv_splits).__name__} for "
+                    f"`backward_kv_splits`: expected a tuple of {rank} positive integers."
+                )
+            check_shape(backward_kv_splits, "backward_kv_splits")
+            _ignored(
+                "backward_kv_splits",
+                backward_kv_splits,
+                "it applies to NATTEN's CUTLASS backward; tokenmix's backward does not split keys",
+            )
     _check_common_knobs(
         backward_use_pt_reduction, run_persistent_kernel, kernel_schedule, torch_compile, ""
     )
-    _check_attention_kwargs(attention_kwargs)
+    if shortcut or additional:
+        _check_attention_kwargs(attention_kwargs)
+    elif attention_kwargs is not None and not (
+        isinstance(attention_kwargs, Mapping) and not attention_kwargs
+    ):
+        _ignored(
+            "attention_kwargs",
+            attention_kwargs,
+            _UNUSED_ATTENTION_KWARGS,
+            shown=_describe_kwargs(attention_kwargs),
+        )
 
     # The neighborhood and the additional tokens share one softmax in tokenmix (NATTEN merges
-    # two attentions by their LSE: the same result). NATTEN's self-attention fast path
-    # (kernel_size == input size, not causal; or 1-D without additional tokens) is the same
-    # window, so it needs no special case.
+    # two attentions by their LSE: the same result). NATTEN's self-attention shortcut is the
+    # same window, so the computation needs no special case.
     return neighborhood_attention(
         query,
         key,
@@ -561,6 +629,10 @@ _NA_DOC = """Computes {rank}-D neighborhood attention (NATTEN 0.21's ``natten.na
     ``backward_use_pt_reduction``, ``run_persistent_kernel``, ``kernel_schedule`` and
     ``torch_compile`` are validated as NATTEN validates them and then ignored (a one-time
     :class:`NattenCompatWarning` for each non-default value): tokenmix runs its own kernels.
+    As in NATTEN, ``attention_kwargs`` is validated only with additional keys/values or when
+    the neighborhood is the whole input (NATTEN's self-attention shortcut), and the tile
+    shapes, ``backend`` and ``backward_kv_splits`` are not validated for such a window;
+    otherwise they are accepted and ignored with the warning.
     Like NATTEN, the rank of the tensors decides the number of spatial dimensions.
     """
 
