@@ -18,11 +18,9 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(VENV)/.deps: $(PY) tests/requirements.txt
-	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja matplotlib "ruff==0.17.6" "clang-format==23.1.5"
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "ruff==0.17.6" "clang-format==23.1.5"
 	# CuTe headers for the emulator's layout cross-check (headers only: no dependencies)
 	$(PIP) install -q --no-deps "nvidia-cutlass==4.2.0.0"
-	# cuobjdump and the nvdisasm it runs, for `python -m tokenmix sass-report` (tests read the build)
-	$(PIP) install -q --no-deps "nvidia-cuda-cuobjdump==13.4.92" "nvidia-cuda-nvdisasm==13.5.37"
 	$(PIP) install -q -r tests/requirements.txt
 	# fla imports triton; CUDA builds of torch bring it, the CPU build does not.
 	$(PIP) install -q --no-deps "triton==3.9.0"
