@@ -34,7 +34,7 @@ fi
 if [[ ! -x "$rootfs/usr/bin/python3" ]]; then
   say "debootstrap Debian 11 (bullseye, glibc 2.31) into $rootfs"
   rm -rf "$rootfs"
-  debootstrap --variant=minbase --include=python3-minimal bullseye "$rootfs" \
+  debootstrap --variant=minbase --include=python3 bullseye "$rootfs" \
     http://deb.debian.org/debian > "$rootfs.log" 2>&1 || { tail -20 "$rootfs.log"; exit 1; }
 fi
 site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
