@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import block_sparse, linear_scan, neighborhood, nn, patterns  # noqa: E402
+from . import block_sparse, distributed, linear_scan, neighborhood, nn, patterns  # noqa: E402
 from ._info import info  # noqa: E402
 from .block_sparse import (  # noqa: E402
     BlockLayout,
@@ -37,6 +37,7 @@ __all__ = [
     "block_sparse_attention_reference",
     "delta_rule",
     "delta_rule_step",
+    "distributed",
     "info",
     "linear_attention",
     "linear_attention_step",

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._context_parallel import global_length, pick_operator
 from .args import resolve_scale
 from .functional import block_sparse_attention
 from .layout import BlockLayout
@@ -79,13 +80,15 @@ class BlockSparseAttention(nn.Module):
                 f"BlockSparseAttention expects x of shape [B, T, {self.dim}], got {tuple(x.shape)}"
             )
         batch, length, _ = x.shape
+        attend = pick_operator(self, block_sparse_attention, "block_sparse_attention")
+        total = global_length(self, length, x.device)  # the layout covers the whole sequence
         hd, h, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        out = block_sparse_attention(
+        out = attend(
             q.unflatten(-1, (h, hd)),
             k.unflatten(-1, (hkv, hd)),
             v.unflatten(-1, (hkv, hd)),
-            self.layout_for(length, x.device),
+            self.layout_for(total, x.device),
             scale=self.scale,
         )
         return self.proj(out.reshape(batch, length, self.dim))

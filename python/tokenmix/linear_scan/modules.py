@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._context_parallel import is_sharded, pick_operator
 from .._utils import accumulation_dtype
 from .functional import delta_rule, delta_rule_step, linear_attention, linear_attention_step
 
@@ -152,7 +153,7 @@ class LinearAttention(nn.Module):
             gk = F.logsigmoid(self.g_proj(x).to(acc)) / self.gate_logit_normalizer
             gk = gk.unflatten(-1, (h, d))
         g_gamma = None if self.g_gamma is None else self.g_gamma.to(acc)
-        if seq == 1 and cu_seqlens is None and self.causal:
+        if seq == 1 and cu_seqlens is None and self.causal and not is_sharded(self):
             o, new_state = linear_attention_step(
                 q[:, 0],
                 k[:, 0],
@@ -167,7 +168,7 @@ class LinearAttention(nn.Module):
             o = o[:, None]
             new_state = new_state if output_final_state else None
         else:
-            o, new_state = linear_attention(
+            o, new_state = pick_operator(self, linear_attention, "linear_attention")(
                 q,
                 k,
                 v,
@@ -280,14 +281,14 @@ class GatedDeltaNet(nn.Module):
             beta = beta * 2.0
         a = self.a_proj(x).to(acc) + self.dt_bias.to(acc)
         g = -self.A_log.to(acc).exp() * F.softplus(a)
-        if seq == 1 and cu_seqlens is None:
+        if seq == 1 and cu_seqlens is None and not is_sharded(self):
             o, new_state = delta_rule_step(
                 q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, g=g[:, 0], scale=self.scale
             )
             o = o[:, None]
             new_state = new_state if output_final_state else None
         else:
-            o, new_state = delta_rule(
+            o, new_state = pick_operator(self, delta_rule, "delta_rule")(
                 q,
                 k,
                 v,

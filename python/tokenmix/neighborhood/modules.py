@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._context_parallel import pick_operator
 from .args import normalize_window_args, resolve_scale
 from .functional import BoolOrTuple, IntOrTuple, neighborhood_attention
 
@@ -68,7 +69,8 @@ class _NeighborhoodAttentionND(nn.Module):
         k = k.unflatten(-1, (hkv, hd))
         v = v.unflatten(-1, (hkv, hd))
         rpb = self.rpb.to(q.dtype) if self.rpb is not None else None
-        out = neighborhood_attention(
+        attend = pick_operator(self, neighborhood_attention, "neighborhood_attention")
+        out = attend(
             q,
             k,
             v,

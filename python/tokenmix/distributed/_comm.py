@@ -1,0 +1,328 @@
+"""The communication the context-parallel operators use, with autograd and byte counting.
+
+Everything goes through ``torch.distributed`` (gloo on CPUs, NCCL on GPUs): point-to-point
+row exchanges for halos and key blocks, one all-gather of small per-rank states, and the
+all-reduces of replicated tensors. Each function records the bytes this rank sends in
+:data:`_COUNTERS` so :func:`tokenmix.distributed.count_bytes` can report them: point-to-point
+sends exactly, collectives by the ring algorithm's volume per rank (all-gather ``(R-1) x`` the
+local tensor, all-reduce ``2 (R-1)/R x`` the tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "ByteCount",
+    "RowExchange",
+    "all_gather_sizes",
+    "count_bytes",
+    "enter",
+    "exchange_rows",
+    "gather_states",
+    "group_rank_size",
+    "reduce_replicated",
+]
+
+
+@dataclass
+class ByteCount:
+    """Bytes this rank sent, by kind, while :func:`count_bytes` was active."""
+
+    point_to_point: int = 0
+    collective: int = 0
+    by_operator: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.point_to_point + self.collective
+
+
+_COUNTERS: list[ByteCount] = []
+_OPERATOR: list[str] = []
+
+
+@contextlib.contextmanager
+def count_bytes() -> Iterator[ByteCount]:
+    """Count the bytes this rank sends inside the block (forward and backward)::
+
+    with tokenmix.distributed.count_bytes() as sent:
+        out = dist_neighborhood_attention(q, k, v, kernel_size=7)
+        out.sum().backward()
+    print(sent.total, sent.by_operator)
+    """
+    counter = ByteCount()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+@contextlib.contextmanager
+def operator_scope(name: str) -> Iterator[None]:
+    _OPERATOR.append(name)
+    try:
+        yield
+    finally:
+        _OPERATOR.pop()
+
+
+def _record(nbytes: int, kind: str) -> None:
+    for counter in _COUNTERS:
+        if kind == "p2p":
+            counter.point_to_point += nbytes
+        else:
+            counter.collective += nbytes
+        key = _OPERATOR[-1] if _OPERATOR else "other"
+        counter.by_operator[key] = counter.by_operator.get(key, 0) + nbytes
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; a clear error without
+    ``torch.distributed`` initialized."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "tokenmix.distributed needs torch.distributed initialized: call "
+            "torch.distributed.init_process_group('gloo' or 'nccl', ...) first"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def all_gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
+    """Every rank's ``n`` (the local shard lengths), in rank order."""
+    _, world = group_rank_size(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    _record(_nbytes(mine) * (world - 1), "collective")
+    return [int(p.item()) for p in parts]
+
+
+# ---- row exchange (halos, key blocks) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowExchange:
+    """Which rows of dimension 1 move between ranks, from this rank's point of view.
+
+    The output is a ``[B, out_len, ...]`` buffer: this rank's own rows ``own_src`` (indices
+    into its shard) land at ``own_dst``; the rows received from peer ``p`` land at
+    ``recv[p]``; every other row is zero. ``send[p]`` are the rows of this shard that peer
+    ``p`` receives, in the order it places them.
+    """
+
+    out_len: int
+    own_src: Tensor
+    own_dst: Tensor
+    send: dict[int, Tensor]
+    recv: dict[int, Tensor]
+
+    def to(self, device: torch.device) -> RowExchange:
+        """The same plan with its index tensors on ``device``."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device)
+
+        return RowExchange(
+            self.out_len,
+            move(self.own_src),
+            move(self.own_dst),
+            {p: move(t) for p, t in self.send.items()},
+            {p: move(t) for p, t in self.recv.items()},
+        )
+
+
+def _post(ops: Sequence[tuple[str, Tensor, int]], group) -> None:
+    """Runs the sends and receives together, so no pair of ranks waits on the other."""
+    requests = []
+    for kind, tensor, peer in ops:
+        target = _global_rank(group, peer)
+        if kind == "send":
+            requests.append(dist.isend(tensor, target, group=group))
+            _record(_nbytes(tensor), "p2p")
+        else:
+            requests.append(dist.irecv(tensor, target, group=group))
+    for request in requests:
+        request.wait()
+
+
+class _ExchangeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: RowExchange, group) -> Tensor:
+        out = x.new_zeros(x.shape[0], plan.out_len, *x.shape[2:])
+        out.index_copy_(1, plan.own_dst, x.index_select(1, plan.own_src))
+        ops, inbox = [], {}
+        for peer, rows in sorted(plan.send.items()):
+            ops.append(("send", x.index_select(1, rows).contiguous(), peer))
+        for peer, rows in sorted(plan.recv.items()):
+            inbox[peer] = x.new_empty(x.shape[0], rows.numel(), *x.shape[2:])
+            ops.append(("recv", inbox[peer], peer))
+        _post(ops, group)
+        for peer, rows in plan.recv.items():
+            out.index_copy_(1, rows, inbox[peer])
+        ctx.plan, ctx.group, ctx.shape = plan, group, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        plan, group = ctx.plan, ctx.group
+        grad_out = grad_out.contiguous()
+        grad = grad_out.new_zeros(ctx.shape)
+        grad.index_add_(1, plan.own_src, grad_out.index_select(1, plan.own_dst))
+        # The reverse of the forward: the receivers return the gradient of the rows they got,
+        # and the owners add it to theirs, peers in rank order (deterministic).
+        ops, inbox = [], {}
+        for peer, rows in sorted(plan.recv.items()):
+            ops.append(("send", grad_out.index_select(1, rows).contiguous(), peer))
+        for peer, rows in sorted(plan.send.items()):
+            inbox[peer] = grad_out.new_empty(grad_out.shape[0], rows.numel(), *grad_out.shape[2:])
+            ops.append(("recv", inbox[peer], peer))
+        _post(ops, group)
+        for peer in sorted(plan.send):
+            grad.index_add_(1, plan.send[peer], inbox[peer])
+        return grad, None, None
+
+
+def exchange_rows(x: Tensor, plan: RowExchange, group: dist.ProcessGroup | None) -> Tensor:
+    """The ``[B, plan.out_len, ...]`` buffer of :class:`RowExchange`; differentiable (the
+    backward sends the received rows' gradients back to their owners, who add them up)."""
+    return _ExchangeRows.apply(x, plan, group)
+
+
+# ---- replicated tensors and gathered states ---------------------------------------------------
+#
+# Every collective of a backward must run on every rank, in the same order. Autograd runs a node
+# only when something below it needs a gradient, and the graphs of one call differ between
+# ranks (rank 0 of a scan never reads the gathered states; a rank may not use the initial
+# state). So the backward's collectives sit in nodes every path of the call goes through:
+# :func:`enter` wraps all of a call's inputs (its replicated ones' gradients are all-reduced in
+# one collective, after everything else of the call), and :func:`gather_states` passes the
+# call's per-rank inputs through with the gathered states.
+
+
+def _all_reduce_sum(t: Tensor, group) -> Tensor:
+    t = t.contiguous().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    _, world = group_rank_size(group)
+    _record(2 * (world - 1) * _nbytes(t) // max(world, 1), "collective")
+    return t
+
+
+class _Enter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, n_local: int, *tensors: Tensor):
+        ctx.group, ctx.n_local = group, n_local
+        ctx.replicated = [(t.shape, t.dtype) for t in tensors[n_local:]]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        local, replicated = list(grads[: ctx.n_local]), list(grads[ctx.n_local :])
+        if replicated:
+            wide = (
+                torch.float64
+                if any(d == torch.float64 for _, d in ctx.replicated)
+                else torch.float32
+            )
+            flat = []
+            for g, (shape, _) in zip(replicated, ctx.replicated, strict=True):
+                flat.append(
+                    g.reshape(-1).to(wide)
+                    if g is not None
+                    else torch.zeros(shape.numel(), dtype=wide, device=_device(grads))
+                )
+            summed = _all_reduce_sum(torch.cat(flat), ctx.group)
+            out, start = [], 0
+            for shape, dtype in ctx.replicated:
+                out.append(summed[start : start + shape.numel()].view(shape).to(dtype))
+                start += shape.numel()
+            replicated = out
+        return (None, None, *local, *replicated)
+
+
+def _device(grads) -> torch.device:
+    for g in grads:
+        if g is not None:
+            return g.device
+    return torch.device("cpu")
+
+
+def enter(group, local: Sequence[Tensor | None], replicated: Sequence[Tensor | None]):
+    """``(local, replicated)`` as they are, as the entry of one distributed call: the
+    backward sums the replicated tensors' gradients (``rpb``, ``initial_state``, extra tokens)
+    over the ranks in one all-reduce, so every rank gets the gradient of the sum of all ranks'
+    losses. ``local`` are the call's per-rank tensors; every path of the call starts here.
+    ``None`` entries stay ``None``."""
+    items = [t for t in (*local, *replicated) if t is not None]
+    n_local = sum(t is not None for t in local)
+    if not any(t.requires_grad for t in items):
+        return list(local), list(replicated)
+    out = iter(_Enter.apply(group, n_local, *items))
+    return (
+        [None if t is None else next(out) for t in local],
+        [None if t is None else next(out) for t in replicated],
+    )
+
+
+class _ReduceReplicated(torch.autograd.Function):
+    """All-reduce (sum) forward; the backward passes the (replicated) gradient through."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        return _all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def reduce_replicated(x: Tensor, group) -> Tensor:
+    """Sum of every rank's ``x``, returned on every rank (each rank fills its own entries and
+    leaves zeros elsewhere). The result is replicated, so its gradient is taken to be the
+    same on every rank and passes straight back."""
+    return _ReduceReplicated.apply(x, group)
+
+
+class _GatherStates(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, x: Tensor, *passthrough: Tensor):
+        _, world = group_rank_size(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        _record(_nbytes(x) * (world - 1), "collective")
+        ctx.group, ctx.shape, ctx.dtype = group, x.shape, x.dtype
+        return (torch.stack(parts), *(t.view_as(t) for t in passthrough))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, *passthrough):
+        # Each rank's piece was used by every rank: its gradient is the sum of theirs.
+        rank, world = group_rank_size(ctx.group)
+        if grad is None:
+            grad = torch.zeros(world, *ctx.shape, dtype=ctx.dtype, device=_device(passthrough))
+        return (None, _all_reduce_sum(grad, ctx.group)[rank], *passthrough)
+
+
+def gather_states(group, x: Tensor, passthrough: Sequence[Tensor | None]):
+    """``([world, *x.shape], passthrough)``: every rank's ``x`` in rank order, differentiable.
+    ``passthrough`` (the per-rank tensors the rest of the call reads) come back as they are:
+    routing them through here puts the backward's all-reduce on every rank's path."""
+    items = [t for t in passthrough if t is not None]
+    gathered, *rest = _GatherStates.apply(group, x, *items)
+    out = iter(rest)
+    return gathered, [None if t is None else next(out) for t in passthrough]

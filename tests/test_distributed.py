@@ -1,0 +1,156 @@
+"""tokenmix.distributed on gloo: 2 and 4 processes against the single-process operators.
+
+All cases of one world size run in one spawn (module-scoped fixtures); each case is then
+compared here. Float64 cases must agree to 1e-12 (the math is the same, only the rounding order
+differs); float32 cases within 1e-6 relative, or within twice the single-process operator's
+own float32 error where that is larger (global reductions such as ``dg_gamma`` sum thousands
+of cancelling terms).
+"""
+
+from __future__ import annotations
+
+import distributed_harness as harness
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
+
+F64 = torch.float64
+
+
+def _na_cases() -> list[dict]:
+    base = dict(kind="na", batch=1, heads=2, heads_kv=1, dim=8)
+    return [
+        dict(base, spatial=(13,), kernel_size=5, rpb=True, extra=3, batch=2),
+        dict(base, spatial=(17,), kernel_size=4, dilation=2, rpb=True),
+        dict(base, spatial=(19,), kernel_size=5, stride=3, is_causal=True),
+        dict(base, spatial=(23,), kernel_size=7, stride=2, dilation=3),
+        # windows wider than a shard: rows come from ranks two and three away
+        dict(base, spatial=(20,), kernel_size=13, rpb=True, sizes={2: [3, 17], 4: [5, 5, 5, 5]}),
+        dict(
+            base, spatial=(22,), kernel_size=9, is_causal=True, sizes={2: [20, 2], 4: [2, 3, 16, 1]}
+        ),
+        dict(
+            base,
+            spatial=(11, 6),
+            kernel_size=(7, 3),
+            dilation=(1, 2),
+            is_causal=(True, False),
+            stride=(2, 1),
+            rpb=True,
+        ),
+        dict(
+            base, spatial=(12, 5), kernel_size=(3, 5), is_causal=(False, True), extra=2, heads_kv=2
+        ),
+        dict(
+            base,
+            spatial=(9, 4, 3),
+            kernel_size=(7, 3, 2),
+            rpb=True,
+            sizes={2: [1, 8], 4: [1, 2, 5, 1]},
+        ),
+        dict(
+            base,
+            spatial=(10, 3, 4),
+            kernel_size=(4, 2, 3),
+            dilation=(2, 1, 1),
+            is_causal=(True, True, False),
+        ),
+        dict(base, spatial=(15, 4), kernel_size=(5, 3), rpb=True, extra=2, dtype=F64),
+        dict(
+            base,
+            spatial=(14, 3, 3),
+            kernel_size=(3, 3, 3),
+            dilation=(3, 1, 1),
+            is_causal=(True, False, False),
+            dtype=F64,
+        ),
+    ]
+
+
+def _scan_cases() -> list[dict]:
+    lin = dict(kind="linear", batch=1, heads=2, dim_k=8, dim_v=6)
+    cu = [0, 5, 30, 31, 50]  # a sequence across 3 of 4 ranks, one of a single token
+    cu_long = [0, 3, 60, 70]  # one sequence through every rank's boundary
+    cu_edges = [
+        0,
+        25,
+        38,
+        50,
+    ]  # sequences ending on shard boundaries (2 ranks; 4 ranks: 13, 26, 38)
+    delta = dict(lin, kind="delta", dim_k=16, dim_v=8)
+    return [
+        dict(lin, length=37, batch=2, initial_state=True),
+        dict(lin, length=50, cu_seqlens=cu, initial_state=True),
+        dict(lin, length=50, cu_seqlens=cu_edges),
+        dict(lin, length=41, batch=2, decay="g_gamma", initial_state=True),
+        dict(lin, length=70, decay="g", cu_seqlens=cu_long, initial_state=True),
+        dict(lin, length=50, decay="gk", cu_seqlens=cu, initial_state=True),
+        dict(lin, length=33, batch=2, decay="gk"),
+        dict(lin, length=50, normalize=True, cu_seqlens=cu, initial_state=True),
+        dict(lin, length=50, decay="g_gamma", normalize=True, cu_seqlens=[0, 45, 50]),
+        dict(lin, length=50, causal=False, cu_seqlens=cu, initial_state=True),
+        dict(lin, length=30, batch=2, causal=False, normalize=True),
+        dict(delta, length=70, cu_seqlens=cu_long, initial_state=True),
+        dict(delta, length=40, batch=2),
+        dict(delta, length=70, decay="g", cu_seqlens=[0, 3, 60, 70], initial_state=True),
+        dict(delta, length=50, decay="g", cu_seqlens=cu, initial_state=True, dim_v=24),
+        dict(lin, length=50, decay="gk", cu_seqlens=cu, initial_state=True, dtype=F64),
+        dict(delta, length=50, decay="g", cu_seqlens=cu_edges, initial_state=True, dtype=F64),
+    ]
+
+
+def _bs_cases() -> list[dict]:
+    bs = dict(kind="bs", batch=1, heads=2, heads_kv=1, dim=8)
+    docs = [0] * 20 + [1] * 30 + [2] * 14
+    return [
+        dict(bs, length=96, block=16, rule="causal"),
+        dict(bs, length=100, block=16, rule="window", window=24),
+        dict(bs, length=64, block=8, rule="documents", doc_ids=docs, heads_kv=2),
+        dict(
+            bs,
+            length=100,
+            block=16,
+            rule="random",
+            layout_batch=2,
+            layout_heads=2,
+            batch=2,
+            heads_kv=2,
+        ),
+        dict(bs, length=90, block=16, rule="random", layout_batch=1, layout_heads=1),
+        dict(bs, length=80, block=16, rule="causal", sizes={2: [16, 64], 4: [48, 16, 0, 16]}),
+        dict(bs, length=72, block=8, rule="window", window=9, dtype=F64),
+    ]
+
+
+CASES = [
+    dict(case, seed=100 + i) for i, case in enumerate(_na_cases() + _scan_cases() + _bs_cases())
+]
+
+
+def _case_id(case: dict) -> str:
+    keys = ("kind", "spatial", "kernel_size", "decay", "rule", "cu_seqlens", "causal", "normalize")
+    parts = [f"{case[k]}" for k in keys if case.get(k) is not None]
+    if case.get("dtype") == F64:
+        parts.append("f64")
+    return "-".join(parts).replace(" ", "")
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {world: harness.run_ranks(world, CASES) for world in (2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
+def test_matches_single_process(results, world, index):
+    case = CASES[index]
+    per_rank = [r[index] for r in results[world]]
+    diffs = harness.compare(case, per_rank)
+    for name, (err, noise) in diffs.items():
+        limit = 1e-12 if case.get("dtype") == F64 else max(1e-6, 2 * noise)
+        assert err <= limit, f"{name}: relative difference {err:.2e} > {limit:.1e} ({diffs})"
+    assert any(n.startswith("d") for n in diffs), "no gradient was compared"
