@@ -33,7 +33,16 @@ def _randn(gen, *shape, dtype=torch.float32, scale=1.0):
 
 
 def make_inputs(case: dict) -> tuple[dict, set, set]:
-    """(tensors, sharded names, replicated names): every floating tensor is differentiable."""
+    """(tensors, sharded names, replicated names): every floating tensor is differentiable.
+    ``poison: (name, index)`` puts a NaN at ``tensor[index]``."""
+    tensors, sharded, replicated = _make_inputs(case)
+    if case.get("poison"):
+        name, index = case["poison"]
+        tensors[name][index] = float("nan")
+    return tensors, sharded, replicated
+
+
+def _make_inputs(case: dict) -> tuple[dict, set, set]:
     gen = _gen(case["seed"])
     dtype = case.get("dtype", torch.float32)
     kind = case["kind"]
@@ -233,12 +242,13 @@ def _rank_run(case: dict, rank: int, world: int) -> dict:
         for n, o in outputs.items():
             g = grads[n].narrow(1, start, sizes[rank]) if n in SHARDED_OUTPUTS else grads[n]
             loss = loss + (o * _masked(n, g, o.detach())).sum()
-        loss.backward()
+        if not case.get("forward_only"):
+            loss.backward()
     return {
         "outputs": {n: o.detach() for n, o in outputs.items()},
         "grads": {n: x.grad for n, x in leaves.items() if x.grad is not None},
         "sizes": sizes,
-        "bytes": sent.total,
+        "bytes": (sent.point_to_point, sent.collective),
     }
 
 
@@ -255,7 +265,8 @@ def _worker(rank: int, world: int, init_file: str, cases: list, out_dir: str) ->
     try:
         for i, case in enumerate(cases):
             try:
-                results[i] = _rank_run(case, rank, world)
+                run = _module_rank_run if case["kind"] == "module" else _rank_run
+                results[i] = run(case, rank, world)
             except Exception:
                 results[i] = {"error": traceback.format_exc()}
                 # Other ranks may now wait on this one: give up on the rest.
@@ -315,6 +326,8 @@ def compare(case: dict, per_rank: list[dict]) -> dict[str, tuple[float, float]]:
     for r, res in enumerate(per_rank):
         if "error" in res:
             raise AssertionError(f"rank {r} failed:\n{res['error']}")
+    if case["kind"] == "module":
+        return _compare_module(case, per_rank)
     tensors, sharded, _ = make_inputs(case)
     single, grads = _single_process(case, tensors)
     if tensors["q"].dtype == torch.float64:
@@ -324,17 +337,94 @@ def compare(case: dict, per_rank: list[dict]) -> dict[str, tuple[float, float]]:
         truth, _ = _single_process(case, wide, grads_from=grads)
     diffs = {}
     for name, want in single.items():
+        if case.get("forward_only") and name.startswith("d"):
+            continue
         base = name[1:] if name.startswith("d") else name
         if base in SHARDED_OUTPUTS or base in sharded:
             source = "outputs" if name in SHARDED_OUTPUTS else "grads"
             key = name if source == "outputs" else base
             pieces = [res[source][key] for res in per_rank]
             got = [torch.cat(pieces, dim=1)]
-        else:
-            source = "outputs" if name in single and not name.startswith("d") else "grads"
-            key = name if source == "outputs" else base
-            got = [res[source][key] for res in per_rank]
+        elif name.startswith("d"):  # a replicated input: the ranks' shares add up
+            got = [sum(res["grads"][base] for res in per_rank)]
+        else:  # a replicated output: every rank holds all of it
+            got = [res["outputs"][name] for res in per_rank]
         noise = 0.0 if truth is None else _relative(want.double(), truth[name], name)
         worst = max(_relative(g, want, name) for g in got)
         diffs[name] = (worst, noise)
+    return diffs
+
+
+# ---- whole layers under context_parallel ---------------------------------------------------
+
+
+def make_module(case: dict) -> torch.nn.Module:
+    return _make_module(case).to(case.get("dtype", torch.float32))
+
+
+def _make_module(case: dict) -> torch.nn.Module:
+    torch.manual_seed(case["seed"])
+    dim, heads = case["dim"], case["heads"]
+    layer = case["layer"]
+    if layer == "na2d":
+        return tokenmix.nn.NeighborhoodAttention2D(
+            dim, heads, kernel_size=5, dilation=(1, 2), rel_pos_bias=True
+        )
+    if layer == "linear":
+        return tokenmix.nn.LinearAttention(
+            dim, heads, feature_map="elu+1", decay="gated", normalize=True
+        )
+    if layer == "gdn":
+        return tokenmix.nn.GatedDeltaNet(dim, heads)
+    if layer == "bs":
+        layout = tokenmix.BlockLayout.from_element_mask(
+            tokenmix.ElementMask.causal(), case["length"], case["length"], 16
+        )
+        return tokenmix.nn.BlockSparseAttention(dim, heads, layout)
+    raise ValueError(layer)
+
+
+def _module_input(case: dict) -> torch.Tensor:
+    shape = (1, case["length"], *case.get("extra_spatial", ()), case["dim"])
+    return _randn(_gen(case["seed"] + 5), *shape, dtype=case.get("dtype", torch.float32))
+
+
+def _module_forward(model, x):
+    y = model(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _module_rank_run(case: dict, rank: int, world: int) -> dict:
+    model = make_module(case)
+    tmd.context_parallel(model)
+    x_full = _module_input(case)
+    sizes = shard_sizes_for(case, x_full.shape[1], world)
+    start = sum(sizes[:rank])
+    x = x_full.narrow(1, start, sizes[rank]).clone().requires_grad_()
+    y = _module_forward(model, x)
+    gy = _randn(_gen(case["seed"] + 6), *y.shape[:1], x_full.shape[1], *y.shape[2:], dtype=y.dtype)
+    (y * gy.narrow(1, start, sizes[rank])).sum().backward()
+    # The per-token layers' parameter gradients are partial sums per rank: sum them (what
+    # DDP over the same group does, up to its averaging).
+    params = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        params[name] = g
+    return {"outputs": {"y": y.detach()}, "grads": {"x": x.grad}, "params": params}
+
+
+def _compare_module(case: dict, per_rank: list[dict]) -> dict[str, tuple[float, float]]:
+    model = make_module(case)
+    x = _module_input(case).requires_grad_()
+    y = _module_forward(model, x)
+    gy = _randn(_gen(case["seed"] + 6), *y.shape, dtype=y.dtype)
+    (y * gy).sum().backward()
+    diffs = {
+        "y": (_relative(torch.cat([r["outputs"]["y"] for r in per_rank], 1), y.detach(), "y"), 0.0),
+        "dx": (_relative(torch.cat([r["grads"]["x"] for r in per_rank], 1), x.grad, "dx"), 0.0),
+    }
+    for name, p in model.named_parameters():
+        worst = max(_relative(r["params"][name], p.grad, name) for r in per_rank)
+        diffs[f"d{name}"] = (worst, 0.0)
     return diffs

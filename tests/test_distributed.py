@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import distributed_harness as harness
 import pytest
+import tokenmix.distributed as tmd
 import torch
 
 pytestmark = pytest.mark.skipif(
@@ -126,13 +127,39 @@ def _bs_cases() -> list[dict]:
     ]
 
 
+def _module_cases() -> list[dict]:
+    layer = dict(kind="module", dim=16, heads=2, dtype=F64)
+    return [
+        dict(layer, layer="na2d", length=11, extra_spatial=(10,)),
+        dict(layer, layer="linear", length=29),
+        dict(layer, layer="gdn", length=29),
+        dict(layer, layer="bs", length=64, block=16),
+        dict(layer, layer="gdn", length=24, dtype=torch.float32),
+    ]
+
+
+def _nonfinite_cases() -> list[dict]:
+    """A NaN in the last rank's tokens: the earlier ranks' outputs stay as in one process
+    (finite), and the NaNs land where they land in one process."""
+    return [
+        dict(_scan_cases()[4], poison=("v", (0, 66, 1, 2)), forward_only=True),
+        dict(_scan_cases()[11], poison=("k", (0, 65, 0, 3)), forward_only=True),
+        dict(_na_cases()[0], poison=("k", (1, 12, 0, 1)), forward_only=True),
+        dict(_bs_cases()[1], poison=("v", (0, 99, 0, 0)), forward_only=True),
+    ]
+
+
 CASES = [
-    dict(case, seed=100 + i) for i, case in enumerate(_na_cases() + _scan_cases() + _bs_cases())
+    dict(case, seed=100 + i)
+    for i, case in enumerate(
+        _na_cases() + _scan_cases() + _bs_cases() + _module_cases() + _nonfinite_cases()
+    )
 ]
 
 
 def _case_id(case: dict) -> str:
-    keys = ("kind", "spatial", "kernel_size", "decay", "rule", "cu_seqlens", "causal", "normalize")
+    keys = ("kind", "layer", "spatial", "kernel_size", "decay", "rule", "cu_seqlens", "causal")
+    keys += ("normalize", "poison")
     parts = [f"{case[k]}" for k in keys if case.get(k) is not None]
     if case.get("dtype") == F64:
         parts.append("f64")
@@ -153,4 +180,54 @@ def test_matches_single_process(results, world, index):
     for name, (err, noise) in diffs.items():
         limit = 1e-12 if case.get("dtype") == F64 else max(1e-6, 2 * noise)
         assert err <= limit, f"{name}: relative difference {err:.2e} > {limit:.1e} ({diffs})"
-    assert any(n.startswith("d") for n in diffs), "no gradient was compared"
+    if not case.get("forward_only"):
+        assert any(n.startswith("d") for n in diffs), "no gradient was compared"
+    if case.get("poison"):
+        name = "out" if case["kind"] in ("na", "bs") else "o"
+        first = per_rank[0]["outputs"][name]
+        assert torch.isfinite(first).all(), "a NaN on the last rank reached rank 0"
+
+
+def _expected_p2p_bytes(case: dict, world: int, rank: int) -> int:
+    """Bytes rank ``rank`` sends point to point: the K/V rows its peers read (forward) and the
+    gradients of the rows it read (backward), from the plans alone."""
+    tensors, _, _ = harness.make_inputs(case)
+    k, v = tensors["k"], tensors["v"]
+    sizes = harness.shard_sizes_for(case, k.shape[1], world)
+    row = k[0, 0].numel() + v[0, 0].numel()  # one row of dimension 1, K and V together
+    row_bytes = k.shape[0] * row * k.element_size()
+    if case["kind"] == "na":
+        kernel, stride, dilation, causal = (
+            (x if isinstance(x, int | bool) else x[0])
+            for x in (
+                case["kernel_size"],
+                case.get("stride", 1),
+                case.get("dilation", 1),
+                case.get("is_causal", False),
+            )
+        )
+        exchange = tmd.halo_plan(tuple(sizes), kernel, stride, dilation, bool(causal)).exchange(
+            rank
+        )
+    else:
+        layout = harness.make_layout(case)
+        exchange = tmd.key_block_plan(layout, sizes, sizes).exchange(rank)
+    sent = sum(int(x.numel()) for x in exchange.send.values())
+    returned = sum(int(x.numel()) for x in exchange.recv.values())
+    return (sent + returned) * row_bytes
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_only_the_halo_and_used_key_blocks_travel(results, world):
+    checked = 0
+    for index, case in enumerate(CASES):
+        if case["kind"] not in ("na", "bs") or case.get("forward_only"):
+            continue
+        for rank, res in enumerate(results[world]):
+            p2p, collective = res[index]["bytes"]
+            assert p2p == _expected_p2p_bytes(case, world, rank), (index, rank)
+            # The only collective: one all-gather of the shard lengths (two for block-sparse).
+            gathers = 2 if case["kind"] == "bs" else 1
+            assert collective == gathers * 8 * (world - 1), (index, rank)
+        checked += 1
+    assert checked >= 15

@@ -23,7 +23,6 @@ __all__ = [
     "RowExchange",
     "all_gather_sizes",
     "count_bytes",
-    "enter",
     "exchange_rows",
     "gather_states",
     "group_rank_size",
@@ -204,15 +203,17 @@ def exchange_rows(x: Tensor, plan: RowExchange, group: dist.ProcessGroup | None)
     return _ExchangeRows.apply(x, plan, group)
 
 
-# ---- replicated tensors and gathered states ---------------------------------------------------
+# ---- replicated results and gathered states ---------------------------------------------------
 #
-# Every collective of a backward must run on every rank, in the same order. Autograd runs a node
-# only when something below it needs a gradient, and the graphs of one call differ between
-# ranks (rank 0 of a scan never reads the gathered states; a rank may not use the initial
-# state). So the backward's collectives sit in nodes every path of the call goes through:
-# :func:`enter` wraps all of a call's inputs (its replicated ones' gradients are all-reduced in
-# one collective, after everything else of the call), and :func:`gather_states` passes the
-# call's per-rank inputs through with the gathered states.
+# A tensor every rank passes whole (``rpb``, extra tokens, ``initial_state``, ``g_gamma``) is
+# treated like a model parameter: its gradient on each rank is that rank's share, and the sum
+# over the ranks (what DDP or an all-reduce computes) is the single-process gradient.
+#
+# Every collective of a backward must run on every rank, in the same order. Autograd runs a
+# node only when something below it needs a gradient, and the graphs of one call differ between
+# ranks (rank 0 of a scan never reads the gathered states). So :func:`gather_states`, the one
+# backward collective, also passes through every per-rank tensor the rest of the call reads:
+# every rank's backward then runs it, after the call's later steps and before its earlier ones.
 
 
 def _all_reduce_sum(t: Tensor, group) -> Tensor:
@@ -223,60 +224,11 @@ def _all_reduce_sum(t: Tensor, group) -> Tensor:
     return t
 
 
-class _Enter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, n_local: int, *tensors: Tensor):
-        ctx.group, ctx.n_local = group, n_local
-        ctx.replicated = [(t.shape, t.dtype) for t in tensors[n_local:]]
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        local, replicated = list(grads[: ctx.n_local]), list(grads[ctx.n_local :])
-        if replicated:
-            wide = (
-                torch.float64
-                if any(d == torch.float64 for _, d in ctx.replicated)
-                else torch.float32
-            )
-            flat = []
-            for g, (shape, _) in zip(replicated, ctx.replicated, strict=True):
-                flat.append(
-                    g.reshape(-1).to(wide)
-                    if g is not None
-                    else torch.zeros(shape.numel(), dtype=wide, device=_device(grads))
-                )
-            summed = _all_reduce_sum(torch.cat(flat), ctx.group)
-            out, start = [], 0
-            for shape, dtype in ctx.replicated:
-                out.append(summed[start : start + shape.numel()].view(shape).to(dtype))
-                start += shape.numel()
-            replicated = out
-        return (None, None, *local, *replicated)
-
-
 def _device(grads) -> torch.device:
     for g in grads:
         if g is not None:
             return g.device
     return torch.device("cpu")
-
-
-def enter(group, local: Sequence[Tensor | None], replicated: Sequence[Tensor | None]):
-    """``(local, replicated)`` as they are, as the entry of one distributed call: the
-    backward sums the replicated tensors' gradients (``rpb``, ``initial_state``, extra tokens)
-    over the ranks in one all-reduce, so every rank gets the gradient of the sum of all ranks'
-    losses. ``local`` are the call's per-rank tensors; every path of the call starts here.
-    ``None`` entries stay ``None``."""
-    items = [t for t in (*local, *replicated) if t is not None]
-    n_local = sum(t is not None for t in local)
-    if not any(t.requires_grad for t in items):
-        return list(local), list(replicated)
-    out = iter(_Enter.apply(group, n_local, *items))
-    return (
-        [None if t is None else next(out) for t in local],
-        [None if t is None else next(out) for t in replicated],
-    )
 
 
 class _ReduceReplicated(torch.autograd.Function):
@@ -312,10 +264,31 @@ class _GatherStates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None, *passthrough):
         # Each rank's piece was used by every rank: its gradient is the sum of theirs.
-        rank, world = group_rank_size(ctx.group)
+        _, world = group_rank_size(ctx.group)
         if grad is None:
             grad = torch.zeros(world, *ctx.shape, dtype=ctx.dtype, device=_device(passthrough))
-        return (None, _all_reduce_sum(grad, ctx.group)[rank], *passthrough)
+        return (None, _reduce_scatter_sum(grad, ctx.group), *passthrough)
+
+
+_NO_REDUCE_SCATTER: set[str] = set()
+
+
+def _reduce_scatter_sum(stacked: Tensor, group) -> Tensor:
+    """``stacked[rank]`` summed over the ranks: a reduce-scatter, or an all-reduce where the
+    backend has none (gloo before torch 2.x's reduce_scatter support)."""
+    rank, world = group_rank_size(group)
+    backend = str(dist.get_backend(group))
+    stacked = stacked.contiguous()
+    if backend not in _NO_REDUCE_SCATTER:
+        out = torch.empty_like(stacked[0])
+        try:
+            dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM, group=group)
+        except (RuntimeError, NotImplementedError, ValueError):
+            _NO_REDUCE_SCATTER.add(backend)
+        else:
+            _record((world - 1) * _nbytes(out), "collective")
+            return out
+    return _all_reduce_sum(stacked, group)[rank]
 
 
 def gather_states(group, x: Tensor, passthrough: Sequence[Tensor | None]):

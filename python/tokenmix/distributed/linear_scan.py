@@ -37,7 +37,6 @@ from ..linear_scan.args import (
 )
 from ._comm import (
     all_gather_sizes,
-    enter,
     gather_states,
     group_rank_size,
     operator_scope,
@@ -229,10 +228,16 @@ def linear_attention(
     boundaries) are the same on every rank. Returns this rank's piece of the output and, with
     ``output_final_state``, every sequence's final state on every rank.
 
+    Gradients: ``g_gamma`` and ``initial_state`` are used like parameters (each rank's gradient
+    is its share; the sum over the ranks is the single-process gradient). The final states are
+    replicated: their gradient must be the same on every rank (each rank computing the same
+    loss from them), and it counts once.
+
     Example (under ``torchrun --nproc-per-node 2``)::
 
         import torch, torch.distributed as dist, tokenmix.distributed as tmd
         dist.init_process_group("gloo")
+        torch.manual_seed(0)  # the same whole tensors on every rank, for the example
         q, k, v = (tmd.shard(torch.randn(1, 4096, 4, 64)) for _ in range(3))
         o, state = tmd.linear_attention(q, k, v, output_final_state=True)
     """
@@ -247,8 +252,7 @@ def linear_attention(
             check_state(
                 initial_state, "initial_state", q, seqs.count, q.shape[2], q.shape[3], width
             )
-        (q, k, v, g, gk), (g_gamma, init) = enter(group, [q, k, v, g, gk], [g_gamma, initial_state])
-        init = None if init is None else init.to(acc)
+        init = None if initial_state is None else initial_state.to(acc)
         if not causal:
             return _bidirectional(
                 q, k, v, scale, init, output_final_state, normalize, seqs, rank, group
@@ -340,8 +344,7 @@ def delta_rule(
             check_state(
                 initial_state, "initial_state", q, seqs.count, q.shape[2], q.shape[3], width
             )
-        (q, k, v, beta, g), (init,) = enter(group, [q, k, v, beta, g], [initial_state])
-        init = None if init is None else init.to(acc)
+        init = None if initial_state is None else initial_state.to(acc)
 
         def run(inputs, v_in, state0, cu, final, normalized):
             return _local.delta_rule(

@@ -26,7 +26,6 @@ from ..neighborhood.reference import window_bounds
 from ._comm import (
     RowExchange,
     all_gather_sizes,
-    enter,
     exchange_rows,
     group_rank_size,
     operator_scope,
@@ -162,8 +161,9 @@ def neighborhood_attention(
     in order; pieces may differ in length, each at least one row), and the whole ``rpb`` and
     additional tokens. Window arguments refer to the whole (global) grid. Returns this
     rank's piece of the output (and LSE), equal to the single-process operator's. Only the
-    halo rows the windows reach travel, in both directions; ``rpb`` and the additional
-    tokens' gradients are summed over the ranks.
+    halo rows the windows reach travel, in both directions. ``rpb`` and the additional
+    tokens are used like parameters: each rank's gradient is its share, and the sum over the
+    ranks is the single-process gradient.
 
     Example (run under ``torchrun --nproc-per-node 2``)::
 
@@ -194,10 +194,7 @@ def neighborhood_attention(
         lo, hi = plan.slabs[rank]
         a, b = plan.bounds[rank]
         exchange = plan.exchange(rank).to(q.device)
-        (q, kv), (rpb, extra_k, extra_v) = enter(
-            group, [q, torch.cat([k, v], dim=-1)], [rpb, additional_keys, additional_values]
-        )
-        kv = exchange_rows(kv, exchange, group)
+        kv = exchange_rows(torch.cat([k, v], dim=-1), exchange, group)
         k_slab, v_slab = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
         q_slab = _pad_rows(q, a - lo, hi - b)
         out, lse = _local_neighborhood_attention(
@@ -210,8 +207,8 @@ def neighborhood_attention(
             causal,
             scale,
             rpb,
-            extra_k,
-            extra_v,
+            additional_keys,
+            additional_values,
             return_lse=True,
         )
     out, lse = out[:, a - lo : b - lo], lse[:, a - lo : b - lo]
