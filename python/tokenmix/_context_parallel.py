@@ -23,7 +23,7 @@ def pick_operator(module: Any, local: Callable, name: str) -> Callable:
     return functools.partial(getattr(distributed, name), group=switch[0])
 
 
-def global_length(module: Any, length: int, device: Any) -> int:
+def global_length(module: Any, length: int) -> int:
     """The whole sequence's length: ``length`` itself, or the sum of every rank's shard
     lengths when the layer runs sharded (one small all-gather)."""
     switch = getattr(module, "_tokenmix_context_parallel", None)
@@ -31,4 +31,4 @@ def global_length(module: Any, length: int, device: Any) -> int:
         return length
     from .distributed._comm import all_gather_sizes
 
-    return sum(all_gather_sizes(length, device, switch[0]))
+    return sum(all_gather_sizes(length, switch[0]))

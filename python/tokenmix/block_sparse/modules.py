@@ -81,7 +81,7 @@ class BlockSparseAttention(nn.Module):
             )
         batch, length, _ = x.shape
         attend = pick_operator(self, block_sparse_attention, "block_sparse_attention")
-        total = global_length(self, length, x.device)  # the layout covers the whole sequence
+        total = global_length(self, length)  # the layout covers the whole sequence
         hd, h, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q, k, v = self.qkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
         out = attend(

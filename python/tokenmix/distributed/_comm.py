@@ -102,14 +102,39 @@ def _global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def all_gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None) -> list[int]:
-    """Every rank's ``n`` (the local shard lengths), in rank order."""
+def _comm_device(group) -> torch.device:
+    """Where this group's small bookkeeping tensors live (NCCL needs them on the GPU)."""
+    if str(dist.get_backend(group)) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_sizes(n: int, group: dist.ProcessGroup | None, check=None) -> list[int]:
+    """Every rank's ``n`` (the local shard lengths), in rank order.
+
+    ``check`` (optional) validates this rank's arguments first. Its error is raised on this
+    rank, and every other rank raises too (naming this one) instead of waiting forever in
+    the call's next collective."""
     _, world = group_rank_size(group)
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    error = None
+    if check is not None:
+        try:
+            check()
+        except Exception as exc:  # re-raised below, once every rank knows
+            error = exc
+    mine = torch.tensor([n, error is not None], dtype=torch.int64, device=_comm_device(group))
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
     _record(_nbytes(mine) * (world - 1), "collective")
-    return [int(p.item()) for p in parts]
+    if error is not None:
+        raise error
+    failed = [p for p, part in enumerate(parts) if int(part[1])]
+    if failed:
+        raise RuntimeError(
+            f"rank(s) {failed} of the process group rejected their arguments (see their "
+            "errors); this rank stops too"
+        )
+    return [int(part[0]) for part in parts]
 
 
 # ---- row exchange (halos, key blocks) ---------------------------------------------------------
@@ -279,10 +304,12 @@ def _reduce_scatter_sum(stacked: Tensor, group) -> Tensor:
     rank, world = group_rank_size(group)
     backend = str(dist.get_backend(group))
     stacked = stacked.contiguous()
-    if backend not in _NO_REDUCE_SCATTER:
+    if backend not in _NO_REDUCE_SCATTER and stacked.dim() > 1:
         out = torch.empty_like(stacked[0])
-        try:
-            dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.SUM, group=group)
+        try:  # the input is the pieces concatenated along dimension 0
+            dist.reduce_scatter_tensor(
+                out, stacked.flatten(0, 1), op=dist.ReduceOp.SUM, group=group
+            )
         except (RuntimeError, NotImplementedError, ValueError):
             _NO_REDUCE_SCATTER.add(backend)
         else:

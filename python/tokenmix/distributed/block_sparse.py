@@ -183,23 +183,30 @@ def block_sparse_attention(
         q = k = v = tmd.shard(x, sizes=tmd.shard_sizes(4096, 2, multiple_of=128))
         out = tmd.block_sparse_attention(q, k, v, layout)
     """
-    if not isinstance(q, Tensor) or q.dim() != 4:
-        raise ValueError("q must be a 4-D tensor [B, Tq_shard, H, D]")
     rank, _ = group_rank_size(group)
-    layout = as_layout(block_mask, q.shape[0], q.shape[2])
-    with operator_scope("block_sparse_attention"):
-        q_sizes = all_gather_sizes(q.shape[1], q.device, group)
-        kv_sizes = all_gather_sizes(k.shape[1], q.device, group)
+    layout = None
+
+    def check():
+        nonlocal layout
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor [B, T_shard, heads, head_dim]")
+        if k.shape[:3] != v.shape[:3] or k.dtype != v.dtype or q.dtype != k.dtype:
+            raise ValueError(
+                f"k and v must be [B, Tk_shard, H_kv, D/Dv] tensors of q's dtype, got shapes "
+                f"{tuple(k.shape)}, {tuple(v.shape)} and dtypes {q.dtype}, {k.dtype}, {v.dtype}"
+            )
+        layout = as_layout(block_mask, q.shape[0], q.shape[2])
         if layout.device != q.device:
             raise ValueError(
                 f"block_mask is on {layout.device} but q is on {q.device}: move it with "
                 "layout.to(q.device) once (not per call)"
             )
-        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.dtype != v.dtype:
-            raise ValueError(
-                f"k and v must be [B, Tk_shard, H_kv, D/Dv] tensors of one dtype, got shapes "
-                f"{tuple(k.shape)}, {tuple(v.shape)} and dtypes {k.dtype}, {v.dtype}"
-            )
+
+    with operator_scope("block_sparse_attention"):
+        ok = isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4 and k.dim() == 4
+        q_sizes = all_gather_sizes(q.shape[1] if ok else 0, group, check)
+        kv_sizes = all_gather_sizes(k.shape[1], group)
         compact, exchange = _cached(
             layout,
             (tuple(q_sizes), tuple(kv_sizes), rank, q.device),

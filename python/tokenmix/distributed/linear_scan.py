@@ -101,9 +101,11 @@ class _Sequences:
         return not self.segments(rank)[-1].starts_here
 
 
-def _prepare(q, group, cu_seqlens):
+def _prepare(q, group, cu_seqlens, check):
     rank, _ = group_rank_size(group)
-    sizes = all_gather_sizes(q.shape[1], q.device, group)
+    sizes = all_gather_sizes(
+        q.shape[1] if isinstance(q, Tensor) and q.dim() > 1 else 0, group, check
+    )
     if min(sizes) < 1:
         raise ValueError(
             f"every rank must hold at least one token of q's dimension 1, got shard lengths {sizes}"
@@ -241,12 +243,15 @@ def linear_attention(
         q, k, v = (tmd.shard(torch.randn(1, 4096, 4, 64)) for _ in range(3))
         o, state = tmd.linear_attention(q, k, v, output_final_state=True)
     """
-    check_linear_attention(
-        q, k, v, g=g, g_gamma=g_gamma, gk=gk, scale=scale, normalize=normalize, causal=causal
-    )
-    acc = accumulation_dtype(q.dtype)
+
+    def check():
+        check_linear_attention(
+            q, k, v, g=g, g_gamma=g_gamma, gk=gk, scale=scale, normalize=normalize, causal=causal
+        )
+
     with operator_scope("linear_attention"):
-        rank, seqs = _prepare(q, group, cu_seqlens)
+        rank, seqs = _prepare(q, group, cu_seqlens, check)
+        acc = accumulation_dtype(q.dtype)
         width = v.shape[-1] + int(normalize)
         if initial_state is not None:
             check_state(
@@ -335,10 +340,11 @@ def delta_rule(
     ranks; the conventions of :func:`linear_attention`. The delta rule's transition
     ``exp(g)(I - beta k k^T)`` is a full ``K x K`` matrix, so each rank's pair ``(F, A)`` is
     ``K x (V + K)`` per head."""
-    check_delta_rule(q, k, v, beta, g=g, scale=scale)
-    acc = accumulation_dtype(q.dtype)
     with operator_scope("delta_rule"):
-        rank, seqs = _prepare(q, group, cu_seqlens)
+        rank, seqs = _prepare(
+            q, group, cu_seqlens, lambda: check_delta_rule(q, k, v, beta, g=g, scale=scale)
+        )
+        acc = accumulation_dtype(q.dtype)
         width = v.shape[-1]
         if initial_state is not None:
             check_state(

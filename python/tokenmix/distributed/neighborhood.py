@@ -181,10 +181,19 @@ def neighborhood_attention(
             f"q must be [B, *spatial, H, D] with 1 to 3 spatial dimensions, got shape "
             f"{tuple(q.shape)}"
         )
-    check_tensors(q, k, v, dims, None, additional_keys, additional_values)
     rank, _ = group_rank_size(group)
     with operator_scope("neighborhood_attention"):
-        sizes = tuple(all_gather_sizes(q.shape[1], q.device, group))
+        sizes = all_gather_sizes(
+            q.shape[1],
+            group,
+            lambda: check_tensors(q, k, v, dims, None, additional_keys, additional_values),
+        )
+        sizes = tuple(sizes)
+        if min(sizes) < 1:
+            raise ValueError(
+                f"every rank must hold at least one row of q's dimension 1, got shard lengths "
+                f"{list(sizes)}"
+            )
         spatial = (sum(sizes), *q.shape[2 : 1 + dims])
         kernel, strides, dilations, causal = normalize_window_args(
             dims, spatial, kernel_size, stride, dilation, is_causal
