@@ -38,6 +38,7 @@ demo: build
 	$(PY) bench/bench_na.py --threads $(THREADS) --case 2d
 	$(PY) bench/bench_linear.py --threads $(THREADS)
 	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --case random --block-size 64
+	$(PY) bench/bench_distributed.py --threads $(THREADS) --quick --world 2 --case na-2d gated-delta bs-sliding
 
 test: build lint
 	$(PY) -m tokenmix info
@@ -47,6 +48,7 @@ bench: build
 	$(PY) bench/bench_na.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_linear.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --markdown
+	$(PY) bench/bench_distributed.py --threads $(THREADS) --markdown
 
 # Release wheels into dist/: +cpu and +cu130, manylinux_2_28 (tools/build_wheel.py, docs/wheels.md).
 # The CUDA wheel is built with the CUDA 13.0 toolchain from the package registry, installed into
@@ -88,12 +90,12 @@ gpu-check-dry: build
 	OUT="$(OUT)" PYTHON=$(PY) bash tools/gpu_check.sh --dry-run
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check python tests bench tools
-	$(VENV)/bin/ruff format --check python tests bench tools
+	$(VENV)/bin/ruff check python tests bench tools examples
+	$(VENV)/bin/ruff format --check python tests bench tools examples
 	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 format: $(VENV)/.deps
-	$(VENV)/bin/ruff format python tests bench tools
+	$(VENV)/bin/ruff format python tests bench tools examples
 	$(VENV)/bin/clang-format -i $$(find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu')
 
 clean:

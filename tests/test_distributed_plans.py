@@ -199,3 +199,33 @@ def test_context_parallel_switches_the_tokenmix_layers():
         tmd.context_parallel(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tmd.context_parallel("model")
+
+
+def test_the_example_runs_under_torchrun():
+    """examples/context_parallel.py (docs/distributed.md's example) on 2 gloo processes."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            os.path.join(root, "examples", "context_parallel.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = re.search(r"output (\S+), parameter gradients (\S+)", run.stdout)
+    assert found, run.stdout
+    assert float(found[1]) <= 1e-6 and float(found[2]) <= 1e-5, run.stdout
+    assert "neighborhood_attention:" in run.stdout and "delta_rule:" in run.stdout

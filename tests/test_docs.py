@@ -27,6 +27,7 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
         "docs/block_sparse_attention.md",
         "docs/patterns.md",
         "docs/compat.md",
+        "docs/distributed.md",
     ],
 )
 def test_markdown_python_blocks_run(doc):
@@ -59,6 +60,7 @@ def test_readme_example_outputs():
         tokenmix.patterns.video,
         tokenmix.patterns.documents,
         tokenmix.patterns.modules,
+        tokenmix.distributed.sharding,
     ],
     ids=lambda m: m.__name__,
 )

@@ -53,6 +53,7 @@ for version in $TORCH_VERSIONS; do
   rm -rf "$run_dir" && mkdir -p "$run_dir"
   cp -r tests "$run_dir/tests"
   ln -s "$ROOT/bench" "$run_dir/bench"
+  ln -s "$ROOT/examples" "$run_dir/examples"
   ln -s "$ROOT/docs" "$run_dir/docs"
   ln -s "$ROOT/tools" "$run_dir/tools"
   ln -s "$ROOT/csrc" "$run_dir/csrc"

@@ -73,13 +73,17 @@ def operator_scope(name: str) -> Iterator[None]:
         _OPERATOR.pop()
 
 
+def current_operator() -> str:
+    return _OPERATOR[-1] if _OPERATOR else "other"
+
+
 def _record(nbytes: int, kind: str) -> None:
     for counter in _COUNTERS:
         if kind == "p2p":
             counter.point_to_point += nbytes
         else:
             counter.collective += nbytes
-        key = _OPERATOR[-1] if _OPERATOR else "other"
+        key = current_operator()
         counter.by_operator[key] = counter.by_operator.get(key, 0) + nbytes
 
 
@@ -200,6 +204,7 @@ class _ExchangeRows(torch.autograd.Function):
         for peer, rows in plan.recv.items():
             out.index_copy_(1, rows, inbox[peer])
         ctx.plan, ctx.group, ctx.shape = plan, group, x.shape
+        ctx.operator = current_operator()
         return out
 
     @staticmethod
@@ -216,7 +221,8 @@ class _ExchangeRows(torch.autograd.Function):
         for peer, rows in sorted(plan.send.items()):
             inbox[peer] = grad_out.new_empty(grad_out.shape[0], rows.numel(), *grad_out.shape[2:])
             ops.append(("recv", inbox[peer], peer))
-        _post(ops, group)
+        with operator_scope(ctx.operator):  # the bytes count for the call's operator
+            _post(ops, group)
         for peer in sorted(plan.send):
             grad.index_add_(1, plan.send[peer], inbox[peer])
         return grad, None, None
@@ -284,6 +290,7 @@ class _GatherStates(torch.autograd.Function):
         dist.all_gather(parts, x, group=group)
         _record(_nbytes(x) * (world - 1), "collective")
         ctx.group, ctx.shape, ctx.dtype = group, x.shape, x.dtype
+        ctx.operator = current_operator()
         return (torch.stack(parts), *(t.view_as(t) for t in passthrough))
 
     @staticmethod
@@ -292,7 +299,9 @@ class _GatherStates(torch.autograd.Function):
         _, world = group_rank_size(ctx.group)
         if grad is None:
             grad = torch.zeros(world, *ctx.shape, dtype=ctx.dtype, device=_device(passthrough))
-        return (None, _reduce_scatter_sum(grad, ctx.group), *passthrough)
+        with operator_scope(ctx.operator):
+            summed = _reduce_scatter_sum(grad, ctx.group)
+        return (None, summed, *passthrough)
 
 
 _NO_REDUCE_SCATTER: set[str] = set()
@@ -307,9 +316,9 @@ def _reduce_scatter_sum(stacked: Tensor, group) -> Tensor:
     if backend not in _NO_REDUCE_SCATTER and stacked.dim() > 1:
         out = torch.empty_like(stacked[0])
         try:  # the input is the pieces concatenated along dimension 0
-            dist.reduce_scatter_tensor(
-                out, stacked.flatten(0, 1), op=dist.ReduceOp.SUM, group=group
-            )
+            # torch 2.13 renamed reduce_scatter_tensor (the old name warns).
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            scatter(out, stacked.flatten(0, 1), op=dist.ReduceOp.SUM, group=group)
         except (RuntimeError, NotImplementedError, ValueError):
             _NO_REDUCE_SCATTER.add(backend)
         else:
