@@ -229,6 +229,20 @@ def _rank_run(case: dict, rank: int, world: int) -> dict:
     for n, x in tensors.items():
         local = x.narrow(1, start, sizes[rank]) if n in sharded else x
         leaves[n] = local.clone().requires_grad_(x.is_floating_point())
+    if case.get("bad_rank") == rank:  # ``bad: (name, new shape)`` on that rank only
+        name, shape = case["bad"]
+        leaves[name] = torch.zeros(shape, dtype=leaves[name].dtype)
+        try:
+            run_operator(case, leaves, distributed=True)
+        except Exception as exc:
+            return {"raised": f"{type(exc).__name__}: {exc}"}
+        return {"raised": None}
+    if case.get("bad_rank") is not None:
+        try:
+            run_operator(case, leaves, distributed=True)
+        except Exception as exc:
+            return {"raised": f"{type(exc).__name__}: {exc}"}
+        return {"raised": None}
     with tmd.count_bytes() as sent:
         outputs = run_operator(case, leaves, distributed=True)
         shapes = {}
@@ -240,6 +254,8 @@ def _rank_run(case: dict, rank: int, world: int) -> dict:
         grads = output_grads(case, shapes)
         loss = 0
         for n, o in outputs.items():
+            if case.get("loss_of", n) != n:
+                continue
             g = grads[n].narrow(1, start, sizes[rank]) if n in SHARDED_OUTPUTS else grads[n]
             loss = loss + (o * _masked(n, g, o.detach())).sum()
         if not case.get("forward_only"):
@@ -294,6 +310,8 @@ def _single_process(case: dict, tensors: dict, grads_from=None):
     grads = output_grads(case, shapes) if grads_from is None else grads_from
     loss = 0
     for n, o in outputs.items():
+        if case.get("loss_of", n) != n:  # ``loss_of``: the one output the loss reads
+            continue
         g = grads[n].to(o.dtype)
         loss = loss + (o * _masked(n, g, o.detach())).sum()
     loss.backward()
@@ -370,6 +388,10 @@ def _make_module(case: dict) -> torch.nn.Module:
         return tokenmix.nn.NeighborhoodAttention2D(
             dim, heads, kernel_size=5, dilation=(1, 2), rel_pos_bias=True
         )
+    if layer == "natten2d":
+        from tokenmix.compat import natten
+
+        return natten.NeighborhoodAttention2D(dim, heads, kernel_size=3, is_causal=(True, False))
     if layer == "linear":
         return tokenmix.nn.LinearAttention(
             dim, heads, feature_map="elu+1", decay="gated", normalize=True

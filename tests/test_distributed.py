@@ -124,6 +124,7 @@ def _bs_cases() -> list[dict]:
         dict(bs, length=90, block=16, rule="random", layout_batch=1, layout_heads=1),
         dict(bs, length=80, block=16, rule="causal", sizes={2: [16, 64], 4: [48, 16, 0, 16]}),
         dict(bs, length=72, block=8, rule="window", window=9, dtype=F64),
+        dict(bs, length=40, block=16, rule="causal"),  # 4 ranks: [16, 16, 8, 0]
     ]
 
 
@@ -131,6 +132,7 @@ def _module_cases() -> list[dict]:
     layer = dict(kind="module", dim=16, heads=2, dtype=F64)
     return [
         dict(layer, layer="na2d", length=11, extra_spatial=(10,)),
+        dict(layer, layer="natten2d", length=9, extra_spatial=(4,)),
         dict(layer, layer="linear", length=29),
         dict(layer, layer="gdn", length=29),
         dict(layer, layer="bs", length=64, block=16),
@@ -139,36 +141,77 @@ def _module_cases() -> list[dict]:
 
 
 def _nonfinite_cases() -> list[dict]:
-    """A NaN in the last rank's tokens: the earlier ranks' outputs stay as in one process
-    (finite), and the NaNs land where they land in one process."""
+    """A NaN in an input: the NaNs of the outputs and gradients land where they land in one
+    process (``far``: the first rank's outputs stay finite)."""
     return [
-        dict(_scan_cases()[4], poison=("v", (0, 66, 1, 2)), forward_only=True),
-        dict(_scan_cases()[11], poison=("k", (0, 65, 0, 3)), forward_only=True),
-        dict(_na_cases()[0], poison=("k", (1, 12, 0, 1)), forward_only=True),
-        dict(_bs_cases()[1], poison=("v", (0, 99, 0, 0)), forward_only=True),
+        dict(_scan_cases()[4], poison=("v", (0, 66, 1, 2)), far=True),
+        dict(_scan_cases()[11], poison=("k", (0, 65, 0, 3)), far=True),
+        # Backward too: the slab's padding queries reach the NaN key, and must carry nothing.
+        dict(_na_cases()[0], poison=("k", (1, 12, 0, 1)), far=True),
+        dict(_na_cases()[4], poison=("k", (0, 9, 0, 2))),
+        dict(_bs_cases()[1], poison=("v", (0, 99, 0, 0)), far=True),
+    ]
+
+
+def _final_state_loss_cases() -> list[dict]:
+    """A loss of the final states alone: ranks where no sequence ends still run the backward
+    (and its collective)."""
+    return [
+        dict(_scan_cases()[4], loss_of="final"),
+        dict(_scan_cases()[9], loss_of="final"),
+        dict(_scan_cases()[11], loss_of="final"),
     ]
 
 
 CASES = [
     dict(case, seed=100 + i)
     for i, case in enumerate(
-        _na_cases() + _scan_cases() + _bs_cases() + _module_cases() + _nonfinite_cases()
+        _na_cases()
+        + _scan_cases()
+        + _bs_cases()
+        + _module_cases()
+        + _nonfinite_cases()
+        + _final_state_loss_cases()
     )
 ]
 
 
 def _case_id(case: dict) -> str:
     keys = ("kind", "layer", "spatial", "kernel_size", "decay", "rule", "cu_seqlens", "causal")
-    keys += ("normalize", "poison")
+    keys += ("normalize", "poison", "loss_of")
     parts = [f"{case[k]}" for k in keys if case.get(k) is not None]
     if case.get("dtype") == F64:
         parts.append("f64")
     return "-".join(parts).replace(" ", "")
 
 
+# One rank passes a bad argument: it raises its error, and the others raise too instead of
+# waiting in a collective.
+ERROR_CASES = [
+    dict(_na_cases()[0], bad_rank=1, bad=("rpb", (2, 8)), expect="rpb must have shape"),
+    dict(_scan_cases()[1], bad_rank=1, bad=("initial_state", (3, 2, 8, 6)), expect="initial_state"),
+    dict(_scan_cases()[12], bad_rank=0, bad=("beta", (1, 3)), expect="beta"),
+    dict(_bs_cases()[0], bad_rank=1, bad=("k", (1, 48, 1)), expect="k must be a 4-D tensor"),
+]
+
+
 @pytest.fixture(scope="module")
 def results():
-    return {world: harness.run_ranks(world, CASES) for world in (2, 4)}
+    cases = CASES + [dict(c, seed=1) for c in ERROR_CASES]
+    return {world: harness.run_ranks(world, cases) for world in (2, 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("index", range(len(ERROR_CASES)), ids=[c["expect"] for c in ERROR_CASES])
+def test_a_bad_argument_on_one_rank_stops_every_rank(results, world, index):
+    case = ERROR_CASES[index]
+    for rank, res in enumerate(results[world]):
+        raised = res[len(CASES) + index].get("raised")
+        assert raised is not None, f"rank {rank} did not raise"
+        if rank == case["bad_rank"]:
+            assert case["expect"] in raised, raised
+        else:
+            assert raised.startswith("RuntimeError") and "rejected their arguments" in raised
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -189,7 +232,7 @@ def test_matches_single_process(results, world, index):
                 assert diffs[name][0] == 0, f"{name} is not bitwise equal: {diffs[name][0]:.2e}"
     if not case.get("forward_only"):
         assert any(n.startswith("d") for n in diffs), "no gradient was compared"
-    if case.get("poison"):
+    if case.get("poison") and case.get("far"):
         name = "out" if case["kind"] in ("na", "bs") else "o"
         first = per_rank[0]["outputs"][name]
         assert torch.isfinite(first).all(), "a NaN on the last rank reached rank 0"

@@ -164,6 +164,16 @@ def test_one_rank_is_the_single_process_operator(one_rank_group):
     with tmd.count_bytes() as sent:
         tmd.delta_rule(q, k, v, torch.rand(1, 40, 2))
     assert sent.point_to_point == 0 and sent.by_operator == {"delta_rule": 0}
+    for causal in (True, False):  # bidirectional too, with and without an initial state
+        for init in (None, torch.randn(2, 2, 8, 8)):
+            got = tmd.linear_attention(q, k, v, causal=causal, cu_seqlens=cu, initial_state=init)
+            want = tokenmix.linear_attention(
+                q, k, v, causal=causal, cu_seqlens=cu, initial_state=init
+            )
+            torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    empty = torch.randn(0, 40, 2, 8)  # an empty batch, as in one process
+    o, final = tmd.delta_rule(empty, empty, empty, torch.rand(0, 40, 2), output_final_state=True)
+    assert o.shape == (0, 40, 2, 8) and final.shape == (0, 2, 8, 8)
 
 
 def test_errors_name_the_argument(one_rank_group):
@@ -197,6 +207,10 @@ def test_context_parallel_switches_the_tokenmix_layers():
     torch.testing.assert_close(model(x)[0], model[2](model[1](model[0](x)))[0])
     with pytest.raises(ValueError, match="holds no tokenmix layer"):
         tmd.context_parallel(torch.nn.Linear(4, 4))
+    # Layers whose mixing reaches across the whole sequence have no sharded form yet.
+    topk = tokenmix.patterns.TopKBlockAttention(16, 2, block_size=16, topk=2)
+    with pytest.raises(NotImplementedError, match="TopKBlockAttention .it selects key blocks"):
+        tmd.context_parallel(torch.nn.Sequential(model, topk))
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tmd.context_parallel("model")
 

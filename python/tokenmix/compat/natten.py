@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import SUPPORTED_DTYPES
+from .._context_parallel import pick_operator
 from ..block_sparse import BlockLayout, ElementMask, block_sparse_attention
 from ..neighborhood import neighborhood_attention
 
@@ -934,7 +935,8 @@ class _NeighborhoodAttentionND(nn.Module):
             )
         qkv = self.qkv(x).reshape(batch, *layout, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=self.na_dim + 1)
-        out = neighborhood_attention(
+        attend = pick_operator(self, neighborhood_attention, "neighborhood_attention")
+        out = attend(
             q,
             k,
             v,

@@ -176,17 +176,19 @@ class RowExchange:
 
 
 def _post(ops: Sequence[tuple[str, Tensor, int]], group) -> None:
-    """Runs the sends and receives together, so no pair of ranks waits on the other."""
-    requests = []
+    """Runs the sends and receives as one batch, so no pair of ranks waits on the other
+    (with NCCL, one group call)."""
+    p2p = []
     for kind, tensor, peer in ops:
         target = _global_rank(group, peer)
         if kind == "send":
-            requests.append(dist.isend(tensor, target, group=group))
+            p2p.append(dist.P2POp(dist.isend, tensor, target, group=group))
             _record(_nbytes(tensor), "p2p")
         else:
-            requests.append(dist.irecv(tensor, target, group=group))
-    for request in requests:
-        request.wait()
+            p2p.append(dist.P2POp(dist.irecv, tensor, target, group=group))
+    if p2p:
+        for request in dist.batch_isend_irecv(p2p):
+            request.wait()
 
 
 class _ExchangeRows(torch.autograd.Function):
@@ -319,7 +321,11 @@ def _reduce_scatter_sum(stacked: Tensor, group) -> Tensor:
             # torch 2.13 renamed reduce_scatter_tensor (the old name warns).
             scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             scatter(out, stacked.flatten(0, 1), op=dist.ReduceOp.SUM, group=group)
-        except (RuntimeError, NotImplementedError, ValueError):
+        except (RuntimeError, NotImplementedError) as exc:
+            # Only a backend without the collective falls back; a failure is a failure.
+            text = str(exc).lower()
+            if not any(w in text for w in ("support", "not implemented")):
+                raise
             _NO_REDUCE_SCATTER.add(backend)
         else:
             _record((world - 1) * _nbytes(out), "collective")

@@ -90,6 +90,11 @@ class KeyBlockPlan:
         return sum(1 for blk in self.needed[rank].tolist() if self.owner(blk) != rank)
 
 
+def _query_blocks(a: int, b: int, block: int) -> tuple[int, int]:
+    """The query blocks of the token range ``[a, b)`` (none for an empty shard)."""
+    return (a // block, -(-b // block)) if b > a else (0, 0)
+
+
 def key_block_plan(layout: BlockLayout, q_sizes: list[int], kv_sizes: list[int]) -> KeyBlockPlan:
     """Which key blocks each rank's query blocks use (the union over the layout's batch and
     heads of their partial and full lists)."""
@@ -104,8 +109,8 @@ def key_block_plan(layout: BlockLayout, q_sizes: list[int], kv_sizes: list[int])
                 f"the shards of {name} hold {bounds[-1][1]} tokens in all, but the layout's "
                 f"length is {total}"
             )
-        for a, _ in bounds[1:]:
-            if a % block != 0:
+        for a, b in bounds[1:]:
+            if b > a and a % block != 0:  # an empty shard holds no block
                 raise ValueError(
                     f"{name} shard boundaries must be multiples of the layout's block size "
                     f"{block} (a block must not straddle two ranks), got shard lengths "
@@ -115,7 +120,7 @@ def key_block_plan(layout: BlockLayout, q_sizes: list[int], kv_sizes: list[int])
     used = layout.block_status() > 0  # [LB, LH, nq, nk]
     needed = []
     for a, b in q_bounds:
-        rows = used[:, :, a // qbs : -(-b // qbs)]
+        rows = used[:, :, slice(*_query_blocks(a, b, qbs))]
         needed.append(rows.flatten(0, 2).any(0).nonzero().flatten().cpu())
     return KeyBlockPlan(q_bounds, kv_bounds, needed, kbs, layout.kv_len)
 
@@ -125,7 +130,7 @@ def _compact_layout(layout: BlockLayout, plan: KeyBlockPlan, rank: int) -> Block
     qbs, kbs = layout.block_size
     a, b = plan.q_bounds[rank]
     blocks = plan.needed[rank].to(layout.device)
-    status = layout.block_status()[:, :, a // qbs : -(-b // qbs)].index_select(3, blocks)
+    status = layout.block_status()[:, :, slice(*_query_blocks(a, b, qbs))].index_select(3, blocks)
     em = layout.element_mask
     doc_batch = em.q_doc.shape[0] if em is not None and em.q_doc is not None else 1
     if doc_batch > status.shape[0]:  # per-batch documents: the bits differ per batch

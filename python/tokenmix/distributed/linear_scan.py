@@ -101,6 +101,24 @@ class _Sequences:
         return not self.segments(rank)[-1].starts_here
 
 
+def _local_checks(check, q, cu_seqlens, initial_state, width):
+    """Everything one rank can check alone (before any communication): the operator's own
+    checks of its shard, and ``cu_seqlens`` and ``initial_state`` but for the whole length."""
+
+    def run():
+        check()
+        n = q.shape[0]
+        if cu_seqlens is not None:
+            ok = isinstance(cu_seqlens, Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel()
+            end = int(cu_seqlens[-1]) if ok else 0  # the whole length is checked afterwards
+            check_cu_seqlens(cu_seqlens, q.shape[0], end, q.device)
+            n = cu_seqlens.shape[0] - 1
+        if initial_state is not None:
+            check_state(initial_state, "initial_state", q, n, q.shape[2], q.shape[3], width)
+
+    return run
+
+
 def _prepare(q, group, cu_seqlens, check):
     rank, _ = group_rank_size(group)
     sizes = all_gather_sizes(
@@ -198,11 +216,12 @@ def _scan_sharded(run, inputs, width, init, output_final_state, seqs, rank, grou
         return o, None
     # Each sequence's final state comes from the rank holding its last token; one all-reduce
     # puts them all on every rank.
+    # Every rank's copy stays on the graph (an empty index where no sequence ends here), so a
+    # loss of the final states alone runs the backward, and its collective, on every rank.
     ended = [j for j, seg in enumerate(segments) if seg.ends_here]
-    full = final.new_zeros(n_states, heads, dim_k, width)
-    if ended:
-        idx = torch.tensor([segments[j].seq for j in ended], device=v.device)
-        full = full.index_copy(0, idx, final[torch.tensor(ended, device=v.device)])
+    idx = torch.tensor([segments[j].seq for j in ended], dtype=torch.int64, device=v.device)
+    mine = final.index_select(0, torch.tensor(ended, dtype=torch.int64, device=v.device))
+    full = final.new_zeros(n_states, heads, dim_k, width).index_copy(0, idx, mine)
     return o, reduce_replicated(full, group)
 
 
@@ -250,13 +269,25 @@ def linear_attention(
         )
 
     with operator_scope("linear_attention"):
-        rank, seqs = _prepare(q, group, cu_seqlens, check)
-        acc = accumulation_dtype(q.dtype)
-        width = v.shape[-1] + int(normalize)
-        if initial_state is not None:
-            check_state(
-                initial_state, "initial_state", q, seqs.count, q.shape[2], q.shape[3], width
+        width = v.shape[-1] + int(normalize) if isinstance(v, Tensor) and v.dim() else 0
+        rank, seqs = _prepare(
+            q, group, cu_seqlens, _local_checks(check, q, cu_seqlens, initial_state, width)
+        )
+        if q.shape[0] == 0:  # an empty batch: nothing to pass on
+            return _local.linear_attention(
+                q,
+                k,
+                v,
+                g=g,
+                g_gamma=g_gamma,
+                gk=gk,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                normalize=normalize,
+                causal=causal,
             )
+        acc = accumulation_dtype(q.dtype)
         init = None if initial_state is None else initial_state.to(acc)
         if not causal:
             return _bidirectional(
@@ -309,7 +340,7 @@ def _bidirectional(q, k, v, scale, init, output_final_state, normalize, seqs, ra
         k,
         v,
         scale=scale,
-        initial_state=others.index_select(0, seq_idx),
+        initial_state=None if others is None else others.index_select(0, seq_idx),
         cu_seqlens=cu,
         normalize=normalize,
         causal=False,
@@ -320,7 +351,10 @@ def _bidirectional(q, k, v, scale, init, output_final_state, normalize, seqs, ra
     total = init
     for p in range(gathered.shape[0]):
         total = gathered[p] if total is None else total + gathered[p]
-    return o, reduce_replicated(total if rank == 0 else torch.zeros_like(total), group)
+    # Elsewhere zeros that stay on the graph (where, not a product: a NaN must not leak).
+    if rank != 0:
+        total = torch.where(torch.zeros((), dtype=torch.bool, device=total.device), total, 0.0)
+    return o, reduce_replicated(total, group)
 
 
 def delta_rule(
@@ -341,15 +375,27 @@ def delta_rule(
     ``exp(g)(I - beta k k^T)`` is a full ``K x K`` matrix, so each rank's pair ``(F, A)`` is
     ``K x (V + K)`` per head."""
     with operator_scope("delta_rule"):
-        rank, seqs = _prepare(
-            q, group, cu_seqlens, lambda: check_delta_rule(q, k, v, beta, g=g, scale=scale)
+        width = v.shape[-1] if isinstance(v, Tensor) and v.dim() else 0
+        check = _local_checks(
+            lambda: check_delta_rule(q, k, v, beta, g=g, scale=scale),
+            q,
+            cu_seqlens,
+            initial_state,
+            width,
         )
-        acc = accumulation_dtype(q.dtype)
-        width = v.shape[-1]
-        if initial_state is not None:
-            check_state(
-                initial_state, "initial_state", q, seqs.count, q.shape[2], q.shape[3], width
+        rank, seqs = _prepare(q, group, cu_seqlens, check)
+        if q.shape[0] == 0:  # an empty batch: nothing to pass on
+            return _local.delta_rule(
+                q,
+                k,
+                v,
+                beta,
+                g=g,
+                scale=scale,
+                initial_state=initial_state,
+                output_final_state=output_final_state,
             )
+        acc = accumulation_dtype(q.dtype)
         init = None if initial_state is None else initial_state.to(acc)
 
         def run(inputs, v_in, state0, cu, final, normalized):

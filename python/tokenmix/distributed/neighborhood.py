@@ -19,9 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..neighborhood.args import check_tensors, normalize_window_args
+from .. import _ops
+from .._utils import unit_feature_stride
+from ..neighborhood import ops as na_ops
+from ..neighborhood.args import (
+    check_cuda_problem,
+    check_tensors,
+    normalize_window_args,
+    resolve_scale,
+)
 from ..neighborhood.functional import BoolOrTuple, IntOrTuple
-from ..neighborhood.functional import neighborhood_attention as _local_neighborhood_attention
 from ..neighborhood.reference import window_bounds
 from ._comm import (
     RowExchange,
@@ -182,23 +189,30 @@ def neighborhood_attention(
             f"{tuple(q.shape)}"
         )
     rank, _ = group_rank_size(group)
+
+    def check() -> None:  # everything this rank can check alone, before any communication
+        check_tensors(q, k, v, dims, None, additional_keys, additional_values)
+        big = (1 << 30, *q.shape[2 : 1 + dims])  # the whole first dimension is not known yet
+        kernel = normalize_window_args(dims, big, kernel_size, stride, dilation, is_causal)[0]
+        check_tensors(q, k, v, dims, rpb, additional_keys, additional_values, kernel_size=kernel)
+        resolve_scale(scale, q.shape[-1])
+        if q.device.type == "cuda":
+            check_cuda_problem(q, v)
+        elif q.device.type not in ("cpu", "meta"):
+            raise NotImplementedError(f"tokenmix has no {q.device.type} neighborhood kernel")
+        _ops.require_library()
+
     with operator_scope("neighborhood_attention"):
-        sizes = all_gather_sizes(
-            q.shape[1],
-            group,
-            lambda: check_tensors(q, k, v, dims, None, additional_keys, additional_values),
-        )
-        sizes = tuple(sizes)
+        sizes = tuple(all_gather_sizes(q.shape[1], group, check))
         if min(sizes) < 1:
             raise ValueError(
                 f"every rank must hold at least one row of q's dimension 1, got shard lengths "
                 f"{list(sizes)}"
             )
         spatial = (sum(sizes), *q.shape[2 : 1 + dims])
-        kernel, strides, dilations, causal = normalize_window_args(
-            dims, spatial, kernel_size, stride, dilation, is_causal
-        )
-        check_tensors(q, k, v, dims, rpb, additional_keys, additional_values, kernel_size=kernel)
+        window = normalize_window_args(dims, spatial, kernel_size, stride, dilation, is_causal)
+        window = (*window, resolve_scale(scale, q.shape[-1]))
+        kernel, strides, dilations, causal, _ = window
         plan = halo_plan(sizes, kernel[0], strides[0], dilations[0], bool(causal[0]))
         lo, hi = plan.slabs[rank]
         a, b = plan.bounds[rank]
@@ -206,22 +220,44 @@ def neighborhood_attention(
         kv = exchange_rows(torch.cat([k, v], dim=-1), exchange, group)
         k_slab, v_slab = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
         q_slab = _pad_rows(q, a - lo, hi - b)
-        out, lse = _local_neighborhood_attention(
+        out, lse = _SlabAttention.apply(
             q_slab,
             k_slab,
             v_slab,
-            kernel,
-            strides,
-            dilations,
-            causal,
-            scale,
             rpb,
             additional_keys,
             additional_values,
-            return_lse=True,
+            window,
+            (a - lo, b - lo),
         )
     out, lse = out[:, a - lo : b - lo], lse[:, a - lo : b - lo]
     return (out, lse) if return_lse else out
+
+
+class _SlabAttention(torch.autograd.Function):
+    """The fused operator on the slab, whose backward ignores the padding rows. Their saved
+    LSE is ``-inf`` (the kernels' "attended nothing": no gradient flows back through a row),
+    so a zero query never carries anything back, not even the NaN of a non-finite key that
+    its slab window reaches and its true window does not."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, ek, ev, window, own):
+        out, lse = na_ops.forward(q, k, v, rpb, ek, ev, window)
+        pad = torch.ones(q.shape[1], dtype=torch.bool, device=q.device)
+        pad[own[0] : own[1]] = False
+        shape = (1, -1) + (1,) * (lse.dim() - 2)
+        saved_lse = lse.masked_fill(pad.view(shape), float("-inf"))
+        saved_out = out.masked_fill(pad.view(*shape, 1), 0)
+        saved = [unit_feature_stride(t) for t in (q, k, v)]
+        ctx.save_for_backward(*saved, saved_out, saved_lse, rpb, ek, ev)
+        ctx.window = window
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        grads = na_ops.backward(grad_out, grad_lse, ctx.saved_tensors, ctx.window)
+        return (*grads, None, None)
 
 
 def _pad_rows(x: Tensor, before: int, after: int) -> Tensor:

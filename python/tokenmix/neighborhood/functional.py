@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from .. import _ops
-from .._utils import unit_feature_stride
-from . import ops as _registrations  # noqa: F401  (autograd + fake kernels)
+from . import ops as _ops_registered  # the autograd and fake kernels, and the op calls
 from .args import check_cuda_problem, check_tensors, normalize_window_args, resolve_scale
 from .reference import neighborhood_attention_reference
 
@@ -72,18 +70,14 @@ def neighborhood_attention(
             "tokenmix.neighborhood.reference.neighborhood_attention_reference on this device"
         )
     _ops.require_library()
-    out, lse = torch.ops.tokenmix.na_forward(
-        unit_feature_stride(q),
-        unit_feature_stride(k),
-        unit_feature_stride(v),
-        rpb.contiguous() if rpb is not None else None,
-        unit_feature_stride(additional_keys) if additional_keys is not None else None,
-        unit_feature_stride(additional_values) if additional_values is not None else None,
-        list(kernel),
-        list(stride_t),
-        list(dilation_t),
-        [int(c) for c in causal],
-        scale,
+    out, lse = _ops_registered.forward(
+        q,
+        k,
+        v,
+        rpb,
+        additional_keys,
+        additional_values,
+        (kernel, stride_t, dilation_t, causal, scale),
     )
     return (out, lse) if return_lse else out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .._utils import accumulation_dtype
+from .._utils import accumulation_dtype, unit_feature_stride
 
 if _ops.load_error is None:
 
@@ -73,33 +73,60 @@ if _ops.load_error is None:
         ctx.window = (kernel_size, stride, dilation, is_causal, scale)
 
     def _backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, rpb, ek, ev = ctx.saved_tensors
-        kernel_size, stride, dilation, is_causal, scale = ctx.window
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv, drpb, dek, dev = torch.ops.tokenmix.na_backward(
-            grad_out.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            rpb,
-            ek,
-            ev,
-            kernel_size,
-            stride,
-            dilation,
-            is_causal,
-            scale,
-            grad_lse.contiguous() if grad_lse is not None else None,
-            # The CUDA backward adds the rpb gradient with float atomics unless asked not to.
-            torch.are_deterministic_algorithms_enabled(),
-        )
-        drpb = drpb.to(rpb.dtype) if rpb is not None else None
-        dek = dek if ek is not None else None
-        dev = dev if ev is not None else None
-        return dq, dk, dv, drpb, dek, dev, None, None, None, None, None
+        grads = backward(grad_out, grad_lse, ctx.saved_tensors, ctx.window)
+        return (*grads, None, None, None, None, None)
 
     torch.library.register_autograd("tokenmix::na_forward", _backward, setup_context=_setup_context)
     _ops.forbid_double_backward("tokenmix::na_backward")
+
+
+def forward(q, k, v, rpb, ek, ev, window):
+    """``torch.ops.tokenmix.na_forward`` on validated arguments: ``window`` is the normalized
+    ``(kernel_size, stride, dilation, is_causal, scale)``. Returns ``(out, lse)``."""
+    kernel_size, stride, dilation, is_causal, scale = window
+    return torch.ops.tokenmix.na_forward(
+        unit_feature_stride(q),
+        unit_feature_stride(k),
+        unit_feature_stride(v),
+        rpb.contiguous() if rpb is not None else None,
+        unit_feature_stride(ek) if ek is not None else None,
+        unit_feature_stride(ev) if ev is not None else None,
+        list(kernel_size),
+        list(stride),
+        list(dilation),
+        [int(c) for c in is_causal],
+        scale,
+    )
+
+
+def backward(grad_out, grad_lse, saved, window):
+    """The gradients ``(dq, dk, dv, drpb, dek, dev)`` of :func:`forward` from its saved
+    ``(q, k, v, out, lse, rpb, ek, ev)``. A row whose saved LSE is ``-inf`` attended nothing:
+    no gradient flows back through it."""
+    q, k, v, out, lse, rpb, ek, ev = saved
+    kernel_size, stride, dilation, is_causal, scale = window
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, drpb, dek, dev = torch.ops.tokenmix.na_backward(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        rpb,
+        ek,
+        ev,
+        kernel_size,
+        stride,
+        dilation,
+        is_causal,
+        scale,
+        grad_lse.contiguous() if grad_lse is not None else None,
+        # The CUDA backward adds the rpb gradient with float atomics unless asked not to.
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    drpb = drpb.to(rpb.dtype) if rpb is not None else None
+    dek = dek if ek is not None else None
+    dev = dev if ev is not None else None
+    return dq, dk, dv, drpb, dek, dev

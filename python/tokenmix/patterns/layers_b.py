@@ -49,6 +49,9 @@ class MultiAxisAttention2D(BlockSparseAttention):
         torch.Size([2, 8, 12, 64])
     """
 
+    # Its token permutation mixes rows of the whole grid: no sharded form yet.
+    context_parallel_unsupported = "it permutes tokens across the whole grid"
+
     def __init__(
         self,
         dim: int,
@@ -159,6 +162,9 @@ class TopKBlockAttention(BlockSparseAttention):
         >>> layer(torch.randn(2, 100, 64)).shape
         torch.Size([2, 100, 64])
     """
+
+    # Its layout is chosen from every query and key block: no sharded form yet.
+    context_parallel_unsupported = "it selects key blocks from the whole sequence"
 
     def __init__(
         self,
