@@ -27,6 +27,7 @@ from ..neighborhood.args import (
     check_tensors,
     normalize_window_args,
     resolve_scale,
+    spatial_rank,
 )
 from ..neighborhood.functional import BoolOrTuple, IntOrTuple
 from ..neighborhood.reference import window_bounds
@@ -180,14 +181,7 @@ def neighborhood_attention(
         q = k = v = tmd.shard(x, dim=1)             # this rank's 32 rows
         out = tmd.neighborhood_attention(q, k, v, kernel_size=7)
     """
-    if not isinstance(q, Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    dims = q.dim() - 3
-    if dims not in (1, 2, 3):
-        raise ValueError(
-            f"q must be [B, *spatial, H, D] with 1 to 3 spatial dimensions, got shape "
-            f"{tuple(q.shape)}"
-        )
+    dims = spatial_rank(q)
     rank, _ = group_rank_size(group)
 
     def check() -> None:  # everything this rank can check alone, before any communication

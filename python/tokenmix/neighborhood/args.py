@@ -35,11 +35,25 @@ __all__ = [
     "check_tensors",
     "normalize_window_args",
     "resolve_scale",
+    "spatial_rank",
 ]
 
 # The longest spatial dimension the kernels take (their window math is 32-bit; the ops
 # check the same limit, csrc/neighborhood/na_window_args.h).
 MAX_SPATIAL_LENGTH = 1 << 30
+
+
+def spatial_rank(q: Any) -> int:
+    """The number of spatial dimensions of ``q`` ``[B, *spatial, H, D]`` (1 to 3)."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    rank = q.dim() - 3
+    if rank not in (1, 2, 3):
+        raise ValueError(
+            f"q must be [B, *spatial, H, D] with 1 to 3 spatial dimensions, got shape "
+            f"{tuple(q.shape)}"
+        )
+    return rank
 
 
 def _check_rank(rank: Any) -> int:

@@ -8,7 +8,13 @@ from torch import Tensor
 
 from .. import _ops
 from . import ops as _ops_registered  # the autograd and fake kernels, and the op calls
-from .args import check_cuda_problem, check_tensors, normalize_window_args, resolve_scale
+from .args import (
+    check_cuda_problem,
+    check_tensors,
+    normalize_window_args,
+    resolve_scale,
+    spatial_rank,
+)
 from .reference import neighborhood_attention_reference
 
 IntOrTuple = int | Sequence[int]
@@ -47,14 +53,7 @@ def neighborhood_attention(
         >>> tokenmix.neighborhood_attention(q, k, v, kernel_size=5).shape
         torch.Size([1, 16, 16, 2, 32])
     """
-    if not isinstance(q, Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    rank = q.dim() - 3
-    if rank not in (1, 2, 3):
-        raise ValueError(
-            f"q must be [B, *spatial, H, D] with 1 to 3 spatial dimensions, got shape "
-            f"{tuple(q.shape)}"
-        )
+    rank = spatial_rank(q)
     kernel, stride_t, dilation_t, causal = normalize_window_args(
         rank, tuple(q.shape[1 : 1 + rank]), kernel_size, stride, dilation, is_causal
     )

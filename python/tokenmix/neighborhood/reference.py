@@ -34,7 +34,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .._utils import accumulation_dtype
-from .args import check_tensors, normalize_window_args, resolve_scale
+from .args import check_tensors, normalize_window_args, resolve_scale, spatial_rank
 
 __all__ = [
     "neighborhood_attention_reference",
@@ -216,14 +216,7 @@ def neighborhood_attention_reference(
         ``out`` ``[B, *spatial, H, Dv]`` in the input dtype, and if ``return_lse``
         also ``lse`` ``[B, *spatial, H]`` (float32; float64 for float64 inputs).
     """
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    rank = q.dim() - 3
-    if rank not in (1, 2, 3):
-        raise ValueError(
-            f"q must be [B, *spatial, H, D] with 1 to 3 spatial dimensions, got shape "
-            f"{tuple(q.shape)}"
-        )
+    rank = spatial_rank(q)
     spatial_shape = tuple(q.shape[1 : rank + 1])
     kernel_size, stride, dilation, is_causal = normalize_window_args(
         rank, spatial_shape, kernel_size, stride, dilation, is_causal
