@@ -65,7 +65,7 @@ CASES: dict[str, tuple[str, str, dict, dict]] = {
         "bs",
         "block-sparse causal window 1024 + 64 sinks, T=8192, block 128",
         dict(length=8192, block=128, rule="sliding"),
-        dict(length=2048, block=128, rule="sliding"),
+        dict(length=4096, block=128, rule="sliding"),
     ),
     "bs-causal": (
         "bs",

@@ -2,9 +2,8 @@
 
 All cases of one world size run in one spawn (module-scoped fixtures); each case is then
 compared here. Float64 cases must agree to 1e-12 (the math is the same, only the rounding order
-differs); float32 cases within 1e-6 relative, or within twice the single-process operator's
-own float32 error where that is larger (global reductions such as ``dg_gamma`` sum many
-cancelling terms); neighborhood attention's outputs, LSE and dQ bitwise.
+differs); float32 cases within 1e-6 relative to the largest magnitude of each tensor;
+neighborhood attention's outputs, LSE and dQ bitwise.
 """
 
 from __future__ import annotations
@@ -221,8 +220,11 @@ def test_matches_single_process(results, world, index):
     per_rank = [r[index] for r in results[world]]
     diffs = harness.compare(case, per_rank)
     for name, (err, noise) in diffs.items():
-        limit = 1e-12 if case.get("dtype") == F64 else max(1e-6, 2 * noise)
-        assert err <= limit, f"{name}: relative difference {err:.2e} > {limit:.1e} ({diffs})"
+        limit = 1e-12 if case.get("dtype") == F64 else 1e-6
+        assert err <= limit, (
+            f"{name}: relative difference {err:.2e} > {limit:.1e} (the single-process float32 "
+            f"error against float64 is {noise:.1e}; all: {diffs})"
+        )
     # Bitwise where the reduction order is the same as in one process: each query's
     # neighborhood window, or block list with bitmasks, goes through the same kernel in the
     # same order. dK/dV add the halo's contributions in another order.
