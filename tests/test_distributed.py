@@ -12,6 +12,7 @@ import distributed_harness as harness
 import pytest
 import tokenmix.distributed as tmd
 import torch
+from tokenmix.neighborhood.reference import window_table
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -98,6 +99,9 @@ def _scan_cases() -> list[dict]:
         dict(delta, length=40, batch=2),
         dict(delta, length=70, decay="g", cu_seqlens=[0, 3, 60, 70], initial_state=True),
         dict(delta, length=50, decay="g", cu_seqlens=cu, initial_state=True, dim_v=24),
+        dict(lin, length=45, batch=2, decay="g", initial_state=True),
+        dict(lin, length=39, batch=2, normalize=True, initial_state=True),
+        dict(delta, length=43, batch=2, decay="g", initial_state=True),
         dict(lin, length=50, decay="gk", cu_seqlens=cu, initial_state=True, dtype=F64),
         dict(delta, length=50, decay="g", cu_seqlens=cu_edges, initial_state=True, dtype=F64),
     ]
@@ -191,6 +195,7 @@ ERROR_CASES = [
     dict(_scan_cases()[1], bad_rank=1, bad=("initial_state", (3, 2, 8, 6)), expect="initial_state"),
     dict(_scan_cases()[12], bad_rank=0, bad=("beta", (1, 3)), expect="beta"),
     dict(_bs_cases()[0], bad_rank=1, bad=("k", (1, 48, 1)), expect="k must be a 4-D tensor"),
+    dict(_na_cases()[1], bad_rank=0, bad=("q", (8, 4)), expect="1 to 3 spatial dimensions"),
 ]
 
 
@@ -221,6 +226,8 @@ def test_matches_single_process(results, world, index):
     diffs = harness.compare(case, per_rank)
     for name, (err, noise) in diffs.items():
         limit = 1e-12 if case.get("dtype") == F64 else 1e-6
+        if case["kind"] == "module" and name not in ("y", "dx") and limit < 2 * noise:
+            limit = 2 * noise  # a parameter's shares summed over the ranks (see the harness)
         assert err <= limit, (
             f"{name}: relative difference {err:.2e} > {limit:.1e} (the single-process float32 "
             f"error against float64 is {noise:.1e}; all: {diffs})"
@@ -240,32 +247,53 @@ def test_matches_single_process(results, world, index):
         assert torch.isfinite(first).all(), "a NaN on the last rank reached rank 0"
 
 
+def _rows_read(case: dict, sizes: list[int]) -> list[dict[int, int]]:
+    """Per rank: how many rows of dimension 1 it reads from each other rank, from the window
+    rule (or the layout) itself, not from tokenmix.distributed's plans."""
+    bounds = tmd.shard_bounds(sizes)
+    length = sum(sizes)
+    reads = []
+    for a, b in bounds:
+        if case["kind"] == "na":
+            first = lambda x: x if isinstance(x, int | bool) else x[0]  # noqa: E731
+            keys, valid, _ = window_table(
+                length,
+                first(case["kernel_size"]),
+                first(case.get("stride", 1)),
+                first(case.get("dilation", 1)),
+                bool(first(case.get("is_causal", False))),
+                queries=torch.arange(a, b),
+            )
+            rows = set(keys[valid].tolist())
+        else:
+            block = case["block"]
+            used = harness.make_layout(case).block_status() > 0
+            cols = used[:, :, a // block : -(-b // block)].flatten(0, 2).any(0) if b > a else []
+            rows = {
+                r
+                for blk in torch.as_tensor(cols).nonzero().flatten().tolist()
+                for r in range(blk * block, min((blk + 1) * block, length))
+            }
+        per_owner = {}
+        for p, (pa, pb) in enumerate(bounds):
+            n = sum(1 for r in rows if pa <= r < pb)
+            if n and (pa, pb) != (a, b):
+                per_owner[p] = n
+        reads.append(per_owner)
+    return reads
+
+
 def _expected_p2p_bytes(case: dict, world: int, rank: int) -> int:
     """Bytes rank ``rank`` sends point to point: the K/V rows its peers read (forward) and the
-    gradients of the rows it read (backward), from the plans alone."""
+    gradients of the rows it read (backward)."""
     tensors, _, _ = harness.make_inputs(case)
     k, v = tensors["k"], tensors["v"]
     sizes = harness.shard_sizes_for(case, k.shape[1], world)
     row = k[0, 0].numel() + v[0, 0].numel()  # one row of dimension 1, K and V together
     row_bytes = k.shape[0] * row * k.element_size()
-    if case["kind"] == "na":
-        kernel, stride, dilation, causal = (
-            (x if isinstance(x, int | bool) else x[0])
-            for x in (
-                case["kernel_size"],
-                case.get("stride", 1),
-                case.get("dilation", 1),
-                case.get("is_causal", False),
-            )
-        )
-        exchange = tmd.halo_plan(tuple(sizes), kernel, stride, dilation, bool(causal)).exchange(
-            rank
-        )
-    else:
-        layout = harness.make_layout(case)
-        exchange = tmd.key_block_plan(layout, sizes, sizes).exchange(rank)
-    sent = sum(int(x.numel()) for x in exchange.send.values())
-    returned = sum(int(x.numel()) for x in exchange.recv.values())
+    reads = _rows_read(case, sizes)
+    sent = sum(r.get(rank, 0) for r in reads)
+    returned = sum(reads[rank].values())
     return (sent + returned) * row_bytes
 
 

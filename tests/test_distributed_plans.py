@@ -198,13 +198,18 @@ def test_context_parallel_switches_the_tokenmix_layers():
         torch.nn.Linear(16, 16),
         tokenmix.nn.GatedDeltaNet(16, 2),
     )
+    x = torch.randn(1, 8, 16)
+    before = model[2](model[1](model[0](x)))[0]
     assert tmd.context_parallel(model) is model
     layers = [model[0], model[2]]
     assert all(m._tokenmix_context_parallel == (None,) for m in layers)
+    # Switched on, a layer calls the sharded operator (which needs a process group here).
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            model[0](x)
     tmd.context_parallel(model, enable=False)
     assert all(m._tokenmix_context_parallel is None for m in layers)
-    x = torch.randn(1, 8, 16)
-    torch.testing.assert_close(model(x)[0], model[2](model[1](model[0](x)))[0])
+    assert torch.equal(model[2](model[1](model[0](x)))[0], before)
     with pytest.raises(ValueError, match="holds no tokenmix layer"):
         tmd.context_parallel(torch.nn.Linear(4, 4))
     # Layers whose mixing reaches across the whole sequence have no sharded form yet.

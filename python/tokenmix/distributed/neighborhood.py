@@ -181,10 +181,12 @@ def neighborhood_attention(
         q = k = v = tmd.shard(x, dim=1)             # this rank's 32 rows
         out = tmd.neighborhood_attention(q, k, v, kernel_size=7)
     """
-    dims = spatial_rank(q)
     rank, _ = group_rank_size(group)
+    shaped = isinstance(q, Tensor) and q.dim() in (4, 5, 6)
+    dims = q.dim() - 3 if shaped else 0
 
     def check() -> None:  # everything this rank can check alone, before any communication
+        spatial_rank(q)
         check_tensors(q, k, v, dims, None, additional_keys, additional_values)
         big = (1 << 30, *q.shape[2 : 1 + dims])  # the whole first dimension is not known yet
         kernel = normalize_window_args(dims, big, kernel_size, stride, dilation, is_causal)[0]
@@ -197,7 +199,7 @@ def neighborhood_attention(
         _ops.require_library()
 
     with operator_scope("neighborhood_attention"):
-        sizes = tuple(all_gather_sizes(q.shape[1], group, check))
+        sizes = tuple(all_gather_sizes(q.shape[1] if shaped else 0, group, check))
         if min(sizes) < 1:
             raise ValueError(
                 f"every rank must hold at least one row of q's dimension 1, got shard lengths "
