@@ -46,6 +46,15 @@ def as_layout(block_mask: Any, batch: int | None = None, heads: int | None = Non
     )
 
 
+def check_layout_device(layout: BlockLayout, q: Tensor) -> None:
+    """The layout must live where q does (moved once, not per call)."""
+    if layout.device != q.device:
+        raise ValueError(
+            f"block_mask is on {layout.device} but q is on {q.device}: move it with "
+            "layout.to(q.device) once (not per call)"
+        )
+
+
 def check_problem(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout) -> None:
     """Shapes, dtypes and devices of q, k, v against each other and against the layout."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -12,7 +12,7 @@ from .._checks import require_bool
 from .._cuda_driver import require_cuda_kernels
 from .._utils import unit_feature_stride
 from . import ops as _registrations  # noqa: F401  (fake kernels)
-from .args import as_layout, check_problem, resolve_scale
+from .args import as_layout, check_layout_device, check_problem, resolve_scale
 from .layout import BlockLayout
 
 __all__ = ["block_sparse_attention"]
@@ -122,11 +122,7 @@ def block_sparse_attention(
     check_problem(q, k, v, layout)
     require_bool(return_lse, "return_lse")
     scale = resolve_scale(scale, q.shape[-1])
-    if layout.device != q.device:
-        raise ValueError(
-            f"block_mask is on {layout.device} but q is on {q.device}: move it with "
-            "layout.to(q.device) once (not per call)"
-        )
+    check_layout_device(layout, q)
     if q.device.type not in ("cpu", "cuda", "meta"):
         raise NotImplementedError(
             f"tokenmix has no {q.device.type} kernel for block-sparse attention; use "

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..block_sparse.args import as_layout
+from ..block_sparse.args import as_layout, check_layout_device
 from ..block_sparse.functional import block_sparse_attention as _local_block_sparse_attention
 from ..block_sparse.layout import BlockLayout
 from ._comm import RowExchange, all_gather_sizes, exchange_rows, group_rank_size, operator_scope
@@ -85,9 +85,6 @@ class KeyBlockPlan:
             send,
             {p: torch.cat(d) for p, d in recv.items()},
         )
-
-    def fetched_blocks(self, rank: int) -> int:
-        return sum(1 for blk in self.needed[rank].tolist() if self.owner(blk) != rank)
 
 
 def _query_blocks(a: int, b: int, block: int) -> tuple[int, int]:
@@ -202,11 +199,7 @@ def block_sparse_attention(
                 f"{tuple(k.shape)}, {tuple(v.shape)} and dtypes {q.dtype}, {k.dtype}, {v.dtype}"
             )
         layout = as_layout(block_mask, q.shape[0], q.shape[2])
-        if layout.device != q.device:
-            raise ValueError(
-                f"block_mask is on {layout.device} but q is on {q.device}: move it with "
-                "layout.to(q.device) once (not per call)"
-            )
+        check_layout_device(layout, q)
 
     with operator_scope("block_sparse_attention"):
         ok = isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4 and k.dim() == 4

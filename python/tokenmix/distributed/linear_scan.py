@@ -63,8 +63,13 @@ class _Sequences:
     def __init__(self, bounds: list[tuple[int, int]], batch: int, offsets: list[int] | None):
         self.bounds, self.batch, self.offsets = bounds, batch, offsets
         self.total = bounds[-1][1]
+        self._segments = [self._find_segments(rank) for rank in range(len(bounds))]
 
     def segments(self, rank: int) -> list[_Segment]:
+        """This rank's pieces of sequences, in token order."""
+        return self._segments[rank]
+
+    def _find_segments(self, rank: int) -> list[_Segment]:
         a, b = self.bounds[rank]
         if self.offsets is None:
             return [_Segment(s, 0, b - a, a == 0, b == self.total) for s in range(self.batch)]

@@ -19,17 +19,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _ops
 from .._utils import unit_feature_stride
 from ..neighborhood import ops as na_ops
 from ..neighborhood.args import (
-    check_cuda_problem,
     check_tensors,
     normalize_window_args,
     resolve_scale,
     spatial_rank,
 )
-from ..neighborhood.functional import BoolOrTuple, IntOrTuple
+from ..neighborhood.functional import BoolOrTuple, IntOrTuple, require_kernels
 from ..neighborhood.reference import window_bounds
 from ._comm import (
     RowExchange,
@@ -192,11 +190,7 @@ def neighborhood_attention(
         kernel = normalize_window_args(dims, big, kernel_size, stride, dilation, is_causal)[0]
         check_tensors(q, k, v, dims, rpb, additional_keys, additional_values, kernel_size=kernel)
         resolve_scale(scale, q.shape[-1])
-        if q.device.type == "cuda":
-            check_cuda_problem(q, v)
-        elif q.device.type not in ("cpu", "meta"):
-            raise NotImplementedError(f"tokenmix has no {q.device.type} neighborhood kernel")
-        _ops.require_library()
+        require_kernels(q, v)
 
     with operator_scope("neighborhood_attention"):
         sizes = tuple(all_gather_sizes(q.shape[1] if shaped else 0, group, check))

@@ -60,15 +60,7 @@ def neighborhood_attention(
     check_tensors(q, k, v, rank, rpb, additional_keys, additional_values, kernel_size=kernel)
     scale = resolve_scale(scale, q.shape[-1])
 
-    if q.device.type == "cuda":
-        check_cuda_problem(q, v)
-    elif q.device.type not in ("cpu", "meta"):
-        raise NotImplementedError(
-            f"tokenmix has no {q.device.type} kernel for neighborhood attention (see "
-            "`python -m tokenmix info`); use "
-            "tokenmix.neighborhood.reference.neighborhood_attention_reference on this device"
-        )
-    _ops.require_library()
+    require_kernels(q, v)
     out, lse = _ops_registered.forward(
         q,
         k,
@@ -79,6 +71,19 @@ def neighborhood_attention(
         (kernel, stride_t, dilation_t, causal, scale),
     )
     return (out, lse) if return_lse else out
+
+
+def require_kernels(q: Tensor, v: Tensor) -> None:
+    """A kernel for q's device in this build (the CUDA one's limits checked), or a clear error."""
+    if q.device.type == "cuda":
+        check_cuda_problem(q, v)
+    elif q.device.type not in ("cpu", "meta"):
+        raise NotImplementedError(
+            f"tokenmix has no {q.device.type} kernel for neighborhood attention (see "
+            "`python -m tokenmix info`); use "
+            "tokenmix.neighborhood.reference.neighborhood_attention_reference on this device"
+        )
+    _ops.require_library()
 
 
 def _fixed_rank(rank: int, name: str):
