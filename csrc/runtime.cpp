@@ -86,4 +86,36 @@ void delta_rule(const LinearScanProblem& p, bool backward) {
   }
 }
 
+void fft_conv(const FftConvProblem& p, bool backward) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::fft_conv_cpu(p, backward);
+    case Isa::kAvx2: return avx2::fft_conv_cpu(p, backward);
+    default: return generic::fft_conv_cpu(p, backward);
+  }
+}
+
+void fourier_mix(const FourierMixProblem& p) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::fourier_mix_cpu(p);
+    case Isa::kAvx2: return avx2::fourier_mix_cpu(p);
+    default: return generic::fourier_mix_cpu(p);
+  }
+}
+
+void global_filter(const GlobalFilterProblem& p, bool backward) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::global_filter_cpu(p, backward);
+    case Isa::kAvx2: return avx2::global_filter_cpu(p, backward);
+    default: return generic::global_filter_cpu(p, backward);
+  }
+}
+
+void spectral_gate(const SpectralGateProblem& p, bool backward) {
+  switch (isa()) {
+    case Isa::kAvx512: return avx512::spectral_gate_cpu(p, backward);
+    case Isa::kAvx2: return avx2::spectral_gate_cpu(p, backward);
+    default: return generic::spectral_gate_cpu(p, backward);
+  }
+}
+
 }  // namespace tokenmix::cpu

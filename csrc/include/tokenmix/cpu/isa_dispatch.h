@@ -3,6 +3,7 @@
 
 #include "tokenmix/attention_problem.h"
 #include "tokenmix/block_sparse_problem.h"
+#include "tokenmix/fft_problem.h"
 #include "tokenmix/linear_scan_problem.h"
 
 namespace tokenmix::cpu {
@@ -15,6 +16,10 @@ namespace tokenmix::cpu {
   void block_sparse_backward_cpu(const BlockSparseProblem& p);     \
   void linear_scan_cpu(const LinearScanProblem& p, bool backward); \
   void delta_rule_cpu(const LinearScanProblem& p, bool backward);  \
+  void fft_conv_cpu(const FftConvProblem& p, bool backward);       \
+  void fourier_mix_cpu(const FourierMixProblem& p);                \
+  void global_filter_cpu(const GlobalFilterProblem& p, bool backward); \
+  void spectral_gate_cpu(const SpectralGateProblem& p, bool backward); \
   }
 TOKENMIX_DECLARE_ISA_KERNELS(generic)
 TOKENMIX_DECLARE_ISA_KERNELS(avx2)
@@ -31,5 +36,9 @@ void linear_scan(const LinearScanProblem& p, bool backward);
 void delta_rule(const LinearScanProblem& p, bool backward);
 void block_sparse_forward(const BlockSparseProblem& p);
 void block_sparse_backward(const BlockSparseProblem& p);
+void fft_conv(const FftConvProblem& p, bool backward);
+void fourier_mix(const FourierMixProblem& p);
+void global_filter(const GlobalFilterProblem& p, bool backward);
+void spectral_gate(const SpectralGateProblem& p, bool backward);
 
 }  // namespace tokenmix::cpu

@@ -1,0 +1,196 @@
+// Fused fft_conv on the CPU: per block of channels (one lane each), the filter's transform, then
+// per batch entry transform -> product -> inverse transform -> gates and skip, all in per-task
+// scratch of a few transform lengths. Nothing of size B x L x C exists but the outputs.
+//
+// Backward, with v = pre_gate * u and g = post_gate * dy:
+//   dv = corr(g, k), du = pre_gate * dv + bias * dy, d_pre_gate = u * dv,
+//   d_post_gate = dy * (k (*) v), dk = sum_b corr(g, v), d_bias = sum_{b,t} dy * u.
+// Tasks are (channel block, batch chunk); the chunking depends on the shape only, and the
+// chunks' partial dk / d_bias are added in chunk order, so results do not depend on threads.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "tokenmix/cpu/fft_engine.h"
+#include "tokenmix/cpu/fft_io.h"
+#include "tokenmix/cpu/parallel.h"
+#include "tokenmix/fft_problem.h"
+
+namespace tokenmix::cpu::TOKENMIX_ISA {
+
+// Tasks of a per-channel-block kernel: (block, chunk of the batch); about 16 per call so both
+// small-C and small-B problems spread over the threads.
+struct BlockChunking {
+  int64_t blocks = 0, chunks = 0, batch_per_chunk = 0;
+  BlockChunking(int64_t batch, int64_t channels, int width) {
+    blocks = (channels + width - 1) / width;
+    const int64_t want = blocks >= 16 ? 1 : (16 + blocks - 1) / blocks;
+    chunks = batch < want ? batch : want;
+    if (chunks < 1) chunks = 1;
+    batch_per_chunk = (batch + chunks - 1) / chunks;
+    chunks = batch_per_chunk > 0 ? (batch + batch_per_chunk - 1) / batch_per_chunk : 1;
+  }
+};
+
+template <class S, class T>
+void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
+  using V = typename Simd<T>::V;
+  using CV = CVec<T>;
+  constexpr int W = Simd<T>::kWidth;
+  const int64_t B = p.batch, L = p.length, C = p.channels, Lk = p.filter_length;
+  const int64_t n = fft_conv_size(L, Lk, p.causal);
+  RealFftPlan<T> plan;
+  plan.init(n);
+  const int64_t bins = plan.bins();
+  const BlockChunking chunking(B, C, W);
+  // Partial dk / d_bias per chunk, in the compute type, when there is more than one chunk.
+  const bool partials = backward && chunking.chunks > 1;
+  Buffer<T> dk_part, dbias_part;
+  if (partials) {
+    dk_part.assign(size_t(chunking.chunks * C * Lk), T(0));
+    if (p.bias.data) dbias_part.assign(size_t(chunking.chunks * C), T(0));
+  }
+  const T inv_n = T(1) / T(n);
+
+  run_parallel(p, chunking.blocks * chunking.chunks, 1, [&](int64_t task0, int64_t task1) {
+    Buffer<V> signal;
+    Buffer<CV> work, k_hat, spec, v_hat, dk_hat;
+    signal.allocate(size_t(plan.signal_elems()));
+    work.allocate(size_t(plan.work_elems()));
+    k_hat.allocate(size_t(bins));
+    spec.allocate(size_t(bins));
+    if (backward) {
+      v_hat.allocate(size_t(bins));
+      dk_hat.allocate(size_t(bins));
+    }
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t blk = task % chunking.blocks, chunk = task / chunking.blocks;
+      const int64_t c0 = blk * W;
+      const int lanes = int(C - c0 < W ? C - c0 : W);
+      const int64_t b0 = chunk * chunking.batch_per_chunk;
+      const int64_t b1 = b0 + chunking.batch_per_chunk < B ? b0 + chunking.batch_per_chunk : B;
+
+      // The filter's transform, with the inverse transform's 1/n folded in.
+      for (int64_t t = 0; t < Lk; ++t) {
+        V v{};
+        for (int l = 0; l < lanes; ++l)
+          v[l] = load_dynamic<T>(p.k.data, p.k.dtype, (c0 + l) * p.k.stride[0] + t * p.k.stride[1]);
+        signal[t] = v;
+      }
+      for (int64_t t = Lk; t < n; ++t) signal[t] = V{};
+      rfft(plan, signal.data(), work.data(), k_hat.data());
+      for (int64_t f = 0; f < bins; ++f) k_hat[f] = {k_hat[f].re * inv_n, k_hat[f].im * inv_n};
+      V bias{};
+      for (int l = 0; l < lanes && p.bias.data; ++l)
+        bias[l] = load_dynamic<T>(p.bias.data, p.bias.dtype, (c0 + l) * p.bias.stride[0]);
+
+      auto block = [&](const FftTensor& x, int64_t b) {
+        return ChannelBlock<S>(x.data, b * x.stride[0] + c0 * x.stride[2], x.stride[1],
+                               x.stride[2]);
+      };
+      // signal[0..L) = u * pre_gate of batch entry b (zero-padded to n), then its transform.
+      auto transform_v = [&](int64_t b, CV* out) {
+        const ChannelBlock<S> u = block(p.u, b), pre = block(p.pre_gate, b);
+        for (int64_t t = 0; t < L; ++t) {
+          V x = u.template load<T>(t, lanes);
+          if (pre) x = x * pre.template load<T>(t, lanes);
+          signal[t] = x;
+        }
+        for (int64_t t = L; t < n; ++t) signal[t] = V{};
+        rfft(plan, signal.data(), work.data(), out);
+      };
+      S* const out_base = static_cast<S*>(backward ? p.grad_u : p.out);
+      if (backward) {
+        for (int64_t f = 0; f < bins; ++f) dk_hat[f] = czero<T>();
+      }
+      V dbias{};
+
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t row0 = b * L * C + c0;  // contiguous outputs
+        const ChannelBlock<S> u = block(p.u, b), pre = block(p.pre_gate, b),
+                              post = block(p.post_gate, b);
+        if (!backward) {
+          transform_v(b, spec.data());
+          for (int64_t f = 0; f < bins; ++f) spec[f] = cmul(spec[f], k_hat[f]);
+          irfft(plan, spec.data(), signal.data(), work.data());
+          for (int64_t t = 0; t < L; ++t) {
+            V y = signal[t];
+            if (post) y = y * post.template load<T>(t, lanes);
+            if (p.bias.data) y = y + bias * u.template load<T>(t, lanes);
+            store_lanes<S, T>(out_base + row0 + t * C, y, lanes);
+          }
+          continue;
+        }
+        const ChannelBlock<S> dy = block(p.grad_out, b);
+        transform_v(b, v_hat.data());
+        if (post) {  // d_post_gate = dy * (k (*) v)
+          for (int64_t f = 0; f < bins; ++f) spec[f] = cmul(v_hat[f], k_hat[f]);
+          irfft(plan, spec.data(), signal.data(), work.data());
+          S* dpost = static_cast<S*>(p.grad_post_gate) + row0;
+          for (int64_t t = 0; t < L; ++t)
+            store_lanes<S, T>(dpost + t * C, signal[t] * dy.template load<T>(t, lanes), lanes);
+        }
+        for (int64_t t = 0; t < L; ++t) {
+          V g = dy.template load<T>(t, lanes);
+          if (post) g = g * post.template load<T>(t, lanes);
+          signal[t] = g;
+        }
+        for (int64_t t = L; t < n; ++t) signal[t] = V{};
+        rfft(plan, signal.data(), work.data(), spec.data());
+        for (int64_t f = 0; f < bins; ++f) dk_hat[f] = cadd(dk_hat[f], cmul_conj(spec[f], v_hat[f]));
+        for (int64_t f = 0; f < bins; ++f) spec[f] = cmul_conj(spec[f], k_hat[f]);
+        irfft(plan, spec.data(), signal.data(), work.data());  // signal[0..L) = dv
+        S* dpre = pre ? static_cast<S*>(p.grad_pre_gate) + row0 : nullptr;
+        for (int64_t t = 0; t < L; ++t) {
+          const V dv = signal[t];
+          const V uu = u.template load<T>(t, lanes);
+          V du = pre ? dv * pre.template load<T>(t, lanes) : dv;
+          if (p.bias.data) {
+            const V g = dy.template load<T>(t, lanes);
+            du = du + bias * g;
+            dbias = dbias + g * uu;
+          }
+          store_lanes<S, T>(out_base + row0 + t * C, du, lanes);
+          if (pre) store_lanes<S, T>(dpre + t * C, dv * uu, lanes);
+        }
+      }
+      if (!backward) continue;
+      // dk = corr(g, v) summed over the chunk's batch entries: the first Lk taps.
+      irfft(plan, dk_hat.data(), signal.data(), work.data());
+      for (int64_t t = 0; t < Lk; ++t) {
+        const V d = signal[t] * inv_n;
+        for (int l = 0; l < lanes; ++l) {
+          if (partials)
+            dk_part[size_t((chunk * C + c0 + l) * Lk + t)] = d[l];
+          else
+            store_dynamic<T>(p.grad_k, p.k.dtype, (c0 + l) * Lk + t, d[l]);
+        }
+      }
+      for (int l = 0; l < lanes && p.bias.data; ++l) {
+        if (partials)
+          dbias_part[size_t(chunk * C + c0 + l)] = dbias[l];
+        else
+          store_dynamic<T>(p.grad_bias, p.bias.dtype, c0 + l, dbias[l]);
+      }
+    }
+  });
+
+  if (!partials) return;
+  run_parallel(p, C, 16, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      for (int64_t t = 0; t < Lk; ++t) {
+        T total = 0;
+        for (int64_t ch = 0; ch < chunking.chunks; ++ch) total += dk_part[size_t((ch * C + c) * Lk + t)];
+        store_dynamic<T>(p.grad_k, p.k.dtype, c * Lk + t, total);
+      }
+      if (p.bias.data) {
+        T total = 0;
+        for (int64_t ch = 0; ch < chunking.chunks; ++ch) total += dbias_part[size_t(ch * C + c)];
+        store_dynamic<T>(p.grad_bias, p.bias.dtype, c, total);
+      }
+    }
+  });
+}
+
+}  // namespace tokenmix::cpu::TOKENMIX_ISA

@@ -1,0 +1,128 @@
+// Problem descriptors of the FFT-mixing operators (fft_conv, fourier_mix, global_filter,
+// spectral_gate), handed from the op layer to the kernels (plain data, no torch types), and
+// the transform-size rules the CPU and CUDA kernels share.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/host_device.h"
+#include "tokenmix/tensor_view.h"
+
+namespace tokenmix {
+
+// A strided tensor of up to 4 dimensions; strides in elements.
+struct FftTensor {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+// Largest prime a mixed-radix pass handles directly (an O(p^2) butterfly, halved by symmetry);
+// lengths with a larger prime factor use Bluestein's algorithm.
+inline constexpr int64_t kFftMaxDirectPrime = 61;
+
+// Splits n into the radices of a mixed-radix transform: 4s first, then 2, 3, 5 and the other
+// primes up to kFftMaxDirectPrime, in ascending order. Returns the number of radices, or -1 when
+// n has a larger prime factor (the caller then uses Bluestein). n == 1 has no radix.
+TM_HOST_DEVICE int fft_factorize(int64_t n, int* radix, int capacity) {
+  int count = 0;
+  while (n % 4 == 0 && count < capacity) {
+    radix[count++] = 4;
+    n /= 4;
+  }
+  for (int64_t p = 2; p <= kFftMaxDirectPrime && n > 1; ++p) {
+    while (n % p == 0 && count < capacity) {
+      radix[count++] = int(p);
+      n /= p;
+    }
+  }
+  return n == 1 ? count : -1;
+}
+
+// Whether n is 2^a 3^b 5^c (the lengths the transforms are fastest at).
+TM_HOST_DEVICE bool fft_is_smooth(int64_t n) {
+  while (n % 2 == 0) n /= 2;
+  while (n % 3 == 0) n /= 3;
+  while (n % 5 == 0) n /= 5;
+  return n == 1;
+}
+
+// The smallest even 2^a 3^b 5^c >= n: the padded length of a linear convolution and of
+// Bluestein's convolution.
+TM_HOST_DEVICE int64_t fft_smooth_even_size(int64_t n) {
+  int64_t m = n < 2 ? 2 : n;
+  m += m & 1;
+  while (!fft_is_smooth(m)) m += 2;
+  return m;
+}
+
+// Transform length of fft_conv: linear convolution pads to a smooth even length that no output
+// of the first L can wrap into (L + Lk - 1); circular convolution uses L itself.
+TM_HOST_DEVICE int64_t fft_conv_size(int64_t length, int64_t filter_length, bool causal) {
+  return causal ? fft_smooth_even_size(length + filter_length - 1) : length;
+}
+
+// fft_conv: y = post_gate * (k (*) (pre_gate * u)) + bias * u over [B, L, C].
+struct FftConvProblem {
+  DType dtype = DType::kFloat32;  // u, gates, out and their gradients
+  int64_t batch = 0, length = 0, channels = 0, filter_length = 0;
+  bool causal = true;
+  FftTensor u, pre_gate, post_gate;  // [B, L, C]; gates optional (data == nullptr)
+  FftTensor k;                       // [C, Lk], own dtype (u's or the accumulation type)
+  FftTensor bias;                    // [C], own dtype; optional
+  void* out = nullptr;               // contiguous [B, L, C]
+
+  // Backward.
+  FftTensor grad_out;                         // [B, L, C]
+  void* grad_u = nullptr;                     // contiguous [B, L, C]
+  void* grad_pre_gate = nullptr;              // contiguous [B, L, C] when pre_gate is given
+  void* grad_post_gate = nullptr;             // contiguous [B, L, C] when post_gate is given
+  void* grad_k = nullptr;                     // contiguous [C, Lk], k's dtype
+  void* grad_bias = nullptr;                  // contiguous [C], bias's dtype
+
+  ParallelForFn parallel_for = nullptr;
+};
+
+// fourier_mix: Re(FFT over tokens and channels) of [B, L, C]. Its own adjoint.
+struct FourierMixProblem {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, length = 0, channels = 0;
+  FftTensor x;         // [B, L, C]
+  void* out = nullptr; // contiguous [B, L, C]
+  ParallelForFn parallel_for = nullptr;
+};
+
+// global_filter: irfft2(rfft2(x) * weight), orthonormal, over the [H, W] grid of [B, H, W, C].
+struct GlobalFilterProblem {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, height = 0, width = 0, channels = 0;
+  FftTensor x;                   // [B, H, W, C]
+  const void* weight = nullptr;  // contiguous [H, W/2+1, C, 2], accumulation type
+  void* out = nullptr;           // contiguous [B, H, W, C]
+
+  // Backward.
+  FftTensor grad_out;
+  void* grad_x = nullptr;       // contiguous [B, H, W, C]
+  void* grad_weight = nullptr;  // contiguous [H, W/2+1, C, 2], accumulation type
+  ParallelForFn parallel_for = nullptr;
+};
+
+// spectral_gate: per head, irfft(act(gate * rfft(x))) over the tokens of [B, L, heads * d].
+struct SpectralGateProblem {
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, length = 0, channels = 0, heads = 0;
+  bool modrelu = false;
+  FftTensor x;                 // [B, L, C]
+  const void* gate = nullptr;  // contiguous [B, heads, L/2+1, 2], accumulation type
+  const void* bias = nullptr;  // contiguous [heads, L/2+1], accumulation type; optional
+  void* out = nullptr;         // contiguous [B, L, C]
+
+  // Backward.
+  FftTensor grad_out;
+  void* grad_x = nullptr;     // contiguous [B, L, C]
+  void* grad_gate = nullptr;  // contiguous [B, heads, L/2+1, 2]
+  void* grad_bias = nullptr;  // contiguous [heads, L/2+1] when bias is given
+  ParallelForFn parallel_for = nullptr;
+};
+
+}  // namespace tokenmix
