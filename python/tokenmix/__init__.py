@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import block_sparse, distributed, linear_scan, neighborhood, nn, patterns  # noqa: E402
+from . import block_sparse, distributed, fft_mix, linear_scan, neighborhood, nn, patterns  # noqa: E402
 from ._info import info  # noqa: E402
 from .block_sparse import (  # noqa: E402
     BlockLayout,
@@ -12,6 +12,7 @@ from .block_sparse import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_reference,
 )
+from .fft_mix import fft_conv, fourier_mix, global_filter, spectral_gate  # noqa: E402
 from .linear_scan import (  # noqa: E402
     delta_rule,
     delta_rule_step,
@@ -38,6 +39,10 @@ __all__ = [
     "delta_rule",
     "delta_rule_step",
     "distributed",
+    "fft_conv",
+    "fft_mix",
+    "fourier_mix",
+    "global_filter",
     "info",
     "linear_attention",
     "linear_attention_step",
@@ -51,4 +56,5 @@ __all__ = [
     "nn",
     "patterns",
     "plan",
+    "spectral_gate",
 ]
