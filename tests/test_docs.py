@@ -28,6 +28,7 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
         "docs/patterns.md",
         "docs/compat.md",
         "docs/distributed.md",
+        "docs/fft_mixing.md",
     ],
 )
 def test_markdown_python_blocks_run(doc):
@@ -61,6 +62,8 @@ def test_readme_example_outputs():
         tokenmix.patterns.documents,
         tokenmix.patterns.modules,
         tokenmix.distributed.sharding,
+        tokenmix.fft_mix.functional,
+        tokenmix.fft_mix.modules,
     ],
     ids=lambda m: m.__name__,
 )

@@ -10,9 +10,8 @@ import sys
 import textwrap
 
 import pytest
-import torch
-import torch.nn.functional as F
 import tokenmix
+import torch
 from tokenmix.fft_mix import (
     fft_conv,
     fft_conv_reference,
@@ -85,6 +84,25 @@ def test_fft_conv_lengths_float64(length, causal):
     )
 
 
+@pytest.mark.parametrize(
+    "length, taps, causal",
+    [
+        (6000, 6000, True),  # transform length 12000: the four-step (cache-blocked) path
+        (4099, 100, False),  # a prime: Bluestein around a four-step convolution of 8640
+        (16384, 16384, True),  # 32768 = 128 x 256
+    ],
+)
+def test_fft_conv_long_float64(length, taps, causal):
+    u = _randn(1, length, 3, seed=length)
+    k = _randn(3, taps, seed=length + 1) / taps
+    _check(
+        lambda u, k: fft_conv(u, k, causal=causal),
+        lambda u, k: fft_conv_reference(u, k, causal=causal),
+        [u, k],
+        torch.float64,
+    )
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("pre", [False, True])
@@ -132,8 +150,12 @@ def test_fft_conv_float32_accuracy_at_65536_against_direct_float64():
     k = _randn(c, length, seed=8) * torch.exp(-torch.arange(length) / 8000.0)
     got = fft_conv(u.float(), k.float())[0].double()
     gen = torch.Generator().manual_seed(9)
-    ts = torch.cat([torch.randint(0, length, (500,), generator=gen), torch.arange(length - 12, length)])
-    direct = torch.stack([(k[:, : t + 1].flip(-1) * u[0, : t + 1].t()).sum(-1) for t in ts.tolist()])
+    ts = torch.cat(
+        [torch.randint(0, length, (500,), generator=gen), torch.arange(length - 12, length)]
+    )
+    direct = torch.stack(
+        [(k[:, : t + 1].flip(-1) * u[0, : t + 1].t()).sum(-1) for t in ts.tolist()]
+    )
     full64 = fft_conv_reference(u, k)[0]
     scale = full64.abs().max()
     assert ((full64[ts] - direct).abs().max() / scale).item() < 1e-12
@@ -194,7 +216,8 @@ def test_fourier_mix(shape, dtype):
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 8, 5), (1, 7, 9, 3), (2, 56, 56, 20), (1, 1, 1, 1), (1, 5, 2, 17), (1, 67, 3, 2)]
+    "shape",
+    [(2, 8, 8, 5), (1, 7, 9, 3), (2, 56, 56, 20), (1, 1, 1, 1), (1, 5, 2, 17), (1, 67, 3, 2)],
 )
 @pytest.mark.parametrize("complex_weight", [False, True])
 def test_global_filter_float64(shape, complex_weight):
@@ -360,11 +383,15 @@ def test_lower_instruction_sets_match(isa):
         import torch, tokenmix
         from tokenmix.fft_mix import reference as r
         torch.manual_seed(0)
-        u, k = torch.randn(2, 97, 21, dtype=torch.float64), torch.randn(21, 40, dtype=torch.float64)
-        x, w = torch.randn(2, 9, 10, 21, dtype=torch.float64), torch.randn(9, 6, 21, 2, dtype=torch.float64)
-        g = torch.randn(2, 3, 49, 2, dtype=torch.float64)
+        d = torch.float64
+        u, k = torch.randn(2, 97, 21, dtype=d), torch.randn(21, 40, dtype=d)
+        x, w = torch.randn(2, 9, 10, 21, dtype=d), torch.randn(9, 6, 21, 2, dtype=d)
+        g = torch.randn(2, 3, 49, 2, dtype=d)
+        # 18000-point transforms: four-step with AVX2's vectors as well.
+        ul, kl = torch.randn(1, 9000, 3, dtype=d), torch.randn(3, 9000, dtype=d) / 9000
         errs = [
             (tokenmix.fft_conv(u, k) - r.fft_conv_reference(u, k)).abs().max(),
+            (tokenmix.fft_conv(ul, kl) - r.fft_conv_reference(ul, kl)).abs().max(),
             (tokenmix.fourier_mix(u) - r.fourier_mix_reference(u)).abs().max(),
             (tokenmix.global_filter(x, w) - r.global_filter_reference(x, w)).abs().max(),
             (tokenmix.spectral_gate(u, g, heads=3, activation="modrelu")

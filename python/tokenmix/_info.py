@@ -143,7 +143,8 @@ def info() -> dict:
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
             "fused neighborhood and block-sparse attention (forward + backward; fp16/bf16 "
-            "tensor cores, fp32); linear scans run on the CPU only"
+            "tensor cores, fp32); linear scans run on the CPU only; FFT mixing runs the "
+            "torch.fft compositions on CUDA tensors"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"
@@ -162,6 +163,7 @@ def info() -> dict:
             "block-sparse attention (FlexAttention BlockMask semantics)",
             "linear attention scans (linear, RetNet, simple GLA, GLA)",
             "delta rule (plain, gated)",
+            "FFT mixing (fft_conv, fourier_mix, global_filter, spectral_gate)",
         ],
         "backends": {
             "cpu": cpu,

@@ -1,6 +1,13 @@
 """tokenmix layers (``torch.nn.Module``)."""
 
 from .block_sparse.modules import BlockSparseAttention
+from .fft_mix.modules import (
+    FNetMixing,
+    GlobalFilter2D,
+    HyenaFilter,
+    HyenaOperator,
+    SpectralGate,
+)
 from .linear_scan.modules import GatedDeltaNet, LinearAttention
 from .neighborhood.modules import (
     NeighborhoodAttention1D,
@@ -12,7 +19,11 @@ from .patterns.modules import SlidingWindowAttention, SparseAttention
 
 __all__ = [
     "BlockSparseAttention",
+    "FNetMixing",
     "GatedDeltaNet",
+    "GlobalFilter2D",
+    "HyenaFilter",
+    "HyenaOperator",
     "LinearAttention",
     "MultiAxisAttention2D",
     "NeighborhoodAttention1D",
@@ -20,5 +31,6 @@ __all__ = [
     "NeighborhoodAttention3D",
     "SlidingWindowAttention",
     "SparseAttention",
+    "SpectralGate",
     "TopKBlockAttention",
 ]

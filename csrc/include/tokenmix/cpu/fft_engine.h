@@ -218,14 +218,86 @@ void stockham_transform(const StockhamPlan<T>& plan, CVec<T>* data, CVec<T>* wor
     for (int64_t i = 0; i < plan.n; ++i) data[i] = work[i];
 }
 
-// A complex transform of any length: Stockham, or Bluestein around a smooth-length Stockham.
+// A smooth-length transform that stays in cache: plain Stockham while the data and its work
+// buffer fit in L2; beyond that the four-step split n = n1 * n2, whose column transforms (n1
+// elements at stride n2) and row transforms (n2 contiguous elements) each fit in L1, so the
+// data makes two trips through memory instead of one per Stockham pass:
+//   1. for each n2: the n1-point transform of x[n2 + n2_count * j] over j, times
+//      e^{-2 pi i n2 k1 / n}, to work[n2_count * k1 + n2];
+//   2. for each k1: the n2-point transform of that row, scattered to data[k1 + n1 * k2].
+template <class T>
+struct CorePlan {
+  // Data plus work beyond this many bytes goes four-step (L2 is 1-2 MiB per core).
+  static constexpr int64_t kInCacheBytes = int64_t(1) << 20;
+  int64_t n = 1;
+  bool four_step = false;
+  StockhamPlan<T> direct;      // of n (plain), or of n1 (four-step columns)
+  StockhamPlan<T> rows;        // of n2 (four-step)
+  int64_t n1 = 1, n2 = 1;
+  Buffer<T> twiddles;          // [n2][n1] complex e^{-2 pi i n2 k1 / n} (four-step)
+
+  bool init(int64_t length) {
+    n = length;
+    four_step = false;
+    int probe[StockhamPlan<T>::kMaxStages];
+    if (fft_factorize(length, probe, StockhamPlan<T>::kMaxStages) < 0) return false;
+    if (2 * length * int64_t(sizeof(CVec<T>)) > kInCacheBytes) {
+      // The largest divisor at most sqrt(n); tiny ones (n with two huge primes) stay plain.
+      int64_t best = 1;
+      for (int64_t d = 2; d * d <= length; ++d)
+        if (length % d == 0) best = d;
+      if (best >= 16) {
+        four_step = true;
+        n1 = best;
+        n2 = length / best;
+        direct.init(n1);
+        rows.init(n2);
+        twiddles.allocate(size_t(2 * length));
+        for (int64_t b = 0; b < n2; ++b)
+          for (int64_t k = 0; k < n1; ++k) {
+            double re, im;
+            unit_root(b * k, length, &re, &im);
+            twiddles[size_t(2 * (b * n1 + k))] = T(re);
+            twiddles[size_t(2 * (b * n1 + k) + 1)] = T(im);
+          }
+        return true;
+      }
+    }
+    return direct.init(length);
+  }
+  int64_t work_elems() const { return four_step ? n + 2 * n1 + n2 : n; }
+};
+
+template <class T, bool kInverse>
+void core_transform(const CorePlan<T>& plan, CVec<T>* data, CVec<T>* work) {
+  if (!plan.four_step) return stockham_transform<T, kInverse>(plan.direct, data, work);
+  const int64_t n1 = plan.n1, n2 = plan.n2;
+  CVec<T>* col = work + plan.n;
+  CVec<T>* col_work = col + n1;
+  CVec<T>* row_work = col_work + n1;
+  for (int64_t b = 0; b < n2; ++b) {
+    for (int64_t j = 0; j < n1; ++j) col[j] = data[b + n2 * j];
+    stockham_transform<T, kInverse>(plan.direct, col, col_work);
+    const T* tw = plan.twiddles.data() + 2 * b * n1;
+    for (int64_t k = 0; k < n1; ++k)
+      work[n2 * k + b] = cmul_scalar(col[k], tw[2 * k], kInverse ? -tw[2 * k + 1] : tw[2 * k + 1]);
+  }
+  for (int64_t k = 0; k < n1; ++k) {
+    CVec<T>* row = work + n2 * k;
+    stockham_transform<T, kInverse>(plan.rows, row, row_work);
+    for (int64_t j = 0; j < n2; ++j) data[k + n1 * j] = row[j];
+  }
+}
+
+// A complex transform of any length: the cache-aware core, or Bluestein around a smooth-length
+// core for lengths with a prime factor above kFftMaxDirectPrime.
 template <class T>
 struct FftPlan {
   int64_t n = 1;
   bool bluestein = false;
-  StockhamPlan<T> core;  // of n, or of Bluestein's convolution length
-  Buffer<T> chirp;       // [n] complex e^{-i pi j^2 / n}
-  Buffer<T> chirp_hat;   // [M] complex: the transform of the conjugate chirp, times 1/M
+  CorePlan<T> core;     // of n, or of Bluestein's convolution length
+  Buffer<T> chirp;      // [n] complex e^{-i pi j^2 / n}
+  Buffer<T> chirp_hat;  // [M] complex: the transform of the conjugate chirp, times 1/M
 
   void init(int64_t length) {
     n = length;
@@ -246,7 +318,7 @@ struct FftPlan {
     // (every lane the same), then keep lane 0.
     Buffer<CVec<T>> b, w;
     b.allocate(size_t(m));
-    w.allocate(size_t(m));
+    w.allocate(size_t(core.work_elems()));
     for (int64_t j = 0; j < m; ++j) b[j] = czero<T>();
     for (int64_t j = 0; j < length; ++j) {
       const CVec<T> c = {vbroadcast<typename Simd<T>::V>(chirp[2 * j]),
@@ -254,7 +326,7 @@ struct FftPlan {
       b[j] = c;
       if (j > 0) b[m - j] = c;
     }
-    stockham_transform<T, false>(core, b.data(), w.data());
+    core_transform<T, false>(core, b.data(), w.data());
     chirp_hat.allocate(size_t(2 * m));
     for (int64_t j = 0; j < m; ++j) {
       chirp_hat[2 * j] = b[j].re[0] / T(m);
@@ -262,12 +334,12 @@ struct FftPlan {
     }
   }
   // Vectors of work space a transform needs.
-  int64_t work_elems() const { return bluestein ? 2 * core.n : n; }
+  int64_t work_elems() const { return bluestein ? core.n + core.work_elems() : core.work_elems(); }
 };
 
 template <class T, bool kInverse>
 void fft_transform(const FftPlan<T>& plan, CVec<T>* data, CVec<T>* work) {
-  if (!plan.bluestein) return stockham_transform<T, kInverse>(plan.core, data, work);
+  if (!plan.bluestein) return core_transform<T, kInverse>(plan.core, data, work);
   // X[k] = c[k] sum_j (x[j] c[j]) conj(c[k - j]) with c[j] = e^{-i pi j^2 / n}; the inverse
   // conjugates c.
   const int64_t n = plan.n, m = plan.core.n;
@@ -277,7 +349,7 @@ void fft_transform(const FftPlan<T>& plan, CVec<T>* data, CVec<T>* work) {
   for (int64_t j = 0; j < n; ++j)
     a[j] = cmul_scalar(data[j], plan.chirp[2 * j], sign * plan.chirp[2 * j + 1]);
   for (int64_t j = n; j < m; ++j) a[j] = czero<T>();
-  stockham_transform<T, false>(plan.core, a, scratch);
+  core_transform<T, false>(plan.core, a, scratch);
   // The inverse's kernel is the conjugate chirp's conjugate: its transform is chirp_hat
   // mirrored and conjugated.
   for (int64_t j = 0; j < m; ++j) {
@@ -288,7 +360,7 @@ void fft_transform(const FftPlan<T>& plan, CVec<T>* data, CVec<T>* work) {
       a[j] = cmul_scalar(a[j], plan.chirp_hat[2 * jm], -plan.chirp_hat[2 * jm + 1]);
     }
   }
-  stockham_transform<T, true>(plan.core, a, scratch);
+  core_transform<T, true>(plan.core, a, scratch);
   for (int64_t k = 0; k < n; ++k)
     data[k] = cmul_scalar(a[k], plan.chirp[2 * k], sign * plan.chirp[2 * k + 1]);
 }
