@@ -39,6 +39,7 @@ demo: build
 	$(PY) bench/bench_linear.py --threads $(THREADS)
 	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --case random --block-size 64
 	$(PY) bench/bench_distributed.py --threads $(THREADS) --quick --world 2 --case na-2d gated-delta bs-sliding
+	$(PY) bench/bench_fft.py --threads $(THREADS) --case conv-4k
 
 test: build lint
 	$(PY) -m tokenmix info
@@ -49,6 +50,7 @@ bench: build
 	$(PY) bench/bench_linear.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_block_sparse.py --threads $(THREADS) --markdown
 	$(PY) bench/bench_distributed.py --threads $(THREADS) --markdown
+	$(PY) bench/bench_fft.py --threads $(THREADS) --markdown
 
 # Release wheels into dist/: +cpu and +cu130, manylinux_2_28 (tools/build_wheel.py, docs/wheels.md).
 # The CUDA wheel is built with the CUDA 13.0 toolchain from the package registry, installed into

@@ -12,6 +12,10 @@ namespace tokenmix {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+TM_HOST_DEVICE int64_t dtype_size(DType t) {
+  return t == DType::kFloat64 ? 8 : t == DType::kFloat32 ? 4 : 2;
+}
+
 // A strided [B, S0, S1, S2, H, D] tensor (rank padded to 3 spatial dims).
 // Additional tokens use the same view with S0 = S1 = 1 and S2 = N_extra.
 struct StridedView {

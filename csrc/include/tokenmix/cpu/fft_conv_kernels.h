@@ -72,12 +72,9 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
       const int64_t b1 = b0 + chunking.batch_per_chunk < B ? b0 + chunking.batch_per_chunk : B;
 
       // The filter's transform, with the inverse transform's 1/n folded in.
-      for (int64_t t = 0; t < Lk; ++t) {
-        V v{};
-        for (int l = 0; l < lanes; ++l)
-          v[l] = load_dynamic<T>(p.k.data, p.k.dtype, (c0 + l) * p.k.stride[0] + t * p.k.stride[1]);
-        signal[t] = v;
-      }
+      load_channel_rows<T>(
+          static_cast<const char*>(p.k.data) + c0 * p.k.stride[0] * dtype_size(p.k.dtype),
+          p.k.dtype, p.k.stride[0], p.k.stride[1], lanes, Lk, signal.data());
       for (int64_t t = Lk; t < n; ++t) signal[t] = V{};
       rfft(plan, signal.data(), work.data(), k_hat.data());
       for (int64_t f = 0; f < bins; ++f) k_hat[f] = {k_hat[f].re * inv_n, k_hat[f].im * inv_n};
@@ -110,6 +107,7 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
         const int64_t row0 = b * L * C + c0;  // contiguous outputs
         const ChannelBlock<S> u = block(p.u, b), pre = block(p.pre_gate, b),
                               post = block(p.post_gate, b);
+        const OutputRows<S> out{out_base + row0, C};
         if (!backward) {
           transform_v(b, spec.data());
           for (int64_t f = 0; f < bins; ++f) spec[f] = cmul(spec[f], k_hat[f]);
@@ -118,7 +116,7 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
             V y = signal[t];
             if (post) y = y * post.template load<T>(t, lanes);
             if (p.bias.data) y = y + bias * u.template load<T>(t, lanes);
-            store_lanes<S, T>(out_base + row0 + t * C, y, lanes);
+            out.template store<T>(t, y, lanes);
           }
           continue;
         }
@@ -127,9 +125,9 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
         if (post) {  // d_post_gate = dy * (k (*) v)
           for (int64_t f = 0; f < bins; ++f) spec[f] = cmul(v_hat[f], k_hat[f]);
           irfft(plan, spec.data(), signal.data(), work.data());
-          S* dpost = static_cast<S*>(p.grad_post_gate) + row0;
+          const OutputRows<S> dpost{static_cast<S*>(p.grad_post_gate) + row0, C};
           for (int64_t t = 0; t < L; ++t)
-            store_lanes<S, T>(dpost + t * C, signal[t] * dy.template load<T>(t, lanes), lanes);
+            dpost.template store<T>(t, signal[t] * dy.template load<T>(t, lanes), lanes);
         }
         for (int64_t t = 0; t < L; ++t) {
           V g = dy.template load<T>(t, lanes);
@@ -141,7 +139,7 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
         for (int64_t f = 0; f < bins; ++f) dk_hat[f] = cadd(dk_hat[f], cmul_conj(spec[f], v_hat[f]));
         for (int64_t f = 0; f < bins; ++f) spec[f] = cmul_conj(spec[f], k_hat[f]);
         irfft(plan, spec.data(), signal.data(), work.data());  // signal[0..L) = dv
-        S* dpre = pre ? static_cast<S*>(p.grad_pre_gate) + row0 : nullptr;
+        const OutputRows<S> dpre{pre ? static_cast<S*>(p.grad_pre_gate) + row0 : nullptr, C};
         for (int64_t t = 0; t < L; ++t) {
           const V dv = signal[t];
           const V uu = u.template load<T>(t, lanes);
@@ -151,8 +149,8 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
             du = du + bias * g;
             dbias = dbias + g * uu;
           }
-          store_lanes<S, T>(out_base + row0 + t * C, du, lanes);
-          if (pre) store_lanes<S, T>(dpre + t * C, dv * uu, lanes);
+          out.template store<T>(t, du, lanes);
+          if (pre) dpre.template store<T>(t, dv * uu, lanes);
         }
       }
       if (!backward) continue;

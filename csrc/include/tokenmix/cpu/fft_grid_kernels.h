@@ -88,10 +88,10 @@ void global_filter_cpu_impl(const GlobalFilterProblem& p, bool backward) {
           fft_transform<T, true>(col_plan, col.data(), col_work.data());
           for (int64_t h = 0; h < H; ++h) spec[h * wf + f] = col[h];
         }
+        const OutputRows<S> rows{out, C};
         for (int64_t h = 0; h < H; ++h) {
           irfft(row_plan, spec + h * wf, signal.data(), row_work.data());
-          for (int64_t w = 0; w < Wd; ++w)
-            store_lanes<S, T>(out + (h * Wd + w) * C, signal[w], lanes);
+          for (int64_t w = 0; w < Wd; ++w) rows.template store<T>(h * Wd + w, signal[w], lanes);
         }
       };
       if (backward)

@@ -54,6 +54,53 @@ inline void store_lanes(S* p, typename Simd<T>::V v, int lanes) {
   for (int l = 0; l < lanes; ++l) p[l] = from_float<S>(v[l]);
 }
 
+// dst[t] (t < tokens) = lanes channels of a [channels, tokens] operand of storage type S:
+// element (t, l) at src[l * channel_stride + t * token_stride]. Rows of unit token stride are
+// read in tiles, so each row streams and the tile of vectors stays in L1.
+template <class S, class T>
+void load_channel_rows(const S* src, int64_t channel_stride, int64_t token_stride, int lanes,
+                       int64_t tokens, typename Simd<T>::V* dst) {
+  using V = typename Simd<T>::V;
+  if (channel_stride == 1) {
+    for (int64_t t = 0; t < tokens; ++t) dst[t] = load_lanes<S, T>(src + t * token_stride, 1, lanes);
+    return;
+  }
+  constexpr int64_t kTile = 64;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+    const int64_t t1 = t0 + kTile < tokens ? t0 + kTile : tokens;
+    for (int64_t t = t0; t < t1; ++t) dst[t] = V{};
+    for (int l = 0; l < lanes; ++l) {
+      const S* row = src + l * channel_stride;
+      for (int64_t t = t0; t < t1; ++t) dst[t][l] = T(to_float(row[t * token_stride]));
+    }
+  }
+}
+
+// The same for a tensor whose dtype is known only at run time.
+template <class T>
+void load_channel_rows(const void* src, DType dtype, int64_t channel_stride, int64_t token_stride,
+                       int lanes, int64_t tokens, typename Simd<T>::V* dst) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return load_channel_rows<float, T>(static_cast<const float*>(src), channel_stride,
+                                         token_stride, lanes, tokens, dst);
+    case DType::kFloat64:
+      return load_channel_rows<double, T>(static_cast<const double*>(src), channel_stride,
+                                          token_stride, lanes, tokens, dst);
+    case DType::kFloat16:
+      return load_channel_rows<Half, T>(static_cast<const Half*>(src), channel_stride,
+                                        token_stride, lanes, tokens, dst);
+    case DType::kBFloat16:
+      return load_channel_rows<BFloat16, T>(static_cast<const BFloat16*>(src), channel_stride,
+                                            token_stride, lanes, tokens, dst);
+  }
+}
+
+// Tokens ahead that the row loops prefetch. A channel block reads one short row per token,
+// at a stride of the whole channel count: every row is in another page, which the hardware
+// prefetchers do not follow.
+inline constexpr int64_t kPrefetchTokens = 12;
+
 // A [.., tokens, channels] operand seen from one channel block: element (token t, lane l) is
 // data[base + t * token_stride + l * channel_stride].
 template <class S>
@@ -69,7 +116,22 @@ struct ChannelBlock {
   explicit operator bool() const { return data != nullptr; }
   template <class T>
   typename Simd<T>::V load(int64_t t, int lanes) const {
+    __builtin_prefetch(data + (t + kPrefetchTokens) * token_stride);
     return load_lanes<S, T>(data + t * token_stride, channel_stride, lanes);
+  }
+};
+
+// A contiguous [tokens, channels] output seen from one channel block (lane l of token t at
+// data[t * channels + l]).
+template <class S>
+struct OutputRows {
+  S* data = nullptr;
+  int64_t channels = 0;
+
+  template <class T>
+  void store(int64_t t, typename Simd<T>::V v, int lanes) const {
+    __builtin_prefetch(data + (t + kPrefetchTokens) * channels, 1);
+    store_lanes<S, T>(data + t * channels, v, lanes);
   }
 };
 

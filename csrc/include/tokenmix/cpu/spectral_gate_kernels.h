@@ -122,7 +122,8 @@ void spectral_gate_cpu_impl(const SpectralGateProblem& p, bool backward) {
           }
         }
         irfft(plan, spec.data(), signal.data(), work.data());
-        for (int64_t t = 0; t < L; ++t) store_lanes<S, T>(out + t * C, signal[t], lanes);
+        const OutputRows<S> rows{out, C};
+        for (int64_t t = 0; t < L; ++t) rows.template store<T>(t, signal[t], lanes);
       }
       if (backward) {
         T* dg = static_cast<T*>(p.grad_gate) + (b * heads + h) * bins * 2;
