@@ -131,3 +131,18 @@ def test_cuda_resources_command_prints_the_table():
         check=True,
     ).stdout
     assert "| sm_80 | `na_forward_kernel<F16, 128>` |" in out
+
+
+def test_every_fft_conv_instantiation_is_in_the_report():
+    """fft_conv's CUDA kernels, forward and backward, per dtype and architecture."""
+    names = {(r["arch"], format_cuda_resources([r]).split("`")[1]) for r in cuda_resource_usage()}
+    for arch in ("sm_80", "sm_90"):
+        for elem in ("F16", "BF16", "F32"):
+            for kernel in ("fft_conv_forward_kernel", "fft_conv_backward_kernel"):
+                assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)
+
+
+def test_cuda_key_registered_for_fft_conv():
+    for op in ("tokenmix::fft_conv_forward", "tokenmix::fft_conv_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op

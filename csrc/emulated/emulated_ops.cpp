@@ -8,16 +8,20 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "../block_sparse/bs_schemas.h"
 #include "../block_sparse/bs_simt_op.h"
+#include "../fft_mix/fft_op_common.h"
+#include "../fft_mix/fft_schemas.h"
 #include "../neighborhood/na_schemas.h"
 #include "../neighborhood/na_simt_op.h"
 #include "bs_schedule_dump.h"
 #include "mma_gemm_op.h"
+#include "tokenmix/cuda/fft_entry.h"
 
 namespace {
 
@@ -152,6 +156,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_sparse_schedule(
   return {qc, qe, kc, ke};
 }
 
+// fft_conv on the CUDA kernels, run by the emulator: the same schema and semantics as
+// torch.ops.tokenmix.fft_conv_forward / fft_conv_backward, on CPU tensors. Outputs start as NaN
+// so that an element a kernel never writes shows.
+void fill_nan(void* data, tokenmix::DType dtype, int64_t count) {
+  if (!data) return;
+  for (int64_t i = 0; i < count; ++i) {
+    switch (dtype) {
+      case tokenmix::DType::kFloat32: static_cast<float*>(data)[i] = NAN; break;
+      case tokenmix::DType::kFloat64: static_cast<double*>(data)[i] = NAN; break;
+      default: static_cast<uint16_t*>(data)[i] = 0x7fff; break;  // NaN in fp16 and bf16
+    }
+  }
+}
+
+void emulated_conv(const tokenmix::FftConvProblem& p, bool backward) {
+  const std::string why = tokenmix::cuda::fft_conv_unsupported_reason(p);
+  STD_TORCH_CHECK(why.empty(), why);
+  const int64_t elems = p.batch * p.length * p.channels;
+  fill_nan(p.out, p.dtype, elems);
+  fill_nan(p.grad_u, p.dtype, elems);
+  fill_nan(p.grad_pre_gate, p.dtype, elems);
+  fill_nan(p.grad_post_gate, p.dtype, elems);
+  fill_nan(p.grad_k, p.k.dtype, p.channels * p.filter_length);
+  if (p.bias.data) fill_nan(p.grad_bias, p.bias.dtype, p.channels);
+  if (backward)
+    tokenmix::cuda::emulated::fft_conv_backward(p, nullptr);
+  else
+    tokenmix::cuda::emulated::fft_conv_forward(p, nullptr);
+}
+
+Tensor fft_conv_forward(Tensor u, Tensor k, std::optional<Tensor> bias,
+                        std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate,
+                        bool causal) {
+  STD_TORCH_CHECK(u.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::conv_forward(
+      u, k, bias, pre_gate, post_gate, causal,
+      [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward); });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward(
+    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias,
+    std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate, bool causal) {
+  STD_TORCH_CHECK(u.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::conv_backward(
+      grad_out, u, k, bias, pre_gate, post_gate, causal,
+      [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward); });
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
@@ -161,6 +213,8 @@ STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def(tokenmix::bs_op::kForwardSchema);
   m.def(tokenmix::bs_op::kBackwardSchema);
   m.def(kBsScheduleSchema);
+  m.def(tokenmix::fft_op::kFftConvForwardSchema);
+  m.def(tokenmix::fft_op::kFftConvBackwardSchema);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
@@ -170,4 +224,6 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
   m.impl("block_sparse_forward", TORCH_BOX(&block_sparse_forward));
   m.impl("block_sparse_backward", TORCH_BOX(&block_sparse_backward));
   m.impl("block_sparse_schedule", TORCH_BOX(&block_sparse_schedule));
+  m.impl("fft_conv_forward", TORCH_BOX(&fft_conv_forward));
+  m.impl("fft_conv_backward", TORCH_BOX(&fft_conv_backward));
 }

@@ -1,150 +1,42 @@
 // torch.ops.tokenmix.fft_conv_* / fourier_mix / global_filter_* / spectral_gate_*: the op
-// schemas and the CPU implementations, registered through PyTorch's stable C ABI. User-facing
-// argument checks live in Python (tokenmix/fft_mix/args.py); these guard direct calls.
-#include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/ops.h>
-#include <torch/csrc/stable/tensor.h>
-#include <torch/headeronly/util/Exception.h>
-
-#include <initializer_list>
-#include <optional>
-#include <tuple>
-#include <vector>
-
+// schemas and the CPU implementations, registered through PyTorch's stable C ABI (the CUDA
+// fft_conv is in fft_cuda_ops.cpp). Checks and problem descriptors: fft_op_common.h.
+#include "fft_op_common.h"
 #include "fft_schemas.h"
 #include "tokenmix/cpu/isa_dispatch.h"
-#include "tokenmix/fft_problem.h"
-#include "tokenmix/stable_op_utils.h"
 
 namespace {
 
-using torch::headeronly::ScalarType;
-using torch::stable::Tensor;
-using tokenmix::FftTensor;
+using namespace tokenmix::fft_op;
 
-void check_shape(const Tensor& t, std::initializer_list<int64_t> shape, const char* name) {
-  STD_TORCH_CHECK(t.is_cpu(), "tokenmix: ", name, " must be a CPU tensor");
-  bool ok = t.dim() == int64_t(shape.size());
-  int64_t i = 0;
-  for (const int64_t n : shape) ok = ok && t.size(i++) == n;
-  std::vector<int64_t> want(shape);
-  STD_TORCH_CHECK(ok, "tokenmix: ", name, " must have shape ", tokenmix::shape_string(want),
-                  ", got ", tokenmix::shape_string(t.sizes()));
+// Every input of a CPU op is a CPU tensor (the op's dispatch key is the first tensor's).
+void require_cpu(std::initializer_list<std::optional<Tensor>> tensors) {
+  for (const auto& t : tensors)
+    STD_TORCH_CHECK(!t.has_value() || t->is_cpu(), "tokenmix: CPU kernel called with non-CPU tensors");
 }
 
-FftTensor view(const Tensor& t) {
-  FftTensor v;
-  v.data = t.data_ptr();
-  v.dtype = tokenmix::to_dtype(t.scalar_type());
-  for (int64_t i = 0; i < t.dim() && i < 4; ++i) v.stride[i] = t.stride(i);
-  return v;
-}
-
-// An optional [B, L, C] operand in the input's dtype (gates, gradients).
-FftTensor optional_like(const std::optional<Tensor>& t, const Tensor& like, const char* name) {
-  if (!t.has_value()) return FftTensor{};
-  STD_TORCH_CHECK(t->scalar_type() == like.scalar_type(), "tokenmix: ", name,
-                  " must have the dtype of the input");
-  check_shape(*t, {like.size(0), like.size(1), like.size(2)}, name);
-  return view(*t);
-}
-
-// A contiguous tensor in the accumulation dtype of `like` (complex parameters and their kin).
-const void* acc_contiguous(const Tensor& t, const Tensor& like,
-                           std::initializer_list<int64_t> shape, const char* name) {
-  check_shape(t, shape, name);
-  STD_TORCH_CHECK(t.scalar_type() == tokenmix::accumulation_type(like.scalar_type()) &&
-                      t.is_contiguous(),
-                  "tokenmix: ", name,
-                  " must be contiguous in the accumulation dtype (float32; float64 for float64 "
-                  "inputs)");
-  return t.data_ptr();
-}
-
-// A [C] or [C, Lk] parameter in the input's dtype or its accumulation dtype.
-void check_param_dtype(const Tensor& t, const Tensor& like, const char* name) {
-  STD_TORCH_CHECK(t.scalar_type() == like.scalar_type() ||
-                      t.scalar_type() == tokenmix::accumulation_type(like.scalar_type()),
-                  "tokenmix: ", name, " must have the input's dtype or float32");
-}
-
-Tensor empty(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype, const char* what) {
-  return tokenmix::new_empty_checked(like, shape, dtype, what);
-}
-
-Tensor zeros(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype, const char* what) {
-  return tokenmix::new_zeros_checked(like, shape, dtype, what);
-}
-
-// ---- fft_conv ---------------------------------------------------------------------------
-
-tokenmix::FftConvProblem make_conv_problem(const Tensor& u, const Tensor& k,
-                                           const std::optional<Tensor>& bias,
-                                           const std::optional<Tensor>& pre_gate,
-                                           const std::optional<Tensor>& post_gate, bool causal) {
-  tokenmix::FftConvProblem p;
-  STD_TORCH_CHECK(u.dim() == 3, "tokenmix: u must be [B, L, C]");
-  check_shape(u, {u.size(0), u.size(1), u.size(2)}, "u");
-  p.dtype = tokenmix::to_dtype(u.scalar_type());
-  p.batch = u.size(0);
-  p.length = u.size(1);
-  p.channels = u.size(2);
-  STD_TORCH_CHECK(k.dim() == 2, "tokenmix: k must be [C, Lk]");
-  check_shape(k, {p.channels, k.size(1)}, "k");
-  check_param_dtype(k, u, "k");
-  p.filter_length = k.size(1);
-  STD_TORCH_CHECK(p.filter_length >= 1 && p.filter_length <= p.length,
-                  "tokenmix: k must have 1 <= Lk <= L taps");
-  p.causal = causal;
-  p.u = view(u);
-  p.k = view(k);
-  if (bias.has_value()) {
-    check_shape(*bias, {p.channels}, "bias");
-    check_param_dtype(*bias, u, "bias");
-    p.bias = view(*bias);
-  }
-  p.pre_gate = optional_like(pre_gate, u, "pre_gate");
-  p.post_gate = optional_like(post_gate, u, "post_gate");
-  p.parallel_for = tokenmix::host_parallel_for;
-  return p;
+void run_conv_cpu(const tokenmix::FftConvProblem& p, bool backward) {
+  tokenmix::cpu::fft_conv(p, backward);
 }
 
 Tensor fft_conv_forward_cpu(Tensor u, Tensor k, std::optional<Tensor> bias,
                             std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate,
                             bool causal) {
-  auto p = make_conv_problem(u, k, bias, pre_gate, post_gate, causal);
-  Tensor out = empty(u, {p.batch, p.length, p.channels}, u.scalar_type(), "out");
-  p.out = out.data_ptr();
-  if (out.numel() > 0) tokenmix::cpu::fft_conv(p, false);
-  return out;
+  require_cpu({u, k, bias, pre_gate, post_gate});
+  return conv_forward(u, k, bias, pre_gate, post_gate, causal, run_conv_cpu);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward_cpu(
     Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias,
     std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate, bool causal) {
-  auto p = make_conv_problem(u, k, bias, pre_gate, post_gate, causal);
-  p.grad_out = optional_like(grad_out, u, "grad_out");
-  const std::vector<int64_t> shape = {p.batch, p.length, p.channels};
-  Tensor du = empty(u, shape, u.scalar_type(), "grad_u");
-  Tensor dk = zeros(u, {p.channels, p.filter_length}, k.scalar_type(), "grad_k");
-  Tensor dbias = bias.has_value() ? zeros(u, {p.channels}, bias->scalar_type(), "grad_bias")
-                                  : empty(u, {0}, u.scalar_type(), "grad_bias");
-  Tensor dpre = pre_gate.has_value() ? empty(u, shape, u.scalar_type(), "grad_pre_gate")
-                                     : empty(u, {0}, u.scalar_type(), "grad_pre_gate");
-  Tensor dpost = post_gate.has_value() ? empty(u, shape, u.scalar_type(), "grad_post_gate")
-                                       : empty(u, {0}, u.scalar_type(), "grad_post_gate");
-  p.grad_u = du.data_ptr();
-  p.grad_k = dk.data_ptr();
-  p.grad_bias = bias.has_value() ? dbias.data_ptr() : nullptr;
-  p.grad_pre_gate = pre_gate.has_value() ? dpre.data_ptr() : nullptr;
-  p.grad_post_gate = post_gate.has_value() ? dpost.data_ptr() : nullptr;
-  if (du.numel() > 0) tokenmix::cpu::fft_conv(p, true);
-  return {du, dk, dbias, dpre, dpost};
+  require_cpu({grad_out, u, k, bias, pre_gate, post_gate});
+  return conv_backward(grad_out, u, k, bias, pre_gate, post_gate, causal, run_conv_cpu);
 }
 
 // ---- fourier_mix ------------------------------------------------------------------------
 
 Tensor fourier_mix_cpu(Tensor x) {
+  require_cpu({x});
   STD_TORCH_CHECK(x.dim() == 3, "tokenmix: x must be [B, L, C]");
   check_shape(x, {x.size(0), x.size(1), x.size(2)}, "x");
   tokenmix::FourierMixProblem p;
@@ -178,6 +70,7 @@ tokenmix::GlobalFilterProblem make_filter_problem(const Tensor& x, const Tensor&
 }
 
 Tensor global_filter_forward_cpu(Tensor x, Tensor weight) {
+  require_cpu({x, weight});
   auto p = make_filter_problem(x, weight);
   Tensor out = empty(x, {p.batch, p.height, p.width, p.channels}, x.scalar_type(), "out");
   p.out = out.data_ptr();
@@ -186,6 +79,7 @@ Tensor global_filter_forward_cpu(Tensor x, Tensor weight) {
 }
 
 std::tuple<Tensor, Tensor> global_filter_backward_cpu(Tensor grad_out, Tensor x, Tensor weight) {
+  require_cpu({grad_out, x, weight});
   auto p = make_filter_problem(x, weight);
   STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
                   "tokenmix: grad_out must have the dtype of x");
@@ -227,6 +121,7 @@ tokenmix::SpectralGateProblem make_gate_problem(const Tensor& x, const Tensor& g
 
 Tensor spectral_gate_forward_cpu(Tensor x, Tensor gate, std::optional<Tensor> bias, int64_t heads,
                                  bool modrelu) {
+  require_cpu({x, gate, bias});
   auto p = make_gate_problem(x, gate, bias, heads, modrelu);
   Tensor out = empty(x, {p.batch, p.length, p.channels}, x.scalar_type(), "out");
   p.out = out.data_ptr();
@@ -238,6 +133,7 @@ std::tuple<Tensor, Tensor, Tensor> spectral_gate_backward_cpu(Tensor grad_out, T
                                                               Tensor gate,
                                                               std::optional<Tensor> bias,
                                                               int64_t heads, bool modrelu) {
+  require_cpu({grad_out, x, gate, bias});
   auto p = make_gate_problem(x, gate, bias, heads, modrelu);
   STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
                   "tokenmix: grad_out must have the dtype of x");

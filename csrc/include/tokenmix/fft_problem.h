@@ -62,6 +62,19 @@ TM_HOST_DEVICE int64_t fft_conv_size(int64_t length, int64_t filter_length, bool
   return causal ? fft_smooth_even_size(length + filter_length - 1) : length;
 }
 
+// The CUDA kernels keep a whole transform in shared memory: power-of-two lengths up to this.
+inline constexpr int64_t kFftConvCudaMaxSize = 4096;
+
+// The transform length of fft_conv on CUDA (a power of two: the linear convolution's padding,
+// or L itself for a circular one), or 0 when the CUDA kernels cannot run the problem.
+TM_HOST_DEVICE int64_t fft_conv_cuda_size(int64_t length, int64_t filter_length, bool causal) {
+  int64_t n = 2;
+  const int64_t need = causal ? length + filter_length - 1 : length;
+  while (n < need) n *= 2;
+  if (!causal && n != length) return 0;
+  return n <= kFftConvCudaMaxSize ? n : 0;
+}
+
 // fft_conv: y = post_gate * (k (*) (pre_gate * u)) + bias * u over [B, L, C].
 struct FftConvProblem {
   DType dtype = DType::kFloat32;  // u, gates, out and their gradients

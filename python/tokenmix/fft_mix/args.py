@@ -15,12 +15,32 @@ from .._checks import as_int, check_supported_dtype, require_bool, require_tenso
 from .._utils import accumulation_dtype
 
 __all__ = [
+    "CUDA_MAX_TRANSFORM",
     "check_fft_conv",
     "check_fourier_mix",
     "check_global_filter",
     "check_spectral_gate",
     "complex_as_real",
+    "cuda_transform_size",
 ]
+
+# The CUDA fft_conv kernels keep a whole transform in shared memory: power-of-two lengths up to
+# this (kFftConvCudaMaxSize in csrc/include/tokenmix/fft_problem.h).
+CUDA_MAX_TRANSFORM = 4096
+
+
+def cuda_transform_size(length: int, taps: int, causal: bool) -> int:
+    """The transform length the CUDA fft_conv kernels use (a power of two: ``L + Lk - 1``
+    rounded up for a causal convolution, ``L`` itself for a circular one), or 0 when they
+    cannot run the problem (longer transforms, or a circular ``L`` that is not a power of two).
+    The rule of ``fft_conv_cuda_size`` in csrc/include/tokenmix/fft_problem.h."""
+    need = length + taps - 1 if causal else length
+    n = 2
+    while n < need:
+        n *= 2
+    if not causal and n != length:
+        return 0
+    return n if n <= CUDA_MAX_TRANSFORM else 0
 
 
 def _check_input(x: Any, name: str, rank: int, layout: str) -> Tensor:

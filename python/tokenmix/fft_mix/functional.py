@@ -2,8 +2,10 @@
 filter and adaptive spectral gating (FFTNet / SPECTRE), channels last.
 
 CPU tensors run tokenmix's fused kernels (transform, pointwise product and inverse
-transform per block of channels while the data is in cache; docs/fft_mixing.md). Other
-devices, and installs without the compiled library, run the ``torch.fft`` compositions of
+transform per block of channels while the data is in cache; docs/fft_mixing.md). On CUDA,
+``fft_conv`` runs tokenmix's kernels when its transform fits in shared memory
+(:func:`tokenmix.fft_mix.args.cuda_transform_size`). Everything else, and installs without
+the compiled library, runs the ``torch.fft`` compositions of
 :mod:`tokenmix.fft_mix.reference`.
 """
 
@@ -12,8 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _ops
+from .._cuda_driver import require_cuda_kernels
 from . import ops, reference
-from .args import check_fft_conv, check_fourier_mix, check_global_filter, check_spectral_gate
+from .args import (
+    check_fft_conv,
+    check_fourier_mix,
+    check_global_filter,
+    check_spectral_gate,
+    cuda_transform_size,
+)
 
 __all__ = [
     "fft_conv",
@@ -31,6 +41,24 @@ def fused_kernels_available() -> bool:
 
 def _fused(x: Tensor) -> bool:
     return x.device.type == "cpu" and ops.kernels_available()
+
+
+def _fused_conv(u: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> bool:
+    """Whether fft_conv runs tokenmix's kernels: every CPU problem; on CUDA, float32/16/bf16
+    problems whose power-of-two transform fits in shared memory (:func:`cuda_transform_size`),
+    in a build with CUDA kernels. Everything else runs the torch.fft composition."""
+    if u.device.type == "cpu":
+        return ops.kernels_available()
+    if u.device.type != "cuda" or not ops.kernels_available():
+        return False
+    if not _ops.build_info().get("cuda_built", False):
+        return False
+    if torch.float64 in (u.dtype, k.dtype) or (bias is not None and bias.dtype == torch.float64):
+        return False
+    if cuda_transform_size(u.shape[1], k.shape[1], causal) == 0:
+        return False
+    require_cuda_kernels()
+    return True
 
 
 def fft_conv(
@@ -71,7 +99,7 @@ def fft_conv(
         torch.Size([2, 1000, 64])
     """
     u, k, pre_gate, post_gate = check_fft_conv(u, k, causal, bias, pre_gate, post_gate)
-    if _fused(u):
+    if _fused_conv(u, k, bias, causal):
         return torch.ops.tokenmix.fft_conv_forward(u, k, bias, pre_gate, post_gate, causal)
     return reference.fft_conv_reference(
         u, k, causal=causal, bias=bias, pre_gate=pre_gate, post_gate=post_gate

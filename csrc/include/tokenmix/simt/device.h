@@ -235,6 +235,10 @@ TM_DEVICE float rcp(float x) {
 TM_DEVICE float rsqrt(float x) {
   return rsqrtf(x);
 }
+// sin(pi x) and cos(pi x), accurate (not the approximate instructions): twiddle factors.
+TM_DEVICE void sincospi_f32(float x, float* s, float* c) {
+  sincospif(x, s, c);
+}
 
 // ---- host side: the current device, and dynamic shared memory above 48 KiB (opt-in per kernel)
 struct device_facts {

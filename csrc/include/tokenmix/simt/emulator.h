@@ -415,6 +415,12 @@ inline float rcp(float x) {
 inline float rsqrt(float x) {
   return emu::approx_math(emu::math_fn::rsqrt, x);
 }
+// sin(pi x) and cos(pi x), correctly rounded (CUDA's sincospif is within 1 ulp of them).
+inline void sincospi_f32(float x, float* s, float* c) {
+  const double a = 3.14159265358979323846 * double(x);
+  *s = float(std::sin(a));
+  *c = float(std::cos(a));
+}
 
 // ---- host side: buffers and launches -----------------------------------------------------------
 

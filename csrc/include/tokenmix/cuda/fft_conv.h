@@ -1,0 +1,398 @@
+// fft_conv on CUDA, written on the SIMT layer (nvcc builds it for the GPU, the host compiler for
+// the emulator). One block per pair of channels, the pair packed as one complex signal
+// z = v_c0 + i v_c1, so one complex transform serves both channels; each block keeps the whole
+// transform in shared memory (power-of-two lengths up to kFftConvCudaMaxSize), float32 throughout
+// (FMA; fp16/bf16 inputs are converted on load).
+//
+// The transform is a radix-2 Stockham (natural order in and out), twiddles from a per-block
+// table. Spectra of the two channels come out of the packed spectrum Z by symmetry:
+//   X0[f] = (Z[f] + conj Z[-f]) / 2,  X1[f] = (Z[f] - conj Z[-f]) / (2i),
+// and a pair of real results w0, w1 goes back through one inverse transform of W0 + i W1.
+#pragma once
+
+#include <cstdint>
+
+#include "tokenmix/cuda/launch_common.h"
+#include "tokenmix/cuda/warp_gemm.h"
+#include "tokenmix/fft_problem.h"
+#include "tokenmix/simt/simt.h"
+
+namespace tokenmix::cuda {
+
+using namespace ::tokenmix::simt;
+
+inline constexpr int kFftConvThreads = 256;
+struct Complex {
+  float re, im;
+};
+TM_DEVICE Complex cplx_add(Complex a, Complex b) { return {a.re + b.re, a.im + b.im}; }
+TM_DEVICE Complex cplx_sub(Complex a, Complex b) { return {a.re - b.re, a.im - b.im}; }
+TM_DEVICE Complex cplx_mul(Complex a, Complex b) {
+  return {a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re};
+}
+TM_DEVICE Complex cplx_conj(Complex a) { return {a.re, -a.im}; }
+
+// One element of a tensor whose dtype is known only at run time (filters, biases).
+TM_DEVICE float load_any(const global_ptr<const uint8_t>& base, DType dtype, int64_t index) {
+  switch (dtype) {
+    case DType::kFloat32: return ptr_cast<const float>(base)[index];
+    case DType::kFloat16: return f16_bits_to_f32(ptr_cast<const uint16_t>(base)[index]);
+    case DType::kBFloat16: return bf16_bits_to_f32(ptr_cast<const uint16_t>(base)[index]);
+    default: return 0.0f;
+  }
+}
+TM_DEVICE void store_any(const global_ptr<uint8_t>& base, DType dtype, int64_t index, float v) {
+  switch (dtype) {
+    case DType::kFloat32: ptr_cast<float>(base)[index] = v; return;
+    case DType::kFloat16: ptr_cast<uint16_t>(base)[index] = f32_to_f16_bits(v); return;
+    case DType::kBFloat16: ptr_cast<uint16_t>(base)[index] = f32_to_bf16_bits(v); return;
+    default: return;
+  }
+}
+
+// Plain-data kernel arguments (strides in elements).
+struct FftConvParams {
+  int64_t batch, length, channels, taps, n;
+  int log2n;
+  const void* u;
+  int64_t u_stride[3];
+  const void* pre;
+  int64_t pre_stride[3];
+  const void* post;
+  int64_t post_stride[3];
+  const void* dy;
+  int64_t dy_stride[3];
+  const void* k;
+  int64_t k_stride[2];
+  DType k_dtype;
+  const void* bias;
+  int64_t bias_stride;
+  DType bias_dtype;
+  void* out;        // contiguous [B, L, C]: y (forward) or du (backward)
+  void* grad_pre;   // contiguous [B, L, C] or null
+  void* grad_post;  // contiguous [B, L, C] or null
+  void* grad_k;     // contiguous [C, Lk], k's dtype
+  void* grad_bias;  // contiguous [C], bias's dtype, or null
+};
+
+// The shared-memory layout of one block: the twiddle table (n/2 entries) and `buffers` complex
+// buffers of n entries each. The backward's d_bias reduction reuses buffer 1 for two floats per
+// thread, which short transforms would not cover.
+TM_HOST_DEVICE int64_t fft_conv_smem_bytes(int64_t n, int buffers) {
+  const int64_t layout = (n / 2 + int64_t(buffers) * n) * int64_t(sizeof(Complex));
+  const int64_t reduction = (n / 2 + n) * int64_t(sizeof(Complex)) + 2 * kFftConvThreads * 4;
+  return layout > reduction ? layout : reduction;
+}
+
+// The block's view of its shared memory: the twiddle table, then the buffers.
+struct FftConvSmem {
+  shared_ptr<Complex> twiddle;  // [n/2] e^{-2 pi i t / n}
+  int64_t n;
+  TM_DEVICE shared_ptr<Complex> buf(int i) const { return twiddle + n / 2 + int64_t(i) * n; }
+};
+
+TM_DEVICE FftConvSmem fft_conv_smem(int64_t n) {
+  FftConvSmem s;
+  s.twiddle = dynamic_shared<Complex>();
+  s.n = n;
+  return s;
+}
+
+TM_DEVICE void fill_twiddles(const FftConvSmem& s, int64_t n) {
+  for (int64_t t = thread_idx().x; t < n / 2; t += block_dim().x) {
+    float sn, cs;
+    sincospi_f32(-2.0f * float(t) / float(n), &sn, &cs);
+    Complex w;
+    w.re = cs;
+    w.im = sn;
+    s.twiddle[t] = w;
+  }
+}
+
+// Unnormalized radix-2 Stockham transform of n = 2^log2n points in `data` (forward e^{-2 pi i},
+// inverse e^{+2 pi i}); `work` is clobbered. Returns whichever buffer holds the result.
+template <bool kInverse>
+TM_DEVICE shared_ptr<Complex> stockham_radix2(const FftConvSmem& s, int64_t n, int log2n,
+                                              shared_ptr<Complex> data, shared_ptr<Complex> work) {
+  shared_ptr<Complex> src = data, dst = work;
+  for (int stage = 0; stage < log2n; ++stage) {
+    const int log2s = stage;  // s = 2^stage transforms interleaved, each of n / s points
+    const int64_t half = n >> 1;
+    for (int64_t i = thread_idx().x; i < half; i += block_dim().x) {
+      const int64_t j = i >> log2s, q = i & ((int64_t(1) << log2s) - 1);
+      const int64_t s_len = int64_t(1) << log2s;
+      const Complex a0 = src[q + s_len * j];
+      const Complex a1 = src[q + s_len * j + half];
+      Complex w = s.twiddle[j * s_len];
+      if (kInverse) w.im = -w.im;
+      dst[q + s_len * 2 * j] = cplx_add(a0, a1);
+      dst[q + s_len * (2 * j + 1)] = cplx_mul(cplx_sub(a0, a1), w);
+    }
+    sync_threads();
+    shared_ptr<Complex> t = src;
+    src = dst;
+    dst = t;
+  }
+  return src;
+}
+
+// Per-pair spectra of two real signals packed as z = x0 + i x1: (X0[f], X1[f]) from Z.
+TM_DEVICE void unpack_pair(const shared_ptr<Complex>& z, int64_t f, int64_t n, Complex* x0,
+                           Complex* x1) {
+  const Complex a = z[f];
+  const Complex b = cplx_conj(z[(n - f) & (n - 1)]);
+  x0->re = 0.5f * (a.re + b.re);
+  x0->im = 0.5f * (a.im + b.im);
+  // (a - b) / (2i) = (Im(a - b) - i Re(a - b)) / 2
+  x1->re = 0.5f * (a.im - b.im);
+  x1->im = -0.5f * (a.re - b.re);
+}
+
+// The packed spectrum of two real results whose spectra are w0 (at f) and w1: W0 + i W1 at f.
+TM_DEVICE Complex pack_pair(Complex w0, Complex w1) {
+  Complex r;
+  r.re = w0.re - w1.im;
+  r.im = w0.im + w1.re;
+  return r;
+}
+
+// A [B, L, C] operand of element type E::T (u, gates, dy) at (b, t, c).
+template <class E>
+TM_DEVICE float load_token(const global_ptr<const typename E::T>& x, const int64_t* stride,
+                           int64_t b, int64_t t, int64_t c) {
+  return E::to_float(x[b * stride[0] + t * stride[1] + c * stride[2]]);
+}
+
+// z[t] = (v_c0[t], v_c1[t]) for t < L (v = pre_gate * u or post_gate * dy), zero up to n.
+template <class E>
+TM_DEVICE void load_pair(const global_ptr<const typename E::T>& x, const int64_t* xs,
+                         const global_ptr<const typename E::T>& gate, const int64_t* gs,
+                         bool has_gate, const FftConvParams& p, int64_t b, int64_t c0,
+                         shared_ptr<Complex> z) {
+  const bool second = c0 + 1 < p.channels;
+  for (int64_t t = thread_idx().x; t < p.n; t += block_dim().x) {
+    Complex v;
+    v.re = 0.0f;
+    v.im = 0.0f;
+    if (t < p.length) {
+      v.re = load_token<E>(x, xs, b, t, c0);
+      if (has_gate) v.re *= load_token<E>(gate, gs, b, t, c0);
+      if (second) {
+        v.im = load_token<E>(x, xs, b, t, c0 + 1);
+        if (has_gate) v.im *= load_token<E>(gate, gs, b, t, c0 + 1);
+      }
+    }
+    z[t] = v;
+  }
+}
+
+// The filter pair's packed spectrum, times 1/n (the inverse transform's normalization).
+template <class E>
+TM_DEVICE void filter_spectrum(const FftConvParams& p, const FftConvSmem& s, int64_t c0,
+                               shared_ptr<Complex> k_hat, shared_ptr<Complex> work) {
+  const global_ptr<const uint8_t> k(static_cast<const uint8_t*>(p.k));
+  const bool second = c0 + 1 < p.channels;
+  for (int64_t t = thread_idx().x; t < p.n; t += block_dim().x) {
+    Complex v;
+    v.re = 0.0f;
+    v.im = 0.0f;
+    if (t < p.taps) {
+      v.re = load_any(k, p.k_dtype, c0 * p.k_stride[0] + t * p.k_stride[1]);
+      if (second) v.im = load_any(k, p.k_dtype, (c0 + 1) * p.k_stride[0] + t * p.k_stride[1]);
+    }
+    k_hat[t] = v;
+  }
+  sync_threads();
+  shared_ptr<Complex> r = stockham_radix2<false>(s, p.n, p.log2n, k_hat, work);
+  const float inv_n = 1.0f / float(p.n);
+  for (int64_t t = thread_idx().x; t < p.n; t += block_dim().x) {
+    Complex v = r[t];
+    v.re *= inv_n;
+    v.im *= inv_n;
+    k_hat[t] = v;
+  }
+  sync_threads();
+}
+
+// Forward: grid (channel pairs, batch); buffers k_hat, z, work.
+template <class E>
+TM_DEVICE void fft_conv_forward_body(const FftConvParams& p) {
+  using T = typename E::T;
+  const int64_t c0 = int64_t(block_idx().x) * 2, b = block_idx().y;
+  const FftConvSmem s = fft_conv_smem(p.n);
+  fill_twiddles(s, p.n);
+  sync_threads();
+  const global_ptr<const T> u(static_cast<const T*>(p.u));
+  const global_ptr<const T> pre(static_cast<const T*>(p.pre));
+  const global_ptr<const T> post(static_cast<const T*>(p.post));
+  const global_ptr<const uint8_t> bias(static_cast<const uint8_t*>(p.bias));
+  const global_ptr<T> out(static_cast<T*>(p.out));
+  shared_ptr<Complex> k_hat = s.buf(0), z = s.buf(1), work = s.buf(2);
+  filter_spectrum<E>(p, s, c0, k_hat, work);
+
+  load_pair<E>(u, p.u_stride, pre, p.pre_stride, p.pre != nullptr, p, b, c0, z);
+  sync_threads();
+  shared_ptr<Complex> spec = stockham_radix2<false>(s, p.n, p.log2n, z, work);
+  shared_ptr<Complex> other = spec == z ? work : z;
+  // W = K0 U0 + i K1 U1 at every bin, written to the other buffer.
+  for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
+    Complex u0, u1, k0, k1;
+    unpack_pair(spec, f, p.n, &u0, &u1);
+    unpack_pair(k_hat, f, p.n, &k0, &k1);
+    other[f] = pack_pair(cplx_mul(k0, u0), cplx_mul(k1, u1));
+  }
+  sync_threads();
+  shared_ptr<Complex> y = stockham_radix2<true>(s, p.n, p.log2n, other, spec);
+  const bool second = c0 + 1 < p.channels;
+  for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
+    const Complex v = y[t];
+    for (int side = 0; side < (second ? 2 : 1); ++side) {
+      const int64_t c = c0 + side;
+      float r = side == 0 ? v.re : v.im;
+      if (p.post) r *= load_token<E>(post, p.post_stride, b, t, c);
+      if (p.bias) r += load_any(bias, p.bias_dtype, c * p.bias_stride) *
+                       load_token<E>(u, p.u_stride, b, t, c);
+      out[(b * p.length + t) * p.channels + c] = E::from_float(r);
+    }
+  }
+}
+
+// Backward: grid (channel pairs); every batch entry in turn, so dk and d_bias are summed in a
+// fixed order. Buffers k_hat, v_hat, g_hat, work, dk_hat.
+template <class E>
+TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
+  using T = typename E::T;
+  const int64_t c0 = int64_t(block_idx().x) * 2;
+  const bool second = c0 + 1 < p.channels;
+  const FftConvSmem s = fft_conv_smem(p.n);
+  fill_twiddles(s, p.n);
+  sync_threads();
+  const global_ptr<const T> u(static_cast<const T*>(p.u));
+  const global_ptr<const T> pre(static_cast<const T*>(p.pre));
+  const global_ptr<const T> post(static_cast<const T*>(p.post));
+  const global_ptr<const T> dy(static_cast<const T*>(p.dy));
+  const global_ptr<const uint8_t> bias(static_cast<const uint8_t*>(p.bias));
+  const global_ptr<T> du(static_cast<T*>(p.out));
+  const global_ptr<T> dpre(static_cast<T*>(p.grad_pre));
+  const global_ptr<T> dpost(static_cast<T*>(p.grad_post));
+  shared_ptr<Complex> k_hat = s.buf(0), a = s.buf(1), bbuf = s.buf(2), work = s.buf(3),
+                      dk_hat = s.buf(4);
+  filter_spectrum<E>(p, s, c0, k_hat, work);
+  for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
+    Complex zero;
+    zero.re = 0.0f;
+    zero.im = 0.0f;
+    dk_hat[f] = zero;
+  }
+  float bias0 = 0.0f, bias1 = 0.0f;
+  if (p.bias) {
+    bias0 = load_any(bias, p.bias_dtype, c0 * p.bias_stride);
+    if (second) bias1 = load_any(bias, p.bias_dtype, (c0 + 1) * p.bias_stride);
+  }
+  float dbias0 = 0.0f, dbias1 = 0.0f;  // this thread's share of d_bias
+
+  for (int64_t b = 0; b < p.batch; ++b) {
+    // v_hat: the packed spectrum of v = pre_gate * u (in `a`, or in `work` after the transform).
+    load_pair<E>(u, p.u_stride, pre, p.pre_stride, p.pre != nullptr, p, b, c0, a);
+    sync_threads();
+    shared_ptr<Complex> v_hat = stockham_radix2<false>(s, p.n, p.log2n, a, work);
+    shared_ptr<Complex> free_buf = v_hat == a ? work : a;
+    if (p.post) {  // d_post_gate = dy * (k (*) v)
+      for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
+        Complex v0, v1, k0, k1;
+        unpack_pair(v_hat, f, p.n, &v0, &v1);
+        unpack_pair(k_hat, f, p.n, &k0, &k1);
+        bbuf[f] = pack_pair(cplx_mul(k0, v0), cplx_mul(k1, v1));
+      }
+      sync_threads();
+      shared_ptr<Complex> y = stockham_radix2<true>(s, p.n, p.log2n, bbuf, free_buf);
+      for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
+        const Complex v = y[t];
+        for (int side = 0; side < (second ? 2 : 1); ++side) {
+          const int64_t c = c0 + side;
+          dpost[(b * p.length + t) * p.channels + c] =
+              E::from_float((side == 0 ? v.re : v.im) * load_token<E>(dy, p.dy_stride, b, t, c));
+        }
+      }
+      sync_threads();
+    }
+    // g_hat: the packed spectrum of g = post_gate * dy.
+    load_pair<E>(dy, p.dy_stride, post, p.post_stride, p.post != nullptr, p, b, c0, bbuf);
+    sync_threads();
+    shared_ptr<Complex> g_hat = stockham_radix2<false>(s, p.n, p.log2n, bbuf, free_buf);
+    shared_ptr<Complex> dv_hat = g_hat == bbuf ? free_buf : bbuf;
+    for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
+      Complex v0, v1, g0, g1, k0, k1;
+      unpack_pair(v_hat, f, p.n, &v0, &v1);
+      unpack_pair(g_hat, f, p.n, &g0, &g1);
+      unpack_pair(k_hat, f, p.n, &k0, &k1);
+      // dk spectra G conj(V) (summed over the batch, unnormalized); dv spectra G conj(K).
+      dk_hat[f] = cplx_add(dk_hat[f],
+                           pack_pair(cplx_mul(g0, cplx_conj(v0)), cplx_mul(g1, cplx_conj(v1))));
+      dv_hat[f] = pack_pair(cplx_mul(g0, cplx_conj(k0)), cplx_mul(g1, cplx_conj(k1)));
+    }
+    sync_threads();
+    shared_ptr<Complex> dv = stockham_radix2<true>(s, p.n, p.log2n, dv_hat, g_hat);
+    for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
+      const Complex v = dv[t];
+      for (int side = 0; side < (second ? 2 : 1); ++side) {
+        const int64_t c = c0 + side;
+        const float dvc = side == 0 ? v.re : v.im;
+        const float uu = load_token<E>(u, p.u_stride, b, t, c);
+        float g = dvc;
+        if (p.pre) g *= load_token<E>(pre, p.pre_stride, b, t, c);
+        if (p.bias) {
+          const float d = load_token<E>(dy, p.dy_stride, b, t, c);
+          g += (side == 0 ? bias0 : bias1) * d;
+          (side == 0 ? dbias0 : dbias1) += d * uu;
+        }
+        const int64_t o = (b * p.length + t) * p.channels + c;
+        du[o] = E::from_float(g);
+        if (p.pre) dpre[o] = E::from_float(dvc * uu);
+      }
+    }
+    sync_threads();
+  }
+  // dk = the first Lk taps of the inverse of the summed spectra, over n.
+  shared_ptr<Complex> spare = s.buf(1);
+  shared_ptr<Complex> dk = stockham_radix2<true>(s, p.n, p.log2n, dk_hat, spare);
+  const global_ptr<uint8_t> grad_k(static_cast<uint8_t*>(p.grad_k));
+  const float inv_n = 1.0f / float(p.n);
+  for (int64_t t = thread_idx().x; t < p.taps; t += block_dim().x) {
+    const Complex v = dk[t];
+    store_any(grad_k, p.k_dtype, c0 * p.taps + t, v.re * inv_n);
+    if (second) store_any(grad_k, p.k_dtype, (c0 + 1) * p.taps + t, v.im * inv_n);
+  }
+  if (!p.bias) return;
+  // d_bias: a fixed-order tree over the block's threads (deterministic).
+  sync_threads();
+  shared_ptr<float> red = ptr_cast<float>(s.buf(1));
+  red[thread_idx().x] = dbias0;
+  red[block_dim().x + thread_idx().x] = dbias1;
+  sync_threads();
+  for (uint32_t width = block_dim().x / 2; width > 0; width /= 2) {
+    if (thread_idx().x < width) {
+      red[thread_idx().x] = red[thread_idx().x] + red[thread_idx().x + width];
+      red[block_dim().x + thread_idx().x] =
+          red[block_dim().x + thread_idx().x] + red[block_dim().x + thread_idx().x + width];
+    }
+    sync_threads();
+  }
+  if (thread_idx().x == 0) {
+    const global_ptr<uint8_t> grad_bias(static_cast<uint8_t*>(p.grad_bias));
+    store_any(grad_bias, p.bias_dtype, c0, red[0]);
+    if (second) store_any(grad_bias, p.bias_dtype, c0 + 1, red[block_dim().x]);
+  }
+}
+
+template <class E>
+TM_GLOBAL void fft_conv_forward_kernel(FftConvParams p) {
+  fft_conv_forward_body<E>(p);
+}
+
+template <class E>
+TM_GLOBAL void fft_conv_backward_kernel(FftConvParams p) {
+  fft_conv_backward_body<E>(p);
+}
+
+}  // namespace tokenmix::cuda

@@ -1,0 +1,119 @@
+// Host side of the CUDA fft_conv kernels (tokenmix/cuda/fft_conv.h): parameters, shared memory,
+// the emulator's buffer registrations and the launches.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "tokenmix/cuda/fft_conv.h"
+#include "tokenmix/cuda/fft_entry.h"
+#include "tokenmix/cuda/launch_common.h"
+
+namespace tokenmix::cuda::fft_host {
+
+// Bytes from a strided tensor's first element to one past its last.
+inline size_t extent_bytes(const FftTensor& t, const int64_t* shape, int dims) {
+  if (!t.data) return 0;
+  int64_t last = 0;
+  for (int i = 0; i < dims; ++i) {
+    if (shape[i] == 0) return 0;
+    last += (shape[i] - 1) * t.stride[i];
+  }
+  return size_t(last + 1) * size_t(dtype_size(t.dtype));
+}
+
+inline void copy_strides(const FftTensor& t, int64_t* out, int dims) {
+  for (int i = 0; i < dims; ++i) out[i] = t.stride[i];
+}
+
+inline FftConvParams make_params(const FftConvProblem& p) {
+  const std::string why = fft_conv_unsupported_reason(p);
+  if (!why.empty()) throw std::runtime_error(why);
+  FftConvParams prm{};
+  prm.batch = p.batch;
+  prm.length = p.length;
+  prm.channels = p.channels;
+  prm.taps = p.filter_length;
+  prm.n = fft_conv_cuda_size(p.length, p.filter_length, p.causal);
+  prm.log2n = 0;
+  while ((int64_t(1) << prm.log2n) < prm.n) ++prm.log2n;
+  prm.u = p.u.data;
+  copy_strides(p.u, prm.u_stride, 3);
+  prm.pre = p.pre_gate.data;
+  copy_strides(p.pre_gate, prm.pre_stride, 3);
+  prm.post = p.post_gate.data;
+  copy_strides(p.post_gate, prm.post_stride, 3);
+  prm.dy = p.grad_out.data;
+  copy_strides(p.grad_out, prm.dy_stride, 3);
+  prm.k = p.k.data;
+  copy_strides(p.k, prm.k_stride, 2);
+  prm.k_dtype = p.k.dtype;
+  prm.bias = p.bias.data;
+  prm.bias_stride = p.bias.stride[0];
+  prm.bias_dtype = p.bias.dtype;
+  prm.out = nullptr;
+  prm.grad_pre = p.grad_pre_gate;
+  prm.grad_post = p.grad_post_gate;
+  prm.grad_k = p.grad_k;
+  prm.grad_bias = p.grad_bias;
+  return prm;
+}
+
+// Every buffer a launch reads or writes, for the emulator's checks (no-op under nvcc).
+inline void register_buffers(Registrations& r, const FftConvProblem& p, bool backward) {
+  const int64_t blc[3] = {p.batch, p.length, p.channels};
+  const int64_t ck[2] = {p.channels, p.filter_length};
+  const int64_t c[1] = {p.channels};
+  const size_t elem = size_t(dtype_size(p.dtype));
+  const size_t outputs = size_t(p.batch * p.length * p.channels) * elem;
+  r.add(p.u.data, extent_bytes(p.u, blc, 3), "u");
+  r.add(p.pre_gate.data, extent_bytes(p.pre_gate, blc, 3), "pre_gate");
+  r.add(p.post_gate.data, extent_bytes(p.post_gate, blc, 3), "post_gate");
+  r.add(p.k.data, extent_bytes(p.k, ck, 2), "k");
+  r.add(p.bias.data, extent_bytes(p.bias, c, 1), "bias");
+  if (!backward) {
+    r.add(p.out, outputs, "out");
+    return;
+  }
+  r.add(p.grad_out.data, extent_bytes(p.grad_out, blc, 3), "grad_out");
+  r.add(p.grad_u, outputs, "grad_u");
+  r.add(p.grad_pre_gate, p.pre_gate.data ? outputs : 0, "grad_pre_gate");
+  r.add(p.grad_post_gate, p.post_gate.data ? outputs : 0, "grad_post_gate");
+  r.add(p.grad_k, size_t(p.channels * p.filter_length) * size_t(dtype_size(p.k.dtype)), "grad_k");
+  if (p.bias.data) r.add(p.grad_bias, size_t(p.channels) * size_t(dtype_size(p.bias.dtype)), "grad_bias");
+}
+
+template <class E>
+void conv_forward(const FftConvProblem& p, void* stream) {
+  FftConvParams prm = make_params(p);
+  prm.out = p.out;
+  const int64_t smem = fft_conv_smem_bytes(prm.n, 3);
+  const device_facts device = checked_device();
+  prepare_shared(fft_conv_forward_kernel<E>, smem, device, "fft_conv_forward_kernel");
+  Registrations r;
+  register_buffers(r, p, false);
+  r.commit();
+  const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(p.batch), 1);
+  launch_on(static_cast<stream_t>(stream), named(fft_conv_forward_kernel<E>, "fft_conv_forward_kernel"),
+            grid, dim3u(kFftConvThreads), size_t(smem), prm);
+  check_launch("fft_conv_forward_kernel");
+}
+
+template <class E>
+void conv_backward(const FftConvProblem& p, void* stream) {
+  FftConvParams prm = make_params(p);
+  prm.out = p.grad_u;
+  const int64_t smem = fft_conv_smem_bytes(prm.n, 5);
+  const device_facts device = checked_device();
+  prepare_shared(fft_conv_backward_kernel<E>, smem, device, "fft_conv_backward_kernel");
+  Registrations r;
+  register_buffers(r, p, true);
+  r.commit();
+  const dim3u grid(uint32_t((p.channels + 1) / 2), 1, 1);
+  launch_on(static_cast<stream_t>(stream),
+            named(fft_conv_backward_kernel<E>, "fft_conv_backward_kernel"), grid,
+            dim3u(kFftConvThreads), size_t(smem), prm);
+  check_launch("fft_conv_backward_kernel");
+}
+
+}  // namespace tokenmix::cuda::fft_host

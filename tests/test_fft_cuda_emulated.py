@@ -1,0 +1,167 @@
+"""The CUDA fft_conv kernels (tokenmix/cuda/fft_conv.h), run on the CPU by the SIMT emulator
+(torch.ops.tokenmix_emulated.fft_conv_forward / fft_conv_backward), against the float64
+torch.fft composition: outputs and every gradient, every dtype and option."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import tokenmix
+import torch
+from tokenmix.fft_mix.args import CUDA_MAX_TRANSFORM, cuda_transform_size
+from tokenmix.fft_mix.reference import fft_conv_reference
+
+LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
+
+# Error relative to the largest reference value. Half-precision inputs are rounded before the
+# reference sees them, so the bound covers the kernels' float32 arithmetic and the output's
+# rounding.
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated_library():
+    assert os.path.exists(LIBRARY), "tokenmix/_emulated.so is not built"
+    torch.ops.load_library(LIBRARY)
+
+
+def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+def _rel(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(
+    b,
+    length,
+    c,
+    taps,
+    causal,
+    dtype,
+    *,
+    bias=False,
+    pre=False,
+    post=False,
+    k_dtype=torch.float32,
+    strided=False,
+):
+    u = _randn(b, length, c, dtype=dtype, seed=1)
+    if strided:  # [B, C, L] storage seen as [B, L, C]
+        u = _randn(b, c, length, dtype=dtype, seed=1).transpose(1, 2)
+    k = _randn(c, taps, dtype=k_dtype, seed=2, scale=taps**-0.5)
+    bi = _randn(c, dtype=k_dtype, seed=3) if bias else None
+    pg = _randn(b, length, c, dtype=dtype, seed=4) if pre else None
+    po = _randn(b, length, c, dtype=dtype, seed=5) if post else None
+    dy = _randn(b, length, c, dtype=dtype, seed=6)
+    ops = torch.ops.tokenmix_emulated
+    y = ops.fft_conv_forward(u, k, bi, pg, po, causal)
+    grads = ops.fft_conv_backward(dy, u, k, bi, pg, po, causal)
+
+    leaves = [None if t is None else t.double().requires_grad_() for t in (u, k, bi, pg, po)]
+    want = fft_conv_reference(
+        leaves[0],
+        leaves[1],
+        causal=causal,
+        bias=leaves[2],
+        pre_gate=leaves[3],
+        post_gate=leaves[4],
+    )
+    want.backward(dy.double())
+    tol = TOL[dtype]
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert _rel(y, want.detach()) < tol, ("out", _rel(y, want.detach()))
+    for name, g, leaf, src in zip(
+        ("du", "dk", "dbias", "dpre", "dpost"), grads, leaves, (u, k, bi, pg, po), strict=True
+    ):
+        if leaf is None:
+            assert g.numel() == 0, name
+            continue
+        assert g.dtype == src.dtype and g.shape == src.shape, name
+        assert torch.isfinite(g).all(), name  # outputs start as NaN: every element written
+        assert _rel(g, leaf.grad) < tol, (name, _rel(g, leaf.grad))
+
+
+@pytest.mark.parametrize(
+    "length, taps",
+    [(1, 1), (2, 1), (3, 2), (31, 31), (64, 5), (100, 100), (1000, 300), (2048, 2048)],
+)
+def test_causal_lengths_float32(length, taps):
+    _compare(2, length, 3, taps, True, torch.float32, bias=True)
+
+
+@pytest.mark.parametrize("length", [2, 16, 256, 4096])
+def test_circular_power_of_two_float32(length):
+    _compare(1, length, 4, max(1, length // 3), False, torch.float32, bias=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("pre", [False, True])
+@pytest.mark.parametrize("post", [False, True])
+def test_options_float32(bias, pre, post):
+    _compare(3, 70, 5, 40, True, torch.float32, bias=bias, pre=pre, post=post)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k_dtype", ["same", torch.float32])
+def test_half_precision(dtype, k_dtype):
+    _compare(
+        2,
+        200,
+        6,
+        150,
+        True,
+        dtype,
+        bias=True,
+        pre=True,
+        post=True,
+        k_dtype=dtype if k_dtype == "same" else k_dtype,
+    )
+
+
+def test_odd_channel_count_and_strided_input():
+    # The last channel pair has one channel; u is a transposed view.
+    _compare(2, 90, 7, 33, True, torch.float32, bias=True, post=True, strided=True)
+
+
+def test_unsupported_problems_are_refused_with_the_reason():
+    ops = torch.ops.tokenmix_emulated
+    u = torch.randn(1, 3000, 2)
+    with pytest.raises(RuntimeError, match="at most 4096 points"):
+        ops.fft_conv_forward(u, torch.randn(2, 3000), None, None, None, True)
+    with pytest.raises(RuntimeError, match="power of two"):
+        ops.fft_conv_forward(torch.randn(1, 100, 2), torch.randn(2, 5), None, None, None, False)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        ops.fft_conv_forward(u.double()[:, :10], torch.randn(2, 5).double(), None, None, None, True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_python_size_rule_matches_the_kernels(causal):
+    # tokenmix.fft_mix.args.cuda_transform_size decides which CUDA problems reach the kernels;
+    # it must accept exactly what the kernels accept.
+    ops = torch.ops.tokenmix_emulated
+    for length in (1, 2, 3, 5, 64, 100, 2048, 2049, 4096, 4097):
+        for taps in sorted({1, max(1, length // 2), length}):
+            accepted = True
+            try:
+                ops.fft_conv_forward(
+                    torch.zeros(1, length, 1), torch.zeros(1, taps), None, None, None, causal
+                )
+            except RuntimeError as exc:
+                assert "fft_conv on CUDA" in str(exc)
+                accepted = False
+            n = cuda_transform_size(length, taps, causal)
+            assert accepted == (n > 0), (length, taps, causal)
+            assert n <= CUDA_MAX_TRANSFORM
+
+
+def test_deterministic():
+    u, k, dy = _randn(3, 300, 4, seed=1), _randn(4, 100, seed=2), _randn(3, 300, 4, seed=3)
+    ops = torch.ops.tokenmix_emulated
+    first = ops.fft_conv_backward(dy, u, k, torch.ones(4), None, None, True)
+    second = ops.fft_conv_backward(dy, u, k, torch.ones(4), None, None, True)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
