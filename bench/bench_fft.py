@@ -61,9 +61,11 @@ convolution would use n = L).
     python bench/bench_fft.py --markdown --json out.json
 
 Progress goes to stderr, the tables to stdout. ``--device cuda`` runs both backends on the
-GPU, where ``tokenmix``'s functions run the same ``torch.fft`` compositions (the fused kernels
-are CPU kernels; the header says so); on a machine without a usable CUDA device it stops with
-one line and exit status 2. See bench/README.md for the harness's timing, memory and
+GPU: there ``fft_conv`` runs tokenmix's CUDA kernels when its transform fits in shared memory
+(up to 2048 points: the conv-1k case, and the ``--quick`` conv cases up to L = 1024), and the
+other cases run the same ``torch.fft`` compositions through tokenmix's functions
+(docs/fft_mixing.md, "CUDA"); on a machine without a usable CUDA device it stops with one line
+and exit status 2. See bench/README.md for the harness's timing, memory and
 correctness rules.
 """
 
@@ -650,7 +652,7 @@ def render(report: dict, markdown: bool) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Benchmark tokenmix's fused FFT-mixing kernels against the torch.fft "
-        "compositions (CPU)."
+        "compositions."
     )
     p.add_argument(
         "--case",

@@ -25,7 +25,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
     [(1000, 1000, True), (2048, 300, True), (4096, 4096, False), (5000, 5000, True)],
 )
 def test_fft_conv_matches_float64(dtype, length, taps, causal):
-    # 5000 + 5000 - 1 points is past the kernels' 4096: the composition runs instead, and the
+    # 5000 + 5000 - 1 points is past the kernels' 2048: the composition runs instead, and the
     # results are the same.
     gen = torch.Generator().manual_seed(length)
     b, c = 2, 24

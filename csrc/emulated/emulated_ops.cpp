@@ -196,8 +196,8 @@ Tensor fft_conv_forward(Tensor u, Tensor k, std::optional<Tensor> bias,
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward(
-    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias,
-    std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate, bool causal) {
+    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias, std::optional<Tensor> pre_gate,
+    std::optional<Tensor> post_gate, bool causal) {
   STD_TORCH_CHECK(u.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
   return tokenmix::fft_op::conv_backward(
       grad_out, u, k, bias, pre_gate, post_gate, causal,

@@ -37,8 +37,8 @@ Tensor fft_conv_forward_cuda(Tensor u, Tensor k, std::optional<Tensor> bias,
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward_cuda(
-    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias,
-    std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate, bool causal) {
+    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias, std::optional<Tensor> pre_gate,
+    std::optional<Tensor> post_gate, bool causal) {
   const torch::stable::accelerator::DeviceGuard guard(u.get_device());
   return conv_backward(grad_out, u, k, bias, pre_gate, post_gate, causal, conv_on(u));
 }

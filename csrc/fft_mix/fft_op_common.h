@@ -18,10 +18,9 @@
 
 namespace tokenmix::fft_op {
 
+using tokenmix::FftTensor;
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
-using tokenmix::FftTensor;
-
 
 inline void check_shape(const Tensor& t, std::initializer_list<int64_t> shape, const char* name) {
   bool ok = t.dim() == int64_t(shape.size());
@@ -41,7 +40,8 @@ inline FftTensor view(const Tensor& t) {
 }
 
 // An optional [B, L, C] operand in the input's dtype (gates, gradients).
-inline FftTensor optional_like(const std::optional<Tensor>& t, const Tensor& like, const char* name) {
+inline FftTensor optional_like(const std::optional<Tensor>& t, const Tensor& like,
+                               const char* name) {
   if (!t.has_value()) return FftTensor{};
   STD_TORCH_CHECK(t->scalar_type() == like.scalar_type(), "tokenmix: ", name,
                   " must have the dtype of the input");
@@ -53,37 +53,43 @@ inline FftTensor optional_like(const std::optional<Tensor>& t, const Tensor& lik
 
 // A contiguous tensor in the accumulation dtype of `like` (complex parameters and their kin).
 inline const void* acc_contiguous(const Tensor& t, const Tensor& like,
-                           std::initializer_list<int64_t> shape, const char* name) {
+                                  std::initializer_list<int64_t> shape, const char* name) {
   check_shape(t, shape, name);
-  STD_TORCH_CHECK(t.scalar_type() == tokenmix::accumulation_type(like.scalar_type()) &&
-                      t.is_contiguous(),
-                  "tokenmix: ", name,
-                  " must be contiguous in the accumulation dtype (float32; float64 for float64 "
-                  "inputs)");
+  STD_TORCH_CHECK(
+      t.scalar_type() == tokenmix::accumulation_type(like.scalar_type()) && t.is_contiguous(),
+      "tokenmix: ", name,
+      " must be contiguous in the accumulation dtype (float32; float64 for float64 "
+      "inputs)");
   return t.data_ptr();
 }
 
 // A [C] or [C, Lk] parameter in the input's dtype or its accumulation dtype.
 inline void check_param_dtype(const Tensor& t, const Tensor& like, const char* name) {
-  STD_TORCH_CHECK(t.scalar_type() == like.scalar_type() ||
-                      t.scalar_type() == tokenmix::accumulation_type(like.scalar_type()),
-                  "tokenmix: ", name, " must have the input's dtype or float32");
+  STD_TORCH_CHECK(
+      t.scalar_type() == like.scalar_type() ||
+          t.scalar_type() == tokenmix::accumulation_type(like.scalar_type()),
+      "tokenmix: ", name,
+      " must have the input's dtype or its accumulation dtype (float32; float64 for float64 "
+      "inputs)");
 }
 
-inline Tensor empty(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype, const char* what) {
+inline Tensor empty(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype,
+                    const char* what) {
   return tokenmix::new_empty_checked(like, shape, dtype, what);
 }
 
-inline Tensor zeros(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype, const char* what) {
+inline Tensor zeros(const Tensor& like, std::vector<int64_t> shape, ScalarType dtype,
+                    const char* what) {
   return tokenmix::new_zeros_checked(like, shape, dtype, what);
 }
 
 // ---- fft_conv ---------------------------------------------------------------------------
 
 inline tokenmix::FftConvProblem make_conv_problem(const Tensor& u, const Tensor& k,
-                                           const std::optional<Tensor>& bias,
-                                           const std::optional<Tensor>& pre_gate,
-                                           const std::optional<Tensor>& post_gate, bool causal) {
+                                                  const std::optional<Tensor>& bias,
+                                                  const std::optional<Tensor>& pre_gate,
+                                                  const std::optional<Tensor>& post_gate,
+                                                  bool causal) {
   tokenmix::FftConvProblem p;
   STD_TORCH_CHECK(u.dim() == 3, "tokenmix: u must be [B, L, C]");
   check_shape(u, {u.size(0), u.size(1), u.size(2)}, "u");
@@ -113,13 +119,12 @@ inline tokenmix::FftConvProblem make_conv_problem(const Tensor& u, const Tensor&
   return p;
 }
 
-
 // fft_conv's forward and backward on any backend: run(problem, backward) computes into the
 // problem's outputs.
 template <class Run>
 Tensor conv_forward(const Tensor& u, const Tensor& k, const std::optional<Tensor>& bias,
-                    const std::optional<Tensor>& pre_gate,
-                    const std::optional<Tensor>& post_gate, bool causal, const Run& run) {
+                    const std::optional<Tensor>& pre_gate, const std::optional<Tensor>& post_gate,
+                    bool causal, const Run& run) {
   auto p = make_conv_problem(u, k, bias, pre_gate, post_gate, causal);
   Tensor out = empty(u, {p.batch, p.length, p.channels}, u.scalar_type(), "out");
   p.out = out.data_ptr();

@@ -12,7 +12,8 @@ using namespace tokenmix::fft_op;
 // Every input of a CPU op is a CPU tensor (the op's dispatch key is the first tensor's).
 void require_cpu(std::initializer_list<std::optional<Tensor>> tensors) {
   for (const auto& t : tensors)
-    STD_TORCH_CHECK(!t.has_value() || t->is_cpu(), "tokenmix: CPU kernel called with non-CPU tensors");
+    STD_TORCH_CHECK(!t.has_value() || t->is_cpu(),
+                    "tokenmix: CPU kernel called with non-CPU tensors");
 }
 
 void run_conv_cpu(const tokenmix::FftConvProblem& p, bool backward) {
@@ -27,8 +28,8 @@ Tensor fft_conv_forward_cpu(Tensor u, Tensor k, std::optional<Tensor> bias,
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward_cpu(
-    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias,
-    std::optional<Tensor> pre_gate, std::optional<Tensor> post_gate, bool causal) {
+    Tensor grad_out, Tensor u, Tensor k, std::optional<Tensor> bias, std::optional<Tensor> pre_gate,
+    std::optional<Tensor> post_gate, bool causal) {
   require_cpu({grad_out, u, k, bias, pre_gate, post_gate});
   return conv_backward(grad_out, u, k, bias, pre_gate, post_gate, causal, run_conv_cpu);
 }
@@ -86,8 +87,8 @@ std::tuple<Tensor, Tensor> global_filter_backward_cpu(Tensor grad_out, Tensor x,
   check_shape(grad_out, {p.batch, p.height, p.width, p.channels}, "grad_out");
   p.grad_out = view(grad_out);
   Tensor dx = empty(x, {p.batch, p.height, p.width, p.channels}, x.scalar_type(), "grad_x");
-  Tensor dw = zeros(x, {p.height, p.width / 2 + 1, p.channels, 2}, weight.scalar_type(),
-                    "grad_weight");
+  Tensor dw =
+      zeros(x, {p.height, p.width / 2 + 1, p.channels, 2}, weight.scalar_type(), "grad_weight");
   p.grad_x = dx.data_ptr();
   p.grad_weight = dw.data_ptr();
   if (dx.numel() > 0) tokenmix::cpu::global_filter(p, true);

@@ -130,6 +130,12 @@ def require_cuda_kernels() -> None:
         raise RuntimeError(problem)
 
 
+def cuda_driver_problem() -> str | None:
+    """Why the installed driver cannot run this build's CUDA kernels, or None when it can
+    (checked once per process)."""
+    return _checked_problem()
+
+
 @functools.cache
 def _checked_problem() -> str | None:
     from . import _ops

@@ -26,7 +26,7 @@ __all__ = [
 
 # The CUDA fft_conv kernels keep a whole transform in shared memory: power-of-two lengths up to
 # this (kFftConvCudaMaxSize in csrc/include/tokenmix/fft_problem.h).
-CUDA_MAX_TRANSFORM = 4096
+CUDA_MAX_TRANSFORM = 2048
 
 
 def cuda_transform_size(length: int, taps: int, causal: bool) -> int:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ops
-from .._cuda_driver import require_cuda_kernels
+from .. import _cuda_driver, _ops
 from . import ops, reference
 from .args import (
     check_fft_conv,
@@ -46,7 +45,8 @@ def _fused(x: Tensor) -> bool:
 def _fused_conv(u: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> bool:
     """Whether fft_conv runs tokenmix's kernels: every CPU problem; on CUDA, float32/16/bf16
     problems whose power-of-two transform fits in shared memory (:func:`cuda_transform_size`),
-    in a build with CUDA kernels. Everything else runs the torch.fft composition."""
+    in a build with CUDA kernels and a driver that can run them. Everything else runs the
+    torch.fft composition."""
     if u.device.type == "cpu":
         return ops.kernels_available()
     if u.device.type != "cuda" or not ops.kernels_available():
@@ -57,8 +57,8 @@ def _fused_conv(u: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> bool
         return False
     if cuda_transform_size(u.shape[1], k.shape[1], causal) == 0:
         return False
-    require_cuda_kernels()
-    return True
+    # A driver too old for the build's CUDA runtime: the composition still works there.
+    return torch.compiler.is_compiling() or _cuda_driver.cuda_driver_problem() is None
 
 
 def fft_conv(

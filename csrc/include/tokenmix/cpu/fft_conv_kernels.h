@@ -19,13 +19,16 @@
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
-// Tasks of a per-channel-block kernel: (block, chunk of the batch); about 16 per call so both
-// small-C and small-B problems spread over the threads.
+// Tasks of a per-channel-block kernel: (block, chunk of the batch), at least `target` of them
+// when the shape allows, so that small-C and small-B problems spread over the threads. The
+// chunking depends on the shape only. Backward passes, whose chunks each hold partial sums,
+// ask for fewer.
 struct BlockChunking {
+  static constexpr int64_t kForwardTasks = 64, kBackwardTasks = 16;
   int64_t blocks = 0, chunks = 0, batch_per_chunk = 0;
-  BlockChunking(int64_t batch, int64_t channels, int width) {
+  BlockChunking(int64_t batch, int64_t channels, int width, int64_t target) {
     blocks = (channels + width - 1) / width;
-    const int64_t want = blocks >= 16 ? 1 : (16 + blocks - 1) / blocks;
+    const int64_t want = blocks >= target ? 1 : (target + blocks - 1) / blocks;
     chunks = batch < want ? batch : want;
     if (chunks < 1) chunks = 1;
     batch_per_chunk = (batch + chunks - 1) / chunks;
@@ -43,7 +46,8 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
   RealFftPlan<T> plan;
   plan.init(n);
   const int64_t bins = plan.bins();
-  const BlockChunking chunking(B, C, W);
+  const BlockChunking chunking(
+      B, C, W, backward ? BlockChunking::kBackwardTasks : BlockChunking::kForwardTasks);
   // Partial dk / d_bias per chunk, in the compute type, when there is more than one chunk.
   const bool partials = backward && chunking.chunks > 1;
   Buffer<T> dk_part, dbias_part;
@@ -136,7 +140,8 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
         }
         for (int64_t t = L; t < n; ++t) signal[t] = V{};
         rfft(plan, signal.data(), work.data(), spec.data());
-        for (int64_t f = 0; f < bins; ++f) dk_hat[f] = cadd(dk_hat[f], cmul_conj(spec[f], v_hat[f]));
+        for (int64_t f = 0; f < bins; ++f)
+          dk_hat[f] = cadd(dk_hat[f], cmul_conj(spec[f], v_hat[f]));
         for (int64_t f = 0; f < bins; ++f) spec[f] = cmul_conj(spec[f], k_hat[f]);
         irfft(plan, spec.data(), signal.data(), work.data());  // signal[0..L) = dv
         const OutputRows<S> dpre{pre ? static_cast<S*>(p.grad_pre_gate) + row0 : nullptr, C};
@@ -179,7 +184,8 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       for (int64_t t = 0; t < Lk; ++t) {
         T total = 0;
-        for (int64_t ch = 0; ch < chunking.chunks; ++ch) total += dk_part[size_t((ch * C + c) * Lk + t)];
+        for (int64_t ch = 0; ch < chunking.chunks; ++ch)
+          total += dk_part[size_t((ch * C + c) * Lk + t)];
         store_dynamic<T>(p.grad_k, p.k.dtype, c * Lk + t, total);
       }
       if (p.bias.data) {

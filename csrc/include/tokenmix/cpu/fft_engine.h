@@ -126,11 +126,11 @@ struct StockhamPlan {
 // One Stockham pass of radix p: `in` holds s interleaved transforms of length p * m at stride s;
 // `out` receives, for each, p transforms of length m at stride s * p, already twiddled.
 template <class T, bool kInverse>
-void stockham_pass(const StockhamPlan<T>& plan, int stage, int64_t m, int64_t s,
-                   const CVec<T>* in, CVec<T>* out) {
+void stockham_pass(const StockhamPlan<T>& plan, int stage, int64_t m, int64_t s, const CVec<T>* in,
+                   CVec<T>* out) {
   const int p = plan.radix[stage];
   const T* tw_base = plan.twiddles.data() + 2 * plan.twiddle_offset[stage];
-  const T sign = kInverse ? T(-1) : T(1);  // the imaginary part of a forward twiddle's conjugate
+  const T sign = kInverse ? T(-1) : T(1);  // the odd-prime butterfly's rotation: -i, or +i
   auto twiddle = [&](CVec<T> a, const T* w) {
     return cmul_scalar(a, w[0], kInverse ? -w[1] : w[1]);
   };
@@ -168,7 +168,8 @@ void stockham_pass(const StockhamPlan<T>& plan, int stage, int64_t m, int64_t s,
         dst[q + 2 * s] = twiddle(csub(mid, dd), w + 2);
       }
     } else {
-      // Any odd prime: b_t = a0 + sum_r [(a_r + a_{p-r}) cos - i (a_r - a_{p-r}) sin](2 pi r t / p).
+      // Any odd prime: b_t = a0 + sum_r [(a_r + a_{p-r}) cos - i (a_r - a_{p-r}) sin](2 pi r t /
+      // p).
       const int h = p / 2;
       const T* cosines = plan.roots.data() + plan.root_offset[stage];
       const T* sines = cosines + h * h;
@@ -231,10 +232,10 @@ struct CorePlan {
   static constexpr int64_t kInCacheBytes = int64_t(1) << 20;
   int64_t n = 1;
   bool four_step = false;
-  StockhamPlan<T> direct;      // of n (plain), or of n1 (four-step columns)
-  StockhamPlan<T> rows;        // of n2 (four-step)
+  StockhamPlan<T> direct;  // of n (plain), or of n1 (four-step columns)
+  StockhamPlan<T> rows;    // of n2 (four-step)
   int64_t n1 = 1, n2 = 1;
-  Buffer<T> twiddles;          // [n2][n1] complex e^{-2 pi i n2 k1 / n} (four-step)
+  Buffer<T> twiddles;  // [n2][n1] complex e^{-2 pi i n2 k1 / n} (four-step)
 
   bool init(int64_t length) {
     n = length;
@@ -308,7 +309,7 @@ struct FftPlan {
     chirp.allocate(size_t(2 * length));
     for (int64_t j = 0; j < length; ++j) {
       // e^{-i pi j^2 / n} = e^{-2 pi i (j^2 mod 2n) / (2n)}
-      const int64_t num = int64_t((unsigned __int128)(j) * j % (unsigned __int128)(2 * length));
+      const int64_t num = int64_t((unsigned __int128)(j)*j % (unsigned __int128)(2 * length));
       double re, im;
       unit_root(num, 2 * length, &re, &im);
       chirp[2 * j] = T(re);
@@ -368,7 +369,6 @@ void fft_transform(const FftPlan<T>& plan, CVec<T>* data, CVec<T>* work) {
 // Real transforms of length n along the token axis.
 template <class T>
 struct RealFftPlan {
-  using V = typename Simd<T>::V;
   int64_t n = 1;
   bool even = false;
   FftPlan<T> complex_plan;  // n/2 when n is even, else n

@@ -34,7 +34,8 @@ void global_filter_cpu_impl(const GlobalFilterProblem& p, bool backward) {
   FftPlan<T> col_plan;
   col_plan.init(H);
   const int64_t wf = row_plan.bins();
-  const BlockChunking chunking(B, C, W);
+  const BlockChunking chunking(
+      B, C, W, backward ? BlockChunking::kBackwardTasks : BlockChunking::kForwardTasks);
   const bool partials = backward && chunking.chunks > 1;
   Buffer<T> dw_part;
   if (partials) dw_part.assign(size_t(chunking.chunks * H * wf * C * 2), T(0));
@@ -66,7 +67,8 @@ void global_filter_cpu_impl(const GlobalFilterProblem& p, bool backward) {
       // spec = the unnormalized 2-D half spectrum of src[b] (rows, then columns).
       auto forward2d = [&](const FftTensor& src, int64_t b, CV* spec) {
         for (int64_t h = 0; h < H; ++h) {
-          const ChannelBlock<S> x(src.data, b * src.stride[0] + h * src.stride[1] + c0 * src.stride[3],
+          const ChannelBlock<S> x(src.data,
+                                  b * src.stride[0] + h * src.stride[1] + c0 * src.stride[3],
                                   src.stride[2], src.stride[3]);
           for (int64_t w = 0; w < Wd; ++w) signal[w] = x.template load<T>(w, lanes);
           rfft(row_plan, signal.data(), row_work.data(), spec + h * wf);

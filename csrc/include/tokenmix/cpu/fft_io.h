@@ -62,7 +62,8 @@ void load_channel_rows(const S* src, int64_t channel_stride, int64_t token_strid
                        int64_t tokens, typename Simd<T>::V* dst) {
   using V = typename Simd<T>::V;
   if (channel_stride == 1) {
-    for (int64_t t = 0; t < tokens; ++t) dst[t] = load_lanes<S, T>(src + t * token_stride, 1, lanes);
+    for (int64_t t = 0; t < tokens; ++t)
+      dst[t] = load_lanes<S, T>(src + t * token_stride, 1, lanes);
     return;
   }
   constexpr int64_t kTile = 64;
@@ -88,8 +89,8 @@ void load_channel_rows(const void* src, DType dtype, int64_t channel_stride, int
       return load_channel_rows<double, T>(static_cast<const double*>(src), channel_stride,
                                           token_stride, lanes, tokens, dst);
     case DType::kFloat16:
-      return load_channel_rows<Half, T>(static_cast<const Half*>(src), channel_stride,
-                                        token_stride, lanes, tokens, dst);
+      return load_channel_rows<Half, T>(static_cast<const Half*>(src), channel_stride, token_stride,
+                                        lanes, tokens, dst);
     case DType::kBFloat16:
       return load_channel_rows<BFloat16, T>(static_cast<const BFloat16*>(src), channel_stride,
                                             token_stride, lanes, tokens, dst);

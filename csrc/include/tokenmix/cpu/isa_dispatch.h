@@ -8,16 +8,16 @@
 
 namespace tokenmix::cpu {
 
-#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                          \
-  namespace isa {                                                  \
-  void neighborhood_forward_cpu(const NeighborhoodProblem& p);     \
-  void neighborhood_backward_cpu(const NeighborhoodProblem& p);    \
-  void block_sparse_forward_cpu(const BlockSparseProblem& p);      \
-  void block_sparse_backward_cpu(const BlockSparseProblem& p);     \
-  void linear_scan_cpu(const LinearScanProblem& p, bool backward); \
-  void delta_rule_cpu(const LinearScanProblem& p, bool backward);  \
-  void fft_conv_cpu(const FftConvProblem& p, bool backward);       \
-  void fourier_mix_cpu(const FourierMixProblem& p);                \
+#define TOKENMIX_DECLARE_ISA_KERNELS(isa)                              \
+  namespace isa {                                                      \
+  void neighborhood_forward_cpu(const NeighborhoodProblem& p);         \
+  void neighborhood_backward_cpu(const NeighborhoodProblem& p);        \
+  void block_sparse_forward_cpu(const BlockSparseProblem& p);          \
+  void block_sparse_backward_cpu(const BlockSparseProblem& p);         \
+  void linear_scan_cpu(const LinearScanProblem& p, bool backward);     \
+  void delta_rule_cpu(const LinearScanProblem& p, bool backward);      \
+  void fft_conv_cpu(const FftConvProblem& p, bool backward);           \
+  void fourier_mix_cpu(const FourierMixProblem& p);                    \
   void global_filter_cpu(const GlobalFilterProblem& p, bool backward); \
   void spectral_gate_cpu(const SpectralGateProblem& p, bool backward); \
   }

@@ -25,12 +25,18 @@ inline constexpr int kFftConvThreads = 256;
 struct Complex {
   float re, im;
 };
-TM_DEVICE Complex cplx_add(Complex a, Complex b) { return {a.re + b.re, a.im + b.im}; }
-TM_DEVICE Complex cplx_sub(Complex a, Complex b) { return {a.re - b.re, a.im - b.im}; }
+TM_DEVICE Complex cplx_add(Complex a, Complex b) {
+  return {a.re + b.re, a.im + b.im};
+}
+TM_DEVICE Complex cplx_sub(Complex a, Complex b) {
+  return {a.re - b.re, a.im - b.im};
+}
 TM_DEVICE Complex cplx_mul(Complex a, Complex b) {
   return {a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re};
 }
-TM_DEVICE Complex cplx_conj(Complex a) { return {a.re, -a.im}; }
+TM_DEVICE Complex cplx_conj(Complex a) {
+  return {a.re, -a.im};
+}
 
 // One element of a tensor whose dtype is known only at run time (filters, biases).
 TM_DEVICE float load_any(const global_ptr<const uint8_t>& base, DType dtype, int64_t index) {
@@ -214,22 +220,17 @@ TM_DEVICE void filter_spectrum(const FftConvParams& p, const FftConvSmem& s, int
   sync_threads();
 }
 
-// Forward: grid (channel pairs, batch); buffers k_hat, z, work.
+// One batch entry of the forward.
 template <class E>
-TM_DEVICE void fft_conv_forward_body(const FftConvParams& p) {
+TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem& s, int64_t b,
+                                      int64_t c0, shared_ptr<Complex> k_hat, shared_ptr<Complex> z,
+                                      shared_ptr<Complex> work) {
   using T = typename E::T;
-  const int64_t c0 = int64_t(block_idx().x) * 2, b = block_idx().y;
-  const FftConvSmem s = fft_conv_smem(p.n);
-  fill_twiddles(s, p.n);
-  sync_threads();
   const global_ptr<const T> u(static_cast<const T*>(p.u));
   const global_ptr<const T> pre(static_cast<const T*>(p.pre));
   const global_ptr<const T> post(static_cast<const T*>(p.post));
   const global_ptr<const uint8_t> bias(static_cast<const uint8_t*>(p.bias));
   const global_ptr<T> out(static_cast<T*>(p.out));
-  shared_ptr<Complex> k_hat = s.buf(0), z = s.buf(1), work = s.buf(2);
-  filter_spectrum<E>(p, s, c0, k_hat, work);
-
   load_pair<E>(u, p.u_stride, pre, p.pre_stride, p.pre != nullptr, p, b, c0, z);
   sync_threads();
   shared_ptr<Complex> spec = stockham_radix2<false>(s, p.n, p.log2n, z, work);
@@ -250,10 +251,27 @@ TM_DEVICE void fft_conv_forward_body(const FftConvParams& p) {
       const int64_t c = c0 + side;
       float r = side == 0 ? v.re : v.im;
       if (p.post) r *= load_token<E>(post, p.post_stride, b, t, c);
-      if (p.bias) r += load_any(bias, p.bias_dtype, c * p.bias_stride) *
-                       load_token<E>(u, p.u_stride, b, t, c);
+      if (p.bias)
+        r +=
+            load_any(bias, p.bias_dtype, c * p.bias_stride) * load_token<E>(u, p.u_stride, b, t, c);
       out[(b * p.length + t) * p.channels + c] = E::from_float(r);
     }
+  }
+  sync_threads();  // the next entry reuses z and work
+}
+
+// Forward: grid (channel pairs, batch entries, looping over the batch in steps of the grid's
+// height); buffers k_hat, z, work.
+template <class E>
+TM_DEVICE void fft_conv_forward_body(const FftConvParams& p) {
+  const int64_t c0 = int64_t(block_idx().x) * 2;
+  const FftConvSmem s = fft_conv_smem(p.n);
+  fill_twiddles(s, p.n);
+  sync_threads();
+  shared_ptr<Complex> k_hat = s.buf(0), z = s.buf(1), work = s.buf(2);
+  filter_spectrum<E>(p, s, c0, k_hat, work);
+  for (int64_t b = block_idx().y; b < p.batch; b += grid_dim().y) {
+    fft_conv_forward_entry<E>(p, s, b, c0, k_hat, z, work);
   }
 }
 
@@ -327,8 +345,8 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
       unpack_pair(g_hat, f, p.n, &g0, &g1);
       unpack_pair(k_hat, f, p.n, &k0, &k1);
       // dk spectra G conj(V) (summed over the batch, unnormalized); dv spectra G conj(K).
-      dk_hat[f] = cplx_add(dk_hat[f],
-                           pack_pair(cplx_mul(g0, cplx_conj(v0)), cplx_mul(g1, cplx_conj(v1))));
+      dk_hat[f] =
+          cplx_add(dk_hat[f], pack_pair(cplx_mul(g0, cplx_conj(v0)), cplx_mul(g1, cplx_conj(v1))));
       dv_hat[f] = pack_pair(cplx_mul(g0, cplx_conj(k0)), cplx_mul(g1, cplx_conj(k1)));
     }
     sync_threads();

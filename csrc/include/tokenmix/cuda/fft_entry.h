@@ -13,7 +13,8 @@ namespace tokenmix::cuda {
 // or bfloat16, and a power-of-two transform of at most 4096 points in shared memory (linear
 // convolutions pad to one; circular ones need L itself to be one).
 inline std::string fft_conv_unsupported_reason(const FftConvProblem& p) {
-  if (p.dtype == DType::kFloat64) return "tokenmix: fft_conv on CUDA takes float32, float16 or bfloat16";
+  if (p.dtype == DType::kFloat64)
+    return "tokenmix: fft_conv on CUDA takes float32, float16 or bfloat16";
   if (p.k.dtype == DType::kFloat64 || (p.bias.data && p.bias.dtype == DType::kFloat64))
     return "tokenmix: fft_conv on CUDA takes float32, float16 or bfloat16 filters and biases";
   if (fft_conv_cuda_size(p.length, p.filter_length, p.causal) == 0)
@@ -23,7 +24,7 @@ inline std::string fft_conv_unsupported_reason(const FftConvProblem& p) {
   return "";
 }
 
-#define TOKENMIX_FFT_ENTRY_POINTS                              \
+#define TOKENMIX_FFT_ENTRY_POINTS                               \
   void fft_conv_forward(const FftConvProblem& p, void* stream); \
   void fft_conv_backward(const FftConvProblem& p, void* stream);
 

@@ -80,7 +80,8 @@ inline void register_buffers(Registrations& r, const FftConvProblem& p, bool bac
   r.add(p.grad_pre_gate, p.pre_gate.data ? outputs : 0, "grad_pre_gate");
   r.add(p.grad_post_gate, p.post_gate.data ? outputs : 0, "grad_post_gate");
   r.add(p.grad_k, size_t(p.channels * p.filter_length) * size_t(dtype_size(p.k.dtype)), "grad_k");
-  if (p.bias.data) r.add(p.grad_bias, size_t(p.channels) * size_t(dtype_size(p.bias.dtype)), "grad_bias");
+  if (p.bias.data)
+    r.add(p.grad_bias, size_t(p.channels) * size_t(dtype_size(p.bias.dtype)), "grad_bias");
 }
 
 template <class E>
@@ -93,9 +94,11 @@ void conv_forward(const FftConvProblem& p, void* stream) {
   Registrations r;
   register_buffers(r, p, false);
   r.commit();
-  const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(p.batch), 1);
-  launch_on(static_cast<stream_t>(stream), named(fft_conv_forward_kernel<E>, "fft_conv_forward_kernel"),
-            grid, dim3u(kFftConvThreads), size_t(smem), prm);
+  // Batch entries beyond the grid's height limit are looped over inside the blocks.
+  const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(p.batch < 65535 ? p.batch : 65535), 1);
+  launch_on(static_cast<stream_t>(stream),
+            named(fft_conv_forward_kernel<E>, "fft_conv_forward_kernel"), grid,
+            dim3u(kFftConvThreads), size_t(smem), prm);
   check_launch("fft_conv_forward_kernel");
 }
 
