@@ -85,7 +85,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import (  # noqa: E402
+from harness import (
     DTYPES,
     MATMUL_N,
     TOLERANCES,
@@ -96,8 +96,6 @@ from harness import (  # noqa: E402
     bar_verdict,
     check_correctness,
     check_verdict,
-    fmt_float,
-    fmt_sci,
     format_markdown,
     format_table,
     log,
@@ -109,10 +107,15 @@ from harness import (  # noqa: E402
     report_text,
     resolve_measurement_arguments,
     run_measurement,
-    speedup_phrase,
     tokenmix_info,
     worker_main,
     worker_spec,
+)
+from harness import (  # noqa: E402
+    case_footer as harness_case_footer,
+)
+from harness import (
+    result_cells as harness_result_cells,
 )
 
 BACKENDS = ("tokenmix", "composite")
@@ -533,58 +536,21 @@ ALIGN = "llrrrrrrl"
 
 
 def result_cells(r: dict) -> list[str]:
-    """One table row (:data:`HEADERS`) of a result row."""
-    speed = r.get("tokenmix_speedup")
-    if "median_ms" not in r:
-        speed_s = "-" if speed is None else f">{speed:.0f}x"
-        return [r["label"], r["mode"], "-", "-", "-", "-", speed_s, "-", r.get("note", "")]
-    t = r["timing"]
-    note = f"n={t['repeats']}"
-    if t["repeats"] > 1:
-        note += f", min {fmt_float(t['min_ms'])}"
-    if r.get("correct") is False:
-        note = "WRONG OUTPUT; " + note
-    rel = r.get("max_rel_diff")
-    diff = fmt_sci(max(rel.values())) if rel else "-"
-    if r["backend"] in ORACLES and "diff_vs" not in r:
-        diff = "(oracle)"
-    return [
-        r["label"],
-        r["mode"],
-        fmt_float(r["median_ms"]),
-        fmt_float(r["gflops"]),
-        f"{100 * r['frac_matmul']:.1f}%",
-        "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
-        "-" if speed is None else f"{speed:.2f}x",
-        diff,
-        note,
-    ]
+    """One table row (:data:`HEADERS`) of a result row: the harness's, with relative differences
+    and no mask-memory column."""
+    return harness_result_cells(r, ORACLES, diff_key="max_rel_diff", aux_column=False)
 
 
 def case_footer(c: dict) -> list[str]:
     """Under a case's table: tokenmix's correctness per mode (relative differences), and its
     speedup and peak-memory ratio over the composite per mode."""
-    lines = []
-    for r in c["results"]:
-        if r["backend"] == "tokenmix" and "median_ms" in r and "diff_vs" not in r:
-            lines.append(f"correctness {r['mode']}: NOT CHECKED (the composite did not run)")
-    for mode, entries in c["correctness"].items():
-        tm = entries.get("tokenmix")
-        if tm is None:
-            continue
-        diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_rel_diff"].items())
-        verdict = "OK" if tm["ok"] else "MISMATCH - tokenmix output is wrong"
-        lines.append(
-            f"correctness {mode}: max|tokenmix - composite| / max|composite|: {diffs} "
-            f"(<= {c['rel_tol']:g}) -> {verdict}"
-        )
-    for s in c["speedups"]:
-        line = f"tokenmix {s['mode']} is {speedup_phrase(s['speedup'])} {s['peer']}"
-        ratio = c["peak_ratios"].get(s["mode"])
-        if ratio is not None:
-            line += f"; peak memory {ratio:.2f}x"
-        lines.append(line)
-    return lines
+
+    def memory(mode: str) -> str:
+        ratio = c["peak_ratios"].get(mode)
+        return "" if ratio is None else f"; peak memory {ratio:.2f}x"
+
+    labels = {"composite": "composite", "tokenmix": "tokenmix"}
+    return harness_case_footer(c, labels, relative_tol=c["rel_tol"], mode_suffix=memory)
 
 
 BAR_HEADERS = ("case", "mode", "check", "measured", "needs", "verdict")

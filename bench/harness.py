@@ -1323,35 +1323,38 @@ RESULT_HEADERS = (
 RESULT_ALIGN = "llrrrrrrrl"
 
 
-def result_cells(r: dict, oracles: Sequence[str]) -> list[str]:
-    """One table row (:data:`RESULT_HEADERS`) of a result row."""
+def result_cells(
+    r: dict, oracles: Sequence[str], *, diff_key: str = "max_abs_diff", aux_column: bool = True
+) -> list[str]:
+    """One table row (:data:`RESULT_HEADERS`; without the aux column when ``aux_column`` is
+    false) of a result row; the difference column shows ``r[diff_key]``'s largest entry."""
     speed = r.get("tokenmix_speedup")
     if "median_ms" not in r:
         speed_s = "-" if speed is None else f">{speed:.0f}x"
-        return [r["label"], r["mode"], "-", "-", "-", "-", "-", speed_s, "-", r.get("note", "")]
+        blanks = ["-"] * (5 if aux_column else 4)
+        return [r["label"], r["mode"], *blanks, speed_s, "-", r.get("note", "")]
     t = r["timing"]
     note = f"n={t['repeats']}"
     if t["repeats"] > 1:
         note += f", min {fmt_float(t['min_ms'])}"
     if r.get("correct") is False:
         note = "WRONG OUTPUT; " + note
-    diffs = r.get("max_abs_diff")
+    diffs = r.get(diff_key)
     diff = fmt_sci(max(diffs.values())) if diffs else "-"
     if r["backend"] in oracles and "diff_vs" not in r:
         diff = "(oracle)"
     aux = r.get("aux_mib") or 0.0
-    return [
+    cells = [
         r["label"],
         r["mode"],
         fmt_float(r["median_ms"]),
         fmt_float(r["gflops"]),
         f"{100 * r['frac_matmul']:.1f}%",
         "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
-        f"{aux:.1f}" if aux else "-",
-        "-" if speed is None else f"{speed:.2f}x",
-        diff,
-        note,
     ]
+    if aux_column:
+        cells.append(f"{aux:.1f}" if aux else "-")
+    return [*cells, "-" if speed is None else f"{speed:.2f}x", diff, note]
 
 
 def speedup_phrase(x: float, lower_bound: bool = False) -> str:
@@ -1365,9 +1368,17 @@ def speedup_phrase(x: float, lower_bound: bool = False) -> str:
     return phrase if phrase.endswith("with") else phrase + " than"
 
 
-def case_footer(case_res: dict, labels: dict[str, str]) -> list[str]:
+def case_footer(
+    case_res: dict,
+    labels: dict[str, str],
+    *,
+    relative_tol: float | None = None,
+    mode_suffix: Callable[[str], str] | None = None,
+) -> list[str]:
     """Lines under a case's table: tokenmix's correctness verdict per mode and its speedups
-    over every peer, in words."""
+    over every peer, in words. With ``relative_tol`` the verdict quotes the differences
+    relative to the oracle's largest value (``max_rel_diff``) and the tolerance;
+    ``mode_suffix(mode)`` is appended to each mode's speedup line."""
     lines = []
     for r in case_res["results"]:
         if r["backend"] == "tokenmix" and "median_ms" in r and "diff_vs" not in r:
@@ -1376,17 +1387,24 @@ def case_footer(case_res: dict, labels: dict[str, str]) -> list[str]:
         tm = entries.get("tokenmix")
         if tm is None:
             continue
-        diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_abs_diff"].items())
         verdict = "OK" if tm["ok"] else "MISMATCH - tokenmix output is wrong"
-        lines.append(
-            f"correctness {mode}: max|tokenmix - {labels[tm['vs']]}|: {diffs} -> {verdict}"
-        )
+        oracle = labels[tm["vs"]]
+        if relative_tol is None:
+            diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_abs_diff"].items())
+            lines.append(f"correctness {mode}: max|tokenmix - {oracle}|: {diffs} -> {verdict}")
+        else:
+            diffs = ", ".join(f"{k} {v:.2e}" for k, v in tm["max_rel_diff"].items())
+            lines.append(
+                f"correctness {mode}: max|tokenmix - {oracle}| / max|{oracle}|: {diffs} "
+                f"(<= {relative_tol:g}) -> {verdict}"
+            )
     by_mode: dict[str, list[str]] = {}
     for s in case_res["speedups"]:
         phrase = speedup_phrase(s["speedup"], s.get("lower_bound", False))
         by_mode.setdefault(s["mode"], []).append(f"{phrase} {labels[s['peer']]}")
     for mode, parts in by_mode.items():
-        lines.append(f"tokenmix {mode} is " + ", ".join(parts))
+        suffix = mode_suffix(mode) if mode_suffix is not None else ""
+        lines.append(f"tokenmix {mode} is " + ", ".join(parts) + suffix)
     return lines
 
 

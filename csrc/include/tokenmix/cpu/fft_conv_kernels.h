@@ -25,14 +25,33 @@ namespace tokenmix::cpu::TOKENMIX_ISA {
 // ask for fewer.
 struct BlockChunking {
   static constexpr int64_t kForwardTasks = 64, kBackwardTasks = 16;
+  int64_t batch = 0, channels = 0, width = 0;
   int64_t blocks = 0, chunks = 0, batch_per_chunk = 0;
-  BlockChunking(int64_t batch, int64_t channels, int width, int64_t target) {
+
+  // What task `index` covers: channels [c0, c0 + lanes) of batch entries [b0, b1).
+  struct Task {
+    int64_t chunk, c0, b0, b1;
+    int lanes;
+  };
+
+  BlockChunking(int64_t batch_, int64_t channels_, int width_, int64_t target)
+      : batch(batch_), channels(channels_), width(width_) {
     blocks = (channels + width - 1) / width;
     const int64_t want = blocks >= target ? 1 : (target + blocks - 1) / blocks;
     chunks = batch < want ? batch : want;
     if (chunks < 1) chunks = 1;
     batch_per_chunk = (batch + chunks - 1) / chunks;
     chunks = batch_per_chunk > 0 ? (batch + batch_per_chunk - 1) / batch_per_chunk : 1;
+  }
+  int64_t tasks() const { return blocks * chunks; }
+  Task task(int64_t index) const {
+    Task t;
+    t.chunk = index / blocks;
+    t.c0 = (index % blocks) * width;
+    t.lanes = int(channels - t.c0 < width ? channels - t.c0 : width);
+    t.b0 = t.chunk * batch_per_chunk;
+    t.b1 = t.b0 + batch_per_chunk < batch ? t.b0 + batch_per_chunk : batch;
+    return t;
   }
 };
 
@@ -57,7 +76,7 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
   }
   const T inv_n = T(1) / T(n);
 
-  run_parallel(p, chunking.blocks * chunking.chunks, 1, [&](int64_t task0, int64_t task1) {
+  run_parallel(p, chunking.tasks(), 1, [&](int64_t task0, int64_t task1) {
     Buffer<V> signal;
     Buffer<CV> work, k_hat, spec, v_hat, dk_hat;
     signal.allocate(size_t(plan.signal_elems()));
@@ -69,11 +88,10 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
       dk_hat.allocate(size_t(bins));
     }
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t blk = task % chunking.blocks, chunk = task / chunking.blocks;
-      const int64_t c0 = blk * W;
-      const int lanes = int(C - c0 < W ? C - c0 : W);
-      const int64_t b0 = chunk * chunking.batch_per_chunk;
-      const int64_t b1 = b0 + chunking.batch_per_chunk < B ? b0 + chunking.batch_per_chunk : B;
+      const BlockChunking::Task tk = chunking.task(task);
+      // Plain copies: lambdas below capture them (C++17 lambdas cannot capture bindings).
+      const int64_t chunk = tk.chunk, c0 = tk.c0, b0 = tk.b0, b1 = tk.b1;
+      const int lanes = tk.lanes;
 
       // The filter's transform, with the inverse transform's 1/n folded in.
       load_channel_rows<T>(

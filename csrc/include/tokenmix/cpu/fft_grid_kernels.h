@@ -9,8 +9,9 @@
 //
 // fourier_mix: Re(FFT_tokens(FFT_channels(x))). The map is a real symmetric matrix (entries
 // cos(2 pi (k1 n1 / L + k2 n2 / C))), so it is its own adjoint. Per batch entry: rfft over
-// tokens for blocks of channels into a [L/2+1, C] spectrum, then FFT over channels for blocks
-// of frequency rows (one lane per row); Re X[L - k1, C - k2] = Re X[k1, k2] fills the rest.
+// tokens for blocks of channels into a [L/2+1, C] spectrum (stored blocked by rows), then FFT
+// over channels in place for blocks of frequency rows (one lane per row);
+// Re X[L - k1, C - k2] = Re X[k1, k2] fills the rest.
 #pragma once
 
 #include <cstdint>
@@ -42,7 +43,7 @@ void global_filter_cpu_impl(const GlobalFilterProblem& p, bool backward) {
   const T inv_area = T(1) / T(H * Wd);
   const T* weight = static_cast<const T*>(p.weight);
 
-  run_parallel(p, chunking.blocks * chunking.chunks, 1, [&](int64_t task0, int64_t task1) {
+  run_parallel(p, chunking.tasks(), 1, [&](int64_t task0, int64_t task1) {
     Buffer<V> signal;
     Buffer<CV> row_work, col, col_work, xs, ds, dw;
     signal.allocate(size_t(row_plan.signal_elems()));
@@ -55,11 +56,10 @@ void global_filter_cpu_impl(const GlobalFilterProblem& p, bool backward) {
       dw.allocate(size_t(H * wf));
     }
     for (int64_t task = task0; task < task1; ++task) {
-      const int64_t blk = task % chunking.blocks, chunk = task / chunking.blocks;
-      const int64_t c0 = blk * W;
-      const int lanes = int(C - c0 < W ? C - c0 : W);
-      const int64_t b0 = chunk * chunking.batch_per_chunk;
-      const int64_t b1 = b0 + chunking.batch_per_chunk < B ? b0 + chunking.batch_per_chunk : B;
+      const BlockChunking::Task tk = chunking.task(task);
+      // Plain copies: lambdas below capture them (C++17 lambdas cannot capture bindings).
+      const int64_t chunk = tk.chunk, c0 = tk.c0, b0 = tk.b0, b1 = tk.b1;
+      const int lanes = tk.lanes;
       auto weight_at = [&](int64_t h, int64_t f) {
         const T* w = weight + ((h * wf + f) * C + c0) * 2;
         return CV{load_lanes<T, T>(w, 2, lanes), load_lanes<T, T>(w + 1, 2, lanes)};
@@ -147,10 +147,12 @@ void fourier_mix_cpu_impl(const FourierMixProblem& p) {
   FftPlan<T> channel_plan;
   channel_plan.init(C);
   const int64_t lf = token_plan.bins();
-  // One batch entry's token spectrum, [lf][C] complex.
-  Buffer<T> spectrum;
-  spectrum.allocate(size_t(lf * C * 2));
   const int64_t channel_blocks = (C + W - 1) / W, row_blocks = (lf + W - 1) / W;
+  // One batch entry's token spectrum, blocked for the channel transforms: vector
+  // spectrum[rb * C + c] holds channel c of frequency rows rb * W ... rb * W + W - 1, one per
+  // lane, so each block of rows is a contiguous transform input.
+  Buffer<CV> spectrum;
+  spectrum.assign(size_t(row_blocks * C), czero<T>());
   for (int64_t b = 0; b < B; ++b) {
     run_parallel(p, channel_blocks, 1, [&](int64_t blk0, int64_t blk1) {
       Buffer<V> signal;
@@ -165,26 +167,25 @@ void fourier_mix_cpu_impl(const FourierMixProblem& p) {
                                 p.x.stride[2]);
         for (int64_t t = 0; t < L; ++t) signal[t] = x.template load<T>(t, lanes);
         rfft(token_plan, signal.data(), work.data(), spec.data());
-        for (int64_t f = 0; f < lf; ++f)
+        for (int64_t f = 0; f < lf; ++f) {
+          CV* row = spectrum.data() + (f / W) * C + c0;
+          const int lane = int(f % W);
           for (int l = 0; l < lanes; ++l) {
-            spectrum[size_t((f * C + c0 + l) * 2)] = spec[f].re[l];
-            spectrum[size_t((f * C + c0 + l) * 2 + 1)] = spec[f].im[l];
+            row[l].re[lane] = spec[f].re[l];
+            row[l].im[lane] = spec[f].im[l];
           }
+        }
       }
     });
     S* out = static_cast<S*>(p.out) + b * L * C;
     run_parallel(p, row_blocks, 1, [&](int64_t blk0, int64_t blk1) {
-      Buffer<CV> z, work;
-      z.allocate(size_t(C));
+      Buffer<CV> work;
       work.allocate(size_t(channel_plan.work_elems()));
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t f0 = blk * W;
         const int lanes = int(lf - f0 < W ? lf - f0 : W);
-        for (int64_t c = 0; c < C; ++c) {
-          const T* s = spectrum.data() + (f0 * C + c) * 2;
-          z[c] = {load_lanes<T, T>(s, 2 * C, lanes), load_lanes<T, T>(s + 1, 2 * C, lanes)};
-        }
-        fft_transform<T, false>(channel_plan, z.data(), work.data());
+        CV* z = spectrum.data() + blk * C;
+        fft_transform<T, false>(channel_plan, z, work.data());
         for (int l = 0; l < lanes; ++l) {
           const int64_t k1 = f0 + l, mirror = (L - k1) % L;
           for (int64_t c = 0; c < C; ++c) {
