@@ -134,9 +134,11 @@ def test_cuda_resources_command_prints_the_table():
 
 
 def test_every_fft_conv_instantiation_is_in_the_report():
-    """fft_conv's CUDA kernels, forward and backward, per dtype and architecture."""
+    """fft_conv's CUDA kernels, forward and backward, per dtype and architecture, and the
+    backward's reduction of per-chunk partial sums."""
     names = {(r["arch"], format_cuda_resources([r]).split("`")[1]) for r in cuda_resource_usage()}
     for arch in ("sm_80", "sm_90"):
+        assert (arch, "fft_conv_reduce_kernel") in names, arch
         for elem in ("F16", "BF16", "F32"):
             for kernel in ("fft_conv_forward_kernel", "fft_conv_backward_kernel"):
                 assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)

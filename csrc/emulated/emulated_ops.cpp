@@ -170,7 +170,7 @@ void fill_nan(void* data, tokenmix::DType dtype, int64_t count) {
   }
 }
 
-void emulated_conv(const tokenmix::FftConvProblem& p, bool backward) {
+void emulated_conv(tokenmix::FftConvProblem& p, bool backward, const Tensor& u) {
   const std::string why = tokenmix::cuda::fft_conv_unsupported_reason(p);
   STD_TORCH_CHECK(why.empty(), why);
   const int64_t elems = p.batch * p.length * p.channels;
@@ -180,10 +180,11 @@ void emulated_conv(const tokenmix::FftConvProblem& p, bool backward) {
   fill_nan(p.grad_post_gate, p.dtype, elems);
   fill_nan(p.grad_k, p.k.dtype, p.channels * p.filter_length);
   if (p.bias.data) fill_nan(p.grad_bias, p.bias.dtype, p.channels);
-  if (backward)
-    tokenmix::cuda::emulated::fft_conv_backward(p, nullptr);
-  else
-    tokenmix::cuda::emulated::fft_conv_forward(p, nullptr);
+  if (!backward) return tokenmix::cuda::emulated::fft_conv_forward(p, nullptr);
+  const Tensor workspace = tokenmix::fft_op::conv_workspace(u, p);
+  fill_nan(p.workspace, tokenmix::DType::kFloat32,
+           tokenmix::fft_conv_cuda_workspace_floats(p.batch, p.channels, p.filter_length));
+  tokenmix::cuda::emulated::fft_conv_backward(p, nullptr);
 }
 
 Tensor fft_conv_forward(Tensor u, Tensor k, std::optional<Tensor> bias,
@@ -192,7 +193,7 @@ Tensor fft_conv_forward(Tensor u, Tensor k, std::optional<Tensor> bias,
   STD_TORCH_CHECK(u.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
   return tokenmix::fft_op::conv_forward(
       u, k, bias, pre_gate, post_gate, causal,
-      [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward); });
+      [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward, u); });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward(
@@ -201,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward(
   STD_TORCH_CHECK(u.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
   return tokenmix::fft_op::conv_backward(
       grad_out, u, k, bias, pre_gate, post_gate, causal,
-      [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward); });
+      [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward, u); });
 }
 
 }  // namespace

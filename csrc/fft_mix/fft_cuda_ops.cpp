@@ -11,22 +11,23 @@ namespace {
 
 using namespace tokenmix::fft_op;
 
-// Runs the kernels on u's device and its current stream.
+// Runs the kernels on u's device and its current stream; the backward's workspace is freed
+// after the launches, which the caching allocator orders after them on the stream.
 struct GpuConv {
+  const Tensor* u;
   void* stream;
-  void operator()(const tokenmix::FftConvProblem& p, bool backward) const {
+  void operator()(tokenmix::FftConvProblem& p, bool backward) const {
     const std::string why = tokenmix::cuda::fft_conv_unsupported_reason(p);
     STD_TORCH_CHECK(why.empty(), why);
-    if (backward)
-      tokenmix::cuda::gpu::fft_conv_backward(p, stream);
-    else
-      tokenmix::cuda::gpu::fft_conv_forward(p, stream);
+    if (!backward) return tokenmix::cuda::gpu::fft_conv_forward(p, stream);
+    const Tensor workspace = conv_workspace(*u, p);
+    tokenmix::cuda::gpu::fft_conv_backward(p, stream);
   }
 };
 
 GpuConv conv_on(const Tensor& u) {
   STD_TORCH_CHECK(u.is_cuda(), "tokenmix: CUDA kernel called with non-CUDA tensors");
-  return GpuConv{tokenmix::current_cuda_stream(u.get_device())};
+  return GpuConv{&u, tokenmix::current_cuda_stream(u.get_device())};
 }
 
 Tensor fft_conv_forward_cuda(Tensor u, Tensor k, std::optional<Tensor> bias,

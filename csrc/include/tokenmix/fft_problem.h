@@ -77,6 +77,27 @@ TM_HOST_DEVICE int64_t fft_conv_cuda_size(int64_t length, int64_t filter_length,
   return n <= kFftConvCudaMaxSize ? n : 0;
 }
 
+// The CUDA backward splits the batch into chunks so that about this many blocks run; each
+// chunk's partial dk / d_bias go to a workspace and are added in chunk order afterwards.
+inline constexpr int64_t kFftConvCudaBackwardBlocks = 256;
+
+TM_HOST_DEVICE int64_t fft_conv_cuda_chunks(int64_t batch, int64_t channels) {
+  const int64_t pairs = (channels + 1) / 2;
+  int64_t chunks = pairs >= kFftConvCudaBackwardBlocks
+                       ? 1
+                       : (kFftConvCudaBackwardBlocks + pairs - 1) / (pairs > 0 ? pairs : 1);
+  if (chunks > batch) chunks = batch;
+  return chunks < 1 ? 1 : chunks;
+}
+
+// Floats of workspace the CUDA backward needs: per chunk, partial dk [C, Lk] and d_bias [C]
+// (none with one chunk).
+TM_HOST_DEVICE int64_t fft_conv_cuda_workspace_floats(int64_t batch, int64_t channels,
+                                                      int64_t filter_length) {
+  const int64_t chunks = fft_conv_cuda_chunks(batch, channels);
+  return chunks > 1 ? chunks * channels * (filter_length + 1) : 0;
+}
+
 // fft_conv: y = post_gate * (k (*) (pre_gate * u)) + bias * u over [B, L, C].
 struct FftConvProblem {
   DType dtype = DType::kFloat32;  // u, gates, out and their gradients
@@ -94,6 +115,7 @@ struct FftConvProblem {
   void* grad_post_gate = nullptr;  // contiguous [B, L, C] when post_gate is given
   void* grad_k = nullptr;          // contiguous [C, Lk], k's dtype
   void* grad_bias = nullptr;       // contiguous [C], bias's dtype
+  float* workspace = nullptr;      // CUDA backward: fft_conv_cuda_workspace_floats floats
 
   ParallelForFn parallel_for = nullptr;
 };

@@ -79,6 +79,12 @@ struct FftConvParams {
   void* grad_post;  // contiguous [B, L, C] or null
   void* grad_k;     // contiguous [C, Lk], k's dtype
   void* grad_bias;  // contiguous [C], bias's dtype, or null
+  // Backward: the batch is split into `chunks` of `batch_per_chunk` entries (grid height); with
+  // more than one, each chunk's dk and d_bias go to partial_k [chunks, C, Lk] and
+  // partial_bias [chunks, C], which fft_conv_reduce_kernel adds in chunk order.
+  int64_t chunks, batch_per_chunk;
+  float* partial_k;
+  float* partial_bias;
 };
 
 // The shared-memory layout of one block: the twiddle table (n/2 entries) and `buffers` complex
@@ -275,8 +281,9 @@ TM_DEVICE void fft_conv_forward_body(const FftConvParams& p) {
   }
 }
 
-// Backward: grid (channel pairs); every batch entry in turn, so dk and d_bias are summed in a
-// fixed order. Buffers k_hat, v_hat, g_hat, work, dk_hat.
+// Backward: grid (channel pairs, batch chunks); each block runs its chunk's batch entries in
+// turn, so dk and d_bias are summed in a fixed order (the chunks' partial sums are added in
+// chunk order by fft_conv_reduce_kernel). Buffers k_hat, v_hat, g_hat, work, dk_hat.
 template <class E>
 TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   using T = typename E::T;
@@ -309,7 +316,9 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   }
   float dbias0 = 0.0f, dbias1 = 0.0f;  // this thread's share of d_bias
 
-  for (int64_t b = 0; b < p.batch; ++b) {
+  const int64_t chunk = block_idx().y, b0 = chunk * p.batch_per_chunk;
+  const int64_t b1 = b0 + p.batch_per_chunk < p.batch ? b0 + p.batch_per_chunk : p.batch;
+  for (int64_t b = b0; b < b1; ++b) {
     // v_hat: the packed spectrum of v = pre_gate * u (in `a`, or in `work` after the transform).
     load_pair<E>(u, p.u_stride, pre, p.pre_stride, p.pre != nullptr, p, b, c0, a);
     sync_threads();
@@ -375,11 +384,19 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   shared_ptr<Complex> spare = s.buf(1);
   shared_ptr<Complex> dk = stockham_radix2<true>(s, p.n, p.log2n, dk_hat, spare);
   const global_ptr<uint8_t> grad_k(static_cast<uint8_t*>(p.grad_k));
+  const global_ptr<float> partial_k(p.partial_k);
+  const bool partial = p.chunks > 1;
   const float inv_n = 1.0f / float(p.n);
   for (int64_t t = thread_idx().x; t < p.taps; t += block_dim().x) {
     const Complex v = dk[t];
-    store_any(grad_k, p.k_dtype, c0 * p.taps + t, v.re * inv_n);
-    if (second) store_any(grad_k, p.k_dtype, (c0 + 1) * p.taps + t, v.im * inv_n);
+    for (int side = 0; side < (second ? 2 : 1); ++side) {
+      const int64_t c = c0 + side;
+      const float value = (side == 0 ? v.re : v.im) * inv_n;
+      if (partial)
+        partial_k[(chunk * p.channels + c) * p.taps + t] = value;
+      else
+        store_any(grad_k, p.k_dtype, c * p.taps + t, value);
+    }
   }
   if (!p.bias) return;
   // d_bias: a fixed-order tree over the block's threads (deterministic).
@@ -398,8 +415,33 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   }
   if (thread_idx().x == 0) {
     const global_ptr<uint8_t> grad_bias(static_cast<uint8_t*>(p.grad_bias));
-    store_any(grad_bias, p.bias_dtype, c0, red[0]);
-    if (second) store_any(grad_bias, p.bias_dtype, c0 + 1, red[block_dim().x]);
+    const global_ptr<float> partial_bias(p.partial_bias);
+    for (int side = 0; side < (second ? 2 : 1); ++side) {
+      const float value = side == 0 ? red[0] : red[block_dim().x];
+      if (partial)
+        partial_bias[chunk * p.channels + c0 + side] = value;
+      else
+        store_any(grad_bias, p.bias_dtype, c0 + side, value);
+    }
+  }
+}
+
+// dk and d_bias from the chunks' partial sums, added in chunk order: one thread per element of
+// dk ([C, Lk]) then of d_bias ([C]).
+TM_DEVICE void fft_conv_reduce_body(const FftConvParams& p) {
+  const int64_t total_k = p.channels * p.taps;
+  const int64_t i = int64_t(block_idx().x) * block_dim().x + thread_idx().x;
+  const global_ptr<const float> partial_k(p.partial_k);
+  const global_ptr<const float> partial_bias(p.partial_bias);
+  if (i < total_k) {
+    float sum = 0.0f;
+    for (int64_t ch = 0; ch < p.chunks; ++ch) sum += partial_k[ch * total_k + i];
+    store_any(global_ptr<uint8_t>(static_cast<uint8_t*>(p.grad_k)), p.k_dtype, i, sum);
+  } else if (p.bias && i < total_k + p.channels) {
+    const int64_t c = i - total_k;
+    float sum = 0.0f;
+    for (int64_t ch = 0; ch < p.chunks; ++ch) sum += partial_bias[ch * p.channels + c];
+    store_any(global_ptr<uint8_t>(static_cast<uint8_t*>(p.grad_bias)), p.bias_dtype, c, sum);
   }
 }
 
@@ -411,6 +453,10 @@ TM_GLOBAL void fft_conv_forward_kernel(FftConvParams p) {
 template <class E>
 TM_GLOBAL void fft_conv_backward_kernel(FftConvParams p) {
   fft_conv_backward_body<E>(p);
+}
+
+TM_GLOBAL void fft_conv_reduce_kernel(FftConvParams p) {
+  fft_conv_reduce_body(p);
 }
 
 }  // namespace tokenmix::cuda

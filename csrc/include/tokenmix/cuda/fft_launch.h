@@ -56,6 +56,11 @@ inline FftConvParams make_params(const FftConvProblem& p) {
   prm.grad_post = p.grad_post_gate;
   prm.grad_k = p.grad_k;
   prm.grad_bias = p.grad_bias;
+  prm.chunks = fft_conv_cuda_chunks(p.batch, p.channels);
+  prm.batch_per_chunk = (p.batch + prm.chunks - 1) / prm.chunks;
+  prm.partial_k = prm.chunks > 1 ? p.workspace : nullptr;
+  prm.partial_bias =
+      prm.chunks > 1 ? p.workspace + prm.chunks * p.channels * p.filter_length : nullptr;
   return prm;
 }
 
@@ -82,6 +87,9 @@ inline void register_buffers(Registrations& r, const FftConvProblem& p, bool bac
   r.add(p.grad_k, size_t(p.channels * p.filter_length) * size_t(dtype_size(p.k.dtype)), "grad_k");
   if (p.bias.data)
     r.add(p.grad_bias, size_t(p.channels) * size_t(dtype_size(p.bias.dtype)), "grad_bias");
+  r.add(p.workspace,
+        size_t(fft_conv_cuda_workspace_floats(p.batch, p.channels, p.filter_length)) * 4,
+        "workspace");
 }
 
 template <class E>
@@ -112,11 +120,19 @@ void conv_backward(const FftConvProblem& p, void* stream) {
   Registrations r;
   register_buffers(r, p, true);
   r.commit();
-  const dim3u grid(uint32_t((p.channels + 1) / 2), 1, 1);
+  if (prm.chunks > 1 && !p.workspace)
+    throw std::runtime_error("tokenmix: fft_conv's CUDA backward needs its workspace");
+  const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(prm.chunks), 1);
   launch_on(static_cast<stream_t>(stream),
             named(fft_conv_backward_kernel<E>, "fft_conv_backward_kernel"), grid,
             dim3u(kFftConvThreads), size_t(smem), prm);
   check_launch("fft_conv_backward_kernel");
+  if (prm.chunks == 1) return;
+  const int64_t elements = p.channels * (p.filter_length + 1);
+  const dim3u reduce_grid(uint32_t((elements + kFftConvThreads - 1) / kFftConvThreads), 1, 1);
+  launch_on(static_cast<stream_t>(stream), named(fft_conv_reduce_kernel, "fft_conv_reduce_kernel"),
+            reduce_grid, dim3u(kFftConvThreads), size_t(0), prm);
+  check_launch("fft_conv_reduce_kernel");
 }
 
 }  // namespace tokenmix::cuda::fft_host
