@@ -10,50 +10,14 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "tokenmix/cpu/fft_engine.h"
 #include "tokenmix/cpu/fft_io.h"
+#include "tokenmix/cpu/fft_tasks.h"
 #include "tokenmix/cpu/parallel.h"
 #include "tokenmix/fft_problem.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
-
-// Tasks of a per-channel-block kernel: (block, chunk of the batch), at least `target` of them
-// when the shape allows, so that small-C and small-B problems spread over the threads. The
-// chunking depends on the shape only. Backward passes, whose chunks each hold partial sums,
-// ask for fewer.
-struct BlockChunking {
-  static constexpr int64_t kForwardTasks = 64, kBackwardTasks = 16;
-  int64_t batch = 0, channels = 0, width = 0;
-  int64_t blocks = 0, chunks = 0, batch_per_chunk = 0;
-
-  // What task `index` covers: channels [c0, c0 + lanes) of batch entries [b0, b1).
-  struct Task {
-    int64_t chunk, c0, b0, b1;
-    int lanes;
-  };
-
-  BlockChunking(int64_t batch_, int64_t channels_, int width_, int64_t target)
-      : batch(batch_), channels(channels_), width(width_) {
-    blocks = (channels + width - 1) / width;
-    const int64_t want = blocks >= target ? 1 : (target + blocks - 1) / blocks;
-    chunks = batch < want ? batch : want;
-    if (chunks < 1) chunks = 1;
-    batch_per_chunk = (batch + chunks - 1) / chunks;
-    chunks = batch_per_chunk > 0 ? (batch + batch_per_chunk - 1) / batch_per_chunk : 1;
-  }
-  int64_t tasks() const { return blocks * chunks; }
-  Task task(int64_t index) const {
-    Task t;
-    t.chunk = index / blocks;
-    t.c0 = (index % blocks) * width;
-    t.lanes = int(channels - t.c0 < width ? channels - t.c0 : width);
-    t.b0 = t.chunk * batch_per_chunk;
-    t.b1 = t.b0 + batch_per_chunk < batch ? t.b0 + batch_per_chunk : batch;
-    return t;
-  }
-};
 
 template <class S, class T>
 void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
@@ -198,21 +162,11 @@ void fft_conv_cpu_impl(const FftConvProblem& p, bool backward) {
   });
 
   if (!partials) return;
-  run_parallel(p, C, 16, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      for (int64_t t = 0; t < Lk; ++t) {
-        T total = 0;
-        for (int64_t ch = 0; ch < chunking.chunks; ++ch)
-          total += dk_part[size_t((ch * C + c) * Lk + t)];
-        store_dynamic<T>(p.grad_k, p.k.dtype, c * Lk + t, total);
-      }
-      if (p.bias.data) {
-        T total = 0;
-        for (int64_t ch = 0; ch < chunking.chunks; ++ch) total += dbias_part[size_t(ch * C + c)];
-        store_dynamic<T>(p.grad_bias, p.bias.dtype, c, total);
-      }
-    }
-  });
+  add_chunk_partials(p, dk_part.data(), chunking.chunks, C * Lk,
+                     [&](int64_t i, T v) { store_dynamic<T>(p.grad_k, p.k.dtype, i, v); });
+  if (p.bias.data)
+    add_chunk_partials(p, dbias_part.data(), chunking.chunks, C,
+                       [&](int64_t i, T v) { store_dynamic<T>(p.grad_bias, p.bias.dtype, i, v); });
 }
 
 }  // namespace tokenmix::cpu::TOKENMIX_ISA

@@ -16,9 +16,9 @@
 
 #include <cstdint>
 
-#include "tokenmix/cpu/fft_conv_kernels.h"
 #include "tokenmix/cpu/fft_engine.h"
 #include "tokenmix/cpu/fft_io.h"
+#include "tokenmix/cpu/fft_tasks.h"
 #include "tokenmix/cpu/parallel.h"
 #include "tokenmix/fft_problem.h"
 
@@ -125,15 +125,9 @@ void global_filter_cpu_impl(const GlobalFilterProblem& p, bool backward) {
     }
   });
   if (!partials) return;
-  const int64_t total = H * wf * C * 2;
   T* dst = static_cast<T*>(p.grad_weight);
-  run_parallel(p, total, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T sum = 0;
-      for (int64_t ch = 0; ch < chunking.chunks; ++ch) sum += dw_part[size_t(ch * total + i)];
-      dst[i] = sum;
-    }
-  });
+  add_chunk_partials(p, dw_part.data(), chunking.chunks, H * wf * C * 2,
+                     [&](int64_t i, T v) { dst[i] = v; });
 }
 
 template <class S, class T>

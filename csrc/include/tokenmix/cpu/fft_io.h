@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tokenmix/cpu/simd.h"
 #include "tokenmix/tensor_view.h"

@@ -168,6 +168,23 @@ TM_DEVICE Complex pack_pair(Complex w0, Complex w1) {
   return r;
 }
 
+// The pair's convolutions with the filter pair: W = K0 X0 + i K1 X1 into dst from the packed
+// spectra x_hat and k_hat, then its inverse transform (work is clobbered; returns whichever of
+// dst and work holds the result: w0 + i w1, normalized by the 1/n folded into k_hat).
+TM_DEVICE shared_ptr<Complex> convolve_pair(const FftConvSmem& s, int64_t n, int log2n,
+                                            const shared_ptr<Complex>& x_hat,
+                                            const shared_ptr<Complex>& k_hat,
+                                            shared_ptr<Complex> dst, shared_ptr<Complex> work) {
+  for (int64_t f = thread_idx().x; f < n; f += block_dim().x) {
+    Complex x0, x1, k0, k1;
+    unpack_pair(x_hat, f, n, &x0, &x1);
+    unpack_pair(k_hat, f, n, &k0, &k1);
+    dst[f] = pack_pair(cplx_mul(k0, x0), cplx_mul(k1, x1));
+  }
+  sync_threads();
+  return stockham_radix2<true>(s, n, log2n, dst, work);
+}
+
 // A [B, L, C] operand of element type E::T (u, gates, dy) at (b, t, c).
 template <class E>
 TM_DEVICE float load_token(const global_ptr<const typename E::T>& x, const int64_t* stride,
@@ -241,15 +258,7 @@ TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem&
   sync_threads();
   shared_ptr<Complex> spec = stockham_radix2<false>(s, p.n, p.log2n, z, work);
   shared_ptr<Complex> other = spec == z ? work : z;
-  // W = K0 U0 + i K1 U1 at every bin, written to the other buffer.
-  for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
-    Complex u0, u1, k0, k1;
-    unpack_pair(spec, f, p.n, &u0, &u1);
-    unpack_pair(k_hat, f, p.n, &k0, &k1);
-    other[f] = pack_pair(cplx_mul(k0, u0), cplx_mul(k1, u1));
-  }
-  sync_threads();
-  shared_ptr<Complex> y = stockham_radix2<true>(s, p.n, p.log2n, other, spec);
+  shared_ptr<Complex> y = convolve_pair(s, p.n, p.log2n, spec, k_hat, other, spec);
   const bool second = c0 + 1 < p.channels;
   for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
     const Complex v = y[t];
@@ -325,14 +334,7 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
     shared_ptr<Complex> v_hat = stockham_radix2<false>(s, p.n, p.log2n, a, work);
     shared_ptr<Complex> free_buf = v_hat == a ? work : a;
     if (p.post) {  // d_post_gate = dy * (k (*) v)
-      for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
-        Complex v0, v1, k0, k1;
-        unpack_pair(v_hat, f, p.n, &v0, &v1);
-        unpack_pair(k_hat, f, p.n, &k0, &k1);
-        bbuf[f] = pack_pair(cplx_mul(k0, v0), cplx_mul(k1, v1));
-      }
-      sync_threads();
-      shared_ptr<Complex> y = stockham_radix2<true>(s, p.n, p.log2n, bbuf, free_buf);
+      shared_ptr<Complex> y = convolve_pair(s, p.n, p.log2n, v_hat, k_hat, bbuf, free_buf);
       for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
         const Complex v = y[t];
         for (int side = 0; side < (second ? 2 : 1); ++side) {

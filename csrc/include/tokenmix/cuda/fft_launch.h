@@ -92,47 +92,45 @@ inline void register_buffers(Registrations& r, const FftConvProblem& p, bool bac
         "workspace");
 }
 
+// Launches kernel (after opting in to its shared memory) and reports a failed launch.
+template <class K>
+void launch_checked(K kernel, const char* name, dim3u grid, int64_t smem, const FftConvParams& prm,
+                    void* stream) {
+  if (smem > 0) prepare_shared(kernel, smem, checked_device(), name);
+  launch_on(static_cast<stream_t>(stream), named(kernel, name), grid, dim3u(kFftConvThreads),
+            size_t(smem), prm);
+  check_launch(name);
+}
+
 template <class E>
 void conv_forward(const FftConvProblem& p, void* stream) {
   FftConvParams prm = make_params(p);
   prm.out = p.out;
-  const int64_t smem = fft_conv_smem_bytes(prm.n, 3);
-  const device_facts device = checked_device();
-  prepare_shared(fft_conv_forward_kernel<E>, smem, device, "fft_conv_forward_kernel");
   Registrations r;
   register_buffers(r, p, false);
   r.commit();
   // Batch entries beyond the grid's height limit are looped over inside the blocks.
   const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(p.batch < 65535 ? p.batch : 65535), 1);
-  launch_on(static_cast<stream_t>(stream),
-            named(fft_conv_forward_kernel<E>, "fft_conv_forward_kernel"), grid,
-            dim3u(kFftConvThreads), size_t(smem), prm);
-  check_launch("fft_conv_forward_kernel");
+  launch_checked(fft_conv_forward_kernel<E>, "fft_conv_forward_kernel", grid,
+                 fft_conv_smem_bytes(prm.n, 3), prm, stream);
 }
 
 template <class E>
 void conv_backward(const FftConvProblem& p, void* stream) {
   FftConvParams prm = make_params(p);
   prm.out = p.grad_u;
-  const int64_t smem = fft_conv_smem_bytes(prm.n, 5);
-  const device_facts device = checked_device();
-  prepare_shared(fft_conv_backward_kernel<E>, smem, device, "fft_conv_backward_kernel");
   Registrations r;
   register_buffers(r, p, true);
   r.commit();
   if (prm.chunks > 1 && !p.workspace)
     throw std::runtime_error("tokenmix: fft_conv's CUDA backward needs its workspace");
   const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(prm.chunks), 1);
-  launch_on(static_cast<stream_t>(stream),
-            named(fft_conv_backward_kernel<E>, "fft_conv_backward_kernel"), grid,
-            dim3u(kFftConvThreads), size_t(smem), prm);
-  check_launch("fft_conv_backward_kernel");
+  launch_checked(fft_conv_backward_kernel<E>, "fft_conv_backward_kernel", grid,
+                 fft_conv_smem_bytes(prm.n, 5), prm, stream);
   if (prm.chunks == 1) return;
   const int64_t elements = p.channels * (p.filter_length + 1);
   const dim3u reduce_grid(uint32_t((elements + kFftConvThreads - 1) / kFftConvThreads), 1, 1);
-  launch_on(static_cast<stream_t>(stream), named(fft_conv_reduce_kernel, "fft_conv_reduce_kernel"),
-            reduce_grid, dim3u(kFftConvThreads), size_t(0), prm);
-  check_launch("fft_conv_reduce_kernel");
+  launch_checked(fft_conv_reduce_kernel, "fft_conv_reduce_kernel", reduce_grid, 0, prm, stream);
 }
 
 }  // namespace tokenmix::cuda::fft_host
