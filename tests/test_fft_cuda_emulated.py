@@ -122,6 +122,51 @@ def test_half_precision(dtype, k_dtype):
     )
 
 
+# fp16/bf16 transforms of 128 points and more run the Monarch plan on tensor cores (n = 16^a r,
+# r = 8, 1, 2, 4, 8 for n = 128 ... 2048); shorter ones the radix-2 FMA plan.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "length, taps, causal",
+    [
+        (40, 20, True),
+        (64, 64, True),
+        (128, 128, False),
+        (256, 100, False),
+        (300, 200, True),
+        (512, 512, False),
+        (1000, 1000, True),
+        (2048, 700, False),
+    ],
+)
+def test_half_precision_every_plan(dtype, length, taps, causal):
+    _compare(2, length, 4, taps, causal, dtype, bias=True, post=True)
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(torch.float16, 1e4), (torch.float16, 2e-6), (torch.bfloat16, 1e30), (torch.bfloat16, 1e-30)],
+)
+def test_half_precision_extreme_magnitudes(dtype, scale):
+    # The tensor-core transforms round their operands to fp16: without the per-transform
+    # power-of-two normalization, bf16 data of 1e30 overflows, 1e-30 flushes to zero, and fp16
+    # data of 2e-6 (subnormal inside the transform) loses its precision. A large filter keeps
+    # fp16 outputs out of the subnormal range.
+    u = _randn(2, 1024, 4, dtype=dtype, seed=1, scale=scale)
+    k_scale = 1e3 if dtype == torch.float16 and scale < 1 else 1.0
+    k = _randn(4, 1024, seed=2, scale=k_scale * 1024**-0.5)
+    dy_scale = 1.0 if dtype == torch.float16 else 1 / scale  # dk stays finite
+    dy = _randn(2, 1024, 4, dtype=dtype, seed=6, scale=dy_scale)
+    ops = torch.ops.tokenmix_emulated
+    y = ops.fft_conv_forward(u, k, None, None, None, True)
+    du, dk, _, _, _ = ops.fft_conv_backward(dy, u, k, None, None, None, True)
+    leaves = [u.double().requires_grad_(), k.double().requires_grad_()]
+    want = fft_conv_reference(*leaves, causal=True)
+    want.backward(dy.double())
+    for got, ref in ((y, want.detach()), (du, leaves[0].grad), (dk, leaves[1].grad)):
+        assert torch.isfinite(got).all()
+        assert _rel(got, ref) < TOL[dtype], _rel(got, ref)
+
+
 def test_odd_channel_count_and_strided_input():
     # The last channel pair has one channel; u is a transposed view.
     _compare(2, 90, 7, 33, True, torch.float32, bias=True, post=True, strided=True)

@@ -133,6 +133,22 @@ def test_tensor_core_kernels_have_a_main_loop(shipped, family):
     assert checked >= 12
 
 
+def test_fft_conv_kernels_use_tensor_cores_for_half_precision(shipped):
+    # fp16/bf16: Monarch transforms, 4 HMMA.16816 per 8-column tile of a radix-16 stage (a
+    # complex product as 4 real ones) in each transform loop; fp32: radix-2 on FMAs.
+    checked = 0
+    for k in shipped:
+        name = _readable_kernel(k.name)
+        if not name.startswith(("fft_conv_forward_kernel", "fft_conv_backward_kernel")):
+            continue
+        checked += 1
+        half = name.endswith(("<F16>", "<BF16>"))
+        hmma = k.counts.get("hmma", 0)
+        assert (hmma > 0 and hmma % 4 == 0) if half else hmma == 0, (name, hmma)
+        assert k.counts.get("local", 0) == 0, f"{name}: local memory in the main loop"
+    assert checked == 12  # forward and backward x 3 dtypes x sm_80, sm_90
+
+
 def test_cli(capsys):
     from tokenmix.__main__ import main
 

@@ -143,9 +143,10 @@ def info() -> dict:
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
             "fused neighborhood and block-sparse attention (forward + backward; fp16/bf16 "
-            "tensor cores, fp32), fft_conv up to 2048-point transforms (forward + backward, "
-            "fp32 FMA); linear scans run on the CPU only; the other FFT mixing operators run "
-            "the torch.fft compositions on CUDA tensors"
+            "tensor cores, fp32), fft_conv up to 2048-point transforms (forward + backward; "
+            "fp16/bf16 Monarch transforms on tensor cores, fp32 FMA); linear scans run on the "
+            "CPU only; the other FFT mixing operators run the torch.fft compositions on CUDA "
+            "tensors"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"

@@ -1,17 +1,21 @@
 // fft_conv on CUDA, written on the SIMT layer (nvcc builds it for the GPU, the host compiler for
 // the emulator). One block per pair of channels, the pair packed as one complex signal
 // z = v_c0 + i v_c1, so one complex transform serves both channels; each block keeps the whole
-// transform in shared memory (power-of-two lengths up to kFftConvCudaMaxSize), float32 throughout
-// (FMA; fp16/bf16 inputs are converted on load).
+// transform in shared memory (power-of-two lengths up to kFftConvCudaMaxSize), float32 storage
+// and arithmetic outside the transforms.
 //
-// The transform is a radix-2 Stockham (natural order in and out), twiddles from a per-block
-// table. Spectra of the two channels come out of the packed spectrum Z by symmetry:
+// The transforms (tokenmix/cuda/fft_transform.h) are radix-2 Stockham on FMAs for float32, and
+// Monarch on tensor cores for fp16/bf16 (from 128 points), whose spectra are digit-reversed:
+// every spectrum of a block (filter, signal, gradient) is kept in its plan's order, and the
+// inverse transforms return natural order. Spectra of the two channels come out of the packed
+// spectrum Z by symmetry:
 //   X0[f] = (Z[f] + conj Z[-f]) / 2,  X1[f] = (Z[f] - conj Z[-f]) / (2i),
 // and a pair of real results w0, w1 goes back through one inverse transform of W0 + i W1.
 #pragma once
 
 #include <cstdint>
 
+#include "tokenmix/cuda/fft_transform.h"
 #include "tokenmix/cuda/launch_common.h"
 #include "tokenmix/cuda/warp_gemm.h"
 #include "tokenmix/fft_problem.h"
@@ -22,21 +26,6 @@ namespace tokenmix::cuda {
 using namespace ::tokenmix::simt;
 
 inline constexpr int kFftConvThreads = 256;
-struct Complex {
-  float re, im;
-};
-TM_DEVICE Complex cplx_add(Complex a, Complex b) {
-  return {a.re + b.re, a.im + b.im};
-}
-TM_DEVICE Complex cplx_sub(Complex a, Complex b) {
-  return {a.re - b.re, a.im - b.im};
-}
-TM_DEVICE Complex cplx_mul(Complex a, Complex b) {
-  return {a.re * b.re - a.im * b.im, a.re * b.im + a.im * b.re};
-}
-TM_DEVICE Complex cplx_conj(Complex a) {
-  return {a.re, -a.im};
-}
 
 // One element of a tensor whose dtype is known only at run time (filters, biases).
 TM_DEVICE float load_any(const global_ptr<const uint8_t>& base, DType dtype, int64_t index) {
@@ -87,72 +76,21 @@ struct FftConvParams {
   float* partial_bias;
 };
 
-// The shared-memory layout of one block: the twiddle table (n/2 entries) and `buffers` complex
-// buffers of n entries each. The backward's d_bias reduction reuses buffer 1 for two floats per
-// thread, which short transforms would not cover.
+// The shared-memory bytes of a block with `buffers` complex buffers (fft_transform.h's layout).
+// The backward's d_bias reduction reuses buffer 1 for two floats per thread, which short
+// transforms would not cover.
 TM_HOST_DEVICE int64_t fft_conv_smem_bytes(int64_t n, int buffers) {
-  const int64_t layout = (n / 2 + int64_t(buffers) * n) * int64_t(sizeof(Complex));
-  const int64_t reduction = (n / 2 + n) * int64_t(sizeof(Complex)) + 2 * kFftConvThreads * 4;
+  const int64_t layout = fft_smem_bytes(n, buffers);
+  const int64_t reduction = fft_smem_bytes(n, 1) + 2 * kFftConvThreads * 4;
   return layout > reduction ? layout : reduction;
 }
 
-// The block's view of its shared memory: the twiddle table, then the buffers.
-struct FftConvSmem {
-  shared_ptr<Complex> twiddle;  // [n/2] e^{-2 pi i t / n}
-  int64_t n;
-  TM_DEVICE shared_ptr<Complex> buf(int i) const { return twiddle + n / 2 + int64_t(i) * n; }
-};
-
-TM_DEVICE FftConvSmem fft_conv_smem(int64_t n) {
-  FftConvSmem s;
-  s.twiddle = dynamic_shared<Complex>();
-  s.n = n;
-  return s;
-}
-
-TM_DEVICE void fill_twiddles(const FftConvSmem& s, int64_t n) {
-  for (int64_t t = thread_idx().x; t < n / 2; t += block_dim().x) {
-    float sn, cs;
-    sincospi_f32(-2.0f * float(t) / float(n), &sn, &cs);
-    Complex w;
-    w.re = cs;
-    w.im = sn;
-    s.twiddle[t] = w;
-  }
-}
-
-// Unnormalized radix-2 Stockham transform of n = 2^log2n points in `data` (forward e^{-2 pi i},
-// inverse e^{+2 pi i}); `work` is clobbered. Returns whichever buffer holds the result.
-template <bool kInverse>
-TM_DEVICE shared_ptr<Complex> stockham_radix2(const FftConvSmem& s, int64_t n, int log2n,
-                                              shared_ptr<Complex> data, shared_ptr<Complex> work) {
-  shared_ptr<Complex> src = data, dst = work;
-  for (int stage = 0; stage < log2n; ++stage) {
-    const int log2s = stage;  // s = 2^stage transforms interleaved, each of n / s points
-    const int64_t half = n >> 1;
-    for (int64_t i = thread_idx().x; i < half; i += block_dim().x) {
-      const int64_t j = i >> log2s, q = i & ((int64_t(1) << log2s) - 1);
-      const int64_t s_len = int64_t(1) << log2s;
-      const Complex a0 = src[q + s_len * j];
-      const Complex a1 = src[q + s_len * j + half];
-      Complex w = s.twiddle[j * s_len];
-      if (kInverse) w.im = -w.im;
-      dst[q + s_len * 2 * j] = cplx_add(a0, a1);
-      dst[q + s_len * (2 * j + 1)] = cplx_mul(cplx_sub(a0, a1), w);
-    }
-    sync_threads();
-    shared_ptr<Complex> t = src;
-    src = dst;
-    dst = t;
-  }
-  return src;
-}
-
-// Per-pair spectra of two real signals packed as z = x0 + i x1: (X0[f], X1[f]) from Z.
-TM_DEVICE void unpack_pair(const shared_ptr<Complex>& z, int64_t f, int64_t n, Complex* x0,
+// Per-pair spectra of two real signals packed as z = x0 + i x1: (X0[f], X1[f]) from Z, for the
+// frequency f at position `pos` of the plan's order (`partner` holds -f).
+TM_DEVICE void unpack_pair(const shared_ptr<Complex>& z, int64_t pos, int64_t partner, Complex* x0,
                            Complex* x1) {
-  const Complex a = z[f];
-  const Complex b = cplx_conj(z[(n - f) & (n - 1)]);
+  const Complex a = z[pos];
+  const Complex b = cplx_conj(z[partner]);
   x0->re = 0.5f * (a.re + b.re);
   x0->im = 0.5f * (a.im + b.im);
   // (a - b) / (2i) = (Im(a - b) - i Re(a - b)) / 2
@@ -170,19 +108,20 @@ TM_DEVICE Complex pack_pair(Complex w0, Complex w1) {
 
 // The pair's convolutions with the filter pair: W = K0 X0 + i K1 X1 into dst from the packed
 // spectra x_hat and k_hat, then its inverse transform (work is clobbered; returns whichever of
-// dst and work holds the result: w0 + i w1, normalized by the 1/n folded into k_hat).
-TM_DEVICE shared_ptr<Complex> convolve_pair(const FftConvSmem& s, int64_t n, int log2n,
+// dst and work holds the result: w0 + i w1, normalized by the scale folded into k_hat).
+TM_DEVICE shared_ptr<Complex> convolve_pair(const FftConvSmem& s, const FftPlan& q,
                                             const shared_ptr<Complex>& x_hat,
                                             const shared_ptr<Complex>& k_hat,
                                             shared_ptr<Complex> dst, shared_ptr<Complex> work) {
-  for (int64_t f = thread_idx().x; f < n; f += block_dim().x) {
+  for (int64_t f = thread_idx().x; f < q.n; f += block_dim().x) {
+    const int64_t partner = q.partner(f);
     Complex x0, x1, k0, k1;
-    unpack_pair(x_hat, f, n, &x0, &x1);
-    unpack_pair(k_hat, f, n, &k0, &k1);
+    unpack_pair(x_hat, f, partner, &x0, &x1);
+    unpack_pair(k_hat, f, partner, &k0, &k1);
     dst[f] = pack_pair(cplx_mul(k0, x0), cplx_mul(k1, x1));
   }
   sync_threads();
-  return stockham_radix2<true>(s, n, log2n, dst, work);
+  return transform<true>(s, q, dst, work);
 }
 
 // A [B, L, C] operand of element type E::T (u, gates, dy) at (b, t, c).
@@ -215,10 +154,13 @@ TM_DEVICE void load_pair(const global_ptr<const typename E::T>& x, const int64_t
   }
 }
 
-// The filter pair's packed spectrum, times 1/n (the inverse transform's normalization).
+// The filter pair's packed spectrum in the plan's order, times 1 / (n sigma^2): the inverse
+// transform's normalization and the plan's scale of the signal's forward and inverse transforms.
+// Computed by the float32 radix-2 transform whatever the plan (once per block, and the filter
+// may be float32 while the signal is fp16/bf16).
 template <class E>
-TM_DEVICE void filter_spectrum(const FftConvParams& p, const FftConvSmem& s, int64_t c0,
-                               shared_ptr<Complex> k_hat, shared_ptr<Complex> work) {
+TM_DEVICE void filter_spectrum(const FftConvParams& p, const FftConvSmem& s, const FftPlan& q,
+                               int64_t c0, shared_ptr<Complex> k_hat, shared_ptr<Complex> work) {
   const global_ptr<const uint8_t> k(static_cast<const uint8_t*>(p.k));
   const bool second = c0 + 1 < p.channels;
   for (int64_t t = thread_idx().x; t < p.n; t += block_dim().x) {
@@ -233,20 +175,22 @@ TM_DEVICE void filter_spectrum(const FftConvParams& p, const FftConvSmem& s, int
   }
   sync_threads();
   shared_ptr<Complex> r = stockham_radix2<false>(s, p.n, p.log2n, k_hat, work);
-  const float inv_n = 1.0f / float(p.n);
-  for (int64_t t = thread_idx().x; t < p.n; t += block_dim().x) {
-    Complex v = r[t];
-    v.re *= inv_n;
-    v.im *= inv_n;
-    k_hat[t] = v;
+  if (r == k_hat) {  // the reordering below reads and writes different buffers
+    for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) work[f] = k_hat[f];
+    sync_threads();
+    r = work;
   }
+  const float scale = 1.0f / (float(p.n) * q.sigma * q.sigma);
+  for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x)
+    k_hat[q.position_of(f)] = cplx_scale(r[f], scale);
   sync_threads();
 }
 
 // One batch entry of the forward.
 template <class E>
-TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem& s, int64_t b,
-                                      int64_t c0, shared_ptr<Complex> k_hat, shared_ptr<Complex> z,
+TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem& s,
+                                      const FftPlan& q, int64_t b, int64_t c0,
+                                      shared_ptr<Complex> k_hat, shared_ptr<Complex> z,
                                       shared_ptr<Complex> work) {
   using T = typename E::T;
   const global_ptr<const T> u(static_cast<const T*>(p.u));
@@ -256,9 +200,9 @@ TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem&
   const global_ptr<T> out(static_cast<T*>(p.out));
   load_pair<E>(u, p.u_stride, pre, p.pre_stride, p.pre != nullptr, p, b, c0, z);
   sync_threads();
-  shared_ptr<Complex> spec = stockham_radix2<false>(s, p.n, p.log2n, z, work);
+  shared_ptr<Complex> spec = transform<false>(s, q, z, work);
   shared_ptr<Complex> other = spec == z ? work : z;
-  shared_ptr<Complex> y = convolve_pair(s, p.n, p.log2n, spec, k_hat, other, spec);
+  shared_ptr<Complex> y = convolve_pair(s, q, spec, k_hat, other, spec);
   const bool second = c0 + 1 < p.channels;
   for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
     const Complex v = y[t];
@@ -283,10 +227,11 @@ TM_DEVICE void fft_conv_forward_body(const FftConvParams& p) {
   const FftConvSmem s = fft_conv_smem(p.n);
   fill_twiddles(s, p.n);
   sync_threads();
+  const FftPlan q = fft_plan(p.n, p.log2n, E::kTensorCore);
   shared_ptr<Complex> k_hat = s.buf(0), z = s.buf(1), work = s.buf(2);
-  filter_spectrum<E>(p, s, c0, k_hat, work);
+  filter_spectrum<E>(p, s, q, c0, k_hat, work);
   for (int64_t b = block_idx().y; b < p.batch; b += grid_dim().y) {
-    fft_conv_forward_entry<E>(p, s, b, c0, k_hat, z, work);
+    fft_conv_forward_entry<E>(p, s, q, b, c0, k_hat, z, work);
   }
 }
 
@@ -299,6 +244,7 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   const int64_t c0 = int64_t(block_idx().x) * 2;
   const bool second = c0 + 1 < p.channels;
   const FftConvSmem s = fft_conv_smem(p.n);
+  const FftPlan q = fft_plan(p.n, p.log2n, E::kTensorCore);
   fill_twiddles(s, p.n);
   sync_threads();
   const global_ptr<const T> u(static_cast<const T*>(p.u));
@@ -311,7 +257,7 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   const global_ptr<T> dpost(static_cast<T*>(p.grad_post));
   shared_ptr<Complex> k_hat = s.buf(0), a = s.buf(1), bbuf = s.buf(2), work = s.buf(3),
                       dk_hat = s.buf(4);
-  filter_spectrum<E>(p, s, c0, k_hat, work);
+  filter_spectrum<E>(p, s, q, c0, k_hat, work);
   for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
     Complex zero;
     zero.re = 0.0f;
@@ -331,10 +277,10 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
     // v_hat: the packed spectrum of v = pre_gate * u (in `a`, or in `work` after the transform).
     load_pair<E>(u, p.u_stride, pre, p.pre_stride, p.pre != nullptr, p, b, c0, a);
     sync_threads();
-    shared_ptr<Complex> v_hat = stockham_radix2<false>(s, p.n, p.log2n, a, work);
+    shared_ptr<Complex> v_hat = transform<false>(s, q, a, work);
     shared_ptr<Complex> free_buf = v_hat == a ? work : a;
     if (p.post) {  // d_post_gate = dy * (k (*) v)
-      shared_ptr<Complex> y = convolve_pair(s, p.n, p.log2n, v_hat, k_hat, bbuf, free_buf);
+      shared_ptr<Complex> y = convolve_pair(s, q, v_hat, k_hat, bbuf, free_buf);
       for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
         const Complex v = y[t];
         for (int side = 0; side < (second ? 2 : 1); ++side) {
@@ -348,20 +294,21 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
     // g_hat: the packed spectrum of g = post_gate * dy.
     load_pair<E>(dy, p.dy_stride, post, p.post_stride, p.post != nullptr, p, b, c0, bbuf);
     sync_threads();
-    shared_ptr<Complex> g_hat = stockham_radix2<false>(s, p.n, p.log2n, bbuf, free_buf);
+    shared_ptr<Complex> g_hat = transform<false>(s, q, bbuf, free_buf);
     shared_ptr<Complex> dv_hat = g_hat == bbuf ? free_buf : bbuf;
     for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x) {
+      const int64_t partner = q.partner(f);
       Complex v0, v1, g0, g1, k0, k1;
-      unpack_pair(v_hat, f, p.n, &v0, &v1);
-      unpack_pair(g_hat, f, p.n, &g0, &g1);
-      unpack_pair(k_hat, f, p.n, &k0, &k1);
+      unpack_pair(v_hat, f, partner, &v0, &v1);
+      unpack_pair(g_hat, f, partner, &g0, &g1);
+      unpack_pair(k_hat, f, partner, &k0, &k1);
       // dk spectra G conj(V) (summed over the batch, unnormalized); dv spectra G conj(K).
       dk_hat[f] =
           cplx_add(dk_hat[f], pack_pair(cplx_mul(g0, cplx_conj(v0)), cplx_mul(g1, cplx_conj(v1))));
       dv_hat[f] = pack_pair(cplx_mul(g0, cplx_conj(k0)), cplx_mul(g1, cplx_conj(k1)));
     }
     sync_threads();
-    shared_ptr<Complex> dv = stockham_radix2<true>(s, p.n, p.log2n, dv_hat, g_hat);
+    shared_ptr<Complex> dv = transform<true>(s, q, dv_hat, g_hat);
     for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
       const Complex v = dv[t];
       for (int side = 0; side < (second ? 2 : 1); ++side) {
@@ -382,13 +329,22 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
     }
     sync_threads();
   }
-  // dk = the first Lk taps of the inverse of the summed spectra, over n.
+  // dk = the first Lk taps of the inverse of the summed spectra, over n sigma^2 (the plan's scale
+  // of the two forward transforms), by the float32 radix-2 transform from natural order.
   shared_ptr<Complex> spare = s.buf(1);
+  if (q.monarch()) {
+    for (int64_t f = thread_idx().x; f < p.n; f += block_dim().x)
+      spare[f] = dk_hat[q.position_of(f)];
+    sync_threads();
+    shared_ptr<Complex> t = spare;
+    spare = dk_hat;
+    dk_hat = t;
+  }
   shared_ptr<Complex> dk = stockham_radix2<true>(s, p.n, p.log2n, dk_hat, spare);
   const global_ptr<uint8_t> grad_k(static_cast<uint8_t*>(p.grad_k));
   const global_ptr<float> partial_k(p.partial_k);
   const bool partial = p.chunks > 1;
-  const float inv_n = 1.0f / float(p.n);
+  const float inv_n = 1.0f / (float(p.n) * q.sigma * q.sigma);
   for (int64_t t = thread_idx().x; t < p.taps; t += block_dim().x) {
     const Complex v = dk[t];
     for (int side = 0; side < (second ? 2 : 1); ++side) {
