@@ -1,4 +1,5 @@
-"""tokenmix.fft_conv on a real CUDA device: the kernels of tokenmix/cuda/fft_conv.h through
+"""tokenmix.fft_conv on a real CUDA device: the kernels of tokenmix/cuda/fft_conv.h (one fused
+kernel up to 2048-point transforms) and fft_conv_multipass.h (beyond) through
 the public API (autograd included) against the float64 torch.fft composition, every dtype.
 Skipped (and reported as skipped) on machines without a GPU, such as this project's build
 machines, where tests/test_fft_cuda_emulated.py runs the same kernel source on the SIMT
@@ -22,11 +23,16 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "length, taps, causal",
-    [(1000, 1000, True), (2048, 300, True), (4096, 4096, False), (5000, 5000, True)],
+    [
+        (1000, 1000, True),
+        (2048, 300, True),
+        (4096, 4096, False),
+        (5000, 5000, True),
+        (40000, 30000, True),
+    ],
 )
 def test_fft_conv_matches_float64(dtype, length, taps, causal):
-    # 5000 + 5000 - 1 points is past the kernels' 2048: the composition runs instead, and the
-    # results are the same.
+    # 4096 and more points take the multi-pass kernels (131072 at L = 40000).
     gen = torch.Generator().manual_seed(length)
     b, c = 2, 24
 

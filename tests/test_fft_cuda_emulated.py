@@ -167,6 +167,39 @@ def test_half_precision_extreme_magnitudes(dtype, scale):
         assert _rel(got, ref) < TOL[dtype], _rel(got, ref)
 
 
+# Transforms beyond 2048 points take more passes (tokenmix/cuda/fft_conv_multipass.h): n = 4096
+# (64 x 64, radix-2 in both passes), 8192 (128 x 64: Monarch columns for fp16/bf16), 16384
+# (128 x 128). The emulator's build holds 64 KiB of spectra per batch chunk, so a batch of 3
+# runs in several chunks (dk summed across them).
+@pytest.mark.parametrize(
+    "b, length, taps, causal, dtype",
+    [
+        (3, 3000, 1097, True, torch.float32),
+        (2, 4096, 4096, False, torch.float32),
+        (3, 5000, 3000, True, torch.float16),
+        (1, 8192, 2000, False, torch.bfloat16),
+        (2, 9000, 7000, True, torch.float16),
+    ],
+)
+def test_multipass(b, length, taps, causal, dtype):
+    _compare(b, length, 3, taps, causal, dtype, bias=True, pre=True, post=True)
+
+
+def test_multipass_strided_input_and_float32_filter_with_bfloat16():
+    _compare(
+        2,
+        2500,
+        4,
+        2500,
+        True,
+        torch.bfloat16,
+        bias=True,
+        post=True,
+        k_dtype=torch.float32,
+        strided=True,
+    )
+
+
 def test_odd_channel_count_and_strided_input():
     # The last channel pair has one channel; u is a transposed view.
     _compare(2, 90, 7, 33, True, torch.float32, bias=True, post=True, strided=True)
@@ -175,8 +208,10 @@ def test_odd_channel_count_and_strided_input():
 def test_unsupported_problems_are_refused_with_the_reason():
     ops = torch.ops.tokenmix_emulated
     u = torch.randn(1, 3000, 2)
-    with pytest.raises(RuntimeError, match="at most 2048 points"):
-        ops.fft_conv_forward(u, torch.randn(2, 3000), None, None, None, True)
+    with pytest.raises(RuntimeError, match="at most 4194304 points"):
+        ops.fft_conv_forward(
+            torch.zeros(1, 2**21 + 1, 1), torch.zeros(1, 2**21 + 1), None, None, None, True
+        )
     with pytest.raises(RuntimeError, match="power of two"):
         ops.fft_conv_forward(torch.randn(1, 100, 2), torch.randn(2, 5), None, None, None, False)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
@@ -186,11 +221,17 @@ def test_unsupported_problems_are_refused_with_the_reason():
 @pytest.mark.parametrize("causal", [True, False])
 def test_python_size_rule_matches_the_kernels(causal):
     # tokenmix.fft_mix.args.cuda_transform_size decides which CUDA problems reach the kernels;
-    # it must accept exactly what the kernels accept.
+    # it must accept exactly what the kernels accept (fft_conv_cuda_size is their rule).
     ops = torch.ops.tokenmix_emulated
-    for length in (1, 2, 3, 5, 64, 100, 1024, 1025, 2048, 2049, 4096):
+    lengths = (1, 2, 3, 5, 64, 100, 1024, 1025, 2048, 2049, 4096, 5000, 2**21, 2**21 + 1, 2**22)
+    for length in lengths:
         for taps in sorted({1, max(1, length // 2), length}):
-            accepted = True
+            n = cuda_transform_size(length, taps, causal)
+            assert ops.fft_conv_cuda_size(length, taps, causal) == n, (length, taps, causal)
+            assert n <= CUDA_MAX_TRANSFORM
+            if length > 5000:
+                continue
+            accepted = True  # and the kernels run exactly those problems
             try:
                 ops.fft_conv_forward(
                     torch.zeros(1, length, 1), torch.zeros(1, taps), None, None, None, causal
@@ -198,13 +239,13 @@ def test_python_size_rule_matches_the_kernels(causal):
             except RuntimeError as exc:
                 assert "fft_conv on CUDA" in str(exc)
                 accepted = False
-            n = cuda_transform_size(length, taps, causal)
             assert accepted == (n > 0), (length, taps, causal)
-            assert n <= CUDA_MAX_TRANSFORM
 
 
-def test_deterministic():
-    u, k, dy = _randn(3, 300, 4, seed=1), _randn(4, 100, seed=2), _randn(3, 300, 4, seed=3)
+@pytest.mark.parametrize("length", [300, 3000])  # one fused kernel; multi-pass in 3 chunks
+def test_deterministic(length):
+    u, k = _randn(3, length, 4, seed=1), _randn(4, 100, seed=2)
+    dy = _randn(3, length, 4, seed=3)
     ops = torch.ops.tokenmix_emulated
     first = ops.fft_conv_backward(dy, u, k, torch.ones(4), None, None, True)
     second = ops.fft_conv_backward(dy, u, k, torch.ones(4), None, None, True)

@@ -136,17 +136,22 @@ def test_tensor_core_kernels_have_a_main_loop(shipped, family):
 def test_fft_conv_kernels_use_tensor_cores_for_half_precision(shipped):
     # fp16/bf16: Monarch transforms, 4 HMMA.16816 per 8-column tile of a radix-16 stage (a
     # complex product as 4 real ones) in each transform loop; fp32: radix-2 on FMAs.
+    # The multi-pass transform kernels are templated on <tensor cores, inverse>.
     checked = 0
     for k in shipped:
         name = _readable_kernel(k.name)
-        if not name.startswith(("fft_conv_forward_kernel", "fft_conv_backward_kernel")):
+        if name.startswith(("fft_conv_forward_kernel", "fft_conv_backward_kernel")):
+            half = name.endswith(("<F16>", "<BF16>"))
+        elif name.startswith(("fft_columns_kernel", "fft_rows_kernel")):
+            half = "<true," in name
+        else:
             continue
         checked += 1
-        half = name.endswith(("<F16>", "<BF16>"))
         hmma = k.counts.get("hmma", 0)
         assert (hmma > 0 and hmma % 4 == 0) if half else hmma == 0, (name, hmma)
         assert k.counts.get("local", 0) == 0, f"{name}: local memory in the main loop"
-    assert checked == 12  # forward and backward x 3 dtypes x sm_80, sm_90
+    # (forward, backward) x 3 dtypes + (columns, rows) x 4, on sm_80 and sm_90
+    assert checked == 2 * (6 + 8)
 
 
 def test_cli(capsys):

@@ -180,11 +180,14 @@ void emulated_conv(tokenmix::FftConvProblem& p, bool backward, const Tensor& u) 
   fill_nan(p.grad_post_gate, p.dtype, elems);
   fill_nan(p.grad_k, p.k.dtype, p.channels * p.filter_length);
   if (p.bias.data) fill_nan(p.grad_bias, p.bias.dtype, p.channels);
-  if (!backward) return tokenmix::cuda::emulated::fft_conv_forward(p, nullptr);
-  const Tensor workspace = tokenmix::fft_op::conv_workspace(u, p);
+  const Tensor workspace = tokenmix::fft_op::conv_workspace(u, p, backward);
   fill_nan(p.workspace, tokenmix::DType::kFloat32,
-           tokenmix::fft_conv_cuda_workspace_floats(p.batch, p.channels, p.filter_length));
-  tokenmix::cuda::emulated::fft_conv_backward(p, nullptr);
+           tokenmix::fft_conv_cuda_workspace_floats(p.batch, p.channels, p.length, p.filter_length,
+                                                    p.causal, backward));
+  if (backward)
+    tokenmix::cuda::emulated::fft_conv_backward(p, nullptr);
+  else
+    tokenmix::cuda::emulated::fft_conv_forward(p, nullptr);
 }
 
 Tensor fft_conv_forward(Tensor u, Tensor k, std::optional<Tensor> bias,
@@ -205,6 +208,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> fft_conv_backward(
       [&](tokenmix::FftConvProblem& p, bool backward) { emulated_conv(p, backward, u); });
 }
 
+// The transform length the CUDA fft_conv kernels use for a problem, 0 when they refuse it (the
+// rule tokenmix.fft_mix.args.cuda_transform_size must match), without running anything.
+int64_t fft_conv_cuda_size(int64_t length, int64_t taps, bool causal) {
+  return tokenmix::fft_conv_cuda_size(length, taps, causal);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
@@ -216,6 +225,11 @@ STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def(kBsScheduleSchema);
   m.def(tokenmix::fft_op::kFftConvForwardSchema);
   m.def(tokenmix::fft_op::kFftConvBackwardSchema);
+  m.def("fft_conv_cuda_size(int length, int taps, bool causal) -> int");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CompositeExplicitAutograd, m) {
+  m.impl("fft_conv_cuda_size", TORCH_BOX(&fft_conv_cuda_size));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {

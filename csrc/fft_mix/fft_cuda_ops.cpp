@@ -11,17 +11,19 @@ namespace {
 
 using namespace tokenmix::fft_op;
 
-// Runs the kernels on u's device and its current stream; the backward's workspace is freed
-// after the launches, which the caching allocator orders after them on the stream.
+// Runs the kernels on u's device and its current stream; the workspace is freed after the
+// launches, which the caching allocator orders after them on the stream.
 struct GpuConv {
   const Tensor* u;
   void* stream;
   void operator()(tokenmix::FftConvProblem& p, bool backward) const {
     const std::string why = tokenmix::cuda::fft_conv_unsupported_reason(p);
     STD_TORCH_CHECK(why.empty(), why);
-    if (!backward) return tokenmix::cuda::gpu::fft_conv_forward(p, stream);
-    const Tensor workspace = conv_workspace(*u, p);
-    tokenmix::cuda::gpu::fft_conv_backward(p, stream);
+    const Tensor workspace = conv_workspace(*u, p, backward);
+    if (backward)
+      tokenmix::cuda::gpu::fft_conv_backward(p, stream);
+    else
+      tokenmix::cuda::gpu::fft_conv_forward(p, stream);
   }
 };
 

@@ -157,12 +157,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_backward(
   return {du, dk, dbias, dpre, dpost};
 }
 
-// The CUDA backward's workspace for the per-chunk partial sums (an empty tensor when it needs
-// none); sets p.workspace. The tensor must outlive the launches.
-inline Tensor conv_workspace(const Tensor& like, tokenmix::FftConvProblem& p) {
-  const int64_t floats =
-      tokenmix::fft_conv_cuda_workspace_floats(p.batch, p.channels, p.filter_length);
-  Tensor w = empty(like, {floats}, ScalarType::Float, "fft_conv's backward workspace");
+// The CUDA kernels' workspace (an empty tensor when they need none); sets p.workspace. The
+// tensor must outlive the launches.
+inline Tensor conv_workspace(const Tensor& like, tokenmix::FftConvProblem& p, bool backward) {
+  const int64_t floats = tokenmix::fft_conv_cuda_workspace_floats(
+      p.batch, p.channels, p.length, p.filter_length, p.causal, backward);
+  Tensor w = empty(like, {floats}, ScalarType::Float, "fft_conv's CUDA workspace");
   p.workspace = floats > 0 ? static_cast<float*>(w.data_ptr()) : nullptr;
   return w;
 }

@@ -143,8 +143,9 @@ def info() -> dict:
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
             "fused neighborhood and block-sparse attention (forward + backward; fp16/bf16 "
-            "tensor cores, fp32), fft_conv up to 2048-point transforms (forward + backward; "
-            "fp16/bf16 Monarch transforms on tensor cores, fp32 FMA); linear scans run on the "
+            "tensor cores, fp32), fft_conv for power-of-two transforms up to 2^22 points (forward "
+            "+ backward, one kernel up to 2048 points; fp16/bf16 Monarch transforms on tensor "
+            "cores, fp32 FMA); linear scans run on the "
             "CPU only; the other FFT mixing operators run the torch.fft compositions on CUDA "
             "tensors"
         )

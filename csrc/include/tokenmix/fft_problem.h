@@ -62,10 +62,14 @@ TM_HOST_DEVICE int64_t fft_conv_size(int64_t length, int64_t filter_length, bool
   return causal ? fft_smooth_even_size(length + filter_length - 1) : length;
 }
 
-// The CUDA kernels keep a whole transform in shared memory: power-of-two lengths up to this.
-// The backward's 5.5 transforms of float32 complex values (88 KiB at 2048 points) fit the
-// smallest opt-in limit of the sm_80+ devices the build targets (99 KiB on sm_86/89/120).
-inline constexpr int64_t kFftConvCudaMaxSize = 2048;
+// The CUDA kernels keep a whole transform in one block's shared memory up to this length (one
+// fused kernel): the backward's 5.5 transforms of float32 complex values (88 KiB at 2048
+// points) fit the smallest opt-in limit of the sm_80+ devices the build targets (99 KiB on
+// sm_86/89/120). Longer power-of-two transforms, up to kFftConvCudaMaxSize, take more passes
+// over a float32 workspace in global memory (tokenmix/cuda/fft_conv_multipass.h): two
+// in-block transforms of at most kFftConvCudaBlockSize points each.
+inline constexpr int64_t kFftConvCudaBlockSize = 2048;
+inline constexpr int64_t kFftConvCudaMaxSize = kFftConvCudaBlockSize * kFftConvCudaBlockSize;
 
 // The transform length of fft_conv on CUDA (a power of two: the linear convolution's padding,
 // or L itself for a circular one), or 0 when the CUDA kernels cannot run the problem.
@@ -77,8 +81,13 @@ TM_HOST_DEVICE int64_t fft_conv_cuda_size(int64_t length, int64_t filter_length,
   return n <= kFftConvCudaMaxSize ? n : 0;
 }
 
-// The CUDA backward splits the batch into chunks so that about this many blocks run; each
-// chunk's partial dk / d_bias go to a workspace and are added in chunk order afterwards.
+TM_HOST_DEVICE bool fft_conv_cuda_multipass(int64_t n) {
+  return n > kFftConvCudaBlockSize;
+}
+
+// The single-pass CUDA backward splits the batch into chunks so that about this many blocks
+// run; each chunk's partial dk / d_bias go to a workspace and are added in chunk order
+// afterwards.
 inline constexpr int64_t kFftConvCudaBackwardBlocks = 256;
 
 TM_HOST_DEVICE int64_t fft_conv_cuda_chunks(int64_t batch, int64_t channels) {
@@ -90,10 +99,36 @@ TM_HOST_DEVICE int64_t fft_conv_cuda_chunks(int64_t batch, int64_t channels) {
   return chunks < 1 ? 1 : chunks;
 }
 
-// Floats of workspace the CUDA backward needs: per chunk, partial dk [C, Lk] and d_bias [C]
-// (none with one chunk).
+// The multi-pass kernels hold the spectra of a chunk of batch entries at a time: about this
+// many bytes per [entries, channel pairs, n] complex buffer (at least one entry). The emulator's
+// build sets a small value so that tests run several chunks.
+#ifdef TOKENMIX_FFT_CUDA_CHUNK_BYTES
+inline constexpr int64_t kFftConvCudaChunkBytes = TOKENMIX_FFT_CUDA_CHUNK_BYTES;
+#else
+inline constexpr int64_t kFftConvCudaChunkBytes = int64_t(256) << 20;
+#endif
+
+TM_HOST_DEVICE int64_t fft_conv_cuda_batch_chunk(int64_t batch, int64_t channels, int64_t n) {
+  const int64_t per_entry = (channels + 1) / 2 * n * 8;
+  int64_t entries = per_entry > 0 ? kFftConvCudaChunkBytes / per_entry : batch;
+  if (entries > batch) entries = batch;
+  return entries < 1 ? 1 : entries;
+}
+
+// Floats of workspace the CUDA kernels need. Single pass: the backward's per-chunk partial dk
+// [C, Lk] and d_bias [C] (none with one chunk). Multi-pass (P channel pairs, E entries per
+// batch chunk, complex = 2 floats): forward the filter spectrum [P, n] and two [E, P, n]
+// buffers; backward two [P, n] (filter spectrum, dk spectrum) and three [E, P, n].
 TM_HOST_DEVICE int64_t fft_conv_cuda_workspace_floats(int64_t batch, int64_t channels,
-                                                      int64_t filter_length) {
+                                                      int64_t length, int64_t filter_length,
+                                                      bool causal, bool backward) {
+  const int64_t n = fft_conv_cuda_size(length, filter_length, causal);
+  if (fft_conv_cuda_multipass(n)) {
+    const int64_t pairs = (channels + 1) / 2;
+    const int64_t entries = fft_conv_cuda_batch_chunk(batch, channels, n);
+    return 2 * pairs * n * (backward ? 2 + 3 * entries : 1 + 2 * entries);
+  }
+  if (!backward) return 0;
   const int64_t chunks = fft_conv_cuda_chunks(batch, channels);
   return chunks > 1 ? chunks * channels * (filter_length + 1) : 0;
 }
@@ -115,7 +150,7 @@ struct FftConvProblem {
   void* grad_post_gate = nullptr;  // contiguous [B, L, C] when post_gate is given
   void* grad_k = nullptr;          // contiguous [C, Lk], k's dtype
   void* grad_bias = nullptr;       // contiguous [C], bias's dtype
-  float* workspace = nullptr;      // CUDA backward: fft_conv_cuda_workspace_floats floats
+  float* workspace = nullptr;      // CUDA: fft_conv_cuda_workspace_floats floats
 
   ParallelForFn parallel_for = nullptr;
 };

@@ -24,9 +24,10 @@ __all__ = [
     "cuda_transform_size",
 ]
 
-# The CUDA fft_conv kernels keep a whole transform in shared memory: power-of-two lengths up to
-# this (kFftConvCudaMaxSize in csrc/include/tokenmix/fft_problem.h).
-CUDA_MAX_TRANSFORM = 2048
+# The CUDA fft_conv kernels take power-of-two transforms up to this length: one fused kernel up
+# to 2048 points, more passes over a global-memory workspace beyond (kFftConvCudaMaxSize in
+# csrc/include/tokenmix/fft_problem.h).
+CUDA_MAX_TRANSFORM = 2048 * 2048
 
 
 def cuda_transform_size(length: int, taps: int, causal: bool) -> int:

@@ -3,10 +3,10 @@ filter and adaptive spectral gating (FFTNet / SPECTRE), channels last.
 
 CPU tensors run tokenmix's fused kernels (transform, pointwise product and inverse
 transform per block of channels while the data is in cache; docs/fft_mixing.md). On CUDA,
-``fft_conv`` runs tokenmix's kernels when its transform fits in shared memory
-(:func:`tokenmix.fft_mix.args.cuda_transform_size`). Everything else, and installs without
-the compiled library, runs the ``torch.fft`` compositions of
-:mod:`tokenmix.fft_mix.reference`.
+``fft_conv`` runs tokenmix's kernels for power-of-two transforms of up to 2^22 points (one
+fused kernel up to 2048, more passes beyond;
+:func:`tokenmix.fft_mix.args.cuda_transform_size`). Everything else, and installs without the
+compiled library, runs the ``torch.fft`` compositions of :mod:`tokenmix.fft_mix.reference`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _fused(x: Tensor) -> bool:
 
 def _fused_conv(u: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> bool:
     """Whether fft_conv runs tokenmix's kernels: every CPU problem; on CUDA, float32/16/bf16
-    problems whose power-of-two transform fits in shared memory (:func:`cuda_transform_size`),
+    problems with a power-of-two transform of at most 2^22 points (:func:`cuda_transform_size`),
     in a build with CUDA kernels and a driver that can run them. Everything else runs the
     torch.fft composition."""
     if u.device.type == "cpu":

@@ -10,7 +10,7 @@
 namespace tokenmix::cuda {
 
 // Why the CUDA fft_conv kernels cannot run this problem ("" when they can): float32, float16
-// or bfloat16, and a power-of-two transform of at most 2048 points in shared memory (linear
+// or bfloat16, and a power-of-two transform of at most kFftConvCudaMaxSize points (linear
 // convolutions pad to one; circular ones need L itself to be one).
 inline std::string fft_conv_unsupported_reason(const FftConvProblem& p) {
   if (p.dtype == DType::kFloat64)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "tokenmix/cuda/fft_conv.h"
+#include "tokenmix/cuda/fft_conv_multipass.h"
 #include "tokenmix/cuda/fft_entry.h"
 #include "tokenmix/cuda/launch_common.h"
 
@@ -76,6 +77,11 @@ inline void register_buffers(Registrations& r, const FftConvProblem& p, bool bac
   r.add(p.post_gate.data, extent_bytes(p.post_gate, blc, 3), "post_gate");
   r.add(p.k.data, extent_bytes(p.k, ck, 2), "k");
   r.add(p.bias.data, extent_bytes(p.bias, c, 1), "bias");
+  r.add(p.workspace,
+        size_t(fft_conv_cuda_workspace_floats(p.batch, p.channels, p.length, p.filter_length,
+                                              p.causal, backward)) *
+            4,
+        "workspace");
   if (!backward) {
     r.add(p.out, outputs, "out");
     return;
@@ -87,19 +93,147 @@ inline void register_buffers(Registrations& r, const FftConvProblem& p, bool bac
   r.add(p.grad_k, size_t(p.channels * p.filter_length) * size_t(dtype_size(p.k.dtype)), "grad_k");
   if (p.bias.data)
     r.add(p.grad_bias, size_t(p.channels) * size_t(dtype_size(p.bias.dtype)), "grad_bias");
-  r.add(p.workspace,
-        size_t(fft_conv_cuda_workspace_floats(p.batch, p.channels, p.filter_length)) * 4,
-        "workspace");
 }
 
 // Launches kernel (after opting in to its shared memory) and reports a failed launch.
-template <class K>
-void launch_checked(K kernel, const char* name, dim3u grid, int64_t smem, const FftConvParams& prm,
+template <class K, class Params>
+void launch_checked(K kernel, const char* name, dim3u grid, int64_t smem, const Params& prm,
                     void* stream) {
   if (smem > 0) prepare_shared(kernel, smem, checked_device(), name);
   launch_on(static_cast<stream_t>(stream), named(kernel, name), grid, dim3u(kFftConvThreads),
             size_t(smem), prm);
   check_launch(name);
+}
+
+// ---- multi-pass (tokenmix/cuda/fft_conv_multipass.h)
+
+inline FftPassParams pass_params(const FftConvParams& prm) {
+  FftPassParams q{};
+  q.conv = prm;
+  q.pairs = (prm.channels + 1) / 2;
+  q.log2n1 = (prm.log2n + 1) / 2;
+  q.log2n2 = prm.log2n - q.log2n1;
+  return q;
+}
+
+// Blocks for a grid-stride kernel over `count` elements.
+inline dim3u pointwise_grid(int64_t count) {
+  const int64_t blocks = (count + kFftConvThreads - 1) / kFftConvThreads;
+  return dim3u(uint32_t(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096), 1, 1);
+}
+
+// The unnormalized DFT (or its conjugate) of q.signals rows of src into dst: the column pass in
+// place, then the row pass.
+template <bool kTensorCore, bool kInverse>
+void pass_transform(FftPassParams q, float* src, float* dst, void* stream) {
+  q.src = src;
+  q.dst = dst;
+  const int64_t n1 = int64_t(1) << q.log2n1, n2 = int64_t(1) << q.log2n2;
+  const int64_t col_blocks = q.signals * (n2 / (kFftConvCudaBlockSize / n1));
+  const int64_t row_blocks = q.signals * (n1 / (kFftConvCudaBlockSize / n2));
+  launch_checked(fft_columns_kernel<kTensorCore, kInverse>, "fft_columns_kernel",
+                 dim3u(uint32_t(col_blocks), 1, 1), fft_smem_bytes(n1, 2, kFftConvCudaBlockSize), q,
+                 stream);
+  launch_checked(fft_rows_kernel<kTensorCore, kInverse>, "fft_rows_kernel",
+                 dim3u(uint32_t(row_blocks), 1, 1), fft_smem_bytes(n2, 2, kFftConvCudaBlockSize), q,
+                 stream);
+}
+
+template <class E>
+void pass_load(FftPassParams q, int mode, float* dst, void* stream) {
+  q.mode = mode;
+  q.src = dst;
+  launch_checked(fft_load_kernel<E>, "fft_load_kernel", pointwise_grid(q.signals * q.conv.n), 0, q,
+                 stream);
+}
+
+inline void pass_product(FftPassParams q, int mode, const float* src, const float* operand,
+                         float* dst, bool accumulate, void* stream) {
+  q.mode = mode;
+  q.src = const_cast<float*>(src);
+  q.operand = operand;
+  q.dst = dst;
+  q.accumulate = accumulate;
+  const int64_t rows = mode == kProductCross ? q.pairs : q.signals;
+  launch_checked(fft_product_kernel, "fft_product_kernel", pointwise_grid(rows * q.conv.n), 0, q,
+                 stream);
+}
+
+// The filter pairs' spectra (float32 plan) into spectrum, using scratch ([P, n] at least).
+template <class E>
+void pass_filter_spectrum(FftPassParams q, float* scratch, float* spectrum, void* stream) {
+  q.b0 = 0;
+  q.entries = 1;
+  q.signals = q.pairs;
+  pass_load<E>(q, 2, scratch, stream);
+  pass_transform<false, false>(q, scratch, spectrum, stream);
+}
+
+template <class E>
+void multipass_forward(const FftConvParams& prm, int64_t batch, void* workspace, void* stream) {
+  FftPassParams q = pass_params(prm);
+  const int64_t n = prm.n, pairs = q.pairs;
+  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, prm.channels, n);
+  float* spectrum_k = static_cast<float*>(workspace);
+  float* z = spectrum_k + 2 * pairs * n;
+  float* t = z + 2 * chunk * pairs * n;
+  pass_filter_spectrum<E>(q, z, spectrum_k, stream);
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    q.b0 = b0;
+    q.entries = batch - b0 < chunk ? batch - b0 : chunk;
+    q.signals = q.entries * pairs;
+    pass_load<E>(q, 0, z, stream);
+    pass_transform<E::kTensorCore, false>(q, z, t, stream);
+    pass_product(q, kProductFilter, t, spectrum_k, z, false, stream);
+    pass_transform<E::kTensorCore, true>(q, z, t, stream);
+    q.src = t;
+    launch_checked(fft_forward_epilogue_kernel<E>, "fft_forward_epilogue_kernel",
+                   pointwise_grid(q.entries * prm.length * prm.channels), 0, q, stream);
+  }
+}
+
+template <class E>
+void multipass_backward(const FftConvParams& prm, int64_t batch, void* workspace, void* stream) {
+  FftPassParams q = pass_params(prm);
+  const int64_t n = prm.n, pairs = q.pairs;
+  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, prm.channels, n);
+  float* spectrum_k = static_cast<float*>(workspace);
+  float* spectrum_dk = spectrum_k + 2 * pairs * n;
+  float* a = spectrum_dk + 2 * pairs * n;
+  float* g_hat = a + 2 * chunk * pairs * n;
+  float* v_hat = g_hat + 2 * chunk * pairs * n;
+  pass_filter_spectrum<E>(q, a, spectrum_k, stream);
+  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+    q.b0 = b0;
+    q.entries = batch - b0 < chunk ? batch - b0 : chunk;
+    q.signals = q.entries * pairs;
+    pass_load<E>(q, 0, a, stream);  // v = pre_gate * u
+    pass_transform<E::kTensorCore, false>(q, a, v_hat, stream);
+    pass_load<E>(q, 1, a, stream);  // g = post_gate * dy
+    pass_transform<E::kTensorCore, false>(q, a, g_hat, stream);
+    // dk's spectrum G conj V, summed over the batch in order (chunk after chunk).
+    pass_product(q, kProductCross, g_hat, v_hat, spectrum_dk, b0 > 0, stream);
+    if (prm.post) {  // v_hat becomes n (k (*) v), for d_post_gate
+      pass_product(q, kProductFilter, v_hat, spectrum_k, a, false, stream);
+      pass_transform<E::kTensorCore, true>(q, a, v_hat, stream);
+    }
+    // g_hat becomes n dv, the inverse of G conj K.
+    pass_product(q, kProductFilterConj, g_hat, spectrum_k, a, false, stream);
+    pass_transform<E::kTensorCore, true>(q, a, g_hat, stream);
+    q.src = g_hat;
+    q.operand = v_hat;
+    launch_checked(fft_backward_epilogue_kernel<E>, "fft_backward_epilogue_kernel",
+                   pointwise_grid(q.entries * prm.length * prm.channels), 0, q, stream);
+  }
+  // dk: the float32 inverse of its spectrum (spectrum_k is free by now), the first Lk taps.
+  q.signals = pairs;
+  pass_transform<false, true>(q, spectrum_dk, spectrum_k, stream);
+  q.src = spectrum_k;
+  launch_checked(fft_store_dk_kernel, "fft_store_dk_kernel",
+                 pointwise_grid(prm.channels * prm.taps), 0, q, stream);
+  if (prm.bias)
+    launch_checked(fft_dbias_kernel<E>, "fft_dbias_kernel", dim3u(uint32_t(prm.channels), 1, 1),
+                   kFftConvThreads * 4, q, stream);
 }
 
 template <class E>
@@ -109,6 +243,11 @@ void conv_forward(const FftConvProblem& p, void* stream) {
   Registrations r;
   register_buffers(r, p, false);
   r.commit();
+  if (fft_conv_cuda_multipass(prm.n)) {
+    if (!p.workspace)
+      throw std::runtime_error("tokenmix: fft_conv's CUDA forward needs its workspace");
+    return multipass_forward<E>(prm, p.batch, p.workspace, stream);
+  }
   // Batch entries beyond the grid's height limit are looped over inside the blocks.
   const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(p.batch < 65535 ? p.batch : 65535), 1);
   launch_checked(fft_conv_forward_kernel<E>, "fft_conv_forward_kernel", grid,
@@ -122,6 +261,11 @@ void conv_backward(const FftConvProblem& p, void* stream) {
   Registrations r;
   register_buffers(r, p, true);
   r.commit();
+  if (fft_conv_cuda_multipass(prm.n)) {
+    if (!p.workspace)
+      throw std::runtime_error("tokenmix: fft_conv's CUDA backward needs its workspace");
+    return multipass_backward<E>(prm, p.batch, p.workspace, stream);
+  }
   if (prm.chunks > 1 && !p.workspace)
     throw std::runtime_error("tokenmix: fft_conv's CUDA backward needs its workspace");
   const dim3u grid(uint32_t((p.channels + 1) / 2), uint32_t(prm.chunks), 1);

@@ -90,26 +90,34 @@ TM_HOST_DEVICE FftPlan fft_plan(int64_t n, int log2n, bool tensor_cores) {
   return q;
 }
 
-// A block's shared memory: a 32-float scratch (block reductions), the twiddle table (n/2
-// entries), then `buffers` complex buffers of n entries each.
+// A block's shared memory: a 32-float scratch (block reductions), the twiddle table of its
+// transform length n (n/2 entries), then `buffers` complex buffers of `points` entries each
+// (n, or several transforms of n points side by side).
 inline constexpr int kFftScratchFloats = 32;
+TM_HOST_DEVICE int64_t fft_smem_bytes(int64_t n, int buffers, int64_t points) {
+  return kFftScratchFloats * 4 + (n / 2 + int64_t(buffers) * points) * int64_t(sizeof(Complex));
+}
 TM_HOST_DEVICE int64_t fft_smem_bytes(int64_t n, int buffers) {
-  return kFftScratchFloats * 4 + (n / 2 + int64_t(buffers) * n) * int64_t(sizeof(Complex));
+  return fft_smem_bytes(n, buffers, n);
 }
 
 struct FftConvSmem {
   shared_ptr<float> scratch;
   shared_ptr<Complex> twiddle;  // [n/2] e^{-2 pi i t / n}
-  int64_t n;
-  TM_DEVICE shared_ptr<Complex> buf(int i) const { return twiddle + n / 2 + int64_t(i) * n; }
+  int64_t n, points;
+  TM_DEVICE shared_ptr<Complex> buf(int i) const { return twiddle + n / 2 + int64_t(i) * points; }
 };
 
-TM_DEVICE FftConvSmem fft_conv_smem(int64_t n) {
+TM_DEVICE FftConvSmem fft_block_smem(int64_t n, int64_t points) {
   FftConvSmem s;
   s.scratch = dynamic_shared<float>();
   s.twiddle = ptr_cast<Complex>(s.scratch + kFftScratchFloats);
   s.n = n;
+  s.points = points;
   return s;
+}
+TM_DEVICE FftConvSmem fft_conv_smem(int64_t n) {
+  return fft_block_smem(n, n);
 }
 
 TM_DEVICE void fill_twiddles(const FftConvSmem& s, int64_t n) {
@@ -131,24 +139,27 @@ TM_DEVICE Complex twiddle_at(const FftConvSmem& s, int64_t idx) {
   return {-w.re, -w.im};
 }
 
-// Unnormalized radix-2 Stockham transform of n = 2^log2n points in `data` (forward e^{-2 pi i},
-// inverse e^{+2 pi i}); `work` is clobbered. Returns whichever buffer holds the result.
+// Unnormalized radix-2 Stockham transforms of n = 2^log2n points each, `count` of them side by
+// side in `data` (forward e^{-2 pi i}, inverse e^{+2 pi i}); `work` is clobbered. Returns
+// whichever buffer holds the results.
 template <bool kInverse>
 TM_DEVICE shared_ptr<Complex> stockham_radix2(const FftConvSmem& s, int64_t n, int log2n,
-                                              shared_ptr<Complex> data, shared_ptr<Complex> work) {
+                                              shared_ptr<Complex> data, shared_ptr<Complex> work,
+                                              int64_t count = 1) {
   shared_ptr<Complex> src = data, dst = work;
   for (int stage = 0; stage < log2n; ++stage) {
     const int log2s = stage;  // s = 2^stage transforms interleaved, each of n / s points
     const int64_t half = n >> 1;
-    for (int64_t i = thread_idx().x; i < half; i += block_dim().x) {
-      const int64_t j = i >> log2s, q = i & ((int64_t(1) << log2s) - 1);
+    for (int64_t i = thread_idx().x; i < count * half; i += block_dim().x) {
+      const int64_t base = (i >> (log2n - 1)) << log2n, ih = i & (half - 1);
+      const int64_t j = ih >> log2s, q = ih & ((int64_t(1) << log2s) - 1);
       const int64_t s_len = int64_t(1) << log2s;
-      const Complex a0 = src[q + s_len * j];
-      const Complex a1 = src[q + s_len * j + half];
+      const Complex a0 = src[base + q + s_len * j];
+      const Complex a1 = src[base + q + s_len * j + half];
       Complex w = s.twiddle[j * s_len];
       if (kInverse) w.im = -w.im;
-      dst[q + s_len * 2 * j] = cplx_add(a0, a1);
-      dst[q + s_len * (2 * j + 1)] = cplx_mul(cplx_sub(a0, a1), w);
+      dst[base + q + s_len * 2 * j] = cplx_add(a0, a1);
+      dst[base + q + s_len * (2 * j + 1)] = cplx_mul(cplx_sub(a0, a1), w);
     }
     sync_threads();
     shared_ptr<Complex> t = src;
@@ -223,19 +234,20 @@ TM_DEVICE Dft16Fragments dft16_fragments(const FftConvSmem& s) {
   return f;
 }
 
-// One tensor-core stage: the n points are blocks [16 rows][m = 2^log2m columns]; each block
+// One tensor-core stage of `count` transforms of n = 2^log2n points side by side: the points are
+// blocks [16 rows][m = 2^log2m columns]; each block
 // becomes (F16 / 4) X, times the twiddles W_{16m}^{row * col} (forward), or (conj F16 / 4) times
 // the conjugated twiddles applied first (inverse). Inputs are multiplied by in_scale before their
 // rounding to fp16, outputs by out_scale. Columns of all blocks are numbered together and a warp
 // takes 8 at a time, in place: only that warp reads or writes those columns' elements.
 template <bool kInverse>
 TM_DEVICE void radix16_stage(const FftConvSmem& s, int log2n, int log2m,
-                             const shared_ptr<Complex>& data, const Dft16Fragments& f,
-                             float in_scale, float out_scale) {
+                             const shared_ptr<Complex>& data, int64_t count,
+                             const Dft16Fragments& f, float in_scale, float out_scale) {
   const int lane = int(lane_id());
   const int64_t m_mask = (int64_t(1) << log2m) - 1;
   const int tw_shift = log2n - 4 - log2m;  // W_{16m}^j = W_n^(j << tw_shift)
-  const int64_t tiles = (int64_t(1) << log2n) >> 7;
+  const int64_t tiles = (count << log2n) >> 7;
   const int64_t warps = int64_t(block_dim().x / 32);
   // Element (row, column) of the signal viewed as [16 x n/16] blocks side by side.
   auto index = [&](int row, int64_t col) {
@@ -279,14 +291,15 @@ TM_DEVICE void radix16_stage(const FftConvSmem& s, int log2n, int log2m,
 // The radix-R stage on blocks of R consecutive points (the forward's last stage, the inverse's
 // first; no twiddles), R-point DFTs on FMAs.
 template <int R, bool kInverse>
-TM_DEVICE void radix_small_stage(const FftConvSmem& s, int64_t n, const shared_ptr<Complex>& data) {
+TM_DEVICE void radix_small_stage(const FftConvSmem& s, int64_t n, const shared_ptr<Complex>& data,
+                                 int64_t count) {
   Complex w[R];
   TM_UNROLL
   for (int q = 0; q < R; ++q) {
     w[q] = twiddle_at(s, q * (n / R));
     if (kInverse) w[q] = cplx_conj(w[q]);
   }
-  for (int64_t blk = thread_idx().x; blk < n / R; blk += block_dim().x) {
+  for (int64_t blk = thread_idx().x; blk < count * n / R; blk += block_dim().x) {
     Complex x[R];
     TM_UNROLL
     for (int j = 0; j < R; ++j) x[j] = data[blk * R + j];
@@ -302,41 +315,44 @@ TM_DEVICE void radix_small_stage(const FftConvSmem& s, int64_t n, const shared_p
 }
 
 template <bool kInverse>
-TM_DEVICE void radix_small(const FftConvSmem& s, const FftPlan& q,
-                           const shared_ptr<Complex>& data) {
+TM_DEVICE void radix_small(const FftConvSmem& s, const FftPlan& q, const shared_ptr<Complex>& data,
+                           int64_t count) {
   switch (q.log2r) {
-    case 1: return radix_small_stage<2, kInverse>(s, q.n, data);
-    case 2: return radix_small_stage<4, kInverse>(s, q.n, data);
-    case 3: return radix_small_stage<8, kInverse>(s, q.n, data);
+    case 1: return radix_small_stage<2, kInverse>(s, q.n, data, count);
+    case 2: return radix_small_stage<4, kInverse>(s, q.n, data, count);
+    case 3: return radix_small_stage<8, kInverse>(s, q.n, data, count);
     default: return;
   }
 }
 
-// The Monarch transform in place (forward: natural order -> position_of order; inverse: back).
+// The Monarch transforms in place of `count` signals side by side (forward: natural order ->
+// position_of order; inverse: back). One normalization serves all of them.
 template <bool kInverse>
 TM_DEVICE void monarch_transform(const FftConvSmem& s, const FftPlan& q,
-                                 const shared_ptr<Complex>& data) {
-  if (kInverse) radix_small<true>(s, q, data);
-  const float scale = pow2_normalizer(block_max_abs(s, data, q.n));
+                                 const shared_ptr<Complex>& data, int64_t count) {
+  if (kInverse) radix_small<true>(s, q, data, count);
+  const float scale = pow2_normalizer(block_max_abs(s, data, count * q.n));
   const Dft16Fragments f = dft16_fragments<kInverse>(s);
   for (int j = 0; j < q.radix16; ++j) {
     const int stage = kInverse ? q.radix16 - 1 - j : j;
-    radix16_stage<kInverse>(s, q.log2n, q.log2n - 4 * (stage + 1), data, f, j == 0 ? scale : 1.0f,
-                            j == q.radix16 - 1 ? 1.0f / scale : 1.0f);
+    radix16_stage<kInverse>(s, q.log2n, q.log2n - 4 * (stage + 1), data, count, f,
+                            j == 0 ? scale : 1.0f, j == q.radix16 - 1 ? 1.0f / scale : 1.0f);
     sync_threads();
   }
-  if (!kInverse) radix_small<false>(s, q, data);
+  if (!kInverse) radix_small<false>(s, q, data, count);
 }
 
-// The plan's transform of `data` (`work` may be clobbered); returns the buffer holding the result.
+// The plan's transforms of `count` signals of q.n points side by side in `data` (`work` may be
+// clobbered); returns the buffer holding the results.
 template <bool kInverse>
 TM_DEVICE shared_ptr<Complex> transform(const FftConvSmem& s, const FftPlan& q,
-                                        shared_ptr<Complex> data, shared_ptr<Complex> work) {
+                                        shared_ptr<Complex> data, shared_ptr<Complex> work,
+                                        int64_t count = 1) {
   if (q.monarch()) {
-    monarch_transform<kInverse>(s, q, data);
+    monarch_transform<kInverse>(s, q, data, count);
     return data;
   }
-  return stockham_radix2<kInverse>(s, q.n, q.log2n, data, work);
+  return stockham_radix2<kInverse>(s, q.n, q.log2n, data, work, count);
 }
 
 }  // namespace tokenmix::cuda
