@@ -123,7 +123,8 @@ def test_half_precision(dtype, k_dtype):
 
 
 # fp16/bf16 transforms of 128 points and more run the Monarch plan on tensor cores (n = 16^a r,
-# r = 8, 1, 2, 4, 8 for n = 128 ... 2048); shorter ones the radix-2 FMA plan.
+# r = 8, 1, 2, 4, 8 for n = 128 ... 2048); shorter ones the radix-2 FMA plan. Transform sizes
+# here: 64, 64, 128, 256, 512, 512, 1024, 1024, 2048, 2048.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "length, taps, causal",
@@ -134,6 +135,8 @@ def test_half_precision(dtype, k_dtype):
         (256, 100, False),
         (300, 200, True),
         (512, 512, False),
+        (600, 425, True),
+        (1024, 300, False),
         (1000, 1000, True),
         (2048, 700, False),
     ],
@@ -169,8 +172,9 @@ def test_half_precision_extreme_magnitudes(dtype, scale):
 
 # Transforms beyond 2048 points take more passes (tokenmix/cuda/fft_conv_multipass.h): n = 4096
 # (64 x 64, radix-2 in both passes), 8192 (128 x 64: Monarch columns for fp16/bf16), 16384
-# (128 x 128). The emulator's build holds 64 KiB of spectra per batch chunk, so a batch of 3
-# runs in several chunks (dk summed across them).
+# (128 x 128). The emulator's build holds 64 KiB of spectra per chunk: a pair of channels of
+# 8192 points or more is a chunk of its own (3 channels: 2 pair chunks), and batch entries go
+# one per chunk beyond 4096 points (dk summed across chunks).
 @pytest.mark.parametrize(
     "b, length, taps, causal, dtype",
     [
@@ -183,6 +187,23 @@ def test_half_precision_extreme_magnitudes(dtype, scale):
 )
 def test_multipass(b, length, taps, causal, dtype):
     _compare(b, length, 3, taps, causal, dtype, bias=True, pre=True, post=True)
+
+
+def test_multipass_batch_chunks_of_several_entries():
+    # One channel pair of 4096 points is 32 KiB: 2 entries per chunk, a batch of 5 in chunks of
+    # 2, 2 and 1.
+    _compare(5, 3000, 2, 1000, True, torch.float32, bias=True, pre=True, post=True)
+    _compare(5, 4096, 1, 1000, False, torch.float16, bias=True, post=True)
+
+
+@pytest.mark.parametrize(
+    "length, taps, causal, dtype",
+    [(40000, 20000, True, torch.bfloat16), (131072, 5000, False, torch.float16)],
+)
+def test_multipass_monarch_stages(length, taps, causal, dtype):
+    # n = 65536: 256 x 256 (two radix-16 stages in each pass); n = 131072: 512 x 256 (radix-16,
+    # radix-16 and radix-2 columns).
+    _compare(1, length, 2, taps, causal, dtype, bias=True)
 
 
 def test_multipass_strided_input_and_float32_filter_with_bfloat16():

@@ -99,33 +99,39 @@ TM_HOST_DEVICE int64_t fft_conv_cuda_chunks(int64_t batch, int64_t channels) {
   return chunks < 1 ? 1 : chunks;
 }
 
-// The multi-pass kernels hold the spectra of a chunk of batch entries at a time: about this
-// many bytes per [entries, channel pairs, n] complex buffer (at least one entry). The emulator's
-// build sets a small value so that tests run several chunks.
+// The multi-pass kernels hold the spectra of a chunk of channel pairs and batch entries at a
+// time: about this many bytes per [entries, pairs, n] complex buffer (at least one pair and
+// one entry). The emulator's build sets a small value so that tests run several chunks.
 #ifdef TOKENMIX_FFT_CUDA_CHUNK_BYTES
 inline constexpr int64_t kFftConvCudaChunkBytes = TOKENMIX_FFT_CUDA_CHUNK_BYTES;
 #else
 inline constexpr int64_t kFftConvCudaChunkBytes = int64_t(256) << 20;
 #endif
 
-TM_HOST_DEVICE int64_t fft_conv_cuda_batch_chunk(int64_t batch, int64_t channels, int64_t n) {
-  const int64_t per_entry = (channels + 1) / 2 * n * 8;
-  int64_t entries = per_entry > 0 ? kFftConvCudaChunkBytes / per_entry : batch;
+TM_HOST_DEVICE int64_t fft_conv_cuda_pair_chunk(int64_t channels, int64_t n) {
+  const int64_t pairs = (channels + 1) / 2;
+  int64_t chunk = kFftConvCudaChunkBytes / (n * 8);
+  if (chunk > pairs) chunk = pairs;
+  return chunk < 1 ? 1 : chunk;
+}
+
+TM_HOST_DEVICE int64_t fft_conv_cuda_batch_chunk(int64_t batch, int64_t pair_chunk, int64_t n) {
+  int64_t entries = kFftConvCudaChunkBytes / (pair_chunk * n * 8);
   if (entries > batch) entries = batch;
   return entries < 1 ? 1 : entries;
 }
 
 // Floats of workspace the CUDA kernels need. Single pass: the backward's per-chunk partial dk
-// [C, Lk] and d_bias [C] (none with one chunk). Multi-pass (P channel pairs, E entries per
-// batch chunk, complex = 2 floats): forward the filter spectrum [P, n] and two [E, P, n]
+// [C, Lk] and d_bias [C] (none with one chunk). Multi-pass (P pairs per pair chunk, E entries
+// per batch chunk, complex = 2 floats): forward the filter spectrum [P, n] and two [E, P, n]
 // buffers; backward two [P, n] (filter spectrum, dk spectrum) and three [E, P, n].
 TM_HOST_DEVICE int64_t fft_conv_cuda_workspace_floats(int64_t batch, int64_t channels,
                                                       int64_t length, int64_t filter_length,
                                                       bool causal, bool backward) {
   const int64_t n = fft_conv_cuda_size(length, filter_length, causal);
   if (fft_conv_cuda_multipass(n)) {
-    const int64_t pairs = (channels + 1) / 2;
-    const int64_t entries = fft_conv_cuda_batch_chunk(batch, channels, n);
+    const int64_t pairs = fft_conv_cuda_pair_chunk(channels, n);
+    const int64_t entries = fft_conv_cuda_batch_chunk(batch, pairs, n);
     return 2 * pairs * n * (backward ? 2 + 3 * entries : 1 + 2 * entries);
   }
   if (!backward) return 0;

@@ -1,7 +1,8 @@
 // fft_conv on CUDA for transforms longer than one block's shared memory
 // (kFftConvCudaBlockSize < n <= kFftConvCudaMaxSize): more passes over a float32 workspace in
 // global memory, launched in turn by fft_launch.h. Signals are channel pairs packed as complex
-// values, as in fft_conv.h, one [n] complex row per (batch entry, pair).
+// values, as in fft_conv.h, one [n] complex row per (batch entry, pair), a chunk of pairs and
+// batch entries at a time.
 //
 // The transform is the four-step split n = N1 * N2 (N1 >= N2, both at most
 // kFftConvCudaBlockSize), with t = N2 t1 + t2 and f = f1 + N1 f2:
@@ -28,16 +29,17 @@ namespace tokenmix::cuda {
 
 // What a multi-pass launch works on. Buffers are float32 complex rows of n points.
 struct FftPassParams {
-  FftConvParams conv;  // shapes, tensors and outputs; conv.n is the transform length
-  int64_t pairs;
-  int log2n1, log2n2;    // n = N1 * N2
-  int64_t b0, entries;   // the batch chunk [b0, b0 + entries)
-  int64_t signals;       // rows in src (transforms and products)
-  float* src;            // transforms: columns in place; rows read here
-  float* dst;            // rows written here; products' output
-  const float* operand;  // products' second operand
-  int mode;              // kernel-specific selector (see each kernel)
-  bool accumulate;       // products: add to dst (dk's spectrum over batch chunks)
+  FftConvParams conv;      // shapes, tensors and outputs; conv.n is the transform length
+  int64_t q0, pairs;       // the pair chunk [q0, q0 + pairs)
+  int64_t chunk_channels;  // channels of the pair chunk: 2 * pairs, or one less at the end
+  int log2n1, log2n2;      // n = N1 * N2
+  int64_t b0, entries;     // the batch chunk [b0, b0 + entries)
+  int64_t signals;         // rows in src (transforms and products)
+  float* src;              // transforms: columns in place; rows read here
+  float* dst;              // rows written here; products' output
+  const float* operand;    // products' second operand
+  int mode;                // kernel-specific selector (see each kernel)
+  bool accumulate;         // products: add to dst (dk's spectrum over batch chunks)
 };
 
 // ---- transforms
@@ -145,7 +147,7 @@ TM_DEVICE void fft_load_body(const FftPassParams& p) {
   const bool has_gate = (p.mode == 0 ? c.pre : c.post) != nullptr;
   const global_ptr<const uint8_t> k(static_cast<const uint8_t*>(c.k));
   for (int64_t i = grid_thread(); i < p.signals * n; i += grid_threads()) {
-    const int64_t row = i >> c.log2n, t = i & (n - 1), pair = row % p.pairs;
+    const int64_t row = i >> c.log2n, t = i & (n - 1), pair = p.q0 + row % p.pairs;
     const int64_t b = p.b0 + row / p.pairs;
     float v[2] = {0.0f, 0.0f};
     for (int side = 0; side < 2; ++side) {
@@ -178,6 +180,8 @@ TM_DEVICE void unpack_global(const global_ptr<const float>& z, int64_t base, int
   x1->im = -0.5f * (a.re - b.re);
 }
 
+// Products, all divided by n (the inverse transform's normalization, so that spectra stay
+// within n times the signals' magnitude):
 inline constexpr int kProductFilter = 0;      // dst = pair-wise src * K (K: operand [P, n])
 inline constexpr int kProductFilterConj = 1;  // dst = pair-wise src * conj K
 inline constexpr int kProductCross = 2;       // dst[P, n] (+)= sum over rows src * conj operand
@@ -187,6 +191,7 @@ TM_DEVICE void fft_product_body(const FftPassParams& p) {
   const global_ptr<const float> a(p.src), b(p.operand);
   const global_ptr<float> out(p.dst);
   const int64_t rows = p.mode == kProductCross ? p.pairs : p.signals;
+  const float inv_n = 1.0f / float(n);
   for (int64_t i = grid_thread(); i < rows * n; i += grid_threads()) {
     const int64_t row = i >> p.conv.log2n, f = i & (n - 1);
     Complex w;
@@ -200,7 +205,7 @@ TM_DEVICE void fft_product_body(const FftPassParams& p) {
         s0 = cplx_add(s0, cplx_mul(g0, cplx_conj(v0)));
         s1 = cplx_add(s1, cplx_mul(g1, cplx_conj(v1)));
       }
-      w = pack_pair(s0, s1);
+      w = cplx_scale(pack_pair(s0, s1), inv_n);
       if (p.accumulate) w = cplx_add(w, Complex{out[2 * i], out[2 * i + 1]});
     } else {
       Complex x0, x1, k0, k1;
@@ -210,15 +215,15 @@ TM_DEVICE void fft_product_body(const FftPassParams& p) {
         k0 = cplx_conj(k0);
         k1 = cplx_conj(k1);
       }
-      w = pack_pair(cplx_mul(x0, k0), cplx_mul(x1, k1));
+      w = cplx_scale(pack_pair(cplx_mul(x0, k0), cplx_mul(x1, k1)), inv_n);
     }
     out[2 * i] = w.re;
     out[2 * i + 1] = w.im;
   }
 }
 
-// The forward's outputs of the chunk: y = post_gate * (conv / n) + bias * u, from src (the
-// inverse transforms, n times the convolutions).
+// The forward's outputs of the chunk: y = post_gate * conv + bias * u, from src (the inverse
+// transforms: the convolutions).
 template <class E>
 TM_DEVICE void fft_forward_epilogue_body(const FftPassParams& p) {
   using T = typename E::T;
@@ -228,12 +233,11 @@ TM_DEVICE void fft_forward_epilogue_body(const FftPassParams& p) {
   const global_ptr<const T> post(static_cast<const T*>(c.post));
   const global_ptr<const uint8_t> bias(static_cast<const uint8_t*>(c.bias));
   const global_ptr<T> out(static_cast<T*>(c.out));
-  const float inv_n = 1.0f / float(c.n);
-  const int64_t count = p.entries * c.length * c.channels;
+  const int64_t cc = p.chunk_channels, count = p.entries * c.length * cc;
   for (int64_t i = grid_thread(); i < count; i += grid_threads()) {
-    const int64_t ch = i % c.channels, t = (i / c.channels) % c.length;
-    const int64_t e = i / (c.channels * c.length), b = p.b0 + e;
-    float r = conv[2 * ((e * p.pairs + ch / 2) * c.n + t) + (ch & 1)] * inv_n;
+    const int64_t local = i % cc, ch = 2 * p.q0 + local, t = (i / cc) % c.length;
+    const int64_t e = i / (cc * c.length), b = p.b0 + e;
+    float r = conv[2 * ((e * p.pairs + local / 2) * c.n + t) + (local & 1)];
     if (c.post) r *= load_token<E>(post, c.post_stride, b, t, ch);
     if (c.bias)
       r +=
@@ -242,8 +246,8 @@ TM_DEVICE void fft_forward_epilogue_body(const FftPassParams& p) {
   }
 }
 
-// The backward's per-token gradients of the chunk from src (n times dv = the inverse of
-// G conj K) and operand (n times k (*) v, with a post_gate): du, d_pre_gate, d_post_gate.
+// The backward's per-token gradients of the chunk from src (dv, the inverse of G conj K / n)
+// and operand (k (*) v, with a post_gate): du, d_pre_gate, d_post_gate.
 template <class E>
 TM_DEVICE void fft_backward_epilogue_body(const FftPassParams& p) {
   using T = typename E::T;
@@ -256,13 +260,12 @@ TM_DEVICE void fft_backward_epilogue_body(const FftPassParams& p) {
   const global_ptr<T> du(static_cast<T*>(c.out));
   const global_ptr<T> dpre(static_cast<T*>(c.grad_pre));
   const global_ptr<T> dpost(static_cast<T*>(c.grad_post));
-  const float inv_n = 1.0f / float(c.n);
-  const int64_t count = p.entries * c.length * c.channels;
+  const int64_t cc = p.chunk_channels, count = p.entries * c.length * cc;
   for (int64_t i = grid_thread(); i < count; i += grid_threads()) {
-    const int64_t ch = i % c.channels, t = (i / c.channels) % c.length;
-    const int64_t e = i / (c.channels * c.length), b = p.b0 + e;
-    const int64_t at = 2 * ((e * p.pairs + ch / 2) * c.n + t) + (ch & 1);
-    const float dv = dv_all[at] * inv_n;
+    const int64_t local = i % cc, ch = 2 * p.q0 + local, t = (i / cc) % c.length;
+    const int64_t e = i / (cc * c.length), b = p.b0 + e;
+    const int64_t at = 2 * ((e * p.pairs + local / 2) * c.n + t) + (local & 1);
+    const float dv = dv_all[at];
     const int64_t o = (b * c.length + t) * c.channels + ch;
     float g = dv;
     if (c.pre) {
@@ -273,20 +276,19 @@ TM_DEVICE void fft_backward_epilogue_body(const FftPassParams& p) {
       g += load_any(bias, c.bias_dtype, ch * c.bias_stride) *
            load_token<E>(dy, c.dy_stride, b, t, ch);
     du[o] = E::from_float(g);
-    if (c.post)
-      dpost[o] = E::from_float(y_all[at] * inv_n * load_token<E>(dy, c.dy_stride, b, t, ch));
+    if (c.post) dpost[o] = E::from_float(y_all[at] * load_token<E>(dy, c.dy_stride, b, t, ch));
   }
 }
 
-// dk = the first Lk taps of src (n times the inverse of dk's spectrum), in k's dtype.
+// dk of the pair chunk = the first Lk taps of src (the inverse of dk's spectrum), in k's dtype.
 TM_DEVICE void fft_store_dk_body(const FftPassParams& p) {
   const FftConvParams& c = p.conv;
   const global_ptr<const float> x(p.src);
   const global_ptr<uint8_t> grad_k(static_cast<uint8_t*>(c.grad_k));
-  const float inv_n = 1.0f / float(c.n);
-  for (int64_t i = grid_thread(); i < c.channels * c.taps; i += grid_threads()) {
-    const int64_t ch = i / c.taps, t = i % c.taps;
-    store_any(grad_k, c.k_dtype, i, x[2 * ((ch / 2) * c.n + t) + (ch & 1)] * inv_n);
+  for (int64_t i = grid_thread(); i < p.chunk_channels * c.taps; i += grid_threads()) {
+    const int64_t local = i / c.taps, t = i % c.taps;
+    store_any(grad_k, c.k_dtype, 2 * p.q0 * c.taps + i,
+              x[2 * ((local / 2) * c.n + t) + (local & 1)]);
   }
 }
 

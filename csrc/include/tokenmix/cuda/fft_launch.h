@@ -110,10 +110,25 @@ void launch_checked(K kernel, const char* name, dim3u grid, int64_t smem, const 
 inline FftPassParams pass_params(const FftConvParams& prm) {
   FftPassParams q{};
   q.conv = prm;
-  q.pairs = (prm.channels + 1) / 2;
   q.log2n1 = (prm.log2n + 1) / 2;
   q.log2n2 = prm.log2n - q.log2n1;
   return q;
+}
+
+// Selects the pair chunk starting at pair q0 of at most `chunk` pairs.
+inline void select_pairs(FftPassParams& q, int64_t q0, int64_t chunk) {
+  const int64_t pairs = (q.conv.channels + 1) / 2;
+  q.q0 = q0;
+  q.pairs = pairs - q0 < chunk ? pairs - q0 : chunk;
+  const int64_t left = q.conv.channels - 2 * q0;
+  q.chunk_channels = left < 2 * q.pairs ? left : 2 * q.pairs;
+}
+
+// Selects the batch chunk starting at entry b0 of at most `chunk` entries.
+inline void select_entries(FftPassParams& q, int64_t b0, int64_t chunk, int64_t batch) {
+  q.b0 = b0;
+  q.entries = batch - b0 < chunk ? batch - b0 : chunk;
+  q.signals = q.entries * q.pairs;
 }
 
 // Blocks for a grid-stride kernel over `count` elements.
@@ -159,78 +174,82 @@ inline void pass_product(FftPassParams q, int mode, const float* src, const floa
                  stream);
 }
 
-// The filter pairs' spectra (float32 plan) into spectrum, using scratch ([P, n] at least).
+// The filter spectra of the pair chunk (float32 plan) into spectrum, using scratch ([P, n] at
+// least).
 template <class E>
 void pass_filter_spectrum(FftPassParams q, float* scratch, float* spectrum, void* stream) {
-  q.b0 = 0;
-  q.entries = 1;
-  q.signals = q.pairs;
+  select_entries(q, 0, 1, 1);
   pass_load<E>(q, 2, scratch, stream);
   pass_transform<false, false>(q, scratch, spectrum, stream);
 }
 
+// Pair chunks in turn; within each, the filter's spectrum, then batch chunks in turn.
 template <class E>
 void multipass_forward(const FftConvParams& prm, int64_t batch, void* workspace, void* stream) {
   FftPassParams q = pass_params(prm);
-  const int64_t n = prm.n, pairs = q.pairs;
-  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, prm.channels, n);
+  const int64_t n = prm.n, pairs = (prm.channels + 1) / 2;
+  const int64_t pair_chunk = fft_conv_cuda_pair_chunk(prm.channels, n);
+  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, pair_chunk, n);
   float* spectrum_k = static_cast<float*>(workspace);
-  float* z = spectrum_k + 2 * pairs * n;
-  float* t = z + 2 * chunk * pairs * n;
-  pass_filter_spectrum<E>(q, z, spectrum_k, stream);
-  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
-    q.b0 = b0;
-    q.entries = batch - b0 < chunk ? batch - b0 : chunk;
-    q.signals = q.entries * pairs;
-    pass_load<E>(q, 0, z, stream);
-    pass_transform<E::kTensorCore, false>(q, z, t, stream);
-    pass_product(q, kProductFilter, t, spectrum_k, z, false, stream);
-    pass_transform<E::kTensorCore, true>(q, z, t, stream);
-    q.src = t;
-    launch_checked(fft_forward_epilogue_kernel<E>, "fft_forward_epilogue_kernel",
-                   pointwise_grid(q.entries * prm.length * prm.channels), 0, q, stream);
+  float* z = spectrum_k + 2 * pair_chunk * n;
+  float* t = z + 2 * chunk * pair_chunk * n;
+  for (int64_t q0 = 0; q0 < pairs; q0 += pair_chunk) {
+    select_pairs(q, q0, pair_chunk);
+    pass_filter_spectrum<E>(q, z, spectrum_k, stream);
+    for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+      select_entries(q, b0, chunk, batch);
+      pass_load<E>(q, 0, z, stream);
+      pass_transform<E::kTensorCore, false>(q, z, t, stream);
+      pass_product(q, kProductFilter, t, spectrum_k, z, false, stream);
+      pass_transform<E::kTensorCore, true>(q, z, t, stream);
+      q.src = t;
+      launch_checked(fft_forward_epilogue_kernel<E>, "fft_forward_epilogue_kernel",
+                     pointwise_grid(q.entries * prm.length * q.chunk_channels), 0, q, stream);
+    }
   }
 }
 
 template <class E>
 void multipass_backward(const FftConvParams& prm, int64_t batch, void* workspace, void* stream) {
   FftPassParams q = pass_params(prm);
-  const int64_t n = prm.n, pairs = q.pairs;
-  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, prm.channels, n);
+  const int64_t n = prm.n, pairs = (prm.channels + 1) / 2;
+  const int64_t pair_chunk = fft_conv_cuda_pair_chunk(prm.channels, n);
+  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, pair_chunk, n);
   float* spectrum_k = static_cast<float*>(workspace);
-  float* spectrum_dk = spectrum_k + 2 * pairs * n;
-  float* a = spectrum_dk + 2 * pairs * n;
-  float* g_hat = a + 2 * chunk * pairs * n;
-  float* v_hat = g_hat + 2 * chunk * pairs * n;
-  pass_filter_spectrum<E>(q, a, spectrum_k, stream);
-  for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
-    q.b0 = b0;
-    q.entries = batch - b0 < chunk ? batch - b0 : chunk;
-    q.signals = q.entries * pairs;
-    pass_load<E>(q, 0, a, stream);  // v = pre_gate * u
-    pass_transform<E::kTensorCore, false>(q, a, v_hat, stream);
-    pass_load<E>(q, 1, a, stream);  // g = post_gate * dy
-    pass_transform<E::kTensorCore, false>(q, a, g_hat, stream);
-    // dk's spectrum G conj V, summed over the batch in order (chunk after chunk).
-    pass_product(q, kProductCross, g_hat, v_hat, spectrum_dk, b0 > 0, stream);
-    if (prm.post) {  // v_hat becomes n (k (*) v), for d_post_gate
-      pass_product(q, kProductFilter, v_hat, spectrum_k, a, false, stream);
-      pass_transform<E::kTensorCore, true>(q, a, v_hat, stream);
+  float* spectrum_dk = spectrum_k + 2 * pair_chunk * n;
+  float* a = spectrum_dk + 2 * pair_chunk * n;
+  float* g_hat = a + 2 * chunk * pair_chunk * n;
+  float* v_hat = g_hat + 2 * chunk * pair_chunk * n;
+  for (int64_t q0 = 0; q0 < pairs; q0 += pair_chunk) {
+    select_pairs(q, q0, pair_chunk);
+    pass_filter_spectrum<E>(q, a, spectrum_k, stream);
+    for (int64_t b0 = 0; b0 < batch; b0 += chunk) {
+      select_entries(q, b0, chunk, batch);
+      pass_load<E>(q, 0, a, stream);  // v = pre_gate * u
+      pass_transform<E::kTensorCore, false>(q, a, v_hat, stream);
+      pass_load<E>(q, 1, a, stream);  // g = post_gate * dy
+      pass_transform<E::kTensorCore, false>(q, a, g_hat, stream);
+      // dk's spectrum G conj V / n, summed over the batch in order (chunk after chunk).
+      pass_product(q, kProductCross, g_hat, v_hat, spectrum_dk, b0 > 0, stream);
+      if (prm.post) {  // v_hat becomes k (*) v, for d_post_gate
+        pass_product(q, kProductFilter, v_hat, spectrum_k, a, false, stream);
+        pass_transform<E::kTensorCore, true>(q, a, v_hat, stream);
+      }
+      // g_hat becomes dv, the inverse of G conj K / n.
+      pass_product(q, kProductFilterConj, g_hat, spectrum_k, a, false, stream);
+      pass_transform<E::kTensorCore, true>(q, a, g_hat, stream);
+      q.src = g_hat;
+      q.operand = v_hat;
+      launch_checked(fft_backward_epilogue_kernel<E>, "fft_backward_epilogue_kernel",
+                     pointwise_grid(q.entries * prm.length * q.chunk_channels), 0, q, stream);
     }
-    // g_hat becomes n dv, the inverse of G conj K.
-    pass_product(q, kProductFilterConj, g_hat, spectrum_k, a, false, stream);
-    pass_transform<E::kTensorCore, true>(q, a, g_hat, stream);
-    q.src = g_hat;
-    q.operand = v_hat;
-    launch_checked(fft_backward_epilogue_kernel<E>, "fft_backward_epilogue_kernel",
-                   pointwise_grid(q.entries * prm.length * prm.channels), 0, q, stream);
+    // dk: the float32 inverse of its spectrum (spectrum_k is free by now), the first Lk taps.
+    q.signals = q.pairs;
+    pass_transform<false, true>(q, spectrum_dk, spectrum_k, stream);
+    q.src = spectrum_k;
+    launch_checked(fft_store_dk_kernel, "fft_store_dk_kernel",
+                   pointwise_grid(q.chunk_channels * prm.taps), 0, q, stream);
   }
-  // dk: the float32 inverse of its spectrum (spectrum_k is free by now), the first Lk taps.
-  q.signals = pairs;
-  pass_transform<false, true>(q, spectrum_dk, spectrum_k, stream);
-  q.src = spectrum_k;
-  launch_checked(fft_store_dk_kernel, "fft_store_dk_kernel",
-                 pointwise_grid(prm.channels * prm.taps), 0, q, stream);
   if (prm.bias)
     launch_checked(fft_dbias_kernel<E>, "fft_dbias_kernel", dim3u(uint32_t(prm.channels), 1, 1),
                    kFftConvThreads * 4, q, stream);

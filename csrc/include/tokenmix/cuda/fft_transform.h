@@ -195,7 +195,10 @@ TM_DEVICE float block_max_abs(const FftConvSmem& s, const shared_ptr<Complex>& d
 }
 
 // The power of two that brings `max_abs` into [0.5, 1); 1 for 0 and non-finite values (which the
-// transform then propagates as the FMA plan would).
+// transform then propagates as the FMA plan would). Clamped to the normal float32 powers: a
+// maximum of 2^126 or more lands in [1, 4) (still far inside fp16's range), and a float32
+// subnormal maximum (below 2^-126, which only bf16 or float32 data can have) stays small and
+// loses precision in the fp16 operands.
 TM_HOST_DEVICE float pow2_normalizer(float max_abs) {
   const int exponent = int((float_bits(max_abs) >> 23) & 0xffu);
   if (max_abs == 0.0f || exponent == 0xff) return 1.0f;
