@@ -1,8 +1,8 @@
 // fft_conv on CUDA, written on the SIMT layer (nvcc builds it for the GPU, the host compiler for
 // the emulator). One block per pair of channels, the pair packed as one complex signal
 // z = v_c0 + i v_c1, so one complex transform serves both channels; each block keeps the whole
-// transform in shared memory (power-of-two lengths up to kFftConvCudaMaxSize), float32 storage
-// and arithmetic outside the transforms.
+// transform in shared memory (power-of-two lengths up to kFftConvCudaBlockSize; longer ones take
+// fft_conv_multipass.h), float32 storage and arithmetic outside the transforms.
 //
 // The transforms (tokenmix/cuda/fft_transform.h) are radix-2 Stockham on FMAs for float32, and
 // Monarch on tensor cores for fp16/bf16 (from 128 points), whose spectra are digit-reversed:

@@ -1,5 +1,6 @@
-// Host side of the CUDA fft_conv kernels (tokenmix/cuda/fft_conv.h): parameters, shared memory,
-// the emulator's buffer registrations and the launches.
+// Host side of the CUDA fft_conv kernels (tokenmix/cuda/fft_conv.h, one kernel per direction,
+// and the pass sequence of fft_conv_multipass.h): parameters, shared memory, the emulator's
+// buffer registrations and the launches.
 #pragma once
 
 #include <stdexcept>
