@@ -384,11 +384,19 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
   }
 }
 
+// This thread's index in a 1-D grid, and the grid's thread count (grid-stride loops).
+TM_DEVICE int64_t grid_thread() {
+  return int64_t(block_idx().x) * block_dim().x + thread_idx().x;
+}
+TM_DEVICE int64_t grid_threads() {
+  return int64_t(grid_dim().x) * block_dim().x;
+}
+
 // dk and d_bias from the chunks' partial sums, added in chunk order: one thread per element of
 // dk ([C, Lk]) then of d_bias ([C]).
 TM_DEVICE void fft_conv_reduce_body(const FftConvParams& p) {
   const int64_t total_k = p.channels * p.taps;
-  const int64_t i = int64_t(block_idx().x) * block_dim().x + thread_idx().x;
+  const int64_t i = grid_thread();
   const global_ptr<const float> partial_k(p.partial_k);
   const global_ptr<const float> partial_bias(p.partial_bias);
   if (i < total_k) {

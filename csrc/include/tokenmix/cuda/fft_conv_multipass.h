@@ -125,13 +125,6 @@ TM_DEVICE void fft_rows_body(const FftPassParams& p) {
 
 // ---- pointwise kernels (grid-stride over their elements)
 
-TM_DEVICE int64_t grid_thread() {
-  return int64_t(block_idx().x) * block_dim().x + thread_idx().x;
-}
-TM_DEVICE int64_t grid_threads() {
-  return int64_t(grid_dim().x) * block_dim().x;
-}
-
 // Loads rows of channel pairs into src, zero beyond the signal: mode 0 the pairs of
 // v = pre_gate * u, mode 1 of g = post_gate * dy (batch entries b0 ..), mode 2 the filter's.
 template <class E>

@@ -184,16 +184,30 @@ void pass_filter_spectrum(FftPassParams q, float* scratch, float* spectrum, void
   pass_transform<false, false>(q, scratch, spectrum, stream);
 }
 
+// The multi-pass workspace (fft_conv_cuda_workspace_floats): `per_pair` complex buffers
+// [pair_chunk, n], then complex buffers [chunk, pair_chunk, n].
+struct PassWorkspace {
+  int64_t n, pairs, pair_chunk, chunk;
+  float* base;
+  int per_pair;
+  PassWorkspace(const FftConvParams& prm, int64_t batch, void* workspace, int per_pair_buffers)
+      : n(prm.n),
+        pairs((prm.channels + 1) / 2),
+        pair_chunk(fft_conv_cuda_pair_chunk(prm.channels, prm.n)),
+        chunk(fft_conv_cuda_batch_chunk(batch, pair_chunk, prm.n)),
+        base(static_cast<float*>(workspace)),
+        per_pair(per_pair_buffers) {}
+  float* pair_buffer(int i) const { return base + 2 * i * pair_chunk * n; }
+  float* chunk_buffer(int i) const { return base + 2 * (per_pair + i * chunk) * pair_chunk * n; }
+};
+
 // Pair chunks in turn; within each, the filter's spectrum, then batch chunks in turn.
 template <class E>
 void multipass_forward(const FftConvParams& prm, int64_t batch, void* workspace, void* stream) {
   FftPassParams q = pass_params(prm);
-  const int64_t n = prm.n, pairs = (prm.channels + 1) / 2;
-  const int64_t pair_chunk = fft_conv_cuda_pair_chunk(prm.channels, n);
-  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, pair_chunk, n);
-  float* spectrum_k = static_cast<float*>(workspace);
-  float* z = spectrum_k + 2 * pair_chunk * n;
-  float* t = z + 2 * chunk * pair_chunk * n;
+  const PassWorkspace w(prm, batch, workspace, 1);
+  const int64_t pairs = w.pairs, pair_chunk = w.pair_chunk, chunk = w.chunk;
+  float *spectrum_k = w.pair_buffer(0), *z = w.chunk_buffer(0), *t = w.chunk_buffer(1);
   for (int64_t q0 = 0; q0 < pairs; q0 += pair_chunk) {
     select_pairs(q, q0, pair_chunk);
     pass_filter_spectrum<E>(q, z, spectrum_k, stream);
@@ -213,14 +227,10 @@ void multipass_forward(const FftConvParams& prm, int64_t batch, void* workspace,
 template <class E>
 void multipass_backward(const FftConvParams& prm, int64_t batch, void* workspace, void* stream) {
   FftPassParams q = pass_params(prm);
-  const int64_t n = prm.n, pairs = (prm.channels + 1) / 2;
-  const int64_t pair_chunk = fft_conv_cuda_pair_chunk(prm.channels, n);
-  const int64_t chunk = fft_conv_cuda_batch_chunk(batch, pair_chunk, n);
-  float* spectrum_k = static_cast<float*>(workspace);
-  float* spectrum_dk = spectrum_k + 2 * pair_chunk * n;
-  float* a = spectrum_dk + 2 * pair_chunk * n;
-  float* g_hat = a + 2 * chunk * pair_chunk * n;
-  float* v_hat = g_hat + 2 * chunk * pair_chunk * n;
+  const PassWorkspace w(prm, batch, workspace, 2);
+  const int64_t pairs = w.pairs, pair_chunk = w.pair_chunk, chunk = w.chunk;
+  float *spectrum_k = w.pair_buffer(0), *spectrum_dk = w.pair_buffer(1);
+  float *a = w.chunk_buffer(0), *g_hat = w.chunk_buffer(1), *v_hat = w.chunk_buffer(2);
   for (int64_t q0 = 0; q0 < pairs; q0 += pair_chunk) {
     select_pairs(q, q0, pair_chunk);
     pass_filter_spectrum<E>(q, a, spectrum_k, stream);
