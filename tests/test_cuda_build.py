@@ -144,7 +144,31 @@ def test_every_fft_conv_instantiation_is_in_the_report():
                 assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)
 
 
-def test_cuda_key_registered_for_fft_conv():
-    for op in ("tokenmix::fft_conv_forward", "tokenmix::fft_conv_backward"):
+def test_every_fft_line_kernel_is_in_the_report():
+    """fourier_mix / global_filter / spectral_gate's kernels: the line pass and spectral_gate's
+    two per dtype, the weight gradient and the gate reduction, per architecture."""
+    names = {(r["arch"], format_cuda_resources([r]).split("`")[1]) for r in cuda_resource_usage()}
+    for arch in ("sm_80", "sm_90"):
+        for kernel in ("fft_filter_grad_kernel", "spectral_gate_reduce_kernel"):
+            assert (arch, kernel) in names, (arch, kernel)
+        for elem in ("F16", "BF16", "F32"):
+            for kernel in (
+                "fft_line_pass_kernel",
+                "spectral_gate_forward_kernel",
+                "spectral_gate_backward_kernel",
+            ):
+                assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)
+
+
+def test_cuda_key_registered_for_the_fft_mixing_ops():
+    for op in (
+        "tokenmix::fft_conv_forward",
+        "tokenmix::fft_conv_backward",
+        "tokenmix::fourier_mix",
+        "tokenmix::global_filter_forward",
+        "tokenmix::global_filter_backward",
+        "tokenmix::spectral_gate_forward",
+        "tokenmix::spectral_gate_backward",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op

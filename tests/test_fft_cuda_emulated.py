@@ -98,6 +98,27 @@ def test_circular_power_of_two_float32(length):
     _compare(1, length, 4, max(1, length // 3), False, torch.float32, bias=True)
 
 
+@pytest.mark.parametrize(
+    "length, taps", [(1, 1), (3, 2), (5, 5), (100, 37), (100, 100), (1000, 1), (1000, 1000)]
+)
+def test_circular_any_length_float32(length, taps):
+    # L not a power of two: the linear convolution folded back (y[t] += z[t + L], t < Lk - 1).
+    _compare(2, length, 3, taps, False, torch.float32, bias=True, pre=True, post=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_circular_any_length_half_precision(dtype):
+    _compare(2, 300, 4, 200, False, dtype, bias=True, post=True)
+
+
+@pytest.mark.parametrize(
+    "length, taps, dtype",
+    [(3000, 50, torch.float32), (2500, 2500, torch.float32), (3000, 1500, torch.bfloat16)],
+)
+def test_circular_any_length_multipass(length, taps, dtype):
+    _compare(1, length, 3, taps, False, dtype, bias=True, pre=True, post=True)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("pre", [False, True])
 @pytest.mark.parametrize("post", [False, True])
@@ -233,8 +254,11 @@ def test_unsupported_problems_are_refused_with_the_reason():
         ops.fft_conv_forward(
             torch.zeros(1, 2**21 + 1, 1), torch.zeros(1, 2**21 + 1), None, None, None, True
         )
-    with pytest.raises(RuntimeError, match="power of two"):
-        ops.fft_conv_forward(torch.randn(1, 100, 2), torch.randn(2, 5), None, None, None, False)
+    with pytest.raises(RuntimeError, match="at most 4194304 points"):  # folded: 2^23 points
+        length = 3 * 2**20
+        ops.fft_conv_forward(
+            torch.zeros(1, length, 1), torch.zeros(1, length), None, None, None, False
+        )
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         ops.fft_conv_forward(u.double()[:, :10], torch.randn(2, 5).double(), None, None, None, True)
 

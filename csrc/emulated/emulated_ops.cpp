@@ -214,6 +214,74 @@ int64_t fft_conv_cuda_size(int64_t length, int64_t taps, bool causal) {
   return tokenmix::fft_conv_cuda_size(length, taps, causal);
 }
 
+// The in-block transform length of the other FFT-mixing kernels for a line of n points, 0 when
+// they refuse it (the rule tokenmix.fft_mix.args.cuda_line_size must match).
+int64_t fft_line_cuda_size(int64_t n) {
+  return tokenmix::fft_line_cuda_size(n);
+}
+
+// fourier_mix, global_filter and spectral_gate on the CUDA kernels, run by the emulator, with
+// outputs and workspaces starting as NaN.
+Tensor fourier_mix(Tensor x) {
+  STD_TORCH_CHECK(x.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::mix_forward(x, [&](tokenmix::FourierMixProblem& p) {
+    const Tensor workspace = tokenmix::fft_op::mix_workspace(x, p);
+    fill_nan(p.workspace, tokenmix::DType::kFloat32, workspace.numel());
+    fill_nan(p.out, p.dtype, p.batch * p.length * p.channels);
+    tokenmix::cuda::emulated::fourier_mix(p, nullptr);
+  });
+}
+
+auto emulated_filter(const Tensor& x) {
+  return [&x](tokenmix::GlobalFilterProblem& p, bool backward) {
+    const Tensor workspace = tokenmix::fft_op::filter_workspace(x, p, backward);
+    fill_nan(p.workspace, tokenmix::DType::kFloat32, workspace.numel());
+    const int64_t elems = p.batch * p.height * p.width * p.channels;
+    fill_nan(backward ? p.grad_x : p.out, p.dtype, elems);
+    if (backward)
+      fill_nan(p.grad_weight, tokenmix::DType::kFloat32,
+               p.height * (p.width / 2 + 1) * p.channels * 2);
+    tokenmix::cuda::emulated::global_filter(p, backward, nullptr);
+  };
+}
+
+Tensor global_filter_forward(Tensor x, Tensor weight) {
+  STD_TORCH_CHECK(x.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::filter_forward(x, weight, emulated_filter(x));
+}
+
+std::tuple<Tensor, Tensor> global_filter_backward(Tensor grad_out, Tensor x, Tensor weight) {
+  STD_TORCH_CHECK(x.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::filter_backward(grad_out, x, weight, emulated_filter(x));
+}
+
+auto emulated_gate(const Tensor& x) {
+  return [&x](tokenmix::SpectralGateProblem& p, bool backward) {
+    const Tensor workspace = tokenmix::fft_op::gate_workspace(x, p, backward);
+    fill_nan(p.workspace, tokenmix::DType::kFloat32, workspace.numel());
+    fill_nan(backward ? p.grad_x : p.out, p.dtype, p.batch * p.length * p.channels);
+    const int64_t bins = p.length / 2 + 1;
+    if (backward) {
+      fill_nan(p.grad_gate, tokenmix::DType::kFloat32, p.batch * p.heads * bins * 2);
+      if (p.bias) fill_nan(p.grad_bias, tokenmix::DType::kFloat32, p.heads * bins);
+    }
+    tokenmix::cuda::emulated::spectral_gate(p, backward, nullptr);
+  };
+}
+
+Tensor spectral_gate_forward(Tensor x, Tensor gate, std::optional<Tensor> bias, int64_t heads,
+                             bool modrelu) {
+  STD_TORCH_CHECK(x.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::gate_forward(x, gate, bias, heads, modrelu, emulated_gate(x));
+}
+
+std::tuple<Tensor, Tensor, Tensor> spectral_gate_backward(Tensor grad_out, Tensor x, Tensor gate,
+                                                          std::optional<Tensor> bias, int64_t heads,
+                                                          bool modrelu) {
+  STD_TORCH_CHECK(x.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
+  return tokenmix::fft_op::gate_backward(grad_out, x, gate, bias, heads, modrelu, emulated_gate(x));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
@@ -226,10 +294,17 @@ STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def(tokenmix::fft_op::kFftConvForwardSchema);
   m.def(tokenmix::fft_op::kFftConvBackwardSchema);
   m.def("fft_conv_cuda_size(int length, int taps, bool causal) -> int");
+  m.def(tokenmix::fft_op::kFourierMixSchema);
+  m.def(tokenmix::fft_op::kGlobalFilterForwardSchema);
+  m.def(tokenmix::fft_op::kGlobalFilterBackwardSchema);
+  m.def(tokenmix::fft_op::kSpectralGateForwardSchema);
+  m.def(tokenmix::fft_op::kSpectralGateBackwardSchema);
+  m.def("fft_line_cuda_size(int n) -> int");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CompositeExplicitAutograd, m) {
   m.impl("fft_conv_cuda_size", TORCH_BOX(&fft_conv_cuda_size));
+  m.impl("fft_line_cuda_size", TORCH_BOX(&fft_line_cuda_size));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
@@ -241,4 +316,9 @@ STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
   m.impl("block_sparse_schedule", TORCH_BOX(&block_sparse_schedule));
   m.impl("fft_conv_forward", TORCH_BOX(&fft_conv_forward));
   m.impl("fft_conv_backward", TORCH_BOX(&fft_conv_backward));
+  m.impl("fourier_mix", TORCH_BOX(&fourier_mix));
+  m.impl("global_filter_forward", TORCH_BOX(&global_filter_forward));
+  m.impl("global_filter_backward", TORCH_BOX(&global_filter_backward));
+  m.impl("spectral_gate_forward", TORCH_BOX(&spectral_gate_forward));
+  m.impl("spectral_gate_backward", TORCH_BOX(&spectral_gate_backward));
 }

@@ -167,4 +167,154 @@ inline Tensor conv_workspace(const Tensor& like, tokenmix::FftConvProblem& p, bo
   return w;
 }
 
+// ---- fourier_mix, global_filter, spectral_gate --------------------------------------------
+// Each takes `run(problem)` or `run(problem, backward)`, which computes into the problem's
+// outputs on its backend.
+
+template <class Run>
+Tensor mix_forward(const Tensor& x, const Run& run) {
+  STD_TORCH_CHECK(x.dim() == 3, "tokenmix: x must be [B, L, C]");
+  check_shape(x, {x.size(0), x.size(1), x.size(2)}, "x");
+  tokenmix::FourierMixProblem p;
+  p.dtype = tokenmix::to_dtype(x.scalar_type());
+  p.batch = x.size(0);
+  p.length = x.size(1);
+  p.channels = x.size(2);
+  p.x = view(x);
+  Tensor out = empty(x, {p.batch, p.length, p.channels}, x.scalar_type(), "out");
+  p.out = out.data_ptr();
+  p.parallel_for = tokenmix::host_parallel_for;
+  if (out.numel() > 0) run(p);
+  return out;
+}
+
+inline tokenmix::GlobalFilterProblem make_filter_problem(const Tensor& x, const Tensor& weight) {
+  STD_TORCH_CHECK(x.dim() == 4, "tokenmix: x must be [B, H, W, C]");
+  check_shape(x, {x.size(0), x.size(1), x.size(2), x.size(3)}, "x");
+  STD_TORCH_CHECK(tokenmix::same_device(weight, x), "tokenmix: weight must be on x's device");
+  tokenmix::GlobalFilterProblem p;
+  p.dtype = tokenmix::to_dtype(x.scalar_type());
+  p.batch = x.size(0);
+  p.height = x.size(1);
+  p.width = x.size(2);
+  p.channels = x.size(3);
+  p.x = view(x);
+  p.weight = acc_contiguous(weight, x, {p.height, p.width / 2 + 1, p.channels, 2}, "weight");
+  p.parallel_for = tokenmix::host_parallel_for;
+  return p;
+}
+
+template <class Run>
+Tensor filter_forward(const Tensor& x, const Tensor& weight, const Run& run) {
+  auto p = make_filter_problem(x, weight);
+  Tensor out = empty(x, {p.batch, p.height, p.width, p.channels}, x.scalar_type(), "out");
+  p.out = out.data_ptr();
+  if (out.numel() > 0) run(p, false);
+  return out;
+}
+
+template <class Run>
+std::tuple<Tensor, Tensor> filter_backward(const Tensor& grad_out, const Tensor& x,
+                                           const Tensor& weight, const Run& run) {
+  auto p = make_filter_problem(x, weight);
+  STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
+                  "tokenmix: grad_out must have the dtype of x");
+  STD_TORCH_CHECK(tokenmix::same_device(grad_out, x), "tokenmix: grad_out must be on x's device");
+  check_shape(grad_out, {p.batch, p.height, p.width, p.channels}, "grad_out");
+  p.grad_out = view(grad_out);
+  Tensor dx = empty(x, {p.batch, p.height, p.width, p.channels}, x.scalar_type(), "grad_x");
+  Tensor dw =
+      zeros(x, {p.height, p.width / 2 + 1, p.channels, 2}, weight.scalar_type(), "grad_weight");
+  p.grad_x = dx.data_ptr();
+  p.grad_weight = dw.data_ptr();
+  if (dx.numel() > 0) run(p, true);
+  return {dx, dw};
+}
+
+inline tokenmix::SpectralGateProblem make_gate_problem(const Tensor& x, const Tensor& gate,
+                                                       const std::optional<Tensor>& bias,
+                                                       int64_t heads, bool modrelu) {
+  STD_TORCH_CHECK(x.dim() == 3, "tokenmix: x must be [B, L, C]");
+  check_shape(x, {x.size(0), x.size(1), x.size(2)}, "x");
+  tokenmix::SpectralGateProblem p;
+  p.dtype = tokenmix::to_dtype(x.scalar_type());
+  p.batch = x.size(0);
+  p.length = x.size(1);
+  p.channels = x.size(2);
+  STD_TORCH_CHECK(heads >= 1 && p.channels % heads == 0,
+                  "tokenmix: heads must be >= 1 and divide the channels");
+  p.heads = heads;
+  p.modrelu = modrelu;
+  const int64_t bins = p.length / 2 + 1;
+  p.x = view(x);
+  STD_TORCH_CHECK(tokenmix::same_device(gate, x), "tokenmix: gate must be on x's device");
+  p.gate = acc_contiguous(gate, x, {p.batch, heads, bins, 2}, "gate");
+  STD_TORCH_CHECK(!bias.has_value() || modrelu, "tokenmix: bias is modReLU's; it needs modrelu");
+  if (bias.has_value()) {
+    STD_TORCH_CHECK(tokenmix::same_device(*bias, x), "tokenmix: bias must be on x's device");
+    p.bias = acc_contiguous(*bias, x, {heads, bins}, "bias");
+  }
+  p.parallel_for = tokenmix::host_parallel_for;
+  return p;
+}
+
+template <class Run>
+Tensor gate_forward(const Tensor& x, const Tensor& gate, const std::optional<Tensor>& bias,
+                    int64_t heads, bool modrelu, const Run& run) {
+  auto p = make_gate_problem(x, gate, bias, heads, modrelu);
+  Tensor out = empty(x, {p.batch, p.length, p.channels}, x.scalar_type(), "out");
+  p.out = out.data_ptr();
+  if (out.numel() > 0) run(p, false);
+  return out;
+}
+
+template <class Run>
+std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const Tensor& x,
+                                                 const Tensor& gate,
+                                                 const std::optional<Tensor>& bias, int64_t heads,
+                                                 bool modrelu, const Run& run) {
+  auto p = make_gate_problem(x, gate, bias, heads, modrelu);
+  STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
+                  "tokenmix: grad_out must have the dtype of x");
+  STD_TORCH_CHECK(tokenmix::same_device(grad_out, x), "tokenmix: grad_out must be on x's device");
+  check_shape(grad_out, {p.batch, p.length, p.channels}, "grad_out");
+  p.grad_out = view(grad_out);
+  const int64_t bins = p.length / 2 + 1;
+  Tensor dx = empty(x, {p.batch, p.length, p.channels}, x.scalar_type(), "grad_x");
+  Tensor dgate = zeros(x, {p.batch, heads, bins, 2}, gate.scalar_type(), "grad_gate");
+  Tensor dbias = bias.has_value() ? zeros(x, {heads, bins}, bias->scalar_type(), "grad_bias")
+                                  : empty(x, {0}, gate.scalar_type(), "grad_bias");
+  p.grad_x = dx.data_ptr();
+  p.grad_gate = dgate.data_ptr();
+  p.grad_bias = bias.has_value() ? dbias.data_ptr() : nullptr;
+  if (dx.numel() > 0) run(p, true);
+  return {dx, dgate, dbias};
+}
+
+// The CUDA kernels' float32 workspace for these operators (an empty tensor when they need none);
+// sets p.workspace. The tensor must outlive the launches.
+inline Tensor float_workspace(const Tensor& like, int64_t floats, float** workspace) {
+  Tensor w = empty(like, {floats}, ScalarType::Float, "the CUDA kernels' workspace");
+  *workspace = floats > 0 ? static_cast<float*>(w.data_ptr()) : nullptr;
+  return w;
+}
+inline Tensor mix_workspace(const Tensor& like, tokenmix::FourierMixProblem& p) {
+  return float_workspace(like,
+                         tokenmix::fourier_mix_cuda_workspace_floats(p.batch, p.length, p.channels),
+                         &p.workspace);
+}
+inline Tensor filter_workspace(const Tensor& like, tokenmix::GlobalFilterProblem& p,
+                               bool backward) {
+  return float_workspace(like,
+                         tokenmix::global_filter_cuda_workspace_floats(p.batch, p.height, p.width,
+                                                                       p.channels, backward),
+                         &p.workspace);
+}
+inline Tensor gate_workspace(const Tensor& like, tokenmix::SpectralGateProblem& p, bool backward) {
+  return float_workspace(like,
+                         tokenmix::spectral_gate_cuda_workspace_floats(
+                             p.batch, p.length, p.channels, p.bias != nullptr, backward),
+                         &p.workspace);
+}
+
 }  // namespace tokenmix::fft_op

@@ -143,11 +143,11 @@ def info() -> dict:
         cuda["archs"] = ", ".join(f"sm_{a}" for a in str(build.get("cuda_archs", "")).split(";"))
         cuda["kernels"] = (
             "fused neighborhood and block-sparse attention (forward + backward; fp16/bf16 "
-            "tensor cores, fp32), fft_conv for power-of-two transforms up to 2^22 points (forward "
-            "+ backward, one kernel up to 2048 points; fp16/bf16 Monarch transforms on tensor "
-            "cores, fp32 FMA); linear scans run on the "
-            "CPU only; the other FFT mixing operators run the torch.fft compositions on CUDA "
-            "tensors"
+            "tensor cores, fp32), fft_conv for transforms up to 2^22 points (forward + "
+            "backward, one kernel up to 2048 points; fp16/bf16 Monarch transforms on tensor "
+            "cores, fp32 FMA), fourier_mix / global_filter / spectral_gate for transformed "
+            "axes up to 2048 points (1024 when not a power of two; fp32 FMA, Bluestein for "
+            "any length); linear scans run on the CPU only"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"

@@ -71,14 +71,24 @@ TM_HOST_DEVICE int64_t fft_conv_size(int64_t length, int64_t filter_length, bool
 inline constexpr int64_t kFftConvCudaBlockSize = 2048;
 inline constexpr int64_t kFftConvCudaMaxSize = kFftConvCudaBlockSize * kFftConvCudaBlockSize;
 
-// The transform length of fft_conv on CUDA (a power of two: the linear convolution's padding,
-// or L itself for a circular one), or 0 when the CUDA kernels cannot run the problem.
+// The transform length of fft_conv on CUDA (a power of two), or 0 when the CUDA kernels cannot
+// run the problem. A linear convolution pads to n >= L + Lk - 1. A circular one transforms L
+// itself when L is a power of two; any other L computes the linear convolution z (same n) and
+// folds it: y[t] = z[t] + z[t + L] for t < Lk - 1 (fft_conv_cuda_folds).
 TM_HOST_DEVICE int64_t fft_conv_cuda_size(int64_t length, int64_t filter_length, bool causal) {
   int64_t n = 2;
-  const int64_t need = causal ? length + filter_length - 1 : length;
-  while (n < need) n *= 2;
-  if (!causal && n != length) return 0;
+  const int64_t linear = length + filter_length - 1;
+  if (!causal) {
+    while (n < length) n *= 2;
+    if (n == length) return n <= kFftConvCudaMaxSize ? n : 0;
+  }
+  while (n < linear) n *= 2;
   return n <= kFftConvCudaMaxSize ? n : 0;
+}
+
+// Whether the CUDA kernels compute a circular convolution by folding a linear one.
+TM_HOST_DEVICE bool fft_conv_cuda_folds(int64_t length, int64_t filter_length, bool causal) {
+  return !causal && fft_conv_cuda_size(length, filter_length, causal) != length;
 }
 
 TM_HOST_DEVICE bool fft_conv_cuda_multipass(int64_t n) {
@@ -139,6 +149,38 @@ TM_HOST_DEVICE int64_t fft_conv_cuda_workspace_floats(int64_t batch, int64_t cha
   return chunks > 1 ? chunks * channels * (filter_length + 1) : 0;
 }
 
+// The other three operators on CUDA transform lines of any length n in one block's shared
+// memory (tokenmix/cuda/fft_lines.h): a power of two directly, any other length by Bluestein's
+// algorithm over the power of two m >= 2n - 1. This is that m, or 0 when it exceeds
+// kFftConvCudaBlockSize (lengths up to 2048 when a power of two, up to 1024 otherwise); longer
+// lines run the torch.fft compositions.
+TM_HOST_DEVICE int64_t fft_line_cuda_size(int64_t n) {
+  if (n < 1) return 0;
+  const int64_t need = (n & (n - 1)) == 0 ? n : 2 * n - 1;
+  int64_t m = 1;
+  while (m < need) m *= 2;
+  return m <= kFftConvCudaBlockSize ? m : 0;
+}
+
+// Workspace floats of the CUDA kernels (float32 complex spectra, kept whole: [B, L, C] for
+// fourier_mix; one [B, H, W/2+1, C] half spectrum for global_filter's forward and two for its
+// backward; each channel's share of d_gate [B, C, L/2+1] (and of d_bias) for spectral_gate's
+// backward).
+TM_HOST_DEVICE int64_t fourier_mix_cuda_workspace_floats(int64_t batch, int64_t length,
+                                                         int64_t channels) {
+  return 2 * batch * length * channels;
+}
+TM_HOST_DEVICE int64_t global_filter_cuda_workspace_floats(int64_t batch, int64_t height,
+                                                           int64_t width, int64_t channels,
+                                                           bool backward) {
+  return (backward ? 4 : 2) * batch * height * (width / 2 + 1) * channels;
+}
+TM_HOST_DEVICE int64_t spectral_gate_cuda_workspace_floats(int64_t batch, int64_t length,
+                                                           int64_t channels, bool bias,
+                                                           bool backward) {
+  return backward ? (bias ? 3 : 2) * batch * channels * (length / 2 + 1) : 0;
+}
+
 // fft_conv: y = post_gate * (k (*) (pre_gate * u)) + bias * u over [B, L, C].
 struct FftConvProblem {
   DType dtype = DType::kFloat32;  // u, gates, out and their gradients
@@ -165,8 +207,9 @@ struct FftConvProblem {
 struct FourierMixProblem {
   DType dtype = DType::kFloat32;
   int64_t batch = 0, length = 0, channels = 0;
-  FftTensor x;          // [B, L, C]
-  void* out = nullptr;  // contiguous [B, L, C]
+  FftTensor x;                 // [B, L, C]
+  void* out = nullptr;         // contiguous [B, L, C]
+  float* workspace = nullptr;  // CUDA: fourier_mix_cuda_workspace_floats floats
   ParallelForFn parallel_for = nullptr;
 };
 
@@ -182,6 +225,7 @@ struct GlobalFilterProblem {
   FftTensor grad_out;
   void* grad_x = nullptr;       // contiguous [B, H, W, C]
   void* grad_weight = nullptr;  // contiguous [H, W/2+1, C, 2], accumulation type
+  float* workspace = nullptr;   // CUDA: global_filter_cuda_workspace_floats floats
   ParallelForFn parallel_for = nullptr;
 };
 
@@ -197,9 +241,10 @@ struct SpectralGateProblem {
 
   // Backward.
   FftTensor grad_out;
-  void* grad_x = nullptr;     // contiguous [B, L, C]
-  void* grad_gate = nullptr;  // contiguous [B, heads, L/2+1, 2]
-  void* grad_bias = nullptr;  // contiguous [heads, L/2+1] when bias is given
+  void* grad_x = nullptr;      // contiguous [B, L, C]
+  void* grad_gate = nullptr;   // contiguous [B, heads, L/2+1, 2]
+  void* grad_bias = nullptr;   // contiguous [heads, L/2+1] when bias is given
+  float* workspace = nullptr;  // CUDA: spectral_gate_cuda_workspace_floats floats
   ParallelForFn parallel_for = nullptr;
 };
 

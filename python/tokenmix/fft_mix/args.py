@@ -21,6 +21,7 @@ __all__ = [
     "check_global_filter",
     "check_spectral_gate",
     "complex_as_real",
+    "cuda_line_size",
     "cuda_transform_size",
 ]
 
@@ -31,17 +32,45 @@ CUDA_MAX_TRANSFORM = 2048 * 2048
 
 
 def cuda_transform_size(length: int, taps: int, causal: bool) -> int:
-    """The transform length the CUDA fft_conv kernels use (a power of two: ``L + Lk - 1``
-    rounded up for a causal convolution, ``L`` itself for a circular one), or 0 when they
-    cannot run the problem (longer transforms, or a circular ``L`` that is not a power of two).
-    The rule of ``fft_conv_cuda_size`` in csrc/include/tokenmix/fft_problem.h."""
-    need = length + taps - 1 if causal else length
+    """The transform length the CUDA fft_conv kernels use (a power of two), or 0 when they
+    cannot run the problem (a transform longer than :data:`CUDA_MAX_TRANSFORM`).
+
+    A causal convolution pads to ``L + Lk - 1`` rounded up. A circular one transforms ``L``
+    itself when it is a power of two; any other ``L`` computes the linear convolution (same
+    padding) and folds its tail back: ``y[t] = z[t] + z[t + L]``. The rule of
+    ``fft_conv_cuda_size`` in csrc/include/tokenmix/fft_problem.h."""
     n = 2
-    while n < need:
+    if not causal:
+        while n < length:
+            n *= 2
+        if n == length:
+            return n if n <= CUDA_MAX_TRANSFORM else 0
+    while n < length + taps - 1:
         n *= 2
-    if not causal and n != length:
-        return 0
     return n if n <= CUDA_MAX_TRANSFORM else 0
+
+
+# fourier_mix, global_filter and spectral_gate on CUDA transform each line (a row, a column, a
+# channel's tokens) in one thread block: a power of two directly, any other length n by
+# Bluestein's algorithm over the power of two >= 2n - 1; at most CUDA_MAX_LINE points either way
+# (kFftConvCudaBlockSize in csrc/include/tokenmix/fft_problem.h).
+CUDA_MAX_LINE = 2048
+
+
+def cuda_line_size(n: int) -> int:
+    """The in-block transform length the CUDA kernels of ``fourier_mix``, ``global_filter``
+    and ``spectral_gate`` use for an axis of ``n`` points (``n`` when it is a power of two,
+    else the power of two ``>= 2n - 1`` of Bluestein's algorithm), or 0 when it exceeds
+    :data:`CUDA_MAX_LINE` (powers of two up to 2048, other lengths up to 1024): those
+    problems run the ``torch.fft`` compositions. The rule of ``fft_line_cuda_size`` in
+    csrc/include/tokenmix/fft_problem.h."""
+    if n < 1:
+        return 0
+    need = n if n & (n - 1) == 0 else 2 * n - 1
+    m = 1
+    while m < need:
+        m *= 2
+    return m if m <= CUDA_MAX_LINE else 0
 
 
 def _check_input(x: Any, name: str, rank: int, layout: str) -> Tensor:

@@ -2,10 +2,12 @@
 filter and adaptive spectral gating (FFTNet / SPECTRE), channels last.
 
 CPU tensors run tokenmix's fused kernels (transform, pointwise product and inverse
-transform per block of channels while the data is in cache; docs/fft_mixing.md). On CUDA,
-``fft_conv`` runs tokenmix's kernels for power-of-two transforms of up to 2^22 points (one
-fused kernel up to 2048, more passes beyond;
-:func:`tokenmix.fft_mix.args.cuda_transform_size`). Everything else, and installs without the
+transform per block of channels while the data is in cache; docs/fft_mixing.md). On CUDA
+(float32, float16, bfloat16), ``fft_conv`` runs tokenmix's kernels for transforms of up to
+2^22 points (one fused kernel up to 2048, more passes beyond;
+:func:`tokenmix.fft_mix.args.cuda_transform_size`), and the other three operators for
+transformed axes of up to 2048 points (powers of two) or 1024 (any other length;
+:func:`tokenmix.fft_mix.args.cuda_line_size`). Everything else, and installs without the
 compiled library, runs the ``torch.fft`` compositions of :mod:`tokenmix.fft_mix.reference`.
 """
 
@@ -21,6 +23,7 @@ from .args import (
     check_fourier_mix,
     check_global_filter,
     check_spectral_gate,
+    cuda_line_size,
     cuda_transform_size,
 )
 
@@ -38,27 +41,39 @@ def fused_kernels_available() -> bool:
     return ops.kernels_available()
 
 
-def _fused(x: Tensor) -> bool:
-    return x.device.type == "cpu" and ops.kernels_available()
+def _cuda_kernels_usable() -> bool:
+    """A build with CUDA kernels and a driver that can run them (a driver too old for the
+    build's CUDA runtime leaves the compositions, which still work there)."""
+    if not ops.kernels_available() or not _ops.build_info().get("cuda_built", False):
+        return False
+    return torch.compiler.is_compiling() or _cuda_driver.cuda_driver_problem() is None
+
+
+def _fused(x: Tensor, *lengths: int) -> bool:
+    """Whether fourier_mix / global_filter / spectral_gate run tokenmix's kernels: every CPU
+    problem; on CUDA, float32/16/bf16 problems whose transformed axes all have
+    :func:`cuda_line_size`."""
+    if x.device.type == "cpu":
+        return ops.kernels_available()
+    if x.device.type != "cuda" or x.dtype == torch.float64:
+        return False
+    return all(cuda_line_size(n) > 0 for n in lengths) and _cuda_kernels_usable()
 
 
 def _fused_conv(u: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> bool:
     """Whether fft_conv runs tokenmix's kernels: every CPU problem; on CUDA, float32/16/bf16
-    problems with a power-of-two transform of at most 2^22 points (:func:`cuda_transform_size`),
-    in a build with CUDA kernels and a driver that can run them. Everything else runs the
-    torch.fft composition."""
+    problems with a transform of at most 2^22 points (:func:`cuda_transform_size`), in a build
+    with CUDA kernels and a driver that can run them. Everything else runs the torch.fft
+    composition."""
     if u.device.type == "cpu":
         return ops.kernels_available()
-    if u.device.type != "cuda" or not ops.kernels_available():
-        return False
-    if not _ops.build_info().get("cuda_built", False):
+    if u.device.type != "cuda":
         return False
     if torch.float64 in (u.dtype, k.dtype) or (bias is not None and bias.dtype == torch.float64):
         return False
     if cuda_transform_size(u.shape[1], k.shape[1], causal) == 0:
         return False
-    # A driver too old for the build's CUDA runtime: the composition still works there.
-    return torch.compiler.is_compiling() or _cuda_driver.cuda_driver_problem() is None
+    return _cuda_kernels_usable()
 
 
 def fft_conv(
@@ -118,7 +133,7 @@ def fourier_mix(x: Tensor) -> Tensor:
         torch.Size([2, 128, 64])
     """
     x = check_fourier_mix(x)
-    if _fused(x):
+    if _fused(x, x.shape[1], x.shape[2]):
         return torch.ops.tokenmix.fourier_mix(x)
     return reference.fourier_mix_reference(x)
 
@@ -139,7 +154,7 @@ def global_filter(x: Tensor, weight: Tensor) -> Tensor:
         torch.Size([2, 14, 14, 96])
     """
     x, weight_real = check_global_filter(x, weight)
-    if _fused(x):
+    if _fused(x, x.shape[1], x.shape[2]):
         return torch.ops.tokenmix.global_filter_forward(x, weight_real)
     return reference.global_filter_reference(x, weight_real)
 
@@ -170,7 +185,7 @@ def spectral_gate(
         torch.Size([2, 256, 64])
     """
     x, gate_real, bias_t, heads, modrelu = check_spectral_gate(x, gate, heads, activation, bias)
-    if _fused(x):
+    if _fused(x, x.shape[1]):
         return torch.ops.tokenmix.spectral_gate_forward(x, gate_real, bias_t, heads, modrelu)
     return reference.spectral_gate_reference(
         x, gate_real, heads=heads, activation=activation, bias=bias_t

@@ -25,8 +25,6 @@ namespace tokenmix::cuda {
 
 using namespace ::tokenmix::simt;
 
-inline constexpr int kFftConvThreads = 256;
-
 // One element of a tensor whose dtype is known only at run time (filters, biases).
 TM_DEVICE float load_any(const global_ptr<const uint8_t>& base, DType dtype, int64_t index) {
   switch (dtype) {
@@ -49,6 +47,7 @@ TM_DEVICE void store_any(const global_ptr<uint8_t>& base, DType dtype, int64_t i
 struct FftConvParams {
   int64_t batch, length, channels, taps, n;
   int log2n;
+  bool fold;  // a circular convolution computed as a linear one: y[t] += z[t + L], t < Lk - 1
   const void* u;
   int64_t u_stride[3];
   const void* pre;
@@ -131,18 +130,28 @@ TM_DEVICE float load_token(const global_ptr<const typename E::T>& x, const int64
   return E::to_float(x[b * stride[0] + t * stride[1] + c * stride[2]]);
 }
 
-// z[t] = (v_c0[t], v_c1[t]) for t < L (v = pre_gate * u or post_gate * dy), zero up to n.
+// The token a signal of n points holds at position t, or -1 for a zero: t < L, and with `wrap`
+// (the folded convolution's gradient, which every output position t + L also receives)
+// L <= t < L + Lk - 1.
+TM_HOST_DEVICE int64_t signal_token(const FftConvParams& p, int64_t t, bool wrap) {
+  if (t < p.length) return t;
+  return wrap && t - p.length < p.taps - 1 ? t - p.length : -1;
+}
+
+// z[t] = (v_c0[t], v_c1[t]) for t < L (v = pre_gate * u or post_gate * dy), zero up to n (or
+// wrapped, see signal_token).
 template <class E>
 TM_DEVICE void load_pair(const global_ptr<const typename E::T>& x, const int64_t* xs,
                          const global_ptr<const typename E::T>& gate, const int64_t* gs,
                          bool has_gate, const FftConvParams& p, int64_t b, int64_t c0,
-                         shared_ptr<Complex> z) {
+                         shared_ptr<Complex> z, bool wrap = false) {
   const bool second = c0 + 1 < p.channels;
-  for (int64_t t = thread_idx().x; t < p.n; t += block_dim().x) {
+  for (int64_t i = thread_idx().x; i < p.n; i += block_dim().x) {
     Complex v;
     v.re = 0.0f;
     v.im = 0.0f;
-    if (t < p.length) {
+    const int64_t t = signal_token(p, i, wrap);
+    if (t >= 0) {
       v.re = load_token<E>(x, xs, b, t, c0);
       if (has_gate) v.re *= load_token<E>(gate, gs, b, t, c0);
       if (second) {
@@ -150,7 +159,7 @@ TM_DEVICE void load_pair(const global_ptr<const typename E::T>& x, const int64_t
         if (has_gate) v.im *= load_token<E>(gate, gs, b, t, c0 + 1);
       }
     }
-    z[t] = v;
+    z[i] = v;
   }
 }
 
@@ -186,6 +195,12 @@ TM_DEVICE void filter_spectrum(const FftConvParams& p, const FftConvSmem& s, con
   sync_threads();
 }
 
+// Output t of the pair's convolutions from the inverse transform y (natural order).
+TM_DEVICE Complex convolution_at(const FftConvParams& p, const shared_ptr<Complex>& y, int64_t t) {
+  const Complex v = y[t];
+  return p.fold && t < p.taps - 1 ? cplx_add(v, y[t + p.length]) : v;
+}
+
 // One batch entry of the forward.
 template <class E>
 TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem& s,
@@ -205,7 +220,7 @@ TM_DEVICE void fft_conv_forward_entry(const FftConvParams& p, const FftConvSmem&
   shared_ptr<Complex> y = convolve_pair(s, q, spec, k_hat, other, spec);
   const bool second = c0 + 1 < p.channels;
   for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
-    const Complex v = y[t];
+    const Complex v = convolution_at(p, y, t);
     for (int side = 0; side < (second ? 2 : 1); ++side) {
       const int64_t c = c0 + side;
       float r = side == 0 ? v.re : v.im;
@@ -282,7 +297,7 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
     if (p.post) {  // d_post_gate = dy * (k (*) v)
       shared_ptr<Complex> y = convolve_pair(s, q, v_hat, k_hat, bbuf, free_buf);
       for (int64_t t = thread_idx().x; t < p.length; t += block_dim().x) {
-        const Complex v = y[t];
+        const Complex v = convolution_at(p, y, t);
         for (int side = 0; side < (second ? 2 : 1); ++side) {
           const int64_t c = c0 + side;
           dpost[(b * p.length + t) * p.channels + c] =
@@ -292,7 +307,7 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
       sync_threads();
     }
     // g_hat: the packed spectrum of g = post_gate * dy.
-    load_pair<E>(dy, p.dy_stride, post, p.post_stride, p.post != nullptr, p, b, c0, bbuf);
+    load_pair<E>(dy, p.dy_stride, post, p.post_stride, p.post != nullptr, p, b, c0, bbuf, p.fold);
     sync_threads();
     shared_ptr<Complex> g_hat = transform<false>(s, q, bbuf, free_buf);
     shared_ptr<Complex> dv_hat = g_hat == bbuf ? free_buf : bbuf;
@@ -382,14 +397,6 @@ TM_DEVICE void fft_conv_backward_body(const FftConvParams& p) {
         store_any(grad_bias, p.bias_dtype, c0 + side, value);
     }
   }
-}
-
-// This thread's index in a 1-D grid, and the grid's thread count (grid-stride loops).
-TM_DEVICE int64_t grid_thread() {
-  return int64_t(block_idx().x) * block_dim().x + thread_idx().x;
-}
-TM_DEVICE int64_t grid_threads() {
-  return int64_t(grid_dim().x) * block_dim().x;
 }
 
 // dk and d_bias from the chunks' partial sums, added in chunk order: one thread per element of

@@ -126,7 +126,8 @@ TM_DEVICE void fft_rows_body(const FftPassParams& p) {
 // ---- pointwise kernels (grid-stride over their elements)
 
 // Loads rows of channel pairs into src, zero beyond the signal: mode 0 the pairs of
-// v = pre_gate * u, mode 1 of g = post_gate * dy (batch entries b0 ..), mode 2 the filter's.
+// v = pre_gate * u, mode 1 of g = post_gate * dy (wrapped when the convolution folds;
+// signal_token), batch entries b0 ..; mode 2 the filter's.
 template <class E>
 TM_DEVICE void fft_load_body(const FftPassParams& p) {
   using T = typename E::T;
@@ -140,15 +141,16 @@ TM_DEVICE void fft_load_body(const FftPassParams& p) {
   const bool has_gate = (p.mode == 0 ? c.pre : c.post) != nullptr;
   const global_ptr<const uint8_t> k(static_cast<const uint8_t*>(c.k));
   for (int64_t i = grid_thread(); i < p.signals * n; i += grid_threads()) {
-    const int64_t row = i >> c.log2n, t = i & (n - 1), pair = p.q0 + row % p.pairs;
+    const int64_t row = i >> c.log2n, pos = i & (n - 1), pair = p.q0 + row % p.pairs;
     const int64_t b = p.b0 + row / p.pairs;
+    const int64_t t = p.mode == 2 ? pos : signal_token(c, pos, p.mode == 1 && c.fold);
     float v[2] = {0.0f, 0.0f};
     for (int side = 0; side < 2; ++side) {
       const int64_t ch = 2 * pair + side;
       if (ch >= c.channels) continue;
       if (p.mode == 2) {
         if (t < c.taps) v[side] = load_any(k, c.k_dtype, ch * c.k_stride[0] + t * c.k_stride[1]);
-      } else if (t < c.length) {
+      } else if (t >= 0) {
         v[side] = load_token<E>(u, us, b, t, ch);
         if (has_gate) v[side] *= load_token<E>(gate, gs, b, t, ch);
       }
@@ -216,7 +218,7 @@ TM_DEVICE void fft_product_body(const FftPassParams& p) {
 }
 
 // The forward's outputs of the chunk: y = post_gate * conv + bias * u, from src (the inverse
-// transforms: the convolutions).
+// transforms: the convolutions, folded when circular ones are computed as linear ones).
 template <class E>
 TM_DEVICE void fft_forward_epilogue_body(const FftPassParams& p) {
   using T = typename E::T;
@@ -230,7 +232,9 @@ TM_DEVICE void fft_forward_epilogue_body(const FftPassParams& p) {
   for (int64_t i = grid_thread(); i < count; i += grid_threads()) {
     const int64_t local = i % cc, ch = 2 * p.q0 + local, t = (i / cc) % c.length;
     const int64_t e = i / (cc * c.length), b = p.b0 + e;
-    float r = conv[2 * ((e * p.pairs + local / 2) * c.n + t) + (local & 1)];
+    const int64_t at = 2 * ((e * p.pairs + local / 2) * c.n + t) + (local & 1);
+    float r = conv[at];
+    if (c.fold && t < c.taps - 1) r += conv[at + 2 * c.length];
     if (c.post) r *= load_token<E>(post, c.post_stride, b, t, ch);
     if (c.bias)
       r +=
@@ -269,7 +273,11 @@ TM_DEVICE void fft_backward_epilogue_body(const FftPassParams& p) {
       g += load_any(bias, c.bias_dtype, ch * c.bias_stride) *
            load_token<E>(dy, c.dy_stride, b, t, ch);
     du[o] = E::from_float(g);
-    if (c.post) dpost[o] = E::from_float(y_all[at] * load_token<E>(dy, c.dy_stride, b, t, ch));
+    if (c.post) {
+      float y = y_all[at];
+      if (c.fold && t < c.taps - 1) y += y_all[at + 2 * c.length];
+      dpost[o] = E::from_float(y * load_token<E>(dy, c.dy_stride, b, t, ch));
+    }
   }
 }
 

@@ -9,24 +9,9 @@
 #include "tokenmix/cuda/fft_conv.h"
 #include "tokenmix/cuda/fft_conv_multipass.h"
 #include "tokenmix/cuda/fft_entry.h"
-#include "tokenmix/cuda/launch_common.h"
+#include "tokenmix/cuda/fft_launch_common.h"
 
 namespace tokenmix::cuda::fft_host {
-
-// Bytes from a strided tensor's first element to one past its last.
-inline size_t extent_bytes(const FftTensor& t, const int64_t* shape, int dims) {
-  if (!t.data) return 0;
-  int64_t last = 0;
-  for (int i = 0; i < dims; ++i) {
-    if (shape[i] == 0) return 0;
-    last += (shape[i] - 1) * t.stride[i];
-  }
-  return size_t(last + 1) * size_t(dtype_size(t.dtype));
-}
-
-inline void copy_strides(const FftTensor& t, int64_t* out, int dims) {
-  for (int i = 0; i < dims; ++i) out[i] = t.stride[i];
-}
 
 inline FftConvParams make_params(const FftConvProblem& p) {
   const std::string why = fft_conv_unsupported_reason(p);
@@ -39,6 +24,7 @@ inline FftConvParams make_params(const FftConvProblem& p) {
   prm.n = fft_conv_cuda_size(p.length, p.filter_length, p.causal);
   prm.log2n = 0;
   while ((int64_t(1) << prm.log2n) < prm.n) ++prm.log2n;
+  prm.fold = fft_conv_cuda_folds(p.length, p.filter_length, p.causal);
   prm.u = p.u.data;
   copy_strides(p.u, prm.u_stride, 3);
   prm.pre = p.pre_gate.data;
@@ -96,16 +82,6 @@ inline void register_buffers(Registrations& r, const FftConvProblem& p, bool bac
     r.add(p.grad_bias, size_t(p.channels) * size_t(dtype_size(p.bias.dtype)), "grad_bias");
 }
 
-// Launches kernel (after opting in to its shared memory) and reports a failed launch.
-template <class K, class Params>
-void launch_checked(K kernel, const char* name, dim3u grid, int64_t smem, const Params& prm,
-                    void* stream) {
-  if (smem > 0) prepare_shared(kernel, smem, checked_device(), name);
-  launch_on(static_cast<stream_t>(stream), named(kernel, name), grid, dim3u(kFftConvThreads),
-            size_t(smem), prm);
-  check_launch(name);
-}
-
 // ---- multi-pass (tokenmix/cuda/fft_conv_multipass.h)
 
 inline FftPassParams pass_params(const FftConvParams& prm) {
@@ -130,12 +106,6 @@ inline void select_entries(FftPassParams& q, int64_t b0, int64_t chunk, int64_t 
   q.b0 = b0;
   q.entries = batch - b0 < chunk ? batch - b0 : chunk;
   q.signals = q.entries * q.pairs;
-}
-
-// Blocks for a grid-stride kernel over `count` elements.
-inline dim3u pointwise_grid(int64_t count) {
-  const int64_t blocks = (count + kFftConvThreads - 1) / kFftConvThreads;
-  return dim3u(uint32_t(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096), 1, 1);
 }
 
 // The unnormalized DFT (or its conjugate) of q.signals rows of src into dst: the column pass in
