@@ -173,6 +173,22 @@ def test_spectral_gate_shared_gate_and_one_channel_heads():
     _gate(3, 50, 4, 4, torch.float32, modrelu=True, bias=True, shared=True)
 
 
+@pytest.mark.parametrize(
+    "dtype, scale", [(torch.bfloat16, 1e30), (torch.bfloat16, 1e-30), (torch.float16, 2e-6)]
+)
+def test_half_precision_extreme_magnitudes(dtype, scale):
+    # fp16/bf16 transforms run on tensor cores with fp16 operands; each block's lines are first
+    # scaled by a power of two, so data far outside fp16's range keeps its precision. A large
+    # weight keeps fp16 outputs of 2e-6 data out of fp16's subnormal range (whose rounding alone
+    # would exceed the bound).
+    x = _randn(2, 200, 6, dtype=dtype, seed=1, scale=scale)
+    _check("fourier_mix", ops.fourier_mix(x), fourier_mix_reference(x.double()), x, TOL[dtype])
+    g = _randn(14, 14 // 2 + 1, 6, 2, seed=2, scale=200.0 if dtype == torch.float16 else 0.2)
+    xg = _randn(2, 14, 14, 6, dtype=dtype, seed=3, scale=scale)
+    want = global_filter_reference(xg.double(), g.double())
+    _check("global_filter", ops.global_filter_forward(xg, g), want, xg, TOL[dtype])
+
+
 # ---- sizes, refusals, determinism
 
 

@@ -146,8 +146,8 @@ def info() -> dict:
             "tensor cores, fp32), fft_conv for transforms up to 2^22 points (forward + "
             "backward, one kernel up to 2048 points; fp16/bf16 Monarch transforms on tensor "
             "cores, fp32 FMA), fourier_mix / global_filter / spectral_gate for transformed "
-            "axes up to 2048 points (1024 when not a power of two; fp32 FMA, Bluestein for "
-            "any length); linear scans run on the CPU only"
+            "axes up to 2048 points (1024 when not a power of two, by Bluestein's "
+            "algorithm); linear scans run on the CPU only"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"

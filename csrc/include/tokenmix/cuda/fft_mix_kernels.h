@@ -1,7 +1,9 @@
 // fourier_mix, global_filter and spectral_gate on CUDA, on the SIMT layer: passes of line
 // transforms of any length (fft_lines.h) over the operands and a float32 complex workspace,
-// launched in turn by fft_mix_launch.h. float32 arithmetic for every dtype (inputs are read as
-// float32 and outputs rounded once), as the CPU kernels do.
+// launched in turn by fft_mix_launch.h. float32 outside the transforms (inputs read as float32,
+// outputs rounded once). For fp16/bf16 inputs the transforms run on tensor cores (Monarch),
+// except those whose spectra feed a parameter's gradient (global_filter's backward spectra,
+// spectral_gate's backward), which stay float32.
 //
 // - fourier_mix: the channel transform of every token into the workspace, then the token
 //   transform of every channel, whose real part is the output.
@@ -35,6 +37,7 @@ struct FftLinePassParams {
   int64_t src_points;     // points stored per line; the rest are zero, or with `hermitian`...
   bool hermitian;         // ...conj src[n - t]: src holds bins 0 .. n/2 of a real spectrum
   bool forward, inverse;
+  bool tensor_cores;         // Monarch transforms for fp16/bf16 inputs (else float32 radix-2)
   const float* weight;       // complex, or null
   int64_t weight_stride[3];  // per line index dim1, dim2, then per point (complex elements)
   bool conj_weight;
@@ -82,7 +85,7 @@ template <class E>
 TM_DEVICE void fft_line_pass_body(const FftLinePassParams& p) {
   using T = typename E::T;
   const LinePlan& q = p.plan;
-  const LineSmem l = line_block_setup(q);
+  const LineSmem l = line_block_setup(q, E::kTensorCore && p.tensor_cores);
   const int64_t points = q.group * q.m, mask = q.m - 1;
   for (int64_t first = int64_t(block_idx().x) * q.group; first < p.lines;
        first += int64_t(grid_dim().x) * q.group) {
@@ -207,7 +210,7 @@ template <class E>
 TM_DEVICE void spectral_gate_forward_body(const SpectralGateParams& p) {
   using T = typename E::T;
   const LinePlan& q = p.plan;
-  const LineSmem l = line_block_setup(q);
+  const LineSmem l = line_block_setup(q, E::kTensorCore);
   const int64_t points = q.group * q.m, mask = q.m - 1, n = q.n, lines = p.batch * p.channels;
   const int64_t d = p.channels / p.heads;
   const global_ptr<const float> gate(p.gate), bias(p.bias);
@@ -253,7 +256,9 @@ TM_DEVICE void spectral_gate_forward_body(const SpectralGateParams& p) {
   }
 }
 
-// Backward: per line (b, c), x and dy packed as x + i dy through one transform. With X, D their
+// Backward: per line (b, c), x and dy packed as x + i dy through one transform (float32 for
+// every dtype: the spectra feed d_gate and d_bias, sums whose cancellation would magnify the
+// errors of fp16 tensor-core operands; measured 4e-3 relative at L = 1000). With X, D their
 // spectra, w = gate X and gz = c_f D / L (c_f = 1 at bins 0 and L/2, else 2), gW = gz or
 // modReLU's backward of it; the line's shares d_gate += gW conj(X) and d_bias += gb, and
 // dx = Re(inverse DFT of gW conj(gate) over bins 0 .. L/2, zero above).
@@ -261,7 +266,7 @@ template <class E>
 TM_DEVICE void spectral_gate_backward_body(const SpectralGateParams& p) {
   using T = typename E::T;
   const LinePlan& q = p.plan;
-  const LineSmem l = line_block_setup(q);
+  const LineSmem l = line_block_setup(q, false);
   const int64_t points = q.group * q.m, mask = q.m - 1, n = q.n, lines = p.batch * p.channels;
   const int64_t d = p.channels / p.heads;
   const global_ptr<const float> gate(p.gate), bias(p.bias);

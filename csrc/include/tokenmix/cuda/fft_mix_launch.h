@@ -61,6 +61,7 @@ void fourier_mix(const FourierMixProblem& p, void* stream) {
   set4(a.src_stride, p.x.stride[0], p.x.stride[1], 0, p.x.stride[2]);
   a.src_points = C;
   a.forward = true;
+  a.tensor_cores = true;
   a.dst = p.workspace;
   a.dst_complex = true;
   set4(a.dst_stride, L * C, C, 0, 1);
@@ -77,6 +78,7 @@ void fourier_mix(const FourierMixProblem& p, void* stream) {
   set4(t.src_stride, L * C, 1, 0, C);
   t.src_points = L;
   t.forward = true;
+  t.tensor_cores = true;
   t.dst = p.out;
   set4(t.dst_stride, L * C, 1, 0, C);
   t.dst_points = L;
@@ -90,6 +92,7 @@ struct FilterPasses {
   const GlobalFilterProblem& p;
   int64_t bins;
   void* stream;
+  bool tensor_cores;  // Monarch transforms for fp16/bf16 (not for the weight's gradient's spectra)
 
   // Rows (b, h, c): the half spectrum of src's rows (W points) into spectrum.
   template <class E>
@@ -103,6 +106,7 @@ struct FilterPasses {
     set4(a.src_stride, src.stride[0], src.stride[1], src.stride[3], src.stride[2]);
     a.src_points = p.width;
     a.forward = true;
+    a.tensor_cores = tensor_cores;
     a.dst = spectrum;
     a.dst_complex = true;
     set4(a.dst_stride, p.height * bins * p.channels, bins * p.channels, 1, p.channels);
@@ -123,6 +127,7 @@ struct FilterPasses {
     set4(a.src_stride, p.height * bins * p.channels, p.channels, 1, bins * p.channels);
     a.src_points = p.height;
     a.forward = forward;
+    a.tensor_cores = tensor_cores;
     if (filter) {
       a.weight = static_cast<const float*>(p.weight);
       a.weight_stride[0] = p.channels;
@@ -152,6 +157,7 @@ struct FilterPasses {
     set4(a.src_stride, p.height * bins * p.channels, bins * p.channels, 1, p.channels);
     a.src_points = bins;
     a.inverse = true;
+    a.tensor_cores = tensor_cores;
     a.dst = out;
     set4(a.dst_stride, p.height * p.width * p.channels, p.width * p.channels, 1, p.channels);
     a.dst_points = p.width;
@@ -180,7 +186,7 @@ void global_filter(const GlobalFilterProblem& p, bool backward, void* stream) {
     r.add(p.out, elems, "out");
   }
   r.commit();
-  const FilterPasses passes{p, bins, stream};
+  const FilterPasses passes{p, bins, stream, true};
   float* x_hat = p.workspace;
   if (!backward) {
     passes.rows_forward<E>(p.x, x_hat);
@@ -188,11 +194,13 @@ void global_filter(const GlobalFilterProblem& p, bool backward, void* stream) {
     passes.rows_inverse<E>(x_hat, p.out);
     return;
   }
+  // The spectra of x and dy feed the weight's gradient, a sum over the batch: float32.
+  const FilterPasses exact{p, bins, stream, false};
   float* g_hat = p.workspace + 2 * B * H * bins * C;
-  passes.rows_forward<E>(p.x, x_hat);
-  passes.columns<E>(x_hat, true, false, false);
-  passes.rows_forward<E>(p.grad_out, g_hat);
-  passes.columns<E>(g_hat, true, false, false);
+  exact.rows_forward<E>(p.x, x_hat);
+  exact.columns<E>(x_hat, true, false, false);
+  exact.rows_forward<E>(p.grad_out, g_hat);
+  exact.columns<E>(g_hat, true, false, false);
   FilterGradParams g{B, H, W, bins, C, x_hat, g_hat, static_cast<float*>(p.grad_weight)};
   launch_checked(fft_filter_grad_kernel, "fft_filter_grad_kernel", pointwise_grid(H * bins * C), 0,
                  g, stream);
