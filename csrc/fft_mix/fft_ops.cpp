@@ -1,6 +1,6 @@
 // torch.ops.tokenmix.fft_conv_* / fourier_mix / global_filter_* / spectral_gate_*: the op
-// schemas and the CPU implementations, registered through PyTorch's stable C ABI (the CUDA
-// fft_conv is in fft_cuda_ops.cpp). Checks and problem descriptors: fft_op_common.h.
+// schemas and the CPU implementations, registered through PyTorch's stable C ABI (the CUDA ones
+// are in fft_cuda_ops.cpp). Checks and problem descriptors: fft_op_common.h.
 #include "fft_op_common.h"
 #include "fft_schemas.h"
 #include "tokenmix/cpu/isa_dispatch.h"

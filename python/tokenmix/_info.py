@@ -146,7 +146,7 @@ def info() -> dict:
             "tensor cores, fp32), fft_conv for transforms up to 2^22 points (forward + "
             "backward, one kernel up to 2048 points; fp16/bf16 Monarch transforms on tensor "
             "cores, fp32 FMA), fourier_mix / global_filter / spectral_gate for transformed "
-            "axes up to 2048 points (1024 when not a power of two, by Bluestein's "
+            "axes up to 2048 points (1023 when not a power of two, by Bluestein's "
             "algorithm); linear scans run on the CPU only"
         )
     else:

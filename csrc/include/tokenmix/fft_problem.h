@@ -152,7 +152,7 @@ TM_HOST_DEVICE int64_t fft_conv_cuda_workspace_floats(int64_t batch, int64_t cha
 // The other three operators on CUDA transform lines of any length n in one block's shared
 // memory (tokenmix/cuda/fft_lines.h): a power of two directly, any other length by Bluestein's
 // algorithm over the power of two m >= 2n - 1. This is that m, or 0 when it exceeds
-// kFftConvCudaBlockSize (lengths up to 2048 when a power of two, up to 1024 otherwise); longer
+// kFftConvCudaBlockSize (lengths up to 2048 when a power of two, up to 1023 otherwise); longer
 // lines run the torch.fft compositions.
 TM_HOST_DEVICE int64_t fft_line_cuda_size(int64_t n) {
   if (n < 1) return 0;

@@ -61,7 +61,7 @@ def cuda_line_size(n: int) -> int:
     """The in-block transform length the CUDA kernels of ``fourier_mix``, ``global_filter``
     and ``spectral_gate`` use for an axis of ``n`` points (``n`` when it is a power of two,
     else the power of two ``>= 2n - 1`` of Bluestein's algorithm), or 0 when it exceeds
-    :data:`CUDA_MAX_LINE` (powers of two up to 2048, other lengths up to 1024): those
+    :data:`CUDA_MAX_LINE` (powers of two up to 2048, other lengths up to 1023): those
     problems run the ``torch.fft`` compositions. The rule of ``fft_line_cuda_size`` in
     csrc/include/tokenmix/fft_problem.h."""
     if n < 1:

@@ -6,7 +6,7 @@ transform per block of channels while the data is in cache; docs/fft_mixing.md).
 (float32, float16, bfloat16), ``fft_conv`` runs tokenmix's kernels for transforms of up to
 2^22 points (one fused kernel up to 2048, more passes beyond;
 :func:`tokenmix.fft_mix.args.cuda_transform_size`), and the other three operators for
-transformed axes of up to 2048 points (powers of two) or 1024 (any other length;
+transformed axes of up to 2048 points (powers of two) or 1023 (any other length;
 :func:`tokenmix.fft_mix.args.cuda_line_size`). Everything else, and installs without the
 compiled library, runs the ``torch.fft`` compositions of :mod:`tokenmix.fft_mix.reference`.
 """

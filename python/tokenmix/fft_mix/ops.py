@@ -1,5 +1,5 @@
 """Fused FFT mixing: autograd and fake (meta) registrations of the ops defined in C++
-(csrc/fft_mix/: CPU kernels for every op, CUDA kernels for fft_conv).
+(csrc/fft_mix/: CPU and CUDA kernels for every op).
 
 Complex parameters travel as real ``[..., 2]`` tensors in the accumulation dtype; the
 conversions in :mod:`tokenmix.fft_mix.args` are differentiable, so gradients reach the

@@ -37,7 +37,8 @@ inline std::string fft_mix_unsupported_reason(DType dtype, std::initializer_list
     if (n > 0 && fft_line_cuda_size(n) == 0)
       return std::string("tokenmix: ") + op + " on CUDA transforms lengths of at most " +
              std::to_string(kFftConvCudaBlockSize) + " (a power of two) or " +
-             std::to_string(kFftConvCudaBlockSize / 2) + " (any other), got " + std::to_string(n);
+             std::to_string(kFftConvCudaBlockSize / 2 - 1) + " (any other), got " +
+             std::to_string(n);
   return "";
 }
 

@@ -10,7 +10,8 @@
 // - any other n: Bluestein's algorithm. With the chirp c[t] = e^{i pi t^2 / n},
 //   X[f] = conj c[f] * sum_t (x[t] conj c[t]) c[f - t], a circular convolution of length
 //   m >= 2n - 1 computed with two m-point transforms and the chirp's spectrum, which each block
-//   computes once. t^2 is reduced modulo 2n in integers, so the chirp's argument is exact.
+//   computes once. t^2 is reduced modulo 2n in integers before the conversion to float, so the
+//   argument of sincospi stays below 2 (rounded once) however large t^2 grows.
 // Inverse transforms are conj(DFT(conj x)). No normalization anywhere: callers scale.
 #pragma once
 
@@ -45,9 +46,10 @@ TM_HOST_DEVICE LinePlan line_plan(int64_t n) {
 }
 
 // The shared memory of a line block: fft_transform.h's layout with two buffers of G * m points
-// (data and work), then the chirp's spectrum (m points).
+// (data and work), then, for Bluestein, the chirp's spectrum (m points).
 TM_HOST_DEVICE int64_t fft_line_smem_bytes(const LinePlan& q) {
-  return fft_smem_bytes(q.m, 2, q.group * q.m) + q.m * int64_t(sizeof(Complex));
+  return fft_smem_bytes(q.m, 2, q.group * q.m) +
+         (q.bluestein() ? q.m * int64_t(sizeof(Complex)) : 0);
 }
 
 struct LineSmem {

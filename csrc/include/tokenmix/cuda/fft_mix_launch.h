@@ -25,10 +25,13 @@ inline void set4(int64_t* dst, int64_t a, int64_t b, int64_t c, int64_t d) {
   dst[3] = d;
 }
 
-// One block per G lines, looping when there are more groups than the grid's width.
+// One block per G lines, at most kFftLineBlocks blocks, each looping over groups: a block's
+// setup (twiddles, and Bluestein's chirp spectrum, one m-point transform) is then amortized over
+// many lines even when a group is a single line (m = 2048).
+inline constexpr int64_t kFftLineBlocks = 1024;
 inline dim3u line_grid(const LinePlan& q, int64_t lines) {
   int64_t groups = (lines + q.group - 1) / q.group;
-  groups = groups < 1 ? 1 : (groups > 65535 ? 65535 : groups);
+  groups = groups < 1 ? 1 : (groups > kFftLineBlocks ? kFftLineBlocks : groups);
   return dim3u(uint32_t(groups), 1, 1);
 }
 
