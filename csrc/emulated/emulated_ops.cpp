@@ -223,16 +223,11 @@ int64_t fft_line_cuda_size(int64_t n) {
 // fourier_mix, global_filter and spectral_gate on the CUDA kernels, run by the emulator, with
 // outputs and workspaces starting as NaN. Unsupported problems are refused before anything is
 // allocated, as by the CUDA ops.
-void require_supported(tokenmix::DType dtype, std::initializer_list<int64_t> lengths,
-                       const char* op) {
-  const std::string why = tokenmix::cuda::fft_mix_unsupported_reason(dtype, lengths, op);
-  STD_TORCH_CHECK(why.empty(), why);
-}
-
 Tensor fourier_mix(Tensor x) {
   STD_TORCH_CHECK(x.is_cpu(), "tokenmix_emulated: the emulated kernels take CPU tensors");
   return tokenmix::fft_op::mix_forward(x, [&](tokenmix::FourierMixProblem& p) {
-    require_supported(p.dtype, {p.length, p.channels}, "fourier_mix");
+    tokenmix::fft_op::require_supported(
+        tokenmix::cuda::fft_mix_unsupported_reason(p.dtype, {p.length, p.channels}, "fourier_mix"));
     const Tensor workspace = tokenmix::fft_op::mix_workspace(x, p);
     fill_nan(p.workspace, tokenmix::DType::kFloat32, workspace.numel());
     fill_nan(p.out, p.dtype, p.batch * p.length * p.channels);
@@ -242,7 +237,8 @@ Tensor fourier_mix(Tensor x) {
 
 auto emulated_filter(const Tensor& x) {
   return [&x](tokenmix::GlobalFilterProblem& p, bool backward) {
-    require_supported(p.dtype, {p.height, p.width}, "global_filter");
+    tokenmix::fft_op::require_supported(
+        tokenmix::cuda::fft_mix_unsupported_reason(p.dtype, {p.height, p.width}, "global_filter"));
     const Tensor workspace = tokenmix::fft_op::filter_workspace(x, p, backward);
     fill_nan(p.workspace, tokenmix::DType::kFloat32, workspace.numel());
     const int64_t elems = p.batch * p.height * p.width * p.channels;
@@ -266,7 +262,8 @@ std::tuple<Tensor, Tensor> global_filter_backward(Tensor grad_out, Tensor x, Ten
 
 auto emulated_gate(const Tensor& x) {
   return [&x](tokenmix::SpectralGateProblem& p, bool backward) {
-    require_supported(p.dtype, {p.length}, "spectral_gate");
+    tokenmix::fft_op::require_supported(
+        tokenmix::cuda::fft_mix_unsupported_reason(p.dtype, {p.length}, "spectral_gate"));
     const Tensor workspace = tokenmix::fft_op::gate_workspace(x, p, backward);
     fill_nan(p.workspace, tokenmix::DType::kFloat32, workspace.numel());
     fill_nan(backward ? p.grad_x : p.out, p.dtype, p.batch * p.length * p.channels);

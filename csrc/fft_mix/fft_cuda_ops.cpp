@@ -55,17 +55,11 @@ void* stream_of(const Tensor& x) {
   return tokenmix::current_cuda_stream(x.get_device());
 }
 
-// Unsupported problems are refused before their workspace is allocated.
-void require_supported(tokenmix::DType dtype, std::initializer_list<int64_t> lengths,
-                       const char* op) {
-  const std::string why = tokenmix::cuda::fft_mix_unsupported_reason(dtype, lengths, op);
-  STD_TORCH_CHECK(why.empty(), why);
-}
-
 Tensor fourier_mix_cuda(Tensor x) {
   const torch::stable::accelerator::DeviceGuard guard(x.get_device());
   return mix_forward(x, [&](tokenmix::FourierMixProblem& p) {
-    require_supported(p.dtype, {p.length, p.channels}, "fourier_mix");
+    require_supported(
+        tokenmix::cuda::fft_mix_unsupported_reason(p.dtype, {p.length, p.channels}, "fourier_mix"));
     const Tensor workspace = mix_workspace(x, p);
     tokenmix::cuda::gpu::fourier_mix(p, stream_of(x));
   });
@@ -73,7 +67,8 @@ Tensor fourier_mix_cuda(Tensor x) {
 
 auto filter_on(const Tensor& x) {
   return [&x](tokenmix::GlobalFilterProblem& p, bool backward) {
-    require_supported(p.dtype, {p.height, p.width}, "global_filter");
+    require_supported(
+        tokenmix::cuda::fft_mix_unsupported_reason(p.dtype, {p.height, p.width}, "global_filter"));
     const Tensor workspace = filter_workspace(x, p, backward);
     tokenmix::cuda::gpu::global_filter(p, backward, stream_of(x));
   };
@@ -91,7 +86,8 @@ std::tuple<Tensor, Tensor> global_filter_backward_cuda(Tensor grad_out, Tensor x
 
 auto gate_on(const Tensor& x) {
   return [&x](tokenmix::SpectralGateProblem& p, bool backward) {
-    require_supported(p.dtype, {p.length}, "spectral_gate");
+    require_supported(
+        tokenmix::cuda::fft_mix_unsupported_reason(p.dtype, {p.length}, "spectral_gate"));
     const Tensor workspace = gate_workspace(x, p, backward);
     tokenmix::cuda::gpu::spectral_gate(p, backward, stream_of(x));
   };

@@ -10,6 +10,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -171,6 +172,19 @@ inline Tensor conv_workspace(const Tensor& like, tokenmix::FftConvProblem& p, bo
 // Each takes `run(problem)` or `run(problem, backward)`, which computes into the problem's
 // outputs on its backend.
 
+// grad_out of an op whose output has x's shape and dtype.
+inline FftTensor grad_out_view(const Tensor& grad_out, const Tensor& x) {
+  STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
+                  "tokenmix: grad_out must have the dtype of x");
+  STD_TORCH_CHECK(tokenmix::same_device(grad_out, x), "tokenmix: grad_out must be on x's device");
+  bool same_shape = grad_out.dim() == x.dim();
+  for (int64_t i = 0; same_shape && i < x.dim(); ++i) same_shape = grad_out.size(i) == x.size(i);
+  STD_TORCH_CHECK(same_shape, "tokenmix: grad_out must have shape ",
+                  tokenmix::shape_string(x.sizes()), ", got ",
+                  tokenmix::shape_string(grad_out.sizes()));
+  return view(grad_out);
+}
+
 template <class Run>
 Tensor mix_forward(const Tensor& x, const Run& run) {
   STD_TORCH_CHECK(x.dim() == 3, "tokenmix: x must be [B, L, C]");
@@ -217,11 +231,7 @@ template <class Run>
 std::tuple<Tensor, Tensor> filter_backward(const Tensor& grad_out, const Tensor& x,
                                            const Tensor& weight, const Run& run) {
   auto p = make_filter_problem(x, weight);
-  STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
-                  "tokenmix: grad_out must have the dtype of x");
-  STD_TORCH_CHECK(tokenmix::same_device(grad_out, x), "tokenmix: grad_out must be on x's device");
-  check_shape(grad_out, {p.batch, p.height, p.width, p.channels}, "grad_out");
-  p.grad_out = view(grad_out);
+  p.grad_out = grad_out_view(grad_out, x);
   Tensor dx = empty(x, {p.batch, p.height, p.width, p.channels}, x.scalar_type(), "grad_x");
   Tensor dw =
       zeros(x, {p.height, p.width / 2 + 1, p.channels, 2}, weight.scalar_type(), "grad_weight");
@@ -274,11 +284,7 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const T
                                                  const std::optional<Tensor>& bias, int64_t heads,
                                                  bool modrelu, const Run& run) {
   auto p = make_gate_problem(x, gate, bias, heads, modrelu);
-  STD_TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(),
-                  "tokenmix: grad_out must have the dtype of x");
-  STD_TORCH_CHECK(tokenmix::same_device(grad_out, x), "tokenmix: grad_out must be on x's device");
-  check_shape(grad_out, {p.batch, p.length, p.channels}, "grad_out");
-  p.grad_out = view(grad_out);
+  p.grad_out = grad_out_view(grad_out, x);
   const int64_t bins = p.length / 2 + 1;
   Tensor dx = empty(x, {p.batch, p.length, p.channels}, x.scalar_type(), "grad_x");
   Tensor dgate = zeros(x, {p.batch, heads, bins, 2}, gate.scalar_type(), "grad_gate");
@@ -289,6 +295,12 @@ std::tuple<Tensor, Tensor, Tensor> gate_backward(const Tensor& grad_out, const T
   p.grad_bias = bias.has_value() ? dbias.data_ptr() : nullptr;
   if (dx.numel() > 0) run(p, true);
   return {dx, dgate, dbias};
+}
+
+// Raises the reason a backend's kernels give for refusing a problem ("" when they accept it),
+// before anything is allocated for it.
+inline void require_supported(const std::string& why) {
+  STD_TORCH_CHECK(why.empty(), why);
 }
 
 // The CUDA kernels' float32 workspace for these operators (an empty tensor when they need none);

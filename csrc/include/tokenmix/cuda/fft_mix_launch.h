@@ -12,8 +12,10 @@
 
 namespace tokenmix::cuda::fft_host {
 
-inline void require(const std::string& why, const float* workspace, const char* op) {
+inline void require(const std::string& why) {
   if (!why.empty()) throw std::runtime_error(why);
+}
+inline void require_workspace(const float* workspace, const char* op) {
   if (!workspace)
     throw std::runtime_error(std::string("tokenmix: ") + op + "'s CUDA kernels need a workspace");
 }
@@ -45,8 +47,8 @@ void line_pass(const FftLinePassParams& prm, void* stream) {
 
 template <class E>
 void fourier_mix(const FourierMixProblem& p, void* stream) {
-  require(fft_mix_unsupported_reason(p.dtype, {p.length, p.channels}, "fourier_mix"), p.workspace,
-          "fourier_mix");
+  require(fft_mix_unsupported_reason(p.dtype, {p.length, p.channels}, "fourier_mix"));
+  require_workspace(p.workspace, "fourier_mix");
   const int64_t B = p.batch, L = p.length, C = p.channels;
   const int64_t blc[3] = {B, L, C};
   Registrations r;
@@ -170,8 +172,8 @@ struct FilterPasses {
 
 template <class E>
 void global_filter(const GlobalFilterProblem& p, bool backward, void* stream) {
-  require(fft_mix_unsupported_reason(p.dtype, {p.height, p.width}, "global_filter"), p.workspace,
-          "global_filter");
+  require(fft_mix_unsupported_reason(p.dtype, {p.height, p.width}, "global_filter"));
+  require_workspace(p.workspace, "global_filter");
   const int64_t B = p.batch, H = p.height, W = p.width, C = p.channels, bins = W / 2 + 1;
   const int64_t bhwc[4] = {B, H, W, C};
   const size_t elems = size_t(B * H * W * C) * size_t(dtype_size(p.dtype));
@@ -213,16 +215,10 @@ void global_filter(const GlobalFilterProblem& p, bool backward, void* stream) {
 
 // ---- spectral_gate
 
-inline constexpr float kNoWorkspace = 0.0f;  // the forward needs none
-
 template <class E>
 void spectral_gate(const SpectralGateProblem& p, bool backward, void* stream) {
-  if (backward)
-    require(fft_mix_unsupported_reason(p.dtype, {p.length}, "spectral_gate"), p.workspace,
-            "spectral_gate");
-  else
-    require(fft_mix_unsupported_reason(p.dtype, {p.length}, "spectral_gate"), &kNoWorkspace,
-            "spectral_gate");
+  require(fft_mix_unsupported_reason(p.dtype, {p.length}, "spectral_gate"));
+  if (backward) require_workspace(p.workspace, "spectral_gate");  // the forward needs none
   const int64_t B = p.batch, L = p.length, C = p.channels, bins = L / 2 + 1;
   const int64_t blc[3] = {B, L, C};
   const size_t elems = size_t(B * L * C) * size_t(dtype_size(p.dtype));
