@@ -20,11 +20,13 @@
 #include "../neighborhood/na_schemas.h"
 #include "../neighborhood/na_simt_op.h"
 #include "bs_schedule_dump.h"
+#include "fill_nan.h"
 #include "mma_gemm_op.h"
 #include "tokenmix/cuda/fft_entry.h"
 
 namespace {
 
+using tokenmix::emulated_op::fill_nan;
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
@@ -159,17 +161,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> block_sparse_schedule(
 // fft_conv on the CUDA kernels, run by the emulator: the same schema and semantics as
 // torch.ops.tokenmix.fft_conv_forward / fft_conv_backward, on CPU tensors. Outputs start as NaN
 // so that an element a kernel never writes shows.
-void fill_nan(void* data, tokenmix::DType dtype, int64_t count) {
-  if (!data) return;
-  for (int64_t i = 0; i < count; ++i) {
-    switch (dtype) {
-      case tokenmix::DType::kFloat32: static_cast<float*>(data)[i] = NAN; break;
-      case tokenmix::DType::kFloat64: static_cast<double*>(data)[i] = NAN; break;
-      default: static_cast<uint16_t*>(data)[i] = 0x7fff; break;  // NaN in fp16 and bf16
-    }
-  }
-}
-
 void emulated_conv(tokenmix::FftConvProblem& p, bool backward, const Tensor& u) {
   const std::string why = tokenmix::cuda::fft_conv_unsupported_reason(p);
   STD_TORCH_CHECK(why.empty(), why);

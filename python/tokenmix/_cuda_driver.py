@@ -130,6 +130,17 @@ def require_cuda_kernels() -> None:
         raise RuntimeError(problem)
 
 
+def cuda_kernels_usable() -> bool:
+    """Whether CUDA tensors can run tokenmix's CUDA kernels: a loaded build with CUDA kernels
+    and a driver that can run them. A driver too old for the build's CUDA runtime leaves the
+    PyTorch compositions, which still work there."""
+    from . import _ops
+
+    if _ops.load_error is not None or not _ops.build_info().get("cuda_built", False):
+        return False
+    return torch.compiler.is_compiling() or cuda_driver_problem() is None
+
+
 def cuda_driver_problem() -> str | None:
     """Why the installed driver cannot run this build's CUDA kernels, or None when it can
     (checked once per process)."""

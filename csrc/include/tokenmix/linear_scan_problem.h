@@ -15,8 +15,10 @@ struct LinearScanProblem {
   DecayKind decay = DecayKind::kNone;
   bool delta_rule = false;
   int64_t batch = 0, seq_len = 0, heads = 0, key_dim = 0, value_dim = 0;
-  int64_t num_seqs = 0;                 // sequences (= batch without cu_seqlens)
-  const int64_t* cu_seqlens = nullptr;  // [num_seqs + 1] offsets into T (batch == 1)
+  int64_t num_seqs = 0;  // sequences (= batch without cu_seqlens)
+  // [num_seqs + 1] offsets into T (batch == 1), on the tensors' device (the CUDA op layer
+  // leaves their validation to the Python checks: reading them would synchronize).
+  const int64_t* cu_seqlens = nullptr;
   double scale = 1.0;
 
   // [B, T, H, D] tensors in the input dtype with unit feature stride:
@@ -43,6 +45,7 @@ struct LinearScanProblem {
   void* grad_gk = nullptr;    // like gk
   void* grad_beta = nullptr;  // like beta
   void* grad_initial_state = nullptr;
+  float* workspace = nullptr;  // CUDA backward: linear_scan_cuda_workspace_floats floats
 
   ParallelForFn parallel_for = nullptr;
   int num_threads = 1;

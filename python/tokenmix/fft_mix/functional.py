@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _cuda_driver, _ops
+from .._cuda_driver import cuda_kernels_usable as _cuda_kernels_usable
 from . import ops, reference
 from .args import (
     check_fft_conv,
@@ -39,14 +39,6 @@ __all__ = [
 def fused_kernels_available() -> bool:
     """Whether CPU inputs run in tokenmix's fused FFT-mixing kernels."""
     return ops.kernels_available()
-
-
-def _cuda_kernels_usable() -> bool:
-    """A build with CUDA kernels and a driver that can run them (a driver too old for the
-    build's CUDA runtime leaves the compositions, which still work there)."""
-    if not ops.kernels_available() or not _ops.build_info().get("cuda_built", False):
-        return False
-    return torch.compiler.is_compiling() or _cuda_driver.cuda_driver_problem() is None
 
 
 def _fused(x: Tensor, *lengths: int) -> bool:

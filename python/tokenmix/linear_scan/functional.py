@@ -1,9 +1,11 @@
 """Linear attention and the (gated) delta rule: the public functions.
 
 On CPU, when tokenmix's fused kernels are built (``ops.kernels_available()``), the
-scans run in the fused C++ kernels (forward and backward); everywhere else they run
-in the chunked pure-PyTorch implementation (:mod:`.chunked`). Both compute the
-recurrences of :mod:`.reference` (docs/linear_attention.md).
+scans run in the fused C++ kernels (forward and backward). On CUDA, the linear scans
+(float32/float16/bfloat16, head dim K <= ``ops.CUDA_MAX_KEY_DIM``) run in tokenmix's
+CUDA kernels in a build that has them; the delta rule has no CUDA kernels yet.
+Everything else runs the chunked pure-PyTorch implementation (:mod:`.chunked`). All
+compute the recurrences of :mod:`.reference` (docs/linear_attention.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._cuda_driver import cuda_kernels_usable as _cuda_kernels_usable
 from . import ops
 from .args import accumulation_dtype, check_delta_rule, check_linear_attention, check_step
 from .chunked import (
@@ -41,24 +44,30 @@ __all__ = [
 ]
 
 
-def _fused_scans() -> tuple[Callable, Callable] | None:
-    """The fused CPU scans, or None when they are not built / not loadable."""
-    if not ops.kernels_available():
-        return None
-    return ops.fused_linear_scan, ops.fused_delta_rule
-
-
 def fused_kernels_available() -> bool:
     """Whether CPU inputs run in tokenmix's fused linear-scan kernels."""
-    return _fused_scans() is not None
+    return ops.kernels_available()
+
+
+def _fused_linear_scan(q: object) -> bool:
+    """Whether linear_attention on q runs tokenmix's kernels: CPU tensors when the kernels are
+    built; CUDA tensors of float32/float16/bfloat16 with K <= ops.CUDA_MAX_KEY_DIM in a build
+    with CUDA kernels and a driver that can run them. Anything else (including malformed
+    input, whose validation names the argument) reaches the chunked path."""
+    if not isinstance(q, Tensor) or not ops.kernels_available():
+        return False
+    if q.device.type == "cpu":
+        return True
+    if q.device.type != "cuda" or q.dtype == torch.float64 or q.dim() != 4:
+        return False
+    return q.shape[-1] <= ops.CUDA_MAX_KEY_DIM and _cuda_kernels_usable()
 
 
 def _pick_scans(q: object) -> tuple[Callable, Callable]:
-    # By q's device; anything else reaches the chunked path, whose validation names it.
     # The fused entry points fix feature strides themselves.
-    on_cpu = isinstance(q, Tensor) and q.device.type == "cpu"
-    fused = _fused_scans() if on_cpu else None
-    return fused if fused is not None else (chunked_linear_scan, chunked_delta_scan)
+    on_cpu = isinstance(q, Tensor) and q.device.type == "cpu" and ops.kernels_available()
+    linear = ops.fused_linear_scan if _fused_linear_scan(q) else chunked_linear_scan
+    return linear, (ops.fused_delta_rule if on_cpu else chunked_delta_scan)
 
 
 def linear_attention(

@@ -1,11 +1,12 @@
-"""Fused CPU scans: autograd and fake (meta) registrations, and the entry points
-used by :mod:`tokenmix.linear_scan.functional`.
+"""Fused scans: autograd and fake (meta) registrations, and the entry points used by
+:mod:`tokenmix.linear_scan.functional`.
 
 The ops (``torch.ops.tokenmix.linear_scan_forward/backward`` and
 ``delta_rule_forward/backward``) are defined and implemented in C++
-(csrc/linear_scan/). Decays, gates, beta and states are passed to them in the
-accumulation dtype (float32; float64 for float64 inputs); the conversions here
-are differentiable, so gradients reach the caller's tensors in their dtypes.
+(csrc/linear_scan/): CPU kernels for all four, CUDA kernels for the linear scans.
+Decays, gates, beta and states are passed to them in the accumulation dtype
+(float32; float64 for float64 inputs); the conversions here are differentiable, so
+gradients reach the caller's tensors in their dtypes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from torch import Tensor
 
 from .. import _ops
 from .._utils import accumulation_dtype, unit_feature_stride
+
+# The largest head dim K of the CUDA scans (kLinearScanCudaMaxKeyDim in
+# csrc/include/tokenmix/cuda/scan_layout.h); larger heads run the chunked PyTorch path.
+CUDA_MAX_KEY_DIM = 256
 
 
 def kernels_available() -> bool:

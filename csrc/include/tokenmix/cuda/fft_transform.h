@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "tokenmix/cuda/grid_stride.h"
 #include "tokenmix/simt/simt.h"
 
 namespace tokenmix::cuda {
@@ -30,14 +31,6 @@ using namespace ::tokenmix::simt;
 
 // Threads per block of every FFT-mixing kernel.
 inline constexpr int kFftConvThreads = 256;
-
-// This thread's index in a 1-D grid, and the grid's thread count (grid-stride loops).
-TM_DEVICE int64_t grid_thread() {
-  return int64_t(block_idx().x) * block_dim().x + thread_idx().x;
-}
-TM_DEVICE int64_t grid_threads() {
-  return int64_t(grid_dim().x) * block_dim().x;
-}
 
 struct Complex {
   float re, im;

@@ -1,0 +1,69 @@
+// torch.ops.tokenmix_emulated.linear_scan_forward / linear_scan_backward: the CUDA scan kernels
+// run by the SIMT emulator on CPU tensors, through the same op layer as the CUDA ops (outputs,
+// gradients and the workspace start as NaN). A test-only registration in tokenmix/_emulated.so.
+#include <string>
+
+#include "../linear_scan/scan_op_common.h"
+#include "fill_nan.h"
+#include "tokenmix/cuda/scan_entry.h"
+
+namespace {
+
+using namespace tokenmix::scan_op;
+using tokenmix::DType;
+using tokenmix::new_empty_checked;
+using tokenmix::emulated_op::fill_nan;
+
+auto emulated_run(const Tensor& q) {
+  return [&q](tokenmix::LinearScanProblem& p, bool backward) {
+    const std::string why = tokenmix::cuda::linear_scan_unsupported_reason(p);
+    STD_TORCH_CHECK(why.empty(), why);
+    const int64_t btH = p.batch * p.seq_len * p.heads;
+    const int64_t state = p.num_seqs * p.heads * p.key_dim * p.value_dim;
+    if (!backward) {
+      fill_nan(p.out, p.dtype, btH * p.value_dim);
+      fill_nan(p.final_state, DType::kFloat32, state);
+      return tokenmix::cuda::emulated::linear_scan_forward(p, nullptr);
+    }
+    const Tensor workspace =
+        new_empty_checked(q, {tokenmix::cuda::linear_scan_cuda_workspace_floats(p)},
+                          ScalarType::Float, "the linear scan's CUDA workspace");
+    p.workspace = static_cast<float*>(workspace.data_ptr());
+    fill_nan(p.workspace, DType::kFloat32, workspace.numel());
+    fill_nan(p.grad_q, p.dtype, btH * p.key_dim);
+    fill_nan(p.grad_k, p.dtype, btH * p.key_dim);
+    fill_nan(p.grad_v, p.dtype, btH * p.value_dim);
+    fill_nan(p.grad_g, DType::kFloat32, btH);
+    fill_nan(p.grad_gk, DType::kFloat32, btH * p.key_dim);
+    fill_nan(p.grad_initial_state, DType::kFloat32, state);
+    tokenmix::cuda::emulated::linear_scan_backward(p, nullptr);
+  };
+}
+
+std::tuple<Tensor, Tensor> linear_scan_forward(Tensor q, Tensor k, Tensor v,
+                                               std::optional<Tensor> g, std::optional<Tensor> gk,
+                                               std::optional<Tensor> initial_state,
+                                               std::optional<Tensor> cu_seqlens, double scale) {
+  auto p = make_problem(q, k, v, g, gk, std::nullopt, initial_state, cu_seqlens, scale, false);
+  return scan_forward(p, q, emulated_run(q));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_scan_backward(
+    Tensor grad_out, std::optional<Tensor> grad_final_state, Tensor q, Tensor k, Tensor v,
+    std::optional<Tensor> g, std::optional<Tensor> gk, std::optional<Tensor> initial_state,
+    std::optional<Tensor> cu_seqlens, double scale) {
+  auto p = make_problem(q, k, v, g, gk, std::nullopt, initial_state, cu_seqlens, scale, false);
+  return scan_backward(p, q, grad_out, grad_final_state, emulated_run(q));
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix_emulated, m) {
+  m.def(kLinearScanForwardSchema);
+  m.def(kLinearScanBackwardSchema);
+}
+
+STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
+  m.impl("linear_scan_forward", TORCH_BOX(&linear_scan_forward));
+  m.impl("linear_scan_backward", TORCH_BOX(&linear_scan_backward));
+}

@@ -1,0 +1,654 @@
+// Chunked linear-attention scans on CUDA (plain, scalar decay, per-key gates), on the SIMT layer:
+// the algorithm of the CPU kernels (tokenmix/cpu/linear_scan_engine.h), float32 FMAs for every
+// input dtype (inputs read as float32, outputs rounded once).
+//
+// One block is one (sequence, head, block of kScanValues value columns); it carries its slice of
+// the state S [K x kScanValues] in shared memory from chunk to chunk. A chunk of kScanChunk
+// tokens is read in slices of kScanKeys key columns: per slice, the decay factors of each key
+// (qfac = 2^{sum_{t<=i} lg_t}, kfac = 2^{sum_{t>j} lg_t}, each a sum over its own range), that
+// slice's share of the intra scores A, of the output's state term (q qfac) S and the update of
+// the slice's state rows. Then A is masked (and, for scalar decays, multiplied by 2^{D_ij} with
+// D_ij = sum_{j<t<=i} lg_t running down each column) and o += A v over j <= i only, so an inf or
+// NaN at token t reaches no output before t. Per-key gates keep the factor inside the sum over
+// keys: A_ij = sum_d q_id k_jd 2^{D_ij,d}, with one running sum per (column j, key d).
+//
+// Backward, per block and in reverse over chunks: the chunk-start states come from a states-only
+// forward pass (scan_forward_kernel with `states_only`) stored in a workspace. dA = dO v^T is the
+// block's share over its value columns; dq and dk, linear in dA and in the state terms, are
+// written as per-value-block shares and summed in a fixed order by scan_reduce_kernel, which also
+// forms the decay gradient's per-token terms q.dq - k.dk; scan_decay_grad_kernel reverse-cumulates
+// them over each sequence. dv and the initial state's gradient are complete per block. No
+// atomics: every sum runs in a fixed order.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "tokenmix/cuda/grid_stride.h"
+#include "tokenmix/cuda/scan_layout.h"
+#include "tokenmix/cuda/warp_gemm.h"
+
+namespace tokenmix::cuda {
+
+inline constexpr float kScanLog2e = 1.4426950408889634f;
+
+enum ScanDecay : int { kScanNoDecay = 0, kScanScalarDecay = 1, kScanPerKeyDecay = 2 };
+
+struct ScanParams {
+  int64_t batch, seq_len, heads, key_dim, value_dim, num_seqs;
+  int64_t key_pad;            // key_dim rounded up to kScanKeys
+  int64_t value_blocks;       // ceil(value_dim / kScanValues)
+  const int64_t* cu_seqlens;  // [num_seqs + 1] on the device, or null
+  float scale;
+  const void *q, *k, *v;  // [B, T, H, D] in the input dtype, unit feature stride
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  const float* g;              // [B, T, H] scalar log decays, or null
+  const float* gk;             // [B, T, H, K] per-key log decays, or null
+  const float* initial_state;  // [N, H, K, V] or null
+  void* out;                   // contiguous [B, T, H, V]
+  float* final_state;          // [N, H, K, V] or null
+  // Backward.
+  bool states_only;      // forward pass that only stores the chunk-start states
+  float* states;         // [slots, H, value_blocks, key_pad, kScanValues] (scan_state_slot)
+  const void* grad_out;  // contiguous [B, T, H, V]
+  int64_t grad_out_stride[3];
+  const float* grad_final_state;   // [N, H, K, V] or null
+  float* dq_part;                  // [value_blocks, B, T, H, K] shares of dq (scaled-q units)
+  float* dk_part;                  // [value_blocks, B, T, H, K]
+  float* dg_final_part;            // [value_blocks, N, H, K]: the final state's dL/dG shares
+  void *grad_q, *grad_k, *grad_v;  // contiguous, input dtype
+  float* grad_g;                   // like g
+  float* grad_gk;                  // like gk
+  float* grad_initial_state;       // [N, H, K, V]
+};
+
+// Sequence n: its batch entry and token range.
+TM_DEVICE void scan_sequence(const ScanParams& p, int64_t n, int64_t* b, int64_t* begin,
+                             int64_t* end) {
+  if (p.cu_seqlens) {
+    const global_ptr<const int64_t> cu(p.cu_seqlens);
+    *b = 0;
+    *begin = cu[n];
+    *end = cu[n + 1];
+  } else {
+    *b = n;
+    *begin = 0;
+    *end = p.seq_len;
+  }
+}
+
+// The block's shared memory.
+struct ScanSmem {
+  shared_ptr<float> S;      // [key_pad x BV]: the state (forward) or dL/dS (backward)
+  shared_ptr<float> v;      // [C x BV]
+  shared_ptr<float> A;      // [C x C]
+  shared_ptr<float> q;      // [C x BK] scaled q of the slice
+  shared_ptr<float> k;      // [C x BK]
+  shared_ptr<float> lg;     // [C x BK] log2 decays per key (per-key gates)
+  shared_ptr<float> qfac;   // [C x BK]
+  shared_ptr<float> kfac;   // [C x BK]
+  shared_ptr<float> decay;  // [BK] 2^{sum over the chunk}
+  shared_ptr<float> gl;     // [C] log2 scalar decays
+  shared_ptr<float> sp;     // backward: [BK x BV] the chunk-start state's slice
+  shared_ptr<float> dO;     // backward: [C x BV]
+  shared_ptr<float> dA;     // backward: [C x C]
+};
+
+TM_DEVICE ScanSmem scan_smem(int64_t key_pad, bool backward) {
+  constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  shared_ptr<float> base = dynamic_shared<float>();
+  ScanSmem s;
+  s.S = base;
+  s.v = s.S + key_pad * BV;
+  s.A = s.v + C * BV;
+  s.q = s.A + C * C;
+  s.k = s.q + C * BK;
+  s.lg = s.k + C * BK;
+  s.qfac = s.lg + C * BK;
+  s.kfac = s.qfac + C * BK;
+  s.decay = s.kfac + C * BK;
+  s.gl = s.decay + BK;
+  if (backward) {
+    s.sp = s.gl + C;
+    s.dO = s.sp + BK * BV;
+    s.dA = s.dO + C * BV;
+  }
+  return s;
+}
+
+template <class E>
+TM_DEVICE float scan_read(const void* base, const int64_t* stride, int64_t b, int64_t t, int64_t h,
+                          int64_t d) {
+  const global_ptr<const typename E::T> src(static_cast<const typename E::T*>(base));
+  return E::to_float(src[b * stride[0] + t * stride[1] + h * stride[2] + d]);
+}
+
+// Rows [t0, t0 + c) of a [B, T, H, V] tensor's value block into dst [C x BV], zeros elsewhere.
+template <class E>
+TM_DEVICE void scan_load_values(const ScanParams& p, const void* base, const int64_t* stride,
+                                shared_ptr<float> dst, int64_t b, int64_t h, int64_t t0, int c,
+                                int64_t e_base) {
+  constexpr int BV = kScanValues;
+  for (int x = int(thread_idx().x); x < kScanChunk * BV; x += kScanThreads) {
+    const int j = x / BV, e = x % BV;
+    dst[x] = (j < c && e_base + e < p.value_dim)
+                 ? scan_read<E>(base, stride, b, t0 + j, h, e_base + e)
+                 : 0.0f;
+  }
+}
+
+// The scalar log2 decays of the chunk (0 past c).
+template <int kDecay>
+TM_DEVICE void scan_load_scalar_decays(const ScanParams& p, const ScanSmem& s, int64_t b, int64_t h,
+                                       int64_t t0, int c) {
+  if constexpr (kDecay == kScanScalarDecay) {
+    const global_ptr<const float> g(p.g);
+    for (int i = int(thread_idx().x); i < kScanChunk; i += kScanThreads)
+      s.gl[i] = i < c ? g[(b * p.seq_len + t0 + i) * p.heads + h] * kScanLog2e : 0.0f;
+  }
+}
+
+// Key columns [d0, d0 + BK) of the chunk's q (scaled), k and per-key log2 decays, then every
+// factor of the slice: qfac (0 past c), kfac (0 past c) and the chunk's decay per key. Ends with
+// a barrier.
+template <class E, int kDecay>
+TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b, int64_t h,
+                               int64_t t0, int c, int64_t d0) {
+  constexpr int C = kScanChunk, BK = kScanKeys;
+  const int tid = int(thread_idx().x);
+  for (int x = tid; x < C * BK; x += kScanThreads) {
+    const int i = x / BK;
+    const int64_t d = d0 + x % BK;
+    const bool in = i < c && d < p.key_dim;
+    s.q[x] = in ? scan_read<E>(p.q, p.q_stride, b, t0 + i, h, d) * p.scale : 0.0f;
+    s.k[x] = in ? scan_read<E>(p.k, p.k_stride, b, t0 + i, h, d) : 0.0f;
+    if constexpr (kDecay == kScanPerKeyDecay) {
+      const global_ptr<const float> gk(p.gk);
+      s.lg[x] =
+          in ? gk[((b * p.seq_len + t0 + i) * p.heads + h) * p.key_dim + d] * kScanLog2e : 0.0f;
+    } else if constexpr (kDecay == kScanScalarDecay) {
+      s.lg[x] = s.gl[i];  // 0 past c already
+    }
+  }
+  sync_threads();
+  if constexpr (kDecay == kScanNoDecay) {
+    for (int x = tid; x < C * BK; x += kScanThreads) {
+      s.qfac[x] = 1.0f;
+      s.kfac[x] = 1.0f;
+    }
+    for (int x = tid; x < BK; x += kScanThreads) s.decay[x] = 1.0f;
+  } else if (tid < BK) {
+    float from_start = 0.0f;
+    for (int i = 0; i < C; ++i) {
+      from_start += float(s.lg[i * BK + tid]);
+      s.qfac[i * BK + tid] = i < c ? exp2f(from_start) : 0.0f;
+    }
+    s.decay[tid] = d0 + tid < p.key_dim ? exp2f(from_start) : 0.0f;
+  } else if (tid < 2 * BK) {
+    const int dd = tid - BK;
+    float to_end = 0.0f;
+    for (int j = C - 1; j >= 0; --j) {
+      s.kfac[j * BK + dd] = j < c ? exp2f(to_end) : 0.0f;
+      to_end += float(s.lg[j * BK + dd]);
+    }
+  }
+  sync_threads();
+}
+
+// The slice's share of the intra scores without per-key factors: acc (rows 4 (t / 16) .. +4,
+// columns 4 (t % 16) .. +4) += q k^T over the slice's keys.
+TM_DEVICE void scan_scores_tile(const ScanSmem& s, float acc[16]) {
+  constexpr int BK = kScanKeys;
+  const int tid = int(thread_idx().x), r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
+  for (int dd = 0; dd < BK; ++dd) {
+    float qv[4], kv[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) qv[r] = s.q[(r0 + r) * BK + dd];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) kv[r] = s.k[(c0 + r) * BK + dd];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc[r * 4 + u] += qv[r] * kv[u];
+  }
+}
+
+TM_DEVICE void scan_store_tile(shared_ptr<float> dst, const float acc[16]) {
+  const int tid = int(thread_idx().x), r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) dst[(r0 + r) * kScanChunk + c0 + u] = acc[r * 4 + u];
+}
+
+// The slice's share of the intra scores with per-key gates, added to A (j <= i < c):
+// A_ij += sum_d q_id k_jd 2^{D_ij,d}. Thread (j = t / 4, g = t % 4) runs down column j with one
+// running sum per key of its group of 8; the quad's 4 groups are added by shuffles in a fixed
+// order.
+TM_DEVICE void scan_gated_scores(const ScanSmem& s, int c) {
+  constexpr int BK = kScanKeys, G = BK / 4;
+  const int tid = int(thread_idx().x), j = tid / 4, g = tid % 4;
+  const int first = (tid / 32) * 8;  // the warp's smallest column
+  float kj[G], run[G];
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    kj[u] = s.k[j * BK + g * G + u];
+    run[u] = 0.0f;
+  }
+  for (int i = first; i < c; ++i) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      if (i > j) run[u] += float(s.lg[i * BK + g * G + u]);
+      acc += float(s.q[i * BK + g * G + u]) * kj[u] * exp2f(run[u]);
+    }
+    acc += shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += shfl_xor_sync(0xffffffffu, acc, 2);
+    if (g == 0 && i >= j) s.A[i * kScanChunk + j] += acc;
+  }
+}
+
+// Masks M [C x C] in place: 0 above the diagonal and in rows >= c; for scalar decays the kept
+// entries are multiplied by 2^{D_ij}, D_ij = sum_{j<t<=i} lg_t summed down column j. Masked
+// entries are assigned, never multiplied.
+template <int kDecay>
+TM_DEVICE void scan_mask(const ScanSmem& s, shared_ptr<float> M, int c) {
+  const int j = int(thread_idx().x);
+  if (j < kScanChunk) {
+    float run = 0.0f;
+    for (int i = 0; i < kScanChunk; ++i) {
+      if (i < j || i >= c) {
+        M[i * kScanChunk + j] = 0.0f;
+      } else if constexpr (kDecay == kScanScalarDecay) {
+        if (i > j) run += float(s.gl[i]);
+        M[i * kScanChunk + j] *= exp2f(run);
+      }
+    }
+  }
+  sync_threads();
+}
+
+// The output's state term over the slice: acc (row t / 4, columns 8 (t % 4) .. +8) +=
+// (q qfac) S[d0 .., :].
+TM_DEVICE void scan_state_term(const ScanSmem& s, int64_t d0, float acc[8]) {
+  constexpr int BK = kScanKeys, BV = kScanValues;
+  const int tid = int(thread_idx().x), i = tid / 4, e0 = (tid % 4) * 8;
+  for (int dd = 0; dd < BK; ++dd) {
+    const float a = float(s.q[i * BK + dd]) * float(s.qfac[i * BK + dd]);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc[u] += a * float(s.S[(d0 + dd) * BV + e0 + u]);
+  }
+}
+
+// S[d0 + dd, :] = decay_dd S + sum_{j<c} (k kfac)_j,dd x_j for the slice's rows, with x = v
+// (state) or, in the backward, X = dO and q qfac instead of k kfac (dS).
+TM_DEVICE void scan_advance(const ScanSmem& s, shared_ptr<float> S, shared_ptr<const float> a,
+                            shared_ptr<const float> fac, shared_ptr<const float> x, int64_t d0,
+                            int c) {
+  constexpr int BK = kScanKeys, BV = kScanValues;
+  const int tid = int(thread_idx().x), dd = tid / 8, e0 = (tid % 8) * 4;
+  float acc[4];
+  const float f = s.decay[dd];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) acc[u] = f * float(S[(d0 + dd) * BV + e0 + u]);
+  for (int j = 0; j < c; ++j) {
+    const float w = float(a[j * BK + dd]) * float(fac[j * BK + dd]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc[u] += w * float(x[j * BV + e0 + u]);
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) S[(d0 + dd) * BV + e0 + u] = acc[u];
+}
+
+// The block's state slice <-> an [N, H, K, V] tensor (zeros for a missing source).
+TM_DEVICE void scan_load_state(const ScanParams& p, shared_ptr<float> S, const float* src,
+                               int64_t n, int64_t h, int64_t e_base) {
+  constexpr int BV = kScanValues;
+  const global_ptr<const float> in(src);
+  for (int64_t x = thread_idx().x; x < p.key_pad * BV; x += kScanThreads) {
+    const int64_t d = x / BV, e = e_base + x % BV;
+    S[x] = (src && d < p.key_dim && e < p.value_dim)
+               ? float(in[((n * p.heads + h) * p.key_dim + d) * p.value_dim + e])
+               : 0.0f;
+  }
+}
+TM_DEVICE void scan_store_state(const ScanParams& p, shared_ptr<const float> S, float* dst,
+                                int64_t n, int64_t h, int64_t e_base) {
+  constexpr int BV = kScanValues;
+  const global_ptr<float> out(dst);
+  for (int64_t x = thread_idx().x; x < p.key_pad * BV; x += kScanThreads) {
+    const int64_t d = x / BV, e = e_base + x % BV;
+    if (d < p.key_dim && e < p.value_dim)
+      out[((n * p.heads + h) * p.key_dim + d) * p.value_dim + e] = S[x];
+  }
+}
+
+// The states workspace's slice for (slot, h, value block).
+TM_DEVICE global_ptr<float> scan_state_at(const ScanParams& p, int64_t slot, int64_t h,
+                                          int64_t vb) {
+  return global_ptr<float>(p.states) +
+         ((slot * p.heads + h) * p.value_blocks + vb) * p.key_pad * kScanValues;
+}
+
+struct ScanBlock {
+  int64_t n, h, vb, b, begin, end, e_base;
+};
+TM_DEVICE ScanBlock scan_block(const ScanParams& p) {
+  ScanBlock k;
+  const int64_t id = block_idx().x;
+  k.vb = id % p.value_blocks;
+  k.h = (id / p.value_blocks) % p.heads;
+  k.n = id / (p.value_blocks * p.heads);
+  scan_sequence(p, k.n, &k.b, &k.begin, &k.end);
+  k.e_base = k.vb * kScanValues;
+  return k;
+}
+
+template <class E, int kDecay>
+TM_DEVICE void scan_forward_body(const ScanParams& p) {
+  constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  const ScanBlock blk = scan_block(p);
+  const ScanSmem s = scan_smem(p.key_pad, false);
+  const int tid = int(thread_idx().x);
+  const bool varlen = p.cu_seqlens != nullptr;
+  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
+  scan_load_state(p, s.S, p.initial_state, blk.n, blk.h, blk.e_base);
+  sync_threads();
+  int64_t ci = 0;
+  for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
+    const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
+    if (p.states_only) {
+      const global_ptr<float> dst = scan_state_at(p, base + ci, blk.h, blk.vb);
+      for (int64_t x = tid; x < p.key_pad * BV; x += kScanThreads) dst[x] = s.S[x];
+    }
+    scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
+    scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
+    if (kDecay == kScanPerKeyDecay && !p.states_only)
+      for (int x = tid; x < C * C; x += kScanThreads) s.A[x] = 0.0f;
+    float a_acc[16] = {}, o_acc[8] = {};
+    sync_threads();
+    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+      scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
+      if (!p.states_only) {
+        if constexpr (kDecay == kScanPerKeyDecay)
+          scan_gated_scores(s, c);
+        else
+          scan_scores_tile(s, a_acc);
+        scan_state_term(s, d0, o_acc);
+      }
+      sync_threads();
+      scan_advance(s, s.S, s.k, s.kfac, s.v, d0, c);
+      sync_threads();
+    }
+    if (p.states_only) continue;
+    if constexpr (kDecay != kScanPerKeyDecay) {
+      scan_store_tile(s.A, a_acc);
+      sync_threads();
+    }
+    scan_mask<kDecay>(s, s.A, c);
+    // o += A v over j <= i, then the row is stored.
+    const int i = tid / 4, e0 = (tid % 4) * 8;
+    for (int j = 0; j <= i && j < c; ++j) {
+      const float a = s.A[i * C + j];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) o_acc[u] += a * float(s.v[j * BV + e0 + u]);
+    }
+    if (i < c) {
+      const global_ptr<typename E::T> out(static_cast<typename E::T*>(p.out));
+      const int64_t row = ((blk.b * p.seq_len + t0 + i) * p.heads + blk.h) * p.value_dim;
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (blk.e_base + e0 + u < p.value_dim)
+          out[row + blk.e_base + e0 + u] = E::from_float(o_acc[u]);
+    }
+    sync_threads();
+  }
+  if (p.states_only) {
+    const global_ptr<float> dst = scan_state_at(p, base + ci, blk.h, blk.vb);
+    for (int64_t x = tid; x < p.key_pad * BV; x += kScanThreads) dst[x] = s.S[x];
+  } else if (p.final_state) {
+    scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
+  }
+}
+
+template <class E, int kDecay>
+TM_DEVICE void scan_backward_body(const ScanParams& p) {
+  constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  const ScanBlock blk = scan_block(p);
+  const ScanSmem s = scan_smem(p.key_pad, true);
+  const int tid = int(thread_idx().x);
+  const bool varlen = p.cu_seqlens != nullptr;
+  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
+  const int64_t chunks = scan_chunks(blk.end - blk.begin);
+  scan_load_state(p, s.S, p.grad_final_state, blk.n, blk.h, blk.e_base);
+  sync_threads();
+  // The final state's share of dL/dG at the last token: sum_e dS_de S_final,de.
+  if (kDecay != kScanNoDecay && tid < p.key_dim) {
+    const global_ptr<const float> fin = scan_state_at(p, base + chunks, blk.h, blk.vb);
+    float acc = 0.0f;
+    for (int e = 0; e < BV; ++e) acc += float(s.S[tid * BV + e]) * float(fin[tid * BV + e]);
+    global_ptr<float>(
+        p.dg_final_part)[((blk.vb * p.num_seqs + blk.n) * p.heads + blk.h) * p.key_dim + tid] = acc;
+  }
+  const int64_t plane = p.batch * p.seq_len * p.heads * p.key_dim;
+  const global_ptr<float> dq_out = global_ptr<float>(p.dq_part) + blk.vb * plane;
+  const global_ptr<float> dk_out = global_ptr<float>(p.dk_part) + blk.vb * plane;
+  for (int64_t ci = chunks - 1; ci >= 0; --ci) {
+    const int64_t t0 = blk.begin + ci * C;
+    const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
+    scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
+    scan_load_values<E>(p, p.grad_out, p.grad_out_stride, s.dO, blk.b, blk.h, t0, c, blk.e_base);
+    scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
+    if (kDecay == kScanPerKeyDecay)
+      for (int x = tid; x < C * C; x += kScanThreads) s.A[x] = 0.0f;
+    float a_acc[16] = {};
+    sync_threads();
+    // Pass 1: the intra scores A over every key.
+    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+      scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
+      if constexpr (kDecay == kScanPerKeyDecay)
+        scan_gated_scores(s, c);
+      else
+        scan_scores_tile(s, a_acc);
+      sync_threads();
+    }
+    if constexpr (kDecay != kScanPerKeyDecay) scan_store_tile(s.A, a_acc);
+    // dA = dO v^T over the block's value columns.
+    {
+      float acc[16] = {};
+      const int r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
+      for (int e = 0; e < BV; ++e) {
+        float ov[4], vv[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) ov[r] = s.dO[(r0 + r) * BV + e];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) vv[r] = s.v[(c0 + r) * BV + e];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int u = 0; u < 4; ++u) acc[r * 4 + u] += ov[r] * vv[u];
+      }
+      scan_store_tile(s.dA, acc);
+    }
+    sync_threads();
+    scan_mask<kDecay>(s, s.A, c);
+    scan_mask<kDecay>(s, s.dA, c);
+    // dv = A^T dO (i >= j) + (k kfac) dS, for row j = t / 4 and 8 columns.
+    const int r = tid / 4, e0 = (tid % 4) * 8, dd0 = (tid % 4) * 8;
+    float dv_acc[8] = {};
+    for (int i = r; i < c; ++i) {
+      const float a = s.A[i * C + r];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) dv_acc[u] += a * float(s.dO[i * BV + e0 + u]);
+    }
+    const global_ptr<const float> sp_src = scan_state_at(p, base + ci, blk.h, blk.vb);
+    // Pass 2: per slice, dq and dk shares, dv's state term, then dS moves to the chunk start.
+    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+      scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
+      for (int x = tid; x < BK * BV; x += kScanThreads) s.sp[x] = sp_src[d0 * BV + x];
+      sync_threads();
+      // dq_i = qfac_i (dO_i S_prev^T) + sum_{j<=i} dA_ij k_j (2^{D_ij,d} with per-key gates);
+      // dk_j = kfac_j (v_j dS^T) + sum_{i>=j} dA_ij q_i (likewise); row r, keys dd0 .. +8.
+      float dq[8], dk[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        float sq = 0.0f, sk = 0.0f;
+        for (int e = 0; e < BV; ++e) {
+          sq += float(s.dO[r * BV + e]) * float(s.sp[(dd0 + u) * BV + e]);
+          sk += float(s.v[r * BV + e]) * float(s.S[(d0 + dd0 + u) * BV + e]);
+        }
+        dq[u] = sq * float(s.qfac[r * BK + dd0 + u]);
+        dk[u] = sk * float(s.kfac[r * BK + dd0 + u]);
+      }
+      if constexpr (kDecay == kScanPerKeyDecay) {
+        float run[8] = {};
+        for (int j = r; j >= 0; --j) {
+          const float a = s.dA[r * C + j];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            if (j < r) run[u] += float(s.lg[(j + 1) * BK + dd0 + u]);
+            dq[u] += a * float(s.k[j * BK + dd0 + u]) * exp2f(run[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) run[u] = 0.0f;
+        for (int i = r; i < c; ++i) {
+          const float a = s.dA[i * C + r];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) {
+            if (i > r) run[u] += float(s.lg[i * BK + dd0 + u]);
+            dk[u] += a * float(s.q[i * BK + dd0 + u]) * exp2f(run[u]);
+          }
+        }
+      } else {
+        for (int j = 0; j <= r; ++j) {
+          const float a = s.dA[r * C + j];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) dq[u] += a * float(s.k[j * BK + dd0 + u]);
+        }
+        for (int i = r; i < c; ++i) {
+          const float a = s.dA[i * C + r];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) dk[u] += a * float(s.q[i * BK + dd0 + u]);
+        }
+      }
+      if (r < c) {
+        const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.key_dim;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (d0 + dd0 + u < p.key_dim) {
+            dq_out[row + d0 + dd0 + u] = dq[u];
+            dk_out[row + d0 + dd0 + u] = dk[u];
+          }
+      }
+      for (int dd = 0; dd < BK; ++dd) {
+        const float w = float(s.k[r * BK + dd]) * float(s.kfac[r * BK + dd]);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) dv_acc[u] += w * float(s.S[(d0 + dd) * BV + e0 + u]);
+      }
+      sync_threads();
+      scan_advance(s, s.S, s.q, s.qfac, s.dO, d0, c);
+      sync_threads();
+    }
+    if (r < c) {
+      const global_ptr<typename E::T> dv(static_cast<typename E::T*>(p.grad_v));
+      const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.value_dim;
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (blk.e_base + e0 + u < p.value_dim)
+          dv[row + blk.e_base + e0 + u] = E::from_float(dv_acc[u]);
+    }
+    sync_threads();
+  }
+  scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
+}
+
+// dq and dk from their value-block shares, summed in block order; with decays, each token's
+// dL/dG_i = q_i dq_i - k_i dk_i (per key) is left in dq_part's first plane.
+template <class E>
+TM_DEVICE void scan_reduce_body(const ScanParams& p, bool decay) {
+  const int64_t plane = p.batch * p.seq_len * p.heads * p.key_dim;
+  const global_ptr<float> dq_part(p.dq_part), dk_part(p.dk_part);
+  const global_ptr<typename E::T> gq(static_cast<typename E::T*>(p.grad_q)),
+      gk(static_cast<typename E::T*>(p.grad_k));
+  for (int64_t x = grid_thread(); x < plane; x += grid_threads()) {
+    float dq = 0.0f, dk = 0.0f;
+    for (int64_t vb = 0; vb < p.value_blocks; ++vb) {
+      dq += float(dq_part[vb * plane + x]);
+      dk += float(dk_part[vb * plane + x]);
+    }
+    gq[x] = E::from_float(dq * p.scale);
+    gk[x] = E::from_float(dk);
+    if (decay) {
+      const int64_t d = x % p.key_dim, bth = x / p.key_dim;
+      const int64_t h = bth % p.heads, bt = bth / p.heads;
+      const int64_t t = bt % p.seq_len, b = bt / p.seq_len;
+      const float q = scan_read<E>(p.q, p.q_stride, b, t, h, d) * p.scale;
+      const float k = scan_read<E>(p.k, p.k_stride, b, t, h, d);
+      dq_part[x] = q * dq - k * dk;
+    }
+  }
+}
+
+// dg / dgk: each token's dL/dG (plus the final state's share at the last token) reverse-cumulated
+// over its sequence. One warp per (sequence, head); with a scalar decay the keys are summed per
+// token, lanes first and then by shuffles in a fixed order.
+template <int kDecay>
+TM_DEVICE void scan_decay_grad_body(const ScanParams& p) {
+  const int64_t w = int64_t(block_idx().x) * (kScanThreads / 32) + warp_id();
+  if (w >= p.num_seqs * p.heads) return;
+  const int64_t n = w / p.heads, h = w % p.heads;
+  const int lane = int(lane_id());
+  int64_t b, begin, end;
+  scan_sequence(p, n, &b, &begin, &end);
+  const global_ptr<const float> tok(p.dq_part), fin(p.dg_final_part);
+  auto final_share = [&](int64_t d) {
+    float f = 0.0f;
+    for (int64_t vb = 0; vb < p.value_blocks; ++vb)
+      f += float(fin[((vb * p.num_seqs + n) * p.heads + h) * p.key_dim + d]);
+    return f;
+  };
+  if constexpr (kDecay == kScanPerKeyDecay) {
+    const global_ptr<float> out(p.grad_gk);
+    for (int64_t d = lane; d < p.key_dim; d += 32) {
+      float acc = final_share(d);
+      for (int64_t t = end - 1; t >= begin; --t) {
+        const int64_t at = ((b * p.seq_len + t) * p.heads + h) * p.key_dim + d;
+        acc += float(tok[at]);
+        out[at] = acc;
+      }
+    }
+  } else {
+    const global_ptr<float> out(p.grad_g);
+    float acc = 0.0f;
+    for (int64_t t = end - 1; t >= begin; --t) {
+      float part = 0.0f;
+      for (int64_t d = lane; d < p.key_dim; d += 32) {
+        part += float(tok[((b * p.seq_len + t) * p.heads + h) * p.key_dim + d]);
+        if (t == end - 1) part += final_share(d);
+      }
+      for (int m = 16; m >= 1; m /= 2) part += shfl_xor_sync(0xffffffffu, part, m);
+      acc += part;
+      if (lane == 0) out[(b * p.seq_len + t) * p.heads + h] = acc;
+    }
+  }
+}
+
+template <class E, int kDecay>
+TM_GLOBAL void scan_forward_kernel(ScanParams p) {
+  scan_forward_body<E, kDecay>(p);
+}
+template <class E, int kDecay>
+TM_GLOBAL void scan_backward_kernel(ScanParams p) {
+  scan_backward_body<E, kDecay>(p);
+}
+template <class E>
+TM_GLOBAL void scan_reduce_kernel(ScanParams p, bool decay) {
+  scan_reduce_body<E>(p, decay);
+}
+template <int kDecay>
+TM_GLOBAL void scan_decay_grad_kernel(ScanParams p) {
+  scan_decay_grad_body<kDecay>(p);
+}
+
+}  // namespace tokenmix::cuda

@@ -1,0 +1,334 @@
+"""The CUDA linear-scan kernels (tokenmix/cuda/linear_scan_kernels.h) run by the SIMT
+emulator (torch.ops.tokenmix_emulated.linear_scan_forward/backward) through the public
+functions' own drivers, against the token-by-token float64 recurrences of
+tokenmix.linear_scan.reference and against the CPU kernels: every variant, dtype and
+gradient, varlen batches and states, resets and non-finite values (issue 15)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import test_linear_scan_reliability as rel
+import tokenmix
+import torch
+import torch.nn.functional as F
+from tokenmix.linear_scan import (
+    functional,
+    linear_attention,
+    linear_attention_step,
+    naive_linear_attention,
+    ops,
+)
+from tokenmix.linear_scan.functional import linear_attention_from_scan
+
+LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emulated_ops():
+    assert os.path.exists(LIBRARY), "the build must produce tokenmix/_emulated.so"
+    torch.ops.load_library(LIBRARY)
+    if not hasattr(_emulated_ops, "registered"):
+        ops._register_autograd(
+            "tokenmix_emulated::linear_scan_forward",
+            torch.ops.tokenmix_emulated.linear_scan_backward,
+        )
+        _emulated_ops.registered = True
+
+
+def emulated_scan(q, k, v, g, gk, initial_state, cu_seqlens, scale):
+    """The scan entry point of the CUDA op (ops.fused_linear_scan), on the emulated kernels."""
+    acc = torch.float32
+    return torch.ops.tokenmix_emulated.linear_scan_forward(
+        q,
+        k,
+        v,
+        ops._acc(g, acc),
+        ops._acc(gk, acc),
+        ops._acc(initial_state, acc),
+        ops._cu(cu_seqlens),
+        float(scale),
+    )
+
+
+emulated_linear_attention = functools.partial(linear_attention_from_scan, emulated_scan)
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _inputs(b, t, h, kd, vd, dtype, decay, seed, n_seqs=None, state=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    x = {"q": r(b, t, h, kd), "k": r(b, t, h, kd, scale=0.5), "v": r(b, t, h, vd)}
+    if decay == "g":
+        x["g"] = (-torch.rand(b, t, h, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    elif decay == "gk":
+        x["gk"] = (-torch.rand(b, t, h, kd, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    elif decay == "g_gamma":
+        x["g_gamma"] = (-torch.rand(h, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+    if state:
+        n = b if n_seqs is None else n_seqs
+        x["initial_state"] = r(n, h, kd, vd).float()
+    return x
+
+
+def _run(fn, x, cu=None, normalize=False):
+    return fn(
+        x["q"],
+        x["k"],
+        x["v"],
+        g=x.get("g"),
+        gk=x.get("gk"),
+        g_gamma=x.get("g_gamma"),
+        initial_state=x.get("initial_state"),
+        output_final_state=True,
+        cu_seqlens=cu,
+        scale=0.4,
+        normalize=normalize,
+    )
+
+
+def _with_grads(fn, x, weights, **options):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    o, s = _run(fn, leaves, **options)
+    loss = (o.double() * weights[0]).sum() + (s.double() * weights[1]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach(), s.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _check_against_reference(x, dtype, cu=None, normalize=False, tol=None):
+    """Outputs, final states and every gradient of the emulated kernels against the
+    float64 recurrence, with the same upstream gradients."""
+    x64 = {n: t.double() for n, t in x.items()}
+    o_ref, s_ref = _run(naive_linear_attention, x64, cu, normalize)
+    gen = torch.Generator().manual_seed(7)
+    weights = (
+        torch.randn(o_ref.shape, generator=gen, dtype=torch.float64),
+        torch.randn(s_ref.shape, generator=gen, dtype=torch.float64),
+    )
+    o, s, grads = _with_grads(emulated_linear_attention, x, weights, cu=cu, normalize=normalize)
+    o_ref, s_ref, grads_ref = _with_grads(
+        naive_linear_attention, x64, weights, cu=cu, normalize=normalize
+    )
+    tol = tol or TOL[dtype]
+    assert o.dtype == dtype and s.dtype == torch.float32
+    errors = {"out": _rel(o, o_ref), "final_state": _rel(s, s_ref)}
+    errors.update({f"grad {n}": _rel(grads[n], grads_ref[n]) for n in grads})
+    bad = {n: f"{e:.2e}" for n, e in errors.items() if not e < tol}
+    assert not bad, f"errors above {tol:.0e}: {bad}"
+
+
+@pytest.mark.parametrize("t", [1, 2, 63, 64, 65, 130])
+@pytest.mark.parametrize("decay", [None, "g", "g_gamma", "gk"])
+def test_variants_and_lengths_match_the_recurrence(t, decay):
+    x = _inputs(2, t, 2, 24, 40, torch.float32, decay, seed=t)
+    _check_against_reference(x, torch.float32)
+
+
+@pytest.mark.parametrize("decay", [None, "g", "gk"])
+def test_a_thousand_tokens(decay):
+    x = _inputs(1, 1000, 1, 16, 20, torch.float32, decay, seed=5)
+    _check_against_reference(x, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kd, vd",
+    [(16, 16), (16, 96), (96, 16), (33, 65), (128, 64), (256, 32), (64, 256)],
+)
+def test_head_dims(kd, vd):
+    # K pads to slices of 32 keys, V splits into blocks of 32 columns (dq and dk are then
+    # summed over the blocks), K != V both ways.
+    x = _inputs(1, 70, 1, kd, vd, torch.float32, "gk", seed=kd + vd)
+    _check_against_reference(x, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("decay", [None, "g", "gk"])
+def test_half_dtypes(dtype, decay):
+    x = _inputs(1, 100, 2, 32, 40, dtype, decay, seed=11)
+    _check_against_reference(x, dtype)
+
+
+@pytest.mark.parametrize("decay", [None, "g", "gk"])
+def test_varlen_batches(decay):
+    # Sequences of 1, 64, 65, 127 and 2 tokens: chunk boundaries inside and at the ends of
+    # sequences, and the states workspace's slots packed as tightly as its rule allows.
+    cu = torch.tensor([0, 1, 65, 130, 257, 259])
+    x = _inputs(1, 259, 2, 16, 24, torch.float32, decay, seed=13, n_seqs=5)
+    _check_against_reference(x, torch.float32, cu=cu)
+
+
+@pytest.mark.parametrize("decay", [None, "g"])
+def test_normalized_and_stateless(decay):
+    x = _inputs(2, 90, 2, 16, 16, torch.float32, decay, seed=17, state=False)
+    x["k"] = x["k"].abs()  # normalized attention needs positive key sums
+    x["q"] = x["q"].abs()
+    _check_against_reference(x, torch.float32, normalize=True)
+
+
+@pytest.mark.parametrize("decay", [None, "g", "gk"])
+def test_matches_the_cpu_kernels(decay):
+    # Same chunking and the same algorithm: the two backends agree far inside the tolerance
+    # of the reference comparison.
+    x = _inputs(2, 150, 2, 40, 36, torch.float32, decay, seed=19)
+    weights = (torch.randn(2, 150, 2, 36, dtype=torch.float64), torch.randn(2, 2, 40, 36))
+    o, s, grads = _with_grads(emulated_linear_attention, x, weights)
+    o_cpu, s_cpu, grads_cpu = _with_grads(linear_attention, x, weights)
+    assert _rel(o, o_cpu) < 2e-6 and _rel(s, s_cpu) < 2e-6
+    for n in grads:
+        assert _rel(grads[n], grads_cpu[n]) < 2e-5, n
+
+
+@pytest.mark.parametrize("decay", ["g", "gk"])
+def test_backward_is_deterministic(decay):
+    x = _inputs(1, 100, 1, 40, 70, torch.float32, decay, seed=23)
+    weights = (torch.randn(1, 100, 1, 70, dtype=torch.float64), torch.randn(1, 1, 40, 70))
+    first = _with_grads(emulated_linear_attention, x, weights)[2]
+    second = _with_grads(emulated_linear_attention, x, weights)[2]
+    for n in first:
+        assert torch.equal(first[n], second[n]), n
+
+
+def test_decode_steps_after_a_prefill_equal_the_scan():
+    x = _inputs(2, 80, 2, 16, 24, torch.float32, "gk", seed=29, state=False)
+    full, _ = emulated_linear_attention(x["q"], x["k"], x["v"], gk=x["gk"])
+    o, state = emulated_linear_attention(
+        x["q"][:, :70], x["k"][:, :70], x["v"][:, :70], gk=x["gk"][:, :70], output_final_state=True
+    )
+    torch.testing.assert_close(o, full[:, :70])
+    for t in range(70, 80):
+        step, state = linear_attention_step(
+            x["q"][:, t], x["k"][:, t], x["v"][:, t], state, gk=x["gk"][:, t]
+        )
+        torch.testing.assert_close(step, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+# ---- resets and non-finite values: the cases of test_linear_scan_reliability.py ----
+
+EMULATED = (emulated_linear_attention, None)
+
+
+@pytest.mark.parametrize("value", [-1e9, torch.finfo(torch.float32).min, float("-inf")])
+@pytest.mark.parametrize("variant", ["g", "gk"])
+def test_resets_are_exact(variant, value):
+    x = rel._inputs(variant)
+    rel._set_decay(x, variant, (10, 20), value)
+    x64 = {n: t.double() for n, t in x.items()}
+    o_ref, s_ref = rel._call(rel.NAIVE, variant, x64)
+    gen = torch.Generator().manual_seed(1)
+    weights = (
+        torch.randn(o_ref.shape, generator=gen, dtype=torch.float64),
+        torch.randn(s_ref.shape, generator=gen, dtype=torch.float64),
+    )
+    o, s, grads = rel._with_grads(EMULATED, variant, x, weights)
+    o_ref, s_ref, grads_ref = rel._with_grads(rel.NAIVE, variant, x64, weights)
+    assert rel._rel(o, o_ref) < 1e-5 and rel._rel(s, s_ref) < 1e-5
+    for name in grads:
+        assert torch.isfinite(grads[name]).all(), name
+        assert rel._rel(grads[name], grads_ref[name]) < 1e-5, name
+
+
+def test_minus_inf_is_a_full_reset():
+    x = rel._inputs("g", t=100)
+    x["g"][:, 30] = float("-inf")
+    o, _ = rel._call(EMULATED, "g", x)
+    o_tail, _ = rel._call(EMULATED, "g", {n: t[:, 30:] for n, t in x.items()})
+    torch.testing.assert_close(o[:, 30:], o_tail, rtol=1e-5, atol=1e-5)
+
+
+LINEAR_POISONS = [
+    pytest.param(variant, name, token, value, id=f"{variant}-{name}@{token}={value}")
+    for variant in ("none", "g", "gk")
+    for name, token, value in rel.POISONS
+    if name in rel._inputs(variant, t=2)
+]
+
+
+@pytest.mark.parametrize("variant, name, token, value", LINEAR_POISONS)
+def test_non_finite_value_changes_no_earlier_output(variant, name, token, value):
+    x = rel._inputs(variant, t=130)
+    clean, _ = rel._call(EMULATED, variant, x)
+    bad = {n: t.clone() for n, t in x.items()}
+    bad[name][:, token] = value
+    o, _ = rel._call(EMULATED, variant, bad)
+    assert torch.isfinite(o[:, :token]).all(), "an earlier output became non-finite"
+    torch.testing.assert_close(o[:, :token], clean[:, :token], rtol=1e-5, atol=1e-5)
+    assert not torch.isfinite(o[:, token]).all()
+
+
+@pytest.mark.parametrize("variant", ["none", "g", "gk"])
+@pytest.mark.parametrize("name", ["v", "k"])
+def test_non_finite_value_keeps_earlier_gradients_finite(variant, name):
+    x = rel._inputs(variant, t=100)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(1, 100, 2, 12, generator=gen, dtype=torch.float64)
+    w[:, 50:] = 0
+    weights = (w, torch.zeros(1, 2, 16, 12, dtype=torch.float64))
+    _, _, clean = rel._with_grads(EMULATED, variant, x, weights)
+    bad = {n: t.clone() for n, t in x.items()}
+    bad[name][:, 50] = float("inf")
+    _, _, grads = rel._with_grads(EMULATED, variant, bad, weights)
+    for arg in ("q", "k", "v"):
+        got, want = grads[arg][:, :50], clean[arg][:, :50]
+        assert torch.isfinite(got).all(), arg
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- refusals and the dispatch decision ----
+
+
+def test_refusals_name_the_limit():
+    q = torch.randn(1, 4, 1, 257)
+    v = torch.randn(1, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="head dims K of at most 256, got 257"):
+        torch.ops.tokenmix_emulated.linear_scan_forward(q, q, v, None, None, None, None, 0.5)
+    q64 = torch.randn(1, 4, 1, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="take float32, float16 or bfloat16"):
+        torch.ops.tokenmix_emulated.linear_scan_forward(q64, q64, q64, None, None, None, None, 0.5)
+
+
+def test_cuda_tensors_reach_the_kernels_exactly_within_their_limits(monkeypatch):
+    # No GPU here: the decision is checked on its own.
+    class FakeCuda:
+        device = torch.device("cuda")
+
+        def __init__(self, dtype, shape):
+            self.dtype, self.shape = dtype, shape
+
+        def dim(self):
+            return len(self.shape)
+
+    monkeypatch.setattr(functional, "Tensor", FakeCuda)
+    monkeypatch.setattr(functional, "_cuda_kernels_usable", lambda: True)
+    assert functional._fused_linear_scan(FakeCuda(torch.bfloat16, (1, 8, 2, 256)))
+    assert functional._fused_linear_scan(FakeCuda(torch.float32, (1, 8, 2, 16)))
+    assert not functional._fused_linear_scan(FakeCuda(torch.float32, (1, 8, 2, 257)))
+    assert not functional._fused_linear_scan(FakeCuda(torch.float64, (1, 8, 2, 16)))
+    assert not functional._fused_linear_scan(FakeCuda(torch.float32, (8, 2, 16)))
+    linear, delta = functional._pick_scans(FakeCuda(torch.float32, (1, 8, 2, 16)))
+    assert linear is ops.fused_linear_scan
+    assert delta is functional.chunked_delta_scan  # no CUDA delta-rule kernels yet
+    monkeypatch.setattr(functional, "_cuda_kernels_usable", lambda: False)
+    assert not functional._fused_linear_scan(FakeCuda(torch.float32, (1, 8, 2, 16)))
+
+
+def test_python_limit_matches_the_kernels():
+    # ops.CUDA_MAX_KEY_DIM mirrors kLinearScanCudaMaxKeyDim: K at the limit runs, one more
+    # is refused.
+    x = _inputs(1, 3, 1, ops.CUDA_MAX_KEY_DIM, 4, torch.float32, None, seed=31, state=False)
+    o, _ = emulated_scan(x["q"], x["k"], x["v"], None, None, None, None, 0.1)
+    ref, _ = naive_linear_attention(x["q"], x["k"], x["v"], scale=0.1)
+    torch.testing.assert_close(o, ref, rtol=1e-4, atol=1e-4)
+    q = F.pad(x["q"], (0, 1))
+    with pytest.raises(RuntimeError, match="at most"):
+        emulated_scan(q, q, x["v"], None, None, None, None, 0.1)
