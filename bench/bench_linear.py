@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Linear attention on CPU: tokenmix's fused scans against their peers.
+"""Linear attention: tokenmix's fused scans against their peers, on the CPU (default) or
+with ``--device cuda`` on a GPU.
 
 For every case (a variant of the linear-attention family at one sequence length), on
-the same random inputs (B=1, H=4, K=V=64, float32 by default), this times
+the same random inputs (B=1, H=4, K=V=64, float32 by default; ``--dtype`` for q, k, v and
+beta, bfloat16 by default on CUDA; decays float32), this times
 
 * ``fused``: the public functions ``tokenmix.linear_scan.linear_attention`` /
-  ``delta_rule`` on CPU tensors, i.e. the fused C++ kernels when they are built
-  (the row says when they are not and the public API fell back to the chunked scan),
+  ``delta_rule``, i.e. the fused C++ kernels (CUDA kernels on CUDA tensors) when they are
+  built (the row says when they are not and the public API fell back to the chunked scan),
 * ``chunked``: the pure-PyTorch chunked implementation
   (``tokenmix.linear_scan.chunked``, called directly),
 * ``naive``: the per-token recurrence (``tokenmix.linear_scan.reference``), only up
@@ -42,6 +44,7 @@ convention: the backward is 2.5x the forward).
     python bench/bench_linear.py --all --T 2048      # every variant, naive included
     python bench/bench_linear.py --markdown --json out.json
     python bench/bench_linear.py --variant gla --seq-lens 2048,4096,8192 --plot gla.png
+    python bench/bench_linear.py --device cuda --variant gated_delta --T 16384
 
 The default plan: simple_gla T=8192 fwd and fwd+bwd, gated_delta T=8192 fwd and
 fwd+bwd, simple_gla T=16384 fwd against SDPA. Progress goes to stderr, tables to
@@ -111,8 +114,11 @@ LABELS = {
     "sdpa": "sdpa causal (softmax)",
     "fla": "fla (pure PyTorch)",
 }
-# |fused - chunked| <= ATOL + RTOL * max|chunked| (float32; long sums of T terms).
-RTOL, ATOL = 1e-3, 1e-4
+# |fused - chunked| <= ATOL + RTOL * max|chunked| per dtype (long sums of T terms; with
+# float16/bfloat16 both outputs are rounded to the dtype).
+TOLERANCES = {"float32": (1e-3, 1e-4), "float16": (5e-3, 1e-3), "bfloat16": (3e-2, 1e-2)}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 
 DEFAULT_PLAN = [
     ("simple_gla", 8192, MODES, BACKENDS),
@@ -135,6 +141,7 @@ class Case:
     batch: int
     heads: int
     dim: int
+    dtype: str = "float32"
 
     @property
     def kind(self) -> str:
@@ -157,11 +164,15 @@ class Case:
         return float(self.batch * self.heads * self.seq * self.seq * 2 * self.dim)
 
     def describe(self) -> str:
-        return f"{self.variant} T={self.seq}, B={self.batch} H={self.heads} K=V={self.dim} float32"
+        return (
+            f"{self.variant} T={self.seq}, B={self.batch} H={self.heads} K=V={self.dim} "
+            f"{self.dtype}"
+        )
 
 
-def make_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
-    """The inputs every backend gets (``[B, T, H, *]``), plus the output gradient."""
+def make_inputs(case: Case, seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The inputs every backend gets (``[B, T, H, *]``, on ``device``; q, k, v, beta and the
+    output gradient in the case's dtype, decays float32), plus the output gradient."""
     gen = torch.Generator().manual_seed(seed)
     b, t, h, d = case.batch, case.seq, case.heads, case.dim
 
@@ -181,7 +192,12 @@ def make_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
 
         out["g_gamma"] = retnet_log_decays(h)
     out["dout"] = randn(b, t, h, d)
-    return out
+    dtype = DTYPES[case.dtype]
+    decays = ("g", "gk", "g_gamma")
+    return {
+        n: x.to(device=device, dtype=torch.float32 if n in decays else dtype)
+        for n, x in out.items()
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +367,12 @@ def measure(fn: Callable, tensors: dict, dout: torch.Tensor, backward: bool, arg
                 x.grad = None
 
         timing = time_fn(
-            call, setup=setup, warmup=args.warmup, repeats=args.repeats, budget_s=args.time_budget
+            call,
+            setup=setup,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            budget_s=args.time_budget,
+            device=args.device,
         )
         last.update({"d" + n: x.grad for n, x in leaves.items()})
     else:
@@ -362,12 +383,18 @@ def measure(fn: Callable, tensors: dict, dout: torch.Tensor, backward: bool, arg
             last["o"] = o
             return o
 
-        timing = time_fn(call, warmup=args.warmup, repeats=args.repeats, budget_s=args.time_budget)
+        timing = time_fn(
+            call,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            budget_s=args.time_budget,
+            device=args.device,
+        )
     return timing, last
 
 
 def run_case(case: Case, modes, backends, args, counter: list[int], total: int) -> dict:
-    inputs = make_inputs(case, args.seed)
+    inputs = make_inputs(case, args.seed, args.device)
     rows = []
     outputs: dict[tuple[str, str], torch.Tensor] = {}
     for mode in modes:
@@ -431,7 +458,8 @@ def run_case(case: Case, modes, backends, args, counter: list[int], total: int) 
                 continue
             diff = float((x.float() - ref[name].float()).abs().max())
             diffs[name] = diff
-            bound = ATOL + RTOL * float(ref[name].abs().max())
+            rtol, atol = TOLERANCES[case.dtype]
+            bound = atol + rtol * float(ref[name].abs().max())
             correct = correct and math.isfinite(diff) and diff <= bound
         row["max_abs_diff"] = diffs
         row["correct"] = correct
@@ -515,9 +543,11 @@ def ratio_lines(case_res: dict) -> list[str]:
 
 def render(report: dict, markdown: bool) -> str:
     meta = report["meta"]
+    where = "on the GPU" if meta.get("device") == "cuda" else f"{meta['threads']} threads"
     head = (
-        f"linear attention, {meta['machine']['cpu']}, {meta['threads']} threads, "
-        f"torch {meta['machine']['torch']}; fp32 matmul 2048x2048: "
+        f"linear attention, {meta['machine']['cpu']}, {where}, "
+        f"torch {meta['machine']['torch']}; {meta.get('matmul_dtype', 'float32')} matmul "
+        f"2048x2048: "
         f"{meta['matmul_gflops']:.1f} GFLOP/s; fused kernels "
         f"{'built' if meta['fused_kernels'] else 'NOT built (public API runs the chunked scan)'}"
     )
@@ -531,7 +561,7 @@ def render(report: dict, markdown: bool) -> str:
     notes = (
         f"Counted FLOPs per token and head: fwd 2*C*(K+V) + 4*K*V with C={CHUNK}, fwd+bwd "
         f"{LINEAR_FWD_BWD_FACTOR:g}x; sdpa causal fwd T*(K+V), fwd+bwd {SDPA_FWD_BWD_FACTOR:g}x. "
-        "% matmul = GFLOP/s / fp32 matmul GFLOP/s. max|Δ| is against the chunked "
+        "% matmul = GFLOP/s / that matmul's GFLOP/s. max|Δ| is against the chunked "
         "implementation: the output, and for fused/naive in fwd+bwd every gradient too. "
         "SDPA is softmax attention (another operation), timed on [B,H,T,D] inputs with the "
         "transposes outside the timed region."
@@ -541,7 +571,18 @@ def render(report: dict, markdown: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Benchmark tokenmix's linear-attention scans against their peers (CPU)."
+        description="Benchmark tokenmix's linear-attention scans against their peers."
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=sorted(DEFAULT_DTYPES),
+        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="dtype of q, k, v and beta (default float32 on the CPU, bfloat16 on CUDA)",
     )
     p.add_argument("--T", type=int, help="sequence length (default 8192)")
     p.add_argument(
@@ -571,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.plot:
         require_matplotlib("bench_linear.py")
+    args.dtype = args.dtype or DEFAULT_DTYPES[args.device]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_linear.py: --device cuda needs a CUDA device that torch can use")
 
     try:
         import tokenmix.linear_scan as ls
@@ -600,14 +644,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("--T, --batch, --heads and --dim must be >= 1")
 
     # The same-run matmul ceiling with its quietness warnings, as in every benchmark.
-    ceiling = RunCeiling(args.threads, 2048, torch.float32, "float32")
+    # The ceiling's dtype: the inputs' on the GPU; float32 on the CPU (CPU half-precision
+    # matmuls are emulated and would take minutes).
+    ceiling_dtype = args.dtype if args.device == "cuda" else "float32"
+    ceiling = RunCeiling(args.threads, 2048, DTYPES[ceiling_dtype], ceiling_dtype, args.device)
     args._matmul_gflops = ceiling.start()
 
     total = sum(len(ms) * len(bs) for _, _, ms, bs in plan)
     counter = [0]
     cases = []
     for variant, seq, ms, bs in plan:
-        case = Case(variant, seq, args.batch, args.heads, args.dim)
+        case = Case(variant, seq, args.batch, args.heads, args.dim, args.dtype)
         cases.append(run_case(case, ms, bs, args, counter, total))
 
     # Measured again at the end; the higher of the two is the ceiling (the % matmul column
@@ -617,8 +664,10 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "machine": machine_info(args.threads),
             "threads": args.threads,
-            "dtype": "float32",
+            "device": args.device,
+            "dtype": args.dtype,
             "matmul_gflops": ceiling.gflops,
+            "matmul_dtype": ceiling_dtype,
             "matmul": ceiling.meta(),
             "fused_kernels": ls.fused_kernels_available(),
             "chunk_for_flops": CHUNK,
@@ -638,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         title = (
             f"linear attention: {report['meta']['machine']['cpu']}, {args.threads} threads; "
-            f"float32, B={args.batch} H={args.heads} K=V={args.dim}, torch {torch.__version__}"
+            f"{args.device} {args.dtype}, B={args.batch} H={args.heads} K=V={args.dim}, "
+            f"torch {torch.__version__}"
         )
         plot_sweep(args.plot, points, title=title, subject="fused")
         log(f"wrote {args.plot}")

@@ -177,22 +177,28 @@ def test_cuda_key_registered_for_the_fft_mixing_ops():
 def test_every_linear_scan_instantiation_is_in_the_report():
     """The linear scans' kernels: forward (which also stores the backward's chunk-start
     states) and backward per dtype and decay kind (0 none, 1 scalar, 2 per key), the dq/dk
-    reduction per dtype and the decay gradient's reverse cumulation per decay kind."""
+    reduction per dtype and the decay gradient's reverse cumulation per decay kind; the delta
+    rule's forward and backward per dtype and its per-token gradient reduction."""
     names = {(r["arch"], format_cuda_resources([r]).split("`")[1]) for r in cuda_resource_usage()}
     for arch in ("sm_80", "sm_90"):
+        assert (arch, "delta_token_grad_kernel") in names, arch
         for decay in (1, 2):
             assert (arch, f"scan_decay_grad_kernel<{decay}>") in names, (arch, decay)
         for elem in ("F16", "BF16", "F32"):
             assert (arch, f"scan_reduce_kernel<{elem}>") in names, (arch, elem)
+            for kernel in ("delta_forward_kernel", "delta_backward_kernel"):
+                assert (arch, f"{kernel}<{elem}>") in names, (arch, kernel, elem)
             for decay in (0, 1, 2):
                 for kernel in ("scan_forward_kernel", "scan_backward_kernel"):
                     assert (arch, f"{kernel}<{elem}, {decay}>") in names, (arch, kernel, elem)
 
 
-def test_cuda_key_registered_for_the_linear_scans_only():
-    for op in ("tokenmix::linear_scan_forward", "tokenmix::linear_scan_backward"):
+def test_cuda_key_registered_for_the_scan_ops():
+    for op in (
+        "tokenmix::linear_scan_forward",
+        "tokenmix::linear_scan_backward",
+        "tokenmix::delta_rule_forward",
+        "tokenmix::delta_rule_backward",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
-    # The delta rule has no CUDA kernels yet: CUDA tensors take the chunked PyTorch path.
-    for op in ("tokenmix::delta_rule_forward", "tokenmix::delta_rule_backward"):
-        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op

@@ -41,7 +41,7 @@ def test_dry_run_runs_every_step(tmp_path):
     returncode, summary = dry_run(tmp_path)
     assert returncode == 0, summary
     steps = ["info", "device-tests", "profile-fwd", "profile-bwd", "sanitizer", "bench-na"]
-    for step in [*steps, "bench-block-sparse"]:
+    for step in [*steps, "bench-block-sparse", "bench-linear"]:
         assert f"] {step} (limit" in summary, f"step {step} did not run:\n{summary}"
         assert (tmp_path / f"{step}.log").exists()
     assert "done: 0 step(s) failed" in summary

@@ -1,6 +1,7 @@
-"""The linear scans on a real CUDA device: tokenmix.linear_attention on CUDA tensors runs the
-kernels of tokenmix/cuda/linear_scan_kernels.h (autograd included), against the float64
-token-by-token recurrence, every dtype, variant, varlen batches and states. Skipped (and
+"""The linear scans on a real CUDA device: tokenmix.linear_attention and delta_rule on CUDA
+tensors run the kernels of tokenmix/cuda/linear_scan_kernels.h and delta_rule_kernels.h
+(autograd included), against the float64 token-by-token recurrences, every dtype, variant,
+varlen batches and states. Skipped (and
 reported as skipped) on machines without a GPU, such as this project's build machines, where
 tests/test_linear_scan_cuda_emulated.py runs the same kernel source on the SIMT emulator."""
 
@@ -9,7 +10,14 @@ from __future__ import annotations
 import pytest
 import tokenmix
 import torch
-from tokenmix.linear_scan import functional, linear_attention, naive_linear_attention
+import torch.nn.functional as F
+from tokenmix.linear_scan import (
+    delta_rule,
+    functional,
+    linear_attention,
+    naive_delta_rule,
+    naive_linear_attention,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not tokenmix._ops.build_info().get("cuda_built"),
@@ -80,7 +88,7 @@ def _rel(got, ref):
 @pytest.mark.parametrize("shape", [(2, 1000, 4, 64, 64), (1, 300, 2, 128, 96), (1, 65, 1, 256, 32)])
 def test_linear_attention_matches_float64(dtype, decay, shape):
     host = _inputs(*shape, dtype, decay, seed=sum(shape))
-    assert functional._fused_linear_scan(host["q"].cuda())
+    assert functional._fused(host["q"].cuda())
     gen = torch.Generator().manual_seed(1)
     b, t, h, kd, vd = shape
     weights = (
@@ -119,3 +127,41 @@ def test_backward_is_deterministic():
     first, second = _grads(dev, None, weights)[2], _grads(dev, None, weights)[2]
     for n in first:
         assert torch.equal(first[n], second[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shape", [(2, 1000, 4, 64, 64), (1, 300, 2, 128, 96), (1, 65, 1, 256, 32)])
+def test_delta_rule_matches_float64(dtype, gated, shape):
+    b, t, h, kd, vd = shape
+    host = _inputs(*shape, dtype, "g" if gated else None, seed=sum(shape) + 1)
+    host["k"] = F.normalize(host["k"].double(), dim=-1).to(dtype)
+    host["beta"] = torch.rand(b, t, h, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    weights = (
+        torch.randn(b, t, h, vd, generator=gen, dtype=torch.float64),
+        torch.randn(b, h, kd, vd, generator=gen, dtype=torch.float64),
+    )
+
+    def grads(x, w):
+        leaves = {n: v.detach().clone().requires_grad_() for n, v in x.items()}
+        fn = naive_delta_rule if x["q"].dtype == torch.float64 else delta_rule
+        o, s = fn(
+            leaves["q"],
+            leaves["k"],
+            leaves["v"],
+            leaves["beta"],
+            g=leaves.get("g"),
+            initial_state=leaves["initial_state"],
+            output_final_state=True,
+            scale=0.4,
+        )
+        loss = (o.double() * w[0]).sum() + (s.double() * w[1]).sum()
+        got = torch.autograd.grad(loss, list(leaves.values()))
+        return o.detach(), s.detach(), dict(zip(leaves, got, strict=True))
+
+    o, s, g = grads({n: v.cuda() for n, v in host.items()}, tuple(x.cuda() for x in weights))
+    o_ref, s_ref, g_ref = grads({n: v.double() for n, v in host.items()}, weights)
+    errors = {"out": _rel(o, o_ref), "state": _rel(s, s_ref)}
+    errors.update({n: _rel(g[n], g_ref[n]) for n in g})
+    assert all(e < TOL[dtype] for e in errors.values()), errors

@@ -1,6 +1,6 @@
-"""The CUDA linear-scan kernels (tokenmix/cuda/linear_scan_kernels.h) run by the SIMT
-emulator (torch.ops.tokenmix_emulated.linear_scan_forward/backward) through the public
-functions' own drivers, against the token-by-token float64 recurrences of
+"""The CUDA linear-scan and delta-rule kernels (tokenmix/cuda/linear_scan_kernels.h,
+delta_rule_kernels.h) run by the SIMT emulator (torch.ops.tokenmix_emulated.*) through the
+public functions' own drivers, against the token-by-token float64 recurrences of
 tokenmix.linear_scan.reference and against the CPU kernels: every variant, dtype and
 gradient, varlen batches and states, resets and non-finite values (issue 15)."""
 
@@ -15,13 +15,16 @@ import tokenmix
 import torch
 import torch.nn.functional as F
 from tokenmix.linear_scan import (
+    delta_rule,
+    delta_rule_step,
     functional,
     linear_attention,
     linear_attention_step,
+    naive_delta_rule,
     naive_linear_attention,
     ops,
 )
-from tokenmix.linear_scan.functional import linear_attention_from_scan
+from tokenmix.linear_scan.functional import delta_rule_from_scan, linear_attention_from_scan
 
 LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
 
@@ -31,10 +34,11 @@ def _emulated_ops():
     assert os.path.exists(LIBRARY), "the build must produce tokenmix/_emulated.so"
     torch.ops.load_library(LIBRARY)
     if not hasattr(_emulated_ops, "registered"):
-        ops._register_autograd(
-            "tokenmix_emulated::linear_scan_forward",
-            torch.ops.tokenmix_emulated.linear_scan_backward,
-        )
+        for name in ("linear_scan", "delta_rule"):
+            ops._register_autograd(
+                f"tokenmix_emulated::{name}_forward",
+                getattr(torch.ops.tokenmix_emulated, f"{name}_backward"),
+            )
         _emulated_ops.registered = True
 
 
@@ -53,7 +57,23 @@ def emulated_scan(q, k, v, g, gk, initial_state, cu_seqlens, scale):
     )
 
 
+def emulated_delta_scan(q, k, v, beta, g, initial_state, cu_seqlens, scale):
+    """The delta rule's entry point of the CUDA op (ops.fused_delta_rule), emulated."""
+    acc = torch.float32
+    return torch.ops.tokenmix_emulated.delta_rule_forward(
+        q,
+        k,
+        v,
+        ops._acc(beta, acc),
+        ops._acc(g, acc),
+        ops._acc(initial_state, acc),
+        ops._cu(cu_seqlens),
+        float(scale),
+    )
+
+
 emulated_linear_attention = functools.partial(linear_attention_from_scan, emulated_scan)
+emulated_delta_rule = functools.partial(delta_rule_from_scan, emulated_delta_scan)
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
@@ -213,13 +233,123 @@ def test_decode_steps_after_a_prefill_equal_the_scan():
         torch.testing.assert_close(step, full[:, t], rtol=1e-5, atol=1e-5)
 
 
+# ---- the delta rule ----
+
+
+def _delta_inputs(b, t, h, kd, vd, dtype, gated, seed, n_seqs=None, state=True):
+    x = _inputs(b, t, h, kd, vd, dtype, "g" if gated else None, seed, n_seqs, state)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x["k"] = F.normalize(x["k"].double(), dim=-1).to(dtype)
+    x["beta"] = torch.rand(b, t, h, generator=gen, dtype=torch.float64).to(dtype)
+    return x
+
+
+def _run_delta(fn, x, cu=None):
+    return fn(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["beta"],
+        g=x.get("g"),
+        initial_state=x.get("initial_state"),
+        output_final_state=True,
+        cu_seqlens=cu,
+        scale=0.4,
+    )
+
+
+def _delta_grads(fn, x, weights, cu=None):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+    o, s = _run_delta(fn, leaves, cu)
+    loss = (o.double() * weights[0]).sum() + (s.double() * weights[1]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach(), s.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def _check_delta(x, dtype, cu=None, tol=None):
+    x64 = {n: t.double() for n, t in x.items()}
+    o_ref, s_ref = _run_delta(naive_delta_rule, x64, cu)
+    gen = torch.Generator().manual_seed(9)
+    weights = (
+        torch.randn(o_ref.shape, generator=gen, dtype=torch.float64),
+        torch.randn(s_ref.shape, generator=gen, dtype=torch.float64),
+    )
+    o, s, grads = _delta_grads(emulated_delta_rule, x, weights, cu)
+    o_ref, s_ref, grads_ref = _delta_grads(naive_delta_rule, x64, weights, cu)
+    tol = tol or TOL[dtype]
+    errors = {"out": _rel(o, o_ref), "final_state": _rel(s, s_ref)}
+    errors.update({f"grad {n}": _rel(grads[n], grads_ref[n]) for n in grads})
+    bad = {n: f"{e:.2e}" for n, e in errors.items() if not e < tol}
+    assert not bad, f"errors above {tol:.0e}: {bad}"
+
+
+@pytest.mark.parametrize("t", [1, 2, 63, 64, 65, 130])
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_matches_the_recurrence(t, gated):
+    x = _delta_inputs(2, t, 2, 24, 40, torch.float32, gated, seed=t + 40)
+    _check_delta(x, torch.float32)
+
+
+@pytest.mark.parametrize("kd, vd", [(16, 96), (96, 16), (33, 65), (256, 32)])
+def test_delta_rule_head_dims(kd, vd):
+    x = _delta_inputs(1, 70, 1, kd, vd, torch.float32, True, seed=kd * vd)
+    _check_delta(x, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_delta_rule_half_dtypes(dtype):
+    x = _delta_inputs(1, 100, 2, 32, 40, dtype, True, seed=43)
+    _check_delta(x, dtype)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_delta_rule_varlen_and_long(gated):
+    cu = torch.tensor([0, 1, 65, 130, 257, 259])
+    x = _delta_inputs(1, 259, 2, 16, 24, torch.float32, gated, seed=47, n_seqs=5)
+    _check_delta(x, torch.float32, cu=cu)
+    x = _delta_inputs(1, 1000, 1, 16, 16, torch.float32, gated, seed=53)
+    _check_delta(x, torch.float32)
+
+
+def test_delta_rule_matches_the_cpu_kernels_and_is_deterministic():
+    x = _delta_inputs(2, 150, 2, 40, 36, torch.float32, True, seed=59)
+    weights = (torch.randn(2, 150, 2, 36, dtype=torch.float64), torch.randn(2, 2, 40, 36))
+    o, s, grads = _delta_grads(emulated_delta_rule, x, weights)
+    o_cpu, s_cpu, grads_cpu = _delta_grads(delta_rule, x, weights)
+    assert _rel(o, o_cpu) < 2e-6 and _rel(s, s_cpu) < 2e-6
+    for n in grads:
+        assert _rel(grads[n], grads_cpu[n]) < 2e-5, n
+    again = _delta_grads(emulated_delta_rule, x, weights)[2]
+    for n in grads:
+        assert torch.equal(grads[n], again[n]), n
+
+
+def test_delta_rule_decode_steps_after_a_prefill_equal_the_scan():
+    x = _delta_inputs(2, 80, 2, 16, 24, torch.float32, True, seed=61, state=False)
+    full, _ = emulated_delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"])
+    o, state = emulated_delta_rule(
+        x["q"][:, :70],
+        x["k"][:, :70],
+        x["v"][:, :70],
+        x["beta"][:, :70],
+        g=x["g"][:, :70],
+        output_final_state=True,
+    )
+    torch.testing.assert_close(o, full[:, :70])
+    for t in range(70, 80):
+        step, state = delta_rule_step(
+            x["q"][:, t], x["k"][:, t], x["v"][:, t], x["beta"][:, t], state, g=x["g"][:, t]
+        )
+        torch.testing.assert_close(step, full[:, t], rtol=1e-5, atol=1e-5)
+
+
 # ---- resets and non-finite values: the cases of test_linear_scan_reliability.py ----
 
-EMULATED = (emulated_linear_attention, None)
+EMULATED = (emulated_linear_attention, emulated_delta_rule)
 
 
 @pytest.mark.parametrize("value", [-1e9, torch.finfo(torch.float32).min, float("-inf")])
-@pytest.mark.parametrize("variant", ["g", "gk"])
+@pytest.mark.parametrize("variant", ["g", "gk", "gated_delta"])
 def test_resets_are_exact(variant, value):
     x = rel._inputs(variant)
     rel._set_decay(x, variant, (10, 20), value)
@@ -248,7 +378,7 @@ def test_minus_inf_is_a_full_reset():
 
 LINEAR_POISONS = [
     pytest.param(variant, name, token, value, id=f"{variant}-{name}@{token}={value}")
-    for variant in ("none", "g", "gk")
+    for variant in rel.ALL_VARIANTS
     for name, token, value in rel.POISONS
     if name in rel._inputs(variant, t=2)
 ]
@@ -266,8 +396,17 @@ def test_non_finite_value_changes_no_earlier_output(variant, name, token, value)
     assert not torch.isfinite(o[:, token]).all()
 
 
-@pytest.mark.parametrize("variant", ["none", "g", "gk"])
-@pytest.mark.parametrize("name", ["v", "k"])
+@pytest.mark.parametrize(
+    "variant, name",
+    # An inf key makes the delta rule's own earlier gradients NaN (its transition
+    # I - beta k k^T multiplies the backward by it): only values there.
+    [
+        (v, n)
+        for v in ("none", "g", "gk", "delta", "gated_delta")
+        for n in ("v", "k")
+        if not (n == "k" and "delta" in v)
+    ],
+)
 def test_non_finite_value_keeps_earlier_gradients_finite(variant, name):
     x = rel._inputs(variant, t=100)
     gen = torch.Generator().manual_seed(3)
@@ -278,7 +417,7 @@ def test_non_finite_value_keeps_earlier_gradients_finite(variant, name):
     bad = {n: t.clone() for n, t in x.items()}
     bad[name][:, 50] = float("inf")
     _, _, grads = rel._with_grads(EMULATED, variant, bad, weights)
-    for arg in ("q", "k", "v"):
+    for arg in ("q", "k", "v") + (("beta",) if "beta" in x else ()):
         got, want = grads[arg][:, :50], clean[arg][:, :50]
         assert torch.isfinite(got).all(), arg
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -310,16 +449,17 @@ def test_cuda_tensors_reach_the_kernels_exactly_within_their_limits(monkeypatch)
 
     monkeypatch.setattr(functional, "Tensor", FakeCuda)
     monkeypatch.setattr(functional, "_cuda_kernels_usable", lambda: True)
-    assert functional._fused_linear_scan(FakeCuda(torch.bfloat16, (1, 8, 2, 256)))
-    assert functional._fused_linear_scan(FakeCuda(torch.float32, (1, 8, 2, 16)))
-    assert not functional._fused_linear_scan(FakeCuda(torch.float32, (1, 8, 2, 257)))
-    assert not functional._fused_linear_scan(FakeCuda(torch.float64, (1, 8, 2, 16)))
-    assert not functional._fused_linear_scan(FakeCuda(torch.float32, (8, 2, 16)))
-    linear, delta = functional._pick_scans(FakeCuda(torch.float32, (1, 8, 2, 16)))
-    assert linear is ops.fused_linear_scan
-    assert delta is functional.chunked_delta_scan  # no CUDA delta-rule kernels yet
+    assert functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 256)))
+    assert functional._fused(FakeCuda(torch.float32, (1, 8, 2, 16)))
+    assert not functional._fused(FakeCuda(torch.float32, (1, 8, 2, 257)))
+    assert not functional._fused(FakeCuda(torch.float64, (1, 8, 2, 16)))
+    assert not functional._fused(FakeCuda(torch.float32, (8, 2, 16)))
+    scans = functional._pick_scans(FakeCuda(torch.float32, (1, 8, 2, 16)))
+    assert scans == (ops.fused_linear_scan, ops.fused_delta_rule)
+    scans = functional._pick_scans(FakeCuda(torch.float64, (1, 8, 2, 16)))
+    assert scans == (functional.chunked_linear_scan, functional.chunked_delta_scan)
     monkeypatch.setattr(functional, "_cuda_kernels_usable", lambda: False)
-    assert not functional._fused_linear_scan(FakeCuda(torch.float32, (1, 8, 2, 16)))
+    assert not functional._fused(FakeCuda(torch.float32, (1, 8, 2, 16)))
 
 
 def test_python_limit_matches_the_kernels():

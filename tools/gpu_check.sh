@@ -10,7 +10,8 @@
 #   3. every GPU test (tests/*device*.py)
 #   4. ncu on the forward and the backward kernels: tensor-pipe and issue-slot utilization
 #   5. compute-sanitizer memcheck and racecheck on small checked cases (tools/gpu_kernels.py)
-#   6. the benchmarks with --device cuda against SDPA and FlexAttention (one case each)
+#   6. the benchmarks with --device cuda against SDPA and FlexAttention (one case each), and
+#      the gated delta rule against the chunked PyTorch path and causal SDPA
 # Results go to $OUT (default ./gpu-check-out): summary.txt plus one log per step.
 #
 # --dry-run (or GPU_CHECK_DRY=1) runs the same steps on a machine without a GPU, up to each
@@ -130,6 +131,10 @@ bench_args=(--device cuda --markdown)
 step bench-na 120 "$PY" bench/bench_na.py --case 2d "${bench_args[@]}"
 step bench-block-sparse 120 "$PY" bench/bench_block_sparse.py --case random --block-size 64 \
   "${bench_args[@]}"
+# The scans: fused (CUDA kernels) against the chunked PyTorch path and causal SDPA.
+linear_args=(--device cuda --markdown --backends fused,chunked,sdpa)
+[ "$DRY" = 1 ] && linear_args=(--device cpu --backends fused --forward --repeats 1 --markdown)
+step bench-linear 120 "$PY" bench/bench_linear.py --variant gated_delta --T 8192 "${linear_args[@]}"
 
 log "done: $failures step(s) failed; results in $OUT"
 [ $failures -eq 0 ]

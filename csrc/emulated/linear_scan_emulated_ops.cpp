@@ -1,4 +1,4 @@
-// torch.ops.tokenmix_emulated.linear_scan_forward / linear_scan_backward: the CUDA scan kernels
+// torch.ops.tokenmix_emulated.linear_scan_* / delta_rule_*: the CUDA scan kernels
 // run by the SIMT emulator on CPU tensors, through the same op layer as the CUDA ops (outputs,
 // gradients and the workspace start as NaN). A test-only registration in tokenmix/_emulated.so.
 #include <string>
@@ -35,6 +35,7 @@ auto emulated_run(const Tensor& q) {
     fill_nan(p.grad_v, p.dtype, btH * p.value_dim);
     fill_nan(p.grad_g, DType::kFloat32, btH);
     fill_nan(p.grad_gk, DType::kFloat32, btH * p.key_dim);
+    fill_nan(p.grad_beta, DType::kFloat32, btH);
     fill_nan(p.grad_initial_state, DType::kFloat32, state);
     tokenmix::cuda::emulated::linear_scan_backward(p, nullptr);
   };
@@ -56,14 +57,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_scan_backward(
   return scan_backward(p, q, grad_out, grad_final_state, emulated_run(q));
 }
 
+std::tuple<Tensor, Tensor> delta_rule_forward(Tensor q, Tensor k, Tensor v, Tensor beta,
+                                              std::optional<Tensor> g,
+                                              std::optional<Tensor> initial_state,
+                                              std::optional<Tensor> cu_seqlens, double scale) {
+  auto p = make_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale, false);
+  return scan_forward(p, q, emulated_run(q));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> delta_rule_backward(
+    Tensor grad_out, std::optional<Tensor> grad_final_state, Tensor q, Tensor k, Tensor v,
+    Tensor beta, std::optional<Tensor> g, std::optional<Tensor> initial_state,
+    std::optional<Tensor> cu_seqlens, double scale) {
+  auto p = make_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale, false);
+  return scan_backward(p, q, grad_out, grad_final_state, emulated_run(q));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix_emulated, m) {
   m.def(kLinearScanForwardSchema);
   m.def(kLinearScanBackwardSchema);
+  m.def(kDeltaRuleForwardSchema);
+  m.def(kDeltaRuleBackwardSchema);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {
   m.impl("linear_scan_forward", TORCH_BOX(&linear_scan_forward));
   m.impl("linear_scan_backward", TORCH_BOX(&linear_scan_backward));
+  m.impl("delta_rule_forward", TORCH_BOX(&delta_rule_forward));
+  m.impl("delta_rule_backward", TORCH_BOX(&delta_rule_backward));
 }

@@ -1,8 +1,7 @@
-// CUDA implementations of linear_scan_forward / linear_scan_backward: the kernels of
-// tokenmix/cuda/linear_scan_kernels.h built by nvcc (csrc/linear_scan/cuda/), launched on torch's
-// current CUDA stream. Compiled into tokenmix/_C.so when CMake finds nvcc. The delta rule has no
-// CUDA kernels yet: its ops have no CUDA registration, and tokenmix.delta_rule runs the chunked
-// PyTorch implementation on CUDA tensors.
+// CUDA implementations of linear_scan_forward / linear_scan_backward and delta_rule_forward /
+// delta_rule_backward: the kernels of tokenmix/cuda/linear_scan_kernels.h and delta_rule_kernels.h
+// built by nvcc (csrc/linear_scan/cuda/), launched on torch's current CUDA stream. Compiled into
+// tokenmix/_C.so when CMake finds nvcc.
 #include <torch/csrc/stable/accelerator.h>
 
 #include <string>
@@ -49,9 +48,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_scan_backward_
   return scan_backward(p, q, grad_out, grad_final_state, gpu_run(q));
 }
 
+std::tuple<Tensor, Tensor> delta_rule_forward_cuda(Tensor q, Tensor k, Tensor v, Tensor beta,
+                                                   std::optional<Tensor> g,
+                                                   std::optional<Tensor> initial_state,
+                                                   std::optional<Tensor> cu_seqlens, double scale) {
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  auto p = make_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale, true);
+  return scan_forward(p, q, gpu_run(q));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> delta_rule_backward_cuda(
+    Tensor grad_out, std::optional<Tensor> grad_final_state, Tensor q, Tensor k, Tensor v,
+    Tensor beta, std::optional<Tensor> g, std::optional<Tensor> initial_state,
+    std::optional<Tensor> cu_seqlens, double scale) {
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device());
+  auto p = make_problem(q, k, v, g, std::nullopt, beta, initial_state, cu_seqlens, scale, true);
+  return scan_backward(p, q, grad_out, grad_final_state, gpu_run(q));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix, CUDA, m) {
   m.impl("linear_scan_forward", TORCH_BOX(&linear_scan_forward_cuda));
   m.impl("linear_scan_backward", TORCH_BOX(&linear_scan_backward_cuda));
+  m.impl("delta_rule_forward", TORCH_BOX(&delta_rule_forward_cuda));
+  m.impl("delta_rule_backward", TORCH_BOX(&delta_rule_backward_cuda));
 }

@@ -147,8 +147,8 @@ def info() -> dict:
             "backward, one kernel up to 2048 points; fp16/bf16 Monarch transforms on tensor "
             "cores, fp32 FMA), fourier_mix / global_filter / spectral_gate for transformed "
             "axes up to 2048 points (1023 when not a power of two, by Bluestein's "
-            "algorithm); linear scans (linear, RetNet, simple GLA, GLA; forward + backward, fp32 "
-            "FMA for every dtype, K <= 256); the delta rule runs on the CPU only"
+            "algorithm); linear scans and the delta rule (linear, RetNet, simple GLA, GLA, "
+            "DeltaNet, Gated DeltaNet; forward + backward, fp32 FMA for every dtype, K <= 256)"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"

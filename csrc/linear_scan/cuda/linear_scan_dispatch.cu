@@ -1,6 +1,7 @@
-// The CUDA entry points of the linear-attention scans: the dtype switch over the kernels of
-// tokenmix/cuda/linear_scan_kernels.h. nvcc builds this file into namespace gpu; the host
-// compiler (csrc/emulated/linear_scan_emulated.cpp) into namespace emulated.
+// The CUDA entry points of the linear-attention scans and the delta rule: the dtype switch over
+// the kernels of tokenmix/cuda/linear_scan_kernels.h and delta_rule_kernels.h. nvcc builds this
+// file into namespace gpu; the host compiler (csrc/emulated/linear_scan_emulated.cpp) into
+// namespace emulated.
 #include "tokenmix/cuda/linear_scan_launch.h"
 
 #if defined(__CUDACC__)

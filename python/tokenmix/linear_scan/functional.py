@@ -1,11 +1,11 @@
 """Linear attention and the (gated) delta rule: the public functions.
 
 On CPU, when tokenmix's fused kernels are built (``ops.kernels_available()``), the
-scans run in the fused C++ kernels (forward and backward). On CUDA, the linear scans
-(float32/float16/bfloat16, head dim K <= ``ops.CUDA_MAX_KEY_DIM``) run in tokenmix's
-CUDA kernels in a build that has them; the delta rule has no CUDA kernels yet.
-Everything else runs the chunked pure-PyTorch implementation (:mod:`.chunked`). All
-compute the recurrences of :mod:`.reference` (docs/linear_attention.md).
+scans run in the fused C++ kernels (forward and backward). On CUDA, float32/float16/
+bfloat16 scans with head dim K <= ``ops.CUDA_MAX_KEY_DIM`` run in tokenmix's CUDA
+kernels in a build that has them. Everything else runs the chunked pure-PyTorch
+implementation (:mod:`.chunked`). All compute the recurrences of :mod:`.reference`
+(docs/linear_attention.md).
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def fused_kernels_available() -> bool:
     return ops.kernels_available()
 
 
-def _fused_linear_scan(q: object) -> bool:
-    """Whether linear_attention on q runs tokenmix's kernels: CPU tensors when the kernels are
-    built; CUDA tensors of float32/float16/bfloat16 with K <= ops.CUDA_MAX_KEY_DIM in a build
-    with CUDA kernels and a driver that can run them. Anything else (including malformed
-    input, whose validation names the argument) reaches the chunked path."""
+def _fused(q: object) -> bool:
+    """Whether a scan on q runs tokenmix's kernels: CPU tensors when the kernels are built;
+    CUDA tensors of float32/float16/bfloat16 with K <= ops.CUDA_MAX_KEY_DIM in a build with
+    CUDA kernels and a driver that can run them. Anything else (including malformed input,
+    whose validation names the argument) reaches the chunked path."""
     if not isinstance(q, Tensor) or not ops.kernels_available():
         return False
     if q.device.type == "cpu":
@@ -65,9 +65,9 @@ def _fused_linear_scan(q: object) -> bool:
 
 def _pick_scans(q: object) -> tuple[Callable, Callable]:
     # The fused entry points fix feature strides themselves.
-    on_cpu = isinstance(q, Tensor) and q.device.type == "cpu" and ops.kernels_available()
-    linear = ops.fused_linear_scan if _fused_linear_scan(q) else chunked_linear_scan
-    return linear, (ops.fused_delta_rule if on_cpu else chunked_delta_scan)
+    if _fused(q):
+        return ops.fused_linear_scan, ops.fused_delta_rule
+    return chunked_linear_scan, chunked_delta_scan
 
 
 def linear_attention(

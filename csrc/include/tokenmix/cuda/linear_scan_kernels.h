@@ -52,10 +52,15 @@ struct ScanParams {
   float* states;         // [slots, H, value_blocks, key_pad, kScanValues] (scan_state_slot)
   const void* grad_out;  // contiguous [B, T, H, V]
   int64_t grad_out_stride[3];
-  const float* grad_final_state;   // [N, H, K, V] or null
-  float* dq_part;                  // [value_blocks, B, T, H, K] shares of dq (scaled-q units)
-  float* dk_part;                  // [value_blocks, B, T, H, K]
-  float* dg_final_part;            // [value_blocks, N, H, K]: the final state's dL/dG shares
+  const float* grad_final_state;  // [N, H, K, V] or null
+  float* dq_part;                 // [value_blocks, B, T, H, K] shares of dq (scaled-q units)
+  float* dk_part;                 // [value_blocks, B, T, H, K]
+  float* dg_final_part;           // [value_blocks, N, H, K]: the final state's dL/dG shares
+  // The delta rule: beta and its gradient [B, T, H]; each value block's shares of every
+  // token's dL/dG and dL/dbeta [value_blocks, B, T, H].
+  const float* beta;
+  float* grad_beta;
+  float *dg_part, *dbeta_part;
   void *grad_q, *grad_k, *grad_v;  // contiguous, input dtype
   float* grad_g;                   // like g
   float* grad_gk;                  // like gk
@@ -195,21 +200,21 @@ TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b
   sync_threads();
 }
 
-// The slice's share of the intra scores without per-key factors: acc (rows 4 (t / 16) .. +4,
-// columns 4 (t % 16) .. +4) += q k^T over the slice's keys.
-TM_DEVICE void scan_scores_tile(const ScanSmem& s, float acc[16]) {
-  constexpr int BK = kScanKeys;
+// acc (rows 4 (t / 16) .. +4, columns 4 (t % 16) .. +4 of a C x C tile) += a b^T over n
+// columns (a and b row-major with leading dimensions lda and ldb).
+TM_DEVICE void scan_tile_nt(shared_ptr<const float> a, int lda, shared_ptr<const float> b, int ldb,
+                            int n, float acc[16]) {
   const int tid = int(thread_idx().x), r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
-  for (int dd = 0; dd < BK; ++dd) {
-    float qv[4], kv[4];
+  for (int x = 0; x < n; ++x) {
+    float av[4], bv[4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) qv[r] = s.q[(r0 + r) * BK + dd];
+    for (int r = 0; r < 4; ++r) av[r] = a[(r0 + r) * lda + x];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) kv[r] = s.k[(c0 + r) * BK + dd];
+    for (int r = 0; r < 4; ++r) bv[r] = b[(c0 + r) * ldb + x];
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int u = 0; u < 4; ++u) acc[r * 4 + u] += qv[r] * kv[u];
+      for (int u = 0; u < 4; ++u) acc[r * 4 + u] += av[r] * bv[u];
   }
 }
 
@@ -282,13 +287,13 @@ TM_DEVICE void scan_state_term(const ScanSmem& s, int64_t d0, float acc[8]) {
 
 // S[d0 + dd, :] = decay_dd S + sum_{j<c} (k kfac)_j,dd x_j for the slice's rows, with x = v
 // (state) or, in the backward, X = dO and q qfac instead of k kfac (dS).
-TM_DEVICE void scan_advance(const ScanSmem& s, shared_ptr<float> S, shared_ptr<const float> a,
-                            shared_ptr<const float> fac, shared_ptr<const float> x, int64_t d0,
-                            int c) {
+TM_DEVICE void scan_advance(shared_ptr<const float> decay, shared_ptr<float> S,
+                            shared_ptr<const float> a, shared_ptr<const float> fac,
+                            shared_ptr<const float> x, int64_t d0, int c) {
   constexpr int BK = kScanKeys, BV = kScanValues;
   const int tid = int(thread_idx().x), dd = tid / 8, e0 = (tid % 8) * 4;
   float acc[4];
-  const float f = s.decay[dd];
+  const float f = decay[dd];
 #pragma unroll
   for (int u = 0; u < 4; ++u) acc[u] = f * float(S[(d0 + dd) * BV + e0 + u]);
   for (int j = 0; j < c; ++j) {
@@ -373,11 +378,11 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
         if constexpr (kDecay == kScanPerKeyDecay)
           scan_gated_scores(s, c);
         else
-          scan_scores_tile(s, a_acc);
+          scan_tile_nt(s.q, BK, s.k, BK, BK, a_acc);
         scan_state_term(s, d0, o_acc);
       }
       sync_threads();
-      scan_advance(s, s.S, s.k, s.kfac, s.v, d0, c);
+      scan_advance(s.decay, s.S, s.k, s.kfac, s.v, d0, c);
       sync_threads();
     }
     if (p.states_only) continue;
@@ -449,25 +454,14 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
       if constexpr (kDecay == kScanPerKeyDecay)
         scan_gated_scores(s, c);
       else
-        scan_scores_tile(s, a_acc);
+        scan_tile_nt(s.q, BK, s.k, BK, BK, a_acc);
       sync_threads();
     }
     if constexpr (kDecay != kScanPerKeyDecay) scan_store_tile(s.A, a_acc);
     // dA = dO v^T over the block's value columns.
     {
       float acc[16] = {};
-      const int r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
-      for (int e = 0; e < BV; ++e) {
-        float ov[4], vv[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) ov[r] = s.dO[(r0 + r) * BV + e];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) vv[r] = s.v[(c0 + r) * BV + e];
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int u = 0; u < 4; ++u) acc[r * 4 + u] += ov[r] * vv[u];
-      }
+      scan_tile_nt(s.dO, BV, s.v, BV, BV, acc);
       scan_store_tile(s.dA, acc);
     }
     sync_threads();
@@ -547,7 +541,7 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
         for (int u = 0; u < 8; ++u) dv_acc[u] += w * float(s.S[(d0 + dd) * BV + e0 + u]);
       }
       sync_threads();
-      scan_advance(s, s.S, s.q, s.qfac, s.dO, d0, c);
+      scan_advance(s.decay, s.S, s.q, s.qfac, s.dO, d0, c);
       sync_threads();
     }
     if (r < c) {

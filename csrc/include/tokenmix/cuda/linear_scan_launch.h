@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "tokenmix/cuda/delta_rule_kernels.h"
 #include "tokenmix/cuda/launch_common.h"
 #include "tokenmix/cuda/linear_scan_kernels.h"
 #include "tokenmix/cuda/scan_entry.h"
@@ -50,12 +51,16 @@ inline ScanParams scan_params(const LinearScanProblem& p) {
   s.grad_g = static_cast<float*>(p.grad_g);
   s.grad_gk = static_cast<float*>(p.grad_gk);
   s.grad_initial_state = static_cast<float*>(p.grad_initial_state);
+  s.beta = static_cast<const float*>(p.beta);
+  s.grad_beta = static_cast<float*>(p.grad_beta);
   if (p.workspace) {
     const ScanWorkspace w = scan_workspace(p);
     s.states = p.workspace + w.states;
     s.dq_part = p.workspace + w.dq_part;
     s.dk_part = p.workspace + w.dk_part;
-    s.dg_final_part = p.workspace + w.dg_final_part;
+    s.dg_final_part = p.workspace + w.extra;
+    s.dg_part = p.workspace + w.extra;
+    s.dbeta_part = s.dg_part + scan_value_blocks(p.value_dim) * p.batch * p.seq_len * p.heads;
   }
   return s;
 }
@@ -78,6 +83,7 @@ inline void register_buffers(Registrations& r, const LinearScanProblem& p, bool 
   r.add(p.k, view_bytes(p, p.k, p.k_stride, p.key_dim, es), "k");
   r.add(p.v, view_bytes(p, p.v, p.v_stride, p.value_dim, es), "v");
   r.add(p.g, btH * 4, "g");
+  r.add(p.beta, btH * 4, "beta");
   r.add(p.gk, btH * size_t(p.key_dim) * 4, "gk");
   r.add(p.cu_seqlens, size_t(p.num_seqs + 1) * 8, "cu_seqlens");
   r.add(p.initial_state, state, "initial_state");
@@ -92,6 +98,7 @@ inline void register_buffers(Registrations& r, const LinearScanProblem& p, bool 
   r.add(p.grad_k, btH * size_t(p.key_dim * es), "grad_k");
   r.add(p.grad_v, btH * size_t(p.value_dim * es), "grad_v");
   r.add(p.grad_g, btH * 4, "grad_g");
+  r.add(p.grad_beta, btH * 4, "grad_beta");
   r.add(p.grad_gk, btH * size_t(p.key_dim) * 4, "grad_gk");
   r.add(p.grad_initial_state, state, "grad_initial_state");
   r.add(p.workspace, size_t(scan_workspace(p).total) * 4, "workspace");
@@ -104,6 +111,12 @@ void launch(K kernel, const char* name, int64_t blocks, int64_t smem_bytes, void
   launch_on(static_cast<stream_t>(stream), named(kernel, name), dim3u(uint32_t(blocks), 1, 1),
             dim3u(kScanThreads), size_t(smem_bytes), args...);
   check_launch(name);
+}
+
+// Blocks of a grid-stride kernel over `count` items.
+inline int64_t pointwise_blocks(int64_t count) {
+  const int64_t blocks = (count + kScanThreads - 1) / kScanThreads;
+  return blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks);
 }
 
 inline int64_t scan_blocks(const LinearScanProblem& p) {
@@ -143,9 +156,8 @@ void backward(const LinearScanProblem& p, void* stream) {
   launch(scan_backward_kernel<E, kDecay>, "scan_backward_kernel", scan_blocks(p),
          scan_smem_floats(s.key_pad, true) * 4, stream, s);
   const int64_t elements = p.batch * p.seq_len * p.heads * p.key_dim;
-  int64_t blocks = (elements + kScanThreads - 1) / kScanThreads;
-  blocks = blocks < 1 ? 1 : (blocks > 4096 ? 4096 : blocks);
-  launch(scan_reduce_kernel<E>, "scan_reduce_kernel", blocks, 0, stream, s, kDecay != kScanNoDecay);
+  launch(scan_reduce_kernel<E>, "scan_reduce_kernel", pointwise_blocks(elements), 0, stream, s,
+         kDecay != kScanNoDecay);
   if constexpr (kDecay != kScanNoDecay) {
     const int64_t warps = kScanThreads / 32;
     launch(scan_decay_grad_kernel<kDecay>, "scan_decay_grad_kernel",
@@ -154,7 +166,43 @@ void backward(const LinearScanProblem& p, void* stream) {
 }
 
 template <class E>
+void delta_forward(const LinearScanProblem& p, void* stream) {
+  require(p);
+  Registrations r;
+  register_buffers(r, p, false);
+  r.commit();
+  ScanParams s = scan_params(p);
+  s.states_only = false;
+  launch(delta_forward_kernel<E>, "delta_forward_kernel", scan_blocks(p),
+         delta_smem_floats(s.key_pad, false) * 4, stream, s);
+}
+
+template <class E>
+void delta_backward(const LinearScanProblem& p, void* stream) {
+  require(p);
+  if (!p.workspace)
+    throw std::runtime_error("tokenmix: the CUDA scans' backward needs a workspace");
+  Registrations r;
+  register_buffers(r, p, true);
+  r.commit();
+  ScanParams s = scan_params(p);
+  s.states_only = true;  // the chunk-start states into the workspace
+  launch(delta_forward_kernel<E>, "delta_forward_kernel", scan_blocks(p),
+         delta_smem_floats(s.key_pad, false) * 4, stream, s);
+  s.states_only = false;
+  launch(delta_backward_kernel<E>, "delta_backward_kernel", scan_blocks(p),
+         delta_smem_floats(s.key_pad, true) * 4, stream, s);
+  const int64_t elements = p.batch * p.seq_len * p.heads * p.key_dim;
+  launch(scan_reduce_kernel<E>, "scan_reduce_kernel", pointwise_blocks(elements), 0, stream, s,
+         false);
+  launch(delta_token_grad_kernel, "delta_token_grad_kernel", pointwise_blocks(p.num_seqs * p.heads),
+         0, stream, s);
+}
+
+template <class E>
 void run(const LinearScanProblem& p, bool backward_pass, void* stream) {
+  if (p.delta_rule)
+    return backward_pass ? delta_backward<E>(p, stream) : delta_forward<E>(p, stream);
   switch (p.decay) {
     case DecayKind::kNone:
       return backward_pass ? backward<E, kScanNoDecay>(p, stream)

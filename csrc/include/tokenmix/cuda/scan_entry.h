@@ -13,12 +13,13 @@ namespace tokenmix::cuda {
 
 // Why the CUDA scans cannot run this problem ("" when they can).
 inline std::string linear_scan_unsupported_reason(const LinearScanProblem& p) {
-  if (p.delta_rule) return "tokenmix: the delta rule has no CUDA kernels yet";
   if (p.dtype == DType::kFloat64)
-    return "tokenmix: the linear scans on CUDA take float32, float16 or bfloat16";
+    return p.delta_rule ? "tokenmix: the delta rule on CUDA takes float32, float16 or bfloat16"
+                        : "tokenmix: the linear scans on CUDA take float32, float16 or bfloat16";
   if (p.key_dim > kLinearScanCudaMaxKeyDim)
-    return "tokenmix: the linear scans on CUDA take head dims K of at most " +
-           std::to_string(kLinearScanCudaMaxKeyDim) + ", got " + std::to_string(p.key_dim);
+    return std::string("tokenmix: ") + (p.delta_rule ? "the delta rule" : "the linear scans") +
+           " on CUDA take head dims K of at most " + std::to_string(kLinearScanCudaMaxKeyDim) +
+           ", got " + std::to_string(p.key_dim);
   return "";
 }
 
@@ -29,6 +30,7 @@ inline int64_t linear_scan_cuda_workspace_floats(const LinearScanProblem& p) {
   return scan_workspace(p).total;
 }
 
+// Both serve the linear scans and the delta rule (LinearScanProblem::delta_rule).
 #define TOKENMIX_SCAN_ENTRY_POINTS                                    \
   void linear_scan_forward(const LinearScanProblem& p, void* stream); \
   void linear_scan_backward(const LinearScanProblem& p, void* stream);

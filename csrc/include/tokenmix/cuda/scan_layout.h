@@ -46,9 +46,10 @@ TM_HOST_DEVICE int64_t scan_smem_floats(int64_t key_pad, bool backward) {
 
 // The backward's float32 workspace, in this order: the chunk-start states [slots, H,
 // value_blocks, key_pad, BV], the value blocks' shares of dq and of dk [value_blocks, B, T, H, K]
-// each, and (with a decay) the final state's shares of dL/dG [value_blocks, N, H, K].
+// each, then for a decayed linear scan the final state's shares of dL/dG [value_blocks, N, H, K],
+// for the delta rule the shares of each token's dL/dG and dL/dbeta [value_blocks, B, T, H] each.
 struct ScanWorkspace {
-  int64_t states, dq_part, dk_part, dg_final_part, total;  // offsets and size, in floats
+  int64_t states, dq_part, dk_part, extra, total;  // offsets and size, in floats
 };
 TM_HOST_DEVICE ScanWorkspace scan_workspace(const LinearScanProblem& p) {
   const int64_t vb = scan_value_blocks(p.value_dim);
@@ -58,9 +59,11 @@ TM_HOST_DEVICE ScanWorkspace scan_workspace(const LinearScanProblem& p) {
   w.dq_part = scan_state_slots(p.seq_len, p.num_seqs, p.cu_seqlens != nullptr) * p.heads * vb *
               scan_key_pad(p.key_dim) * kScanValues;
   w.dk_part = w.dq_part + vb * plane;
-  w.dg_final_part = w.dk_part + vb * plane;
-  w.total =
-      w.dg_final_part + (p.decay != DecayKind::kNone ? vb * p.num_seqs * p.heads * p.key_dim : 0);
+  w.extra = w.dk_part + vb * plane;
+  const int64_t extra = p.delta_rule                  ? 2 * vb * p.batch * p.seq_len * p.heads
+                        : p.decay != DecayKind::kNone ? vb * p.num_seqs * p.heads * p.key_dim
+                                                      : 0;
+  w.total = w.extra + extra;
   return w;
 }
 
