@@ -39,7 +39,10 @@ def test_info_backends():
     assert cuda["built"] is bool(tokenmix._ops.build_info().get("cuda_built"))
     if cuda["built"]:
         assert cuda["version"] and "sm_" in cuda["archs"]
-        assert "CPU only" in cuda["kernels"]  # tokenmix's own ops have no CUDA kernels yet
+        # every family has CUDA kernels now
+        for family in ("neighborhood", "block-sparse", "fft_conv", "linear scans", "delta rule"):
+            assert family in cuda["kernels"], family
+        assert "CPU only" not in cuda["kernels"]
     else:
         assert isinstance(cuda["reason"], str) and cuda["reason"].strip()
     assert backends["reference"]["built"] is True

@@ -597,3 +597,25 @@ def test_normalized_prefill_then_steps_equals_full_scan(decay):
         **{n: t[:, 30:] for n, t in gates.items()},
     )
     torch.testing.assert_close(o2, full[:, 30:])
+
+
+def test_compiled_graphs_check_cu_seqlens_on_the_device():
+    # Inside a compiled graph the offsets are data: device-side asserts check them (the CUDA
+    # ops never read them on the host), with the eager checks' rules.
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v, cu):
+        return linear_attention(q, k, v, cu_seqlens=cu)[0]
+
+    q, k, v = (torch.randn(1, 70, 2, 8) for _ in range(3))
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    compiled(q, k, v, torch.tensor([0, 5, 70]))
+    assert graphs[0].code.count("_assert_async") >= 3
+    with pytest.raises(RuntimeError, match="cu_seqlens must end at T"):
+        compiled(q, k, v, torch.tensor([0, 5, 60]))
+    with pytest.raises(RuntimeError, match="cu_seqlens must be strictly increasing"):
+        compiled(q, k, v, torch.tensor([0, 50, 40, 70]))

@@ -440,6 +440,7 @@ def test_cuda_tensors_reach_the_kernels_exactly_within_their_limits(monkeypatch)
     # No GPU here: the decision is checked on its own.
     class FakeCuda:
         device = torch.device("cuda")
+        requires_grad = False
 
         def __init__(self, dtype, shape):
             self.dtype, self.shape = dtype, shape
@@ -449,17 +450,60 @@ def test_cuda_tensors_reach_the_kernels_exactly_within_their_limits(monkeypatch)
 
     monkeypatch.setattr(functional, "Tensor", FakeCuda)
     monkeypatch.setattr(functional, "_cuda_kernels_usable", lambda: True)
-    assert functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 256)))
-    assert functional._fused(FakeCuda(torch.float32, (1, 8, 2, 16)))
-    assert not functional._fused(FakeCuda(torch.float32, (1, 8, 2, 257)))
-    assert not functional._fused(FakeCuda(torch.float64, (1, 8, 2, 16)))
-    assert not functional._fused(FakeCuda(torch.float32, (8, 2, 16)))
-    scans = functional._pick_scans(FakeCuda(torch.float32, (1, 8, 2, 16)))
-    assert scans == (ops.fused_linear_scan, ops.fused_delta_rule)
-    scans = functional._pick_scans(FakeCuda(torch.float64, (1, 8, 2, 16)))
-    assert scans == (functional.chunked_linear_scan, functional.chunked_delta_scan)
+    monkeypatch.setattr(functional, "_device_smem_bytes", lambda device: 227 * 1024)  # H100
+    for delta in (False, True):
+        for backward in (False, True):
+            assert functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 256)), delta, backward)
+            assert functional._fused(FakeCuda(torch.float32, (1, 8, 2, 16)), delta, backward)
+            assert not functional._fused(FakeCuda(torch.float32, (1, 8, 2, 257)), delta, backward)
+            assert not functional._fused(FakeCuda(torch.float64, (1, 8, 2, 16)), delta, backward)
+            assert not functional._fused(FakeCuda(torch.float32, (8, 2, 16)), delta, backward)
+    q = FakeCuda(torch.float32, (1, 8, 2, 64))
+    assert functional._pick_scan(q, False) is ops.fused_linear_scan
+    assert functional._pick_scan(q, True) is ops.fused_delta_rule
+    q64 = FakeCuda(torch.float64, (1, 8, 2, 64))
+    assert functional._pick_scan(q64, False) is functional.chunked_linear_scan
+    assert functional._pick_scan(q64, True) is functional.chunked_delta_scan
+    # A 99 KiB device (sm_86/89/120): the linear scans' forward fits at K = 64, their backward
+    # only up to K = 32, the delta rule's backward never; such problems take the chunked path.
+    monkeypatch.setattr(functional, "_device_smem_bytes", lambda device: 101376)
+    k64, k32 = FakeCuda(torch.bfloat16, (1, 8, 2, 64)), FakeCuda(torch.bfloat16, (1, 8, 2, 32))
+    assert functional._fused(k64, False, False) and not functional._fused(k64, False, True)
+    assert functional._fused(k32, False, True)
+    assert functional._fused(k32, True, False) and not functional._fused(k32, True, True)
+    assert not functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 160)), True, False)
+    grad = FakeCuda(torch.float32, (2,))
+    grad.requires_grad = True
+    assert functional._pick_scan(k64, False, grad) is functional.chunked_linear_scan
+    with torch.no_grad():
+        assert functional._pick_scan(k64, False, grad) is ops.fused_linear_scan
     monkeypatch.setattr(functional, "_cuda_kernels_usable", lambda: False)
-    assert not functional._fused(FakeCuda(torch.float32, (1, 8, 2, 16)))
+    assert not functional._fused(FakeCuda(torch.float32, (1, 8, 2, 16)), False, False)
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_python_shared_memory_rule_matches_the_kernels(delta):
+    for key_dim in range(1, ops.CUDA_MAX_KEY_DIM + 1):
+        for backward in (False, True):
+            want = torch.ops.tokenmix_emulated.linear_scan_cuda_smem_bytes(key_dim, delta, backward)
+            got = ops.cuda_smem_bytes(key_dim, delta=delta, backward=backward)
+            assert got == want, (key_dim, backward)
+    # Every kernel fits sm_80 (163 KiB) at the largest K.
+    assert ops.cuda_smem_bytes(256, delta=True, backward=True) <= 163 * 1024
+
+
+def test_no_value_columns_give_zero_gradients():
+    # V = 0 on a direct op call: nothing to launch, empty outputs, zero gradients.
+    q, k = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    v, beta, g = torch.randn(1, 5, 2, 0), torch.rand(1, 5, 2), -torch.rand(1, 5, 2)
+    em = torch.ops.tokenmix_emulated
+    o, s = em.linear_scan_forward(q, k, v, g, None, None, None, 0.5)
+    assert o.shape == (1, 5, 2, 0) and s.shape == (1, 2, 8, 0)
+    grads = em.linear_scan_backward(o, s, q, k, v, g, None, None, None, 0.5)
+    assert all(bool((x == 0).all()) for x in (grads[0], grads[1], grads[3]))
+    o, s = em.delta_rule_forward(q, k, v, beta, g, None, None, 0.5)
+    grads = em.delta_rule_backward(o, s, q, k, v, beta, g, None, None, 0.5)
+    assert all(bool((x == 0).all()) for x in (grads[0], grads[1], grads[3], grads[4]))
 
 
 def test_python_limit_matches_the_kernels():

@@ -175,6 +175,23 @@ def test_fft_line_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
     assert checked == 2 * 9  # 3 kernels x 3 dtypes, on sm_80 and sm_90
 
 
+def test_scan_kernels_are_reported_without_a_tensor_pipe_bound(shipped):
+    # The linear scans and the delta rule run float32 FMAs for every dtype so far: the report
+    # lists each of their kernels with no HMMA, hence no tensor-pipe bound, and no local memory
+    # in the main loop.
+    checked = 0
+    for k in shipped:
+        name = _readable_kernel(k.name)
+        if not name.startswith(("scan_", "delta_")):
+            continue
+        checked += 1
+        assert k.counts.get("hmma", 0) == 0 and k.bound is None, (name, k.bound)
+        assert k.counts.get("local", 0) == 0, f"{name}: local memory in the main loop"
+    # scan forward and backward (3 dtypes x 3 decays: 18), reduce (3), decay grad (2), delta
+    # forward and backward (6), delta token grad (1): 30 kernels, on sm_80 and sm_90
+    assert checked == 2 * 30
+
+
 def test_cli(capsys):
     from tokenmix.__main__ import main
 

@@ -4,11 +4,12 @@
     python tools/gpu_kernels.py --small                     # what compute-sanitizer runs
 
 The default shapes are the benchmarks' (fp16, B=1, H=4, D=64: neighborhood attention 2-D 64x64
-with a 7x7 window; block-sparse random 64x64 blocks at 1/8 density over 4096 tokens). ``--small``
-runs tiny cases of every family and pass (neighborhood attention at D=64; block-sparse at D=32
-with partial blocks under a causal window with attention sinks) and checks each output and
-gradient against the float64 reference, so a sanitizer run is also a correctness run; it exits 1
-on a mismatch. With
+with a 7x7 window; block-sparse random 64x64 blocks at 1/8 density over 4096 tokens; the gated
+delta rule and GLA over 8192 tokens). ``--small`` runs tiny cases of every family and pass
+(neighborhood attention at D=64; block-sparse at D=32 with partial blocks under a causal window
+with attention sinks; the scans over 100 tokens with K=32, V=40: two value blocks and a partial
+chunk) and checks each output and gradient against the float64 reference, so a sanitizer run is
+also a correctness run; it exits 1 on a mismatch. With
 ``--device cpu`` the same calls run on the CPU kernels: the GPU check's dry run uses that to
 prove the script up to its first GPU call.
 """
@@ -23,9 +24,11 @@ import tokenmix
 import torch
 from tokenmix import BlockLayout, ElementMask
 from tokenmix.block_sparse.reference import block_sparse_attention_reference
+from tokenmix.linear_scan import delta_rule, linear_attention
+from tokenmix.linear_scan.reference import naive_delta_rule, naive_linear_attention
 from tokenmix.neighborhood.reference import neighborhood_attention_reference
 
-FAMILIES = ("na", "bs")
+FAMILIES = ("na", "bs", "delta", "gla")
 PASSES = ("fwd", "bwd", "both")
 
 
@@ -69,7 +72,43 @@ def bs_inputs(small: bool, dtype: torch.dtype, device: str, gen: torch.Generator
     return (q, k, v), run, reference
 
 
-BUILDERS = {"na": na_inputs, "bs": bs_inputs}
+def _scan_shape(small: bool) -> tuple[int, int, int, int]:
+    return (100, 2, 32, 40) if small else (8192, 4, 64, 64)
+
+
+def delta_inputs(small: bool, dtype: torch.dtype, device: str, gen: torch.Generator):
+    t, heads, dk, dv = _scan_shape(small)
+    q = torch.randn(1, t, heads, dk, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(1, t, heads, dk, generator=gen), dim=-1)
+    v = torch.randn(1, t, heads, dv, generator=gen)
+    beta = torch.rand(1, t, heads, generator=gen)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, t, heads, generator=gen))
+
+    def run(q, k, v):
+        return delta_rule(q, k, v, beta.to(q.device), g=g.to(q.device))[0]
+
+    def reference(q, k, v):
+        return naive_delta_rule(q, k, v, beta.double(), g=g.double())[0]
+
+    return tuple(x.to(device, dtype) for x in (q, k, v)), run, reference
+
+
+def gla_inputs(small: bool, dtype: torch.dtype, device: str, gen: torch.Generator):
+    t, heads, dk, dv = _scan_shape(small)
+    q, k = (torch.randn(1, t, heads, dk, generator=gen) for _ in range(2))
+    v = torch.randn(1, t, heads, dv, generator=gen)
+    gk = torch.nn.functional.logsigmoid(torch.randn(1, t, heads, dk, generator=gen)) / 16
+
+    def run(q, k, v):
+        return linear_attention(q, k, v, gk=gk.to(q.device))[0]
+
+    def reference(q, k, v):
+        return naive_linear_attention(q, k, v, gk=gk.double())[0]
+
+    return tuple(x.to(device, dtype) for x in (q, k, v)), run, reference
+
+
+BUILDERS = {"na": na_inputs, "bs": bs_inputs, "delta": delta_inputs, "gla": gla_inputs}
 
 
 def run_family(family: str, which: str, small: bool, dtype, device: str, repeats: int) -> float:

@@ -73,6 +73,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> delta_rule_backward(
   return scan_backward(p, q, grad_out, grad_final_state, emulated_run(q));
 }
 
+// Shared memory per block of the CUDA scan kernels (the forward, or the backward's largest
+// kernel), for the test of its Python mirror tokenmix.linear_scan.ops.cuda_smem_bytes.
+int64_t linear_scan_cuda_smem_bytes(int64_t key_dim, bool delta, bool backward) {
+  const int64_t key_pad = tokenmix::cuda::scan_key_pad(key_dim);
+  const int64_t fwd = delta ? tokenmix::cuda::delta_smem_floats(key_pad, false)
+                            : tokenmix::cuda::scan_smem_floats(key_pad, false);
+  const int64_t bwd = delta ? tokenmix::cuda::delta_smem_floats(key_pad, true)
+                            : tokenmix::cuda::scan_smem_floats(key_pad, true);
+  return 4 * (backward && bwd > fwd ? bwd : fwd);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix_emulated, m) {
@@ -80,6 +91,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix_emulated, m) {
   m.def(kLinearScanBackwardSchema);
   m.def(kDeltaRuleForwardSchema);
   m.def(kDeltaRuleBackwardSchema);
+  m.def("linear_scan_cuda_smem_bytes(int key_dim, bool delta, bool backward) -> int");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CompositeExplicitAutograd, m) {
+  m.impl("linear_scan_cuda_smem_bytes", TORCH_BOX(&linear_scan_cuda_smem_bytes));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {

@@ -139,7 +139,8 @@ std::tuple<Tensor, Tensor> scan_forward(LinearScanProblem& p, const Tensor& q, c
       empty_output(q, {p.num_seqs, p.heads, p.key_dim, p.value_dim}, acc, "final_state");
   p.out = out.data_ptr();
   p.final_state = final_state.data_ptr();
-  if (p.num_seqs * p.heads > 0) run(p, false);
+  // V = 0: empty outputs, nothing to run (the CUDA grid would have no blocks).
+  if (p.num_seqs * p.heads * p.value_dim > 0) run(p, false);
   return {out, final_state};
 }
 
@@ -167,7 +168,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
   p.grad_g = p.g ? dg.data_ptr() : nullptr;
   p.grad_gk = p.gk ? dgk.data_ptr() : nullptr;
   p.grad_initial_state = dh0.data_ptr();
-  if (p.num_seqs * H > 0) run(p, true);
+  if (p.value_dim == 0) {
+    // No value column: o and the states are empty, so every gradient is zero.
+    for (Tensor* t : {&dq, &dk, &dbeta, &dg, &dgk})
+      if (t->numel() > 0) torch::stable::zero_(*t);
+  } else if (p.num_seqs * H > 0) {
+    run(p, true);
+  }
   if (p.delta_rule) return {dq, dk, dv, dbeta, dg, dh0};
   return {dq, dk, dv, dg, dgk, dh0};
 }

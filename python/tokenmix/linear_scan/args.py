@@ -131,8 +131,14 @@ def check_cu_seqlens(
             f"B={batch}"
         )
     if torch.compiler.is_compiling():
-        # Values are data: inside a compiled graph the fused op checks them at
-        # run time instead (same rules, a RuntimeError).
+        # Values are data: inside a compiled graph they are checked at run time by
+        # device-side asserts (no host synchronization; a RuntimeError), since the
+        # CUDA ops do not read them on the host (the CPU ops also check them).
+        first_ok = cu_seqlens[0] == 0
+        torch._assert_async(first_ok, "tokenmix: cu_seqlens must start at 0")
+        torch._assert_async(cu_seqlens[-1] == seq, "tokenmix: cu_seqlens must end at T")
+        increasing = (cu_seqlens[1:] > cu_seqlens[:-1]).all()
+        torch._assert_async(increasing, "tokenmix: cu_seqlens must be strictly increasing")
         return None
     offsets = [int(x) for x in cu_seqlens.tolist()]
     if offsets[0] != 0:

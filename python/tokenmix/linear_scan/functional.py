@@ -49,25 +49,50 @@ def fused_kernels_available() -> bool:
     return ops.kernels_available()
 
 
-def _fused(q: object) -> bool:
+def _device_smem_bytes(device: torch.device) -> int:
+    """Shared memory a block may opt in to on ``device`` (bytes)."""
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    # torch builds without the property: the architectures' documented maxima.
+    major, minor = props.major, props.minor
+    if (major, minor) == (8, 0):
+        return 163 * 1024
+    if major in (9, 10):
+        return 227 * 1024
+    return 99 * 1024  # sm_86, sm_87, sm_89, sm_120 and anything unknown
+
+
+def _fused(q: object, delta: bool, backward: bool) -> bool:
     """Whether a scan on q runs tokenmix's kernels: CPU tensors when the kernels are built;
-    CUDA tensors of float32/float16/bfloat16 with K <= ops.CUDA_MAX_KEY_DIM in a build with
-    CUDA kernels and a driver that can run them. Anything else (including malformed input,
-    whose validation names the argument) reaches the chunked path."""
+    CUDA tensors of float32/float16/bfloat16 with K <= ops.CUDA_MAX_KEY_DIM whose kernels (the
+    backward's too when a gradient will be needed) fit the device's shared memory, in a build
+    with CUDA kernels and a driver that can run them. Anything else (including malformed
+    input, whose validation names the argument) reaches the chunked path."""
     if not isinstance(q, Tensor) or not ops.kernels_available():
         return False
     if q.device.type == "cpu":
         return True
     if q.device.type != "cuda" or q.dtype == torch.float64 or q.dim() != 4:
         return False
-    return q.shape[-1] <= ops.CUDA_MAX_KEY_DIM and _cuda_kernels_usable()
+    if q.shape[-1] > ops.CUDA_MAX_KEY_DIM or not _cuda_kernels_usable():
+        return False
+    needed = ops.cuda_smem_bytes(q.shape[-1], delta=delta, backward=backward)
+    return needed <= _device_smem_bytes(q.device)
 
 
-def _pick_scans(q: object) -> tuple[Callable, Callable]:
+def _needs_backward(*inputs: object) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, Tensor) and x.requires_grad for x in inputs
+    )
+
+
+def _pick_scan(q: object, delta: bool, *inputs: object) -> Callable:
     # The fused entry points fix feature strides themselves.
-    if _fused(q):
-        return ops.fused_linear_scan, ops.fused_delta_rule
-    return chunked_linear_scan, chunked_delta_scan
+    if _fused(q, delta, _needs_backward(q, *inputs)):
+        return ops.fused_delta_rule if delta else ops.fused_linear_scan
+    return chunked_delta_scan if delta else chunked_linear_scan
 
 
 def linear_attention(
@@ -128,7 +153,7 @@ def linear_attention(
         >>> o.shape, state.shape, state.dtype
         (torch.Size([2, 100, 4, 48]), torch.Size([2, 4, 32, 48]), torch.float32)
     """
-    scan, _ = _pick_scans(q)
+    scan = _pick_scan(q, False, k, v, g, g_gamma, gk, initial_state)
     return linear_attention_from_scan(
         scan,
         q,
@@ -194,7 +219,7 @@ def delta_rule(
         >>> o.shape, state.shape
         (torch.Size([1, 64, 2, 16]), torch.Size([2, 2, 16, 16]))
     """
-    _, scan = _pick_scans(q)
+    scan = _pick_scan(q, True, k, v, beta, g, initial_state)
     return delta_rule_from_scan(
         scan,
         q,

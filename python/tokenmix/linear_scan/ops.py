@@ -3,7 +3,7 @@
 
 The ops (``torch.ops.tokenmix.linear_scan_forward/backward`` and
 ``delta_rule_forward/backward``) are defined and implemented in C++
-(csrc/linear_scan/): CPU kernels for all four, CUDA kernels for the linear scans.
+(csrc/linear_scan/): CPU and CUDA kernels for all four.
 Decays, gates, beta and states are passed to them in the accumulation dtype
 (float32; float64 for float64 inputs); the conversions here are differentiable, so
 gradients reach the caller's tensors in their dtypes.
@@ -20,6 +20,26 @@ from .._utils import accumulation_dtype, unit_feature_stride
 # The largest head dim K of the CUDA scans (kLinearScanCudaMaxKeyDim in
 # csrc/include/tokenmix/cuda/scan_layout.h); larger heads run the chunked PyTorch path.
 CUDA_MAX_KEY_DIM = 256
+
+
+def cuda_smem_bytes(key_dim: int, *, delta: bool, backward: bool) -> int:
+    """Shared memory per block of the CUDA scan kernels (the forward, or the backward's
+    largest kernel) for head dim ``key_dim``: scan_smem_floats / delta_smem_floats in
+    csrc/include/tokenmix/cuda/, mirrored here (a test compares the two)."""
+    chunk, keys, values, threads = 64, 32, 32, 256
+    key_pad = -(-key_dim // keys) * keys
+    if delta:
+        floats = key_pad * values + 3 * chunk * values + 2 * chunk * chunk + 2 * chunk * keys
+        floats += 4 * chunk
+        if backward:
+            floats += 2 * chunk * values + 2 * chunk * chunk + keys * values + 5 * chunk + threads
+        else:
+            floats += chunk * keys + keys
+    else:
+        floats = key_pad * values + chunk * values + chunk * chunk + 5 * chunk * keys + keys + chunk
+        if backward:
+            floats += keys * values + chunk * values + chunk * chunk
+    return 4 * floats
 
 
 def kernels_available() -> bool:

@@ -38,13 +38,6 @@ struct DeltaSmem {
   shared_ptr<float> dG, dbeta, colE, colF, dot, red;  // [C] each, red [threads]
 };
 
-TM_HOST_DEVICE int64_t delta_smem_floats(int64_t key_pad, bool backward) {
-  constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
-  const int64_t common = key_pad * BV + 3 * C * BV + 2 * C * C + 2 * C * BK + 4 * C;
-  return common +
-         (backward ? 2 * C * BV + 2 * C * C + BK * BV + 5 * C + kScanThreads : C * BK + BK);
-}
-
 TM_DEVICE DeltaSmem delta_smem(int64_t key_pad, bool backward) {
   constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
   DeltaSmem s;

@@ -65,13 +65,16 @@ inline device_facts checked_device() {
 
 // Blocks above 48 KiB opt in. The attribute is set to the device's maximum, the same value for
 // every call, so concurrent launches of one kernel with different sizes cannot undo each other.
+// `remedy` ends the message when the device has too little.
 template <class K>
-void prepare_shared(K kernel, int64_t bytes, const device_facts& device, const char* name) {
+void prepare_shared(K kernel, int64_t bytes, const device_facts& device, const char* name,
+                    const char* remedy =
+                        "use a smaller head dim, or float16/bfloat16 (half the "
+                        "bytes)") {
   if (size_t(bytes) > device.max_dynamic_shared)
     throw std::runtime_error(std::string("tokenmix: ") + name + " needs " + std::to_string(bytes) +
                              " bytes of shared memory per block and this device allows " +
-                             std::to_string(device.max_dynamic_shared) +
-                             "; use a smaller head dim, or float16/bfloat16 (half the bytes)");
+                             std::to_string(device.max_dynamic_shared) + "; " + remedy);
   if (bytes <= 48 * 1024) return;
   if (const char* err = allow_dynamic_shared(kernel, device.max_dynamic_shared))
     throw std::runtime_error(std::string("tokenmix: could not enable ") + std::to_string(bytes) +

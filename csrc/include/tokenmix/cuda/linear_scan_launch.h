@@ -107,7 +107,12 @@ inline void register_buffers(Registrations& r, const LinearScanProblem& p, bool 
 template <class K, class... Args>
 void launch(K kernel, const char* name, int64_t blocks, int64_t smem_bytes, void* stream,
             const Args&... args) {
-  if (smem_bytes > 0) prepare_shared(kernel, smem_bytes, checked_device(), name);
+  // The scans keep float32 tiles for every dtype: the remedy is the chunked PyTorch path,
+  // which tokenmix.linear_attention / delta_rule pick themselves for such devices.
+  if (smem_bytes > 0)
+    prepare_shared(kernel, smem_bytes, checked_device(), name,
+                   "a smaller head dim K fits; tokenmix.linear_attention and delta_rule run such "
+                   "problems in the chunked PyTorch implementation");
   launch_on(static_cast<stream_t>(stream), named(kernel, name), dim3u(uint32_t(blocks), 1, 1),
             dim3u(kScanThreads), size_t(smem_bytes), args...);
   check_launch(name);

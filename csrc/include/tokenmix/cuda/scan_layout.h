@@ -15,6 +15,8 @@ inline constexpr int kScanKeys = 32;      // key columns per slice
 inline constexpr int kScanValues = 32;    // value columns per block
 inline constexpr int kScanThreads = 256;  // threads per block
 inline constexpr int64_t kLinearScanCudaMaxKeyDim = 256;
+// Per-key loops of the kernels give each key one thread of the block.
+static_assert(kLinearScanCudaMaxKeyDim <= kScanThreads, "one thread per key");
 
 TM_HOST_DEVICE int64_t scan_chunks(int64_t tokens) {
   return (tokens + kScanChunk - 1) / kScanChunk;
@@ -37,7 +39,16 @@ TM_HOST_DEVICE int64_t scan_state_base(int64_t seq_len, int64_t n, int64_t begin
   return varlen ? begin / kScanChunk + 2 * n : n * (scan_chunks(seq_len) + 1);
 }
 
-// Floats of shared memory per block.
+// Floats of shared memory per block of the delta rule's kernels (the layout of DeltaSmem in
+// delta_rule_kernels.h).
+TM_HOST_DEVICE int64_t delta_smem_floats(int64_t key_pad, bool backward) {
+  constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  const int64_t common = key_pad * BV + 3 * C * BV + 2 * C * C + 2 * C * BK + 4 * C;
+  return common +
+         (backward ? 2 * C * BV + 2 * C * C + BK * BV + 5 * C + kScanThreads : C * BK + BK);
+}
+
+// Floats of shared memory per block of the linear scans' kernels (ScanSmem).
 TM_HOST_DEVICE int64_t scan_smem_floats(int64_t key_pad, bool backward) {
   constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
   const int64_t common = key_pad * BV + C * BV + C * C + 5 * C * BK + BK + C;
