@@ -240,8 +240,7 @@ TM_DEVICE void delta_forward_body(const ScanParams& p) {
   for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
     const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
     if (p.states_only) {
-      const global_ptr<float> dst = scan_state_at(p, base + ci, blk.h, blk.vb);
-      for (int64_t x = tid; x < p.key_pad * BV; x += kScanThreads) dst[x] = s.S[x];
+      scan_store_slot(p, s.S, base + ci, blk);
     }
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
@@ -258,11 +257,7 @@ TM_DEVICE void delta_forward_body(const ScanParams& p) {
 #pragma unroll
         for (int u = 0; u < 8; ++u) o[u] += a * float(s.U[j * BV + e0 + u]);
       }
-      const global_ptr<typename E::T> out(static_cast<typename E::T*>(p.out));
-      const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.value_dim;
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        if (blk.e_base + e0 + u < p.value_dim) out[row + blk.e_base + e0 + u] = E::from_float(o[u]);
+      scan_store_values<E>(p, p.out, blk, t0 + r, e0, o);
     }
     // S = e^{G_c} S0 + (K e^E)^T U, slice by slice.
     for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
@@ -275,8 +270,7 @@ TM_DEVICE void delta_forward_body(const ScanParams& p) {
     }
   }
   if (p.states_only) {
-    const global_ptr<float> dst = scan_state_at(p, base + ci, blk.h, blk.vb);
-    for (int64_t x = tid; x < p.key_pad * BV; x += kScanThreads) dst[x] = s.S[x];
+    scan_store_slot(p, s.S, base + ci, blk);
   } else if (p.final_state) {
     scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
   }
@@ -411,14 +405,7 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
         dv[u] = b_r * dr;
         s.P[r * BV + e0 + u] = -b_r * eg_r * dr;
       }
-      if (r < c) {
-        const global_ptr<typename E::T> out(static_cast<typename E::T*>(p.grad_v));
-        const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.value_dim;
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (blk.e_base + e0 + u < p.value_dim)
-            out[row + blk.e_base + e0 + u] = E::from_float(dv[u]);
-      }
+      if (r < c) scan_store_values<E>(p, p.grad_v, blk, t0 + r, e0, dv);
     }
     if (tid == 0) {
       // The last token: e^{G_c} sum(dS S0) and every kd's share (S_c = e^{G_c} S0 + kd^T U).

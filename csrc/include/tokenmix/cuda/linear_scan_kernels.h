@@ -349,6 +349,25 @@ TM_DEVICE ScanBlock scan_block(const ScanParams& p) {
   return k;
 }
 
+// The block's state slice into its slot of the states workspace.
+TM_DEVICE void scan_store_slot(const ScanParams& p, shared_ptr<const float> S, int64_t slot,
+                               const ScanBlock& blk) {
+  const global_ptr<float> dst = scan_state_at(p, slot, blk.h, blk.vb);
+  for (int64_t x = thread_idx().x; x < p.key_pad * kScanValues; x += kScanThreads) dst[x] = S[x];
+}
+
+// Columns e0 .. e0 + 8 of the block's value columns of token t into a contiguous [B, T, H, V]
+// tensor of the input dtype (columns past V are not stored).
+template <class E>
+TM_DEVICE void scan_store_values(const ScanParams& p, void* dst, const ScanBlock& blk, int64_t t,
+                                 int e0, const float vals[8]) {
+  const global_ptr<typename E::T> out(static_cast<typename E::T*>(dst));
+  const int64_t row = ((blk.b * p.seq_len + t) * p.heads + blk.h) * p.value_dim;
+#pragma unroll
+  for (int u = 0; u < 8; ++u)
+    if (blk.e_base + e0 + u < p.value_dim) out[row + blk.e_base + e0 + u] = E::from_float(vals[u]);
+}
+
 template <class E, int kDecay>
 TM_DEVICE void scan_forward_body(const ScanParams& p) {
   constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
@@ -363,8 +382,7 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
   for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
     const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
     if (p.states_only) {
-      const global_ptr<float> dst = scan_state_at(p, base + ci, blk.h, blk.vb);
-      for (int64_t x = tid; x < p.key_pad * BV; x += kScanThreads) dst[x] = s.S[x];
+      scan_store_slot(p, s.S, base + ci, blk);
     }
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
@@ -398,19 +416,11 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
 #pragma unroll
       for (int u = 0; u < 8; ++u) o_acc[u] += a * float(s.v[j * BV + e0 + u]);
     }
-    if (i < c) {
-      const global_ptr<typename E::T> out(static_cast<typename E::T*>(p.out));
-      const int64_t row = ((blk.b * p.seq_len + t0 + i) * p.heads + blk.h) * p.value_dim;
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        if (blk.e_base + e0 + u < p.value_dim)
-          out[row + blk.e_base + e0 + u] = E::from_float(o_acc[u]);
-    }
+    if (i < c) scan_store_values<E>(p, p.out, blk, t0 + i, e0, o_acc);
     sync_threads();
   }
   if (p.states_only) {
-    const global_ptr<float> dst = scan_state_at(p, base + ci, blk.h, blk.vb);
-    for (int64_t x = tid; x < p.key_pad * BV; x += kScanThreads) dst[x] = s.S[x];
+    scan_store_slot(p, s.S, base + ci, blk);
   } else if (p.final_state) {
     scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
   }
@@ -544,14 +554,7 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
       scan_advance(s.decay, s.S, s.q, s.qfac, s.dO, d0, c);
       sync_threads();
     }
-    if (r < c) {
-      const global_ptr<typename E::T> dv(static_cast<typename E::T*>(p.grad_v));
-      const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.value_dim;
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-        if (blk.e_base + e0 + u < p.value_dim)
-          dv[row + blk.e_base + e0 + u] = E::from_float(dv_acc[u]);
-    }
+    if (r < c) scan_store_values<E>(p, p.grad_v, blk, t0 + r, e0, dv_acc);
     sync_threads();
   }
   scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);

@@ -133,27 +133,33 @@ inline void require(const LinearScanProblem& p) {
   if (!why.empty()) throw std::runtime_error(why);
 }
 
+// A launch sequence's checked problem and parameters, with every buffer it touches registered
+// for the emulator while the object lives.
+struct ScanLaunch {
+  Registrations registrations;
+  ScanParams params;
+  ScanLaunch(const LinearScanProblem& p, bool backward) {
+    require(p);
+    if (backward && !p.workspace)
+      throw std::runtime_error("tokenmix: the CUDA scans' backward needs a workspace");
+    register_buffers(registrations, p, backward);
+    registrations.commit();
+    params = scan_params(p);
+  }
+};
+
 template <class E, int kDecay>
 void forward(const LinearScanProblem& p, void* stream) {
-  require(p);
-  Registrations r;
-  register_buffers(r, p, false);
-  r.commit();
-  ScanParams s = scan_params(p);
-  s.states_only = false;
+  ScanLaunch checked(p, false);
+  ScanParams& s = checked.params;
   launch(scan_forward_kernel<E, kDecay>, "scan_forward_kernel", scan_blocks(p),
          scan_smem_floats(s.key_pad, false) * 4, stream, s);
 }
 
 template <class E, int kDecay>
 void backward(const LinearScanProblem& p, void* stream) {
-  require(p);
-  if (!p.workspace)
-    throw std::runtime_error("tokenmix: the CUDA scans' backward needs a workspace");
-  Registrations r;
-  register_buffers(r, p, true);
-  r.commit();
-  ScanParams s = scan_params(p);
+  ScanLaunch checked(p, true);
+  ScanParams& s = checked.params;
   s.states_only = true;  // the chunk-start states into the workspace
   launch(scan_forward_kernel<E, kDecay>, "scan_forward_kernel", scan_blocks(p),
          scan_smem_floats(s.key_pad, false) * 4, stream, s);
@@ -172,25 +178,16 @@ void backward(const LinearScanProblem& p, void* stream) {
 
 template <class E>
 void delta_forward(const LinearScanProblem& p, void* stream) {
-  require(p);
-  Registrations r;
-  register_buffers(r, p, false);
-  r.commit();
-  ScanParams s = scan_params(p);
-  s.states_only = false;
+  ScanLaunch checked(p, false);
+  ScanParams& s = checked.params;
   launch(delta_forward_kernel<E>, "delta_forward_kernel", scan_blocks(p),
          delta_smem_floats(s.key_pad, false) * 4, stream, s);
 }
 
 template <class E>
 void delta_backward(const LinearScanProblem& p, void* stream) {
-  require(p);
-  if (!p.workspace)
-    throw std::runtime_error("tokenmix: the CUDA scans' backward needs a workspace");
-  Registrations r;
-  register_buffers(r, p, true);
-  r.commit();
-  ScanParams s = scan_params(p);
+  ScanLaunch checked(p, true);
+  ScanParams& s = checked.params;
   s.states_only = true;  // the chunk-start states into the workspace
   launch(delta_forward_kernel<E>, "delta_forward_kernel", scan_blocks(p),
          delta_smem_floats(s.key_pad, false) * 4, stream, s);
