@@ -11,7 +11,7 @@ THREADS ?= 2
 STAMP := $(VENV)/.tokenmix-installed
 SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
 
-.PHONY: demo test build lint format bench clean gpu-check gpu-check-dry wheel sdist test-wheel
+.PHONY: demo test build lint format bench clean gpu-check gpu-check-dry wheel sdist test-wheel ptx-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,16 @@ gpu-check:
 # The same script on this machine, up to each step's first GPU call (the test suite runs it too).
 gpu-check-dry: build
 	OUT="$(OUT)" PYTHON=$(PY) bash tools/gpu_check.sh --dry-run
+
+# The library's embedded PTX assembled ahead of time: for sm_100 and sm_120, which get no SASS and
+# JIT the compute_90 PTX, with CUDA 13's ptxas; for sm_80 and sm_90 with CUDA 12.6's (the
+# nvidia-cuda-nvcc-cu12 test dependency) at PTX ISA 8.5. Both run; either failing fails the
+# target. See docs/cuda_engine.md.
+ptx-check: build
+	rc=0; \
+	$(PY) -m tokenmix ptx-check --arch 100 120 || rc=1; \
+	$(PY) -m tokenmix ptx-check --cuda 12 --ptx-version 8.5 --arch 80 90 || rc=1; \
+	exit $$rc
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check python tests bench tools examples

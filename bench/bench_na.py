@@ -522,13 +522,17 @@ def skip_reason(
 def case_plan(case: Case) -> dict | None:
     """The planner's view of a case (``tokenmix.plan``, 64-query tiles as the CUDA kernels
     use): the tile shape and the bounds on the speedup over dense attention, from FLOPs
-    (dense / useful pairs) and at tile granularity (dense / computed pairs). None when the
+    (dense / useful pairs) and at tile granularity (dense / computed pairs), and the share of
+    useful pairs in the CUDA kernels' key chunks (64 keys, 32 for float32). None when the
     installed tokenmix has no planner."""
+    chunk = 32 if case.dtype == "float32" else 64
     try:
         import tokenmix
 
-        p = tokenmix.plan(case.shape, case.kernel, case.stride, case.dilation, case.causal)
-    except (ImportError, AttributeError, RuntimeError) as exc:
+        p = tokenmix.plan(
+            case.shape, case.kernel, case.stride, case.dilation, case.causal, key_chunk=chunk
+        )
+    except (ImportError, AttributeError, RuntimeError, TypeError) as exc:
         log(f"    planner unavailable ({type(exc).__name__}: {exc})")
         return None
     return {
@@ -540,6 +544,9 @@ def case_plan(case: Case) -> dict | None:
         "flop_bound": p.flop_bound,
         "tile_bound": p.tile_bound,
         "tile_efficiency": p.tile_efficiency,
+        "key_chunk": p.key_chunk,
+        "chunked_pairs": p.chunked_pairs,
+        "chunk_efficiency": p.chunk_efficiency,
     }
 
 
@@ -550,7 +557,8 @@ def plan_line(plan: dict | None) -> str:
     return (
         f"planner: flop bound {plan['flop_bound']:.2f}x, tile bound {plan['tile_bound']:.2f}x "
         f"over dense attention (tile {tile}, {100 * plan['tile_efficiency']:.1f}% of computed "
-        "pairs useful)"
+        f"pairs useful, {100 * plan['chunk_efficiency']:.1f}% in the CUDA kernels' "
+        f"{plan['key_chunk']}-key chunks)"
     )
 
 

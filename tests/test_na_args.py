@@ -69,7 +69,7 @@ _RAW_INT_SCRIPT = textwrap.dedent(
              lambda a=a: emulated.na_forward(q, q, q, None, None, None, *a, 1.0)),
             ("emulated na_backward " + label, name,
              lambda a=a: emulated.na_backward(out, q, q, q, out, lse, None, None, None, *a, 1.0)),
-            ("na_plan " + label, name, lambda a=a: ops.na_plan([16], *a, [], 64, False)),
+            ("na_plan " + label, name, lambda a=a: ops.na_plan([16], *a, [], 64, 64, False)),
         ]
     calls.append(("na_forward 2-D kernel 2^62 in dim 1", "kernel_size[1]", lambda:
         torch.ops.tokenmix.na_forward(
@@ -81,11 +81,13 @@ _RAW_INT_SCRIPT = textwrap.dedent(
     calls.append(("na_forward spatial 2^31+8", "q spatial size", lambda:
         torch.ops.tokenmix.na_forward(qh, kh, kh, None, None, None, [3], [1], [1], [0], 1.0)))
     calls.append(("na_plan input_shape 2^62", "input_shape", lambda:
-        torch.ops.tokenmix.na_plan([BIG], [3], [1], [1], [0], [], 64, False)))
+        torch.ops.tokenmix.na_plan([BIG], [3], [1], [1], [0], [], 64, 64, False)))
     calls.append(("na_plan tile_volume 2^62", "tile_volume", lambda:
-        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], BIG, False)))
+        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], BIG, 64, False)))
     calls.append(("na_plan tile_shape 2^62", "tile_shape[0]", lambda:
-        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [BIG], 64, False)))
+        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [BIG], 64, 64, False)))
+    calls.append(("na_plan key_chunk 2^62", "key_chunk", lambda:
+        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 64, BIG, False)))
 
     results = {}
     for label, name, call in calls:

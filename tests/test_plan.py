@@ -130,6 +130,21 @@ def test_blocked_aligned_tiles_compute_only_useful_pairs(shape, kernel, tile):
     assert tokenmix.plan(shape, kernel, stride=kernel).computed_pairs == p.useful_pairs
 
 
+def test_key_chunk_rounding_of_the_2d_k7_problem():
+    # 64x64, kernel 7: 8x8 query tiles see 14x14 = 196-key boxes, which the CUDA fp16/bf16
+    # kernels take as four 64-key chunks (256 keys); interior tiles are most of the 64 tiles.
+    p = tokenmix.plan((64, 64), 7)
+    assert p.tile_shape == (8, 8) and p.key_chunk == 64
+    assert round(100 * p.tile_efficiency, 1) == 27.9
+    assert round(100 * p.chunk_efficiency, 1) == 21.9
+    assert "in 64-key chunks:" in p.summary() and "efficiency 21.9%" in p.summary()
+    exact = tokenmix.plan((64, 64), 7, key_chunk=1)
+    assert exact.chunked_pairs == exact.computed_pairs == p.computed_pairs
+    # float32's 32-key chunks round less
+    assert p.computed_pairs < tokenmix.plan((64, 64), 7, key_chunk=32).chunked_pairs
+    assert tokenmix.plan((64, 64), 7, key_chunk=32).chunked_pairs < p.chunked_pairs
+
+
 def test_blocked_misaligned_tile_computes_more():
     p = tokenmix.plan(4096, 512, stride=512, tile_shape=96)
     assert p.computed_pairs > p.useful_pairs
@@ -176,6 +191,15 @@ def _check_against_brute_force(problem: dict, p: NeighborhoodPlan) -> None:
     )
     assert p.computed_pairs == computed
     assert p.computed_pairs >= p.useful_pairs
+    # Chunked: the key box linearized and rounded up to whole chunks, tile by tile.
+    chunked = sum(
+        math.prod(p.tile_shape)
+        * -(-math.prod(e - b for b, e in zip(kb, ke, strict=True)) // p.key_chunk)
+        * p.key_chunk
+        for _, _, _, kb, ke in got
+    )
+    assert p.chunked_pairs == chunked >= p.computed_pairs
+    assert p.chunk_efficiency == p.useful_pairs / chunked
     assert p.flop_bound == tokens * tokens / int(mask.sum())
     assert p.tile_efficiency == p.useful_pairs / computed
 
@@ -186,7 +210,7 @@ def test_random_problems_match_brute_force(seed):
     problem = _random_problem(rng)
     rank = len(problem["input_shape"])
     volume = rng.choice((1, 2, 4, 8, 16, 64))
-    p = tokenmix.plan(**problem, tile_volume=volume)
+    p = tokenmix.plan(**problem, tile_volume=volume, key_chunk=rng.choice((1, 7, 32, 64)))
     assert p.input_shape == problem["input_shape"]
     assert p.kernel_size == problem["kernel_size"] and p.is_causal == problem["is_causal"]
     assert math.prod(p.tile_shape) == volume
@@ -323,6 +347,9 @@ def test_docstring_example():
         (((16, 16), 5), {"tile_shape": (0, 4)}, ValueError, "tile_shape"),
         (((16, 16), 5), {"tile_shape": (4, 4, 4)}, ValueError, "tile_shape"),
         (((16, 16), 5), {"tile_shape": (4, False)}, TypeError, "tile_shape"),
+        (((16, 16), 5), {"key_chunk": 0}, ValueError, "key_chunk"),
+        (((16, 16), 5), {"key_chunk": 2**21}, ValueError, "key_chunk"),
+        (((16, 16), 5), {"key_chunk": 64.0}, TypeError, "key_chunk"),
     ],
 )
 def test_bad_arguments_name_the_argument(args, kwargs, exc, match):
@@ -342,17 +369,19 @@ def test_bad_flops_arguments():
 
 def test_op_checks_direct_calls():
     op = torch.ops.tokenmix.na_plan
-    tile, counts, tiles = op([16], [4], [1], [1], [0], [], 64, False)
+    tile, counts, tiles = op([16], [4], [1], [1], [0], [], 64, 64, False)
     assert tile.tolist() == [64] and tiles.shape == (0, 5, 1)
-    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256]
+    # the 16-key box is one 64-key chunk
+    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256, 64 * 64]
     for bad in (
-        ([16], [17], [1], [1], [0], [], 64, False),  # window larger than the input
-        ([16], [4], [5], [1], [0], [], 64, False),  # stride > kernel
-        ([16, 16], [4], [1], [1], [0], [], 64, False),  # mismatched lengths
-        ([16], [4], [1], [1], [0], [], 48, False),  # tile_volume not a power of two
-        ([16], [4], [1], [1], [0], [0], 64, False),  # empty tile
-        ([16], [4], [1], [1], [0], [2, 2], 64, False),  # tile of the wrong rank
-        ([], [], [], [], [], [], 64, False),  # rank 0
+        ([16], [17], [1], [1], [0], [], 64, 64, False),  # window larger than the input
+        ([16], [4], [5], [1], [0], [], 64, 64, False),  # stride > kernel
+        ([16, 16], [4], [1], [1], [0], [], 64, 64, False),  # mismatched lengths
+        ([16], [4], [1], [1], [0], [], 48, 64, False),  # tile_volume not a power of two
+        ([16], [4], [1], [1], [0], [0], 64, 64, False),  # empty tile
+        ([16], [4], [1], [1], [0], [2, 2], 64, 64, False),  # tile of the wrong rank
+        ([], [], [], [], [], [], 64, 64, False),  # rank 0
+        ([16], [4], [1], [1], [0], [], 64, 0, False),  # empty key chunk
     ):
         with pytest.raises(RuntimeError, match="tokenmix"):
             op(*bad)

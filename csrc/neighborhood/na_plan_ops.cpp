@@ -38,17 +38,27 @@ int64_t checked_mul(int64_t a, int64_t b) {
   return tokenmix::checked_mul(a, b, "the problem is too large: its pair count");
 }
 
+int64_t checked_add(int64_t a, int64_t b) {
+  int64_t r = 0;
+  STD_TORCH_CHECK(!__builtin_add_overflow(a, b, &r),
+                  "tokenmix: the problem is too large: its pair count overflows int64");
+  return r;
+}
+
 Tensor cpu_int64(const std::vector<int64_t>& size) {
   return torch::stable::empty(size, torch::headeronly::ScalarType::Long, std::nullopt,
                               torch::stable::Device(torch::headeronly::DeviceType::CPU));
 }
 
-// Returns (tile_shape [rank], counts [4] = {query tiles, useful pairs, computed pairs, dense
-// pairs} per (batch, head), tiles [num_tiles or 0, 5, rank] = group, first, count, key_begin,
-// key_end per query tile). Tiles are listed only with return_tiles (they can be many).
+// Returns (tile_shape [rank], counts [5] = {query tiles, useful pairs, computed pairs, dense
+// pairs, chunked pairs} per (batch, head), tiles [num_tiles or 0, 5, rank] = group, first, count,
+// key_begin, key_end per query tile). Tiles are listed only with return_tiles (they can be many).
+// Chunked pairs count each tile's key box rounded up to whole chunks of key_chunk keys, as the
+// CUDA kernels visit it (they linearize the box and take it E::kKeys keys at a time).
 std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, IntList stride,
                                            IntList dilation, IntList causal, IntList tile_shape,
-                                           int64_t tile_volume, bool return_tiles) {
+                                           int64_t tile_volume, int64_t key_chunk,
+                                           bool return_tiles) {
   const int rank = int(input_shape.size());
   STD_TORCH_CHECK(rank >= 1 && rank <= 3, "tokenmix: input_shape must have 1 to 3 entries, got ",
                   input_shape.size());
@@ -74,12 +84,23 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
     }
   }
 
+  STD_TORCH_CHECK(key_chunk >= 1 && key_chunk <= kMaxTile, "tokenmix: key_chunk = ", key_chunk,
+                  " must be between 1 and 2^20");
+
   tokenmix::NeighborhoodSchedule schedule;
   schedule.init(dims, tile);
   const int64_t candidates = schedule.tiles_per_head();
-  int64_t num_tiles = 0;
+  const int64_t rows = int64_t(tile[0]) * tile[1] * tile[2];  // padding included
+  int64_t num_tiles = 0, chunked = 0;
   tokenmix::TileGeometry g;
-  for (int64_t index = 0; index < candidates; ++index) num_tiles += schedule.decode(index, &g);
+  for (int64_t index = 0; index < candidates; ++index) {
+    if (!schedule.decode(index, &g)) continue;  // past the end of a shorter dilation group
+    ++num_tiles;
+    int64_t box = 1;
+    for (int t = 0; t < 3; ++t) box = checked_mul(box, g.key_end[t] - g.key_begin[t]);
+    chunked =
+        checked_add(chunked, checked_mul(rows, (box + key_chunk - 1) / key_chunk * key_chunk));
+  }
 
   int64_t useful = 1, computed = 1, tokens = 1;
   for (int t = 0; t < 3; ++t) {
@@ -93,12 +114,13 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
   auto* tile_data = static_cast<int64_t*>(tile_out.data_ptr());
   for (int i = 0; i < rank; ++i) tile_data[i] = tile[3 - rank + i];
 
-  Tensor counts = cpu_int64({4});
+  Tensor counts = cpu_int64({5});
   auto* count_data = static_cast<int64_t*>(counts.data_ptr());
   count_data[0] = num_tiles;
   count_data[1] = useful;
   count_data[2] = computed;
   count_data[3] = dense;
+  count_data[4] = chunked;
 
   Tensor tiles = cpu_int64({return_tiles ? num_tiles : 0, 5, rank});
   if (return_tiles) {
@@ -118,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
 STABLE_TORCH_LIBRARY_FRAGMENT(tokenmix, m) {
   m.def(
       "na_plan(int[] input_shape, int[] kernel_size, int[] stride, int[] dilation, "
-      "int[] is_causal, int[] tile_shape, int tile_volume, bool return_tiles) -> "
+      "int[] is_causal, int[] tile_shape, int tile_volume, int key_chunk, bool return_tiles) -> "
       "(Tensor, Tensor, Tensor)");
 }
 

@@ -26,26 +26,34 @@ def cuda_resource_usage() -> list[dict]:
     arch, kernel (mangled), registers, smem (static bytes), stack, spill_stores, spill_loads.
     Empty when the build has no CUDA."""
     import os
-    import re
 
     path = os.path.join(os.path.dirname(_ops.LIBRARY_PATH), "cuda_resource_usage.txt")
     if not os.path.exists(path):
         return []
-    rows, kernel = [], None
     with open(path) as f:
-        for line in f:
-            if m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
-                kernel = {"arch": m.group(2), "kernel": m.group(1)}
-            elif kernel and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill "
-                                            r"stores, (\d+) bytes spill loads", line)):  # fmt: skip
-                kernel["stack"] = int(m.group(1))
-                kernel["spill_stores"], kernel["spill_loads"] = int(m.group(2)), int(m.group(3))
-            elif kernel and (m := re.search(r"Used (\d+) registers", line)):
-                kernel["registers"] = int(m.group(1))
-                smem = re.search(r"(\d+) bytes smem", line)
-                kernel["smem"] = int(smem.group(1)) if smem else 0
+        return parse_ptxas_report(f.read())
+
+
+def parse_ptxas_report(text: str) -> list[dict]:
+    """The rows of ``ptxas -v`` output (the format of `cuda_resource_usage`)."""
+    import re
+
+    rows, kernel = [], None
+    for line in text.splitlines():
+        # sm_90, and the arch-specific / family targets sm_90a, sm_100f
+        if m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+[af]?)'", line):
+            kernel = {"arch": m.group(2), "kernel": m.group(1)}
+        elif kernel and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill "
+                                        r"stores, (\d+) bytes spill loads", line)):  # fmt: skip
+            kernel["stack"] = int(m.group(1))
+            kernel["spill_stores"], kernel["spill_loads"] = int(m.group(2)), int(m.group(3))
+        elif kernel and (m := re.search(r"Used (\d+) registers", line)):
+            kernel["registers"] = int(m.group(1))
+            smem = re.search(r"(\d+) bytes smem", line)
+            kernel["smem"] = int(smem.group(1)) if smem else 0
+            if "stack" in kernel:  # a complete entry (its stack and spill line came first)
                 rows.append(kernel)
-                kernel = None
+            kernel = None
     return rows
 
 

@@ -7,6 +7,9 @@ key box each tile visits, and three pair counts per (batch, head):
 * ``useful_pairs``: query-key pairs inside the windows (the work attention needs),
 * ``computed_pairs``: pairs the tiled kernel computes, i.e. every tile's rows
   (padding included) times the keys of its key box,
+* ``chunked_pairs``: the same with each key box rounded up to whole key chunks
+  (``key_chunk`` keys, the CUDA kernels' granularity: they linearize the box and
+  take it 64 keys at a time for fp16/bf16, 32 for float32),
 * ``dense_pairs``: ``tokens ** 2``, what dense attention computes.
 
 The numbers come from ``torch.ops.tokenmix.na_plan`` (csrc/neighborhood/na_plan_ops.cpp),
@@ -32,6 +35,8 @@ __all__ = ["NeighborhoodPlan", "PlanFlops", "plan"]
 
 # The query-tile volume of the CUDA kernels (queries per tile).
 DEFAULT_TILE_VOLUME = 64
+# Keys per chunk of the CUDA fp16/bf16 kernels (E::kKeys in cuda/warp_gemm.h; 32 for float32).
+DEFAULT_KEY_CHUNK = 64
 # The op's limit on tiles (it keeps the schedule's 32-bit arithmetic in range, as
 # MAX_SPATIAL_LENGTH does for the input): far beyond any real tile.
 _MAX_TILE = 1 << 20
@@ -69,6 +74,8 @@ class NeighborhoodPlan:
     useful_pairs: int
     computed_pairs: int
     dense_pairs: int
+    key_chunk: int
+    chunked_pairs: int
 
     @property
     def rank(self) -> int:
@@ -96,6 +103,12 @@ class NeighborhoodPlan:
     def tile_efficiency(self) -> float:
         """``useful_pairs / computed_pairs``: the fraction of computed pairs that count."""
         return self.useful_pairs / self.computed_pairs
+
+    @property
+    def chunk_efficiency(self) -> float:
+        """``useful_pairs / chunked_pairs``: the fraction of the pairs that the CUDA
+        kernels compute (key boxes rounded up to ``key_chunk`` keys) that count."""
+        return self.useful_pairs / self.chunked_pairs
 
     def flops(self, head_dim: int, value_dim: int | None = None) -> PlanFlops:
         """Forward FLOPs per (batch, head) as ``PlanFlops(useful, computed, dense)``.
@@ -128,7 +141,7 @@ class NeighborhoodPlan:
         kernels' order (dilation groups outermost, then tiles in row-major order).
         """
         problem = (self.input_shape, self.kernel_size, self.stride, self.dilation, self.is_causal)
-        *_, tiles = _run_op(problem, self.tile_shape, DEFAULT_TILE_VOLUME, True)
+        *_, tiles = _run_op(problem, self.tile_shape, DEFAULT_TILE_VOLUME, self.key_chunk, True)
         return tiles
 
     def summary(self) -> str:
@@ -145,6 +158,8 @@ class NeighborhoodPlan:
                 f"  flop bound (dense/useful) {self.flop_bound:.4g}x, tile bound "
                 f"(dense/computed) {self.tile_bound:.4g}x, tile efficiency "
                 f"{100 * self.tile_efficiency:.1f}%",
+                f"  in {self.key_chunk}-key chunks: computed {self.chunked_pairs:,}, "
+                f"efficiency {100 * self.chunk_efficiency:.1f}%",
             ]
         )
 
@@ -156,6 +171,7 @@ def _run_op(
     problem: tuple[tuple[int, ...], ...],
     tile_shape: tuple[int, ...],
     tile_volume: int,
+    key_chunk: int,
     tiles: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.tokenmix.na_plan`` on ``(input_shape, kernel, stride, dilation, causal)``."""
@@ -169,6 +185,7 @@ def _run_op(
         [int(c) for c in causal],
         list(tile_shape),
         tile_volume,
+        key_chunk,
         tiles,
     )
 
@@ -201,6 +218,7 @@ def plan(
     *,
     tile_shape: int | Sequence[int] | None = None,
     tile_volume: int = DEFAULT_TILE_VOLUME,
+    key_chunk: int = DEFAULT_KEY_CHUNK,
 ) -> NeighborhoodPlan:
     """Plans neighborhood attention over ``input_shape`` the way the fused kernels run it.
 
@@ -213,6 +231,8 @@ def plan(
     queries (a power of two) split into a power of two per dimension so that the
     fewest pairs are computed. An explicit ``tile_shape`` (any positive ints, one per
     dimension or one for all) is analysed as given and ``tile_volume`` is ignored.
+    ``key_chunk`` is the kernel's key granularity for ``chunked_pairs``: 64 (the CUDA
+    fp16/bf16 kernels, the default), 32 (CUDA float32); 1 gives ``computed_pairs``.
 
     Example::
 
@@ -237,8 +257,12 @@ def plan(
         if any(t > _MAX_TILE for t in tiles):
             raise ValueError(f"tile_shape must be <= 2**20 in every dimension, got {tiles}")
 
-    chosen, counts, _ = _run_op((shape, kernel, strides, dils, causal), tiles, volume, False)
-    num_tiles, useful, computed, dense = counts.tolist()
+    chunk = as_int(key_chunk, "key_chunk")
+    if not 1 <= chunk <= _MAX_TILE:
+        raise ValueError(f"key_chunk must be between 1 and 2**20, got {chunk}")
+    problem = (shape, kernel, strides, dils, causal)
+    chosen, counts, _ = _run_op(problem, tiles, volume, chunk, False)
+    num_tiles, useful, computed, dense, chunked = counts.tolist()
     return NeighborhoodPlan(
         input_shape=shape,
         kernel_size=kernel,
@@ -250,4 +274,6 @@ def plan(
         useful_pairs=useful,
         computed_pairs=computed,
         dense_pairs=dense,
+        key_chunk=chunk,
+        chunked_pairs=chunked,
     )
