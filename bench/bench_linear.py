@@ -69,8 +69,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import (  # noqa: E402
+    DTYPES,
     MODES,
     RunCeiling,
+    add_device_arguments,
     add_mode_arguments,
     add_output_arguments,
     add_plot_argument,
@@ -117,7 +119,6 @@ LABELS = {
 # |fused - chunked| <= ATOL + RTOL * max|chunked| per dtype (long sums of T terms; with
 # float16/bfloat16 both outputs are rounded to the dtype).
 TOLERANCES = {"float32": (1e-3, 1e-4), "float16": (5e-3, 1e-3), "bfloat16": (3e-2, 1e-2)}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 
 DEFAULT_PLAN = [
@@ -573,17 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Benchmark tokenmix's linear-attention scans against their peers."
     )
-    p.add_argument(
-        "--device",
-        default="cpu",
-        choices=sorted(DEFAULT_DTYPES),
-        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        help="dtype of q, k, v and beta (default float32 on the CPU, bfloat16 on CUDA)",
-    )
+    add_device_arguments(p, DEFAULT_DTYPES)
     p.add_argument("--T", type=int, help="sequence length (default 8192)")
     p.add_argument(
         "--seq-lens",

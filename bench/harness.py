@@ -690,6 +690,27 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 DefaultBackends = Sequence[str] | Callable[[argparse.Namespace], Sequence[str]]
 
 
+def add_device_arguments(
+    p: argparse.ArgumentParser, default_dtypes: dict[str, str] = DEFAULT_DTYPES
+) -> None:
+    """``--device`` (cpu or cuda) and ``--dtype`` (default per device: ``default_dtypes``)."""
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=sorted(default_dtypes),
+        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="default "
+        + ", ".join(
+            f"{d} on {'the CPU' if dev == 'cpu' else dev.upper()}"
+            for dev, d in default_dtypes.items()
+        ),
+    )
+
+
 def add_measurement_arguments(
     p: argparse.ArgumentParser,
     backends: Sequence[str],
@@ -700,21 +721,7 @@ def add_measurement_arguments(
     backends (``default_backends``, or all of ``backends``; ``default_help`` describes a
     default that depends on other options), timing, memory and time limits, seed, ``--quick``,
     output, ``--worker``."""
-    p.add_argument(
-        "--device",
-        default="cpu",
-        choices=sorted(DEFAULT_DTYPES),
-        help="where every backend runs (default cpu); cuda needs a usable CUDA device",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        help="default "
-        + ", ".join(
-            f"{d} on {'the CPU' if dev == 'cpu' else dev.upper()}"
-            for dev, d in DEFAULT_DTYPES.items()
-        ),
-    )
+    add_device_arguments(p)
     p.add_argument(
         "--threads", type=int, default=2, help="torch.set_num_threads for every run (default 2)"
     )
