@@ -20,13 +20,15 @@ import concurrent.futures
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 
 from . import _ops
 from ._info import _readable_kernel, parse_ptxas_report
-from ._sass import _find_tool
+from ._sass import _find_tool, tool_candidates
+
+# Where CMake finds nvcc on the project's machines.
+_DEFAULT_TOOLKIT_PTXAS = "/usr/local/cuda/bin/ptxas"
 
 __all__ = ["PtxFile", "PtxCheck", "extract_ptx", "pick_ptx", "lower_version", "check", "find_ptxas"]
 
@@ -63,22 +65,13 @@ class PtxCheck:
 
 def find_ptxas(release: int | None = None) -> str:
     """ptxas of the given major release (13: the one nvcc uses; 12: ``nvidia-cuda-nvcc-cu12``)."""
-    candidates = []
-    try:
-        import nvidia  # namespace package of NVIDIA's pip wheels
-
-        for root in nvidia.__path__:
-            candidates += [os.path.join(root, sub, "bin", "ptxas") for sub in ("cu13", "cuda_nvcc")]
-    except ImportError:
-        pass
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "ptxas"))
-    candidates.append(shutil.which("ptxas") or "")
+    # nvidia-cuda-nvcc-cu12 installs nvidia/cuda_nvcc/bin/ptxas; nvcc's own toolkit last
+    candidates = tool_candidates("ptxas", ("cuda_nvcc",))
+    if os.access(_DEFAULT_TOOLKIT_PTXAS, os.X_OK):
+        candidates.append(_DEFAULT_TOOLKIT_PTXAS)
     for path in candidates:
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            if release is None or ptxas_release(path).startswith(f"release {release}."):
-                return path
+        if release is None or ptxas_release(path).startswith(f"release {release}."):
+            return path
     package = {12: "nvidia-cuda-nvcc-cu12", 13: "nvidia-cuda-nvcc"}.get(release or 13)
     hint = f"`pip install {package}`, " if package else ""
     wanted = f"a CUDA {release} ptxas" if release else "ptxas"

@@ -130,25 +130,30 @@ class Kernel:
         return self._bound(self.longest_path_length)
 
 
-def _find_tool(name: str) -> str:
-    """A CUDA binary tool from its ``nvidia-cuda-<name>`` pip package, $CUDA_HOME/bin or PATH."""
+def tool_candidates(name: str, packages: tuple[str, ...] = ()) -> list[str]:
+    """Where a CUDA binary tool may be, in order: NVIDIA's pip wheels (``nvidia/cu13``,
+    ``nvidia``, ``nvidia/cuda_<name>`` and ``nvidia/<package>`` for each of ``packages``),
+    $CUDA_HOME/bin, PATH. Only executable files are listed."""
     candidates = []
     try:
         import nvidia  # namespace package of NVIDIA's pip wheels
 
         for root in nvidia.__path__:
-            candidates += [os.path.join(root, sub, "bin", name) for sub in ("cu13", "")]
-            candidates.append(os.path.join(root, f"cuda_{name}", "bin", name))
+            for sub in ("cu13", "", f"cuda_{name}", *packages):
+                candidates.append(os.path.join(root, sub, "bin", name))
     except ImportError:
         pass
     if os.environ.get("CUDA_HOME"):
         candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", name))
-    found = shutil.which(name)
+    candidates.append(shutil.which(name) or "")
+    return [p for p in candidates if os.path.isfile(p) and os.access(p, os.X_OK)]
+
+
+def _find_tool(name: str) -> str:
+    """A CUDA binary tool from its ``nvidia-cuda-<name>`` pip package, $CUDA_HOME/bin or PATH."""
+    found = tool_candidates(name)
     if found:
-        candidates.append(found)
-    for path in candidates:
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
+        return found[0]
     raise FileNotFoundError(
         f"{name} not found: `pip install nvidia-cuda-{name}` (make installs it as a development "
         "dependency), or set CUDA_HOME to a CUDA toolkit"
