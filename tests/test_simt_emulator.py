@@ -42,6 +42,7 @@ POSITIVE = [
     "vec128",
     "mma_f16",
     "mma_bf16",
+    "mma_tf32",
     "ldmatrix",
     "cp_async",
     "gemm_f16",
@@ -395,7 +396,8 @@ LDSM_COUNTS = {"x1": 1, "x2": 2, "x4": 4, "x1_trans": 1, "x2_trans": 2, "x4_tran
 
 
 def _ptx_isa_tables() -> list[str]:
-    """The tables as the PTX ISA states them (mma.m16n8k16 .f16/.bf16 fragments, ldmatrix)."""
+    """The tables as the PTX ISA states them (mma.m16n8k16 .f16/.bf16 and m16n8k8 .tf32 fragments,
+    ldmatrix)."""
     lines = []
     for lane in range(32):
         g, q = lane >> 2, lane % 4
@@ -411,6 +413,14 @@ def _ptx_isa_tables() -> list[str]:
         g, q = lane >> 2, lane % 4
         for i in range(4):  # c0..c3: row groupID (+8 for i>=2), col 2q + i%2
             lines.append(f"mma_c {lane} {i} {g if i < 2 else g + 8} {q * 2 + (i & 1)}")
+    for lane in range(32):
+        g, q = lane >> 2, lane % 4
+        for i in range(4):  # tf32 a0..a3: row groupID (+8 for a1, a3), col q (+4 for a2, a3)
+            lines.append(f"tf32_mma_a {lane} {i} {g + 8 * (i & 1)} {q + 4 * (i >> 1)}")
+    for lane in range(32):
+        g, q = lane >> 2, lane % 4
+        for i in range(2):  # tf32 b0, b1: row (k) q (+4 for b1), col (n) groupID
+            lines.append(f"tf32_mma_b {lane} {i} {q + 4 * i} {g}")
     for name, count in LDSM_COUNTS.items():
         trans = name.endswith("trans")
         for lane in range(32):
@@ -476,10 +486,13 @@ def test_layouts_match_cute(emulator_tables):
         assert build.returncode == 0, build.stderr[-4000:]
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True)
     cute_lines = out.stdout.splitlines()
-    f16 = [line for line in cute_lines if not line.startswith("bf16_")]
+    f16 = [line for line in cute_lines if not line.startswith(("bf16_", "tf32_"))]
     bf16 = [line[len("bf16_") :] for line in cute_lines if line.startswith("bf16_")]
-    assert f16 == emulator_tables
+    tf32 = [line for line in cute_lines if line.startswith("tf32_")]
+    assert f16 == [line for line in emulator_tables if not line.startswith("tf32_")]
     assert bf16 == [line for line in emulator_tables if line.startswith("mma_")]
+    assert tf32 == [line for line in emulator_tables if line.startswith("tf32_")]
+    assert len(tf32) == 32 * 6
 
 
 # ---- the same source under nvcc ----------------------------------------------------------------
@@ -542,6 +555,8 @@ def test_nvcc_emits_the_instructions(nvcc_reports):
     for instruction in [
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+        "cvt.rna.tf32.f32",
         "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
         "ldmatrix.sync.aligned.m8n8.x1.shared.b16",

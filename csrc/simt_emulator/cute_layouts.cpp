@@ -40,6 +40,17 @@ void print_mma(const char* prefix) {
   print_tv(name, typename Traits::CLayout{}, 4, 16);  // (M, N) = (16, 8)
 }
 
+// m16n8k8 tf32: A (M, K) = (16, 8), B (N, K) = (8, 8), printed as (k, n); C as for m16n8k16.
+void print_mma_tf32() {
+  using Traits = MMA_Traits<SM80_16x8x8_F32TF32TF32F32_TN>;
+  print_tv("tf32_mma_a", typename Traits::ALayout{}, 4, 16);
+  for (int t = 0; t < 32; ++t)
+    for (int v = 0; v < 2; ++v) {
+      const int idx = int(typename Traits::BLayout{}(t, v));
+      std::printf("tf32_mma_b %d %d %d %d\n", t, v, idx / 8, idx % 8);
+    }
+}
+
 // Each destination 16-bit slot of each lane: which source lane's row (matrix = lane / 8,
 // row = lane % 8) and which element of that row it holds.
 template <class Op>
@@ -62,6 +73,7 @@ void print_ldsm(const char* name, int regs) {
 int main() {
   print_mma<SM80_16x8x16_F32F16F16F32_TN>("");
   print_mma<SM80_16x8x16_F32BF16BF16F32_TN>("bf16_");
+  print_mma_tf32();
   print_ldsm<SM75_U32x1_LDSM_N>("ldsm_x1", 1);
   print_ldsm<SM75_U32x2_LDSM_N>("ldsm_x2", 2);
   print_ldsm<SM75_U32x4_LDSM_N>("ldsm_x4", 4);

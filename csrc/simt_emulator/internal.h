@@ -27,6 +27,8 @@ constexpr uint16_t kManyWarps = 0xffff;
 
 enum class status : uint8_t { runnable, barrier, collective, exited };
 enum class coll_kind : uint8_t { sync_warp, shuffle, vote, mma, ldmatrix };
+// The operand type of an mma collective (its mode): m16n8k16 f16 / bf16, or m16n8k8 tf32.
+enum mma_type : uint8_t { mma_f16 = 0, mma_bf16 = 1, mma_tf32 = 2 };
 
 struct cp_async_op {
   uint8_t* dst;
@@ -60,7 +62,7 @@ struct lane_args {
 
 struct collective {
   coll_kind kind;
-  uint8_t mode;  // shfl_mode / vote_mode / bf16 flag / ldmatrix count + 8 * trans
+  uint8_t mode;  // shfl_mode / vote_mode / mma_type / ldmatrix count + 8 * trans
   uint32_t mask, arrived;
   const char* file;
   int line;

@@ -124,7 +124,10 @@ std::string collective_name(coll_kind k, uint8_t mode) {
       static const char* names[] = {"any_sync", "all_sync", "ballot_sync"};
       return names[mode % 3];
     }
-    case coll_kind::mma: return mode ? "mma_m16n8k16_bf16f32" : "mma_m16n8k16_f16f32";
+    case coll_kind::mma:
+      return mode == mma_tf32   ? "mma_m16n8k8_tf32f32"
+             : mode == mma_bf16 ? "mma_m16n8k16_bf16f32"
+                                : "mma_m16n8k16_f16f32";
     case coll_kind::ldmatrix:
       return "ldmatrix_x" + std::to_string(mode & 7) + ((mode & 8) ? "_trans" : "");
   }

@@ -180,6 +180,19 @@ TM_GLOBAL void mma_kernel(global_ptr<const uint32_t> a, global_ptr<const uint32_
   for (int i = 0; i < 4; ++i) d[4 * t + i] = acc[i];
 }
 
+// m16n8k8 tf32: the operands rounded from float32 by the kernel, then d = A * B + (A * B + C).
+TM_GLOBAL void mma_tf32_kernel(global_ptr<const uint32_t> a, global_ptr<const uint32_t> b,
+                               global_ptr<const float> c, global_ptr<float> d) {
+  const int t = int(linear_thread_idx());
+  uint32_t af[4], bf[2];
+  float acc[4];
+  for (int i = 0; i < 4; ++i) af[i] = f32_to_tf32_bits(bits_float(a[4 * t + i]));
+  for (int i = 0; i < 2; ++i) bf[i] = f32_to_tf32_bits(bits_float(b[2 * t + i]));
+  for (int i = 0; i < 4; ++i) acc[i] = c[4 * t + i];
+  for (int rep = 0; rep < 2; ++rep) mma_m16n8k8_tf32f32(acc, af, bf, acc);
+  for (int i = 0; i < 4; ++i) d[4 * t + i] = acc[i];
+}
+
 // Lane l gives the address of physical row (5 l + 3) % 32; lanes that the instruction ignores
 // give a misaligned address, which must not be touched.
 TM_GLOBAL void ldmatrix_kernel(global_ptr<const uint16_t> rows, global_ptr<uint32_t> out) {
@@ -557,6 +570,12 @@ void launch_mma(bool bf16, const uint32_t* a, const uint32_t* b, const float* c,
   else
     launch(mma_kernel<false>, dim3u(1), dim3u(uint32_t(lanes)), 0, buffer(a, 4 * lanes, "a"),
            buffer(b, 2 * lanes, "b"), buffer(c, 4 * lanes, "c"), buffer(d, 4 * lanes, "d"));
+}
+
+void launch_mma_tf32(const uint32_t* a, const uint32_t* b, const float* c, float* d, int warps) {
+  const size_t lanes = 32 * size_t(warps);
+  launch(mma_tf32_kernel, dim3u(1), dim3u(uint32_t(lanes)), 0, buffer(a, 4 * lanes, "a"),
+         buffer(b, 2 * lanes, "b"), buffer(c, 4 * lanes, "c"), buffer(d, 4 * lanes, "d"));
 }
 
 void launch_ldmatrix(const uint16_t* rows, uint32_t* out) {

@@ -40,6 +40,8 @@ void launch_vec128(const uint32_t* in, uint32_t* out);  // 4 * kVecThreads words
 // One m16n8k16 problem per warp: a 32x4, b 32x2, c and d 32x4 words/floats per warp (fragments).
 void launch_mma(bool bf16, const uint32_t* a, const uint32_t* b, const float* c, float* d,
                 int warps);
+// tf32: a, b hold float32 patterns (4 and 2 per lane), rounded by the kernel (f32_to_tf32_bits).
+void launch_mma_tf32(const uint32_t* a, const uint32_t* b, const float* c, float* d, int warps);
 // rows: 32 rows of 8 halves; out: kLdmatrixVariants x 32 lanes x 4 registers.
 void launch_ldmatrix(const uint16_t* rows, uint32_t* out);
 void launch_cp_async(const uint32_t* in, uint32_t* out);

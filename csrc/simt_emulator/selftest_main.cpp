@@ -424,6 +424,87 @@ std::string test_mma(bool bf16) {
   return buf;
 }
 
+// tf32 (PTX cvt.rna.tf32.f32): ties away from zero, specials kept; the fragments written out with
+// the PTX ISA's m16n8k8 .tf32 formulas, independently of layouts.h; products of the rounded
+// operands against the double reference.
+double tf32_value(float x) {
+  const uint32_t b = float_bits(x);
+  const double mag = std::fabs(double(x));
+  if (!std::isfinite(x)) return x;
+  // the two tf32 neighbours around x: truncation and one step (2^13 units of the f32 pattern) up
+  const double lo = std::fabs(double(bits_float(b & 0xffffe000u)));
+  const double hi = std::fabs(double(bits_float((b & 0xffffe000u) + 0x2000u)));
+  const double r = (mag - lo < hi - mag) ? lo : hi;  // a tie goes away from zero
+  return x < 0 ? -r : r;
+}
+
+std::string test_mma_tf32() {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200000; ++trial) {
+    const float x = bits_float(uint32_t(rng()) & 0xbfffffffu);  // |x| < 2: every exponent below
+    const double want = tf32_value(x), got = bits_float(f32_to_tf32_bits(x));
+    if (!(got == want || (std::isnan(got) && std::isnan(want))))
+      failf("tf32(%.9g) = %.9g, expected %.9g", double(x), got, want);
+  }
+  if (bits_float(f32_to_tf32_bits(1.0f + 0x1p-11f)) != 1.0f + 0x1p-10f ||  // a tie: away from 0
+      bits_float(f32_to_tf32_bits(-1.0f - 0x1p-11f)) != -1.0f - 0x1p-10f ||
+      f32_to_tf32_bits(INFINITY) != 0x7f800000u ||
+      !std::isinf(bits_float(f32_to_tf32_bits(3.4028235e38f))) ||
+      !std::isnan(bits_float(f32_to_tf32_bits(NAN))))
+    failf("tf32 rounding of ties, infinities, overflow or NaN");
+  const int warps = 4;
+  std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
+  std::vector<uint32_t> a(warps * 32 * 4), b(warps * 32 * 2);
+  std::vector<float> c(warps * 32 * 4), d(warps * 32 * 4, NAN);
+  std::vector<std::vector<float>> A(warps, std::vector<float>(16 * 8)),
+      B(warps, std::vector<float>(8 * 8)), C(warps, std::vector<float>(16 * 8));
+  for (int w = 0; w < warps; ++w) {
+    for (auto& x : A[w]) x = dist(rng);
+    for (auto& x : B[w]) x = dist(rng);  // B[k * 8 + n]
+    for (auto& x : C[w]) x = dist(rng);
+    for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane >> 2, q = lane & 3, t = w * 32 + lane;
+      a[4 * t + 0] = float_bits(A[w][g * 8 + q]);
+      a[4 * t + 1] = float_bits(A[w][(g + 8) * 8 + q]);
+      a[4 * t + 2] = float_bits(A[w][g * 8 + q + 4]);
+      a[4 * t + 3] = float_bits(A[w][(g + 8) * 8 + q + 4]);
+      b[2 * t + 0] = float_bits(B[w][q * 8 + g]);
+      b[2 * t + 1] = float_bits(B[w][(q + 4) * 8 + g]);
+      c[4 * t + 0] = C[w][g * 8 + 2 * q];
+      c[4 * t + 1] = C[w][g * 8 + 2 * q + 1];
+      c[4 * t + 2] = C[w][(g + 8) * 8 + 2 * q];
+      c[4 * t + 3] = C[w][(g + 8) * 8 + 2 * q + 1];
+    }
+  }
+  st::launch_mma_tf32(a.data(), b.data(), c.data(), d.data(), warps);
+  double worst = 0;
+  for (int w = 0; w < warps; ++w)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int i = 0; i < 4; ++i) {
+        const int g = lane >> 2, q = lane & 3;
+        const int row = g + 8 * (i >> 1), col = 2 * q + (i & 1);
+        double ab = 0, mag = 0;
+        for (int k = 0; k < 8; ++k) {
+          const double p = tf32_value(A[w][row * 8 + k]) * tf32_value(B[w][k * 8 + col]);
+          ab += p;
+          mag += std::fabs(p);
+        }
+        const double want = 2 * ab + C[w][row * 8 + col];
+        const double got = d[4 * (w * 32 + lane) + i];
+        const double err = std::fabs(got - want), tol = 4e-7 * (2 * mag + 1);
+        worst = std::max(worst, err / tol);
+        if (!(err <= tol))
+          failf("warp %d D[%d][%d] (lane %d, c%d): %.9g, expected %.9g", w, row, col, lane, i, got,
+                want);
+      }
+  char buf[160];
+  std::snprintf(buf, sizeof buf,
+                "tf32 rounding of 200000 floats; 4 random problems, D = A*B + (A*B + C), worst "
+                "error %.2f of tolerance",
+                worst);
+  return buf;
+}
+
 int inverse_phys(int p) {
   return (13 * (p - 3 + 32)) & 31;
 }  // phys(l) = (5 l + 3) % 32
@@ -636,6 +717,7 @@ const std::vector<positive_test>& positives() {
       {"vec128", test_vec128},
       {"mma_f16", [] { return test_mma(false); }},
       {"mma_bf16", [] { return test_mma(true); }},
+      {"mma_tf32", [] { return test_mma_tf32(); }},
       {"ldmatrix", test_ldmatrix},
       {"cp_async", test_cp_async},
       {"gemm_f16", [] { return test_gemm(false); }},
@@ -727,6 +809,16 @@ int print_layouts() {
     for (int i = 0; i < 4; ++i) {
       const layout::coord e = layout::mma_m16n8k16_c(lane, i);
       std::printf("mma_c %d %d %d %d\n", lane, i, e.row, e.col);
+    }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {
+      const layout::coord e = layout::mma_m16n8k8_tf32_a(lane, i);
+      std::printf("tf32_mma_a %d %d %d %d\n", lane, i, e.row, e.col);
+    }
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 2; ++i) {
+      const layout::coord e = layout::mma_m16n8k8_tf32_b(lane, i);
+      std::printf("tf32_mma_b %d %d %d %d\n", lane, i, e.row, e.col);
     }
   // ldmatrix, probed: physical row p holds the values 8 p + col.
   std::vector<uint16_t> rows(32 * 8);

@@ -142,6 +142,19 @@ TM_DEVICE void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], const uint3
 #endif
 }
 
+// m16n8k8 with tf32 operands (f32_to_tf32_bits), f32 accumulate.
+TM_DEVICE void mma_m16n8k8_tf32f32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                   const float c[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+#endif
+}
+
 // ---- ldmatrix: 8x8 b16 matrices from shared memory, one row address per lane
 template <class T>
 TM_DEVICE uint32_t shared_address(const T* p) {

@@ -63,6 +63,8 @@ uint32_t shuffle(shfl_mode mode, uint32_t mask, uint32_t value, uint32_t operand
 uint32_t vote(vote_mode mode, uint32_t mask, bool pred, const char* file, int line);
 void mma_m16n8k16(bool bf16, float* d, const uint32_t* a, const uint32_t* b, const float* c,
                   const char* file, int line);
+void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                      const char* file, int line);
 void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, uint32_t row_region,
               const char* file, int line);
 void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32_t src_region,
@@ -359,6 +361,11 @@ inline void mma_m16n8k16_bf16f32(float d[4], const uint32_t a[4], const uint32_t
                                  const float c[4], const char* file = __builtin_FILE(),
                                  int line = __builtin_LINE()) {
   emu::mma_m16n8k16(true, d, a, b, c, file, line);
+}
+inline void mma_m16n8k8_tf32f32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                const float c[4], const char* file = __builtin_FILE(),
+                                int line = __builtin_LINE()) {
+  emu::mma_m16n8k8_tf32(d, a, b, c, file, line);
 }
 
 #define TM_SIMT_LDMATRIX(suffix, count, trans)                                                \

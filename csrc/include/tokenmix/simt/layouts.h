@@ -9,6 +9,11 @@
 //     row (k) = 2 * threadID_in_group + (i % 2) + 8 * (i / 2), col (n) = groupID
 //   C, D (16x8, f32):     element i = 0..3 is register i
 //     row = groupID + 8 * (i / 2), col = 2 * threadID_in_group + (i % 2)
+// mma.m16n8k8 with .tf32 operands (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32): one
+// 32-bit element per register.
+//   A (16x8): element i = 0..3: row = groupID + 8 * (i % 2), col = threadID_in_group + 4 * (i / 2)
+//   B (8x8):  element i = 0..1: row (k) = threadID_in_group + 4 * i, col (n) = groupID
+//   C, D: as for m16n8k16
 // ldmatrix.m8n8.b16 (PTX ISA, "ldmatrix"): lane 8*j + r supplies the address of row r of matrix j;
 // lane t receives in register j, half h, the element (t / 4, 2 * (t % 4) + h) of matrix j, or with
 // .trans the element (2 * (t % 4) + h, t / 4).
@@ -33,6 +38,15 @@ TM_HOST_DEVICE constexpr coord mma_m16n8k16_b(int lane, int i) {
 
 TM_HOST_DEVICE constexpr coord mma_m16n8k16_c(int lane, int i) {
   return {(lane >> 2) + 8 * (i >> 1), 2 * (lane & 3) + (i & 1)};
+}
+
+TM_HOST_DEVICE constexpr coord mma_m16n8k8_tf32_a(int lane, int i) {
+  return {(lane >> 2) + 8 * (i & 1), (lane & 3) + 4 * (i >> 1)};
+}
+
+// (k, n) of B element i.
+TM_HOST_DEVICE constexpr coord mma_m16n8k8_tf32_b(int lane, int i) {
+  return {(lane & 3) + 4 * i, lane >> 2};
 }
 
 // (row, col) inside matrix j of the element that `lane` receives in register j, half `h`.

@@ -60,6 +60,21 @@ TM_HOST_DEVICE float bits_float(uint32_t u) {
 #endif
 }
 
+// float32 -> TensorFloat-32 (the operand format of mma .tf32): the 32-bit pattern with the low 13
+// mantissa bits cleared after rounding to nearest, ties away from zero (PTX cvt.rna.tf32.f32).
+// Infinities and NaNs pass through; a finite value past tf32's largest rounds to infinity.
+TM_HOST_DEVICE uint32_t f32_to_tf32_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+  return r;
+#else
+  const uint32_t x = float_bits(f);
+  if ((x & 0x7f800000u) == 0x7f800000u) return x;
+  return (x + 0x1000u) & 0xffffe000u;
+#endif
+}
+
 // IEEE binary16 and bfloat16 as raw 16-bit patterns, round to nearest even. The host versions are
 // exact bit manipulations (the emulator's mma reads its operands through them).
 TM_HOST_DEVICE uint16_t f32_to_f16_bits(float f) {
