@@ -69,6 +69,16 @@ def test_listing_main_path_and_bound():
     assert forward.longest_bound == pytest.approx(16 / 80)
 
 
+def test_tf32_mma_counts_at_half_the_fp16_rate():
+    def fma(text):
+        return _sass._tensor_fma(_sass.Instruction(0, text, ""))
+
+    assert fma("HMMA.16816.F32 R0, R4, R8, R0 ;") == 16 * 8 * 16
+    assert fma("HMMA.1688.F32 R0, R4, R8, R0 ;") == 16 * 8 * 8
+    # m16n8k8 tf32: 1024 FMAs at half the fp16 rate, the pipe time of an fp16 m16n8k16
+    assert fma("HMMA.1688.F32.TF32 R0, R4, R8, R0 ;") == 2 * 16 * 8 * 8
+
+
 def test_listing_unknown_trip_count_counts_once():
     dq = _sass.analyze(_sass.parse_sass(LISTING)[1])
     # the inner loop (0x20 .. 0x50) runs to a register bound: counted once
@@ -175,21 +185,29 @@ def test_fft_line_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
     assert checked == 2 * 9  # 3 kernels x 3 dtypes, on sm_80 and sm_90
 
 
-def test_scan_kernels_are_reported_without_a_tensor_pipe_bound(shipped):
-    # The linear scans and the delta rule run float32 FMAs for every dtype so far: the report
-    # lists each of their kernels with no HMMA, hence no tensor-pipe bound, and no local memory
-    # in the main loop.
-    checked = 0
+def test_scan_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
+    # The linear scans' forward and backward run their products as tf32 mma (HMMA.1688.F32.TF32)
+    # for fp16/bf16 inputs and FMAs for float32; every scan kernel is in the report, with no
+    # local memory in its main loop.
+    checked = half_checked = 0
     for k in shipped:
         name = _readable_kernel(k.name)
         if not name.startswith(("scan_", "delta_")):
             continue
         checked += 1
-        assert k.counts.get("hmma", 0) == 0 and k.bound is None, (name, k.bound)
         assert k.counts.get("local", 0) == 0, f"{name}: local memory in the main loop"
+        tensor = name.startswith(("scan_forward_kernel", "scan_backward_kernel")) and (
+            "<F16," in name or "<BF16," in name
+        )
+        if tensor:
+            half_checked += 1
+            assert k.counts.get("hmma", 0) > 0 and 0 < k.bound <= 1, (name, k.bound)
+        else:
+            assert k.counts.get("hmma", 0) == 0 and k.bound is None, (name, k.bound)
     # scan forward and backward (3 dtypes x 3 decays: 18), reduce (3), decay grad (2), delta
     # forward and backward (6), delta token grad (1): 30 kernels, on sm_80 and sm_90
     assert checked == 2 * 30
+    assert half_checked == 2 * 12
 
 
 def test_cli(capsys):

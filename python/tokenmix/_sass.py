@@ -20,8 +20,9 @@ counted by class and give an upper bound on the tensor pipe's utilization per SM
 * issue: one warp instruction per cycle per sub-partition, so every instruction on the path is
   a cycle (an unpredicated CALL adds its subroutine's length);
 * tensor: each HMMA occupies the pipe for its FMAs divided by the architecture's dense fp16 FMAs
-  per cycle per sub-partition (``TENSOR_FMA_PER_CYCLE``), so the bound is a share of the
-  architecture's peak tensor throughput;
+  per cycle per sub-partition (``TENSOR_FMA_PER_CYCLE``; a tf32 FMA counts as two, its rate
+  being half of fp16's), so the bound is a share of the architecture's peak fp16 tensor
+  throughput;
 * shared memory: the SM moves one 128-byte wavefront per cycle for its four sub-partitions, so a
   path with W wavefronts (LDS/STS/LDSM/LDGSTS, counted from their widths, conflict-free) costs
   4 W cycles when every sub-partition runs it.
@@ -194,9 +195,11 @@ def parse_sass(text: str) -> list[Kernel]:
 
 
 def _tensor_fma(ins: Instruction) -> int:
-    """FMAs of one warp's tensor-core instruction (HMMA.MNK, or a share of a warpgroup HGMMA)."""
+    """FMAs of one warp's tensor-core instruction (HMMA.MNK, or a share of a warpgroup HGMMA), in
+    fp16 FMAs: tf32 runs at half the fp16 rate on sm_80 and sm_90, so a tf32 FMA counts twice."""
     if ins.op.startswith("HMMA."):
-        return _HMMA_FMA.get(ins.op.split(".")[1], 0)
+        fma = _HMMA_FMA.get(ins.op.split(".")[1], 0)
+        return 2 * fma if ".TF32" in ins.op else fma
     if ins.op.startswith("HGMMA."):
         m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", ins.op)
         if m:  # one warpgroup instruction: a quarter of its FMAs per warp (sub-partition)

@@ -72,6 +72,11 @@ TM_DEVICE DeltaSmem delta_smem(int64_t key_pad, bool backward) {
   return s;
 }
 
+// The state [key_pad x BV] as a plain (unswizzled) matrix, for the scans' shared state I/O.
+TM_DEVICE SmemMat<false> delta_state(const DeltaSmem& s) {
+  return {s.S, kScanValues};
+}
+
 // Key columns [d0, d0 + BK) of the chunk's q (scaled) and k, zeros outside. Ends with a barrier.
 template <class E>
 TM_DEVICE void delta_load_keys(const ScanParams& p, const DeltaSmem& s, int64_t b, int64_t h,
@@ -234,15 +239,16 @@ TM_DEVICE void delta_forward_body(const ScanParams& p) {
   const int tid = int(thread_idx().x), r = tid / 4, e0 = (tid % 4) * 8;
   const bool varlen = p.cu_seqlens != nullptr;
   const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
-  scan_load_state(p, s.S, p.initial_state, blk.n, blk.h, blk.e_base);
+  scan_load_state(p, delta_state(s), p.initial_state, blk.n, blk.h, blk.e_base);
   sync_threads();
   int64_t ci = 0;
   for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
     const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
     if (p.states_only) {
-      scan_store_slot(p, s.S, base + ci, blk);
+      scan_store_slot(p, delta_state(s), base + ci, blk);
     }
-    scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
+    scan_load_values<E>(p, p.v, p.v_stride, SmemMat<false>{s.v, kScanValues}, blk.b, blk.h, t0, c,
+                        blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
     float qs[8] = {};
     delta_chunk<E, false>(p, s, blk, t0, c, nullptr, qs, nullptr);
@@ -270,9 +276,9 @@ TM_DEVICE void delta_forward_body(const ScanParams& p) {
     }
   }
   if (p.states_only) {
-    scan_store_slot(p, s.S, base + ci, blk);
+    scan_store_slot(p, delta_state(s), base + ci, blk);
   } else if (p.final_state) {
-    scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
+    scan_store_state(p, delta_state(s), p.final_state, blk.n, blk.h, blk.e_base);
   }
 }
 
@@ -289,14 +295,16 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
   const int64_t token_plane = p.batch * p.seq_len * p.heads;
   const global_ptr<float> dq_out = global_ptr<float>(p.dq_part) + blk.vb * plane;
   const global_ptr<float> dk_out = global_ptr<float>(p.dk_part) + blk.vb * plane;
-  scan_load_state(p, s.S, p.grad_final_state, blk.n, blk.h, blk.e_base);
+  scan_load_state(p, delta_state(s), p.grad_final_state, blk.n, blk.h, blk.e_base);
   sync_threads();
   for (int64_t ci = chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = blk.begin + ci * C;
     const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
     const global_ptr<const float> s0_src = scan_state_at(p, base + ci, blk.h, blk.vb);
-    scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
-    scan_load_values<E>(p, p.grad_out, p.grad_out_stride, s.dO, blk.b, blk.h, t0, c, blk.e_base);
+    scan_load_values<E>(p, p.v, p.v_stride, SmemMat<false>{s.v, kScanValues}, blk.b, blk.h, t0, c,
+                        blk.e_base);
+    scan_load_values<E>(p, p.grad_out, p.grad_out_stride, SmemMat<false>{s.dO, kScanValues}, blk.b,
+                        blk.h, t0, c, blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
     float ds_s0 = 0.0f;  // this thread's share of sum(dS * S0)
     delta_chunk<E, true>(p, s, blk, t0, c, s0_src, nullptr, &ds_s0);
@@ -490,7 +498,7 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
     }
     sync_threads();
   }
-  scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
+  scan_store_state(p, delta_state(s), p.grad_initial_state, blk.n, blk.h, blk.e_base);
 }
 
 // dbeta and dg from the value blocks' shares (block order); dg reverse-cumulated within each

@@ -26,6 +26,7 @@
 
 #include "tokenmix/cuda/grid_stride.h"
 #include "tokenmix/cuda/scan_layout.h"
+#include "tokenmix/cuda/scan_tiles.h"
 #include "tokenmix/cuda/warp_gemm.h"
 
 namespace tokenmix::cuda {
@@ -82,41 +83,47 @@ TM_DEVICE void scan_sequence(const ScanParams& p, int64_t n, int64_t* b, int64_t
   }
 }
 
-// The block's shared memory.
+// The block's shared memory, as swizzled matrices (scan_tiles.h).
 struct ScanSmem {
-  shared_ptr<float> S;      // [key_pad x BV]: the state (forward) or dL/dS (backward)
-  shared_ptr<float> v;      // [C x BV]
-  shared_ptr<float> A;      // [C x C]
-  shared_ptr<float> q;      // [C x BK] scaled q of the slice
-  shared_ptr<float> k;      // [C x BK]
-  shared_ptr<float> lg;     // [C x BK] log2 decays per key (per-key gates)
-  shared_ptr<float> qfac;   // [C x BK]
-  shared_ptr<float> kfac;   // [C x BK]
+  ScanMat S;                // [key_pad x BV]: the state (forward) or dL/dS (backward)
+  ScanMat v;                // [C x BV]
+  ScanMat A;                // [C x C]
+  ScanMat q;                // [C x BK] scaled q of the slice
+  ScanMat k;                // [C x BK]
+  ScanMat lg;               // [C x BK] log2 decays per key (per-key gates)
+  ScanMat qfac;             // [C x BK]
+  ScanMat kfac;             // [C x BK]
+  ScanMat sp;               // backward: [BK x BV] the chunk-start state's slice
+  ScanMat dO;               // backward: [C x BV]
+  ScanMat dA;               // backward: [C x C]
   shared_ptr<float> decay;  // [BK] 2^{sum over the chunk}
   shared_ptr<float> gl;     // [C] log2 scalar decays
-  shared_ptr<float> sp;     // backward: [BK x BV] the chunk-start state's slice
-  shared_ptr<float> dO;     // backward: [C x BV]
-  shared_ptr<float> dA;     // backward: [C x C]
 };
 
 TM_DEVICE ScanSmem scan_smem(int64_t key_pad, bool backward) {
-  constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
-  shared_ptr<float> base = dynamic_shared<float>();
+  constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  shared_ptr<float> at = dynamic_shared<float>();
+  auto take = [&](int64_t rows, int ld) {
+    const ScanMat m{at, ld};
+    at = at + rows * ld;
+    return m;
+  };
   ScanSmem s;
-  s.S = base;
-  s.v = s.S + key_pad * BV;
-  s.A = s.v + C * BV;
-  s.q = s.A + C * C;
-  s.k = s.q + C * BK;
-  s.lg = s.k + C * BK;
-  s.qfac = s.lg + C * BK;
-  s.kfac = s.qfac + C * BK;
-  s.decay = s.kfac + C * BK;
+  s.S = take(key_pad, BV);
+  s.v = take(C, BV);
+  s.A = take(C, C);
+  s.q = take(C, BK);
+  s.k = take(C, BK);
+  s.lg = take(C, BK);
+  s.qfac = take(C, BK);
+  s.kfac = take(C, BK);
+  s.decay = at;
   s.gl = s.decay + BK;
   if (backward) {
-    s.sp = s.gl + C;
-    s.dO = s.sp + BK * BV;
-    s.dA = s.dO + C * BV;
+    at = s.gl + C;
+    s.sp = take(BK, BV);
+    s.dO = take(C, BV);
+    s.dA = take(C, C);
   }
   return s;
 }
@@ -129,16 +136,17 @@ TM_DEVICE float scan_read(const void* base, const int64_t* stride, int64_t b, in
 }
 
 // Rows [t0, t0 + c) of a [B, T, H, V] tensor's value block into dst [C x BV], zeros elsewhere.
-template <class E>
+template <class E, bool kSw>
 TM_DEVICE void scan_load_values(const ScanParams& p, const void* base, const int64_t* stride,
-                                shared_ptr<float> dst, int64_t b, int64_t h, int64_t t0, int c,
+                                SmemMat<kSw> dst, int64_t b, int64_t h, int64_t t0, int c,
                                 int64_t e_base) {
   constexpr int BV = kScanValues;
   for (int x = int(thread_idx().x); x < kScanChunk * BV; x += kScanThreads) {
     const int j = x / BV, e = x % BV;
-    dst[x] = (j < c && e_base + e < p.value_dim)
-                 ? scan_read<E>(base, stride, b, t0 + j, h, e_base + e)
-                 : 0.0f;
+    dst.set(j, e,
+            (j < c && e_base + e < p.value_dim)
+                ? scan_read<E>(base, stride, b, t0 + j, h, e_base + e)
+                : 0.0f);
   }
 }
 
@@ -162,39 +170,40 @@ TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b
   constexpr int C = kScanChunk, BK = kScanKeys;
   const int tid = int(thread_idx().x);
   for (int x = tid; x < C * BK; x += kScanThreads) {
-    const int i = x / BK;
-    const int64_t d = d0 + x % BK;
+    const int i = x / BK, dd = x % BK;
+    const int64_t d = d0 + dd;
     const bool in = i < c && d < p.key_dim;
-    s.q[x] = in ? scan_read<E>(p.q, p.q_stride, b, t0 + i, h, d) * p.scale : 0.0f;
-    s.k[x] = in ? scan_read<E>(p.k, p.k_stride, b, t0 + i, h, d) : 0.0f;
+    s.q.set(i, dd, in ? scan_read<E>(p.q, p.q_stride, b, t0 + i, h, d) * p.scale : 0.0f);
+    s.k.set(i, dd, in ? scan_read<E>(p.k, p.k_stride, b, t0 + i, h, d) : 0.0f);
     if constexpr (kDecay == kScanPerKeyDecay) {
       const global_ptr<const float> gk(p.gk);
-      s.lg[x] =
-          in ? gk[((b * p.seq_len + t0 + i) * p.heads + h) * p.key_dim + d] * kScanLog2e : 0.0f;
+      s.lg.set(
+          i, dd,
+          in ? gk[((b * p.seq_len + t0 + i) * p.heads + h) * p.key_dim + d] * kScanLog2e : 0.0f);
     } else if constexpr (kDecay == kScanScalarDecay) {
-      s.lg[x] = s.gl[i];  // 0 past c already
+      s.lg.set(i, dd, s.gl[i]);  // 0 past c already
     }
   }
   sync_threads();
   if constexpr (kDecay == kScanNoDecay) {
     for (int x = tid; x < C * BK; x += kScanThreads) {
-      s.qfac[x] = 1.0f;
-      s.kfac[x] = 1.0f;
+      s.qfac.set(x / BK, x % BK, 1.0f);
+      s.kfac.set(x / BK, x % BK, 1.0f);
     }
     for (int x = tid; x < BK; x += kScanThreads) s.decay[x] = 1.0f;
   } else if (tid < BK) {
     float from_start = 0.0f;
     for (int i = 0; i < C; ++i) {
-      from_start += float(s.lg[i * BK + tid]);
-      s.qfac[i * BK + tid] = i < c ? exp2f(from_start) : 0.0f;
+      from_start += s.lg(i, tid);
+      s.qfac.set(i, tid, i < c ? exp2f(from_start) : 0.0f);
     }
     s.decay[tid] = d0 + tid < p.key_dim ? exp2f(from_start) : 0.0f;
   } else if (tid < 2 * BK) {
     const int dd = tid - BK;
     float to_end = 0.0f;
     for (int j = C - 1; j >= 0; --j) {
-      s.kfac[j * BK + dd] = j < c ? exp2f(to_end) : 0.0f;
-      to_end += float(s.lg[j * BK + dd]);
+      s.kfac.set(j, dd, j < c ? exp2f(to_end) : 0.0f);
+      to_end += s.lg(j, dd);
     }
   }
   sync_threads();
@@ -229,7 +238,7 @@ TM_DEVICE void scan_store_tile(shared_ptr<float> dst, const float acc[16]) {
 // The slice's share of the intra scores with per-key gates, added to A (j <= i < c):
 // A_ij += sum_d q_id k_jd 2^{D_ij,d}. Thread (j = t / 4, g = t % 4) runs down column j with one
 // running sum per key of its group of 8; the quad's 4 groups are added by shuffles in a fixed
-// order.
+// order. (The factor is inside the sum over keys, so this is not a matrix product.)
 TM_DEVICE void scan_gated_scores(const ScanSmem& s, int c) {
   constexpr int BK = kScanKeys, G = BK / 4;
   const int tid = int(thread_idx().x), j = tid / 4, g = tid % 4;
@@ -237,19 +246,19 @@ TM_DEVICE void scan_gated_scores(const ScanSmem& s, int c) {
   float kj[G], run[G];
 #pragma unroll
   for (int u = 0; u < G; ++u) {
-    kj[u] = s.k[j * BK + g * G + u];
+    kj[u] = s.k(j, g * G + u);
     run[u] = 0.0f;
   }
   for (int i = first; i < c; ++i) {
     float acc = 0.0f;
 #pragma unroll
     for (int u = 0; u < G; ++u) {
-      if (i > j) run[u] += float(s.lg[i * BK + g * G + u]);
-      acc += float(s.q[i * BK + g * G + u]) * kj[u] * exp2f(run[u]);
+      if (i > j) run[u] += s.lg(i, g * G + u);
+      acc += s.q(i, g * G + u) * kj[u] * exp2f(run[u]);
     }
     acc += shfl_xor_sync(0xffffffffu, acc, 1);
     acc += shfl_xor_sync(0xffffffffu, acc, 2);
-    if (g == 0 && i >= j) s.A[i * kScanChunk + j] += acc;
+    if (g == 0 && i >= j) s.A.set(i, j, s.A(i, j) + acc);
   }
 }
 
@@ -257,36 +266,25 @@ TM_DEVICE void scan_gated_scores(const ScanSmem& s, int c) {
 // entries are multiplied by 2^{D_ij}, D_ij = sum_{j<t<=i} lg_t summed down column j. Masked
 // entries are assigned, never multiplied.
 template <int kDecay>
-TM_DEVICE void scan_mask(const ScanSmem& s, shared_ptr<float> M, int c) {
+TM_DEVICE void scan_mask(const ScanSmem& s, ScanMat M, int c) {
   const int j = int(thread_idx().x);
   if (j < kScanChunk) {
     float run = 0.0f;
     for (int i = 0; i < kScanChunk; ++i) {
       if (i < j || i >= c) {
-        M[i * kScanChunk + j] = 0.0f;
+        M.set(i, j, 0.0f);
       } else if constexpr (kDecay == kScanScalarDecay) {
         if (i > j) run += float(s.gl[i]);
-        M[i * kScanChunk + j] *= exp2f(run);
+        M.set(i, j, M(i, j) * exp2f(run));
       }
     }
   }
   sync_threads();
 }
 
-// The output's state term over the slice: acc (row t / 4, columns 8 (t % 4) .. +8) +=
-// (q qfac) S[d0 .., :].
-TM_DEVICE void scan_state_term(const ScanSmem& s, int64_t d0, float acc[8]) {
-  constexpr int BK = kScanKeys, BV = kScanValues;
-  const int tid = int(thread_idx().x), i = tid / 4, e0 = (tid % 4) * 8;
-  for (int dd = 0; dd < BK; ++dd) {
-    const float a = float(s.q[i * BK + dd]) * float(s.qfac[i * BK + dd]);
-#pragma unroll
-    for (int u = 0; u < 8; ++u) acc[u] += a * float(s.S[(d0 + dd) * BV + e0 + u]);
-  }
-}
-
 // S[d0 + dd, :] = decay_dd S + sum_{j<c} (k kfac)_j,dd x_j for the slice's rows, with x = v
-// (state) or, in the backward, X = dO and q qfac instead of k kfac (dS).
+// (state) or, in the backward, X = dO and q qfac instead of k kfac (dS). The delta rule's form
+// (plain [rows x 32] matrices, FMAs).
 TM_DEVICE void scan_advance(shared_ptr<const float> decay, shared_ptr<float> S,
                             shared_ptr<const float> a, shared_ptr<const float> fac,
                             shared_ptr<const float> x, int64_t d0, int c) {
@@ -305,30 +303,54 @@ TM_DEVICE void scan_advance(shared_ptr<const float> decay, shared_ptr<float> S,
   for (int u = 0; u < 4; ++u) S[(d0 + dd) * BV + e0 + u] = acc[u];
 }
 
+// The same update on the linear scans' swizzled matrices, as a warp product: warp w owns rows
+// 16 (w / 4) .. +16 and columns 8 (w % 4) .. +8 of the slice.
+template <bool kTensor>
+TM_DEVICE void scan_advance_tiles(shared_ptr<const float> decay, ScanMat S, ScanMat a, ScanMat fac,
+                                  ScanMat x, int d0, int c) {
+  const int w = int(warp_id()), m0 = 16 * (w / 4), n0 = 8 * (w % 4);
+  const FragLane f = frag_lane();
+  float acc[1][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = m0 + frag_row(f, i);
+    acc[0][i] = float(decay[r]) * S(d0 + r, n0 + frag_col(f, 0, i));
+  }
+  // Rows j in [c, c rounded up to 8) are 0 in a, fac and x.
+  warp_product<kTensor, 1>(
+      acc, 0, kTensor ? (c + 7) / 8 * 8 : c,
+      [&](int r, int j) { return a(j, m0 + r) * fac(j, m0 + r); },
+      [&](int j, int n) { return x(j, n0 + n); });
+  frag_store(acc, S, d0 + m0, n0);
+}
+
 // The block's state slice <-> an [N, H, K, V] tensor (zeros for a missing source).
-TM_DEVICE void scan_load_state(const ScanParams& p, shared_ptr<float> S, const float* src,
-                               int64_t n, int64_t h, int64_t e_base) {
+template <bool kSw>
+TM_DEVICE void scan_load_state(const ScanParams& p, SmemMat<kSw> S, const float* src, int64_t n,
+                               int64_t h, int64_t e_base) {
   constexpr int BV = kScanValues;
   const global_ptr<const float> in(src);
   for (int64_t x = thread_idx().x; x < p.key_pad * BV; x += kScanThreads) {
     const int64_t d = x / BV, e = e_base + x % BV;
-    S[x] = (src && d < p.key_dim && e < p.value_dim)
-               ? float(in[((n * p.heads + h) * p.key_dim + d) * p.value_dim + e])
-               : 0.0f;
+    S.set(int(d), int(x % BV),
+          (src && d < p.key_dim && e < p.value_dim)
+              ? float(in[((n * p.heads + h) * p.key_dim + d) * p.value_dim + e])
+              : 0.0f);
   }
 }
-TM_DEVICE void scan_store_state(const ScanParams& p, shared_ptr<const float> S, float* dst,
-                                int64_t n, int64_t h, int64_t e_base) {
+template <bool kSw>
+TM_DEVICE void scan_store_state(const ScanParams& p, SmemMat<kSw> S, float* dst, int64_t n,
+                                int64_t h, int64_t e_base) {
   constexpr int BV = kScanValues;
   const global_ptr<float> out(dst);
   for (int64_t x = thread_idx().x; x < p.key_pad * BV; x += kScanThreads) {
     const int64_t d = x / BV, e = e_base + x % BV;
     if (d < p.key_dim && e < p.value_dim)
-      out[((n * p.heads + h) * p.key_dim + d) * p.value_dim + e] = S[x];
+      out[((n * p.heads + h) * p.key_dim + d) * p.value_dim + e] = S(int(d), int(x % BV));
   }
 }
 
-// The states workspace's slice for (slot, h, value block).
+// The states workspace's slice for (slot, h, value block): [key_pad x BV], unswizzled.
 TM_DEVICE global_ptr<float> scan_state_at(const ScanParams& p, int64_t slot, int64_t h,
                                           int64_t vb) {
   return global_ptr<float>(p.states) +
@@ -350,10 +372,12 @@ TM_DEVICE ScanBlock scan_block(const ScanParams& p) {
 }
 
 // The block's state slice into its slot of the states workspace.
-TM_DEVICE void scan_store_slot(const ScanParams& p, shared_ptr<const float> S, int64_t slot,
+template <bool kSw>
+TM_DEVICE void scan_store_slot(const ScanParams& p, SmemMat<kSw> S, int64_t slot,
                                const ScanBlock& blk) {
   const global_ptr<float> dst = scan_state_at(p, slot, blk.h, blk.vb);
-  for (int64_t x = thread_idx().x; x < p.key_pad * kScanValues; x += kScanThreads) dst[x] = S[x];
+  for (int64_t x = thread_idx().x; x < p.key_pad * kScanValues; x += kScanThreads)
+    dst[x] = S(int(x / kScanValues), int(x % kScanValues));
 }
 
 // Columns e0 .. e0 + 8 of the block's value columns of token t into a contiguous [B, T, H, V]
@@ -368,11 +392,54 @@ TM_DEVICE void scan_store_values(const ScanParams& p, void* dst, const ScanBlock
     if (blk.e_base + e0 + u < p.value_dim) out[row + blk.e_base + e0 + u] = E::from_float(vals[u]);
 }
 
+// A warp's [16 x 16] tile at (m0, n0) of the chunk's [C x BV] values (rows t0 + m0 ..) into a
+// contiguous [B, T, H, V] tensor of the input dtype: rows past c and columns past V not stored.
+template <class E>
+TM_DEVICE void scan_store_value_tile(const ScanParams& p, void* dst, const ScanBlock& blk,
+                                     int64_t t0, int c, int m0, int n0, const float (&acc)[2][4]) {
+  const global_ptr<typename E::T> out(static_cast<typename E::T*>(dst));
+  const FragLane f = frag_lane();
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = m0 + frag_row(f, i);
+      const int64_t e = blk.e_base + n0 + frag_col(f, n, i);
+      if (r < c && e < p.value_dim)
+        out[((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.value_dim + e] =
+            E::from_float(acc[n][i]);
+    }
+}
+
+// Warp tiles of the chunk's products (8 warps): the C x C scores as 4 x 2 tiles of 16 x 32; the
+// C x 32 outputs (o, dv, and the dq / dk slices) as 4 x 2 tiles of 16 x 16.
+struct ScanWarpTiles {
+  int sm0, sn0;  // scores
+  int om0, on0;  // outputs
+};
+TM_DEVICE ScanWarpTiles scan_warp_tiles() {
+  const int w = int(warp_id());
+  return {16 * (w / 2), 32 * (w % 2), 16 * (w / 2), 16 * (w % 2)};
+}
+
+// acc (the warp's score tile) += a b^T over the slice's n columns, a and b [C x n]. Tiles wholly
+// above the diagonal are skipped (the mask assigns them 0).
+template <bool kTensor>
+TM_DEVICE void scan_scores_nt(const ScanWarpTiles& wt, ScanMat a, ScanMat b, int n,
+                              float (&acc)[4][4]) {
+  if (wt.sn0 > wt.sm0 + 15) return;
+  warp_product<kTensor, 4>(
+      acc, 0, n, [&](int r, int d) { return a(wt.sm0 + r, d); },
+      [&](int d, int j) { return b(wt.sn0 + j, d); });
+}
+
 template <class E, int kDecay>
 TM_DEVICE void scan_forward_body(const ScanParams& p) {
-  constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  constexpr int C = kScanChunk, BK = kScanKeys;
+  constexpr bool kTC = E::kTensorCore;
   const ScanBlock blk = scan_block(p);
   const ScanSmem s = scan_smem(p.key_pad, false);
+  const ScanWarpTiles wt = scan_warp_tiles();
   const int tid = int(thread_idx().x);
   const bool varlen = p.cu_seqlens != nullptr;
   const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
@@ -387,36 +454,36 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
     if (kDecay == kScanPerKeyDecay && !p.states_only)
-      for (int x = tid; x < C * C; x += kScanThreads) s.A[x] = 0.0f;
-    float a_acc[16] = {}, o_acc[8] = {};
+      for (int x = tid; x < C * C; x += kScanThreads) s.A.set(x / C, x % C, 0.0f);
+    float a_acc[4][4] = {}, o_acc[2][4] = {};
     sync_threads();
-    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+    for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
       if (!p.states_only) {
         if constexpr (kDecay == kScanPerKeyDecay)
           scan_gated_scores(s, c);
         else
-          scan_tile_nt(s.q, BK, s.k, BK, BK, a_acc);
-        scan_state_term(s, d0, o_acc);
+          scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
+        // The output's state term: (q qfac) S[d0 .., :].
+        warp_product<kTC, 2>(
+            o_acc, 0, BK, [&](int r, int d) { return s.q(wt.om0 + r, d) * s.qfac(wt.om0 + r, d); },
+            [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
       }
       sync_threads();
-      scan_advance(s.decay, s.S, s.k, s.kfac, s.v, d0, c);
+      scan_advance_tiles<kTC>(s.decay, s.S, s.k, s.kfac, s.v, d0, c);
       sync_threads();
     }
     if (p.states_only) continue;
     if constexpr (kDecay != kScanPerKeyDecay) {
-      scan_store_tile(s.A, a_acc);
+      frag_store(a_acc, s.A, wt.sm0, wt.sn0);
       sync_threads();
     }
     scan_mask<kDecay>(s, s.A, c);
-    // o += A v over j <= i, then the row is stored.
-    const int i = tid / 4, e0 = (tid % 4) * 8;
-    for (int j = 0; j <= i && j < c; ++j) {
-      const float a = s.A[i * C + j];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) o_acc[u] += a * float(s.v[j * BV + e0 + u]);
-    }
-    if (i < c) scan_store_values<E>(p, p.out, blk, t0 + i, e0, o_acc);
+    // o += A v over j <= i, then the rows are stored.
+    warp_product_lower<kTC, 2>(
+        o_acc, wt.om0, c, [&](int r, int j) { return s.A(wt.om0 + r, j); },
+        [&](int j, int e) { return s.v(j, wt.on0 + e); });
+    scan_store_value_tile<E>(p, p.out, blk, t0, c, wt.om0, wt.on0, o_acc);
     sync_threads();
   }
   if (p.states_only) {
@@ -426,11 +493,44 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
   }
 }
 
+// Per-key gates' share of dq (kUpper false) or dk (true) for the warp's [16 x 16] slice tile:
+// dq_id += sum_{j<=i} dA_ij k_jd 2^{D_ij,d}, dk_jd += sum_{i>=j} dA_ij q_id 2^{D_ij,d}, each
+// element running its own decay sum down from the diagonal (FMAs for every type).
+template <bool kUpper>
+TM_DEVICE void scan_gated_grad(const ScanSmem& s, const ScanWarpTiles& wt, int c,
+                               float (&acc)[2][4]) {
+  const FragLane f = frag_lane();
+  const ScanMat x = kUpper ? s.q : s.k;
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = wt.om0 + frag_row(f, i), d = wt.on0 + frag_col(f, n, i);
+      if (r >= c) continue;
+      float run = 0.0f, sum = 0.0f;
+      if constexpr (kUpper) {
+        for (int t = r; t < c; ++t) {
+          if (t > r) run += s.lg(t, d);
+          sum += s.dA(t, r) * x(t, d) * exp2f(run);
+        }
+      } else {
+        for (int t = r; t >= 0; --t) {
+          if (t < r) run += s.lg(t + 1, d);
+          sum += s.dA(r, t) * x(t, d) * exp2f(run);
+        }
+      }
+      acc[n][i] += sum;
+    }
+}
+
 template <class E, int kDecay>
 TM_DEVICE void scan_backward_body(const ScanParams& p) {
   constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  constexpr bool kTC = E::kTensorCore;
   const ScanBlock blk = scan_block(p);
   const ScanSmem s = scan_smem(p.key_pad, true);
+  const ScanWarpTiles wt = scan_warp_tiles();
+  const FragLane f = frag_lane();
   const int tid = int(thread_idx().x);
   const bool varlen = p.cu_seqlens != nullptr;
   const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
@@ -441,7 +541,7 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
   if (kDecay != kScanNoDecay && tid < p.key_dim) {
     const global_ptr<const float> fin = scan_state_at(p, base + chunks, blk.h, blk.vb);
     float acc = 0.0f;
-    for (int e = 0; e < BV; ++e) acc += float(s.S[tid * BV + e]) * float(fin[tid * BV + e]);
+    for (int e = 0; e < BV; ++e) acc += s.S(tid, e) * float(fin[tid * BV + e]);
     global_ptr<float>(
         p.dg_final_part)[((blk.vb * p.num_seqs + blk.n) * p.heads + blk.h) * p.key_dim + tid] = acc;
   }
@@ -455,106 +555,90 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
     scan_load_values<E>(p, p.grad_out, p.grad_out_stride, s.dO, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
     if (kDecay == kScanPerKeyDecay)
-      for (int x = tid; x < C * C; x += kScanThreads) s.A[x] = 0.0f;
-    float a_acc[16] = {};
+      for (int x = tid; x < C * C; x += kScanThreads) s.A.set(x / C, x % C, 0.0f);
+    float a_acc[4][4] = {};
     sync_threads();
     // Pass 1: the intra scores A over every key.
-    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+    for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
       if constexpr (kDecay == kScanPerKeyDecay)
         scan_gated_scores(s, c);
       else
-        scan_tile_nt(s.q, BK, s.k, BK, BK, a_acc);
+        scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
       sync_threads();
     }
-    if constexpr (kDecay != kScanPerKeyDecay) scan_store_tile(s.A, a_acc);
+    if constexpr (kDecay != kScanPerKeyDecay) frag_store(a_acc, s.A, wt.sm0, wt.sn0);
     // dA = dO v^T over the block's value columns.
     {
-      float acc[16] = {};
-      scan_tile_nt(s.dO, BV, s.v, BV, BV, acc);
-      scan_store_tile(s.dA, acc);
+      float acc[4][4] = {};
+      scan_scores_nt<kTC>(wt, s.dO, s.v, BV, acc);
+      frag_store(acc, s.dA, wt.sm0, wt.sn0);
     }
     sync_threads();
     scan_mask<kDecay>(s, s.A, c);
     scan_mask<kDecay>(s, s.dA, c);
-    // dv = A^T dO (i >= j) + (k kfac) dS, for row j = t / 4 and 8 columns.
-    const int r = tid / 4, e0 = (tid % 4) * 8, dd0 = (tid % 4) * 8;
-    float dv_acc[8] = {};
-    for (int i = r; i < c; ++i) {
-      const float a = s.A[i * C + r];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) dv_acc[u] += a * float(s.dO[i * BV + e0 + u]);
-    }
+    // dv = A^T dO (i >= j) + (k kfac) dS; the warp's [16 x 16] tile of the chunk's [C x BV].
+    float dv_acc[2][4] = {};
+    warp_product_upper<kTC, 2>(
+        dv_acc, wt.om0, c, [&](int r, int i) { return s.A(i, wt.om0 + r); },
+        [&](int i, int e) { return s.dO(i, wt.on0 + e); });
     const global_ptr<const float> sp_src = scan_state_at(p, base + ci, blk.h, blk.vb);
     // Pass 2: per slice, dq and dk shares, dv's state term, then dS moves to the chunk start.
-    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+    for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
-      for (int x = tid; x < BK * BV; x += kScanThreads) s.sp[x] = sp_src[d0 * BV + x];
+      for (int x = tid; x < BK * BV; x += kScanThreads)
+        s.sp.set(x / BV, x % BV, sp_src[d0 * BV + x]);
       sync_threads();
       // dq_i = qfac_i (dO_i S_prev^T) + sum_{j<=i} dA_ij k_j (2^{D_ij,d} with per-key gates);
-      // dk_j = kfac_j (v_j dS^T) + sum_{i>=j} dA_ij q_i (likewise); row r, keys dd0 .. +8.
-      float dq[8], dk[8];
+      // dk_j = kfac_j (v_j dS^T) + sum_{i>=j} dA_ij q_i (likewise); the warp's [16 x 16] tile of
+      // the slice's [C x BK].
+      float dq[2][4] = {}, dk[2][4] = {};
+      warp_product<kTC, 2>(
+          dq, 0, BV, [&](int r, int e) { return s.dO(wt.om0 + r, e); },
+          [&](int e, int d) { return s.sp(wt.on0 + d, e); });
+      warp_product<kTC, 2>(
+          dk, 0, BV, [&](int r, int e) { return s.v(wt.om0 + r, e); },
+          [&](int e, int d) { return s.S(d0 + wt.on0 + d, e); });
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        float sq = 0.0f, sk = 0.0f;
-        for (int e = 0; e < BV; ++e) {
-          sq += float(s.dO[r * BV + e]) * float(s.sp[(dd0 + u) * BV + e]);
-          sk += float(s.v[r * BV + e]) * float(s.S[(d0 + dd0 + u) * BV + e]);
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wt.om0 + frag_row(f, i), d = wt.on0 + frag_col(f, n, i);
+          dq[n][i] *= s.qfac(r, d);
+          dk[n][i] *= s.kfac(r, d);
         }
-        dq[u] = sq * float(s.qfac[r * BK + dd0 + u]);
-        dk[u] = sk * float(s.kfac[r * BK + dd0 + u]);
-      }
       if constexpr (kDecay == kScanPerKeyDecay) {
-        float run[8] = {};
-        for (int j = r; j >= 0; --j) {
-          const float a = s.dA[r * C + j];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            if (j < r) run[u] += float(s.lg[(j + 1) * BK + dd0 + u]);
-            dq[u] += a * float(s.k[j * BK + dd0 + u]) * exp2f(run[u]);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) run[u] = 0.0f;
-        for (int i = r; i < c; ++i) {
-          const float a = s.dA[i * C + r];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            if (i > r) run[u] += float(s.lg[i * BK + dd0 + u]);
-            dk[u] += a * float(s.q[i * BK + dd0 + u]) * exp2f(run[u]);
-          }
-        }
+        scan_gated_grad<false>(s, wt, c, dq);
+        scan_gated_grad<true>(s, wt, c, dk);
       } else {
-        for (int j = 0; j <= r; ++j) {
-          const float a = s.dA[r * C + j];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) dq[u] += a * float(s.k[j * BK + dd0 + u]);
-        }
-        for (int i = r; i < c; ++i) {
-          const float a = s.dA[i * C + r];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) dk[u] += a * float(s.q[i * BK + dd0 + u]);
-        }
+        warp_product_lower<kTC, 2>(
+            dq, wt.om0, c, [&](int r, int j) { return s.dA(wt.om0 + r, j); },
+            [&](int j, int d) { return s.k(j, wt.on0 + d); });
+        warp_product_upper<kTC, 2>(
+            dk, wt.om0, c, [&](int r, int i) { return s.dA(i, wt.om0 + r); },
+            [&](int i, int d) { return s.q(i, wt.on0 + d); });
       }
-      if (r < c) {
-        const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.key_dim;
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (d0 + dd0 + u < p.key_dim) {
-            dq_out[row + d0 + dd0 + u] = dq[u];
-            dk_out[row + d0 + dd0 + u] = dk[u];
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wt.om0 + frag_row(f, i);
+          const int64_t d = d0 + wt.on0 + frag_col(f, n, i);
+          if (r < c && d < p.key_dim) {
+            const int64_t at = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.key_dim + d;
+            dq_out[at] = dq[n][i];
+            dk_out[at] = dk[n][i];
           }
-      }
-      for (int dd = 0; dd < BK; ++dd) {
-        const float w = float(s.k[r * BK + dd]) * float(s.kfac[r * BK + dd]);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) dv_acc[u] += w * float(s.S[(d0 + dd) * BV + e0 + u]);
-      }
+        }
+      // dv's state term: (k kfac) dS[d0 .., :].
+      warp_product<kTC, 2>(
+          dv_acc, 0, BK, [&](int r, int d) { return s.k(wt.om0 + r, d) * s.kfac(wt.om0 + r, d); },
+          [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
       sync_threads();
-      scan_advance(s.decay, s.S, s.q, s.qfac, s.dO, d0, c);
+      scan_advance_tiles<kTC>(s.decay, s.S, s.q, s.qfac, s.dO, d0, c);
       sync_threads();
     }
-    if (r < c) scan_store_values<E>(p, p.grad_v, blk, t0 + r, e0, dv_acc);
+    scan_store_value_tile<E>(p, p.grad_v, blk, t0, c, wt.om0, wt.on0, dv_acc);
     sync_threads();
   }
   scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
