@@ -182,6 +182,15 @@ def test_half_dtypes(dtype, decay):
     _check_against_reference(x, dtype)
 
 
+@pytest.mark.parametrize("decay", [None, "g_gamma", "gk"])
+def test_tensor_core_path_with_slices_blocks_and_varlen(decay):
+    # float16 runs the tf32 tensor-core products: several key slices (K = 72 pads to 96), two
+    # value blocks (V = 48), sequences that end inside and at the edges of chunks.
+    cu = torch.tensor([0, 5, 69, 134, 200])
+    x = _inputs(1, 200, 2, 72, 48, torch.float16, decay, seed=19, n_seqs=4)
+    _check_against_reference(x, torch.float16, cu=cu)
+
+
 @pytest.mark.parametrize("decay", [None, "g", "gk"])
 def test_varlen_batches(decay):
     # Sequences of 1, 64, 65, 127 and 2 tokens: chunk boundaries inside and at the ends of
@@ -306,6 +315,12 @@ def test_delta_rule_head_dims(kd, vd):
 def test_delta_rule_half_dtypes(dtype):
     x = _delta_inputs(1, 100, 2, 32, 40, dtype, True, seed=43)
     _check_delta(x, dtype)
+
+
+def test_delta_rule_tensor_core_path_with_slices_blocks_and_varlen():
+    cu = torch.tensor([0, 5, 69, 134, 200])
+    x = _delta_inputs(1, 200, 2, 72, 48, torch.float16, True, seed=53, n_seqs=4)
+    _check_delta(x, torch.float16, cu=cu)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -486,7 +501,9 @@ def test_cuda_tensors_reach_the_kernels_exactly_within_their_limits(monkeypatch)
     assert functional._fused(k64, False, False) and not functional._fused(k64, False, True)
     assert functional._fused(k32, False, True)
     assert functional._fused(k32, True, False) and not functional._fused(k32, True, True)
-    assert not functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 160)), True, False)
+    # the delta rule's forward up to K = 192 (224 needs 103,424 bytes)
+    assert functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 192)), True, False)
+    assert not functional._fused(FakeCuda(torch.bfloat16, (1, 8, 2, 224)), True, False)
     grad = FakeCuda(torch.float32, (2,))
     grad.requires_grad = True
     assert functional._pick_scan(k64, False, grad) is functional.chunked_linear_scan

@@ -186,9 +186,10 @@ def test_fft_line_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
 
 
 def test_scan_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
-    # The linear scans' forward and backward run their products as tf32 mma (HMMA.1688.F32.TF32)
-    # for fp16/bf16 inputs and FMAs for float32; every scan kernel is in the report, with no
-    # local memory in its main loop.
+    # The linear scans' and the delta rule's forward and backward run their products as tf32
+    # mma (HMMA.1688.F32.TF32) for fp16/bf16 inputs and FMAs for float32; the reduction kernels
+    # have no products. Every scan kernel is in the report, with no local memory in its main
+    # loop.
     checked = half_checked = 0
     for k in shipped:
         name = _readable_kernel(k.name)
@@ -196,9 +197,8 @@ def test_scan_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
             continue
         checked += 1
         assert k.counts.get("local", 0) == 0, f"{name}: local memory in the main loop"
-        tensor = name.startswith(("scan_forward_kernel", "scan_backward_kernel")) and (
-            "<F16," in name or "<BF16," in name
-        )
+        products = ("scan_forward", "scan_backward", "delta_forward", "delta_backward")
+        tensor = name.startswith(products) and name.split("<")[1].startswith(("F16", "BF16"))
         if tensor:
             half_checked += 1
             assert k.counts.get("hmma", 0) > 0 and 0 < k.bound <= 1, (name, k.bound)
@@ -207,7 +207,7 @@ def test_scan_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
     # scan forward and backward (3 dtypes x 3 decays: 18), reduce (3), decay grad (2), delta
     # forward and backward (6), delta token grad (1): 30 kernels, on sm_80 and sm_90
     assert checked == 2 * 30
-    assert half_checked == 2 * 12
+    assert half_checked == 2 * (12 + 4)
 
 
 def test_cli(capsys):

@@ -156,7 +156,8 @@ def info() -> dict:
             "cores, fp32 FMA), fourier_mix / global_filter / spectral_gate for transformed "
             "axes up to 2048 points (1023 when not a power of two, by Bluestein's "
             "algorithm); linear scans and the delta rule (linear, RetNet, simple GLA, GLA, "
-            "DeltaNet, Gated DeltaNet; forward + backward, fp32 FMA for every dtype, K <= 256)"
+            "DeltaNet, Gated DeltaNet; forward + backward, fp16/bf16 products on tensor cores as "
+            "tf32, fp32 FMA, K <= 256)"
         )
     else:
         cuda["reason"] = build.get("cuda_reason") or "the compiled library is missing"

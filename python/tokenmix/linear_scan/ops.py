@@ -33,8 +33,6 @@ def cuda_smem_bytes(key_dim: int, *, delta: bool, backward: bool) -> int:
         floats += 4 * chunk
         if backward:
             floats += 2 * chunk * values + 2 * chunk * chunk + keys * values + 5 * chunk + threads
-        else:
-            floats += chunk * keys + keys
     else:
         floats = key_pad * values + chunk * values + chunk * chunk + 5 * chunk * keys + keys + chunk
         if backward:

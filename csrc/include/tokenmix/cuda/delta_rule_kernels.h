@@ -2,7 +2,8 @@
 // (tokenmix/cpu/delta_rule_engine.h) with the work split of the linear scans
 // (linear_scan_kernels.h): one block per (sequence, head, block of kScanValues value columns),
 // the state slice in shared memory, chunks of kScanChunk tokens read in slices of kScanKeys keys,
-// float32 FMAs for every dtype.
+// the matrix products as warp products (scan_tiles.h: tf32 tensor cores for fp16/bf16, FMAs for
+// float32), the triangular solves and the per-element passes in float32 FMAs.
 //
 // Per chunk, with G_i = sum_{t<=i} g_t, E_j = sum_{t>j} g_t and Gamma_ij = e^{D_ij},
 // D_ij = sum_{j<t<=i} g_t (each summed over its own range; all 1 without a gate):
@@ -27,54 +28,56 @@
 
 namespace tokenmix::cuda {
 
-// The block's shared memory (floats): S, v, U, P, A, KK, q, k and the per-token scalars; the
-// forward adds kfac and decay (the state update), the backward dO, dU, dA, dL, the chunk-start
-// state's slice and the per-token gradient terms (S then holds dL/dS).
+// The block's shared memory: the swizzled matrices S, v, U, P, A, KK, q, k and the per-token
+// scalars; the backward adds dO, dU, dA, dL, the chunk-start state's slice and the per-token
+// gradient terms (S then holds dL/dS). The layout is delta_smem_floats' (scan_layout.h).
 struct DeltaSmem {
-  shared_ptr<float> S, v, U, P, A, KK, q, k;
+  ScanMat S, v, U, P, A, KK, q, k;
   shared_ptr<float> beta, lg, eg, ekd;  // [C] each
-  shared_ptr<float> kfac, decay;        // forward
-  shared_ptr<float> dO, dU, dA, dL, s0;
+  ScanMat dO, dU, dA, dL, s0;
   shared_ptr<float> dG, dbeta, colE, colF, dot, red;  // [C] each, red [threads]
 };
 
 TM_DEVICE DeltaSmem delta_smem(int64_t key_pad, bool backward) {
-  constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  shared_ptr<float> at = dynamic_shared<float>();
+  auto take = [&](int64_t rows, int ld) {
+    const ScanMat m{at, ld};
+    at = at + rows * ld;
+    return m;
+  };
+  auto scalars = [&](int n) {
+    const shared_ptr<float> v = at;
+    at = at + n;
+    return v;
+  };
   DeltaSmem s;
-  s.S = dynamic_shared<float>();
-  s.v = s.S + key_pad * BV;
-  s.U = s.v + C * BV;
-  s.P = s.U + C * BV;
-  s.A = s.P + C * BV;
-  s.KK = s.A + C * C;
-  s.q = s.KK + C * C;
-  s.k = s.q + C * BK;
-  s.beta = s.k + C * BK;
-  s.lg = s.beta + C;
-  s.eg = s.lg + C;
-  s.ekd = s.eg + C;
-  if (!backward) {
-    s.kfac = s.ekd + C;
-    s.decay = s.kfac + C * BK;
-  } else {
-    s.dO = s.ekd + C;
-    s.dU = s.dO + C * BV;
-    s.dA = s.dU + C * BV;
-    s.dL = s.dA + C * C;
-    s.s0 = s.dL + C * C;
-    s.dG = s.s0 + BK * BV;
-    s.dbeta = s.dG + C;
-    s.colE = s.dbeta + C;
-    s.colF = s.colE + C;
-    s.dot = s.colF + C;
-    s.red = s.dot + C;
+  s.S = take(key_pad, BV);
+  s.v = take(C, BV);
+  s.U = take(C, BV);
+  s.P = take(C, BV);
+  s.A = take(C, C);
+  s.KK = take(C, C);
+  s.q = take(C, BK);
+  s.k = take(C, BK);
+  s.beta = scalars(C);
+  s.lg = scalars(C);
+  s.eg = scalars(C);
+  s.ekd = scalars(C);
+  if (backward) {
+    s.dO = take(C, BV);
+    s.dU = take(C, BV);
+    s.dA = take(C, C);
+    s.dL = take(C, C);
+    s.s0 = take(BK, BV);
+    s.dG = scalars(C);
+    s.dbeta = scalars(C);
+    s.colE = scalars(C);
+    s.colF = scalars(C);
+    s.dot = scalars(C);
+    s.red = scalars(kScanThreads);
   }
   return s;
-}
-
-// The state [key_pad x BV] as a plain (unswizzled) matrix, for the scans' shared state I/O.
-TM_DEVICE SmemMat<false> delta_state(const DeltaSmem& s) {
-  return {s.S, kScanValues};
 }
 
 // Key columns [d0, d0 + BK) of the chunk's q (scaled) and k, zeros outside. Ends with a barrier.
@@ -83,11 +86,11 @@ TM_DEVICE void delta_load_keys(const ScanParams& p, const DeltaSmem& s, int64_t 
                                int64_t t0, int c, int64_t d0) {
   constexpr int BK = kScanKeys;
   for (int x = int(thread_idx().x); x < kScanChunk * BK; x += kScanThreads) {
-    const int i = x / BK;
-    const int64_t d = d0 + x % BK;
+    const int i = x / BK, dd = x % BK;
+    const int64_t d = d0 + dd;
     const bool in = i < c && d < p.key_dim;
-    s.q[x] = in ? scan_read<E>(p.q, p.q_stride, b, t0 + i, h, d) * p.scale : 0.0f;
-    s.k[x] = in ? scan_read<E>(p.k, p.k_stride, b, t0 + i, h, d) : 0.0f;
+    s.q.set(i, dd, in ? scan_read<E>(p.q, p.q_stride, b, t0 + i, h, d) * p.scale : 0.0f);
+    s.k.set(i, dd, in ? scan_read<E>(p.k, p.k_stride, b, t0 + i, h, d) : 0.0f);
   }
   sync_threads();
 }
@@ -134,15 +137,14 @@ TM_DEVICE void delta_mask_scores(const DeltaSmem& s, int c) {
   if (j < kScanChunk) {
     DeltaGamma gamma;
     for (int i = 0; i < kScanChunk; ++i) {
-      const int at = i * kScanChunk + j;
       if (i < j || i >= c) {
-        s.KK[at] = 0.0f;
-        s.A[at] = 0.0f;
+        s.KK.set(i, j, 0.0f);
+        s.A.set(i, j, 0.0f);
         continue;
       }
       const float gm = gamma.next(s, i, j);
-      s.KK[at] = i > j ? float(s.KK[at]) * gm : 0.0f;
-      s.A[at] = float(s.A[at]) * gm;
+      s.KK.set(i, j, i > j ? s.KK(i, j) * gm : 0.0f);
+      s.A.set(i, j, s.A(i, j) * gm);
     }
   }
   sync_threads();
@@ -152,15 +154,14 @@ TM_DEVICE void delta_mask_scores(const DeltaSmem& s, int c) {
 // (column e = t / 8, lane g = t % 8): the 8 lanes of a column split the sum over j and add their
 // parts by shuffles in a fixed order; lane 0 writes the row.
 TM_DEVICE void delta_solve(const DeltaSmem& s, int c) {
-  constexpr int C = kScanChunk, BV = kScanValues;
   const int tid = int(thread_idx().x), e = tid / 8, g = tid % 8;
   for (int i = 1; i < c; ++i) {
     float part = 0.0f;
-    for (int j = g; j < i; j += 8) part += float(s.KK[i * C + j]) * float(s.U[j * BV + e]);
+    for (int j = g; j < i; j += 8) part += s.KK(i, j) * s.U(j, e);
     part += shfl_xor_sync(0xffffffffu, part, 1);
     part += shfl_xor_sync(0xffffffffu, part, 2);
     part += shfl_xor_sync(0xffffffffu, part, 4);
-    if (g == 0) s.U[i * BV + e] = float(s.U[i * BV + e]) - float(s.beta[i]) * part;
+    if (g == 0) s.U.set(i, e, s.U(i, e) - float(s.beta[i]) * part);
     sync_warp();
   }
   sync_threads();
@@ -168,16 +169,14 @@ TM_DEVICE void delta_solve(const DeltaSmem& s, int c) {
 
 // dR = (I + L)^{-T} dU in place (back substitution): dR_i = dU_i - sum_{j>i} beta_j KK_ji dR_j.
 TM_DEVICE void delta_solve_transposed(const DeltaSmem& s, int c) {
-  constexpr int C = kScanChunk, BV = kScanValues;
   const int tid = int(thread_idx().x), e = tid / 8, g = tid % 8;
   for (int i = c - 2; i >= 0; --i) {
     float part = 0.0f;
-    for (int j = i + 1 + g; j < c; j += 8)
-      part += float(s.beta[j]) * float(s.KK[j * C + i]) * float(s.dU[j * BV + e]);
+    for (int j = i + 1 + g; j < c; j += 8) part += float(s.beta[j]) * s.KK(j, i) * s.dU(j, e);
     part += shfl_xor_sync(0xffffffffu, part, 1);
     part += shfl_xor_sync(0xffffffffu, part, 2);
     part += shfl_xor_sync(0xffffffffu, part, 4);
-    if (g == 0) s.dU[i * BV + e] = float(s.dU[i * BV + e]) - part;
+    if (g == 0) s.dU.set(i, e, s.dU(i, e) - part);
     sync_warp();
   }
   sync_threads();
@@ -185,47 +184,51 @@ TM_DEVICE void delta_solve_transposed(const DeltaSmem& s, int c) {
 
 // The chunk's recomputation shared by both directions, from the state S0 (the block's smem state
 // in the forward; the stored chunk-start state, slice by slice, in the backward): KK, A, P and
-// U. With `qs`, also acc (row t / 4, columns 8 (t % 4) .. +8) of Q S0. Backward: the block's
-// partial sum of dS * S0 into *ds_s0.
+// U. Forward: also qs, the warp's output tile of Q S0. Backward: the thread's partial sum of
+// dS * S0 into *ds_s0.
 template <class E, bool kBackward>
 TM_DEVICE void delta_chunk(const ScanParams& p, const DeltaSmem& s, const ScanBlock& blk,
-                           int64_t t0, int c, global_ptr<const float> s0_src, float qs[8],
+                           int64_t t0, int c, global_ptr<const float> s0_src, float (&qs)[2][4],
                            float* ds_s0) {
   constexpr int BK = kScanKeys, BV = kScanValues;
-  const int tid = int(thread_idx().x), r = tid / 4, e0 = (tid % 4) * 8;
-  float kk_acc[16] = {}, a_acc[16] = {}, p_acc[8] = {};
-  for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+  constexpr bool kTC = E::kTensorCore;
+  const int tid = int(thread_idx().x);
+  const ScanWarpTiles wt = scan_warp_tiles();
+  const FragLane f = frag_lane();
+  float kk_acc[4][4] = {}, a_acc[4][4] = {}, p_acc[2][4] = {};
+  for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
     if constexpr (kBackward) {
       for (int x = tid; x < BK * BV; x += kScanThreads) {
         const float v0 = s0_src[d0 * BV + x];
-        s.s0[x] = v0;
-        *ds_s0 += float(s.S[d0 * BV + x]) * v0;
+        s.s0.set(x / BV, x % BV, v0);
+        *ds_s0 += s.S(d0 + x / BV, x % BV) * v0;
       }
     }
     delta_load_keys<E>(p, s, blk.b, blk.h, t0, c, d0);
-    scan_tile_nt(s.k, BK, s.k, BK, BK, kk_acc);
-    scan_tile_nt(s.q, BK, s.k, BK, BK, a_acc);
-    for (int dd = 0; dd < BK; ++dd) {
-      const float kr = s.k[r * BK + dd], qr = s.q[r * BK + dd];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const float st =
-            kBackward ? float(s.s0[dd * BV + e0 + u]) : float(s.S[(d0 + dd) * BV + e0 + u]);
-        p_acc[u] += kr * st;
-        if constexpr (!kBackward) qs[u] += qr * st;
-      }
-    }
+    scan_scores_nt<kTC>(wt, s.k, s.k, BK, kk_acc);
+    scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
+    const auto state = [&](int d, int e) {
+      if constexpr (kBackward)
+        return s.s0(d, wt.on0 + e);
+      else
+        return s.S(d0 + d, wt.on0 + e);
+    };
+    warp_product<kTC, 2>(p_acc, 0, BK, [&](int r, int d) { return s.k(wt.om0 + r, d); }, state);
+    if constexpr (!kBackward)
+      warp_product<kTC, 2>(qs, 0, BK, [&](int r, int d) { return s.q(wt.om0 + r, d); }, state);
     sync_threads();
   }
-  scan_store_tile(s.KK, kk_acc);
-  scan_store_tile(s.A, a_acc);
+  frag_store(kk_acc, s.KK, wt.sm0, wt.sn0);
+  frag_store(a_acc, s.A, wt.sm0, wt.sn0);
   // R = beta (v - e^G P) into U (rows past c are 0); P kept for the backward.
-  const float b_r = s.beta[r], eg_r = s.eg[r];
 #pragma unroll
-  for (int u = 0; u < 8; ++u) {
-    s.P[r * BV + e0 + u] = p_acc[u];
-    s.U[r * BV + e0 + u] = r < c ? b_r * (float(s.v[r * BV + e0 + u]) - eg_r * p_acc[u]) : 0.0f;
-  }
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = wt.om0 + frag_row(f, i), e = wt.on0 + frag_col(f, n, i);
+      s.P.set(r, e, p_acc[n][i]);
+      s.U.set(r, e, r < c ? float(s.beta[r]) * (s.v(r, e) - float(s.eg[r]) * p_acc[n][i]) : 0.0f);
+    }
   sync_threads();
   delta_mask_scores(s, c);
   delta_solve(s, c);
@@ -233,61 +236,82 @@ TM_DEVICE void delta_chunk(const ScanParams& p, const DeltaSmem& s, const ScanBl
 
 template <class E>
 TM_DEVICE void delta_forward_body(const ScanParams& p) {
-  constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  constexpr int C = kScanChunk, BK = kScanKeys;
+  constexpr bool kTC = E::kTensorCore;
   const ScanBlock blk = scan_block(p);
   const DeltaSmem s = delta_smem(p.key_pad, false);
-  const int tid = int(thread_idx().x), r = tid / 4, e0 = (tid % 4) * 8;
+  const ScanWarpTiles wt = scan_warp_tiles();
+  const FragLane f = frag_lane();
   const bool varlen = p.cu_seqlens != nullptr;
   const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
-  scan_load_state(p, delta_state(s), p.initial_state, blk.n, blk.h, blk.e_base);
+  scan_load_state(p, s.S, p.initial_state, blk.n, blk.h, blk.e_base);
   sync_threads();
   int64_t ci = 0;
   for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
     const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
     if (p.states_only) {
-      scan_store_slot(p, delta_state(s), base + ci, blk);
+      scan_store_slot(p, s.S, base + ci, blk);
     }
-    scan_load_values<E>(p, p.v, p.v_stride, SmemMat<false>{s.v, kScanValues}, blk.b, blk.h, t0, c,
-                        blk.e_base);
+    scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
-    float qs[8] = {};
+    float qs[2][4] = {};
     delta_chunk<E, false>(p, s, blk, t0, c, nullptr, qs, nullptr);
-    if (!p.states_only && r < c) {
-      // o = e^G (Q S0) + A U over j <= i.
-      float o[8];
-      const float eg_r = s.eg[r];
+    if (!p.states_only) {
+      // o = e^G (Q S0) + A U over j <= i (e^G is 0 past c).
 #pragma unroll
-      for (int u = 0; u < 8; ++u) o[u] = eg_r * qs[u];
-      for (int j = 0; j <= r; ++j) {
-        const float a = s.A[r * C + j];
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int u = 0; u < 8; ++u) o[u] += a * float(s.U[j * BV + e0 + u]);
-      }
-      scan_store_values<E>(p, p.out, blk, t0 + r, e0, o);
+        for (int i = 0; i < 4; ++i) qs[n][i] *= float(s.eg[wt.om0 + frag_row(f, i)]);
+      warp_product_lower<kTC, 2>(
+          qs, wt.om0, c, [&](int r, int j) { return s.A(wt.om0 + r, j); },
+          [&](int j, int e) { return s.U(j, wt.on0 + e); });
+      scan_store_value_tile<E>(p, p.out, blk, t0, c, wt.om0, wt.on0, qs);
     }
     // S = e^{G_c} S0 + (K e^E)^T U, slice by slice.
-    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+    const float egc = s.eg[c - 1];
+    for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       delta_load_keys<E>(p, s, blk.b, blk.h, t0, c, d0);
-      for (int x = tid; x < C * BK; x += kScanThreads) s.kfac[x] = s.ekd[x / BK];
-      if (tid < BK) s.decay[tid] = s.eg[c - 1];
-      sync_threads();
-      scan_advance(s.decay, s.S, s.k, s.kfac, s.U, d0, c);
+      scan_advance_tiles(
+          s.S, d0, [&](int) { return egc; },
+          [&](float (&acc)[1][4], int m0, int n0) {
+            warp_product<kTC, 1>(
+                acc, 0, scan_token_end<kTC>(c),
+                [&](int r, int j) { return s.k(j, m0 + r) * float(s.ekd[j]); },
+                [&](int j, int e) { return s.U(j, n0 + e); });
+          });
       sync_threads();
     }
   }
   if (p.states_only) {
-    scan_store_slot(p, delta_state(s), base + ci, blk);
+    scan_store_slot(p, s.S, base + ci, blk);
   } else if (p.final_state) {
-    scan_store_state(p, delta_state(s), p.final_state, blk.n, blk.h, blk.e_base);
+    scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
+  }
+}
+
+// The sums over the columns of a warp's [16 x 16] tile, per row, into half[om0 + row] where
+// half is the buffer of the warp's column half (on0 = 0 or 16): the 4 lanes of a row first, by
+// shuffles in a fixed order. part[h] holds the lane's share of rows g and g + 8.
+TM_DEVICE void delta_row_sums(const ScanWarpTiles& wt, float part[2], shared_ptr<float> lo,
+                              shared_ptr<float> hi) {
+  const FragLane f = frag_lane();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    part[h] += shfl_xor_sync(0xffffffffu, part[h], 1);
+    part[h] += shfl_xor_sync(0xffffffffu, part[h], 2);
+    if (f.q == 0) (wt.on0 == 0 ? lo : hi)[wt.om0 + f.g + 8 * h] = part[h];
   }
 }
 
 template <class E>
 TM_DEVICE void delta_backward_body(const ScanParams& p) {
   constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
+  constexpr bool kTC = E::kTensorCore;
   const ScanBlock blk = scan_block(p);
   const DeltaSmem s = delta_smem(p.key_pad, true);
-  const int tid = int(thread_idx().x), r = tid / 4, e0 = (tid % 4) * 8, dd0 = (tid % 4) * 8;
+  const ScanWarpTiles wt = scan_warp_tiles();
+  const FragLane f = frag_lane();
+  const int tid = int(thread_idx().x);
   const bool varlen = p.cu_seqlens != nullptr;
   const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
   const int64_t chunks = scan_chunks(blk.end - blk.begin);
@@ -295,62 +319,58 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
   const int64_t token_plane = p.batch * p.seq_len * p.heads;
   const global_ptr<float> dq_out = global_ptr<float>(p.dq_part) + blk.vb * plane;
   const global_ptr<float> dk_out = global_ptr<float>(p.dk_part) + blk.vb * plane;
-  scan_load_state(p, delta_state(s), p.grad_final_state, blk.n, blk.h, blk.e_base);
+  scan_load_state(p, s.S, p.grad_final_state, blk.n, blk.h, blk.e_base);
   sync_threads();
   for (int64_t ci = chunks - 1; ci >= 0; --ci) {
     const int64_t t0 = blk.begin + ci * C;
     const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
     const global_ptr<const float> s0_src = scan_state_at(p, base + ci, blk.h, blk.vb);
-    scan_load_values<E>(p, p.v, p.v_stride, SmemMat<false>{s.v, kScanValues}, blk.b, blk.h, t0, c,
-                        blk.e_base);
-    scan_load_values<E>(p, p.grad_out, p.grad_out_stride, SmemMat<false>{s.dO, kScanValues}, blk.b,
-                        blk.h, t0, c, blk.e_base);
+    scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
+    scan_load_values<E>(p, p.grad_out, p.grad_out_stride, s.dO, blk.b, blk.h, t0, c, blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
     float ds_s0 = 0.0f;  // this thread's share of sum(dS * S0)
-    delta_chunk<E, true>(p, s, blk, t0, c, s0_src, nullptr, &ds_s0);
+    float unused[2][4];
+    delta_chunk<E, true>(p, s, blk, t0, c, s0_src, unused, &ds_s0);
     s.red[tid] = ds_s0;
     // dA = dO U^T; dU = A^T dO (+ (K e^E) dS below).
     {
-      float acc[16] = {};
-      scan_tile_nt(s.dO, BV, s.U, BV, BV, acc);
-      scan_store_tile(s.dA, acc);
+      float acc[4][4] = {};
+      scan_scores_nt<kTC>(wt, s.dO, s.U, BV, acc);
+      frag_store(acc, s.dA, wt.sm0, wt.sn0);
     }
-    float du[8] = {};
-    for (int i = r; i < c; ++i) {
-      const float a = s.A[i * C + r];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) du[u] += a * float(s.dO[i * BV + e0 + u]);
-    }
+    float du[2][4] = {};
+    warp_product_upper<kTC, 2>(
+        du, wt.om0, c, [&](int r, int i) { return s.A(i, wt.om0 + r); },
+        [&](int i, int e) { return s.dO(i, wt.on0 + e); });
     // dU += (K e^E) dS; dot_j = (U_j dS^T) . (k_j e^{E_j}) (kd's gradient, for dL/dG).
-    float dot = 0.0f;
-    const float ekd_r = s.ekd[r];
-    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
+    float dot[2] = {};
+    for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       delta_load_keys<E>(p, s, blk.b, blk.h, t0, c, d0);
-      for (int dd = 0; dd < BK; ++dd) {
-        const float kd = float(s.k[r * BK + dd]) * ekd_r;
+      warp_product<kTC, 2>(
+          du, 0, BK, [&](int r, int d) { return s.k(wt.om0 + r, d) * float(s.ekd[wt.om0 + r]); },
+          [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
+      float dkh[2][4] = {};
+      warp_product<kTC, 2>(
+          dkh, 0, BV, [&](int r, int e) { return s.U(wt.om0 + r, e); },
+          [&](int e, int d) { return s.S(d0 + wt.on0 + d, e); });
 #pragma unroll
-        for (int u = 0; u < 8; ++u) du[u] += kd * float(s.S[(d0 + dd) * BV + e0 + u]);
-      }
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        float dkh = 0.0f;
-        for (int e = 0; e < BV; ++e)
-          dkh += float(s.U[r * BV + e]) * float(s.S[(d0 + dd0 + u) * BV + e]);
-        dot += dkh * float(s.k[r * BK + dd0 + u]) * ekd_r;
-      }
+        for (int i = 0; i < 4; ++i) {
+          const int r = wt.om0 + frag_row(f, i);
+          dot[i >> 1] += dkh[n][i] * s.k(r, wt.on0 + frag_col(f, n, i)) * float(s.ekd[r]);
+        }
       sync_threads();
     }
-    dot += shfl_xor_sync(0xffffffffu, dot, 1);
-    dot += shfl_xor_sync(0xffffffffu, dot, 2);
-    if (tid % 4 == 0) s.dot[r] = dot;
-#pragma unroll
-    for (int u = 0; u < 8; ++u) s.dU[r * BV + e0 + u] = du[u];
+    // The column halves' row sums of dot go to dot and dG (added in the row pass).
+    delta_row_sums(wt, dot, s.dot, s.dG);
+    frag_store(du, s.dU, wt.om0, wt.on0);
     sync_threads();
     delta_solve_transposed(s, c);  // dU now holds dR
     {
-      float acc[16] = {};
-      scan_tile_nt(s.dU, BV, s.U, BV, BV, acc);
-      scan_store_tile(s.dL, acc);
+      float acc[4][4] = {};
+      scan_scores_nt<kTC>(wt, s.dU, s.U, BV, acc);
+      frag_store(acc, s.dL, wt.sm0, wt.sn0);
     }
     sync_threads();
     // Column pass (thread j): E = dA o A into A, its column sums; x = -dL (j < i) and
@@ -361,59 +381,64 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
       DeltaGamma gamma;
       float col_e = 0.0f, col_f = 0.0f;
       for (int i = 0; i < C; ++i) {
-        const int at = i * C + j;
         if (i < j || i >= c) {
-          s.A[at] = 0.0f;
-          s.KK[at] = 0.0f;
-          s.dA[at] = 0.0f;
-          s.dL[at] = 0.0f;
+          s.A.set(i, j, 0.0f);
+          s.KK.set(i, j, 0.0f);
+          s.dA.set(i, j, 0.0f);
+          s.dL.set(i, j, 0.0f);
           continue;
         }
         const float gm = gamma.next(s, i, j);
-        const float e = float(s.dA[at]) * float(s.A[at]);
-        s.A[at] = e;
+        const float da = s.dA(i, j);
+        const float e = da * s.A(i, j);
+        s.A.set(i, j, e);
         col_e += e;
-        s.dA[at] = float(s.dA[at]) * gm;
-        const float x = i > j ? -float(s.dL[at]) : 0.0f;
-        const float f = x * float(s.KK[at]);
-        s.KK[at] = f;
-        col_f += float(s.beta[i]) * f;
-        s.dL[at] = x * float(s.beta[i]) * gm;
+        s.dA.set(i, j, da * gm);
+        const float x = i > j ? -s.dL(i, j) : 0.0f;
+        const float fk = x * s.KK(i, j);
+        s.KK.set(i, j, fk);
+        col_f += float(s.beta[i]) * fk;
+        s.dL.set(i, j, x * float(s.beta[i]) * gm);
       }
       s.colE[j] = col_e;
       s.colF[j] = col_f;
     }
     sync_threads();
-    // Row pass (thread i): dbeta, dG from E, F, R; dv = beta dR; P becomes dP = -beta e^G dR.
+    // Row pass (thread i): dbeta, dG from E, F, R; then dv = beta dR and P becomes
+    // dP = -beta e^G dR.
     if (tid < C) {
       const int i = tid;
       float row_e = 0.0f, row_f = 0.0f;
       for (int j = 0; j < C; ++j) {
-        row_e += float(s.A[i * C + j]);
-        row_f += float(s.KK[i * C + j]);
+        row_e += s.A(i, j);
+        row_f += s.KK(i, j);
       }
       float rb = 0.0f, rp = 0.0f;
       const float b_i = s.beta[i], eg_i = s.eg[i];
       for (int e = 0; e < BV; ++e) {
-        const float dr = s.dU[i * BV + e], pe = s.P[i * BV + e];
-        rb += dr * (float(s.v[i * BV + e]) - eg_i * pe);
+        const float dr = s.dU(i, e), pe = s.P(i, e);
+        rb += dr * (s.v(i, e) - eg_i * pe);
         rp += dr * pe;
       }
+      const float dot_i = float(s.dot[i]) + float(s.dG[i]);
+      s.dot[i] = dot_i;
       s.dbeta[i] = row_f + rb;
-      s.dG[i] = (row_e - float(s.colE[i])) + (b_i * row_f - float(s.colF[i])) - b_i * eg_i * rp -
-                float(s.dot[i]);
+      s.dG[i] =
+          (row_e - float(s.colE[i])) + (b_i * row_f - float(s.colF[i])) - b_i * eg_i * rp - dot_i;
     }
     sync_threads();
     {
-      const float b_r = s.beta[r], eg_r = s.eg[r];
-      float dv[8];
+      float dv[2][4];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const float dr = s.dU[r * BV + e0 + u];
-        dv[u] = b_r * dr;
-        s.P[r * BV + e0 + u] = -b_r * eg_r * dr;
-      }
-      if (r < c) scan_store_values<E>(p, p.grad_v, blk, t0 + r, e0, dv);
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wt.om0 + frag_row(f, i), e = wt.on0 + frag_col(f, n, i);
+          const float b_r = s.beta[r], dr = s.dU(r, e);
+          dv[n][i] = b_r * dr;
+          s.P.set(r, e, -b_r * float(s.eg[r]) * dr);
+        }
+      scan_store_value_tile<E>(p, p.grad_v, blk, t0, c, wt.om0, wt.on0, dv);
     }
     if (tid == 0) {
       // The last token: e^{G_c} sum(dS S0) and every kd's share (S_c = e^{G_c} S0 + kd^T U).
@@ -424,81 +449,85 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
       s.dG[c - 1] = float(s.dG[c - 1]) + float(s.eg[c - 1]) * total + dots;
     }
     sync_threads();
-    // Per slice: dq, dk (row r, keys dd0 .. +8), then dS moves to the chunk start.
-    float qdot = 0.0f;
-    const float eg_r = s.eg[r];
-    for (int64_t d0 = 0; d0 < p.key_pad; d0 += BK) {
-      for (int x = tid; x < BK * BV; x += kScanThreads) s.s0[x] = s0_src[d0 * BV + x];
+    // Per slice: the warp's [16 x 16] tiles of dq and dk, then dS moves to the chunk start.
+    float qdot[2] = {};
+    const float egc = s.eg[c - 1];
+    for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
+      for (int x = tid; x < BK * BV; x += kScanThreads)
+        s.s0.set(x / BV, x % BV, s0_src[d0 * BV + x]);
       delta_load_keys<E>(p, s, blk.b, blk.h, t0, c, d0);
-      float dq[8], dk[8];
+      // dq = e^G (dO S0^T) + dA k (j <= i);
+      // dk = e^E (U dS^T) + dP S0^T + dL k (j <= i) + dA^T q + dL^T k (i >= j).
+      float dq[2][4] = {}, dk[2][4] = {};
+      warp_product<kTC, 2>(
+          dq, 0, BV, [&](int r, int e) { return s.dO(wt.om0 + r, e); },
+          [&](int e, int d) { return s.s0(wt.on0 + d, e); });
+      warp_product<kTC, 2>(
+          dk, 0, BV, [&](int r, int e) { return s.U(wt.om0 + r, e); },
+          [&](int e, int d) { return s.S(d0 + wt.on0 + d, e); });
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int dd = dd0 + u;
-        float os = 0.0f, ps = 0.0f, dkh = 0.0f;
-        for (int e = 0; e < BV; ++e) {
-          const float st = s.s0[dd * BV + e];
-          os += float(s.dO[r * BV + e]) * st;
-          ps += float(s.P[r * BV + e]) * st;
-          dkh += float(s.U[r * BV + e]) * float(s.S[(d0 + dd) * BV + e]);
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wt.om0 + frag_row(f, i), d = wt.on0 + frag_col(f, n, i);
+          qdot[i >> 1] += dq[n][i] * s.q(r, d) * float(s.eg[r]);
+          dq[n][i] *= float(s.eg[r]);
+          dk[n][i] *= float(s.ekd[r]);
         }
-        qdot += os * float(s.q[r * BK + dd]) * eg_r;
-        dq[u] = os * eg_r;
-        dk[u] = dkh * ekd_r + ps;
-      }
-      for (int j = 0; j <= r; ++j) {
-        const float a = s.dA[r * C + j], l = s.dL[r * C + j];
+      warp_product<kTC, 2>(
+          dk, 0, BV, [&](int r, int e) { return s.P(wt.om0 + r, e); },
+          [&](int e, int d) { return s.s0(wt.on0 + d, e); });
+      warp_product_lower<kTC, 2>(
+          dq, wt.om0, c, [&](int r, int j) { return s.dA(wt.om0 + r, j); },
+          [&](int j, int d) { return s.k(j, wt.on0 + d); });
+      warp_product_lower<kTC, 2>(
+          dk, wt.om0, c, [&](int r, int j) { return s.dL(wt.om0 + r, j); },
+          [&](int j, int d) { return s.k(j, wt.on0 + d); });
+      warp_product_upper<kTC, 2>(
+          dk, wt.om0, c, [&](int r, int i) { return s.dA(i, wt.om0 + r); },
+          [&](int i, int d) { return s.q(i, wt.on0 + d); });
+      warp_product_upper<kTC, 2>(
+          dk, wt.om0, c, [&](int r, int i) { return s.dL(i, wt.om0 + r); },
+          [&](int i, int d) { return s.k(i, wt.on0 + d); });
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const float kj = s.k[j * BK + dd0 + u];
-          dq[u] += a * kj;
-          dk[u] += l * kj;
-        }
-      }
-      for (int i = r; i < c; ++i) {
-        const float a = s.dA[i * C + r], l = s.dL[i * C + r];
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          dk[u] += a * float(s.q[i * BK + dd0 + u]) + l * float(s.k[i * BK + dd0 + u]);
-        }
-      }
-      if (r < c) {
-        const int64_t row = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.key_dim;
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (d0 + dd0 + u < p.key_dim) {
-            dq_out[row + d0 + dd0 + u] = dq[u];
-            dk_out[row + d0 + dd0 + u] = dk[u];
+        for (int i = 0; i < 4; ++i) {
+          const int r = wt.om0 + frag_row(f, i);
+          const int64_t d = d0 + wt.on0 + frag_col(f, n, i);
+          if (r < c && d < p.key_dim) {
+            const int64_t at = ((blk.b * p.seq_len + t0 + r) * p.heads + blk.h) * p.key_dim + d;
+            dq_out[at] = dq[n][i];
+            dk_out[at] = dk[n][i];
           }
-      }
+        }
       sync_threads();
       // dS0 = e^{G_c} dS + (q e^G)^T dO + K^T dP for the slice's rows.
-      {
-        const int dd = tid / 8, f0 = (tid % 8) * 4;
-        const float egc = s.eg[c - 1];
-        float acc[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) acc[u] = egc * float(s.S[(d0 + dd) * BV + f0 + u]);
-        for (int i = 0; i < c; ++i) {
-          const float qg = float(s.q[i * BK + dd]) * float(s.eg[i]), ki = s.k[i * BK + dd];
-#pragma unroll
-          for (int u = 0; u < 4; ++u)
-            acc[u] += qg * float(s.dO[i * BV + f0 + u]) + ki * float(s.P[i * BV + f0 + u]);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) s.S[(d0 + dd) * BV + f0 + u] = acc[u];
-      }
+      scan_advance_tiles(
+          s.S, d0, [&](int) { return egc; },
+          [&](float (&acc)[1][4], int m0, int n0) {
+            const int end = scan_token_end<kTC>(c);
+            warp_product<kTC, 1>(
+                acc, 0, end, [&](int r, int i) { return s.q(i, m0 + r) * float(s.eg[i]); },
+                [&](int i, int e) { return s.dO(i, n0 + e); });
+            warp_product<kTC, 1>(
+                acc, 0, end, [&](int r, int i) { return s.k(i, m0 + r); },
+                [&](int i, int e) { return s.P(i, n0 + e); });
+          });
       sync_threads();
     }
-    qdot += shfl_xor_sync(0xffffffffu, qdot, 1);
-    qdot += shfl_xor_sync(0xffffffffu, qdot, 2);
-    if (tid % 4 == 0 && r < c) {
-      const int64_t at = (blk.b * p.seq_len + t0 + r) * p.heads + blk.h;
-      global_ptr<float>(p.dg_part)[blk.vb * token_plane + at] = float(s.dG[r]) + qdot;
-      global_ptr<float>(p.dbeta_part)[blk.vb * token_plane + at] = s.dbeta[r];
+    // qdot's row sums: the column halves into colE and colF (free after the row pass).
+    delta_row_sums(wt, qdot, s.colE, s.colF);
+    sync_threads();
+    if (tid < c) {
+      const int64_t at = (blk.b * p.seq_len + t0 + tid) * p.heads + blk.h;
+      global_ptr<float>(p.dg_part)[blk.vb * token_plane + at] =
+          float(s.dG[tid]) + (float(s.colE[tid]) + float(s.colF[tid]));
+      global_ptr<float>(p.dbeta_part)[blk.vb * token_plane + at] = s.dbeta[tid];
     }
     sync_threads();
   }
-  scan_store_state(p, delta_state(s), p.grad_initial_state, blk.n, blk.h, blk.e_base);
+  scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
 }
 
 // dbeta and dg from the value blocks' shares (block order); dg reverse-cumulated within each

@@ -209,32 +209,6 @@ TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b
   sync_threads();
 }
 
-// acc (rows 4 (t / 16) .. +4, columns 4 (t % 16) .. +4 of a C x C tile) += a b^T over n
-// columns (a and b row-major with leading dimensions lda and ldb).
-TM_DEVICE void scan_tile_nt(shared_ptr<const float> a, int lda, shared_ptr<const float> b, int ldb,
-                            int n, float acc[16]) {
-  const int tid = int(thread_idx().x), r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
-  for (int x = 0; x < n; ++x) {
-    float av[4], bv[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) av[r] = a[(r0 + r) * lda + x];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) bv[r] = b[(c0 + r) * ldb + x];
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int u = 0; u < 4; ++u) acc[r * 4 + u] += av[r] * bv[u];
-  }
-}
-
-TM_DEVICE void scan_store_tile(shared_ptr<float> dst, const float acc[16]) {
-  const int tid = int(thread_idx().x), r0 = (tid / 16) * 4, c0 = (tid % 16) * 4;
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int u = 0; u < 4; ++u) dst[(r0 + r) * kScanChunk + c0 + u] = acc[r * 4 + u];
-}
-
 // The slice's share of the intra scores with per-key gates, added to A (j <= i < c):
 // A_ij += sum_d q_id k_jd 2^{D_ij,d}. Thread (j = t / 4, g = t % 4) runs down column j with one
 // running sum per key of its group of 8; the quad's 4 groups are added by shuffles in a fixed
@@ -282,46 +256,43 @@ TM_DEVICE void scan_mask(const ScanSmem& s, ScanMat M, int c) {
   sync_threads();
 }
 
-// S[d0 + dd, :] = decay_dd S + sum_{j<c} (k kfac)_j,dd x_j for the slice's rows, with x = v
-// (state) or, in the backward, X = dO and q qfac instead of k kfac (dS). The delta rule's form
-// (plain [rows x 32] matrices, FMAs).
-TM_DEVICE void scan_advance(shared_ptr<const float> decay, shared_ptr<float> S,
-                            shared_ptr<const float> a, shared_ptr<const float> fac,
-                            shared_ptr<const float> x, int64_t d0, int c) {
-  constexpr int BK = kScanKeys, BV = kScanValues;
-  const int tid = int(thread_idx().x), dd = tid / 8, e0 = (tid % 8) * 4;
-  float acc[4];
-  const float f = decay[dd];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) acc[u] = f * float(S[(d0 + dd) * BV + e0 + u]);
-  for (int j = 0; j < c; ++j) {
-    const float w = float(a[j * BK + dd]) * float(fac[j * BK + dd]);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) acc[u] += w * float(x[j * BV + e0 + u]);
-  }
-#pragma unroll
-  for (int u = 0; u < 4; ++u) S[(d0 + dd) * BV + e0 + u] = acc[u];
+// The token range of a product over the chunk's c tokens: c, rounded up to the tensor path's
+// 8-token steps (the operands' rows past c are 0 in shared memory).
+template <bool kTensor>
+TM_DEVICE int scan_token_end(int c) {
+  return kTensor ? (c + 7) / 8 * 8 : c;
 }
 
-// The same update on the linear scans' swizzled matrices, as a warp product: warp w owns rows
-// 16 (w / 4) .. +16 and columns 8 (w % 4) .. +8 of the slice.
-template <bool kTensor>
-TM_DEVICE void scan_advance_tiles(shared_ptr<const float> decay, ScanMat S, ScanMat a, ScanMat fac,
-                                  ScanMat x, int d0, int c) {
+// S[d0 + dd, :] = decay(dd) S[d0 + dd, :] + the products `add` accumulates, for the slice's BK
+// rows: warp w owns rows 16 (w / 4) .. +16 and columns 8 (w % 4) .. +8 of the slice, and
+// add(acc, m0, n0) adds its products to that [16 x 8] tile. The forward's state update
+// (k kfac)^T v, the backward's dS update (q qfac)^T dO, and the delta rule's.
+template <class DecayFn, class AddFn>
+TM_DEVICE void scan_advance_tiles(ScanMat S, int d0, DecayFn decay, AddFn add) {
   const int w = int(warp_id()), m0 = 16 * (w / 4), n0 = 8 * (w % 4);
   const FragLane f = frag_lane();
   float acc[1][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int r = m0 + frag_row(f, i);
-    acc[0][i] = float(decay[r]) * S(d0 + r, n0 + frag_col(f, 0, i));
+    acc[0][i] = decay(r) * S(d0 + r, n0 + frag_col(f, 0, i));
   }
-  // Rows j in [c, c rounded up to 8) are 0 in a, fac and x.
-  warp_product<kTensor, 1>(
-      acc, 0, kTensor ? (c + 7) / 8 * 8 : c,
-      [&](int r, int j) { return a(j, m0 + r) * fac(j, m0 + r); },
-      [&](int j, int n) { return x(j, n0 + n); });
+  add(acc, m0, n0);
   frag_store(acc, S, d0 + m0, n0);
+}
+
+// The linear scans' update: S = decay S + (a fac)^T x over the chunk's tokens.
+template <bool kTensor>
+TM_DEVICE void scan_advance_slice(const ScanSmem& s, ScanMat a, ScanMat fac, ScanMat x, int d0,
+                                  int c) {
+  scan_advance_tiles(
+      s.S, d0, [&](int dd) { return float(s.decay[dd]); },
+      [&](float (&acc)[1][4], int m0, int n0) {
+        warp_product<kTensor, 1>(
+            acc, 0, scan_token_end<kTensor>(c),
+            [&](int r, int j) { return a(j, m0 + r) * fac(j, m0 + r); },
+            [&](int j, int e) { return x(j, n0 + e); });
+      });
 }
 
 // The block's state slice <-> an [N, H, K, V] tensor (zeros for a missing source).
@@ -378,18 +349,6 @@ TM_DEVICE void scan_store_slot(const ScanParams& p, SmemMat<kSw> S, int64_t slot
   const global_ptr<float> dst = scan_state_at(p, slot, blk.h, blk.vb);
   for (int64_t x = thread_idx().x; x < p.key_pad * kScanValues; x += kScanThreads)
     dst[x] = S(int(x / kScanValues), int(x % kScanValues));
-}
-
-// Columns e0 .. e0 + 8 of the block's value columns of token t into a contiguous [B, T, H, V]
-// tensor of the input dtype (columns past V are not stored).
-template <class E>
-TM_DEVICE void scan_store_values(const ScanParams& p, void* dst, const ScanBlock& blk, int64_t t,
-                                 int e0, const float vals[8]) {
-  const global_ptr<typename E::T> out(static_cast<typename E::T*>(dst));
-  const int64_t row = ((blk.b * p.seq_len + t) * p.heads + blk.h) * p.value_dim;
-#pragma unroll
-  for (int u = 0; u < 8; ++u)
-    if (blk.e_base + e0 + u < p.value_dim) out[row + blk.e_base + e0 + u] = E::from_float(vals[u]);
 }
 
 // A warp's [16 x 16] tile at (m0, n0) of the chunk's [C x BV] values (rows t0 + m0 ..) into a
@@ -470,7 +429,7 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
             [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
       }
       sync_threads();
-      scan_advance_tiles<kTC>(s.decay, s.S, s.k, s.kfac, s.v, d0, c);
+      scan_advance_slice<kTC>(s, s.k, s.kfac, s.v, d0, c);
       sync_threads();
     }
     if (p.states_only) continue;
@@ -635,7 +594,7 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
           dv_acc, 0, BK, [&](int r, int d) { return s.k(wt.om0 + r, d) * s.kfac(wt.om0 + r, d); },
           [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
       sync_threads();
-      scan_advance_tiles<kTC>(s.decay, s.S, s.q, s.qfac, s.dO, d0, c);
+      scan_advance_slice<kTC>(s, s.q, s.qfac, s.dO, d0, c);
       sync_threads();
     }
     scan_store_value_tile<E>(p, p.grad_v, blk, t0, c, wt.om0, wt.on0, dv_acc);

@@ -44,8 +44,7 @@ TM_HOST_DEVICE int64_t scan_state_base(int64_t seq_len, int64_t n, int64_t begin
 TM_HOST_DEVICE int64_t delta_smem_floats(int64_t key_pad, bool backward) {
   constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
   const int64_t common = key_pad * BV + 3 * C * BV + 2 * C * C + 2 * C * BK + 4 * C;
-  return common +
-         (backward ? 2 * C * BV + 2 * C * C + BK * BV + 5 * C + kScanThreads : C * BK + BK);
+  return common + (backward ? 2 * C * BV + 2 * C * C + BK * BV + 5 * C + kScanThreads : 0);
 }
 
 // Floats of shared memory per block of the linear scans' kernels (ScanSmem).
