@@ -31,6 +31,7 @@
 #include "tokenmix/cpu/linear_scan_engine.h"
 #include "tokenmix/cpu/simd.h"
 #include "tokenmix/linear_scan_problem.h"
+#include "tokenmix/scan_chunk_math.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
@@ -125,19 +126,18 @@ struct DeltaEngine : ScanShape<T> {
     }
     // Log decays (natural units) from the chunk start (G, eg = e^G) and to the
     // chunk end (ekd = e^E), each summed over its own range.
+    // (the factors by tokenmix/scan_chunk_math.h, shared with the CUDA kernels)
     T acc = 0;
     for (int i = 0; i < kChunk; ++i) {
       w.lg[i] = (p.g && i < c) ? static_cast<const T*>(p.g)[(b * p.seq_len + t0 + i) * p.heads + h]
                                : T(0);
       acc += w.lg[i];
       w.G[i] = acc;
-      w.eg[i] = i < c ? T(std::exp(double(acc))) : T(0);
     }
-    T to_end = 0;
-    for (int j = kChunk - 1; j >= 0; --j) {
-      w.ekd[j] = j < c ? T(std::exp(double(to_end))) : T(0);
-      to_end += w.lg[j];
-    }
+    const auto lg = [&](int i) { return w.lg[i]; };
+    const auto exp = [](T x) { return T(std::exp(double(x))); };
+    chunk_prefix_decays<T>(kChunk, c, lg, [&](int i, T f) { w.eg[i] = f; }, exp);
+    chunk_suffix_decays<T>(kChunk, c, lg, [&](int j, T f) { w.ekd[j] = f; }, exp);
     for (int i = 0; i < kChunk; ++i)
       for (int d = 0; d < kp; ++d) {
         w.qg[int64_t(i) * kp + d] = w.q[int64_t(i) * kp + d] * w.eg[i];

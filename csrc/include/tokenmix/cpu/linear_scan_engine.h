@@ -33,6 +33,7 @@
 #include "tokenmix/cpu/parallel.h"
 #include "tokenmix/cpu/simd.h"
 #include "tokenmix/linear_scan_problem.h"
+#include "tokenmix/scan_chunk_math.h"
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
@@ -206,24 +207,27 @@ struct ScanEngine : ScanShape<T> {
     } else {
       // qfac = 2^{sum_{t<=i} lg_t} (a forward sum), kfac = 2^{sum_{t>j} lg_t} (a
       // backward sum), vectorized over keys. Tokens past the chunk get 0.
+      // (tokenmix/scan_chunk_math.h, shared with the CUDA kernels)
+      const auto exp2v = [](V x) { return vexp2(x); };
       for (int d = 0; d < kp; d += W) {
-        V from_start{};
-        for (int i = 0; i < kChunk; ++i) {
-          const int64_t x = int64_t(i) * kp + d;
-          from_start += vload<V>(w.lg.data() + x);
-          const V qf = i < c ? vexp2(from_start) : V{};
-          vstore(w.qfac.data() + x, qf);
-          vstore(w.qg.data() + x, vload<V>(w.q.data() + x) * qf);
-        }
-        vstore(w.decay_row.data() + d, vexp2(from_start));
-        V to_end{};
-        for (int j = kChunk - 1; j >= 0; --j) {
-          const int64_t x = int64_t(j) * kp + d;
-          const V kf = j < c ? vexp2(to_end) : V{};
-          vstore(w.kfac.data() + x, kf);
-          vstore(w.kd.data() + x, vload<V>(w.k.data() + x) * kf);
-          to_end += vload<V>(w.lg.data() + x);
-        }
+        const auto lg = [&](int i) { return vload<V>(w.lg.data() + int64_t(i) * kp + d); };
+        const V total = chunk_prefix_decays<V>(
+            kChunk, c, lg,
+            [&](int i, V qf) {
+              const int64_t x = int64_t(i) * kp + d;
+              vstore(w.qfac.data() + x, qf);
+              vstore(w.qg.data() + x, vload<V>(w.q.data() + x) * qf);
+            },
+            exp2v);
+        vstore(w.decay_row.data() + d, total);
+        chunk_suffix_decays<V>(
+            kChunk, c, lg,
+            [&](int j, V kf) {
+              const int64_t x = int64_t(j) * kp + d;
+              vstore(w.kfac.data() + x, kf);
+              vstore(w.kd.data() + x, vload<V>(w.k.data() + x) * kf);
+            },
+            exp2v);
       }
       for (int d = K; d < kp; ++d) w.decay_row[d] = 0;
     }

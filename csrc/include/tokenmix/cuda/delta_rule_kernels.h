@@ -105,19 +105,13 @@ TM_DEVICE void delta_load_scalars(const ScanParams& p, const DeltaSmem& s, int64
     s.lg[tid] = (p.g && tid < c) ? float(global_ptr<const float>(p.g)[at]) : 0.0f;
   }
   sync_threads();
-  if (tid == 0) {
-    float acc = 0.0f;
-    for (int i = 0; i < kScanChunk; ++i) {
-      acc += float(s.lg[i]);
-      s.eg[i] = i < c ? expf(acc) : 0.0f;
-    }
-  } else if (tid == 32) {
-    float to_end = 0.0f;
-    for (int j = kScanChunk - 1; j >= 0; --j) {
-      s.ekd[j] = j < c ? expf(to_end) : 0.0f;
-      to_end += float(s.lg[j]);
-    }
-  }
+  // e^G and e^E by two threads (tokenmix/scan_chunk_math.h, shared with the CPU).
+  const auto lg = [&](int i) { return float(s.lg[i]); };
+  const auto exp = [](float x) { return expf(x); };
+  if (tid == 0)
+    chunk_prefix_decays<float>(kScanChunk, c, lg, [&](int i, float f) { s.eg[i] = f; }, exp);
+  else if (tid == 32)
+    chunk_suffix_decays<float>(kScanChunk, c, lg, [&](int j, float f) { s.ekd[j] = f; }, exp);
   sync_threads();
 }
 

@@ -1,6 +1,7 @@
 // Chunked linear-attention scans on CUDA (plain, scalar decay, per-key gates), on the SIMT layer:
-// the algorithm of the CPU kernels (tokenmix/cpu/linear_scan_engine.h), float32 FMAs for every
-// input dtype (inputs read as float32, outputs rounded once).
+// the algorithm of the CPU kernels (tokenmix/cpu/linear_scan_engine.h), inputs read as float32
+// and outputs rounded once; the matrix products are warp products (scan_tiles.h: tf32 tensor
+// cores for fp16/bf16 inputs, float32 FMAs for float32).
 //
 // One block is one (sequence, head, block of kScanValues value columns); it carries its slice of
 // the state S [K x kScanValues] in shared memory from chunk to chunk. A chunk of kScanChunk
@@ -28,6 +29,7 @@
 #include "tokenmix/cuda/scan_layout.h"
 #include "tokenmix/cuda/scan_tiles.h"
 #include "tokenmix/cuda/warp_gemm.h"
+#include "tokenmix/scan_chunk_math.h"
 
 namespace tokenmix::cuda {
 
@@ -191,19 +193,17 @@ TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b
       s.kfac.set(x / BK, x % BK, 1.0f);
     }
     for (int x = tid; x < BK; x += kScanThreads) s.decay[x] = 1.0f;
-  } else if (tid < BK) {
-    float from_start = 0.0f;
-    for (int i = 0; i < C; ++i) {
-      from_start += s.lg(i, tid);
-      s.qfac.set(i, tid, i < c ? exp2f(from_start) : 0.0f);
-    }
-    s.decay[tid] = d0 + tid < p.key_dim ? exp2f(from_start) : 0.0f;
   } else if (tid < 2 * BK) {
-    const int dd = tid - BK;
-    float to_end = 0.0f;
-    for (int j = C - 1; j >= 0; --j) {
-      s.kfac.set(j, dd, j < c ? exp2f(to_end) : 0.0f);
-      to_end += s.lg(j, dd);
+    // One thread per key for each factor (tokenmix/scan_chunk_math.h, shared with the CPU).
+    const int dd = tid % BK;
+    const auto lg = [&](int i) { return s.lg(i, dd); };
+    const auto exp2 = [](float x) { return exp2f(x); };
+    if (tid < BK) {
+      const float total =
+          chunk_prefix_decays<float>(C, c, lg, [&](int i, float f) { s.qfac.set(i, dd, f); }, exp2);
+      s.decay[dd] = d0 + dd < p.key_dim ? total : 0.0f;
+    } else {
+      chunk_suffix_decays<float>(C, c, lg, [&](int j, float f) { s.kfac.set(j, dd, f); }, exp2);
     }
   }
   sync_threads();
@@ -372,6 +372,8 @@ TM_DEVICE void scan_store_value_tile(const ScanParams& p, void* dst, const ScanB
 
 // Warp tiles of the chunk's products (8 warps): the C x C scores as 4 x 2 tiles of 16 x 32; the
 // C x 32 outputs (o, dv, and the dq / dk slices) as 4 x 2 tiles of 16 x 16.
+static_assert(kScanThreads == 256 && kScanChunk == 64 && kScanKeys == 32 && kScanValues == 32,
+              "scan_warp_tiles and scan_advance_tiles split these shapes over 8 warps");
 struct ScanWarpTiles {
   int sm0, sn0;  // scores
   int om0, on0;  // outputs

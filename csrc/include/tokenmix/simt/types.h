@@ -62,7 +62,8 @@ TM_HOST_DEVICE float bits_float(uint32_t u) {
 
 // float32 -> TensorFloat-32 (the operand format of mma .tf32): the 32-bit pattern with the low 13
 // mantissa bits cleared after rounding to nearest, ties away from zero (PTX cvt.rna.tf32.f32).
-// Infinities and NaNs pass through; a finite value past tf32's largest rounds to infinity.
+// Infinities pass through, a NaN becomes the canonical NaN (whose payload survives the low
+// bits being ignored); a finite value past tf32's largest rounds to infinity.
 TM_HOST_DEVICE uint32_t f32_to_tf32_bits(float f) {
 #if defined(__CUDA_ARCH__)
   uint32_t r;
@@ -70,7 +71,8 @@ TM_HOST_DEVICE uint32_t f32_to_tf32_bits(float f) {
   return r;
 #else
   const uint32_t x = float_bits(f);
-  if ((x & 0x7f800000u) == 0x7f800000u) return x;
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fffffffu;  // NaN: the canonical one
+  if ((x & 0x7f800000u) == 0x7f800000u) return x;           // +-inf
   return (x + 0x1000u) & 0xffffe000u;
 #endif
 }
