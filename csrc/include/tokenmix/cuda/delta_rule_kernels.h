@@ -230,22 +230,13 @@ TM_DEVICE void delta_chunk(const ScanParams& p, const DeltaSmem& s, const ScanBl
 
 template <class E>
 TM_DEVICE void delta_forward_body(const ScanParams& p) {
-  constexpr int C = kScanChunk, BK = kScanKeys;
+  constexpr int BK = kScanKeys;
   constexpr bool kTC = E::kTensorCore;
   const ScanBlock blk = scan_block(p);
   const DeltaSmem s = delta_smem(p.key_pad, false);
   const ScanWarpTiles wt = scan_warp_tiles();
   const FragLane f = frag_lane();
-  const bool varlen = p.cu_seqlens != nullptr;
-  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
-  scan_load_state(p, s.S, p.initial_state, blk.n, blk.h, blk.e_base);
-  sync_threads();
-  int64_t ci = 0;
-  for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
-    const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
-    if (p.states_only) {
-      scan_store_slot(p, s.S, base + ci, blk);
-    }
+  scan_forward_chunks(p, blk, s.S, [&](int64_t t0, int c) {
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
     float qs[2][4] = {};
@@ -275,12 +266,7 @@ TM_DEVICE void delta_forward_body(const ScanParams& p) {
           });
       sync_threads();
     }
-  }
-  if (p.states_only) {
-    scan_store_slot(p, s.S, base + ci, blk);
-  } else if (p.final_state) {
-    scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
-  }
+  });
 }
 
 // The sums over the columns of a warp's [16 x 16] tile, per row, into half[om0 + row] where
@@ -306,19 +292,13 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
   const ScanWarpTiles wt = scan_warp_tiles();
   const FragLane f = frag_lane();
   const int tid = int(thread_idx().x);
-  const bool varlen = p.cu_seqlens != nullptr;
-  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
-  const int64_t chunks = scan_chunks(blk.end - blk.begin);
   const int64_t plane = p.batch * p.seq_len * p.heads * p.key_dim;
   const int64_t token_plane = p.batch * p.seq_len * p.heads;
   const global_ptr<float> dq_out = global_ptr<float>(p.dq_part) + blk.vb * plane;
   const global_ptr<float> dk_out = global_ptr<float>(p.dk_part) + blk.vb * plane;
-  scan_load_state(p, s.S, p.grad_final_state, blk.n, blk.h, blk.e_base);
-  sync_threads();
-  for (int64_t ci = chunks - 1; ci >= 0; --ci) {
-    const int64_t t0 = blk.begin + ci * C;
-    const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
-    const global_ptr<const float> s0_src = scan_state_at(p, base + ci, blk.h, blk.vb);
+  const auto nothing_at_end = [](int64_t) {};
+  scan_backward_chunks(p, blk, s.S, nothing_at_end, [&](int64_t slot, int64_t t0, int c) {
+    const global_ptr<const float> s0_src = scan_state_at(p, slot, blk.h, blk.vb);
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_values<E>(p, p.grad_out, p.grad_out_stride, s.dO, blk.b, blk.h, t0, c, blk.e_base);
     delta_load_scalars(p, s, blk.b, blk.h, t0, c);
@@ -520,8 +500,7 @@ TM_DEVICE void delta_backward_body(const ScanParams& p) {
       global_ptr<float>(p.dbeta_part)[blk.vb * token_plane + at] = s.dbeta[tid];
     }
     sync_threads();
-  }
-  scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
+  });
 }
 
 // dbeta and dg from the value blocks' shares (block order); dg reverse-cumulated within each

@@ -370,6 +370,46 @@ TM_DEVICE void scan_store_value_tile(const ScanParams& p, void* dst, const ScanB
     }
 }
 
+// The walk over the block's chunks shared by the forward kernels: the initial state into S, then
+// body(t0, c) per chunk of c tokens from t0, where a states-only pass first stores the
+// chunk-start state in its slot of the workspace; at the end the final state goes to its slot
+// (states-only) or to final_state.
+template <class Body>
+TM_DEVICE void scan_forward_chunks(const ScanParams& p, const ScanBlock& blk, ScanMat S,
+                                   Body body) {
+  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, p.cu_seqlens != nullptr);
+  scan_load_state(p, S, p.initial_state, blk.n, blk.h, blk.e_base);
+  sync_threads();
+  int64_t ci = 0;
+  for (int64_t t0 = blk.begin; t0 < blk.end; t0 += kScanChunk, ++ci) {
+    if (p.states_only) scan_store_slot(p, S, base + ci, blk);
+    body(t0, int(blk.end - t0 < kScanChunk ? blk.end - t0 : kScanChunk));
+  }
+  if (p.states_only) {
+    scan_store_slot(p, S, base + ci, blk);
+  } else if (p.final_state) {
+    scan_store_state(p, S, p.final_state, blk.n, blk.h, blk.e_base);
+  }
+}
+
+// The backward kernels' walk, in reverse: dL/dS into S from grad_final_state, at_end(slot) with
+// the workspace slot of the final state, then body(slot, t0, c) per chunk with the slot of its
+// chunk-start state, and dL/dS into grad_initial_state.
+template <class AtEnd, class Body>
+TM_DEVICE void scan_backward_chunks(const ScanParams& p, const ScanBlock& blk, ScanMat S,
+                                    AtEnd at_end, Body body) {
+  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, p.cu_seqlens != nullptr);
+  const int64_t chunks = scan_chunks(blk.end - blk.begin);
+  scan_load_state(p, S, p.grad_final_state, blk.n, blk.h, blk.e_base);
+  sync_threads();
+  at_end(base + chunks);
+  for (int64_t ci = chunks - 1; ci >= 0; --ci) {
+    const int64_t t0 = blk.begin + ci * kScanChunk;
+    body(base + ci, t0, int(blk.end - t0 < kScanChunk ? blk.end - t0 : kScanChunk));
+  }
+  scan_store_state(p, S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
+}
+
 // Warp tiles of the chunk's products (8 warps): the C x C scores as 4 x 2 tiles of 16 x 32; the
 // C x 32 outputs (o, dv, and the dq / dk slices) as 4 x 2 tiles of 16 x 16.
 static_assert(kScanThreads == 256 && kScanChunk == 64 && kScanKeys == 32 && kScanValues == 32,
@@ -402,16 +442,7 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
   const ScanSmem s = scan_smem(p.key_pad, false);
   const ScanWarpTiles wt = scan_warp_tiles();
   const int tid = int(thread_idx().x);
-  const bool varlen = p.cu_seqlens != nullptr;
-  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
-  scan_load_state(p, s.S, p.initial_state, blk.n, blk.h, blk.e_base);
-  sync_threads();
-  int64_t ci = 0;
-  for (int64_t t0 = blk.begin; t0 < blk.end; t0 += C, ++ci) {
-    const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
-    if (p.states_only) {
-      scan_store_slot(p, s.S, base + ci, blk);
-    }
+  scan_forward_chunks(p, blk, s.S, [&](int64_t t0, int c) {
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
     if (kDecay == kScanPerKeyDecay && !p.states_only)
@@ -434,7 +465,7 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
       scan_advance_slice<kTC>(s, s.k, s.kfac, s.v, d0, c);
       sync_threads();
     }
-    if (p.states_only) continue;
+    if (p.states_only) return;
     if constexpr (kDecay != kScanPerKeyDecay) {
       frag_store(a_acc, s.A, wt.sm0, wt.sn0);
       sync_threads();
@@ -446,12 +477,7 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
         [&](int j, int e) { return s.v(j, wt.on0 + e); });
     scan_store_value_tile<E>(p, p.out, blk, t0, c, wt.om0, wt.on0, o_acc);
     sync_threads();
-  }
-  if (p.states_only) {
-    scan_store_slot(p, s.S, base + ci, blk);
-  } else if (p.final_state) {
-    scan_store_state(p, s.S, p.final_state, blk.n, blk.h, blk.e_base);
-  }
+  });
 }
 
 // Per-key gates' share of dq (kUpper false) or dk (true) for the warp's [16 x 16] slice tile:
@@ -493,25 +519,21 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
   const ScanWarpTiles wt = scan_warp_tiles();
   const FragLane f = frag_lane();
   const int tid = int(thread_idx().x);
-  const bool varlen = p.cu_seqlens != nullptr;
-  const int64_t base = scan_state_base(p.seq_len, blk.n, blk.begin, varlen);
-  const int64_t chunks = scan_chunks(blk.end - blk.begin);
-  scan_load_state(p, s.S, p.grad_final_state, blk.n, blk.h, blk.e_base);
-  sync_threads();
-  // The final state's share of dL/dG at the last token: sum_e dS_de S_final,de.
-  if (kDecay != kScanNoDecay && tid < p.key_dim) {
-    const global_ptr<const float> fin = scan_state_at(p, base + chunks, blk.h, blk.vb);
-    float acc = 0.0f;
-    for (int e = 0; e < BV; ++e) acc += s.S(tid, e) * float(fin[tid * BV + e]);
-    global_ptr<float>(
-        p.dg_final_part)[((blk.vb * p.num_seqs + blk.n) * p.heads + blk.h) * p.key_dim + tid] = acc;
-  }
   const int64_t plane = p.batch * p.seq_len * p.heads * p.key_dim;
   const global_ptr<float> dq_out = global_ptr<float>(p.dq_part) + blk.vb * plane;
   const global_ptr<float> dk_out = global_ptr<float>(p.dk_part) + blk.vb * plane;
-  for (int64_t ci = chunks - 1; ci >= 0; --ci) {
-    const int64_t t0 = blk.begin + ci * C;
-    const int c = int(blk.end - t0 < C ? blk.end - t0 : C);
+  // The final state's share of dL/dG at the last token: sum_e dS_de S_final,de.
+  const auto final_share = [&](int64_t final_slot) {
+    if (kDecay != kScanNoDecay && tid < p.key_dim) {
+      const global_ptr<const float> fin = scan_state_at(p, final_slot, blk.h, blk.vb);
+      float acc = 0.0f;
+      for (int e = 0; e < BV; ++e) acc += s.S(tid, e) * float(fin[tid * BV + e]);
+      global_ptr<float>(
+          p.dg_final_part)[((blk.vb * p.num_seqs + blk.n) * p.heads + blk.h) * p.key_dim + tid] =
+          acc;
+    }
+  };
+  scan_backward_chunks(p, blk, s.S, final_share, [&](int64_t slot, int64_t t0, int c) {
     scan_load_values<E>(p, p.v, p.v_stride, s.v, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_values<E>(p, p.grad_out, p.grad_out_stride, s.dO, blk.b, blk.h, t0, c, blk.e_base);
     scan_load_scalar_decays<kDecay>(p, s, blk.b, blk.h, t0, c);
@@ -543,7 +565,7 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
     warp_product_upper<kTC, 2>(
         dv_acc, wt.om0, c, [&](int r, int i) { return s.A(i, wt.om0 + r); },
         [&](int i, int e) { return s.dO(i, wt.on0 + e); });
-    const global_ptr<const float> sp_src = scan_state_at(p, base + ci, blk.h, blk.vb);
+    const global_ptr<const float> sp_src = scan_state_at(p, slot, blk.h, blk.vb);
     // Pass 2: per slice, dq and dk shares, dv's state term, then dS moves to the chunk start.
     for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
@@ -601,8 +623,7 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
     }
     scan_store_value_tile<E>(p, p.grad_v, blk, t0, c, wt.om0, wt.on0, dv_acc);
     sync_threads();
-  }
-  scan_store_state(p, s.S, p.grad_initial_state, blk.n, blk.h, blk.e_base);
+  });
 }
 
 // dq and dk from their value-block shares, summed in block order; with decays, each token's
