@@ -40,42 +40,32 @@ struct DeltaSmem {
 
 TM_DEVICE DeltaSmem delta_smem(int64_t key_pad, bool backward) {
   constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
-  shared_ptr<float> at = dynamic_shared<float>();
-  auto take = [&](int64_t rows, int ld) {
-    const ScanMat m{at, ld};
-    at = at + rows * ld;
-    return m;
-  };
-  auto scalars = [&](int n) {
-    const shared_ptr<float> v = at;
-    at = at + n;
-    return v;
-  };
+  SmemCarver m;
   DeltaSmem s;
-  s.S = take(key_pad, BV);
-  s.v = take(C, BV);
-  s.U = take(C, BV);
-  s.P = take(C, BV);
-  s.A = take(C, C);
-  s.KK = take(C, C);
-  s.q = take(C, BK);
-  s.k = take(C, BK);
-  s.beta = scalars(C);
-  s.lg = scalars(C);
-  s.eg = scalars(C);
-  s.ekd = scalars(C);
+  s.S = m.matrix(key_pad, BV);
+  s.v = m.matrix(C, BV);
+  s.U = m.matrix(C, BV);
+  s.P = m.matrix(C, BV);
+  s.A = m.matrix(C, C);
+  s.KK = m.matrix(C, C);
+  s.q = m.matrix(C, BK);
+  s.k = m.matrix(C, BK);
+  s.beta = m.array(C);
+  s.lg = m.array(C);
+  s.eg = m.array(C);
+  s.ekd = m.array(C);
   if (backward) {
-    s.dO = take(C, BV);
-    s.dU = take(C, BV);
-    s.dA = take(C, C);
-    s.dL = take(C, C);
-    s.s0 = take(BK, BV);
-    s.dG = scalars(C);
-    s.dbeta = scalars(C);
-    s.colE = scalars(C);
-    s.colF = scalars(C);
-    s.dot = scalars(C);
-    s.red = scalars(kScanThreads);
+    s.dO = m.matrix(C, BV);
+    s.dU = m.matrix(C, BV);
+    s.dA = m.matrix(C, C);
+    s.dL = m.matrix(C, C);
+    s.s0 = m.matrix(BK, BV);
+    s.dG = m.array(C);
+    s.dbeta = m.array(C);
+    s.colE = m.array(C);
+    s.colF = m.array(C);
+    s.dot = m.array(C);
+    s.red = m.array(kScanThreads);
   }
   return s;
 }

@@ -104,28 +104,22 @@ struct ScanSmem {
 
 TM_DEVICE ScanSmem scan_smem(int64_t key_pad, bool backward) {
   constexpr int C = kScanChunk, BK = kScanKeys, BV = kScanValues;
-  shared_ptr<float> at = dynamic_shared<float>();
-  auto take = [&](int64_t rows, int ld) {
-    const ScanMat m{at, ld};
-    at = at + rows * ld;
-    return m;
-  };
+  SmemCarver m;
   ScanSmem s;
-  s.S = take(key_pad, BV);
-  s.v = take(C, BV);
-  s.A = take(C, C);
-  s.q = take(C, BK);
-  s.k = take(C, BK);
-  s.lg = take(C, BK);
-  s.qfac = take(C, BK);
-  s.kfac = take(C, BK);
-  s.decay = at;
-  s.gl = s.decay + BK;
+  s.S = m.matrix(key_pad, BV);
+  s.v = m.matrix(C, BV);
+  s.A = m.matrix(C, C);
+  s.q = m.matrix(C, BK);
+  s.k = m.matrix(C, BK);
+  s.lg = m.matrix(C, BK);
+  s.qfac = m.matrix(C, BK);
+  s.kfac = m.matrix(C, BK);
+  s.decay = m.array(BK);
+  s.gl = m.array(C);
   if (backward) {
-    at = s.gl + C;
-    s.sp = take(BK, BV);
-    s.dO = take(C, BV);
-    s.dA = take(C, C);
+    s.sp = m.matrix(BK, BV);
+    s.dO = m.matrix(C, BV);
+    s.dA = m.matrix(C, C);
   }
   return s;
 }

@@ -29,6 +29,22 @@ struct SmemMat {
 };
 using ScanMat = SmemMat<true>;
 
+// A block's dynamic shared memory handed out in order: swizzled matrices and plain arrays.
+struct SmemCarver {
+  shared_ptr<float> at;
+  TM_DEVICE SmemCarver() : at(dynamic_shared<float>()) {}
+  TM_DEVICE ScanMat matrix(int64_t rows, int ld) {
+    const ScanMat m{at, ld};
+    at = at + rows * ld;
+    return m;
+  }
+  TM_DEVICE shared_ptr<float> array(int64_t n) {
+    const shared_ptr<float> a = at;
+    at = at + n;
+    return a;
+  }
+};
+
 struct FragLane {
   int g, q;
 };
