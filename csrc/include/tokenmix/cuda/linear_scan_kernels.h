@@ -250,13 +250,6 @@ TM_DEVICE void scan_mask(const ScanSmem& s, ScanMat M, int c) {
   sync_threads();
 }
 
-// The token range of a product over the chunk's c tokens: c, rounded up to the tensor path's
-// 8-token steps (the operands' rows past c are 0 in shared memory).
-template <bool kTensor>
-TM_DEVICE int scan_token_end(int c) {
-  return kTensor ? (c + 7) / 8 * 8 : c;
-}
-
 // S[d0 + dd, :] = decay(dd) S[d0 + dd, :] + the products `add` accumulates, for the slice's BK
 // rows: warp w owns rows 16 (w / 4) .. +16 and columns 8 (w % 4) .. +8 of the slice, and
 // add(acc, m0, n0) adds its products to that [16 x 8] tile. The forward's state update

@@ -111,6 +111,13 @@ TM_DEVICE void warp_product_kept(float (&acc)[NT][4], int k0, int k1, AFn a, BFn
     }
 }
 
+// The token range of a product over the chunk's c tokens: c, rounded up to the tensor path's
+// 8-token steps (the operands' rows past c are 0 in shared memory).
+template <bool kTensor>
+TM_DEVICE int scan_token_end(int c) {
+  return kTensor ? (c + 7) / 8 * 8 : c;
+}
+
 // Causal products over the warp's rows m0 + r and tokens k < c: `lower` sums k <= m0 + r, `upper`
 // sums k >= m0 + r. The blocks off the diagonal run warp_product (every pair kept), the warp's
 // 16-token diagonal block warp_product_kept. Operands past c must be 0 (finite) in shared memory.
@@ -126,7 +133,7 @@ TM_DEVICE void warp_product_upper(float (&acc)[NT][4], int m0, int c, AFn a, BFn
   if (m0 >= c) return;
   warp_product_kept<NT>(acc, m0, m0 + 16 < c ? m0 + 16 : c, a, b,
                         [&](int r, int k) { return k >= m0 + r; });
-  const int end = kTensor ? (c + 7) / 8 * 8 : c;
+  const int end = scan_token_end<kTensor>(c);
   if (m0 + 16 < end) warp_product<kTensor, NT>(acc, m0 + 16, end, a, b);
 }
 
