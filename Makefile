@@ -11,7 +11,7 @@ THREADS ?= 2
 STAMP := $(VENV)/.tokenmix-installed
 SOURCES := $(shell find csrc python -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.py' -o -name '*.in' \)) CMakeLists.txt pyproject.toml
 
-.PHONY: demo test build lint format bench clean gpu-check gpu-check-dry wheel sdist test-wheel ptx-check
+.PHONY: demo test build lint format bench clean gpu-check gpu-check-wheels gpu-check-dry wheel sdist test-wheel ptx-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,13 @@ test-wheel: build
 OUT ?= $(CURDIR)/gpu-check-out
 gpu-check:
 	OUT="$(OUT)" PYTHON=python3 bash tools/gpu_check.sh
+
+# flash-linear-attention for the GPU check's linear benchmark (fla's Triton kernels). The GPU machine
+# has no package registry: download the wheels here, then send them with the checkout (they are
+# git-ignored: the device run's carry names gpu-check-wheels).
+gpu-check-wheels: $(PY)
+	$(PIP) download -q --no-deps --only-binary=:all: -d gpu-check-wheels \
+	  "fla-core==0.6.0" "einops==0.8.2"
 
 # The same script on this machine, up to each step's first GPU call (the test suite runs it too).
 gpu-check-dry: build

@@ -18,6 +18,9 @@ beta, bfloat16 by default on CUDA; decays float32), this times
   softmax attention a linear-attention layer replaces,
 * ``fla``: flash-linear-attention's pure-PyTorch paths (``fla.ops.*.naive``) when
   ``import fla`` works, else "not installed",
+* ``fla-triton``: flash-linear-attention's Triton chunk kernels (``chunk_linear_attn``,
+  ``chunk_simple_gla``, ``chunk_gla``, ``chunk_delta_rule``, ``chunk_gated_delta_rule``), on
+  CUDA only (``make gpu-check`` carries the wheels to the GPU machine),
 
 in forward and forward+backward mode (every differentiable input gets a gradient),
 and reports the median time, tokens/s, counted GFLOP/s, that throughput as a
@@ -45,6 +48,7 @@ convention: the backward is 2.5x the forward).
     python bench/bench_linear.py --markdown --json out.json
     python bench/bench_linear.py --variant gla --seq-lens 2048,4096,8192 --plot gla.png
     python bench/bench_linear.py --device cuda --variant gated_delta --T 16384
+    python bench/bench_linear.py --device cuda --variant gla,gated_delta --backends fused,fla-triton
 
 The default plan: simple_gla T=8192 fwd and fwd+bwd, gated_delta T=8192 fwd and
 fwd+bwd, simple_gla T=16384 fwd against SDPA. Progress goes to stderr, tables to
@@ -107,7 +111,9 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "delta": ("delta", None),
     "gated_delta": ("delta", "g"),
 }
-BACKENDS = ("fused", "chunked", "naive", "sdpa", "fla")
+BACKENDS = ("fused", "chunked", "naive", "sdpa", "fla", "fla-triton")
+# The default --backends: all of them on CUDA, all but fla-triton (CUDA only) on the CPU.
+CPU_BACKENDS = tuple(b for b in BACKENDS if b != "fla-triton")
 # Labels of rows that did not run (those that ran say what exactly ran).
 LABELS = {
     "fused": "fused",
@@ -115,6 +121,7 @@ LABELS = {
     "naive": "naive recurrence",
     "sdpa": "sdpa causal (softmax)",
     "fla": "fla (pure PyTorch)",
+    "fla-triton": "fla (Triton)",
 }
 # |fused - chunked| <= ATOL + RTOL * max|chunked| per dtype (long sums of T terms; with
 # float16/bfloat16 both outputs are rounded to the dtype).
@@ -265,14 +272,18 @@ def build_sdpa(case: Case, inputs: dict):
     return fn, tensors, "sdpa causal (softmax)"
 
 
-def build_fla(case: Case, inputs: dict, max_t: int):
-    """flash-linear-attention's pure-PyTorch implementation of the same variant."""
+def _import_fla() -> None:
     try:
         importlib.import_module("fla")
     except Exception as exc:  # not installed, or no triton
         if isinstance(exc, ModuleNotFoundError) and exc.name == "fla":
             raise Skip("not installed") from None
         raise Skip(f"unavailable ({type(exc).__name__}: {exc})") from None
+
+
+def build_fla(case: Case, inputs: dict, max_t: int):
+    """flash-linear-attention's pure-PyTorch implementation of the same variant."""
+    _import_fla()
     scale = case.dim**-0.5
     names = _tensor_names(case)
     t_in = {n: inputs[n] for n in names}
@@ -333,6 +344,45 @@ def build_fla(case: Case, inputs: dict, max_t: int):
     raise Skip("n/a")
 
 
+# variant -> (module, function) of flash-linear-attention's Triton chunk kernels. Each takes
+# [B, T, H, *] tensors and returns (o, final_state); RetNet is simple GLA with g_gamma.
+FLA_TRITON = {
+    "linear": ("fla.ops.linear_attn", "chunk_linear_attn"),
+    "retention": ("fla.ops.simple_gla", "chunk_simple_gla"),
+    "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
+    "gla": ("fla.ops.gla", "chunk_gla"),
+    "delta": ("fla.ops.delta_rule", "chunk_delta_rule"),
+    "gated_delta": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+}
+
+
+def build_fla_triton(case: Case, inputs: dict, device: str):
+    """flash-linear-attention's Triton kernels for the same variant (CUDA only)."""
+    if device != "cuda":
+        raise Skip("n/a (fla's Triton kernels need CUDA)")
+    _import_fla()
+    module, name = FLA_TRITON[case.variant]
+    kernel = getattr(importlib.import_module(module), name)
+    scale = case.dim**-0.5
+    t_in = {n: inputs[n] for n in _tensor_names(case)}
+
+    def fn(t):
+        q, k, v = t["q"], t["k"], t["v"]
+        if case.variant == "linear":  # fla normalizes by default; tokenmix does not
+            return kernel(q, k, v, scale=scale, normalize=False)[0]
+        if case.variant == "retention":
+            return kernel(q, k, v, g_gamma=t["g_gamma"], scale=scale)[0]
+        if case.variant == "simple_gla":
+            return kernel(q, k, v, g=t["g"], scale=scale)[0]
+        if case.variant == "gla":
+            return kernel(q, k, v, g=t["gk"], scale=scale)[0]
+        if case.variant == "delta":
+            return kernel(q, k, v, beta=t["beta"], scale=scale)[0]
+        return kernel(q, k, v, g=t["g"], beta=t["beta"], scale=scale)[0]
+
+    return fn, t_in, f"fla {name} (Triton)"
+
+
 def build(backend: str, case: Case, inputs: dict, args):
     if backend == "fused":
         return build_fused(case, inputs)
@@ -342,6 +392,8 @@ def build(backend: str, case: Case, inputs: dict, args):
         return build_naive(case, inputs, args.naive_max_t)
     if backend == "sdpa":
         return build_sdpa(case, inputs)
+    if backend == "fla-triton":
+        return build_fla_triton(case, inputs, args.device)
     return build_fla(case, inputs, args.naive_max_t)
 
 
@@ -424,7 +476,7 @@ def run_case(case: Case, modes, backends, args, counter: list[int], total: int) 
                 continue
             if backend == "sdpa":
                 out = {"o": out["o"].transpose(1, 2)}
-            elif backend == "fla":
+            elif backend in ("fla", "fla-triton"):
                 out = {"o": out["o"]}  # its gradients may be in another layout
             outputs[(backend, mode)] = out
             flops = case.sdpa_flops() if backend == "sdpa" else case.linear_flops()
@@ -582,13 +634,18 @@ def main(argv: list[str] | None = None) -> int:
         help="sweep: run the variant(s) at each of these sequence lengths (instead of --T), "
         "e.g. --seq-lens 2048,4096,8192,16384",
     )
-    p.add_argument("--variant", choices=sorted(VARIANTS), help="one variant (default simple_gla)")
+    p.add_argument(
+        "--variant",
+        metavar="V1,V2,...",
+        help=f"comma list of variants, of {', '.join(VARIANTS)} (default simple_gla)",
+    )
     p.add_argument("--all", action="store_true", help="every variant at --T")
     add_size_arguments(p, "--dim", "K = V head dim")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     add_mode_arguments(p)
     p.add_argument(
-        "--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}"
+        "--backends",
+        help=f"comma list of {', '.join(BACKENDS)} (default: all; on the CPU all but fla-triton)",
     )
     p.add_argument(
         "--naive-max-t",
@@ -615,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{exc}).\nBuild and install tokenmix first (pip install --no-build-isolation . "
             "from the repository root), or put python/ on PYTHONPATH."
         )
-    backends = tuple(b for b in args.backends.split(",") if b)
+    default_backends = BACKENDS if args.device == "cuda" else CPU_BACKENDS
+    backends = tuple(b for b in (args.backends or ",".join(default_backends)).split(",") if b)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         sys.exit(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
@@ -628,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
     else:
         seqs = parse_int_list(args.seq_lens, "--seq-lens") if args.seq_lens else [args.T or 8192]
-        variants = list(VARIANTS) if args.all else [args.variant or "simple_gla"]
+        variants = list(VARIANTS) if args.all else (args.variant or "simple_gla").split(",")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
         plan = [(v, seq, modes, backends) for v in variants for seq in seqs]
     plan = [(v, t, ms, bs) for v, t, ms, bs in plan if ms and bs]
     if any(t < 1 for _, t, _, _ in plan) or min(args.batch, args.heads, args.dim) < 1:

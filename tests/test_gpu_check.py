@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -37,17 +38,47 @@ def dry_run(out, **env) -> tuple[int, str]:
     return result.returncode, (out / "summary.txt").read_text()
 
 
+def probe_wheel(directory) -> None:
+    """A minimal pure-Python wheel, for the step that installs the carried wheels."""
+    info = "gpu_check_probe-1.0.dist-info"
+    with zipfile.ZipFile(directory / "gpu_check_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("gpu_check_probe/__init__.py", "")
+        whl.writestr(
+            f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 1.0\n"
+        )
+        whl.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        whl.writestr(f"{info}/RECORD", "")
+
+
 def test_dry_run_runs_every_step(tmp_path):
-    returncode, summary = dry_run(tmp_path)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    probe_wheel(wheels)
+    out = tmp_path / "out"
+    returncode, summary = dry_run(out, GPU_CHECK_WHEELS=str(wheels))
     assert returncode == 0, summary
-    steps = ["info", "device-tests", "profile-fwd", "profile-bwd", "sanitizer", "bench-na"]
-    for step in [*steps, "bench-block-sparse", "bench-linear"]:
+    steps = ["info", "device-tests", "profile-fwd", "profile-bwd", "sanitizer", "fla-wheels"]
+    for step in [*steps, "bench-na", "bench-block-sparse", "bench-linear"]:
         assert f"] {step} (limit" in summary, f"step {step} did not run:\n{summary}"
-        assert (tmp_path / f"{step}.log").exists()
+        assert (out / f"{step}.log").exists()
     assert "done: 0 step(s) failed" in summary
     # The GPU tests were collected (not run) and the sanitizer's cases were checked.
-    assert "tests collected" in (tmp_path / "device-tests.log").read_text()
-    assert (tmp_path / "sanitizer.log").read_text().count("(OK)") == 4
+    assert "tests collected" in (out / "device-tests.log").read_text()
+    assert (out / "sanitizer.log").read_text().count("(OK)") == 4
+    # GLA and the gated delta rule, with fla's Triton kernels named (they need CUDA).
+    linear = (out / "bench-linear.log").read_text()
+    assert "gla T=8192" in linear and "gated_delta T=8192" in linear
+    assert linear.count("n/a (fla's Triton kernels need CUDA)") == 2
+
+
+def test_dry_run_says_when_no_wheels_were_carried(tmp_path):
+    returncode, summary = dry_run(
+        tmp_path, GPU_CHECK_WHEELS=str(tmp_path / "none"), GPU_CHECK_BUDGET="20"
+    )
+    assert "fla-wheels: no wheels in" in summary and "make gpu-check-wheels" in summary
 
 
 def test_dry_run_respects_the_budget(tmp_path):
