@@ -27,6 +27,7 @@ def cuda_smem_bytes(key_dim: int, *, delta: bool, backward: bool) -> int:
     largest kernel) for head dim ``key_dim``: scan_smem_floats / delta_smem_floats in
     csrc/include/tokenmix/cuda/, mirrored here (a test compares the two)."""
     chunk, keys, values, threads = 64, 32, 32, 256
+    spans = (chunk // 16) * (chunk // 16 + 1) // 2  # kScanSpans: per-key gates' sub-chunk runs
     key_pad = -(-key_dim // keys) * keys
     if delta:
         floats = key_pad * values + 3 * chunk * values + 2 * chunk * chunk + 2 * chunk * keys
@@ -35,6 +36,7 @@ def cuda_smem_bytes(key_dim: int, *, delta: bool, backward: bool) -> int:
             floats += 2 * chunk * values + 2 * chunk * chunk + keys * values + 5 * chunk + threads
     else:
         floats = key_pad * values + chunk * values + chunk * chunk + 5 * chunk * keys + keys + chunk
+        floats += spans * keys
         if backward:
             floats += keys * values + chunk * values + chunk * chunk
     return 4 * floats

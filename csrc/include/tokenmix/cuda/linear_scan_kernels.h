@@ -10,8 +10,16 @@
 // slice's share of the intra scores A, of the output's state term (q qfac) S and the update of
 // the slice's state rows. Then A is masked (and, for scalar decays, multiplied by 2^{D_ij} with
 // D_ij = sum_{j<t<=i} lg_t running down each column) and o += A v over j <= i only, so an inf or
-// NaN at token t reaches no output before t. Per-key gates keep the factor inside the sum over
-// keys: A_ij = sum_d q_id k_jd 2^{D_ij,d}, with one running sum per (column j, key d).
+// NaN at token t reaches no output before t.
+//
+// Per-key gates keep the factor inside the sum over keys: A_ij = sum_d q_id k_jd 2^{D_ij,d}. The
+// chunk is cut into sub-chunks of kScanSub tokens. For row i in sub-chunk I and key j in an
+// earlier sub-chunk J, D_ij splits at the sub-chunk boundaries into three sums over their own
+// ranges: tokens of I up to i (qsub_i), tokens of J after j (ksub_j) and the whole sub-chunks in
+// between (span(J + 1, I)). So A_ij = sum_d (q_id qsub_id) (k_jd ksub_jd span_d): a matrix
+// product on tensor cores, with no difference of cumulative sums, so resets stay exact. Only
+// the diagonal sub-chunk blocks (j and i in one sub-chunk) keep one running sum per (j, key) on
+// FMAs. The backward's dq and dk split the same way.
 //
 // Backward, per block and in reverse over chunks: the chunk-start states come from a states-only
 // forward pass (scan_forward_kernel with `states_only`) stored in a workspace. dA = dO v^T is the
@@ -87,19 +95,22 @@ TM_DEVICE void scan_sequence(const ScanParams& p, int64_t n, int64_t* b, int64_t
 
 // The block's shared memory, as swizzled matrices (scan_tiles.h).
 struct ScanSmem {
-  ScanMat S;                // [key_pad x BV]: the state (forward) or dL/dS (backward)
-  ScanMat v;                // [C x BV]
-  ScanMat A;                // [C x C]
-  ScanMat q;                // [C x BK] scaled q of the slice
-  ScanMat k;                // [C x BK]
-  ScanMat lg;               // [C x BK] log2 decays per key (per-key gates)
-  ScanMat qfac;             // [C x BK]
-  ScanMat kfac;             // [C x BK]
+  ScanMat S;   // [key_pad x BV]: the state (forward) or dL/dS (backward)
+  ScanMat v;   // [C x BV]
+  ScanMat A;   // [C x C]
+  ScanMat q;   // [C x BK] scaled q of the slice
+  ScanMat k;   // [C x BK]
+  ScanMat lg;  // [C x BK] log2 decays per key (per-key gates)
+  // [C x BK] decay factors 2^{sum_{t<=i} lg_t} and 2^{sum_{j<t<C} lg_t}; with per-key gates the
+  // sums stop at the token's sub-chunk (qsub, ksub) and chunk_qfac / chunk_kfac add `span`.
+  ScanMat qfac;
+  ScanMat kfac;
   ScanMat sp;               // backward: [BK x BV] the chunk-start state's slice
   ScanMat dO;               // backward: [C x BV]
   ScanMat dA;               // backward: [C x C]
   shared_ptr<float> decay;  // [BK] 2^{sum over the chunk}
   shared_ptr<float> gl;     // [C] log2 scalar decays
+  shared_ptr<float> span;   // [kScanSpans x BK] per-key gates: sub_span's factors
 };
 
 TM_DEVICE ScanSmem scan_smem(int64_t key_pad, bool backward) {
@@ -116,12 +127,39 @@ TM_DEVICE ScanSmem scan_smem(int64_t key_pad, bool backward) {
   s.kfac = m.matrix(C, BK);
   s.decay = m.array(BK);
   s.gl = m.array(C);
+  s.span = m.array(kScanSpans * BK);
   if (backward) {
     s.sp = m.matrix(BK, BV);
     s.dO = m.matrix(C, BV);
     s.dA = m.matrix(C, C);
   }
   return s;
+}
+
+// Per-key gates: 2^{sum of the log2 decays of sub-chunks a .. b - 1} for key dd of the slice, 1
+// for an empty run (a >= b). Runs are numbered row by row of the a < b triangle.
+TM_DEVICE int scan_span_index(int a, int b) {
+  return a * kScanSubChunks - a * (a - 1) / 2 + (b - a - 1);
+}
+TM_DEVICE float sub_span(const ScanSmem& s, int a, int b, int dd) {
+  return a >= b ? 1.0f : float(s.span[scan_span_index(a, b) * kScanKeys + dd]);
+}
+
+// The chunk's decay factors of token i for key dd of the slice: 2^{sum_{t<=i} lg_t} for q and
+// 2^{sum_{i<t<C} lg_t} for k. Per-key gates store them per sub-chunk (ScanSmem::qfac).
+template <int kDecay>
+TM_DEVICE float chunk_qfac(const ScanSmem& s, int i, int dd) {
+  if constexpr (kDecay == kScanPerKeyDecay)
+    return s.qfac(i, dd) * sub_span(s, 0, i / kScanSub, dd);
+  else
+    return s.qfac(i, dd);
+}
+template <int kDecay>
+TM_DEVICE float chunk_kfac(const ScanSmem& s, int j, int dd) {
+  if constexpr (kDecay == kScanPerKeyDecay)
+    return s.kfac(j, dd) * sub_span(s, j / kScanSub + 1, kScanSubChunks, dd);
+  else
+    return s.kfac(j, dd);
 }
 
 template <class E>
@@ -158,8 +196,8 @@ TM_DEVICE void scan_load_scalar_decays(const ScanParams& p, const ScanSmem& s, i
 }
 
 // Key columns [d0, d0 + BK) of the chunk's q (scaled), k and per-key log2 decays, then every
-// factor of the slice: qfac (0 past c), kfac (0 past c) and the chunk's decay per key. Ends with
-// a barrier.
+// factor of the slice: qfac (0 past c), kfac (0 past c) and the chunk's decay per key; per-key
+// gates take qfac and kfac per sub-chunk and add the spans. Ends with a barrier.
 template <class E, int kDecay>
 TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b, int64_t h,
                                int64_t t0, int c, int64_t d0) {
@@ -187,6 +225,40 @@ TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b
       s.kfac.set(x / BK, x % BK, 1.0f);
     }
     for (int x = tid; x < BK; x += kScanThreads) s.decay[x] = 1.0f;
+  } else if (kDecay == kScanPerKeyDecay) {
+    // Every thread one (factor, sub-chunk u, key): u's prefix (qsub) or suffix (ksub) factors
+    // over its 16 tokens (tokenmix/scan_chunk_math.h, shared with the CPU). The prefix threads
+    // also leave u's log2 sum in the span row of u alone, (u, u + 1); after a barrier one
+    // thread per key reads those four sums and writes every span over them.
+    static_assert(2 * kScanSubChunks * BK == kScanThreads, "a thread per (factor, sub-chunk, key)");
+    const int dd = tid % BK, at = (tid / BK) % kScanSubChunks * kScanSub;
+    const auto lg = [&](int i) { return s.lg(at + i, dd); };
+    const auto exp2 = [](float x) { return exp2f(x); };
+    if (tid < kScanThreads / 2) {
+      chunk_prefix_decays<float>(
+          kScanSub, c - at, lg, [&](int i, float f) { s.qfac.set(at + i, dd, f); }, exp2);
+      float sum = 0.0f;
+      for (int i = 0; i < kScanSub; ++i) sum += lg(i);
+      const int u = at / kScanSub;
+      s.span[scan_span_index(u, u + 1) * BK + dd] = sum;
+    } else {
+      chunk_suffix_decays<float>(
+          kScanSub, c - at, lg, [&](int j, float f) { s.kfac.set(at + j, dd, f); }, exp2);
+    }
+    sync_threads();
+    if (tid < BK) {
+      float sub[kScanSubChunks];
+      for (int u = 0; u < kScanSubChunks; ++u) sub[u] = s.span[scan_span_index(u, u + 1) * BK + dd];
+      for (int a = 0; a < kScanSubChunks; ++a) {
+        float sum = 0.0f;
+        for (int b = a + 1; b <= kScanSubChunks; ++b) {
+          sum += sub[b - 1];
+          s.span[scan_span_index(a, b) * BK + dd] = exp2f(sum);
+        }
+      }
+      s.decay[dd] =
+          d0 + dd < p.key_dim ? float(s.span[scan_span_index(0, kScanSubChunks) * BK + dd]) : 0.0f;
+    }
   } else if (tid < 2 * BK) {
     // One thread per key for each factor (tokenmix/scan_chunk_math.h, shared with the CPU).
     const int dd = tid % BK;
@@ -203,21 +275,23 @@ TM_DEVICE void scan_load_slice(const ScanParams& p, const ScanSmem& s, int64_t b
   sync_threads();
 }
 
-// The slice's share of the intra scores with per-key gates, added to A (j <= i < c):
-// A_ij += sum_d q_id k_jd 2^{D_ij,d}. Thread (j = t / 4, g = t % 4) runs down column j with one
-// running sum per key of its group of 8; the quad's 4 groups are added by shuffles in a fixed
-// order. (The factor is inside the sum over keys, so this is not a matrix product.)
-TM_DEVICE void scan_gated_scores(const ScanSmem& s, int c) {
+// Per-key gates, the slice's share of the intra scores inside the diagonal sub-chunk blocks,
+// added to A (j <= i < c, i and j in one sub-chunk): A_ij += sum_d q_id k_jd 2^{D_ij,d}. Thread
+// (j = t / 4, g = t % 4) runs down column j to the end of its sub-chunk with one running sum per
+// key of its group of 8; the quad's 4 groups are added by shuffles in a fixed order. (The factor
+// is inside the sum over keys, so this is not a matrix product.)
+TM_DEVICE void scan_gated_scores_diagonal(const ScanSmem& s, int c) {
   constexpr int BK = kScanKeys, G = BK / 4;
   const int tid = int(thread_idx().x), j = tid / 4, g = tid % 4;
-  const int first = (tid / 32) * 8;  // the warp's smallest column
+  const int first = (tid / 32) * 8;                // the warp's smallest column
+  const int last = (j / kScanSub + 1) * kScanSub;  // the end of the warp's sub-chunk
   float kj[G], run[G];
 #pragma unroll
   for (int u = 0; u < G; ++u) {
     kj[u] = s.k(j, g * G + u);
     run[u] = 0.0f;
   }
-  for (int i = first; i < c; ++i) {
+  for (int i = first; i < (c < last ? c : last); ++i) {
     float acc = 0.0f;
 #pragma unroll
     for (int u = 0; u < G; ++u) {
@@ -268,9 +342,10 @@ TM_DEVICE void scan_advance_tiles(ScanMat S, int d0, DecayFn decay, AddFn add) {
   frag_store(acc, S, d0 + m0, n0);
 }
 
-// The linear scans' update: S = decay S + (a fac)^T x over the chunk's tokens.
-template <bool kTensor>
-TM_DEVICE void scan_advance_slice(const ScanSmem& s, ScanMat a, ScanMat fac, ScanMat x, int d0,
+// The linear scans' update: S = decay S + (a fac)^T x over the chunk's tokens, fac(j, dd) the
+// decay factor of token j and key dd.
+template <bool kTensor, class FacFn>
+TM_DEVICE void scan_advance_slice(const ScanSmem& s, ScanMat a, FacFn fac, ScanMat x, int d0,
                                   int c) {
   scan_advance_tiles(
       s.S, d0, [&](int dd) { return float(s.decay[dd]); },
@@ -421,6 +496,39 @@ TM_DEVICE void scan_scores_nt(const ScanWarpTiles& wt, ScanMat a, ScanMat b, int
       [&](int d, int j) { return b(wt.sn0 + j, d); });
 }
 
+// Per-key gates, the slice's share of the warp's score tile below the diagonal sub-chunk blocks
+// (rows in sub-chunk I, keys in an earlier J): acc += (q qsub) (k ksub span(J + 1, I))^T, each
+// 16-key half of the tile with J < I a product; the others are left alone.
+template <bool kTensor>
+TM_DEVICE void scan_gated_scores_below(const ScanSmem& s, const ScanWarpTiles& wt,
+                                       float (&acc)[4][4]) {
+  const int I = wt.sm0 / kScanSub;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int J = wt.sn0 / kScanSub + h;
+    if (J >= I) continue;
+    float (&half)[2][4] = *reinterpret_cast<float (*)[2][4]>(&acc[2 * h]);
+    warp_product<kTensor, 2>(
+        half, 0, kScanKeys,
+        [&](int r, int d) { return s.q(wt.sm0 + r, d) * s.qfac(wt.sm0 + r, d); },
+        [&](int d, int j) {
+          const int key = J * kScanSub + j;
+          return s.k(key, d) * s.kfac(key, d) * sub_span(s, J + 1, I, d);
+        });
+  }
+}
+
+// Stores the halves of the score tile that scan_gated_scores_below computed.
+TM_DEVICE void scan_gated_scores_store(const ScanSmem& s, const ScanWarpTiles& wt,
+                                       const float (&acc)[4][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int J = wt.sn0 / kScanSub + h;
+    if (J < wt.sm0 / kScanSub)
+      frag_store(*reinterpret_cast<const float (*)[2][4]>(&acc[2 * h]), s.A, wt.sm0, J * kScanSub);
+  }
+}
+
 template <class E, int kDecay>
 TM_DEVICE void scan_forward_body(const ScanParams& p) {
   constexpr int C = kScanChunk, BK = kScanKeys;
@@ -439,24 +547,29 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
     for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
       if (!p.states_only) {
-        if constexpr (kDecay == kScanPerKeyDecay)
-          scan_gated_scores(s, c);
-        else
+        if constexpr (kDecay == kScanPerKeyDecay) {
+          scan_gated_scores_diagonal(s, c);
+          scan_gated_scores_below<kTC>(s, wt, a_acc);
+        } else {
           scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
+        }
         // The output's state term: (q qfac) S[d0 .., :].
         warp_product<kTC, 2>(
-            o_acc, 0, BK, [&](int r, int d) { return s.q(wt.om0 + r, d) * s.qfac(wt.om0 + r, d); },
+            o_acc, 0, BK,
+            [&](int r, int d) { return s.q(wt.om0 + r, d) * chunk_qfac<kDecay>(s, wt.om0 + r, d); },
             [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
       }
       sync_threads();
-      scan_advance_slice<kTC>(s, s.k, s.kfac, s.v, d0, c);
+      scan_advance_slice<kTC>(
+          s, s.k, [&](int j, int dd) { return chunk_kfac<kDecay>(s, j, dd); }, s.v, d0, c);
       sync_threads();
     }
     if (p.states_only) return;
-    if constexpr (kDecay != kScanPerKeyDecay) {
+    if constexpr (kDecay == kScanPerKeyDecay)
+      scan_gated_scores_store(s, wt, a_acc);
+    else
       frag_store(a_acc, s.A, wt.sm0, wt.sn0);
-      sync_threads();
-    }
+    sync_threads();
     scan_mask<kDecay>(s, s.A, c);
     // o += A v over j <= i, then the rows are stored.
     warp_product_lower<kTC, 2>(
@@ -467,28 +580,50 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
   });
 }
 
-// Per-key gates' share of dq (kUpper false) or dk (true) for the warp's [16 x 16] slice tile:
-// dq_id += sum_{j<=i} dA_ij k_jd 2^{D_ij,d}, dk_jd += sum_{i>=j} dA_ij q_id 2^{D_ij,d}, each
-// element running its own decay sum down from the diagonal (FMAs for every type).
-template <bool kUpper>
+// Per-key gates' share of dq (kUpper false) or dk (true) for the warp's [16 x 16] slice tile,
+// whose rows lie in sub-chunk I: dq_id += sum_{j<=i} dA_ij k_jd 2^{D_ij,d} and
+// dk_jd += sum_{i>=j} dA_ij q_id 2^{D_ij,d}. The tokens of other sub-chunks are a product, with
+// D split as in the forward: dq += qsub (dA (k ksub span(J + 1, I))), dk += ksub (dA^T (q qsub
+// span(I + 1, J))), J the other token's sub-chunk. The tokens of sub-chunk I run on FMAs, each
+// element with its own decay sum from the diagonal.
+template <bool kTensor, bool kUpper>
 TM_DEVICE void scan_gated_grad(const ScanSmem& s, const ScanWarpTiles& wt, int c,
                                float (&acc)[2][4]) {
   const FragLane f = frag_lane();
-  const ScanMat x = kUpper ? s.q : s.k;
+  const int I = wt.om0 / kScanSub, first = I * kScanSub, last = first + kScanSub;
+  float other[2][4] = {};
+  if constexpr (kUpper) {
+    const int end = scan_token_end<kTensor>(c);
+    if (last < end)
+      warp_product<kTensor, 2>(
+          other, last, end, [&](int r, int t) { return s.dA(t, wt.om0 + r); },
+          [&](int t, int d) {
+            const int dd = wt.on0 + d;
+            return s.q(t, dd) * s.qfac(t, dd) * sub_span(s, I + 1, t / kScanSub, dd);
+          });
+  } else if (I > 0) {
+    warp_product<kTensor, 2>(
+        other, 0, first, [&](int r, int t) { return s.dA(wt.om0 + r, t); },
+        [&](int t, int d) {
+          const int dd = wt.on0 + d;
+          return s.k(t, dd) * s.kfac(t, dd) * sub_span(s, t / kScanSub + 1, I, dd);
+        });
+  }
+  const ScanMat x = kUpper ? s.q : s.k, fac = kUpper ? s.kfac : s.qfac;
 #pragma unroll
   for (int n = 0; n < 2; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = wt.om0 + frag_row(f, i), d = wt.on0 + frag_col(f, n, i);
       if (r >= c) continue;
-      float run = 0.0f, sum = 0.0f;
+      float run = 0.0f, sum = fac(r, d) * other[n][i];
       if constexpr (kUpper) {
-        for (int t = r; t < c; ++t) {
+        for (int t = r; t < (c < last ? c : last); ++t) {
           if (t > r) run += s.lg(t, d);
           sum += s.dA(t, r) * x(t, d) * exp2f(run);
         }
       } else {
-        for (int t = r; t >= 0; --t) {
+        for (int t = r; t >= first; --t) {
           if (t < r) run += s.lg(t + 1, d);
           sum += s.dA(r, t) * x(t, d) * exp2f(run);
         }
@@ -531,13 +666,18 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
     // Pass 1: the intra scores A over every key.
     for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
-      if constexpr (kDecay == kScanPerKeyDecay)
-        scan_gated_scores(s, c);
-      else
+      if constexpr (kDecay == kScanPerKeyDecay) {
+        scan_gated_scores_diagonal(s, c);
+        scan_gated_scores_below<kTC>(s, wt, a_acc);
+      } else {
         scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
+      }
       sync_threads();
     }
-    if constexpr (kDecay != kScanPerKeyDecay) frag_store(a_acc, s.A, wt.sm0, wt.sn0);
+    if constexpr (kDecay == kScanPerKeyDecay)
+      scan_gated_scores_store(s, wt, a_acc);
+    else
+      frag_store(a_acc, s.A, wt.sm0, wt.sn0);
     // dA = dO v^T over the block's value columns.
     {
       float acc[4][4] = {};
@@ -574,12 +714,12 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int r = wt.om0 + frag_row(f, i), d = wt.on0 + frag_col(f, n, i);
-          dq[n][i] *= s.qfac(r, d);
-          dk[n][i] *= s.kfac(r, d);
+          dq[n][i] *= chunk_qfac<kDecay>(s, r, d);
+          dk[n][i] *= chunk_kfac<kDecay>(s, r, d);
         }
       if constexpr (kDecay == kScanPerKeyDecay) {
-        scan_gated_grad<false>(s, wt, c, dq);
-        scan_gated_grad<true>(s, wt, c, dk);
+        scan_gated_grad<kTC, false>(s, wt, c, dq);
+        scan_gated_grad<kTC, true>(s, wt, c, dk);
       } else {
         warp_product_lower<kTC, 2>(
             dq, wt.om0, c, [&](int r, int j) { return s.dA(wt.om0 + r, j); },
@@ -602,10 +742,12 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
         }
       // dv's state term: (k kfac) dS[d0 .., :].
       warp_product<kTC, 2>(
-          dv_acc, 0, BK, [&](int r, int d) { return s.k(wt.om0 + r, d) * s.kfac(wt.om0 + r, d); },
+          dv_acc, 0, BK,
+          [&](int r, int d) { return s.k(wt.om0 + r, d) * chunk_kfac<kDecay>(s, wt.om0 + r, d); },
           [&](int d, int e) { return s.S(d0 + d, wt.on0 + e); });
       sync_threads();
-      scan_advance_slice<kTC>(s, s.q, s.qfac, s.dO, d0, c);
+      scan_advance_slice<kTC>(
+          s, s.q, [&](int i, int dd) { return chunk_qfac<kDecay>(s, i, dd); }, s.dO, d0, c);
       sync_threads();
     }
     scan_store_value_tile<E>(p, p.grad_v, blk, t0, c, wt.om0, wt.on0, dv_acc);

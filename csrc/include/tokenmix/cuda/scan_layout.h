@@ -14,6 +14,12 @@ inline constexpr int kScanChunk = 64;     // tokens per chunk (as on the CPU)
 inline constexpr int kScanKeys = 32;      // key columns per slice
 inline constexpr int kScanValues = 32;    // value columns per block
 inline constexpr int kScanThreads = 256;  // threads per block
+// Per-key gates split a chunk into sub-chunks of 16 tokens (one warp tile's rows): the products
+// between different sub-chunks run on tensor cores, those inside one on exact FMAs.
+inline constexpr int kScanSub = 16;
+inline constexpr int kScanSubChunks = kScanChunk / kScanSub;
+// The decays over runs of whole sub-chunks a .. b - 1 (a < b), per key of a slice.
+inline constexpr int kScanSpans = kScanSubChunks * (kScanSubChunks + 1) / 2;
 inline constexpr int64_t kLinearScanCudaMaxKeyDim = 256;
 // Per-key loops of the kernels give each key one thread of the block.
 static_assert(kLinearScanCudaMaxKeyDim <= kScanThreads, "one thread per key");
@@ -50,7 +56,7 @@ TM_HOST_DEVICE int64_t delta_smem_floats(int64_t key_pad, bool backward) {
 // Floats of shared memory per block of the linear scans' kernels (ScanSmem).
 TM_HOST_DEVICE int64_t scan_smem_floats(int64_t key_pad, bool backward) {
   constexpr int64_t C = kScanChunk, BK = kScanKeys, BV = kScanValues;
-  const int64_t common = key_pad * BV + C * BV + C * C + 5 * C * BK + BK + C;
+  const int64_t common = key_pad * BV + C * BV + C * C + 5 * C * BK + BK + C + kScanSpans * BK;
   return common + (backward ? BK * BV + C * BV + C * C : 0);
 }
 
