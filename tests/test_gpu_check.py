@@ -61,17 +61,19 @@ def test_dry_run_runs_every_step(tmp_path):
     returncode, summary = dry_run(out, GPU_CHECK_WHEELS=str(wheels))
     assert returncode == 0, summary
     steps = ["info", "device-tests", "profile-fwd", "profile-bwd", "sanitizer", "fla-wheels"]
-    for step in [*steps, "bench-na", "bench-block-sparse", "bench-linear"]:
+    for step in [*steps, "bench-na", "bench-block-sparse", "bench-linear", "bench-linear-fla"]:
         assert f"] {step} (limit" in summary, f"step {step} did not run:\n{summary}"
         assert (out / f"{step}.log").exists()
     assert "done: 0 step(s) failed" in summary
     # The GPU tests were collected (not run) and the sanitizer's cases were checked.
     assert "tests collected" in (out / "device-tests.log").read_text()
     assert (out / "sanitizer.log").read_text().count("(OK)") == 4
-    # GLA and the gated delta rule, with fla's Triton kernels named (they need CUDA).
-    linear = (out / "bench-linear.log").read_text()
-    assert "gla T=8192" in linear and "gated_delta T=8192" in linear
-    assert linear.count("n/a (fla's Triton kernels need CUDA)") == 2
+    # GLA and the gated delta rule, then with fla's Triton kernels named (they need CUDA).
+    for log in ("bench-linear.log", "bench-linear-fla.log"):
+        linear = (out / log).read_text()
+        assert "gla T=8192" in linear and "gated_delta T=8192" in linear, log
+    fla = (out / "bench-linear-fla.log").read_text()
+    assert fla.count("n/a (fla's Triton kernels need CUDA)") == 2
 
 
 def test_dry_run_says_when_no_wheels_were_carried(tmp_path):

@@ -370,18 +370,20 @@ EMULATED = (emulated_linear_attention, emulated_delta_rule)
 
 
 # bfloat16 runs the products on tensor cores. For per-key gates the decay between tokens of
-# different 16-token sub-chunks is split at the sub-chunk edges (linear_scan_kernels.h), so
-# the resets at 10 and 20 sit inside, at the end of and between the pieces. A difference of
-# cumulative sums would lose every digit after them; bfloat16's tolerance is its rounding.
+# different 16-token sub-chunks is split at the sub-chunk edges (linear_scan_kernels.h) into
+# sums over their own ranges: resets inside sub-chunks (10, 20) and on both sides of their
+# edges (15 | 16, 47 | 48). A difference of cumulative sums would lose every digit after a
+# reset; bfloat16's tolerance is its rounding.
 RESET_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.mark.parametrize("tokens", [(10, 20), (15, 16, 47, 48)], ids=["inside", "edges"])
 @pytest.mark.parametrize("dtype", list(RESET_TOL), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("value", [-1e9, torch.finfo(torch.float32).min, float("-inf")])
 @pytest.mark.parametrize("variant", ["g", "gk", "gated_delta"])
-def test_resets_are_exact(variant, value, dtype):
+def test_resets_are_exact(variant, value, dtype, tokens):
     x = rel._inputs(variant, dtype=dtype)
-    rel._set_decay(x, variant, (10, 20), value)
+    rel._set_decay(x, variant, tokens, value)
     x64 = {n: t.double() for n, t in x.items()}
     o_ref, s_ref = rel._call(rel.NAIVE, variant, x64)
     gen = torch.Generator().manual_seed(1)

@@ -13,8 +13,8 @@
 #   6. flash-linear-attention's wheels (gpu-check-wheels/, from `make gpu-check-wheels` on a
 #      machine with the registry, carried with the checkout) into a directory of their own
 #   7. the benchmarks with --device cuda against SDPA and FlexAttention (one case each), and
-#      GLA and the gated delta rule against the chunked PyTorch path, causal SDPA and fla's
-#      Triton kernels
+#      GLA and the gated delta rule against the chunked PyTorch path and causal SDPA, then
+#      (a step of its own: Triton compiles on first use) against fla's Triton kernels
 # Results go to $OUT (default ./gpu-check-out): summary.txt plus one log per step.
 #
 # --dry-run (or GPU_CHECK_DRY=1) runs the same steps on a machine without a GPU, up to each
@@ -131,6 +131,7 @@ fi
 # fla for bench-linear, installed beside the machine's packages (PYTHONPATH), not into them.
 WHEELS=${GPU_CHECK_WHEELS:-$PWD/gpu-check-wheels}
 fla_site=$(mktemp -d)
+trap 'rm -rf "$fla_site"' EXIT
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   step fla-wheels 60 "$PY" -m pip install -q --no-index --no-deps --target "$fla_site" \
     "$WHEELS"/*.whl
@@ -147,10 +148,16 @@ step bench-na 120 "$PY" bench/bench_na.py --case 2d "${bench_args[@]}"
 step bench-block-sparse 120 "$PY" bench/bench_block_sparse.py --case random --block-size 64 \
   "${bench_args[@]}"
 # The scans: fused (CUDA kernels) against the chunked PyTorch path and causal SDPA.
-linear_args=(--device cuda --markdown --backends fused,chunked,sdpa,fla-triton)
-[ "$DRY" = 1 ] && linear_args=(--device cpu --backends fused,fla-triton --forward --repeats 1 --markdown)
-step bench-linear 150 env PYTHONPATH="$fla_site${PYTHONPATH:+:$PYTHONPATH}" \
-  "$PY" bench/bench_linear.py --variant gla,gated_delta --T 8192 "${linear_args[@]}"
+linear_args=(--device cuda --markdown --backends fused,chunked,sdpa)
+[ "$DRY" = 1 ] && linear_args=(--device cpu --backends fused --forward --repeats 1 --markdown)
+step bench-linear 120 "$PY" bench/bench_linear.py --variant gla,gated_delta --T 8192 \
+  "${linear_args[@]}"
+# fla's Triton kernels compile and autotune on first use: a step of their own, so a slow
+# compile cannot cost the rows above.
+fla_args=(--device cuda --markdown --backends fused,fla-triton)
+[ "$DRY" = 1 ] && fla_args=(--device cpu --backends fused,fla-triton --forward --repeats 1 --markdown)
+step bench-linear-fla 150 env PYTHONPATH="$fla_site${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PY" bench/bench_linear.py --variant gla,gated_delta --T 8192 "${fla_args[@]}"
 
 log "done: $failures step(s) failed; results in $OUT"
 [ $failures -eq 0 ]

@@ -497,19 +497,18 @@ TM_DEVICE void scan_scores_nt(const ScanWarpTiles& wt, ScanMat a, ScanMat b, int
 }
 
 // Per-key gates, the slice's share of the warp's score tile below the diagonal sub-chunk blocks
-// (rows in sub-chunk I, keys in an earlier J): acc += (q qsub) (k ksub span(J + 1, I))^T, each
-// 16-key half of the tile with J < I a product; the others are left alone.
+// (rows in sub-chunk I, keys in an earlier J): acc[h] += (q qsub) (k ksub span(J + 1, I))^T for
+// each 16-key half h of the tile with J < I; the others are left alone.
 template <bool kTensor>
 TM_DEVICE void scan_gated_scores_below(const ScanSmem& s, const ScanWarpTiles& wt,
-                                       float (&acc)[4][4]) {
+                                       float (&acc)[2][2][4]) {
   const int I = wt.sm0 / kScanSub;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int J = wt.sn0 / kScanSub + h;
     if (J >= I) continue;
-    float (&half)[2][4] = *reinterpret_cast<float (*)[2][4]>(&acc[2 * h]);
     warp_product<kTensor, 2>(
-        half, 0, kScanKeys,
+        acc[h], 0, kScanKeys,
         [&](int r, int d) { return s.q(wt.sm0 + r, d) * s.qfac(wt.sm0 + r, d); },
         [&](int d, int j) {
           const int key = J * kScanSub + j;
@@ -520,12 +519,11 @@ TM_DEVICE void scan_gated_scores_below(const ScanSmem& s, const ScanWarpTiles& w
 
 // Stores the halves of the score tile that scan_gated_scores_below computed.
 TM_DEVICE void scan_gated_scores_store(const ScanSmem& s, const ScanWarpTiles& wt,
-                                       const float (&acc)[4][4]) {
+                                       const float (&acc)[2][2][4]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int J = wt.sn0 / kScanSub + h;
-    if (J < wt.sm0 / kScanSub)
-      frag_store(*reinterpret_cast<const float (*)[2][4]>(&acc[2 * h]), s.A, wt.sm0, J * kScanSub);
+    if (J < wt.sm0 / kScanSub) frag_store(acc[h], s.A, wt.sm0, J * kScanSub);
   }
 }
 
@@ -543,13 +541,14 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
     if (kDecay == kScanPerKeyDecay && !p.states_only)
       for (int x = tid; x < C * C; x += kScanThreads) s.A.set(x / C, x % C, 0.0f);
     float a_acc[4][4] = {}, o_acc[2][4] = {};
+    float below[2][2][4] = {};  // per-key gates: the score tile's 16-key halves
     sync_threads();
     for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
       if (!p.states_only) {
         if constexpr (kDecay == kScanPerKeyDecay) {
           scan_gated_scores_diagonal(s, c);
-          scan_gated_scores_below<kTC>(s, wt, a_acc);
+          scan_gated_scores_below<kTC>(s, wt, below);
         } else {
           scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
         }
@@ -566,7 +565,7 @@ TM_DEVICE void scan_forward_body(const ScanParams& p) {
     }
     if (p.states_only) return;
     if constexpr (kDecay == kScanPerKeyDecay)
-      scan_gated_scores_store(s, wt, a_acc);
+      scan_gated_scores_store(s, wt, below);
     else
       frag_store(a_acc, s.A, wt.sm0, wt.sn0);
     sync_threads();
@@ -662,20 +661,21 @@ TM_DEVICE void scan_backward_body(const ScanParams& p) {
     if (kDecay == kScanPerKeyDecay)
       for (int x = tid; x < C * C; x += kScanThreads) s.A.set(x / C, x % C, 0.0f);
     float a_acc[4][4] = {};
+    float below[2][2][4] = {};  // per-key gates: the score tile's 16-key halves
     sync_threads();
     // Pass 1: the intra scores A over every key.
     for (int d0 = 0; d0 < int(p.key_pad); d0 += BK) {
       scan_load_slice<E, kDecay>(p, s, blk.b, blk.h, t0, c, d0);
       if constexpr (kDecay == kScanPerKeyDecay) {
         scan_gated_scores_diagonal(s, c);
-        scan_gated_scores_below<kTC>(s, wt, a_acc);
+        scan_gated_scores_below<kTC>(s, wt, below);
       } else {
         scan_scores_nt<kTC>(wt, s.q, s.k, BK, a_acc);
       }
       sync_threads();
     }
     if constexpr (kDecay == kScanPerKeyDecay)
-      scan_gated_scores_store(s, wt, a_acc);
+      scan_gated_scores_store(s, wt, below);
     else
       frag_store(a_acc, s.A, wt.sm0, wt.sn0);
     // dA = dO v^T over the block's value columns.
