@@ -117,6 +117,13 @@ struct AttentionEngine {
   // (row-major) and/or dst_t[dim][lanes] (transposed), multiplied by mult.
   void load_lanes(const void* base, const int64_t* off, const Lanes& ln, int dim, T mult, T* dst,
                   int ld, T* dst_t) const {
+    // Every row's cache lines are requested first: the rows are scattered (a heads-last
+    // tensor), and the transposing loop below would otherwise wait on them one at a time.
+    for (int l = 0; l < L; ++l) {
+      if (ln.head[l] < 0) continue;
+      const char* src = reinterpret_cast<const char*>(static_cast<const In*>(base) + off[l]);
+      for (int c = 0; c < dim * int(sizeof(In)); c += 64) __builtin_prefetch(src + c, 0, 3);
+    }
     for (int l = 0; l < L; ++l) {
       if (ln.head[l] < 0) {
         if (dst) fill(dst + int64_t(l) * ld, dst + int64_t(l + 1) * ld, T(0));

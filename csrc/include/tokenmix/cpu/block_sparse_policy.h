@@ -34,7 +34,7 @@ template <class In, class T>
 void convert_token_rows(const BlockSparseProblem& p, const TokenView& src, int dim, int padded,
                         Buffer<T>& out, TokenRows<T>& rows) {
   const int64_t tk = p.kv_len;
-  out.assign(size_t(p.batch * p.kv_heads * tk * padded), T(0));
+  out.allocate(size_t(p.batch * p.kv_heads * tk * padded));
   T* dst = out.data();
   run_parallel(p, p.batch * p.kv_heads * tk, 256, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -43,6 +43,7 @@ void convert_token_rows(const BlockSparseProblem& p, const TokenView& src, int d
           static_cast<const In*>(src.data) + src.offset(bh / p.kv_heads, t, bh % p.kv_heads);
       T* row = dst + idx * padded;
       for (int d = 0; d < dim; ++d) row[d] = T(to_float(s[d]));
+      fill(row + dim, row + padded, T(0));
     }
   });
   rows.base = dst;
@@ -138,10 +139,11 @@ struct BlockSparsePolicy {
     prefix = m.prefix;
     prefix_causal = m.prefix_causal;
 
-    // Read K/V in place when they are T already and rows can be loaded as whole vectors (the
-    // backward reads key rows as vectors: dQ = dS K); otherwise convert once.
-    const bool same =
-        sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16;
+    // Read K/V in place when they are T already, rows can be loaded as whole vectors (the
+    // backward reads key rows as vectors: dQ = dS K) and copying would not pay; otherwise
+    // convert once into head-major rows.
+    const bool same = sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 &&
+                      p.dtype != DType::kBFloat16 && (backward || !worth_packing());
     if (same && (!backward || D % W == 0)) {
       keys.base = static_cast<const T*>(p.k.data);
       keys.batch_stride = p.k.batch_stride;
@@ -158,6 +160,26 @@ struct BlockSparsePolicy {
     } else {
       convert_token_rows<In, T>(p, p.v, Dv, dvp, value_copy, values);
     }
+  }
+
+  // Whether copying K/V into head-major rows pays for itself. In the caller's heads-last
+  // [B, Tk, H_kv, D] tensors consecutive keys lie H_kv x D elements apart (1 KiB for 4 fp32
+  // heads of 64): a 64-key chunk spreads over a quarter of the L1 sets and defeats the
+  // hardware prefetchers, and the random 10% pattern's forward measured about 16% faster on
+  // head-major K/V (docs/performance.md). The copy is one pass over K and V, so the forward
+  // makes it when the tiles read each kv block at least twice on average. The backward keeps
+  // its memory to its dK/dV accumulators and reads K/V in place.
+  bool worth_packing() const {
+    if (p.k.token_stride == p.head_dim && p.v.token_stride == p.value_dim)
+      return false;  // rows are adjacent already (one kv head, or head-major views)
+    const int64_t rows = lay.batch * lay.heads * lay.num_q_blocks;
+    int64_t listed = 0;
+    for (int64_t r = 0; r < rows; ++r) listed += int64_t(lay.partial_count[r]) + lay.full_count[r];
+    // Tile visits: each layout row serves B / lay.batch batches and H / lay.heads query heads,
+    // tile_heads of them per tile, in tiles_per_block tiles.
+    const double reads = double(listed) * double(p.batch / lay.batch) *
+                         double(p.heads / lay.heads) / double(tile_heads) * tiles_per_block;
+    return reads >= 2.0 * double(p.batch * p.kv_heads * lay.num_kv_blocks);
   }
 
   const BlockSparseProblem& problem() const { return p; }

@@ -17,6 +17,10 @@
 #include <cstdlib>
 #include <new>
 
+#if TOKENMIX_VEC_BYTES >= 64
+#include <immintrin.h>
+#endif
+
 // Everything compiled with ISA-specific flags lives in its own namespace and
 // uses no out-of-line standard-library templates (std::vector, std::fill...):
 // the linker merges identical template instantiations across translation
@@ -183,6 +187,17 @@ inline vfloat vexp2(vfloat x) {
 // polynomial as vexp2 with a cheaper reduction. round(x) comes from adding
 // 1.5 * 2^23 (the sum's low mantissa bits hold it), and nothing can overflow.
 // Below -126 (and -inf) exactly 0; NaN stays NaN.
+#if TOKENMIX_VEC_BYTES >= 64
+// AVX-512: round(x) by vrndscaleps and the scaling by vscalefps, with zero-masking for x < -126
+// (and -inf): the same n, f and p as above, and p * 2^n is the same single rounding, so the
+// result is bit for bit the portable one's, without assembling the exponent in integer lanes.
+inline vfloat vexp2_nonpositive(vfloat x) {
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);  // NaN kept
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vfloat p = exp2_fraction(x - vfloat(n));
+  return vfloat(_mm512_maskz_scalef_ps(kept, __m512(p), n));
+}
+#else
 inline vfloat vexp2_nonpositive(vfloat x) {
   const vfloat lo = vbroadcast<vfloat>(-126.0f);
   const vfloat magic = vbroadcast<vfloat>(12582912.0f);  // 1.5 * 2^23
@@ -198,6 +213,7 @@ inline vfloat vexp2_nonpositive(vfloat x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < lo ? vfloat{} : p * scale;
 }
+#endif
 
 inline vdouble vexp2(vdouble x) {
   vdouble r;
