@@ -34,7 +34,7 @@ template <class In, class T>
 void convert_token_rows(const BlockSparseProblem& p, const TokenView& src, int dim, int padded,
                         Buffer<T>& out, TokenRows<T>& rows) {
   const int64_t tk = p.kv_len;
-  out.allocate(size_t(p.batch * p.kv_heads * tk * padded));
+  out.allocate(size_t(p.batch * p.kv_heads * tk * padded), /*huge_pages=*/true);
   T* dst = out.data();
   run_parallel(p, p.batch * p.kv_heads * tk, 256, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
