@@ -434,7 +434,7 @@ def test_heads_last_and_head_major_kv_agree(dense, dtype):
     go = torch.randn(out.shape, generator=gen).to(dtype)
     grads = backward(go, q, k, v, out, lse, lay, 0.125)
     grads_hm = backward(go, q, k_hm, v_hm, out, lse, lay, 0.125)
-    for got, want in zip(grads, grads_hm):
+    for got, want in zip(grads, grads_hm, strict=True):
         assert torch.equal(got, want)
 
 
