@@ -165,7 +165,7 @@ struct BlockSparsePolicy {
   // Whether copying K/V into head-major rows pays for itself. In the caller's heads-last
   // [B, Tk, H_kv, D] tensors consecutive keys lie H_kv x D elements apart (1 KiB for 4 fp32
   // heads of 64): a 64-key chunk spreads over a quarter of the L1 sets and defeats the
-  // hardware prefetchers, and the random 10% pattern's forward measured about 16% faster on
+  // hardware prefetchers, and the random 10% pattern's forward measured 15-20% faster on
   // head-major K/V (docs/performance.md). The copy is one pass over K and V, so the forward
   // makes it when the tiles read each kv block at least twice on average. The backward keeps
   // its memory to its dK/dV accumulators and reads K/V in place.
