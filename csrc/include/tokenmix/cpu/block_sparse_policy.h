@@ -142,9 +142,10 @@ struct BlockSparsePolicy {
     // Read K/V in place when they are T already, rows can be loaded as whole vectors (the
     // backward reads key rows as vectors: dQ = dS K) and copying would not pay; otherwise
     // convert once into head-major rows.
-    const bool same = sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 &&
-                      p.dtype != DType::kBFloat16 && (backward || !worth_packing());
-    if (same && (!backward || D % W == 0)) {
+    const bool compute_type =
+        sizeof(In) == sizeof(T) && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16;
+    const bool in_place = compute_type && (backward || !worth_packing());
+    if (in_place && (!backward || D % W == 0)) {
       keys.base = static_cast<const T*>(p.k.data);
       keys.batch_stride = p.k.batch_stride;
       keys.token_stride = p.k.token_stride;
@@ -152,7 +153,7 @@ struct BlockSparsePolicy {
     } else {
       convert_token_rows<In, T>(p, p.k, D, dp, key_copy, keys);
     }
-    if (same && Dv % W == 0) {
+    if (in_place && Dv % W == 0) {
       values.base = static_cast<const T*>(p.v.data);
       values.batch_stride = p.v.batch_stride;
       values.token_stride = p.v.token_stride;
