@@ -426,7 +426,8 @@ def test_heads_last_and_head_major_kv_agree(dense, dtype):
         kinds[0, 0, 0, 5] = FULL
         kinds[0, 0, 1, 2] = PARTIAL
     lay = Layout(kinds, qb, kb, tq, tk, bits=random_bits(gen, kinds, qb, kb))
-    q, k, v = inputs(gen, 1, tq, tk, h, hkv, 64, 48, dtype)
+    # Two batches: the copy's rows are indexed by (batch, kv head, token).
+    q, k, v = inputs(gen, 2, tq, tk, h, hkv, 64, 48, dtype)
     out, lse, _ = check_against_dense(q, k, v, lay, 0.125, ATOL[dtype], gen=gen)
     k_hm, v_hm = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
     out_hm, lse_hm = forward(q, k_hm, v_hm, lay, 0.125)

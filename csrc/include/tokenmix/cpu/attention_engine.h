@@ -211,10 +211,19 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
     gemm<T>(n, L, D, TableRows<const T>{ch.krow.data()}, 1, StridedRows<const T>{w.qt.data(), L},
             StridedRows<T>{st, L}, false);
     if (!ch.full) pol.add_bias(ch, w.ln, st);
+    // The max and the sum run over two independent chains each (even and odd keys), so the
+    // loops are not bound by the latency of one max (add) per key.
     for (int v = 0; v < L; v += W) {
-      V cm = vninf;
+      V cm = vninf, cm1 = vninf;
       if (ch.full) {
-        for (int j = 0; j < n; ++j) {
+        int j = 0;
+        for (; j + 1 < n; j += 2) {
+          const V x = vload<V>(st + int64_t(j) * L + v);
+          const V y = vload<V>(st + int64_t(j + 1) * L + v);
+          cm = x > cm ? x : cm;
+          cm1 = y > cm1 ? y : cm1;
+        }
+        if (j < n) {
           const V x = vload<V>(st + int64_t(j) * L + v);
           cm = x > cm ? x : cm;
         }
@@ -224,9 +233,13 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
           T* sp = st + int64_t(j) * L + v;
           const V x = pol.keep(ch, w.ln, j, v) != 0 ? vload<V>(sp) : vninf;
           vstore(sp, x);
-          cm = x > cm ? x : cm;
+          if (j & 1)
+            cm1 = x > cm1 ? x : cm1;
+          else
+            cm = x > cm ? x : cm;
         }
       }
+      cm = cm1 > cm ? cm1 : cm;
       if (exact) {
         VI nan_seen = vload<VI>(w.ln.nan_logit.data() + v);
         for (int j = 0; j < n; ++j) {
@@ -239,13 +252,24 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
       const V m_new = cm > m_old ? cm : m_old;
       const V safe = m_new == vninf ? V{} : m_new;
       const V alpha = vexp2_nonpositive(m_old - safe);
-      V sum = V{};
-      for (int j = 0; j < n; ++j) {
+      V sum = V{}, sum1 = V{};
+      int j = 0;
+      for (; j + 1 < n; j += 2) {
         T* sp = st + int64_t(j) * L + v;
         const V e = vexp2_nonpositive(vload<V>(sp) - safe);  // s <= max
+        const V e1 = vexp2_nonpositive(vload<V>(sp + L) - safe);
+        sum += e;
+        sum1 += e1;
+        vstore(sp, e);
+        vstore(sp + L, e1);
+      }
+      if (j < n) {
+        T* sp = st + int64_t(j) * L + v;
+        const V e = vexp2_nonpositive(vload<V>(sp) - safe);
         sum += e;
         vstore(sp, e);
       }
+      sum += sum1;
       vstore(w.row_sum.data() + v, vload<V>(w.row_sum.data() + v) * alpha + sum);
       vstore(w.row_max.data() + v, m_new);
       vstore(w.alpha.data() + v, alpha);

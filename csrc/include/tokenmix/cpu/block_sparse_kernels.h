@@ -3,6 +3,7 @@
 // the slice plan below.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "tokenmix/block_sparse_problem.h"
@@ -11,11 +12,12 @@
 
 namespace tokenmix::cpu::TOKENMIX_ISA {
 
-// Every tile writes its own rows, so any order is correct. Causal and
-// windowed layouts put uneven work along the sequence: whole query blocks are
-// dealt round-robin to 8 work items per thread, so each thread gets a share of
-// every region while a query block's tiles stay together (they read the same
-// K/V rows).
+// Every tile writes its own rows, so any order is correct. Work per query block
+// is uneven (causal and windowed layouts) and so is the machine (a shared host
+// takes a thread away for milliseconds at a time), so the threads take query
+// blocks one at a time from a shared counter rather than a fixed share each;
+// a query block's tiles stay together (they read the same K/V rows), and
+// consecutive blocks share a head's K/V.
 template <class In, class T>
 void block_sparse_forward(const BlockSparseProblem& p) {
   using Policy = BlockSparsePolicy<In, T>;
@@ -23,15 +25,16 @@ void block_sparse_forward(const BlockSparseProblem& p) {
   const AttentionEngine<Policy> eng(pol);
   const int64_t per_block = pol.tiles_per_block;
   const int64_t blocks = pol.num_tiles() / per_block;
-  const int64_t items = min_of<int64_t>(blocks, int64_t(max_of(1, p.num_threads)) * 8);
-  run_parallel(p, items, 1, [&](int64_t begin, int64_t end) {
+  const int64_t workers = min_of<int64_t>(blocks, int64_t(max_of(1, p.num_threads)));
+  std::atomic<int64_t> next{0};
+  run_parallel(p, workers, 1, [&](int64_t, int64_t) {
     typename AttentionEngine<Policy>::Work w;
     eng.init_work(w, false);
     BlockSparseTile tile;
-    for (int64_t item = begin; item < end; ++item)
-      for (int64_t blk = item; blk < blocks; blk += items)
-        for (int64_t s = 0; s < per_block; ++s)
-          if (pol.tile(blk * per_block + s, &tile)) eng.forward_tile(w, tile);
+    for (int64_t blk = next.fetch_add(1, std::memory_order_relaxed); blk < blocks;
+         blk = next.fetch_add(1, std::memory_order_relaxed))
+      for (int64_t s = 0; s < per_block; ++s)
+        if (pol.tile(blk * per_block + s, &tile)) eng.forward_tile(w, tile);
   });
 }
 

@@ -36,12 +36,24 @@ void convert_token_rows(const BlockSparseProblem& p, const TokenView& src, int d
   const int64_t tk = p.kv_len;
   out.allocate(size_t(p.batch * p.kv_heads * tk * padded), /*huge_pages=*/true);
   T* dst = out.data();
-  run_parallel(p, p.batch * p.kv_heads * tk, 256, [&](int64_t begin, int64_t end) {
+  // Rows are visited in the source's order: heads-last sources (heads adjacent) are read
+  // sequentially, writing one sequential stream per kv head.
+  const bool heads_inner = p.kv_heads > 1 && src.head_stride < src.token_stride;
+  const int64_t hk_n = p.kv_heads;
+  run_parallel(p, p.batch * hk_n * tk, 256, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t t = idx % tk, bh = idx / tk;
-      const In* s =
-          static_cast<const In*>(src.data) + src.offset(bh / p.kv_heads, t, bh % p.kv_heads);
-      T* row = dst + idx * padded;
+      int64_t b, t, hk;
+      if (heads_inner) {
+        hk = idx % hk_n;
+        t = (idx / hk_n) % tk;
+        b = idx / (hk_n * tk);
+      } else {
+        t = idx % tk;
+        hk = (idx / tk) % hk_n;
+        b = idx / (hk_n * tk);
+      }
+      const In* s = static_cast<const In*>(src.data) + src.offset(b, t, hk);
+      T* row = dst + ((b * hk_n + hk) * tk + t) * padded;
       for (int d = 0; d < dim; ++d) row[d] = T(to_float(s[d]));
       fill(row + dim, row + padded, T(0));
     }
@@ -97,6 +109,8 @@ struct BlockSparsePolicy {
     Buffer<int> bit;            // the column's bit in that word
     Buffer<I> lane_words;       // [slots x lanes]: one bitmask word per lane
     Buffer<int64_t> full_keys;  // keys of bitmask blocks that every row of the tile keeps
+    Buffer<uint32_t> any_bits;  // per word of a bitmask block: OR over the tile's rows
+    Buffer<uint32_t> all_bits;  // ... and AND
   };
 
   const BlockSparseProblem& p;
@@ -225,6 +239,10 @@ struct BlockSparsePolicy {
     ch.lane_words.assign(size_t(kChunk) * L, 0);
     if (bits && !lay.mask.structured())
       ch.full_keys.allocate(size_t(lay.max_partial) * size_t(lay.kv_block));
+    if (bits) {
+      ch.any_bits.assign(size_t(lay.mask.words), 0u);
+      ch.all_bits.assign(size_t(lay.mask.words), 0u);
+    }
   }
 
   // Lane hg * rows_per_tile + r is query row first + r of head head + hg.
@@ -326,16 +344,25 @@ struct BlockSparsePolicy {
         }
         continue;
       }
+      // OR and AND of every word over the tile's rows, in one pass over the block's rows.
+      const int nw = int((k1 - k0 + 31) / 32);
+      uint32_t* any_w = ch.any_bits.data();
+      uint32_t* all_w = ch.all_bits.data();
+      for (int i = 0; i < nw; ++i) {
+        any_w[i] = 0u;
+        all_w[i] = ~0u;
+      }
+      for (int r = t.first; r < t.first + t.rows; ++r) {
+        const uint32_t* x = block + int64_t(r) * words;
+        for (int i = 0; i < nw; ++i) {
+          any_w[i] |= x[i];
+          all_w[i] &= x[i];
+        }
+      }
       for (int64_t w0 = k0; w0 < k1; w0 += 32) {
         const int c0 = int(w0 - k0), ncol = int(min_of<int64_t>(32, k1 - w0));
         const uint32_t valid = ncol == 32 ? ~0u : (1u << ncol) - 1u;
-        uint32_t any = 0, all = valid;
-        for (int r = t.first; r < t.first + t.rows; ++r) {
-          const uint32_t x = block[int64_t(r) * words + (c0 >> 5)];
-          any |= x;
-          all &= x;
-        }
-        any &= valid;
+        const uint32_t any = any_w[c0 >> 5] & valid, all = all_w[c0 >> 5] & valid;
         uint32_t partial = any;
         if (!structured) {
           partial &= ~all;

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Two builds of tokenmix, timed against each other on a noisy machine.
+
+On a shared host the machine's speed drifts by tens of percent within minutes, so two
+benchmark runs made one after the other do not compare two builds: the difference is mostly
+the host. This script keeps one worker process per build alive (each imports the
+``tokenmix`` package found in its own directory, prepended to ``PYTHONPATH``) and asks them
+for a few calls in turn, alternating which goes first. Each round gives one ratio
+new / old of the two workers' fastest call of that round, made seconds apart; the report is
+the median ratio over the rounds (below 1: the new build is faster), with its quartiles.
+
+The case is one of ``bench_block_sparse.py``'s (the same masks, layouts and inputs), forward
+only::
+
+    python bench/ab_builds.py --old /tmp/pkg_old --new /tmp/pkg_new \\
+        --case random --block-sizes 64,128 --rounds 30 --threads 2
+
+A package directory holds a ``tokenmix`` package, for example a copy of the installed one
+(``site-packages/tokenmix``) with the ``_C.so`` of another build put in its place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Build the layouts and inputs, then answer each line on stdin with one timed round."""
+    sys.path.insert(0, HERE)
+    import bench_block_sparse as bb
+    import tokenmix
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = bb.QUICK_SIZES if args.quick else bb.FULL_SIZES
+    layouts = {}
+    for bs in args.block_sizes:
+        case = bb.Case(name=args.case, pattern=args.case, block_size=bs, **sizes)
+        data = bb.pattern_data(case)
+        layouts[bs] = bb.tokenmix_layout(case, data, bb.create_flex_block_mask(case, data))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(case.input_shape, generator=gen) for _ in range(3))
+    for lay in layouts.values():
+        tokenmix.block_sparse_attention(q, k, v, lay)  # warm-up
+    print(f"ready {tokenmix.__file__}", flush=True)
+    for _ in sys.stdin:
+        times = []
+        for bs, lay in layouts.items():
+            best = float("inf")
+            for _ in range(args.calls):
+                t0 = time.perf_counter()
+                tokenmix.block_sparse_attention(q, k, v, lay)
+                best = min(best, time.perf_counter() - t0)
+            times.append(f"{bs}:{best * 1e3:.3f}")
+        print(" ".join(times), flush=True)
+
+
+def spawn(package_dir: str, argv: list[str]) -> subprocess.Popen:
+    if not os.path.isdir(os.path.join(package_dir, "tokenmix")):
+        sys.exit(f"error: --old/--new: {package_dir} holds no 'tokenmix' package")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([package_dir, os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready"):
+        sys.exit(f"error: the worker for {package_dir} did not start (see its output above)")
+    print(f"{package_dir}: {line.split(' ', 1)[1]}", flush=True)
+    return proc
+
+
+def one_round(proc: subprocess.Popen) -> dict[int, float]:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return {int(bs): float(ms) for bs, ms in (x.split(":") for x in proc.stdout.readline().split())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--old", help="directory holding the old build's tokenmix package")
+    ap.add_argument("--new", help="directory holding the new build's tokenmix package")
+    ap.add_argument("--case", default="random", choices=["sliding", "random", "document"])
+    ap.add_argument("--block-sizes", default="64,128", help="comma list (default 64,128)")
+    ap.add_argument("--rounds", type=int, default=30, help="rounds (default 30)")
+    ap.add_argument("--calls", type=int, default=3, help="calls per build and round (default 3)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="the scaled-down sizes (T=1024)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    try:
+        args.block_sizes = [int(x) for x in args.block_sizes.split(",")]
+    except ValueError:
+        sys.exit(
+            f"error: --block-sizes: expected a comma list of integers, got {args.block_sizes!r}"
+        )
+    if args.rounds < 1 or args.calls < 1:
+        sys.exit("error: --rounds and --calls must be at least 1")
+    if args.worker:
+        return worker(args)
+    if not args.old or not args.new:
+        sys.exit("error: --old and --new are required")
+
+    argv = [f"--case={args.case}", f"--block-sizes={','.join(map(str, args.block_sizes))}"]
+    argv += [f"--calls={args.calls}", f"--threads={args.threads}"] + (
+        ["--quick"] if args.quick else []
+    )
+    procs = {"old": spawn(args.old, argv), "new": spawn(args.new, argv)}
+    ratios: dict[int, list[float]] = {bs: [] for bs in args.block_sizes}
+    best: dict[tuple[str, int], float] = {}
+    try:
+        for r in range(args.rounds):
+            got = {}
+            for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                got[name] = one_round(procs[name])
+                for bs, ms in got[name].items():
+                    best[(name, bs)] = min(best.get((name, bs), float("inf")), ms)
+            for bs in args.block_sizes:
+                ratios[bs].append(got["new"][bs] / got["old"][bs])
+            if (r + 1) % 10 == 0 or r + 1 == args.rounds:
+                print(f"  round {r + 1}/{args.rounds}", flush=True)
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    what = f"{args.case}, forward, {args.threads} threads"
+    print(f"\n{what}, {args.rounds} rounds of {args.calls} calls")
+    print("| BLOCK_SIZE | old best ms | new best ms | new / old (median of rounds) | quartiles |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for bs, rs in ratios.items():
+        qs = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0], rs[0], rs[0]]
+        print(
+            f"| {bs} | {best[('old', bs)]:.1f} | {best[('new', bs)]:.1f} | "
+            f"{statistics.median(rs):.3f} | {qs[0]:.3f}-{qs[2]:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
