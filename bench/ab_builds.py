@@ -62,30 +62,52 @@ def worker(args: argparse.Namespace) -> None:
         print(" ".join(times), flush=True)
 
 
-def spawn(package_dir: str, argv: list[str]) -> subprocess.Popen:
-    if not os.path.isdir(os.path.join(package_dir, "tokenmix")):
-        sys.exit(f"error: --old/--new: {package_dir} holds no 'tokenmix' package")
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([package_dir, os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline().strip()
-    if not line.startswith("ready"):
-        sys.exit(f"error: the worker for {package_dir} did not start (see its output above)")
-    print(f"{package_dir}: {line.split(' ', 1)[1]}", flush=True)
-    return proc
+class Worker:
+    """One build's worker process: ``flag`` (``--old``/``--new``) and its package directory."""
 
+    def __init__(self, flag: str, package_dir: str, argv: list[str]) -> None:
+        self.flag, self.dir = flag, os.path.abspath(package_dir)
+        paths = [self.dir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)),
+        )
 
-def one_round(proc: subprocess.Popen) -> dict[int, float]:
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    return {int(bs): float(ms) for bs, ms in (x.split(":") for x in proc.stdout.readline().split())}
+    def fail(self, what: str) -> None:
+        self.close()
+        sys.exit(f"error: {self.flag} {self.dir}: {what} (exit status {self.proc.poll()})")
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("ready "):
+            self.fail("the worker did not start (its errors are above)")
+        imported = os.path.realpath(line.split(" ", 1)[1])
+        # The worker must time this directory's build, not one that an editable install or a
+        # stray package put earlier on sys.path.
+        if not imported.startswith(os.path.realpath(os.path.join(self.dir, "tokenmix")) + os.sep):
+            self.fail(f"the worker imported tokenmix from {imported}, not from this directory")
+        print(f"{self.flag} {self.dir}: {imported}", flush=True)
+
+    def round(self) -> dict[int, float]:
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except OSError:
+            self.fail("the worker exited")
+        line = self.proc.stdout.readline()
+        if not line.strip():
+            self.fail("the worker exited during a round (its errors are above)")
+        return {int(bs): float(ms) for bs, ms in (x.split(":") for x in line.split())}
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
 
 
 def main() -> None:
@@ -108,25 +130,37 @@ def main() -> None:
         sys.exit(
             f"error: --block-sizes: expected a comma list of integers, got {args.block_sizes!r}"
         )
-    if args.rounds < 1 or args.calls < 1:
-        sys.exit("error: --rounds and --calls must be at least 1")
+    for flag, value in (
+        ("--rounds", args.rounds),
+        ("--calls", args.calls),
+        ("--threads", args.threads),
+    ):
+        if value < 1:
+            sys.exit(f"error: {flag} must be at least 1, got {value}")
+    if any(bs < 1 for bs in args.block_sizes):
+        sys.exit(f"error: --block-sizes: every size must be at least 1, got {args.block_sizes}")
     if args.worker:
         return worker(args)
-    if not args.old or not args.new:
-        sys.exit("error: --old and --new are required")
+    for flag, value in (("--old", args.old), ("--new", args.new)):
+        if not value:
+            sys.exit(f"error: {flag} is required")
+        if not os.path.isfile(os.path.join(value, "tokenmix", "__init__.py")):
+            sys.exit(f"error: {flag}: {value} holds no 'tokenmix' package")
 
     argv = [f"--case={args.case}", f"--block-sizes={','.join(map(str, args.block_sizes))}"]
     argv += [f"--calls={args.calls}", f"--threads={args.threads}"] + (
         ["--quick"] if args.quick else []
     )
-    procs = {"old": spawn(args.old, argv), "new": spawn(args.new, argv)}
+    workers = {"old": Worker("--old", args.old, argv), "new": Worker("--new", args.new, argv)}
     ratios: dict[int, list[float]] = {bs: [] for bs in args.block_sizes}
     best: dict[tuple[str, int], float] = {}
     try:
+        for w in workers.values():
+            w.wait_ready()
         for r in range(args.rounds):
             got = {}
             for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                got[name] = one_round(procs[name])
+                got[name] = workers[name].round()
                 for bs, ms in got[name].items():
                     best[(name, bs)] = min(best.get((name, bs), float("inf")), ms)
             for bs in args.block_sizes:
@@ -134,9 +168,8 @@ def main() -> None:
             if (r + 1) % 10 == 0 or r + 1 == args.rounds:
                 print(f"  round {r + 1}/{args.rounds}", flush=True)
     finally:
-        for p in procs.values():
-            p.stdin.close()
-            p.wait()
+        for w in workers.values():
+            w.close()
     what = f"{args.case}, forward, {args.threads} threads"
     print(f"\n{what}, {args.rounds} rounds of {args.calls} calls")
     print("| BLOCK_SIZE | old best ms | new best ms | new / old (median of rounds) | quartiles |")

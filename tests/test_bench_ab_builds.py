@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import pytest
 import tokenmix
 from bench_scripts import bench_script
 
-INSTALLED = str(pathlib.Path(tokenmix.__file__).resolve().parent.parent)
+INSTALLED = pathlib.Path(tokenmix.__file__).resolve().parent
+
+# Appended to a copy's __init__.py: block_sparse_attention made slower by a fixed sleep, or
+# exiting the process once the worker's warm-up call is done.
+SLOW = """
+import time as _time
+_fast_block_sparse_attention = block_sparse_attention
+def block_sparse_attention(*args, **kwargs):
+    _time.sleep(0.2)
+    return _fast_block_sparse_attention(*args, **kwargs)
+"""
+CRASH = """
+import os as _os
+_calls = [0]
+_fast_block_sparse_attention = block_sparse_attention
+def block_sparse_attention(*args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] > 1:
+        _os._exit(3)
+    return _fast_block_sparse_attention(*args, **kwargs)
+"""
+
+
+def package_copy(root: pathlib.Path, name: str, patch: str = "") -> pathlib.Path:
+    """A directory holding a copy of the installed tokenmix package, with ``patch`` appended."""
+    target = root / name / "tokenmix"
+    shutil.copytree(INSTALLED, target, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(target / "__init__.py", "a") as f:
+        f.write(patch)
+    return root / name
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(bench_script("ab_builds")), *args],
+        [sys.executable, str(bench_script("ab_builds")), "--quick", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -22,34 +53,59 @@ def run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_same_build_against_itself():
-    proc = run(
-        "--old", INSTALLED, "--new", INSTALLED, "--quick", "--rounds", "4", "--calls", "2",
-        "--block-sizes", "32,64",
-    )  # fmt: skip
+def table_rows(out: str) -> dict[int, list[float]]:
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].isdigit():
+            rows[int(cells[0])] = [float(cells[1]), float(cells[2]), float(cells[3])]
+    return rows
+
+
+@pytest.mark.parametrize("slow_side", ["new", "old"])
+def test_each_worker_times_its_own_build(tmp_path, slow_side):
+    fast = package_copy(tmp_path, "fast")
+    slow = package_copy(tmp_path, "slow", SLOW)
+    old, new = (fast, slow) if slow_side == "new" else (slow, fast)
+    proc = run("--old", str(old), "--new", str(new), "--rounds", "2", "--calls", "1",
+               "--block-sizes", "32,64")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "random, forward, 2 threads, 4 rounds of 2 calls" in out
-    # Each worker says which tokenmix it imported: the one in its package directory.
-    assert out.count(f"{INSTALLED}: {INSTALLED}") == 2
-    rows = [
-        line for line in out.splitlines() if line.startswith("| 32 ") or line.startswith("| 64 ")
-    ]
-    assert len(rows) == 2
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        old_ms, new_ms, ratio = float(cells[1]), float(cells[2]), float(cells[3])
-        assert old_ms > 0 and new_ms > 0
-        # One build against itself: the ratio of the rounds' fastest calls is about 1.
-        assert 0.5 < ratio < 2.0, row
+    assert "random, forward, 2 threads, 2 rounds of 1 calls" in out
+    # Each worker imported the tokenmix of its own directory.
+    for flag, d in (("--old", old), ("--new", new)):
+        assert f"{flag} {d}: {(d / 'tokenmix' / '__init__.py').resolve()}" in out
+    rows = table_rows(out)
+    assert sorted(rows) == [32, 64]
+    for old_ms, new_ms, ratio in rows.values():
+        # The slow copy sleeps 200 ms in every call; a quick call takes a few ms (tens on a
+        # busy machine). The ratio is new / old.
+        slow_ms, fast_ms = (new_ms, old_ms) if slow_side == "new" else (old_ms, new_ms)
+        assert slow_ms >= 200 and fast_ms < slow_ms, out
+        assert ratio > 1 if slow_side == "new" else ratio < 1, out
 
 
-def test_missing_package_is_refused(tmp_path):
-    proc = run("--old", str(tmp_path), "--new", INSTALLED, "--quick")
+def test_a_worker_that_dies_is_named(tmp_path):
+    good = package_copy(tmp_path, "good")
+    bad = package_copy(tmp_path, "bad", CRASH)
+    proc = run("--old", str(good), "--new", str(bad), "--block-sizes", "32", "--rounds", "2")
     assert proc.returncode != 0
-    assert "--old/--new" in proc.stderr and "no 'tokenmix' package" in proc.stderr
+    assert f"--new {bad}" in proc.stderr and "exited during a round" in proc.stderr
+    assert "exit status 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
-def test_bad_block_sizes_are_refused():
-    proc = run("--old", INSTALLED, "--new", INSTALLED, "--block-sizes", "64,x")
-    assert proc.returncode != 0 and "--block-sizes" in proc.stderr
+def test_arguments_are_checked(tmp_path):
+    proc = run("--old", str(tmp_path), "--new", str(INSTALLED.parent))
+    assert proc.returncode != 0 and "--old:" in proc.stderr
+    assert "no 'tokenmix' package" in proc.stderr
+    proc = run("--old", str(INSTALLED.parent), "--new", str(tmp_path))
+    assert proc.returncode != 0 and "--new:" in proc.stderr
+    for args, flag in (
+        (["--block-sizes", "64,x"], "--block-sizes"),
+        (["--block-sizes", "0"], "--block-sizes"),
+        (["--threads", "0"], "--threads"),
+        (["--rounds", "0"], "--rounds"),
+    ):
+        proc = run("--old", str(INSTALLED.parent), "--new", str(INSTALLED.parent), *args)
+        assert proc.returncode != 0 and flag in proc.stderr, (args, proc.stderr)
