@@ -211,8 +211,8 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
     gemm<T>(n, L, D, TableRows<const T>{ch.krow.data()}, 1, StridedRows<const T>{w.qt.data(), L},
             StridedRows<T>{st, L}, false);
     if (!ch.full) pol.add_bias(ch, w.ln, st);
-    // The max and the sum run over two independent chains each (even and odd keys), so the
-    // loops are not bound by the latency of one max (add) per key.
+    // The max runs over two independent chains (even and odd keys), so the loop is not bound
+    // by the latency of one max per key; a max is exact, so the result is the same.
     for (int v = 0; v < L; v += W) {
       V cm = vninf, cm1 = vninf;
       if (ch.full) {
@@ -252,24 +252,15 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
       const V m_new = cm > m_old ? cm : m_old;
       const V safe = m_new == vninf ? V{} : m_new;
       const V alpha = vexp2_nonpositive(m_old - safe);
-      V sum = V{}, sum1 = V{};
-      int j = 0;
-      for (; j + 1 < n; j += 2) {
+      // One chain, in key order: masked keys add exact zeros, so the sum does not depend on
+      // where they sit in the chunk (a sharded run adds the same terms in the same order).
+      V sum = V{};
+      for (int j = 0; j < n; ++j) {
         T* sp = st + int64_t(j) * L + v;
         const V e = vexp2_nonpositive(vload<V>(sp) - safe);  // s <= max
-        const V e1 = vexp2_nonpositive(vload<V>(sp + L) - safe);
-        sum += e;
-        sum1 += e1;
-        vstore(sp, e);
-        vstore(sp + L, e1);
-      }
-      if (j < n) {
-        T* sp = st + int64_t(j) * L + v;
-        const V e = vexp2_nonpositive(vload<V>(sp) - safe);
         sum += e;
         vstore(sp, e);
       }
-      sum += sum1;
       vstore(w.row_sum.data() + v, vload<V>(w.row_sum.data() + v) * alpha + sum);
       vstore(w.row_max.data() + v, m_new);
       vstore(w.alpha.data() + v, alpha);
