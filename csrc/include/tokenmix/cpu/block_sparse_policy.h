@@ -39,21 +39,14 @@ void convert_token_rows(const BlockSparseProblem& p, const TokenView& src, int d
   // Rows are visited in the source's order: heads-last sources (heads adjacent) are read
   // sequentially, writing one sequential stream per kv head.
   const bool heads_inner = p.kv_heads > 1 && src.head_stride < src.token_stride;
-  const int64_t hk_n = p.kv_heads;
-  run_parallel(p, p.batch * hk_n * tk, 256, [&](int64_t begin, int64_t end) {
+  const int64_t hk_n = p.kv_heads, per_batch = hk_n * tk;
+  run_parallel(p, p.batch * per_batch, 256, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
-      int64_t b, t, hk;
-      if (heads_inner) {
-        hk = idx % hk_n;
-        t = (idx / hk_n) % tk;
-        b = idx / (hk_n * tk);
-      } else {
-        t = idx % tk;
-        hk = (idx / tk) % hk_n;
-        b = idx / (hk_n * tk);
-      }
+      const int64_t b = idx / per_batch, i = idx % per_batch;
+      const int64_t t = heads_inner ? i / hk_n : i % tk;
+      const int64_t hk = heads_inner ? i % hk_n : i / tk;
       const In* s = static_cast<const In*>(src.data) + src.offset(b, t, hk);
-      T* row = dst + ((b * hk_n + hk) * tk + t) * padded;
+      T* row = dst + (b * per_batch + hk * tk + t) * padded;
       for (int d = 0; d < dim; ++d) row[d] = T(to_float(s[d]));
       fill(row + dim, row + padded, T(0));
     }
