@@ -658,12 +658,15 @@ def test_backward_memory_does_not_grow_with_threads(batch, heads, kv_heads, slic
     slack = 4 << 20
     extra = {}
     for threads in (1, 8, 32):
+        # Without the large-block cache: its blocks would stay in the baseline RSS, out of
+        # the measured peak.
         proc = subprocess.run(
             [sys.executable, "-c", _BACKWARD_MEMORY_SCRIPT, str(threads)]
             + [str(x) for x in (batch, heads, kv_heads)],
             capture_output=True,
             text=True,
             timeout=600,
+            env={**os.environ, "TOKENMIX_CPU_BLOCK_CACHE_MB": "0"},
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         fields = proc.stdout.split()
@@ -671,3 +674,80 @@ def test_backward_memory_does_not_grow_with_threads(batch, heads, kv_heads, slic
         kv = int(fields[fields.index("KV") + 1])
         assert extra[threads] <= slices * kv + slack, (threads, extra, kv)
     assert max(extra.values()) - min(extra.values()) <= slack, (extra, kv)
+
+
+_BLOCK_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, torch, tokenmix
+
+    def rss():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+
+    libc = ctypes.CDLL("libc.so.6")
+    torch.set_num_threads(2)
+
+    def call(t, batch):
+        gen = torch.Generator().manual_seed(t)
+        # Heads-last K/V with 4 kv heads, each kv block read 3 times: the forward copies K and
+        # V head-major, batch x 4 x t x 64 fp32 each.
+        blk, heads, d = 64, 4, 64
+        nb = t // blk
+        idx = torch.stack([(torch.arange(nb) + s) % nb for s in (0, 5, 17)], -1)
+        full_i = idx.int().view(1, 1, nb, 3).contiguous()
+        full_n = torch.full((1, 1, nb), 3, dtype=torch.int32)
+        zn = torch.zeros(1, 1, nb, dtype=torch.int32)
+        zi = torch.zeros(1, 1, nb, 1, dtype=torch.int32)
+        q, k, v = (torch.randn(batch, t, heads, d, generator=gen) for _ in range(3))
+        out, lse = torch.ops.tokenmix.block_sparse_forward(
+            q, k, v, zn, zi, full_n, full_i, [blk, blk], None, None, None, [], 0.125)
+        return float(out.double().sum()) + float(lse.double().sum())
+
+    call(512, 1)  # thread pool and small buffers: copies below the cache's 2 MiB
+    libc.malloc_trim(0)
+    base = rss()
+    sums = [call(8192, 2)]
+    libc.malloc_trim(0)
+    first = rss() - base
+    sums.append(call(8192, 2))
+    libc.malloc_trim(0)
+    second = rss() - base
+    print("RETAINED", first, second, "COPIES", 2 * 2 * 4 * 8192 * 64 * 4, "SUMS", *sums)
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux VmRSS")
+def test_large_buffers_kept_for_the_next_call():
+    """The forward's K/V copies (16 MiB each here) go back to the large-block cache and the next
+    call of the same size takes them (no new pages, RSS does not grow); with
+    TOKENMIX_CPU_BLOCK_CACHE_MB=0 they are freed after each call. Results are the same either
+    way."""
+    runs = {}
+    for cap in (None, "0"):
+        env = dict(os.environ)
+        env.pop("TOKENMIX_CPU_BLOCK_CACHE_MB", None)
+        if cap is not None:
+            env["TOKENMIX_CPU_BLOCK_CACHE_MB"] = cap
+        proc = subprocess.run(
+            [sys.executable, "-c", _BLOCK_CACHE_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        fields = proc.stdout.split()
+        at = fields.index("RETAINED")
+        first, second = int(fields[at + 1]), int(fields[at + 2])
+        copies = int(fields[fields.index("COPIES") + 1])
+        sums = fields[fields.index("SUMS") + 1 :]
+        runs[cap] = (first, second, copies, sums)
+    first, second, copies, sums = runs[None]
+    assert first >= 0.9 * copies, runs  # kept after the call
+    assert second - first <= 0.1 * copies, runs  # and taken again, not allocated anew
+    first, second, copies, sums_off = runs["0"]
+    assert first <= 0.25 * copies and second <= 0.25 * copies, runs  # freed
+    assert sums == sums_off and sums[0] == sums[1]

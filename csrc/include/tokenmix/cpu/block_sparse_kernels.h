@@ -109,8 +109,8 @@ void block_sparse_backward(const BlockSparseProblem& p) {
   const int64_t S = plan.slices;
 
   Buffer<T> acc_k, acc_v;
-  acc_k.allocate(size_t(pairs * S * Tk * dp));
-  acc_v.allocate(size_t(pairs * S * Tk * dvp));
+  acc_k.allocate(size_t(pairs * S * Tk * dp), /*large=*/true);
+  acc_v.allocate(size_t(pairs * S * Tk * dvp), /*large=*/true);
   run_parallel(p, pairs * S * Tk, 256, [&](int64_t begin, int64_t end) {
     fill(acc_k.data() + begin * dp, acc_k.data() + end * dp, T(0));
     fill(acc_v.data() + begin * dvp, acc_v.data() + end * dvp, T(0));

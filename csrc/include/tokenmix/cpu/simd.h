@@ -17,9 +17,7 @@
 #include <cstdlib>
 #include <new>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "tokenmix/cpu/large_block_cache.h"
 
 #if TOKENMIX_VEC_BYTES >= 64
 #include <immintrin.h>
@@ -52,27 +50,31 @@ class Buffer {
   Buffer() = default;
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { std::free(data_); }
+  ~Buffer() { release(); }
   void assign(size_t n, T value) {
     allocate(n);
     fill(data_, data_ + n, value);
   }
-  // Size n, contents unspecified (for buffers the caller fills in parallel). `huge_pages`: a
-  // large per-call buffer (a K/V copy) is aligned to 2 MiB and offered to transparent huge
-  // pages. Fresh 4 KiB pages cost a fault each on first touch, about 4,000 for a 16 MiB copy,
-  // which measured several milliseconds of system time per call in a VM.
-  void allocate(size_t n, bool huge_pages = false) {
+  // Size n, contents unspecified (for buffers the caller fills in parallel). `large`: a
+  // per-call buffer of megabytes (a K/V copy) comes from, and returns to, the large-block
+  // cache (large_block_cache.h): 2 MiB aligned, offered to transparent huge pages, and its
+  // pages already touched when a previous call left it there. Fresh 4 KiB pages cost a fault
+  // each on first touch, about 4,000 for a 16 MiB copy, which measured several milliseconds of
+  // system time per call in a VM.
+  void allocate(size_t n, bool large = false) {
     if (n > capacity_) {
-      std::free(data_);
+      release();
       const size_t bytes = n * sizeof(T);
-      const size_t align = huge_pages && bytes >= kHugePage ? kHugePage : 64;
-      const size_t rounded = (bytes + align - 1) / align * align;
-      data_ = static_cast<T*>(std::aligned_alloc(align, rounded));
-      if (!data_) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-      if (align == kHugePage) madvise(data_, rounded, MADV_HUGEPAGE);  // advice only
-#endif
-      capacity_ = n;
+      if (large && bytes >= kLargeBlockAlign) {
+        size_t got = 0;
+        data_ = static_cast<T*>(take_large_block(bytes, &got));
+        block_bytes_ = got;
+        capacity_ = got / sizeof(T);
+      } else {
+        data_ = static_cast<T*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+        if (!data_) throw std::bad_alloc();
+        capacity_ = n;
+      }
     }
     size_ = n;
   }
@@ -85,9 +87,17 @@ class Buffer {
   size_t size() const { return size_; }
 
  private:
-  static constexpr size_t kHugePage = size_t(2) << 20;
+  void release() {
+    if (block_bytes_)
+      give_large_block(data_, block_bytes_);
+    else
+      std::free(data_);
+    data_ = nullptr;
+    size_ = capacity_ = block_bytes_ = 0;
+  }
   T* data_ = nullptr;
   size_t size_ = 0, capacity_ = 0;
+  size_t block_bytes_ = 0;  // nonzero: a block of the large-block cache
 };
 
 typedef float vfloat __attribute__((vector_size(TOKENMIX_VEC_BYTES)));
