@@ -123,4 +123,28 @@ void give_large_block(void* block, size_t capacity) {
   for (int i = 0; i < n_evicted; ++i) std::free(evicted[i]);
 }
 
+size_t cached_large_block_bytes() {
+  Cache& c = cache();
+  c.lock();
+  const size_t total = c.total;
+  c.unlock();
+  return total;
+}
+
+size_t release_large_blocks() {
+  void* freed[kMaxBlocks];
+  int n = 0;
+  Cache& c = cache();
+  c.lock();
+  const size_t total = c.total;
+  for (Entry& e : c.entries) {
+    if (e.block) freed[n++] = e.block;
+    e = Entry{};
+  }
+  c.total = 0;
+  c.unlock();
+  for (int i = 0; i < n; ++i) std::free(freed[i]);
+  return total;
+}
+
 }  // namespace tokenmix::cpu

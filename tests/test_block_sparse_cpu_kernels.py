@@ -714,7 +714,12 @@ _BLOCK_CACHE_SCRIPT = textwrap.dedent(
     sums.append(call(8192, 2))
     libc.malloc_trim(0)
     second = rss() - base
-    print("RETAINED", first, second, "COPIES", 2 * 2 * 4 * 8192 * 64 * 4, "SUMS", *sums)
+    held = tokenmix.cpu_cached_bytes()
+    freed = tokenmix.empty_cpu_cache()
+    libc.malloc_trim(0)
+    emptied = rss() - base
+    print("RETAINED", first, second, emptied, "HELD", held, freed, tokenmix.cpu_cached_bytes())
+    print("COPIES", 2 * 2 * 4 * 8192 * 64 * 4, "SUMS", *sums)
     """
 )
 
@@ -722,9 +727,9 @@ _BLOCK_CACHE_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux VmRSS")
 def test_large_buffers_kept_for_the_next_call():
     """The forward's K/V copies (16 MiB each here) go back to the large-block cache and the next
-    call of the same size takes them (no new pages, RSS does not grow); with
-    TOKENMIX_CPU_BLOCK_CACHE_MB=0 they are freed after each call. Results are the same either
-    way."""
+    call of the same size takes them (no new pages, RSS does not grow) until
+    tokenmix.empty_cpu_cache() frees them; with TOKENMIX_CPU_BLOCK_CACHE_MB=0 they are freed
+    after each call. Results are the same either way."""
     runs = {}
     for cap in (None, "0"):
         env = dict(os.environ)
@@ -741,13 +746,19 @@ def test_large_buffers_kept_for_the_next_call():
         assert proc.returncode == 0, proc.stderr[-2000:]
         fields = proc.stdout.split()
         at = fields.index("RETAINED")
-        first, second = int(fields[at + 1]), int(fields[at + 2])
+        rss = [int(x) for x in fields[at + 1 : at + 4]]
+        at = fields.index("HELD")
+        held = [int(x) for x in fields[at + 1 : at + 4]]
         copies = int(fields[fields.index("COPIES") + 1])
         sums = fields[fields.index("SUMS") + 1 :]
-        runs[cap] = (first, second, copies, sums)
-    first, second, copies, sums = runs[None]
+        runs[cap] = (rss, held, copies, sums)
+    (first, second, emptied), held, copies, sums = runs[None]
     assert first >= 0.9 * copies, runs  # kept after the call
     assert second - first <= 0.1 * copies, runs  # and taken again, not allocated anew
-    first, second, copies, sums_off = runs["0"]
-    assert first <= 0.25 * copies and second <= 0.25 * copies, runs  # freed
+    # K and V copies of 16 MiB each (multiples of 2 MiB): held, freed by empty_cpu_cache()
+    assert held == [copies, copies, 0], runs
+    assert emptied <= 0.25 * copies, runs
+    (first, second, emptied), held, copies, sums_off = runs["0"]
+    assert max(first, second, emptied) <= 0.25 * copies, runs  # freed after each call
+    assert held == [0, 0, 0], runs
     assert sums == sums_off and sums[0] == sums[1]

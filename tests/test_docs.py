@@ -64,6 +64,7 @@ def test_readme_example_outputs():
         tokenmix.distributed.sharding,
         tokenmix.fft_mix.functional,
         tokenmix.fft_mix.modules,
+        tokenmix._memory,
     ],
     ids=lambda m: m.__name__,
 )

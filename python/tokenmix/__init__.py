@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from . import block_sparse, distributed, fft_mix, linear_scan, neighborhood, nn, patterns  # noqa: E402
 from ._info import info  # noqa: E402
+from ._memory import cpu_cached_bytes, empty_cpu_cache  # noqa: E402
 from .block_sparse import (  # noqa: E402
     BlockLayout,
     ElementMask,
@@ -36,9 +37,11 @@ __all__ = [
     "block_sparse",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "cpu_cached_bytes",
     "delta_rule",
     "delta_rule_step",
     "distributed",
+    "empty_cpu_cache",
     "fft_conv",
     "fft_mix",
     "fourier_mix",
