@@ -369,7 +369,12 @@ def release_cpu_buffer_cache() -> int:
     (``tokenmix.empty_cpu_cache()``), if tokenmix is loaded; returns the bytes freed."""
     tm = sys.modules.get("tokenmix")
     empty = getattr(tm, "empty_cpu_cache", None) if tm is not None else None
-    return int(empty()) if empty is not None else 0
+    if empty is None:
+        return 0
+    try:
+        return int(empty())
+    except RuntimeError:  # imported without its compiled library: nothing is cached
+        return 0
 
 
 class measure_peak_rss:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -724,7 +725,10 @@ _BLOCK_CACHE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux VmRSS")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status") or platform.libc_ver()[0] != "glibc",
+    reason="needs Linux VmRSS and glibc's malloc_trim",
+)
 def test_large_buffers_kept_for_the_next_call():
     """The forward's K/V copies (16 MiB each here) go back to the large-block cache and the next
     call of the same size takes them (no new pages, RSS does not grow) until
