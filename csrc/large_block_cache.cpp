@@ -20,9 +20,8 @@ constexpr size_t kDefaultCapBytes = size_t(256) << 20;
 size_t cap_bytes() {
   static const size_t cap = [] {
     const char* env = std::getenv("TOKENMIX_CPU_BLOCK_CACHE_MB");
-    if (!env || !*env) return kDefaultCapBytes;
-    // Anything but a plain non-negative number of MiB that fits size_t: the default.
-    if (*env < '0' || *env > '9') return kDefaultCapBytes;
+    // Unset, or anything but a plain non-negative number of MiB that fits size_t: the default.
+    if (!env || *env < '0' || *env > '9') return kDefaultCapBytes;
     char* end = nullptr;
     const unsigned long long mb = std::strtoull(env, &end, 10);
     if (*end != '\0' || mb > (SIZE_MAX >> 20)) return kDefaultCapBytes;

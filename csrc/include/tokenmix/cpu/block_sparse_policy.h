@@ -395,10 +395,9 @@ struct BlockSparsePolicy {
         }
         continue;
       }
-      const uint32_t* any_w = ch.any_bits.data();
-      const uint32_t* all_w = ch.all_bits.data();
-      fold_rows(block + int64_t(t.first) * words, t.rows, words, ch.any_bits.data(),
-                ch.all_bits.data());
+      uint32_t* any_w = ch.any_bits.data();
+      uint32_t* all_w = ch.all_bits.data();
+      fold_rows(block + int64_t(t.first) * words, t.rows, words, any_w, all_w);
       for (int64_t w0 = k0; w0 < k1; w0 += 32) {
         const int c0 = int(w0 - k0), ncol = int(min_of<int64_t>(32, k1 - w0));
         const uint32_t valid = ncol == 32 ? ~0u : (1u << ncol) - 1u;
