@@ -69,6 +69,8 @@ struct AttentionEngine {
   using I = typename Simd<T>::I;
   static constexpr int W = Simd<T>::kWidth;
   static constexpr int kChunk = Policy::kChunk;
+  // Lane vectors one softmax pass covers (its independent max and sum chains).
+  static constexpr int kSoftmaxVecs = 4;
 
   const Policy& pol;
   const AttentionTensors& io;
@@ -184,12 +186,85 @@ struct AttentionEngine {
   }
 
   void forward_tile(Work& w, const Tile& tile) const;
+  template <int G>
+  void softmax_chunk(Work& w, const Chunk& ch, int v0, bool exact) const;
   void forward_pass(Work& w, const Tile& tile, bool exact) const;
   void backward_tile(Work& w, const Tile& tile, const GradTarget& target) const;
   void backward_pass(Work& w, const Tile& tile, const GradTarget* target) const;
 };
 
 // ---------------------------------------------------------------- forward --
+
+// One chunk's online-softmax step for the G lane vectors [v0, v0 + G W): the chunk's max
+// (applying the element rule on partial chunks), alpha = exp2(old max - new max), and
+// P^T = exp2(S^T - new max) in place with its sum. S^T rows are read whole (G vectors per key,
+// one max and one sum chain per vector), so the loads are sequential and the G chains
+// independent; each lane still adds its keys in key order (masked keys add exact zeros), so
+// the sum does not depend on where they sit in the chunk (a sharded run adds the same terms
+// in the same order).
+template <class Policy>
+template <int G>
+void AttentionEngine<Policy>::softmax_chunk(Work& w, const Chunk& ch, int v0, bool exact) const {
+  const V vninf = vbroadcast<V>(-std::numeric_limits<T>::infinity());
+  T* const st = w.st.data() + v0;
+  const int64_t ld = L;
+  const int n = ch.n;
+  V cm[G];
+  for (int g = 0; g < G; ++g) cm[g] = vninf;
+  if (ch.full) {
+    for (int j = 0; j < n; ++j) {
+      const T* row = st + j * ld;
+      for (int g = 0; g < G; ++g) {
+        const V x = vload<V>(row + g * W);
+        cm[g] = x > cm[g] ? x : cm[g];
+      }
+    }
+  } else {
+    // The mask is applied in the max loop: -inf where the rule drops the element.
+    for (int j = 0; j < n; ++j) {
+      T* row = st + j * ld;
+      for (int g = 0; g < G; ++g) {
+        const V x = pol.keep(ch, w.ln, j, v0 + g * W) != 0 ? vload<V>(row + g * W) : vninf;
+        vstore(row + g * W, x);
+        cm[g] = x > cm[g] ? x : cm[g];
+      }
+    }
+  }
+  if (exact) {
+    for (int g = 0; g < G; ++g) {
+      I* seen = w.ln.nan_logit.data() + v0 + g * W;
+      VI nan_seen = vload<VI>(seen);
+      for (int j = 0; j < n; ++j) {
+        const V x = vload<V>(st + j * ld + g * W);
+        nan_seen |= x != x;
+      }
+      vstore(seen, nan_seen);
+    }
+  }
+  V safe[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    T* m = w.row_max.data() + v0 + g * W;
+    const V m_old = vload<V>(m);
+    const V m_new = cm[g] > m_old ? cm[g] : m_old;
+    safe[g] = m_new == vninf ? V{} : m_new;
+    const V alpha = vexp2_nonpositive(m_old - safe[g]);
+    vstore(m, m_new);
+    vstore(w.alpha.data() + v0 + g * W, alpha);
+    sum[g] = V{};
+  }
+  for (int j = 0; j < n; ++j) {
+    T* row = st + j * ld;
+    for (int g = 0; g < G; ++g) {
+      const V e = vexp2_nonpositive(vload<V>(row + g * W) - safe[g]);  // s <= max
+      sum[g] += e;
+      vstore(row + g * W, e);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    T* s = w.row_sum.data() + v0 + g * W;
+    vstore(s, vload<V>(s) * vload<V>(w.alpha.data() + v0 + g * W) + sum[g]);
+  }
+}
 
 // The online softmax over the tile's chunks into w.o, w.row_max, w.row_sum
 // (lanes and Q^T already loaded). `exact`: each chunk's V rows are checked and
@@ -198,7 +273,6 @@ struct AttentionEngine {
 template <class Policy>
 void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact) const {
   const T ninf = -std::numeric_limits<T>::infinity();
-  const V vninf = vbroadcast<V>(ninf);
   fill(w.o.begin(), w.o.end(), T(0));
   fill(w.row_max.begin(), w.row_max.end(), ninf);
   fill(w.row_sum.begin(), w.row_sum.end(), T(0));
@@ -211,59 +285,14 @@ void AttentionEngine<Policy>::forward_pass(Work& w, const Tile& tile, bool exact
     gemm<T>(n, L, D, TableRows<const T>{ch.krow.data()}, 1, StridedRows<const T>{w.qt.data(), L},
             StridedRows<T>{st, L}, false);
     if (!ch.full) pol.add_bias(ch, w.ln, st);
-    // The max runs over two independent chains (even and odd keys), so the loop is not bound
-    // by the latency of one max per key; a max is exact, so the result is the same.
-    for (int v = 0; v < L; v += W) {
-      V cm = vninf, cm1 = vninf;
-      if (ch.full) {
-        int j = 0;
-        for (; j + 1 < n; j += 2) {
-          const V x = vload<V>(st + int64_t(j) * L + v);
-          const V y = vload<V>(st + int64_t(j + 1) * L + v);
-          cm = x > cm ? x : cm;
-          cm1 = y > cm1 ? y : cm1;
-        }
-        if (j < n) {
-          const V x = vload<V>(st + int64_t(j) * L + v);
-          cm = x > cm ? x : cm;
-        }
-      } else {
-        // The mask is applied in the max loop: -inf where the rule drops the element.
-        for (int j = 0; j < n; ++j) {
-          T* sp = st + int64_t(j) * L + v;
-          const V x = pol.keep(ch, w.ln, j, v) != 0 ? vload<V>(sp) : vninf;
-          vstore(sp, x);
-          if (j & 1)
-            cm1 = x > cm1 ? x : cm1;
-          else
-            cm = x > cm ? x : cm;
-        }
-      }
-      cm = cm1 > cm ? cm1 : cm;
-      if (exact) {
-        VI nan_seen = vload<VI>(w.ln.nan_logit.data() + v);
-        for (int j = 0; j < n; ++j) {
-          const V x = vload<V>(st + int64_t(j) * L + v);
-          nan_seen |= x != x;
-        }
-        vstore(w.ln.nan_logit.data() + v, nan_seen);
-      }
-      const V m_old = vload<V>(w.row_max.data() + v);
-      const V m_new = cm > m_old ? cm : m_old;
-      const V safe = m_new == vninf ? V{} : m_new;
-      const V alpha = vexp2_nonpositive(m_old - safe);
-      // One chain, in key order: masked keys add exact zeros, so the sum does not depend on
-      // where they sit in the chunk (a sharded run adds the same terms in the same order).
-      V sum = V{};
-      for (int j = 0; j < n; ++j) {
-        T* sp = st + int64_t(j) * L + v;
-        const V e = vexp2_nonpositive(vload<V>(sp) - safe);  // s <= max
-        sum += e;
-        vstore(sp, e);
-      }
-      vstore(w.row_sum.data() + v, vload<V>(w.row_sum.data() + v) * alpha + sum);
-      vstore(w.row_max.data() + v, m_new);
-      vstore(w.alpha.data() + v, alpha);
+    int v = 0;
+    for (; v + kSoftmaxVecs * W <= L; v += kSoftmaxVecs * W)
+      softmax_chunk<kSoftmaxVecs>(w, ch, v, exact);
+    switch ((L - v) / W) {
+      case 1: softmax_chunk<1>(w, ch, v, exact); break;
+      case 2: softmax_chunk<2>(w, ch, v, exact); break;
+      case 3: softmax_chunk<3>(w, ch, v, exact); break;
+      default: break;
     }
     for (int l = 0; l < L; ++l) {
       const T a = w.alpha[l];
