@@ -431,16 +431,23 @@ void AttentionEngine<Policy>::backward_pass(Work& w, const Tile& tile,
     // P and dS by selection: exactly 0 where the rule drops the element and on
     // rows without keys, whatever the scores, dP, delta or the LSE hold.
     if (ch.full) {
-      for (int v = 0; v < L; v += W) {
-        const VI kv = vload<VI>(w.ln.alive.data() + v);
-        const V m = vload<V>(w.row_max.data() + v), dl = vload<V>(w.delta.data() + v);
-        for (int j = 0; j < n; ++j) {
-          T* sp = st + int64_t(j) * L + v;
-          T* dpp = dpt + int64_t(j) * L + v;
-          const V pr = kv != 0 ? vexp2(vload<V>(sp) - m) : V{};
-          const V ds = pr * (vload<V>(dpp) - dl);
-          vstore(sp, pr);                   // P^T
-          vstore(dpp, kv != 0 ? ds : V{});  // dS^T
+      // Rows of S^T and dP^T are read whole (sequential loads); the per-lane vectors and the
+      // pointers are locals, so the stores do not make the loop reload them.
+      const I* const alive = w.ln.alive.data();
+      const T* const lse2 = w.row_max.data();
+      const T* const delta = w.delta.data();
+      T* const s_base = st;
+      T* const d_base = dpt;
+      const int64_t ld = L;
+      for (int j = 0; j < n; ++j) {
+        T* const srow = s_base + j * ld;
+        T* const drow = d_base + j * ld;
+        for (int64_t v = 0; v < ld; v += W) {
+          const VI kv = vload<VI>(alive + v);
+          const V pr = kv != 0 ? vexp2(vload<V>(srow + v) - vload<V>(lse2 + v)) : V{};
+          const V ds = pr * (vload<V>(drow + v) - vload<V>(delta + v));
+          vstore(srow + v, pr);                  // P^T
+          vstore(drow + v, kv != 0 ? ds : V{});  // dS^T
         }
       }
     } else {
