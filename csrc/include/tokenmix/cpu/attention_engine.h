@@ -197,11 +197,11 @@ struct AttentionEngine {
 
 // One chunk's online-softmax step for the G lane vectors [v0, v0 + G W): the chunk's max
 // (applying the element rule on partial chunks), alpha = exp2(old max - new max), and
-// P^T = exp2(S^T - new max) in place with its sum. S^T rows are read whole (G vectors per key,
-// one max and one sum chain per vector), so the loads are sequential and the G chains
-// independent; each lane still adds its keys in key order (masked keys add exact zeros), so
-// the sum does not depend on where they sit in the chunk (a sharded run adds the same terms
-// in the same order).
+// P^T = exp2(S^T - new max) in place with its sum. S^T rows are read whole (G vectors per key),
+// so the loads are sequential and the G vectors' chains independent. The sum is one chain per
+// vector: each lane adds its keys in key order (masked keys add exact zeros), so the sum does
+// not depend on where they sit in the chunk (a sharded run adds the same terms in the same
+// order).
 template <class Policy>
 template <int G>
 void AttentionEngine<Policy>::softmax_chunk(Work& w, const Chunk& ch, int v0, bool exact) const {
@@ -209,27 +209,48 @@ void AttentionEngine<Policy>::softmax_chunk(Work& w, const Chunk& ch, int v0, bo
   T* const st = w.st.data() + v0;
   const int64_t ld = L;
   const int n = ch.n;
-  V cm[G];
-  for (int g = 0; g < G; ++g) cm[g] = vninf;
+  // Two max chains per vector (even and odd keys), so that with few lane vectors (G = 1 in
+  // neighborhood attention's 16-lane tiles) the loop is not bound by the latency of one max
+  // per key. A max is exact, so the result is the same.
+  V cm[G], cm1[G];
+  for (int g = 0; g < G; ++g) cm[g] = cm1[g] = vninf;
   if (ch.full) {
-    for (int j = 0; j < n; ++j) {
+    int j = 0;
+    for (; j + 1 < n; j += 2) {
       const T* row = st + j * ld;
       for (int g = 0; g < G; ++g) {
-        const V x = vload<V>(row + g * W);
+        const V x = vload<V>(row + g * W), y = vload<V>(row + ld + g * W);
         cm[g] = x > cm[g] ? x : cm[g];
+        cm1[g] = y > cm1[g] ? y : cm1[g];
       }
     }
+    if (j < n)
+      for (int g = 0; g < G; ++g) {
+        const V x = vload<V>(st + j * ld + g * W);
+        cm[g] = x > cm[g] ? x : cm[g];
+      }
   } else {
     // The mask is applied in the max loop: -inf where the rule drops the element.
-    for (int j = 0; j < n; ++j) {
-      T* row = st + j * ld;
+    auto masked = [&](int j, int g) {
+      T* e = st + j * ld + g * W;
+      const V x = pol.keep(ch, w.ln, j, v0 + g * W) != 0 ? vload<V>(e) : vninf;
+      vstore(e, x);
+      return x;
+    };
+    int j = 0;
+    for (; j + 1 < n; j += 2)
       for (int g = 0; g < G; ++g) {
-        const V x = pol.keep(ch, w.ln, j, v0 + g * W) != 0 ? vload<V>(row + g * W) : vninf;
-        vstore(row + g * W, x);
+        const V x = masked(j, g), y = masked(j + 1, g);
+        cm[g] = x > cm[g] ? x : cm[g];
+        cm1[g] = y > cm1[g] ? y : cm1[g];
+      }
+    if (j < n)
+      for (int g = 0; g < G; ++g) {
+        const V x = masked(j, g);
         cm[g] = x > cm[g] ? x : cm[g];
       }
-    }
   }
+  for (int g = 0; g < G; ++g) cm[g] = cm1[g] > cm[g] ? cm1[g] : cm[g];
   if (exact) {
     for (int g = 0; g < G; ++g) {
       I* seen = w.ln.nan_logit.data() + v0 + g * W;
