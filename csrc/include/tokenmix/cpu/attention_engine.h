@@ -209,9 +209,9 @@ void AttentionEngine<Policy>::softmax_chunk(Work& w, const Chunk& ch, int v0, bo
   T* const st = w.st.data() + v0;
   const int64_t ld = L;
   const int n = ch.n;
-  // Two max chains per vector (even and odd keys), so that with few lane vectors (G = 1 in
-  // neighborhood attention's 16-lane tiles) the loop is not bound by the latency of one max
-  // per key. A max is exact, so the result is the same.
+  // Two max chains per vector (even and odd keys), so that with few lane vectors (G = 1 for
+  // neighborhood attention's tiles, one vector unless the heads of a group fill more) the
+  // loop is not bound by the latency of one max per key. A max is exact: same result.
   V cm[G], cm1[G];
   for (int g = 0; g < G; ++g) cm[g] = cm1[g] = vninf;
   if (ch.full) {
@@ -452,8 +452,9 @@ void AttentionEngine<Policy>::backward_pass(Work& w, const Tile& tile,
     // P and dS by selection: exactly 0 where the rule drops the element and on
     // rows without keys, whatever the scores, dP, delta or the LSE hold.
     if (ch.full) {
-      // Rows of S^T and dP^T are read whole (sequential loads); the per-lane vectors and the
-      // pointers are locals, so the stores do not make the loop reload them.
+      // Rows of S^T and dP^T are read whole (sequential loads), through row pointers held in
+      // locals (the lambda's captured ones would be reloaded after every store). The per-lane
+      // vectors (alive, LSE, delta) are loaded from L1 for each row.
       const I* const alive = w.ln.alive.data();
       const T* const lse2 = w.row_max.data();
       const T* const delta = w.delta.data();
