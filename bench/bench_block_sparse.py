@@ -63,6 +63,7 @@ from harness import (  # noqa: E402
     compiled_flex_run,
     format_markdown,
     format_table,
+    frac_cell,
     log,
     parse_int_list,
     peer_skip_reason,
@@ -652,7 +653,7 @@ def evaluate_bars(report: dict) -> list[dict]:
                     continue
                 if peer is None:
                     value = tm["frac_matmul"]
-                    check["measured"] = f"{100 * value:.1f}%"
+                    check["measured"] = frac_cell(tm)  # the verdict is on the run's ceiling
                     lower = False
                 else:
                     p = rows.get(peer)

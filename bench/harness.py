@@ -775,6 +775,14 @@ def add_measurement_arguments(
     )
     p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     p.add_argument(
+        "--row-ceiling",
+        action="store_true",
+        help="also measure the matmul ceiling inside each row's worker, right before and after "
+        "its timed calls, and show the row's throughput against the higher of the two as "
+        "'(row x%%)': a slow stretch of the host during one row shows up there (about 2 s more "
+        "per row)",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="scaled-down cases, short timing (smoke test)"
     )
     add_output_arguments(p)
@@ -818,6 +826,8 @@ def worker_spec(args, **fields) -> dict:
         "mem_limit_gb": args.mem_limit_gb,
         "max_call_s": args.max_call_s,
         "device": args.device,
+        "row_ceiling": bool(getattr(args, "row_ceiling", False)),
+        "ceiling_dtype": getattr(args, "dtype", None) or DEFAULT_DTYPES[args.device],
     }
 
 
@@ -959,6 +969,9 @@ def run_measurement(
             print(RESULT_MARK + json.dumps(res), flush=True)
             os._exit(0)
 
+        row_ceiling = spec.get("row_ceiling")
+        if row_ceiling:
+            ceiling_before = _row_matmul_gflops(spec)
         timing = time_fn(
             run.call,
             setup=run.setup,
@@ -969,6 +982,8 @@ def run_measurement(
             first_call_guard=(lambda: Deadline(max_call_s, give_up)) if max_call_s > 0 else None,
             device=device,
         )
+        if row_ceiling:
+            result["row_ceiling"] = {"before": ceiling_before, "after": _row_matmul_gflops(spec)}
         if run.setup is not None:
             run.setup()
         # Peak memory of one steady-state call (outputs, autograd buffers and gradients
@@ -1007,6 +1022,15 @@ def run_measurement(
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             result.update(status="error", note=f"error: {type(exc).__name__}: {first}")
     return result
+
+
+def _row_matmul_gflops(spec: dict) -> float:
+    """The matmul ceiling of ``--row-ceiling``, measured inside the worker (the run's size,
+    dtype, device and threads)."""
+    device = spec.get("device", "cpu")
+    return measure_matmul_gflops(
+        spec["threads"], n=MATMUL_N[device], dtype=DTYPES[spec["ceiling_dtype"]], device=device
+    )
 
 
 def worker_main(spec_json: str, measure: Callable[[dict], dict]) -> int:
@@ -1065,6 +1089,10 @@ def measure_row(
         row["save_path"] = spec.get("save_path")
         row["gflops"] = flops / (t["median_ms"] * 1e-3) / 1e9
         row["frac_matmul"] = row["gflops"] / matmul_gflops
+        around = result.get("row_ceiling")
+        if around:
+            row["row_ceiling_gflops"] = max(around["before"], around["after"])
+            row["frac_row_ceiling"] = row["gflops"] / row["row_ceiling_gflops"]
         peak = result.get("peak_mib")
         peak_s = "-" if peak is None else f"{peak:.0f} MiB"
         log(
@@ -1072,6 +1100,11 @@ def measure_row(
             f"min {t['min_ms']:.3f}), {row['gflops']:.1f} GFLOP/s, "
             f"peak +{peak_s} [{wall:.1f} s]"
         )
+        if around:
+            log(
+                f"    matmul next to it: {around['before']:.1f} before / {around['after']:.1f} "
+                f"after GFLOP/s; the row reached {100 * row['frac_row_ceiling']:.1f}% of the higher"
+            )
     else:
         log(f"    {result.get('note', result['status'])} [{wall:.1f} s]")
         if verbose and result.get("stderr_tail"):
@@ -1372,12 +1405,21 @@ def result_cells(
         r["mode"],
         fmt_float(r["median_ms"]),
         fmt_float(r["gflops"]),
-        f"{100 * r['frac_matmul']:.1f}%",
+        frac_cell(r),
         "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
     ]
     if aux_column:
         cells.append(f"{aux:.1f}" if aux else "-")
     return [*cells, "-" if speed is None else f"{speed:.2f}x", diff, note]
+
+
+def frac_cell(r: dict) -> str:
+    """The "% matmul" cell of a measured row: its fraction of the run's ceiling, followed by
+    ``(row x%)``, its fraction of the ceiling measured next to it, with ``--row-ceiling``."""
+    cell = f"{100 * r['frac_matmul']:.1f}%"
+    if "frac_row_ceiling" in r:
+        cell += f" (row {100 * r['frac_row_ceiling']:.1f}%)"
+    return cell
 
 
 def speedup_phrase(x: float, lower_bound: bool = False) -> str:
@@ -1499,6 +1541,11 @@ def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
         f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
         f"{meta['matmul']['gflops']:.1f} GFLOP/s"
     )
+    if meta.get("args", {}).get("row_ceiling"):
+        head += (
+            "; (row x%): against the higher of two matmuls measured in the row's own worker, "
+            "right before and after its timed calls"
+        )
     return header_lines(head, meta.get("warnings", []), markdown)
 
 

@@ -85,7 +85,16 @@ def test_pattern_masks_and_layouts(pattern, block_size):
 def quick_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench_bs") / "quick.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--case", "random", "--json", str(path)],
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--case",
+            "random",
+            "--row-ceiling",
+            "--json",
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -123,6 +132,9 @@ def test_quick_run_structure(quick_run):
     out = proc.stdout
     assert out.startswith("block-sparse attention, ")
     assert re.search(r"float32 matmul 2048x2048: [\d.]+ GFLOP/s", out.splitlines()[0])
+    # --row-ceiling: said in the header, and each measured row logs its own matmul figures.
+    assert "(row x%): against the higher of two matmuls" in out.splitlines()[0]
+    assert re.search(r"matmul next to it: [\d.]+ before / [\d.]+ after GFLOP/s", proc.stderr)
     assert [c["name"] for c in report["cases"]] == ["random-bs64", "random-bs128"]
     for name in ("random-bs64", "random-bs128"):
         block = _case_block(out, name)
@@ -175,9 +187,16 @@ def test_quick_run_numbers(quick_run):
             assert r["gflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e9)
             assert r["frac_matmul"] == pytest.approx(r["gflops"] / ceiling)
             assert r["peak_mib"] is not None and r["peak_mib"] >= 0
+            # --row-ceiling: the matmul measured in the row's worker before and after its calls.
+            around = r["row_ceiling"]
+            assert around["before"] > 0 and around["after"] > 0
+            assert r["row_ceiling_gflops"] == max(around["before"], around["after"])
+            assert r["frac_row_ceiling"] == pytest.approx(r["gflops"] / r["row_ceiling_gflops"])
             cells = text_rows[(r["label"], r["mode"])]
             assert float(cells[2]) == pytest.approx(r["median_ms"], rel=0.01)
-            assert float(cells[4].rstrip("%")) == pytest.approx(100 * r["frac_matmul"], abs=0.051)
+            run_pct, row_pct = re.fullmatch(r"([\d.]+)% \(row ([\d.]+)%\)", cells[4]).groups()
+            assert float(run_pct) == pytest.approx(100 * r["frac_matmul"], abs=0.051)
+            assert float(row_pct) == pytest.approx(100 * r["frac_row_ceiling"], abs=0.051)
         # flex fwd, sdpa fwd and fwd+bwd at least.
         assert measured >= 3
 
@@ -225,6 +244,21 @@ def test_quick_run_tokenmix_rows(quick_run):
         sdpa = next(r for r in c["results"] if r["backend"] == "sdpa" and r["mode"] == "fwd")
         assert sdpa["tokenmix_speedup"] == pytest.approx(sdpa["median_ms"] / rows[0]["median_ms"])
     bars = {b["id"]: b for b in report["bars"]}
+    if registered:
+        # Bar 2 shows both fractions; its verdict is on the run's ceiling.
+        fwd = {
+            c["name"]: next(
+                r for r in c["results"] if r["backend"] == "tokenmix" and r["mode"] == "fwd"
+            )
+            for c in report["cases"]
+        }
+        for ch in bars["matmul"]["checks"]:
+            row = fwd[ch["case"]]
+            assert ch["value"] == row["frac_matmul"]
+            assert ch["measured"] == (
+                f"{100 * row['frac_matmul']:.1f}% (row {100 * row['frac_row_ceiling']:.1f}%)"
+            )
+            assert ch["verdict"] == ("PASS" if row["frac_matmul"] >= 0.6 else "FAIL")
     for bar_id in ("matmul", "sdpa"):
         for ch in bars[bar_id]["checks"]:
             if registered:
