@@ -214,41 +214,31 @@ void AttentionEngine<Policy>::softmax_chunk(Work& w, const Chunk& ch, int v0, bo
   // loop is not bound by the latency of one max per key. A max is exact: same result.
   V cm[G], cm1[G];
   for (int g = 0; g < G; ++g) cm[g] = cm1[g] = vninf;
-  if (ch.full) {
+  // value(j, g): the score of key j in vector g; partial chunks apply the element rule there
+  // (-inf stored where it drops the element).
+  auto chunk_max = [&](auto&& value) {
     int j = 0;
-    for (; j + 1 < n; j += 2) {
-      const T* row = st + j * ld;
+    for (; j + 1 < n; j += 2)
       for (int g = 0; g < G; ++g) {
-        const V x = vload<V>(row + g * W), y = vload<V>(row + ld + g * W);
+        const V x = value(j, g), y = value(j + 1, g);
         cm[g] = x > cm[g] ? x : cm[g];
         cm1[g] = y > cm1[g] ? y : cm1[g];
       }
-    }
     if (j < n)
       for (int g = 0; g < G; ++g) {
-        const V x = vload<V>(st + j * ld + g * W);
+        const V x = value(j, g);
         cm[g] = x > cm[g] ? x : cm[g];
       }
+  };
+  if (ch.full) {
+    chunk_max([&](int j, int g) { return vload<V>(st + j * ld + g * W); });
   } else {
-    // The mask is applied in the max loop: -inf where the rule drops the element.
-    auto masked = [&](int j, int g) {
+    chunk_max([&](int j, int g) {
       T* e = st + j * ld + g * W;
       const V x = pol.keep(ch, w.ln, j, v0 + g * W) != 0 ? vload<V>(e) : vninf;
       vstore(e, x);
       return x;
-    };
-    int j = 0;
-    for (; j + 1 < n; j += 2)
-      for (int g = 0; g < G; ++g) {
-        const V x = masked(j, g), y = masked(j + 1, g);
-        cm[g] = x > cm[g] ? x : cm[g];
-        cm1[g] = y > cm1[g] ? y : cm1[g];
-      }
-    if (j < n)
-      for (int g = 0; g < G; ++g) {
-        const V x = masked(j, g);
-        cm[g] = x > cm[g] ? x : cm[g];
-      }
+    });
   }
   for (int g = 0; g < G; ++g) cm[g] = cm1[g] > cm[g] ? cm1[g] : cm[g];
   if (exact) {
