@@ -198,6 +198,65 @@ def time_fn(
 # ---------------------------------------------------------------------------
 
 
+def _matmul_calls(
+    n: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, dict[str, Callable[[], torch.Tensor]]]:
+    """The ``n x n @ n x n`` products a ceiling is measured with, by library, and the product
+    they should compute.
+
+    ``torch.matmul`` always. On the CPU in float32 also oneDNN's (torch's ``mkldnn_linear``,
+    where the build has oneDNN): torch.matmul's CPU BLAS is MKL, which on AMD CPUs runs a code
+    path that reaches about half of what the cores do (on the AMD EPYC development host with
+    AVX-512: 187 GFLOP/s on 2 threads, oneDNN 426), so torch.matmul alone would understate the
+    machine's dense peak there and flatter every kernel measured against it.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "torch.matmul": lambda: torch.matmul(a, b, out=out)
+    }
+    if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        try:
+            a_dnn = a.to_mkldnn()
+            bt_dnn = b.t().contiguous().to_mkldnn()  # linear computes a @ weight^T
+            calls["oneDNN"] = lambda: torch._C._nn.mkldnn_linear(a_dnn, bt_dnn, None)
+        except (RuntimeError, AttributeError):
+            pass  # a torch without the op: torch.matmul alone
+    return a @ b, calls
+
+
+def measure_matmul_libraries(
+    threads: int,
+    n: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 10,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Median GFLOP/s of an ``n x n @ n x n`` product with ``threads`` threads, for each library
+    of :func:`_matmul_calls` whose product is right (checked once against ``a @ b``).
+
+    Counts ``2 * n**3`` FLOPs per product. The previous thread count is restored afterwards.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gflops: dict[str, float] = {}
+    try:
+        expected, calls = _matmul_calls(n, dtype, device)
+        tol = 1e-3 * float(expected.abs().max())
+        for name, call in calls.items():
+            got = call()
+            got = got.to_dense() if got.is_mkldnn else got
+            if name != "torch.matmul" and not float((got - expected).abs().max()) <= tol:
+                continue  # a library that computes something else does not set the ceiling
+            timing = time_fn(call, warmup=2, repeats=repeats, budget_s=0, device=device)
+            gflops[name] = 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
+    finally:
+        torch.set_num_threads(previous)
+    return gflops
+
+
 def measure_matmul_gflops(
     threads: int,
     n: int = 2048,
@@ -205,30 +264,19 @@ def measure_matmul_gflops(
     repeats: int = 10,
     device: str = "cpu",
 ) -> float:
-    """Median GFLOP/s of an ``n x n @ n x n`` ``torch.matmul`` with ``threads`` threads.
+    """The practical dense-compute ceiling of the machine (of the GPU with ``device="cuda"``)
+    for the given dtype and thread count: the fastest library's median GFLOP/s of
+    :func:`measure_matmul_libraries`. The benchmarks report kernel throughput as a fraction
+    of it."""
+    return max(
+        measure_matmul_libraries(threads, n=n, dtype=dtype, repeats=repeats, device=device).values()
+    )
 
-    Counts ``2 * n**3`` FLOPs per product. This is the practical dense-compute
-    ceiling of the machine (of the GPU with ``device="cuda"``) for the given dtype
-    and thread count; the benchmarks report kernel throughput as a fraction of it.
-    The previous thread count is restored afterwards.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        out = torch.empty(n, n, dtype=dtype, device=device)
-        timing = time_fn(
-            lambda: torch.matmul(a, b, out=out),
-            warmup=2,
-            repeats=repeats,
-            budget_s=0,
-            device=device,
-        )
-    finally:
-        torch.set_num_threads(previous)
-    return 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
+
+def describe_libraries(gflops: Mapping[str, float]) -> str:
+    """``"oneDNN; torch.matmul 187.5"``: the fastest library, then the others' GFLOP/s."""
+    order = sorted(gflops, key=lambda k: -gflops[k])
+    return "; ".join([order[0], *(f"{k} {gflops[k]:.1f}" for k in order[1:])])
 
 
 class RunCeiling:
@@ -249,13 +297,17 @@ class RunCeiling:
         self.warnings: list[str] = []
         self.busy_start: float | None = None
         self.gflops_start = self.gflops_end = self.gflops = float("nan")
+        self.libraries_start: dict[str, float] = {}
+        self.libraries_end: dict[str, float] = {}
 
     def _warn(self, text: str) -> None:
         self.warnings.append(text)
         log(f"warning: {text}")
 
-    def _measure(self) -> float:
-        return measure_matmul_gflops(self.threads, n=self.n, dtype=self.dtype, device=self.device)
+    def _measure(self) -> dict[str, float]:
+        return measure_matmul_libraries(
+            self.threads, n=self.n, dtype=self.dtype, device=self.device
+        )
 
     def start(self) -> float:
         self.busy_start = cpu_busy_fraction()
@@ -267,14 +319,19 @@ class RunCeiling:
         torch.set_num_threads(self.threads)
         on = "on the GPU" if self.device == "cuda" else f"with {self.threads} threads"
         log(f"measuring {self.dtype_name} matmul {self.n}x{self.n} {on} ...")
-        self.gflops_start = self.gflops = self._measure()
-        log(f"    {self.gflops_start:.1f} GFLOP/s")
+        self.libraries_start = self._measure()
+        self.gflops_start = self.gflops = max(self.libraries_start.values())
+        log(f"    {self.gflops_start:.1f} GFLOP/s ({describe_libraries(self.libraries_start)})")
         return self.gflops_start
 
     def finish(self, cases: Sequence[dict]) -> float:
         """Measure again; ``cases`` are the report's cases (``results`` rows updated)."""
-        self.gflops_end = self._measure()
-        log(f"matmul again at the end: {self.gflops_end:.1f} GFLOP/s")
+        self.libraries_end = self._measure()
+        self.gflops_end = max(self.libraries_end.values())
+        log(
+            f"matmul again at the end: {self.gflops_end:.1f} GFLOP/s "
+            f"({describe_libraries(self.libraries_end)})"
+        )
         self.gflops = max(self.gflops_start, self.gflops_end)
         if abs(self.gflops_end - self.gflops_start) > 0.15 * self.gflops:
             self._warn(
@@ -294,6 +351,8 @@ class RunCeiling:
             "gflops": self.gflops,
             "gflops_start": self.gflops_start,
             "gflops_end": self.gflops_end,
+            # GFLOP/s per library (the ceiling is the fastest's): {"start": {...}, "end": {...}}
+            "libraries": {"start": self.libraries_start, "end": self.libraries_end},
         }
 
 
@@ -1526,6 +1585,16 @@ def report_text(lines: list[str], notes: str, markdown: bool) -> str:
     return "\n".join([*lines, f"_{notes}_" if markdown else notes])
 
 
+def _ceiling_libraries(matmul: Mapping) -> dict[str, float]:
+    """The per-library figures of the measurement that set the ceiling (start or end; empty for
+    a report written before libraries were recorded)."""
+    libs = matmul.get("libraries") or {}
+    start, end = libs.get("start") or {}, libs.get("end") or {}
+    if not start and not end:
+        return {}
+    return end if end and max(end.values()) > max(start.values() or [0.0]) else start
+
+
 def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
     """The first lines of a benchmark report: machine, versions, the same-run matmul ceiling and
     the run's warnings, then a blank line."""
@@ -1541,6 +1610,9 @@ def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
         f"{meta['dtype']} matmul {meta['matmul']['n']}x{meta['matmul']['n']}: "
         f"{meta['matmul']['gflops']:.1f} GFLOP/s"
     )
+    libraries = _ceiling_libraries(meta["matmul"])
+    if libraries:
+        head += f" ({describe_libraries(libraries)})"
     if meta.get("args", {}).get("row_ceiling"):
         head += (
             "; (row x%): against the higher of two matmuls measured in the row's own worker, "

@@ -207,6 +207,10 @@ def test_bench_linear_sweep_and_plot(tmp_path):
     matmul = report["meta"]["matmul"]
     assert report["meta"]["matmul_gflops"] == max(matmul["gflops_start"], matmul["gflops_end"])
     assert "measuring float32 matmul 2048x2048 with 2 threads" in proc.stderr
+    assert "torch.matmul" in matmul["libraries"]["start"]
+    assert report["meta"]["matmul_gflops"] == max(
+        max(matmul["libraries"]["start"].values()), max(matmul["libraries"]["end"].values())
+    )
     assert f"wrote {png}" in proc.stderr
     assert_png(png)
 
@@ -223,3 +227,75 @@ def test_example_plot_is_documented():
     assert "--seq-lens 2048,4096,8192,16384" in command.group(0)
     assert "--plot docs/images/bench_block_sparse_sliding.png" in command.group(0)
     assert "## Sparse-attention patterns" in doc
+
+
+def test_matmul_ceiling_is_the_fastest_right_library(monkeypatch):
+    """The ceiling is the fastest library's product, and a library whose product is wrong is
+    left out: torch.matmul (MKL on the CPU) runs a slow path on AMD CPUs, so oneDNN is measured
+    too (where torch has it), and a wrong fast product must not set the ceiling."""
+    import torch
+
+    harness = import_bench("harness")
+    real = harness.measure_matmul_libraries(1, n=128)
+    assert set(real) >= {"torch.matmul"} and all(g > 0 for g in real.values())
+    if torch.backends.mkldnn.is_available():
+        assert "oneDNN" in real  # float32 on the CPU: oneDNN's product is measured and right
+    assert set(harness.measure_matmul_libraries(1, n=64, dtype=torch.float64)) == {"torch.matmul"}
+
+    n = 64
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    slow_right = lambda: [torch.matmul(a, b) for _ in range(20)][-1]  # noqa: E731
+    fast_wrong = lambda: torch.zeros(n, n)  # noqa: E731
+    monkeypatch.setattr(
+        harness,
+        "_matmul_calls",
+        lambda *_: (a @ b, {"torch.matmul": slow_right, "wrong": fast_wrong}),
+    )
+    got = harness.measure_matmul_libraries(1, n=n, repeats=3)
+    assert set(got) == {"torch.matmul"}
+
+    fast_right = lambda: torch.matmul(a, b)  # noqa: E731
+    monkeypatch.setattr(
+        harness,
+        "_matmul_calls",
+        lambda *_: (a @ b, {"torch.matmul": slow_right, "fast": fast_right}),
+    )
+    got = harness.measure_matmul_libraries(1, n=n, repeats=5)
+    assert got["fast"] > got["torch.matmul"]
+    monkeypatch.setattr(harness, "measure_matmul_libraries", lambda *_, **__: {"x": 2.0, "y": 5.0})
+    assert harness.measure_matmul_gflops(1) == 5.0
+
+
+def test_run_ceiling_records_the_libraries(monkeypatch):
+    """RunCeiling keeps each library's figure at the start and the end; the report header
+    names the library that set the ceiling and the others' figures."""
+    harness = import_bench("harness")
+    figures = iter(
+        [{"torch.matmul": 100.0, "oneDNN": 250.0}, {"torch.matmul": 110.0, "oneDNN": 240.0}]
+    )
+    monkeypatch.setattr(harness.RunCeiling, "_measure", lambda self: next(figures))
+    monkeypatch.setattr(harness, "cpu_busy_fraction", lambda: 0.0)
+    ceiling = harness.RunCeiling(1, 64, None, "float32")
+    assert ceiling.start() == 250.0
+    cases = [{"results": [{"gflops": 125.0}]}]
+    assert ceiling.finish(cases) == 250.0
+    assert cases[0]["results"][0]["frac_matmul"] == 0.5
+    meta = ceiling.meta()
+    assert meta["libraries"] == {
+        "start": {"torch.matmul": 100.0, "oneDNN": 250.0},
+        "end": {"torch.matmul": 110.0, "oneDNN": 240.0},
+    }
+    report_meta = {
+        "device": "cpu",
+        "machine": {"cpu": "x", "torch": "2.13.0"},
+        "threads": 1,
+        "tokenmix": {"version": "0"},
+        "dtype": "float32",
+        "matmul": meta,
+    }
+    head = harness.report_header(report_meta, "fam", markdown=False)[0]
+    assert head.endswith("matmul 64x64: 250.0 GFLOP/s (oneDNN; torch.matmul 100.0)")
+    # A report from before the libraries were recorded keeps its plain header.
+    del report_meta["matmul"]["libraries"]
+    assert harness.report_header(report_meta, "fam", markdown=False)[0].endswith("250.0 GFLOP/s")
