@@ -82,6 +82,7 @@ from harness import (  # noqa: E402
     add_plot_argument,
     add_size_arguments,
     add_timing_arguments,
+    ceiling_libraries_note,
     fmt_float,
     fmt_sci,
     header_lines,
@@ -601,7 +602,8 @@ def render(report: dict, markdown: bool) -> str:
         f"linear attention, {meta['machine']['cpu']}, {where}, "
         f"torch {meta['machine']['torch']}; {meta.get('matmul_dtype', 'float32')} matmul "
         f"2048x2048: "
-        f"{meta['matmul_gflops']:.1f} GFLOP/s; fused kernels "
+        f"{meta['matmul_gflops']:.1f} GFLOP/s{ceiling_libraries_note(meta.get('matmul', {}))}; "
+        f"fused kernels "
         f"{'built' if meta['fused_kernels'] else 'NOT built (public API runs the chunked scan)'}"
     )
     out = header_lines(head, meta["warnings"], markdown)

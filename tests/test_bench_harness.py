@@ -208,6 +208,9 @@ def test_bench_linear_sweep_and_plot(tmp_path):
     assert report["meta"]["matmul_gflops"] == max(matmul["gflops_start"], matmul["gflops_end"])
     assert "measuring float32 matmul 2048x2048 with 2 threads" in proc.stderr
     assert "torch.matmul" in matmul["libraries"]["start"]
+    # The report's header names the library that set the ceiling.
+    fastest = harness_fastest(matmul)
+    assert re.search(rf"matmul 2048x2048: [0-9.]+ GFLOP/s \({re.escape(fastest)}[;)]", proc.stdout)
     assert report["meta"]["matmul_gflops"] == max(
         max(matmul["libraries"]["start"].values()), max(matmul["libraries"]["end"].values())
     )
@@ -227,6 +230,15 @@ def test_example_plot_is_documented():
     assert "--seq-lens 2048,4096,8192,16384" in command.group(0)
     assert "--plot docs/images/bench_block_sparse_sliding.png" in command.group(0)
     assert "## Sparse-attention patterns" in doc
+
+
+def harness_fastest(matmul: dict) -> str:
+    """The library whose figure is the ceiling in a report's ``meta["matmul"]``."""
+    figures = {**matmul["libraries"]["start"]}
+    for name, g in matmul["libraries"]["end"].items():
+        figures[name + " (end)"] = g
+    best = max(figures, key=figures.get)
+    return best.removesuffix(" (end)")
 
 
 def test_matmul_ceiling_is_the_fastest_right_library(monkeypatch):
@@ -299,3 +311,60 @@ def test_run_ceiling_records_the_libraries(monkeypatch):
     # A report from before the libraries were recorded keeps its plain header.
     del report_meta["matmul"]["libraries"]
     assert harness.report_header(report_meta, "fam", markdown=False)[0].endswith("250.0 GFLOP/s")
+
+
+def test_matmul_ceiling_without_onednn_or_with_a_failing_library(monkeypatch):
+    """Without oneDNN (the op missing, or torch built without it) the ceiling is torch.matmul's;
+    a library that raises or has reduced precision (a tf32-like product) is left out."""
+    import torch
+
+    harness = import_bench("harness")
+    if torch.backends.mkldnn.is_available():
+        with monkeypatch.context() as m:
+            m.delattr(torch._C._nn, "mkldnn_linear")
+            assert set(harness.measure_matmul_libraries(1, n=64, repeats=2)) == {"torch.matmul"}
+    with monkeypatch.context() as m:
+        m.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        assert set(harness.measure_matmul_libraries(1, n=64, repeats=2)) == {"torch.matmul"}
+
+    n = 256
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+
+    def tf32_like(x):  # keep 10 mantissa bits, as a tf32 product would
+        return (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+    def raises():
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(
+        harness,
+        "_matmul_calls",
+        lambda *_: (
+            a @ b,
+            {
+                "torch.matmul": lambda: a @ b,
+                "tf32": lambda: tf32_like(a) @ tf32_like(b),
+                "broken": raises,
+                "nan": lambda: torch.full((n, n), float("nan")),
+            },
+        ),
+    )
+    assert set(harness.measure_matmul_libraries(1, n=n, repeats=2)) == {"torch.matmul"}
+
+
+def test_header_names_the_measurement_that_set_the_ceiling():
+    """When the end measurement is the higher, the header shows its per-library figures."""
+    harness = import_bench("harness")
+    matmul = {
+        "n": 64,
+        "gflops": 300.0,
+        "libraries": {
+            "start": {"torch.matmul": 100.0, "oneDNN": 250.0},
+            "end": {"torch.matmul": 120.0, "oneDNN": 300.0},
+        },
+    }
+    assert harness.ceiling_libraries_note(matmul) == " (oneDNN; torch.matmul 120.0)"
+    matmul["libraries"]["end"] = {"torch.matmul": 90.0, "oneDNN": 200.0}
+    assert harness.ceiling_libraries_note(matmul) == " (oneDNN; torch.matmul 100.0)"
+    assert harness.ceiling_libraries_note({"n": 64, "gflops": 1.0}) == ""
