@@ -207,8 +207,8 @@ def _matmul_calls(
     ``torch.matmul`` always. On the CPU in float32 also oneDNN's (torch's ``mkldnn_linear``,
     where the build has oneDNN): torch.matmul's CPU BLAS is MKL, which on AMD CPUs runs a code
     path that reaches about half of what the cores do (on the AMD EPYC development host with
-    AVX-512: 187 GFLOP/s on 2 threads, oneDNN 426), so torch.matmul alone would understate the
-    machine's dense peak there and flatter every kernel measured against it.
+    AVX-512: 164-204 GFLOP/s on 2 threads, oneDNN 357-446), so torch.matmul alone would
+    understate the machine's dense peak there and flatter every kernel measured against it.
     """
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
