@@ -259,20 +259,16 @@ def test_matmul_ceiling_is_the_fastest_right_library(monkeypatch):
     b = torch.randn(n, n)
     slow_right = lambda: [torch.matmul(a, b) for _ in range(20)][-1]  # noqa: E731
     fast_wrong = lambda: torch.zeros(n, n)  # noqa: E731
-    monkeypatch.setattr(
-        harness,
-        "_matmul_calls",
-        lambda *_: (a @ b, {"torch.matmul": slow_right, "wrong": fast_wrong}),
-    )
+
+    def use_calls(calls):  # the libraries measure_matmul_libraries times, replaced
+        monkeypatch.setattr(harness, "_matmul_calls", lambda *_: (a @ b, calls))
+
+    use_calls({"torch.matmul": slow_right, "wrong": fast_wrong})
     got = harness.measure_matmul_libraries(1, n=n, repeats=3)
     assert set(got) == {"torch.matmul"}
 
     fast_right = lambda: torch.matmul(a, b)  # noqa: E731
-    monkeypatch.setattr(
-        harness,
-        "_matmul_calls",
-        lambda *_: (a @ b, {"torch.matmul": slow_right, "fast": fast_right}),
-    )
+    use_calls({"torch.matmul": slow_right, "fast": fast_right})
     got = harness.measure_matmul_libraries(1, n=n, repeats=5)
     assert got["fast"] > got["torch.matmul"]
     monkeypatch.setattr(harness, "measure_matmul_libraries", lambda *_, **__: {"x": 2.0, "y": 5.0})
