@@ -252,23 +252,35 @@ def measure_matmul_libraries(
     torch.set_num_threads(threads)
     gflops: dict[str, float] = {}
     try:
-        expected, calls = _matmul_calls(n, dtype, device)
-        tol = MATMUL_CHECK_RTOL * float(expected.abs().max())
-        for name, call in calls.items():
-            if name != "torch.matmul":
-                try:
-                    got = call()
-                    got = got.to_dense() if got.is_mkldnn else got
-                    right = float((got - expected).abs().max()) <= tol  # False for NaN
-                except RuntimeError:
-                    right = False
-                if not right:
-                    continue  # a library that fails or computes something else sets nothing
+        for name, call in checked_matmul_calls(n, dtype, device).items():
             timing = time_fn(call, warmup=2, repeats=repeats, budget_s=0, device=device)
             gflops[name] = 2.0 * n**3 / (timing.median_ms * 1e-3) / 1e9
     finally:
         torch.set_num_threads(previous)
     return gflops
+
+
+def checked_matmul_calls(
+    n: int, dtype: torch.dtype, device: str
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The products of :func:`_matmul_calls` that compute ``a @ b`` (to ``MATMUL_CHECK_RTOL``),
+    by library: ``torch.matmul`` always; another library that raises or computes something
+    else is left out."""
+    expected, calls = _matmul_calls(n, dtype, device)
+    tol = MATMUL_CHECK_RTOL * float(expected.abs().max())
+    checked: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, call in calls.items():
+        if name != "torch.matmul":
+            try:
+                got = call()
+                got = got.to_dense() if got.is_mkldnn else got
+                right = float((got - expected).abs().max()) <= tol  # False for NaN
+            except RuntimeError:
+                right = False
+            if not right:
+                continue  # a library that fails or computes something else sets nothing
+        checked[name] = call
+    return checked
 
 
 def measure_matmul_gflops(
@@ -856,6 +868,14 @@ def add_measurement_arguments(
         "per row)",
     )
     p.add_argument(
+        "--paired-ceiling",
+        action="store_true",
+        help="after each row's timed calls, time its call again alternating with one matmul "
+        "product each (at least 5 pairs, more within the time budget), and show the median "
+        "over the pairs of the call's throughput against its pair's as '(paired x%%)': the "
+        "ceiling under the same conditions as each call",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="scaled-down cases, short timing (smoke test)"
     )
     add_output_arguments(p)
@@ -900,6 +920,7 @@ def worker_spec(args, **fields) -> dict:
         "max_call_s": args.max_call_s,
         "device": args.device,
         "row_ceiling": bool(getattr(args, "row_ceiling", False)),
+        "paired_ceiling": bool(getattr(args, "paired_ceiling", False)),
         "ceiling_dtype": getattr(args, "dtype", None) or DEFAULT_DTYPES[args.device],
     }
 
@@ -1057,6 +1078,8 @@ def run_measurement(
         )
         if row_ceiling:
             result["row_ceiling"] = {"before": ceiling_before, "after": _row_matmul_gflops(spec)}
+        if spec.get("paired_ceiling"):
+            result["paired"] = measure_paired(spec, run.call, run.setup)
         if run.setup is not None:
             run.setup()
         # Peak memory of one steady-state call (outputs, autograd buffers and gradients
@@ -1104,6 +1127,54 @@ def _row_matmul_gflops(spec: dict) -> float:
     return measure_matmul_gflops(
         spec["threads"], n=MATMUL_N[device], dtype=DTYPES[spec["ceiling_dtype"]], device=device
     )
+
+
+# --paired-ceiling: at least this many (matmul, call) pairs, more while the time budget lasts.
+PAIRED_MIN_PAIRS = 5
+
+
+def measure_paired(
+    spec: dict, call: Callable[[], object], setup: Callable[[], None] | None = None
+) -> dict:
+    """``--paired-ceiling``, worker side: alternate one matmul product and one ``call()``,
+    each timed alone, so that each call has a ceiling measured under the same conditions as
+    it (a host that slows down for seconds slows both). The product is the run's size, dtype
+    and device, by the library that is fastest in a short timing here (of the right ones,
+    :func:`checked_matmul_calls`). Pairs: at least ``PAIRED_MIN_PAIRS``, then more until
+    ``spec["budget_s"]`` has passed, at most ``spec["max_repeats"]``.
+
+    Returns ``{"library", "n", "matmul_ms": [...], "call_ms": [...]}``, pair by pair;
+    :func:`paired_fraction` turns them into the row's fraction of the ceiling.
+    """
+    device = spec.get("device", "cpu")
+    n = MATMUL_N[device]
+    calls = checked_matmul_calls(n, DTYPES[spec["ceiling_dtype"]], device)
+    speed = {
+        name: time_fn(mm, warmup=1, repeats=3, budget_s=0, device=device).median_ms
+        for name, mm in calls.items()
+    }
+    library = min(speed, key=speed.__getitem__)
+    matmul = calls[library]
+    matmul_ms: list[float] = []
+    call_ms: list[float] = []
+    end = time.perf_counter() + spec["budget_s"]
+    limit = max(PAIRED_MIN_PAIRS, spec["max_repeats"])
+    while len(call_ms) < limit and (len(call_ms) < PAIRED_MIN_PAIRS or time.perf_counter() < end):
+        matmul_ms.append(_timed_call(matmul, None, device) * 1e3)
+        call_ms.append(_timed_call(call, setup, device) * 1e3)
+    return {"library": library, "n": n, "matmul_ms": matmul_ms, "call_ms": call_ms}
+
+
+def paired_fraction(paired: Mapping, flops: float) -> tuple[float, float]:
+    """(median over the pairs of the call's useful GFLOP/s over its pair's matmul GFLOP/s,
+    median matmul GFLOP/s) of :func:`measure_paired`'s result, for a call of ``flops``."""
+    mm_flops = 2.0 * float(paired["n"]) ** 3
+    ratios = [
+        (flops / c) / (mm_flops / m)
+        for c, m in zip(paired["call_ms"], paired["matmul_ms"], strict=True)
+    ]
+    matmul = [mm_flops / (m * 1e-3) / 1e9 for m in paired["matmul_ms"]]
+    return statistics.median(ratios), statistics.median(matmul)
 
 
 def worker_main(spec_json: str, measure: Callable[[dict], dict]) -> int:
@@ -1166,6 +1237,9 @@ def measure_row(
         if around:
             row["row_ceiling_gflops"] = max(around["before"], around["after"])
             row["frac_row_ceiling"] = row["gflops"] / row["row_ceiling_gflops"]
+        paired = result.get("paired")
+        if paired:
+            row["frac_paired"], row["paired_matmul_gflops"] = paired_fraction(paired, flops)
         peak = result.get("peak_mib")
         peak_s = "-" if peak is None else f"{peak:.0f} MiB"
         log(
@@ -1177,6 +1251,12 @@ def measure_row(
             log(
                 f"    matmul next to it: {around['before']:.1f} before / {around['after']:.1f} "
                 f"after GFLOP/s; the row reached {100 * row['frac_row_ceiling']:.1f}% of the higher"
+            )
+        if paired:
+            log(
+                f"    paired with {len(paired['call_ms'])} matmuls ({paired['library']}, median "
+                f"{row['paired_matmul_gflops']:.1f} GFLOP/s): median "
+                f"{100 * row['frac_paired']:.1f}% of its pair's"
             )
     else:
         log(f"    {result.get('note', result['status'])} [{wall:.1f} s]")
@@ -1488,10 +1568,14 @@ def result_cells(
 
 def frac_cell(r: dict) -> str:
     """The "% matmul" cell of a measured row: its fraction of the run's ceiling, followed by
-    ``(row x%)``, its fraction of the ceiling measured next to it, with ``--row-ceiling``."""
+    ``(row x%)``, its fraction of the ceiling measured next to it, with ``--row-ceiling``, and
+    ``(paired x%)``, its median fraction of the matmul timed next to each call, with
+    ``--paired-ceiling``."""
     cell = f"{100 * r['frac_matmul']:.1f}%"
     if "frac_row_ceiling" in r:
         cell += f" (row {100 * r['frac_row_ceiling']:.1f}%)"
+    if "frac_paired" in r:
+        cell += f" (paired {100 * r['frac_paired']:.1f}%)"
     return cell
 
 
@@ -1636,6 +1720,11 @@ def report_header(meta: dict, family: str, markdown: bool) -> list[str]:
         head += (
             "; (row x%): against the higher of two matmuls measured in the row's own worker, "
             "right before and after its timed calls"
+        )
+    if meta.get("args", {}).get("paired_ceiling"):
+        head += (
+            "; (paired x%): the median over pairs of one call and one matmul timed next to it "
+            "of the call's throughput against its matmul's"
         )
     return header_lines(head, meta.get("warnings", []), markdown)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 
@@ -92,6 +93,7 @@ def quick_run(tmp_path_factory):
             "--case",
             "random",
             "--row-ceiling",
+            "--paired-ceiling",
             "--json",
             str(path),
         ],
@@ -135,6 +137,9 @@ def test_quick_run_structure(quick_run):
     # --row-ceiling: said in the header, and each measured row logs its own matmul figures.
     assert "(row x%): against the higher of two matmuls" in out.splitlines()[0]
     assert re.search(r"matmul next to it: [\d.]+ before / [\d.]+ after GFLOP/s", proc.stderr)
+    # --paired-ceiling: the same, and each measured row logs its pairs.
+    assert "(paired x%): the median over pairs of one call and one matmul" in out.splitlines()[0]
+    assert re.search(r"paired with \d+ matmuls \(\S+, median [\d.]+ GFLOP/s\)", proc.stderr)
     assert [c["name"] for c in report["cases"]] == ["random-bs64", "random-bs128"]
     for name in ("random-bs64", "random-bs128"):
         block = _case_block(out, name)
@@ -192,11 +197,25 @@ def test_quick_run_numbers(quick_run):
             assert around["before"] > 0 and around["after"] > 0
             assert r["row_ceiling_gflops"] == max(around["before"], around["after"])
             assert r["frac_row_ceiling"] == pytest.approx(r["gflops"] / r["row_ceiling_gflops"])
+            # --paired-ceiling: one matmul timed before each of at least 5 more calls.
+            paired = r["paired"]
+            assert len(paired["call_ms"]) == len(paired["matmul_ms"]) >= 5
+            assert paired["library"] in report["meta"]["matmul"]["libraries"]["start"]
+            mm_flops = 2.0 * paired["n"] ** 3
+            ratios = sorted(
+                (flops / c) / (mm_flops / m)
+                for c, m in zip(paired["call_ms"], paired["matmul_ms"], strict=True)
+            )
+            assert r["frac_paired"] == pytest.approx(statistics.median(ratios))
+            assert ratios[0] <= r["frac_paired"] <= ratios[-1]
             cells = text_rows[(r["label"], r["mode"])]
             assert float(cells[2]) == pytest.approx(r["median_ms"], rel=0.01)
-            run_pct, row_pct = re.fullmatch(r"([\d.]+)% \(row ([\d.]+)%\)", cells[4]).groups()
+            run_pct, row_pct, paired_pct = re.fullmatch(
+                r"([\d.]+)% \(row ([\d.]+)%\) \(paired ([\d.]+)%\)", cells[4]
+            ).groups()
             assert float(run_pct) == pytest.approx(100 * r["frac_matmul"], abs=0.051)
             assert float(row_pct) == pytest.approx(100 * r["frac_row_ceiling"], abs=0.051)
+            assert float(paired_pct) == pytest.approx(100 * r["frac_paired"], abs=0.051)
         # flex fwd, sdpa fwd and fwd+bwd at least.
         assert measured >= 3
 
@@ -256,7 +275,8 @@ def test_quick_run_tokenmix_rows(quick_run):
             row = fwd[ch["case"]]
             assert ch["value"] == row["frac_matmul"]
             assert ch["measured"] == (
-                f"{100 * row['frac_matmul']:.1f}% (row {100 * row['frac_row_ceiling']:.1f}%)"
+                f"{100 * row['frac_matmul']:.1f}% (row {100 * row['frac_row_ceiling']:.1f}%) "
+                f"(paired {100 * row['frac_paired']:.1f}%)"
             )
             assert ch["verdict"] == ("PASS" if row["frac_matmul"] >= 0.6 else "FAIL")
     for bar_id in ("matmul", "sdpa"):

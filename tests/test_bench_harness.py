@@ -364,3 +364,55 @@ def test_header_names_the_measurement_that_set_the_ceiling():
     matmul["libraries"]["end"] = {"torch.matmul": 90.0, "oneDNN": 200.0}
     assert harness.ceiling_libraries_note(matmul) == " (oneDNN; torch.matmul 100.0)"
     assert harness.ceiling_libraries_note({"n": 64, "gflops": 1.0}) == ""
+
+
+def test_paired_ceiling_alternates_matmul_and_call(monkeypatch):
+    """--paired-ceiling times one matmul product (the fastest right library) right before each
+    call, at least PAIRED_MIN_PAIRS pairs, more within the time budget, at most max_repeats;
+    setup runs before each call, outside its time."""
+    import torch
+
+    harness = import_bench("harness")
+    n = 64
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    events: list[str] = []
+
+    def product(name, loops):
+        def call():
+            events.append(name)
+            return [torch.matmul(a, b) for _ in range(loops)][-1]
+
+        return call
+
+    calls = {"slow": product("slow", 40), "fast": product("fast", 1)}
+    monkeypatch.setattr(harness, "checked_matmul_calls", lambda *_: calls)
+    monkeypatch.setitem(harness.MATMUL_N, "cpu", n)
+    spec = {"ceiling_dtype": "float32", "budget_s": 0.0, "max_repeats": 50}
+    got = harness.measure_paired(
+        spec, lambda: events.append("call"), setup=lambda: events.append("setup")
+    )
+    assert got["library"] == "fast" and got["n"] == n
+    pairs = harness.PAIRED_MIN_PAIRS
+    assert len(got["call_ms"]) == len(got["matmul_ms"]) == pairs
+    timed = [e for e in events if e in ("fast", "call", "setup")][-3 * pairs :]
+    assert timed == ["fast", "setup", "call"] * pairs
+    # A budget: more pairs, up to max_repeats.
+    spec.update(budget_s=30.0, max_repeats=pairs + 3)
+    got = harness.measure_paired(spec, lambda: None)
+    assert len(got["call_ms"]) == pairs + 3
+
+
+def test_paired_fraction_is_the_median_of_the_pairs():
+    """Each call is measured against its own pair's matmul: a slow stretch that slows both a
+    call and its matmul leaves the call's fraction as it was."""
+    harness = import_bench("harness")
+    n = 1000  # 2e9 FLOPs per product
+    # Call i: 1e9 FLOPs. Pairs 1 and 2 ran in a slow stretch at half speed for both.
+    paired = {"n": n, "matmul_ms": [10.0, 20.0, 20.0], "call_ms": [10.0, 20.0, 20.0]}
+    frac, matmul = harness.paired_fraction(paired, 1e9)
+    assert frac == pytest.approx(0.5)
+    assert matmul == pytest.approx(100.0)  # the median pair: 2e9 FLOPs in 20 ms
+    paired = {"n": n, "matmul_ms": [10.0, 10.0, 10.0], "call_ms": [4.0, 5.0, 20.0]}
+    assert harness.paired_fraction(paired, 1e9)[0] == pytest.approx(1.0)  # 1.25, 1.0, 0.25
+    row = {"frac_matmul": 0.4, "frac_paired": 0.5}
+    assert harness.frac_cell(row) == "40.0% (paired 50.0%)"
