@@ -652,8 +652,10 @@ def evaluate_bars(report: dict) -> list[dict]:
                     checks.append(check)
                     continue
                 if peer is None:
-                    value = tm["frac_matmul"]
-                    check["measured"] = frac_cell(tm)  # the verdict is on the run's ceiling
+                    # With --paired-ceiling the verdict is on the paired fraction (each call
+                    # against a matmul timed next to it), else on the run's ceiling.
+                    value = tm.get("frac_paired", tm["frac_matmul"])
+                    check["measured"] = frac_cell(tm)
                     lower = False
                 else:
                     p = rows.get(peer)

@@ -366,6 +366,20 @@ struct BlockSparsePolicy {
       ch.word[j] = slots - 1;
       ch.bit[j] = c & 31;
     };
+    // The K/V rows of kv block kb, asked for ahead of their chunk: the tile reads each block
+    // once, long after the previous tile of the head did, so they come from L3 or memory.
+    const int key_lines = int((int64_t(p.head_dim) * int64_t(sizeof(T)) + 63) / 64);
+    const int value_lines = int((int64_t(p.value_dim) * int64_t(sizeof(T)) + 63) / 64);
+    auto prefetch_block = [&](int64_t kb) {
+      if (kb < 0 || kb >= lay.num_kv_blocks) return;
+      const int64_t k0 = kb * lay.kv_block, k1 = min_of<int64_t>(k0 + lay.kv_block, p.kv_len);
+      for (int64_t k = k0; k < k1; ++k) {
+        const char* kr = reinterpret_cast<const char*>(key0 + k * key_ld);
+        const char* vr = reinterpret_cast<const char*>(value0 + k * value_ld);
+        for (int c = 0; c < key_lines; ++c) __builtin_prefetch(kr + 64 * c, 0, 3);
+        for (int c = 0; c < value_lines; ++c) __builtin_prefetch(vr + 64 * c, 0, 3);
+      }
+    };
     int deferred = 0;  // keys of bitmask blocks that every row keeps (full, without a rule)
 
     ch.n = 0;
@@ -419,8 +433,10 @@ struct BlockSparsePolicy {
     ch.full = true;
     for (int i = 0; i < deferred; ++i) add_key(ch.full_keys[i]);
     const int nf = lay.full_count[row];
+    if (nf > 0) prefetch_block(lay.full_index[row * lay.max_full]);
     for (int s = 0; s < nf; ++s) {
       const int64_t kb = lay.full_index[row * lay.max_full + s];
+      if (s + 1 < nf) prefetch_block(lay.full_index[row * lay.max_full + s + 1]);
       if (kb < 0 || kb >= lay.num_kv_blocks) continue;
       const int64_t k0 = kb * lay.kv_block;
       const int64_t k1 = min_of<int64_t>(k0 + lay.kv_block, p.kv_len);
