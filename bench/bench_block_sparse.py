@@ -549,6 +549,10 @@ def prepare_case(case: Case, path: str, check_layout: bool) -> dict:
         layout = tokenmix_layout(case, data, block_mask)
         partial, full = block_counts(layout.kv_num_blocks, layout.full_kv_num_blocks, case)
         info["tokenmix_blocks"] = {"partial": partial, "full": full}
+        kernel = layout.kernel_layout
+        if kernel is not layout:  # bits of whole squares: the kernels run finer blocks
+            partial, full = block_counts(kernel.kv_num_blocks, kernel.full_kv_num_blocks, case)
+            info["kernel_blocks"] = {"partial": partial, "full": full, "size": kernel.q_block}
         if check_layout:
             info["layout_kept_pairs"] = layout.kept_pairs(batch=case.batch, heads=case.heads)
     except Exception as exc:  # reported in the output, the measurements still run
@@ -711,6 +715,13 @@ def case_notes(c: dict) -> list[str]:
     tb = c["tokenmix_blocks"]
     source = LAYOUT_SOURCES[c["layout_source"]]
     lines.append(f"tokenmix layout: {source}; {tb['partial']} partial + {tb['full']} full blocks")
+    kb = c.get("kernel_blocks")
+    if kb:
+        g = kb["size"]
+        lines[-1] += (
+            f"; its bits are whole {g}x{g} squares, so the kernels run it as {kb['partial']} "
+            f"partial + {kb['full']} full {g}x{g} blocks (layout.kernel_layout)"
+        )
     if "layout_kept_pairs" not in c:
         pass
     elif c["layout_kept_pairs"] == c["kept_pairs"]:

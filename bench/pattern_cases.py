@@ -413,11 +413,14 @@ LAYOUT_TENSORS = (
 
 
 def layout_bytes(layout) -> int:
-    """Bytes held by a tokenmix ``BlockLayout``: its block lists and bits, and the document
-    ids of its element mask."""
-    return tensor_bytes(layout, LAYOUT_TENSORS) + tensor_bytes(
+    """Bytes held by a tokenmix ``BlockLayout``: its block lists and bits, the document ids of
+    its element mask, and the finer layout the kernels run when it has one
+    (``layout.kernel_layout``)."""
+    own = tensor_bytes(layout, LAYOUT_TENSORS) + tensor_bytes(
         layout.element_mask, ("q_doc", "kv_doc")
     )
+    kernel = getattr(layout, "kernel_layout", layout)
+    return own + (layout_bytes(kernel) if kernel is not layout else 0)
 
 
 # ---------------------------------------------------------------------------

@@ -152,6 +152,21 @@ def test_quick_run_structure(quick_run):
         assert any(line.strip().startswith("flex BlockMask: ") for line in block)
         assert any(line.strip().startswith("tokenmix layout: ") for line in block)
         assert any("layout.kept_pairs() agrees with the mask" in line for line in block)
+    # At BLOCK_SIZE 128 the random pattern's bits are whole 64 x 64 squares: the kernels run the
+    # 64 x 64 full blocks of the BLOCK_SIZE 64 layout, and the notes say so.
+    cases = {c["name"]: c for c in report["cases"]}
+    assert "kernel_blocks" not in cases["random-bs64"]
+    refined = cases["random-bs128"]["kernel_blocks"]
+    assert refined == {
+        "partial": 0,
+        "full": cases["random-bs64"]["tokenmix_blocks"]["full"],
+        "size": 64,
+    }
+    assert cases["random-bs128"]["tokenmix_blocks"]["partial"] > 0
+    assert any(
+        f"the kernels run it as 0 partial + {refined['full']} full 64x64 blocks" in line
+        for line in _case_block(out, "random-bs128")
+    )
     assert "== Bars (issue 10, section 4) -- quick run" in out
     verdicts = re.findall(r"^  bar (\d): .*: (PASS|FAIL|INCOMPLETE)$", out, re.M)
     assert [v[0] for v in verdicts] == ["1", "2", "3"]

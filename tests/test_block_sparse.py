@@ -134,6 +134,28 @@ def test_random_sweep_dtypes(seed, dtype):
         assert_close(g, w, TOL[dtype], f"{pattern} {shape} {dtype}: {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("heads", [(4, 4, 4), (4, 2, 1)], ids=["per-head", "gqa-broadcast"])
+def test_bits_of_whole_squares_run_as_finer_blocks(heads, dtype):
+    """A Flex mask of 64 x 64 squares at BLOCK_SIZE 128 (every nonempty block partial) runs as
+    a layout of 64 x 64 full blocks (layout.kernel_layout, no bits): outputs, LSE and every
+    gradient match the reference on the layout as given."""
+    h, hkv, lh = heads
+    gen = torch.Generator().manual_seed(3)
+    tq, tk = 512, 768
+    table = torch.rand(2, lh, tq // 64, tk // 64, generator=gen) < 0.3
+
+    def mod(b, hh, q, k):
+        return table[b, hh, q // 64, k // 64]
+
+    bm = create_block_mask(mod, 2, lh, tq, tk, device="cpu", BLOCK_SIZE=128)
+    layout = BlockLayout.from_block_mask(bm, batch=2, heads=lh)
+    assert layout.mask_bits is not None and layout.kernel_layout.block_size == (64, 64)
+    got, want = run_both((2, h, hkv, tq, tk, 32, 48), layout, dtype, gen)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close(g, w, TOL[dtype], f"{heads} {dtype}: {name}")
+
+
 @pytest.mark.parametrize("pattern", ["causal", "window", "document", "flex-random"])
 @pytest.mark.parametrize("block", [(16, 16), (64, 64), (128, 128)], ids=str)
 def test_matches_flex_attention_forward(pattern, block):

@@ -396,3 +396,64 @@ def test_to_block_mask_mask_mod_is_exact_outside_the_listed_blocks(rule):
     got = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm)
     rows = layout.dense_mask().any(-1).expand(1, heads, t).transpose(1, 2)  # rows with a key
     torch.testing.assert_close(got.transpose(1, 2)[rows], want[rows], atol=2e-5, rtol=2e-5)
+
+
+def _squares_layout(b, h, tq, tk, block, square, seed=0, density=0.3):
+    """A Flex mask of random ``square x square`` blocks (per batch and head), as the
+    BlockLayout of its BlockMask at ``block``: a mask finer than its blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.rand(b, h, -(-tq // square), -(-tk // square), generator=gen) < density
+
+    def mod(bb, hh, q, k):
+        return table[bb, hh, q // square, k // square]
+
+    bm = create_block_mask(mod, b, h, tq, tk, device="cpu", BLOCK_SIZE=block)
+    return BlockLayout.from_block_mask(bm, batch=b, heads=h)
+
+
+@pytest.mark.parametrize(
+    "block, square, tq, tk, want",
+    [
+        ((128, 128), 64, 1024, 1024, 64),
+        ((256, 256), 64, 1024, 768, 64),
+        ((256, 128), 64, 512, 1024, 64),
+        ((256, 256), 128, 1024, 1024, 128),
+    ],
+)
+def test_bits_of_whole_squares_run_as_finer_blocks(block, square, tq, tk, want):
+    """A bitmask made of whole squares of 64 or more (each all kept or all dropped) runs as a
+    layout of those squares, with no bits and no partial block: the same mask."""
+    layout = _squares_layout(2, 3, tq, tk, block, square)
+    assert layout.block_size == block and int(layout.kv_num_blocks.sum()) > 0
+    refined = layout.kernel_layout
+    assert refined is not layout
+    assert refined.block_size == (want, want) and refined.seq_lengths == (tq, tk)
+    assert refined.mask_bits is None and int(refined.kv_num_blocks.sum()) == 0
+    assert torch.equal(refined.dense_mask(), layout.dense_mask())
+    # The layout itself is unchanged: its block size, bits and Flex round trip.
+    assert layout.mask_bits is not None
+    assert layout.to_block_mask().BLOCK_SIZE == block
+
+
+def test_bits_that_need_bits_stay():
+    """No refinement when a square of every size >= 64 mixes kept and dropped elements, when
+    the lengths are not multiples of the square, or with an element rule next to the bits."""
+    causal = create_block_mask(lambda b, h, q, k: k <= q, 1, 1, 512, 512, "cpu", BLOCK_SIZE=128)
+    layout = BlockLayout.from_block_mask(causal)
+    assert layout.kernel_layout is layout
+    squares = _squares_layout(1, 2, 1000, 1024, (128, 128), 64)  # 1000 % 64 != 0
+    assert squares.mask_bits is not None and squares.kernel_layout is squares
+    squares = _squares_layout(1, 1, 512, 512, (128, 128), 32)  # 32 x 32 squares: too fine
+    assert squares.kernel_layout is squares
+    whole = _squares_layout(1, 1, 512, 512, (128, 128), 64)
+    with_rule = BlockLayout(
+        whole.kv_num_blocks,
+        whole.kv_indices,
+        whole.full_kv_num_blocks,
+        whole.full_kv_indices,
+        block_size=128,
+        seq_lengths=(512, 512),
+        element_mask=ElementMask.causal(),
+        mask_bits=whole.mask_bits,
+    )
+    assert whole.kernel_layout is not whole and with_rule.kernel_layout is with_rule

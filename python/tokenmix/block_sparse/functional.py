@@ -131,6 +131,7 @@ def block_sparse_attention(
     _ops.require_library()
     if q.device.type == "cuda":
         require_cuda_kernels()
+    layout = layout.kernel_layout  # bits of whole 64 x 64 (or larger) squares: finer blocks
     bits, q_doc, kv_doc, band = _rule_args(layout)
     layout_tensors = (
         layout.kv_num_blocks,

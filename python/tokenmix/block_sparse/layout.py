@@ -33,6 +33,62 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # Upper bound (elements) on the index tensors of one mask_mod evaluation.
 _EVAL_BUDGET = 1 << 24
 
+# The smallest square a bitmask layout is refined into (see _refined_layout): the kernels' query
+# tiles and key chunks are 64 wide, so finer squares would cost more than the bits they save.
+_REFINE_MIN = 64
+# Upper bound (entries) on the refined layout's dense block table.
+_REFINE_BUDGET = 1 << 24
+
+
+def _refined_layout(layout: BlockLayout) -> BlockLayout | None:
+    """The same mask as ``g x g`` blocks without bits, when every partial block's bits are whole
+    ``g x g`` squares (each all kept or all dropped), for the largest such ``g`` >= 64 that
+    divides both block sizes and both sequence lengths; None otherwise (or without bits, with
+    an element rule, or when the refined block table would exceed _REFINE_BUDGET entries).
+
+    A Flex mask at BLOCK_SIZE 128 over a pattern of 64 x 64 blocks has every nonempty block
+    partial: the kernels would read 2 KiB of bits per block on every call (12.6 MiB at T=8192
+    for four heads at 10% density) to find what the refined layout lists as full blocks.
+    """
+    bits = layout.mask_bits
+    if bits is None or layout.element_mask is not None or bits.shape[3] == 0:
+        return None  # no bits, an element rule too, or no partial block anywhere
+    qbs, kbs = layout.block_size
+    lb, lh, nq, m = bits.shape[:4]
+    used = torch.arange(m, device=bits.device) < layout.kv_num_blocks.unsqueeze(-1)
+    g = min(qbs, kbs)
+    while g >= _REFINE_MIN:
+        fits = qbs % g == 0 and kbs % g == 0 and g % 32 == 0
+        fits = fits and layout.q_len % g == 0 and layout.kv_len % g == 0
+        fits = fits and lb * lh * (layout.q_len // g) * (layout.kv_len // g) <= _REFINE_BUDGET
+        if fits:
+            # [LB, LH, nq, M, rows, g, cols, g / 32]: square (i, j) of each partial slot.
+            squares = bits.view(lb, lh, nq, m, qbs // g, g, kbs // g, g // 32)
+            kept = (squares == -1).all(5).all(-1)  # [LB, LH, nq, M, rows, cols]
+            dropped = (squares == 0).all(5).all(-1)
+            if not bool((~(kept | dropped) & used[..., None, None]).any()):
+                break  # every square all kept or all dropped
+        g //= 2
+    else:
+        return None  # some square mixes kept and dropped elements at every size: bits needed
+    rows, cols = qbs // g, kbs // g
+    nq2, nk2 = layout.q_len // g, layout.kv_len // g
+    # Square status 2 (full) or 0 per (query block, kv block): full blocks whole, partial blocks
+    # by their squares; then [LB, LH, nq * rows, nk * cols] cut to the lengths.
+    nk = layout.num_kv_blocks
+    status = (layout.block_status() == 2).to(torch.int8) * 2  # [LB, LH, nq, nk]
+    status = status[:, :, :, None, :, None].expand(lb, lh, nq, rows, nk, cols).clone()
+    slot_kb = torch.where(used, layout.kv_indices, nk).long()  # [LB, LH, nq, M]
+    part = torch.zeros(lb, lh, nq, rows, nk + 1, cols, dtype=torch.int8, device=bits.device)
+    square = (kept & used[..., None, None]).to(torch.int8) * 2  # [LB, LH, nq, M, rows, cols]
+    index = slot_kb[:, :, :, None, :, None].expand(lb, lh, nq, rows, m, cols)
+    part.scatter_(4, index, square.permute(0, 1, 2, 4, 3, 5).contiguous())
+    status = torch.maximum(status, part[:, :, :, :, :nk])
+    status = status.reshape(lb, lh, nq * rows, nk * cols)[:, :, :nq2, :nk2]
+    return BlockLayout.from_block_status(
+        status.contiguous(), block_size=g, seq_lengths=(layout.q_len, layout.kv_len)
+    )
+
 
 def _int_tensor(x: Any, name: str, dims: int) -> Tensor:
     if not isinstance(x, Tensor):
@@ -289,6 +345,9 @@ class BlockLayout:
         self.q_num_blocks, self.q_indices, self.q_slots = _transpose_lists(count, index, nk)
         self.full_q_num_blocks, full_q_indices, _ = _transpose_lists(full_count, full_index, nk)
         self.full_q_indices = full_q_indices
+        # What the kernels run: this layout, or the same mask in finer blocks without bits
+        # (_refined_layout), built once here like the q-side lists.
+        self.kernel_layout: BlockLayout = _refined_layout(self) or self
 
     # ---- properties --------------------------------------------------------------------------
 
