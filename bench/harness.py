@@ -1079,7 +1079,11 @@ def run_measurement(
         if row_ceiling:
             result["row_ceiling"] = {"before": ceiling_before, "after": _row_matmul_gflops(spec)}
         if spec.get("paired_ceiling"):
-            result["paired"] = measure_paired(spec, run.call, run.setup)
+            try:
+                result["paired"] = measure_paired(spec, run.call, run.setup)
+            except Exception as exc:  # the row's own timing stands; the pairs are extra
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                result["paired_error"] = f"{type(exc).__name__}: {first}"
         if run.setup is not None:
             run.setup()
         # Peak memory of one steady-state call (outputs, autograd buffers and gradients
@@ -1141,7 +1145,7 @@ def measure_paired(
     it (a host that slows down for seconds slows both). The product is the run's size, dtype
     and device, by the library that is fastest in a short timing here (of the right ones,
     :func:`checked_matmul_calls`). Pairs: at least ``PAIRED_MIN_PAIRS``, then more until
-    ``spec["budget_s"]`` has passed, at most ``spec["max_repeats"]``.
+    ``spec["budget_s"]`` has passed, at most ``max(PAIRED_MIN_PAIRS, spec["max_repeats"])``.
 
     Returns ``{"library", "n", "matmul_ms": [...], "call_ms": [...]}``, pair by pair;
     :func:`paired_fraction` turns them into the row's fraction of the ceiling.
@@ -1252,6 +1256,8 @@ def measure_row(
                 f"    matmul next to it: {around['before']:.1f} before / {around['after']:.1f} "
                 f"after GFLOP/s; the row reached {100 * row['frac_row_ceiling']:.1f}% of the higher"
             )
+        if result.get("paired_error"):
+            log(f"    no paired ceiling: {result['paired_error']}")
         if paired:
             log(
                 f"    paired with {len(paired['call_ms'])} matmuls ({paired['library']}, median "

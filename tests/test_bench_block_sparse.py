@@ -222,7 +222,6 @@ def test_quick_run_numbers(quick_run):
                 for c, m in zip(paired["call_ms"], paired["matmul_ms"], strict=True)
             )
             assert r["frac_paired"] == pytest.approx(statistics.median(ratios))
-            assert ratios[0] <= r["frac_paired"] <= ratios[-1]
             cells = text_rows[(r["label"], r["mode"])]
             assert float(cells[2]) == pytest.approx(r["median_ms"], rel=0.01)
             run_pct, row_pct, paired_pct = re.fullmatch(
@@ -279,7 +278,7 @@ def test_quick_run_tokenmix_rows(quick_run):
         assert sdpa["tokenmix_speedup"] == pytest.approx(sdpa["median_ms"] / rows[0]["median_ms"])
     bars = {b["id"]: b for b in report["bars"]}
     if registered:
-        # Bar 2 shows the three fractions; with --paired-ceiling its verdict is on the paired one.
+        # Bar 2 shows the three fractions; its verdict is on the run's ceiling.
         fwd = {
             c["name"]: next(
                 r for r in c["results"] if r["backend"] == "tokenmix" and r["mode"] == "fwd"
@@ -288,12 +287,12 @@ def test_quick_run_tokenmix_rows(quick_run):
         }
         for ch in bars["matmul"]["checks"]:
             row = fwd[ch["case"]]
-            assert ch["value"] == row["frac_paired"]
+            assert ch["value"] == row["frac_matmul"]
             assert ch["measured"] == (
                 f"{100 * row['frac_matmul']:.1f}% (row {100 * row['frac_row_ceiling']:.1f}%) "
                 f"(paired {100 * row['frac_paired']:.1f}%)"
             )
-            assert ch["verdict"] == ("PASS" if row["frac_paired"] >= 0.6 else "FAIL")
+            assert ch["verdict"] == ("PASS" if row["frac_matmul"] >= 0.6 else "FAIL")
     for bar_id in ("matmul", "sdpa"):
         for ch in bars[bar_id]["checks"]:
             if registered:
@@ -326,6 +325,30 @@ def test_markdown_rendering(quick_run):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is usable here")
 def test_device_cuda_without_gpu_fails_with_one_line():
     assert_cuda_refused(BENCH)
+
+
+def test_bar2_verdict_is_on_the_run_ceiling():
+    """Bar 2 judges the fraction of the run's ceiling; the paired fraction (--paired-ceiling)
+    is shown beside it and does not change the verdict either way."""
+    bench = import_bench("bench_block_sparse")
+
+    def matmul_bar(**row):
+        cases = [
+            {
+                "case": {"pattern": "random", "block_size": bs, "seq_len": 8192},
+                "results": [{"backend": "tokenmix", "mode": "fwd", "median_ms": 1.0, **row}],
+            }
+            for bs in (64, 128)
+        ]
+        bars = bench.evaluate_bars({"meta": {"args": {"quick": False}}, "cases": cases})
+        return next(b for b in bars if b["id"] == "matmul")
+
+    bar = matmul_bar(frac_matmul=0.58, frac_paired=0.63)
+    assert [(c["verdict"], c["needs"], c["value"]) for c in bar["checks"]] == [
+        ("FAIL", ">= 60%", 0.58)
+    ] * 2
+    assert bar["checks"][0]["measured"] == "58.0% (paired 63.0%)"
+    assert matmul_bar(frac_matmul=0.65, frac_paired=0.59)["verdict"] == "PASS"
 
 
 def test_bars_scope():

@@ -414,5 +414,8 @@ def test_paired_fraction_is_the_median_of_the_pairs():
     assert matmul == pytest.approx(100.0)  # the median pair: 2e9 FLOPs in 20 ms
     paired = {"n": n, "matmul_ms": [10.0, 10.0, 10.0], "call_ms": [4.0, 5.0, 20.0]}
     assert harness.paired_fraction(paired, 1e9)[0] == pytest.approx(1.0)  # 1.25, 1.0, 0.25
+    # The median of the pairs' fractions (0.25, 1.0, 0.25), not the ratio of the medians (0.5).
+    paired = {"n": n, "matmul_ms": [10.0, 20.0, 20.0], "call_ms": [20.0, 10.0, 40.0]}
+    assert harness.paired_fraction(paired, 1e9)[0] == pytest.approx(0.25)
     row = {"frac_matmul": 0.4, "frac_paired": 0.5}
     assert harness.frac_cell(row) == "40.0% (paired 50.0%)"

@@ -418,6 +418,7 @@ def _squares_layout(b, h, tq, tk, block, square, seed=0, density=0.3):
         ((256, 256), 64, 1024, 768, 64),
         ((256, 128), 64, 512, 1024, 64),
         ((256, 256), 128, 1024, 1024, 128),
+        ((128, 128), 64, 320, 448, 64),  # ragged: the last blocks cut to the lengths
     ],
 )
 def test_bits_of_whole_squares_run_as_finer_blocks(block, square, tq, tk, want):

@@ -36,15 +36,19 @@ _EVAL_BUDGET = 1 << 24
 # The smallest square a bitmask layout is refined into (see _refined_layout): the kernels' query
 # tiles and key chunks are 64 wide, so finer squares would cost more than the bits they save.
 _REFINE_MIN = 64
-# Upper bound (entries) on the refined layout's dense block table.
-_REFINE_BUDGET = 1 << 24
+# Upper bound (entries) on the refined layout's dense block table, which building it holds
+# about 40 bytes per entry of at once (int64 table and its sorts, the duplicate check, the
+# q-side lists): 2^22 entries, for example T=65536 with 4 layout heads at g=64.
+_REFINE_BUDGET = 1 << 22
 
 
 def _refined_layout(layout: BlockLayout) -> BlockLayout | None:
     """The same mask as ``g x g`` blocks without bits, when every partial block's bits are whole
-    ``g x g`` squares (each all kept or all dropped), for the largest such ``g`` >= 64 that
-    divides both block sizes and both sequence lengths; None otherwise (or without bits, with
-    an element rule, or when the refined block table would exceed _REFINE_BUDGET entries).
+    ``g x g`` squares (each all kept or all dropped); None otherwise. ``g`` is the first of the
+    smaller block size, its half, its quarter, ... (down to 64) that is a multiple of 32,
+    divides both block sizes and both sequence lengths and whose squares are all whole. None
+    too without bits, with an element rule next to them, or when the refined block table would
+    exceed _REFINE_BUDGET entries.
 
     A Flex mask at BLOCK_SIZE 128 over a pattern of 64 x 64 blocks has every nonempty block
     partial: the kernels would read 2 KiB of bits per block on every call (12.6 MiB at T=8192
@@ -77,7 +81,7 @@ def _refined_layout(layout: BlockLayout) -> BlockLayout | None:
     # by their squares; then [LB, LH, nq * rows, nk * cols] cut to the lengths.
     nk = layout.num_kv_blocks
     status = (layout.block_status() == 2).to(torch.int8) * 2  # [LB, LH, nq, nk]
-    status = status[:, :, :, None, :, None].expand(lb, lh, nq, rows, nk, cols).clone()
+    status = status[:, :, :, None, :, None].expand(lb, lh, nq, rows, nk, cols)
     slot_kb = torch.where(used, layout.kv_indices, nk).long()  # [LB, LH, nq, M]
     part = torch.zeros(lb, lh, nq, rows, nk + 1, cols, dtype=torch.int8, device=bits.device)
     square = (kept & used[..., None, None]).to(torch.int8) * 2  # [LB, LH, nq, M, rows, cols]
@@ -345,11 +349,18 @@ class BlockLayout:
         self.q_num_blocks, self.q_indices, self.q_slots = _transpose_lists(count, index, nk)
         self.full_q_num_blocks, full_q_indices, _ = _transpose_lists(full_count, full_index, nk)
         self.full_q_indices = full_q_indices
-        # What the kernels run: this layout, or the same mask in finer blocks without bits
-        # (_refined_layout), built once here like the q-side lists.
-        self.kernel_layout: BlockLayout = _refined_layout(self) or self
+        # The same mask in finer blocks without bits, when the bits allow it (_refined_layout),
+        # built once here like the q-side lists: what the kernels run (kernel_layout).
+        self._refined = _refined_layout(self)
 
     # ---- properties --------------------------------------------------------------------------
+
+    @property
+    def kernel_layout(self) -> BlockLayout:
+        """The layout the kernels run: the same mask as blocks of ``g x g`` without bits when
+        every partial block's bits are whole ``g x g`` squares (``g >= 64``; see
+        docs/block_sparse_attention.md), else this layout."""
+        return getattr(self, "_refined", None) or self
 
     @property
     def block_size(self) -> tuple[int, int]:
