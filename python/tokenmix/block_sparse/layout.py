@@ -76,19 +76,15 @@ def _refined_layout(layout: BlockLayout) -> BlockLayout | None:
     else:
         return None  # some square mixes kept and dropped elements at every size: bits needed
     rows, cols = qbs // g, kbs // g
-    nq2, nk2 = layout.q_len // g, layout.kv_len // g
-    # Square status 2 (full) or 0 per (query block, kv block): full blocks whole, partial blocks
-    # by their squares; then [LB, LH, nq * rows, nk * cols] cut to the lengths.
-    nk = layout.num_kv_blocks
-    status = (layout.block_status() == 2).to(torch.int8) * 2  # [LB, LH, nq, nk]
-    status = status[:, :, :, None, :, None].expand(lb, lh, nq, rows, nk, cols)
-    slot_kb = torch.where(used, layout.kv_indices, nk).long()  # [LB, LH, nq, M]
-    part = torch.zeros(lb, lh, nq, rows, nk + 1, cols, dtype=torch.int8, device=bits.device)
-    square = (kept & used[..., None, None]).to(torch.int8) * 2  # [LB, LH, nq, M, rows, cols]
-    index = slot_kb[:, :, :, None, :, None].expand(lb, lh, nq, rows, m, cols)
-    part.scatter_(4, index, square.permute(0, 1, 2, 4, 3, 5).contiguous())
-    status = torch.maximum(status, part[:, :, :, :, :nk])
-    status = status.reshape(lb, lh, nq * rows, nk * cols)[:, :, :nq2, :nk2]
+    # Per (query block, kv block) and square: kept when the block is full, or partial with that
+    # square kept; then [LB, LH, nq * rows, nk * cols], cut to the lengths.
+    slots = layout.partial_slots()  # [LB, LH, nq, nk], -1 where not partial
+    index = slots.clamp(min=0).long()[..., None, None].expand(*slots.shape, rows, cols)
+    kept_here = kept.gather(3, index) & (slots >= 0)[..., None, None]
+    full = (layout.block_status() == 2)[..., None, None]
+    status = torch.where(full | kept_here, 2, 0).to(torch.int8)  # [LB, LH, nq, nk, rows, cols]
+    status = status.permute(0, 1, 2, 4, 3, 5).reshape(lb, lh, nq * rows, -1)
+    status = status[:, :, : layout.q_len // g, : layout.kv_len // g]
     return BlockLayout.from_block_status(
         status.contiguous(), block_size=g, seq_lengths=(layout.q_len, layout.kv_len)
     )
