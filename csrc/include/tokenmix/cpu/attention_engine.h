@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "tokenmix/cpu/attention_tables.h"
 #include "tokenmix/cpu/finite_rows.h"
@@ -126,6 +127,19 @@ struct AttentionEngine {
       const char* src = reinterpret_cast<const char*>(static_cast<const In*>(base) + off[l]);
       for (int c = 0; c < dim * int(sizeof(In)); c += 64) __builtin_prefetch(src + c, 0, 3);
     }
+#if TOKENMIX_VEC_BYTES >= 64
+    if constexpr (std::is_same_v<In, float> && std::is_same_v<T, float>) {
+      if (dst_t) {
+        for (int l0 = 0; l0 < L; l0 += 16) {
+          const float* rows[16];
+          for (int i = 0; i < 16; ++i)
+            rows[i] = ln.head[l0 + i] < 0 ? nullptr : static_cast<const float*>(base) + off[l0 + i];
+          transpose_rows16(rows, dim, mult, dst_t + l0, L);
+        }
+        dst_t = nullptr;  // done; the loop below writes the row-major copy only
+      }
+    }
+#endif
     for (int l = 0; l < L; ++l) {
       if (ln.head[l] < 0) {
         if (dst) fill(dst + int64_t(l) * ld, dst + int64_t(l + 1) * ld, T(0));
