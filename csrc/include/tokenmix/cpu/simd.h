@@ -252,8 +252,8 @@ inline void transpose_rows16(const float* const rows[16], int dim, float mult, f
     const __mmask16 km = __mmask16(nd == 16 ? 0xFFFFu : (1u << nd) - 1u);
     __m512 r[16], t[16];
     for (int i = 0; i < 16; ++i)
-      r[i] = rows[i] ? _mm512_mul_ps(_mm512_maskz_loadu_ps(km, rows[i] + d0), m)
-                     : _mm512_setzero_ps();
+      r[i] =
+          rows[i] ? _mm512_mul_ps(_mm512_maskz_loadu_ps(km, rows[i] + d0), m) : _mm512_setzero_ps();
     // Pairs of rows interleaved: in 128-bit lane j, t[2i] = (r2i[4j], r2i+1[4j], r2i[4j+1],
     // r2i+1[4j+1]) and t[2i + 1] the same for columns 4j + 2 and 4j + 3.
     for (int i = 0; i < 8; ++i) {
