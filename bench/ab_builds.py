@@ -9,8 +9,8 @@ for a few calls in turn, alternating which goes first. Each round gives one rati
 new / old of the two workers' fastest call of that round, made seconds apart; the report is
 the median ratio over the rounds (below 1: the new build is faster), with its quartiles.
 
-The case is one of ``bench_block_sparse.py``'s (the same masks, layouts and inputs), forward
-only::
+The case is one of ``bench_block_sparse.py``'s (the same masks, layouts and inputs) or one of
+``bench_na.py``'s as ``na-<case>`` (B=1, H=4, D=64, float32), forward only::
 
     python bench/ab_builds.py --old /tmp/pkg_old --new /tmp/pkg_new \\
         --case random --block-sizes 64,128 --rounds 30 --threads 2
@@ -29,6 +29,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Neighborhood-attention cases: bench_na.py's, as "na-<name>" (B=1, H=4, D=64, float32).
+NA_CASES = ["na-2d-64x64-k7", "na-1d-16384-k1024", "na-3d-16x16x16-k5"]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -39,26 +41,37 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    sizes = bb.QUICK_SIZES if args.quick else bb.FULL_SIZES
-    layouts = {}
-    for bs in args.block_sizes:
-        case = bb.Case(name=args.case, pattern=args.case, block_size=bs, **sizes)
-        data = bb.pattern_data(case)
-        layouts[bs] = bb.tokenmix_layout(case, data, bb.create_flex_block_mask(case, data))
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(case.input_shape, generator=gen) for _ in range(3))
-    for lay in layouts.values():
-        tokenmix.block_sparse_attention(q, k, v, lay)  # warm-up
+    calls = {}  # label -> the timed call
+    if args.case in NA_CASES:
+        import bench_na
+
+        name = args.case[len("na-") :]
+        shape, kernel = bench_na.QUICK_CASES[name][1:] if args.quick else bench_na.CASES[name]
+        q, k, v = (torch.randn(1, *shape, 4, 64, generator=gen) for _ in range(3))
+        calls[0] = lambda: tokenmix.neighborhood_attention(q, k, v, kernel)
+    else:
+        sizes = bb.QUICK_SIZES if args.quick else bb.FULL_SIZES
+        layouts = {}
+        for bs in args.block_sizes:
+            case = bb.Case(name=args.case, pattern=args.case, block_size=bs, **sizes)
+            data = bb.pattern_data(case)
+            layouts[bs] = bb.tokenmix_layout(case, data, bb.create_flex_block_mask(case, data))
+        q, k, v = (torch.randn(case.input_shape, generator=gen) for _ in range(3))
+        for bs, lay in layouts.items():
+            calls[bs] = lambda lay=lay: tokenmix.block_sparse_attention(q, k, v, lay)
+    for call in calls.values():
+        call()  # warm-up
     print(f"ready {tokenmix.__file__}", flush=True)
     for _ in sys.stdin:
         times = []
-        for bs, lay in layouts.items():
+        for label, call in calls.items():
             best = float("inf")
             for _ in range(args.calls):
                 t0 = time.perf_counter()
-                tokenmix.block_sparse_attention(q, k, v, lay)
+                call()
                 best = min(best, time.perf_counter() - t0)
-            times.append(f"{bs}:{best * 1e3:.3f}")
+            times.append(f"{label}:{best * 1e3:.3f}")
         print(" ".join(times), flush=True)
 
 
@@ -116,7 +129,13 @@ def main() -> None:
     )
     ap.add_argument("--old", help="directory holding the old build's tokenmix package")
     ap.add_argument("--new", help="directory holding the new build's tokenmix package")
-    ap.add_argument("--case", default="random", choices=["sliding", "random", "document"])
+    ap.add_argument(
+        "--case",
+        default="random",
+        choices=["sliding", "random", "document", *NA_CASES],
+        help="a block-sparse pattern, or a neighborhood-attention case (na-*; --block-sizes "
+        "does not apply, its row is labelled 0)",
+    )
     ap.add_argument("--block-sizes", default="64,128", help="comma list (default 64,128)")
     ap.add_argument("--rounds", type=int, default=30, help="rounds (default 30)")
     ap.add_argument("--calls", type=int, default=3, help="calls per build and round (default 3)")
@@ -152,6 +171,8 @@ def main() -> None:
         ["--quick"] if args.quick else []
     )
     workers = {"old": Worker("--old", args.old, argv), "new": Worker("--new", args.new, argv)}
+    if args.case in NA_CASES:
+        args.block_sizes = [0]
     ratios: dict[int, list[float]] = {bs: [] for bs in args.block_sizes}
     best: dict[tuple[str, int], float] = {}
     try:
@@ -172,12 +193,14 @@ def main() -> None:
             w.close()
     what = f"{args.case}, forward, {args.threads} threads"
     print(f"\n{what}, {args.rounds} rounds of {args.calls} calls")
-    print("| BLOCK_SIZE | old best ms | new best ms | new / old (median of rounds) | quartiles |")
+    na = args.case in NA_CASES
+    first = "case" if na else "BLOCK_SIZE"
+    print(f"| {first} | old best ms | new best ms | new / old (median of rounds) | quartiles |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for bs, rs in ratios.items():
         qs = statistics.quantiles(rs, n=4) if len(rs) > 1 else [rs[0], rs[0], rs[0]]
         print(
-            f"| {bs} | {best[('old', bs)]:.1f} | {best[('new', bs)]:.1f} | "
+            f"| {args.case if na else bs} | {best[('old', bs)]:.2f} | {best[('new', bs)]:.2f} | "
             f"{statistics.median(rs):.3f} | {qs[0]:.3f}-{qs[2]:.3f} |"
         )
 

@@ -109,3 +109,32 @@ def test_arguments_are_checked(tmp_path):
     ):
         proc = run("--old", str(INSTALLED.parent), "--new", str(INSTALLED.parent), *args)
         assert proc.returncode != 0 and flag in proc.stderr, (args, proc.stderr)
+
+
+SLOW_NA = """
+import time as _time
+_fast_neighborhood_attention = neighborhood_attention
+def neighborhood_attention(*args, **kwargs):
+    _time.sleep(0.2)
+    return _fast_neighborhood_attention(*args, **kwargs)
+"""
+
+
+def test_neighborhood_case_times_its_own_build(tmp_path):
+    fast = package_copy(tmp_path, "fast")
+    slow = package_copy(tmp_path, "slow", SLOW_NA)
+    proc = run("--old", str(fast), "--new", str(slow), "--case", "na-2d-64x64-k7",
+               "--rounds", "2", "--calls", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "na-2d-64x64-k7, forward, 2 threads, 2 rounds of 1 calls" in out
+    assert "| case | old best ms |" in out
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| na-2d-64x64-k7 |")
+    ]
+    assert len(rows) == 1, out
+    old_ms, new_ms, ratio = (float(x) for x in rows[0][1:4])
+    # The new copy sleeps 200 ms in every call; the quick 32x32 case takes about a millisecond.
+    assert new_ms >= 200 and old_ms < new_ms and ratio > 1, out
