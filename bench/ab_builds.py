@@ -36,7 +36,6 @@ NA_CASES = ["na-2d-64x64-k7", "na-1d-16384-k1024", "na-3d-16x16x16-k5"]
 def worker(args: argparse.Namespace) -> None:
     """Build the layouts and inputs, then answer each line on stdin with one timed round."""
     sys.path.insert(0, HERE)
-    import bench_block_sparse as bb
     import tokenmix
     import torch
 
@@ -51,6 +50,8 @@ def worker(args: argparse.Namespace) -> None:
         q, k, v = (torch.randn(1, *shape, 4, 64, generator=gen) for _ in range(3))
         calls[0] = lambda: tokenmix.neighborhood_attention(q, k, v, kernel)
     else:
+        import bench_block_sparse as bb
+
         sizes = bb.QUICK_SIZES if args.quick else bb.FULL_SIZES
         layouts = {}
         for bs in args.block_sizes:
@@ -140,9 +141,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30, help="rounds (default 30)")
     ap.add_argument("--calls", type=int, default=3, help="calls per build and round (default 3)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="the scaled-down sizes (T=1024)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the scaled-down sizes (block-sparse T=1024; bench_na.py's --quick cases)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.case in NA_CASES:
+        args.block_sizes = "0"  # one row, labelled 0 internally; --block-sizes does not apply
     try:
         args.block_sizes = [int(x) for x in args.block_sizes.split(",")]
     except ValueError:
@@ -156,7 +163,7 @@ def main() -> None:
     ):
         if value < 1:
             sys.exit(f"error: {flag} must be at least 1, got {value}")
-    if any(bs < 1 for bs in args.block_sizes):
+    if args.case not in NA_CASES and any(bs < 1 for bs in args.block_sizes):
         sys.exit(f"error: --block-sizes: every size must be at least 1, got {args.block_sizes}")
     if args.worker:
         return worker(args)
@@ -171,8 +178,6 @@ def main() -> None:
         ["--quick"] if args.quick else []
     )
     workers = {"old": Worker("--old", args.old, argv), "new": Worker("--new", args.new, argv)}
-    if args.case in NA_CASES:
-        args.block_sizes = [0]
     ratios: dict[int, list[float]] = {bs: [] for bs in args.block_sizes}
     best: dict[tuple[str, int], float] = {}
     try:

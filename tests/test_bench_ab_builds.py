@@ -138,3 +138,17 @@ def test_neighborhood_case_times_its_own_build(tmp_path):
     old_ms, new_ms, ratio = (float(x) for x in rows[0][1:4])
     # The new copy sleeps 200 ms in every call; the quick 32x32 case takes about a millisecond.
     assert new_ms >= 200 and old_ms < new_ms and ratio > 1, out
+
+
+def test_neighborhood_cases_are_bench_na_cases(tmp_path):
+    sys.path.insert(0, str(bench_script("ab_builds").parent))
+    try:
+        import ab_builds
+        import bench_na
+    finally:
+        sys.path.pop(0)
+    assert sorted(ab_builds.NA_CASES) == sorted(f"na-{name}" for name in bench_na.CASES)
+    # --block-sizes does not apply to them: the next error is about --old.
+    proc = run("--old", str(tmp_path), "--new", str(INSTALLED.parent), "--case",
+               "na-2d-64x64-k7", "--block-sizes", "0")  # fmt: skip
+    assert proc.returncode != 0 and "--old:" in proc.stderr and "--block-sizes" not in proc.stderr
