@@ -130,19 +130,24 @@ def test_blocked_aligned_tiles_compute_only_useful_pairs(shape, kernel, tile):
     assert tokenmix.plan(shape, kernel, stride=kernel).computed_pairs == p.useful_pairs
 
 
-def test_key_chunk_rounding_of_the_2d_k7_problem():
+def test_key_groups_of_the_2d_k7_problem():
     # 64x64, kernel 7: 8x8 query tiles see 14x14 = 196-key boxes, which the CUDA fp16/bf16
-    # kernels take as four 64-key chunks (256 keys); interior tiles are most of the 64 tiles.
+    # kernels take as four 64-key chunks; in a chunk that not every query keeps, each warp (16
+    # queries: 2x8) computes only the 16-key groups one of its queries keeps. Whole chunks
+    # would make 21.9% of the computed pairs useful (917,504 per head); the groups, 41.8%.
     p = tokenmix.plan((64, 64), 7)
     assert p.tile_shape == (8, 8) and p.key_chunk == 64
     assert round(100 * p.tile_efficiency, 1) == 27.9
-    assert round(100 * p.chunk_efficiency, 1) == 21.9
-    assert "in 64-key chunks:" in p.summary() and "efficiency 21.9%" in p.summary()
+    assert round(100 * p.useful_pairs / 917_504, 1) == 21.9
+    assert p.chunked_pairs == 479_744 and round(100 * p.chunk_efficiency, 1) == 41.8
+    assert "in 64-key chunks:" in p.summary() and "efficiency 41.8%" in p.summary()
+    # fewer than the tiles' whole key boxes: the groups drop keys no query of the warp sees
+    assert p.useful_pairs < p.chunked_pairs < p.computed_pairs
+    # key_chunk = 1 (or any size that is not a multiple of 16): whole boxes, rounded up
     exact = tokenmix.plan((64, 64), 7, key_chunk=1)
     assert exact.chunked_pairs == exact.computed_pairs == p.computed_pairs
-    # float32's 32-key chunks round less
-    assert p.computed_pairs < tokenmix.plan((64, 64), 7, key_chunk=32).chunked_pairs
-    assert tokenmix.plan((64, 64), 7, key_chunk=32).chunked_pairs < p.chunked_pairs
+    # float32's 32-key chunks: the same groups here (no chunk is full in either)
+    assert tokenmix.plan((64, 64), 7, key_chunk=32).chunked_pairs == p.chunked_pairs
 
 
 def test_blocked_misaligned_tile_computes_more():
@@ -154,6 +159,76 @@ def test_blocked_misaligned_tile_computes_more():
 # --------------------------------------------------------------------------------------
 # Geometry and counts against brute force
 # --------------------------------------------------------------------------------------
+
+
+# The CUDA kernels' warps own 16 rows of a query tile; they skip 16-key groups.
+WARP_ROWS = GROUP_KEYS = 16
+
+
+def _segmented_order(kb, ke, il, ih) -> list[tuple[int, ...]]:
+    """The keys of box ``[kb, ke)`` in the CUDA kernels' order: the inner box ``[il, ih)``
+    first, then the slabs below and above it in dimension 0, then in dimension 1 within
+    the inner range of dimension 0, and so on; row-major within each part."""
+    rank = len(kb)
+    parts = [list(zip(il, ih, strict=True))]
+    for own in range(rank):
+        for below in (True, False):
+            part = []
+            for t in range(rank):
+                if t < own:
+                    part.append((il[t], ih[t]))
+                elif t > own:
+                    part.append((kb[t], ke[t]))
+                else:
+                    part.append((kb[t], il[t]) if below else (ih[t], ke[t]))
+            parts.append(part)
+    return [c for part in parts for c in itertools.product(*(range(a, b) for a, b in part))]
+
+
+def _brute_chunked_pairs(problem: dict, tile_shape, tiles, mask: torch.Tensor, chunk: int) -> int:
+    """The pairs the CUDA kernels compute, from the mask. With chunks of a multiple of 16
+    keys: each tile's key box in the kernels' order (the keys every query of the tile keeps
+    first) cut into chunks; a chunk of only such keys is computed whole by every warp of 16
+    rows; in the other chunks a warp computes the 16-key groups that one of its queries
+    keeps. Other chunk sizes: the tile's rows times its box rounded up to whole chunks."""
+    shape, dil = problem["input_shape"], problem["dilation"]
+    rows = math.prod(tile_shape)
+
+    def token(group, coords) -> int:
+        index = 0
+        for t, n in enumerate(shape):
+            index = index * n + group[t] + coords[t] * dil[t]
+        return index
+
+    total = 0
+    for group, first, count, kb, ke in tiles:
+        box = list(itertools.product(*(range(b, e) for b, e in zip(kb, ke, strict=True))))
+        if chunk % GROUP_KEYS:
+            total += rows * -(-len(box) // chunk) * chunk
+            continue
+        queries = [
+            token(group, [f + i for f, i in zip(first, idx, strict=True)])
+            for idx in itertools.product(*(range(c) for c in count))
+        ]
+        seen = mask[queries][:, [token(group, k) for k in box]]
+        everyone = [k for k, keep in zip(box, seen.all(0).tolist(), strict=True) if keep]
+        if everyone:
+            il = tuple(min(k[t] for k in everyone) for t in range(len(kb)))
+            ih = tuple(max(k[t] for k in everyone) + 1 for t in range(len(kb)))
+            assert math.prod(h - lo for lo, h in zip(il, ih, strict=True)) == len(everyone)
+        else:
+            il = ih = tuple(kb)
+        order = [token(group, k) for k in _segmented_order(kb, ke, il, ih)]
+        assert sorted(order) == sorted(token(group, k) for k in box)
+        full_keys = len(everyone) // chunk * chunk
+        padded = -(-len(order) // chunk) * chunk
+        for w in range(0, rows, WARP_ROWS):
+            warp_queries = queries[w : w + WARP_ROWS]
+            for k0 in range(0, padded, GROUP_KEYS):
+                keys = order[k0 : k0 + GROUP_KEYS]
+                if k0 < full_keys or (warp_queries and keys and mask[warp_queries][:, keys].any()):
+                    total += WARP_ROWS * GROUP_KEYS
+    return total
 
 
 def _check_against_brute_force(problem: dict, p: NeighborhoodPlan) -> None:
@@ -191,14 +266,8 @@ def _check_against_brute_force(problem: dict, p: NeighborhoodPlan) -> None:
     )
     assert p.computed_pairs == computed
     assert p.computed_pairs >= p.useful_pairs
-    # Chunked: the key box linearized and rounded up to whole chunks, tile by tile.
-    chunked = sum(
-        math.prod(p.tile_shape)
-        * -(-math.prod(e - b for b, e in zip(kb, ke, strict=True)) // p.key_chunk)
-        * p.key_chunk
-        for _, _, _, kb, ke in got
-    )
-    assert p.chunked_pairs == chunked >= p.computed_pairs
+    chunked = _brute_chunked_pairs(problem, p.tile_shape, got, mask, p.key_chunk)
+    assert p.chunked_pairs == chunked >= p.useful_pairs
     assert p.chunk_efficiency == p.useful_pairs / chunked
     assert p.flop_bound == tokens * tokens / int(mask.sum())
     assert p.tile_efficiency == p.useful_pairs / computed
@@ -371,8 +440,9 @@ def test_op_checks_direct_calls():
     op = torch.ops.tokenmix.na_plan
     tile, counts, tiles = op([16], [4], [1], [1], [0], [], 64, 64, False)
     assert tile.tolist() == [64] and tiles.shape == (0, 5, 1)
-    # the 16-key box is one 64-key chunk
-    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256, 64 * 64]
+    # the 16-key box is one 64-key chunk, of which the first warp (the 16 queries; the other
+    # three hold padding rows only) computes the one group of keys that exist
+    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256, 16 * 16]
     for bad in (
         ([16], [17], [1], [1], [0], [], 64, 64, False),  # window larger than the input
         ([16], [4], [5], [1], [0], [], 64, 64, False),  # stride > kernel

@@ -23,6 +23,7 @@
 #include "fill_nan.h"
 #include "mma_gemm_op.h"
 #include "tokenmix/cuda/fft_entry.h"
+#include "tokenmix/simt/simt.h"
 
 namespace {
 
@@ -205,6 +206,11 @@ int64_t fft_conv_cuda_size(int64_t length, int64_t taps, bool causal) {
   return tokenmix::fft_conv_cuda_size(length, taps, causal);
 }
 
+// Warp-level mma instructions the emulator has run so far in this process.
+int64_t mma_count() {
+  return int64_t(tokenmix::simt::emu::mma_instructions());
+}
+
 // The in-block transform length of the other FFT-mixing kernels for a line of n points, 0 when
 // they refuse it (the rule tokenmix.fft_mix.args.cuda_line_size must match).
 int64_t fft_line_cuda_size(int64_t n) {
@@ -298,11 +304,13 @@ STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def(tokenmix::fft_op::kSpectralGateForwardSchema);
   m.def(tokenmix::fft_op::kSpectralGateBackwardSchema);
   m.def("fft_line_cuda_size(int n) -> int");
+  m.def("mma_count() -> int");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CompositeExplicitAutograd, m) {
   m.impl("fft_conv_cuda_size", TORCH_BOX(&fft_conv_cuda_size));
   m.impl("fft_line_cuda_size", TORCH_BOX(&fft_line_cuda_size));
+  m.impl("mma_count", TORCH_BOX(&mma_count));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {

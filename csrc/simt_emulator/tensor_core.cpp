@@ -1,5 +1,7 @@
 // SIMT emulator: mma.sync (m16n8k16 f16/bf16, m16n8k8 tf32) and ldmatrix as warp collectives,
 // through the fragment tables of tokenmix/simt/layouts.h (the PTX ISA's layouts).
+#include <atomic>
+
 #include "internal.h"
 
 namespace tokenmix::simt::emu {
@@ -91,12 +93,19 @@ void ldmatrix(warp_state&, uint32_t wi, collective& c) {
   }
 }
 
+std::atomic<uint64_t> mma_done{0};
+
 }  // namespace
 
+uint64_t mma_instructions() {
+  return mma_done.load(std::memory_order_relaxed);
+}
+
 void complete_tensor_op(warp_state& ws, uint32_t wi, collective& c) {
-  if (c.kind == coll_kind::mma)
+  if (c.kind == coll_kind::mma) {
     mma(c, mma_type(c.mode));
-  else
+    mma_done.fetch_add(1, std::memory_order_relaxed);
+  } else
     ldmatrix(ws, wi, c);
 }
 

@@ -116,17 +116,19 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
         }
       }
 
+      const bool full = tile.full(p, c);
+      const ChunkMask cm = chunk_mask<KC>(
+          rs.valid, full, [&](int ri, int j) { return tile.keep(p, rs, ri, keys, c, j); });
       float s[KC][4], dp_[KC][4];
       zero_acc(s);
       zero_acc(dp_);
-      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq);
-      const uint32_t kept = mask_scores(
-          s, rs.valid, p.scale_log2, tile.full(p, c), tile.biased(p, c),
-          [&](int ri, int j) { return tile.keep(p, rs, ri, keys, c, j); },
-          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
+      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq, cm.groups);
+      const uint32_t kept =
+          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
       cp_async_wait_group<0>();  // V of chunk c
       sync_threads();
-      gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv);
+      gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv, cm.groups);
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
         TM_UNROLL
@@ -145,7 +147,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
       if (k_bad)
         gemm_pn_exact<E>(dq, s, kept, sk + col0, L.ldq);
       else
-        gemm_pn<E>(dq, s, sk + col0, L.ldq, stage);
+        gemm_pn<E>(dq, s, sk + col0, L.ldq, stage, cm.groups);
       sync_threads();  // every warp is done with K, V and the metadata of chunk c
       if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, L.ldq, dp);
       cp_async_commit_group();
@@ -264,17 +266,20 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       }
 
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x kCols queries.
+      // kept: the policy's mask (columns without a query are dropped; a full step has none);
+      // live: kept, and the query has a key left (its LSE, the logit's reference, is > -inf: a
+      // row whose logits are all -inf gets P = 0 rather than exp2(-inf - -inf) = NaN). The warp
+      // skips the 16-query groups that none of its keys is kept by.
+      const ChunkMask cm = chunk_mask<KC>(ks.valid, st.full, [&](int ri, int j) {
+        return colvalid[j] != 0 && tile.keep(p, ks, ri, cols, st, j);
+      });
       float s[KC][4], dpt[KC][4];
       zero_acc(s);
       zero_acc(dpt);
-      gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq);
-      // kept: the policy's mask (columns without a query are dropped; a full step has none);
-      // live: kept, and the query has a key left (its LSE, the logit's reference, is > -inf: a
-      // row whose logits are all -inf gets P = 0 rather than exp2(-inf - -inf) = NaN).
-      const uint32_t kept = mask_scores(
-          s, ks.valid, p.scale_log2, st.full, tile.biased(p, st),
-          [&](int ri, int j) { return colvalid[j] != 0 && tile.keep(p, ks, ri, cols, st, j); },
-          [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); });
+      gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq, cm.groups);
+      const uint32_t kept =
+          mask_scores(s, ks.valid, p.scale_log2, st.full, tile.biased(p, st), cm.kept,
+                      [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); });
       uint32_t live = 0;
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
@@ -292,7 +297,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
                        copied_nonfinite<E>(sgo, L.ldv, kCols, dvp, col0, col0 + kChunk));
       sync_threads();
       const bool g_bad = exact && block_any_result(votes + kWarps);
-      gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv);
+      gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv, cm.groups);
       float ds[KC][4];
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
@@ -305,11 +310,11 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       if (g_bad)
         gemm_pn_exact<E>(dv, s, kept, sgo + col0, L.ldv);
       else
-        gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage);
+        gemm_pn<E>(dv, s, sgo + col0, L.ldv, stage, cm.groups);
       if (q_bad)
         gemm_pn_exact<E>(dk, ds, kept, sq + col0, L.ldq);
       else
-        gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage);
+        gemm_pn<E>(dk, ds, sq + col0, L.ldq, stage, cm.groups);
       sync_threads();  // every warp is done with Q, dO and the metadata of step st
       st = tile.next(p, st);
       if (st.valid) load_queries(st);

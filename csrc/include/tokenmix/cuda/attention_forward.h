@@ -1,6 +1,7 @@
 // The forward kernel body of the CUDA attention engine: one block per (batch, head, query tile,
-// value chunk); S = Q K^T over the key chunks the policy lists, masking (partial chunks only),
-// online softmax in log2 units, O += P V; writes O and the LSE. See attention_engine.h for the
+// value chunk); S = Q K^T over the key chunks the policy lists (a warp skips the 16-key groups of a
+// partial chunk that none of its rows keeps), masking (partial chunks only), online softmax in
+// log2 units, O += P V; writes O and the LSE. See attention_engine.h for the
 // policy contract.
 #pragma once
 
@@ -69,13 +70,15 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
       cp_async_commit_group();
       if (c == 0) rs = tile.read_rows(p, rows, warp * 16 + (lane >> 2));
 
+      const bool full = tile.full(p, c);
+      const ChunkMask cm = chunk_mask<KC>(
+          rs.valid, full, [&](int ri, int j) { return tile.keep(p, rs, ri, keys, c, j); });
       float s[KC][4];
       zero_acc(s);
-      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp);
-      const uint32_t kept = mask_scores(
-          s, rs.valid, p.scale_log2, tile.full(p, c), tile.biased(p, c),
-          [&](int ri, int j) { return tile.keep(p, rs, ri, keys, c, j); },
-          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
+      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp, cm.groups);
+      const uint32_t kept =
+          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
       cp_async_wait_group<0>();  // V of chunk c
       if (exact) block_any_vote(votes, copied_nonfinite<E>(sv, L.ldv, kKeys, kVChunk, 0, kVChunk));
       sync_threads();  // every warp is done with K and the metadata of chunk c
@@ -87,7 +90,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
       if (v_bad)
         gemm_pn_exact<E>(o, s, kept, sv, L.ldv);
       else
-        gemm_pn<E>(o, s, sv, L.ldv, stage);
+        gemm_pn<E>(o, s, sv, L.ldv, stage, cm.groups);
     }
     cp_async_wait_group<0>();  // a tile without any chunk still has its Q copy in flight
     if (exact) break;

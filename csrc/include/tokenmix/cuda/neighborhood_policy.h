@@ -18,99 +18,17 @@
 #include "tokenmix/cuda/online_softmax.h"
 #include "tokenmix/cuda/warp_gemm.h"
 #include "tokenmix/neighborhood_schedule.h"
+#include "tokenmix/segmented_box.h"
 
 namespace tokenmix::cuda {
 
 namespace na_detail {
 
-// Coordinates of element `index` of a box with extents e (last dimension fastest).
-TM_DEVICE void unravel(int index, const int* e, int* c) {
-  c[2] = index % e[2];
-  index /= e[2];
-  c[1] = index % e[1];
-  c[0] = index / e[1];
-}
-
-// A box [b, e) with an inner box [il, ih) (empty: il = ih = b in every dimension), enumerated
-// inner box first, then the six slabs around it (below and above it in dimension 0, then in 1
-// within its dimension-0 range, then in 2). The chunks of the inner box's keys are full chunks
-// (every query of the tile keeps them) even where the box has more than one dimension, which a
-// plain row-major order of the box would mix with the keys around them.
-struct SegmentedBox {
-  int b[3], e[3], il[3], ih[3];
-
-  TM_DEVICE void init(const int* begin, const int* end, const int* inner_lo, const int* inner_hi) {
-    bool empty = false;
-    TM_UNROLL
-    for (int t = 0; t < 3; ++t) {
-      b[t] = begin[t];
-      e[t] = end[t];
-      il[t] = inner_lo[t] > begin[t] ? inner_lo[t] : begin[t];
-      ih[t] = inner_hi[t] < end[t] ? inner_hi[t] : end[t];
-      empty = empty || il[t] >= ih[t];
-    }
-    if (empty) {
-      TM_UNROLL
-      for (int t = 0; t < 3; ++t) il[t] = ih[t] = b[t];
-    }
-  }
-  TM_DEVICE int volume() const { return (e[0] - b[0]) * (e[1] - b[1]) * (e[2] - b[2]); }
-  TM_DEVICE int inner() const { return (ih[0] - il[0]) * (ih[1] - il[1]) * (ih[2] - il[2]); }
-
-  // The segments in order: per dimension [lo, hi).
-  TM_DEVICE void segment(int s, int* lo, int* hi) const {
-    TM_UNROLL
-    for (int t = 0; t < 3; ++t) {
-      // dimensions before the slab's own keep the inner range, those after it the whole box
-      const int own = s == 0 ? 3 : (s - 1) / 2;
-      lo[t] = t < own ? il[t] : b[t];
-      hi[t] = t < own ? ih[t] : e[t];
-      if (t == own) {
-        lo[t] = (s & 1) ? b[t] : ih[t];
-        hi[t] = (s & 1) ? il[t] : e[t];
-      }
-    }
-  }
-  // Coordinates c of element `index` (< volume()).
-  TM_DEVICE void coords(int index, int* c) const {
-    TM_UNROLL
-    for (int s = 0; s < 7; ++s) {
-      int lo[3], hi[3];
-      segment(s, lo, hi);
-      const int ext[3] = {hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]};
-      const int vol = ext[0] * ext[1] * ext[2];
-      if (index < vol || s == 6) {
-        unravel(index, ext, c);
-        TM_UNROLL
-        for (int t = 0; t < 3; ++t) c[t] += lo[t];
-        return;
-      }
-      index -= vol;
-    }
-  }
-  // The index of coordinates c (inside the box).
-  TM_DEVICE int index_of(const int* c) const {
-    int base = 0;
-    TM_UNROLL
-    for (int s = 0; s < 7; ++s) {
-      int lo[3], hi[3];
-      segment(s, lo, hi);
-      const int ext[3] = {hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]};
-      bool in = true;
-      TM_UNROLL
-      for (int t = 0; t < 3; ++t) in = in && c[t] >= lo[t] && c[t] < hi[t];
-      if (in) return base + ((c[0] - lo[0]) * ext[1] + c[1] - lo[1]) * ext[2] + c[2] - lo[2];
-      base += ext[0] * ext[1] * ext[2];
-    }
-    return -1;
-  }
-};
-
 // The one row -> coordinates -> offset path: element `index` of the box of group coordinates
 // [first, first + ext) of tile geometry g, as group coordinates c and real coordinates x.
 TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const int* first, const int* ext,
                          int index, int* c, int* x) {
-  unravel(index, ext, c);
+  unravel_box(index, ext, c);
   TM_UNROLL
   for (int t = 0; t < 3; ++t) {
     c[t] += first[t];
@@ -170,7 +88,7 @@ struct NeighborhoodPolicy {
     const int b = int(row / (int64_t(p.heads) * p.tokens));
     const int e[3] = {p.sched.dims[0].length, p.sched.dims[1].length, p.sched.dims[2].length};
     int x[3];
-    na_detail::unravel(token, e, x);
+    unravel_box(token, e, x);
     return na_detail::token_offset(na_detail::strides(p, op), b, x, h);
   }
 
@@ -197,7 +115,7 @@ struct NeighborhoodPolicy {
     int nrows;            // queries in the tile (the rest of the kTileRows rows are padding)
     int spatial, chunks;  // key chunks of the box, all chunks (then the additional tokens)
     int inner;            // keys every query of the tile keeps (the key box's inner box)
-    na_detail::SegmentedBox box;  // the key box, its inner box first
+    SegmentedBox box;     // the key box, its inner box first
 
     // False past the end of a shorter dilation group (the whole block returns).
     TM_DEVICE bool init(const NaParams& p) {
@@ -208,15 +126,7 @@ struct NeighborhoodPolicy {
       hk = h / (p.heads / p.kv_heads);
       if (!p.sched.decode(tile, &g)) return false;
       nrows = g.count[0] * g.count[1] * g.count[2];
-      // Window starts and ends are monotone in the query: the keys every query of the tile sees
-      // run from the last query's start to the first query's end.
-      int lo_last[3], hi_first[3];
-      for (int t = 0; t < 3; ++t) {
-        int lo, hi;
-        p.sched.window(g, t, g.first[t] + g.count[t] - 1, &lo_last[t], &hi);
-        p.sched.window(g, t, g.first[t], &lo, &hi_first[t]);
-      }
-      box.init(g.key_begin, g.key_end, lo_last, hi_first);
+      tile_key_box(p.sched, g, &box);
       inner = box.inner();
       spatial = (box.volume() + kKeys - 1) / kKeys;
       chunks = spatial + (p.num_extra + kKeys - 1) / kKeys;
@@ -243,7 +153,7 @@ struct NeighborhoodPolicy {
       const int r = int(linear_thread_idx());
       if (r >= kTileRows) return;
       int i[3] = {0, 0, 0};
-      if (r < nrows) na_detail::unravel(r, g.count, i);
+      if (r < nrows) unravel_box(r, g.count, i);
       for (int t = 0; t < 3; ++t) {
         const int qc = g.first[t] + i[t];
         int lo = 0, hi = 0;  // padding rows see nothing
@@ -394,11 +304,11 @@ struct NeighborhoodPolicy {
       const int offsets = oext[0] * oext[1] * oext[2];
       for (int e = tid; e < offsets; e += kThreads) {
         int o[3];
-        na_detail::unravel(e, oext, o);
+        unravel_box(e, oext, o);
         float acc = 0.0f;
         for (int r = 0; r < nrows; ++r) {
           int i[3], key[3];
-          na_detail::unravel(r, g.count, i);
+          unravel_box(r, g.count, i);
           bool in = true;
           for (int t = 0; t < 3; ++t) {
             key[t] = g.first[t] + i[t] + olo[t] + o[t] - (p.sched.dims[t].kernel - 1);
@@ -442,7 +352,7 @@ struct NeighborhoodPolicy {
     int nkeys;
     // Queries that see the tile (group coords), inner box first. Set by init; the steps read it
     // back from shared memory (box_smem), which keeps 12 registers free across the step loop.
-    na_detail::SegmentedBox qbox;
+    SegmentedBox qbox;
     mutable shared_ptr<int> box_smem;
     int nq, inner, qchunks, steps;
 
@@ -509,7 +419,7 @@ struct NeighborhoodPolicy {
       }
       if (r >= kTileRows) return;
       int i[3] = {0, 0, 0};
-      if (r < nkeys && !extra) na_detail::unravel(r, g.count, i);
+      if (r < nkeys && !extra) unravel_box(r, g.count, i);
       for (int t = 0; t < 3; ++t) rows[t * kTileRows + r] = g.first[t] + i[t];
     }
     TM_DEVICE KeyState read_keys(const NaParams&, shared_ptr<int> rows, int row0) const {
@@ -566,10 +476,10 @@ struct NeighborhoodPolicy {
       if (index >= nq) return false;
       if (extra) {
         const int e[3] = {p.sched.dims[0].length, p.sched.dims[1].length, p.sched.dims[2].length};
-        na_detail::unravel(index, e, x);
+        unravel_box(index, e, x);
         return true;
       }
-      na_detail::SegmentedBox box;
+      SegmentedBox box;
       TM_UNROLL
       for (int t = 0; t < 3; ++t) {
         box.b[t] = box_smem[t];

@@ -1,6 +1,7 @@
 // Masking and the online softmax of the CUDA attention engine, on accumulator fragments (a thread
 // holds rows lane / 4 and lane / 4 + 8 of its warp's 16, columns 2 (lane % 4) + {0, 1} of every
-// 8-column tile). The element rule and the bias come from the policy; full chunks skip the rule.
+// 8-column tile). The element rule and the bias come from the policy; full chunks skip the rule,
+// and the warp's products skip the key groups of a partial chunk that none of its rows keeps.
 #pragma once
 
 #include <cstdint>
@@ -33,42 +34,90 @@ TM_DEVICE int frag_col(int n, int i, int lane) {
   return n * 8 + 2 * (lane & 3) + (i & 1);
 }
 
-// Scores -> logits in log2 units (scaled, biased, masked with -inf); returns the mask: bit 4n + i
-// set when s[n][i] is kept. keep(ri, j) / bias(ri, j) are the policy's rule for the lane's row ri
-// and column j; a row is dropped when `valid[ri]` is false. kFull: the chunk keeps every element
-// of the valid rows, so the rule is not evaluated at all.
-template <bool kFull, bool kBias, int KC, class Keep, class Bias>
-TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
-                               Keep&& keep, Bias&& bias) {
+// Bit 4n + i of a chunk's element mask covers accumulator entry (n, i) of every lane; the 8 bits
+// of fragments 2g and 2g + 1 are columns 16g..16g+15, the chunk's key group g.
+
+// The element mask of a partial chunk, evaluated before its scores are computed: bit 4n + i set
+// when the lane's entry (n, i) is kept. keep(ri, j) is the policy's rule for the lane's row ri and
+// column j; a row is dropped when `valid[ri]` is false.
+template <int KC, class Keep>
+TM_DEVICE uint32_t keep_mask(const bool (&valid)[2], Keep&& keep) {
   const int lane = int(lane_id());
   uint32_t kept = 0;
   TM_UNROLL
   for (int n = 0; n < KC; ++n) {
     TM_UNROLL
     for (int i = 0; i < 4; ++i) {
-      const int ri = i >> 1, j = frag_col(n, i, lane);
-      bool k = valid[ri];
-      if constexpr (!kFull) k = k && keep(ri, j);
-      float b = 0.0f;
-      if constexpr (kBias) {
-        if (k) b = bias(ri, j);
-      }
-      s[n][i] = k ? s[n][i] * scale_log2 + b : kNegInf;
-      kept |= k ? 1u << (4 * n + i) : 0u;
+      const int ri = i >> 1;
+      kept |= valid[ri] && keep(ri, frag_col(n, i, lane)) ? 1u << (4 * n + i) : 0u;
     }
   }
   return kept;
 }
 
-// The four instantiations of mask_scores behind the chunk's two run-time flags.
-template <int KC, class Keep, class Bias>
+// The key groups of the chunk that some row of the warp keeps (bit g: columns 16g..16g+15), the
+// same in every lane. The warp's products skip the other groups: all their entries are masked, so
+// their logits are -inf and their P and dS exactly 0 whatever the skipped product would hold.
+template <int KC>
+TM_DEVICE uint32_t kept_groups(uint32_t kept) {
+  static_assert(KC % 2 == 0, "key groups are pairs of 8-column fragments");
+  uint32_t groups = 0;
+  TM_UNROLL
+  for (int g = 0; g < KC / 2; ++g)
+    groups |= any_sync(0xffffffffu, ((kept >> (8 * g)) & 0xffu) != 0) ? 1u << g : 0u;
+  return groups;
+}
+
+// Scores -> logits in log2 units (scaled, biased, masked with -inf); returns the mask: bit 4n + i
+// set when s[n][i] is kept. kFull: the chunk keeps every element of the rows whose `valid[ri]` is
+// set; otherwise `kept` is the chunk's keep_mask. bias(ri, j) is the policy's bias for the lane's
+// row ri and column j.
+template <bool kFull, bool kBias, int KC, class Bias>
 TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
-                               bool full, bool biased, Keep&& keep, Bias&& bias) {
+                               uint32_t kept, Bias&& bias) {
+  const int lane = int(lane_id());
+  uint32_t out = 0;
+  TM_UNROLL
+  for (int n = 0; n < KC; ++n) {
+    TM_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int ri = i >> 1, j = frag_col(n, i, lane);
+      const bool k = kFull ? valid[ri] : ((kept >> (4 * n + i)) & 1u) != 0;
+      float b = 0.0f;
+      if constexpr (kBias) {
+        if (k) b = bias(ri, j);
+      }
+      s[n][i] = k ? s[n][i] * scale_log2 + b : kNegInf;
+      out |= k ? 1u << (4 * n + i) : 0u;
+    }
+  }
+  return out;
+}
+
+// The four instantiations of mask_scores behind the chunk's two run-time flags.
+template <int KC, class Bias>
+TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
+                               bool full, bool biased, uint32_t kept, Bias&& bias) {
   if (full)
-    return biased ? mask_scores<true, true>(s, valid, scale_log2, keep, bias)
-                  : mask_scores<true, false>(s, valid, scale_log2, keep, bias);
-  return biased ? mask_scores<false, true>(s, valid, scale_log2, keep, bias)
-                : mask_scores<false, false>(s, valid, scale_log2, keep, bias);
+    return biased ? mask_scores<true, true>(s, valid, scale_log2, kept, bias)
+                  : mask_scores<true, false>(s, valid, scale_log2, kept, bias);
+  return biased ? mask_scores<false, true>(s, valid, scale_log2, kept, bias)
+                : mask_scores<false, false>(s, valid, scale_log2, kept, bias);
+}
+
+// A chunk's element mask and key groups: every group of a full chunk; a partial chunk's from the
+// policy's rule (see keep_mask and kept_groups).
+struct ChunkMask {
+  uint32_t kept = 0, groups = kAllGroups;
+};
+template <int KC, class Keep>
+TM_DEVICE ChunkMask chunk_mask(const bool (&valid)[2], bool full, Keep&& keep) {
+  ChunkMask m;
+  if (!full) {
+    m.kept = keep_mask<KC>(valid, keep);
+    m.groups = kept_groups<KC>(m.kept);
+  }
+  return m;
 }
 
 // One chunk of the online softmax for the two rows of a thread: s holds logits (log2 units) and

@@ -10,6 +10,10 @@
 //            that hold a non-finite value (a masked P entry is 0, and 0 * inf is NaN).
 // fp16/bf16 use tensor cores (ldmatrix + mma.sync, fp32 accumulation); fp32 uses FMAs with the
 // same fragment ownership, staging P through a per-warp shared buffer.
+//
+// gemm_nt and gemm_pn take the chunk's key groups (bit g: columns 16g..16g+15 of the scores, the
+// k range 16g..16g+15 of gemm_pn; the same in every lane) and skip the others: those columns of
+// the scores are left as they were, and gemm_pn adds nothing for them.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +23,13 @@
 namespace tokenmix::cuda {
 
 using namespace ::tokenmix::simt;
+
+// Every key group of a chunk (see gemm_nt).
+constexpr uint32_t kAllGroups = 0xffffffffu;
+
+TM_DEVICE bool has_group(uint32_t groups, int g) {
+  return ((groups >> g) & 1u) != 0;
+}
 
 // fp16 and bf16: 16-bit storage, tensor cores. F16 and BF16 are distinct types (not aliases) so
 // that kernel names in ptxas reports and profiles say which one they are.
@@ -89,9 +100,10 @@ TM_HOST_DEVICE int stage_floats(int cols) {
   return E::kTensorCore ? 0 : 16 * (cols + 1);
 }
 
-template <class E, int N>
-TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
-                       shared_ptr<typename E::T> b, int ldb, int k) {
+// kSkip: test `groups` (else every group is computed and the loops carry no test).
+template <class E, bool kSkip, int N>
+TM_DEVICE void gemm_nt_groups(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
+                              shared_ptr<typename E::T> b, int ldb, int k, uint32_t groups) {
   const int lane = int(lane_id());
   if constexpr (E::kTensorCore) {
     static_assert(N % 2 == 0, "tensor-core gemm_nt takes pairs of 8-column tiles");
@@ -100,6 +112,7 @@ TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
       ldmatrix_x4(af, a + (lane & 15) * lda + ks + (lane >> 4) * 8);
       TM_UNROLL
       for (int n = 0; n < N; n += 2) {
+        if (kSkip && !has_group(groups, n >> 1)) continue;
         uint32_t r[4];
         ldmatrix_x4(
             r, b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks + ((lane >> 3) & 1) * 8);
@@ -114,6 +127,7 @@ TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
       const float a0 = a[g * lda + kk], a1 = a[(g + 8) * lda + kk];
       TM_UNROLL
       for (int n = 0; n < N; ++n) {
+        if (kSkip && !has_group(groups, n >> 1)) continue;
         const float b0 = b[(n * 8 + c2) * ldb + kk], b1 = b[(n * 8 + c2 + 1) * ldb + kk];
         acc[n][0] += a0 * b0;
         acc[n][1] += a0 * b1;
@@ -124,14 +138,16 @@ TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
   }
 }
 
-template <class E, int KC, int N>
-TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<typename E::T> b,
-                       int ldb, shared_ptr<float> stage) {
+template <class E, bool kSkip, int KC, int N>
+TM_DEVICE void gemm_pn_groups(float (&acc)[N][4], const float (&p)[KC][4],
+                              shared_ptr<typename E::T> b, int ldb, shared_ptr<float> stage,
+                              uint32_t groups) {
   const int lane = int(lane_id());
   if constexpr (E::kTensorCore) {
     static_assert(N % 2 == 0 && KC % 2 == 0, "tensor-core gemm_pn takes pairs of tiles");
     TM_UNROLL
     for (int kk = 0; kk < KC / 2; ++kk) {
+      if (kSkip && !has_group(groups, kk)) continue;
       // The accumulator fragments of columns 16kk..16kk+15 are the A fragment of k-step kk.
       const uint32_t af[4] = {
           E::pack(p[2 * kk][0], p[2 * kk][1]), E::pack(p[2 * kk][2], p[2 * kk][3]),
@@ -157,6 +173,7 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
     }
     sync_warp();
     for (int j = 0; j < KC * 8; ++j) {
+      if (kSkip && !has_group(groups, j >> 4)) continue;
       const float p0 = stage[g * lds + j], p1 = stage[(g + 8) * lds + j];
       TM_UNROLL
       for (int n = 0; n < N; ++n) {
@@ -169,6 +186,25 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
     }
     sync_warp();  // the next gemm_pn overwrites the stage
   }
+}
+
+// The products as the engine calls them: a chunk with every key group (every full chunk) runs the
+// loops without the group tests, which would otherwise cost its main path issue slots.
+template <class E, int N>
+TM_DEVICE void gemm_nt(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
+                       shared_ptr<typename E::T> b, int ldb, int k, uint32_t groups = kAllGroups) {
+  if (groups == kAllGroups)
+    gemm_nt_groups<E, false>(acc, a, lda, b, ldb, k, groups);
+  else
+    gemm_nt_groups<E, true>(acc, a, lda, b, ldb, k, groups);
+}
+template <class E, int KC, int N>
+TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<typename E::T> b,
+                       int ldb, shared_ptr<float> stage, uint32_t groups = kAllGroups) {
+  if (groups == kAllGroups)
+    gemm_pn_groups<E, false>(acc, p, b, ldb, stage, groups);
+  else
+    gemm_pn_groups<E, true>(acc, p, b, ldb, stage, groups);
 }
 
 // acc[n] += P[16 x 8*KC] * B[0..8*KC, 8n..8n+7] over the entries whose bit is set in `keep`

@@ -67,6 +67,9 @@ void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const floa
                       const char* file, int line);
 void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, uint32_t row_region,
               const char* file, int line);
+// Warp-level mma instructions completed so far, over every launch of the process (tests compare
+// it with the work a kernel should do).
+uint64_t mma_instructions();
 void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32_t src_region,
               int src_bytes, const char* file, int line);
 void cp_async_commit_group();
