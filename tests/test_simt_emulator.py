@@ -47,6 +47,8 @@ POSITIVE = [
     "cp_async",
     "gemm_f16",
     "gemm_bf16",
+    "wgmma_f16",
+    "wgmma_bf16",
 ]
 
 NS = "tokenmix::simt_selftest::emulated::"  # the emulator build of the kernel sources
@@ -241,6 +243,22 @@ BUGS = {
             ("bug_packed_params", "packed_params_kernel"),  # made in kernel code from raw pointers
         ]
     },
+    "bug_wgmma_no_fence": (
+        "wgmma without fence",
+        [f"kernel '{NS}wgmma_gemm_kernel<false, 64, false, false>'", "selftest_wgmma.cu:"],
+    ),
+    "bug_wgmma_no_wait": (
+        "wgmma in flight at exit",
+        ["4 wgmma ops of its warp are in flight", "a wgmma_wait_group must cover them"],
+    ),
+    "bug_wgmma_overwrite": (
+        "wgmma operand changed in flight",
+        ["its shared-memory operand was overwritten while the op was in flight", "waited for at"],
+    ),
+    "bug_wgmma_accumulator": (
+        "wgmma operand changed in flight",
+        ["lane 0's accumulator registers changed while the op was in flight"],
+    ),
     "bug_shared_views": (
         "out-of-bounds shared write",
         [
@@ -495,6 +513,45 @@ def test_layouts_match_cute(emulator_tables):
     assert len(tf32) == 32 * 6
 
 
+WGMMA_CHECKS = ["wgmma_d_n16", "wgmma_d_n64", "wgmma_d_n128", "wgmma_a"] + [
+    f"smem_{major}_{swizzle}_{rows}"
+    for major in ("k", "mn")
+    for swizzle, rows in (("none", 64), ("sw32", 64), ("sw64", 64), ("sw128", 64), ("sw128", 128))
+]
+
+
+def test_wgmma_layouts_match_cute():
+    """layouts.h's wgmma fragments and shared-memory descriptor decoding (the emulator's and the
+    kernels') give CuTe's element addresses for every canonical layout CuTe builds."""
+    cute = _cute_include_dir()
+    if cute is None:
+        pytest.skip("CuTe headers not installed (pip install --no-deps nvidia-cutlass)")
+    cuda = _cuda_include_dirs()
+    if not cuda:
+        pytest.skip("CuTe's headers need the CUDA toolkit headers (cuda_runtime_api.h, cuda/std)")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    exe = BUILD / "cute_wgmma_layouts"
+    sources = [SRC / "cute_wgmma_layouts.cpp", INCLUDE / "tokenmix" / "simt" / "layouts.h"]
+    if not exe.exists() or exe.stat().st_mtime < max(f.stat().st_mtime for f in sources):
+        cxx = os.environ.get("CXX") or shutil.which("g++") or "c++"
+        flags = [f"-I{cute}", f"-I{INCLUDE}"] + [f"-I{d}" for d in cuda]
+        build = subprocess.run(
+            [cxx, "-std=c++17", "-O0", "-w", *flags, str(sources[0]), "-o", str(exe)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert build.returncode == 0, build.stderr[-4000:]
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    results = {}
+    for line in out.stderr.splitlines():
+        name, _, checked, _, bad = line.split()
+        results[name] = (int(checked), int(bad))
+    assert sorted(results) == sorted(WGMMA_CHECKS), out.stderr
+    assert all(checked >= 1024 and bad == 0 for checked, bad in results.values()), out.stderr
+    assert out.returncode == 0, out.stderr
+
+
 # ---- the same source under nvcc ----------------------------------------------------------------
 
 
@@ -575,3 +632,40 @@ def test_nvcc_emits_the_instructions(nvcc_reports):
         "bar.sync",
     ]:
         assert instruction in ptx.stdout, instruction
+
+
+def test_wgmma_calls_become_hgmma_on_sm90a():
+    """The wgmma self-test GEMM compiled for sm_90a: every width and dtype becomes HGMMA, with no
+    spills (the emulator runs the same source: test_kernel_passes[wgmma_*])."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    from tokenmix import _sass
+
+    BUILD.mkdir(parents=True, exist_ok=True)
+    cubin = BUILD / "selftest_wgmma_sm_90a.cubin"
+    build = subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-arch=sm_90a",
+            "-cubin",
+            str(SRC / "selftest_wgmma.cu"),
+            f"-I{INCLUDE}",
+            "-Xptxas",
+            "-v",
+            "-o",
+            str(cubin),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", build.stderr)
+    assert spills and all(n == "0" for n in spills), build.stderr[-4000:]
+    kernels = {k.name: k for k in _sass.sass_report(str(cubin))}
+    ops = {ins.op.split()[0] for k in kernels.values() for ins in k.instructions}
+    for n in (16, 32, 64, 128):
+        assert f"HGMMA.64x{n}x16.F32" in ops, sorted(o for o in ops if "GMMA" in o)
+        assert f"HGMMA.64x{n}x16.F32.BF16" in ops, sorted(o for o in ops if "GMMA" in o)

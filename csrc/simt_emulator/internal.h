@@ -26,7 +26,17 @@ constexpr uint32_t kSharedCapacity = kMaxSharedBytes + 64 * kRedzone + 256;
 constexpr uint16_t kManyWarps = 0xffff;
 
 enum class status : uint8_t { runnable, barrier, collective, exited };
-enum class coll_kind : uint8_t { sync_warp, shuffle, vote, mma, ldmatrix };
+enum class coll_kind : uint8_t {
+  sync_warp,
+  shuffle,
+  vote,
+  mma,
+  ldmatrix,
+  wgmma,
+  wgmma_fence,
+  wgmma_commit,
+  wgmma_wait
+};
 // The operand type of an mma collective (its mode): m16n8k16 f16 / bf16, or m16n8k8 tf32.
 enum mma_type : uint8_t { mma_f16 = 0, mma_bf16 = 1, mma_tf32 = 2 };
 
@@ -69,12 +79,28 @@ struct collective {
   lane_args lane[kWarpSize];
 };
 
+// A warp's share of an issued wgmma, executed at the wgmma_wait_group that covers its group.
+struct wgmma_op {
+  wgmma_operands op;  // op.a unused: a_regs
+  uint32_t group;
+  const char* file;
+  int line;
+  std::vector<uint16_t> a, b;  // the warp's 16 rows of A and B's N rows, 16 k each, at issue
+  float* d[kWarpSize];         // each lane's accumulators
+  std::vector<float> d_issue;  // ... and their values at issue (lane-major, N / 2 each)
+  const uint32_t* a_regs[kWarpSize] = {};  // A registers (null: A in shared memory)
+  uint32_t a_issue[kWarpSize][4];
+};
+
 struct warp_state {
   uint32_t existing;  // lanes that exist (a block's last warp can be partial)
   uint32_t exited;
   uint32_t sync_gen;                         // sync_warp generations completed
   uint32_t pair_sync[kWarpSize][kWarpSize];  // generation of the last sync_warp two lanes shared
   std::vector<collective> pending;
+  std::vector<wgmma_op> wgmma_ops;  // issued, not yet waited for (issue order)
+  uint32_t wgmma_open_group = 0;    // the group new wgmma ops join
+  bool wgmma_fenced = false;        // a wgmma_fence ran since the start or the last wait
 };
 
 // Accesses of one kind to one byte in the current barrier interval: lanes of one warp (or of
@@ -207,5 +233,7 @@ void on_exit_cp_async(thread_state& t);
 void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_args& args,
                        const char* file, int line);
 void complete_tensor_op(warp_state& warp, uint32_t warp_index, collective& c);
+// wgmma, wgmma_fence, wgmma_commit and wgmma_wait collectives (wgmma.cpp).
+void complete_wgmma(warp_state& warp, uint32_t warp_index, collective& c);
 
 }  // namespace tokenmix::simt::emu

@@ -130,6 +130,12 @@ std::string collective_name(coll_kind k, uint8_t mode) {
                                 : "mma_m16n8k16_f16f32";
     case coll_kind::ldmatrix:
       return "ldmatrix_x" + std::to_string(mode & 7) + ((mode & 8) ? "_trans" : "");
+    case coll_kind::wgmma:
+      return std::string((mode & 2) ? "wgmma_rs" : "wgmma_ss") + "<" +
+             std::to_string(16 * (mode >> 4)) + ((mode & 1) ? ", bf16" : ", f16") + ">";
+    case coll_kind::wgmma_fence: return "wgmma_fence";
+    case coll_kind::wgmma_commit: return "wgmma_commit_group";
+    case coll_kind::wgmma_wait: return "wgmma_wait_group<" + std::to_string(mode) + ">";
   }
   return "?";
 }
@@ -194,6 +200,14 @@ void thread_exit(worker& w, thread_state& t) {
                hex(c.mask) + ") was reached by lanes " + lanes(c.arrived) + " of warp " +
                std::to_string(wi) + ", but lane " + std::to_string(t.tid % kWarpSize) +
                " exits without reaching it: the waiting lanes can never complete it");
+  }
+  if (!ws.wgmma_ops.empty()) {
+    const wgmma_op& r = ws.wgmma_ops.front();
+    fail("wgmma in flight at exit",
+         "lane " + std::to_string(t.tid % kWarpSize) + " of warp " + std::to_string(wi) +
+             " exits while " + std::to_string(ws.wgmma_ops.size()) +
+             " wgmma ops of its warp are in flight (first issued at " + site(r.file, r.line) +
+             "): a wgmma_wait_group must cover them (and their group must be committed)");
   }
   if (w.at_barrier > 0) {
     const thread_state* waiter = nullptr;
@@ -340,6 +354,9 @@ void worker::run_block(uint64_t linear) {
     if (ws.sync_gen) std::memset(ws.pair_sync, 0, sizeof ws.pair_sync);
     ws.sync_gen = 0;
     ws.pending.clear();
+    ws.wgmma_ops.clear();
+    ws.wgmma_open_group = 0;
+    ws.wgmma_fenced = false;
   }
   epoch = 1;
   live = n;
@@ -538,7 +555,8 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
     fail("invalid warp collective", name() + " at " + site(file, line) + ": the calling lane " +
                                         std::to_string(lane) + " is not in the member mask " +
                                         hex(mask));
-  if ((kind == coll_kind::mma || kind == coll_kind::ldmatrix) && ws.existing != ~0u)
+  if (kind != coll_kind::sync_warp && kind != coll_kind::shuffle && kind != coll_kind::vote &&
+      ws.existing != ~0u)
     fail("incomplete warp collective", name() + " at " + site(file, line) +
                                            " needs all 32 lanes, but this warp has only lanes " +
                                            lanes(ws.existing));
@@ -615,6 +633,10 @@ void collective_arrive(coll_kind kind, uint8_t mode, uint32_t mask, const lane_a
     }
     case coll_kind::mma:
     case coll_kind::ldmatrix: complete_tensor_op(ws, wi, *c); break;
+    case coll_kind::wgmma:
+    case coll_kind::wgmma_fence:
+    case coll_kind::wgmma_commit:
+    case coll_kind::wgmma_wait: complete_wgmma(ws, wi, *c); break;
   }
   for (uint32_t l = 0; l < kWarpSize; ++l) {
     if (!(need >> l & 1u) || l == lane) continue;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "selftest_kernels.h"
+#include "selftest_wgmma.h"
 #include "tokenmix/simt/simt.h"
 
 namespace {
@@ -597,6 +598,64 @@ std::string test_gemm(bool bf16) {
   return buf;
 }
 
+// C = A B through the wgmma self-test GEMM; returns the worst error as a share of the tolerance.
+double run_wgmma_gemm(const st::wgmma_gemm_config& cfg, int m, int k, uint32_t seed) {
+  const int n = cfg.n;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<uint16_t> a(size_t(m) * k), b(size_t(k) * n);
+  for (auto& x : a) x = to_bits(dist(rng), cfg.bf16);
+  for (auto& x : b) x = to_bits(dist(rng), cfg.bf16);
+  std::vector<float> c(size_t(m) * n, NAN);
+  st::launch_wgmma_gemm(cfg, a.data(), b.data(), c.data(), m, k);
+  double worst = 0;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double want = 0, mag = 0;
+      for (int p = 0; p < k; ++p) {
+        const uint16_t bv = cfg.b_mn_major ? b[size_t(p) * n + j] : b[size_t(j) * k + p];
+        const double x = from_bits(a[size_t(i) * k + p], cfg.bf16) * from_bits(bv, cfg.bf16);
+        want += x;
+        mag += std::fabs(x);
+      }
+      const double got = c[size_t(i) * n + j];
+      const double err = std::fabs(got - want), tol = 1e-5 * mag + 1e-6;  // f32 accumulation
+      worst = std::max(worst, err / tol);
+      if (!(err <= tol))
+        failf("n=%d swizzle=%d a_regs=%d b_mn_major=%d: C[%d][%d] = %.9g, expected %.9g", n,
+              cfg.swizzle, int(cfg.a_in_registers), int(cfg.b_mn_major), i, j, got, want);
+    }
+  return worst;
+}
+
+// Every width, swizzle mode, A source and B major-ness.
+std::string test_wgmma(bool bf16) {
+  const auto t0 = std::chrono::steady_clock::now();
+  double worst = 0;
+  int configs = 0;
+  uint32_t seed = bf16 ? 41 : 31;
+  for (int n : {16, 32, 64, 128})
+    for (int swizzle = 0; swizzle < 4; ++swizzle)
+      for (bool a_regs : {false, true})
+        for (bool b_mn : {false, true}) {
+          st::wgmma_gemm_config cfg;
+          cfg.bf16 = bf16;
+          cfg.n = n;
+          cfg.swizzle = swizzle;
+          cfg.a_in_registers = a_regs;
+          cfg.b_mn_major = b_mn;
+          worst = std::max(worst, run_wgmma_gemm(cfg, 128, 128, seed++));
+          ++configs;
+        }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  char buf[160];
+  std::snprintf(buf, sizeof buf,
+                "M=128 K=128, %d configurations (N, swizzle, A source, B major): worst error %.3f "
+                "of tolerance, %.2f s",
+                configs, worst, secs);
+  return buf;
+}
+
 // ---- planted bugs ------------------------------------------------------------------------------
 
 struct bug_test {
@@ -639,6 +698,11 @@ void bug_warp_race() {
 void bug_cp_async_early() {
   std::vector<uint32_t> in(4 * 32, 5), out(32);
   st::launch_bug_cp_async_early(in.data(), out.data());
+}
+void bug_wgmma(st::wgmma_bug bug) {
+  st::wgmma_gemm_config cfg;
+  cfg.bug = bug;
+  run_wgmma_gemm(cfg, 64, 128, 7);
 }
 void bug_shared_oob() {
   auto out = floats(32);
@@ -724,6 +788,8 @@ const std::vector<positive_test>& positives() {
       {"cp_async", test_cp_async},
       {"gemm_f16", [] { return test_gemm(false); }},
       {"gemm_bf16", [] { return test_gemm(true); }},
+      {"wgmma_f16", [] { return test_wgmma(false); }},
+      {"wgmma_bf16", [] { return test_wgmma(true); }},
   };
   return v;
 }
@@ -754,6 +820,13 @@ const std::vector<std::pair<const char*, bug_test>>& bugs() {
       {"bug_packed_host_ptrs", {{"out-of-bounds global read"}, [] { bug_packed_views(1); }}},
       {"bug_packed_params", {{"out-of-bounds global read"}, [] { bug_packed_views(2); }}},
       {"bug_shared_views", {{"out-of-bounds shared write"}, bug_shared_views}},
+      {"bug_wgmma_no_fence", {{"wgmma without fence"}, [] { bug_wgmma(st::wgmma_bug::no_fence); }}},
+      {"bug_wgmma_no_wait",
+       {{"wgmma in flight at exit"}, [] { bug_wgmma(st::wgmma_bug::no_wait); }}},
+      {"bug_wgmma_overwrite",
+       {{"wgmma operand changed in flight"}, [] { bug_wgmma(st::wgmma_bug::overwrite_a); }}},
+      {"bug_wgmma_accumulator",
+       {{"wgmma operand changed in flight"}, [] { bug_wgmma(st::wgmma_bug::touch_accumulator); }}},
   };
   return v;
 }

@@ -8,7 +8,9 @@
 #include <cstdint>
 #include <utility>
 
+#include "tokenmix/simt/layouts.h"
 #include "tokenmix/simt/types.h"
+#include "tokenmix/simt/wgmma_device.h"
 
 // Static shared memory: `TM_SHARED(float, tile, 256);` declares `tile` (indexable like an array).
 #define TM_SHARED(T, name, count) __shared__ T name[count]
@@ -230,6 +232,118 @@ TM_DEVICE void cp_async_commit_group() {
 template <int N>
 TM_DEVICE void cp_async_wait_group() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ---- wgmma: warpgroup tensor-core products, asynchronous (sm_90a; elsewhere the calls trap).
+// A warpgroup's four warps issue the same calls. wgmma_fence before the first wgmma of a batch (and
+// after touching its registers), wgmma_commit_group after it, and wgmma_wait_group<N> before using
+// its accumulators or changing its operands: it waits until at most N groups are in flight and
+// keeps the compiler from moving accesses of the named accumulators above the wait.
+// The address of p in the block's shared window (swizzled wgmma tiles are placed by it).
+template <class T>
+TM_DEVICE uint32_t shared_window_address(const T* p) {
+  return shared_address(p);
+}
+template <class T>
+TM_DEVICE uint64_t wgmma_descriptor(const T* start, uint32_t leading_bytes, uint32_t stride_bytes,
+                                    layout::wgmma_swizzle swizzle) {
+  return layout::wgmma_descriptor(shared_address(start), leading_bytes, stride_bytes, swizzle);
+}
+TM_DEVICE void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+TM_DEVICE void wgmma_commit_group() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+namespace detail {
+template <class A>
+TM_DEVICE void fence_registers(A& acc) {
+  float* r = reinterpret_cast<float*>(&acc);
+  TM_UNROLL
+  for (int i = 0; i < int(sizeof(A) / sizeof(float)); ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+}  // namespace detail
+template <int N, class... Acc>
+TM_DEVICE void wgmma_wait_group(Acc&... acc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+  (detail::fence_registers(acc), ...);
+#else
+  __trap();
+#endif
+}
+// D (64 x N) += A (64 x 16) B (16 x N), or = without `accumulate`; A and B in shared memory
+// (descriptors), kTransA / kTransB: the operand is MN-major (else K-major).
+template <int N, bool kBF16, bool kTransA, bool kTransB>
+TM_DEVICE void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, bool accumulate) {
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma widths: 16, 32, 64, 128");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int ta = kTransA ? 1 : 0, tb = kTransB ? 1 : 0;
+  const int acc = accumulate ? 1 : 0;
+  if constexpr (N == 16) {
+    if constexpr (kBF16)
+      detail::wgmma_ss_n16_bf16<ta, tb>(d, a, b, acc);
+    else
+      detail::wgmma_ss_n16_f16<ta, tb>(d, a, b, acc);
+  } else if constexpr (N == 32) {
+    if constexpr (kBF16)
+      detail::wgmma_ss_n32_bf16<ta, tb>(d, a, b, acc);
+    else
+      detail::wgmma_ss_n32_f16<ta, tb>(d, a, b, acc);
+  } else if constexpr (N == 64) {
+    if constexpr (kBF16)
+      detail::wgmma_ss_n64_bf16<ta, tb>(d, a, b, acc);
+    else
+      detail::wgmma_ss_n64_f16<ta, tb>(d, a, b, acc);
+  } else {
+    if constexpr (kBF16)
+      detail::wgmma_ss_n128_bf16<ta, tb>(d, a, b, acc);
+    else
+      detail::wgmma_ss_n128_f16<ta, tb>(d, a, b, acc);
+  }
+#else
+  __trap();
+#endif
+}
+// The same with A in registers: the warp's m16n8k16 A fragment of rows 16 * (warp % 4)...
+template <int N, bool kBF16, bool kTransB>
+TM_DEVICE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma widths: 16, 32, 64, 128");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int tb = kTransB ? 1 : 0;
+  const int acc = accumulate ? 1 : 0;
+  if constexpr (N == 16) {
+    if constexpr (kBF16)
+      detail::wgmma_rs_n16_bf16<tb>(d, a, b, acc);
+    else
+      detail::wgmma_rs_n16_f16<tb>(d, a, b, acc);
+  } else if constexpr (N == 32) {
+    if constexpr (kBF16)
+      detail::wgmma_rs_n32_bf16<tb>(d, a, b, acc);
+    else
+      detail::wgmma_rs_n32_f16<tb>(d, a, b, acc);
+  } else if constexpr (N == 64) {
+    if constexpr (kBF16)
+      detail::wgmma_rs_n64_bf16<tb>(d, a, b, acc);
+    else
+      detail::wgmma_rs_n64_f16<tb>(d, a, b, acc);
+  } else {
+    if constexpr (kBF16)
+      detail::wgmma_rs_n128_bf16<tb>(d, a, b, acc);
+    else
+      detail::wgmma_rs_n128_f16<tb>(d, a, b, acc);
+  }
+#else
+  __trap();
+#endif
 }
 
 // ---- fast math

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "tokenmix/simt/layouts.h"
 #include "tokenmix/simt/types.h"
 
 namespace tokenmix::simt {
@@ -70,6 +71,23 @@ void ldmatrix(int count, bool trans, uint32_t* regs, const void* row, uint32_t r
 // Warp-level mma instructions completed so far, over every launch of the process (tests compare
 // it with the work a kernel should do).
 uint64_t mma_instructions();
+// wgmma (see layouts.h and the wrappers below). `in` is a wgmma_operands; d the lane's
+// accumulator registers.
+struct wgmma_operands {
+  uint64_t desc_a, desc_b;
+  const uint32_t* a;  // A registers (4), or null: A in shared memory (desc_a)
+  bool bf16, trans_a, trans_b, accumulate;
+  int n;
+};
+void wgmma(const wgmma_operands& op, float* d, const char* file, int line);
+void wgmma_fence(const char* file, int line);
+void wgmma_commit_group(const char* file, int line);
+void wgmma_wait_group(int n, const char* file, int line);
+// Warp shares of wgmma instructions executed so far (four per warpgroup instruction), over every
+// launch of the process.
+uint64_t wgmma_instructions();
+// The address of `p` in the block's shared window (what cvta.to.shared gives on the GPU).
+uint32_t shared_window_address(const void* p, const char* file, int line);
 void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32_t src_region,
               int src_bytes, const char* file, int line);
 void cp_async_commit_group();
@@ -384,6 +402,54 @@ TM_SIMT_LDMATRIX(x1_trans, 1, true)
 TM_SIMT_LDMATRIX(x2_trans, 2, true)
 TM_SIMT_LDMATRIX(x4_trans, 4, true)
 #undef TM_SIMT_LDMATRIX
+
+// ---- wgmma (warpgroup collectives; emulated per warp, see csrc/simt_emulator/wgmma.cpp) --------
+
+template <class T>
+uint32_t shared_window_address(shared_ptr<T> p, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+  return emu::shared_window_address(p.raw(), file, line);
+}
+template <class T>
+uint64_t wgmma_descriptor(shared_ptr<T> start, uint32_t leading_bytes, uint32_t stride_bytes,
+                          layout::wgmma_swizzle swizzle, const char* file = __builtin_FILE(),
+                          int line = __builtin_LINE()) {
+  return layout::wgmma_descriptor(emu::shared_window_address(start.raw(), file, line),
+                                  leading_bytes, stride_bytes, swizzle);
+}
+inline void wgmma_fence(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  emu::wgmma_fence(file, line);
+}
+inline void wgmma_commit_group(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  emu::wgmma_commit_group(file, line);
+}
+// The accumulators named on the GPU side (kept below the wait there) need nothing here: the
+// emulator writes every in-flight accumulator at the wait.
+template <int N>
+void wgmma_wait_group(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  static_assert(N >= 0, "wait_group takes a non-negative count");
+  emu::wgmma_wait_group(N, file, line);
+}
+template <int N, class A>
+void wgmma_wait_group(A&, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  wgmma_wait_group<N>(file, line);
+}
+template <int N, class A, class B>
+void wgmma_wait_group(A&, B&, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  wgmma_wait_group<N>(file, line);
+}
+template <int N, bool kBF16, bool kTransA, bool kTransB>
+void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, bool accumulate,
+              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma widths: 16, 32, 64, 128");
+  emu::wgmma({a, b, nullptr, kBF16, kTransA, kTransB, accumulate, N}, d, file, line);
+}
+template <int N, bool kBF16, bool kTransB>
+void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, bool accumulate,
+              const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  static_assert(N == 16 || N == 32 || N == 64 || N == 128, "wgmma widths: 16, 32, 64, 128");
+  emu::wgmma({0, b, a, kBF16, false, kTransB, accumulate, N}, d, file, line);
+}
 
 // ---- cp.async ----------------------------------------------------------------------------------
 
