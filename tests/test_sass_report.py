@@ -79,6 +79,20 @@ def test_tf32_mma_counts_at_half_the_fp16_rate():
     assert fma("HMMA.1688.F32.TF32 R0, R4, R8, R0 ;") == 2 * 16 * 8 * 8
 
 
+def test_hgmma_counts_a_quarter_of_the_warpgroup_work_per_warp():
+    def ins(text):
+        return _sass.Instruction(0, text, "")
+
+    ss = ins("HGMMA.64x64x16.F32 R24, gdesc[UR4], R24, gsb0")
+    rs = ins("HGMMA.64x128x16.F32.BF16 R56, R24, gdesc[UR4].tnspB, R56")
+    assert _sass._tensor_fma(ss) == 64 * 64 * 16 // 4
+    assert _sass._tensor_fma(rs) == 64 * 128 * 16 // 4
+    # shared operands, read once per warpgroup: A (64 rows) and B (N rows) of 32 bytes, or B
+    # alone when A comes from registers; a quarter per warp
+    assert _sass._wavefronts(ss) == (64 + 64) * 32 / 128 / 4
+    assert _sass._wavefronts(rs) == 128 * 32 / 128 / 4
+
+
 def test_listing_unknown_trip_count_counts_once():
     dq = _sass.analyze(_sass.parse_sass(LISTING)[1])
     # the inner loop (0x20 .. 0x50) runs to a register bound: counted once

@@ -211,6 +211,11 @@ int64_t mma_count() {
   return int64_t(tokenmix::simt::emu::mma_instructions());
 }
 
+// Warp shares of wgmma instructions (four per warpgroup instruction) run so far in this process.
+int64_t wgmma_count() {
+  return int64_t(tokenmix::simt::emu::wgmma_instructions());
+}
+
 // The in-block transform length of the other FFT-mixing kernels for a line of n points, 0 when
 // they refuse it (the rule tokenmix.fft_mix.args.cuda_line_size must match).
 int64_t fft_line_cuda_size(int64_t n) {
@@ -305,12 +310,14 @@ STABLE_TORCH_LIBRARY(tokenmix_emulated, m) {
   m.def(tokenmix::fft_op::kSpectralGateBackwardSchema);
   m.def("fft_line_cuda_size(int n) -> int");
   m.def("mma_count() -> int");
+  m.def("wgmma_count() -> int");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CompositeExplicitAutograd, m) {
   m.impl("fft_conv_cuda_size", TORCH_BOX(&fft_conv_cuda_size));
   m.impl("fft_line_cuda_size", TORCH_BOX(&fft_line_cuda_size));
   m.impl("mma_count", TORCH_BOX(&mma_count));
+  m.impl("wgmma_count", TORCH_BOX(&wgmma_count));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(tokenmix_emulated, CPU, m) {

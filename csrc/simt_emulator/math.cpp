@@ -4,6 +4,8 @@
 // error the PTX ISA documents for it (PTX ISA 9.1, sections 9.7.3.16 rsqrt, 9.7.3.20 lg2,
 // 9.7.3.21 ex2):
 //   exp2f_approx  ex2.approx.f32    at most 2 ulp from the correctly rounded result
+//   exp2f_ftz     ex2.approx.ftz.f32  the same, with subnormal inputs read as 0 and subnormal
+//                                   results flushed to +0
 //   expf_approx   mul.f32 by log2(e) (0x3fb8aa3b), then ex2.approx.f32
 //   log2f_approx  lg2.approx.f32    absolute error at most 2^-22 for x in (0.5, 2), relative error
 //                                   at most 2^-22 for other positive finite x
@@ -51,6 +53,11 @@ float ex2(uint64_t seed, float x) {
   return y;
 }
 
+// .ftz: a subnormal input is a zero of its sign, a subnormal result +0.
+float flush(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+}
+
 float lg2(uint64_t seed, float x) {
   const double exact = std::log2(double(x));
   if (!(x > 0.0f) || !std::isfinite(x)) return float(exact);  // -inf, NaN, +inf
@@ -71,6 +78,7 @@ float approx_math(math_fn f, float x) {
   if (!L || L->math != math_mode::approx) {
     switch (f) {
       case math_fn::ex2: return std::exp2(x);
+      case math_fn::ex2_ftz: return flush(std::exp2(flush(x)));
       case math_fn::exp: return std::exp(x);
       case math_fn::lg2: return std::log2(x);
       case math_fn::rsqrt: return 1.0f / std::sqrt(x);
@@ -79,6 +87,7 @@ float approx_math(math_fn f, float x) {
   const uint64_t seed = L->math_seed;
   switch (f) {
     case math_fn::ex2: return ex2(seed, x);
+    case math_fn::ex2_ftz: return flush(ex2(seed, flush(x)));
     case math_fn::exp: return ex2(seed, x * 0x1.715476p+0f);  // __expf: x * log2(e), as nvcc emits
     case math_fn::lg2: return lg2(seed, x);
     case math_fn::rsqrt: return rsqrt_approx(seed, x);

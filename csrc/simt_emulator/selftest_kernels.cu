@@ -152,11 +152,12 @@ TM_GLOBAL void math_kernel(global_ptr<const float> in, global_ptr<float> out, in
   const int i = int(block_idx().x * block_dim().x + thread_idx().x);
   if (i >= n) return;
   const float x = in[i];
-  out[5 * i] = exp2f_approx(x);
-  out[5 * i + 1] = expf_approx(x);
-  out[5 * i + 2] = log2f_approx(x);
-  out[5 * i + 3] = rcp(x);
-  out[5 * i + 4] = rsqrt(x);
+  out[6 * i] = exp2f_approx(x);
+  out[6 * i + 1] = expf_approx(x);
+  out[6 * i + 2] = log2f_approx(x);
+  out[6 * i + 3] = rcp(x);
+  out[6 * i + 4] = rsqrt(x);
+  out[6 * i + 5] = exp2f_ftz(x);
 }
 
 // ---- tensor cores ------------------------------------------------------------------------------
@@ -537,7 +538,7 @@ void launch_registered(const float* in, float* out, int n) {
 
 void launch_math(const float* in, float* out, int n) {
   launch(math_kernel, dim3u(uint32_t((n + 63) / 64)), dim3u(64), 0, buffer(in, size_t(n), "in"),
-         buffer(out, 5 * size_t(n), "out"), n);
+         buffer(out, 6 * size_t(n), "out"), n);
 }
 
 void launch_reduce(const float* in, int n, float* out, int blocks) {

@@ -29,7 +29,7 @@ constexpr int kGemmTile = 64;
 void launch_shuffles(int* out_i, float* out_f, unsigned* out_u);
 // out: kVoteResults x 64.
 void launch_votes(uint32_t* out);
-// 5 results (exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt) per input.
+// 6 results (exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt, exp2f_ftz) per input.
 void launch_math(const float* in, float* out, int n);
 void launch_reduce(const float* in, int n, float* out, int blocks);
 // per_block: 3 ints per block.

@@ -128,18 +128,20 @@ std::string test_registered() {
 
 std::string test_math() {
   const int n = 100;
-  std::vector<float> in(n), out(5 * n, NAN);
+  std::vector<float> in(n), out(6 * n, NAN);
   for (int i = 0; i < n; ++i) in[i] = 0.05f + 0.37f * float(i);
   st::launch_math(in.data(), out.data(), n);
   for (int i = 0; i < n; ++i) {
     const double x = in[i];
-    const double want[5] = {std::exp2(x), std::exp(x), std::log2(x), 1 / x, 1 / std::sqrt(x)};
-    for (int k = 0; k < 5; ++k)
-      if (!(std::fabs(out[5 * i + k] - want[k]) <= 2e-6 * std::fabs(want[k]) + 1e-30))
-        failf("math function %d at x=%g: %.9g, expected %.9g", k, x, double(out[5 * i + k]),
+    const double want[6] = {std::exp2(x), std::exp(x),      std::log2(x),
+                            1 / x,        1 / std::sqrt(x), std::exp2(x)};
+    for (int k = 0; k < 6; ++k)
+      if (!(std::fabs(out[6 * i + k] - want[k]) <= 2e-6 * std::fabs(want[k]) + 1e-30))
+        failf("math function %d at x=%g: %.9g, expected %.9g", k, x, double(out[6 * i + k]),
               want[k]);
   }
-  return "exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt (host: the std functions)";
+  return "exp2f_approx, expf_approx, log2f_approx, rcp, rsqrt, exp2f_ftz (host: the std "
+         "functions)";
 }
 
 // Sets an environment variable for the scope (the emulator reads its settings at each launch).
@@ -194,7 +196,7 @@ std::string test_math_approx() {
   }
   auto run = [&](const char* mode, const char* seed) {
     const scoped_env m("TOKENMIX_SIMT_MATH", mode), sd("TOKENMIX_SIMT_MATH_SEED", seed);
-    std::vector<float> out(5 * size_t(n), NAN);
+    std::vector<float> out(6 * size_t(n), NAN);
     st::launch_math(in.data(), out.data(), n);
     return out;
   };
@@ -204,11 +206,27 @@ std::string test_math_approx() {
   double widest[4] = {0, 0, 0, 0};  // largest error seen, as a fraction of the bound
   for (int i = 0; i < n; ++i) {
     const float x = in[i];
-    const float* got = &approx[5 * size_t(i)];
-    for (int k = 0; k < 5; ++k) {
-      if (!same(got[k], again[5 * size_t(i) + k]))
+    const float* got = &approx[6 * size_t(i)];
+    for (int k = 0; k < 6; ++k) {
+      if (!same(got[k], again[6 * size_t(i) + k]))
         failf("function %d at x=%g: not reproducible", k, x);
-      reseeded += !same(got[k], other[5 * size_t(i) + k]);
+      reseeded += !same(got[k], other[6 * size_t(i) + k]);
+    }
+    // ex2.ftz: ex2 of the flushed input, its subnormal results flushed to +0.
+    {
+      const float xf = std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+      const float cr = float(std::exp2(double(xf)));
+      if (std::fpclassify(cr) == FP_SUBNORMAL || cr == 0.0f) {
+        if (!same(got[5], 0.0f)) failf("ex2.ftz at x=%g: %g, expected +0", x, got[5]);
+      } else if (xf == 0.0f || !std::isfinite(cr)) {
+        if (!same(got[5], cr)) failf("ex2.ftz special at x=%g: %g, expected %g", x, got[5], cr);
+      } else if (ulps_apart(got[5], cr) > 2) {
+        failf("ex2.ftz at x=%g: %lld ulp from %.9g", x, ulps_apart(got[5], cr), double(cr));
+      }
+      const float exact_ftz = exact[6 * size_t(i) + 5];
+      const float exact_cr = std::exp2(xf);  // the exact mode's std::exp2 in float
+      const float want_ftz = std::fpclassify(exact_cr) == FP_SUBNORMAL ? 0.0f : exact_cr;
+      if (!same(exact_ftz, want_ftz)) failf("exact mode, ex2.ftz at x=%g: %g", x, exact_ftz);
     }
     // ex2 and __expf (ex2 of the f32 product x * log2(e)): at most 2 ulp from the correctly
     // rounded result; +-0, under- and overflow, infinities and NaN exact.
@@ -243,7 +261,7 @@ std::string test_math_approx() {
       failf("rcp at x=%g: %g (correctly rounded in every mode)", x, got[3]);
     const float want[5] = {std::exp2(x), std::exp(x), std::log2(x), 1.0f / x, 1.0f / std::sqrt(x)};
     for (int k = 0; k < 5; ++k)  // the default mode is exact
-      if (!same(exact[5 * size_t(i) + k], want[k])) failf("exact mode, function %d at x=%g", k, x);
+      if (!same(exact[6 * size_t(i) + k], want[k])) failf("exact mode, function %d at x=%g", k, x);
   }
   const char* names[4] = {"ex2", "exp", "lg2", "rsqrt"};
   for (int k = 0; k < 4; ++k) {

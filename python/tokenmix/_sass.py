@@ -107,7 +107,7 @@ class Kernel:
     longest_path_length: int = 0  # on the longest path with as much tensor work (masked chunks)
     counts: dict[str, int] = field(default_factory=dict)
     tensor_cycles: float = 0.0
-    smem_wavefronts: int = 0
+    smem_wavefronts: float = 0
     inner_loops: int = 0  # loops inside the main loop (bodies counted once per trip)
     unknown_trips: int = 0  # inner loops without a constant trip count (counted once)
 
@@ -207,9 +207,20 @@ def _tensor_fma(ins: Instruction) -> int:
     return 0
 
 
-def _wavefronts(ins: Instruction) -> int:
-    """128-byte shared-memory wavefronts of one warp instruction (conflict-free)."""
+def _wavefronts(ins: Instruction) -> float:
+    """128-byte shared-memory wavefronts of one warp instruction (conflict-free). A warpgroup
+    HGMMA reads its shared operands once for the four warps: B (N rows of 32 bytes per k-step,
+    whatever the type) and, when its A is a descriptor too (not registers), A's 64 rows; each
+    warp is charged a quarter."""
     op = ins.op
+    if op.startswith("HGMMA."):
+        m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op)
+        if not m:
+            return 0
+        operands = [o.strip() for o in ins.text.split(" ", 1)[1].split(",")]
+        a_shared = len(operands) > 1 and operands[1].startswith("gdesc")
+        rows = int(m.group(2)) + (int(m.group(1)) if a_shared else 0)
+        return rows * 32 / 128 / 4
     if op.startswith("LDSM."):
         matrices = op.rsplit(".", 1)[1]
         return int(matrices) if matrices in ("1", "2", "4") else 1

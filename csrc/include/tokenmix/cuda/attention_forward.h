@@ -2,7 +2,9 @@
 // value chunk); S = Q K^T over the key chunks the policy lists (a warp skips the 16-key groups of a
 // partial chunk that none of its rows keeps), masking (partial chunks only), online softmax in
 // log2 units, O += P V; writes O and the LSE. See attention_engine.h for the
-// policy contract.
+// policy contract. kWgmma: the sm_90a path (warpgroup_gemm.h: the block's four warps multiply as
+// one warpgroup, whole chunks, tiles in SwizzledRows); otherwise each warp multiplies its 16 rows
+// with mma.sync (or FMAs for fp32) from padded rows.
 #pragma once
 
 #include <cstdint>
@@ -10,13 +12,15 @@
 #include "tokenmix/cuda/online_softmax.h"
 #include "tokenmix/cuda/smem_plan.h"
 #include "tokenmix/cuda/tile_io.h"
+#include "tokenmix/cuda/warpgroup_gemm.h"
 
 namespace tokenmix::cuda {
 
 // kDim: the head dim when D == Dv == kDim (one value chunk), 0 for the general path (any D, Dv
 // multiple of 8 up to 256, value columns in chunks of 64: grid.y).
-template <class Policy, class E, int kDim>
+template <class Policy, class E, int kDim, bool kWgmma = false>
 TM_DEVICE void attention_forward(const typename Policy::Params& p) {
+  static_assert(!kWgmma || (E::kTensorCore && kDim > 0), "the wgmma path has fixed head dims");
   using T = typename E::T;
   using Tile = typename Policy::template QueryTile<E>;
   constexpr int kKeys = E::kKeys, KC = kKeys / 8;
@@ -29,16 +33,36 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
   const int nrows = tile.nrows;
   const int dp = kDim > 0 ? kDim : p.head_dim_padded;
   const QueryMajorSmem L =
-      query_major_smem<E>(dp, kVChunk, false, false, Tile::row_ints(p), Tile::key_ints(p));
-  const shared_ptr<unsigned char> smem = dynamic_shared<unsigned char>();
+      query_major_smem<E>(dp, kVChunk, false, false, Tile::row_ints(p), Tile::key_ints(p), kWgmma);
+  const shared_ptr<unsigned char> smem = plan_base<kWgmma>();
+  // Where the tiles' elements lie (tile_offset): SwizzledRows (all tiles have 64 rows), or padded.
+  const auto lq = [&] {
+    if constexpr (kWgmma)
+      return SwizzledRows{kTileRows};
+    else
+      return L.ldq;
+  }();
+  const auto lv = [&] {
+    if constexpr (kWgmma)
+      return SwizzledRows{kKeys};
+    else
+      return L.ldv;
+  }();
+  static_assert(!kWgmma || kKeys == kTileRows, "Q and K tiles share SwizzledRows{64}");
   const shared_ptr<T> sq = ptr_cast<T>(smem + L.q), sk = ptr_cast<T>(smem + L.k),
                       sv = ptr_cast<T>(smem + L.v);
+  [[maybe_unused]] const WgTiles wg = [&] {
+    if constexpr (kWgmma)
+      return wg_tiles(sq, sk, sv, kKeys);
+    else
+      return WgTiles{};
+  }();
   const shared_ptr<int> rows = ptr_cast<int>(smem + L.rows), keys = ptr_cast<int>(smem + L.keys);
   const shared_ptr<int> votes = ptr_cast<int>(smem + L.votes);
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const global_ptr<const T> q(static_cast<const T*>(p.q));
   tile.write_rows(p, rows);
-  copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
+  copy_rows(sq, lq, kTileRows, dp, q, 0, p.head_dim,
             [&](int r) { return tile.offset(p, r, Operand::kQ); });
 
   float o[NV][4], m[2], l[2];
@@ -51,7 +75,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
   // gemm_pn_exact. Finite inputs never run pass 1.
   for (int pass = 0; pass < 2; ++pass) {
     const bool exact = pass == 1;
-    if (tile.chunks > 0) tile.load_keys(p, 0, keys, sk, L.ldq, dp);
+    if (tile.chunks > 0) tile.load_keys(p, 0, keys, sk, lq, dp);
     cp_async_commit_group();  // (with the Q copy in pass 0)
     zero_acc(o);
     TM_UNROLL
@@ -66,7 +90,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
     for (int c = 0; c < tile.chunks; ++c) {
       cp_async_wait_group<0>();  // K (and metadata) of chunk c
       sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
-      tile.load_values(p, c, sv, L.ldv, kVChunk, vc0);
+      tile.load_values(p, c, sv, lv, kVChunk, vc0);
       cp_async_commit_group();
       if (c == 0) rs = tile.read_rows(p, rows, warp * 16 + (lane >> 2));
 
@@ -75,20 +99,26 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
           rs.valid, full, [&](int ri, int j) { return tile.keep(p, rs, ri, keys, c, j); });
       float s[KC][4];
       zero_acc(s);
-      gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp, cm.groups);
-      const uint32_t kept =
-          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
-                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
+      if constexpr (kWgmma)
+        wg_scores<E, kDim>(s, wg);  // whole chunks: the warpgroup has every group
+      else
+        gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp, cm.groups);
+      float scl;
+      const uint32_t kept = mask_scores(
+          s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); }, scl);
       cp_async_wait_group<0>();  // V of chunk c
-      if (exact) block_any_vote(votes, copied_nonfinite<E>(sv, L.ldv, kKeys, kVChunk, 0, kVChunk));
+      if (exact) block_any_vote(votes, copied_nonfinite<E>(sv, lv, kKeys, kVChunk, 0, kVChunk));
       sync_threads();  // every warp is done with K and the metadata of chunk c
       const bool v_bad = exact && block_any_result(votes);
-      if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, L.ldq, dp);
+      if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, lq, dp);
       cp_async_commit_group();
 
-      online_softmax_step(s, o, m, l, nan_logit, exact);
+      online_softmax_step(s, o, m, l, nan_logit, exact, scl);
       if (v_bad)
-        gemm_pn_exact<E>(o, s, kept, sv, L.ldv);
+        gemm_pn_exact<E>(o, s, kept, sv, lv);
+      else if constexpr (kWgmma)
+        wg_values<E>(o, s, wg);
       else
         gemm_pn<E>(o, s, sv, L.ldv, stage, cm.groups);
     }

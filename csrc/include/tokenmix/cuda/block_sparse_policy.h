@@ -358,8 +358,9 @@ struct BlockSparsePolicy {
     TM_DEVICE bool full(const BsParams& p, int c) const { return chunk(p, c).full; }
     TM_DEVICE bool biased(const BsParams&, int) const { return false; }
 
+    template <class Lay>
     TM_DEVICE void load_keys(const BsParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
-                             int ld, int width) const {
+                             Lay ld, int width) const {
       const BsChunk ch = chunk(p, c);
       const int64_t k0 = ch.first;
       if (!ch.full) {
@@ -374,7 +375,8 @@ struct BlockSparsePolicy {
                   return k0 + j < p.kv_len ? bs_detail::token_offset(p.k_st, b, k0 + j, hk) : -1;
                 });
     }
-    TM_DEVICE void load_values(const BsParams& p, int c, shared_ptr<T> sv, int ld, int width,
+    template <class Lay>
+    TM_DEVICE void load_values(const BsParams& p, int c, shared_ptr<T> sv, Lay ld, int width,
                                int col0) const {
       const int64_t k0 = chunk(p, c).first;
       copy_rows(sv, ld, kKeys, width, global_ptr<const T>(static_cast<const T*>(p.v)), col0,

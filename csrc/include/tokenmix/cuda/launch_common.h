@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -15,6 +16,21 @@
 namespace tokenmix::cuda {
 
 using namespace ::tokenmix::simt;
+
+// Whether the emulated kernels take the engine's sm_90a (wgmma) path: $TOKENMIX_SIMT_ARCH is
+// sm_90a (default sm_80, the mma.sync path). Only the emulator has the choice: the GPU build has
+// no sm_90a code yet, so this is a compile-time false there.
+inline bool emulate_sm90a() {
+#if defined(__CUDACC__)
+  return false;
+#else
+  const char* arch = std::getenv("TOKENMIX_SIMT_ARCH");
+  if (!arch || !*arch || std::string(arch) == "sm_80") return false;
+  if (std::string(arch) == "sm_90a") return true;
+  throw std::invalid_argument(std::string("TOKENMIX_SIMT_ARCH must be sm_80 or sm_90a, got '") +
+                              arch + "'");
+#endif
+}
 
 // The emulator checks every global access against registered buffers; under nvcc this is a no-op.
 class Registrations {

@@ -25,6 +25,11 @@ template <class E, int kDim>
 TM_GLOBAL void na_forward_kernel(NaParams p) {
   attention_forward<NeighborhoodPolicy, E, kDim>(p);
 }
+// The sm_90a (wgmma) forward; built by the emulator only for now (emulate_sm90a).
+template <class E, int kDim>
+TM_GLOBAL void na_forward_wg_kernel(NaParams p) {
+  attention_forward<NeighborhoodPolicy, E, kDim, true>(p);
+}
 template <class E>
 TM_GLOBAL void na_backward_delta_kernel(NaParams p) {
   attention_delta<NeighborhoodPolicy, E>(p);
@@ -137,15 +142,20 @@ void register_inputs(Registrations& r, const NeighborhoodProblem& p) {
   if (p.rpb) r.add(p.rpb, size_t(p.heads * p.rpb_size()) * sizeof(T), "rpb");
 }
 
-template <class E, int kDim>
+template <class E, int kDim, bool kWgmma = false>
 void forward_with(const NeighborhoodProblem& p, stream_t stream) {
   const NaParams prm = make_params<E>(p);
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
   using Tile = NeighborhoodPolicy::QueryTile<E>;
   const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false,
-                                               Tile::row_ints(prm), Tile::key_ints(prm));
-  auto kernel = na_forward_kernel<E, kDim>;
-  prepare_shared(kernel, L.bytes, checked_device(), "na_forward_kernel");
+                                               Tile::row_ints(prm), Tile::key_ints(prm), kWgmma);
+  const auto kernel = [] {
+    if constexpr (kWgmma)
+      return named(na_forward_wg_kernel<E, kDim>, "na_forward_wg_kernel");
+    else
+      return named(na_forward_kernel<E, kDim>, "na_forward_kernel");
+  }();
+  prepare_shared(kernel.fn, L.bytes, checked_device(), kernel.name);
   Registrations r;
   register_inputs<E>(r, p);
   r.add(p.out.data, view_span(p.out, p, p.heads, p.value_dim) * sizeof(typename E::T), "out");
@@ -153,9 +163,8 @@ void forward_with(const NeighborhoodProblem& p, stream_t stream) {
   r.commit();
   const dim3u grid(uint32_t(prm.batch * prm.heads * prm.tiles_per_head),
                    uint32_t((prm.value_dim + kVChunk - 1) / kVChunk));
-  launch_on(stream, named(kernel, "na_forward_kernel"), grid, dim3u(kThreads), size_t(L.bytes),
-            prm);
-  check_launch("na_forward_kernel");
+  launch_on(stream, kernel, grid, dim3u(kThreads), size_t(L.bytes), prm);
+  check_launch(kernel.name);
 }
 
 template <class E, int kDim>
@@ -241,6 +250,16 @@ void forward(const NeighborhoodProblem& p, void* stream) {
   if constexpr (!E::kTensorCore) {
     forward_with<E, 0>(p, s);
   } else {
+#if !defined(__CUDACC__)
+    if (emulate_sm90a()) {
+      switch (specialized_dim<E>(p)) {
+        case 32: return forward_with<E, 32, true>(p, s);
+        case 64: return forward_with<E, 64, true>(p, s);
+        case 128: return forward_with<E, 128, true>(p, s);
+        default: break;  // the general path has no wgmma form
+      }
+    }
+#endif
     switch (specialized_dim<E>(p)) {
       case 32: return forward_with<E, 32>(p, s);
       case 64: return forward_with<E, 64>(p, s);

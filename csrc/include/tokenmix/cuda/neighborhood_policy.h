@@ -199,8 +199,9 @@ struct NeighborhoodPolicy {
       return na_detail::token_offset(na_detail::strides(p, op), b, x, hk);
     }
     // Metadata (keys[field * kKeys + j], fields kc[3] and valid) and K rows of chunk c.
+    template <class Lay>
     TM_DEVICE void load_keys(const NaParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
-                             int ld, int width) const {
+                             Lay ld, int width) const {
       const int j = int(linear_thread_idx());
       if (j < kKeys) {
         const int index = first(c) + j;
@@ -223,7 +224,8 @@ struct NeighborhoodPolicy {
                 [&](int r) { return key_offset(p, c, r, Operand::kK); });
     }
     // Columns [col0, col0 + width) of the V rows of chunk c.
-    TM_DEVICE void load_values(const NaParams& p, int c, shared_ptr<T> sv, int ld, int width,
+    template <class Lay>
+    TM_DEVICE void load_values(const NaParams& p, int c, shared_ptr<T> sv, Lay ld, int width,
                                int col0) const {
       const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_v : p.v));
       copy_rows(sv, ld, kKeys, width, base, col0, p.value_dim, [&](int r) {

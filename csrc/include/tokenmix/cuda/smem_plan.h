@@ -11,12 +11,16 @@ namespace tokenmix::cuda {
 
 struct SmemPlan {
   int64_t bytes = 0;
-  TM_HOST_DEVICE int64_t take(int64_t n) {
-    const int64_t off = (bytes + 15) & ~int64_t(15);
+  TM_HOST_DEVICE int64_t take(int64_t n, int64_t align = 16) {
+    const int64_t off = (bytes + align - 1) / align * align;
     bytes = off + n;
     return off;
   }
 };
+
+// The sm_90a path's tiles (SwizzledRows) start on 1024-byte boundaries of the shared window; the
+// kernels move their dynamic shared memory up to the next one, so the plans reserve that much.
+constexpr int64_t kSwizzleAlign = 1024;
 
 // Query-major kernels (forward, backward_dq): a tile of kTileRows queries, chunks of E::kKeys keys.
 // rows / keys: the policy's metadata of the query rows and of the current key chunk (ints);
@@ -29,26 +33,40 @@ struct QueryMajorSmem {
 
 // vwidth: value columns held per row (the forward's value chunk; the backward's full Dv).
 // bias_stage: the dQ kernel stages dS for a deterministic bias gradient (neighborhood rpb).
+// swizzled: the sm_90a path's Q, K and V tiles (SwizzledRows: 64-column atoms, 1024-aligned;
+// ldq / ldv are then the tiles' widths, multiples of 64), else rows padded to ldq / ldv.
 template <class E>
 TM_HOST_DEVICE QueryMajorSmem query_major_smem(int dp, int vwidth, bool backward, bool bias_stage,
-                                               int row_ints, int key_ints) {
+                                               int row_ints, int key_ints, bool swizzled = false) {
   using T = typename E::T;
   QueryMajorSmem s{};
   SmemPlan plan;
-  s.ldq = padded_ld<T>(dp);
-  s.ldv = padded_ld<T>(vwidth);
-  s.q = plan.take(int64_t(kTileRows) * s.ldq * sizeof(T));
-  s.go = backward ? plan.take(int64_t(kTileRows) * s.ldv * sizeof(T)) : 0;
-  s.k = plan.take(int64_t(E::kKeys) * s.ldq * sizeof(T));
-  s.v = plan.take(int64_t(E::kKeys) * s.ldv * sizeof(T));
+  s.ldq = swizzled ? (dp + 63) / 64 * 64 : padded_ld<T>(dp);
+  s.ldv = swizzled ? (vwidth + 63) / 64 * 64 : padded_ld<T>(vwidth);
+  const int64_t align = swizzled ? kSwizzleAlign : 16;
+  s.q = plan.take(int64_t(kTileRows) * s.ldq * sizeof(T), align);
+  s.go = backward ? plan.take(int64_t(kTileRows) * s.ldv * sizeof(T), align) : 0;
+  s.k = plan.take(int64_t(E::kKeys) * s.ldq * sizeof(T), align);
+  s.v = plan.take(int64_t(E::kKeys) * s.ldv * sizeof(T), align);
   s.rows = plan.take(int64_t(row_ints) * 4);
   s.rowf = plan.take(int64_t(kTileRows) * 2 * 4);  // lse2, delta
   s.keys = plan.take(int64_t(key_ints) * 4);
   s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
   s.ds = bias_stage ? plan.take(int64_t(kTileRows) * (E::kKeys + 1) * 4) : 0;
   s.votes = plan.take(int64_t(2 * kWarps) * 4);  // block_any words: chunk tiles, end of pass
-  s.bytes = plan.bytes;
+  s.bytes = plan.bytes + (swizzled ? kSwizzleAlign : 0);
   return s;
+}
+
+// The kernel's dynamic shared memory, moved up to a kSwizzleAlign boundary of the shared window
+// on the sm_90a path.
+template <bool kSwizzled>
+TM_DEVICE shared_ptr<unsigned char> plan_base() {
+  const shared_ptr<unsigned char> smem = dynamic_shared<unsigned char>();
+  if constexpr (!kSwizzled) return smem;
+  const uint32_t at = shared_window_address(smem);
+  return smem +
+         ((uint32_t(kSwizzleAlign) - at % uint32_t(kSwizzleAlign)) % uint32_t(kSwizzleAlign));
 }
 
 // Key-major kernel (backward_dkdv): a tile of kTileRows keys, chunks of E::kKeys queries.

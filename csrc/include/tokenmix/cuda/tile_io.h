@@ -1,4 +1,4 @@
-// Tile I/O of the CUDA attention engine: rows into padded shared tiles with cp.async, the
+// Tile I/O of the CUDA attention engine: rows into shared tiles (tile_offset) with cp.async, the
 // non-finite checks of what a thread copied, and the block-wide votes the exact pass uses.
 // Where a row comes from is the policy's business: copy_rows takes a row -> offset function.
 #pragma once
@@ -13,8 +13,8 @@ namespace tokenmix::cuda {
 // Copies `rows` rows of `width` elements (a multiple of the 16-byte vector) into a shared tile with
 // cp.async, zero-filling columns at or past `valid_cols` and rows without a source (src(r) < 0).
 // src(r) is the element offset of row r's column `col0` in `base`.
-template <class T, class Src>
-TM_DEVICE void copy_rows(shared_ptr<T> dst, int ld, int rows, int width, global_ptr<const T> base,
+template <class T, class Lay, class Src>
+TM_DEVICE void copy_rows(shared_ptr<T> dst, Lay ld, int rows, int width, global_ptr<const T> base,
                          int col0, int valid_cols, Src&& src) {
   constexpr int vec = kVec<T>;
   const int segs = width / vec;
@@ -22,7 +22,7 @@ TM_DEVICE void copy_rows(shared_ptr<T> dst, int ld, int rows, int width, global_
     const int r = s / segs, c = (s - r * segs) * vec;
     const int64_t off = src(r);
     const bool in = off >= 0 && col0 + c < valid_cols;
-    cp_async_zfill<16>(dst + r * ld + c, in ? base + off + c : base, in ? 16 : 0);
+    cp_async_zfill<16>(dst + tile_offset(ld, r, c), in ? base + off + c : base, in ? 16 : 0);
   }
 }
 
@@ -30,15 +30,15 @@ TM_DEVICE void copy_rows(shared_ptr<T> dst, int ld, int rows, int width, global_
 // an inf or NaN in columns [col_lo, col_hi). It reads only the thread's own cp.async destinations,
 // which are visible to it right after cp_async_wait_group, so it runs before the barrier that
 // publishes the tile; block_any then combines the threads at that barrier.
-template <class E>
-TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, int ld, int rows, int width,
+template <class E, class Lay>
+TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, Lay ld, int rows, int width,
                                 int col_lo, int col_hi) {
   constexpr int vec = kVec<typename E::T>;
   const int segs = width / vec;
   bool bad = false;
   for (int s = int(linear_thread_idx()); s < rows * segs; s += kThreads) {
     const int r = s / segs, c = (s - r * segs) * vec;
-    if (c >= col_lo && c < col_hi) bad |= any_nonfinite<E>(load128(dst + r * ld + c));
+    if (c >= col_lo && c < col_hi) bad |= any_nonfinite<E>(load128(dst + tile_offset(ld, r, c)));
   }
   return bad;
 }

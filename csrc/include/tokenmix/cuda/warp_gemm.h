@@ -37,6 +37,7 @@ template <bool kBF16>
 struct Half16 {
   using T = uint16_t;
   static constexpr bool kTensorCore = true;
+  static constexpr bool kIsBF16 = kBF16;
   static constexpr int kKeys = 64;  // keys per chunk
   static constexpr int kStep = 16;  // head dims are padded to this
   static TM_DEVICE float to_float(T v) { return kBF16 ? bf16_bits_to_f32(v) : f16_bits_to_f32(v); }
@@ -86,6 +87,22 @@ TM_HOST_DEVICE bool any_nonfinite(u32x4 v) {
 // Elements per 16-byte copy.
 template <class T>
 constexpr int kVec = 16 / int(sizeof(T));
+
+// Where element (r, c) of a shared tile lies, in elements from the tile's start. The mma.sync
+// products read rows padded to `ld` elements (an int); the wgmma products read SwizzledRows.
+TM_HOST_DEVICE int tile_offset(int ld, int r, int c) {
+  return r * ld + c;
+}
+// The canonical 128-byte-swizzled layout of wgmma (16-bit elements): 64-column atoms of `rows`
+// rows of 128 bytes each, atom after atom; in a row, 16-byte unit u holds columns 8(u ^ (r % 8))..
+// The tile starts on a 1024-byte boundary (the swizzle's period). Read as K-major (A and B of
+// Q K^T) and as MN-major (V of P V) by the same descriptors (warpgroup_gemm.h).
+struct SwizzledRows {
+  int rows;
+};
+TM_HOST_DEVICE int tile_offset(SwizzledRows s, int r, int c) {
+  return (c >> 6) * s.rows * 64 + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+}
 
 // Row stride (elements) of a shared tile `width` wide: 16 bytes of padding keep rows 16-byte
 // aligned for cp.async/ldmatrix and spread consecutive rows over the banks.
@@ -212,9 +229,9 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
 // the mask adds exactly nothing, even where B is inf or NaN. For the chunks whose B tile holds a
 // non-finite value; the masked-out P entries are 0, and gemm_pn would add 0 * inf = NaN. Column j
 // of a lane's two rows lives in lane (lane & ~3) | (j & 7) / 2 of its quad, fragment j / 8.
-template <class E, int KC, int N>
+template <class E, int KC, int N, class Lay>
 TM_DEVICE void gemm_pn_exact(float (&acc)[N][4], const float (&p)[KC][4], uint32_t keep,
-                             shared_ptr<typename E::T> b, int ldb) {
+                             shared_ptr<typename E::T> b, Lay ldb) {
   const int lane = int(lane_id());
   const int c2 = 2 * (lane & 3);
   for (int j = 0; j < KC * 8; ++j) {
@@ -235,7 +252,7 @@ TM_DEVICE void gemm_pn_exact(float (&acc)[N][4], const float (&p)[KC][4], uint32
     for (int n = 0; n < N; ++n) {
       TM_UNROLL
       for (int f = 0; f < 2; ++f) {
-        const float x = E::to_float(b[j * ldb + n * 8 + c2 + f]);
+        const float x = E::to_float(b[tile_offset(ldb, j, n * 8 + c2 + f)]);
         if (k0) acc[n][f] += p0 * x;
         if (k1) acc[n][2 + f] += p1 * x;
       }

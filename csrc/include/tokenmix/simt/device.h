@@ -350,6 +350,13 @@ TM_DEVICE void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, b
 TM_DEVICE float exp2f_approx(float x) {
   return exp2f(x);
 }
+// ex2.approx.ftz.f32: one MUFU.EX2 (exp2f_approx adds the subnormal range fix-ups); subnormal
+// inputs count as 0 and subnormal results are flushed to +0.
+TM_DEVICE float exp2f_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 TM_DEVICE float expf_approx(float x) {
   return __expf(x);
 }

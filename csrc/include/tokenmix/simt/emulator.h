@@ -105,7 +105,7 @@ void* dynamic_shared();
 // The approximate math instructions (PTX ex2.approx.f32, lg2.approx.f32, rsqrt.approx.f32, and
 // __expf: mul.f32 by log2(e), then ex2.approx.f32): exact, or with the PTX ISA's maximum error in
 // the opt-in numeric mode (set_math_mode, $TOKENMIX_SIMT_MATH).
-enum class math_fn : uint8_t { ex2, exp, lg2, rsqrt };
+enum class math_fn : uint8_t { ex2, exp, lg2, rsqrt, ex2_ftz };
 float approx_math(math_fn f, float x);
 
 // Everything launch() hands to the runtime.
@@ -478,6 +478,9 @@ void cp_async_wait_group(const char* file = __builtin_FILE(), int line = __built
 
 inline float exp2f_approx(float x) {
   return emu::approx_math(emu::math_fn::ex2, x);
+}
+inline float exp2f_ftz(float x) {
+  return emu::approx_math(emu::math_fn::ex2_ftz, x);
 }
 inline float expf_approx(float x) {
   return emu::approx_math(emu::math_fn::exp, x);

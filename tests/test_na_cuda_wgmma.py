@@ -1,0 +1,129 @@
+"""The CUDA neighborhood-attention forward's sm_90a path (wgmma, SwizzledRows tiles), run on the
+SIMT emulator with $TOKENMIX_SIMT_ARCH=sm_90a and compared with the float64 reference: every
+specialized head dim (32, 64, 128), fp16 and bf16, partial tiles, rpb, additional tokens,
+GQA, causal and dilated windows, and non-finite inputs (the exact pass). The emulator checks the
+wgmma rules (fence, wait, operands unchanged in flight, descriptors) on every launch. The backward
+keeps the mma.sync kernels."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import tokenmix
+import torch
+from na_cases import attend, make_cfg, make_inputs, poisoned, window_of
+from tokenmix.neighborhood.reference import neighborhood_attention_reference
+
+LIBRARY = os.path.join(os.path.dirname(tokenmix.__file__), "_emulated.so")
+INF, NAN = float("inf"), float("nan")
+make_case = make_cfg
+
+
+@pytest.fixture(autouse=True)
+def sm90a(monkeypatch):
+    assert os.path.exists(LIBRARY), "the build must produce tokenmix/_emulated.so"
+    torch.ops.load_library(LIBRARY)
+    monkeypatch.setenv("TOKENMIX_SIMT_ARCH", "sm_90a")
+
+
+CASES = {
+    "1d-partial-d32": make_case((70,), 7, dim=32),
+    "1d-dilated-causal-d64": make_case((41,), 5, dilation=2, causal=True, dim=64),
+    "1d-d128-rpb": make_case((20,), 5, dim=128, rpb=True),
+    "2d-d64-extra-gqa": make_case((13, 6), (3, 3), heads=4, heads_kv=2, dim=64, n_extra=5),
+    "2d-k7-d64": make_case((20, 20), 7, dim=64, rpb=True),
+    "3d-d32-causal": make_case((5, 6, 7), 3, causal=(True, False, False), dim=32),
+}
+TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}  # as for the mma.sync path
+
+
+def forward(c, t, scale):
+    kernel, stride, dilation, causal = window_of(c)
+    return torch.ops.tokenmix_emulated.na_forward(
+        t["q"], t["k"], t["v"], t["rpb"], t["additional_keys"], t["additional_values"],
+        list(kernel), list(stride), list(dilation), [int(x) for x in causal], scale,
+    )  # fmt: skip
+
+
+def reference(c, t, scale):
+    leaves = {n: x.double() for n, x in t.items() if x is not None}
+    return attend(neighborhood_attention_reference, c, leaves, scale=scale, return_lse=True)
+
+
+def whole_chunks(c) -> int:
+    """Key chunks the forward visits per (batch, head): every tile's key box in 64-key chunks (the
+    warpgroup computes whole chunks), plus the chunks of the additional tokens."""
+    kernel, stride, dilation, causal = window_of(c)
+    p = tokenmix.plan(c["shape"], kernel, stride, dilation, causal)
+    chunks = 0
+    for _, _, _, begin, end in p.query_tiles().tolist():
+        box = math.prod(e - b for b, e in zip(begin, end, strict=True))
+        chunks += -(-box // 64) + -(-(c["n_extra"] or 0) // 64)
+    return chunks
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, dtype):
+    c = CASES[name]
+    t = make_inputs(c, dtype, seed=len(name))
+    scale = c["dim"] ** -0.5
+    ops = torch.ops.tokenmix_emulated
+    mma, wgmma = ops.mma_count(), ops.wgmma_count()
+    out, lse = forward(c, t, scale)
+    mma, wgmma = ops.mma_count() - mma, ops.wgmma_count() - wgmma
+    r_out, r_lse = reference(c, t, scale)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    err = ((out.double() - r_out).abs().max() / r_out.abs().max().clamp_min(1.0)).item()
+    assert err <= TOL[dtype], err
+    assert (lse.double() - r_lse).abs().max().item() <= 1e-5
+    # The warpgroup path ran: no mma.sync; per chunk, 4 warps x (D / 16 + 64 / 16) wgmma shares.
+    assert mma == 0
+    assert wgmma == 4 * (c["dim"] // 16 + 4) * whole_chunks(c) * c["batch"] * c["heads"]
+
+
+@pytest.mark.parametrize("value", [INF, NAN], ids=["inf", "nan"])
+@pytest.mark.parametrize("name", ["v", "k"])
+def test_nonfinite_key_or_value_stays_in_its_window(name, value):
+    """Token 20 is in the windows of queries 20-23 only (kernel 4, causal): the exact pass keeps a
+    non-finite K or V row out of the other rows of its 64-query tile."""
+    c = make_case((80,), 4, causal=True, heads=2, dim=64)
+    t = poisoned(make_inputs(c, torch.float16, 1), name, (0, 20, 0, 3), value)
+    out, lse = forward(c, t, 0.125)
+    r_out, r_lse = reference(c, t, 0.125)
+    bad = (~torch.isfinite(out)).flatten(2).any(-1)[0].nonzero().flatten().tolist()
+    want = (~torch.isfinite(r_out)).flatten(2).any(-1)[0].nonzero().flatten().tolist()
+    assert bad == want
+    if name == "v":
+        assert bad == [20, 21, 22, 23]
+    ok = torch.isfinite(r_out)
+    assert ((out.double() - r_out)[ok].abs().max()).item() <= 4e-3 * r_out[ok].abs().max().item()
+
+
+def test_bad_arch_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("TOKENMIX_SIMT_ARCH", "sm_91")
+    c = CASES["1d-partial-d32"]
+    t = make_inputs(c, torch.float16, 0)
+    with pytest.raises(Exception, match="TOKENMIX_SIMT_ARCH must be sm_80 or sm_90a, got 'sm_91'"):
+        forward(c, t, 0.125)
+
+
+def test_sm90a_forward_compiles_to_hgmma():
+    """tools/sm90a/na_forward_wg.cu under nvcc for sm_90a: no spills, and the static model finds
+    the chunk loop's wgmmas: Q K^T in D / 16 HGMMA.64x64x16, P V in 4 HGMMA.64xDx16."""
+    import re
+
+    from sm90a_build import ROOT, compile_sm90a
+
+    source = ROOT / "tools" / "sm90a" / "na_forward_wg.cu"
+    kernels = compile_sm90a(source, "na_forward_wg_sm90a", "-O3", "-DNDEBUG")
+    assert len(kernels) == 4
+    for k in kernels:
+        dim = int(re.search(r"Li(\d+)E", k.name).group(1))
+        assert k.arch == "sm_90a"
+        assert k.counts["hmma"] == dim // 16 + 4, (k.name, k.counts)
+        # 64 x 64 x D for the scores, 64 x D x 64 for P V: per sub-partition, at 512 FMAs a cycle
+        assert k.tensor_cycles == 2 * 64 * 64 * dim / 4 / 512, (k.name, k.tensor_cycles)
+        assert k.counts["local"] == 0 and k.counts["ldsm"] == 0
