@@ -227,6 +227,37 @@ def test_empty_batch():
     assert out.shape == (0, 8, 2, 32) and lse.shape == (0, 8, 2)
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_logit_overflow_from_the_scale(scale, arch, monkeypatch):
+    """Query 10's score against key 11 is 3e38, finite in fp32 (bf16 for the sm_90a path), and 0
+    against its other keys. Times scale * log2(e) it overflows at scale 1: the +inf logit must make
+    the row non-finite, as an inf input does, not vanish in the exp2 (the kernels fold the scale
+    into the exp2 only when that cannot overflow). At scale 0.5 it stays finite and the row is
+    key 11's value, as in the float64 reference. The window is the whole sequence, so the chunk
+    is full: the path where the scale is folded."""
+    monkeypatch.setenv("TOKENMIX_SIMT_ARCH", arch)
+    dtype = torch.float32 if arch == "sm_80" else torch.bfloat16
+    c = make_case((33,), 33, dim=64)
+    t = make_inputs(c, dtype, 3)
+    t["k"][..., 0] = 0
+    t["q"][0, 10, 0] = 0
+    t["q"][0, 10, 0, 0] = 3e38
+    t["k"][0, 11, 0, 0] = 1.0
+    out, lse = torch.ops.tokenmix_emulated.na_forward(
+        t["q"], t["k"], t["v"], None, None, None, *window_args(c), scale
+    )
+    others = torch.ones(33, dtype=torch.bool)
+    others[10] = False
+    assert torch.isfinite(out[0, others]).all() and torch.isfinite(lse[0, others]).all()
+    if scale == 1.0:
+        assert not torch.isfinite(out[0, 10, 0]).any(), out[0, 10, 0]
+        assert lse[0, 10, 0] == float("inf")
+    else:
+        torch.testing.assert_close(out[0, 10, 0], t["v"][0, 11, 0], rtol=0, atol=0)
+        assert torch.isfinite(lse[0, 10, 0])
+
+
 def test_rejects_what_the_kernels_cannot_run():
     c = make_case((8,), 3, dim=12)
     t = make_inputs(c, torch.float16, 0)

@@ -123,10 +123,9 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
       zero_acc(s);
       zero_acc(dp_);
       gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq, cm.groups);
-      float scl;
-      const uint32_t kept = mask_scores(
-          s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
-          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); }, scl);
+      const uint32_t kept =
+          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
       cp_async_wait_group<0>();  // V of chunk c
       sync_threads();
       gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv, cm.groups);
@@ -138,8 +137,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
           // dS (natural-log logits) by selection: exactly 0 where the mask drops the element and
           // on rows without keys (whose LSE is -inf), whatever dP, delta or the LSE hold there.
           const bool live = ((kept >> (4 * n + i)) & 1u) != 0 && alive[ri];
-          s[n][i] =
-              live ? exp2f_ftz(fmaf(s[n][i], scl, -lse2[ri])) * (dp_[n][i] - delta[ri]) : 0.0f;
+          s[n][i] = live ? exp2f_ftz(s[n][i] - lse2[ri]) * (dp_[n][i] - delta[ri]) : 0.0f;
         }
       }
       if constexpr (Tile::kBiasGrad) {
@@ -279,10 +277,9 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       zero_acc(s);
       zero_acc(dpt);
       gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq, cm.groups);
-      float scl;
-      const uint32_t kept = mask_scores(
-          s, ks.valid, p.scale_log2, st.full, tile.biased(p, st), cm.kept,
-          [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); }, scl);
+      const uint32_t kept =
+          mask_scores(s, ks.valid, p.scale_log2, st.full, tile.biased(p, st), cm.kept,
+                      [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); });
       uint32_t live = 0;
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
@@ -291,7 +288,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
           const int j = frag_col(n, i, lane);
           const bool alive = ((kept >> (4 * n + i)) & 1u) != 0 && colf[j] != kNegInf;
           live |= alive ? 1u << (4 * n + i) : 0u;
-          s[n][i] = alive ? exp2f_ftz(fmaf(s[n][i], scl, -colf[j])) : 0.0f;  // P^T
+          s[n][i] = alive ? exp2f_ftz(s[n][i] - colf[j]) : 0.0f;  // P^T
         }
       }
       cp_async_wait_group<0>();  // dO of step st

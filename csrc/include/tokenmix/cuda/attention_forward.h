@@ -103,10 +103,9 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
         wg_scores<E, kDim>(s, wg);  // whole chunks: the warpgroup has every group
       else
         gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp, cm.groups);
-      float scl;
-      const uint32_t kept = mask_scores(
-          s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
-          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); }, scl);
+      const uint32_t kept =
+          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
       cp_async_wait_group<0>();  // V of chunk c
       if (exact) block_any_vote(votes, copied_nonfinite<E>(sv, lv, kKeys, kVChunk, 0, kVChunk));
       sync_threads();  // every warp is done with K and the metadata of chunk c
@@ -114,7 +113,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
       if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, lq, dp);
       cp_async_commit_group();
 
-      online_softmax_step(s, o, m, l, nan_logit, exact, scl);
+      online_softmax_step(s, o, m, l, nan_logit, exact);
       if (v_bad)
         gemm_pn_exact<E>(o, s, kept, sv, lv);
       else if constexpr (kWgmma)

@@ -94,17 +94,21 @@ TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float 
   return out;
 }
 
-// The four instantiations of mask_scores behind the chunk's two run-time flags. On the main path
-// (a full chunk without bias, both rows of the thread valid, a finite positive scale) every element
-// is kept and the scores stay unscaled: `scl` is then the scale, which the caller folds into the
-// FFMA before its exp2 (exp2(s * scl - m)); otherwise s holds the logits and scl is 1.
+// The four instantiations of mask_scores behind the chunk's two run-time flags, and the main path
+// (a full chunk without bias, both rows of the thread valid): every element kept, only the scale.
+// (Folding the scale into the exp2's FFMA instead would round s * scale once, after subtracting a
+// max that was rounded on its own: for large logits the two differ by up to half an ulp of the
+// logit, which the exp2 turns into a large factor.)
 template <int KC, class Bias>
 TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
-                               bool full, bool biased, uint32_t kept, Bias&& bias, float& scl) {
-  scl = 1.0f;
+                               bool full, bool biased, uint32_t kept, Bias&& bias) {
   if (full) {
-    if (!biased && valid[0] && valid[1] && scale_log2 > 0.0f && scale_log2 < kInf) {
-      scl = scale_log2;
+    if (!biased && valid[0] && valid[1]) {
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
+        TM_UNROLL
+        for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
+      }
       return KC * 4 >= 32 ? ~0u : (1u << (KC * 4)) - 1u;
     }
     return biased ? mask_scores<true, true>(s, valid, scale_log2, kept, bias)
@@ -129,13 +133,12 @@ TM_DEVICE ChunkMask chunk_mask(const bool (&valid)[2], bool full, Keep&& keep) {
   return m;
 }
 
-// One chunk of the online softmax for the two rows of a thread: s holds scores that scl (> 0) turns
-// into logits (log2 units; see mask_scores) and becomes P relative to the new running max m; l
-// (this thread's partial row sums) and the output accumulator o are rescaled. kExact: record NaN
-// logits (the exact pass, for the LSE).
+// One chunk of the online softmax for the two rows of a thread: s holds logits (log2 units) and
+// becomes P relative to the new running max m; l (this thread's partial row sums) and the output
+// accumulator o are rescaled. kExact: record NaN logits (the exact pass, for the LSE).
 template <bool kExact, int KC, int NV>
 TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float (&m)[2],
-                                     float (&l)[2], bool (&nan_logit)[2], float scl) {
+                                     float (&l)[2], bool (&nan_logit)[2]) {
   TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
     float mx = kNegInf;
@@ -151,7 +154,7 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
         mx = fmaxf(mx, fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
       }
     }
-    mx = quad_max(mx) * scl;  // the max of the logits: scl > 0 keeps the order
+    mx = quad_max(mx);
     const float m_new = m[ri] > mx ? m[ri] : mx;
     const float base = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing seen yet
     const float alpha = exp2f_ftz(m[ri] - base);
@@ -161,7 +164,7 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
     for (int n = 0; n < KC; ++n) {
       TM_UNROLL
       for (int e = 0; e < 2; ++e) {
-        const float pe = exp2f_ftz(fmaf(s[n][2 * ri + e], scl, -base));  // P < 2^-126: 0
+        const float pe = exp2f_ftz(s[n][2 * ri + e] - base);  // P < 2^-126 counts as 0
         s[n][2 * ri + e] = pe;
         sum += pe;
       }
@@ -179,11 +182,11 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
 // NaN checks into the normal pass's main path (89 more instructions per chunk at D=64).
 template <int KC, int NV>
 TM_DEVICE void online_softmax_step(float (&s)[KC][4], float (&o)[NV][4], float (&m)[2],
-                                   float (&l)[2], bool (&nan_logit)[2], bool exact, float scl) {
+                                   float (&l)[2], bool (&nan_logit)[2], bool exact) {
   if (exact)
-    online_softmax_update<true>(s, o, m, l, nan_logit, scl);
+    online_softmax_update<true>(s, o, m, l, nan_logit);
   else
-    online_softmax_update<false>(s, o, m, l, nan_logit, scl);
+    online_softmax_update<false>(s, o, m, l, nan_logit);
 }
 
 // The LSE (natural log) of a finished row, as torch.logsumexp: NaN with a NaN logit, +inf with a
