@@ -258,6 +258,37 @@ def test_logit_overflow_from_the_scale(scale, arch, monkeypatch):
         assert torch.isfinite(lse[0, 10, 0])
 
 
+@pytest.mark.parametrize(
+    "arch,dtype",
+    [("sm_80", torch.float16), ("sm_80", torch.float32), ("sm_90a", torch.bfloat16)],
+    ids=["sm_80-fp16", "sm_80-fp32", "sm_90a-bf16"],
+)
+def test_running_max_climbs_across_chunks(arch, dtype, monkeypatch):
+    """The normal pass keeps a warp's running maxima until some row's chunk maximum passes its own
+    by more than 8 (log2 units), and rescales O and l only then (online_softmax.h). Row i's
+    logits climb by (i % 8) * 0.9 per level over the key chunks' levels 0, 2, 1, 3, 4: steps of up
+    to 9.1 (log2) that some rows of a warp take and others do not, two steps that stay under the
+    slack adding up to one that passes it, and P up to 2^18 of the kept maximum should a rescale
+    be skipped (past fp16's range). Output, LSE and gradients against the float64 reference."""
+    monkeypatch.setenv("TOKENMIX_SIMT_ARCH", arch)
+    c = make_case((320,), 320, heads=1, dim=64)
+    t = make_inputs(c, dtype, 5)
+    levels = torch.tensor([0.0, 2.0, 1.0, 3.0, 4.0]).repeat_interleave(64)
+    slopes = (torch.arange(320) % 8).double() * 0.9
+    for name in ("q", "k"):
+        t[name] = (t[name].double() * 0.1).to(dtype)
+    t["q"][0, :, 0, 0] = slopes.to(dtype)
+    t["k"][0, :, 0, 0] = levels.to(dtype)
+    gen = torch.Generator().manual_seed(6)
+    grad_out = torch.randn((1, 320, 1, 64), generator=gen, dtype=torch.float64).to(dtype)
+    out, lse, g = emulated(c, t, 1.0, grad_out, None)
+    r_out, r_lse, r_g = reference(c, t, 1.0, grad_out, None)
+    assert_close(out, r_out, TOL[dtype], "out")
+    assert_close(lse, r_lse, 1e-5, "lse")
+    for name in ("q", "k", "v"):
+        assert_close(g[name], r_g[name], TOL[dtype], f"grad {name}")
+
+
 def test_rejects_what_the_kernels_cannot_run():
     c = make_case((8,), 3, dim=12)
     t = make_inputs(c, torch.float16, 0)

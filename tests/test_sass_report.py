@@ -103,6 +103,19 @@ def test_listing_unknown_trip_count_counts_once():
     assert dq.bound == pytest.approx(4 / 16)
 
 
+def test_opcodes_of_the_main_path():
+    forward = _sass.analyze(_sass.parse_sass(LISTING)[0])
+    # the main path of test_listing_main_path_and_bound, by opcode (modifiers dropped), inner
+    # trips counted
+    assert forward.opcodes == {
+        "HMMA": 2, "BRA": 6, "MOV": 1, "LDGSTS": 4, "ISETP": 5, "IADD3": 5, "LDSM": 1
+    }  # fmt: skip
+    assert sum(forward.opcodes.values()) == forward.path_length
+    text = _sass.format_opcodes([forward])
+    assert text.splitlines()[0] == "sm_80 na_forward_kernel<F16, 64>: 24 on the main path"
+    assert text.splitlines()[1] == "  BRA 6, IADD3 5, ISETP 5, LDGSTS 4, HMMA 2, LDSM 1, MOV 1"
+
+
 def test_report_table_and_json():
     kernels = [_sass.analyze(k) for k in _sass.parse_sass(LISTING)]
     table = _sass.format_report(kernels)
@@ -155,6 +168,21 @@ def test_tensor_core_kernels_have_a_main_loop(shipped, family):
             # same: 64 HMMA.16816 per iteration
             assert k.counts["hmma"] == 64, name
     assert checked >= 12
+
+
+@pytest.mark.parametrize("kernel", ["na_forward_kernel<F16, 64>", "na_backward_dq_kernel<F16, 64>"])
+def test_neighborhood_main_path_walks_the_key_box(shipped, kernel):
+    # The main path is the fewest instructions with the most tensor work and copies, so a copy
+    # loop with a cheaper branch for rows without a source (past the key box) or for additional
+    # tokens would hide the key box walk: the main path once skipped it, well over half a real
+    # chunk's instructions. Each lane walks the box once per chunk (two unsigned divisions, no
+    # more) and copies its rows with shuffled offsets.
+    for k in shipped:
+        if _readable_kernel(k.name) == kernel and k.arch == "sm_80":
+            assert k.counts["int_div"] == 2, k.opcodes
+            assert k.opcodes.get("SHFL", 0) >= 2 * k.counts["ldgsts"], k.opcodes
+            return
+    pytest.fail(f"{kernel} is not in the report")
 
 
 def test_fft_conv_kernels_use_tensor_cores_for_half_precision(shipped):
@@ -239,6 +267,9 @@ def test_cli(capsys):
     assert main(["sass-report", "--kernel", "na_forward_kernel<F16, 64>", "--arch", "sm_80"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n| sm_80 | `na_forward_kernel<F16, 64>`") == 1
+    assert main(["sass-report", "--kernel", "na_forward_kernel<F16, 64>", "--opcodes"]) == 0
+    out = capsys.readouterr().out
+    assert "sm_80 na_forward_kernel<F16, 64>: " in out and " HMMA 64," in out
     assert main(["sass-report", "--kernel", "no_such_kernel"]) == 1
 
 

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sass.add_argument("--kernel", help="only kernels whose readable name matches this regex")
     p_sass.add_argument("--arch", help="only this architecture (sm_80, sm_90, ...)")
     p_sass.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p_sass.add_argument(
+        "--opcodes", action="store_true", help="list each main path's instructions by opcode"
+    )
     p_ptx = sub.add_parser(
         "ptx-check",
         help="assemble the library's embedded PTX for other architectures or with another ptxas "
@@ -64,7 +67,7 @@ def _sass_report(args) -> int:
     import re
 
     from tokenmix._info import _readable_kernel
-    from tokenmix._sass import format_report, sass_report, to_dict
+    from tokenmix._sass import format_opcodes, format_report, sass_report, to_dict
 
     try:
         kernels = sass_report(args.library)
@@ -79,9 +82,10 @@ def _sass_report(args) -> int:
         print("tokenmix sass-report: no CUDA kernel matched (see `python -m tokenmix info`)",
               file=sys.stderr)  # fmt: skip
         return 1
-    print(
-        json.dumps([to_dict(k) for k in kernels], indent=2) if args.json else format_report(kernels)
-    )
+    if args.json:
+        print(json.dumps([to_dict(k) for k in kernels], indent=2))
+    else:
+        print(format_opcodes(kernels) if args.opcodes else format_report(kernels))
     return 0
 
 

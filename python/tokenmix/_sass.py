@@ -110,6 +110,7 @@ class Kernel:
     smem_wavefronts: float = 0
     inner_loops: int = 0  # loops inside the main loop (bodies counted once per trip)
     unknown_trips: int = 0  # inner loops without a constant trip count (counted once)
+    opcodes: dict[str, int] = field(default_factory=dict)  # main path, by opcode (no modifiers)
 
     @property
     def smem_cycles(self) -> float:
@@ -529,6 +530,7 @@ def analyze(k: Kernel) -> Kernel:
 
     def totals(path: list[int]):
         counts = dict.fromkeys(CLASSES, 0)
+        opcodes: dict[str, int] = {}
         fma = wavefronts = issued = 0
         for j in path:
             w = weight[j]
@@ -537,15 +539,17 @@ def analyze(k: Kernel) -> Kernel:
                 cls = classify(ins)
                 if cls:
                     counts[cls] += w
+                base = ins.op.split(".", 1)[0]
+                opcodes[base] = opcodes.get(base, 0) + w * cost(i)
                 fma += w * _tensor_fma(ins)
                 wavefronts += w * _wavefronts(ins)
                 issued += w * cost(i)
-        return counts, fma, wavefronts, issued
+        return counts, fma, wavefronts, issued, opcodes
 
     # The main path: the most tensor work, then the most global->shared copies (a steady-state
     # iteration loads the next chunk), then the fewest instructions (no optional work such as
     # masking). The longest path: the most tensor work, then the most instructions.
-    k.counts, fma, k.smem_wavefronts, k.path_length = totals(best_path("main"))
+    k.counts, fma, k.smem_wavefronts, k.path_length, k.opcodes = totals(best_path("main"))
     k.longest_path_length = totals(best_path("longest"))[3]
     per_cycle = TENSOR_FMA_PER_CYCLE.get(k.arch.rstrip("a"), 256)
     k.tensor_cycles = fma / per_cycle
@@ -588,6 +592,7 @@ def to_dict(k: Kernel) -> dict:
         "inner_loops": k.inner_loops,
         "inner_loops_unknown_trips": k.unknown_trips,
         "counts": k.counts,
+        "opcodes": k.opcodes,
     }
 
 
@@ -614,3 +619,15 @@ def format_report(kernels: list[Kernel]) -> str:
             f"| {c['mufu']} | {c['bar']} | {c['imad_wide']} | {c['local']} |"
         )
     return "\n".join(lines)
+
+
+def format_opcodes(kernels: list[Kernel]) -> str:
+    """Each kernel's main path by opcode, most issued first: where its instructions go."""
+    from ._info import _readable_kernel
+
+    out = []
+    for k in sorted(kernels, key=lambda k: (_readable_kernel(k.name), k.arch)):
+        ops = sorted(k.opcodes.items(), key=lambda kv: (-kv[1], kv[0]))
+        out.append(f"{k.arch} {_readable_kernel(k.name)}: {k.path_length} on the main path")
+        out.append("  " + ", ".join(f"{op} {n}" for op, n in ops))
+    return "\n".join(out)

@@ -78,10 +78,10 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
     rowf[tid] = lse2;
     rowf[kTileRows + tid] = delta;
   }
-  copy_rows(sq, L.ldq, kTileRows, dp, q, 0, p.head_dim,
-            [&](int r) { return tile.offset(p, r, Operand::kQ); });
-  copy_rows(sgo, L.ldv, kTileRows, dvp, go, 0, p.value_dim,
-            [&](int r) { return tile.offset(p, r, Operand::kGradOut); });
+  copy_rows<kTileRows>(sq, L.ldq, dp, q, 0, p.head_dim,
+                       [&](int r) { return tile.offset(p, r, Operand::kQ); });
+  copy_rows<kTileRows>(sgo, L.ldv, dvp, go, 0, p.value_dim,
+                       [&](int r) { return tile.offset(p, r, Operand::kGradOut); });
 
   float dq[NQ][4];
   typename Tile::RowState rs{};
@@ -100,7 +100,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
     for (int c = 0; c < tile.chunks; ++c) {
       cp_async_wait_group<0>();  // K (and metadata) of chunk c
       if (exact)
-        block_any_vote(votes, copied_nonfinite<E>(sk, L.ldq, kKeys, dp, col0, col0 + kChunk));
+        block_any_vote(votes, copied_nonfinite<kKeys, E>(sk, L.ldq, dp, col0, col0 + kChunk));
       sync_threads();
       const bool k_bad = exact && block_any_result(votes);
       tile.load_values(p, c, sv, L.ldv, dvp, 0);
@@ -208,33 +208,36 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
 
   tile.write_keys(p, rows);
   sync_threads();  // the key metadata may describe the steps (load_queries reads it)
-  copy_rows(sk, L.ldq, kTileRows, dp, tile.source(p, Operand::kK), 0, p.head_dim,
-            [&](int r) { return tile.key_offset(p, r, Operand::kK); });
-  copy_rows(sv, L.ldv, kTileRows, dvp, tile.source(p, Operand::kV), 0, p.value_dim,
-            [&](int r) { return tile.key_offset(p, r, Operand::kV); });
+  copy_rows<kTileRows>(sk, L.ldq, dp, tile.source(p, Operand::kK), 0, p.head_dim,
+                       [&](int r) { return tile.key_offset(p, r, Operand::kK); });
+  copy_rows<kTileRows>(sv, L.ldv, dvp, tile.source(p, Operand::kV), 0, p.value_dim,
+                       [&](int r) { return tile.key_offset(p, r, Operand::kV); });
   cp_async_commit_group();
 
   // Step st's column metadata (the policy's, then validity, LSE and delta) and Q rows; its dO rows
-  // are a separate copy.
+  // are a separate copy. Each lane finds its copy column (warp_row) once, for all of them; the
+  // first kCols / kWarps lanes of each warp write its metadata.
+  int64_t go_offset = -1;  // the dO row of this lane's column, for load_grads
   auto load_queries = [&](const Step& st) {
     tile.write_cols(p, st, cols);
-    if (tid < kCols) {
-      const int64_t row = tile.query_row(p, st, tid);
-      float lse2 = 0.0f, delta = 0.0f;
-      if (row >= 0) {
-        lse2 = global_ptr<const float>(p.lse_in)[row] * kLog2e;
-        delta = global_ptr<const float>(p.delta)[row];
-      }
-      colvalid[tid] = row >= 0 ? 1 : 0;
-      colf[tid] = lse2;
-      colf[kCols + tid] = delta;
+    const int j = warp_row<kCols>();
+    const bool owner = lane < kCols / kWarps;
+    const typename Tile::QueryCol qc = tile.query_col(p, st, j, cols, owner);
+    float lse2 = 0.0f, delta = 0.0f;
+    if (qc.row >= 0) {
+      lse2 = global_ptr<const float>(p.lse_in)[qc.row] * kLog2e;
+      delta = global_ptr<const float>(p.delta)[qc.row];
     }
-    copy_rows(sq, L.ldq, kCols, dp, q, 0, p.head_dim,
-              [&](int j) { return tile.query_offset(p, st, j, Operand::kQ); });
+    if (owner) {
+      colvalid[j] = qc.row >= 0 ? 1 : 0;
+      colf[j] = lse2;
+      colf[kCols + j] = delta;
+    }
+    go_offset = qc.go;
+    copy_rows_at<kCols>(sq, L.ldq, dp, q, 0, p.head_dim, qc.q);
   };
-  auto load_grads = [&](const Step& st) {
-    copy_rows(sgo, L.ldv, kCols, dvp, go, 0, p.value_dim,
-              [&](int j) { return tile.query_offset(p, st, j, Operand::kGradOut); });
+  auto load_grads = [&](const Step&) {  // after load_queries of the same step
+    copy_rows_at<kCols>(sgo, L.ldv, dvp, go, 0, p.value_dim, go_offset);
   };
 
   float dk[NC][4], dv[NC][4];
@@ -255,7 +258,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
     while (st.valid) {
       cp_async_wait_group<0>();  // Q and metadata of step st (and K, V at the first step)
       if (exact)
-        block_any_vote(votes, copied_nonfinite<E>(sq, L.ldq, kCols, dp, col0, col0 + kChunk));
+        block_any_vote(votes, copied_nonfinite<kCols, E>(sq, L.ldq, dp, col0, col0 + kChunk));
       sync_threads();
       const bool q_bad = exact && block_any_result(votes);
       load_grads(st);
@@ -294,7 +297,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       cp_async_wait_group<0>();  // dO of step st
       if (exact)
         block_any_vote(votes + kWarps,
-                       copied_nonfinite<E>(sgo, L.ldv, kCols, dvp, col0, col0 + kChunk));
+                       copied_nonfinite<kCols, E>(sgo, L.ldv, dvp, col0, col0 + kChunk));
       sync_threads();
       const bool g_bad = exact && block_any_result(votes + kWarps);
       gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv, cm.groups);

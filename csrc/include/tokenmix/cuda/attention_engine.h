@@ -33,7 +33,10 @@
 //                                  a barrier separates write_keys from the first step)
 //     first(p), next(p, st)        the steps: Step{valid, full, h, ...}, a query head of the kv
 //                                  head and a chunk of E::kKeys queries that see the key tile
-//     query_row(p, st, j), query_offset(p, st, j, op), write_cols(p, st, cols)
+//     write_cols(p, st, cols)      the step's own metadata (before the columns')
+//     query_col(p, st, j, cols, write)  query column j: QueryCol{row, q, go} (the LSE / delta row
+//                                  and the Q and dO offsets, -1 past the end), and its metadata
+//                                  in cols when `write`; called once per lane and step
 //     keep(p, ks, ri, cols, st, j) the element rule (partial steps; the engine drops columns
 //                                  without a query first), biased / bias as above
 //     grad(p, op), grad_row(p, r)  where dK / dV row r goes (contiguous)

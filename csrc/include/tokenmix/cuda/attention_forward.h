@@ -62,8 +62,8 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
   const shared_ptr<float> stage = ptr_cast<float>(smem + L.stage) + warp * stage_floats<E>(kKeys);
   const global_ptr<const T> q(static_cast<const T*>(p.q));
   tile.write_rows(p, rows);
-  copy_rows(sq, lq, kTileRows, dp, q, 0, p.head_dim,
-            [&](int r) { return tile.offset(p, r, Operand::kQ); });
+  copy_rows<kTileRows>(sq, lq, dp, q, 0, p.head_dim,
+                       [&](int r) { return tile.offset(p, r, Operand::kQ); });
 
   float o[NV][4], m[2], l[2];
   bool nan_logit[2];  // pass 1: a kept logit of the row was NaN (for the LSE)
@@ -107,7 +107,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
           mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
                       [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
       cp_async_wait_group<0>();  // V of chunk c
-      if (exact) block_any_vote(votes, copied_nonfinite<E>(sv, lv, kKeys, kVChunk, 0, kVChunk));
+      if (exact) block_any_vote(votes, copied_nonfinite<kKeys, E>(sv, lv, kVChunk, 0, kVChunk));
       sync_threads();  // every warp is done with K and the metadata of chunk c
       const bool v_bad = exact && block_any_result(votes);
       if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, lq, dp);

@@ -370,20 +370,21 @@ struct BlockSparsePolicy {
           keys[0] = ch.code;
         if (linear_thread_idx() == 0) keys[p.qs.table_ints()] = int(k0);
       }
-      copy_rows(sk, ld, kKeys, width, global_ptr<const T>(static_cast<const T*>(p.k)), 0,
-                p.head_dim, [&](int j) {
-                  return k0 + j < p.kv_len ? bs_detail::token_offset(p.k_st, b, k0 + j, hk) : -1;
-                });
+      copy_rows<kKeys>(sk, ld, width, global_ptr<const T>(static_cast<const T*>(p.k)), 0,
+                       p.head_dim, [&](int j) {
+                         return k0 + j < p.kv_len ? bs_detail::token_offset(p.k_st, b, k0 + j, hk)
+                                                  : -1;
+                       });
     }
     template <class Lay>
     TM_DEVICE void load_values(const BsParams& p, int c, shared_ptr<T> sv, Lay ld, int width,
                                int col0) const {
       const int64_t k0 = chunk(p, c).first;
-      copy_rows(sv, ld, kKeys, width, global_ptr<const T>(static_cast<const T*>(p.v)), col0,
-                p.value_dim, [&](int j) {
-                  return k0 + j < p.kv_len ? bs_detail::token_offset(p.v_st, b, k0 + j, hk) + col0
-                                           : -1;
-                });
+      copy_rows<kKeys>(
+          sv, ld, width, global_ptr<const T>(static_cast<const T*>(p.v)), col0, p.value_dim,
+          [&](int j) {
+            return k0 + j < p.kv_len ? bs_detail::token_offset(p.v_st, b, k0 + j, hk) + col0 : -1;
+          });
     }
     TM_DEVICE bool keep(const BsParams& p, const RowState& rs, int ri, shared_ptr<int> keys, int,
                         int j) const {
@@ -502,13 +503,18 @@ struct BlockSparsePolicy {
     TM_DEVICE Step first(const BsParams& p) const { return seek(p, 0, 0); }
     TM_DEVICE Step next(const BsParams& p, const Step& s) const { return seek(p, s.gh, s.e + 1); }
 
-    TM_DEVICE int64_t query_row(const BsParams& p, const Step& st, int j) const {
+    struct QueryCol {
+      int64_t row, q, go;  // the LSE / delta row, the Q and dO offsets (-1 past the end)
+    };
+    TM_DEVICE QueryCol query_col(const BsParams& p, const Step& st, int j, shared_ptr<int>,
+                                 bool) const {
       const int64_t q = st.qfirst + j;
-      return q < p.q_len ? (int64_t(b) * p.q_len + q) * p.heads + st.h : -1;
-    }
-    TM_DEVICE int64_t query_offset(const BsParams& p, const Step& st, int j, Operand op) const {
-      const int64_t q = st.qfirst + j;
-      return q < p.q_len ? bs_detail::token_offset(bs_detail::strides(p, op), b, q, st.h) : -1;
+      const bool in = q < p.q_len;  // (selected, not branched: see NeighborhoodPolicy::key_row)
+      const int64_t row = (int64_t(b) * p.q_len + q) * p.heads + st.h;
+      const int64_t oq = bs_detail::token_offset(bs_detail::strides(p, Operand::kQ), b, q, st.h);
+      const int64_t og =
+          bs_detail::token_offset(bs_detail::strides(p, Operand::kGradOut), b, q, st.h);
+      return {in ? row : -1, in ? oq : -1, in ? og : -1};
     }
     TM_DEVICE void write_cols(const BsParams& p, const Step& st, shared_ptr<int> cols) const {
       if (st.full) return;

@@ -116,6 +116,9 @@ struct NeighborhoodPolicy {
     int spatial, chunks;  // key chunks of the box, all chunks (then the additional tokens)
     int inner;            // keys every query of the tile keeps (the key box's inner box)
     SegmentedBox box;     // the key box, its inner box first
+    // load_keys(c) leaves the V offset of this lane's copy row for load_values(c).
+    mutable int values_chunk = -1;
+    mutable int64_t values_offset = -1;
 
     // False past the end of a shorter dilation group (the whole block returns).
     TM_DEVICE bool init(const NaParams& p) {
@@ -185,53 +188,60 @@ struct NeighborhoodPolicy {
     }
     TM_DEVICE bool biased(const NaParams& p, int c) const { return p.rpb && !extra(c); }
 
-    // Element offset of key chunk row j in the key tensor (or -1 for an invalid row).
-    TM_DEVICE int64_t key_offset(const NaParams& p, int c, int j, Operand op) const {
-      const int index = first(c) + j;
-      if (extra(c)) {
-        if (index >= p.num_extra) return -1;
-        const int64_t* st = op == Operand::kK ? p.ek_st : p.ev_st;
-        return int64_t(b) * st[0] + int64_t(index) * st[1] + int64_t(hk) * st[2];
-      }
-      if (index >= box.volume()) return -1;
-      int kc[3], x[3];
-      na_detail::box_token(p, g, box, index, kc, x);
-      return na_detail::token_offset(na_detail::strides(p, op), b, x, hk);
+    // Key row j of chunk c: its group coordinates (the metadata: the box's first key for a row
+    // past the box, 0 for an additional token), whether it exists, and its element offsets in K
+    // and V (-1 when it does not). The box walk runs for every row, clamped into the box, and for
+    // the additional tokens too, whose offsets are then selected: no row or chunk takes a cheaper
+    // path, so the static SASS model's main path is a real chunk's (docs/cuda_engine.md).
+    struct KeyRow {
+      int kc[3];
+      bool valid;
+      int64_t k, v;
+    };
+    TM_DEVICE KeyRow key_row(const NaParams& p, int c, int j) const {
+      KeyRow kr;
+      const int index = first(c) + j, vol = box.volume();
+      const bool in_box = index < vol;
+      int x[3];
+      na_detail::box_token(p, g, box, in_box ? index : 0, kr.kc, x);
+      const int64_t k = na_detail::token_offset(p.k_st, b, x, hk);
+      const int64_t v = na_detail::token_offset(p.v_st, b, x, hk);
+      const int64_t ek =
+          int64_t(b) * p.ek_st[0] + int64_t(index) * p.ek_st[1] + int64_t(hk) * p.ek_st[2];
+      const int64_t ev =
+          int64_t(b) * p.ev_st[0] + int64_t(index) * p.ev_st[1] + int64_t(hk) * p.ev_st[2];
+      const bool ex = extra(c);
+      kr.valid = ex ? index < p.num_extra : in_box;
+      TM_UNROLL
+      for (int t = 0; t < 3; ++t) kr.kc[t] = ex ? 0 : in_box ? kr.kc[t] : g.key_begin[t];
+      kr.k = !kr.valid ? -1 : ex ? ek : k;
+      kr.v = !kr.valid ? -1 : ex ? ev : v;
+      return kr;
     }
-    // Metadata (keys[field * kKeys + j], fields kc[3] and valid) and K rows of chunk c.
+    // Metadata (keys[field * kKeys + j], fields kc[3] and valid) and K rows of chunk c. Each lane
+    // walks the box for its copy row (warp_row) once, for K and V: the V offset waits in the tile
+    // for load_values(c).
     template <class Lay>
     TM_DEVICE void load_keys(const NaParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
                              Lay ld, int width) const {
-      const int j = int(linear_thread_idx());
-      if (j < kKeys) {
-        const int index = first(c) + j;
-        int kc[3] = {0, 0, 0}, x[3];
-        bool valid;
-        if (extra(c)) {
-          valid = index < p.num_extra;
-        } else {
-          valid = index < box.volume();
-          if (valid)
-            na_detail::box_token(p, g, box, index, kc, x);
-          else
-            for (int t = 0; t < 3; ++t) kc[t] = g.key_begin[t];
-        }
-        for (int t = 0; t < 3; ++t) keys[t * kKeys + j] = kc[t];
-        keys[3 * kKeys + j] = valid ? 1 : 0;
+      const int j = warp_row<kKeys>();
+      const KeyRow kr = key_row(p, c, j);
+      if (int(lane_id()) < kKeys / kWarps) {
+        for (int t = 0; t < 3; ++t) keys[t * kKeys + j] = kr.kc[t];
+        keys[3 * kKeys + j] = kr.valid ? 1 : 0;
       }
+      values_chunk = c;
+      values_offset = kr.v;
       const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_k : p.k));
-      copy_rows(sk, ld, kKeys, width, base, 0, p.head_dim,
-                [&](int r) { return key_offset(p, c, r, Operand::kK); });
+      copy_rows_at<kKeys>(sk, ld, width, base, 0, p.head_dim, kr.k);
     }
     // Columns [col0, col0 + width) of the V rows of chunk c.
     template <class Lay>
     TM_DEVICE void load_values(const NaParams& p, int c, shared_ptr<T> sv, Lay ld, int width,
                                int col0) const {
       const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_v : p.v));
-      copy_rows(sv, ld, kKeys, width, base, col0, p.value_dim, [&](int r) {
-        const int64_t off = key_offset(p, c, r, Operand::kV);
-        return off < 0 ? off : off + col0;
-      });
+      const int64_t off = values_chunk == c ? values_offset : key_row(p, c, warp_row<kKeys>()).v;
+      copy_rows_at<kKeys>(sv, ld, width, base, col0, p.value_dim, off < 0 ? off : off + col0);
     }
 
     // The window rule (partial chunks only; additional tokens: every existing one is kept).
@@ -472,14 +482,16 @@ struct NeighborhoodPolicy {
     TM_DEVICE Step first(const NaParams& p) const { return step(p, 0); }
     TM_DEVICE Step next(const NaParams& p, const Step& s) const { return step(p, s.it + 1); }
 
-    // Query column j of step st: group coordinates and real coordinates (false past the end).
+    // Query column j of step st: group coordinates and real coordinates (false past the end; the
+    // walk then runs for the first query, so that every column costs the same: see key_row).
     TM_DEVICE bool query_coords(const NaParams& p, const Step& st, int j, int* qc, int* x) const {
       const int index = st.qfirst + j;
-      if (index >= nq) return false;
+      const bool valid = index < nq;
+      const int at = valid ? index : 0;
       if (extra) {
         const int e[3] = {p.sched.dims[0].length, p.sched.dims[1].length, p.sched.dims[2].length};
-        unravel_box(index, e, x);
-        return true;
+        unravel_box(at, e, x);
+        return valid;
       }
       SegmentedBox box;
       TM_UNROLL
@@ -489,33 +501,39 @@ struct NeighborhoodPolicy {
         box.il[t] = box_smem[6 + t];
         box.ih[t] = box_smem[9 + t];
       }
-      na_detail::box_token(p, g, box, index, qc, x);
-      return true;
+      na_detail::box_token(p, g, box, at, qc, x);
+      return valid;
     }
-    TM_DEVICE int64_t query_row(const NaParams& p, const Step& st, int j) const {
-      int qc[3], x[3];
-      if (!query_coords(p, st, j, qc, x)) return -1;
-      return (int64_t(b) * p.tokens + na_detail::token_index(p, x)) * p.heads + st.h;
-    }
-    TM_DEVICE int64_t query_offset(const NaParams& p, const Step& st, int j, Operand op) const {
-      int qc[3], x[3];
-      if (!query_coords(p, st, j, qc, x)) return -1;
-      return na_detail::token_offset(na_detail::strides(p, op), b, x, st.h);
-    }
-    // cols[field * kCols + j], fields qc[3], lo[3], hi[3] (group coordinates and window).
-    TM_DEVICE void write_cols(const NaParams& p, const Step& st, shared_ptr<int> cols) const {
-      const int j = int(linear_thread_idx());
-      if (j >= kCols) return;
+    // Query column j of step st, one walk for everything the step needs of it (see key_row):
+    // cols[field * kCols + j] (fields qc[3], lo[3], hi[3]: group coordinates and window; 0 past
+    // the end) when `write`, and its rows.
+    struct QueryCol {
+      int64_t row, q, go;  // the LSE / delta row, the Q and dO offsets (-1 past the end)
+    };
+    TM_DEVICE QueryCol query_col(const NaParams& p, const Step& st, int j, shared_ptr<int> cols,
+                                 bool write) const {
       int qc[3] = {0, 0, 0}, x[3];
       const bool valid = query_coords(p, st, j, qc, x);
+      const bool windowed = valid && !extra;
+      TM_UNROLL
       for (int t = 0; t < 3; ++t) {
         int lo = 0, hi = 0;
-        if (valid && !extra) p.sched.window(g, t, qc[t], &lo, &hi);
-        cols[t * kCols + j] = qc[t];
-        cols[(3 + t) * kCols + j] = lo;
-        cols[(6 + t) * kCols + j] = hi;
+        p.sched.window(g, t, qc[t], &lo, &hi);
+        if (write) {
+          cols[t * kCols + j] = valid ? qc[t] : 0;
+          cols[(3 + t) * kCols + j] = windowed ? lo : 0;  // (none past the end: nothing kept)
+          cols[(6 + t) * kCols + j] = windowed ? hi : 0;
+        }
       }
+      QueryCol c;
+      c.row = (int64_t(b) * p.tokens + na_detail::token_index(p, x)) * p.heads + st.h;
+      c.q = na_detail::token_offset(p.q_st, b, x, st.h);
+      c.go = na_detail::token_offset(p.go_st, b, x, st.h);
+      if (!valid) c.row = c.q = c.go = -1;
+      return c;
     }
+    // The step's own metadata: none (each column's comes with query_col).
+    TM_DEVICE void write_cols(const NaParams&, const Step&, shared_ptr<int>) const {}
     TM_DEVICE bool keep(const NaParams&, const KeyState& ks, int ri, shared_ptr<int> cols,
                         const Step&, int j) const {
       if (extra) return true;

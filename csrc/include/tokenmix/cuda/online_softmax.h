@@ -133,43 +133,72 @@ TM_DEVICE ChunkMask chunk_mask(const bool (&valid)[2], bool full, Keep&& keep) {
   return m;
 }
 
+// The normal pass keeps the warp's running maxima while no row's chunk maximum passes its own by
+// more than kMaxSlack (log2 units): P then stays at most 2^kMaxSlack (exact in fp32, and in the
+// fp16/bf16 P of the product), O and l need no rescale, and the LSE (m + log2 l) is the same. A
+// warp moves its maxima, and rescales, only when some row of it passes that, so the choice is
+// uniform.
+constexpr float kMaxSlack = 8.0f;
+
+// P = exp2(s - base) in place, summed into l[ri] (P < 2^-126 counts as 0).
+template <int KC>
+TM_DEVICE void exponentiate_row(float (&s)[KC][4], int ri, float base, float& l) {
+  float sum = 0.0f;
+  TM_UNROLL
+  for (int n = 0; n < KC; ++n) {
+    TM_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const float pe = exp2f_ftz(s[n][2 * ri + e] - base);
+      s[n][2 * ri + e] = pe;
+      sum += pe;
+    }
+  }
+  l += sum;
+}
+
 // One chunk of the online softmax for the two rows of a thread: s holds logits (log2 units) and
-// becomes P relative to the new running max m; l (this thread's partial row sums) and the output
-// accumulator o are rescaled. kExact: record NaN logits (the exact pass, for the LSE).
+// becomes P relative to the running max m; l (this thread's partial row sums) and the output
+// accumulator o are rescaled when m moves. kExact: record NaN logits (the exact pass, for the
+// LSE), and move m on every chunk.
 template <bool kExact, int KC, int NV>
 TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float (&m)[2],
                                      float (&l)[2], bool (&nan_logit)[2]) {
+  float mx[2];
   TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
-    float mx = kNegInf;
+    mx[ri] = kNegInf;
     TM_UNROLL
     for (int n = 0; n < KC; ++n) {
       if constexpr (kExact) {
-        mx = mx > s[n][2 * ri] ? mx : s[n][2 * ri];
-        mx = mx > s[n][2 * ri + 1] ? mx : s[n][2 * ri + 1];
+        mx[ri] = mx[ri] > s[n][2 * ri] ? mx[ri] : s[n][2 * ri];
+        mx[ri] = mx[ri] > s[n][2 * ri + 1] ? mx[ri] : s[n][2 * ri + 1];
         nan_logit[ri] |= s[n][2 * ri] != s[n][2 * ri] || s[n][2 * ri + 1] != s[n][2 * ri + 1];
       } else {
         // FMNMX, which skips NaN: a NaN logit still makes its P, the row sum and O NaN, and a
         // non-finite O sends the block to the exact pass, which takes the max above.
-        mx = fmaxf(mx, fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
+        mx[ri] = fmaxf(mx[ri], fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
       }
     }
-    mx = quad_max(mx);
-    const float m_new = m[ri] > mx ? m[ri] : mx;
+    mx[ri] = quad_max(mx[ri]);
+  }
+  if constexpr (!kExact) {
+    // (m = -inf: any finite logit moves it; m = +inf: nothing passes it.)
+    const bool passes = mx[0] > m[0] + kMaxSlack || mx[1] > m[1] + kMaxSlack;
+    if (!any_sync(0xffffffffu, passes)) {
+      TM_UNROLL
+      for (int ri = 0; ri < 2; ++ri)
+        exponentiate_row(s, ri, m[ri] == kNegInf ? 0.0f : m[ri], l[ri]);
+      return;
+    }
+  }
+  TM_UNROLL
+  for (int ri = 0; ri < 2; ++ri) {
+    const float m_new = m[ri] > mx[ri] ? m[ri] : mx[ri];
     const float base = m_new == kNegInf ? 0.0f : m_new;  // a row with nothing seen yet
     const float alpha = exp2f_ftz(m[ri] - base);
     m[ri] = m_new;
-    float sum = 0.0f;
-    TM_UNROLL
-    for (int n = 0; n < KC; ++n) {
-      TM_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const float pe = exp2f_ftz(s[n][2 * ri + e] - base);  // P < 2^-126 counts as 0
-        s[n][2 * ri + e] = pe;
-        sum += pe;
-      }
-    }
-    l[ri] = l[ri] * alpha + sum;
+    l[ri] *= alpha;
+    exponentiate_row(s, ri, base, l[ri]);
     TM_UNROLL
     for (int n = 0; n < NV; ++n) {
       o[n][2 * ri] *= alpha;

@@ -10,35 +10,80 @@
 
 namespace tokenmix::cuda {
 
-// Copies `rows` rows of `width` elements (a multiple of the 16-byte vector) into a shared tile with
-// cp.async, zero-filling columns at or past `valid_cols` and rows without a source (src(r) < 0).
-// src(r) is the element offset of row r's column `col0` in `base`.
-template <class T, class Lay, class Src>
-TM_DEVICE void copy_rows(shared_ptr<T> dst, Lay ld, int rows, int width, global_ptr<const T> base,
-                         int col0, int valid_cols, Src&& src) {
-  constexpr int vec = kVec<T>;
-  const int segs = width / vec;
-  for (int s = int(linear_thread_idx()); s < rows * segs; s += kThreads) {
-    const int r = s / segs, c = (s - r * segs) * vec;
-    const int64_t off = src(r);
-    const bool in = off >= 0 && col0 + c < valid_cols;
-    cp_async_zfill<16>(dst + tile_offset(ld, r, c), in ? base + off + c : base, in ? 16 : 0);
+// The row copies split a tile's kRows rows among the warps, kRows / kWarps consecutive rows each.
+// Lane l of warp w computes the source offset of row warp_row<kRows>() = w * kRows / kWarps + l %
+// (kRows / kWarps), once per tile: a row's offset may cost a walk of a key box (two integer
+// divisions and 64-bit stride products), which the copy loop must not repeat per 16-byte segment.
+template <int kRows>
+TM_DEVICE int warp_row() {
+  static_assert(kRows % kWarps == 0 && kRows / kWarps <= 32, "whole rows per warp, one per lane");
+  constexpr int kPerWarp = kRows / kWarps;
+  return int(warp_id()) * kPerWarp + int(lane_id()) % kPerWarp;
+}
+
+// Copies kRows rows of `width` elements (a multiple of the 16-byte vector) into a shared tile with
+// cp.async, zero-filling columns at or past `valid_cols` and rows without a source (offset < 0).
+// `off` is the element offset in `base` of row warp_row<kRows>()'s column `col0`; the warp passes
+// each row's offset from its lane with a shuffle, and its lanes copy the segments of its rows in
+// row-major order (consecutive lanes, consecutive 16-byte segments: coalesced reads, and writes
+// that cover the banks). Every lane of the warp must call it.
+template <int kRows, class T, class Lay>
+TM_DEVICE void copy_rows_at(shared_ptr<T> dst, Lay ld, int width, global_ptr<const T> base,
+                            int col0, int valid_cols, int64_t off) {
+  constexpr int vec = kVec<T>, kPerWarp = kRows / kWarps;
+  const int segs = width / vec, lane = int(lane_id());
+  const int row0 = int(warp_id()) * kPerWarp;
+  const uint32_t lo = uint32_t(uint64_t(off)), hi = uint32_t(uint64_t(off) >> 32);
+  const auto row_offset = [&](int r) {  // every lane of the warp takes part
+    return int64_t((uint64_t(shfl_sync(0xffffffffu, hi, r)) << 32) | shfl_sync(0xffffffffu, lo, r));
+  };
+  if (32 % segs == 0 && kPerWarp * segs % 32 == 0) {
+    // (the specialized head dims) Each lane copies one 16-byte column of every (32 / segs)-th row:
+    // its column, its check and its place in the row stay put.
+    const int step = 32 / segs, rl = lane / segs, c = (lane - rl * segs) * vec;
+    const bool col_in = col0 + c < valid_cols;
+    const global_ptr<const T> at = base + c;
+    TM_UNROLL
+    for (int k = 0; k < kPerWarp / step; ++k) {
+      const int r = k * step + rl;
+      const int64_t o = row_offset(r);
+      const bool in = col_in && o >= 0;
+      cp_async_zfill<16>(dst + tile_offset(ld, row0 + r, c), in ? at + o : base, in ? 16 : 0);
+    }
+    return;
+  }
+  for (int i0 = 0; i0 < kPerWarp * segs; i0 += 32) {  // the same trips for every lane
+    const int i = i0 + lane;
+    const int r = i / segs, c = (i - r * segs) * vec;
+    const int64_t o = row_offset(r < kPerWarp ? r : 0);
+    const bool in = i < kPerWarp * segs && o >= 0 && col0 + c < valid_cols;
+    if (i < kPerWarp * segs)
+      cp_async_zfill<16>(dst + tile_offset(ld, row0 + r, c), in ? base + o + c : base, in ? 16 : 0);
   }
 }
 
-// Whether the 16-byte segments this thread copied with copy_rows(dst, ld, rows, width, ...) hold
+// The same with the offsets given by src(r) (the offset of row r's column col0, or -1), called
+// once per lane.
+template <int kRows, class T, class Lay, class Src>
+TM_DEVICE void copy_rows(shared_ptr<T> dst, Lay ld, int width, global_ptr<const T> base, int col0,
+                         int valid_cols, Src&& src) {
+  copy_rows_at<kRows>(dst, ld, width, base, col0, valid_cols, int64_t(src(warp_row<kRows>())));
+}
+
+// Whether the 16-byte segments this thread copied with copy_rows<kRows>(dst, ld, width, ...) hold
 // an inf or NaN in columns [col_lo, col_hi). It reads only the thread's own cp.async destinations,
 // which are visible to it right after cp_async_wait_group, so it runs before the barrier that
 // publishes the tile; block_any then combines the threads at that barrier.
-template <class E, class Lay>
-TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, Lay ld, int rows, int width,
-                                int col_lo, int col_hi) {
-  constexpr int vec = kVec<typename E::T>;
-  const int segs = width / vec;
+template <int kRows, class E, class Lay>
+TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, Lay ld, int width, int col_lo,
+                                int col_hi) {
+  constexpr int vec = kVec<typename E::T>, kPerWarp = kRows / kWarps;
+  const int segs = width / vec, items = kPerWarp * segs, row0 = int(warp_id()) * kPerWarp;
   bool bad = false;
-  for (int s = int(linear_thread_idx()); s < rows * segs; s += kThreads) {
-    const int r = s / segs, c = (s - r * segs) * vec;
-    if (c >= col_lo && c < col_hi) bad |= any_nonfinite<E>(load128(dst + tile_offset(ld, r, c)));
+  for (int i = int(lane_id()); i < items; i += 32) {
+    const int r = i / segs, c = (i - r * segs) * vec;
+    if (c >= col_lo && c < col_hi)
+      bad |= any_nonfinite<E>(load128(dst + tile_offset(ld, row0 + r, c)));
   }
   return bad;
 }
