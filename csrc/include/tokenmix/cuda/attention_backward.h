@@ -92,7 +92,8 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
   // where K tiles with an inf or NaN take gemm_pn_exact (and the bias gradient, done, is skipped).
   for (int pass = 0; pass < 2; ++pass) {
     const bool exact = pass == 1;
-    if (tile.chunks > 0) tile.load_keys(p, 0, keys, sk, L.ldq, dp);
+    typename Tile::ValuesRow v_row{};  // from load_keys of the chunk whose K was copied last
+    if (tile.chunks > 0) v_row = tile.load_keys(p, 0, keys, sk, L.ldq, dp);
     cp_async_commit_group();  // (with the Q and dO copies in pass 0)
     zero_acc(dq);
 
@@ -103,7 +104,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
         block_any_vote(votes, copied_nonfinite<kKeys, E>(sk, L.ldq, dp, col0, col0 + kChunk));
       sync_threads();
       const bool k_bad = exact && block_any_result(votes);
-      tile.load_values(p, c, sv, L.ldv, dvp, 0);
+      tile.load_values(p, c, v_row, sv, L.ldv, dvp, 0);
       cp_async_commit_group();
       if (c == 0) {
         const int r0 = warp * 16 + (lane >> 2);
@@ -149,7 +150,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
       else
         gemm_pn<E>(dq, s, sk + col0, L.ldq, stage, cm.groups);
       sync_threads();  // every warp is done with K, V and the metadata of chunk c
-      if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, L.ldq, dp);
+      if (c + 1 < tile.chunks) v_row = tile.load_keys(p, c + 1, keys, sk, L.ldq, dp);
       cp_async_commit_group();
     }
     cp_async_wait_group<0>();
@@ -284,14 +285,16 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
           mask_scores(s, ks.valid, p.scale_log2, st.full, tile.biased(p, st), cm.kept,
                       [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); });
       uint32_t live = 0;
+      ColumnFloats<kCols> col_lse2;
+      col_lse2.load(colf);
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
+        const float lse2[2] = {col_lse2.at(n, 0), col_lse2.at(n, 1)};
         TM_UNROLL
         for (int i = 0; i < 4; ++i) {
-          const int j = frag_col(n, i, lane);
-          const bool alive = ((kept >> (4 * n + i)) & 1u) != 0 && colf[j] != kNegInf;
+          const bool alive = ((kept >> (4 * n + i)) & 1u) != 0 && lse2[i & 1] != kNegInf;
           live |= alive ? 1u << (4 * n + i) : 0u;
-          s[n][i] = alive ? exp2f_ftz(s[n][i] - colf[j]) : 0.0f;  // P^T
+          s[n][i] = alive ? exp2f_ftz(s[n][i] - lse2[i & 1]) : 0.0f;  // P^T
         }
       }
       cp_async_wait_group<0>();  // dO of step st
@@ -302,12 +305,15 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       const bool g_bad = exact && block_any_result(votes + kWarps);
       gemm_nt<E>(dpt, sv + warp * 16 * L.ldv, L.ldv, sgo, L.ldv, kv, cm.groups);
       float ds[KC][4];
+      ColumnFloats<kCols> col_delta;
+      col_delta.load(colf + kCols);
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
+        const float delta[2] = {col_delta.at(n, 0), col_delta.at(n, 1)};
         TM_UNROLL
         for (int i = 0; i < 4; ++i)
           ds[n][i] = ((live >> (4 * n + i)) & 1u) != 0  // else exactly 0 (see attention_dq)
-                         ? s[n][i] * (dpt[n][i] - colf[kCols + frag_col(n, i, lane)])
+                         ? s[n][i] * (dpt[n][i] - delta[i & 1])
                          : 0.0f;
       }
       if (g_bad)

@@ -23,7 +23,10 @@
 //     row_ints(p), key_ints(p)     ints of row metadata and of key-chunk metadata in shared memory
 //     write_rows / read_rows       row metadata -> shared memory -> RowState (registers, with
 //                                  valid[2] for the thread's two accumulator rows)
-//     load_keys(p, c, ...)         chunk c's metadata and K rows (cp.async), load_values: V rows
+//     load_keys(p, c, ...)         chunk c's metadata and K rows (cp.async); returns a ValuesRow
+//                                  (the policy's: what it found for V, if anything), which the
+//                                  engine hands to load_values(p, c, v_row, ...): V rows; every
+//                                  thread of the block calls both (the copies shuffle in warps)
 //     full(p, c)                   every valid row keeps every key of chunk c: no keep() calls
 //     keep(p, rs, ri, keys, c, j)  the element rule of a partial chunk (row ri, chunk column j)
 //     biased(p, c), bias(...)      an additive bias (log2 units), in full chunks too

@@ -72,10 +72,12 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
   // Pass 0 multiplies P V with tensor cores (or the staged FMAs). A V row holding an inf or NaN
   // would turn the masked (0) P entries of every row into NaN there (0 * inf), so a block whose O
   // came out non-finite runs pass 1: each V tile is checked and the ones with an inf or NaN take
-  // gemm_pn_exact. Finite inputs never run pass 1.
+  // gemm_pn_exact. Finite inputs run pass 1 only when O itself overflows (values within a factor
+  // of the keys times 2^8 of the float range's end: the normal pass's P reaches 2^8).
   for (int pass = 0; pass < 2; ++pass) {
     const bool exact = pass == 1;
-    if (tile.chunks > 0) tile.load_keys(p, 0, keys, sk, lq, dp);
+    typename Tile::ValuesRow v_row{};  // from load_keys of the chunk whose K was copied last
+    if (tile.chunks > 0) v_row = tile.load_keys(p, 0, keys, sk, lq, dp);
     cp_async_commit_group();  // (with the Q copy in pass 0)
     zero_acc(o);
     TM_UNROLL
@@ -90,7 +92,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
     for (int c = 0; c < tile.chunks; ++c) {
       cp_async_wait_group<0>();  // K (and metadata) of chunk c
       sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
-      tile.load_values(p, c, sv, lv, kVChunk, vc0);
+      tile.load_values(p, c, v_row, sv, lv, kVChunk, vc0);
       cp_async_commit_group();
       if (c == 0) rs = tile.read_rows(p, rows, warp * 16 + (lane >> 2));
 
@@ -110,7 +112,7 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
       if (exact) block_any_vote(votes, copied_nonfinite<kKeys, E>(sv, lv, kVChunk, 0, kVChunk));
       sync_threads();  // every warp is done with K and the metadata of chunk c
       const bool v_bad = exact && block_any_result(votes);
-      if (c + 1 < tile.chunks) tile.load_keys(p, c + 1, keys, sk, lq, dp);
+      if (c + 1 < tile.chunks) v_row = tile.load_keys(p, c + 1, keys, sk, lq, dp);
       cp_async_commit_group();
 
       online_softmax_step(s, o, m, l, nan_logit, exact);

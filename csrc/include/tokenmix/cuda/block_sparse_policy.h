@@ -358,9 +358,13 @@ struct BlockSparsePolicy {
     TM_DEVICE bool full(const BsParams& p, int c) const { return chunk(p, c).full; }
     TM_DEVICE bool biased(const BsParams&, int) const { return false; }
 
+    // What load_keys(c) hands load_values(c): nothing, a V row's offset costs less to find again
+    // (one product) than to keep in registers across the chunk's scores.
+    struct ValuesRow {};
+    // Metadata and K rows of chunk c.
     template <class Lay>
-    TM_DEVICE void load_keys(const BsParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
-                             Lay ld, int width) const {
+    TM_DEVICE ValuesRow load_keys(const BsParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
+                                  Lay ld, int width) const {
       const BsChunk ch = chunk(p, c);
       const int64_t k0 = ch.first;
       if (!ch.full) {
@@ -375,10 +379,12 @@ struct BlockSparsePolicy {
                          return k0 + j < p.kv_len ? bs_detail::token_offset(p.k_st, b, k0 + j, hk)
                                                   : -1;
                        });
+      return {};
     }
+    // Columns [col0, col0 + width) of the V rows of chunk c.
     template <class Lay>
-    TM_DEVICE void load_values(const BsParams& p, int c, shared_ptr<T> sv, Lay ld, int width,
-                               int col0) const {
+    TM_DEVICE void load_values(const BsParams& p, int c, ValuesRow, shared_ptr<T> sv, Lay ld,
+                               int width, int col0) const {
       const int64_t k0 = chunk(p, c).first;
       copy_rows<kKeys>(
           sv, ld, width, global_ptr<const T>(static_cast<const T*>(p.v)), col0, p.value_dim,

@@ -116,9 +116,10 @@ struct NeighborhoodPolicy {
     int spatial, chunks;  // key chunks of the box, all chunks (then the additional tokens)
     int inner;            // keys every query of the tile keeps (the key box's inner box)
     SegmentedBox box;     // the key box, its inner box first
-    // load_keys(c) leaves the V offset of this lane's copy row for load_values(c).
-    mutable int values_chunk = -1;
-    mutable int64_t values_offset = -1;
+    // What load_keys(c) hands load_values(c): this lane's V row offset, found by the same walk.
+    struct ValuesRow {
+      int64_t offset = -1;
+    };
 
     // False past the end of a shorter dilation group (the whole block returns).
     TM_DEVICE bool init(const NaParams& p) {
@@ -219,28 +220,27 @@ struct NeighborhoodPolicy {
       return kr;
     }
     // Metadata (keys[field * kKeys + j], fields kc[3] and valid) and K rows of chunk c. Each lane
-    // walks the box for its copy row (warp_row) once, for K and V: the V offset waits in the tile
-    // for load_values(c).
+    // walks the box for its copy row (warp_row) once, for K and V: it returns the row's V offset,
+    // which the engine hands to load_values(c) (ValuesRow).
     template <class Lay>
-    TM_DEVICE void load_keys(const NaParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
-                             Lay ld, int width) const {
+    TM_DEVICE ValuesRow load_keys(const NaParams& p, int c, shared_ptr<int> keys, shared_ptr<T> sk,
+                                  Lay ld, int width) const {
       const int j = warp_row<kKeys>();
       const KeyRow kr = key_row(p, c, j);
       if (int(lane_id()) < kKeys / kWarps) {
         for (int t = 0; t < 3; ++t) keys[t * kKeys + j] = kr.kc[t];
         keys[3 * kKeys + j] = kr.valid ? 1 : 0;
       }
-      values_chunk = c;
-      values_offset = kr.v;
       const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_k : p.k));
       copy_rows_at<kKeys>(sk, ld, width, base, 0, p.head_dim, kr.k);
+      return ValuesRow{kr.v};
     }
-    // Columns [col0, col0 + width) of the V rows of chunk c.
+    // Columns [col0, col0 + width) of the V rows of chunk c; vr: what load_keys(c) returned.
     template <class Lay>
-    TM_DEVICE void load_values(const NaParams& p, int c, shared_ptr<T> sv, Lay ld, int width,
-                               int col0) const {
+    TM_DEVICE void load_values(const NaParams& p, int c, ValuesRow vr, shared_ptr<T> sv, Lay ld,
+                               int width, int col0) const {
       const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_v : p.v));
-      const int64_t off = values_chunk == c ? values_offset : key_row(p, c, warp_row<kKeys>()).v;
+      const int64_t off = vr.offset;
       copy_rows_at<kKeys>(sv, ld, width, base, col0, p.value_dim, off < 0 ? off : off + col0);
     }
 

@@ -29,10 +29,30 @@ TM_DEVICE float quad_max(float v) {
   return v > b ? v : b;
 }
 
-// Column of accumulator entry (n, i) for this lane, and the row (0 or 1) it belongs to.
+// Column of accumulator entry (n, i) for this lane (its row is lane / 4 + 8 (i / 2)).
 TM_DEVICE int frag_col(int n, int i, int lane) {
   return n * 8 + 2 * (lane & 3) + (i & 1);
 }
+
+// A float per column of a kCols-column chunk, held kCols / 32 per lane (column c in lane c % 32)
+// and handed to the accumulator layout by shuffles: one shared-memory wavefront per 32 columns,
+// where reading each entry's column from shared memory costs one per entry.
+template <int kCols>
+struct ColumnFloats {
+  static_assert(kCols % 32 == 0, "whole warps of columns");
+  float v[kCols / 32];
+
+  TM_DEVICE void load(shared_ptr<float> src) {
+    const int lane = int(lane_id());
+    TM_UNROLL
+    for (int r = 0; r < kCols / 32; ++r) v[r] = src[32 * r + lane];
+  }
+  // The value of column frag_col(n, e, lane), for every lane (a warp-wide shuffle; n is a
+  // constant in unrolled loops, so v is indexed statically).
+  TM_DEVICE float at(int n, int e) const {
+    return shfl_sync(0xffffffffu, v[n / 4], frag_col(n % 4, e, int(lane_id())));
+  }
+};
 
 // Bit 4n + i of a chunk's element mask covers accumulator entry (n, i) of every lane; the 8 bits
 // of fragments 2g and 2g + 1 are columns 16g..16g+15, the chunk's key group g.
@@ -134,10 +154,11 @@ TM_DEVICE ChunkMask chunk_mask(const bool (&valid)[2], bool full, Keep&& keep) {
 }
 
 // The normal pass keeps the warp's running maxima while no row's chunk maximum passes its own by
-// more than kMaxSlack (log2 units): P then stays at most 2^kMaxSlack (exact in fp32, and in the
-// fp16/bf16 P of the product), O and l need no rescale, and the LSE (m + log2 l) is the same. A
-// warp moves its maxima, and rescales, only when some row of it passes that, so the choice is
-// uniform.
+// more than kMaxSlack (log2 units): P then stays at most 2^kMaxSlack (to rounding; in range for
+// the fp16/bf16 P of the product), O and l need no rescale, and the LSE (m + log2 l) is the same.
+// A warp moves its maxima, and rescales, only when some row of it passes that, so the choice is
+// uniform. The test takes the difference mx - m: m + kMaxSlack rounds for |m| >= 2^26 (a tie at
+// 2^27 that rounds to m + 16 would let P reach 2^16, inf in fp16).
 constexpr float kMaxSlack = 8.0f;
 
 // P = exp2(s - base) in place, summed into l[ri] (P < 2^-126 counts as 0).
@@ -182,8 +203,9 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
     mx[ri] = quad_max(mx[ri]);
   }
   if constexpr (!kExact) {
-    // (m = -inf: any finite logit moves it; m = +inf: nothing passes it.)
-    const bool passes = mx[0] > m[0] + kMaxSlack || mx[1] > m[1] + kMaxSlack;
+    // (m = -inf: any logit above -inf moves it (+inf > slack); m = +inf: nothing passes it
+    // (-inf or NaN); a NaN mx moves nothing, its P is NaN and sends the block to the exact pass.)
+    const bool passes = mx[0] - m[0] > kMaxSlack || mx[1] - m[1] > kMaxSlack;
     if (!any_sync(0xffffffffu, passes)) {
       TM_UNROLL
       for (int ri = 0; ri < 2; ++ri)
