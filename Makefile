@@ -41,9 +41,12 @@ demo: build
 	$(PY) bench/bench_distributed.py --threads $(THREADS) --quick --world 2 --case na-2d gated-delta bs-sliding
 	$(PY) bench/bench_fft.py --threads $(THREADS) --case conv-4k
 
+# The suite on TEST_WORKERS processes (pytest-xdist), each test file on one of them (module
+# fixtures such as the SASS report and the emulator's own build are made once).
+TEST_WORKERS ?= 2
 test: build lint
 	$(PY) -m tokenmix info
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: build
 	$(PY) bench/bench_na.py --threads $(THREADS) --markdown

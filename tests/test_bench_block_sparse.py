@@ -123,6 +123,7 @@ def _case_block(stdout: str, name: str) -> list[str]:
     return lines[start:end]
 
 
+@pytest.mark.slow
 def test_quick_run_structure(quick_run):
     proc, report = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]

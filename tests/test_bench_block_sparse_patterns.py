@@ -282,6 +282,7 @@ def _kernels() -> bool:
     return hasattr(torch.ops.tokenmix, "block_sparse_forward")
 
 
+@pytest.mark.slow
 def test_quick_bars_run(bars_run):
     """``--quick --issue11-bars``: the two bar cases at T=2048, tokenmix / dense causal SDPA /
     Flex, the pattern table and the bar section with its caveat."""
@@ -320,6 +321,7 @@ def test_quick_bars_run(bars_run):
         assert c["correctness"]["fwd"]["tokenmix"]["ok"] is True
 
 
+@pytest.mark.slow
 def test_quick_sweep_run(sweep_run):
     """``--quick --patterns multi_axis,permuted_blocks --seq-lens 1024,2048 --plot``: one case
     per builder and length, the pattern table with exact densities, tokenmix checked against

@@ -165,6 +165,7 @@ def test_bars_only_for_cases_that_ran():
     assert "boom" in bar["checks"][0]["verdict"]
 
 
+@pytest.mark.slow
 def test_quick_run_json(tmp_path):
     """``--quick --case conv-1k,gfnet-s --json``: both backends and modes per case, positive
     times, tokenmix within 1e-4 of the composite (relative to each tensor's max)."""

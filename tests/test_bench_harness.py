@@ -175,6 +175,7 @@ def test_plot_without_matplotlib_fails_at_once(name, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bench_linear_sweep_and_plot(tmp_path):
     """bench_linear.py --seq-lens: one case per length, the harness's ceiling (start and end,
     the higher used) and the plot."""

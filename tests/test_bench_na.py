@@ -93,6 +93,7 @@ def test_seq_lens_sweep_cases():
         _na_cases("--case", "1d", "--seq-lens", "512")
 
 
+@pytest.mark.slow
 def test_quick_sweep_with_plot(tmp_path):
     """A --seq-lens sweep of the 1-D case with --plot: one case per length, the PNG written."""
     pytest.importorskip("matplotlib")

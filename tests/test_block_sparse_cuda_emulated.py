@@ -241,6 +241,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp32_matches_dense_reference(name):
     check(CASES[name])

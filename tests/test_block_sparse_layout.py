@@ -92,6 +92,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("name", ["causal", "window", "document", "prefix", "random"])
 @pytest.mark.parametrize("broadcast", [False, True], ids=["per-bh", "broadcast"])

@@ -196,6 +196,7 @@ def test_half_precision_extreme_magnitudes(dtype, scale):
 # (128 x 128). The emulator's build holds 64 KiB of spectra per chunk: a pair of channels of
 # 8192 points or more is a chunk of its own (3 channels: 2 pair chunks), and batch entries go
 # one per chunk beyond 4096 points (dk summed across chunks).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "b, length, taps, causal, dtype",
     [
@@ -217,6 +218,7 @@ def test_multipass_batch_chunks_of_several_entries():
     _compare(5, 4096, 1, 1000, False, torch.float16, bias=True, post=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "length, taps, causal, dtype",
     [(40000, 20000, True, torch.bfloat16), (131072, 5000, False, torch.float16)],

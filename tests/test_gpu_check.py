@@ -53,6 +53,7 @@ def probe_wheel(directory) -> None:
         whl.writestr(f"{info}/RECORD", "")
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()

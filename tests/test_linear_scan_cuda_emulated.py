@@ -298,6 +298,7 @@ def _check_delta(x, dtype, cu=None, tol=None):
     assert not bad, f"errors above {tol:.0e} (5x for g_gamma): {bad}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", [1, 2, 63, 64, 65, 130])
 @pytest.mark.parametrize("gated", [False, True])
 def test_delta_rule_matches_the_recurrence(t, gated):
@@ -323,6 +324,7 @@ def test_delta_rule_tensor_core_path_with_slices_blocks_and_varlen():
     _check_delta(x, torch.float16, cu=cu)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gated", [False, True])
 def test_delta_rule_varlen_and_long(gated):
     cu = torch.tensor([0, 1, 65, 130, 257, 259])
@@ -377,6 +379,7 @@ EMULATED = (emulated_linear_attention, emulated_delta_rule)
 RESET_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", [(10, 20), (15, 16, 47, 48)], ids=["inside", "edges"])
 @pytest.mark.parametrize("dtype", list(RESET_TOL), ids=["fp32", "bf16"])
 @pytest.mark.parametrize("value", [-1e9, torch.finfo(torch.float32).min, float("-inf")])
@@ -423,6 +426,7 @@ HALF_AND_FULL = pytest.mark.parametrize(
 )
 
 
+@pytest.mark.slow
 @HALF_AND_FULL
 @pytest.mark.parametrize("variant, name, token, value", LINEAR_POISONS)
 def test_non_finite_value_changes_no_earlier_output(variant, name, token, value, dtype):
@@ -436,6 +440,7 @@ def test_non_finite_value_changes_no_earlier_output(variant, name, token, value,
     assert not torch.isfinite(o[:, token]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant, name",
     # An inf key makes the delta rule's own earlier gradients NaN (its transition

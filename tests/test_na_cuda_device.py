@@ -54,3 +54,49 @@ def test_cuda_matches_reference(index, dtype, deterministic):
     for name, got, w in zip(cuda, grads, want_grads, strict=True):
         assert torch.isfinite(got).all(), name
         assert _max_rel_err(got, w) <= TOL[dtype], name
+
+
+# The sm_90a (wgmma) forward: fixed head dims 32, 64 and 128 (D = Dv), fp16 / bf16.
+WGMMA_CASES = [
+    make_cfg((24, 24), (7, 7), dim=32, heads=2, batch=2, rpb=True),
+    make_cfg((70,), 9, dim=64, heads=4, heads_kv=2, n_extra=5),
+    make_cfg((5, 6, 7), 3, dilation=(1, 2, 1), causal=(True, False, False), dim=128),
+]
+
+
+def _forward_kernels(fn) -> set[str]:
+    """Names of the CUDA kernels fn() launches (the profiler's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "na_forward" in e.name}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the sm_90a forward runs on compute capability 9.0 only",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("index", range(len(WGMMA_CASES)))
+def test_sm90a_forward_runs_and_matches_reference(index, dtype, monkeypatch):
+    # On an H100/H200 the forward takes the wgmma kernels; TOKENMIX_WGMMA=0 keeps mma.sync. Both
+    # match the float64 reference.
+    c = WGMMA_CASES[index]
+    t = make_inputs(c, dtype, seed=index)
+    cuda = {n: x.cuda() for n, x in t.items() if x is not None}
+    want = attend(
+        neighborhood_attention_reference, c, {n: x.double() for n, x in t.items() if x is not None}
+    )
+    for wgmma in ("1", "0"):
+        monkeypatch.setenv("TOKENMIX_WGMMA", wgmma)
+        out: list[torch.Tensor] = []
+
+        def run(out=out):
+            out.append(attend(tokenmix.neighborhood_attention, c, cuda))
+
+        kernels = _forward_kernels(run)
+        ran_wg = any("na_forward_wg_kernel" in k for k in kernels)
+        assert kernels and ran_wg == (wgmma == "1"), (wgmma, kernels)
+        assert _max_rel_err(out[0], want) <= TOL[dtype], wgmma

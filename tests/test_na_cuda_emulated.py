@@ -148,6 +148,9 @@ CASES = {
     ),  # fmt: skip
     "gqa-extra-dv": make_case((13, 6), (3, 3), heads=4, heads_kv=2, dim=24, dim_v=40, n_extra=5),
     "mqa-extra-rpb": make_case((30,), 9, heads=3, heads_kv=1, rpb=True, n_extra=70, batch=2),
+    # a negative scale: the forward applies it before the max (mask_scores' fold needs a positive
+    # one), the backward leaves it to the exponent's FFMA
+    "negative-scale": make_case((70,), 7, dim=64, heads=1, scale=-0.7),
 }
 
 
@@ -258,6 +261,7 @@ def test_logit_overflow_from_the_scale(scale, arch, monkeypatch):
         assert torch.isfinite(lse[0, 10, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,dtype",
     [("sm_80", torch.float16), ("sm_80", torch.float32), ("sm_90a", torch.bfloat16)],
@@ -372,6 +376,7 @@ CUDA_HEAD_DIMS = [8, 16, 24, 32, 40, 64, 72, 128]
 SWEEP_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(24))
 def test_random_sweep(seed):
     """Random windows, shapes, head dims, GQA, rpb and extra tokens; the dtype rotates with the
@@ -420,6 +425,7 @@ def test_nonfinite_key_or_value_stays_in_its_window(name, dtype, value):
         assert _bad_rows(g["k"]) == list(range(17, 24))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(12))
 def test_nonfinite_inputs_match_reference(seed):
     """Random problems with inf, -inf or NaN planted in q, k, v, rpb, the additional tokens or

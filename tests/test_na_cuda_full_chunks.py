@@ -42,6 +42,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dtype,deterministic",
     [(torch.float16, False), (torch.float32, True)],

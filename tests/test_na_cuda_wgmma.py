@@ -102,28 +102,39 @@ def test_nonfinite_key_or_value_stays_in_its_window(name, value):
     assert ((out.double() - r_out)[ok].abs().max()).item() <= 4e-3 * r_out[ok].abs().max().item()
 
 
+@pytest.mark.parametrize(
+    ("name", "token_stride", "path"),
+    [
+        # (token strides of whole 16-byte rows: others are copied into contiguous tensors)
+        ("k", 2**25 - 8, "wgmma"),  # one past the last K element: 2^31 - 448
+        ("k", 2**25, "mma"),  # ... 2^31 + 64
+        ("v", 2**25, "mma"),
+    ],
+)
+def test_key_rows_past_int32_offsets_take_the_mma_sync_kernel(name, token_stride, path):
+    """The sm_90a kernel counts key and value rows in int32_t offsets from their (batch, head)'s
+    first element; a K or V view reaching 2^31 elements or more into one head takes the mma.sync
+    kernel, whose offsets are 64-bit (and both match the reference). The view's rows lie about
+    2^25 elements apart in a 4 GiB allocation of which only the touched pages get memory."""
+    c = make_case((65,), 5, heads=1, dim=64)
+    t = make_inputs(c, torch.float16, 3)
+    dense = t[name]
+    storage = torch.empty(64 * token_stride + 64, dtype=torch.float16)
+    t[name] = storage.as_strided(dense.shape, (0, token_stride, 64, 1))
+    t[name].copy_(dense)
+    ops = torch.ops.tokenmix_emulated
+    mma, wgmma = ops.mma_count(), ops.wgmma_count()
+    out, lse = forward(c, t, 0.125)
+    mma, wgmma = ops.mma_count() - mma, ops.wgmma_count() - wgmma
+    assert (mma > 0, wgmma > 0) == (path == "mma", path == "wgmma")
+    r_out, r_lse = reference(c, t, 0.125)
+    assert ((out.double() - r_out).abs().max() / r_out.abs().max()).item() <= TOL[torch.float16]
+    assert (lse.double() - r_lse).abs().max().item() <= 1e-5
+
+
 def test_bad_arch_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("TOKENMIX_SIMT_ARCH", "sm_91")
     c = CASES["1d-partial-d32"]
     t = make_inputs(c, torch.float16, 0)
     with pytest.raises(Exception, match="TOKENMIX_SIMT_ARCH must be sm_80 or sm_90a, got 'sm_91'"):
         forward(c, t, 0.125)
-
-
-def test_sm90a_forward_compiles_to_hgmma():
-    """tools/sm90a/na_forward_wg.cu under nvcc for sm_90a: no spills, and the static model finds
-    the chunk loop's wgmmas: Q K^T in D / 16 HGMMA.64x64x16, P V in 4 HGMMA.64xDx16."""
-    import re
-
-    from sm90a_build import ROOT, compile_sm90a
-
-    source = ROOT / "tools" / "sm90a" / "na_forward_wg.cu"
-    kernels = compile_sm90a(source, "na_forward_wg_sm90a", "-O3", "-DNDEBUG")
-    assert len(kernels) == 4
-    for k in kernels:
-        dim = int(re.search(r"Li(\d+)E", k.name).group(1))
-        assert k.arch == "sm_90a"
-        assert k.counts["hmma"] == dim // 16 + 4, (k.name, k.counts)
-        # 64 x 64 x D for the scores, 64 x D x 64 for P V: per sub-partition, at 512 FMAs a cycle
-        assert k.tensor_cycles == 2 * 64 * 64 * dim / 4 / 512, (k.name, k.tensor_cycles)
-        assert k.counts["local"] == 0 and k.counts["ldsm"] == 0

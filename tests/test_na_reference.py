@@ -216,6 +216,7 @@ def _run_both(cfg, tensors, grads=True):
 SWEEP_SEEDS = list(range(60))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SWEEP_SEEDS)
 def test_sweep_fp64(seed):
     cfg = _random_config(seed)

@@ -318,6 +318,7 @@ def test_dilation_causal_stride_match_brute_force(problem):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, kernel, kwargs",
     [

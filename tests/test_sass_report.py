@@ -142,6 +142,7 @@ def shipped():
     return _shipped()
 
 
+@pytest.mark.slow
 def test_every_ptxas_entry_is_in_the_report(shipped):
     reported = {(k.arch, k.name) for k in shipped}
     # the ptxas report also lists the emulator's self-test kernels, which _C.so does not hold
@@ -150,6 +151,34 @@ def test_every_ptxas_entry_is_in_the_report(shipped):
     assert entries and entries <= reported
 
 
+@pytest.mark.slow
+def test_sm90a_forward_ships_as_hgmma(shipped):
+    """The shipped library's sm_90a forward (na_forward_wg.cu, built for sm_90a alone when 90 is
+    among the architectures): every fp16/bf16 head dim, no spills or local memory, the chunk
+    loop's wgmmas (Q K^T in D / 16 HGMMA.64x64x16, P V in 4 HGMMA.64xDx16), the two proxy
+    fences that make the landed K and V copies visible to them, and one shuffle per copied row
+    segment (its int32_t key-row offsets)."""
+    kernels = [k for k in shipped if k.arch == "sm_90a"]
+    names = sorted(_readable_kernel(k.name) for k in kernels)
+    assert names == sorted(
+        f"na_forward_wg_kernel<{t}, {d}>" for t in ("F16", "BF16") for d in (32, 64, 128)
+    )
+    usage = [r for r in cuda_resource_usage() if r["arch"] == "sm_90a"]
+    assert len(usage) == 6, usage
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in usage), usage
+    for k in kernels:
+        dim = int(re.search(r"Li(\d+)E", k.name).group(1))
+        assert k.counts["hmma"] == dim // 16 + 4, (k.name, k.counts)
+        # 64 x 64 x D for the scores, 64 x D x 64 for P V: per sub-partition, at 512 FMAs a cycle
+        assert k.tensor_cycles == 2 * 64 * 64 * dim / 4 / 512, (k.name, k.tensor_cycles)
+        assert k.counts["local"] == 0 and k.counts["ldsm"] == 0
+        assert k.opcodes.get("FENCE") == 2, (k.name, k.opcodes)
+        # int32_t key-row offsets: one shuffle per copied segment (and 4 for the row maxima),
+        # where int64_t offsets take two
+        assert k.opcodes.get("SHFL", 0) <= k.counts["ldgsts"] + 4, (k.name, k.opcodes)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["na", "bs"])
 def test_tensor_core_kernels_have_a_main_loop(shipped, family):
     checked = 0
@@ -171,21 +200,28 @@ def test_tensor_core_kernels_have_a_main_loop(shipped, family):
     assert checked >= 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["na_forward_kernel<F16, 64>", "na_backward_dq_kernel<F16, 64>"])
 def test_neighborhood_main_path_walks_the_key_box(shipped, kernel):
     # The main path is the fewest instructions with the most tensor work and copies, so a copy
     # loop with a cheaper branch for rows without a source (past the key box) or for additional
     # tokens would hide the key box walk: the main path once skipped it, well over half a real
-    # chunk's instructions. Each lane walks the box once per chunk (two unsigned divisions, no
-    # more) and copies its rows with shuffled offsets.
+    # chunk's instructions. Each lane walks the box once per chunk, a full chunk's keys in the
+    # inner box by two FastDivisor divisions (a multiply-high each, no division sequence), and
+    # copies its rows with shuffled offsets.
     for k in shipped:
         if _readable_kernel(k.name) == kernel and k.arch == "sm_80":
-            assert k.counts["int_div"] == 2, k.opcodes
+            assert k.counts["int_div"] == 0, k.opcodes
+            # the multiply-highs: a 64-bit product of two registers (the strides' are of
+            # constants)
+            mulhi = re.compile(r"IMAD\.(WIDE|HI)\.U32 R\d+, R\d+, R\d+, RZ")
+            assert sum(bool(mulhi.match(k.instructions[i].text)) for i in k.main_path) >= 2
             assert k.opcodes.get("SHFL", 0) >= 2 * k.counts["ldgsts"], k.opcodes
             return
     pytest.fail(f"{kernel} is not in the report")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["na", "bs"])
 def test_key_major_main_path_shuffles_the_column_floats(shipped, family):
     # dK/dV needs the LSE and delta of each query column a lane holds (16 of 64 per lane); read
@@ -204,6 +240,7 @@ def test_key_major_main_path_shuffles_the_column_floats(shipped, family):
     assert checked == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_backward_bounds_meet_the_tensor_core_bar(shipped, arch):
     # Issue 12's bar for the backward kernels: a main-path bound of at least 35% on sm_80 and on
@@ -219,6 +256,24 @@ def test_backward_bounds_meet_the_tensor_core_bar(shipped, arch):
     assert not low, low
 
 
+@pytest.mark.slow
+def test_neighborhood_forward_bounds_meet_the_tensor_core_bar(shipped):
+    # Issue 12's bar for the fp16/bf16 neighborhood forward: a main-path bound of at least 50% at
+    # D=64 and 60% at D=128, on sm_80 (mma.sync) and on compute capability 9.0, which runs the
+    # sm_90a (wgmma) kernel.
+    pattern = re.compile(r"^na_forward(_wg)?_kernel<(F16|BF16), (64|128)>$")
+    bounds = {}
+    for k in shipped:
+        name = _readable_kernel(k.name)
+        m = pattern.match(name)
+        if m and (k.arch, bool(m.group(1))) in (("sm_80", False), ("sm_90a", True)):
+            bounds[(k.arch, name)] = (k.bound, 0.5 if m.group(3) == "64" else 0.6)
+    assert len(bounds) == 8, sorted(bounds)
+    low = {key: round(b, 3) for key, (b, bar) in bounds.items() if b < bar}
+    assert not low, low
+
+
+@pytest.mark.slow
 def test_fft_conv_kernels_use_tensor_cores_for_half_precision(shipped):
     # fp16/bf16: Monarch transforms, 4 HMMA.16816 per 8-column tile of a radix-16 stage (a
     # complex product as 4 real ones) in each transform loop; fp32: radix-2 on FMAs.
@@ -240,6 +295,7 @@ def test_fft_conv_kernels_use_tensor_cores_for_half_precision(shipped):
     assert checked == 2 * (6 + 8)
 
 
+@pytest.mark.slow
 def test_fft_line_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
     # fourier_mix / global_filter / spectral_gate: the line pass and spectral_gate's forward run
     # Monarch transforms for fp16/bf16 (4 HMMA.16816 per tile), none for float32;
@@ -261,6 +317,7 @@ def test_fft_line_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
     assert checked == 2 * 9  # 3 kernels x 3 dtypes, on sm_80 and sm_90
 
 
+@pytest.mark.slow
 def test_scan_kernels_use_tensor_cores_exactly_for_half_precision(shipped):
     # The linear scans' and the delta rule's forward and backward run their products as tf32
     # mma (HMMA.1688.F32.TF32) for fp16/bf16 inputs and FMAs for float32; the reduction kernels

@@ -247,6 +247,13 @@ BUGS = {
         "wgmma without fence",
         [f"kernel '{NS}wgmma_gemm_kernel<false, 64, false, false>'", "selftest_wgmma.cu:"],
     ),
+    "bug_wgmma_no_proxy_fence": (
+        "unfenced generic write read by wgmma",
+        [
+            "operand of the wgmma at selftest_wgmma.cu:",
+            "has not run fence_proxy_async_shared() since",
+        ],
+    ),
     "bug_wgmma_no_wait": (
         "wgmma in flight at exit",
         ["4 wgmma ops of its warp are in flight", "a wgmma_wait_group must cover them"],
@@ -635,6 +642,7 @@ def test_nvcc_emits_the_instructions(nvcc_reports):
         assert instruction in ptx.stdout, instruction
 
 
+@pytest.mark.slow
 def test_wgmma_calls_become_hgmma_on_sm90a():
     """The wgmma self-test GEMM compiled for sm_90a: every width and dtype becomes HGMMA, with no
     spills (the emulator runs the same source: test_kernel_passes[wgmma_*])."""

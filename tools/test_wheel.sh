@@ -11,7 +11,8 @@
 #      ~4 GB CUDA build that runs on the CPU), the test dependencies and the wheel, --no-deps;
 #   2. `tokenmix info`, then the test suite from a folder outside the source tree, so `import
 #      tokenmix` is the installed wheel; tests marked build_tree (they read the CMake build
-#      folder or rebuild from source) are deselected;
+#      folder or rebuild from source) are deselected, and so are those marked slow (long runs
+#      over code the wheel shares with the build tree, which `make test` ran);
 #   3. as root with debootstrap: the wheel's libraries load (every symbol bound) next to that
 #      torch's in a Debian 11 root (glibc 2.31, from before glibc 2.34 merged libpthread, libdl
 #      and librt into libc), which is what manylinux_2_28 portability is about.
@@ -60,7 +61,8 @@ for version in $TORCH_VERSIONS; do
   cp README.md pyproject.toml "$run_dir/"
   (cd "$run_dir" && "$venv/bin/python" -c "import tokenmix, sys; \
     assert tokenmix.__file__.startswith(sys.prefix), tokenmix.__file__" &&
-    "$venv/bin/python" -m pytest -q -m "not build_tree" -p no:cacheprovider tests)
+    "$venv/bin/python" -m pytest -q -m "not build_tree and not slow" -n "${TEST_WORKERS:-2}" \
+      --dist loadfile -p no:cacheprovider tests)
   say "torch $version: suite passed in $(($(date +%s) - started)) s in all"
   bash tools/check_old_glibc.sh "$venv" "$WORK/debian11"
 done

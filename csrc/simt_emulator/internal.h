@@ -60,6 +60,7 @@ struct thread_state {
   std::vector<cp_async_op> cp_ops;  // issued, not landed (in issue order)
   size_t cp_head;
   uint32_t cp_open_group;  // id of the group that new cp.async operations join
+  uint32_t proxy_fences;   // fence_proxy_async_shared calls so far
   uint64_t idle_accesses;  // reads since the thread last made progress (the watchdog)
   uint64_t watchdog;       // the launch's limit on them
 };
@@ -120,6 +121,10 @@ struct access_history {
   access_set writes;   // the last plain write (one thread), or a landed cp.async
   access_set atomics;  // atomics since the last plain write
   access_set reads;    // plain reads since the last plain write
+  // The last plain write's (or landed cp.async's) thread, 1 + tid (0: none), and its
+  // proxy_fences then: wgmma reads the byte through the async proxy only after that thread fenced.
+  uint32_t writer_fences;
+  uint16_t writer;
 };
 
 // Per byte of shared memory (its access_history is kept apart: the bounds checks touch only this).
@@ -218,6 +223,7 @@ uint32_t global_region(const launch_state& L, uintptr_t addr);
 [[noreturn]] void fail(const std::string& kind, const std::string& detail,
                        const thread_state* who = nullptr);
 std::string describe_thread(const worker& w, const thread_state& t);
+std::string site(const char* file, int line);    // "file.cpp:42", for reports
 std::string describe_address(const void* addr);  // "address 0x... (buffer 'x' + 16)"
 
 // Checks for an explicit thread (ldmatrix reads are by the lane that gave the row), through a
@@ -227,6 +233,10 @@ void check_shared(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t alig
 void check_global(thread_state& t, uintptr_t addr, uint32_t bytes, uint32_t align, access a,
                   uint32_t region);
 void land_cp_async(thread_state& t, uint32_t first_pending_group);
+// A read of shared memory through the async proxy (wgmma's `operand` at file:line, issued by
+// `reader`): every byte's last writer must have run fence_proxy_async_shared since writing it.
+void check_async_proxy_read(thread_state& reader, uintptr_t addr, uint32_t bytes,
+                            const char* operand, const char* file, int line);
 void on_exit_cp_async(thread_state& t);
 
 // Warp collectives: blocks until every lane of `mask` arrived, then the last one computes.

@@ -311,6 +311,8 @@ void update(const worker& w, access_history& h, const thread_state& t, sop op) {
       replace(w, h.writes, t);
       h.atomics.epoch = 0;
       h.reads.epoch = 0;
+      h.writer = uint16_t(t.tid + 1);
+      h.writer_fences = t.proxy_fences;
       break;
     case sop::atomic:  // the reads stay: a later atomic must be ordered after them too
       record(w, h.atomics, t);
@@ -324,7 +326,8 @@ inline bool same(const access_set& a, const access_set& b) {
          a.warp == b.warp;
 }
 inline bool same(const access_history& a, const access_history& b) {
-  return same(a.writes, b.writes) && same(a.atomics, b.atomics) && same(a.reads, b.reads);
+  return same(a.writes, b.writes) && same(a.atomics, b.atomics) && same(a.reads, b.reads) &&
+         a.writer == b.writer && a.writer_fences == b.writer_fences;
 }
 
 // Bit i set: byte i of an access has the same history as byte i - 1 (for the first 32 bytes). The
@@ -561,6 +564,29 @@ void cp_async(int bytes, void* dst, uint32_t dst_region, const void* src, uint32
 
 void cp_async_commit_group() {
   ++current_thread().cp_open_group;
+}
+
+void fence_proxy_async_shared() {
+  ++current_thread().proxy_fences;
+}
+
+void check_async_proxy_read(thread_state& reader, uintptr_t addr, uint32_t bytes,
+                            const char* operand, const char* file, int line) {
+  worker& w = this_worker();
+  const uint32_t off = uint32_t(addr - reinterpret_cast<uintptr_t>(w.smem));
+  for (uint32_t i = 0; i < bytes; ++i) {
+    const access_history& h = w.history[off + i];
+    if (h.writer == 0) continue;
+    const thread_state& writer = w.threads[h.writer - 1];
+    if (writer.proxy_fences != h.writer_fences) continue;
+    fail("unfenced generic write read by wgmma",
+         std::string("the ") + operand + " operand of the wgmma at " + site(file, line) +
+             " reads " + shared_where(w, addr + i) + ", last written by " +
+             describe_thread(w, writer) +
+             " (a store or a landed cp.async: the generic proxy), which has not run "
+             "fence_proxy_async_shared() since: wgmma reads shared memory through the async proxy",
+         &reader);
+  }
 }
 
 void land_cp_async(thread_state& t, uint32_t first_pending_group) {

@@ -108,11 +108,6 @@ std::string hex(uint32_t x) {
   return b;
 }
 
-std::string site(const char* file, int line) {
-  const char* slash = file ? std::strrchr(file, '/') : nullptr;
-  return std::string(slash ? slash + 1 : (file ? file : "?")) + ":" + std::to_string(line);
-}
-
 std::string collective_name(coll_kind k, uint8_t mode) {
   switch (k) {
     case coll_kind::sync_warp: return "sync_warp";
@@ -284,6 +279,12 @@ void fiber_main() {
 
 }  // namespace
 
+// "file.cpp:42" (the file name without its directories), for reports.
+std::string site(const char* file, int line) {
+  const char* slash = file ? std::strrchr(file, '/') : nullptr;
+  return std::string(slash ? slash + 1 : (file ? file : "?")) + ":" + std::to_string(line);
+}
+
 // ---- settings and workers ----------------------------------------------------------------------
 
 void set_workers(int n) {
@@ -373,6 +374,7 @@ void worker::run_block(uint64_t linear) {
     t.cp_ops.clear();
     t.cp_head = 0;
     t.cp_open_group = 0;
+    t.proxy_fences = 0;
     t.idle_accesses = 0;
     t.watchdog = launch->watchdog;
     getcontext(&t.ctx);

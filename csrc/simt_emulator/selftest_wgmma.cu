@@ -103,6 +103,8 @@ TM_GLOBAL void wgmma_gemm_kernel(global_ptr<const uint16_t> a, global_ptr<const 
       const uint16_t v = kTransB ? b[size_t(k0 + kk) * n + col] : b[size_t(col) * k + k0 + kk];
       ptr_cast<uint16_t>(sb + lb.offset(col, kk))[0] = v;
     }
+    // Generic-proxy stores; wgmma reads through the async proxy.
+    if (!(bug == int(wgmma_bug::no_proxy_fence) && k0 == 0)) fence_proxy_async_shared();
     sync_threads();
     if (!(bug == int(wgmma_bug::no_fence) && k0 == 0)) wgmma_fence();
     for (int kk = 0; kk < kt / 16; ++kk) {

@@ -14,10 +14,11 @@ inline namespace emulated {
 // Planted bugs of the wgmma GEMM, each reported by the emulator.
 enum class wgmma_bug : int {
   none = 0,
-  no_fence = 1,          // no wgmma_fence before the first wgmma
-  no_wait = 2,           // the last group is never waited for
-  overwrite_a = 3,       // A's tile is rewritten while the wgmma reads it
-  touch_accumulator = 4  // an accumulator register is changed while the wgmma is in flight
+  no_fence = 1,           // no wgmma_fence before the first wgmma
+  no_wait = 2,            // the last group is never waited for
+  overwrite_a = 3,        // A's tile is rewritten while the wgmma reads it
+  touch_accumulator = 4,  // an accumulator register is changed while the wgmma is in flight
+  no_proxy_fence = 5      // the first stage's tiles are stored without fence_proxy_async_shared
 };
 
 struct wgmma_gemm_config {

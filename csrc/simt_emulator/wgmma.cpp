@@ -21,19 +21,16 @@ namespace {
 
 using layout::wgmma_swizzle;
 
-std::string site(const char* file, int line) {
-  const char* slash = file ? std::strrchr(file, '/') : nullptr;
-  return std::string(slash ? slash + 1 : (file ? file : "?")) + ":" + std::to_string(line);
-}
-
 double element(uint16_t h, bool bf16) {
   return bf16 ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
 }
 
 // The 16-bit elements (rows x 16, row-major by (mn, k)) of a shared-memory operand: rows `first`..
-// of the descriptor's matrix, read (and checked) as thread `reader`.
+// of the descriptor's matrix, read (and checked) as thread `reader`. `at_issue`: the op's own read,
+// through the async proxy (else the wait's comparison of what the op read with what is there).
 void read_operand(worker& w, thread_state& reader, uint64_t desc, bool mn_major, int first,
-                  int rows, uint16_t* out, const char* what, const char* file, int line) {
+                  int rows, uint16_t* out, const char* what, const char* file, int line,
+                  bool at_issue) {
   const layout::wgmma_descriptor_fields f = layout::decode_wgmma_descriptor(desc);
   if (f.base_offset != 0)
     fail("unsupported wgmma descriptor",
@@ -49,6 +46,7 @@ void read_operand(worker& w, thread_state& reader, uint64_t desc, bool mn_major,
           f.swizzle);
       const uintptr_t addr = reinterpret_cast<uintptr_t>(w.smem) + at;
       check_shared(reader, addr, 2, 2, access::read, 0);
+      if (at_issue) check_async_proxy_read(reader, addr, 2, what, file, line);
       std::memcpy(&out[r * 16 + k], reinterpret_cast<const void*>(addr), 2);
     }
 }
@@ -119,10 +117,11 @@ void issue_wgmma(warp_state& ws, uint32_t wi, collective& c) {
       }
     }
   } else {
-    read_operand(w, lane0, op.desc_a, op.trans_a, 16 * rank, 16, r.a.data(), "A", c.file, c.line);
+    read_operand(w, lane0, op.desc_a, op.trans_a, 16 * rank, 16, r.a.data(), "A", c.file, c.line,
+                 true);
   }
   r.b.resize(size_t(n) * 16);
-  read_operand(w, lane0, op.desc_b, op.trans_b, 0, n, r.b.data(), "B", c.file, c.line);
+  read_operand(w, lane0, op.desc_b, op.trans_b, 0, n, r.b.data(), "B", c.file, c.line, true);
   r.d_issue.resize(size_t(kWarpSize) * (n / 2));
   for (uint32_t l = 0; l < kWarpSize; ++l) {
     r.d[l] = static_cast<float*>(c.lane[l].out);
@@ -165,12 +164,12 @@ void complete_wgmma(warp_state& ws, uint32_t wi, collective& c) {
              &w.threads[wi * kWarpSize + l]);
     }
     std::vector<uint16_t> now(size_t(n) * 16);
-    read_operand(w, lane0, r.op.desc_b, r.op.trans_b, 0, n, now.data(), "B", r.file, r.line);
+    read_operand(w, lane0, r.op.desc_b, r.op.trans_b, 0, n, now.data(), "B", r.file, r.line, false);
     bool same = now == r.b;
     if (!r.a_regs[0]) {
       std::vector<uint16_t> a(16 * 16);
       read_operand(w, lane0, r.op.desc_a, r.op.trans_a, 16 * rank, 16, a.data(), "A", r.file,
-                   r.line);
+                   r.line, false);
       same = same && a == r.a;
     }
     if (!same)

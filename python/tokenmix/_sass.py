@@ -111,6 +111,7 @@ class Kernel:
     inner_loops: int = 0  # loops inside the main loop (bodies counted once per trip)
     unknown_trips: int = 0  # inner loops without a constant trip count (counted once)
     opcodes: dict[str, int] = field(default_factory=dict)  # main path, by opcode (no modifiers)
+    main_path: list[int] = field(default_factory=list)  # its instructions' indices, in order
 
     @property
     def smem_cycles(self) -> float:
@@ -549,7 +550,9 @@ def analyze(k: Kernel) -> Kernel:
     # The main path: the most tensor work, then the most global->shared copies (a steady-state
     # iteration loads the next chunk), then the fewest instructions (no optional work such as
     # masking). The longest path: the most tensor work, then the most instructions.
-    k.counts, fma, k.smem_wavefronts, k.path_length, k.opcodes = totals(best_path("main"))
+    main = best_path("main")
+    k.main_path = [i for j in main for i in range(blocks[j].first, blocks[j].last + 1)]
+    k.counts, fma, k.smem_wavefronts, k.path_length, k.opcodes = totals(main)
     k.longest_path_length = totals(best_path("longest"))[3]
     per_cycle = TENSOR_FMA_PER_CYCLE.get(k.arch.rstrip("a"), 256)
     k.tensor_cycles = fma / per_cycle

@@ -87,6 +87,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
   typename Tile::RowState rs{};
   float lse2[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
   bool alive[2] = {true, true};  // the row has a key left (LSE > -inf)
+  bool fold = true;              // every row of the warp has an LSE below kFoldLimit (or none)
 
   // Pass 0 as the forward's: a block whose dQ came out non-finite computes it again in pass 1,
   // where K tiles with an inf or NaN take gemm_pn_exact (and the bias gradient, done, is skipped).
@@ -115,6 +116,7 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
           delta[ri] = rowf[kTileRows + r0 + 8 * ri];
           alive[ri] = lse2[ri] != kNegInf;
         }
+        fold = !any_sync(0xffffffffu, !(foldable(lse2[0]) && foldable(lse2[1])));
       }
 
       const bool full = tile.full(p, c);
@@ -124,9 +126,10 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
       zero_acc(s);
       zero_acc(dp_);
       gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq, cm.groups);
-      const uint32_t kept =
-          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
-                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
+      // (P = exp2(s * scale - LSE) takes no max: any scale may be left to the exponent)
+      const auto [kept, scale] = mask_scores(
+          s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); }, fold);
       cp_async_wait_group<0>();  // V of chunk c
       sync_threads();
       gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv, cm.groups);
@@ -138,7 +141,8 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
           // dS (natural-log logits) by selection: exactly 0 where the mask drops the element and
           // on rows without keys (whose LSE is -inf), whatever dP, delta or the LSE hold there.
           const bool live = ((kept >> (4 * n + i)) & 1u) != 0 && alive[ri];
-          s[n][i] = live ? exp2f_ftz(s[n][i] - lse2[ri]) * (dp_[n][i] - delta[ri]) : 0.0f;
+          s[n][i] =
+              live ? exp2f_ftz(fma_rn(s[n][i], scale, -lse2[ri])) * (dp_[n][i] - delta[ri]) : 0.0f;
         }
       }
       if constexpr (Tile::kBiasGrad) {
@@ -281,12 +285,16 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       zero_acc(s);
       zero_acc(dpt);
       gemm_nt<E>(s, sk + warp * 16 * L.ldq, L.ldq, sq, L.ldq, kq, cm.groups);
-      const uint32_t kept =
-          mask_scores(s, ks.valid, p.scale_log2, st.full, tile.biased(p, st), cm.kept,
-                      [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); });
-      uint32_t live = 0;
       ColumnFloats<kCols> col_lse2;
       col_lse2.load(colf);
+      bool fold = true;  // every column of the step has an LSE below kFoldLimit (or none)
+      TM_UNROLL
+      for (int r = 0; r < kCols / 32; ++r) fold = fold && foldable(col_lse2.v[r]);
+      const auto [kept, scale] = mask_scores(
+          s, ks.valid, p.scale_log2, st.full, tile.biased(p, st), cm.kept,
+          [&](int ri, int j) { return tile.bias(p, ks, ri, cols, st, j); },
+          !any_sync(0xffffffffu, !fold));
+      uint32_t live = 0;
       TM_UNROLL
       for (int n = 0; n < KC; ++n) {
         const float lse2[2] = {col_lse2.at(n, 0), col_lse2.at(n, 1)};
@@ -294,7 +302,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
         for (int i = 0; i < 4; ++i) {
           const bool alive = ((kept >> (4 * n + i)) & 1u) != 0 && lse2[i & 1] != kNegInf;
           live |= alive ? 1u << (4 * n + i) : 0u;
-          s[n][i] = alive ? exp2f_ftz(s[n][i] - lse2[i & 1]) : 0.0f;  // P^T
+          s[n][i] = alive ? exp2f_ftz(fma_rn(s[n][i], scale, -lse2[i & 1])) : 0.0f;  // P^T
         }
       }
       cp_async_wait_group<0>();  // dO of step st

@@ -8,14 +8,16 @@
 //   smem_plan.h         shared-memory plans (kernels and launchers use the same functions)
 //   tile_io.h           cp.async row copies, non-finite checks, block votes
 //   online_softmax.h    masking of score fragments (full / partial chunks), the online softmax
-//   attention_forward.h attention_forward<Policy, E, kDim>
+//   attention_forward.h attention_forward<Policy, E, kDim, kWgmma, KeyOffset>
 //   attention_backward.h attention_delta, attention_dq, attention_dkdv
 //
 // The policy contract. A policy is a type with
 //   Params                         plain data deriving from AttentionParams (kernel argument)
 //   query_rows(p), row_offset(p, row, op)
 //                                  rows of [B, Tq, H] and where row `row` of Out / GradOut lives
-//   QueryTile<E>                   the query-major view (forward, dQ), one per block:
+//   QueryTile<E, Offset = int64_t> the query-major view (forward, dQ), one per block; Offset is
+//                                  the type of its key-row offsets (a policy may take int32_t
+//                                  for kernels whose host has checked that they fit):
 //     init(p)                      decodes block_idx().x; false: the block has nothing to do
 //     nrows, chunks                valid rows of the tile (of kTileRows), key chunks it visits
 //     offset(p, r, op), row(p, r)  element offset of row r of Q / Out / GradOut (-1: padding),

@@ -17,12 +17,13 @@
 namespace tokenmix::cuda {
 
 // kDim: the head dim when D == Dv == kDim (one value chunk), 0 for the general path (any D, Dv
-// multiple of 8 up to 256, value columns in chunks of 64: grid.y).
-template <class Policy, class E, int kDim, bool kWgmma = false>
+// multiple of 8 up to 256, value columns in chunks of 64: grid.y). KeyOffset: the policy's type
+// of key-row offsets (QueryTile's second argument; int32_t where the host has checked they fit).
+template <class Policy, class E, int kDim, bool kWgmma = false, class KeyOffset = int64_t>
 TM_DEVICE void attention_forward(const typename Policy::Params& p) {
   static_assert(!kWgmma || (E::kTensorCore && kDim > 0), "the wgmma path has fixed head dims");
   using T = typename E::T;
-  using Tile = typename Policy::template QueryTile<E>;
+  using Tile = typename Policy::template QueryTile<E, KeyOffset>;
   constexpr int kKeys = E::kKeys, KC = kKeys / 8;
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
   constexpr int NV = kVChunk / 8;
@@ -65,6 +66,9 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
   copy_rows<kTileRows>(sq, lq, dp, q, 0, p.head_dim,
                        [&](int r) { return tile.offset(p, r, Operand::kQ); });
 
+  // The normal pass leaves the scale of a main-path chunk to the exponent (mask_scores), which
+  // takes a positive finite scale; the exact pass always applies it first.
+  const bool fold = p.scale_log2 > 0.0f && p.scale_log2 < kInf;
   float o[NV][4], m[2], l[2];
   bool nan_logit[2];  // pass 1: a kept logit of the row was NaN (for the LSE)
   typename Tile::RowState rs{};
@@ -90,8 +94,9 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
     // Two copies in flight per chunk, one shared tile each: V of chunk c lands while S = Q K^T is
     // computed, K of chunk c + 1 while the softmax and P V run.
     for (int c = 0; c < tile.chunks; ++c) {
-      cp_async_wait_group<0>();  // K (and metadata) of chunk c
-      sync_threads();            // ... from every thread; every warp is done with V of chunk c - 1
+      cp_async_wait_group<0>();                          // K (and metadata) of chunk c
+      if constexpr (kWgmma) fence_proxy_async_shared();  // wgmma reads the copies (and Q)
+      sync_threads();  // ... from every thread; every warp is done with V of chunk c - 1
       tile.load_values(p, c, v_row, sv, lv, kVChunk, vc0);
       cp_async_commit_group();
       if (c == 0) rs = tile.read_rows(p, rows, warp * 16 + (lane >> 2));
@@ -105,19 +110,20 @@ TM_DEVICE void attention_forward(const typename Policy::Params& p) {
         wg_scores<E, kDim>(s, wg);  // whole chunks: the warpgroup has every group
       else
         gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, dp, cm.groups);
-      const uint32_t kept =
-          mask_scores(s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
-                      [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); });
+      const MaskedScores ms = mask_scores(
+          s, rs.valid, p.scale_log2, full, tile.biased(p, c), cm.kept,
+          [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); }, fold && !exact);
       cp_async_wait_group<0>();  // V of chunk c
+      if constexpr (kWgmma) fence_proxy_async_shared();
       if (exact) block_any_vote(votes, copied_nonfinite<kKeys, E>(sv, lv, kVChunk, 0, kVChunk));
       sync_threads();  // every warp is done with K and the metadata of chunk c
       const bool v_bad = exact && block_any_result(votes);
       if (c + 1 < tile.chunks) v_row = tile.load_keys(p, c + 1, keys, sk, lq, dp);
       cp_async_commit_group();
 
-      online_softmax_step(s, o, m, l, nan_logit, exact);
+      online_softmax_step(s, o, m, l, nan_logit, exact, ms.scale);
       if (v_bad)
-        gemm_pn_exact<E>(o, s, kept, sv, lv);
+        gemm_pn_exact<E>(o, s, ms.kept, sv, lv);
       else if constexpr (kWgmma)
         wg_values<E>(o, s, wg);
       else

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tokenmix/block_sparse_problem.h"
 #include "tokenmix/cuda/attention_params.h"
@@ -272,8 +273,10 @@ struct BlockSparsePolicy {
   }
 
   // ---- query-major (forward, dQ): tiles of queries, chunks of keys from the kv-side lists ----
-  template <class E>
+  // (Offset: the engine's type for key-row offsets; block-sparse rows are int64_t offsets.)
+  template <class E, class Offset = int64_t>
   struct QueryTile {
+    static_assert(std::is_same_v<Offset, int64_t>, "block-sparse key rows are int64_t offsets");
     using T = typename E::T;
     static constexpr int kKeys = E::kKeys, KC = kKeys / 8;
     static constexpr bool kBiasGrad = false;

@@ -17,12 +17,19 @@ namespace tokenmix::cuda {
 
 using namespace ::tokenmix::simt;
 
-// Whether the emulated kernels take the engine's sm_90a (wgmma) path: $TOKENMIX_SIMT_ARCH is
-// sm_90a (default sm_80, the mma.sync path). Only the emulator has the choice: the GPU build has
-// no sm_90a code yet, so this is a compile-time false there.
-inline bool emulate_sm90a() {
+// Whether the forward takes the engine's sm_90a (wgmma) path. On a GPU: the build holds sm_90a
+// code (TOKENMIX_HAS_SM90A: 90 is among its architectures), the device has compute capability 9.0
+// (the only one that runs sm_90a code), and $TOKENMIX_WGMMA is not 0 (0 keeps the mma.sync path,
+// for comparisons). In the emulator: $TOKENMIX_SIMT_ARCH is sm_90a (default sm_80, mma.sync).
+inline bool sm90a_path() {
 #if defined(__CUDACC__)
+#if defined(TOKENMIX_HAS_SM90A)
+  const char* wgmma = std::getenv("TOKENMIX_WGMMA");
+  if (wgmma && std::string(wgmma) == "0") return false;
+  return current_device_facts().compute_capability == 90;
+#else
   return false;
+#endif
 #else
   const char* arch = std::getenv("TOKENMIX_SIMT_ARCH");
   if (!arch || !*arch || std::string(arch) == "sm_80") return false;

@@ -60,7 +60,11 @@ inline int64_t backward_workspace_floats(const NeighborhoodProblem& p, bool dete
 
 namespace gpu {
 TOKENMIX_NA_ENTRY_POINTS
-}
+// The sm_90a (wgmma) forward (fp16 / bf16, D = Dv in {32, 64, 128}), for compute capability 9.0;
+// built when 90 is among the build's architectures (TOKENMIX_HAS_SM90A).
+void na_forward_wg_f16(const NeighborhoodProblem& p, void* stream);
+void na_forward_wg_bf16(const NeighborhoodProblem& p, void* stream);
+}  // namespace gpu
 namespace emulated {
 TOKENMIX_NA_ENTRY_POINTS
 }

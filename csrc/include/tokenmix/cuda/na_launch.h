@@ -9,6 +9,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tokenmix/attention_problem.h"
@@ -25,10 +26,11 @@ template <class E, int kDim>
 TM_GLOBAL void na_forward_kernel(NaParams p) {
   attention_forward<NeighborhoodPolicy, E, kDim>(p);
 }
-// The sm_90a (wgmma) forward; built by the emulator only for now (emulate_sm90a).
+// The sm_90a (wgmma) forward (sm90a_path): in the GPU build, na_forward_wg.cu alone compiles it,
+// for sm_90a only. Its key rows are int32_t offsets (taken only where narrow_key_offsets holds).
 template <class E, int kDim>
 TM_GLOBAL void na_forward_wg_kernel(NaParams p) {
-  attention_forward<NeighborhoodPolicy, E, kDim, true>(p);
+  attention_forward<NeighborhoodPolicy, E, kDim, true, int32_t>(p);
 }
 template <class E>
 TM_GLOBAL void na_backward_delta_kernel(NaParams p) {
@@ -71,6 +73,23 @@ inline size_t view_span(const StridedView& v, const NeighborhoodProblem& p, int6
 inline size_t extra_span(const StridedView& v, const NeighborhoodProblem& p, int64_t cols) {
   return size_t((p.batch - 1) * v.stride[0] + (p.num_extra - 1) * v.stride[3] +
                 (p.kv_heads - 1) * v.stride[4] + cols);
+}
+
+// Whether one past the last element of every (batch, kv head) of K and V is at most 2^31 - 1
+// elements from that head's first element (and likewise for the additional tokens): then the
+// key rows' offsets, with their columns, fit int32_t (NeighborhoodPolicy::QueryTile<E, int32_t>).
+inline bool narrow_key_offsets(const NeighborhoodProblem& p) {
+  const auto fits = [](int64_t span) { return span <= int64_t(INT32_MAX); };
+  const auto head_span = [&](const StridedView& v, int64_t cols) {
+    int64_t last = cols;  // one past the last column of the last token (strides are >= 0)
+    for (int t = 0; t < 3; ++t) last += (p.dims[t].length - 1) * v.stride[t + 1];
+    return last;
+  };
+  bool ok = fits(head_span(p.k, p.head_dim)) && fits(head_span(p.v, p.value_dim));
+  if (p.num_extra > 0)
+    ok = ok && fits((p.num_extra - 1) * p.extra_k.stride[3] + p.head_dim) &&
+         fits((p.num_extra - 1) * p.extra_v.stride[3] + p.value_dim);
+  return ok;
 }
 
 template <class E>
@@ -146,7 +165,7 @@ template <class E, int kDim, bool kWgmma = false>
 void forward_with(const NeighborhoodProblem& p, stream_t stream) {
   const NaParams prm = make_params<E>(p);
   constexpr int kVChunk = kDim > 0 ? kDim : 64;
-  using Tile = NeighborhoodPolicy::QueryTile<E>;
+  using Tile = NeighborhoodPolicy::QueryTile<E, std::conditional_t<kWgmma, int32_t, int64_t>>;
   const QueryMajorSmem L = query_major_smem<E>(prm.head_dim_padded, kVChunk, false, false,
                                                Tile::row_ints(prm), Tile::key_ints(prm), kWgmma);
   const auto kernel = [] {
@@ -244,22 +263,36 @@ int specialized_dim(const NeighborhoodProblem& p) {
   return p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128 ? int(p.head_dim) : 0;
 }
 
+// The sm_90a forward's instantiations (fixed head dims only: the general path has no wgmma form).
+template <class E>
+void forward_wg(const NeighborhoodProblem& p, stream_t s) {
+  switch (specialized_dim<E>(p)) {
+    case 32: return forward_with<E, 32, true>(p, s);
+    case 64: return forward_with<E, 64, true>(p, s);
+    case 128: return forward_with<E, 128, true>(p, s);
+    default: throw std::logic_error("tokenmix: the sm_90a forward has no instantiation for this");
+  }
+}
+
 template <class E>
 void forward(const NeighborhoodProblem& p, void* stream) {
   const stream_t s = stream_t(stream);
   if constexpr (!E::kTensorCore) {
     forward_with<E, 0>(p, s);
   } else {
-#if !defined(__CUDACC__)
-    if (emulate_sm90a()) {
-      switch (specialized_dim<E>(p)) {
-        case 32: return forward_with<E, 32, true>(p, s);
-        case 64: return forward_with<E, 64, true>(p, s);
-        case 128: return forward_with<E, 128, true>(p, s);
-        default: break;  // the general path has no wgmma form
-      }
-    }
+    if (specialized_dim<E>(p) != 0 && sm90a_path() && narrow_key_offsets(p)) {
+#if defined(__CUDACC__)
+#if defined(TOKENMIX_HAS_SM90A)
+      // compiled apart, for sm_90a alone (na_forward_wg.cu)
+      if constexpr (E::kIsBF16)
+        return gpu::na_forward_wg_bf16(p, stream);
+      else
+        return gpu::na_forward_wg_f16(p, stream);
 #endif
+#else
+      return forward_wg<E>(p, s);
+#endif
+    }
     switch (specialized_dim<E>(p)) {
       case 32: return forward_with<E, 32>(p, s);
       case 64: return forward_with<E, 64>(p, s);

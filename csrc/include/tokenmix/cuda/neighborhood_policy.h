@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tokenmix/cuda/na_params.h"
 #include "tokenmix/cuda/online_softmax.h"
@@ -47,6 +48,14 @@ TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const Segment
 TM_DEVICE int64_t token_offset(const int64_t* st, int b, const int* x, int head) {
   return int64_t(b) * st[0] + int64_t(x[0]) * st[1] + int64_t(x[1]) * st[2] +
          int64_t(x[2]) * st[3] + int64_t(head) * st[4];
+}
+
+// Element offset of the token at real coordinates x from its (batch, head)'s first element, in
+// Offset (int32_t only where the host has checked that every such offset fits:
+// narrow_key_offsets in na_launch.h).
+template <class Offset>
+TM_DEVICE Offset token_offset_in_head(const int64_t* st, const int* x) {
+  return Offset(x[0]) * Offset(st[1]) + Offset(x[1]) * Offset(st[2]) + Offset(x[2]) * Offset(st[3]);
 }
 
 TM_DEVICE int token_index(const NaParams& p, const int* x) {
@@ -93,8 +102,13 @@ struct NeighborhoodPolicy {
   }
 
   // ---- query-major (forward, dQ) ----
-  template <class E>
+  // Offset: the type of the key and value rows' offsets from their (batch, kv head)'s first
+  // element (int32_t: a cheaper walk and one shuffle per copied row; only where the host has
+  // checked that they fit, see narrow_key_offsets in na_launch.h).
+  template <class E, class Offset = int64_t>
   struct QueryTile {
+    static_assert(std::is_same_v<Offset, int64_t> || std::is_same_v<Offset, int32_t>,
+                  "key rows are int64_t or int32_t offsets");
     using T = typename E::T;
     static constexpr int kKeys = E::kKeys, KC = kKeys / 8;
     static constexpr bool kBiasGrad = true;
@@ -116,9 +130,12 @@ struct NeighborhoodPolicy {
     int spatial, chunks;  // key chunks of the box, all chunks (then the additional tokens)
     int inner;            // keys every query of the tile keeps (the key box's inner box)
     SegmentedBox box;     // the key box, its inner box first
+    // The first element of (b, hk) in K, V and the additional keys and values (row_base; held
+    // by the int32_t kernels only).
+    global_ptr<const T> k_head, v_head, ek_head, ev_head;
     // What load_keys(c) hands load_values(c): this lane's V row offset, found by the same walk.
     struct ValuesRow {
-      int64_t offset = -1;
+      Offset offset = -1;
     };
 
     // False past the end of a shorter dilation group (the whole block returns).
@@ -134,7 +151,18 @@ struct NeighborhoodPolicy {
       inner = box.inner();
       spatial = (box.volume() + kKeys - 1) / kKeys;
       chunks = spatial + (p.num_extra + kKeys - 1) / kKeys;
+      if constexpr (std::is_same_v<Offset, int32_t>) head_pointers(p);
       return true;
+    }
+    TM_DEVICE void head_pointers(const NaParams& p) {
+      k_head = global_ptr<const T>(static_cast<const T*>(p.k)) +
+               (int64_t(b) * p.k_st[0] + int64_t(hk) * p.k_st[4]);
+      v_head = global_ptr<const T>(static_cast<const T*>(p.v)) +
+               (int64_t(b) * p.v_st[0] + int64_t(hk) * p.v_st[4]);
+      ek_head = global_ptr<const T>(static_cast<const T*>(p.extra_k)) +
+                (int64_t(b) * p.ek_st[0] + int64_t(hk) * p.ek_st[2]);
+      ev_head = global_ptr<const T>(static_cast<const T*>(p.extra_v)) +
+                (int64_t(b) * p.ev_st[0] + int64_t(hk) * p.ev_st[2]);
     }
     TM_DEVICE bool extra(int c) const { return c >= spatial; }
     // First key (linear index in the box, or additional token) of chunk c.
@@ -191,13 +219,14 @@ struct NeighborhoodPolicy {
 
     // Key row j of chunk c: its group coordinates (the metadata: the box's first key for a row
     // past the box, 0 for an additional token), whether it exists, and its element offsets in K
-    // and V (-1 when it does not). The box walk runs for every row, clamped into the box, and for
-    // the additional tokens too, whose offsets are then selected: no row or chunk takes a cheaper
-    // path, so the static SASS model's main path is a real chunk's (docs/cuda_engine.md).
+    // and V from the tile's (batch, kv head) in them (row_base; -1 when it does not exist). The box
+    // walk runs for every row, clamped into the box, and for the additional tokens too, whose
+    // offsets are then selected: no row or chunk takes a cheaper path, so the static SASS model's
+    // main path is a real chunk's (docs/cuda_engine.md).
     struct KeyRow {
       int kc[3];
       bool valid;
-      int64_t k, v;
+      Offset k, v;
     };
     TM_DEVICE KeyRow key_row(const NaParams& p, int c, int j) const {
       KeyRow kr;
@@ -205,12 +234,10 @@ struct NeighborhoodPolicy {
       const bool in_box = index < vol;
       int x[3];
       na_detail::box_token(p, g, box, in_box ? index : 0, kr.kc, x);
-      const int64_t k = na_detail::token_offset(p.k_st, b, x, hk);
-      const int64_t v = na_detail::token_offset(p.v_st, b, x, hk);
-      const int64_t ek =
-          int64_t(b) * p.ek_st[0] + int64_t(index) * p.ek_st[1] + int64_t(hk) * p.ek_st[2];
-      const int64_t ev =
-          int64_t(b) * p.ev_st[0] + int64_t(index) * p.ev_st[1] + int64_t(hk) * p.ev_st[2];
+      const Offset k = na_detail::token_offset_in_head<Offset>(p.k_st, x);
+      const Offset v = na_detail::token_offset_in_head<Offset>(p.v_st, x);
+      const Offset ek = Offset(index) * Offset(p.ek_st[1]);
+      const Offset ev = Offset(index) * Offset(p.ev_st[1]);
       const bool ex = extra(c);
       kr.valid = ex ? index < p.num_extra : in_box;
       TM_UNROLL
@@ -231,17 +258,32 @@ struct NeighborhoodPolicy {
         for (int t = 0; t < 3; ++t) keys[t * kKeys + j] = kr.kc[t];
         keys[3 * kKeys + j] = kr.valid ? 1 : 0;
       }
-      const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_k : p.k));
-      copy_rows_at<kKeys>(sk, ld, width, base, 0, p.head_dim, kr.k);
+      copy_rows_at<kKeys>(sk, ld, width, row_base(p, c, Operand::kK), 0, p.head_dim, kr.k);
       return ValuesRow{kr.v};
+    }
+    // The first element of the tile's (batch, kv head) in K or V (op), or in the additional
+    // tokens' keys or values for an additional chunk c: key_row's offsets count from there.
+    TM_DEVICE global_ptr<const T> row_base(const NaParams& p, int c, Operand op) const {
+      const bool k = op == Operand::kK;
+      if constexpr (std::is_same_v<Offset, int32_t>) {
+        return extra(c) ? (k ? ek_head : ev_head) : (k ? k_head : v_head);
+      } else {
+        // (the int64_t kernels find them again: the uniform datapath does most of it, and four
+        // more pointers in registers made dQ at D=128 reload its row floats from shared memory)
+        const bool ex = extra(c);
+        const int64_t* st = ex ? (k ? p.ek_st : p.ev_st) : (k ? p.k_st : p.v_st);
+        const void* base = ex ? (k ? p.extra_k : p.extra_v) : (k ? p.k : p.v);
+        return global_ptr<const T>(static_cast<const T*>(base)) +
+               (int64_t(b) * st[0] + int64_t(hk) * (ex ? st[2] : st[4]));
+      }
     }
     // Columns [col0, col0 + width) of the V rows of chunk c; vr: what load_keys(c) returned.
     template <class Lay>
     TM_DEVICE void load_values(const NaParams& p, int c, ValuesRow vr, shared_ptr<T> sv, Lay ld,
                                int width, int col0) const {
-      const global_ptr<const T> base(static_cast<const T*>(extra(c) ? p.extra_v : p.v));
-      const int64_t off = vr.offset;
-      copy_rows_at<kKeys>(sv, ld, width, base, col0, p.value_dim, off < 0 ? off : off + col0);
+      const Offset off = vr.offset;
+      copy_rows_at<kKeys>(sv, ld, width, row_base(p, c, Operand::kV), col0, p.value_dim,
+                          off < 0 ? off : off + Offset(col0));
     }
 
     // The window rule (partial chunks only; additional tokens: every existing one is kept).
@@ -354,8 +396,8 @@ struct NeighborhoodPolicy {
       int it, h, qfirst;
       bool full, valid;
     };
-    // rows: kc[3] per key, then the query box (12 words, see write_keys).
-    static TM_HOST_DEVICE int row_ints(const NaParams&) { return 3 * kTileRows + 12; }
+    // rows: kc[3] per key, then the query box (16 words, see write_keys).
+    static TM_HOST_DEVICE int row_ints(const NaParams&) { return 3 * kTileRows + 16; }
     static TM_HOST_DEVICE int col_ints(const NaParams&) { return 9 * kCols; }
 
     int b, hk, group_heads;
@@ -416,7 +458,8 @@ struct NeighborhoodPolicy {
       na_detail::box_token(p, g, g.first, g.count, r, c, x);
       return na_detail::token_offset(na_detail::strides(p, op), b, x, hk);
     }
-    // rows[field * kTileRows + r], fields kc[3] (group coordinates); then the query box.
+    // rows[field * kTileRows + r], fields kc[3] (group coordinates); then the query box (its
+    // corners, 12 ints, and its inner box's FastDivisors, 4).
     TM_DEVICE void write_keys(const NaParams&, shared_ptr<int> rows) const {
       const int r = int(linear_thread_idx());
       box_smem = rows + 3 * kTileRows;
@@ -427,6 +470,11 @@ struct NeighborhoodPolicy {
           box_smem[3 + t] = qbox.e[t];
           box_smem[6 + t] = qbox.il[t];
           box_smem[9 + t] = qbox.ih[t];
+        }
+        TM_UNROLL
+        for (int d = 0; d < 2; ++d) {
+          box_smem[12 + 2 * d] = int(qbox.inner_div[d].m);
+          box_smem[13 + 2 * d] = int(qbox.inner_div[d].l);
         }
       }
       if (r >= kTileRows) return;
@@ -500,6 +548,11 @@ struct NeighborhoodPolicy {
         box.e[t] = box_smem[3 + t];
         box.il[t] = box_smem[6 + t];
         box.ih[t] = box_smem[9 + t];
+      }
+      TM_UNROLL
+      for (int d = 0; d < 2; ++d) {
+        box.inner_div[d].m = uint32_t(box_smem[12 + 2 * d]);
+        box.inner_div[d].l = uint32_t(box_smem[13 + 2 * d]);
       }
       na_detail::box_token(p, g, box, at, qc, x);
       return valid;

@@ -114,28 +114,41 @@ TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float 
   return out;
 }
 
+// What mask_scores leaves: the element mask (bit 4n + i: s[n][i] kept) and the factor the scores
+// still need. The main path leaves the scale to the exponent's FFMA, P = exp2(fma(s, scale,
+// -base)); every other path applies it (with the bias and the mask) and leaves 1.
+struct MaskedScores {
+  uint32_t kept;
+  float scale;
+};
+
 // The four instantiations of mask_scores behind the chunk's two run-time flags, and the main path
-// (a full chunk without bias, both rows of the thread valid): every element kept, only the scale.
-// (Folding the scale into the exp2's FFMA instead would round s * scale once, after subtracting a
-// max that was rounded on its own: for large logits the two differ by up to half an ulp of the
-// logit, which the exp2 turns into a large factor.)
+// (a full chunk without bias, both rows of the thread valid): every element kept, and with `fold`
+// the scale left to the exponent (32 FMUL per chunk fewer at 64 keys; see kFoldLimit for when
+// that is exact enough). fold is the caller's to decide: the forward's running max is taken over
+// the unscaled scores and then scaled, which is the max of the scaled ones only for a positive
+// finite scale (round(x * c) is monotone in x); the backward's LSEs must be below kFoldLimit.
 template <int KC, class Bias>
-TM_DEVICE uint32_t mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
-                               bool full, bool biased, uint32_t kept, Bias&& bias) {
+TM_DEVICE MaskedScores mask_scores(float (&s)[KC][4], const bool (&valid)[2], float scale_log2,
+                                   bool full, bool biased, uint32_t kept, Bias&& bias, bool fold) {
   if (full) {
     if (!biased && valid[0] && valid[1]) {
-      TM_UNROLL
-      for (int n = 0; n < KC; ++n) {
+      if (!fold) {
         TM_UNROLL
-        for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
+        for (int n = 0; n < KC; ++n) {
+          TM_UNROLL
+          for (int i = 0; i < 4; ++i) s[n][i] *= scale_log2;
+        }
       }
-      return KC * 4 >= 32 ? ~0u : (1u << (KC * 4)) - 1u;
+      return {KC * 4 >= 32 ? ~0u : (1u << (KC * 4)) - 1u, fold ? scale_log2 : 1.0f};
     }
-    return biased ? mask_scores<true, true>(s, valid, scale_log2, kept, bias)
-                  : mask_scores<true, false>(s, valid, scale_log2, kept, bias);
+    return {biased ? mask_scores<true, true>(s, valid, scale_log2, kept, bias)
+                   : mask_scores<true, false>(s, valid, scale_log2, kept, bias),
+            1.0f};
   }
-  return biased ? mask_scores<false, true>(s, valid, scale_log2, kept, bias)
-                : mask_scores<false, false>(s, valid, scale_log2, kept, bias);
+  return {biased ? mask_scores<false, true>(s, valid, scale_log2, kept, bias)
+                 : mask_scores<false, false>(s, valid, scale_log2, kept, bias),
+          1.0f};
 }
 
 // A chunk's element mask and key groups: every group of a full chunk; a partial chunk's from the
@@ -161,15 +174,29 @@ TM_DEVICE ChunkMask chunk_mask(const bool (&valid)[2], bool full, Keep&& keep) {
 // 2^27 that rounds to m + 16 would let P reach 2^16, inf in fp16).
 constexpr float kMaxSlack = 8.0f;
 
-// P = exp2(s - base) in place, summed into l[ri] (P < 2^-126 counts as 0).
+// Leaving the scale c to the exponent, P = exp2(fma(s, c, -m)), shifts every logit of a row by
+// the rounding error of its max m = round(max(s) * c), at most half an ulp of m. The softmax does
+// not change under a shift (O and the LSE use the same m), so that costs nothing while P stays in
+// range: below kFoldLimit = 2^24 the shift is at most 1/2 (P of the max in [2^-1/2, 2^1/2]). Past
+// it (a logit of 3e38 shifts by 2^103) the scores are scaled first, as without folding. The
+// backward's P = exp2(fma(s, c, -lse)) has no rounded max: fma(s, c, -lse) rounds once, near 0 for
+// the keys that matter, which is more accurate than round(s * c) - lse; it folds while every
+// live row's LSE is below the limit too, so that an overflowing s * c (whose row's LSE is +inf)
+// makes NaN as before.
+constexpr float kFoldLimit = 16777216.0f;
+TM_DEVICE bool foldable(float lse2) {
+  return fabsf(lse2) < kFoldLimit || lse2 == kNegInf;  // (a row without keys: P is 0 anyway)
+}
+
+// P = exp2(s * scale - base) in place (one FFMA), summed into l[ri] (P < 2^-126 counts as 0).
 template <int KC>
-TM_DEVICE void exponentiate_row(float (&s)[KC][4], int ri, float base, float& l) {
+TM_DEVICE void exponentiate_row(float (&s)[KC][4], int ri, float scale, float base, float& l) {
   float sum = 0.0f;
   TM_UNROLL
   for (int n = 0; n < KC; ++n) {
     TM_UNROLL
     for (int e = 0; e < 2; ++e) {
-      const float pe = exp2f_ftz(s[n][2 * ri + e] - base);
+      const float pe = exp2f_ftz(fma_rn(s[n][2 * ri + e], scale, -base));
       s[n][2 * ri + e] = pe;
       sum += pe;
     }
@@ -177,13 +204,14 @@ TM_DEVICE void exponentiate_row(float (&s)[KC][4], int ri, float base, float& l)
   l += sum;
 }
 
-// One chunk of the online softmax for the two rows of a thread: s holds logits (log2 units) and
-// becomes P relative to the running max m; l (this thread's partial row sums) and the output
-// accumulator o are rescaled when m moves. kExact: record NaN logits (the exact pass, for the
-// LSE), and move m on every chunk.
+// One chunk of the online softmax for the two rows of a thread: s holds logits (log2 units) divided
+// by `scale` (mask_scores' MaskedScores::scale: 1, or positive and finite, see kFoldLimit) and
+// becomes P relative to the running max m (log2 units); l (this thread's partial row sums) and the
+// output accumulator o are rescaled when m moves. kExact: record NaN logits (the exact pass, for
+// the LSE), and move m on every chunk.
 template <bool kExact, int KC, int NV>
 TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float (&m)[2],
-                                     float (&l)[2], bool (&nan_logit)[2]) {
+                                     float (&l)[2], bool (&nan_logit)[2], float scale) {
   float mx[2];
   TM_UNROLL
   for (int ri = 0; ri < 2; ++ri) {
@@ -200,17 +228,30 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
         mx[ri] = fmaxf(mx[ri], fmaxf(s[n][2 * ri], s[n][2 * ri + 1]));
       }
     }
-    mx[ri] = quad_max(mx[ri]);
+    mx[ri] = quad_max(mx[ri]) * scale;
   }
   if constexpr (!kExact) {
     // (m = -inf: any logit above -inf moves it (+inf > slack); m = +inf: nothing passes it
     // (-inf or NaN); a NaN mx moves nothing, its P is NaN and sends the block to the exact pass.)
     const bool passes = mx[0] - m[0] > kMaxSlack || mx[1] - m[1] > kMaxSlack;
-    if (!any_sync(0xffffffffu, passes)) {
+    // A max at or past kFoldLimit (or -inf, or NaN): scale first (a no-op when nothing was left
+    // to the exponent; testing for that would cost the main path a branch). A running max m past
+    // the limit needs no test: the keys near it have an mx past it too, and for the others
+    // fma(s, c, -m) is far below 0, its rounding relative to that.
+    const bool wide = !(fabsf(mx[0]) < kFoldLimit && fabsf(mx[1]) < kFoldLimit);
+    if (!any_sync(0xffffffffu, passes || wide)) {
       TM_UNROLL
       for (int ri = 0; ri < 2; ++ri)
-        exponentiate_row(s, ri, m[ri] == kNegInf ? 0.0f : m[ri], l[ri]);
+        exponentiate_row(s, ri, scale, m[ri] == kNegInf ? 0.0f : m[ri], l[ri]);
       return;
+    }
+    if (wide) {  // (the quad's rows share mx, so its four lanes agree)
+      TM_UNROLL
+      for (int n = 0; n < KC; ++n) {
+        TM_UNROLL
+        for (int i = 0; i < 4; ++i) s[n][i] *= scale;
+      }
+      scale = 1.0f;
     }
   }
   TM_UNROLL
@@ -220,7 +261,7 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
     const float alpha = exp2f_ftz(m[ri] - base);
     m[ri] = m_new;
     l[ri] *= alpha;
-    exponentiate_row(s, ri, base, l[ri]);
+    exponentiate_row(s, ri, scale, base, l[ri]);
     TM_UNROLL
     for (int n = 0; n < NV; ++n) {
       o[n][2 * ri] *= alpha;
@@ -233,11 +274,11 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
 // NaN checks into the normal pass's main path (89 more instructions per chunk at D=64).
 template <int KC, int NV>
 TM_DEVICE void online_softmax_step(float (&s)[KC][4], float (&o)[NV][4], float (&m)[2],
-                                   float (&l)[2], bool (&nan_logit)[2], bool exact) {
+                                   float (&l)[2], bool (&nan_logit)[2], bool exact, float scale) {
   if (exact)
-    online_softmax_update<true>(s, o, m, l, nan_logit);
+    online_softmax_update<true>(s, o, m, l, nan_logit, scale);
   else
-    online_softmax_update<false>(s, o, m, l, nan_logit);
+    online_softmax_update<false>(s, o, m, l, nan_logit, scale);
 }
 
 // The LSE (natural log) of a finished row, as torch.logsumexp: NaN with a NaN logit, +inf with a

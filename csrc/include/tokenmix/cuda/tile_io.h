@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tokenmix/cuda/attention_params.h"
 #include "tokenmix/cuda/warp_gemm.h"
@@ -23,42 +24,58 @@ TM_DEVICE int warp_row() {
 
 // Copies kRows rows of `width` elements (a multiple of the 16-byte vector) into a shared tile with
 // cp.async, zero-filling columns at or past `valid_cols` and rows without a source (offset < 0).
-// `off` is the element offset in `base` of row warp_row<kRows>()'s column `col0`; the warp passes
-// each row's offset from its lane with a shuffle, and its lanes copy the segments of its rows in
-// row-major order (consecutive lanes, consecutive 16-byte segments: coalesced reads, and writes
-// that cover the banks). Every lane of the warp must call it.
-template <int kRows, class T, class Lay>
+// `off` is the element offset in `base` of row warp_row<kRows>()'s column `col0` (Offset: int64_t,
+// or int32_t where the caller knows that every offset plus the width fits, which saves a shuffle
+// and the 64-bit arithmetic per segment); the warp passes each row's offset from its lane with a
+// shuffle, and its lanes copy the segments of its rows in row-major order (consecutive lanes,
+// consecutive 16-byte segments: coalesced reads, and writes that cover the banks). Every lane of
+// the warp must call it.
+template <int kRows, class T, class Lay, class Offset>
 TM_DEVICE void copy_rows_at(shared_ptr<T> dst, Lay ld, int width, global_ptr<const T> base,
-                            int col0, int valid_cols, int64_t off) {
+                            int col0, int valid_cols, Offset off) {
+  static_assert(std::is_same_v<Offset, int64_t> || std::is_same_v<Offset, int32_t>,
+                "row offsets are int64_t or int32_t");
   constexpr int vec = kVec<T>, kPerWarp = kRows / kWarps;
   const int segs = width / vec, lane = int(lane_id());
   const int row0 = int(warp_id()) * kPerWarp;
-  const uint32_t lo = uint32_t(uint64_t(off)), hi = uint32_t(uint64_t(off) >> 32);
-  const auto row_offset = [&](int r) {  // every lane of the warp takes part
-    return int64_t((uint64_t(shfl_sync(0xffffffffu, hi, r)) << 32) | shfl_sync(0xffffffffu, lo, r));
+  const auto row_offset = [&](int r) -> Offset {  // every lane of the warp takes part
+    if constexpr (std::is_same_v<Offset, int32_t>) {
+      return shfl_sync(0xffffffffu, off, r);
+    } else {
+      const uint32_t lo = uint32_t(uint64_t(off)), hi = uint32_t(uint64_t(off) >> 32);
+      return int64_t((uint64_t(shfl_sync(0xffffffffu, hi, r)) << 32) |
+                     shfl_sync(0xffffffffu, lo, r));
+    }
+  };
+  // A segment without a source reads nothing (src-size 0) from the row base. (A kept int32_t
+  // offset is >= 0: unsigned, the address is one IMAD.WIDE.U32, without a sign extension.)
+  const auto source = [&](bool in, Offset o, int c) {
+    if constexpr (std::is_same_v<Offset, int32_t>)
+      return base + (in ? uint32_t(o + c) : 0u);
+    else
+      return base + (in ? o + c : int64_t(0));
   };
   if (32 % segs == 0 && kPerWarp * segs % 32 == 0) {
     // (the specialized head dims) Each lane copies one 16-byte column of every (32 / segs)-th row:
     // its column, its check and its place in the row stay put.
     const int step = 32 / segs, rl = lane / segs, c = (lane - rl * segs) * vec;
     const bool col_in = col0 + c < valid_cols;
-    const global_ptr<const T> at = base + c;
     TM_UNROLL
     for (int k = 0; k < kPerWarp / step; ++k) {
       const int r = k * step + rl;
-      const int64_t o = row_offset(r);
+      const Offset o = row_offset(r);
       const bool in = col_in && o >= 0;
-      cp_async_zfill<16>(dst + tile_offset(ld, row0 + r, c), in ? at + o : base, in ? 16 : 0);
+      cp_async_zfill<16>(dst + tile_offset(ld, row0 + r, c), source(in, o, c), in ? 16 : 0);
     }
     return;
   }
   for (int i0 = 0; i0 < kPerWarp * segs; i0 += 32) {  // the same trips for every lane
     const int i = i0 + lane;
     const int r = i / segs, c = (i - r * segs) * vec;
-    const int64_t o = row_offset(r < kPerWarp ? r : 0);
+    const Offset o = row_offset(r < kPerWarp ? r : 0);
     const bool in = i < kPerWarp * segs && o >= 0 && col0 + c < valid_cols;
     if (i < kPerWarp * segs)
-      cp_async_zfill<16>(dst + tile_offset(ld, row0 + r, c), in ? base + o + c : base, in ? 16 : 0);
+      cp_async_zfill<16>(dst + tile_offset(ld, row0 + r, c), source(in, o, c), in ? 16 : 0);
   }
 }
 

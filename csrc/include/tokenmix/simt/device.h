@@ -249,6 +249,16 @@ TM_DEVICE uint64_t wgmma_descriptor(const T* start, uint32_t leading_bytes, uint
                                     layout::wgmma_swizzle swizzle) {
   return layout::wgmma_descriptor(shared_address(start), leading_bytes, stride_bytes, swizzle);
 }
+// wgmma reads shared memory through the async proxy: a thread's generic writes there (stores,
+// landed cp.async) are visible to it only after the thread runs this fence (then a barrier
+// publishes them to the warpgroups).
+TM_DEVICE void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
 TM_DEVICE void wgmma_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -365,6 +375,10 @@ TM_DEVICE float log2f_approx(float x) {
 }
 TM_DEVICE float rcp(float x) {
   return __frcp_rn(x);
+}
+// a * b + c rounded once (FFMA), whatever the contraction flags.
+TM_DEVICE float fma_rn(float a, float b, float c) {
+  return __fmaf_rn(a, b, c);
 }
 TM_DEVICE float rsqrt(float x) {
   return rsqrtf(x);

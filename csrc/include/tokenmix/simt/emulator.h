@@ -81,6 +81,7 @@ struct wgmma_operands {
 };
 void wgmma(const wgmma_operands& op, float* d, const char* file, int line);
 void wgmma_fence(const char* file, int line);
+void fence_proxy_async_shared();
 void wgmma_commit_group(const char* file, int line);
 void wgmma_wait_group(int n, const char* file, int line);
 // Warp shares of wgmma instructions executed so far (four per warpgroup instruction), over every
@@ -420,6 +421,11 @@ uint64_t wgmma_descriptor(shared_ptr<T> start, uint32_t leading_bytes, uint32_t 
 inline void wgmma_fence(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   emu::wgmma_fence(file, line);
 }
+// The thread's generic writes to shared memory so far become visible to wgmma's reads (the
+// emulator reports a wgmma operand byte whose last writer has not fenced since writing it).
+inline void fence_proxy_async_shared() {
+  emu::fence_proxy_async_shared();
+}
 inline void wgmma_commit_group(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   emu::wgmma_commit_group(file, line);
 }
@@ -490,6 +496,9 @@ inline float log2f_approx(float x) {
 }
 inline float rcp(float x) {
   return 1.0f / x;  // __frcp_rn is correctly rounded: exact in every mode
+}
+inline float fma_rn(float a, float b, float c) {
+  return std::fma(a, b, c);  // rounded once, as FFMA
 }
 inline float rsqrt(float x) {
   return emu::approx_math(emu::math_fn::rsqrt, x);
