@@ -88,6 +88,12 @@ _RAW_INT_SCRIPT = textwrap.dedent(
         torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [BIG], 64, 64, False)))
     calls.append(("na_plan key_chunk 2^62", "key_chunk", lambda:
         torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 64, BIG, False)))
+    calls.append(("na_plan wgmma_head_dim 96", "wgmma_head_dim", lambda:
+        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 64, 64, False, 96)))
+    calls.append(("na_plan wgmma_head_dim with key_chunk 32", "key_chunk", lambda:
+        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 64, 32, False, 64)))
+    calls.append(("na_wgmma_break_even 96", "head_dim", lambda:
+        torch.ops.tokenmix.na_wgmma_break_even(96)))
 
     results = {}
     for label, name, call in calls:

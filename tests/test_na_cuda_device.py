@@ -100,3 +100,38 @@ def test_sm90a_forward_runs_and_matches_reference(index, dtype, monkeypatch):
         ran_wg = any("na_forward_wg_kernel" in k for k in kernels)
         assert kernels and ran_wg == (wgmma == "1"), (wgmma, kernels)
         assert _max_rel_err(out[0], want) <= TOL[dtype], wgmma
+
+
+# The launcher's own choice on compute capability 9.0 ($TOKENMIX_WGMMA unset): the kernel
+# tokenmix.plan reports (tokenmix/neighborhood_chunking.h).
+AUTO_CASES = [
+    (make_cfg((150,), 127, dim=64), "wgmma"),
+    (make_cfg((20, 20), 7, dim=64), "mma.sync"),
+    (make_cfg((20, 20), 13, dim=128), "wgmma"),
+]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the choice of the sm_90a forward is made on compute capability 9.0 only",
+)
+@pytest.mark.parametrize("index", range(len(AUTO_CASES)))
+def test_sm90a_choice_is_the_plans(index, monkeypatch):
+    c, kernel_name = AUTO_CASES[index]
+    monkeypatch.delenv("TOKENMIX_WGMMA", raising=False)
+    p = tokenmix.plan(c["shape"], c["kernel"], head_dim=c["dim"], compute_capability=(9, 0))
+    assert p.cuda_forward == kernel_name
+    t = make_inputs(c, torch.float16, seed=index)
+    cuda = {n: x.cuda() for n, x in t.items() if x is not None}
+    out: list[torch.Tensor] = []
+
+    def run():
+        out.append(attend(tokenmix.neighborhood_attention, c, cuda))
+
+    kernels = _forward_kernels(run)
+    ran_wg = any("na_forward_wg_kernel" in k for k in kernels)
+    assert kernels and ran_wg == (kernel_name == "wgmma"), kernels
+    want = attend(
+        neighborhood_attention_reference, c, {n: x.double() for n, x in t.items() if x is not None}
+    )
+    assert _max_rel_err(out[0], want) <= TOL[torch.float16]

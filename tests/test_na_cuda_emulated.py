@@ -240,6 +240,7 @@ def test_logit_overflow_from_the_scale(scale, arch, monkeypatch):
     key 11's value, as in the float64 reference. The window is the whole sequence, so the chunk
     is full: the path where the scale is folded."""
     monkeypatch.setenv("TOKENMIX_SIMT_ARCH", arch)
+    monkeypatch.setenv("TOKENMIX_WGMMA", "1")  # on sm_90a, the wgmma kernel whatever the window
     dtype = torch.float32 if arch == "sm_80" else torch.bfloat16
     c = make_case((33,), 33, dim=64)
     t = make_inputs(c, dtype, 3)
@@ -275,6 +276,7 @@ def test_running_max_climbs_across_chunks(arch, dtype, monkeypatch):
     slack adding up to one that passes it, and P up to 2^18 of the kept maximum should a rescale
     be skipped (past fp16's range). Output, LSE and gradients against the float64 reference."""
     monkeypatch.setenv("TOKENMIX_SIMT_ARCH", arch)
+    monkeypatch.setenv("TOKENMIX_WGMMA", "1")  # on sm_90a, the wgmma kernel whatever the window
     c = make_case((320,), 320, heads=1, dim=64)
     t = make_inputs(c, dtype, 5)
     levels = torch.tensor([0.0, 2.0, 1.0, 3.0, 4.0]).repeat_interleave(64)

@@ -3,7 +3,10 @@ SIMT emulator with $TOKENMIX_SIMT_ARCH=sm_90a and compared with the float64 refe
 specialized head dim (32, 64, 128), fp16 and bf16, partial tiles, rpb, additional tokens,
 GQA, causal and dilated windows, and non-finite inputs (the exact pass). The emulator checks the
 wgmma rules (fence, wait, operands unchanged in flight, descriptors) on every launch. The backward
-keeps the mma.sync kernels."""
+keeps the mma.sync kernels.
+
+These tests set $TOKENMIX_WGMMA=1 (the wgmma kernel wherever it has an instantiation), except the
+tests of the launcher's own choice (auto), which must take the kernel tokenmix.plan reports."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def sm90a(monkeypatch):
     assert os.path.exists(LIBRARY), "the build must produce tokenmix/_emulated.so"
     torch.ops.load_library(LIBRARY)
     monkeypatch.setenv("TOKENMIX_SIMT_ARCH", "sm_90a")
+    monkeypatch.setenv("TOKENMIX_WGMMA", "1")
 
 
 CASES = {
@@ -130,6 +134,78 @@ def test_key_rows_past_int32_offsets_take_the_mma_sync_kernel(name, token_stride
     r_out, r_lse = reference(c, t, 0.125)
     assert ((out.double() - r_out).abs().max() / r_out.abs().max()).item() <= TOL[torch.float16]
     assert (lse.double() - r_lse).abs().max().item() <= 1e-5
+
+
+# The launcher's choice on compute capability 9.0 ($TOKENMIX_WGMMA unset): the wgmma kernel where
+# the mma.sync kernels' warp groups compute at least wgmma_break_even(D) times the whole chunks'
+# pairs (tokenmix/neighborhood_chunking.h), the kernel and the pairs tokenmix.plan reports.
+AUTO_CASES = {
+    # 1-D window 127 of 150: G/W = 0.848 >= 0.8125 (D = 64): the whole chunks pay
+    "1d-k127-d64": (make_case((150,), 127, dim=64), "wgmma"),
+    # ... and never at D = 32 (break-even 1.01: the two kernels' chunk costs are within the margin)
+    "1d-k127-d32": (make_case((150,), 127, dim=32), "mma.sync"),
+    # issue 12's 2-D k7 geometry: G/W = 0.48, the warp groups pay (41.8% useful at 64x64)
+    "2d-k7-d64": (make_case((20, 20), 7, dim=64), "mma.sync"),
+    "2d-k7-d128": (make_case((20, 20), 7, dim=128), "mma.sync"),
+    # 2-D k13: G/W = 0.754, between D = 128's break-even (0.6) and D = 64's (0.8125)
+    "2d-k13-d128": (make_case((20, 20), 13, dim=128), "wgmma"),
+    "2d-k13-d64": (make_case((20, 20), 13, dim=64), "mma.sync"),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTO_CASES))
+@pytest.mark.parametrize("setting", ["unset", "auto"])
+def test_auto_takes_the_kernel_the_plan_reports(name, setting, monkeypatch):
+    c, kernel_name = AUTO_CASES[name]
+    if setting == "unset":
+        monkeypatch.delenv("TOKENMIX_WGMMA")
+    else:
+        monkeypatch.setenv("TOKENMIX_WGMMA", "auto")
+    kernel, stride, dilation, causal = window_of(c)
+    p = tokenmix.plan(
+        c["shape"], kernel, stride, dilation, causal, head_dim=c["dim"], compute_capability=(9, 0)
+    )
+    assert p.cuda_forward == kernel_name
+    t = make_inputs(c, torch.float16, seed=len(name))
+    ops = torch.ops.tokenmix_emulated
+    mma, wgmma = ops.mma_count(), ops.wgmma_count()
+    out, lse = forward(c, t, 0.125)
+    mma, wgmma = ops.mma_count() - mma, ops.wgmma_count() - wgmma
+    heads = c["batch"] * c["heads"]
+    if kernel_name == "wgmma":
+        assert p.chunked_pairs == p.whole_chunk_pairs
+        assert mma == 0
+        assert wgmma == 4 * (c["dim"] // 16 + 4) * whole_chunks(c) * heads
+    else:
+        # D / 4 mma.sync per (warp, 16-key group): Q K^T D / 16 k-steps x 2, P V D / 8 tiles
+        assert p.chunked_pairs < p.whole_chunk_pairs
+        assert wgmma == 0
+        assert mma == c["dim"] // 4 * (p.chunked_pairs // 256) * heads
+    r_out, r_lse = reference(c, t, 0.125)
+    assert ((out.double() - r_out).abs().max() / r_out.abs().max()).item() <= TOL[torch.float16]
+    assert (lse.double() - r_lse).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_setting_overrides_the_choice(setting, monkeypatch):
+    # 0 keeps mma.sync where auto takes wgmma, 1 takes wgmma where auto keeps mma.sync
+    c, auto = AUTO_CASES["1d-k127-d64" if setting == "0" else "2d-k7-d64"]
+    assert auto == ("wgmma" if setting == "0" else "mma.sync")
+    monkeypatch.setenv("TOKENMIX_WGMMA", setting)
+    t = make_inputs(c, torch.float16, seed=5)
+    ops = torch.ops.tokenmix_emulated
+    mma, wgmma = ops.mma_count(), ops.wgmma_count()
+    forward(c, t, 0.125)
+    mma, wgmma = ops.mma_count() - mma, ops.wgmma_count() - wgmma
+    assert (mma > 0, wgmma > 0) == (setting == "0", setting == "1")
+
+
+def test_bad_wgmma_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("TOKENMIX_WGMMA", "yes")
+    c = CASES["1d-partial-d32"]
+    t = make_inputs(c, torch.float16, 0)
+    with pytest.raises(Exception, match="TOKENMIX_WGMMA must be 0, 1 or auto, got 'yes'"):
+        forward(c, t, 0.125)
 
 
 def test_bad_arch_setting_is_an_error(monkeypatch):

@@ -140,7 +140,9 @@ def test_key_groups_of_the_2d_k7_problem():
     assert round(100 * p.tile_efficiency, 1) == 27.9
     assert round(100 * p.useful_pairs / 917_504, 1) == 21.9
     assert p.chunked_pairs == 479_744 and round(100 * p.chunk_efficiency, 1) == 41.8
-    assert "in 64-key chunks:" in p.summary() and "efficiency 41.8%" in p.summary()
+    assert "CUDA forward (mma.sync), 64-key chunks:" in p.summary()
+    assert "efficiency 41.8%" in p.summary()
+    assert p.cuda_forward == "mma.sync" and p.whole_chunk_pairs == 917_504
     # fewer than the tiles' whole key boxes: the groups drop keys no query of the warp sees
     assert p.useful_pairs < p.chunked_pairs < p.computed_pairs
     # key_chunk = 1 (or any size that is not a multiple of 16): whole boxes, rounded up
@@ -148,6 +150,73 @@ def test_key_groups_of_the_2d_k7_problem():
     assert exact.chunked_pairs == exact.computed_pairs == p.computed_pairs
     # float32's 32-key chunks: the same groups here (no chunk is full in either)
     assert tokenmix.plan((64, 64), 7, key_chunk=32).chunked_pairs == p.chunked_pairs
+
+
+def test_compute_capability_9_chooses_by_pairs():
+    # On compute capability 9.0 (fp16/bf16, D in {32, 64, 128}) the launcher takes the sm_90a
+    # kernel, which computes whole 64-key chunks, where the mma.sync kernels' warp groups are at
+    # least wgmma_break_even(D) times its pairs; the plan makes the same choice.
+    be = {d: plan_module.wgmma_break_even(d) for d in (32, 64, 128)}
+    assert be[64] == pytest.approx(0.65 / 0.8) and be[128] == pytest.approx(0.48 / 0.8)
+    assert be[32] > 1  # never: no problem computes more pairs in groups than in whole chunks
+
+    # issue 12's 2-D k7 problem keeps the warp groups at every head dim: 41.8% of pairs useful
+    for d in (32, 64, 128):
+        p = tokenmix.plan((64, 64), 7, head_dim=d, compute_capability=(9, 0))
+        assert p.cuda_forward == "mma.sync" and round(100 * p.chunk_efficiency, 1) == 41.8
+    # a long 1-D window loses little to whole chunks: the wgmma kernel pays at D = 64 and 128
+    for d, kernel in ((32, "mma.sync"), (64, "wgmma"), (128, "wgmma")):
+        p = tokenmix.plan(32768, 2048, head_dim=d, compute_capability=(9, 0))
+        assert p.cuda_forward == kernel, d
+        assert p.chunked_pairs == (p.whole_chunk_pairs if kernel == "wgmma" else
+                                   tokenmix.plan(32768, 2048).chunked_pairs)  # fmt: skip
+        assert "CUDA forward (" + kernel + ")" in p.summary()
+    # 2-D k13 lies between D = 128's break-even and D = 64's
+    p64 = tokenmix.plan((64, 64), 13, head_dim=64, compute_capability=(9, 0))
+    p128 = tokenmix.plan((64, 64), 13, head_dim=128, compute_capability=(9, 0))
+    ratio = p64.chunked_pairs / p64.whole_chunk_pairs
+    assert be[128] <= ratio < be[64]
+    assert (p64.cuda_forward, p128.cuda_forward) == ("mma.sync", "wgmma")
+    # other devices, head dims the wgmma kernel lacks, float32's chunks: mma.sync
+    for kwargs in (
+        dict(head_dim=64, compute_capability=(8, 0)),
+        dict(head_dim=64, compute_capability=(10, 0)),
+        dict(head_dim=96, compute_capability=(9, 0)),
+        dict(head_dim=64, compute_capability=(9, 0), key_chunk=32),
+        dict(head_dim=64),
+    ):
+        assert tokenmix.plan(32768, 2048, **kwargs).cuda_forward == "mma.sync", kwargs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_chunk_pairs_and_the_choice_against_brute_force(seed):
+    rng = random.Random(seed)
+    rank = rng.randint(1, 3)
+    shape = tuple(rng.randint(4, 40 if rank < 3 else 12) for _ in range(rank))
+    kernel = tuple(rng.randint(2, n) for n in shape)
+    d = rng.choice((32, 64, 128))
+    p = tokenmix.plan(shape, kernel, head_dim=d, compute_capability=(9, 0))
+    rows = math.prod(p.tile_shape)
+    whole = 0
+    for _, _, _, begin, end in p.query_tiles().tolist():
+        box = math.prod(e - b for b, e in zip(begin, end, strict=True))
+        whole += rows * -(-box // 64) * 64
+    assert p.whole_chunk_pairs == whole
+    grouped = tokenmix.plan(shape, kernel).chunked_pairs
+    takes = grouped >= plan_module.wgmma_break_even(d) * whole
+    assert p.cuda_forward == ("wgmma" if takes else "mma.sync")
+    assert p.chunked_pairs == (whole if takes else grouped)
+
+
+def test_compute_capability_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs head_dim with compute_capability"):
+        tokenmix.plan(64, 7, compute_capability=(9, 0))
+    with pytest.raises(ValueError, match=r"compute_capability must be \(major, minor\)"):
+        tokenmix.plan(64, 7, head_dim=64, compute_capability=9)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        tokenmix.plan(64, 7, head_dim=0, compute_capability=(9, 0))
+    with pytest.raises(ValueError, match=r"head_dim must be one of \(32, 64, 128\), got 96"):
+        plan_module.wgmma_break_even(96)
 
 
 def test_blocked_misaligned_tile_computes_more():
@@ -442,8 +511,11 @@ def test_op_checks_direct_calls():
     tile, counts, tiles = op([16], [4], [1], [1], [0], [], 64, 64, False)
     assert tile.tolist() == [64] and tiles.shape == (0, 5, 1)
     # the 16-key box is one 64-key chunk, of which the first warp (the 16 queries; the other
-    # three hold padding rows only) computes the one group of keys that exist
-    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256, 16 * 16]
+    # three hold padding rows only) computes the one group of keys that exist; whole chunks
+    # would be the 64 rows times the chunk, and no wgmma head dim was given (no choice made)
+    assert counts.tolist() == [1, 16 * 4, 64 * 16, 256, 16 * 16, 64 * 64, 0]
+    # D = 64 on compute capability 9.0: 256 pairs in warp groups against 4096 whole: mma.sync
+    assert op([16], [4], [1], [1], [0], [], 64, 64, False, 64)[1].tolist()[4:] == [256, 4096, 0]
     for bad in (
         ([16], [17], [1], [1], [0], [], 64, 64, False),  # window larger than the input
         ([16], [4], [5], [1], [0], [], 64, 64, False),  # stride > kernel

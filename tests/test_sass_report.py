@@ -274,6 +274,22 @@ def test_neighborhood_forward_bounds_meet_the_tensor_core_bar(shipped):
 
 
 @pytest.mark.slow
+def test_wgmma_chunk_costs_are_the_models(shipped):
+    # The launcher's choice on compute capability 9.0 (tokenmix/neighborhood_chunking.h) weighs
+    # the sm_90a kernel's cost per 64-key chunk against the mma.sync kernel's: the ratio of their
+    # bounds in this model (the same tensor cycles per chunk), over a margin of 0.8. The ratios
+    # compiled in must be those of the shipped kernels.
+    from tokenmix.neighborhood.plan import wgmma_break_even
+
+    bound = {(k.arch, _readable_kernel(k.name)): k.bound for k in shipped}
+    for dtype in ("F16", "BF16"):
+        for d in (32, 64, 128):
+            mma = bound[("sm_90", f"na_forward_kernel<{dtype}, {d}>")]
+            wgmma = bound[("sm_90a", f"na_forward_wg_kernel<{dtype}, {d}>")]
+            assert wgmma_break_even(d) * 0.8 == pytest.approx(mma / wgmma, abs=0.03), (dtype, d)
+
+
+@pytest.mark.slow
 def test_fft_conv_kernels_use_tensor_cores_for_half_precision(shipped):
     # fp16/bf16: Monarch transforms, 4 HMMA.16816 per 8-column tile of a radix-16 stage (a
     # complex product as 4 real ones) in each transform loop; fp32: radix-2 on FMAs.

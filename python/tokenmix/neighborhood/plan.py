@@ -7,9 +7,11 @@ key box each tile visits, and three pair counts per (batch, head):
 * ``useful_pairs``: query-key pairs inside the windows (the work attention needs),
 * ``computed_pairs``: pairs the tiled kernel computes, i.e. every tile's rows
   (padding included) times the keys of its key box,
-* ``chunked_pairs``: the same with each key box rounded up to whole key chunks
-  (``key_chunk`` keys, the CUDA kernels' granularity: they linearize the box and
-  take it 64 keys at a time for fp16/bf16, 32 for float32),
+* ``chunked_pairs``: the pairs the CUDA forward computes: each key box cut into
+  chunks of ``key_chunk`` keys (the kernels linearize the box and take it 64 keys at
+  a time for fp16/bf16, 32 for float32), in which the mma.sync kernels' warps skip
+  the 16-key groups none of their 16 rows keeps, and the sm_90a (wgmma) kernel
+  computes every chunk whole (``whole_chunk_pairs``; see ``cuda_forward``),
 * ``dense_pairs``: ``tokens ** 2``, what dense attention computes.
 
 The numbers come from ``torch.ops.tokenmix.na_plan`` (csrc/neighborhood/na_plan_ops.cpp),
@@ -31,7 +33,7 @@ from .. import _ops
 from .._checks import as_int, int_tuple
 from .args import MAX_SPATIAL_LENGTH, normalize_window_args
 
-__all__ = ["NeighborhoodPlan", "PlanFlops", "plan"]
+__all__ = ["NeighborhoodPlan", "PlanFlops", "plan", "wgmma_break_even"]
 
 # The query-tile volume of the CUDA kernels (queries per tile).
 DEFAULT_TILE_VOLUME = 64
@@ -76,6 +78,8 @@ class NeighborhoodPlan:
     dense_pairs: int
     key_chunk: int
     chunked_pairs: int
+    whole_chunk_pairs: int
+    cuda_forward: str
 
     @property
     def rank(self) -> int:
@@ -107,7 +111,7 @@ class NeighborhoodPlan:
     @property
     def chunk_efficiency(self) -> float:
         """``useful_pairs / chunked_pairs``: the fraction of the pairs that the CUDA
-        kernels compute (key boxes rounded up to ``key_chunk`` keys) that count."""
+        forward (``cuda_forward``) computes that count."""
         return self.useful_pairs / self.chunked_pairs
 
     def flops(self, head_dim: int, value_dim: int | None = None) -> PlanFlops:
@@ -141,7 +145,7 @@ class NeighborhoodPlan:
         kernels' order (dilation groups outermost, then tiles in row-major order).
         """
         problem = (self.input_shape, self.kernel_size, self.stride, self.dilation, self.is_causal)
-        *_, tiles = _run_op(problem, self.tile_shape, DEFAULT_TILE_VOLUME, self.key_chunk, True)
+        *_, tiles = _run_op(problem, self.tile_shape, DEFAULT_TILE_VOLUME, self.key_chunk, True, 0)
         return tiles
 
     def summary(self) -> str:
@@ -158,8 +162,8 @@ class NeighborhoodPlan:
                 f"  flop bound (dense/useful) {self.flop_bound:.4g}x, tile bound "
                 f"(dense/computed) {self.tile_bound:.4g}x, tile efficiency "
                 f"{100 * self.tile_efficiency:.1f}%",
-                f"  in {self.key_chunk}-key chunks: computed {self.chunked_pairs:,}, "
-                f"efficiency {100 * self.chunk_efficiency:.1f}%",
+                f"  CUDA forward ({self.cuda_forward}), {self.key_chunk}-key chunks: computed "
+                f"{self.chunked_pairs:,}, efficiency {100 * self.chunk_efficiency:.1f}%",
             ]
         )
 
@@ -173,6 +177,7 @@ def _run_op(
     tile_volume: int,
     key_chunk: int,
     tiles: bool,
+    wgmma_head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.tokenmix.na_plan`` on ``(input_shape, kernel, stride, dilation, causal)``."""
     shape, kernel, stride, dilation, causal = problem
@@ -187,6 +192,7 @@ def _run_op(
         tile_volume,
         key_chunk,
         tiles,
+        wgmma_head_dim,
     )
 
 
@@ -219,6 +225,8 @@ def plan(
     tile_shape: int | Sequence[int] | None = None,
     tile_volume: int = DEFAULT_TILE_VOLUME,
     key_chunk: int = DEFAULT_KEY_CHUNK,
+    head_dim: int | None = None,
+    compute_capability: tuple[int, int] | None = None,
 ) -> NeighborhoodPlan:
     """Plans neighborhood attention over ``input_shape`` the way the fused kernels run it.
 
@@ -233,6 +241,16 @@ def plan(
     dimension or one for all) is analysed as given and ``tile_volume`` is ignored.
     ``key_chunk`` is the kernel's key granularity for ``chunked_pairs``: 64 (the CUDA
     fp16/bf16 kernels, the default), 32 (CUDA float32); 1 gives ``computed_pairs``.
+
+    ``compute_capability`` (``torch.cuda.get_device_capability()``) and ``head_dim``
+    (D = Dv) name the device and head dim the CUDA forward runs with. On compute
+    capability 9.0 with 64-key chunks (fp16/bf16) and ``head_dim`` 32, 64 or 128, the
+    launcher chooses between the mma.sync kernels and the sm_90a (wgmma) kernel, which
+    computes whole chunks at a lower cost per chunk: it takes the wgmma kernel when the
+    mma.sync kernels' pairs are at least ``wgmma_break_even(head_dim)`` times the whole
+    chunks' pairs (``$TOKENMIX_WGMMA`` set to 0 or 1 overrides the choice). The plan
+    makes the same choice and reports it in ``cuda_forward``, with ``chunked_pairs``
+    counted for that kernel. Without them, ``cuda_forward`` is ``"mma.sync"``.
 
     Example::
 
@@ -260,9 +278,10 @@ def plan(
     chunk = as_int(key_chunk, "key_chunk")
     if not 1 <= chunk <= _MAX_TILE:
         raise ValueError(f"key_chunk must be between 1 and 2**20, got {chunk}")
+    wgmma_dim = _wgmma_head_dim(head_dim, compute_capability, chunk)
     problem = (shape, kernel, strides, dils, causal)
-    chosen, counts, _ = _run_op(problem, tiles, volume, chunk, False)
-    num_tiles, useful, computed, dense, chunked = counts.tolist()
+    chosen, counts, _ = _run_op(problem, tiles, volume, chunk, False, wgmma_dim)
+    num_tiles, useful, computed, dense, chunked, whole, took_wgmma = counts.tolist()
     return NeighborhoodPlan(
         input_shape=shape,
         kernel_size=kernel,
@@ -276,4 +295,47 @@ def plan(
         dense_pairs=dense,
         key_chunk=chunk,
         chunked_pairs=chunked,
+        whole_chunk_pairs=whole,
+        cuda_forward="wgmma" if took_wgmma else "mma.sync",
     )
+
+
+# The head dims the sm_90a forward is instantiated for (D = Dv), and its key chunk.
+WGMMA_HEAD_DIMS = (32, 64, 128)
+_WGMMA_KEY_CHUNK = 64
+
+
+def _wgmma_head_dim(head_dim: Any, compute_capability: Any, key_chunk: int) -> int:
+    """The head dim for the sm_90a choice, or 0 where the wgmma kernel cannot run."""
+    if head_dim is not None:
+        head_dim = as_int(head_dim, "head_dim")
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    if compute_capability is None:
+        return 0
+    if not isinstance(compute_capability, Sequence) or len(compute_capability) != 2:
+        raise ValueError(
+            "compute_capability must be (major, minor), as torch.cuda.get_device_capability() "
+            f"gives, got {compute_capability!r}"
+        )
+    cc = int_tuple(compute_capability, "compute_capability", 2)
+    if head_dim is None:
+        raise ValueError(
+            "plan() needs head_dim with compute_capability: the CUDA forward's kernel depends on it"
+        )
+    if cc != (9, 0) or key_chunk != _WGMMA_KEY_CHUNK or head_dim not in WGMMA_HEAD_DIMS:
+        return 0
+    return head_dim
+
+
+def wgmma_break_even(head_dim: int) -> float:
+    """The threshold of the compute capability 9.0 choice: the sm_90a (wgmma) forward
+    is taken when the mma.sync kernels' pairs (warp groups) are at least this times the
+    whole chunks' pairs. It is the wgmma kernel's cost per 64-key chunk relative to the
+    mma.sync kernel's in the static SASS model, over a margin of 0.8 for what the model
+    ignores (docs/cuda_engine.md). ``head_dim`` is 32, 64 or 128."""
+    d = as_int(head_dim, "head_dim")
+    if d not in WGMMA_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {WGMMA_HEAD_DIMS}, got {d}")
+    _ops.require_library()
+    return float(torch.ops.tokenmix.na_wgmma_break_even(d))

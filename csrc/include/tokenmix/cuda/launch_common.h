@@ -17,15 +17,13 @@ namespace tokenmix::cuda {
 
 using namespace ::tokenmix::simt;
 
-// Whether the forward takes the engine's sm_90a (wgmma) path. On a GPU: the build holds sm_90a
-// code (TOKENMIX_HAS_SM90A: 90 is among its architectures), the device has compute capability 9.0
-// (the only one that runs sm_90a code), and $TOKENMIX_WGMMA is not 0 (0 keeps the mma.sync path,
-// for comparisons). In the emulator: $TOKENMIX_SIMT_ARCH is sm_90a (default sm_80, mma.sync).
-inline bool sm90a_path() {
+// Whether sm_90a (wgmma) code can run. On a GPU: the build holds sm_90a code
+// (TOKENMIX_HAS_SM90A: 90 is among its architectures) and the device has compute capability 9.0
+// (the only one that runs sm_90a code). In the emulator: $TOKENMIX_SIMT_ARCH is sm_90a (default
+// sm_80, mma.sync).
+inline bool sm90a_device() {
 #if defined(__CUDACC__)
 #if defined(TOKENMIX_HAS_SM90A)
-  const char* wgmma = std::getenv("TOKENMIX_WGMMA");
-  if (wgmma && std::string(wgmma) == "0") return false;
   return current_device_facts().compute_capability == 90;
 #else
   return false;
@@ -37,6 +35,19 @@ inline bool sm90a_path() {
   throw std::invalid_argument(std::string("TOKENMIX_SIMT_ARCH must be sm_80 or sm_90a, got '") +
                               arch + "'");
 #endif
+}
+
+// $TOKENMIX_WGMMA, where sm_90a_device holds: 0 keeps the mma.sync kernels, 1 takes the wgmma
+// kernel wherever it has an instantiation (for comparisons), auto or unset lets the launcher
+// choose by the pairs each computes (na_launch.h, tokenmix/neighborhood_chunking.h).
+enum class WgmmaSetting { off, by_pairs, on };
+
+inline WgmmaSetting wgmma_setting() {
+  const char* v = std::getenv("TOKENMIX_WGMMA");
+  if (!v || !*v || std::string(v) == "auto") return WgmmaSetting::by_pairs;
+  if (std::string(v) == "0") return WgmmaSetting::off;
+  if (std::string(v) == "1") return WgmmaSetting::on;
+  throw std::invalid_argument(std::string("TOKENMIX_WGMMA must be 0, 1 or auto, got '") + v + "'");
 }
 
 // The emulator checks every global access against registered buffers; under nvcc this is a no-op.

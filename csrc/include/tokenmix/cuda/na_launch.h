@@ -5,8 +5,11 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -17,6 +20,7 @@
 #include "tokenmix/cuda/launch_common.h"
 #include "tokenmix/cuda/na_entry.h"
 #include "tokenmix/cuda/neighborhood_policy.h"
+#include "tokenmix/neighborhood_chunking.h"
 
 namespace tokenmix::cuda {
 
@@ -26,8 +30,9 @@ template <class E, int kDim>
 TM_GLOBAL void na_forward_kernel(NaParams p) {
   attention_forward<NeighborhoodPolicy, E, kDim>(p);
 }
-// The sm_90a (wgmma) forward (sm90a_path): in the GPU build, na_forward_wg.cu alone compiles it,
-// for sm_90a only. Its key rows are int32_t offsets (taken only where narrow_key_offsets holds).
+// The sm_90a (wgmma) forward (take_wgmma_forward): in the GPU build, na_forward_wg.cu alone
+// compiles it, for sm_90a only. Its key rows are int32_t offsets (taken only where
+// narrow_key_offsets holds).
 template <class E, int kDim>
 TM_GLOBAL void na_forward_wg_kernel(NaParams p) {
   attention_forward<NeighborhoodPolicy, E, kDim, true, int32_t>(p);
@@ -263,6 +268,54 @@ int specialized_dim(const NeighborhoodProblem& p) {
   return p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128 ? int(p.head_dim) : 0;
 }
 
+// Whether the whole-chunk (wgmma) forward pays for this problem at head dim `dim`
+// (tokenmix/neighborhood_chunking.h: the pairs of the two kernels, counted on the kernels' own
+// schedule). Cached per window geometry and head dim, so that a forward call does not count again.
+inline bool whole_chunks_pay_for(const NeighborhoodProblem& p, int dim) {
+  static_assert(kChunkWarpRows == 16 && kChunkGroupKeys == 16 && kWgmmaKeyChunk == 64,
+                "neighborhood_chunking.h counts the kernels' warp rows, groups and chunks");
+  std::array<int, 16> key{};
+  for (int t = 0; t < 3; ++t) {
+    const WindowDim& d = p.dims[t];
+    const int at = 5 * t;
+    key[at] = d.length;
+    key[at + 1] = d.kernel;
+    key[at + 2] = d.stride;
+    key[at + 3] = d.dilation;
+    key[at + 4] = d.causal ? 1 : 0;
+  }
+  key[15] = dim;
+  static std::mutex mutex;
+  static std::map<std::array<int, 16>, bool> cache;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int tile[3];
+  choose_tile_shape(p.dims, kQueryTileVolume, tile);
+  NeighborhoodSchedule sched;
+  sched.init(p.dims, tile);
+  const bool pays = whole_chunks_pay(schedule_chunked_pairs(sched, kWgmmaKeyChunk, true), dim);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= 1024) cache.clear();  // many geometries: recount rather than grow
+  cache.emplace(key, pays);
+  return pays;
+}
+
+// Whether the forward takes the sm_90a kernel: a device that runs it (sm90a_device), a head dim it
+// is instantiated for (`dim`, from specialized_dim), key rows within int32_t offsets, and
+// $TOKENMIX_WGMMA: 1 takes it, 0 does not, auto (the default) where its whole chunks pay.
+inline bool take_wgmma_forward(const NeighborhoodProblem& p, int dim) {
+  if (dim == 0 || !sm90a_device() || !narrow_key_offsets(p)) return false;
+  switch (wgmma_setting()) {
+    case WgmmaSetting::off: return false;
+    case WgmmaSetting::on: return true;
+    case WgmmaSetting::by_pairs: return whole_chunks_pay_for(p, dim);
+  }
+  return false;
+}
+
 // The sm_90a forward's instantiations (fixed head dims only: the general path has no wgmma form).
 template <class E>
 void forward_wg(const NeighborhoodProblem& p, stream_t s) {
@@ -280,7 +333,7 @@ void forward(const NeighborhoodProblem& p, void* stream) {
   if constexpr (!E::kTensorCore) {
     forward_with<E, 0>(p, s);
   } else {
-    if (specialized_dim<E>(p) != 0 && sm90a_path() && narrow_key_offsets(p)) {
+    if (take_wgmma_forward(p, specialized_dim<E>(p))) {
 #if defined(__CUDACC__)
 #if defined(TOKENMIX_HAS_SM90A)
       // compiled apart, for sm_90a alone (na_forward_wg.cu)

@@ -236,10 +236,13 @@ struct NeighborhoodPolicy {
       na_detail::box_token(p, g, box, in_box ? index : 0, kr.kc, x);
       const Offset k = na_detail::token_offset_in_head<Offset>(p.k_st, x);
       const Offset v = na_detail::token_offset_in_head<Offset>(p.v_st, x);
-      const Offset ek = Offset(index) * Offset(p.ek_st[1]);
-      const Offset ev = Offset(index) * Offset(p.ev_st[1]);
       const bool ex = extra(c);
       kr.valid = ex ? index < p.num_extra : in_box;
+      // Only an existing additional token's offset is formed (past them, or for a box key, index
+      // times the token stride could leave Offset).
+      const int token = ex && kr.valid ? index : 0;
+      const Offset ek = Offset(token) * Offset(p.ek_st[1]);
+      const Offset ev = Offset(token) * Offset(p.ev_st[1]);
       TM_UNROLL
       for (int t = 0; t < 3; ++t) kr.kc[t] = ex ? 0 : in_box ? kr.kc[t] : g.key_begin[t];
       kr.k = !kr.valid ? -1 : ex ? ek : k;
