@@ -92,6 +92,8 @@ _RAW_INT_SCRIPT = textwrap.dedent(
         torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 64, 64, False, 96)))
     calls.append(("na_plan wgmma_head_dim with key_chunk 32", "key_chunk", lambda:
         torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 64, 32, False, 64)))
+    calls.append(("na_plan wgmma_head_dim with tile_volume 16", "tile_volume", lambda:
+        torch.ops.tokenmix.na_plan([16], [3], [1], [1], [0], [], 16, 64, False, 64)))
     calls.append(("na_wgmma_break_even 96", "head_dim", lambda:
         torch.ops.tokenmix.na_wgmma_break_even(96)))
 

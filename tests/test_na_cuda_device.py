@@ -81,8 +81,8 @@ def _forward_kernels(fn) -> set[str]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("index", range(len(WGMMA_CASES)))
 def test_sm90a_forward_runs_and_matches_reference(index, dtype, monkeypatch):
-    # On an H100/H200 the forward takes the wgmma kernels; TOKENMIX_WGMMA=0 keeps mma.sync. Both
-    # match the float64 reference.
+    # On an H100/H200, TOKENMIX_WGMMA=1 takes the wgmma kernel and 0 keeps mma.sync. Both match
+    # the float64 reference.
     c = WGMMA_CASES[index]
     t = make_inputs(c, dtype, seed=index)
     cuda = {n: x.cuda() for n, x in t.items() if x is not None}

@@ -200,10 +200,17 @@ def test_setting_overrides_the_choice(setting, monkeypatch):
     assert (mma > 0, wgmma > 0) == (setting == "0", setting == "1")
 
 
-def test_bad_wgmma_setting_is_an_error(monkeypatch):
+@pytest.mark.parametrize(
+    ("arch", "dtype"),
+    [("sm_90a", torch.float16), ("sm_90a", torch.float32), ("sm_80", torch.float16)],
+    ids=["sm_90a-f16", "sm_90a-f32", "sm_80-f16"],
+)
+def test_bad_wgmma_setting_is_an_error(arch, dtype, monkeypatch):
+    # whatever the device and dtype, not only where the choice is made
+    monkeypatch.setenv("TOKENMIX_SIMT_ARCH", arch)
     monkeypatch.setenv("TOKENMIX_WGMMA", "yes")
     c = CASES["1d-partial-d32"]
-    t = make_inputs(c, torch.float16, 0)
+    t = make_inputs(c, dtype, 0)
     with pytest.raises(Exception, match="TOKENMIX_WGMMA must be 0, 1 or auto, got 'yes'"):
         forward(c, t, 0.125)
 

@@ -183,29 +183,57 @@ def test_compute_capability_9_chooses_by_pairs():
         dict(head_dim=64, compute_capability=(10, 0)),
         dict(head_dim=96, compute_capability=(9, 0)),
         dict(head_dim=64, compute_capability=(9, 0), key_chunk=32),
-        dict(head_dim=64),
+        dict(head_dim=64, value_dim=128, compute_capability=(9, 0)),
+        dict(),
     ):
         assert tokenmix.plan(32768, 2048, **kwargs).cuda_forward == "mma.sync", kwargs
+    # a numpy-like pair (here a list) is a capability too
+    assert (
+        tokenmix.plan(32768, 2048, head_dim=64, compute_capability=[9, 0]).cuda_forward == "wgmma"
+    )
+    # a key chunk no kernel uses: whole boxes, no kernel named
+    boxes = tokenmix.plan((64, 64), 7, key_chunk=7)
+    assert boxes.cuda_forward is None and "whole key boxes, 7-key chunks" in boxes.summary()
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_whole_chunk_pairs_and_the_choice_against_brute_force(seed):
-    rng = random.Random(seed)
-    rank = rng.randint(1, 3)
-    shape = tuple(rng.randint(4, 40 if rank < 3 else 12) for _ in range(rank))
-    kernel = tuple(rng.randint(2, n) for n in shape)
-    d = rng.choice((32, 64, 128))
-    p = tokenmix.plan(shape, kernel, head_dim=d, compute_capability=(9, 0))
-    rows = math.prod(p.tile_shape)
-    whole = 0
-    for _, _, _, begin, end in p.query_tiles().tolist():
-        box = math.prod(e - b for b, e in zip(begin, end, strict=True))
-        whole += rows * -(-box // 64) * 64
-    assert p.whole_chunk_pairs == whole
-    grouped = tokenmix.plan(shape, kernel).chunked_pairs
-    takes = grouped >= plan_module.wgmma_break_even(d) * whole
-    assert p.cuda_forward == ("wgmma" if takes else "mma.sync")
-    assert p.chunked_pairs == (whole if takes else grouped)
+def test_whole_chunk_pairs_and_the_choice_against_brute_force():
+    # Problems large enough for either kernel (windows from half the length to all of it), with
+    # strides, dilations and causal windows: both counts from the mask and the tiles, and the
+    # choice from them with the threshold; both outcomes must occur.
+    rng = random.Random(12)
+    outcomes = set()
+    for _ in range(16):
+        rank = rng.choice((1, 1, 2))
+        shape = tuple(
+            rng.randint(60, 180) if rank == 1 else rng.randint(10, 20) for _ in range(rank)
+        )
+        kernel = tuple(rng.randint(n // 2, n) for n in shape)
+        problem = dict(
+            input_shape=shape,
+            kernel_size=kernel,
+            stride=tuple(rng.choice((1, 1, 2)) for _ in shape),
+            dilation=(1,) * rank,
+            is_causal=tuple(rng.random() < 0.3 for _ in shape),
+        )
+        if rng.random() < 0.3:  # a dilated problem: halve the windows to fit
+            problem["kernel_size"] = tuple(max(2, k // 2) for k in kernel)
+            problem["dilation"] = (2,) * rank
+        d = rng.choice((32, 64, 128))
+        p = tokenmix.plan(**problem, head_dim=d, compute_capability=(9, 0))
+        tiles = [[tuple(row) for row in tile] for tile in p.query_tiles().tolist()]
+        rows = math.prod(p.tile_shape)
+        whole = sum(
+            rows * -(-math.prod(e - b for b, e in zip(kb, ke, strict=True)) // 64) * 64
+            for _, _, _, kb, ke in tiles
+        )
+        mask = brute_force_mask(*problem.values())
+        grouped = _brute_chunked_pairs(problem, p.tile_shape, tiles, mask, 64)
+        takes = grouped >= plan_module.wgmma_break_even(d) * whole
+        assert p.whole_chunk_pairs == whole, problem
+        assert p.cuda_forward == ("wgmma" if takes else "mma.sync"), (problem, d)
+        assert p.chunked_pairs == (whole if takes else grouped), problem
+        outcomes.add(p.cuda_forward)
+    assert outcomes == {"wgmma", "mma.sync"}
 
 
 def test_compute_capability_arguments_are_checked():
@@ -213,8 +241,18 @@ def test_compute_capability_arguments_are_checked():
         tokenmix.plan(64, 7, compute_capability=(9, 0))
     with pytest.raises(ValueError, match=r"compute_capability must be \(major, minor\)"):
         tokenmix.plan(64, 7, head_dim=64, compute_capability=9)
+    with pytest.raises(ValueError, match=r"compute_capability must be \(major, minor\)"):
+        tokenmix.plan(64, 7, head_dim=64, compute_capability="90")
     with pytest.raises(ValueError, match="head_dim must be >= 1"):
         tokenmix.plan(64, 7, head_dim=0, compute_capability=(9, 0))
+    with pytest.raises(ValueError, match="value_dim must be >= 1"):
+        tokenmix.plan(64, 7, head_dim=64, value_dim=0, compute_capability=(9, 0))
+    with pytest.raises(ValueError, match="head_dim only matter with compute_capability"):
+        tokenmix.plan(64, 7, head_dim=64)
+    # the choice is the launcher's, on the kernels' own 64-query tiles
+    for tiles in (dict(tile_volume=16), dict(tile_shape=8)):
+        with pytest.raises(ValueError, match="leave tile_shape and tile_volume at their defaults"):
+            tokenmix.plan(64, 7, head_dim=64, compute_capability=(9, 0), **tiles)
     with pytest.raises(ValueError, match=r"head_dim must be one of \(32, 64, 128\), got 96"):
         plan_module.wgmma_break_even(96)
 

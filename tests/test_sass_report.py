@@ -286,7 +286,10 @@ def test_wgmma_chunk_costs_are_the_models(shipped):
         for d in (32, 64, 128):
             mma = bound[("sm_90", f"na_forward_kernel<{dtype}, {d}>")]
             wgmma = bound[("sm_90a", f"na_forward_wg_kernel<{dtype}, {d}>")]
-            assert wgmma_break_even(d) * 0.8 == pytest.approx(mma / wgmma, abs=0.03), (dtype, d)
+            assert wgmma_break_even(d) * 0.8 == pytest.approx(mma / wgmma, abs=0.015), (dtype, d)
+            if d == 32:
+                # the docs' "auto never takes it at D = 32": the costs are within the margin
+                assert mma / wgmma > 0.8 and wgmma_break_even(d) > 1, (dtype, mma / wgmma)
 
 
 @pytest.mark.slow

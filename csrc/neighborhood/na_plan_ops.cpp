@@ -90,6 +90,9 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
   STD_TORCH_CHECK(
       wgmma_head_dim == 0 || wgmma_head_dim == 32 || wgmma_head_dim == 64 || wgmma_head_dim == 128,
       "tokenmix: wgmma_head_dim = ", wgmma_head_dim, " must be 0, 32, 64 or 128");
+  STD_TORCH_CHECK(wgmma_head_dim == 0 || (tile_shape.empty() && tile_volume == 64),
+                  "tokenmix: the sm_90a choice is made on the kernels' own tiles: tile_shape "
+                  "must be empty and tile_volume 64 with wgmma_head_dim");
   STD_TORCH_CHECK(wgmma_head_dim == 0 || key_chunk == tokenmix::kWgmmaKeyChunk,
                   "tokenmix: the sm_90a kernel's key chunks have ", tokenmix::kWgmmaKeyChunk,
                   " keys, got key_chunk = ", key_chunk);

@@ -79,7 +79,7 @@ class NeighborhoodPlan:
     key_chunk: int
     chunked_pairs: int
     whole_chunk_pairs: int
-    cuda_forward: str
+    cuda_forward: str | None
 
     @property
     def rank(self) -> int:
@@ -148,6 +148,11 @@ class NeighborhoodPlan:
         *_, tiles = _run_op(problem, self.tile_shape, DEFAULT_TILE_VOLUME, self.key_chunk, True, 0)
         return tiles
 
+    def _chunking(self) -> str:
+        if self.cuda_forward is None:
+            return "whole key boxes"
+        return f"CUDA forward ({self.cuda_forward})"
+
     def summary(self) -> str:
         """A few readable lines: the problem, the tiles and the bounds."""
         causal = "no" if not any(self.is_causal) else "x".join(str(int(c)) for c in self.is_causal)
@@ -162,7 +167,7 @@ class NeighborhoodPlan:
                 f"  flop bound (dense/useful) {self.flop_bound:.4g}x, tile bound "
                 f"(dense/computed) {self.tile_bound:.4g}x, tile efficiency "
                 f"{100 * self.tile_efficiency:.1f}%",
-                f"  CUDA forward ({self.cuda_forward}), {self.key_chunk}-key chunks: computed "
+                f"  {self._chunking()}, {self.key_chunk}-key chunks: computed "
                 f"{self.chunked_pairs:,}, efficiency {100 * self.chunk_efficiency:.1f}%",
             ]
         )
@@ -226,6 +231,7 @@ def plan(
     tile_volume: int = DEFAULT_TILE_VOLUME,
     key_chunk: int = DEFAULT_KEY_CHUNK,
     head_dim: int | None = None,
+    value_dim: int | None = None,
     compute_capability: tuple[int, int] | None = None,
 ) -> NeighborhoodPlan:
     """Plans neighborhood attention over ``input_shape`` the way the fused kernels run it.
@@ -242,15 +248,20 @@ def plan(
     ``key_chunk`` is the kernel's key granularity for ``chunked_pairs``: 64 (the CUDA
     fp16/bf16 kernels, the default), 32 (CUDA float32); 1 gives ``computed_pairs``.
 
-    ``compute_capability`` (``torch.cuda.get_device_capability()``) and ``head_dim``
-    (D = Dv) name the device and head dim the CUDA forward runs with. On compute
-    capability 9.0 with 64-key chunks (fp16/bf16) and ``head_dim`` 32, 64 or 128, the
-    launcher chooses between the mma.sync kernels and the sm_90a (wgmma) kernel, which
-    computes whole chunks at a lower cost per chunk: it takes the wgmma kernel when the
-    mma.sync kernels' pairs are at least ``wgmma_break_even(head_dim)`` times the whole
-    chunks' pairs (``$TOKENMIX_WGMMA`` set to 0 or 1 overrides the choice). The plan
-    makes the same choice and reports it in ``cuda_forward``, with ``chunked_pairs``
-    counted for that kernel. Without them, ``cuda_forward`` is ``"mma.sync"``.
+    ``compute_capability`` (``torch.cuda.get_device_capability()``), ``head_dim`` and
+    ``value_dim`` (default ``head_dim``) name the device and head dims the CUDA forward
+    runs with, for the kernels' own tiles (no ``tile_shape``, ``tile_volume`` 64). On
+    compute capability 9.0 with 64-key chunks (fp16/bf16) and ``head_dim == value_dim``
+    in 32, 64 or 128, the launcher chooses between the mma.sync kernels and the sm_90a
+    (wgmma) kernel, which computes whole chunks at a lower cost per chunk: it takes the
+    wgmma kernel when the mma.sync kernels' pairs are at least
+    ``wgmma_break_even(head_dim)`` times the whole chunks' pairs. The plan makes the same
+    choice and reports it in ``cuda_forward``, with ``chunked_pairs`` counted for that
+    kernel. Without ``compute_capability`` it describes the mma.sync kernels, which
+    every other device runs. What the plan cannot see: a build without sm_90a code and
+    K/V views whose heads span 2**31 elements or more keep the mma.sync kernels, and
+    ``$TOKENMIX_WGMMA`` (0 or 1) overrides the launcher. ``cuda_forward`` is None for
+    a ``key_chunk`` no kernel uses (not a multiple of 16).
 
     Example::
 
@@ -278,7 +289,13 @@ def plan(
     chunk = as_int(key_chunk, "key_chunk")
     if not 1 <= chunk <= _MAX_TILE:
         raise ValueError(f"key_chunk must be between 1 and 2**20, got {chunk}")
-    wgmma_dim = _wgmma_head_dim(head_dim, compute_capability, chunk)
+    wgmma_dim = _wgmma_head_dim(
+        head_dim,
+        value_dim,
+        compute_capability,
+        chunk,
+        tile_shape is not None or volume != DEFAULT_TILE_VOLUME,
+    )
     problem = (shape, kernel, strides, dils, causal)
     chosen, counts, _ = _run_op(problem, tiles, volume, chunk, False, wgmma_dim)
     num_tiles, useful, computed, dense, chunked, whole, took_wgmma = counts.tolist()
@@ -296,36 +313,57 @@ def plan(
         key_chunk=chunk,
         chunked_pairs=chunked,
         whole_chunk_pairs=whole,
-        cuda_forward="wgmma" if took_wgmma else "mma.sync",
+        cuda_forward=(None if chunk % _GROUP_KEYS else "wgmma" if took_wgmma else "mma.sync"),
     )
 
 
 # The head dims the sm_90a forward is instantiated for (D = Dv), and its key chunk.
 WGMMA_HEAD_DIMS = (32, 64, 128)
 _WGMMA_KEY_CHUNK = 64
+# Keys per group that the mma.sync kernels' warps skip (a kernel's chunk is a multiple of it).
+_GROUP_KEYS = 16
 
 
-def _wgmma_head_dim(head_dim: Any, compute_capability: Any, key_chunk: int) -> int:
+def _wgmma_head_dim(
+    head_dim: Any, value_dim: Any, compute_capability: Any, key_chunk: int, own_tiles: bool
+) -> int:
     """The head dim for the sm_90a choice, or 0 where the wgmma kernel cannot run."""
-    if head_dim is not None:
-        head_dim = as_int(head_dim, "head_dim")
-        if head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+    dims = {}
+    for name, value in (("head_dim", head_dim), ("value_dim", value_dim)):
+        if value is not None:
+            dims[name] = as_int(value, name)
+            if dims[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {dims[name]}")
     if compute_capability is None:
+        if dims:
+            raise ValueError(
+                f"{' and '.join(dims)} only matter with compute_capability (the device the "
+                "CUDA forward runs on)"
+            )
         return 0
-    if not isinstance(compute_capability, Sequence) or len(compute_capability) != 2:
+    if (
+        isinstance(compute_capability, (str, bytes))
+        or not hasattr(compute_capability, "__len__")
+        or len(compute_capability) != 2
+    ):
         raise ValueError(
             "compute_capability must be (major, minor), as torch.cuda.get_device_capability() "
             f"gives, got {compute_capability!r}"
         )
-    cc = int_tuple(compute_capability, "compute_capability", 2)
-    if head_dim is None:
+    cc = int_tuple(tuple(compute_capability), "compute_capability", 2)
+    if "head_dim" not in dims:
         raise ValueError(
             "plan() needs head_dim with compute_capability: the CUDA forward's kernel depends on it"
         )
-    if cc != (9, 0) or key_chunk != _WGMMA_KEY_CHUNK or head_dim not in WGMMA_HEAD_DIMS:
+    if own_tiles:
+        raise ValueError(
+            "compute_capability describes the CUDA forward, which uses its own tiles: leave "
+            "tile_shape and tile_volume at their defaults"
+        )
+    d = dims["head_dim"]
+    if cc != (9, 0) or key_chunk != _WGMMA_KEY_CHUNK or dims.get("value_dim", d) != d:
         return 0
-    return head_dim
+    return d if d in WGMMA_HEAD_DIMS else 0
 
 
 def wgmma_break_even(head_dim: int) -> float:

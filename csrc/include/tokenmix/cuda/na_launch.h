@@ -272,8 +272,10 @@ int specialized_dim(const NeighborhoodProblem& p) {
 // (tokenmix/neighborhood_chunking.h: the pairs of the two kernels, counted on the kernels' own
 // schedule). Cached per window geometry and head dim, so that a forward call does not count again.
 inline bool whole_chunks_pay_for(const NeighborhoodProblem& p, int dim) {
-  static_assert(kChunkWarpRows == 16 && kChunkGroupKeys == 16 && kWgmmaKeyChunk == 64,
-                "neighborhood_chunking.h counts the kernels' warp rows, groups and chunks");
+  static_assert(kChunkWarpRows == kTileRows / kWarps, "a warp owns 16 rows of the query tile");
+  static_assert(kChunkGroupKeys == 2 * 8, "kept_groups: a group is two 8-column fragments");
+  static_assert(kWgmmaKeyChunk == F16::kKeys && kWgmmaKeyChunk == BF16::kKeys,
+                "the sm_90a kernel's chunks are the fp16/bf16 chunks");
   std::array<int, 16> key{};
   for (int t = 0; t < 3; ++t) {
     const WindowDim& d = p.dims[t];
@@ -304,16 +306,15 @@ inline bool whole_chunks_pay_for(const NeighborhoodProblem& p, int dim) {
 }
 
 // Whether the forward takes the sm_90a kernel: a device that runs it (sm90a_device), a head dim it
-// is instantiated for (`dim`, from specialized_dim), key rows within int32_t offsets, and
-// $TOKENMIX_WGMMA: 1 takes it, 0 does not, auto (the default) where its whole chunks pay.
+// is instantiated for (`dim`, from specialized_dim; 0 for the others and for float32), key rows
+// within int32_t offsets, and $TOKENMIX_WGMMA: 1 takes it, 0 does not, auto (the default) where
+// its whole chunks pay. The setting is read first, so that a bad value is an error on every
+// device and for every input.
 inline bool take_wgmma_forward(const NeighborhoodProblem& p, int dim) {
-  if (dim == 0 || !sm90a_device() || !narrow_key_offsets(p)) return false;
-  switch (wgmma_setting()) {
-    case WgmmaSetting::off: return false;
-    case WgmmaSetting::on: return true;
-    case WgmmaSetting::by_pairs: return whole_chunks_pay_for(p, dim);
-  }
-  return false;
+  const WgmmaSetting setting = wgmma_setting();
+  if (dim == 0 || setting == WgmmaSetting::off || !sm90a_device() || !narrow_key_offsets(p))
+    return false;
+  return setting == WgmmaSetting::on || whole_chunks_pay_for(p, dim);
 }
 
 // The sm_90a forward's instantiations (fixed head dims only: the general path has no wgmma form).
@@ -330,10 +331,11 @@ void forward_wg(const NeighborhoodProblem& p, stream_t s) {
 template <class E>
 void forward(const NeighborhoodProblem& p, void* stream) {
   const stream_t s = stream_t(stream);
+  [[maybe_unused]] const bool wgmma = take_wgmma_forward(p, specialized_dim<E>(p));
   if constexpr (!E::kTensorCore) {
     forward_with<E, 0>(p, s);
   } else {
-    if (take_wgmma_forward(p, specialized_dim<E>(p))) {
+    if (wgmma) {
 #if defined(__CUDACC__)
 #if defined(TOKENMIX_HAS_SM90A)
       // compiled apart, for sm_90a alone (na_forward_wg.cu)
