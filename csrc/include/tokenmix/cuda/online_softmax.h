@@ -184,8 +184,14 @@ constexpr float kMaxSlack = 8.0f;
 // live row's LSE is below the limit too, so that an overflowing s * c (whose row's LSE is +inf)
 // makes NaN as before.
 constexpr float kFoldLimit = 16777216.0f;
+// The limit's test, for the forward's chunk maxima and the backward's LSEs (false for inf, NaN).
+TM_DEVICE bool within_fold_limit(float x) {
+  return fabsf(x) < kFoldLimit;
+}
+// The backward's rule for a row's LSE (log2 units): within the limit, or -inf (a row without keys:
+// its P is 0 anyway).
 TM_DEVICE bool foldable(float lse2) {
-  return fabsf(lse2) < kFoldLimit || lse2 == kNegInf;  // (a row without keys: P is 0 anyway)
+  return within_fold_limit(lse2) || lse2 == kNegInf;
 }
 
 // P = exp2(s * scale - base) in place (one FFMA), summed into l[ri] (P < 2^-126 counts as 0).
@@ -238,7 +244,7 @@ TM_DEVICE void online_softmax_update(float (&s)[KC][4], float (&o)[NV][4], float
     // to the exponent; testing for that would cost the main path a branch). A running max m past
     // the limit needs no test: the keys near it have an mx past it too, and for the others
     // fma(s, c, -m) is far below 0, its rounding relative to that.
-    const bool wide = !(fabsf(mx[0]) < kFoldLimit && fabsf(mx[1]) < kFoldLimit);
+    const bool wide = !(within_fold_limit(mx[0]) && within_fold_limit(mx[1]));
     if (!any_sync(0xffffffffu, passes || wide)) {
       TM_UNROLL
       for (int ri = 0; ri < 2; ++ri)
