@@ -20,7 +20,6 @@
 #include "na_window_args.h"
 #include "tokenmix/neighborhood_chunking.h"
 #include "tokenmix/neighborhood_schedule.h"
-#include "tokenmix/segmented_box.h"
 #include "tokenmix/stable_op_utils.h"
 #include "tokenmix/window.h"
 
@@ -106,10 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
                   "tokenmix: the problem is too large: its pair count overflows int64");
   const bool whole = wgmma_head_dim != 0 && tokenmix::whole_chunks_pay(pairs, int(wgmma_head_dim));
   const int64_t chunked = grouped && !whole ? pairs.grouped : pairs.whole;
-  int64_t num_tiles = 0;
-  tokenmix::TileGeometry g;
-  for (int64_t index = 0; index < candidates; ++index)
-    if (schedule.decode(index, &g)) ++num_tiles;  // past the end of a shorter dilation group: no
+  const int64_t num_tiles = pairs.tiles;
 
   int64_t useful = 1, computed = 1, tokens = 1;
   for (int t = 0; t < 3; ++t) {
@@ -135,6 +131,7 @@ std::tuple<Tensor, Tensor, Tensor> na_plan(IntList input_shape, IntList kernel, 
 
   Tensor tiles = cpu_int64({return_tiles ? num_tiles : 0, 5, rank});
   if (return_tiles) {
+    tokenmix::TileGeometry g;
     auto* out = static_cast<int64_t*>(tiles.data_ptr());
     for (int64_t index = 0; index < candidates; ++index) {
       if (!schedule.decode(index, &g)) continue;  // past the end of a shorter dilation group

@@ -30,6 +30,7 @@ constexpr int kWgmmaKeyChunk = 64;
 // Pair counts of one schedule; `overflow` is set when a count left int64 (the counts are then
 // meaningless).
 struct ChunkedPairs {
+  int64_t tiles = 0;    // non-empty query tiles
   int64_t grouped = 0;  // warp groups (the mma.sync kernels), 0 unless asked for
   int64_t whole = 0;    // whole chunks (the sm_90a kernel)
   bool overflow = false;
@@ -126,6 +127,7 @@ inline ChunkedPairs schedule_chunked_pairs(const NeighborhoodSchedule& sched, in
   const int64_t candidates = sched.tiles_per_head();
   for (int64_t index = 0; index < candidates && !out.overflow; ++index) {
     if (!sched.decode(index, &g)) continue;  // past the end of a shorter dilation group
+    ++out.tiles;
     out.whole = chunking_detail::add(
         out.whole, whole_chunk_pairs(g, rows, key_chunk, &out.overflow), &out.overflow);
     if (!grouped) continue;

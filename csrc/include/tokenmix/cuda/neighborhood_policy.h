@@ -44,18 +44,17 @@ TM_DEVICE void box_token(const NaParams& p, const TileGeometry& g, const Segment
   for (int t = 0; t < 3; ++t) x[t] = p.sched.real_coord(g, t, c[t]);
 }
 
-// Element offset of the token at real coordinates x in a [B, S0, S1, S2, H] view.
-TM_DEVICE int64_t token_offset(const int64_t* st, int b, const int* x, int head) {
-  return int64_t(b) * st[0] + int64_t(x[0]) * st[1] + int64_t(x[1]) * st[2] +
-         int64_t(x[2]) * st[3] + int64_t(head) * st[4];
-}
-
 // Element offset of the token at real coordinates x from its (batch, head)'s first element, in
 // Offset (int32_t only where the host has checked that every such offset fits:
 // narrow_key_offsets in na_launch.h).
 template <class Offset>
 TM_DEVICE Offset token_offset_in_head(const int64_t* st, const int* x) {
   return Offset(x[0]) * Offset(st[1]) + Offset(x[1]) * Offset(st[2]) + Offset(x[2]) * Offset(st[3]);
+}
+
+// Element offset of the token at real coordinates x in a [B, S0, S1, S2, H] view.
+TM_DEVICE int64_t token_offset(const int64_t* st, int b, const int* x, int head) {
+  return int64_t(b) * st[0] + token_offset_in_head<int64_t>(st, x) + int64_t(head) * st[4];
 }
 
 TM_DEVICE int token_index(const NaParams& p, const int* x) {
