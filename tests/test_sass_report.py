@@ -197,6 +197,12 @@ def test_tensor_core_kernels_have_a_main_loop(shipped, family):
             # a warp's 16 rows x 64-key chunk at D=64: S = 8 n-tiles x 4 k-steps, then P V the
             # same: 64 HMMA.16816 per iteration
             assert k.counts["hmma"] == 64, name
+        if "dq_kernel" in name and not name.endswith(", 0>"):
+            # One block holds a query row's whole dQ: S and dP once per chunk (8 n-tiles x D/16
+            # k-steps each), dQ += dS K over every column (D/8 n-tiles x 4 k-steps): 48, 96 and
+            # 192 HMMA at D = 32, 64, 128 (two 64-column blocks issued 160 each at D=128).
+            d = int(name.rsplit(", ", 1)[1].rstrip(">"))
+            assert k.counts["hmma"] == 2 * 8 * (d // 16) + 4 * (d // 8), name
     assert checked >= 12
 
 

@@ -38,13 +38,25 @@ TM_DEVICE void attention_delta(const typename Policy::Params& p) {
   }
 }
 
+// Whether the dQ kernel's 128-column accumulators leave room for a whole 16 x 64 dP: measured
+// with ptxas -v (0 spills on sm_90; 8-byte spills on sm_80 even in two parts; the emulator takes
+// the parts).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kDqWholeDp = true;
+#else
+constexpr bool kDqWholeDp = false;
+#endif
+
 template <class Policy, class E, int kDim>
 TM_DEVICE void attention_dq(const typename Policy::Params& p) {
   using T = typename E::T;
   using Tile = typename Policy::template QueryTile<E>;
   constexpr int kKeys = E::kKeys, KC = kKeys / 8;
-  constexpr int kChunk = grad_chunk<kDim>;
+  constexpr int kChunk = dq_chunk<kDim>;
   constexpr int NQ = kChunk / 8;
+  // Beside a 128-column dQ, dP is computed in kDPParts key parts: whole on sm_90, where ptxas
+  // fits it in 255 registers without spills, else 16 keys at a time (+24 ldmatrix per chunk).
+  constexpr int kDPParts = kChunk > 64 && !kDqWholeDp ? 4 : 1;
   const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
   const int col0 = int(block_idx().y) * kChunk;
   Tile tile;
@@ -84,6 +96,9 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
                        [&](int r) { return tile.offset(p, r, Operand::kGradOut); });
 
   float dq[NQ][4];
+  // The policy's row state (18 words for a neighborhood row) is held across the chunk loop, or
+  // read again at each chunk beside a 128-column dQ, whose registers it would take.
+  constexpr bool kRereadRows = kChunk > 64;
   typename Tile::RowState rs{};
   float lse2[2] = {0.0f, 0.0f}, delta[2] = {0.0f, 0.0f};
   bool alive[2] = {true, true};  // the row has a key left (LSE > -inf)
@@ -109,7 +124,6 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
       cp_async_commit_group();
       if (c == 0) {
         const int r0 = warp * 16 + (lane >> 2);
-        rs = tile.read_rows(p, rows, r0);
         TM_UNROLL
         for (int ri = 0; ri < 2; ++ri) {
           lse2[ri] = rowf[r0 + 8 * ri];
@@ -119,12 +133,12 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
         fold = !any_sync(0xffffffffu, !(foldable(lse2[0]) && foldable(lse2[1])));
       }
 
+      if (kRereadRows || c == 0) rs = tile.read_rows(p, rows, warp * 16 + (lane >> 2));
       const bool full = tile.full(p, c);
       const ChunkMask cm = chunk_mask<KC>(
           rs.valid, full, [&](int ri, int j) { return tile.keep(p, rs, ri, keys, c, j); });
-      float s[KC][4], dp_[KC][4];
+      float s[KC][4];  // S, then dS
       zero_acc(s);
-      zero_acc(dp_);
       gemm_nt<E>(s, sq + warp * 16 * L.ldq, L.ldq, sk, L.ldq, kq, cm.groups);
       // (P = exp2(s * scale - LSE) takes no max: any scale may be left to the exponent)
       const auto [kept, scale] = mask_scores(
@@ -132,17 +146,25 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
           [&](int ri, int j) { return tile.bias(p, rs, ri, keys, j); }, fold);
       cp_async_wait_group<0>();  // V of chunk c
       sync_threads();
-      gemm_nt<E>(dp_, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv, cm.groups);
+      // dS = P (dP - delta) in place of S, with dP = dO V^T computed in kDPParts key parts.
       TM_UNROLL
-      for (int n = 0; n < KC; ++n) {
+      for (int h = 0; h < kDPParts; ++h) {
+        constexpr int N = KC / kDPParts;
+        float dp_[N][4];
+        gemm_nt_part<E, KC, kDPParts>(dp_, h, sgo + warp * 16 * L.ldv, L.ldv, sv, L.ldv, kv,
+                                      cm.groups);
         TM_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int ri = i >> 1;
-          // dS (natural-log logits) by selection: exactly 0 where the mask drops the element and
-          // on rows without keys (whose LSE is -inf), whatever dP, delta or the LSE hold there.
-          const bool live = ((kept >> (4 * n + i)) & 1u) != 0 && alive[ri];
-          s[n][i] =
-              live ? exp2f_ftz(fma_rn(s[n][i], scale, -lse2[ri])) * (dp_[n][i] - delta[ri]) : 0.0f;
+        for (int n = 0; n < N; ++n) {
+          TM_UNROLL
+          for (int i = 0; i < 4; ++i) {
+            const int ri = i >> 1, t = h * N + n;
+            // dS (natural-log logits) by selection: exactly 0 where the mask drops the element
+            // and on rows without keys (whose LSE is -inf), whatever dP, delta or the LSE hold
+            // there.
+            const bool live = ((kept >> (4 * t + i)) & 1u) != 0 && alive[ri];
+            s[t][i] = live ? exp2f_ftz(fma_rn(s[t][i], scale, -lse2[ri])) * (dp_[n][i] - delta[ri])
+                           : 0.0f;
+          }
         }
       }
       if constexpr (Tile::kBiasGrad) {
@@ -190,7 +212,7 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
   using Tile = typename Policy::template KeyTile<E>;
   using Step = typename Tile::Step;
   constexpr int kCols = E::kKeys, KC = kCols / 8;
-  constexpr int kChunk = grad_chunk<kDim>;
+  constexpr int kChunk = dkdv_chunk<kDim>;
   constexpr int NC = kChunk / 8;
   const int lane = int(lane_id()), warp = int(warp_id()), tid = int(linear_thread_idx());
   const int col0 = int(block_idx().y) * kChunk;

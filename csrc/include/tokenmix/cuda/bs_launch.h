@@ -340,7 +340,7 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
             dim3u(uint32_t((rows + kWarps - 1) / kWarps)), dim3u(kThreads), 0, prm);
   check_launch("bs_backward_delta_kernel");
 
-  constexpr int kChunk = grad_chunk<kDim>;
+  constexpr int kDqChunk = dq_chunk<kDim>, kDkdvChunk = dkdv_chunk<kDim>;
   const int width = grad_tile_width<kDim>(prm);
   if (!qside.direct)
     launch_schedule(bs_schedule_kernel<E, 1>, "bs_schedule_kernel",
@@ -351,7 +351,7 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
   prepare_shared(dq_kernel, Lq.bytes, device, "bs_backward_dq_kernel");
   launch_on(stream, named(dq_kernel, "bs_backward_dq_kernel"),
             dim3u(uint32_t(prm.batch * prm.heads * prm.q_tiles),
-                  uint32_t((prm.head_dim + kChunk - 1) / kChunk)),
+                  uint32_t((prm.head_dim + kDqChunk - 1) / kDqChunk)),
             dim3u(kThreads), size_t(Lq.bytes), prm);
   check_launch("bs_backward_dq_kernel");
 
@@ -366,7 +366,7 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
   const int widest = std::max(prm.head_dim, prm.value_dim);
   launch_on(stream, named(dkdv_kernel, "bs_backward_dkdv_kernel"),
             dim3u(uint32_t(prm.batch * prm.kv_heads * prm.key_tiles),
-                  uint32_t((widest + kChunk - 1) / kChunk)),
+                  uint32_t((widest + kDkdvChunk - 1) / kDkdvChunk)),
             dim3u(kThreads), size_t(Lk.bytes), prm);
   check_launch("bs_backward_dkdv_kernel");
 }

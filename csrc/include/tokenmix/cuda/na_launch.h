@@ -227,7 +227,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
             dim3u(uint32_t((rows + kWarps - 1) / kWarps)), dim3u(kThreads), 0, prm);
   check_launch("na_backward_delta_kernel");
 
-  constexpr int kChunk = grad_chunk<kDim>;
+  constexpr int kDqChunk = dq_chunk<kDim>, kDkdvChunk = dkdv_chunk<kDim>;
   const int width = grad_tile_width<kDim>(prm);
   using QTile = NeighborhoodPolicy::QueryTile<E>;
   using KTile = NeighborhoodPolicy::KeyTile<E>;
@@ -237,7 +237,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
   prepare_shared(dq_kernel, Lq.bytes, device, "na_backward_dq_kernel");
   launch_on(stream, named(dq_kernel, "na_backward_dq_kernel"),
             dim3u(uint32_t(prm.batch * prm.heads * prm.tiles_per_head),
-                  uint32_t((prm.head_dim + kChunk - 1) / kChunk)),
+                  uint32_t((prm.head_dim + kDqChunk - 1) / kDqChunk)),
             dim3u(kThreads), size_t(Lq.bytes), prm);
   check_launch("na_backward_dq_kernel");
 
@@ -248,7 +248,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
   const int widest = std::max(prm.head_dim, prm.value_dim);
   launch_on(stream, named(dkdv_kernel, "na_backward_dkdv_kernel"),
             dim3u(uint32_t(prm.batch * prm.kv_heads * (prm.key_tiles_per_head + prm.extra_tiles)),
-                  uint32_t((widest + kChunk - 1) / kChunk)),
+                  uint32_t((widest + kDkdvChunk - 1) / kDkdvChunk)),
             dim3u(kThreads), size_t(Lk.bytes), prm);
   check_launch("na_backward_dkdv_kernel");
 

@@ -102,9 +102,14 @@ TM_HOST_DEVICE int round_up_to(int x, int m) {
   return (x + m - 1) / m * m;
 }
 
-// Output columns per backward block: kGradChunk, or the whole head when it is narrower.
+// Output columns per backward block (grid.y covers the rest), kGradChunk for the general path:
+//   dQ: the whole head for the specialized head dims, so one block computes S and dP once;
+//   dK/dV: at most 64, since a warp holding 128 columns of both dK and dV (128 floats per
+//   thread) has no registers left for its products (docs/cuda_engine.md, "The D=128 backward").
 template <int kDim>
-constexpr int grad_chunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+constexpr int dq_chunk = kDim > 0 ? kDim : kGradChunk;
+template <int kDim>
+constexpr int dkdv_chunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
 
 // Width of the shared Q/K/V/dO tiles of the backward kernels: the column chunks of dQ, dK and dV
 // read whole chunks, so the general path pads both head dims to a multiple of kGradChunk.

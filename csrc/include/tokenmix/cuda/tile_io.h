@@ -131,13 +131,4 @@ TM_DEVICE bool any_nonfinite_acc(const float (&acc)[N][4]) {
   return bad;
 }
 
-template <int N>
-TM_DEVICE void zero_acc(float (&acc)[N][4]) {
-  TM_UNROLL
-  for (int n = 0; n < N; ++n) {
-    TM_UNROLL
-    for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
-  }
-}
-
 }  // namespace tokenmix::cuda

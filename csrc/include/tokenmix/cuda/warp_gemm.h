@@ -117,6 +117,15 @@ TM_HOST_DEVICE int stage_floats(int cols) {
   return E::kTensorCore ? 0 : 16 * (cols + 1);
 }
 
+template <int N>
+TM_DEVICE void zero_acc(float (&acc)[N][4]) {
+  TM_UNROLL
+  for (int n = 0; n < N; ++n) {
+    TM_UNROLL
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+  }
+}
+
 // kSkip: test `groups` (else every group is computed and the loops carry no test).
 template <class E, bool kSkip, int N>
 TM_DEVICE void gemm_nt_groups(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
@@ -222,6 +231,21 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
     gemm_pn_groups<E, false>(acc, p, b, ldb, stage, groups);
   else
     gemm_pn_groups<E, true>(acc, p, b, ldb, stage, groups);
+}
+
+// Part h of gemm_nt's result split into kParts column parts: part[n] = A B[8(h*N + n) + 0..7]^T,
+// N = KC / kParts, in a fresh accumulator; the part's key groups are bits h*N/2.. of `groups` (a
+// full chunk's kAllGroups stays kAllGroups, so the part's loops carry no group tests either). The
+// dQ kernel computes dP this way, a part at a time in an unrolled loop over h, beside 128-column
+// accumulators: a 16 x 64 product held whole would not fit the registers. Each part reloads the A
+// fragments; every entry keeps its order of accumulation.
+template <class E, int KC, int kParts, int N>
+TM_DEVICE void gemm_nt_part(float (&part)[N][4], int h, shared_ptr<typename E::T> a, int lda,
+                            shared_ptr<typename E::T> b, int ldb, int k, uint32_t groups) {
+  static_assert(N * kParts == KC && (kParts == 1 || N % 2 == 0), "parts of whole key groups");
+  zero_acc(part);
+  const uint32_t g = groups == kAllGroups ? groups : groups >> (h * N / 2);
+  gemm_nt<E>(part, a, lda, b + h * N * 8 * ldb, ldb, k, g);
 }
 
 // acc[n] += P[16 x 8*KC] * B[0..8*KC, 8n..8n+7] over the entries whose bit is set in `keep`
