@@ -133,8 +133,8 @@ CASES = {
     "1d-partial-d32": make_case((70,), 7),
     "1d-dilated-causal-d64": make_case((41,), 5, dilation=2, causal=True, dim=64),
     "1d-d128-rpb": make_case((20,), 5, dim=128, rpb=True),
-    # D = 128: one backward block for all 128 columns, its products in parts (rpb per part,
-    # partial 2-D chunks, GQA steps over the group's heads, additional-token key tiles)
+    # D = 128: one dQ block for all 128 columns, dP in parts (with rpb and its gradient, partial
+    # 2-D chunks, GQA steps over the group's heads, additional-token key tiles)
     "2d-d128-gqa-extra-rpb": make_case(
         (10, 9), (5, 3), heads=4, heads_kv=2, dim=128, rpb=True, n_extra=5
     ),
@@ -435,17 +435,21 @@ def test_nonfinite_key_or_value_stays_in_its_window(name, dtype, value):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("name", ["q", "k", "v", "grad_out"])
 def test_nonfinite_row_at_d128(name, dtype):
-    """D = 128, where each backward block computes all 128 columns and takes its products in
-    parts: a NaN in one row of Q, K, V or dO (the B tile of one of the four P/dS products) reaches
-    exactly the reference's non-finite entries, through each part's exact pass."""
+    """D = 128, where one dQ block computes all 128 columns (dP in parts on sm_80 and in the
+    emulator): a NaN in one row of Q, K, V or dO, in a column past the first 64 (the B tile of one
+    of the four P/dS products), reaches exactly the reference's non-finite entries. na1d, kernel
+    4, causal: token 20 is in the windows of queries 20-23 and sees keys 17-20."""
     c = make_case((80,), 4, causal=True, heads=2, dim=128)
     t = make_inputs(c, dtype, 1)
     gen = torch.Generator().manual_seed(2)
     t["grad_out"] = torch.randn(1, 80, 2, 128, generator=gen, dtype=torch.float64).to(dtype)
-    t = poisoned(t, name, (0, 20, 0, 3), NAN)
+    t = poisoned(t, name, (0, 20, 0, 100), NAN)
     grad_out = t.pop("grad_out")
-    _, _, g = check_nonfinite(c, t, grad_out, dtype)
-    assert _bad_rows(g["q"]) != [] and len(_bad_rows(g["q"])) < 80  # (not all, not none)
+    out, _, g = check_nonfinite(c, t, grad_out, dtype)
+    queries = [20] if name in ("q", "grad_out") else [20, 21, 22, 23]
+    assert _bad_rows(g["q"]) == queries
+    if name == "v":
+        assert _bad_rows(out) == [20, 21, 22, 23]
 
 
 @pytest.mark.slow

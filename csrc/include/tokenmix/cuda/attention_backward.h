@@ -40,7 +40,7 @@ TM_DEVICE void attention_delta(const typename Policy::Params& p) {
 
 // Whether the dQ kernel's 128-column accumulators leave room for a whole 16 x 64 dP: measured
 // with ptxas -v (0 spills on sm_90; 8-byte spills on sm_80 even in two parts; the emulator takes
-// the parts).
+// the parts). Device code only: the host compile sees false.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr bool kDqWholeDp = true;
 #else
