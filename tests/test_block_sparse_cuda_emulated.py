@@ -262,7 +262,7 @@ def test_fp32_matches_dense_reference(name):
             seed=11,
             **DERIVED,
         ),
-        # D = 128: one backward block for all 128 columns, its products in parts
+        # D = 128: one dQ block for all 128 columns, dP in parts (dK/dV: two 64-column blocks)
         Case(
             heads=4,
             kv_heads=2,
