@@ -133,11 +133,15 @@ CASES = {
     "1d-partial-d32": make_case((70,), 7),
     "1d-dilated-causal-d64": make_case((41,), 5, dilation=2, causal=True, dim=64),
     "1d-d128-rpb": make_case((20,), 5, dim=128, rpb=True),
-    # D = 128: one dQ block for all 128 columns, dP in parts (with rpb and its gradient, partial
-    # 2-D chunks, GQA steps over the group's heads, additional-token key tiles)
+    # D = 128: one dQ block for all 128 columns, dP in parts, and dK/dV in warp pairs that trade
+    # their halves of P^T and dS^T (with rpb and its gradient, partial 2-D chunks, GQA steps over
+    # the group's heads, additional-token key tiles)
     "2d-d128-gqa-extra-rpb": make_case(
         (10, 9), (5, 3), heads=4, heads_kv=2, dim=128, rpb=True, n_extra=5
     ),
+    # D = 128 causal over several key tiles: steps where one warp of a dK/dV pair has no kept
+    # query group in its half (it skips its products) while its partner has some
+    "1d-d128-causal-gqa": make_case((150,), 9, causal=True, heads=4, heads_kv=2, dim=128),
     "1d-d256-general": make_case((9,), 3, dim=256, heads=1),
     "2d-strided-rpb-general": make_case((9, 11), (3, 5), stride=(2, 1), dim=16, rpb=True),
     "2d-blocked": make_case((12, 8), (4, 4), stride=(4, 4), dim=32),

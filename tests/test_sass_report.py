@@ -203,6 +203,15 @@ def test_tensor_core_kernels_have_a_main_loop(shipped, family):
             # 192 HMMA at D = 32, 64, 128 (two 64-column blocks issued 160 each at D=128).
             d = int(name.rsplit(", ", 1)[1].rstrip(">"))
             assert k.counts["hmma"] == 2 * 8 * (d // 16) + 4 * (d // 8), name
+        if "dkdv_kernel" in name and name.endswith((", 64>", ", 128>")):
+            # A warp's step: S^T and dP^T (16 keys x 64 queries, 8 n-tiles x D/16 k-steps each),
+            # dV and dK (64 columns x 4 k-steps each): 128 HMMA at D=64. At D=128 two warps
+            # share 16 keys, S^T and dP^T split by queries and dK/dV by columns: 128 HMMA and 64
+            # LDSM per warp, K and V held in registers (two 64-column blocks of one warp per 16
+            # keys issued 192 HMMA and 112 LDSM each).
+            assert k.counts["hmma"] == 128, name
+            if name.endswith(", 128>"):
+                assert k.counts["ldsm"] == 64, (name, k.counts)
     assert checked >= 12
 
 
@@ -233,7 +242,8 @@ def test_key_major_main_path_shuffles_the_column_floats(shipped, family):
     # dK/dV needs the LSE and delta of each query column a lane holds (16 of 64 per lane); read
     # from shared memory per accumulator entry they were about 100 LDS per chunk, a quarter of the
     # main path's shared-memory wavefronts. ColumnFloats reads each 32 columns once per warp and
-    # hands them out by shuffles.
+    # hands them out by shuffles. (At D=128 the pair exchange adds 5 LDS: four 16-byte fragments
+    # of the partner's P^T and dS^T, and its mask word.)
     checked = 0
     for k in shipped:
         name = _readable_kernel(k.name)
@@ -242,7 +252,8 @@ def test_key_major_main_path_shuffles_the_column_floats(shipped, family):
             f"{family}_backward_dkdv_kernel<F16, 128>",
         ):
             checked += 1
-            assert k.counts["lds"] <= 16, (k.arch, name, k.opcodes)
+            exchange = 5 if name.endswith(", 128>") else 0
+            assert k.counts["lds"] <= 16 + exchange, (k.arch, name, k.opcodes)
     assert checked == 4
 
 

@@ -5,11 +5,14 @@
 //                    dQ += dS K over the chunks the policy lists; the policy's bias gradient.
 //   attention_dkdv   key-major: keys as rows, the policy's steps (query head, query chunk) that see
 //                    the key tile; dV += P^T dO, dK += dS^T Q. GQA heads are summed in the block.
+//                    One warp per 16 keys and at most 64 columns per block (grid.y), or at D=128
+//                    two warps per 16 keys for the whole head (attention_dkdv_pairs.h).
 // dQ, dK and dV are each written by exactly one block, so they need no atomics.
 #pragma once
 
 #include <cstdint>
 
+#include "tokenmix/cuda/attention_dkdv_pairs.h"
 #include "tokenmix/cuda/online_softmax.h"
 #include "tokenmix/cuda/smem_plan.h"
 #include "tokenmix/cuda/tile_io.h"
@@ -204,10 +207,10 @@ TM_DEVICE void attention_dq(const typename Policy::Params& p) {
   }
 }
 
-// Keys as rows: one block per (batch, kv head, key tile, column chunk); chunk c covers dK columns
-// [64c, 64c + 64) and dV columns [64c, 64c + 64).
+// Keys as rows, one warp per 16 keys: one block per (batch, kv head, key tile, column chunk);
+// chunk c covers dK columns [64c, 64c + 64) and dV columns [64c, 64c + 64).
 template <class Policy, class E, int kDim>
-TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
+TM_DEVICE void attention_dkdv_column_chunks(const typename Policy::Params& p) {
   using T = typename E::T;
   using Tile = typename Policy::template KeyTile<E>;
   using Step = typename Tile::Step;
@@ -384,6 +387,15 @@ TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
       }
     }
   }
+}
+
+// The key-major pass as the launchers size it (dkdv_warps, dkdv_chunk).
+template <class Policy, class E, int kDim>
+TM_DEVICE void attention_dkdv(const typename Policy::Params& p) {
+  if constexpr (dkdv_warps<kDim> > kWarps)
+    attention_dkdv_pairs<Policy, E, kDim>(p);
+  else
+    attention_dkdv_column_chunks<Policy, E, kDim>(p);
 }
 
 }  // namespace tokenmix::cuda

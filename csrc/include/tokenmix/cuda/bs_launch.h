@@ -341,6 +341,7 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
   check_launch("bs_backward_delta_kernel");
 
   constexpr int kDqChunk = dq_chunk<kDim>, kDkdvChunk = dkdv_chunk<kDim>;
+  constexpr int kDkdvWarps = dkdv_warps<kDim>;
   const int width = grad_tile_width<kDim>(prm);
   if (!qside.direct)
     launch_schedule(bs_schedule_kernel<E, 1>, "bs_schedule_kernel",
@@ -360,14 +361,14 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
     launch_schedule(bs_schedule_kernel<E, 2>, "bs_schedule_kernel",
                     key_schedule_params<E>(p, kside, prm.ks), device, stream);
   const KeyMajorSmem Lk =
-      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm));
+      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm), kDkdvWarps);
   auto dkdv_kernel = bs_backward_dkdv_kernel<E, kDim>;
   prepare_shared(dkdv_kernel, Lk.bytes, device, "bs_backward_dkdv_kernel");
   const int widest = std::max(prm.head_dim, prm.value_dim);
   launch_on(stream, named(dkdv_kernel, "bs_backward_dkdv_kernel"),
             dim3u(uint32_t(prm.batch * prm.kv_heads * prm.key_tiles),
                   uint32_t((widest + kDkdvChunk - 1) / kDkdvChunk)),
-            dim3u(kThreads), size_t(Lk.bytes), prm);
+            dim3u(32 * kDkdvWarps), size_t(Lk.bytes), prm);
   check_launch("bs_backward_dkdv_kernel");
 }
 

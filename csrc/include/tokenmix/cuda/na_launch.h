@@ -228,6 +228,7 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
   check_launch("na_backward_delta_kernel");
 
   constexpr int kDqChunk = dq_chunk<kDim>, kDkdvChunk = dkdv_chunk<kDim>;
+  constexpr int kDkdvWarps = dkdv_warps<kDim>;
   const int width = grad_tile_width<kDim>(prm);
   using QTile = NeighborhoodPolicy::QueryTile<E>;
   using KTile = NeighborhoodPolicy::KeyTile<E>;
@@ -242,14 +243,14 @@ void backward_with(const NeighborhoodProblem& p, bool deterministic, float* delt
   check_launch("na_backward_dq_kernel");
 
   const KeyMajorSmem Lk =
-      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm));
+      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm), kDkdvWarps);
   auto dkdv_kernel = na_backward_dkdv_kernel<E, kDim>;
   prepare_shared(dkdv_kernel, Lk.bytes, device, "na_backward_dkdv_kernel");
   const int widest = std::max(prm.head_dim, prm.value_dim);
   launch_on(stream, named(dkdv_kernel, "na_backward_dkdv_kernel"),
             dim3u(uint32_t(prm.batch * prm.kv_heads * (prm.key_tiles_per_head + prm.extra_tiles)),
                   uint32_t((widest + kDkdvChunk - 1) / kDkdvChunk)),
-            dim3u(kThreads), size_t(Lk.bytes), prm);
+            dim3u(32 * kDkdvWarps), size_t(Lk.bytes), prm);
   check_launch("na_backward_dkdv_kernel");
 
   if (prm.deterministic) {

@@ -71,15 +71,22 @@ TM_DEVICE shared_ptr<unsigned char> plan_base() {
 
 // Key-major kernel (backward_dkdv): a tile of kTileRows keys, chunks of E::kKeys queries.
 // rows / cols: the policy's metadata of the key rows and of the current query chunk (ints);
-// colf: the engine's per-column lse2, delta and validity.
+// colf: the engine's per-column lse2, delta and validity; exchange: the two-warps-per-16-keys
+// kernel's P^T and dS^T halves (attention_dkdv_pairs.h), `warps` being the block's warps.
 struct KeyMajorSmem {
   int ldq, ldv;
-  int64_t k, v, q, go, rows, cols, colf, stage, votes;
+  int64_t k, v, q, go, rows, cols, colf, stage, exchange, votes;
   int64_t bytes;
 };
 
+// Bytes per warp of that exchange: the A fragments (16 bytes per lane and 16-query k-step) of a
+// warp's 32 query columns of P^T and of dS^T, and its element-mask word per lane.
 template <class E>
-TM_HOST_DEVICE KeyMajorSmem key_major_smem(int dp, int dvp, int row_ints, int col_ints) {
+constexpr int kPairExchangeBytes = 2 * (E::kKeys / 2 / 16) * 32 * 16 + 32 * 4;
+
+template <class E>
+TM_HOST_DEVICE KeyMajorSmem key_major_smem(int dp, int dvp, int row_ints, int col_ints,
+                                           int warps = kWarps) {
   using T = typename E::T;
   KeyMajorSmem s{};
   SmemPlan plan;
@@ -93,7 +100,8 @@ TM_HOST_DEVICE KeyMajorSmem key_major_smem(int dp, int dvp, int row_ints, int co
   s.cols = plan.take(int64_t(col_ints) * 4);
   s.colf = plan.take(int64_t(E::kKeys) * 3 * 4);  // lse2, delta, valid
   s.stage = plan.take(int64_t(kWarps) * stage_floats<E>(E::kKeys) * 4);
-  s.votes = plan.take(int64_t(3 * kWarps) * 4);  // block_any words: Q, dO, end of pass
+  s.exchange = warps > kWarps ? plan.take(int64_t(warps) * kPairExchangeBytes<E>) : 0;
+  s.votes = plan.take(int64_t(3 * warps) * 4);  // block_any words: Q, dO, end of pass
   s.bytes = plan.bytes;
   return s;
 }
@@ -104,12 +112,15 @@ TM_HOST_DEVICE int round_up_to(int x, int m) {
 
 // Output columns per backward block (grid.y covers the rest), kGradChunk for the general path:
 //   dQ: the whole head for the specialized head dims, so one block computes S and dP once;
-//   dK/dV: at most 64, since a warp holding 128 columns of both dK and dV (128 floats per
-//   thread) has no registers left for its products (docs/cuda_engine.md, "The D=128 backward").
+//   dK/dV: the whole head too. At D=128 (fp16/bf16 only) a warp holding 128 columns of both dK
+//   and dV (128 floats per thread) has no registers left for its products, so the block has
+//   two warps per 16 keys, each with 64 of the columns (dkdv_warps; attention_dkdv_pairs.h).
 template <int kDim>
 constexpr int dq_chunk = kDim > 0 ? kDim : kGradChunk;
 template <int kDim>
-constexpr int dkdv_chunk = kDim > 0 && kDim < kGradChunk ? kDim : kGradChunk;
+constexpr int dkdv_chunk = kDim > 0 ? kDim : kGradChunk;
+template <int kDim>
+constexpr int dkdv_warps = kDim == 2 * kGradChunk ? 2 * kWarps : kWarps;
 
 // Width of the shared Q/K/V/dO tiles of the backward kernels: the column chunks of dQ, dK and dV
 // read whole chunks, so the general path pads both head dims to a multiple of kGradChunk.

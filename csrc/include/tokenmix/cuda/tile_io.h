@@ -15,11 +15,13 @@ namespace tokenmix::cuda {
 // Lane l of warp w computes the source offset of row warp_row<kRows>() = w * kRows / kWarps + l %
 // (kRows / kWarps), once per tile: a row's offset may cost a walk of a key box (two integer
 // divisions and 64-bit stride products), which the copy loop must not repeat per 16-byte segment.
+// `warp` is the copying warp's place among the kWarps (a block of more warps copies a tile with
+// kWarps of them, or gives each group of kWarps its own tile).
 template <int kRows>
-TM_DEVICE int warp_row() {
+TM_DEVICE int warp_row(int warp = int(warp_id())) {
   static_assert(kRows % kWarps == 0 && kRows / kWarps <= 32, "whole rows per warp, one per lane");
   constexpr int kPerWarp = kRows / kWarps;
-  return int(warp_id()) * kPerWarp + int(lane_id()) % kPerWarp;
+  return warp * kPerWarp + int(lane_id()) % kPerWarp;
 }
 
 // Copies kRows rows of `width` elements (a multiple of the 16-byte vector) into a shared tile with
@@ -29,15 +31,15 @@ TM_DEVICE int warp_row() {
 // and the 64-bit arithmetic per segment); the warp passes each row's offset from its lane with a
 // shuffle, and its lanes copy the segments of its rows in row-major order (consecutive lanes,
 // consecutive 16-byte segments: coalesced reads, and writes that cover the banks). Every lane of
-// the warp must call it.
+// the warp must call it; `warp` as for warp_row.
 template <int kRows, class T, class Lay, class Offset>
 TM_DEVICE void copy_rows_at(shared_ptr<T> dst, Lay ld, int width, global_ptr<const T> base,
-                            int col0, int valid_cols, Offset off) {
+                            int col0, int valid_cols, Offset off, int warp = int(warp_id())) {
   static_assert(std::is_same_v<Offset, int64_t> || std::is_same_v<Offset, int32_t>,
                 "row offsets are int64_t or int32_t");
   constexpr int vec = kVec<T>, kPerWarp = kRows / kWarps;
   const int segs = width / vec, lane = int(lane_id());
-  const int row0 = int(warp_id()) * kPerWarp;
+  const int row0 = warp * kPerWarp;
   const auto row_offset = [&](int r) -> Offset {  // every lane of the warp takes part
     if constexpr (std::is_same_v<Offset, int32_t>) {
       return shfl_sync(0xffffffffu, off, r);
@@ -83,8 +85,9 @@ TM_DEVICE void copy_rows_at(shared_ptr<T> dst, Lay ld, int width, global_ptr<con
 // once per lane.
 template <int kRows, class T, class Lay, class Src>
 TM_DEVICE void copy_rows(shared_ptr<T> dst, Lay ld, int width, global_ptr<const T> base, int col0,
-                         int valid_cols, Src&& src) {
-  copy_rows_at<kRows>(dst, ld, width, base, col0, valid_cols, int64_t(src(warp_row<kRows>())));
+                         int valid_cols, Src&& src, int warp = int(warp_id())) {
+  copy_rows_at<kRows>(dst, ld, width, base, col0, valid_cols, int64_t(src(warp_row<kRows>(warp))),
+                      warp);
 }
 
 // Whether the 16-byte segments this thread copied with copy_rows<kRows>(dst, ld, width, ...) hold
@@ -93,9 +96,9 @@ TM_DEVICE void copy_rows(shared_ptr<T> dst, Lay ld, int width, global_ptr<const 
 // publishes the tile; block_any then combines the threads at that barrier.
 template <int kRows, class E, class Lay>
 TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, Lay ld, int width, int col_lo,
-                                int col_hi) {
+                                int col_hi, int warp = int(warp_id())) {
   constexpr int vec = kVec<typename E::T>, kPerWarp = kRows / kWarps;
-  const int segs = width / vec, items = kPerWarp * segs, row0 = int(warp_id()) * kPerWarp;
+  const int segs = width / vec, items = kPerWarp * segs, row0 = warp * kPerWarp;
   bool bad = false;
   for (int i = int(lane_id()); i < items; i += 32) {
     const int r = i / segs, c = (i - r * segs) * vec;
@@ -108,14 +111,15 @@ TM_DEVICE bool copied_nonfinite(shared_ptr<typename E::T> dst, Lay ld, int width
 // A block-wide OR taken at a barrier: block_any_vote before it (each warp votes, its lane 0 writes
 // the warp's word), block_any_result after it. A set of words may be voted again only after
 // another barrier has passed (every thread has read the last result), so the kernels give each
-// vote that is not separated from the previous one by a barrier its own set.
+// vote that is not separated from the previous one by a barrier its own set (kBlockWarps words).
 TM_DEVICE void block_any_vote(shared_ptr<int> words, bool pred) {
   const int any = any_sync(0xffffffffu, pred ? 1 : 0);
   if (lane_id() == 0) words[warp_id()] = any;
 }
+template <int kBlockWarps = kWarps>
 TM_DEVICE bool block_any_result(shared_ptr<int> words) {
   int any = 0;
-  for (int w = 0; w < kWarps; ++w) any |= words[w];
+  for (int w = 0; w < kBlockWarps; ++w) any |= words[w];
   return any != 0;
 }
 

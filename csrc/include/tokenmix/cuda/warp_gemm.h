@@ -126,26 +126,72 @@ TM_DEVICE void zero_acc(float (&acc)[N][4]) {
   }
 }
 
+// One 16-deep k-step of the tensor-core products, A (16 x 16) given as its fragments af (`lane`:
+// the caller's lane_id(), read once per product; reading it per k-step changed nvcc's unrolling
+// and scheduling of the callers' loops, up to 52 more instructions per chunk):
+//   nt: acc[n] += A * B[8n..8n+7, ks..ks+15]^T (B row major: gemm_nt's keys or queries);
+//   pn: acc[n] += A * B[16kk..16kk+15, 8n..8n+7] (B row major: gemm_pn's values or rows).
+// kSkip (nt): test `groups` per pair of 8-column tiles (else every tile, and no test).
+template <class E, bool kSkip, int N>
+TM_DEVICE void mma_nt_kstep(float (&acc)[N][4], const uint32_t (&af)[4],
+                            shared_ptr<typename E::T> b, int ldb, int ks, uint32_t groups,
+                            int lane) {
+  static_assert(N % 2 == 0, "tensor-core gemm_nt takes pairs of 8-column tiles");
+  TM_UNROLL
+  for (int n = 0; n < N; n += 2) {
+    if (kSkip && !has_group(groups, n >> 1)) continue;
+    uint32_t r[4];
+    ldmatrix_x4(r,
+                b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks + ((lane >> 3) & 1) * 8);
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    E::mma(acc[n], af, b0);
+    E::mma(acc[n + 1], af, b1);
+  }
+}
+template <class E, int N>
+TM_DEVICE void mma_pn_kstep(float (&acc)[N][4], const uint32_t (&af)[4],
+                            shared_ptr<typename E::T> b, int ldb, int kk, int lane) {
+  static_assert(N % 2 == 0, "tensor-core gemm_pn takes pairs of 8-column tiles");
+  TM_UNROLL
+  for (int n = 0; n < N; n += 2) {
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, b + (kk * 16 + (lane & 15)) * ldb + n * 8 + (lane >> 4) * 8);
+    const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+    E::mma(acc[n], af, b0);
+    E::mma(acc[n + 1], af, b1);
+  }
+}
+
+// The A fragments of k-step kk of a product whose A is P (accumulator fragments): the
+// fragments of columns 16kk..16kk+15 are the A fragment of k-step kk, packed to 16 bits.
+template <class E, int KC>
+TM_DEVICE void pack_a_fragment(uint32_t (&af)[4], const float (&p)[KC][4], int kk) {
+  af[0] = E::pack(p[2 * kk][0], p[2 * kk][1]);
+  af[1] = E::pack(p[2 * kk][2], p[2 * kk][3]);
+  af[2] = E::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+  af[3] = E::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+}
+
+// The A fragments of 16 row-major rows of shared memory, 16 * KS columns (tensor cores), for a
+// warp that multiplies the same rows at every step and keeps them in registers.
+template <class E, int KS>
+TM_DEVICE void load_a_fragments(uint32_t (&af)[KS][4], shared_ptr<typename E::T> a, int lda) {
+  const int lane = int(lane_id());
+  TM_UNROLL
+  for (int ks = 0; ks < KS; ++ks)
+    ldmatrix_x4(af[ks], a + (lane & 15) * lda + ks * 16 + (lane >> 4) * 8);
+}
+
 // kSkip: test `groups` (else every group is computed and the loops carry no test).
 template <class E, bool kSkip, int N>
 TM_DEVICE void gemm_nt_groups(float (&acc)[N][4], shared_ptr<typename E::T> a, int lda,
                               shared_ptr<typename E::T> b, int ldb, int k, uint32_t groups) {
   const int lane = int(lane_id());
   if constexpr (E::kTensorCore) {
-    static_assert(N % 2 == 0, "tensor-core gemm_nt takes pairs of 8-column tiles");
     for (int ks = 0; ks < k; ks += 16) {
       uint32_t af[4];
       ldmatrix_x4(af, a + (lane & 15) * lda + ks + (lane >> 4) * 8);
-      TM_UNROLL
-      for (int n = 0; n < N; n += 2) {
-        if (kSkip && !has_group(groups, n >> 1)) continue;
-        uint32_t r[4];
-        ldmatrix_x4(
-            r, b + (n * 8 + (lane & 7) + ((lane >> 4) << 3)) * ldb + ks + ((lane >> 3) & 1) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        E::mma(acc[n], af, b0);
-        E::mma(acc[n + 1], af, b1);
-      }
+      mma_nt_kstep<E, kSkip>(acc, af, b, ldb, ks, groups, lane);
     }
   } else {
     const int g = lane >> 2, c2 = 2 * (lane & 3);
@@ -170,22 +216,13 @@ TM_DEVICE void gemm_pn_groups(float (&acc)[N][4], const float (&p)[KC][4],
                               uint32_t groups) {
   const int lane = int(lane_id());
   if constexpr (E::kTensorCore) {
-    static_assert(N % 2 == 0 && KC % 2 == 0, "tensor-core gemm_pn takes pairs of tiles");
+    static_assert(KC % 2 == 0, "tensor-core gemm_pn takes pairs of tiles");
     TM_UNROLL
     for (int kk = 0; kk < KC / 2; ++kk) {
       if (kSkip && !has_group(groups, kk)) continue;
-      // The accumulator fragments of columns 16kk..16kk+15 are the A fragment of k-step kk.
-      const uint32_t af[4] = {
-          E::pack(p[2 * kk][0], p[2 * kk][1]), E::pack(p[2 * kk][2], p[2 * kk][3]),
-          E::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), E::pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-      TM_UNROLL
-      for (int n = 0; n < N; n += 2) {
-        uint32_t r[4];
-        ldmatrix_x4_trans(r, b + (kk * 16 + (lane & 15)) * ldb + n * 8 + (lane >> 4) * 8);
-        const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-        E::mma(acc[n], af, b0);
-        E::mma(acc[n + 1], af, b1);
-      }
+      uint32_t af[4];
+      pack_a_fragment<E>(af, p, kk);
+      mma_pn_kstep<E>(acc, af, b, ldb, kk, lane);
     }
   } else {
     const int g = lane >> 2, c2 = 2 * (lane & 3);
@@ -231,6 +268,48 @@ TM_DEVICE void gemm_pn(float (&acc)[N][4], const float (&p)[KC][4], shared_ptr<t
     gemm_pn_groups<E, false>(acc, p, b, ldb, stage, groups);
   else
     gemm_pn_groups<E, true>(acc, p, b, ldb, stage, groups);
+}
+
+// The tensor-core products with A held in registers as packed fragments (load_a_fragments,
+// pack_a_fragment), for the D=128 key-major kernel (attention_dkdv_pairs.h):
+//   gemm_nt_held: acc[n] += A[16 x 16KS] * B[8n..8n+7, 0..16KS)^T;
+//   gemm_an:      acc[n] += A[16 x 16KS] * B[0..16KS, 8n..8n+7].
+// `groups` as for gemm_nt (bit g: B rows 16g..16g+15 of gemm_nt, k-step g of gemm_an).
+template <class E, bool kSkip, int KS, int N>
+TM_DEVICE void gemm_nt_held_groups(float (&acc)[N][4], const uint32_t (&af)[KS][4],
+                                   shared_ptr<typename E::T> b, int ldb, uint32_t groups) {
+  const int lane = int(lane_id());
+  TM_UNROLL
+  for (int ks = 0; ks < KS; ++ks)
+    mma_nt_kstep<E, kSkip>(acc, af[ks], b, ldb, ks * 16, groups, lane);
+}
+template <class E, bool kSkip, int KS, int N>
+TM_DEVICE void gemm_an_groups(float (&acc)[N][4], const uint32_t (&af)[KS][4],
+                              shared_ptr<typename E::T> b, int ldb, uint32_t groups) {
+  const int lane = int(lane_id());
+  TM_UNROLL
+  for (int kk = 0; kk < KS; ++kk) {
+    if (kSkip && !has_group(groups, kk)) continue;
+    mma_pn_kstep<E>(acc, af[kk], b, ldb, kk, lane);
+  }
+}
+template <class E, int KS, int N>
+TM_DEVICE void gemm_nt_held(float (&acc)[N][4], const uint32_t (&af)[KS][4],
+                            shared_ptr<typename E::T> b, int ldb, uint32_t groups) {
+  static_assert(E::kTensorCore, "held fragments are tensor-core operands");
+  if (groups == kAllGroups)
+    gemm_nt_held_groups<E, false>(acc, af, b, ldb, groups);
+  else
+    gemm_nt_held_groups<E, true>(acc, af, b, ldb, groups);
+}
+template <class E, int KS, int N>
+TM_DEVICE void gemm_an(float (&acc)[N][4], const uint32_t (&af)[KS][4], shared_ptr<typename E::T> b,
+                       int ldb, uint32_t groups) {
+  static_assert(E::kTensorCore, "held fragments are tensor-core operands");
+  if (groups == kAllGroups)
+    gemm_an_groups<E, false>(acc, af, b, ldb, groups);
+  else
+    gemm_an_groups<E, true>(acc, af, b, ldb, groups);
 }
 
 // Part h of gemm_nt's result split into kParts column parts: part[n] = A B[8(h*N + n) + 0..7]^T,
