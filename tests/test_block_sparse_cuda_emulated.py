@@ -323,6 +323,24 @@ def test_half_types_match_dense_reference(case, dtype):
     check(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_d128_dkdv_fits_a_99_kib_device(monkeypatch, dtype):
+    """Blocks of one token at D=128: the key-side schedule's 64 x 64 tables (16 KiB) beside the
+    dK/dV warp pairs' exchange (17 KiB) need 101.9 KiB of shared memory, past the 99 KiB of
+    sm_86, sm_89 and sm_120. The emulated device stands in for one ($TOKENMIX_SIMT_MAX_SHARED),
+    and the launcher takes the 64-column dK/dV blocks there instead of failing."""
+    monkeypatch.setenv("TOKENMIX_SIMT_MAX_SHARED", str(99 * 1024))
+    case = Case(q_len=70, kv_len=70, dim=128, vdim=128, q_block=1, kv_block=1, density=0.3, seed=5)
+    check(case, dtype)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "12k"])
+def test_emulated_device_size_setting_is_checked(monkeypatch, value):
+    monkeypatch.setenv("TOKENMIX_SIMT_MAX_SHARED", value)
+    with pytest.raises(RuntimeError, match="TOKENMIX_SIMT_MAX_SHARED is"):
+        check(Case(q_len=40, kv_len=40), torch.float16)
+
+
 def test_deterministic_mode_is_bitwise_repeatable_and_equal():
     c = Case(heads=4, kv_heads=1, q_len=100, kv_len=100, q_block=32, kv_block=32, seed=14)
     a, _, _ = make_layout(c)

@@ -9,7 +9,8 @@
 //   the partner warp w ^ 4, which sends its own half back;
 //   dV += P^T dO and dK += dS^T Q for output columns [64h, 64h + 64), over all 64 queries.
 // Each warp issues 128 HMMA per step (256 per 16 keys, where two blocks issued 384), and every
-// product keeps the order of accumulation of attention_dkdv, so finite results are the same.
+// product keeps the order of accumulation of attention_dkdv_column_chunks (attention_backward.h),
+// so finite results are the same.
 // The first four warps run the policy's metadata and copy K and Q; the others copy V and dO.
 #pragma once
 
@@ -116,8 +117,8 @@ TM_DEVICE void attention_dkdv_pairs(const typename Policy::Params& p) {
   typename Tile::KeyState ks{};
   bool first_step = true;
 
-  // Pass 0 as attention_dkdv's: a block whose dK or dV came out non-finite computes them again in
-  // pass 1, where Q and dO tiles with an inf or NaN take gemm_pn_exact.
+  // Pass 0 as attention_dkdv_column_chunks': a block whose dK or dV came out non-finite computes
+  // them again in pass 1, where Q and dO tiles with an inf or NaN take gemm_pn_exact.
   for (int pass = 0; pass < 2; ++pass) {
     const bool exact = pass == 1;
     Step st = tile.first(p);
@@ -142,7 +143,7 @@ TM_DEVICE void attention_dkdv_pairs(const typename Policy::Params& p) {
       }
 
       // The warp's half: S^T, P^T, dP^T and dS^T of query columns c0.. (kept, live and the
-      // skipped 16-query groups as in attention_dkdv, over these columns).
+      // skipped 16-query groups as in attention_dkdv_column_chunks, over these columns).
       const ChunkMask cm = chunk_mask<HC>(ks.valid, st.full, [&](int ri, int j) {
         return colvalid[c0 + j] != 0 && tile.keep(p, ks, ri, cols, st, c0 + j);
       });

@@ -304,11 +304,34 @@ void forward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t stre
   check_launch("bs_forward_kernel");
 }
 
+// The dK/dV kernel at head dim kDim (its key-side schedule already built). At D=128 the warp
+// pairs' exchange (17 KiB) over the largest schedule tables (blocks of one token, 16 KiB) passes
+// the 99 KiB of sm_86, sm_89 and sm_120; there the general path's 64-column blocks (4 warps, one
+// per 16 keys, S^T and dP^T in each) take 85 KiB.
+template <class E, int kDim>
+void launch_dkdv(const BsParams& prm, const device_facts& device, stream_t stream) {
+  using KTile = BlockSparsePolicy::KeyTile<E>;
+  constexpr int kChunk = dkdv_chunk<kDim>, kBlockWarps = dkdv_warps<kDim>;
+  const int width = grad_tile_width<kDim>(prm);
+  const KeyMajorSmem L =
+      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm), kBlockWarps);
+  if constexpr (kBlockWarps > kWarps) {
+    if (size_t(L.bytes) > device.max_dynamic_shared) return launch_dkdv<E, 0>(prm, device, stream);
+  }
+  auto kernel = bs_backward_dkdv_kernel<E, kDim>;
+  prepare_shared(kernel, L.bytes, device, "bs_backward_dkdv_kernel");
+  const int widest = std::max(prm.head_dim, prm.value_dim);
+  launch_on(stream, named(kernel, "bs_backward_dkdv_kernel"),
+            dim3u(uint32_t(prm.batch * prm.kv_heads * prm.key_tiles),
+                  uint32_t((widest + kChunk - 1) / kChunk)),
+            dim3u(32 * kBlockWarps), size_t(L.bytes), prm);
+  check_launch("bs_backward_dkdv_kernel");
+}
+
 template <class E, int kDim>
 void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t stream) {
   using T = typename E::T;
   using QTile = BlockSparsePolicy::QueryTile<E>;
-  using KTile = BlockSparsePolicy::KeyTile<E>;
   BsParams prm = make_params<E>(p);
   const SidePlan qside = query_side<E>(p), kside = key_side<E>(p);
   const int64_t rows = p.batch * p.q_len * p.heads;
@@ -340,8 +363,7 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
             dim3u(uint32_t((rows + kWarps - 1) / kWarps)), dim3u(kThreads), 0, prm);
   check_launch("bs_backward_delta_kernel");
 
-  constexpr int kDqChunk = dq_chunk<kDim>, kDkdvChunk = dkdv_chunk<kDim>;
-  constexpr int kDkdvWarps = dkdv_warps<kDim>;
+  constexpr int kDqChunk = dq_chunk<kDim>;
   const int width = grad_tile_width<kDim>(prm);
   if (!qside.direct)
     launch_schedule(bs_schedule_kernel<E, 1>, "bs_schedule_kernel",
@@ -360,16 +382,7 @@ void backward_with(const BlockSparseProblem& p, int32_t* workspace, stream_t str
   if (!kside.direct)
     launch_schedule(bs_schedule_kernel<E, 2>, "bs_schedule_kernel",
                     key_schedule_params<E>(p, kside, prm.ks), device, stream);
-  const KeyMajorSmem Lk =
-      key_major_smem<E>(width, width, KTile::row_ints(prm), KTile::col_ints(prm), kDkdvWarps);
-  auto dkdv_kernel = bs_backward_dkdv_kernel<E, kDim>;
-  prepare_shared(dkdv_kernel, Lk.bytes, device, "bs_backward_dkdv_kernel");
-  const int widest = std::max(prm.head_dim, prm.value_dim);
-  launch_on(stream, named(dkdv_kernel, "bs_backward_dkdv_kernel"),
-            dim3u(uint32_t(prm.batch * prm.kv_heads * prm.key_tiles),
-                  uint32_t((widest + kDkdvChunk - 1) / kDkdvChunk)),
-            dim3u(32 * kDkdvWarps), size_t(Lk.bytes), prm);
-  check_launch("bs_backward_dkdv_kernel");
+  launch_dkdv<E, kDim>(prm, device, stream);
 }
 
 // D == Dv in {32, 64, 128} on tensor cores gets a fully unrolled instantiation (as for

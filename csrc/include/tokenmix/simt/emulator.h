@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -528,14 +529,26 @@ class global_registration {
   const void* ptr_;
 };
 
-// The emulated device: sm_90's limits (227 KiB of dynamic shared memory for every kernel).
+// The emulated device: sm_90's limits (227 KiB of dynamic shared memory for every kernel), or
+// $TOKENMIX_SIMT_MAX_SHARED bytes per block, so that tests can stand in for a smaller device
+// (99 KiB: sm_86, sm_89, sm_120) and reach the launchers' choices for it.
 struct device_facts {
   int compute_capability = 90;
   size_t max_dynamic_shared = 227 * 1024;
   const char* error = nullptr;
 };
 inline device_facts current_device_facts() {
-  return {};
+  device_facts f;
+  if (const char* env = std::getenv("TOKENMIX_SIMT_MAX_SHARED")) {
+    char* end = nullptr;
+    const unsigned long long bytes = std::strtoull(env, &end, 10);
+    if (env[0] < '0' || env[0] > '9' || *end != '\0' || bytes == 0)
+      throw emulator_error("invalid setting",
+                           std::string("tokenmix simt emulator: $TOKENMIX_SIMT_MAX_SHARED is '") +
+                               env + "', not a positive number of bytes");
+    f.max_dynamic_shared = size_t(bytes);
+  }
+  return f;
 }
 template <class... P>
 const char* allow_dynamic_shared(void (*)(P...), size_t bytes) {
