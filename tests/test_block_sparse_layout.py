@@ -313,6 +313,66 @@ def test_layout_errors_name_the_argument():
         BlockLayout(c, i, **kw).with_mask_mod(broken)
 
 
+def test_layout_list_values_are_checked_before_int32():
+    """int64 lists are range-checked as given: a cast first would wrap 2**32 + 3 to 3."""
+    kw = dict(block_size=16, seq_lengths=(64, 64))
+    count = torch.ones(1, 1, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="kv_indices holds 4294967299, outside the int32"):
+        BlockLayout(count, torch.full((1, 1, 4, 1), 2**32 + 3, dtype=torch.int64), **kw)
+    with pytest.raises(ValueError, match="kv_num_blocks holds 4294967297, outside the int32"):
+        BlockLayout(count + 2**32, torch.zeros(1, 1, 4, 1, dtype=torch.int64), **kw)
+    with pytest.raises(ValueError, match="kv_num_blocks holds -4294967296"):
+        BlockLayout(count - 1 - 2**32, torch.zeros(1, 1, 4, 1, dtype=torch.int64), **kw)
+
+
+def test_layout_counts_above_the_kv_blocks_name_the_count():
+    """A count over the number of kv blocks is named as such, also when the index rows are
+    padded past it (Flex pads them to num_kv_blocks entries and more)."""
+    index = torch.tensor([0, 1, 0, 1, 0, 0], dtype=torch.int32).repeat(1, 1, 2, 1)
+    count = torch.full((1, 1, 2), 3, dtype=torch.int32)
+    kw = dict(block_size=16, seq_lengths=(32, 32))
+    with pytest.raises(ValueError, match="kv_num_blocks holds 3, more than the 2 kv blocks"):
+        BlockLayout(count, index, **kw)
+    with pytest.raises(ValueError, match="full_kv_num_blocks holds 3, more than the 2 kv"):
+        BlockLayout(count * 0, index, count, index, **kw)
+
+
+def test_empty_query_sequence_layout():
+    """Tq = 0 (and layouts with no query blocks) build, and attention over them is empty."""
+    import tokenmix
+
+    layout = BlockLayout.from_element_mask(ElementMask.causal(), 0, 64, block_size=16)
+    assert layout.num_q_blocks == 0
+    empty = BlockLayout(
+        torch.zeros(1, 1, 0, dtype=torch.int32),
+        torch.zeros(1, 1, 0, 0, dtype=torch.int32),
+        block_size=16,
+        seq_lengths=(0, 64),
+    )
+    for lay in (layout, empty):
+        q = torch.randn(1, 0, 2, 8, requires_grad=True)
+        k = torch.randn(1, 64, 2, 8, requires_grad=True)
+        v = torch.randn(1, 64, 2, 8, requires_grad=True)
+        out, lse = tokenmix.block_sparse_attention(q, k, v, lay, return_lse=True)
+        assert out.shape == (1, 0, 2, 8) and lse.shape == (1, 0, 2)
+        out.sum().backward()
+        assert q.grad.shape == q.shape
+        assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_block_status_table_is_checked_against_the_lengths():
+    kw = dict(block_size=16, seq_lengths=(32, 32))
+    BlockLayout.from_block_status(torch.full((1, 1, 2, 2), 2), **kw)  # valid
+    with pytest.raises(ValueError, match=r"status has 2 x 1 .* give 2 x 2"):
+        BlockLayout.from_block_status(torch.full((1, 1, 2, 1), 2), **kw)  # a kv block missing
+    with pytest.raises(ValueError, match=r"status has 2 x 5 .* give 2 x 2"):
+        BlockLayout.from_block_status(torch.ones(1, 1, 2, 5, dtype=torch.int64), **kw)
+    with pytest.raises(ValueError, match=r"status has 1 x 2 .* give 2 x 2"):
+        BlockLayout.from_block_status(torch.ones(1, 1, 1, 2, dtype=torch.bool), **kw)
+    with pytest.raises(ValueError, match="status must be a bool or integer tensor"):
+        BlockLayout.from_block_status(torch.full((1, 1, 2, 2), 1.5), **kw)
+
+
 def test_reference_fully_masked_rows_and_gradients():
     # Query block 1 lists no kv block: its rows give 0 and LSE -inf, and no gradient.
     c = torch.tensor([[[1, 0]]], dtype=torch.int32)

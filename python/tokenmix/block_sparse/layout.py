@@ -97,6 +97,11 @@ def _int_tensor(x: Any, name: str, dims: int) -> Tensor:
         raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
     if x.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() > 0 and x.dtype == torch.int64:
+        # Checked before the cast: int32 would wrap 2**32 + 3 around to a valid-looking 3.
+        lo, hi = int(x.min()), int(x.max())
+        if lo < -(2**31) or hi >= 2**31:
+            raise ValueError(f"{name} holds {lo if lo < -(2**31) else hi}, outside the int32 range")
     return x.to(torch.int32).contiguous()
 
 
@@ -114,6 +119,8 @@ def _check_lists(count: Tensor, index: Tensor, limit: int, count_name: str, inde
                 f"{count_name} holds {lo if lo < 0 else hi}, outside [0, {m}] ({index_name} "
                 f"has {m} entries per row)"
             )
+        if hi > limit:  # a kv block can be listed once per query block at most
+            raise ValueError(f"{count_name} holds {hi}, more than the {limit} kv blocks")
     valid = torch.arange(m, device=index.device) < count.unsqueeze(-1)
     listed = index[valid]
     if listed.numel() > 0:
@@ -297,7 +304,7 @@ class BlockLayout:
         seen.scatter_add_(
             -1, torch.where(full_valid, full_index, nk).long(), full_valid.to(torch.int32)
         )
-        if nk > 0 and int(seen[..., :nk].max()) > 1:
+        if seen[..., :nk].numel() > 0 and int(seen[..., :nk].max()) > 1:
             raise ValueError(
                 "a kv block is listed more than once for one query block (in kv_indices and/or "
                 "full_kv_indices)"
@@ -586,6 +593,22 @@ class BlockLayout:
         ``mask_mod``, is evaluated once per partial block into ``mask_bits``."""
         if not isinstance(status, Tensor) or status.dim() != 4:
             raise ValueError("status must be a [LB, LH, num_q_blocks, num_kv_blocks] tensor")
+        if status.dtype.is_floating_point or status.dtype.is_complex:
+            raise ValueError(f"status must be a bool or integer tensor, got dtype {status.dtype}")
+        # The table's width against the lengths (the layout's constructor checks the rest, but
+        # would take a narrow table's missing columns as skipped blocks).
+        blocks = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
+        if isinstance(seq_lengths, (tuple, list)) and len(seq_lengths) == 2 and len(blocks) == 2:
+            q_block, kv_block = (as_int(x, "block_size") for x in blocks)
+            q_len, kv_len = (as_int(x, "seq_lengths") for x in seq_lengths)
+            if q_block >= 1 and kv_block >= 1 and q_len >= 0 and kv_len >= 0:
+                want = (math.ceil(q_len / q_block), math.ceil(kv_len / kv_block))
+                if tuple(status.shape[2:]) != want:
+                    raise ValueError(
+                        f"status has {status.shape[2]} x {status.shape[3]} (query x kv) blocks, "
+                        f"but seq_lengths {tuple(seq_lengths)} with block_size {block_size} give "
+                        f"{want[0]} x {want[1]}"
+                    )
         status = status.to(torch.int64)
         if status.numel() > 0 and (int(status.min()) < 0 or int(status.max()) > 2):
             raise ValueError("status must hold 0 (skipped), 1 (partial) or 2 (full)")
