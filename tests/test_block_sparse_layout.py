@@ -373,6 +373,27 @@ def test_block_status_table_is_checked_against_the_lengths():
         BlockLayout.from_block_status(torch.full((1, 1, 2, 2), 1.5), **kw)
 
 
+def test_argument_errors_name_what_is_wrong():
+    """Messages found unclear by an API audit: each names the argument at fault."""
+    import tokenmix
+
+    with pytest.raises(ValueError, match=r"block_size must be an int or \(q_block, kv_block\)"):
+        BlockLayout.from_element_mask(ElementMask.causal(), 32, 32, block_size=(16, 16, 16))
+    with pytest.raises(TypeError, match="block_size"):
+        BlockLayout.from_element_mask(ElementMask.causal(), 32, 32, block_size="16")
+    docs = torch.zeros(2, 32, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"document ids \(q_doc, kv_doc\) have batch size 2, "):
+        ElementMask.document(docs).check_lengths(32, 32, batch=1)
+    q = torch.randn(1, 32, 0, 8)
+    layout = BlockLayout.from_element_mask(ElementMask.causal(), 32, 32, block_size=16)
+    with pytest.raises(ValueError, match="k and v must have at least one head, got 0"):
+        tokenmix.block_sparse_attention(q, q, q, layout)
+    with pytest.raises(TypeError, match="dim"):
+        tokenmix.nn.BlockSparseAttention(32.0, 4, lambda t: layout)
+    with pytest.raises(TypeError, match="num_heads"):
+        tokenmix.nn.BlockSparseAttention(32, 4.0, lambda t: layout)
+
+
 def test_reference_fully_masked_rows_and_gradients():
     # Query block 1 lists no kv block: its rows give 0 and LSE -inf, and no gradient.
     c = torch.tensor([[[1, 0]]], dtype=torch.int32)

@@ -79,7 +79,9 @@ def check_problem(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout) -> None:
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"v has {v.shape[2]} heads but k has {k.shape[2]}: they must agree")
     kv_heads = k.shape[2]
-    if kv_heads < 1 or heads % kv_heads != 0:
+    if kv_heads < 1:
+        raise ValueError(f"k and v must have at least one head, got {kv_heads}")
+    if heads % kv_heads != 0:
         raise ValueError(
             f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads}) (GQA/MQA)"
         )

@@ -518,7 +518,14 @@ class BlockLayout:
                 f"element_mask must be a tokenmix.ElementMask, got {type(element_mask).__name__}"
             )
         q_len, kv_len = as_int(q_len, "q_len"), as_int(kv_len, "kv_len")
-        qbs, kbs = (block_size, block_size) if isinstance(block_size, int) else block_size
+        if isinstance(block_size, (tuple, list)):
+            if len(block_size) != 2:
+                raise ValueError(
+                    f"block_size must be an int or (q_block, kv_block), got {block_size!r}"
+                )
+            qbs, kbs = block_size
+        else:
+            qbs = kbs = block_size
         qbs, kbs = as_int(qbs, "block_size"), as_int(kbs, "block_size")
         if qbs < 1 or kbs < 1:
             raise ValueError(f"block_size must be >= 1, got ({qbs}, {kbs})")

@@ -136,7 +136,8 @@ class ElementMask:
             )
         if batch is not None and self.q_doc.shape[0] not in (1, batch):
             raise ValueError(
-                f"document ids have batch size {self.q_doc.shape[0]}, expected 1 or {batch}"
+                f"the element mask's document ids (q_doc, kv_doc) have batch size "
+                f"{self.q_doc.shape[0]}, expected 1 or q's batch size {batch}"
             )
 
     def keeps(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import as_int
 from .._context_parallel import global_length, pick_operator
 from .args import resolve_scale
 from .functional import block_sparse_attention
@@ -46,6 +47,9 @@ class BlockSparseAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        dim = as_int(dim, "dim")
+        num_heads = as_int(num_heads, "num_heads")
+        num_kv_heads = as_int(num_kv_heads, "num_kv_heads")
         if dim <= 0 or num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
