@@ -90,6 +90,20 @@ def _refined_layout(layout: BlockLayout) -> BlockLayout | None:
     )
 
 
+def _block_pair(block_size: Any) -> tuple[int, int]:
+    """``(q_block, kv_block)`` of a ``block_size`` given as an int or a pair (the callers check
+    the range)."""
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ValueError(
+                f"block_size must be an int or (q_block, kv_block), got {block_size!r}"
+            )
+        q_block, kv_block = (as_int(x, "block_size") for x in block_size)
+        return q_block, kv_block
+    q_block = as_int(block_size, "block_size")
+    return q_block, q_block
+
+
 def _int_tensor(x: Any, name: str, dims: int) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -250,14 +264,7 @@ class BlockLayout:
         mask_bits: Tensor | None = None,
         mask_mod: MaskMod | None = None,
     ) -> None:
-        if isinstance(block_size, (tuple, list)):
-            if len(block_size) != 2:
-                raise ValueError(
-                    f"block_size must be an int or (q_block, kv_block), got {block_size}"
-                )
-            q_block, kv_block = (as_int(x, "block_size") for x in block_size)
-        else:
-            q_block = kv_block = as_int(block_size, "block_size")
+        q_block, kv_block = _block_pair(block_size)
         if q_block < 1 or kv_block < 1 or q_block > 1 << 20 or kv_block > 1 << 20:
             raise ValueError(f"block_size must be in [1, 2^20], got ({q_block}, {kv_block})")
         if not isinstance(seq_lengths, (tuple, list)) or len(seq_lengths) != 2:
@@ -518,15 +525,7 @@ class BlockLayout:
                 f"element_mask must be a tokenmix.ElementMask, got {type(element_mask).__name__}"
             )
         q_len, kv_len = as_int(q_len, "q_len"), as_int(kv_len, "kv_len")
-        if isinstance(block_size, (tuple, list)):
-            if len(block_size) != 2:
-                raise ValueError(
-                    f"block_size must be an int or (q_block, kv_block), got {block_size!r}"
-                )
-            qbs, kbs = block_size
-        else:
-            qbs = kbs = block_size
-        qbs, kbs = as_int(qbs, "block_size"), as_int(kbs, "block_size")
+        qbs, kbs = _block_pair(block_size)
         if qbs < 1 or kbs < 1:
             raise ValueError(f"block_size must be >= 1, got ({qbs}, {kbs})")
         element_mask.check_lengths(q_len, kv_len)
@@ -604,18 +603,19 @@ class BlockLayout:
             raise ValueError(f"status must be a bool or integer tensor, got dtype {status.dtype}")
         # The table's width against the lengths (the layout's constructor checks the rest, but
         # would take a narrow table's missing columns as skipped blocks).
-        blocks = block_size if isinstance(block_size, (tuple, list)) else (block_size, block_size)
-        if isinstance(seq_lengths, (tuple, list)) and len(seq_lengths) == 2 and len(blocks) == 2:
-            q_block, kv_block = (as_int(x, "block_size") for x in blocks)
-            q_len, kv_len = (as_int(x, "seq_lengths") for x in seq_lengths)
-            if q_block >= 1 and kv_block >= 1 and q_len >= 0 and kv_len >= 0:
-                want = (math.ceil(q_len / q_block), math.ceil(kv_len / kv_block))
-                if tuple(status.shape[2:]) != want:
-                    raise ValueError(
-                        f"status has {status.shape[2]} x {status.shape[3]} (query x kv) blocks, "
-                        f"but seq_lengths {tuple(seq_lengths)} with block_size {block_size} give "
-                        f"{want[0]} x {want[1]}"
-                    )
+        q_block, kv_block = _block_pair(block_size)
+        lengths = seq_lengths if isinstance(seq_lengths, (tuple, list)) else ()
+        lengths = tuple(as_int(x, "seq_lengths") for x in lengths)
+        # Sizes the constructor would refuse are left to its messages.
+        if q_block >= 1 and kv_block >= 1 and len(lengths) == 2 and min(lengths) >= 0:
+            q_len, kv_len = lengths
+            want = (math.ceil(q_len / q_block), math.ceil(kv_len / kv_block))
+            if tuple(status.shape[2:]) != want:
+                raise ValueError(
+                    f"status has {status.shape[2]} x {status.shape[3]} (query x kv) blocks, "
+                    f"but seq_lengths {tuple(seq_lengths)} with block_size {block_size} give "
+                    f"{want[0]} x {want[1]}"
+                )
         status = status.to(torch.int64)
         if status.numel() > 0 and (int(status.min()) < 0 or int(status.max()) > 2):
             raise ValueError("status must hold 0 (skipped), 1 (partial) or 2 (full)")
